@@ -1,0 +1,1 @@
+"""jaxdiff: diffusion models in JAX/Flax as pure functions."""
