@@ -1,0 +1,252 @@
+"""The forward process and the conversions between model parametrisations.
+
+All functions take the :class:`~jaxdiff.schedules.Schedule` first, a batch ``x: [B, ...]`` of any
+rank and integer timesteps ``t: [B]`` (or a scalar, broadcast over the batch).
+
+Timestep range. When ``t`` is concrete (outside ``jit``) every function checks ``0 <= t < T`` and
+raises a ``ValueError``. Inside ``jit`` a traced ``t`` cannot be checked; rather than clamp like a
+plain JAX gather, an out-of-range ``t`` reads NaN, which propagates to the output. To raise instead,
+wrap the function with :func:`checked`, which uses ``jax.experimental.checkify`` index checks::
+
+    err, x_t = checked(jax.jit(q_sample))(sched, x0, t, noise)
+    err.throw()   # ValueError-like JaxRuntimeError if any t was outside [0, T)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from jaxdiff.schedules import Schedule
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "canonical_prediction_type",
+    "checked",
+    "extract",
+    "q_sample",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "predict_x0_from_eps",
+    "predict_eps_from_x0",
+    "velocity",
+    "predict_x0_from_v",
+    "predict_eps_from_v",
+    "model_output_to_x0_eps",
+    "target_for",
+    "snr",
+]
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+_PREDICTION_ALIASES = {
+    "eps": "eps",
+    "epsilon": "eps",
+    "x0": "x0",
+    "sample": "x0",
+    "x_0": "x0",
+    "v": "v",
+    "v_prediction": "v",
+}
+
+
+def canonical_prediction_type(prediction_type: str) -> str:
+    """``"eps"``, ``"x0"`` or ``"v"``; the diffusers names ``"epsilon"``, ``"sample"`` and
+    ``"v_prediction"`` are accepted as aliases."""
+    try:
+        return _PREDICTION_ALIASES[prediction_type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"prediction_type must be one of {sorted(_PREDICTION_ALIASES)}, got {prediction_type!r}"
+        ) from None
+
+
+def checked(fn: Callable) -> Callable:
+    """``checkify`` ``fn`` so that an out-of-range traced timestep raises instead of reading NaN.
+
+    Returns ``checked_fn(*args) -> (error, out)``; call ``error.throw()`` to raise.
+    """
+    return checkify.checkify(fn, errors=checkify.index_checks | checkify.user_checks)
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The value of ``x`` as numpy when it is known at trace time, else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_t(schedule: Schedule, t, batch: int | None, name: str = "t") -> jax.Array:
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of timesteps, got dtype {t.dtype}")
+    if t.ndim > 1 or (t.ndim == 1 and batch is not None and t.shape[0] != batch):
+        raise ValueError(f"{name} must have shape [B] = [{batch}] or be a scalar, got {t.shape}")
+    value = _concrete(t)
+    T = schedule.num_timesteps
+    if value is not None and value.size and (value.min() < 0 or value.max() >= T):
+        raise ValueError(
+            f"{name} must lie in [0, {T}) for a schedule of {T} steps, "
+            f"got values in [{value.min()}, {value.max()}]"
+        )
+    return t
+
+
+def _check_same_shape(**arrays) -> None:
+    (name0, a0), *rest = arrays.items()
+    for name, a in rest:
+        if jnp.shape(a) != jnp.shape(a0):
+            raise ValueError(
+                f"{name} must have the same shape as {name0} {jnp.shape(a0)}, got {jnp.shape(a)}"
+            )
+
+
+def _check_batched(x, name: str) -> None:
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"{name} must be a batch [B, ...], got a scalar")
+
+
+def extract(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """``a[t]`` reshaped to broadcast against an array of rank ``ndim``: ``[B, 1, ..., 1]``.
+
+    ``a: [T]``; ``t: [B]`` or scalar int. An index outside ``[0, T)`` reads NaN (never a clamped
+    neighbour); under :func:`checked` it raises.
+    """
+    vals = a.at[t].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+    return vals.reshape(jnp.shape(t) + (1,) * (ndim - jnp.ndim(t)))
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Sample ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with the given noise.
+
+    ``x0, noise: [B, ...]``; ``t: [B]`` int. Returns ``[B, ...]``.
+    """
+    _check_batched(x0, "x0")
+    _check_same_shape(x0=x0, noise=noise)
+    t = _check_t(schedule, t, x0.shape[0])
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+        + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+    )
+
+
+def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
+    """Mean ``[B, ...]``, variance and log variance ``[B, 1, ...]`` of ``q(x_t | x_0)``."""
+    _check_batched(x0, "x0")
+    t = _check_t(schedule, t, x0.shape[0])
+    mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+    var = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
+    log_var = extract(schedule.log_one_minus_alphas_cumprod, t, x0.ndim)
+    return mean, var, log_var
+
+
+def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array):
+    """The posterior ``q(x_{t-1} | x_t, x_0)``.
+
+    Returns ``(mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...])``; at ``t = 0``
+    the variance is 0 and the clipped log variance is that of ``t = 1`` (Ho et al. 2020).
+    """
+    _check_batched(x0, "x0")
+    _check_same_shape(x0=x0, x_t=x_t)
+    t = _check_t(schedule, t, x0.shape[0])
+    mean = (
+        extract(schedule.posterior_mean_coef1, t, x0.ndim) * x0
+        + extract(schedule.posterior_mean_coef2, t, x0.ndim) * x_t
+    )
+    var = extract(schedule.posterior_variance, t, x0.ndim)
+    log_var = extract(schedule.posterior_log_variance_clipped, t, x0.ndim)
+    return mean, var, log_var
+
+
+def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """``x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
+    _check_batched(x_t, "x_t")
+    _check_same_shape(x_t=x_t, eps=eps)
+    t = _check_t(schedule, t, x_t.shape[0])
+    return (
+        extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+        - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+    )
+
+
+def predict_eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+    """``eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
+    _check_batched(x_t, "x_t")
+    _check_same_shape(x_t=x_t, x0=x0)
+    t = _check_t(schedule, t, x_t.shape[0])
+    return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x0) / extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim
+    )
+
+
+def velocity(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """The v-prediction target ``v = sqrt(abar) eps - sqrt(1 - abar) x_0`` (Salimans & Ho 2022)."""
+    _check_batched(x0, "x0")
+    _check_same_shape(x0=x0, noise=noise)
+    t = _check_t(schedule, t, x0.shape[0])
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * noise
+        - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+    )
+
+
+def predict_x0_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """``x_0 = sqrt(abar) x_t - sqrt(1 - abar) v``."""
+    _check_batched(x_t, "x_t")
+    _check_same_shape(x_t=x_t, v=v)
+    t = _check_t(schedule, t, x_t.shape[0])
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+        - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+    )
+
+
+def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """``eps = sqrt(abar) v + sqrt(1 - abar) x_t``."""
+    _check_batched(x_t, "x_t")
+    _check_same_shape(x_t=x_t, v=v)
+    t = _check_t(schedule, t, x_t.shape[0])
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v
+        + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t
+    )
+
+
+def model_output_to_x0_eps(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, model_output: jax.Array, prediction_type: str
+) -> tuple[jax.Array, jax.Array]:
+    """Both ``(x_0, eps)`` implied by a model output of the given ``prediction_type``."""
+    kind = canonical_prediction_type(prediction_type)
+    if kind == "eps":
+        return predict_x0_from_eps(schedule, x_t, t, model_output), model_output
+    if kind == "x0":
+        return model_output, predict_eps_from_x0(schedule, x_t, t, model_output)
+    return (
+        predict_x0_from_v(schedule, x_t, t, model_output),
+        predict_eps_from_v(schedule, x_t, t, model_output),
+    )
+
+
+def target_for(
+    schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, prediction_type: str
+) -> jax.Array:
+    """The regression target of a model of ``prediction_type``: ``noise``, ``x0`` or ``v``."""
+    kind = canonical_prediction_type(prediction_type)
+    if kind == "eps":
+        _check_same_shape(x0=x0, noise=noise)
+        return noise
+    if kind == "x0":
+        _check_same_shape(x0=x0, noise=noise)
+        return x0
+    return velocity(schedule, x0, t, noise)
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio ``abar_t / (1 - abar_t)``; ``t: [B]`` or scalar int, same shape out."""
+    t = _check_t(schedule, t, None)
+    abar = extract(schedule.alphas_cumprod, t, jnp.ndim(t))
+    return abar / (1.0 - abar)
