@@ -1,0 +1,248 @@
+"""DDPM ancestral sampling (Ho et al. 2020): a step function and one ``lax.scan``.
+
+Matches ``diffusers.DDPMScheduler.step`` (0.42), including the general previous timestep of a
+shortened schedule (``num_steps < T``: the effective ``beta_t = 1 - abar_t / abar_prev``) and the
+variance types:
+
+- ``"fixed_small"``: the posterior variance ``(1 - abar_prev) / (1 - abar_t) * beta_t`` (clamped to
+  ``>= 1e-20``); ``"fixed_small_log"`` the same through ``exp(0.5 * log(var))``;
+- ``"fixed_large"``: ``beta_t``;
+- ``"learned"``: the model predicts the variance itself;
+- ``"learned_range"`` (Nichol & Dhariwal 2021): the model predicts ``v in [-1, 1]`` and the log
+  variance is ``(v+1)/2 * log(beta_t) + (1-v)/2 * log(fixed_small)``.
+
+For the learned types the model output carries ``2C`` channels on the LAST axis (NHWC): the first
+``C`` are the mean prediction, the last ``C`` the variance prediction. No noise is added at ``t == 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.diffusion import canonical_prediction_type
+from jaxdiff.samplers.timesteps import check_clip, check_timestep, ddpm_timesteps, gather
+from jaxdiff.schedules import Schedule
+
+__all__ = ["VARIANCE_TYPES", "ddpm_posterior", "ddpm_step", "ddpm_sample"]
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+_LEARNED = ("learned", "learned_range")
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _check_variance_type(variance_type: str) -> str:
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    return variance_type
+
+
+def _output_shape(x_shape: tuple, variance_type: str) -> tuple:
+    if variance_type in _LEARNED:
+        return (*x_shape[:-1], 2 * x_shape[-1])
+    return tuple(x_shape)
+
+
+def _posterior(schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0):
+    """``(pred_x0, mean, std)`` with ``std`` computed in diffusers' operation order."""
+    prediction_type = canonical_prediction_type(prediction_type)
+    variance_type = _check_variance_type(variance_type)
+    clip_x0 = check_clip(clip_x0)
+    T = schedule.num_timesteps
+    check_timestep("t", t, T)
+    check_timestep("t_prev", t_prev, T, allow_negative=True)
+    expected = _output_shape(x_t.shape, variance_type)
+    if model_output.shape != expected:
+        raise ValueError(
+            f"model_output must have shape {expected} for variance_type={variance_type!r} "
+            f"and x_t of shape {x_t.shape}, got {model_output.shape}"
+        )
+    predicted_variance = None
+    if variance_type in _LEARNED:
+        C = x_t.shape[-1]
+        model_output, predicted_variance = model_output[..., :C], model_output[..., C:]
+
+    acp = schedule.alphas_cumprod
+    t_prev = jnp.asarray(t_prev)
+    a_t = gather(acp, t)
+    a_prev = jnp.where(t_prev >= 0, gather(acp, t_prev), jnp.float32(1.0))
+    b_t = 1.0 - a_t
+    b_prev = 1.0 - a_prev
+    cur_alpha = a_t / a_prev
+    cur_beta = 1.0 - cur_alpha
+
+    if prediction_type == "eps":
+        pred_x0 = (x_t - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t)
+    elif prediction_type == "x0":
+        pred_x0 = model_output
+    else:
+        pred_x0 = jnp.sqrt(a_t) * x_t - jnp.sqrt(b_t) * model_output
+    if clip_x0 is not None:
+        pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
+    mean = (jnp.sqrt(a_prev) * cur_beta) / b_t * pred_x0 + jnp.sqrt(cur_alpha) * b_prev / b_t * x_t
+
+    small = jnp.maximum(b_prev / b_t * cur_beta, 1e-20)
+    if variance_type == "fixed_small":
+        std = jnp.sqrt(small)
+    elif variance_type == "fixed_small_log":
+        std = jnp.exp(0.5 * jnp.log(small))
+    elif variance_type == "fixed_large":
+        std = jnp.sqrt(cur_beta)
+    elif variance_type == "learned":
+        std = jnp.sqrt(predicted_variance)
+    else:  # learned_range
+        frac = (predicted_variance + 1) / 2
+        log_var = frac * jnp.log(cur_beta) + (1 - frac) * jnp.log(small)
+        std = jnp.exp(0.5 * log_var)
+    return pred_x0, mean, std
+
+
+def ddpm_posterior(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array | int,
+    t_prev: jax.Array | int,
+    *,
+    variance_type: str = "fixed_small",
+    prediction_type: str,
+    clip_x0: float | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's reverse distribution ``p(x_{t_prev} | x_t) = N(mean, variance)``.
+
+    Args:
+      model_output: ``[B, ..., C]`` (``[B, ..., 2C]`` for the learned variance types).
+      x_t: ``[B, ..., C]``. t: scalar int in ``[0, T)``; t_prev: scalar int, ``-1`` after the last step.
+      variance_type, prediction_type, clip_x0: as in :func:`ddpm_step`.
+
+    Returns:
+      ``(pred_x0, mean, variance)``: ``[B, ..., C]`` each, except that ``variance`` is a scalar for the
+      fixed types. The variance applies whenever ``t > 0``; at ``t == 0`` the step adds no noise.
+    """
+    pred_x0, mean, std = _posterior(
+        schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0
+    )
+    return pred_x0, mean, std**2
+
+
+def ddpm_step(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array | int,
+    t_prev: jax.Array | int,
+    noise: jax.Array,
+    *,
+    variance_type: str = "fixed_small",
+    prediction_type: str,
+    clip_x0: float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """One ancestral step ``x_t -> x_{t_prev}`` (``DDPMScheduler.step``).
+
+    Args:
+      schedule: the training schedule (``[T]`` arrays).
+      model_output: ``[B, ..., C]`` eps / x0 / v by ``prediction_type``; ``[B, ..., 2C]`` (mean
+        prediction then variance prediction on the last axis) for ``"learned"``/``"learned_range"``.
+      x_t: ``[B, ..., C]``.
+      t: scalar int in ``[0, T)``. t_prev: scalar int, the next timestep of the grid or ``-1`` after
+        the last (``T``-step sampling: ``t - 1``). Concrete out-of-range values raise.
+      noise: ``[B, ..., C]`` standard normal noise, scaled by the std and added when ``t > 0``.
+      variance_type: one of :data:`VARIANCE_TYPES`.
+      prediction_type: ``"eps"``/``"epsilon"``, ``"x0"``/``"sample"`` or ``"v"``/``"v_prediction"``.
+      clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]``; ``None`` for no clipping.
+
+    Returns:
+      ``(x_prev, pred_x0)``, both ``[B, ..., C]``; ``x_prev`` has ``x_t``'s dtype.
+    """
+    if noise is None or noise.shape != x_t.shape:
+        got = None if noise is None else noise.shape
+        raise ValueError(f"noise must have x_t's shape {x_t.shape} (zeros for the mean), got {got}")
+    pred_x0, mean, std = _posterior(
+        schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0
+    )
+    x_prev = mean + jnp.where(jnp.asarray(t) > 0, std, 0.0) * noise
+    return x_prev.astype(x_t.dtype), pred_x0
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x_T: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    num_steps: int | None = None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "eps",
+    clip_x0: float | None = None,
+    noise: jax.Array | None = None,
+    return_trajectory: bool = False,
+):
+    """Ancestral DDPM sampling in one ``lax.scan`` (1,000 steps are one XLA computation).
+
+    Args:
+      model_fn: ``model_fn(x: [B, ..., C], t: [B] int32) -> [B, ..., C]`` (``2C`` channels for the
+        learned variance types).
+      schedule: the training schedule; ``T = schedule.num_timesteps``.
+      x_T: ``[B, ..., C]`` the starting noise.
+      key: a PRNG key (step ``i`` draws from ``fold_in(key, i)``); required unless ``noise`` is given.
+      num_steps: ``None`` for all ``T`` steps, else ``1 <= num_steps <= T`` on the ``spacing`` grid
+        (``DDPMScheduler.set_timesteps``; see :func:`ddpm_timesteps`).
+      variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
+      noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise used instead of drawing from ``key``.
+      return_trajectory: also return the path.
+
+    Returns:
+      ``x_0: [B, ..., C]``; with ``return_trajectory``, ``(x_0, xs, pred_x0s)`` where ``xs:
+      [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
+      [num_steps, B, ...]`` every step's predicted ``x0``.
+    """
+    prediction_type = canonical_prediction_type(prediction_type)
+    variance_type = _check_variance_type(variance_type)
+    clip_x0 = check_clip(clip_x0)
+    ts, ts_prev = ddpm_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
+    x_T = jnp.asarray(x_T)
+    if x_T.ndim < 1:
+        raise ValueError(f"x_T must have a batch axis, got shape {x_T.shape}")
+    if noise is not None:
+        noise = jnp.asarray(noise)
+        if noise.shape != (len(ts), *x_T.shape):
+            raise ValueError(
+                f"noise must have shape (num_steps, *x_T.shape) = {(len(ts), *x_T.shape)}, "
+                f"got {noise.shape}"
+            )
+    elif key is None:
+        raise ValueError("key is required when no noise is given")
+    batch = x_T.shape[0]
+    expected = _output_shape(x_T.shape, variance_type)
+
+    def body(x, xs):
+        t, t_prev, i = xs[:3]
+        out = model_fn(x, jnp.full((batch,), t, jnp.int32))
+        if out.shape != expected:
+            raise ValueError(
+                f"model_fn's output must have shape {expected} for variance_type={variance_type!r}, "
+                f"got {out.shape}"
+            )
+        if noise is not None:
+            z = xs[3]
+        else:
+            z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        x_prev, pred_x0 = ddpm_step(
+            schedule, out, x, t, t_prev, z,
+            variance_type=variance_type, prediction_type=prediction_type, clip_x0=clip_x0,
+        )
+        return x_prev, ((x_prev, pred_x0) if return_trajectory else None)
+
+    xs = (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts), dtype=jnp.int32))
+    if noise is not None:
+        xs = xs + (noise,)
+    x_0, traj = jax.lax.scan(body, x_T, xs)
+    if not return_trajectory:
+        return x_0
+    path, pred_x0s = traj
+    return x_0, jnp.concatenate([x_T[None], path]), pred_x0s
