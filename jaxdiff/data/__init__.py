@@ -1,0 +1,8 @@
+"""Dataset loaders (local IDX files, tfds) and a resumable prefetching batch iterator."""
+
+from jaxdiff.data.idx import read_idx, write_idx
+from jaxdiff.data.iterator import BatchIterator, Prefetcher
+from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir, load_mnist, scale_images
+
+__all__ = ["read_idx", "write_idx", "BatchIterator", "Prefetcher", "load_mnist",
+           "find_mnist_dir", "scale_images", "MNIST_ENV_VAR"]

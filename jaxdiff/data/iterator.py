@@ -1,0 +1,173 @@
+"""Deterministic, resumable, prefetching batch iterator over in-memory arrays.
+
+Batch ``i`` of epoch ``e`` is a pure function of ``(seed, e, i)``: the epoch's permutation is
+``np.random.default_rng([seed, e]).permutation(N)`` and the global batch is its slice
+``[i * G, (i + 1) * G)`` (the remainder of an epoch is dropped). Each process of a multi-host job
+takes its contiguous ``G / process_count`` share of that global batch, so all hosts agree on the
+global batch without communicating.
+
+The position is a small JSON-able dict ``{"epoch": e, "index": i}`` naming the *next* batch; it goes
+into the checkpoint, and :func:`BatchIterator.from_state` continues with exactly that batch.
+
+:class:`Prefetcher` wraps an iterator with a background thread and a small queue so that the
+device never waits on numpy; its ``state`` is the position after the last batch *consumed*, not the
+last one produced, so checkpoints stay exact while the thread runs ahead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["BatchIterator", "Prefetcher"]
+
+Batch = Dict[str, np.ndarray]
+
+
+class BatchIterator:
+    """Iterates ``{"image": [b, ...], "label": [b]}`` host batches, ``b = G / process_count``.
+
+    Args:
+      arrays: dict of arrays sharing the leading dimension ``N``.
+      global_batch_size: ``G``, the batch over all processes and devices.
+      seed: shuffling seed.
+      process_index, process_count: this host's slot (default: ``jax.process_index/count()``).
+      epoch, index: starting position (see :meth:`from_state`).
+      shuffle: if False, the order is ``0..N-1`` in every epoch.
+    """
+
+    def __init__(self, arrays: Batch, global_batch_size: int, seed: int, *,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 epoch: int = 0, index: int = 0, shuffle: bool = True):
+        if process_index is None or process_count is None:
+            import jax
+            process_index, process_count = jax.process_index(), jax.process_count()
+        sizes = {k: len(v) for k, v in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"arrays must share their leading dimension, got {sizes}")
+        self.num_examples = next(iter(sizes.values()))
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+                             f"process count {process_count}")
+        if global_batch_size > self.num_examples:
+            raise ValueError(f"global batch size {global_batch_size} exceeds the dataset size "
+                             f"{self.num_examples}")
+        self.arrays = arrays
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.batches_per_epoch = self.num_examples // global_batch_size
+        self.epoch, self.index = int(epoch), int(index)
+        if not 0 <= self.index < self.batches_per_epoch:
+            raise ValueError(f"index {index} outside 0..{self.batches_per_epoch - 1}")
+        self._perm_epoch, self._perm = None, None
+
+    @classmethod
+    def from_state(cls, arrays: Batch, global_batch_size: int, seed: int, state: Dict[str, int],
+                   **kw) -> "BatchIterator":
+        """An iterator positioned at ``state = {"epoch", "index"}`` (from :attr:`state`)."""
+        return cls(arrays, global_batch_size, seed, epoch=state["epoch"], index=state["index"], **kw)
+
+    @property
+    def state(self) -> Dict[str, int]:
+        """Position of the next batch: ``{"epoch": int, "index": int}``."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            if self.shuffle:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            else:
+                self._perm = np.arange(self.num_examples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch_at(self, epoch: int, index: int) -> Batch:
+        """This process's share of global batch ``index`` of ``epoch`` (pure in its arguments)."""
+        perm = self._permutation(epoch)
+        start = index * self.global_batch_size + self.process_index * self.local_batch_size
+        idx = np.sort(perm[start:start + self.local_batch_size])  # sorted: a faster gather
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self.batch_at(self.epoch, self.index)
+        self.index += 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+
+class Prefetcher:
+    """Runs ``iterator`` in a daemon thread, ``buffer_size`` batches ahead.
+
+    ``state`` is the wrapped iterator's position after the last batch returned by ``__next__``.
+    Exceptions in the thread are re-raised in the consumer. Call :meth:`close` (or use ``with``)
+    to stop the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, iterator: BatchIterator, buffer_size: int = 2):
+        self._it = iterator
+        self._state = dict(iterator.state)
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, buffer_size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="jaxdiff-prefetch")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                batch = next(self._it)
+                item: Tuple = (batch, dict(self._it.state))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except StopIteration:
+            self._queue.put((self._DONE, None))
+        except BaseException as e:  # surfaced in __next__
+            self._queue.put((e, None))
+
+    @property
+    def state(self) -> Dict[str, int]:
+        return dict(self._state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        item, state = self._queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self._state = state
+        return item
+
+    def close(self):
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

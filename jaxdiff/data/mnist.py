@@ -1,0 +1,164 @@
+"""MNIST as numpy arrays: from a local directory of the original IDX files, or from tfds.
+
+Sources, in the order ``source="auto"`` tries them:
+
+1. ``data_dir`` if given (it must then hold the IDX files; no fallback).
+2. the environment variable ``JAXDIFF_MNIST_DIR``.
+3. local directories in the usual places (``../shared/data/mnist``, ``./data/mnist``, relative to
+   the working directory and to the repository root; ``~/.cache/jaxdiff/mnist``).
+4. ``tensorflow_datasets.data_source("mnist")`` (array_record; needs no TensorFlow, but needs the
+   dataset prepared in ``TFDS_DATA_DIR`` or the network to download it).
+
+Every path returns ``images: [N, 28, 28, 1] float32`` in ``[-1, 1]`` and ``labels: [N] int32``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from jaxdiff.data.idx import read_idx
+
+__all__ = ["load_mnist", "find_mnist_dir", "mnist_files", "scale_images", "MNIST_ENV_VAR"]
+
+MNIST_ENV_VAR = "JAXDIFF_MNIST_DIR"
+_PREFIX = {"train": "train", "test": "t10k"}
+_SIZES = {"train": 60000, "test": 10000}
+_HOW_TO = (
+    "MNIST was not found. Either point --config.data.data_dir (or the environment variable "
+    f"{MNIST_ENV_VAR}) at a directory holding the original IDX files "
+    "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
+    "t10k-labels-idx1-ubyte[.gz], from http://yann.lecun.com/exdb/mnist/ or a mirror), or prepare "
+    "the tfds dataset once on a machine with network access "
+    "(`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"`) and set "
+    "TFDS_DATA_DIR."
+)
+
+
+def _resolve(directory: str, stem: str) -> Optional[str]:
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def mnist_files(directory: str, split: str) -> Tuple[str, str]:
+    """Paths of the (images, labels) IDX files of ``split`` in ``directory`` (plain or ``.gz``).
+
+    Raises:
+      FileNotFoundError: with instructions, when the directory or a file is missing.
+    """
+    if split not in _PREFIX:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"MNIST directory {directory!r} does not exist. {_HOW_TO}")
+    prefix = _PREFIX[split]
+    paths = []
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        path = _resolve(directory, stem)
+        if path is None:
+            raise FileNotFoundError(f"{stem}[.gz] not found in {directory!r}. {_HOW_TO}")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _candidate_dirs():
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for base in (os.getcwd(), repo_root):
+        yield os.path.join(base, "..", "shared", "data", "mnist")
+        yield os.path.join(base, "data", "mnist")
+    yield os.path.expanduser("~/.cache/jaxdiff/mnist")
+
+
+def find_mnist_dir(split: str = "train") -> Optional[str]:
+    """The first local directory (env var, then the usual places) holding ``split``, or None."""
+    env = os.environ.get(MNIST_ENV_VAR)
+    if env:
+        mnist_files(env, split)  # an explicit env var that is wrong is an error, not a fallback
+        return env
+    for d in _candidate_dirs():
+        try:
+            mnist_files(d, split)
+            return os.path.normpath(d)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def scale_images(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, 28, 28]`` or ``[N, 28, 28, 1]`` -> float32 ``[N, 28, 28, 1]`` in ``[-1, 1]``."""
+    x = np.asarray(images_u8, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def _load_local(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    img_path, lbl_path = mnist_files(directory, split)
+    images = read_idx(img_path, expected_dtype=np.uint8, expected_ndim=3,
+                      expected_shape=(None, 28, 28))
+    labels = read_idx(lbl_path, expected_dtype=np.uint8, expected_ndim=1)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
+        )
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{lbl_path}: label {int(labels.max())} out of range 0-9")
+    return scale_images(images), labels.astype(np.int32)
+
+
+def _load_tfds(split: str, tfds_data_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Reads all of ``split`` through ``tfds.data_source`` (random access, no TensorFlow needed)."""
+    import tensorflow_datasets as tfds  # local import: slow, and optional on the local-IDX path
+
+    source = tfds.data_source("mnist", split=split, data_dir=tfds_data_dir)
+    n = len(source)
+    records = source.__getitems__(list(range(n))) if hasattr(source, "__getitems__") else [
+        source[i] for i in range(n)]
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records]).reshape(n, 28, 28, 1)
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return scale_images(images), labels
+
+
+def load_mnist(
+    split: str = "train",
+    data_dir: Optional[str] = None,
+    *,
+    source: str = "auto",
+    tfds_data_dir: Optional[str] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Loads an MNIST split.
+
+    Args:
+      split: ``"train"`` (60k) or ``"test"`` (10k).
+      data_dir: a directory of IDX files; when given, it is the only source tried.
+      source: ``"auto"`` (local dirs, then tfds), ``"local"`` or ``"tfds"``.
+      tfds_data_dir: passed to tfds as ``data_dir``.
+
+    Returns:
+      ``images: [N, 28, 28, 1] float32`` in ``[-1, 1]``, ``labels: [N] int32``.
+
+    Raises:
+      FileNotFoundError: no source has the data (the message says how to obtain MNIST).
+      ValueError: a file is corrupt, truncated, or of the wrong type/shape.
+    """
+    if source not in ("auto", "local", "tfds"):
+        raise ValueError(f"source must be 'auto', 'local' or 'tfds', got {source!r}")
+    if split not in _PREFIX:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source != "tfds":
+        directory = data_dir or find_mnist_dir(split)
+        if directory is not None:
+            return _load_local(directory, split)
+        if source == "local":
+            raise FileNotFoundError(_HOW_TO)
+    try:
+        return _load_tfds(split, tfds_data_dir)
+    except ImportError as e:
+        raise FileNotFoundError(f"tensorflow_datasets is not importable ({e}). {_HOW_TO}") from e
+    except Exception as e:  # tfds raises assorted errors when offline / not prepared
+        raise FileNotFoundError(f"tfds could not provide MNIST ({type(e).__name__}: {e}). "
+                                f"{_HOW_TO}") from e
