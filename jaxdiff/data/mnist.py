@@ -116,8 +116,10 @@ def _load_tfds(split: str, tfds_data_dir: Optional[str] = None) -> Tuple[np.ndar
 
     source = tfds.data_source("mnist", split=split, data_dir=tfds_data_dir)
     n = len(source)
-    records = source.__getitems__(list(range(n))) if hasattr(source, "__getitems__") else [
-        source[i] for i in range(n)]
+    try:
+        records = source.__getitems__(list(range(n)))  # one batched read (array_record)
+    except (AttributeError, TypeError):  # e.g. under tfds.testing.mock_data
+        records = [source[i] for i in range(n)]
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records]).reshape(n, 28, 28, 1)
     labels = np.asarray([r["label"] for r in records], np.int32)
     return scale_images(images), labels

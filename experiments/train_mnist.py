@@ -1,0 +1,267 @@
+"""Train a class-conditional diffusion UNet on MNIST (data parallel over all devices).
+
+    python -m experiments.train_mnist --workdir runs/mnist
+    python -m experiments.train_mnist --workdir runs/mnist --config.training.batch_size=128
+    python -m experiments.train_mnist --workdir runs/accel --config=experiments/configs/mnist_accel.py
+
+The workdir gets ``config.json``, ``checkpoints/`` (Orbax; resumed automatically), ``metrics.jsonl``
+and ``samples/step_XXXXXX.png`` (EMA params, DDIM + classifier-free guidance, one row per digit).
+SIGTERM / Ctrl-C save a checkpoint and exit cleanly; rerunning the same command resumes. Multi-host:
+call with ``--distributed`` on every host (runs ``jax.distributed.initialize()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.images import save_grid
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist.py")
+
+__all__ = ["validate_config", "compat_config", "build_model", "build_schedule", "init_state",
+           "make_loss_fn", "train", "main"]
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """ValueError for invalid values and an unwritable workdir, before anything expensive."""
+    t, s = config.training, config.sampling
+    checks = [
+        (t.batch_size > 0, f"training.batch_size must be positive, got {t.batch_size}"),
+        (t.num_steps > 0, f"training.num_steps must be positive, got {t.num_steps}"),
+        (t.learning_rate > 0, f"training.learning_rate must be positive, got {t.learning_rate}"),
+        (t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (0.0 <= t.ema_decay < 1.0, f"training.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (0.0 <= t.cond_drop_prob < 1.0,
+         f"training.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}"),
+        (min(t.log_every, t.checkpoint_every, t.keep_checkpoints, s.every) > 0,
+         "training.log_every, checkpoint_every, keep_checkpoints and sampling.every must be > 0"),
+        (s.sampler in ("ddim", "ddpm"), f"sampling.sampler must be ddim|ddpm, got {s.sampler!r}"),
+        (s.num_steps > 0 and s.per_class > 0, "sampling.num_steps and per_class must be positive"),
+        (config.data.source in ("auto", "local", "tfds"),
+         f"data.source must be auto|local|tfds, got {config.data.source!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if t.batch_size % jax.device_count():
+        raise ValueError(f"training.batch_size {t.batch_size} must be a multiple of the device "
+                         f"count {jax.device_count()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
+    if config.data.data_dir and not os.path.isdir(config.data.data_dir):
+        raise ValueError(f"data.data_dir {config.data.data_dir!r} does not exist")
+
+
+def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The part of the config a checkpoint must match to be resumed."""
+    return json.loads(json.dumps({
+        "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+        "num_classes": config.num_classes, "batch_size": config.training.batch_size}))
+
+
+def build_model(config):
+    """``UNet(UNetConfig(**config.model))`` (lists from JSON turned back into tuples)."""
+    from jaxdiff.models import UNet, UNetConfig
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+    return UNet(UNetConfig(**fields))
+
+
+def build_schedule(config):
+    from jaxdiff.schedules import make_schedule
+
+    return make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def init_state(config, model, mesh):
+    """Replicated TrainState built inside jit; returns ``(state, tx, lr_fn)``."""
+    from jaxdiff.training import OptimizerConfig, create_train_state, make_optimizer
+    from jaxdiff.training import replicated_sharding
+
+    t = config.training
+    tx, lr_fn = make_optimizer(OptimizerConfig(
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.num_steps,
+        schedule=t.lr_schedule, end_lr_factor=t.end_lr_factor, weight_decay=t.weight_decay,
+        grad_clip_norm=t.grad_clip_norm))
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init():
+        variables = model.init({"params": k_init}, jnp.zeros((1, 28, 28, 1)),
+                               jnp.zeros((1,), jnp.int32), labels=jnp.zeros((1,), jnp.int32))
+        return create_train_state(variables, tx, k_train)
+
+    return jax.jit(init, out_shardings=replicated_sharding(mesh))(), tx, lr_fn
+
+
+def make_loss_fn(config, model, schedule):
+    """``(variables, batch, key) -> (loss, aux)``: diffusion loss with label dropout."""
+    from jaxdiff.losses import diffusion_loss
+
+    d, t = config.diffusion, config.training
+
+    def loss_fn(variables, batch, key):
+        k_loss, k_drop = jax.random.split(key)
+
+        def apply_fn(v, x, ts, c):
+            return model.apply(v, x, ts, labels=c, train=True, rngs={"dropout": k_drop})
+
+        return diffusion_loss(apply_fn, variables, schedule, batch["image"], k_loss,
+                              batch["label"], prediction_type=d.prediction_type,
+                              weighting=d.weighting, loss_type=d.loss_type,
+                              cond_drop_prob=t.cond_drop_prob,
+                              null_cond=jnp.int32(config.num_classes))
+
+    return loss_fn
+
+
+class _Logger:
+    """Averages metrics over ``every`` steps; writes metrics.jsonl (+ TensorBoard) and tqdm."""
+
+    def __init__(self, workdir, every, batch_size, start, total, enabled):
+        self.every, self.batch_size, self.enabled = every, batch_size, enabled
+        self.acc, self.t0, self.last_step = [], time.perf_counter(), start
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.bar, self.tb = None, None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            try:
+                import tensorboard  # noqa: F401
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except Exception:  # tensorboard optional
+                self.tb = None
+
+    def __call__(self, step, m):
+        if not self.enabled:
+            return
+        self.acc.append(m)
+        self.bar.update(1)
+        if step % self.every:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.t0, 1e-9)
+        row = {k: float(np.mean([a[k] for a in self.acc])) for k in self.acc[0]}
+        row.update(step=step, steps_per_sec=rate, images_per_sec=rate * self.batch_size,
+                   time=time.time())
+        self.acc, self.t0, self.last_step = [], now, step
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                self.tb.add_scalar(k, v, step)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.1e}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Validates, loads data, builds or resumes the state, trains; returns a summary dict."""
+    from experiments.sample import make_sample_fn, sample_images
+    from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
+    from jaxdiff.training import (Checkpointer, StopOnSignal, make_mesh, make_train_step,
+                                  train_loop)
+
+    workdir = os.path.abspath(workdir)
+    validate_config(config, workdir)
+    images, labels = load_mnist("train", config.data.data_dir or None, source=config.data.source)
+    t, s = config.training, config.sampling
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    mesh = make_mesh()
+    model, schedule = build_model(config), build_schedule(config)
+    state, tx, lr_fn = init_state(config, model, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat_config(config),
+                        max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every)
+    data_state = {"epoch": 0, "index": 0}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, data_state, step = restored
+        if is_main:
+            print(f"resumed from step {step} ({ckpt.directory})")
+    start = int(jax.device_get(state.step))
+    step_fn = make_train_step(make_loss_fn(config, model, schedule), tx, mesh,
+                              ema_decay=t.ema_decay, lr_schedule=lr_fn)
+    sample_fn = make_sample_fn(model, schedule, mesh, sampler=s.sampler, num_steps=s.num_steps,
+                               guidance_scale=s.guidance_scale, null_label=config.num_classes,
+                               prediction_type=config.diffusion.prediction_type, eta=s.eta,
+                               clip_x0=s.clip_x0 or None)
+    grid_labels = np.repeat(np.arange(config.num_classes), s.per_class)
+    sample_key = jax.random.PRNGKey(config.seed + 1)  # same noise every time: grids comparable
+    last_grid = [None]
+
+    def write_grid(step, st):
+        imgs = sample_images(sample_fn, st.ema_params, grid_labels, sample_key, mesh)
+        if is_main:
+            path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+            save_grid(imgs, path, ncols=s.per_class)
+            save_grid(imgs, os.path.join(workdir, "samples", "latest.png"), ncols=s.per_class)
+            last_grid[0] = path
+
+    def on_step(step, st):
+        if step % s.every == 0:
+            write_grid(step, st)
+
+    logger = _Logger(workdir, t.log_every, t.batch_size, start, t.num_steps, is_main)
+    it = BatchIterator.from_state({"image": images, "label": labels}, t.batch_size, config.seed,
+                                  data_state)
+    t0 = time.perf_counter()
+    with StopOnSignal() as stop, Prefetcher(it, config.data.prefetch) as batches:
+        try:
+            state = train_loop(state, step_fn, batches, mesh, t.num_steps, checkpointer=ckpt,
+                               on_metrics=logger, on_step=on_step, stop=stop)
+        finally:
+            logger.close()
+            ckpt.close()
+    end = int(jax.device_get(state.step))
+    if stop.requested is None and end % s.every:
+        write_grid(end, state)
+    summary = {"start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
+               "stopped_by_signal": stop.requested is not None, "grid": last_grid[0],
+               "checkpoint_step": ckpt.latest_step()}
+    if is_main:
+        print(json.dumps(summary))
+    return summary
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config (get_config()).",
+                                lock_config=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    return train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,153 @@
+"""IDX reader checks, MNIST loading (local files, tfds mock), the resumable prefetching iterator."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from jaxdiff.data import BatchIterator, Prefetcher, load_mnist, read_idx, write_idx
+from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "data", "mnist")
+
+
+def write_fake_mnist(directory, n_train=64, n_test=16, gz=True, seed=0):
+    """Writes small IDX files under the original names; returns (train images u8, labels)."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ext = ".gz" if gz else ""
+    out = None
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        lbls = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{ext}"), imgs)
+        write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), lbls)
+        if prefix == "train":
+            out = imgs, lbls
+    return out
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_local_idx_roundtrip_and_scaling(tmp_path, gz):
+    imgs, lbls = write_fake_mnist(str(tmp_path), gz=gz)
+    x, y = load_mnist("train", str(tmp_path))
+    assert x.shape == (64, 28, 28, 1) and x.dtype == np.float32
+    assert y.dtype == np.int32 and (y == lbls).all()
+    np.testing.assert_allclose(x[..., 0], imgs / 127.5 - 1.0, atol=1e-6)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert load_mnist("test", str(tmp_path))[0].shape == (16, 28, 28, 1)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    write_fake_mnist(str(tmp_path), gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*truncated"):
+        load_mnist("train", str(tmp_path))
+
+
+def test_bad_magic_dtype_and_dims(tmp_path):
+    p = str(tmp_path / "x")
+    with open(p, "wb") as f:
+        f.write(b"\x01\x00\x08\x01" + np.uint32(3).byteswap().tobytes() + b"abc")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(p)
+    write_idx(p, np.zeros((2, 28, 28), np.int32))
+    with pytest.raises(ValueError, match="data type"):
+        read_idx(p, expected_dtype=np.uint8)
+    write_idx(p, np.zeros((2, 28), np.uint8))
+    with pytest.raises(ValueError, match="dimensions"):
+        read_idx(p, expected_ndim=3)
+    write_idx(p, np.zeros((2, 27, 28), np.uint8))
+    with pytest.raises(ValueError, match="dimension 1 is 27"):
+        read_idx(p, expected_shape=(None, 28, 28))
+    with open(p + ".gz", "wb") as f:
+        f.write(gzip.compress(b"\x00\x00\x08\x01" + np.uint32(5).byteswap().tobytes() + b"12345")[:-6])
+    with pytest.raises(ValueError, match=r"x\.gz"):
+        read_idx(p + ".gz")
+
+
+def test_mismatched_counts_and_missing_dir(tmp_path):
+    write_fake_mnist(str(tmp_path))
+    write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros(5, np.uint8))
+    with pytest.raises(ValueError, match="64 images but .* 5 labels"):
+        load_mnist("train", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="how|IDX files"):
+        load_mnist("train", str(tmp_path / "nope"))
+
+
+def test_env_var_directory(tmp_path, monkeypatch):
+    write_fake_mnist(str(tmp_path))
+    monkeypatch.setenv(MNIST_ENV_VAR, str(tmp_path))
+    assert find_mnist_dir() == str(tmp_path)
+    assert load_mnist("train")[0].shape[0] == 64
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared MNIST copy not present")
+def test_real_mnist_statistics():
+    x, y = load_mnist("test", SHARED)
+    assert x.shape == (10000, 28, 28, 1) and set(np.unique(y)) == set(range(10))
+    assert abs(float(((x + 1) / 2).mean()) - 0.1325) < 0.002  # test-set mean (train: 0.1307)
+
+
+def test_tfds_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        x, y = load_mnist("train", source="tfds")
+    assert x.shape == (12, 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+def _arrays(n=50):
+    return {"image": np.arange(n, dtype=np.float32)[:, None], "label": np.arange(n, dtype=np.int32)}
+
+
+def test_iterator_shuffles_deterministically_per_epoch():
+    a = BatchIterator(_arrays(), 10, seed=1, process_index=0, process_count=1)
+    b = BatchIterator(_arrays(), 10, seed=1, process_index=0, process_count=1)
+    ep0 = [next(a)["label"] for _ in range(5)]
+    assert sorted(np.concatenate(ep0).tolist()) == list(range(50))  # an epoch is a permutation
+    assert a.state == {"epoch": 1, "index": 0}
+    ep1 = [next(a)["label"] for _ in range(5)]
+    assert not all((u == v).all() for u, v in zip(ep0, ep1))  # new order each epoch
+    for u in ep0:
+        np.testing.assert_array_equal(u, next(b)["label"])
+    c = BatchIterator(_arrays(), 10, seed=2, process_index=0, process_count=1)
+    assert not (next(c)["label"] == ep0[0]).all()
+
+
+def test_iterator_resumes_from_state_through_prefetcher():
+    ref = BatchIterator(_arrays(), 8, seed=0, process_index=0, process_count=1)
+    expected = [next(ref)["label"] for _ in range(15)]
+    with Prefetcher(BatchIterator(_arrays(), 8, seed=0, process_index=0, process_count=1), 3) as p:
+        got = [next(p)["label"] for _ in range(9)]
+        state = p.state  # the thread has run ahead; state is that of the consumed batches
+    assert state == {"epoch": 1, "index": 3}
+    it = BatchIterator.from_state(_arrays(), 8, 0, state, process_index=0, process_count=1)
+    got += [next(it)["label"] for _ in range(6)]
+    for u, v in zip(expected, got):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_processes_take_disjoint_slices_of_the_global_batch():
+    full = next(BatchIterator(_arrays(), 12, seed=5, process_index=0, process_count=1))["label"]
+    parts = [next(BatchIterator(_arrays(), 12, seed=5, process_index=i, process_count=3))["label"]
+             for i in range(3)]
+    assert all(len(p) == 4 for p in parts)
+    assert sorted(np.concatenate(parts).tolist()) == sorted(full.tolist())
+    with pytest.raises(ValueError, match="divisible by the process count"):
+        BatchIterator(_arrays(), 10, seed=0, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="positive"):
+        BatchIterator(_arrays(), 0, seed=0, process_index=0, process_count=1)
+
+
+def test_prefetcher_reraises_errors():
+    class Boom(BatchIterator):
+        def __next__(self):
+            raise RuntimeError("boom")
+
+    with Prefetcher(Boom(_arrays(), 10, seed=0, process_index=0, process_count=1)) as p:
+        with pytest.raises(RuntimeError, match="boom"):
+            next(p)
