@@ -82,6 +82,7 @@ def dpm_solver_sample(
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
     schedule: Schedule,
     x_T: jax.Array,
+    key: jax.Array | None = None,
     *,
     num_steps: int,
     solver_order: int = 2,
@@ -99,6 +100,8 @@ def dpm_solver_sample(
 
     Args:
       model_fn: ``model_fn(x [B, ...], t [B] int32) -> output [B, ...]`` of ``prediction_type``.
+      key: unused (the solver is deterministic); accepted so that every sampler has the signature
+        ``(model_fn, schedule, x_T, key, *, num_steps, ...)``.
       num_steps: number of model evaluations (10-25 is typical).
       solver_order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
       solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update.
