@@ -1,0 +1,282 @@
+"""DDIM / DDPM samplers against diffusers' DDIMScheduler and DDPMScheduler (PyTorch, float32).
+
+Both sides run the same analytic stand-in model and receive the same noise arrays (DDIM through
+``step(..., variance_noise=...)``, DDPM through a freshly seeded ``torch.Generator`` per step, which
+draws exactly the ``torch.randn`` we hand to jaxdiff).
+
+The diffusers scheduler gets jaxdiff's ``alphas_cumprod`` (schedules are compared separately, in
+test_schedule_parity.py), so these tests isolate the sampler arithmetic. With diffusers' own
+float32-built schedule, differences of ~1 ulp in ``alphas_cumprod`` near 1 are amplified by
+``1/sqrt(1 - alphas_cumprod[1])`` at the last steps; see ``test_ddim_native_diffusers_schedule``.
+
+Tolerance (float32): every step's ``x_prev`` and ``pred_x0`` within ``TOL = 1e-5`` absolute, scaled
+by ``max(1, |step values|)`` (see ``_assert_close``): an unclipped eps model on a stand-in drives
+``pred_x0 = (x - sqrt(1-abar) eps) / sqrt(abar)`` to magnitudes of 1e2..1e5 at ``t = 999``, where
+float32 itself resolves no better than 1e-5 relative. Where the trajectory stays O(1) (clipping,
+x0 or v prediction) the bound is plain absolute. Measured: <= 1.5e-6 absolute on O(1) values,
+<= 2e-6 relative on the large ones. Timestep arrays must be equal exactly.
+"""
+
+from itertools import product
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from jaxdiff.samplers import (
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_posterior,
+    ddpm_sample,
+    ddpm_step,
+    ddpm_timesteps,
+)
+from jaxdiff.schedules import make_schedule
+
+TOL = 1e-5
+T = 1000
+SHAPE = (2, 8, 8, 3)  # NHWC; the schedulers are elementwise except DDPM's learned-variance split
+DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+SCHEDULES = {name: make_schedule(name, T) for name in DIFFUSERS_NAME}
+
+
+def standin(x, t, m):
+    """The stand-in model, written once for ``m = torch`` and ``m = jnp``; ``t`` float."""
+    return m.tanh(0.5 * x) * m.cos(t / 300.0) + 0.1 * m.sin(x * t / 500.0)
+
+
+def standin_var(x, t, m, variance_type="learned_range"):
+    """The variance head: ``v`` in [-1, 1] for "learned_range", a variance > 0 for "learned"."""
+    v = m.tanh(x * m.cos(t / 170.0))
+    return 0.01 * (1.5 + v) if variance_type == "learned" else v
+
+
+def jax_model(x, t):
+    tf = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return standin(x, tf, jnp)
+
+
+def jax_model_learned(x, t, variance_type="learned_range"):
+    tf = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.concatenate([standin(x, tf, jnp), standin_var(x, tf, jnp, variance_type)], axis=-1)
+
+
+def _assert_close(ours, ref, what, scale=None):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    bound = TOL * max(1.0, np.abs(ref).max(), 0.0 if scale is None else scale)
+    err = np.abs(ours - ref).max()
+    assert err <= bound, f"{what}: max abs diff {err:.3g} > {bound:.3g}"
+
+
+def _ddim_ref(name, spacing, offset, pred, sa1, clip):
+    ref = DDIMScheduler(
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], clip_sample=clip is not None,
+        clip_sample_range=clip or 1.0, set_alpha_to_one=sa1, steps_offset=offset,
+        prediction_type=DIFFUSERS_PRED[pred], timestep_spacing=spacing,
+    )
+    ref.alphas_cumprod = torch.from_numpy(np.array(SCHEDULES[name].alphas_cumprod))
+    ref.final_alpha_cumprod = torch.tensor(1.0) if sa1 else ref.alphas_cumprod[0]
+    return ref
+
+
+# spacing -> (steps_offset, num_steps): 13 and 15 do not divide T.
+SPACINGS = {"leading": (0, 10), "leading+1": (1, 20), "trailing": (0, 13), "linspace": (0, 15)}
+
+
+def _ddim_cases():
+    """Every (spacing, prediction, eta); schedule, set_alpha_to_one and clipping derived from the
+    indices so that every pair of values of any two of the six factors occurs (a pairwise covering:
+    24 trajectories instead of 192)."""
+    for (s, sp), (p, pred), (e, eta) in product(
+        enumerate(SPACINGS), enumerate(DIFFUSERS_PRED), enumerate((0.0, 0.5))
+    ):
+        name = ("linear", "cosine")[(s + e) % 2]
+        sa1 = (s + p) % 2 == 0
+        clip = (None, 1.0)[(p + e) % 2]
+        yield pytest.param(name, sp, pred, eta, sa1, clip, False, id=f"{name}-{sp}-{pred}-eta{eta}-"
+                           f"{'a1' if sa1 else 'a0'}-{'clip' if clip else 'noclip'}")
+    for pred in ("eps", "v"):  # use_clipped_model_output
+        yield pytest.param("linear", "leading", pred, 0.5, False, 1.0, True, id=f"clipped-out-{pred}")
+
+
+def _run_ddim_pair(name, spacing_key, pred, eta, sa1, clip, use_clipped):
+    spacing = spacing_key.split("+")[0]
+    offset, n = SPACINGS[spacing_key]
+    ref = _ddim_ref(name, spacing, offset, pred, sa1, clip)
+    ref.set_timesteps(n)
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+    ts, _ = ddim_timesteps(T, n, spacing, offset)
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+
+    sample = jax.jit(lambda x, z: ddim_sample(
+        jax_model, SCHEDULES[name], x, num_steps=n, eta=eta, spacing=spacing, steps_offset=offset,
+        set_alpha_to_one=sa1, prediction_type=pred, clip_x0=clip,
+        use_clipped_model_output=use_clipped, noise=z, return_trajectory=True,
+    ))
+    x_0, xs, pred_x0s = sample(x_T, noise)
+    x = torch.from_numpy(x_T)
+    for i, t in enumerate(ref.timesteps):
+        out = standin(x, torch.tensor(float(t)), torch)
+        step = ref.step(out, int(t), x, eta=eta, use_clipped_model_output=use_clipped,
+                        variance_noise=torch.from_numpy(noise[i]))
+        scale = np.abs(x.numpy()).max()
+        _assert_close(pred_x0s[i], step.pred_original_sample, f"pred_x0 at step {i} (t={int(t)})", scale)
+        _assert_close(xs[i + 1], step.prev_sample, f"x_prev at step {i} (t={int(t)})", scale)
+        x = step.prev_sample
+    np.testing.assert_array_equal(np.asarray(x_0), np.asarray(xs[-1]))
+
+
+@pytest.mark.parametrize("name, spacing, pred, eta, sa1, clip, use_clipped", list(_ddim_cases()))
+def test_ddim_trajectory_matches_diffusers(name, spacing, pred, eta, sa1, clip, use_clipped):
+    _run_ddim_pair(name, spacing, pred, eta, sa1, clip, use_clipped)
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_NAME))
+def test_ddim_native_diffusers_schedule(name):
+    """End to end with diffusers' own float32 schedule (no alphas_cumprod hand-over): the schedules
+    differ by float32 rounding, amplified at the last steps; bound 1e-4 (measured 3e-5)."""
+    n, eta, sa1 = 20, 0.5, False
+    ref = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], clip_sample=True,
+                        set_alpha_to_one=sa1, steps_offset=1, prediction_type="v_prediction")
+    ref.set_timesteps(n)
+    rng = np.random.default_rng(1)
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+    _, xs, _ = ddim_sample(jax_model, SCHEDULES[name], x_T, num_steps=n, eta=eta, steps_offset=1,
+                           set_alpha_to_one=sa1, prediction_type="v", clip_x0=1.0, noise=noise,
+                           return_trajectory=True)
+    x = torch.from_numpy(x_T)
+    for i, t in enumerate(ref.timesteps):
+        out = standin(x, torch.tensor(float(t)), torch)
+        x = ref.step(out, int(t), x, eta=eta, variance_noise=torch.from_numpy(noise[i])).prev_sample
+        assert np.abs(np.asarray(xs[i + 1]) - x.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0),
+                                             ("linspace", 0)])
+@pytest.mark.parametrize("num_train", [1000, 50])
+def test_timesteps_equal_diffusers_exactly(spacing, offset, num_train):
+    ddim = DDIMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=offset)
+    ddpm = DDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=offset)
+    top = num_train - offset  # with offset 1, n = T would start at t = T
+    for n in range(1, top + 1):
+        ts, ts_prev = ddim_timesteps(num_train, n, spacing, offset)
+        ddim.set_timesteps(n)
+        theirs = ddim.timesteps.numpy()
+        if spacing == "trailing" and len(theirs) == n + 1:
+            # diffusers' float arange overshoots for some n (e.g. 61 of 1000): an extra t = -1.
+            assert theirs[-1] == -1
+            theirs = theirs[:n]
+        np.testing.assert_array_equal(ts, theirs, err_msg=f"num_steps={n}")
+        np.testing.assert_array_equal(ts_prev, theirs - num_train // n)  # DDIMScheduler.step
+        assert ts.dtype == np.int32 and ts_prev.dtype == np.int32
+        if len(theirs) == len(ddim.timesteps):  # DDPMScheduler shares the grid (and the bug)
+            ts, ts_prev = ddpm_timesteps(num_train, n, spacing, offset)
+            ddpm.set_timesteps(n)
+            np.testing.assert_array_equal(ts, ddpm.timesteps.numpy())
+            if n in (1, 2, 7, 20, 49):  # previous_timestep is slow (a nonzero() per call)
+                np.testing.assert_array_equal(ts_prev, [int(ddpm.previous_timestep(t)) for t in ts])
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM
+
+
+def _ddpm_ref(name, variance_type, pred, clip, num_steps=None):
+    ref = DDPMScheduler(
+        num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], variance_type=variance_type,
+        clip_sample=clip is not None, clip_sample_range=clip or 1.0,
+        prediction_type=DIFFUSERS_PRED[pred],
+    )
+    ref.alphas_cumprod = torch.from_numpy(np.array(SCHEDULES[name].alphas_cumprod))
+    if num_steps is not None:
+        ref.set_timesteps(num_steps)
+    return ref
+
+
+def _nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(a), -1, 1)))
+
+
+def _nhwc(t):
+    return np.moveaxis(t.numpy(), 1, -1)
+
+
+def _torch_out(x_nchw, t, variance_type):
+    tf = torch.tensor(float(t))
+    out = standin(x_nchw, tf, torch)
+    if not variance_type.startswith("learned"):
+        return out
+    return torch.cat([out, standin_var(x_nchw, tf, torch, variance_type)], dim=1)
+
+
+VARIANCE_CASES = ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_CASES)
+@pytest.mark.parametrize("pred, clip, name", [("eps", None, "linear"), ("eps", 1.0, "cosine"),
+                                              ("x0", None, "cosine"), ("v", 1.0, "linear")])
+@pytest.mark.parametrize("num_steps", [None, 20])
+def test_ddpm_step_matches_diffusers(variance_type, pred, clip, name, num_steps):
+    learned = variance_type.startswith("learned")
+    ref = _ddpm_ref(name, variance_type, pred, clip, num_steps)
+    grid = ref.timesteps.numpy()
+    ts = [999, 998, 500, 1, 0] if num_steps is None else [int(grid[0]), int(grid[9]), int(grid[-1])]
+    rng = np.random.default_rng(2)
+    for k, t in enumerate(ts):
+        x = rng.standard_normal(SHAPE).astype(np.float32)
+        t_prev = int(ref.previous_timestep(t))
+        out = _torch_out(_nchw(x), t, variance_type)
+        noise = torch.randn(_nchw(x).shape, generator=torch.Generator().manual_seed(k))
+        step = ref.step(out, t, _nchw(x), generator=torch.Generator().manual_seed(k))
+        mo = jnp.asarray(_nhwc(out))
+        kw = dict(variance_type=variance_type, prediction_type=pred, clip_x0=clip)
+        x_prev, pred_x0 = ddpm_step(SCHEDULES[name], mo, jnp.asarray(x), t, t_prev,
+                                    jnp.asarray(_nhwc(noise)), **kw)
+        scale = np.abs(x).max()
+        _assert_close(pred_x0, _nhwc(step.pred_original_sample), f"pred_x0 at t={t}", scale)
+        _assert_close(x_prev, _nhwc(step.prev_sample), f"x_prev at t={t}", scale)
+
+        # The variance, against diffusers' _get_variance (whose return value depends on the type).
+        _, _, var = ddpm_posterior(SCHEDULES[name], mo, jnp.asarray(x), t, t_prev, **kw)
+        pv = out[:, 3:] if learned else None
+        got = ref._get_variance(t, predicted_variance=pv)
+        want = {"fixed_small_log": lambda g: g**2, "learned_range": torch.exp}.get(
+            variance_type, lambda g: g)(got)
+        want = np.broadcast_to(_nhwc(want) if want.ndim == 4 else want.numpy(), np.shape(var))
+        if t > 0:  # at t == 0 diffusers adds no noise and its variance is the 1e-20 clamp
+            np.testing.assert_allclose(np.asarray(var), want, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("variance_type, pred, clip", [("fixed_small", "eps", 1.0),
+                                                       ("fixed_large", "v", None),
+                                                       ("learned", "x0", None),
+                                                       ("learned_range", "eps", None)])
+def test_ddpm_trajectory_matches_diffusers(variance_type, pred, clip):
+    """A 25-step trajectory (num_inference_steps < T: shortened-schedule betas and variances)."""
+    n, name = 25, "cosine"
+    learned = variance_type.startswith("learned")
+    ref = _ddpm_ref(name, variance_type, pred, clip, n)
+    rng = np.random.default_rng(3)
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = np.stack([_nhwc(torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(i)))
+                      for i in range(n)])
+    fn = (lambda x, t: jax_model_learned(x, t, variance_type)) if learned else jax_model
+    x_0, xs, pred_x0s = ddpm_sample(fn, SCHEDULES[name], x_T, num_steps=n, variance_type=variance_type,
+                                    prediction_type=pred, clip_x0=clip, noise=noise,
+                                    return_trajectory=True)
+    x = _nchw(x_T)
+    for i, t in enumerate(ref.timesteps):
+        step = ref.step(_torch_out(x, int(t), variance_type), int(t), x,
+                        generator=torch.Generator().manual_seed(i))
+        scale = np.abs(x.numpy()).max()
+        _assert_close(pred_x0s[i], _nhwc(step.pred_original_sample), f"pred_x0 at t={int(t)}", scale)
+        _assert_close(xs[i + 1], _nhwc(step.prev_sample), f"x_prev at t={int(t)}", scale)
+        x = step.prev_sample
