@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from experiments.images import save_grid
 
@@ -38,8 +37,7 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
 
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    shape = (model.config.sample_size, model.config.sample_size, model.config.in_channels) \
-        if hasattr(model.config, "sample_size") else (28, 28, 1)
+    shape = (28, 28, model.config.in_channels)
 
     def fn(variables, labels, key):
         def model_fn(x, t, c):
@@ -94,39 +92,51 @@ def load_run(workdir: str):
     return config, model, schedule, restored[0].ema_params, mesh
 
 
-flags.DEFINE_string("workdir", None, "train_mnist workdir (holds config.json and checkpoints/).")
-flags.DEFINE_integer("num_samples", 64, "Number of images.")
-flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "Sampler.")
-flags.DEFINE_integer("steps", 50, "Sampling steps.")
-flags.DEFINE_float("guidance_scale", 2.0, "Classifier-free guidance scale (1 = no guidance).")
-flags.DEFINE_string("labels", "", "Comma-separated digits, cycled (default 0-9).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("out", "samples.png", "Output PNG (a .npz is written next to it).")
+def parse_args(argv: Sequence[str]):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m experiments.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True,
+                   help="train_mnist workdir (holds config.json and checkpoints/)")
+    p.add_argument("--num_samples", type=int, default=64)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance_scale", type=float, default=2.0, help="1 = no guidance")
+    p.add_argument("--labels", default="", help="comma-separated digits, cycled (default 0-9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="PNG grid; a .npz is written next to it")
+    args = p.parse_args(argv)
+    if args.num_samples <= 0 or args.steps <= 0:
+        p.error("--num_samples and --steps must be positive")
+    try:
+        args.digits = [int(x) for x in args.labels.split(",") if x.strip()] or list(range(10))
+    except ValueError:
+        p.error(f"--labels must be comma-separated integers, got {args.labels!r}")
+    return args
 
 
-def main(argv):
-    del argv
-    F = flags.FLAGS
-    if not F.workdir:
-        raise app.UsageError("--workdir is required")
-    if F.num_samples <= 0 or F.steps <= 0:
-        raise app.UsageError("--num_samples and --steps must be positive")
-    digits = [int(s) for s in F.labels.split(",") if s.strip()] if F.labels else list(range(10))
-    config, model, schedule, ema, mesh = load_run(F.workdir)
+def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
+    """CLI entry point; returns the images ``[N, 28, 28, C]``."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    digits = args.digits
+    config, model, schedule, ema, mesh = load_run(args.workdir)
     if any(not 0 <= d < config.num_classes for d in digits):
-        raise app.UsageError(f"--labels must be in 0..{config.num_classes - 1}")
-    labels = [digits[i % len(digits)] for i in range(F.num_samples)]
-    fn = make_sample_fn(model, schedule, mesh, sampler=F.sampler, num_steps=F.steps,
-                        guidance_scale=F.guidance_scale, null_label=config.num_classes,
+        raise SystemExit(f"--labels must be in 0..{config.num_classes - 1}, got {digits}")
+    labels = [digits[i % len(digits)] for i in range(args.num_samples)]
+    fn = make_sample_fn(model, schedule, mesh, sampler=args.sampler, num_steps=args.steps,
+                        guidance_scale=args.guidance_scale, null_label=config.num_classes,
                         prediction_type=config.diffusion.prediction_type,
                         clip_x0=config.sampling.clip_x0 or None)
-    images = sample_images(fn, ema, labels, jax.random.PRNGKey(F.seed), mesh)
+    images = sample_images(fn, ema, labels, jax.random.PRNGKey(args.seed), mesh)
     if jax.process_index() == 0:
-        save_grid(images, F.out, ncols=len(digits) if len(digits) > 1 else 8)
-        np.savez(os.path.splitext(F.out)[0] + ".npz", images=images, labels=np.asarray(labels))
-        print(f"wrote {F.out} and {os.path.splitext(F.out)[0]}.npz ({len(labels)} samples)")
+        npz = os.path.splitext(args.out)[0] + ".npz"
+        save_grid(images, args.out, ncols=len(digits) if len(digits) > 1 else 8)
+        np.savez(npz, images=images, labels=np.asarray(labels, np.int32))
+        print(f"wrote {args.out} and {npz} ({len(labels)} samples, {args.sampler}, "
+              f"{args.steps} steps, guidance {args.guidance_scale})")
+    return images
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
-    app.run(main)
+    main()

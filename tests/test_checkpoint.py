@@ -99,3 +99,14 @@ def test_huge_learning_rate_is_caught(tmp_path):
     with pytest.raises(NonFiniteLossError):
         run(tmp_path, 40, lr=1e30, save_every=100)
     assert Checkpointer(str(tmp_path), CONFIG).latest_step() is None
+
+
+def test_sigterm_and_sigint_only_set_the_flag():
+    import signal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C is a request too
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM))

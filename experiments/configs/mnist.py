@@ -13,16 +13,33 @@ import dataclasses
 import ml_collections
 
 
+def _plain(v):
+    """A JSON-able form of a UNetConfig value (dtypes become their names, e.g. "bfloat16")."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tuple(_plain(u) for u in v)
+    import numpy as np
+
+    return np.dtype(v).name
+
+
 def unet_fields(num_classes: int = 10, **overrides) -> ml_collections.ConfigDict:
     """The fields of ``mnist_unet_config(num_classes)`` as a ConfigDict, with ``overrides``."""
     from jaxdiff.models import mnist_unet_config
 
-    fields = dataclasses.asdict(mnist_unet_config(num_classes=num_classes))
+    cfg = mnist_unet_config(num_classes=num_classes)
+    fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}")
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
+
+
+# The accelerator variant (mnist_accel.py): twice the width, two resnets per level, bf16 compute.
+ACCEL_MODEL_OVERRIDES = dict(block_channels=(64, 128, 256), layers_per_block=(2, 2, 2),
+                             context_dim=128, dtype="bfloat16")
 
 
 def get_config() -> ml_collections.ConfigDict:

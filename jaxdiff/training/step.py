@@ -70,8 +70,18 @@ def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of ``tree`` (same value on every process) replicated over ``mesh``."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """Places every leaf of ``tree`` (same value on every process) replicated over ``mesh``.
+
+    Goes through host numpy and ``jax.make_array_from_callback``, which also works when the mesh
+    spans devices of other processes (multi-host).
+    """
+    sharding = replicated_sharding(mesh)
+
+    def put(x):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
 
 
 def make_train_step(

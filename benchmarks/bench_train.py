@@ -1,0 +1,71 @@
+"""Training throughput of an experiments config: compile time of the first step, then steps/s and
+images/s over timed steps (synthetic data of MNIST's shape; measures, never asserts).
+
+    python -m benchmarks.bench_train                       # default config (experiments/configs/mnist.py)
+    python -m benchmarks.bench_train --config accel --steps 50 --batch_size 256
+
+Prints a markdown table row with the machine description, for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    return (f"{jax.device_count()}x {kind} ({dev.platform}), {os.cpu_count()} CPU cores, "
+            f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="mnist", choices=["mnist", "accel"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps after the first")
+    p.add_argument("--batch_size", type=int, default=None, help="override the config's")
+    args = p.parse_args()
+
+    from experiments.configs import mnist, mnist_accel
+    from experiments.train_mnist import build_model, build_schedule, init_state, make_loss_fn
+    from jaxdiff.training import make_mesh, make_train_step, shard_batch
+
+    config = (mnist if args.config == "mnist" else mnist_accel).get_config()
+    if args.batch_size:
+        config.training.batch_size = args.batch_size
+    bs = config.training.batch_size
+    mesh = make_mesh()
+    model, schedule = build_model(config), build_schedule(config)
+    state, tx, lr_fn = init_state(config, model, mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    step_fn = make_train_step(make_loss_fn(config, model, schedule), tx, mesh,
+                              ema_decay=config.training.ema_decay, lr_schedule=lr_fn)
+    rng = np.random.default_rng(0)
+    batches = [shard_batch({"image": rng.uniform(-1, 1, (bs, 28, 28, 1)).astype(np.float32),
+                            "label": rng.integers(0, 10, bs).astype(np.int32)}, mesh)
+               for _ in range(2)]
+
+    t0 = time.perf_counter()
+    state, m = step_fn(state, batches[0])
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        state, m = step_fn(state, batches[i % 2])
+    jax.block_until_ready(m)
+    dt = time.perf_counter() - t0
+    sps = args.steps / dt
+    print(f"| machine | config | params | batch | first step (compile) s | steps/s | images/s |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {machine()} | {args.config} | {n_params / 1e6:.2f}M | {bs} | {first:.1f} | "
+          f"{sps:.2f} | {sps * bs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
