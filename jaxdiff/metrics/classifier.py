@@ -159,8 +159,9 @@ def train_classifier(
         raise ValueError(f"need epochs >= 1 and 1 <= batch_size <= N, got {epochs}, {batch_size}")
     steps_per_epoch = images.shape[0] // batch_size
     total = epochs * steps_per_epoch
+    warmup = max(1, total // 20)
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps=max(1, total // 20), decay_steps=total)
+        0.0, learning_rate, warmup_steps=warmup, decay_steps=max(total, warmup + 1))
     tx = optax.adamw(lr, weight_decay=weight_decay)
     init_key, shuffle_key = jax.random.split(key)
     params = init_classifier(init_key)
