@@ -14,12 +14,17 @@ Steps:
 2. The floor: FID between ``N`` random training images and ``N`` test images. FID is biased
    upwards at finite ``N``, so model FIDs are only comparable with the floor at the same ``N``.
 3. If ``WORKDIR`` is a ``train_mnist`` run with a checkpoint (``config.json`` + ``checkpoints/``),
-   its EMA params sample ``N`` class-conditional images (labels cycling 0-9, with guidance) and ``N``
-   unconditional ones (the null label), and the bound on the negative log-likelihood is computed on
-   ``--bpd_examples`` test images (all ``T`` terms; unconditional). ``--samples_npz`` evaluates
-   saved samples (``experiments.sample``'s ``.npz``) instead of sampling.
+   its EMA params sample ``N`` class-conditional images (labels cycling 0-9, with guidance) and
+   ``N`` unconditional ones (the null label), and the bound on the negative log-likelihood is
+   computed on ``--bpd_examples`` test images (all ``T`` terms, null label). ``--samples_npz``
+   evaluates saved samples (``experiments.sample``'s ``.npz``) instead of sampling.
 
 Writes ``WORKDIR/eval_mnist.json`` and ``WORKDIR/eval_mnist.md`` (a markdown table).
+
+Reference numbers (2 shared CPU cores): the classifier reaches 99.2% test accuracy after 3 epochs
+(~5-9 minutes of training, depending on load). In its 128-d feature space the floor is ~1.4-1.6 at
+``N = 10000`` and ~7.9 at ``N = 1000``; for scale, training images with Gaussian noise of std 0.2
+score ~9 and training images without any 7s ~21 (``N = 10000``).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def log(msg: str) -> None:
 
 
 def load_mnist_arrays(split: str, data_dir: Optional[str] = None):
-    """``images [N, 28, 28, 1]`` float32 in ``[-1, 1]``, ``labels [N]`` int32 via ``jaxdiff.data``."""
+    """``images [N, 28, 28, 1]`` float32 in ``[-1, 1]``, ``labels [N]`` int32 (``jaxdiff.data``)."""
     from jaxdiff.data import load_mnist
 
     return load_mnist(split, data_dir or None)
@@ -97,7 +102,9 @@ def evaluate_samples(clf_params, images: np.ndarray, labels: Optional[np.ndarray
     return out
 
 
-def generate(sample_fn: SampleFn, labels: np.ndarray, key: jax.Array, batch_size: int) -> np.ndarray:
+def generate(
+    sample_fn: SampleFn, labels: np.ndarray, key: jax.Array, batch_size: int
+) -> np.ndarray:
     """Calls ``sample_fn`` on chunks of ``labels`` (the last padded to ``batch_size``, one
     compilation); chunk ``i`` uses ``fold_in(key, i)``. Returns ``[n, 28, 28, 1]`` numpy."""
     out = []
@@ -163,7 +170,8 @@ def eval_bpd(apply, variables, schedule, images: np.ndarray, labels: np.ndarray,
         keep = slice(0, batch_size - pad)
         totals.append(out.total[keep]), priors.append(out.prior[keep])
         decoders.append(out.terms[keep, 0])
-        log(f"  bits/dim {start + batch_size - pad}/{n}: running mean {np.concatenate(totals).mean():.4f}")
+        running = np.concatenate(totals).mean()
+        log(f"  bits/dim {start + batch_size - pad}/{n}: running mean {running:.4f}")
     totals = np.concatenate(totals)
     return {"n": int(n), "variance_type": variance_type, "bpd": float(totals.mean()),
             "bpd_stderr": float(totals.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
@@ -176,14 +184,15 @@ def markdown_table(results: dict) -> str:
     rows = [("classifier test accuracy", f"{results['classifier']['test_accuracy']:.4f}")]
     floor = results["fid_floor"]
     rows.append((f"FID floor (train vs test, N={floor['n']})", f"{floor['fid']:.3f}"))
-    for name, title in (("conditional", "conditional samples"), ("unconditional", "unconditional samples")):
+    for name in ("conditional", "unconditional"):
         r = results.get(name)
         if r:
-            rows.append((f"FID, {title} (N={r['n']})", f"{r['fid']:.3f}"))
+            rows.append((f"FID, {name} samples (N={r['n']})", f"{r['fid']:.3f}"))
             if "conditional_accuracy" in r:
                 rows.append(("conditional accuracy", f"{r['conditional_accuracy']:.4f}"))
             if "class_histogram" in r:
-                rows.append(("class histogram 0-9", " ".join(f"{h:.3f}" for h in r["class_histogram"])))
+                hist = " ".join(f"{h:.3f}" for h in r["class_histogram"])
+                rows.append(("class histogram 0-9", hist))
     if results.get("bpd"):
         b = results["bpd"]
         rows.append((f"bits/dim (N={b['n']}, {b['variance_type']})",
@@ -195,7 +204,8 @@ def markdown_table(results: dict) -> str:
 def parse_args(argv: Sequence[str]):
     p = argparse.ArgumentParser(prog="python -m experiments.eval_mnist", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="train_mnist workdir (or any dir, for the floor)")
+    p.add_argument("--workdir", required=True,
+                   help="train_mnist workdir (or any directory, for the floor only)")
     p.add_argument("--classifier_path", default="",
                    help="classifier msgpack; trained and written there if missing "
                         "(default WORKDIR/mnist_classifier.msgpack)")
@@ -207,10 +217,13 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--batch_size", type=int, default=250, help="sampling batch")
     p.add_argument("--samples_npz", default="", help="evaluate saved samples instead of sampling")
-    p.add_argument("--bpd_examples", type=int, default=64, help="test images for bits/dim; 0 = skip")
+    p.add_argument("--bpd_examples", type=int, default=64,
+                   help="test images for bits/dim; 0 = skip")
     p.add_argument("--bpd_batch_size", type=int, default=32)
-    p.add_argument("--bpd_variance_type", default="fixed_small", choices=["fixed_small", "fixed_large"])
-    p.add_argument("--data_dir", default="", help="MNIST IDX directory (default: jaxdiff.data's search)")
+    p.add_argument("--bpd_variance_type", default="fixed_small",
+                   choices=["fixed_small", "fixed_large"])
+    p.add_argument("--data_dir", default="",
+                   help="MNIST IDX directory (default: jaxdiff.data's search)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 2 <= args.num_samples <= 10000:
@@ -225,9 +238,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.workdir, exist_ok=True)
     key = jax.random.PRNGKey(args.seed)
-    train, test = load_mnist_arrays("train", args.data_dir), load_mnist_arrays("test", args.data_dir)
+    train = load_mnist_arrays("train", args.data_dir)
+    test = load_mnist_arrays("test", args.data_dir)
     clf_path = args.classifier_path or os.path.join(args.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=args.seed, epochs=args.classifier_epochs)
+    clf, clf_info = get_classifier(clf_path, train, test, seed=args.seed,
+                                   epochs=args.classifier_epochs)
     results: dict[str, Any] = {"classifier": clf_info, "args": vars(args)}
 
     n = args.num_samples
@@ -263,8 +278,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if run is not None and args.bpd_examples > 0:
         m = min(args.bpd_examples, len(test_idx))
         x0 = np.round((test[0][test_idx[:m]] + 1) * 127.5) / 127.5 - 1      # exact 8-bit grid
-        results["bpd"] = eval_bpd(run["apply"], run["variables"], run["schedule"], x0.astype(np.float32),
-                                  np.full(m, run["null_label"], np.int32), jax.random.fold_in(key, 3),
+        results["bpd"] = eval_bpd(run["apply"], run["variables"], run["schedule"],
+                                  x0.astype(np.float32), np.full(m, run["null_label"], np.int32),
+                                  jax.random.fold_in(key, 3),
                                   batch_size=min(args.bpd_batch_size, m),
                                   prediction_type=run["prediction_type"],
                                   variance_type=args.bpd_variance_type)

@@ -1,5 +1,5 @@
-"""Tests of jaxdiff.metrics: FID against scipy, classifier statistics, the classifier itself, and the
-variational bound (bits/dim) against closed forms."""
+"""Tests of jaxdiff.metrics: FID against scipy, classifier statistics, the classifier itself, and
+the variational bound (bits/dim) against closed forms."""
 
 import math
 import os
@@ -71,7 +71,8 @@ def test_fid_closed_forms():
     # Commuting (diagonal) covariances: sum (sqrt(a) - sqrt(b))^2.
     a, b = np.array([1.0, 4.0, 0.0, 2.5]), np.array([9.0, 1.0, 0.0, 2.5])
     expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert frechet_distance(np.zeros(4), np.diag(a), np.zeros(4), np.diag(b)) == pytest.approx(expected)
+    ours = frechet_distance(np.zeros(4), np.diag(a), np.zeros(4), np.diag(b))
+    assert ours == pytest.approx(expected)
 
 
 @given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 10.0))
@@ -84,7 +85,8 @@ def test_fid_symmetry_and_invariances(seed, scale):
     assert base >= 0
     assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(base, rel=1e-6, abs=1e-9)
     shift = rng.normal(size=d)                                  # same translation of both
-    assert frechet_distance(mu1 + shift, s1, mu2 + shift, s2) == pytest.approx(base, rel=1e-6, abs=1e-9)
+    shifted = frechet_distance(mu1 + shift, s1, mu2 + shift, s2)
+    assert shifted == pytest.approx(base, rel=1e-6, abs=1e-9)
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))                # same rotation of both
     rotated = frechet_distance(q @ mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T)
     assert rotated == pytest.approx(base, rel=1e-6, abs=1e-9)
@@ -119,12 +121,14 @@ def test_conditional_accuracy_and_histogram():
 # ------------------------------------------------------------------------------------- likelihood
 
 
-@pytest.mark.parametrize("m1, v1, m2, v2", [(0.0, 1.0, 0.0, 1.0), (0.3, 0.5, -1.0, 2.0), (2.0, 0.01, 1.9, 0.04)])
+@pytest.mark.parametrize("m1, v1, m2, v2",
+                         [(0.0, 1.0, 0.0, 1.0), (0.3, 0.5, -1.0, 2.0), (2.0, 0.01, 1.9, 0.04)])
 def test_normal_kl_vs_numerical_integration(m1, v1, m2, v2):
     p, q = scipy.stats.norm(m1, math.sqrt(v1)), scipy.stats.norm(m2, math.sqrt(v2))
     lo, hi = m1 - 12 * math.sqrt(v1), m1 + 12 * math.sqrt(v1)
     ref, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), lo, hi, limit=200)
-    ours = normal_kl(jnp.float32(m1), jnp.log(jnp.float32(v1)), jnp.float32(m2), jnp.log(jnp.float32(v2)))
+    f32 = jnp.float32
+    ours = normal_kl(f32(m1), jnp.log(f32(v1)), f32(m2), jnp.log(f32(v2)))
     assert float(ours) == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
@@ -224,7 +228,8 @@ def test_worse_models_give_a_larger_bound():
     def bound(offset, zero):       # an oracle of the point c + offset; or a model that says eps = 0
         oracle = _point_oracle(sched, c + offset, "eps")
         fn = lambda x, t: jnp.where(zero, 0.0, oracle(x, t))  # noqa: E731
-        return likelihood.bits_per_dim(fn, sched, x0, jax.random.key(1), variance_type="fixed_small")
+        return likelihood.bits_per_dim(fn, sched, x0, jax.random.key(1),
+                                       variance_type="fixed_small")
 
     oracle, near, far = (bound(d, False) for d in (0.0, 0.05, 0.3))
     zero = bound(0.0, True)
@@ -240,7 +245,8 @@ def test_vlb_learned_variance_types_and_t_batching_agree():
 
     @jax.jit
     def learned_range(v):        # v = -1: the posterior variance; v = +1: beta (first: pv[1])
-        fn = lambda x, t: jnp.concatenate([eps_fn(x, t), jnp.full_like(x, v)], axis=-1)  # noqa: E731
+        def fn(x, t):
+            return jnp.concatenate([eps_fn(x, t), jnp.full_like(x, v)], axis=-1)
         return likelihood.bits_per_dim(fn, sched, x0, key, variance_type="learned_range",
                                        t_batch_size=16)
 
@@ -274,7 +280,7 @@ def test_classifier_learns_on_a_small_subset(mnist_small, tmp_path):
     params = C.train_classifier(xtr, ytr, key=jax.random.key(0), epochs=1, batch_size=16,
                                 learning_rate=2e-3)
     acc = C.classifier_accuracy(params, xte, yte, batch_size=500)
-    assert acc >= 0.85, acc                       # chance is 0.1; 0.924 observed (1 epoch, 2k images)
+    assert acc >= 0.85, acc           # chance is 0.1; 0.924 observed (1 epoch on 2k images)
     feats = jax.jit(C.classifier_features)(params, xte[:7])
     logits = jax.jit(C.classifier_logits)(params, xte[:7])
     assert feats.shape == (7, 128) and logits.shape == (7, 10)

@@ -50,7 +50,7 @@ class MnistClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x: [B, 28, 28, 1]`` in ``[-1, 1]`` -> ``(features [B, hidden], logits [B, classes])``."""
+        """``x: [B, 28, 28, 1]`` in ``[-1, 1]`` -> ``(features [B, hidden], logits [B, K])``."""
         for ch in self.channels:
             x = nn.relu(nn.Conv(ch, (3, 3), padding="SAME")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -86,7 +86,9 @@ def _features_and_logits(params, x):
     return MnistClassifier().apply({"params": params}, x)
 
 
-def classify(params: Any, images: jax.Array, *, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    params: Any, images: jax.Array, *, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """Features ``[N, 128]`` and logits ``[N, 10]`` (float32 numpy) of ``images: [N, 28, 28, 1]``,
     computed in jitted batches of ``batch_size`` (the last batch is padded, so one compilation)."""
     images = np.asarray(images, dtype=np.float32)
@@ -104,7 +106,9 @@ def classify(params: Any, images: jax.Array, *, batch_size: int = 1000) -> tuple
     return np.concatenate(feats), np.concatenate(logits)
 
 
-def classifier_accuracy(params: Any, images: jax.Array, labels: jax.Array, *, batch_size: int = 1000) -> float:
+def classifier_accuracy(
+    params: Any, images: jax.Array, labels: jax.Array, *, batch_size: int = 1000
+) -> float:
     """Top-1 accuracy on ``images: [N, 28, 28, 1]`` with ``labels: [N]`` int."""
     _, logits = classify(params, images, batch_size=batch_size)
     return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
@@ -168,7 +172,8 @@ def train_classifier(
     opt_state = tx.init(params)
     step = _make_train_step(tx)
     for epoch in range(epochs):
-        perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), images.shape[0]))
+        epoch_key = jax.random.fold_in(shuffle_key, epoch)
+        perm = np.asarray(jax.random.permutation(epoch_key, images.shape[0]))
         loss_sum, acc_sum = 0.0, 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]

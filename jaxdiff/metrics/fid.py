@@ -37,7 +37,7 @@ __all__ = [
 
 
 def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
-    """The symmetric PSD square root of a symmetric matrix ``[D, D]`` (negative eigenvalues -> 0)."""
+    """The symmetric PSD square root of a symmetric ``[D, D]`` matrix; negative eigenvalues -> 0."""
     w, v = np.linalg.eigh(sigma)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 

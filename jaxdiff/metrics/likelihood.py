@@ -7,14 +7,16 @@ is bounded by ``L = L_T + sum_{t=1}^{T-1} L_t + L_0`` (paper indices; the code's
 
 - ``L_T = KL(q(x_T | x0) || N(0, I))``, the prior term (no model);
 - ``L_k = KL(q(x_{k-1} | x_k, x0) || p(x_{k-1} | x_k))`` for ``k >= 1``, between Gaussians;
-- ``L_0 = -log p(x0 | x_1)`` under a discretised Gaussian decoder with the model's mean at ``k = 0``.
+- ``L_0 = -log p(x0 | x_1)`` under a discretised Gaussian decoder with the model's mean at
+  ``k = 0``.
 
 The model's mean is the posterior mean at its predicted ``x0``. Its variance is ``"fixed_small"``
-(the posterior variance, with the clipped log variance, so ``k = 0`` uses ``posterior_variance[1]``),
-``"fixed_large"`` (``beta_k``, with ``posterior_variance[1]`` at ``k = 0`` as in the paper's code),
-or, for models whose output has ``2C`` channels on the last axis, ``"learned"`` (the log variance
-itself) or ``"learned_range"`` (``(v+1)/2 log beta + (1-v)/2 log posterior_variance``), matching
-:mod:`jaxdiff.samplers.ddpm`. Every term is reported in bits per dimension (nats / (D log 2)).
+(the posterior variance, with the clipped log variance, so ``k = 0`` uses
+``posterior_variance[1]``), ``"fixed_large"`` (``beta_k``, with ``posterior_variance[1]`` at
+``k = 0`` as in the paper's code), or, for models whose output has ``2C`` channels on the last
+axis, ``"learned"`` (the log variance itself) or ``"learned_range"`` (``(v+1)/2 log beta +
+(1-v)/2 log posterior_variance``), matching :mod:`jaxdiff.samplers.ddpm`. Every term is reported in
+bits per dimension (nats / (D log 2)).
 
     >>> terms = jax.jit(partial(vlb_terms, model_fn, sched))(x0, key)   # one lax.map over t
     >>> terms.total                                                    # [B] bits/dim
@@ -76,7 +78,7 @@ def _mean_flat(x: jax.Array) -> jax.Array:
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
-    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats (broadcasting)."""
+    """Elementwise ``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` in nats; broadcasts."""
     return 0.5 * (
         -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
         + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
@@ -133,7 +135,8 @@ def discretized_gaussian_log_likelihood(
         log_cdf_plus = jax.scipy.special.log_ndtr(plus_in)
         log_one_minus_cdf_min = jax.scipy.special.log_ndtr(-min_in)
         log_delta = _log_normal_mass(min_in, plus_in)
-    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    inner = jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    return jnp.where(x < -0.999, log_cdf_plus, inner)
 
 
 def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
@@ -207,8 +210,8 @@ def vlb_terms(
 
     One ``jax.lax.map`` over the ``T`` timesteps (a ``lax.scan``; with ``t_batch_size`` that many
     timesteps are ``vmap``-ed per iteration, trading memory for speed). Timestep ``k`` draws its own
-    noise ``x_k ~ q(x_k | x0)`` from ``fold_in(key, k)``, so each term is a one-sample estimate, as in
-    guided-diffusion's ``calc_bpd_loop``. Jit the call (``model_fn`` closed over its params).
+    noise ``x_k ~ q(x_k | x0)`` from ``fold_in(key, k)``, so each term is a one-sample estimate, as
+    in guided-diffusion's ``calc_bpd_loop``. Jit the call (``model_fn`` closed over its params).
 
     Args:
       model_fn: ``model_fn(x_t: [B, ...], t: [B] int32) -> [B, ...]`` (eps, x0 or v by
@@ -229,7 +232,8 @@ def vlb_terms(
     """
     prediction_type = canonical_prediction_type(prediction_type)
     if variance_type not in VLB_VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VLB_VARIANCE_TYPES}, got {variance_type!r}")
+        raise ValueError(
+            f"variance_type must be one of {VLB_VARIANCE_TYPES}, got {variance_type!r}")
     x0 = jnp.asarray(x0)
     if x0.ndim < 2:
         raise ValueError(f"x0 must be a batch [B, ..., C], got shape {x0.shape}")
