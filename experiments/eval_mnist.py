@@ -24,7 +24,10 @@ Writes ``WORKDIR/eval_mnist.json`` and ``WORKDIR/eval_mnist.md`` (a markdown tab
 Reference numbers (2 shared CPU cores): the classifier reaches 99.2% test accuracy after 3 epochs
 (~5-9 minutes of training, depending on load). In its 128-d feature space the floor is ~1.4-1.6 at
 ``N = 10000`` and ~7.9 at ``N = 1000``; for scale, training images with Gaussian noise of std 0.2
-score ~9 and training images without any 7s ~21 (``N = 10000``).
+score ~9 and training images without any 7s ~21 (``N = 10000``). With the default UNet (0.6M
+parameters, ~0.2 s per forward pass of 32 images on 2 loaded cores) the defaults cost roughly 10
+minutes per 1000 guided DDIM-50 samples (conditional, then unconditional) and ~4 minutes for
+bits/dim on 32 images (1000 forward passes).
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--batch_size", type=int, default=250, help="sampling batch")
     p.add_argument("--samples_npz", default="", help="evaluate saved samples instead of sampling")
-    p.add_argument("--bpd_examples", type=int, default=64,
+    p.add_argument("--bpd_examples", type=int, default=32,
                    help="test images for bits/dim; 0 = skip")
     p.add_argument("--bpd_batch_size", type=int, default=32)
     p.add_argument("--bpd_variance_type", default="fixed_small",
