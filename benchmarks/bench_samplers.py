@@ -6,10 +6,10 @@ jitted step, on a tiny Flax conv net (measures, never asserts).
 
 Two stand-in models: a 3-layer conv net (compute-bound on CPU: the loop overhead is a small part of
 a step) and a 2-hidden-layer MLP (a few microseconds of compute, so the per-step dispatch of the
-Python loop shows). For each sampler: compile time of the scanned sampler and of the single step (reported apart), then
-the median wall time over ``--repeats`` runs after one warm-up run, per step. The loop dispatches
-each step asynchronously and blocks once at the end (the best case for a Python loop). Prints a
-markdown table and the machine description, for BENCHMARKS.md.
+Python loop shows). For each sampler: compile time of the scanned sampler and of the single step
+(reported apart), then the median wall time over ``--repeats`` runs after one warm-up run, per
+step. The loop dispatches each step asynchronously and blocks once at the end (the best case for a
+Python loop). Prints a markdown table and the machine description, for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from jaxdiff.schedules import make_schedule
 
 
 class TinyNet(nn.Module):
-    """Three 3x3 convs with a sinusoidal time embedding added after the first: ``[B, H, W, C] -> same``."""
+    """Three 3x3 convs, a sinusoidal time embedding added after the first: ``[B, H, W, C]`` in
+    and out."""
 
     width: int = 16
 
@@ -53,7 +54,8 @@ class TinyNet(nn.Module):
 
 
 class TinyMLP(nn.Module):
-    """Flatten, two hidden layers with the time embedding added, unflatten: ``[B, H, W, C] -> same``."""
+    """Flatten, two hidden layers with the time embedding added, unflatten: ``[B, H, W, C]`` in
+    and out."""
 
     width: int = 64
 
@@ -109,7 +111,9 @@ def bench(name, sample_fn, step_fn, ts, ts_prev, params, x, key, repeats):
 
     n = len(ts)
     scan_s, loop_s = _timed(run_scan, repeats), _timed(run_loop, repeats)
-    return (name, n, scan_compile, 1e3 * scan_s / n, step_compile, 1e3 * loop_s / n, loop_s / scan_s)
+    per_step = 1e3 / n
+    return (name, n, scan_compile, scan_s * per_step, step_compile, loop_s * per_step,
+            loop_s / scan_s)
 
 
 def rows_for(net, args):
@@ -134,7 +138,8 @@ def rows_for(net, args):
         return ddpm_step(sched, model(params, y, jnp.full((B,), t)), y, t, tp, z, **ddpm_kw)[0]
 
     def ddim_scan(params, y, key):
-        return ddim_sample(partial(model, params), sched, y, key, num_steps=args.ddim_steps, **ddim_kw)
+        return ddim_sample(partial(model, params), sched, y, key, num_steps=args.ddim_steps,
+                           **ddim_kw)
 
     def ddim_one(params, y, t, tp, i, key):
         out = model(params, y, jnp.full((B,), t))
@@ -163,13 +168,14 @@ def main():
 
     nets = {"conv": TinyNet(args.conv_width), "mlp": TinyMLP(args.mlp_width)}
     rows = [r for m in args.models.split(",") for r in rows_for(nets[m], args)]
-    print(f"\nSamplers, batch {args.batch} of 28x28x1, median of {args.repeats} runs after a warm-up. "
-          f"Machine: {machine()}\n")
+    print(f"\nSamplers, batch {args.batch} of 28x28x1, median of {args.repeats} runs after a "
+          f"warm-up. Machine: {machine()}\n")
     print("| model | sampler | steps | scan compile (s) | scan per step (ms) | step compile (s) "
           "| Python loop per step (ms) | loop / scan |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, name, n, sc, sps, stc, lps, ratio in rows:
-        print(f"| {label} | {name} | {n} | {sc:.2f} | {sps:.3f} | {stc:.2f} | {lps:.3f} | {ratio:.2f}x |")
+        print(f"| {label} | {name} | {n} | {sc:.2f} | {sps:.3f} | {stc:.2f} | {lps:.3f} "
+              f"| {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,9 @@ def test_ddim_drawn_noise_statistics():
 
 
 def test_ddpm_noise_statistics_over_1000_steps():
-    """x0-model 0: ``x_{t-1} = coef2_t x_t + sigma_t z_t`` with fresh z each step, so the variance of
-    the sample at time s follows ``v_{t-1} = coef2_t^2 v_t + sigma_t^2`` from v_999 = 1 (float64).
-    Reusing one noise draw across steps, or dropping steps' noise, changes it."""
+    """x0-model 0: ``x_{t-1} = coef2_t x_t + sigma_t z_t`` with fresh z each step, so the variance
+    of the sample at time s follows ``v_{t-1} = coef2_t^2 v_t + sigma_t^2`` from v_999 = 1
+    (float64). Reusing one noise draw across steps, or dropping steps' noise, changes it."""
     x = jax.random.normal(jax.random.key(4), (1024, 4))
     _, xs, _ = jax.jit(lambda x, k: ddpm_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, k,
                                                 prediction_type="x0", return_trajectory=True))(
@@ -139,9 +139,11 @@ def test_compiles_once_across_keys_params_and_inputs(sampler):
         return toy_model(params, x, t)
 
     if sampler == "ddim":
-        run = lambda p, x, k: ddim_sample(partial(apply, p), SCHED, x, k, num_steps=5, eta=0.5)  # noqa: E731
+        def run(p, x, k):
+            return ddim_sample(partial(apply, p), SCHED, x, k, num_steps=5, eta=0.5)
     else:
-        run = lambda p, x, k: ddpm_sample(partial(apply, p), SCHED, x, k, num_steps=5)  # noqa: E731
+        def run(p, x, k):
+            return ddpm_sample(partial(apply, p), SCHED, x, k, num_steps=5)
     f = jax.jit(chex.assert_max_traces(run, n=1))
     outs = [
         f({"w": jnp.float32(w), "b": jnp.float32(0.0)}, x_T(seed), jax.random.key(seed))
@@ -202,14 +204,15 @@ def test_ddpm_scan_equals_python_loop():
 
 
 def oracle_eps(c, x, t):
-    """The exact eps when every data point equals ``c``: ``(x_t - sqrt(abar) c) / sqrt(1 - abar)``."""
+    """The exact eps when all data equals ``c``: ``(x_t - sqrt(abar) c) / sqrt(1 - abar)``."""
     a = SCHED.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
     return (x - jnp.sqrt(a) * c) / jnp.sqrt(1 - a)
 
 
 def test_oracle_ddpm_1000_steps_lands_on_c_with_the_right_marginals():
     """Fixed-small DDPM with the exact model reproduces q(x_t) = N(sqrt(abar_t) c, 1 - abar_t) at
-    every step (checked at three) and ends on c (tolerance 1e-4, float32 through 1/sqrt(abar_999))."""
+    every step (checked at three) and ends on c (tolerance 1e-4: float32 through
+    1/sqrt(abar_999))."""
     c = jnp.linspace(-0.8, 0.8, 16).reshape(4, 4, 1)
     x = jax.random.normal(jax.random.key(8), (256, 4, 4, 1))
     x0, xs, _ = jax.jit(lambda x, k: ddpm_sample(partial(oracle_eps, c), SCHED, x, k,
@@ -248,7 +251,8 @@ def _cond_model(calls):
     return fn
 
 
-COND = {"label": jnp.array([3, 7], jnp.int32), "context": jnp.arange(2 * 5 * 4.0).reshape(2, 5, 4) / 40}
+COND = {"label": jnp.array([3, 7], jnp.int32),
+        "context": jnp.arange(2 * 5 * 4.0).reshape(2, 5, 4) / 40}
 NULL = {"label": jnp.int32(10), "context": jnp.zeros((5, 4))}  # broadcast to [2] and [2, 5, 4]
 
 
@@ -321,7 +325,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("fn, kw, name", BAD, ids=[f"{f.__name__}-{n}-{i}" for i, (f, _, n) in enumerate(BAD)])
+@pytest.mark.parametrize("fn, kw, name", BAD,
+                         ids=[f"{f.__name__}-{n}-{i}" for i, (f, _, n) in enumerate(BAD)])
 def test_bad_inputs_raise_naming_the_argument(fn, kw, name):
     with pytest.raises(ValueError, match=name.replace("'", ".")):
         fn(**kw)
@@ -342,7 +347,8 @@ def test_step_rejects_concrete_out_of_range_timesteps_and_reads_nan_when_traced(
         classifier_free_guidance(lambda x, t, c: x, COND, NULL, 2.0, guidance_rescale=1.5)
 
 
-@given(T_=st.integers(1, 2000), frac=st.floats(0, 1), spacing=st.sampled_from(["leading", "trailing", "linspace"]))
+@given(T_=st.integers(1, 2000), frac=st.floats(0, 1),
+       spacing=st.sampled_from(["leading", "trailing", "linspace"]))
 def test_timestep_grids_are_valid(T_, frac, spacing):
     n = max(1, round(frac * T_))
     for ts, ts_prev in (ddim_timesteps(T_, n, spacing), ddpm_timesteps(T_, n, spacing)):

@@ -1,8 +1,8 @@
 """DDIM (Song et al. 2021): a step function and one ``lax.scan`` over the timesteps.
 
 Matches ``diffusers.DDIMScheduler`` (0.42): the same timestep grids (:func:`ddim_timesteps`), the
-same ``prev_timestep = t - T // num_steps``, ``set_alpha_to_one`` for the final step, clipping of the
-predicted ``x0`` and ``use_clipped_model_output``. ``eta = 0`` is deterministic; ``eta = 1`` is
+same ``prev_timestep = t - T // num_steps``, ``set_alpha_to_one`` for the final step, clipping of
+the predicted ``x0`` and ``use_clipped_model_output``. ``eta = 0`` is deterministic; ``eta = 1`` is
 DDPM-like ancestral sampling on the sub-sequence.
 
     >>> sample = jax.jit(lambda p, x: ddim_sample(partial(apply, p), sched, x, num_steps=50))
@@ -67,7 +67,8 @@ def ddim_step(
       t: scalar int timestep in ``[0, T)``; t_prev: scalar int, negative for the final step (then
         ``alpha_cumprod_prev`` is 1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``). Concrete
         out-of-range values raise; traced ones read NaN.
-      noise: ``[B, ...]`` standard normal noise, used when ``eta > 0`` (``None`` allowed at ``eta == 0``).
+      noise: ``[B, ...]`` standard normal noise, used when ``eta > 0`` (may be ``None`` at
+        ``eta == 0``).
       eta: ``>= 0``; may be traced (then noise is always required and scaled by ``std = 0`` at 0).
       prediction_type: ``"eps"``/``"epsilon"``, ``"x0"``/``"sample"`` or ``"v"``/``"v_prediction"``.
       clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]``; ``None`` for no clipping.

@@ -11,8 +11,9 @@ variance types:
 - ``"learned_range"`` (Nichol & Dhariwal 2021): the model predicts ``v in [-1, 1]`` and the log
   variance is ``(v+1)/2 * log(beta_t) + (1-v)/2 * log(fixed_small)``.
 
-For the learned types the model output carries ``2C`` channels on the LAST axis (NHWC): the first
-``C`` are the mean prediction, the last ``C`` the variance prediction. No noise is added at ``t == 0``.
+For the learned types the model output carries ``2C`` channels on the LAST axis (NHWC): the
+first ``C`` are the mean prediction, the last ``C`` the variance prediction. No noise is added at
+``t == 0``.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ def ddpm_posterior(
 
     Args:
       model_output: ``[B, ..., C]`` (``[B, ..., 2C]`` for the learned variance types).
-      x_t: ``[B, ..., C]``. t: scalar int in ``[0, T)``; t_prev: scalar int, ``-1`` after the last step.
+      x_t: ``[B, ..., C]``. t: scalar int in ``[0, T)``; t_prev: scalar int, ``-1`` after the
+        last step.
       variance_type, prediction_type, clip_x0: as in :func:`ddpm_step`.
 
     Returns:
-      ``(pred_x0, mean, variance)``: ``[B, ..., C]`` each, except that ``variance`` is a scalar for the
-      fixed types. The variance applies whenever ``t > 0``; at ``t == 0`` the step adds no noise.
+      ``(pred_x0, mean, variance)``: ``[B, ..., C]`` each, except that ``variance`` is a scalar
+      for the fixed types. The variance applies whenever ``t > 0``; at ``t == 0`` the step adds
+      no noise.
     """
     pred_x0, mean, std = _posterior(
         schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0
@@ -189,11 +192,13 @@ def ddpm_sample(
         learned variance types).
       schedule: the training schedule; ``T = schedule.num_timesteps``.
       x_T: ``[B, ..., C]`` the starting noise.
-      key: a PRNG key (step ``i`` draws from ``fold_in(key, i)``); required unless ``noise`` is given.
+      key: a PRNG key (step ``i`` draws from ``fold_in(key, i)``); required unless ``noise`` is
+        given.
       num_steps: ``None`` for all ``T`` steps, else ``1 <= num_steps <= T`` on the ``spacing`` grid
         (``DDPMScheduler.set_timesteps``; see :func:`ddpm_timesteps`).
       variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
-      noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise used instead of drawing from ``key``.
+      noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise, used instead of drawing from
+        ``key``.
       return_trajectory: also return the path.
 
     Returns:
@@ -225,8 +230,8 @@ def ddpm_sample(
         out = model_fn(x, jnp.full((batch,), t, jnp.int32))
         if out.shape != expected:
             raise ValueError(
-                f"model_fn's output must have shape {expected} for variance_type={variance_type!r}, "
-                f"got {out.shape}"
+                f"model_fn's output must have shape {expected} for "
+                f"variance_type={variance_type!r}, got {out.shape}"
             )
         if noise is not None:
             z = xs[3]

@@ -5,7 +5,7 @@ sampler takes. Both branches run in ONE batched model call of batch ``2B``; the 
 ``uncond + w * (cond - uncond)`` (the diffusers convention: ``w = 1`` is the conditional model,
 ``w = 0`` the unconditional one), optionally rescaled (Lin et al. 2023, ``guidance_rescale``).
 
-    >>> fn = classifier_free_guidance(partial(apply, params), labels, null_label, guidance_scale=3.0)
+    >>> fn = classifier_free_guidance(partial(apply, params), labels, null_label, 3.0)
     >>> x0 = ddim_sample(fn, sched, x_T, num_steps=50)
 """
 
@@ -70,8 +70,9 @@ def classifier_free_guidance(
       model_fn: ``model_fn(x: [N, ...], t: [N] int32, cond) -> [N, ...]``.
       cond: a pytree whose leaves have batch axis ``B`` (e.g. labels ``[B]`` int32, or a context
         ``[B, L, D]``).
-      null_cond: the "no condition" pytree with ``cond``'s structure; each leaf is broadcast to the
-        matching leaf of ``cond`` (e.g. a scalar null label, or a ``[1, L, D]`` / ``[L, D]`` context).
+      null_cond: the "no condition" pytree with ``cond``'s structure; each leaf is broadcast to
+        the matching leaf of ``cond`` (e.g. a scalar null label, a ``[1, L, D]`` or ``[L, D]``
+        context).
       guidance_scale: ``w``; may be traced (changing it does not recompile).
       guidance_rescale: ``phi`` in ``[0, 1]``; may be traced. A concrete ``0`` skips the rescale.
 

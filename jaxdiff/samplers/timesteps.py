@@ -1,7 +1,7 @@
 """Inference timesteps and the checked lookups every sampler shares.
 
-The timestep grids are computed on the host (numpy), exactly as diffusers' ``set_timesteps`` computes
-them, so that a sampler's ``lax.scan`` runs over a concrete ``[num_steps]`` int32 array:
+The timestep grids are computed on the host (numpy), exactly as diffusers' ``set_timesteps``
+computes them, so that a sampler's ``lax.scan`` runs over a concrete ``[num_steps]`` int32 array:
 
     >>> ts, ts_prev = ddim_timesteps(1000, 10)
     >>> ts[:3].tolist(), ts_prev[:3].tolist()
@@ -58,7 +58,8 @@ def _diffusers_timesteps(
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if ts[0] >= T:
         raise ValueError(
-            f"steps_offset={offset} pushes the first timestep to {int(ts[0])} >= num_train_timesteps={T}"
+            f"steps_offset={offset} pushes the first timestep to {int(ts[0])} >= "
+            f"num_train_timesteps={T}"
         )
     return ts
 
@@ -66,12 +67,13 @@ def _diffusers_timesteps(
 def ddim_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """DDIM's timesteps and the previous timesteps its step reads, as ``DDIMScheduler`` computes them.
+    """DDIM's timesteps and the previous timesteps its step reads, as ``DDIMScheduler`` has them.
 
-    ``ts`` is ``DDIMScheduler.set_timesteps`` for ``spacing`` in ``"leading"`` (plus ``steps_offset``),
-    ``"trailing"`` or ``"linspace"`` (which, as in diffusers, ignore ``steps_offset``); ``ts_prev = ts - num_train_timesteps // num_steps`` as in
-    ``DDIMScheduler.step`` (for ``"linspace"`` and ``"trailing"`` that is not always the next entry of
-    ``ts``: diffusers' behaviour, kept for parity). Negative ``ts_prev`` marks the final step.
+    ``ts`` is ``DDIMScheduler.set_timesteps`` for ``spacing`` in ``"leading"`` (plus
+    ``steps_offset``), ``"trailing"`` or ``"linspace"`` (which, as in diffusers, ignore
+    ``steps_offset``). ``ts_prev = ts - num_train_timesteps // num_steps`` as in
+    ``DDIMScheduler.step``; for ``"linspace"`` and ``"trailing"`` that is not always the next entry
+    of ``ts`` (diffusers' behaviour, kept for parity). Negative ``ts_prev`` marks the final step.
 
     Returns ``(ts, ts_prev)``: two ``[num_steps]`` int32 numpy arrays, ``ts`` strictly descending.
     Raises ``ValueError`` unless ``1 <= num_steps <= num_train_timesteps`` and ``spacing`` is known.
@@ -120,8 +122,9 @@ def concrete(x) -> np.ndarray | None:
 
 
 def check_timestep(name: str, t, num_timesteps: int, *, allow_negative: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` if a concrete ``t`` lies outside ``[0, T)`` (any negative
-    value is allowed with ``allow_negative``: "before the first step"). Traced values pass."""
+    """Raise ``ValueError`` naming ``name`` if a concrete ``t`` lies outside ``[0, T)`` (any
+    negative value is allowed with ``allow_negative``: "before the first step"). Traced values
+    pass."""
     value = concrete(t)
     if value is None:
         return

@@ -102,7 +102,8 @@ def _ddim_cases():
         yield pytest.param(name, sp, pred, eta, sa1, clip, False, id=f"{name}-{sp}-{pred}-eta{eta}-"
                            f"{'a1' if sa1 else 'a0'}-{'clip' if clip else 'noclip'}")
     for pred in ("eps", "v"):  # use_clipped_model_output
-        yield pytest.param("linear", "leading", pred, 0.5, False, 1.0, True, id=f"clipped-out-{pred}")
+        yield pytest.param("linear", "leading", pred, 0.5, False, 1.0, True,
+                           id=f"clipped-out-{pred}")
 
 
 def _run_ddim_pair(name, spacing_key, pred, eta, sa1, clip, use_clipped):
@@ -128,7 +129,8 @@ def _run_ddim_pair(name, spacing_key, pred, eta, sa1, clip, use_clipped):
         step = ref.step(out, int(t), x, eta=eta, use_clipped_model_output=use_clipped,
                         variance_noise=torch.from_numpy(noise[i]))
         scale = np.abs(x.numpy()).max()
-        _assert_close(pred_x0s[i], step.pred_original_sample, f"pred_x0 at step {i} (t={int(t)})", scale)
+        _assert_close(pred_x0s[i], step.pred_original_sample, f"pred_x0 at step {i} (t={int(t)})",
+                      scale)
         _assert_close(xs[i + 1], step.prev_sample, f"x_prev at step {i} (t={int(t)})", scale)
         x = step.prev_sample
     np.testing.assert_array_equal(np.asarray(x_0), np.asarray(xs[-1]))
@@ -146,8 +148,9 @@ def test_ddim_native_diffusers_schedule(name):
     conversion divides by sqrt(1 - abar_1) = 0.017 and amplifies that difference. Bound 1e-4
     (measured 2.2e-5 for linear, 1.2e-6 for cosine)."""
     n, eta, sa1 = 20, 0.5, False
-    ref = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], clip_sample=False,
-                        set_alpha_to_one=sa1, steps_offset=1, prediction_type="sample")
+    ref = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name],
+                        clip_sample=False, set_alpha_to_one=sa1, steps_offset=1,
+                        prediction_type="sample")
     ref.set_timesteps(n)
     rng = np.random.default_rng(1)
     x_T = rng.standard_normal(SHAPE).astype(np.float32)
@@ -166,8 +169,8 @@ def test_ddim_native_diffusers_schedule(name):
                                              ("linspace", 0)])
 @pytest.mark.parametrize("num_train", [1000, 50])
 def test_timesteps_equal_diffusers_exactly(spacing, offset, num_train):
-    ddim = DDIMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=offset)
-    ddpm = DDPMScheduler(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=offset)
+    kw = dict(num_train_timesteps=num_train, timestep_spacing=spacing, steps_offset=offset)
+    ddim, ddpm = DDIMScheduler(**kw), DDPMScheduler(**kw)
     top = num_train - offset  # with offset 1, n = T would start at t = T
     for n in range(1, top + 1):
         ts, ts_prev = ddim_timesteps(num_train, n, spacing, offset)
@@ -272,14 +275,15 @@ def test_ddpm_trajectory_matches_diffusers(variance_type, pred, clip):
     noise = np.stack([_nhwc(torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(i)))
                       for i in range(n)])
     fn = (lambda x, t: jax_model_learned(x, t, variance_type)) if learned else jax_model
-    x_0, xs, pred_x0s = ddpm_sample(fn, SCHEDULES[name], x_T, num_steps=n, variance_type=variance_type,
-                                    prediction_type=pred, clip_x0=clip, noise=noise,
-                                    return_trajectory=True)
+    x_0, xs, pred_x0s = ddpm_sample(fn, SCHEDULES[name], x_T, num_steps=n,
+                                    variance_type=variance_type, prediction_type=pred,
+                                    clip_x0=clip, noise=noise, return_trajectory=True)
     x = _nchw(x_T)
     for i, t in enumerate(ref.timesteps):
         step = ref.step(_torch_out(x, int(t), variance_type), int(t), x,
                         generator=torch.Generator().manual_seed(i))
         scale = np.abs(x.numpy()).max()
-        _assert_close(pred_x0s[i], _nhwc(step.pred_original_sample), f"pred_x0 at t={int(t)}", scale)
+        _assert_close(pred_x0s[i], _nhwc(step.pred_original_sample), f"pred_x0 at t={int(t)}",
+                      scale)
         _assert_close(xs[i + 1], _nhwc(step.prev_sample), f"x_prev at t={int(t)}", scale)
         x = step.prev_sample
