@@ -1,0 +1,19 @@
+"""PyTorch (diffusers) checkpoints -> jaxdiff configs and Flax params."""
+
+from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
+from jaxdiff.convert.diffusers_unet import (
+    convert_unet_state_dict,
+    from_diffusers,
+    load_torch_state_dict,
+    torch_key,
+    unet_param_shapes,
+)
+
+__all__ = [
+    "convert_unet_state_dict",
+    "from_diffusers",
+    "load_torch_state_dict",
+    "torch_key",
+    "unet_config_from_diffusers",
+    "unet_param_shapes",
+]

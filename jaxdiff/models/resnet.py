@@ -1,0 +1,153 @@
+"""ResNet blocks with time-embedding injection, and the down/up-sampling layers.
+
+NHWC throughout. Names of the submodules follow diffusers (``norm1``, ``conv1``,
+``time_emb_proj``, ``norm2``, ``conv2``, ``conv_shortcut``; ``conv`` in the samplers) so that a
+diffusers state dict converts by name (:mod:`jaxdiff.convert`).
+
+Padding is explicit, as torch's: a 3x3 conv pads ``((1, 1), (1, 1))``; the stride-2 conv of
+:class:`Downsample` too (flax's ``'SAME'`` would pad ``(0, 1)`` and shift the grid by a pixel).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ResnetBlock", "Downsample", "Upsample", "nearest_resize", "conv3x3", "group_norm"]
+
+PAD1 = ((1, 1), (1, 1))
+
+
+def conv3x3(features: int, *, name: str, dtype, param_dtype, strides: int = 1) -> nn.Conv:
+    """A 3x3 conv with torch's ``padding=1``."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(strides, strides),
+        padding=PAD1,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def group_norm(groups: int, eps: float, *, name: str, dtype, param_dtype) -> nn.GroupNorm:
+    """torch ``GroupNorm(groups, C, eps)`` over NHWC (two-pass variance, as torch)."""
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` (``time_embedding_norm="default"``, SiLU).
+
+    ``h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, None, None]``;
+    ``h = conv2(dropout(silu(norm2(h))))``; ``out = (shortcut(x) + h) / output_scale_factor``,
+    where ``shortcut`` is a 1x1 conv when the channel count changes, else the identity.
+
+    Attributes:
+      features: output channels.
+      groups: GroupNorm groups (both norms). eps: GroupNorm epsilon.
+      dropout: dropout rate before ``conv2`` (active only with ``train=True``; needs a
+        ``'dropout'`` rng).
+      output_scale_factor: the divisor of the residual sum.
+    """
+
+    features: int
+    groups: int = 32
+    eps: float = 1e-5
+    dropout: float = 0.0
+    output_scale_factor: float = 1.0
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None, *, train: bool = False) -> jax.Array:
+        """``x: [B, H, W, C_in]``, ``temb: [B, D]`` or None -> ``[B, H, W, features]``."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = conv3x3(self.features, name="conv1", **kw)(h)
+        if temb is not None:
+            proj = nn.Dense(self.features, name="time_emb_proj", **kw)(nn.silu(temb))
+            h = h + proj[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv3x3(self.features, name="conv2", **kw)(h)
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), padding="VALID", name="conv_shortcut", **kw)(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / jnp.asarray(self.output_scale_factor, out.dtype)
+        return out
+
+
+class Downsample(nn.Module):
+    """A 3x3 conv with stride 2 and torch's ``padding=1`` (diffusers ``Downsample2D``, conv).
+
+    ``[B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), features]``: any size works, odd ones too.
+    """
+
+    features: int
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x: [B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), features]``."""
+        return conv3x3(
+            self.features, strides=2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """torch ``F.interpolate(mode="nearest", size=...)``'s source rows (float32 arithmetic)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of ``x: [B, H, W, C]`` to ``[B, *size, C]``, as torch's.
+
+    An exact factor-2 resize is a repeat; other sizes (from odd inputs) gather the rows torch's
+    ``F.interpolate(mode="nearest", size=size)`` reads.
+    """
+    for axis, out in zip((1, 2), size):
+        n = x.shape[axis]
+        if out == n:
+            continue
+        if out == 2 * n:
+            x = jnp.repeat(x, 2, axis=axis)
+        else:
+            x = jnp.take(x, jnp.asarray(_nearest_indices(n, out)), axis=axis)
+    return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize, then a 3x3 conv (diffusers ``Upsample2D`` with ``use_conv``).
+
+    No transposed convs. ``size`` defaults to twice the input; the UNet passes the size of the
+    matching skip connection, so odd sizes (``7 -> 4 -> 7``) round-trip as in diffusers'
+    ``UNet2DConditionModel`` (``forward_upsample_size``).
+    """
+
+    features: int
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        """``x: [B, H, W, C]`` -> ``[B, *size, features]`` (``size`` default ``(2H, 2W)``)."""
+        if size is None:
+            size = (2 * x.shape[1], 2 * x.shape[2])
+        x = nearest_resize(x, tuple(size))
+        return conv3x3(self.features, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(
+            x
+        )

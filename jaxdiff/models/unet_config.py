@@ -1,0 +1,274 @@
+"""``UNetConfig``: the UNet's hyper-parameters as a small frozen dataclass, and input checks.
+
+Every field is validated when the config is built (a ``ValueError`` naming the field), and every
+model input when the model is traced (a ``ValueError`` naming the argument): a wrong shape never
+reaches XLA, where it would surface as an unreadable shape error or, for indices, a silent clamp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["UNetConfig", "check_inputs", "ATTENTION_KINDS", "CLASS_CONDITIONING"]
+
+ATTENTION_KINDS = (None, "self", "cross")
+CLASS_CONDITIONING = ("embedding", "cross_attention")
+
+
+def _per_level(name: str, value, n: int, *, allow_none: bool = False) -> tuple:
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+        if len(value) != n:
+            raise ValueError(f"{name} must have one entry per level ({n}), got {value!r}")
+    else:
+        value = (value,) * n
+    for v in value:
+        if v is None and allow_none:
+            continue
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must hold positive ints, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The UNet's hyper-parameters (see :class:`jaxdiff.models.UNet`).
+
+    Attributes:
+      in_channels, out_channels: image channels in and out.
+      block_channels: channels per resolution level; every level but the last halves the size.
+      layers_per_block: resnets per level on the way down (``+ 1`` on the way up); int or one per
+        level.
+      attention: per level, ``None``, ``"self"`` (spatial self-attention, diffusers
+        ``AttnDownBlock2D``) or ``"cross"`` (a cross-attention transformer,
+        ``CrossAttnDownBlock2D``).
+      up_attention: the same for the up path, per level (index 0 = full resolution); ``None``
+        mirrors ``attention``.
+      mid_block: whether there is a middle block; ``mid_attention``: its attention kind;
+        ``mid_layers``: (attention, resnet) pairs after its first resnet (``0``: one resnet).
+      attention_head_dim: channels per head (diffusers ``UNet2DModel.attention_head_dim``);
+        ``num_heads``: heads, int or per level (diffusers ``UNet2DConditionModel``'s
+        ``attention_head_dim``, which means heads there). At most one of the two; neither: one head.
+      transformer_depth: transformer blocks per cross-attention layer, int or per level.
+      use_linear_projection: the transformers' ``proj_in``/``proj_out`` as linear layers.
+      context_dim: the cross-attention context width ``D`` of ``context: [B, L, D]``.
+      norm_groups, norm_eps: GroupNorm of the resnets, self-attention and output norm.
+      dropout: the resnets' dropout rate.
+      mid_block_scale_factor: the mid block's residual divisor.
+      time_embed_dim: the time-embedding width (default ``4 * block_channels[0]``).
+      flip_sin_to_cos, freq_shift: the sinusoidal embedding's layout (``cos`` first) and
+        ``downscale_freq_shift`` (see :func:`jaxdiff.models.timestep_embedding`).
+      num_classes: class conditioning on ``num_classes`` labels plus the null label
+        ``num_classes`` (the table has ``num_classes + 1`` rows); ``None`` for none.
+      class_conditioning: ``"embedding"`` (added to the time embedding, as diffusers'
+        ``num_class_embeds``) or ``"cross_attention"`` (``num_class_tokens`` learned tokens of
+        width ``context_dim`` fed to the cross-attention layers as context).
+      center_input_sample: feed ``2 x - 1`` instead of ``x``.
+      dtype: computation dtype (``bfloat16`` works); param_dtype: parameter dtype.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_channels: tuple[int, ...] = (64, 128, 256)
+    layers_per_block: int | tuple[int, ...] = 2
+    attention: tuple[str | None, ...] = (None, "self", "self")
+    up_attention: tuple[str | None, ...] | None = None
+    mid_block: bool = True
+    mid_attention: str | None = "self"
+    mid_layers: int = 1
+    attention_head_dim: int | None = None
+    num_heads: int | tuple[int, ...] | None = None
+    transformer_depth: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    context_dim: int | None = None
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    mid_block_scale_factor: float = 1.0
+    time_embed_dim: int | None = None
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    num_classes: int | None = None
+    class_conditioning: str = "embedding"
+    num_class_tokens: int = 1
+    center_input_sample: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        chans = _per_level("block_channels", tuple(self.block_channels), len(self.block_channels))
+        if not chans:
+            raise ValueError("block_channels must not be empty")
+        n = len(chans)
+        put("block_channels", chans)
+        for name in ("in_channels", "out_channels", "norm_groups"):
+            _per_level(name, getattr(self, name), 1)
+        put("layers_per_block", _per_level("layers_per_block", self.layers_per_block, n))
+        put("transformer_depth", _per_level("transformer_depth", self.transformer_depth, n))
+        for name in ("attention", "up_attention"):
+            value = getattr(self, name)
+            if value is None and name == "up_attention":
+                value = self.attention
+            if not isinstance(value, (list, tuple)) or len(value) != n:
+                raise ValueError(f"{name} must have one entry per level ({n}), got {value!r}")
+            if any(v not in ATTENTION_KINDS for v in value):
+                raise ValueError(f"{name} entries must be one of {ATTENTION_KINDS}, got {value!r}")
+            put(name, tuple(value))
+        if self.mid_attention not in ATTENTION_KINDS:
+            raise ValueError(f"mid_attention must be one of {ATTENTION_KINDS}")
+        if not isinstance(self.mid_layers, int) or self.mid_layers < 0:
+            raise ValueError(f"mid_layers must be an int >= 0, got {self.mid_layers!r}")
+        if self.attention_head_dim is not None and self.num_heads is not None:
+            raise ValueError("give at most one of attention_head_dim and num_heads")
+        if self.attention_head_dim is not None:
+            _per_level("attention_head_dim", self.attention_head_dim, 1)
+        if self.num_heads is not None:
+            put("num_heads", _per_level("num_heads", self.num_heads, n))
+        kinds = {*self.attention, *self.up_attention}
+        has_mid_attention = self.mid_block and self.mid_layers and self.mid_attention
+        if has_mid_attention:
+            kinds.add(self.mid_attention)
+        for l, c in enumerate(chans):
+            if c % self.norm_groups:
+                raise ValueError(f"block_channels {chans} must be divisible by norm_groups")
+            attends = self.attention[l] or self.up_attention[l] or (has_mid_attention and l == n - 1)
+            width = self.attention_head_dim or c // self.heads(l)
+            if attends and (c % width or c // width != self.heads(l)):
+                raise ValueError(
+                    f"block_channels[{l}]={c} does not split into heads "
+                    f"(attention_head_dim={self.attention_head_dim}, num_heads={self.num_heads})"
+                )
+        if "cross" in kinds:
+            if self.context_dim is None:
+                raise ValueError("context_dim is required by the cross-attention layers")
+            _per_level("context_dim", self.context_dim, 1)
+        elif self.context_dim is not None:
+            raise ValueError("context_dim is set but no layer has cross-attention ('cross')")
+        if self.class_conditioning not in CLASS_CONDITIONING:
+            raise ValueError(f"class_conditioning must be one of {CLASS_CONDITIONING}")
+        if self.num_classes is not None:
+            _per_level("num_classes", self.num_classes, 1)
+            if self.class_conditioning == "cross_attention" and "cross" not in kinds:
+                raise ValueError(
+                    "class_conditioning='cross_attention' needs a cross-attention layer ('cross')"
+                )
+        _per_level("num_class_tokens", self.num_class_tokens, 1)
+        if self.time_embed_dim is not None:
+            _per_level("time_embed_dim", self.time_embed_dim, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        put("dtype", jnp.dtype(self.dtype))
+        put("param_dtype", jnp.dtype(self.param_dtype))
+
+    # Derived quantities ---------------------------------------------------------------------
+
+    @property
+    def time_dim(self) -> int:
+        """The time-embedding width."""
+        return self.time_embed_dim or 4 * self.block_channels[0]
+
+    def layers(self, level: int) -> int:
+        """Resnets of down block ``level``."""
+        return self.layers_per_block[level]
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks of the cross-attention layers at ``level``."""
+        return self.transformer_depth[level]
+
+    def heads(self, level: int) -> int:
+        """Attention heads at ``level`` (the mid block uses the last level's)."""
+        if self.num_heads is not None:
+            return self.num_heads[level]
+        if self.attention_head_dim is not None:
+            return max(self.block_channels[level] // self.attention_head_dim, 1)
+        return 1
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether any layer cross-attends to a context."""
+        return self.context_dim is not None
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether ``context`` is a required input (cross-attention without class tokens)."""
+        return self.has_cross_attention and not (
+            self.num_classes is not None and self.class_conditioning == "cross_attention"
+        )
+
+
+def _concrete(x) -> np.ndarray | None:
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_inputs(cfg: UNetConfig, x, t, labels, context):
+    """Validate and normalise the UNet's inputs at trace time.
+
+    Returns ``(x, t, labels, context)`` with ``t`` broadcast to ``[B]``. Raises ``ValueError``
+    naming the offending argument.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, H, W, C] (NHWC, rank 4), got shape {x.shape}")
+    if x.shape[-1] != cfg.in_channels:
+        raise ValueError(
+            f"x must have in_channels={cfg.in_channels} channels (last axis, NHWC), "
+            f"got shape {x.shape}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float array, got dtype {x.dtype}")
+    b = x.shape[0]
+    t = jnp.asarray(t)
+    if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+        raise ValueError(f"t must hold int or float timesteps, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (b,))
+    if t.shape != (b,):
+        raise ValueError(f"t must have shape [B] = ({b},) or be a scalar, got shape {t.shape}")
+
+    if cfg.num_classes is None:
+        if labels is not None:
+            raise ValueError("labels were given but the config has no classes (num_classes=None)")
+    else:
+        if labels is None:
+            raise ValueError(
+                f"labels are required ([B] ints in [0, {cfg.num_classes}]; "
+                f"{cfg.num_classes} is the null label)"
+            )
+        labels = jnp.asarray(labels)
+        if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(
+                f"labels must be [B] = ({b},) ints, got shape {labels.shape} dtype {labels.dtype}"
+            )
+        value = _concrete(labels)
+        if value is not None and value.size and (value.min() < 0 or value.max() > cfg.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null label), "
+                f"got values in [{value.min()}, {value.max()}]"
+            )
+
+    if context is None:
+        if cfg.needs_context:
+            raise ValueError(
+                f"context ([B, L, {cfg.context_dim}]) is required by the cross-attention layers"
+            )
+    else:
+        if not cfg.has_cross_attention:
+            raise ValueError("context was given but the config has no cross-attention layers")
+        context = jnp.asarray(context)
+        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
+            raise ValueError(
+                f"context must be [B, L, context_dim] = [{b}, L, {cfg.context_dim}], "
+                f"got shape {context.shape}"
+            )
+    return x, t, labels, context
