@@ -73,8 +73,9 @@ class TinyMLP(nn.Module):
 def machine() -> str:
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     return (f"{jax.device_count()}x {kind} ({dev.platform}), {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+            f"{platform.processor() or platform.machine()}, jax {jax.__version__}{load}")
 
 
 def _timed(fn, repeats):
