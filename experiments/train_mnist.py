@@ -193,9 +193,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     images, labels = load_mnist("train", config.data.data_dir or None, source=config.data.source)
     t, s = config.training, config.sampling
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
     mesh = make_mesh()
     model, schedule = build_model(config), build_schedule(config)
     state, tx, lr_fn = init_state(config, model, mesh)
@@ -207,6 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         state, data_state, step = restored
         if is_main:
             print(f"resumed from step {step} ({ckpt.directory})")
+    if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     start = int(jax.device_get(state.step))
     step_fn = make_train_step(make_loss_fn(config, model, schedule), tx, mesh,
                               ema_decay=t.ema_decay, lr_schedule=lr_fn)

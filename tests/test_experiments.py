@@ -25,10 +25,20 @@ def _overrides(workdir, data_dir, num_steps):
 
 
 def _run_main(module, argv):
-    """Parses ``argv`` into the absl flags and calls ``module.main`` (as app.run would)."""
-    flags.FLAGS.unparse_flags()
-    rest = flags.FLAGS([module.__name__] + argv)
-    return module.main(rest)
+    """Parses ``argv`` into the absl flags and calls ``module.main`` (as app.run would).
+
+    ml_collections finds ``--config.*`` overrides in ``sys.argv``, so it is set too.
+    """
+    full = [module.__name__] + argv
+    old = sys.argv
+    sys.argv = full
+    try:
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)  # the override flags are re-registered per parse
+        return module.main(flags.FLAGS(full))
+    finally:
+        sys.argv = old
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +103,10 @@ def test_invalid_values_fail_before_training(trained, tmp_path, override, messag
 
 def test_unwritable_workdir_and_missing_data(trained, tmp_path):
     train_mnist, _, data_dir, _ = trained
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    os.chmod(ro, 0o500)
-    if os.access(ro, os.W_OK):
-        pytest.skip("running as root: permissions not enforced")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")  # unwritable even for root
     with pytest.raises(ValueError, match="not writable"):
-        _run_main(train_mnist, _overrides(str(ro / "w"), data_dir, 2))
+        _run_main(train_mnist, _overrides(str(blocker / "w"), data_dir, 2))
     with pytest.raises(ValueError, match="does not exist"):
         _run_main(train_mnist, _overrides(str(tmp_path / "w"), str(tmp_path / "none"), 2))
 
