@@ -110,7 +110,8 @@ def dpm_solver_sample(
       clip_x0: clip the predicted x0 to ``[-clip_x0, clip_x0]`` (None: no clipping).
 
     Returns:
-      ``x_0`` ``[B, ...]``, or ``(x_0, xs [N + 1, B, ...])`` with ``return_trajectory``.
+      ``x_0`` ``[B, ...]``, or with ``return_trajectory`` ``(x_0, xs [N + 1, B, ...], pred_x0s
+      [N, B, ...])`` (``xs[0]`` is ``x_T``), as the other samplers return.
     """
     kind = canonical_prediction_type(prediction_type)
     if solver_order not in (1, 2):
@@ -160,7 +161,7 @@ def dpm_solver_sample(
         else:
             x_second = x_first + alpha_t * (phi / h + 1.0) * d1
         x_next = jnp.where(use_first, x_first, x_second).astype(x_T.dtype)
-        return _Carry(x_next, x0), x_next
+        return _Carry(x_next, x0), (x_next, x0)
 
     sig = jnp.asarray(sigmas)
     xs = (
@@ -171,7 +172,7 @@ def dpm_solver_sample(
         jnp.asarray(first),
     )
     init = _Carry(x_T, jnp.zeros(x_T.shape, jnp.float32))
-    final, traj = jax.lax.scan(step, init, xs)
+    final, (traj, pred_x0s) = jax.lax.scan(step, init, xs)
     if return_trajectory:
-        return final.x, jnp.concatenate([x_T[None], traj])
+        return final.x, jnp.concatenate([x_T[None], traj]), pred_x0s
     return final.x

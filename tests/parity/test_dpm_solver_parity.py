@@ -92,7 +92,7 @@ def test_dpm_solver_trajectory(case, beta_schedule):
         )
     )
     # NCHW on the torch side; the stand-in is elementwise, so NHWC vs NCHW only permutes.
-    _, traj = sample(jnp.asarray(x_T.transpose(0, 2, 3, 1)))
+    _, traj, _ = sample(jnp.asarray(x_T.transpose(0, 2, 3, 1)))
     traj = np.asarray(traj).transpose(0, 1, 4, 2, 3)
     diffs = [np.abs(a - b).max() for a, b in zip(traj, ref_traj)]
     assert max(diffs) <= TOL, diffs
