@@ -1,5 +1,5 @@
 """MNIST on an accelerator (GPU/TPU, one or many devices): the cross-attention preset widened to
-64/128/256 channels, bf16 compute, batch 256, 40k steps.
+64/128/256/256 channels, two resnets per level, bf16 compute, batch 256, 40k steps.
 
     python -m experiments.train_mnist --workdir runs/mnist_accel \
         --config=experiments/configs/mnist_accel.py
