@@ -6,7 +6,6 @@ from jaxdiff.convert.diffusers_unet import (
     from_diffusers,
     load_torch_state_dict,
     torch_key,
-    unet_param_shapes,
 )
 
 __all__ = [
@@ -15,5 +14,4 @@ __all__ = [
     "load_torch_state_dict",
     "torch_key",
     "unet_config_from_diffusers",
-    "unet_param_shapes",
 ]

@@ -163,7 +163,8 @@ def unet_config_from_diffusers(
     up = _block_kinds("up_block_types", c["up_block_types"], _UP[kind])[::-1]  # level order
     out: dict[str, Any] = dict(
         in_channels=c["in_channels"], out_channels=c["out_channels"], block_channels=chans,
-        layers_per_block=c["layers_per_block"], attention=attention, up_attention=up,
+        layers_per_block=c["layers_per_block"], attention=attention,
+        up_attention=None if up == attention else up,
         norm_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
         dropout=float(c["dropout"]), mid_block_scale_factor=float(c["mid_block_scale_factor"]),
         time_embed_dim=c["time_embedding_dim"], flip_sin_to_cos=bool(c["flip_sin_to_cos"]),

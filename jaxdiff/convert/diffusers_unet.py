@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
-from jaxdiff.models.unet import UNet, unet_dummy_inputs
+from jaxdiff.models.unet import unet_param_shapes
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "load_torch_state_dict",
     "from_diffusers",
     "torch_key",
-    "unet_param_shapes",
 ]
 
 # diffusers' ``nn.ModuleList`` attributes: their index is a path component of its own in torch.
@@ -93,13 +92,6 @@ def _convert(path: tuple[str, ...], value: np.ndarray, expected: tuple[int, ...]
     if path[-1] == "kernel" and value.ndim == 2 and len(expected) == 2:  # linear: [out, in]
         return value.T
     return value
-
-
-def unet_param_shapes(config: UNetConfig) -> dict:
-    """The ``ShapeDtypeStruct`` tree of ``UNet(config)``'s params (no computation)."""
-    args, kwargs = unet_dummy_inputs(config)
-    init = lambda key: UNet(config).init(key, *args, **kwargs)["params"]  # noqa: E731
-    return jax.eval_shape(init, jax.random.key(0))
 
 
 def convert_unet_state_dict(

@@ -17,6 +17,7 @@ from jaxdiff.models.unet import (
     init_unet,
     mnist_unet_config,
     unet_dummy_inputs,
+    unet_param_shapes,
 )
 from jaxdiff.models.unet_config import UNetConfig
 
@@ -41,4 +42,5 @@ __all__ = [
     "nearest_resize",
     "timestep_embedding",
     "unet_dummy_inputs",
+    "unet_param_shapes",
 ]

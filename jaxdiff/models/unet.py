@@ -7,7 +7,7 @@ diffusers' module names, so :mod:`jaxdiff.convert` maps a PyTorch state dict by 
 
     >>> cfg = mnist_unet_config()
     >>> model = UNet(cfg)
-    >>> params = init_unet(cfg, jax.random.key(0), image_size=(28, 28))
+    >>> params = init_unet(cfg, jax.random.key(0))
     >>> eps = model.apply({"params": params}, x, t, labels=y)   # x: [B, 28, 28, 1], t, y: [B]
 
 Spatial sizes need not be powers of two: a downsample maps ``H -> ceil(H / 2)`` and the matching
@@ -22,13 +22,21 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.models.attention import SpatialSelfAttention, Transformer2D
 from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, conv3x3, group_norm
 from jaxdiff.models.unet_config import UNetConfig, check_inputs
 
-__all__ = ["UNetConfig", "UNet", "init_unet", "unet_dummy_inputs", "mnist_unet_config"]
+__all__ = [
+    "UNetConfig",
+    "UNet",
+    "init_unet",
+    "unet_dummy_inputs",
+    "unet_param_shapes",
+    "mnist_unet_config",
+]
 
 
 class _Level(nn.Module):
@@ -224,7 +232,7 @@ class UNet(nn.Module):
             res, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if l > 0 else None
             block = level(
-                UpBlock, l, cfg.up_attention[l], n, add_upsample=l > 0, name=f"up_blocks_{i}"
+                UpBlock, l, cfg.up_kinds[l], n, add_upsample=l > 0, name=f"up_blocks_{i}"
             )
             h = block(h, res, temb, context, upsample_size=size, train=train)
 
@@ -246,17 +254,63 @@ def unet_dummy_inputs(
     return (x, jnp.zeros((batch,), jnp.int32)), kwargs
 
 
-def init_unet(
-    config: UNetConfig, key: jax.Array, *, image_size: Sequence[int] = (8, 8)
-) -> dict:
-    """Initialise the parameters (the ``"params"`` collection) of ``UNet(config)``.
+def unet_param_shapes(config: UNetConfig) -> dict:
+    """The ``jax.ShapeDtypeStruct`` tree of ``UNet(config)``'s params (traced, not computed)."""
+    args, kwargs = unet_dummy_inputs(config)
+    init = lambda key: UNet(config).init(key, *args, **kwargs)["params"]  # noqa: E731
+    return jax.eval_shape(init, jax.random.key(0))
 
-    The parameters do not depend on ``image_size``; it only sets the dummy input. Jitted, so
-    initialising a large model does not run the forward pass op by op.
+
+_TRUNC = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+
+
+def _truncated_normal(rng: np.random.Generator, n: int) -> np.ndarray:
+    z = rng.standard_normal(n)
+    while (bad := np.abs(z) > 2).any():
+        z[bad] = rng.standard_normal(int(bad.sum()))
+    return z
+
+
+def init_unet(config: UNetConfig, key: jax.Array) -> dict:
+    """Initialise the ``"params"`` of ``UNet(config)``, fast, on the host.
+
+    The same tree and the same distributions as ``UNet(config).init(key, ...)["params"]``
+    (flax's defaults: conv and dense kernels LeCun-normal, i.e. a normal truncated to 2 std with
+    variance ``1 / fan_in``; biases 0; norm scales 1; embedding tables standard normal), drawn
+    with numpy from a generator seeded by ``key``'s data. Deterministic in ``key``. It exists
+    because XLA on CPU takes tens of seconds to compile the few hundred per-parameter random
+    draws of ``init``; use ``UNet(config).init`` where the init must be traced (``vmap`` over
+    keys, init inside ``jit``).
+
+    Args:
+      config: the model config.
+      key: a concrete PRNG key (typed or raw ``uint32``).
+
+    Returns:
+      A nested dict of ``jax.Array`` in ``config.param_dtype``.
     """
-    args, kwargs = unet_dummy_inputs(config, image_size=image_size)
-    init = jax.jit(lambda k: UNet(config).init(k, *args, **kwargs)["params"])
-    return init(key)
+    if isinstance(key, jax.core.Tracer):
+        raise ValueError("init_unet needs a concrete key; under jit/vmap use UNet(config).init")
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+    flat, treedef = jax.tree_util.tree_flatten_with_path(unet_param_shapes(config))
+    leaves = []
+    for path, spec in flat:
+        name, shape = path[-1].key, spec.shape
+        n = int(np.prod(shape))
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            value = _truncated_normal(rng, n) * (np.sqrt(1.0 / fan_in) / _TRUNC)
+        elif name == "embedding":
+            value = rng.standard_normal(n)
+        elif name == "scale":
+            value = np.ones(n)
+        elif name == "bias":
+            value = np.zeros(n)
+        else:  # pragma: no cover - a new parameter kind must be added here
+            raise NotImplementedError(f"no initializer for parameter {jax.tree_util.keystr(path)}")
+        leaves.append(jnp.asarray(value.reshape(shape), config.param_dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def mnist_unet_config(num_classes: int | None = 10, **overrides) -> UNetConfig:

@@ -101,25 +101,28 @@ class UNetConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        chans = _per_level("block_channels", tuple(self.block_channels), len(self.block_channels))
+        # Lists become tuples (the config must stay hashable: it is a Flax module attribute);
+        # nothing else is rewritten, so ``dataclasses.replace`` re-derives every per-level value.
+        for name in ("block_channels", "layers_per_block", "attention", "up_attention",
+                     "num_heads", "transformer_depth"):  # fmt: skip
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        chans = _per_level("block_channels", self.block_channels, len(self.block_channels))
         if not chans:
             raise ValueError("block_channels must not be empty")
         n = len(chans)
-        put("block_channels", chans)
         for name in ("in_channels", "out_channels", "norm_groups"):
             _per_level(name, getattr(self, name), 1)
-        put("layers_per_block", _per_level("layers_per_block", self.layers_per_block, n))
-        put("transformer_depth", _per_level("transformer_depth", self.transformer_depth, n))
+        _per_level("layers_per_block", self.layers_per_block, n)
+        _per_level("transformer_depth", self.transformer_depth, n)
         for name in ("attention", "up_attention"):
             value = getattr(self, name)
             if value is None and name == "up_attention":
-                value = self.attention
-            if not isinstance(value, (list, tuple)) or len(value) != n:
+                continue
+            if not isinstance(value, tuple) or len(value) != n:
                 raise ValueError(f"{name} must have one entry per level ({n}), got {value!r}")
             if any(v not in ATTENTION_KINDS for v in value):
                 raise ValueError(f"{name} entries must be one of {ATTENTION_KINDS}, got {value!r}")
-            put(name, tuple(value))
         if self.mid_attention not in ATTENTION_KINDS:
             raise ValueError(f"mid_attention must be one of {ATTENTION_KINDS}")
         if not isinstance(self.mid_layers, int) or self.mid_layers < 0:
@@ -129,15 +132,15 @@ class UNetConfig:
         if self.attention_head_dim is not None:
             _per_level("attention_head_dim", self.attention_head_dim, 1)
         if self.num_heads is not None:
-            put("num_heads", _per_level("num_heads", self.num_heads, n))
-        kinds = {*self.attention, *self.up_attention}
+            _per_level("num_heads", self.num_heads, n)
+        kinds = {*self.attention, *self.up_kinds}
         has_mid_attention = self.mid_block and self.mid_layers and self.mid_attention
         if has_mid_attention:
             kinds.add(self.mid_attention)
         for l, c in enumerate(chans):
             if c % self.norm_groups:
                 raise ValueError(f"block_channels {chans} must be divisible by norm_groups")
-            attends = self.attention[l] or self.up_attention[l] or (has_mid_attention and l == n - 1)
+            attends = self.attention[l] or self.up_kinds[l] or (has_mid_attention and l == n - 1)
             width = self.attention_head_dim or c // self.heads(l)
             if attends and (c % width or c // width != self.heads(l)):
                 raise ValueError(
@@ -163,10 +166,15 @@ class UNetConfig:
             _per_level("time_embed_dim", self.time_embed_dim, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        put("dtype", jnp.dtype(self.dtype))
-        put("param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
 
     # Derived quantities ---------------------------------------------------------------------
+
+    @property
+    def up_kinds(self) -> tuple[str | None, ...]:
+        """The up path's attention kind per level (``up_attention``, or ``attention`` mirrored)."""
+        return self.attention if self.up_attention is None else self.up_attention
 
     @property
     def time_dim(self) -> int:
@@ -175,16 +183,16 @@ class UNetConfig:
 
     def layers(self, level: int) -> int:
         """Resnets of down block ``level``."""
-        return self.layers_per_block[level]
+        return _at(self.layers_per_block, level)
 
     def depth(self, level: int) -> int:
         """Transformer blocks of the cross-attention layers at ``level``."""
-        return self.transformer_depth[level]
+        return _at(self.transformer_depth, level)
 
     def heads(self, level: int) -> int:
         """Attention heads at ``level`` (the mid block uses the last level's)."""
         if self.num_heads is not None:
-            return self.num_heads[level]
+            return _at(self.num_heads, level)
         if self.attention_head_dim is not None:
             return max(self.block_channels[level] // self.attention_head_dim, 1)
         return 1
@@ -200,6 +208,10 @@ class UNetConfig:
         return self.has_cross_attention and not (
             self.num_classes is not None and self.class_conditioning == "cross_attention"
         )
+
+
+def _at(value, level: int) -> int:
+    return value[level] if isinstance(value, tuple) else value
 
 
 def _concrete(x) -> np.ndarray | None:
