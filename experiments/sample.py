@@ -119,6 +119,9 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     """CLI entry point; returns the images ``[N, 28, 28, C]``."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     digits = args.digits
     config, model, schedule, ema, mesh = load_run(args.workdir)
     if any(not 0 <= d < config.num_classes for d in digits):

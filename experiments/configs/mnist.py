@@ -8,7 +8,9 @@ Sized so that every digit is recognisable after ~30 minutes on 2 (shared) CPU co
 entering through an embedding added to the time embedding (null label 10 for guidance). Measured
 on 2 contended cores: 0.74 s/step at batch 32, against 2.0 s for the same widths with the
 preset's cross-attention and 14 s/step for the full preset at batch 64 (XLA:CPU convolution and
-attention backward passes are slow). ``mnist_accel.py`` uses the full cross-attention preset.
+attention backward passes are slow). A first run of 1800 steps took 24 min (0.5-2 steps/s
+depending on the other load) and drew recognisable 0, 2, 3, 5, 6, 7, 8, 9 but poor 1 and 4, hence
+2600 steps. ``mnist_accel.py`` uses the full cross-attention preset.
 
 Every field can be overridden from the command line; ``config.model`` holds every field of
 ``UNetConfig``, so ``--config.model.<field>=...`` works for each (per-level fields are tuples:
