@@ -33,7 +33,10 @@ def build(batch: int, seed: int = 0):
 
     cfg = mnist_unet_config()
     torch.manual_seed(seed)
-    kinds = {None: ("DownBlock2D", "UpBlock2D"), "cross": ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")}
+    kinds = {
+        None: ("DownBlock2D", "UpBlock2D"),
+        "cross": ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"),
+    }
     model = UNet2DConditionModel(
         sample_size=28, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
@@ -53,7 +56,9 @@ def build(batch: int, seed: int = 0):
     labels = rng.integers(0, cfg.num_classes + 1, batch)
     torch_inputs = tuple(torch.from_numpy(a) for a in (x, noise, t, labels))
     to_nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
-    jax_inputs = (to_nhwc(x), to_nhwc(noise), jnp.asarray(t, jnp.int32), jnp.asarray(labels, jnp.int32))
+    jax_inputs = (
+        to_nhwc(x), to_nhwc(noise), jnp.asarray(t, jnp.int32), jnp.asarray(labels, jnp.int32)
+    )  # fmt: skip
     return cfg, params, (model, tokens), jax_inputs, torch_inputs
 
 

@@ -122,7 +122,9 @@ def test_bad_checkpoint_suffix():
 
 def test_legacy_attention_names(model, converted):
     config, params = converted
-    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    renames = {
+        ".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."
+    }  # fmt: skip
     legacy = {}
     for k, v in model.state_dict().items():
         for new, old in renames.items():

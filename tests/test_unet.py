@@ -60,7 +60,8 @@ def test_mnist_preset():
     assert shapes["class_tokens"]["embedding"]["embedding"].shape == (11, 4 * cfg.context_dim)
     params = init_unet(cfg, jax.random.key(1))
     x = jnp.ones((B, 28, 28, 1))
-    out = jax.jit(UNet(cfg).apply)({"params": params}, x, jnp.array([1, 2]), labels=jnp.array([9, 10]))
+    apply = jax.jit(UNet(cfg).apply)
+    out = apply({"params": params}, x, jnp.array([1, 2]), labels=jnp.array([9, 10]))
     assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
     # Extra context is appended to the class tokens (shape check only: traced, not compiled).
     ctx = jnp.ones((B, 3, cfg.context_dim))

@@ -64,7 +64,8 @@ _MUST_BE = {
     "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
     "dual_cross_attention": (False,), "addition_embed_type": (None,),
     "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",), "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
@@ -100,7 +101,9 @@ def _block_kinds(name: str, types, table: Mapping) -> tuple:
     for t in types:
         t = t[7:] if t.startswith("UNetRes") else t
         if t not in table:
-            raise ValueError(f"{name}: block type {t!r} is not supported (supported: {list(table)})")
+            raise ValueError(
+                f"{name}: block type {t!r} is not supported (supported: {list(table)})"
+            )
         kinds.append(table[t])
     return tuple(kinds)
 
@@ -182,10 +185,14 @@ def unet_config_from_diffusers(
         out["num_heads"] = tuple(heads) if isinstance(heads, (list, tuple)) else heads
         tl = c["transformer_layers_per_block"]
         if isinstance(tl, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in tl):
-            raise ValueError(f"transformer_layers_per_block={tl!r}: nested tuples are not supported")
+            raise ValueError(
+                f"transformer_layers_per_block={tl!r}: nested tuples are not supported"
+            )
         out["transformer_depth"] = tuple(tl) if isinstance(tl, (list, tuple)) else tl
         out["use_linear_projection"] = bool(c["use_linear_projection"])
-        table = {"UNetMidBlock2DCrossAttn": ("cross", 1), "UNetMidBlock2D": (None, 0), None: (None, 0)}
+        table = {
+            "UNetMidBlock2DCrossAttn": ("cross", 1), "UNetMidBlock2D": (None, 0), None: (None, 0)
+        }
         if mid not in table:
             raise ValueError(f"unsupported mid_block_type={mid!r}")
         out.update(mid_block=mid is not None, mid_attention=table[mid][0], mid_layers=table[mid][1])

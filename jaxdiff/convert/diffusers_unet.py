@@ -119,7 +119,8 @@ def convert_unet_state_dict(
         if legacy:
             key = f"{legacy.group(1)}.{_LEGACY[legacy.group(2)]}.{legacy.group(3)}"
         given[key] = value
-    expected = {torch_key(p): (p, tuple(s.shape)) for p, s in _flat(unet_param_shapes(config)).items()}
+    shapes = _flat(unet_param_shapes(config))
+    expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     misshaped, flat = [], {}

@@ -159,7 +159,9 @@ class BasicTransformerBlock(nn.Module):
         norm = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=TRANSFORMER_LAYER_NORM_EPS, use_fast_variance=False, name=name, **kw
         )
-        attn = lambda name: MultiHeadAttention(self.heads, qkv_bias=False, name=name, **kw)  # noqa: E731
+        attn = lambda name: MultiHeadAttention(  # noqa: E731
+            self.heads, qkv_bias=False, name=name, **kw
+        )
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
         return x + FeedForward(name="ff", **kw)(norm("norm3")(x))

@@ -1,4 +1,6 @@
-"""The diffusion UNet (NHWC, Flax linen): its config, its blocks, and the MNIST preset.
+"""The diffusion UNet (NHWC, Flax linen): its blocks, fast init, and the MNIST preset.
+
+The hyper-parameters are a :class:`UNetConfig` (:mod:`jaxdiff.models.unet_config`).
 
 One architecture covers diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D``,
 ``UNetMidBlock2D``, class embeddings) and ``UNet2DConditionModel`` (``CrossAttnDownBlock2D``,
