@@ -88,6 +88,7 @@ def test_bfloat16_compute_close_to_float32(tiny_params):
     assert err < 5e-2
 
 
+@pytest.mark.slow
 def test_gradients_dropout_and_no_recompile(tiny_params):
     cfg = dataclasses.replace(TINY, dropout=0.5)
     x, t, kw = inputs()
@@ -160,6 +161,13 @@ def test_out_of_range_labels_raise_when_concrete():
     for bad in ([0, TINY.num_classes + 1], [-1, 0]):
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
             UNet(TINY).apply({"params": {}}, x, t, labels=jnp.array(bad), context=kw["context"])
+
+
+def test_traced_out_of_range_labels_give_nan_not_a_wrong_row(tiny_params):
+    x, t, kw = inputs()
+    for bad in (-1, TINY.num_classes + 1):
+        out = np.asarray(_apply_tiny(tiny_params, x, t, {**kw, "labels": jnp.array([1, bad])}))
+        assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
 
 
 def test_scalar_t_broadcasts():

@@ -167,6 +167,7 @@ class UNet(nn.Module):
           t: ``[B]`` (or a scalar, broadcast) int or float timesteps.
           labels: ``[B]`` int class labels in ``[0, num_classes]`` (``num_classes`` is the null
             label for classifier-free guidance); required iff ``config.num_classes`` is set.
+            Concrete out-of-range labels raise; traced ones make that example's output NaN.
           context: ``[B, L, context_dim]`` cross-attention context; required when the config has
             cross-attention layers and no class tokens. With ``class_conditioning=
             "cross_attention"`` the class tokens are prepended to it.
@@ -192,6 +193,11 @@ class UNet(nn.Module):
             t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         ).astype(cfg.dtype)
         temb = TimestepEmbedding(cfg.time_dim, name="time_embedding", **kw)(temb)
+        if cfg.num_classes is not None:
+            # A traced label outside [0, num_classes] reads NaN (the lookup's fill value) instead
+            # of a clamped or wrapped-around row (-1 would silently be the null label).
+            valid = (labels >= 0) & (labels <= cfg.num_classes)
+            labels = jnp.where(valid, labels, cfg.num_classes + 1)
         if cfg.num_classes is not None and cfg.class_conditioning == "embedding":
             emb = nn.Embed(
                 cfg.num_classes + 1, cfg.time_dim, embedding_init=nn.initializers.normal(1.0),

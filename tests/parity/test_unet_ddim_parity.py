@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -23,6 +24,7 @@ from tests.parity.test_unet_parity import REL_TOL, rel_err, tiny_unet2d
 NUM_STEPS = 10
 
 
+@pytest.mark.slow
 def test_ddim_with_converted_unet_matches_diffusers():
     model = tiny_unet2d()
     with torch.no_grad():  # keep eps O(1) so that the samples stay O(1)
