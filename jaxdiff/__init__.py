@@ -1,6 +1,8 @@
 """jaxdiff: diffusion models in JAX/Flax as pure functions.
 
-This module only re-exports the public API; see the submodules for documentation.
+This module re-exports the core API (schedules, forward process, losses, samplers, the UNet and
+weight import); see the submodules for documentation. Data loading, training and metrics live in
+``jaxdiff.data``, ``jaxdiff.training`` and ``jaxdiff.metrics``.
 """
 
 from jaxdiff.diffusion import (
@@ -19,7 +21,23 @@ from jaxdiff.diffusion import (
     target_for,
     velocity,
 )
+from jaxdiff.convert import (
+    convert_unet_state_dict,
+    from_diffusers,
+    load_torch_state_dict,
+    unet_config_from_diffusers,
+)
 from jaxdiff.losses import diffusion_loss, drop_condition, loss_weights
+from jaxdiff.models import UNet, UNetConfig, init_unet, mnist_unet_config
+from jaxdiff.samplers import (
+    classifier_free_guidance,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    dpm_solver_sample,
+    rescale_guidance,
+)
 from jaxdiff.schedules import (
     Schedule,
     cosine_betas,

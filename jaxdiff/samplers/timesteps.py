@@ -21,6 +21,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.diffusion import _concrete as concrete
+from jaxdiff.diffusion import extract
+
 __all__ = ["SPACINGS", "ddim_timesteps", "ddpm_timesteps", "gather"]
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -107,18 +110,8 @@ def ddpm_timesteps(
 
 def gather(arr: jax.Array, t: jax.Array) -> jax.Array:
     """``arr[t]`` for a ``[T]`` array and integer ``t`` of any shape; NaN where ``t`` is outside
-    ``[0, T)`` (no clamping, no wrapping of negative indices)."""
-    return arr.at[t].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
-
-
-def concrete(x) -> np.ndarray | None:
-    """``x`` as numpy when its value is known at trace time, else ``None``."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
+    ``[0, T)`` (no clamping, no wrapping of negative indices). See :func:`jaxdiff.diffusion.extract`."""
+    return extract(arr, t, jnp.ndim(t))
 
 
 def check_timestep(name: str, t, num_timesteps: int, *, allow_negative: bool = False) -> None:
