@@ -356,3 +356,28 @@ def test_timestep_grids_are_valid(T_, frac, spacing):
         assert (ts >= 0).all() and (ts < T_).all() and (ts_prev < ts).all()
         assert (np.diff(ts) < 0).all()
     assert ddpm_timesteps(T_, n, spacing)[1][-1] == -1
+
+
+@pytest.mark.parametrize("w, rescale, batches, uses", [
+    (1.0, 0.0, [2], "cond"), (1.0, 0.7, [2], "cond"), (0.0, 0.0, [2], "null"),
+    (0.0, 0.7, [4], "both"), (2.0, 0.0, [4], "both"),
+])
+def test_guidance_single_branch_at_w0_w1_equals_two_branch(w, rescale, batches, uses):
+    """Concrete w = 1 (any rescale) or w = 0 (no rescale) runs the model once on batch B; the
+    result equals the two-branch formula evaluated with a traced w."""
+    seen = []
+
+    def apply(x, t, y):
+        seen.append(x.shape[0])
+        return toy_model(PARAMS, x, t) * (1.0 + 0.3 * y[:, None, None, None])
+
+    y = jnp.array([1.0, 2.0])
+    x, t = x_T(), jnp.array([500, 500])
+    fast = classifier_free_guidance(apply, y, 0.0, w, guidance_rescale=rescale)(x, t)
+    assert seen == batches
+    ref = jax.jit(lambda w_: classifier_free_guidance(apply, y, 0.0, w_,
+                                                      guidance_rescale=rescale)(x, t))(w)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    expect = {"cond": apply(x, t, y), "null": apply(x, t, jnp.zeros_like(y))}.get(uses)
+    if expect is not None:
+        np.testing.assert_allclose(fast, expect, rtol=1e-6, atol=0)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.samplers.timesteps import concrete
 
@@ -79,12 +80,22 @@ def classifier_free_guidance(
     Returns:
       ``fn(x: [B, ...], t: [B] or scalar int) -> [B, ...]``: ``uncond + w * (cond - uncond)``,
       computed from ONE call of ``model_fn`` on ``[x, x]``, ``[t, t]``, ``[cond, null_cond]``.
+      A concrete ``w = 1`` (the conditional model; rescaling is then the identity) or ``w = 0``
+      without rescale (the unconditional model) needs one branch only, so ``model_fn`` runs once
+      on batch ``B`` instead of ``2B``: half the cost, same result.
     """
     rescale_value = concrete(guidance_rescale)
     if rescale_value is not None and not 0.0 <= float(rescale_value) <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
     skip_rescale = rescale_value is not None and float(rescale_value) == 0.0
     null_full = _broadcast_null(cond, null_cond)
+    scale_value = concrete(guidance_scale)
+    single = None
+    if scale_value is not None and np.ndim(scale_value) == 0:
+        if float(scale_value) == 1.0:
+            single = cond
+        elif float(scale_value) == 0.0 and skip_rescale:
+            single = null_full
     both_cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_full)
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -95,6 +106,11 @@ def classifier_free_guidance(
                     f"cond's batch axis ({jnp.shape(leaf)[0]}) must match x's ({batch})"
                 )
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        if single is not None:
+            out = model_fn(x, t, single)
+            if out.shape[0] != batch:
+                raise ValueError(f"model_fn's output must have batch {batch}, got {out.shape}")
+            return out
         out = model_fn(
             jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_cond
         )
