@@ -134,3 +134,46 @@ def test_cli_unknown_config_field_is_a_clear_error(tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode != 0
     assert "no_such_field" in r.stderr and "Traceback" not in r.stderr[-2000:], r.stderr[-2000:]
+
+
+def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
+    """eval_mnist (classifier trained and cached, floor, conditional + unconditional samples,
+    bits/dim) and eval_sweep (one row per setting, floors per N, picture) on the 3-step run."""
+    from experiments import eval_mnist, eval_sweep
+    from PIL import Image
+
+    _, workdir, _, _ = trained
+    data_dir = str(tmp_path / "mnist")
+    write_fake_mnist(data_dir, n_train=160, n_test=24)
+    clf = str(tmp_path / "clf.msgpack")
+    res = eval_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                           f"--classifier_path={clf}", "--classifier_epochs=1",
+                           "--num_samples=12", "--steps=2", "--batch_size=8",
+                           "--bpd_examples=2", "--bpd_batch_size=2"])
+    assert os.path.isfile(clf) and res["classifier"]["trained_now"]
+    assert res["conditional"]["n"] == 12 and 0 <= res["conditional"]["conditional_accuracy"] <= 1
+    hist = res["unconditional"]["class_histogram"]
+    assert len(hist) == 10 and abs(sum(hist) - 1) < 1e-3
+    assert np.isfinite(res["fid_floor"]["fid"]) and res["fid_floor"]["fid"] >= 0
+    assert np.isfinite(res["bpd"]["bpd"]) and res["bpd"]["bpd"] > 0
+    assert "bits/dim" in open(os.path.join(workdir, "eval_mnist.md")).read()
+
+    png = str(tmp_path / "sweep.png")
+    out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                           f"--classifier_path={clf}", "--settings=ddim:2:0,ddim:2:1:20,ddpm:3:2",
+                           "--num_samples=10", "--batch_size=10", f"--out_png={png}"])
+    rows = out["settings"]
+    assert [(r["sampler"], r["steps"], r["guidance_scale"], r["n"]) for r in rows] == [
+        ("ddim", 2, 0.0, 10), ("ddim", 2, 1.0, 20), ("ddpm", 3, 2.0, 10)]
+    assert sorted(out["floors"]) == ["10", "20"] and out["step"] == 3
+    assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
+    table = open(os.path.join(workdir, "sweep.md")).read()
+    assert table.count("\n| DD") == 3
+    w, h = Image.open(png).size
+    assert w > h  # 3 rows of 20 (two samples per digit)
+
+    with pytest.raises(SystemExit):   # argparse error: a setting that does not parse
+        eval_sweep.main([f"--workdir={workdir}", "--settings=ddim:fifty:2"])
+    with pytest.raises(SystemExit):   # N larger than the test set
+        eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                         f"--classifier_path={clf}", "--settings=ddim:2:1:30"])
