@@ -10,7 +10,7 @@ declare -A CMD=(
   [bench_samplers]="python -m benchmarks.bench_samplers"
   [bench_unet]="python -m benchmarks.bench_unet --batch 128 --reps 10"
   [bench_train]="python -m benchmarks.bench_train --steps 30"
-  [bench_vs_torch]="python -m benchmarks.bench_vs_torch --torch_compile"
+  [bench_vs_torch]="python -m benchmarks.bench_vs_torch --reps 3 --sample_reps 2"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(bench_samplers bench_unet bench_train bench_vs_torch)
