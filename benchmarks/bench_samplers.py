@@ -15,8 +15,6 @@ Python loop). Prints a markdown table and the machine description, for BENCHMARK
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from functools import partial
@@ -34,6 +32,8 @@ from jaxdiff.samplers import (
     ddpm_timesteps,
 )
 from jaxdiff.schedules import make_schedule
+
+from benchmarks.common import machine
 
 
 class TinyNet(nn.Module):
@@ -68,14 +68,6 @@ class TinyMLP(nn.Module):
         h = nn.silu(nn.Dense(self.width)(x.reshape(x.shape[0], -1)) + emb)
         h = nn.silu(nn.Dense(self.width)(h))
         return nn.Dense(x[0].size)(h).reshape(x.shape)
-
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = getattr(dev, "device_kind", dev.platform)
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{jax.device_count()}x {kind} ({dev.platform}), {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, jax {jax.__version__}{load}")
 
 
 def _timed(fn, repeats):

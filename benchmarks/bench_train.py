@@ -10,19 +10,12 @@ Prints a markdown table row with the machine description, for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    kind = getattr(dev, "device_kind", dev.platform)
-    return (f"{jax.device_count()}x {kind} ({dev.platform}), {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+from benchmarks.common import machine
 
 
 def main():
@@ -61,10 +54,10 @@ def main():
     jax.block_until_ready(m)
     dt = time.perf_counter() - t0
     sps = args.steps / dt
-    print(f"| machine | config | params | batch | first step (compile) s | steps/s | images/s |")
-    print(f"|---|---|---|---|---|---|---|")
-    print(f"| {machine()} | {args.config} | {n_params / 1e6:.2f}M | {bs} | {first:.1f} | "
-          f"{sps:.2f} | {sps * bs:.0f} |")
+    print("| machine | config | params | batch | first step (compile) s | steps/s | images/s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {machine()}, jax {jax.__version__} | {args.config} | {n_params / 1e6:.2f}M | "
+          f"{bs} | {first:.1f} | {sps:.2f} | {sps * bs:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,65 +1,29 @@
 """Time the MNIST UNet: jaxdiff (jitted) against diffusers (PyTorch eager), same weights.
 
-    python benchmarks/bench_unet.py --batch 128 --reps 10
+    python -m benchmarks.bench_unet --batch 128 --reps 10
+    python -m benchmarks.bench_unet --batch 512 --dtype bfloat16      # on a GPU: bf16 on both sides
 
 The model is :func:`jaxdiff.models.mnist_unet_config` (class tokens fed to cross-attention). The
 PyTorch side is the equivalent diffusers ``UNet2DConditionModel`` plus an ``nn.Embedding`` for the
-class tokens; its random weights are converted to jaxdiff with
-:func:`jaxdiff.convert.convert_unet_state_dict`, and the two outputs are compared once as a sanity
-check. Forward: inference (``torch.no_grad``); forward + backward: the gradient of an MSE loss
-against noise with respect to all parameters. Timings alternate between the frameworks after
-warm-up and report medians. Measures, never asserts; prints a markdown table.
+class tokens (``benchmarks.common.diffusers_twin``); its random weights are converted to jaxdiff,
+and the two outputs are compared once as a sanity check. Forward: inference (``torch.no_grad``);
+forward + backward: the gradient of an MSE loss against noise with respect to all parameters.
+Timings alternate between the frameworks after warm-up and report medians; on a GPU both sides
+are synchronised before the clock stops. ``--dtype bfloat16`` runs jaxdiff with bf16 compute
+(float32 params) and torch under ``torch.autocast(bfloat16)``. Measures, never asserts; prints a
+markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def build(batch: int, seed: int = 0):
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from jaxdiff.convert import convert_unet_state_dict
-    from jaxdiff.models import mnist_unet_config
-
-    cfg = mnist_unet_config()
-    torch.manual_seed(seed)
-    kinds = {
-        None: ("DownBlock2D", "UpBlock2D"),
-        "cross": ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"),
-    }
-    model = UNet2DConditionModel(
-        sample_size=28, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple(kinds[k][0] for k in cfg.attention),
-        up_block_types=tuple(kinds[k][1] for k in cfg.up_kinds[::-1]),
-        mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=cfg.num_heads,
-        cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups,
-    )  # fmt: skip
-    tokens = torch.nn.Embedding(cfg.num_classes + 1, cfg.num_class_tokens * cfg.context_dim)
-    state = {**model.state_dict(), "class_tokens.embedding.weight": tokens.weight.detach()}
-    params = convert_unet_state_dict(state, cfg)
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, cfg.in_channels, 28, 28)).astype(np.float32)  # NCHW
-    noise = rng.standard_normal(x.shape).astype(np.float32)
-    t = rng.integers(0, 1000, batch)
-    labels = rng.integers(0, cfg.num_classes + 1, batch)
-    torch_inputs = tuple(torch.from_numpy(a) for a in (x, noise, t, labels))
-    to_nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
-    jax_inputs = (
-        to_nhwc(x), to_nhwc(noise), jnp.asarray(t, jnp.int32), jnp.asarray(labels, jnp.int32)
-    )  # fmt: skip
-    return cfg, params, (model, tokens), jax_inputs, torch_inputs
+from benchmarks.common import alternate, diffusers_twin, machine, timed, torch_forward
 
 
 def jax_fns(cfg):
@@ -68,7 +32,7 @@ def jax_fns(cfg):
     unet = UNet(cfg)
 
     def forward(params, x, t, labels):
-        return unet.apply({"params": params}, x, t, labels=labels)
+        return unet.apply({"params": params}, x, t, labels=labels).astype(jnp.float32)
 
     def loss(params, x, noise, t, labels):
         return jnp.mean((forward(params, x, t, labels) - noise) ** 2)
@@ -76,12 +40,10 @@ def jax_fns(cfg):
     return jax.jit(forward), jax.jit(jax.grad(loss))
 
 
-def torch_fns(model, tokens, cfg):
+def torch_fns(model, emb, cfg, autocast_dtype):
     import torch
 
-    def forward(x, t, labels):
-        ctx = tokens(labels).view(labels.shape[0], cfg.num_class_tokens, cfg.context_dim)
-        return model(x, t, encoder_hidden_states=ctx).sample
+    forward = torch_forward(model, emb, cfg, autocast_dtype)
 
     def fwd(x, noise, t, labels):
         with torch.no_grad():
@@ -89,7 +51,8 @@ def torch_fns(model, tokens, cfg):
 
     def fwd_bwd(x, noise, t, labels):
         model.zero_grad(set_to_none=True)
-        tokens.zero_grad(set_to_none=True)
+        if emb is not None:
+            emb.zero_grad(set_to_none=True)
         loss = ((forward(x, t, labels) - noise) ** 2).mean()
         loss.backward()
         return loss
@@ -97,81 +60,73 @@ def torch_fns(model, tokens, cfg):
     return fwd, fwd_bwd
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of both sides (params stay float32)")
+    parser.add_argument("--torch_device", default=None,
+                        help="cpu or cuda (default: cuda when torch sees a GPU)")
     args = parser.parse_args(argv)
 
     import diffusers
     import flax
     import torch
 
-    cfg, params, (model, tokens), (x, noise, t, labels), tin = build(args.batch)
-    model.train(False)
+    from jaxdiff.models import mnist_unet_config
+
+    device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = mnist_unet_config()
+    model, emb, params = diffusers_twin(cfg)
+    model = model.to(device).train(False)
+    emb = emb.to(device)
+    bf16 = args.dtype == "bfloat16"
+    if bf16:
+        cfg = dataclasses.replace(cfg, dtype=jnp.bfloat16)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     jfwd, jgrad = jax_fns(cfg)
-    tfwd, tfwd_bwd = torch_fns(model, tokens, cfg)
+    tfwd, tfwd_bwd = torch_fns(model, emb, cfg, torch.bfloat16 if bf16 else None)
+
+    rng = np.random.default_rng(0)
+    b = args.batch
+    x = rng.standard_normal((b, cfg.in_channels, 28, 28)).astype(np.float32)  # NCHW
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    t = rng.integers(0, 1000, b)
+    labels = rng.integers(0, cfg.num_classes + 1, b)
+    tin = tuple(torch.from_numpy(a).to(device) for a in (x, noise, t, labels))
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+    x, noise, t, labels = nhwc(x), nhwc(noise), jnp.asarray(t, jnp.int32), jnp.asarray(labels,
+                                                                                        jnp.int32)
 
     compile_s = {
         "forward": timed(lambda: jfwd(params, x, t, labels)),
         "forward+backward": timed(lambda: jgrad(params, x, noise, t, labels)),
     }
-    ref = tfwd(*tin).numpy().transpose(0, 2, 3, 1)
+    ref = tfwd(*tin).cpu().numpy().transpose(0, 2, 3, 1)
     err = float(np.abs(np.asarray(jfwd(params, x, t, labels)) - ref).max() / np.abs(ref).max())
 
     cases = {
-        "forward": (lambda: jfwd(params, x, t, labels), lambda: tfwd(*tin)),
-        "forward+backward": (lambda: jgrad(params, x, noise, t, labels), lambda: tfwd_bwd(*tin)),
+        "forward": {"jaxdiff": lambda: jfwd(params, x, t, labels), "torch": lambda: tfwd(*tin)},
+        "forward+backward": {"jaxdiff": lambda: jgrad(params, x, noise, t, labels),
+                             "torch": lambda: tfwd_bwd(*tin)},
     }
-    rows = []
-    for name, (jf, tf) in cases.items():
-        for _ in range(args.warmup):
-            timed(jf), timed(tf)
-        jt, tt = [], []
-        for _ in range(args.reps):  # alternate, so that load drifts hit both alike
-            jt.append(timed(jf))
-            tt.append(timed(tf))
-        rows.append((name, statistics.median(jt), statistics.median(tt)))
+    rows = [(name, alternate(fns, args.reps, args.warmup)) for name, fns in cases.items()]
 
-    cpu = cpu_name()
-    print(
-        f"Machine: {cpu}, {os.cpu_count()} CPUs, {platform.system()}; backend "
-        f"{jax.default_backend()} ({jax.devices()[0].device_kind}); torch threads "
-        f"{torch.get_num_threads()}"
-    )
-    print(
-        f"Versions: jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}"
-    )
-    print(
-        f"Model: mnist_unet_config() ({n_params / 1e6:.2f}M params), 28x28x1, batch {args.batch}, "
-        f"median of {args.reps} after {args.warmup} warm-up; jax compile "
-        f"{compile_s['forward']:.1f} s (forward), {compile_s['forward+backward']:.1f} s "
-        f"(forward+backward); outputs agree to {err:.1e} (relative)"
-    )
+    print(f"Machine: {machine()}; torch device {device}, threads {torch.get_num_threads()}")
+    print(f"Versions: jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}")
+    print(f"Model: mnist_unet_config() ({n_params / 1e6:.2f}M params), 28x28x1, batch {b}, "
+          f"{args.dtype} compute, median of {args.reps} after {args.warmup} warm-up; jax compile "
+          f"{compile_s['forward']:.1f} s (forward), {compile_s['forward+backward']:.1f} s "
+          f"(forward+backward); outputs agree to {err:.1e} (relative)")
     print()
-    print("| pass | jaxdiff, jit (ms) | diffusers, torch eager (ms) | torch / jaxdiff |")
+    print(f"| pass | jaxdiff, jit (ms) | diffusers, torch eager on {device} (ms) | "
+          f"torch / jaxdiff |")
     print("|---|---:|---:|---:|")
-    for name, j, tt in rows:
+    for name, med in rows:
+        j, tt = med["jaxdiff"], med["torch"]
         print(f"| {name} | {j * 1e3:.1f} | {tt * 1e3:.1f} | {tt / j:.2f}x |")
 
 

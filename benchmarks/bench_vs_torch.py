@@ -29,8 +29,8 @@ ratio. Measures, never asserts.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import platform
 import statistics
 import threading
 import time
@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.bench_unet import cpu_name
+from benchmarks.common import (alternate, diffusers_twin, machine, sync, timed,
+                               torch_forward)
 
 
 # --------------------------------------------------------------------------- models
@@ -57,55 +58,6 @@ def jaxdiff_config(which: str):
     from experiments.train_mnist import build_model
 
     return build_model(mnist.get_config()).config
-
-
-def diffusers_twin(cfg, seed: int = 0):
-    """A diffusers ``UNet2DConditionModel`` with ``cfg``'s architecture, a class-token embedding
-    where ``cfg`` feeds classes to cross-attention, and the jaxdiff params converted from them."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from jaxdiff.convert import convert_unet_state_dict
-
-    down = {None: "DownBlock2D", "cross": "CrossAttnDownBlock2D"}
-    up = {None: "UpBlock2D", "cross": "CrossAttnUpBlock2D"}
-    mid = {None: "UNetMidBlock2D", "cross": "UNetMidBlock2DCrossAttn"}
-    for kind in (*cfg.attention, *cfg.up_kinds, cfg.mid_attention):
-        if kind not in down:
-            raise ValueError(f"no UNet2DConditionModel twin for attention kind {kind!r}")
-    tokens = cfg.num_classes is not None and cfg.class_conditioning == "cross_attention"
-    torch.manual_seed(seed)
-    model = UNet2DConditionModel(
-        sample_size=28, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple(down[k] for k in cfg.attention),
-        up_block_types=tuple(up[k] for k in cfg.up_kinds[::-1]),
-        mid_block_type=mid[cfg.mid_attention] if cfg.mid_block else None,
-        attention_head_dim=cfg.num_heads or 1, cross_attention_dim=cfg.context_dim or 8,
-        norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
-        flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
-        num_class_embeds=(cfg.num_classes + 1 if cfg.num_classes is not None and not tokens
-                          else None),
-    )  # fmt: skip
-    state = dict(model.state_dict())
-    emb = None
-    if tokens:
-        emb = torch.nn.Embedding(cfg.num_classes + 1, cfg.num_class_tokens * cfg.context_dim)
-        state["class_tokens.embedding.weight"] = emb.weight.detach()
-    return model, emb, convert_unet_state_dict(state, cfg)
-
-
-def torch_forward(model, emb, cfg):
-    import torch
-
-    def forward(x, t, labels):
-        if emb is not None:
-            ctx = emb(labels).view(labels.shape[0], cfg.num_class_tokens, cfg.context_dim)
-            return model(x, t, encoder_hidden_states=ctx).sample
-        ctx = torch.zeros(labels.shape[0], 1, model.config.cross_attention_dim)
-        return model(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
-
-    return forward
 
 
 # --------------------------------------------------------------------------- measuring
@@ -129,39 +81,41 @@ def peak_rss_growth(fn) -> int:
 
     th = threading.Thread(target=watch, daemon=True)
     th.start()
-    jax.block_until_ready(fn())
+    sync(fn())
     done.set()
     th.join()
     return max(peak[0], _rss_bytes()) - base
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
+def peak_cuda_growth(fn) -> int:
+    """Peak growth of torch's CUDA allocations over ``fn()``, in bytes."""
+    import torch
+
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sync(fn())
+    return torch.cuda.max_memory_allocated() - base
 
 
-def alternate(fns: dict, reps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for f in fns.values():
-            timed(f)
-    times = {k: [] for k in fns}
-    for _ in range(reps):  # alternate, so that load drifts hit every side alike
-        for k, f in fns.items():
-            times[k].append(timed(f))
-    return {k: statistics.median(v) for k, v in times.items()}
+def xla_bytes(compiled) -> float:
+    """XLA's own figure for a compiled computation: temporaries plus outputs, in bytes."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return float("nan")
+    return float(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0))
 
 
-def matmul_peak(n: int, reps: int = 5) -> tuple[float, float]:
-    """Measured float32 matmul FLOP/s of ``[n, n] @ [n, n]``: (jax, torch)."""
+def matmul_peak(n: int, device: str, reps: int = 5) -> tuple[float, float]:
+    """Measured float32 matmul FLOP/s of ``[n, n] @ [n, n]``: (jax, torch on ``device``)."""
     import torch
 
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(jnp.dot)
     timed(lambda: mm(a, a))
     jt = statistics.median(timed(lambda: mm(a, a)) for _ in range(reps))
-    ta = torch.randn(n, n)
-    torch.mm(ta, ta)
+    ta = torch.randn(n, n, device=device)
+    timed(lambda: torch.mm(ta, ta))
     tt = statistics.median(timed(lambda: torch.mm(ta, ta)) for _ in range(reps))
     return 2 * n**3 / jt, 2 * n**3 / tt
 
@@ -181,6 +135,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matmul", type=int, default=2048)
     p.add_argument("--torch_compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--torch_device", default=None,
+                   help="cpu or cuda (default: cuda when torch sees a GPU)")
+    p.add_argument("--matmul_precision", default="tf32", choices=["tf32", "highest"],
+                   help="on a GPU: float32 matmuls/convs may use TF32 on both sides (jax's "
+                        "default; torch's allow_tf32 set to match), or full float32 on both")
     args = p.parse_args(argv)
 
     import diffusers
@@ -192,8 +151,18 @@ def main(argv=None):
     from jaxdiff.samplers import classifier_free_guidance, ddim_sample, ddim_step, ddim_timesteps
     from jaxdiff.schedules import make_schedule
 
+    device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device != "cpu"
+    if on_gpu:
+        tf32 = args.matmul_precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if args.matmul_precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
     cfg = jaxdiff_config(args.model)
     model, emb, params = diffusers_twin(cfg)
+    model = model.to(device)
+    emb = emb.to(device) if emb is not None else None
     tforward = torch_forward(model, emb, cfg)
     unet = UNet(cfg)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
@@ -209,13 +178,16 @@ def main(argv=None):
     noise = rng.standard_normal(x.shape).astype(np.float32)
     t = rng.integers(0, 1000, B).astype(np.int64)
     labels = rng.integers(0, null + 1, B).astype(np.int64)
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
-    tx_, tn_, tt_, tl_ = nchw(x), nchw(noise), torch.from_numpy(t), torch.from_numpy(labels)
+    def nchw(a):
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(device)
+
+    tx_, tn_ = nchw(x), nchw(noise)
+    tt_, tl_ = torch.from_numpy(t).to(device), torch.from_numpy(labels).to(device)
     jx, jn, jt, jl = map(jnp.asarray, (x, noise, t.astype(np.int32), labels.astype(np.int32)))
 
     model.train(False)
     with torch.no_grad():
-        ref = tforward(tx_, tt_, tl_).numpy().transpose(0, 2, 3, 1)
+        ref = tforward(tx_, tt_, tl_).cpu().numpy().transpose(0, 2, 3, 1)
     fwd_err = float(np.abs(np.asarray(jforward(params, jx, jt, jl)) - ref).max()
                     / np.abs(ref).max())  # fmt: skip
 
@@ -248,6 +220,8 @@ def main(argv=None):
     mem = compiled.memory_analysis()
     xla_temp = getattr(mem, "temp_size_in_bytes", float("nan"))
 
+    # the timed AdamW steps change the torch weights; sampling below starts from the initial ones
+    initial = copy.deepcopy((model.state_dict(), emb.state_dict() if emb is not None else None))
     tparams = list(model.parameters()) + (list(emb.parameters()) if emb is not None else [])
     topt = torch.optim.AdamW(tparams, lr=lr, weight_decay=0.0)
 
@@ -274,7 +248,14 @@ def main(argv=None):
         except Exception as e:  # report, do not hide
             tcompile_train = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
     train_t = alternate(train_fns, args.reps, args.warmup)
-    train_mem = {k: peak_rss_growth(f) for k, f in train_fns.items()}
+    if on_gpu:  # torch: its allocator's peak; jaxdiff: XLA's figure for the compiled step
+        train_mem = {k: peak_cuda_growth(f) for k, f in train_fns.items() if "jaxdiff" not in k}
+        train_mem["jaxdiff (jit)"] = xla_bytes(compiled)
+    else:
+        train_mem = {k: peak_rss_growth(f) for k, f in train_fns.items()}
+    model.load_state_dict(initial[0])
+    if emb is not None:
+        emb.load_state_dict(initial[1])
     model.train(False)
 
     # ----- sampling: DDIM with classifier-free guidance, same noise on all sides
@@ -297,7 +278,8 @@ def main(argv=None):
     @jax.jit
     def jstep1(params, x, t, t_prev):
         out = guided(params)(x, jnp.full((S,), t, jnp.int32))
-        return ddim_step(sched, out, x, t, t_prev, None, eta=0.0)[0]
+        return ddim_step(sched, out, x, t, t_prev, None, eta=0.0, prediction_type="eps",
+                         clip_x0=None, set_alpha_to_one=True)[0]
 
     t0 = time.perf_counter()
     jax.block_until_ready(jstep1(params, jx_T, ts[0], ts_prev[0]))
@@ -311,7 +293,7 @@ def main(argv=None):
 
     tsched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                            clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
-    tl_s = torch.from_numpy(slabels.astype(np.int64))
+    tl_s = torch.from_numpy(slabels.astype(np.int64)).to(device)
     tl_both = torch.cat([tl_s, torch.full_like(tl_s, null)])
 
     @torch.no_grad()
@@ -329,21 +311,31 @@ def main(argv=None):
         "jaxdiff Python loop over a jitted step": jloop,
         "diffusers DDIMScheduler loop (torch eager)": tloop,
     }
-    outs = {k: np.asarray(f()) for k, f in sample_fns.items()}
+    def host(a):
+        return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+    outs = {k: host(f()) for k, f in sample_fns.items()}
     tref = outs["diffusers DDIMScheduler loop (torch eager)"].transpose(0, 2, 3, 1)
     scale = np.abs(tref).max()
     sample_err = {k: float(np.abs(v - tref).max() / scale) for k, v in outs.items()
                   if not k.startswith("diffusers")}  # fmt: skip
     sample_t = alternate(sample_fns, args.sample_reps, 0)  # the outputs above were the warm-up
-    sample_mem = {k: peak_rss_growth(f) for k, f in sample_fns.items()}
+    if on_gpu:
+        sample_mem = {"jaxdiff ddim_sample (one lax.scan)": xla_bytes(jsample_c),
+                      "jaxdiff Python loop over a jitted step": float("nan"),
+                      "diffusers DDIMScheduler loop (torch eager)": peak_cuda_growth(tloop)}
+    else:
+        sample_mem = {k: peak_rss_growth(f) for k, f in sample_fns.items()}
 
-    jpeak, tpeak = matmul_peak(args.matmul)
+    jpeak, tpeak = matmul_peak(args.matmul, device)
 
     # ----- report
-    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()}; jax backend "
-          f"{jax.default_backend()}; torch threads {torch.get_num_threads()}; load average "
-          f"{os.getloadavg()[0]:.1f}")
+    mib = lambda b: "n/a" if b != b else f"{b / 2**20:.0f}"  # noqa: E731
+    mem_head = ("device memory (MiB): torch peak growth / XLA temp+output" if on_gpu
+                else "peak RSS growth (MiB)")
+    print(f"Machine: {machine()}; torch device {device}, threads {torch.get_num_threads()}"
+          + (f"; float32 matmul precision: {args.matmul_precision} on both sides" if on_gpu
+             else ""))
     print(f"Versions: jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
           f"torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"Model: --model {args.model} ({n_params / 1e6:.2f}M params), float32; forward outputs "
@@ -352,25 +344,25 @@ def main(argv=None):
     print(f"Train step (loss + grad + AdamW), batch {B}, median of {args.reps} after "
           f"{args.warmup} warm-up:")
     print()
-    print("| side | ms / step | images / s | vs torch eager | peak RSS growth (MiB) |")
+    print(f"| side | ms / step | images / s | vs torch eager | {mem_head} |")
     print("|---|---:|---:|---:|---:|")
     ref_t = train_t["diffusers (torch eager)"]
     for k, v in train_t.items():
-        print(f"| {k} | {v * 1e3:.0f} | {B / v:.0f} | {ref_t / v:.2f}x | {mib(train_mem[k])} |")
+        print(f"| {k} | {v * 1e3:.1f} | {B / v:.0f} | {ref_t / v:.2f}x | {mib(train_mem[k])} |")
     print()
     print(f"DDIM-{steps}, {S} images, guidance scale {w:g} (model batch {2 * S}), median of "
           f"{args.sample_reps} after 1 warm-up:")
     print()
-    print("| side | s / run | ms / step | vs diffusers loop | max rel. diff to diffusers | "
-          "peak RSS growth (MiB) |")
+    print(f"| side | s / run | ms / step | vs diffusers loop | max rel. diff to diffusers | "
+          f"{mem_head} |")
     print("|---|---:|---:|---:|---:|---:|")
     ref_s = sample_t["diffusers DDIMScheduler loop (torch eager)"]
     for k, v in sample_t.items():
         err = f"{sample_err[k]:.1e}" if k in sample_err else "(reference)"
-        print(f"| {k} | {v:.2f} | {v / steps * 1e3:.0f} | {ref_s / v:.2f}x | {err} | "
+        print(f"| {k} | {v:.3f} | {v / steps * 1e3:.1f} | {ref_s / v:.2f}x | {err} | "
               f"{mib(sample_mem[k])} |")
     print()
-    print("| compile (jaxdiff, XLA:CPU) | s |")
+    print(f"| compile (jaxdiff, XLA:{jax.default_backend().upper()}) | s |")
     print("|---|---:|")
     print(f"| train step | {jcompile_train:.1f} |")
     print(f"| ddim_sample, {steps} steps (scan) | {jcompile_sample:.1f} |")

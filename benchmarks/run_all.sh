@@ -1,22 +1,55 @@
 #!/usr/bin/env bash
 # Every benchmark behind BENCHMARKS.md, one after another (run on an otherwise idle machine), each
-# output kept verbatim in benchmarks/results/<name>.md. From the repository root:
-#   bash benchmarks/run_all.sh            # all
-#   bash benchmarks/run_all.sh bench_unet # one
-set -euo pipefail
+# output kept verbatim in benchmarks/results/<profile>/<name>.md. From the repository root:
+#   bash benchmarks/run_all.sh                 # all, profile picked from the machine (cpu or gpu)
+#   bash benchmarks/run_all.sh bench_unet      # one
+#   PROFILE=gpu bash benchmarks/run_all.sh     # force a profile
+# The gpu profile uses larger batches (a 28x28 model at batch 128 leaves a GPU mostly idle) and
+# adds bf16 and torch.compile runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p benchmarks/results
-declare -A CMD=(
-  [bench_samplers]="python -m benchmarks.bench_samplers"
-  [bench_unet]="python -m benchmarks.bench_unet --batch 128 --reps 10"
-  [bench_train]="python -m benchmarks.bench_train --steps 30"
-  [bench_vs_torch]="python -m benchmarks.bench_vs_torch --reps 3 --sample_reps 2"
-)
+if [ -z "${PROFILE:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PROFILE=gpu
+  else PROFILE=cpu; fi
+fi
+PY=${PYTHON:-python}   # PYTHON=python3 where there is no `python`
+declare -A CMD
+if [ "$PROFILE" = gpu ]; then
+  CMD=(
+    [bench_samplers]="$PY -m benchmarks.bench_samplers --batch 256"
+    [bench_unet]="$PY -m benchmarks.bench_unet --batch 128 --reps 20"
+    [bench_unet_b1024]="$PY -m benchmarks.bench_unet --batch 1024 --reps 20"
+    [bench_unet_b1024_bf16]="$PY -m benchmarks.bench_unet --batch 1024 --reps 20 --dtype bfloat16"
+    [bench_train]="$PY -m benchmarks.bench_train --steps 200"
+    [bench_train_accel]="$PY -m benchmarks.bench_train --config accel --steps 100"
+    [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --model preset --reps 20 --sample_reps 5 --torch_compile"
+  )
+  default=(bench_samplers bench_unet bench_unet_b1024 bench_unet_b1024_bf16 bench_train
+           bench_train_accel bench_vs_torch)
+else
+  CMD=(
+    [bench_samplers]="$PY -m benchmarks.bench_samplers"
+    [bench_unet]="$PY -m benchmarks.bench_unet --batch 128 --reps 10"
+    [bench_train]="$PY -m benchmarks.bench_train --steps 30"
+    [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 2"
+  )
+  default=(bench_samplers bench_unet bench_train bench_vs_torch)
+fi
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(bench_samplers bench_unet bench_train bench_vs_torch)
+[ ${#names[@]} -eq 0 ] && names=("${default[@]}")
+mkdir -p "benchmarks/results/$PROFILE"
+status=0
 for name in "${names[@]}"; do
-  out="benchmarks/results/$name.md"
+  out="benchmarks/results/$PROFILE/$name.md"
   echo "== $name: ${CMD[$name]}"
-  { echo "\$ ${CMD[$name]}"; echo "($(date -u +%Y-%m-%d), git $(git rev-parse --short HEAD))"; echo;
-    ${CMD[$name]} 2>/dev/null; } | tee "$out"
+  { echo "\$ ${CMD[$name]}"; echo "($(date -u +%Y-%m-%d), git ${GIT_REV:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')})"; echo;
+    ${CMD[$name]} 2>"benchmarks/results/$PROFILE/$name.stderr"; } | tee "$out"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    echo "!! $name failed (exit $rc); stderr tail:"; tail -n 15 "benchmarks/results/$PROFILE/$name.stderr"
+    status=1
+  else
+    rm -f "benchmarks/results/$PROFILE/$name.stderr"
+  fi
 done
+exit $status

@@ -49,8 +49,13 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
         x_T = jax.random.normal(k_init, (labels.shape[0],) + shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, NamedSharding(mesh, P("data")))
         if sampler == "ddim":
+            # With clipping, eps is re-derived from the clipped x0 (use_clipped_model_output).
+            # diffusers' default (clip x0, keep the raw eps) mixes two inconsistent predictions:
+            # on this cosine schedule, where the early x0 predictions lie far outside [-1, 1],
+            # it measured 0.62 conditional accuracy at DDIM-50 against 0.96 re-derived.
             return ddim_sample(guided, schedule, x_T, k_sample, num_steps=num_steps, eta=eta,
-                               prediction_type=prediction_type, clip_x0=clip_x0)
+                               prediction_type=prediction_type, clip_x0=clip_x0,
+                               use_clipped_model_output=clip_x0 is not None)
         return ddpm_sample(guided, schedule, x_T, k_sample, num_steps=num_steps,
                            prediction_type=prediction_type, clip_x0=clip_x0)
 

@@ -271,5 +271,11 @@ def main(argv):
     return train(FLAGS.config, FLAGS.workdir)
 
 
+def _cli(argv):
+    """``app.run`` passes main's return value to ``sys.exit``: the summary dict would be printed
+    to stderr and exit with status 1, so the command line gets a clean exit 0."""
+    main(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(_cli)
