@@ -27,13 +27,14 @@ __all__ = ["make_sample_fn", "sample_images", "load_run", "main"]
 def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guidance_scale: float,
                    null_label: int, prediction_type: str = "eps", eta: float = 0.0,
                    clip_x0: Optional[float] = 1.0) -> Callable:
-    """Jitted ``(variables, labels [N] int32, key) -> images [N, H, W, C]``, batch sharded over mesh.
+    """Jitted ``(variables, labels [N] int32, key) -> images [N, H, W, C]``.
 
-    ``N`` must be a multiple of the mesh size (see :func:`sample_images`, which pads).
+    The work is sharded over the mesh's ``data`` axis; the (small) output is replicated, so every
+    process can read all of it, also when the mesh spans several hosts. ``N`` must be a multiple of
+    the mesh size (see :func:`sample_images`, which pads).
     """
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     from jaxdiff.samplers import classifier_free_guidance, ddim_sample, ddpm_sample
+    from jaxdiff.training import batch_sharding, replicated_sharding
 
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -47,7 +48,7 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
                                           guidance_scale)
         k_init, k_sample = jax.random.split(key)
         x_T = jax.random.normal(k_init, (labels.shape[0],) + shape, jnp.float32)
-        x_T = jax.lax.with_sharding_constraint(x_T, NamedSharding(mesh, P("data")))
+        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding(mesh))
         if sampler == "ddim":
             # With clipping, eps is re-derived from the clipped x0 (use_clipped_model_output).
             # diffusers' default (clip x0, keep the raw eps) mixes two inconsistent predictions:
@@ -59,17 +60,24 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
         return ddpm_sample(guided, schedule, x_T, k_sample, num_steps=num_steps,
                            prediction_type=prediction_type, clip_x0=clip_x0)
 
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(fn, in_shardings=(repl, data, repl), out_shardings=data)
+    repl, data = replicated_sharding(mesh), batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(repl, data, repl), out_shardings=repl)
 
 
 def sample_images(sample_fn, variables, labels: Sequence[int], key, mesh) -> np.ndarray:
-    """Runs ``sample_fn`` on ``labels`` padded to a multiple of the device count; numpy [N,H,W,C]."""
+    """Runs ``sample_fn`` on ``labels`` padded to a multiple of the device count; numpy [N,H,W,C].
+
+    Every process passes the same ``labels`` and gets all the images; each process puts its own
+    contiguous share of the labels on its devices (:func:`jaxdiff.training.shard_batch`).
+    """
+    from jaxdiff.training import shard_batch
+
     labels = np.asarray(labels, np.int32)
     n, d = len(labels), mesh.devices.size
     padded = np.concatenate([labels, np.zeros((-n) % d, np.int32)])
-    out = sample_fn(variables, jax.device_put(padded, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec("data"))), key)
+    share = len(padded) // jax.process_count()
+    local = padded[jax.process_index() * share:(jax.process_index() + 1) * share]
+    out = sample_fn(variables, shard_batch({"label": local}, mesh)["label"], key)
     return np.asarray(jax.device_get(out))[:n]
 
 
@@ -85,15 +93,20 @@ def load_run(workdir: str):
         raise FileNotFoundError(f"{cfg_path} not found: is {workdir!r} a train_mnist workdir?")
     with open(cfg_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     mesh = make_mesh()
     model, schedule = build_model(config), build_schedule(config)
-    state, _, _ = init_state(config, model, mesh)
-    from experiments.train_mnist import compat_config
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat_config(config))
-    restored = ckpt.restore_latest(state)
-    ckpt.close()
+    target, _, _ = init_state(config, model, mesh, abstract=True)  # shapes only, no compute
+    # The config comes from the same workdir: only shapes and optimizer structure are compared.
+    ckpt = Checkpointer(ckpt_dir, None, read_only=True)
+    try:
+        restored = ckpt.restore_latest(target)
+    finally:
+        ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     return config, model, schedule, restored[0].ema_params, mesh
 
 

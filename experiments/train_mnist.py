@@ -6,12 +6,17 @@
 
 The workdir gets ``config.json``, ``checkpoints/`` (Orbax; resumed automatically), ``metrics.jsonl``
 and ``samples/step_XXXXXX.png`` (EMA params, DDIM + classifier-free guidance, one row per digit).
-SIGTERM / Ctrl-C save a checkpoint and exit cleanly; rerunning the same command resumes. Multi-host:
-call with ``--distributed`` on every host (runs ``jax.distributed.initialize()``).
+SIGTERM / Ctrl-C save a checkpoint and exit cleanly (a second Ctrl-C interrupts at once); rerunning
+the same command resumes (with the same model, diffusion, batch size, seed and optimizer structure;
+a changed ``num_steps`` or learning rate is allowed and logged). Multi-host: call with
+``--distributed`` on every host (runs ``jax.distributed.initialize()``); a signal to any host stops
+all of them together at the next ``log_every`` or checkpoint step. Metrics are read back from the
+devices every ``log_every`` steps and before each checkpoint, not after every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,18 +33,28 @@ from experiments.images import save_grid
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist.py")
 
-__all__ = ["validate_config", "compat_config", "build_model", "build_schedule", "init_state",
-           "make_loss_fn", "train", "main"]
+__all__ = ["validate_config", "compat_config", "resume_hyperparams", "build_model",
+           "build_schedule", "init_state", "make_loss_fn", "train", "main"]
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """ValueError for invalid values and an unwritable workdir, before anything expensive."""
-    t, s = config.training, config.sampling
+    """ValueError for invalid values and an unwritable workdir, before anything expensive (and
+    before ``config.json`` or ``checkpoints/`` is written)."""
+    from jaxdiff.data import HOW_TO_GET_MNIST
+    from jaxdiff.diffusion import canonical_prediction_type
+    from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS
+    from jaxdiff.schedules import BETA_SCHEDULES
+    from jaxdiff.training import check_batch_divisible, make_mesh
+
+    t, s, d = config.training, config.sampling, config.diffusion
     checks = [
         (t.batch_size > 0, f"training.batch_size must be positive, got {t.batch_size}"),
         (t.num_steps > 0, f"training.num_steps must be positive, got {t.num_steps}"),
         (t.learning_rate > 0, f"training.learning_rate must be positive, got {t.learning_rate}"),
         (t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}"),
+        (t.end_lr_factor >= 0, f"training.end_lr_factor must be >= 0, got {t.end_lr_factor}"),
+        (t.grad_clip_norm >= 0,
+         f"training.grad_clip_norm must be >= 0 (0 = no clipping), got {t.grad_clip_norm}"),
         (0.0 <= t.ema_decay < 1.0, f"training.ema_decay must be in [0, 1), got {t.ema_decay}"),
         (0.0 <= t.cond_drop_prob < 1.0,
          f"training.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}"),
@@ -49,13 +64,22 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         (s.num_steps > 0 and s.per_class > 0, "sampling.num_steps and per_class must be positive"),
         (config.data.source in ("auto", "local", "tfds"),
          f"data.source must be auto|local|tfds, got {config.data.source!r}"),
+        (d.schedule in BETA_SCHEDULES,
+         f"diffusion.schedule must be one of {sorted(BETA_SCHEDULES)}, got {d.schedule!r}"),
+        (d.num_timesteps >= 1, f"diffusion.num_timesteps must be >= 1, got {d.num_timesteps}"),
+        (d.loss_type in LOSS_TYPES,
+         f"diffusion.loss_type must be one of {LOSS_TYPES}, got {d.loss_type!r}"),
+        (d.weighting in WEIGHTINGS,
+         f"diffusion.weighting must be one of {WEIGHTINGS}, got {d.weighting!r}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    if t.batch_size % jax.device_count():
-        raise ValueError(f"training.batch_size {t.batch_size} must be a multiple of the device "
-                         f"count {jax.device_count()}")
+    try:
+        canonical_prediction_type(d.prediction_type)
+    except ValueError as e:
+        raise ValueError(f"diffusion.{e}") from e
+    check_batch_divisible(t.batch_size, make_mesh())
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
@@ -65,14 +89,25 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     except OSError as e:
         raise ValueError(f"workdir {workdir!r} is not writable: {e}") from e
     if config.data.data_dir and not os.path.isdir(config.data.data_dir):
-        raise ValueError(f"data.data_dir {config.data.data_dir!r} does not exist")
+        raise ValueError(f"data.data_dir {config.data.data_dir!r} does not exist. "
+                         f"{HOW_TO_GET_MNIST}")
 
 
 def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """The part of the config a checkpoint must match to be resumed."""
+    """The part of the config a checkpoint must match to be resumed (with the seed: it orders the
+    data)."""
     return json.loads(json.dumps({
         "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
-        "num_classes": config.num_classes, "batch_size": config.training.batch_size}))
+        "num_classes": config.num_classes, "batch_size": config.training.batch_size,
+        "seed": config.seed}))
+
+
+def resume_hyperparams(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """Training settings that may change on resume (e.g. extending a run); changes are logged."""
+    t = config.training
+    keys = ("num_steps", "learning_rate", "warmup_steps", "lr_schedule", "end_lr_factor",
+            "weight_decay", "grad_clip_norm", "ema_decay", "cond_drop_prob")
+    return json.loads(json.dumps({k: t[k] for k in keys}))
 
 
 def build_model(config):
@@ -80,6 +115,10 @@ def build_model(config):
     from jaxdiff.models import UNet, UNetConfig
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+    optional = {f.name for f in dataclasses.fields(UNetConfig) if "None" in str(f.type)}
+    for k in optional & fields.keys():  # "--config.model.mid_attention=None" arrives as a string
+        if fields[k] in ("None", "none"):
+            fields[k] = None
     for k in ("dtype", "param_dtype"):
         if isinstance(fields.get(k), str):
             fields[k] = jnp.dtype(fields[k])
@@ -92,9 +131,14 @@ def build_schedule(config):
     return make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
 
-def init_state(config, model, mesh):
-    """Replicated TrainState (same on every host: seeded); returns ``(state, tx, lr_fn)``."""
-    from jaxdiff.training import OptimizerConfig, create_train_state, make_optimizer, replicate
+def init_state(config, model, mesh, *, abstract: bool = False):
+    """Replicated TrainState (same on every host: seeded); returns ``(state, tx, lr_fn)``.
+
+    ``abstract=True`` computes nothing: ``state`` is then a pytree of ``jax.ShapeDtypeStruct`` with
+    replicated shardings (``jax.eval_shape``), a restore target for a checkpoint.
+    """
+    from jaxdiff.training import (OptimizerConfig, create_train_state, make_optimizer, replicate,
+                                  replicated_sharding)
 
     t = config.training
     tx, lr_fn = make_optimizer(OptimizerConfig(
@@ -111,6 +155,11 @@ def init_state(config, model, mesh):
         return model.init({"params": init_key}, jnp.zeros((1, 28, 28, 1)),
                           jnp.zeros((1,), jnp.int32), labels=jnp.zeros((1,), jnp.int32))
 
+    if abstract:
+        shapes = jax.eval_shape(lambda: create_train_state(init(), tx, k_train))
+        repl = replicated_sharding(mesh)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            shapes), tx, lr_fn
     variables = jax.jit(init)()
     return replicate(create_train_state(variables, tx, k_train), mesh), tx, lr_fn
 
@@ -195,15 +244,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     is_main = jax.process_index() == 0
     mesh = make_mesh()
     model, schedule = build_model(config), build_schedule(config)
-    state, tx, lr_fn = init_state(config, model, mesh)
+    target, tx, lr_fn = init_state(config, model, mesh, abstract=True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat_config(config),
-                        max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every)
+                        max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
+                        hyperparams=resume_hyperparams(config))
     data_state = {"epoch": 0, "index": 0}
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(target)
     if restored is not None:
         state, data_state, step = restored
         if is_main:
             print(f"resumed from step {step} ({ckpt.directory})")
+    else:
+        state, tx, lr_fn = init_state(config, model, mesh)
     if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -237,7 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     with StopOnSignal() as stop, Prefetcher(it, config.data.prefetch) as batches:
         try:
             state = train_loop(state, step_fn, batches, mesh, t.num_steps, checkpointer=ckpt,
-                               on_metrics=logger, on_step=on_step, stop=stop)
+                               on_metrics=logger, on_step=on_step, stop=stop,
+                               sync_every=t.log_every)
         finally:
             logger.close()
             ckpt.close()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxdiff.diffusion import (
     _check_batched,
     _check_t,
+    _concrete,
     canonical_prediction_type,
     q_sample,
     snr,
@@ -111,7 +112,10 @@ def diffusion_loss(
       weighting: ``"none"`` or ``"min_snr"`` (with ``min_snr_gamma``).
       loss_type: ``"l2"`` (mean squared error) or ``"l1"``.
       cond_drop_prob: probability of replacing an example's ``cond`` by ``null_cond``, for
-        classifier-free guidance.
+        classifier-free guidance: a scalar. A concrete value must lie in ``[0, 1]`` (``0`` skips
+        the dropout); a traced one (e.g. annealed under ``jit``) always draws the dropout mask
+        and so needs ``cond``, ``null_cond`` and ``key``; its range cannot be checked (values
+        below 0 never drop, above 1 always drop).
       t, noise: optional fixed timesteps ``[B]`` and noise ``[B, ...]`` instead of random draws.
 
     Returns:
@@ -120,15 +124,24 @@ def diffusion_loss(
     kind = canonical_prediction_type(prediction_type)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= cond_drop_prob <= 1.0:
+    if jnp.ndim(cond_drop_prob) != 0:
+        raise ValueError(f"cond_drop_prob must be a scalar, got shape {jnp.shape(cond_drop_prob)}")
+    p_value = _concrete(cond_drop_prob)
+    if p_value is not None and not 0.0 <= float(p_value) <= 1.0:
         raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob!r}")
-    if cond_drop_prob > 0 and (cond is None or null_cond is None):
-        raise ValueError("cond_drop_prob > 0 needs both cond and null_cond (the null condition)")
+    drops = p_value is None or float(p_value) > 0  # traced: always draw the mask
+    if drops and (cond is None or null_cond is None):
+        raise ValueError(
+            "cond_drop_prob > 0 (or traced) needs both cond and null_cond (the null condition)"
+        )
     _check_batched(x0, "x0")
     batch = x0.shape[0]
-    needs_key = t is None or noise is None or cond_drop_prob > 0
+    needs_key = t is None or noise is None or drops
     if needs_key and key is None:
-        raise ValueError("key is required to draw t, noise or the label-dropout mask; got None")
+        raise ValueError(
+            "key is required to draw t, noise or the label-dropout mask (cond_drop_prob > 0 or "
+            "traced); got None"
+        )
     k_t, k_noise, k_drop = jax.random.split(key, 3) if key is not None else (None,) * 3
 
     if t is None:
@@ -139,7 +152,7 @@ def diffusion_loss(
     x_t = q_sample(schedule, x0, t, noise)
     target = target_for(schedule, x0, t, noise, kind)
 
-    if cond_drop_prob > 0:
+    if drops:
         drop = jax.random.bernoulli(k_drop, cond_drop_prob, (batch,))
         cond = drop_condition(cond, null_cond, drop)
 

@@ -1,45 +1,73 @@
-"""Orbax checkpoints: exact resume (params bitwise, data position), incompatible configs,
-non-finite loss keeps the last good checkpoint, stop signals, atomic writes, keep-last-k."""
+"""Orbax checkpoints: exact resume (params bitwise, data position), incompatible configs and
+optimizer states, non-finite loss keeps the last good checkpoint, metrics read at sync points only,
+stop signals (real ones, several processes agreeing), atomic writes, keep-last-k."""
 
+import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import numpy as np
 import pytest
 
+import jaxdiff.training.loop as loop_mod
 from jaxdiff.data import BatchIterator, Prefetcher
 from jaxdiff.training import (Checkpointer, IncompatibleCheckpointError, NonFiniteLossError,
-                              StopOnSignal, make_mesh, make_train_step, replicate, train_loop)
+                              StopOnSignal, make_mesh, make_train_step, replicate,
+                              replicated_sharding, train_loop)
 from tests.test_training import tiny_data, tiny_setup
 
 CONFIG = {"model": {"features": 8}, "batch_size": 8}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(workdir, num_steps, *, stop_at=None, data=None, config=CONFIG, save_every=3, lr=1e-3,
-        keep=2):
-    """Trains (resuming from workdir if it has a checkpoint); returns (state, checkpointer)."""
+def run(workdir, num_steps, *, stop_at=None, signal_at=None, data=None, config=CONFIG,
+        save_every=3, lr=1e-3, keep=2, sync_every=100, on_metrics=None, on_step=None,
+        hyperparams=None, grad_clip_norm=1.0):
+    """Trains (resuming from workdir if it has a checkpoint); returns (state, checkpointer).
+
+    ``stop_at``: request a stop (as a signal handler would) after that step; ``signal_at``: send
+    a real SIGTERM to this process after that step (train_loop then installs its own handlers).
+    """
     data = tiny_data(40) if data is None else data
-    state, tx, _, loss_fn = tiny_setup(lr=lr)
+    state, tx, _, loss_fn = tiny_setup(lr=lr, grad_clip_norm=grad_clip_norm)
     mesh = make_mesh()
     step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=0.9)
     state = replicate(state, mesh)
-    ckpt = Checkpointer(str(workdir), config, max_to_keep=keep, save_interval_steps=save_every)
+    ckpt = Checkpointer(str(workdir), config, max_to_keep=keep, save_interval_steps=save_every,
+                        hyperparams=hyperparams)
     data_state = {"epoch": 0, "index": 0}
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, data_state, _ = restored
     it = BatchIterator.from_state(data, 8, seed=3, state=data_state, process_index=0,
                                   process_count=1)
-    stop = StopOnSignal()
+    stop = None if signal_at is not None else StopOnSignal()
 
-    def on_step(step, _state):
+    def _on_step(step, st):
         if stop_at is not None and step == stop_at:
             stop.request()
+        if signal_at is not None and step == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if on_step is not None:
+            on_step(step, st)
 
-    with Prefetcher(it, 2) as batches, stop:
-        state = train_loop(state, step_fn, batches, mesh, num_steps, checkpointer=ckpt,
-                           on_step=on_step, stop=stop)
-    ckpt.close()
+    with Prefetcher(it, 2) as batches:
+        if stop is not None:
+            stop.__enter__()
+        try:
+            state = train_loop(state, step_fn, batches, mesh, num_steps, checkpointer=ckpt,
+                               on_step=_on_step, on_metrics=on_metrics, stop=stop,
+                               sync_every=sync_every)
+        finally:
+            if stop is not None:
+                stop.__exit__(None, None, None)
+            ckpt.close()
     return state, ckpt
 
 
@@ -101,12 +129,183 @@ def test_huge_learning_rate_is_caught(tmp_path):
     assert Checkpointer(str(tmp_path), CONFIG).latest_step() is None
 
 
-def test_sigterm_and_sigint_only_set_the_flag():
-    import signal
-
+def test_sigterm_and_sigint_only_set_the_flag_second_sigint_interrupts():
+    old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C is a request too
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(
-        signal.getsignal(signal.SIGTERM))
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # the second one interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):
+                time.sleep(0.01)
+    # the handlers that were installed before are back
+    assert signal.getsignal(signal.SIGTERM) == old_term
+    assert signal.getsignal(signal.SIGINT) == old_int
+
+
+def test_real_sigterm_stops_at_that_step_saves_and_restores_handlers(tmp_path):
+    caught = []
+    sentinel = lambda signum, frame: caught.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    try:
+        state, ck = run(tmp_path, 20, signal_at=5, save_every=100)
+        assert int(state.step) == 5 and ck.latest_step() == 5
+        assert caught == []  # train_loop's handler got it, not the one installed before
+        assert signal.getsignal(signal.SIGTERM) is sentinel  # and it was restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_metrics_are_read_at_sync_points_only(tmp_path):
+    seen, at_step = [], {}
+    run(tmp_path, 10, save_every=6, sync_every=4,
+        on_metrics=lambda n, m: seen.append(n), on_step=lambda n, _: at_step.update({n: len(seen)}))
+    assert seen == list(range(1, 11))  # every step, in order
+    # read at multiples of 4, before the save at 6, and at the end
+    assert at_step == {1: 0, 2: 0, 3: 0, 4: 4, 5: 4, 6: 6, 7: 6, 8: 8, 9: 8, 10: 8}
+
+
+class _Batches:
+    """A list of host batches with the ``state`` a train_loop needs."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    @property
+    def state(self):
+        return {"epoch": 0, "index": self.i}
+
+    def __next__(self):
+        self.i += 1
+        return self.batches[self.i - 1]
+
+
+def test_nonfinite_step_between_sync_points_is_caught_before_the_next_save(tmp_path):
+    state, tx, _, loss_fn = tiny_setup()
+    mesh = make_mesh()
+    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=0.9)
+    batches = [tiny_data(8, seed=i) for i in range(8)]
+    batches[2]["image"][0, 0, 0, 0] = np.nan  # step 3 only; the steps after it are fine
+    ck = Checkpointer(str(tmp_path), CONFIG, save_interval_steps=4)
+    seen = []
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        train_loop(replicate(state, mesh), step_fn, _Batches(batches), mesh, 8, checkpointer=ck,
+                   on_metrics=lambda n, m: seen.append(n), sync_every=100)
+    ck.close()
+    assert seen == [1, 2] and ck.latest_step() is None  # nothing saved at step 4
+
+
+def test_processes_agree_on_stopping_at_sync_points(tmp_path, monkeypatch):
+    assert loop_mod._any_process(True) and not loop_mod._any_process(False)  # 1 process: real
+    calls = []
+    monkeypatch.setattr(loop_mod, "_process_count", lambda: 2)
+
+    def other_host_signalled_at_second_sync(flag):
+        calls.append(flag)
+        return flag or len(calls) == 2
+
+    monkeypatch.setattr(loop_mod, "_any_process", other_host_signalled_at_second_sync)
+    # This host is signalled after step 5; it keeps stepping until the save at 6 (a sync point).
+    state, ck = run(tmp_path / "a", 20, stop_at=5, save_every=6, sync_every=4)
+    assert calls == [False, True] and int(state.step) == 6 and ck.latest_step() == 6
+    # Only the other host is signalled (seen at the second sync point, step 8): stop there too.
+    calls.clear()
+    state, ck = run(tmp_path / "b", 20, save_every=100, sync_every=4)
+    assert calls == [False, False] and int(state.step) == 8 and ck.latest_step() == 8
+
+
+def test_optimizer_structure_change_is_a_clear_value_error(tmp_path):
+    run(tmp_path, 3)  # clipping on
+    with pytest.raises(ValueError, match="optimizer-state structure.*grad_clip_norm"):
+        run(tmp_path, 6, grad_clip_norm=0.0)
+
+
+def test_changed_hyperparams_are_logged_and_new_config_keys_tolerated(tmp_path, caplog):
+    run(tmp_path, 3, hyperparams={"num_steps": 3, "learning_rate": 1e-3})
+    with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
+        state, _ = run(tmp_path, 5, config=dict(CONFIG, seed=0),
+                       hyperparams={"num_steps": 5, "learning_rate": 1e-3})
+    assert int(state.step) == 5
+    assert "num_steps: 3 -> 5" in caplog.text and "learning_rate" not in caplog.text
+    assert "predates the compatibility check of seed" in caplog.text
+
+
+def test_restore_into_abstract_target_and_read_only(tmp_path):
+    trained, _ = run(tmp_path, 3)
+    mesh = make_mesh()
+    repl = replicated_sharding(mesh)
+    state = tiny_setup()[0]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            jax.eval_shape(lambda: state))
+    ck = Checkpointer(str(tmp_path), None, read_only=True)
+    restored, _, step = ck.restore_latest(abstract)
+    ck.close()
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(RuntimeError, match="read-only"):
+        ck.save(4, restored, {"epoch": 0, "index": 0}, force=True)
+    missing = tmp_path / "nothing_here"
+    assert Checkpointer(str(missing), None, read_only=True).latest_step() is None
+    assert not missing.exists()  # a reader creates no directory
+
+
+
+_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    import jax
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:
+        pass
+    pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                               process_id=pid)
+    from jaxdiff.data import BatchIterator, Prefetcher
+    from jaxdiff.training import Checkpointer, make_mesh, make_train_step, replicate, train_loop
+    from tests.test_training import tiny_data, tiny_setup
+    assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
+    state, tx, _, loss_fn = tiny_setup()
+    mesh = make_mesh()
+    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=0.9)
+    ckpt = Checkpointer(workdir, {"x": 1}, save_interval_steps=100)
+
+    def on_step(step, _):
+        if pid == 1 and step == 5:  # only process 1 is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with Prefetcher(BatchIterator(tiny_data(40), 8, seed=3), 2) as batches:
+        state = train_loop(replicate(state, mesh), step_fn, batches, mesh, 50, checkpointer=ckpt,
+                           on_step=on_step, sync_every=4)
+    ckpt.close()
+    print(f"RESULT step={int(jax.device_get(state.step))} latest={ckpt.latest_step()}")
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_only_one_is_signalled(tmp_path):
+    """Two real JAX processes (1 CPU device each): process 1 gets SIGTERM after step 5; both stop
+    at the next sync point (8) and join the same save, instead of deadlocking in it."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), port, str(tmp_path / "ck")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two processes did not finish: deadlock in the stop/save")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL: SIGTERM would only request a stop
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "RESULT step=8 latest=8" in out, out[-3000:]

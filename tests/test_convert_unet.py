@@ -135,6 +135,18 @@ def test_legacy_attention_names(model, converted):
     assert_same_params(convert_unet_state_dict(legacy, config), params)
 
 
+def test_legacy_and_current_name_for_one_weight_is_an_error(model, converted):
+    config, _ = converted
+    state = dict(model.state_dict())
+    state["mid_block.attentions.0.query.weight"] = state["mid_block.attentions.0.to_q.weight"] + 1
+    state["down_blocks.1.attentions.0.proj_attn.bias"] = torch.zeros(64)
+    with pytest.raises(ValueError, match="2 weights under both") as info:
+        convert_unet_state_dict(state, config)
+    msg = str(info.value)
+    assert "mid_block.attentions.0.to_q.weight and mid_block.attentions.0.query.weight" in msg
+    assert "attentions.0.proj_attn.bias (both down_blocks.1.attentions.0.to_out.0.bias)" in msg
+
+
 def test_config_mapping_condition_model():
     cfg = unet_config_from_diffusers(
         dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

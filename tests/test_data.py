@@ -2,11 +2,14 @@
 
 import gzip
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from jaxdiff.data import BatchIterator, Prefetcher, load_mnist, read_idx, write_idx
+from jaxdiff.data import (HOW_TO_GET_MNIST, BatchIterator, Prefetcher, load_mnist, read_idx,
+                          write_idx)
 from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
@@ -40,12 +43,19 @@ def test_local_idx_roundtrip_and_scaling(tmp_path, gz):
     assert load_mnist("test", str(tmp_path))[0].shape == (16, 28, 28, 1)
 
 
-def test_truncated_file_names_the_file(tmp_path):
+def test_truncated_file_names_the_file_and_says_how_to_get_mnist(tmp_path):
     write_fake_mnist(str(tmp_path), gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*truncated"):
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*truncated") as e:
         load_mnist("train", str(tmp_path))
+    assert HOW_TO_GET_MNIST in str(e.value)
+    write_fake_mnist(str(tmp_path / "gz"), gz=True)  # a corrupt gzip stream
+    gz = tmp_path / "gz" / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-6])
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz.*gzip") as e:
+        load_mnist("train", str(tmp_path / "gz"))
+    assert HOW_TO_GET_MNIST in str(e.value)
 
 
 def test_bad_magic_dtype_and_dims(tmp_path):
@@ -143,7 +153,24 @@ def test_processes_take_disjoint_slices_of_the_global_batch():
         BatchIterator(_arrays(), 0, seed=0, process_index=0, process_count=1)
 
 
-def test_prefetcher_reraises_errors():
+def _next_within(p, seconds=10.0):
+    """``next(p)`` in a helper thread: returns what it raised (or returned); fails if it hangs."""
+    out = []
+
+    def call():
+        try:
+            out.append(next(p))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"next() still blocked after {seconds} s"
+    return out[0]
+
+
+def test_prefetcher_reraises_errors_on_every_later_call():
     class Boom(BatchIterator):
         def __next__(self):
             raise RuntimeError("boom")
@@ -151,3 +178,32 @@ def test_prefetcher_reraises_errors():
     with Prefetcher(Boom(_arrays(), 10, seed=0, process_index=0, process_count=1)) as p:
         with pytest.raises(RuntimeError, match="boom"):
             next(p)
+        assert isinstance(_next_within(p), RuntimeError)  # again, instead of blocking forever
+        assert isinstance(_next_within(p), RuntimeError)
+
+
+class _Finite:
+    def __init__(self, n):
+        self.i, self.n = 0, n
+
+    @property
+    def state(self):
+        return {"epoch": 0, "index": self.i}
+
+    def __next__(self):
+        if self.i == self.n:
+            raise StopIteration
+        self.i += 1
+        return {"x": np.full(2, self.i)}
+
+
+def test_prefetcher_end_repeats_stop_iteration_and_close_stops_thread():
+    with Prefetcher(_Finite(2)) as p:
+        assert [int(b["x"][0]) for b in p] == [1, 2] and p.state == {"epoch": 0, "index": 2}
+        assert isinstance(_next_within(p), StopIteration)
+    p = Prefetcher(BatchIterator(_arrays(), 10, seed=0, process_index=0, process_count=1), 2)
+    next(p)
+    time.sleep(0.2)  # let the thread fill the queue and block on put
+    p.close()
+    assert not p._thread.is_alive()
+    assert isinstance(_next_within(p), StopIteration)  # next() after close() does not hang

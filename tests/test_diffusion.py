@@ -1,4 +1,4 @@
-"""Forward process and parametrisation conversions."""
+"""Forward process and parametrisation conversions; ``checked`` over the samplers."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jaxdiff import diffusion as D
+from jaxdiff.samplers import ddim_sample, ddim_step, ddpm_sample, ddpm_step, dpm_solver_sample
 from jaxdiff.schedules import make_schedule
 
 SCHED = make_schedule("linear", 1000)
@@ -126,3 +127,49 @@ def test_diffusers_prediction_aliases():
     assert D.canonical_prediction_type("epsilon") == "eps"
     assert D.canonical_prediction_type("sample") == "x0"
     assert D.canonical_prediction_type("v_prediction") == "v"
+
+
+# --- checked() over the samplers ------------------------------------------------------------------
+
+
+def _sampler_runs():
+    sched = make_schedule("linear", 50)
+
+    def model(x, t):
+        return 0.5 * jnp.tanh(x) + 0.1 * jnp.cos(t[:, None] / 10.0)
+
+    return sched, {
+        "ddpm": lambda x, k: ddpm_sample(model, sched, x, k, num_steps=5),
+        "ddpm-all-steps": lambda x, k: ddpm_sample(model, sched, x, k),
+        "ddpm-trailing": lambda x, k: ddpm_sample(model, sched, x, k, num_steps=5,
+                                                  spacing="trailing"),
+        "ddim": lambda x, k: ddim_sample(model, sched, x, k, num_steps=5, eta=0.5),
+        "ddim-a0-offset": lambda x, k: ddim_sample(model, sched, x, k, num_steps=7,
+                                                   set_alpha_to_one=False, steps_offset=1),
+        "dpm": lambda x, k: dpm_solver_sample(model, sched, x, k, num_steps=5),
+    }
+
+
+@pytest.mark.parametrize("name", list(_sampler_runs()[1]))
+def test_checked_samplers_report_no_error(name):
+    """The final step's ``t_prev = -1`` is never gathered (it was, under a ``where``, and checkify
+    flagged every sampler run)."""
+    _, runs = _sampler_runs()
+    err, out = D.checked(jax.jit(runs[name]))(jnp.ones((2, 3)), jax.random.key(0))
+    assert err.get() is None, err.get()
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_checked_step_still_reports_out_of_range_timesteps():
+    sched, _ = _sampler_runs()
+    x = jnp.ones((2, 3))
+    kw = dict(prediction_type="eps", clip_x0=None)
+    ddim = D.checked(jax.jit(lambda t, tp: ddim_step(sched, x, x, t, tp, None, eta=0.0,
+                                                     set_alpha_to_one=True, **kw)))
+    ddpm = D.checked(jax.jit(lambda t, tp: ddpm_step(sched, x, x, t, tp, x, **kw)))
+    for fn in (ddim, ddpm):
+        assert fn(10, 5)[0].get() is None
+        assert fn(0, -1)[0].get() is None  # the final step
+        assert "out-of-bounds" in fn(50, 40)[0].get()  # t = T
+        assert "out-of-bounds" in fn(10, 50)[0].get()  # t_prev = T
+        assert "out-of-bounds" in fn(-3, -4)[0].get()  # t < 0

@@ -1,4 +1,4 @@
-"""DPM-Solver++: accuracy on an exactly solvable case, compile-once, bad input."""
+"""DPM-Solver++: accuracy on an exactly solvable case, compile-once, timestep grid, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion as D
-from jaxdiff.samplers.dpm_solver import dpm_solver_sample
+from jaxdiff.samplers.dpm_solver import dpm_solver_sample, dpm_solver_timesteps
 from jaxdiff.schedules import make_schedule
 
 SCHED = make_schedule("linear", 1000)
@@ -70,6 +70,11 @@ def test_compiles_once_for_new_inputs():
         (dict(num_steps=10, prediction_type="score"), "prediction_type"),
         (dict(num_steps=10, final_sigmas_type="one"), "final_sigmas_type"),
         (dict(num_steps=10, clip_x0=0.0), "clip_x0"),
+        (dict(num_steps=1000, spacing="leading"), "num_steps"),  # 1000 // 1001 == 0: all t = 0
+        (dict(num_steps=1000, spacing="linspace"), "num_steps"),  # rounding repeats timesteps
+        (dict(num_steps=10, spacing="leading", steps_offset=200), "steps_offset"),
+        (dict(num_steps=10, steps_offset=-1), "steps_offset"),
+        (dict(num_steps=10, lambda_min_clipped=10.0), "lambda_min_clipped"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -80,3 +85,38 @@ def test_bad_input(kwargs, match):
 def test_wrong_model_output_shape():
     with pytest.raises(ValueError, match="model_fn"):
         dpm_solver_sample(lambda x, t: x[:, :1], SCHED, jnp.ones((2, 3)), num_steps=5)
+
+
+SMALL = make_schedule("linear", 40)
+
+
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 0), ("leading", 1),
+                                             ("trailing", 0)])
+def test_grid_is_strictly_decreasing_in_range_or_raises(spacing, offset):
+    """Every 1 <= num_steps <= T gives a strictly decreasing grid in [0, T) with num_steps entries,
+    or (leading / linspace past T - 1 steps, where diffusers repeats timesteps) a ValueError naming
+    num_steps (steps_offset where the offset pushes T - 1 leading steps up to t = T). Trailing
+    works for every num_steps, including T = 1000, n = 61, where the float arange overshoots to
+    t = -1."""
+    T = SMALL.num_timesteps
+    for n in range(1, T + 1):
+        try:
+            ts, sigmas = dpm_solver_timesteps(SMALL, n, spacing=spacing, steps_offset=offset)
+        except ValueError as e:
+            name = "steps_offset" if offset and n == T - 1 else "num_steps"
+            assert spacing != "trailing" and n >= T - 1 and name in str(e), (n, e)
+            continue
+        assert ts.shape == (n,) and sigmas.shape == (n + 1,), n
+        assert (np.diff(ts) < 0).all() and ts[-1] >= 0 and ts[0] < T, (n, ts)
+        assert np.isfinite(sigmas).all()
+    ts, _ = dpm_solver_timesteps(SCHED, 61, spacing="trailing")
+    assert ts.shape == (61,) and ts[-1] >= 0
+
+
+def test_sigma_min_after_a_grid_ending_at_t0_is_finite():
+    """Trailing with num_steps = T ends at t = 0; with final_sigmas_type="sigma_min" the last step
+    goes from sigma_0 to sigma_0 (h = 0), where the heun update divided 0 by 0."""
+    x = jnp.ones((2, 3))
+    out = dpm_solver_sample(lambda x, t: 0.1 * x, SMALL, x, num_steps=40, spacing="trailing",
+                            solver_type="heun", final_sigmas_type="sigma_min")
+    assert np.isfinite(np.asarray(out)).all()

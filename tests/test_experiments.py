@@ -52,7 +52,7 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
+    yield jax.config.jax_compilation_cache_dir
     for k, v in old.items():
         jax.config.update(k, v)
 
@@ -81,10 +81,24 @@ def test_train_writes_checkpoint_metrics_and_grid(trained):
     assert json.load(open(os.path.join(workdir, "config.json")))["training"]["num_steps"] == 3
 
 
-def test_resume_continues_from_checkpoint(trained):
+def test_resume_continues_from_checkpoint(trained, caplog):
+    import logging
+
     train_mnist, workdir, data_dir, _ = trained
-    summary = _run_main(train_mnist, _overrides(workdir, data_dir, 5))
+    with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
+        summary = _run_main(train_mnist, _overrides(workdir, data_dir, 5))
     assert summary["start_step"] == 3 and summary["end_step"] == 5
+    assert "num_steps: 3 -> 5" in caplog.text  # extending a run is allowed, and logged
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.seed=1", "different config.*seed"),  # another data order
+    ("--config.training.grad_clip_norm=0", "optimizer-state structure"),
+])
+def test_resume_with_other_seed_or_optimizer_is_a_clear_error(trained, override, message):
+    train_mnist, workdir, data_dir, _ = trained
+    with pytest.raises(ValueError, match=message):
+        _run_main(train_mnist, _overrides(workdir, data_dir, 9) + [override])
 
 
 def test_resume_with_other_model_is_a_clear_error(trained):
@@ -109,12 +123,19 @@ def test_sample_writes_png_and_npz(trained, tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("--config.training.learning_rate=-1", "learning_rate must be positive"),
     ("--config.training.batch_size=0", "batch_size must be positive"),
+    ("--config.training.end_lr_factor=-0.5", "end_lr_factor must be >= 0"),
+    ("--config.training.grad_clip_norm=-1", "grad_clip_norm must be >= 0"),
+    ("--config.diffusion.prediction_type=noise", "diffusion.prediction_type must be one of"),
+    ("--config.diffusion.loss_type=l3", "diffusion.loss_type must be one of"),
+    ("--config.diffusion.weighting=snr", "diffusion.weighting must be one of"),
+    ("--config.diffusion.schedule=quadratic", "diffusion.schedule must be one of"),
 ])
 def test_invalid_values_fail_before_training(trained, tmp_path, override, message):
     train_mnist, _, data_dir, _ = trained
     with pytest.raises(ValueError, match=message):
         _run_main(train_mnist, _overrides(str(tmp_path / "w"), data_dir, 2) + [override])
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert not os.path.exists(tmp_path / "w" / "config.json")
 
 
 def test_unwritable_workdir_and_missing_data(trained, tmp_path):
@@ -123,8 +144,47 @@ def test_unwritable_workdir_and_missing_data(trained, tmp_path):
     blocker.write_text("not a directory")  # unwritable even for root
     with pytest.raises(ValueError, match="not writable"):
         _run_main(train_mnist, _overrides(str(blocker / "w"), data_dir, 2))
-    with pytest.raises(ValueError, match="does not exist"):
+    from jaxdiff.data import HOW_TO_GET_MNIST
+
+    with pytest.raises(ValueError, match="does not exist") as e:
         _run_main(train_mnist, _overrides(str(tmp_path / "w"), str(tmp_path / "none"), 2))
+    assert HOW_TO_GET_MNIST in str(e.value)  # says how to get MNIST
+
+
+def test_sample_output_is_replicated(trained):
+    """Every process can read the images (a mesh over several hosts): output sharding P()."""
+    from jax.sharding import PartitionSpec as P
+
+    from experiments import sample
+
+    _, workdir, _, _ = trained
+    config, model, schedule, ema, mesh = sample.load_run(workdir)
+    fn = sample.make_sample_fn(model, schedule, mesh, sampler="ddpm", num_steps=2,
+                               guidance_scale=2.0, null_label=config.num_classes,
+                               prediction_type=config.diffusion.prediction_type,
+                               clip_x0=config.sampling.clip_x0 or None)
+    import jax
+
+    from jaxdiff.training import shard_batch
+
+    out = fn(ema, shard_batch({"label": np.array([0, 7, 0], np.int32)}, mesh)["label"],
+             jax.random.PRNGKey(0))
+    assert out.shape == (3, 28, 28, 1) and out.sharding.spec == P()
+    assert out.is_fully_addressable and out.is_fully_replicated
+
+
+def test_cli_smoke_run_exits_zero(trained, compilation_cache, tmp_path):
+    """``python -m experiments.train_mnist`` as a process: absl's app.run must exit with 0."""
+    _, _, data_dir, _ = trained
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    r = subprocess.run([sys.executable, "-m", "experiments.train_mnist"]
+                       + _overrides(str(tmp_path / "w"), data_dir, 1),
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["end_step"] == 1
+    assert os.path.isdir(tmp_path / "w" / "checkpoints" / "1")
 
 
 def test_cli_unknown_config_field_is_a_clear_error(tmp_path):
@@ -179,3 +239,21 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     with pytest.raises(SystemExit):   # N larger than the test set
         eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                          f"--classifier_path={clf}", "--settings=ddim:2:1:30"])
+
+
+def test_optional_model_fields_parse_from_the_command_line():
+    """Fields that default to None are typed placeholders (absl needs a type to parse
+    ``--config.model.attention_implementation=cudnn``); the string "None" resets an optional
+    field when the UNet is built."""
+    from experiments.configs import mnist
+    from experiments.train_mnist import build_model
+
+    c = mnist.get_config()
+    assert c.model.get_ref("attention_implementation").get_type() is str
+    assert c.model.get_ref("time_embed_dim").get_type() is int
+    c.model.attention_implementation = "xla"
+    c.model.time_embed_dim = 96
+    c.model.mid_attention = "None"
+    cfg = build_model(c).config
+    assert cfg.attention_implementation == "xla" and cfg.time_embed_dim == 96
+    assert cfg.mid_attention is None

@@ -127,3 +127,29 @@ def test_missing_key_and_wrong_model_output():
         diffusion_loss(lambda p, x, t, c: x[..., :1], None, SCHED, X0, jax.random.key(0))
     with pytest.raises(ValueError, match="noise"):
         diffusion_loss(scaled_apply, {"w": 1.0}, SCHED, X0, None, t=T, noise=NOISE[:2])
+
+
+def test_traced_cond_drop_prob():
+    """A traced cond_drop_prob (e.g. annealed under jit) draws the same mask as the concrete value;
+    without null_cond, or not a scalar, it raises a ValueError naming it (it used to be a tracer
+    error)."""
+    labels = jnp.arange(8) % 10
+    x0, zeros, key = jnp.zeros((8, 2)), jnp.zeros((8, 2)), jax.random.key(3)
+
+    def apply(params, x_t, t, cond):  # per-example loss 1 where the label was dropped, else 0
+        return jnp.broadcast_to((cond == 10).astype(x_t.dtype)[:, None], x_t.shape)
+
+    def dropped(p):
+        return diffusion_loss(apply, None, SCHED, x0, key, labels, cond_drop_prob=p,
+                              null_cond=10, noise=zeros)[1]["per_example"]
+
+    traced = jax.jit(dropped)
+    np.testing.assert_array_equal(traced(1.0), 1.0)
+    np.testing.assert_array_equal(traced(0.0), 0.0)
+    np.testing.assert_array_equal(traced(0.5), dropped(0.5))
+    assert 0 < float(jnp.sum(dropped(0.5))) < 8
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        jax.jit(lambda p: diffusion_loss(apply, None, SCHED, x0, key, labels,
+                                         cond_drop_prob=p)[0])(0.1)
+    with pytest.raises(ValueError, match="cond_drop_prob must be a scalar"):
+        dropped(jnp.full((8,), 0.5))

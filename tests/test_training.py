@@ -14,8 +14,7 @@ import pytest
 from jaxdiff.losses import diffusion_loss
 from jaxdiff.schedules import make_schedule
 from jaxdiff.training import (OptimizerConfig, create_train_state, ema_decay_at, make_lr_schedule,
-                              make_mesh, make_optimizer, make_train_step, replicate, shard_batch,
-                              check_batch_divisible)
+                              make_mesh, make_optimizer, make_train_step, replicate, shard_batch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,14 +31,15 @@ class TinyNet(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h))
 
 
-def tiny_setup(lr=1e-3, hw=8, total_steps=100, warmup=2):
+def tiny_setup(lr=1e-3, hw=8, total_steps=100, warmup=2, grad_clip_norm=1.0):
     """(state, tx, lr_fn, loss_fn) for TinyNet on [B, hw, hw, 1] images."""
     model = TinyNet()
     sched = make_schedule("linear", 100)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, 1)), jnp.zeros((1,), jnp.int32),
                         jnp.zeros((1,), jnp.int32))
     tx, lr_fn = make_optimizer(OptimizerConfig(learning_rate=lr, warmup_steps=warmup,
-                                               total_steps=total_steps))
+                                               total_steps=total_steps,
+                                               grad_clip_norm=grad_clip_norm))
 
     def loss_fn(p, batch, key):
         apply = lambda p_, x, t, c: model.apply(p_, x, t, c)
@@ -71,11 +71,28 @@ def test_lr_schedule_warmup_then_cosine():
     assert float(const(1000)) == 1.0
 
 
-@pytest.mark.parametrize("kw", [dict(learning_rate=-1.0), dict(total_steps=0),
-                                dict(schedule="linear"), dict(weight_decay=-0.1)])
-def test_optimizer_config_rejects_invalid(kw):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kw,message", [
+    (dict(learning_rate=-1.0), "learning_rate"), (dict(total_steps=0), "total_steps"),
+    (dict(schedule="linear"), "schedule"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(end_lr_factor=-0.1), "end_lr_factor"), (dict(grad_clip_norm=-1.0), "grad_clip_norm")])
+def test_optimizer_config_rejects_invalid(kw, message):
+    with pytest.raises(ValueError, match=message):
         OptimizerConfig(**kw)
+
+
+def test_grad_clip_norm_zero_disables_clipping():
+    off, _ = make_optimizer(OptimizerConfig(grad_clip_norm=0.0))
+    on, _ = make_optimizer(OptimizerConfig(grad_clip_norm=1.0))
+    params = {"w": jnp.ones(3)}
+    assert len(off.init(params)) == 1 and len(on.init(params)) == 2  # chain of (clip,) adamw
+
+
+def test_make_mesh_is_a_1d_data_mesh_over_all_devices():
+    from jax.sharding import AxisType
+
+    mesh = make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.devices.size == jax.device_count()
+    assert mesh.axis_types == (AxisType.Auto,)
 
 
 def test_train_step_learns_compiles_once_and_updates_ema():

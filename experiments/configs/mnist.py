@@ -15,12 +15,15 @@ minutes. ``mnist_accel.py`` is the full cross-attention preset for a GPU or TPU.
 
 Every field can be overridden from the command line; ``config.model`` holds every field of
 ``UNetConfig``, so ``--config.model.<field>=...`` works for each (per-level fields are tuples:
-``--config.model.block_channels="(32,64,128)"``).
+``--config.model.block_channels="(32,64,128)"``; fields that default to None are typed
+placeholders, e.g. ``--config.model.attention_implementation=cudnn``; ``None`` resets an optional
+field).
 """
 
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def _plain(v):
@@ -41,8 +44,18 @@ def unet_fields(num_classes: int = 10, **overrides) -> ml_collections.ConfigDict
     # The preset applies the overrides before normalising per-level fields, so overriding
     # block_channels re-derives layers_per_block, num_heads, ... for the new number of levels.
     cfg = mnist_unet_config(num_classes=num_classes, **overrides)
-    fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    fields = {}
+    for f in dataclasses.fields(cfg):
+        value = _plain(getattr(cfg, f.name))
+        if value is None:  # typed, so that --config.model.<field>=... parses from the command line
+            kind = _SCALAR_TYPES.get(str(f.type).split(" ")[0])
+            value = config_dict.placeholder(kind) if kind else None
+        fields[f.name] = value
     return ml_collections.ConfigDict(fields)
+
+
+# The leading type of an optional UNetConfig field ("int | None" -> int) for placeholders.
+_SCALAR_TYPES = {"int": int, "str": str, "float": float, "bool": bool}
 
 
 # The 2-core CPU default: narrower; cross-attention (to one class token) at 7x7 and in the middle.

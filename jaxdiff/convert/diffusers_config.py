@@ -181,7 +181,9 @@ def unet_config_from_diffusers(
         out.update(mid_block=mid is not None, mid_layers=1)
         out["mid_attention"] = "self" if c["add_attention"] else None
     else:
-        heads = c["num_attention_heads"] or c["attention_head_dim"]
+        # attention_head_dim means heads here; num_attention_heads was rejected above (_MUST_BE),
+        # as diffusers' UNet2DConditionModel itself rejects it.
+        heads = c["attention_head_dim"]
         out["num_heads"] = tuple(heads) if isinstance(heads, (list, tuple)) else heads
         tl = c["transformer_layers_per_block"]
         if isinstance(tl, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in tl):

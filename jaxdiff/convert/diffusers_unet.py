@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.models.unet import unet_param_shapes
@@ -66,24 +67,22 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _flat(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
+def _rename_legacy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Legacy attention names -> current ones; a key given under both names is an error."""
+    given, origin, clashes = {}, {}, []
+    for key, value in state_dict.items():
+        legacy = _LEGACY_RE.match(key)
+        new = f"{legacy.group(1)}.{_LEGACY[legacy.group(2)]}.{legacy.group(3)}" if legacy else key
+        if new in given:
+            clashes.append(f"{origin[new]} and {key} (both {new})")
+            continue
+        given[new], origin[new] = value, key
+    if clashes:
+        raise ValueError(
+            f"state_dict holds {len(clashes)} weights under both their legacy and current "
+            f"attention names: " + "; ".join(sorted(clashes))
+        )
+    return given
 
 
 def _convert(path: tuple[str, ...], value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
@@ -110,16 +109,13 @@ def convert_unet_state_dict(
 
     Raises:
       ValueError listing every missing, unexpected and mis-shaped key (torch names, with the
-      Flax path and the shapes), when the state dict does not cover the model exactly.
+      Flax path and the shapes), when the state dict does not cover the model exactly; and
+      listing every weight given under both its legacy and its current attention name
+      (``...attentions.0.query.weight`` and ``...attentions.0.to_q.weight``).
     """
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
-    given = {}
-    for key, value in state_dict.items():
-        legacy = _LEGACY_RE.match(key)
-        if legacy:
-            key = f"{legacy.group(1)}.{_LEGACY[legacy.group(2)]}.{legacy.group(3)}"
-        given[key] = value
-    shapes = _flat(unet_param_shapes(config))
+    given = _rename_legacy(state_dict)
+    shapes = flatten_dict(unet_param_shapes(config))
     expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -142,7 +138,7 @@ def convert_unet_state_dict(
         if misshaped:
             lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
         raise ValueError("\n".join(lines))
-    return jax.tree.map(jax.numpy.asarray, _unflat(flat))
+    return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:

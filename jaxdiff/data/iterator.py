@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
@@ -111,8 +111,9 @@ class Prefetcher:
     """Runs ``iterator`` in a daemon thread, ``buffer_size`` batches ahead.
 
     ``state`` is the wrapped iterator's position after the last batch returned by ``__next__``.
-    Exceptions in the thread are re-raised in the consumer. Call :meth:`close` (or use ``with``)
-    to stop the thread.
+    An exception in the thread is re-raised in the consumer, and again on every later ``next``
+    (as is ``StopIteration`` once the iterator is exhausted); ``next`` after :meth:`close` raises
+    ``StopIteration``. Call :meth:`close` (or use ``with``) to stop the thread.
     """
 
     _DONE = object()
@@ -122,24 +123,27 @@ class Prefetcher:
         self._state = dict(iterator.state)
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, buffer_size))
         self._stop = threading.Event()
+        self._final: Optional[object] = None  # _DONE or the worker's exception, once seen
         self._thread = threading.Thread(target=self._run, daemon=True, name="jaxdiff-prefetch")
         self._thread.start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _run(self):
         try:
             while not self._stop.is_set():
                 batch = next(self._it)
-                item: Tuple = (batch, dict(self._it.state))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((batch, dict(self._it.state)))
         except StopIteration:
-            self._queue.put((self._DONE, None))
+            self._put((self._DONE, None))
         except BaseException as e:  # surfaced in __next__
-            self._queue.put((e, None))
+            self._put((e, None))
 
     @property
     def state(self) -> Dict[str, int]:
@@ -149,22 +153,37 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
-        item, state = self._queue.get()
-        if item is self._DONE:
+        while self._final is None:
+            try:
+                item, state = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._thread.is_alive() or not self._queue.empty():
+                    continue
+                self._final = self._DONE  # the thread is gone and will send nothing
+                break
+            if item is self._DONE or isinstance(item, BaseException):
+                self._final = item
+                break
+            self._state = state
+            return item
+        if self._final is self._DONE:
             raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        self._state = state
-        return item
+        raise self._final
 
-    def close(self):
-        self._stop.set()
+    def _drain(self):
         try:
             while True:
                 self._queue.get_nowait()
         except queue.Empty:
             pass
+
+    def close(self):
+        self._stop.set()
+        if self._final is None:
+            self._final = self._DONE
+        self._drain()  # unblocks a put, then the thread sees the stop flag
         self._thread.join(timeout=5)
+        self._drain()
 
     def __enter__(self):
         return self

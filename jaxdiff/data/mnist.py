@@ -21,13 +21,13 @@ import numpy as np
 
 from jaxdiff.data.idx import read_idx
 
-__all__ = ["load_mnist", "find_mnist_dir", "mnist_files", "scale_images", "MNIST_ENV_VAR"]
+__all__ = ["load_mnist", "find_mnist_dir", "mnist_files", "scale_images", "MNIST_ENV_VAR",
+           "HOW_TO_GET_MNIST"]
 
 MNIST_ENV_VAR = "JAXDIFF_MNIST_DIR"
 _PREFIX = {"train": "train", "test": "t10k"}
-_SIZES = {"train": 60000, "test": 10000}
-_HOW_TO = (
-    "MNIST was not found. Either point --config.data.data_dir (or the environment variable "
+HOW_TO_GET_MNIST = (
+    "To get MNIST, either point --config.data.data_dir (or the environment variable "
     f"{MNIST_ENV_VAR}) at a directory holding the original IDX files "
     "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
     "t10k-labels-idx1-ubyte[.gz], from http://yann.lecun.com/exdb/mnist/ or a mirror), or prepare "
@@ -35,6 +35,7 @@ _HOW_TO = (
     "(`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"`) and set "
     "TFDS_DATA_DIR."
 )
+_HOW_TO = "MNIST was not found. " + HOW_TO_GET_MNIST
 
 
 def _resolve(directory: str, stem: str) -> Optional[str]:
@@ -96,17 +97,25 @@ def scale_images(images_u8: np.ndarray) -> np.ndarray:
     return x * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
+def _corrupt(message: str) -> ValueError:
+    return ValueError(f"{message}. The file is corrupt or not MNIST: replace it. "
+                      f"{HOW_TO_GET_MNIST}")
+
+
 def _load_local(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
     img_path, lbl_path = mnist_files(directory, split)
-    images = read_idx(img_path, expected_dtype=np.uint8, expected_ndim=3,
-                      expected_shape=(None, 28, 28))
-    labels = read_idx(lbl_path, expected_dtype=np.uint8, expected_ndim=1)
+    try:
+        images = read_idx(img_path, expected_dtype=np.uint8, expected_ndim=3,
+                          expected_shape=(None, 28, 28))
+        labels = read_idx(lbl_path, expected_dtype=np.uint8, expected_ndim=1)
+    except ValueError as e:  # the message names the file
+        raise _corrupt(str(e)) from e
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
+        raise _corrupt(
             f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
         )
     if labels.size and labels.max() > 9:
-        raise ValueError(f"{lbl_path}: label {int(labels.max())} out of range 0-9")
+        raise _corrupt(f"{lbl_path}: label {int(labels.max())} out of range 0-9")
     return scale_images(images), labels.astype(np.int32)
 
 

@@ -1,7 +1,11 @@
 """Attention: the spatial self-attention block and the cross-attention transformer block.
 
 Both use :func:`jax.nn.dot_product_attention` (scale ``1 / sqrt(head_dim)``; float32 logits even
-for bfloat16 inputs; cuDNN flash attention on GPU when available). Submodule names follow
+for bfloat16 inputs). Its ``implementation`` is the modules' ``implementation`` attribute
+(``UNetConfig.attention_implementation``): ``None`` (the default) and ``"xla"`` take the XLA path
+on every backend, which is *not* flash attention; ``"cudnn"`` asks for cuDNN's fused (flash)
+attention, which needs a GPU, float16/bfloat16 q/k/v (``dtype``) and fails at trace time
+otherwise. Submodule names follow
 diffusers (``group_norm``, ``to_q``/``to_k``/``to_v``/``to_out_0``; ``norm``, ``proj_in``,
 ``transformer_blocks_i``, ``proj_out``; ``ff.net_0.proj``, ``ff.net_2``) so that weights convert
 by name.
@@ -44,27 +48,30 @@ class MultiHeadAttention(nn.Module):
     Attributes:
       heads: number of heads; ``head_dim = width // heads`` where ``width`` is the query width.
       qkv_bias: bias on the q/k/v projections (True in the spatial block, False in transformers).
+      implementation: ``jax.nn.dot_product_attention``'s: ``None``, ``"xla"`` or ``"cudnn"``.
     """
 
     heads: int
     qkv_bias: bool = True
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """``x: [B, T, C]``, ``context: [B, S, D]`` (None: self-attention) -> ``[B, T, C]``."""
         return attend(
             x, context, self.heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+            param_dtype=self.param_dtype, implementation=self.implementation,
+        )  # fmt: skip
 
 
-def attend(x, context, heads, *, qkv_bias, dtype, param_dtype):
+def attend(x, context, heads, *, qkv_bias, dtype, param_dtype, implementation=None):
     """Multi-head attention whose layers (``to_q``, ``to_k``, ``to_v``, ``to_out_0``) belong to
     the calling module; call it from inside a ``@nn.compact`` method.
 
-    ``x: [B, T, C]``, ``context: [B, S, D]`` or None -> ``[B, T, C]``.
+    ``x: [B, T, C]``, ``context: [B, S, D]`` or None -> ``[B, T, C]``. ``implementation`` goes to
+    :func:`jax.nn.dot_product_attention` (``None``, ``"xla"`` or ``"cudnn"``).
     """
     width = x.shape[-1]
     if width % heads:
@@ -75,7 +82,7 @@ def attend(x, context, heads, *, qkv_bias, dtype, param_dtype):
     q = split(nn.Dense(width, use_bias=qkv_bias, name="to_q", **kw)(x))
     k = split(nn.Dense(width, use_bias=qkv_bias, name="to_k", **kw)(context))
     v = split(nn.Dense(width, use_bias=qkv_bias, name="to_v", **kw)(context))
-    out = jax.nn.dot_product_attention(q, k, v).astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(q.dtype)
     return nn.Dense(width, name="to_out_0", **kw)(out.reshape(*out.shape[:2], width))
 
 
@@ -88,6 +95,7 @@ class SpatialSelfAttention(nn.Module):
       heads: number of heads (diffusers: ``channels // attention_head_dim``).
       groups, eps: GroupNorm groups and epsilon (diffusers: the resnet ones).
       rescale_output_factor: divisor of the residual sum (the mid block's scale factor).
+      implementation: ``jax.nn.dot_product_attention``'s: ``None``, ``"xla"`` or ``"cudnn"``.
     """
 
     heads: int
@@ -96,6 +104,7 @@ class SpatialSelfAttention(nn.Module):
     rescale_output_factor: float = 1.0
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -103,7 +112,10 @@ class SpatialSelfAttention(nn.Module):
         b, h, w, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = group_norm(self.groups, self.eps, name="group_norm", **kw)(x)
-        y = attend(y.reshape(b, h * w, c), None, self.heads, qkv_bias=True, **kw)
+        y = attend(
+            y.reshape(b, h * w, c), None, self.heads, qkv_bias=True,
+            implementation=self.implementation, **kw,
+        )  # fmt: skip
         out = x + y.reshape(b, h, w, c)
         if self.rescale_output_factor != 1.0:
             out = out / jnp.asarray(self.rescale_output_factor, out.dtype)
@@ -146,11 +158,13 @@ class BasicTransformerBlock(nn.Module):
     """diffusers ``BasicTransformerBlock`` (``norm_type="layer_norm"``, GEGLU, no q/k/v bias).
 
     ``x += attn1(norm1(x))``; ``x += attn2(norm2(x), context)``; ``x += ff(norm3(x))``.
+    ``implementation``: ``jax.nn.dot_product_attention``'s (``None``, ``"xla"``, ``"cudnn"``).
     """
 
     heads: int
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -160,7 +174,7 @@ class BasicTransformerBlock(nn.Module):
             epsilon=TRANSFORMER_LAYER_NORM_EPS, use_fast_variance=False, name=name, **kw
         )
         attn = lambda name: MultiHeadAttention(  # noqa: E731
-            self.heads, qkv_bias=False, name=name, **kw
+            self.heads, qkv_bias=False, implementation=self.implementation, name=name, **kw
         )
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
@@ -176,6 +190,7 @@ class Transformer2D(nn.Module):
       groups: GroupNorm groups (eps 1e-6, as diffusers hard-codes).
       use_linear_projection: ``proj_in``/``proj_out`` as linear layers on the tokens instead of
         1x1 convs on the image (the same maths; only the diffusers weight shapes differ).
+      implementation: ``jax.nn.dot_product_attention``'s: ``None``, ``"xla"`` or ``"cudnn"``.
     """
 
     heads: int
@@ -184,6 +199,7 @@ class Transformer2D(nn.Module):
     use_linear_projection: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -198,6 +214,8 @@ class Transformer2D(nn.Module):
         y = group_norm(self.groups, TRANSFORMER_GROUP_NORM_EPS, name="norm", **kw)(x)
         y = proj("proj_in")(y).reshape(b, h * w, c)
         for i in range(self.depth):
-            y = BasicTransformerBlock(self.heads, name=f"transformer_blocks_{i}", **kw)(y, context)
+            y = BasicTransformerBlock(
+                self.heads, implementation=self.implementation, name=f"transformer_blocks_{i}", **kw
+            )(y, context)
         y = proj("proj_out")(y.reshape(b, h, w, c))
         return x + y

@@ -55,6 +55,7 @@ class _Level(nn.Module):
     use_linear_projection: bool
     dtype: jnp.dtype | None
     param_dtype: jnp.dtype
+    attention_implementation: str | None = None
 
     def _resnet(self, i: int, scale: float = 1.0) -> ResnetBlock:
         return ResnetBlock(
@@ -63,7 +64,10 @@ class _Level(nn.Module):
         )  # fmt: skip
 
     def _attend(self, i: int, h: jax.Array, context: jax.Array | None, scale: float = 1.0):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")
+        kw = dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}",
+            implementation=self.attention_implementation,
+        )  # fmt: skip
         if self.attention == "self":
             return SpatialSelfAttention(self.heads, self.groups, self.eps, scale, **kw)(h)
         if self.attention == "cross":
@@ -217,7 +221,7 @@ class UNet(nn.Module):
             return cls(
                 cfg.block_channels[l], num_layers, attention, cfg.heads(l), cfg.depth(l),
                 cfg.norm_groups, cfg.norm_eps, cfg.dropout, cfg.use_linear_projection, **kw,
-                **extra,
+                attention_implementation=cfg.attention_implementation, **extra,
             )  # fmt: skip
 
         h = conv3x3(c0, name="conv_in", **kw)(x)

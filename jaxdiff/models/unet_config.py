@@ -10,13 +10,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["UNetConfig", "check_inputs", "ATTENTION_KINDS", "CLASS_CONDITIONING"]
+from jaxdiff.diffusion import _concrete as concrete
+
+__all__ = [
+    "UNetConfig", "check_inputs", "ATTENTION_KINDS", "ATTENTION_IMPLEMENTATIONS",
+    "CLASS_CONDITIONING",
+]  # fmt: skip
 
 ATTENTION_KINDS = (None, "self", "cross")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 CLASS_CONDITIONING = ("embedding", "cross_attention")
 
 
@@ -33,6 +38,19 @@ def _per_level(name: str, value, n: int, *, allow_none: bool = False) -> tuple:
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must hold positive ints, got {value!r}")
     return value
+
+
+def _float_dtype(name: str, value) -> np.dtype:
+    # np.dtype(None) is float64: None must not silently become a dtype.
+    try:
+        dtype = None if value is None else jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating dtype (float32, bfloat16, float16, ...), got {value!r}"
+        )
+    return dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +87,12 @@ class UNetConfig:
         ``num_class_embeds``) or ``"cross_attention"`` (``num_class_tokens`` learned tokens of
         width ``context_dim`` fed to the cross-attention layers as context).
       center_input_sample: feed ``2 x - 1`` instead of ``x``.
-      dtype: computation dtype (``bfloat16`` works); param_dtype: parameter dtype.
+      dtype: computation dtype (``bfloat16`` works); param_dtype: parameter dtype. Both must be
+        floating dtypes.
+      attention_implementation: ``jax.nn.dot_product_attention``'s ``implementation``: ``None``
+        (JAX's default, the XLA path) or ``"xla"`` run everywhere; ``"cudnn"`` is cuDNN's fused
+        flash attention, which needs a GPU with cuDNN and ``dtype`` bfloat16 or float16, and
+        raises at trace time otherwise.
     """
 
     in_channels: int = 3
@@ -99,6 +122,7 @@ class UNetConfig:
     center_input_sample: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_implementation: str | None = None
 
     def __post_init__(self):
         # Lists become tuples (the config must stay hashable: it is a Flax module attribute);
@@ -107,9 +131,12 @@ class UNetConfig:
                      "num_heads", "transformer_depth"):  # fmt: skip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.block_channels, tuple) or not self.block_channels:
+            raise ValueError(
+                f"block_channels must be a non-empty tuple of ints, one per level, "
+                f"got {self.block_channels!r}"
+            )
         chans = _per_level("block_channels", self.block_channels, len(self.block_channels))
-        if not chans:
-            raise ValueError("block_channels must not be empty")
         n = len(chans)
         for name in ("in_channels", "out_channels", "norm_groups"):
             _per_level(name, getattr(self, name), 1)
@@ -141,8 +168,15 @@ class UNetConfig:
             if c % self.norm_groups:
                 raise ValueError(f"block_channels {chans} must be divisible by norm_groups")
             attends = self.attention[l] or self.up_kinds[l] or (has_mid_attention and l == n - 1)
+            if not attends:
+                continue
+            if self.heads(l) > c:
+                raise ValueError(
+                    f"num_heads={self.num_heads}: level {l} has {self.heads(l)} heads but only "
+                    f"block_channels[{l}]={c} channels"
+                )
             width = self.attention_head_dim or c // self.heads(l)
-            if attends and (c % width or c // width != self.heads(l)):
+            if c % width or c // width != self.heads(l):
                 raise ValueError(
                     f"block_channels[{l}]={c} does not split into heads "
                     f"(attention_head_dim={self.attention_head_dim}, num_heads={self.num_heads})"
@@ -166,8 +200,17 @@ class UNetConfig:
             _per_level("time_embed_dim", self.time_embed_dim, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        eps = self.norm_eps
+        real = isinstance(eps, (int, float, np.number)) and not isinstance(eps, bool)
+        if not (real and 0 < eps < float("inf")):
+            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.attention_implementation!r}"
+            )
+        object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
+        object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
 
     # Derived quantities ---------------------------------------------------------------------
 
@@ -214,15 +257,6 @@ def _at(value, level: int) -> int:
     return value[level] if isinstance(value, tuple) else value
 
 
-def _concrete(x) -> np.ndarray | None:
-    if isinstance(x, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def check_inputs(cfg: UNetConfig, x, t, labels, context):
     """Validate and normalise the UNet's inputs at trace time.
 
@@ -262,7 +296,7 @@ def check_inputs(cfg: UNetConfig, x, t, labels, context):
             raise ValueError(
                 f"labels must be [B] = ({b},) ints, got shape {labels.shape} dtype {labels.dtype}"
             )
-        value = _concrete(labels)
+        value = concrete(labels)
         if value is not None and value.size and (value.min() < 0 or value.max() > cfg.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null label), "

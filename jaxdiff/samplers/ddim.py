@@ -72,9 +72,10 @@ def ddim_step(
       schedule: the training schedule (``[T]`` arrays).
       model_output: ``[B, ...]`` like ``x_t``: eps, x0 or v by ``prediction_type``.
       x_t: ``[B, ...]`` the current sample.
-      t: scalar int timestep in ``[0, T)``; t_prev: scalar int, negative for the final step (then
+      t: 0-d int timestep in ``[0, T)``; t_prev: 0-d int, negative for the final step (then
         ``alpha_cumprod_prev`` is 1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``). Concrete
-        out-of-range values raise; traced ones read NaN.
+        out-of-range values raise; traced ones read NaN. Non-integer dtypes and non-scalar shapes
+        (a ``[B]`` t would broadcast against the channel axis) raise ``ValueError``.
       noise: ``[B, ...]`` standard normal noise, used when ``eta > 0`` (may be ``None`` at
         ``eta == 0``).
       eta: ``>= 0``; may be traced (then noise is always required and scaled by ``std = 0`` at 0).
@@ -83,7 +84,8 @@ def ddim_step(
       use_clipped_model_output: re-derive eps from the clipped ``x0`` (GLIDE).
 
     Returns:
-      ``(x_prev, pred_x0)``, both ``[B, ...]``; ``x_prev`` has ``x_t``'s dtype.
+      ``(x_prev, pred_x0)``, both ``[B, ...]``; ``x_prev`` has ``x_t``'s dtype (computed in at
+      least float32).
     """
     prediction_type = canonical_prediction_type(prediction_type)
     clip_x0 = check_clip(clip_x0)
@@ -103,11 +105,15 @@ def ddim_step(
         if noise.shape != x_t.shape:
             raise ValueError(f"noise must have x_t's shape {x_t.shape}, got {noise.shape}")
 
+    dtype = jnp.promote_types(x_t.dtype, jnp.float32)  # compute in >= float32 (bf16 models)
+    out_dtype = x_t.dtype
+    x_t, model_output = x_t.astype(dtype), model_output.astype(dtype)
     acp = schedule.alphas_cumprod
     final_alpha = jnp.float32(1.0) if set_alpha_to_one else acp[0]
     t_prev = jnp.asarray(t_prev)
     a_t = gather(acp, t)
-    a_prev = jnp.where(t_prev >= 0, gather(acp, t_prev), final_alpha)
+    # Gather at max(t_prev, 0): the final step's negative t_prev is never read (checkify flags it).
+    a_prev = jnp.where(t_prev >= 0, gather(acp, jnp.maximum(t_prev, 0)), final_alpha)
     b_t = 1.0 - a_t
     b_prev = 1.0 - a_prev
 
@@ -122,7 +128,7 @@ def ddim_step(
     x_prev = jnp.sqrt(a_prev) * pred_x0 + direction
     if stochastic:
         x_prev = x_prev + std * noise
-    return x_prev.astype(x_t.dtype), pred_x0
+    return x_prev.astype(out_dtype), pred_x0
 
 
 def ddim_sample(
@@ -147,7 +153,8 @@ def ddim_sample(
     Args:
       model_fn: ``model_fn(x: [B, ...], t: [B] int32) -> [B, ...]`` (eps, x0 or v).
       schedule: the training schedule; ``T = schedule.num_timesteps``.
-      x_T: ``[B, ...]`` the starting noise.
+      x_T: ``[B, ...]`` the starting noise; the scan carries it in (at least) float32, so a bf16
+        ``x_T`` or model output is never re-rounded to bf16 between steps.
       key: a PRNG key, required when ``eta > 0`` and ``noise`` is None (step ``i`` draws from
         ``fold_in(key, i)``); ignored otherwise.
       num_steps: ``1 <= num_steps <= T``. eta: a concrete float ``>= 0``.
@@ -157,8 +164,8 @@ def ddim_sample(
       return_trajectory: also return the path.
 
     Returns:
-      ``x_0: [B, ...]``; with ``return_trajectory``, ``(x_0, xs, pred_x0s)`` where ``xs:
-      [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
+      ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
+      where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
       [num_steps, B, ...]`` every step's predicted ``x0``.
     """
     prediction_type = canonical_prediction_type(prediction_type)
@@ -168,9 +175,10 @@ def ddim_sample(
     x_T = jnp.asarray(x_T)
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a batch axis, got shape {x_T.shape}")
+    x_T = x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))  # the carry: >= float32
     stochastic = eta > 0
     if noise is not None:
-        noise = jnp.asarray(noise)
+        noise = jnp.asarray(noise, x_T.dtype)
         if noise.shape != (len(ts), *x_T.shape):
             raise ValueError(
                 f"noise must have shape (num_steps, *x_T.shape) = {(len(ts), *x_T.shape)}, "

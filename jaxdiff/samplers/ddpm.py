@@ -12,8 +12,17 @@ variance types:
   variance is ``(v+1)/2 * log(beta_t) + (1-v)/2 * log(fixed_small)``.
 
 For the learned types the model output carries ``2C`` channels on the LAST axis (NHWC): the
-first ``C`` are the mean prediction, the last ``C`` the variance prediction. No noise is added at
-``t == 0``.
+first ``C`` are the mean prediction, the last ``C`` the variance prediction.
+
+Noise on the last step: as in diffusers, a step adds ``std * noise`` whenever ``t > 0``. The
+default (``"leading"``/``"linspace"``) grids end at ``t == 0`` and return the mean, but a grid
+ending at ``t > 0`` (``"trailing"`` spacing, or ``steps_offset=1``) adds noise to the returned
+sample: negligible for ``"fixed_small"`` (its variance at ``t_prev = -1`` is the ``1e-20`` clamp),
+``sqrt(1 - abar_t)`` for ``"fixed_large"``. Pass ``final_noise=False`` to return the mean on every
+step whose ``t_prev < 0``.
+
+The sampler's carry is at least float32 whatever ``x_T``'s dtype (a bf16 model output is promoted
+at each step, and the state is never re-rounded to bf16).
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ def _posterior(schedule, model_output, x_t, t, t_prev, variance_type, prediction
             f"model_output must have shape {expected} for variance_type={variance_type!r} "
             f"and x_t of shape {x_t.shape}, got {model_output.shape}"
         )
+    dtype = jnp.promote_types(x_t.dtype, jnp.float32)  # compute in >= float32 (bf16 models)
+    x_t, model_output = x_t.astype(dtype), model_output.astype(dtype)
     predicted_variance = None
     if variance_type in _LEARNED:
         C = x_t.shape[-1]
@@ -69,7 +80,8 @@ def _posterior(schedule, model_output, x_t, t, t_prev, variance_type, prediction
     acp = schedule.alphas_cumprod
     t_prev = jnp.asarray(t_prev)
     a_t = gather(acp, t)
-    a_prev = jnp.where(t_prev >= 0, gather(acp, t_prev), jnp.float32(1.0))
+    # Gather at max(t_prev, 0): the final step's t_prev = -1 is never read (checkify would flag it).
+    a_prev = jnp.where(t_prev >= 0, gather(acp, jnp.maximum(t_prev, 0)), jnp.float32(1.0))
     b_t = 1.0 - a_t
     b_prev = 1.0 - a_prev
     cur_alpha = a_t / a_prev
@@ -142,6 +154,7 @@ def ddpm_step(
     variance_type: str = "fixed_small",
     prediction_type: str,
     clip_x0: float | None,
+    final_noise: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """One ancestral step ``x_t -> x_{t_prev}`` (``DDPMScheduler.step``).
 
@@ -150,15 +163,20 @@ def ddpm_step(
       model_output: ``[B, ..., C]`` eps / x0 / v by ``prediction_type``; ``[B, ..., 2C]`` (mean
         prediction then variance prediction on the last axis) for ``"learned"``/``"learned_range"``.
       x_t: ``[B, ..., C]``.
-      t: scalar int in ``[0, T)``. t_prev: scalar int, the next timestep of the grid or ``-1`` after
-        the last (``T``-step sampling: ``t - 1``). Concrete out-of-range values raise.
-      noise: ``[B, ..., C]`` standard normal noise, scaled by the std and added when ``t > 0``.
+      t: 0-d int in ``[0, T)``. t_prev: 0-d int, the next timestep of the grid or ``-1`` after
+        the last (``T``-step sampling: ``t - 1``). Concrete out-of-range values, non-integer
+        dtypes and non-scalar shapes (a ``[B]`` t would broadcast against the channels) raise.
+      noise: ``[B, ..., C]`` standard normal noise, scaled by the std and added when ``t > 0``
+        (and, with ``final_noise=False``, ``t_prev >= 0``).
       variance_type: one of :data:`VARIANCE_TYPES`.
       prediction_type: ``"eps"``/``"epsilon"``, ``"x0"``/``"sample"`` or ``"v"``/``"v_prediction"``.
       clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]``; ``None`` for no clipping.
+      final_noise: ``True`` (diffusers): a last step (``t_prev < 0``) from ``t > 0`` adds noise too;
+        ``False``: it returns the mean. See the module docstring.
 
     Returns:
-      ``(x_prev, pred_x0)``, both ``[B, ..., C]``; ``x_prev`` has ``x_t``'s dtype.
+      ``(x_prev, pred_x0)``, both ``[B, ..., C]``; ``x_prev`` has ``x_t``'s dtype (computed in
+      at least float32).
     """
     if noise is None or noise.shape != x_t.shape:
         got = None if noise is None else noise.shape
@@ -166,7 +184,12 @@ def ddpm_step(
     pred_x0, mean, std = _posterior(
         schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0
     )
-    x_prev = mean + jnp.where(jnp.asarray(t) > 0, std, 0.0) * noise
+    if final_noise not in (True, False):
+        raise ValueError(f"final_noise must be a bool, got {final_noise!r}")
+    add = jnp.asarray(t) > 0
+    if not final_noise:
+        add = add & (jnp.asarray(t_prev) >= 0)
+    x_prev = mean + jnp.where(add, std, 0.0) * noise
     return x_prev.astype(x_t.dtype), pred_x0
 
 
@@ -183,6 +206,7 @@ def ddpm_sample(
     prediction_type: str = "eps",
     clip_x0: float | None = None,
     noise: jax.Array | None = None,
+    final_noise: bool = True,
     return_trajectory: bool = False,
 ):
     """Ancestral DDPM sampling in one ``lax.scan`` (1,000 steps are one XLA computation).
@@ -191,7 +215,8 @@ def ddpm_sample(
       model_fn: ``model_fn(x: [B, ..., C], t: [B] int32) -> [B, ..., C]`` (``2C`` channels for the
         learned variance types).
       schedule: the training schedule; ``T = schedule.num_timesteps``.
-      x_T: ``[B, ..., C]`` the starting noise.
+      x_T: ``[B, ..., C]`` the starting noise; the scan carries it in (at least) float32, so a
+        bf16 ``x_T`` or model output is never re-rounded to bf16 between steps.
       key: a PRNG key (step ``i`` draws from ``fold_in(key, i)``); required unless ``noise`` is
         given.
       num_steps: ``None`` for all ``T`` steps, else ``1 <= num_steps <= T`` on the ``spacing`` grid
@@ -199,22 +224,29 @@ def ddpm_sample(
       variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
       noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise, used instead of drawing from
         ``key``.
+      final_noise: ``True`` (the default, as diffusers): the last step adds ``std * noise`` when
+        its ``t > 0``, which happens with ``spacing="trailing"`` or ``steps_offset >= 1`` (the
+        grid then ends above 0), so the returned sample is not the mean. ``False``: the last step
+        (``t_prev = -1``) returns the mean. The default grids end at ``t = 0``: no difference.
       return_trajectory: also return the path.
 
     Returns:
-      ``x_0: [B, ..., C]``; with ``return_trajectory``, ``(x_0, xs, pred_x0s)`` where ``xs:
-      [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
-      [num_steps, B, ...]`` every step's predicted ``x0``.
+      ``x_0: [B, ..., C]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs,
+      pred_x0s)`` where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output
+      and ``pred_x0s: [num_steps, B, ...]`` every step's predicted ``x0``.
     """
     prediction_type = canonical_prediction_type(prediction_type)
     variance_type = _check_variance_type(variance_type)
     clip_x0 = check_clip(clip_x0)
     ts, ts_prev = ddpm_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
+    if final_noise not in (True, False):
+        raise ValueError(f"final_noise must be a bool, got {final_noise!r}")
     x_T = jnp.asarray(x_T)
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a batch axis, got shape {x_T.shape}")
+    x_T = x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))  # the carry: >= float32
     if noise is not None:
-        noise = jnp.asarray(noise)
+        noise = jnp.asarray(noise, x_T.dtype)
         if noise.shape != (len(ts), *x_T.shape):
             raise ValueError(
                 f"noise must have shape (num_steps, *x_T.shape) = {(len(ts), *x_T.shape)}, "
@@ -240,6 +272,7 @@ def ddpm_sample(
         x_prev, pred_x0 = ddpm_step(
             schedule, out, x, t, t_prev, z,
             variance_type=variance_type, prediction_type=prediction_type, clip_x0=clip_x0,
+            final_noise=final_noise,
         )
         return x_prev, ((x_prev, pred_x0) if return_trajectory else None)
 

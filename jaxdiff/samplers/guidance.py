@@ -5,6 +5,11 @@ sampler takes. Both branches run in ONE batched model call of batch ``2B``; the 
 ``uncond + w * (cond - uncond)`` (the diffusers convention: ``w = 1`` is the conditional model,
 ``w = 0`` the unconditional one), optionally rescaled (Lin et al. 2023, ``guidance_rescale``).
 
+Learned-variance models (``2C`` output channels: mean prediction, then variance): pass
+``guide_channels=C`` so that only the first ``C`` channels are guided and the variance channels
+come from the conditional branch, as diffusers' ``DiTPipeline`` does. Extrapolating the variance
+prediction too (the default, ``guide_channels=None``) can push it outside its valid range.
+
     >>> fn = classifier_free_guidance(partial(apply, params), labels, null_label, 3.0)
     >>> x0 = ddim_sample(fn, sched, x_T, num_steps=50)
 """
@@ -64,6 +69,8 @@ def classifier_free_guidance(
     null_cond: Any,
     guidance_scale: float | jax.Array,
     guidance_rescale: float | jax.Array = 0.0,
+    *,
+    guide_channels: int | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Wrap a conditional model into a guided ``fn(x, t)`` for the samplers.
 
@@ -76,14 +83,23 @@ def classifier_free_guidance(
         context).
       guidance_scale: ``w``; may be traced (changing it does not recompile).
       guidance_rescale: ``phi`` in ``[0, 1]``; may be traced. A concrete ``0`` skips the rescale.
+      guide_channels: ``None`` guides every output channel. An int ``C >= 1`` guides (and
+        rescales) only the first ``C`` channels of the LAST axis; the remaining ones (a learned
+        variance: output ``[B, ..., 2C]``) are the conditional branch's.
 
     Returns:
       ``fn(x: [B, ...], t: [B] or scalar int) -> [B, ...]``: ``uncond + w * (cond - uncond)``,
       computed from ONE call of ``model_fn`` on ``[x, x]``, ``[t, t]``, ``[cond, null_cond]``.
       A concrete ``w = 1`` (the conditional model; rescaling is then the identity) or ``w = 0``
-      without rescale (the unconditional model) needs one branch only, so ``model_fn`` runs once
-      on batch ``B`` instead of ``2B``: half the cost, same result.
+      without rescale and without ``guide_channels`` (the unconditional model) needs one branch
+      only, so ``model_fn`` runs once on batch ``B`` instead of ``2B``: half the cost, same result.
     """
+    if guide_channels is not None and (
+        isinstance(guide_channels, bool)
+        or not isinstance(guide_channels, (int, np.integer))
+        or guide_channels < 1
+    ):
+        raise ValueError(f"guide_channels must be None or an int >= 1, got {guide_channels!r}")
     rescale_value = concrete(guidance_rescale)
     if rescale_value is not None and not 0.0 <= float(rescale_value) <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
@@ -94,7 +110,7 @@ def classifier_free_guidance(
     if scale_value is not None and np.ndim(scale_value) == 0:
         if float(scale_value) == 1.0:
             single = cond
-        elif float(scale_value) == 0.0 and skip_rescale:
+        elif float(scale_value) == 0.0 and skip_rescale and guide_channels is None:
             single = null_full
     both_cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_full)
 
@@ -117,9 +133,20 @@ def classifier_free_guidance(
         if out.shape[0] != 2 * batch:
             raise ValueError(f"model_fn's output must have batch {2 * batch}, got {out.shape}")
         cond_out, uncond_out = out[:batch], out[batch:]
+        rest = None
+        if guide_channels is not None:
+            if out.ndim < 2 or guide_channels > out.shape[-1]:
+                raise ValueError(
+                    f"guide_channels={guide_channels} exceeds the last axis of model_fn's output "
+                    f"{out.shape}"
+                )
+            rest = cond_out[..., guide_channels:]
+            cond_out, uncond_out = cond_out[..., :guide_channels], uncond_out[..., :guide_channels]
         guided_out = uncond_out + guidance_scale * (cond_out - uncond_out)
         if not skip_rescale:
             guided_out = rescale_guidance(guided_out, cond_out, guidance_rescale)
+        if rest is not None:
+            guided_out = jnp.concatenate([guided_out.astype(rest.dtype), rest], axis=-1)
         return guided_out
 
     return guided

@@ -29,7 +29,8 @@ __all__ = ["SPACINGS", "ddim_timesteps", "ddpm_timesteps", "gather"]
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
+    """``int(value)`` for a Python or numpy int ``>= minimum``; ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
@@ -41,11 +42,11 @@ def _diffusers_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int
 ) -> np.ndarray:
     """The descending int64 grid of ``{DDIM,DDPM}Scheduler.set_timesteps`` (diffusers 0.42)."""
-    T = _check_int("num_train_timesteps", num_train_timesteps, 1)
-    n = _check_int("num_steps", num_steps, 1)
+    T = check_int("num_train_timesteps", num_train_timesteps, 1)
+    n = check_int("num_steps", num_steps, 1)
     if n > T:
         raise ValueError(f"num_steps must be <= num_train_timesteps ({T}), got {n}")
-    offset = _check_int("steps_offset", steps_offset, 0)
+    offset = check_int("steps_offset", steps_offset, 0)
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
     elif spacing == "leading":
@@ -100,7 +101,7 @@ def ddpm_timesteps(
     Returns ``(ts, ts_prev)``: two ``[num_steps]`` int32 numpy arrays.
     """
     if num_steps is None:
-        T = _check_int("num_train_timesteps", num_train_timesteps, 1)
+        T = check_int("num_train_timesteps", num_train_timesteps, 1)
         ts = np.arange(T - 1, -1, -1, dtype=np.int64)
     else:
         ts = _diffusers_timesteps(num_train_timesteps, num_steps, spacing, steps_offset)
@@ -115,16 +116,22 @@ def gather(arr: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def check_timestep(name: str, t, num_timesteps: int, *, allow_negative: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` if a concrete ``t`` lies outside ``[0, T)`` (any
-    negative value is allowed with ``allow_negative``: "before the first step"). Traced values
-    pass."""
+    """Validate a step function's scalar timestep; ``ValueError`` naming ``name`` unless ``t`` is
+    a 0-d integer (a ``[B]`` array would broadcast against the channel axis). A concrete ``t`` must
+    also lie in ``[0, T)`` (with ``allow_negative``, any negative value is allowed: "before the
+    first step"); a traced one passes the range check and reads NaN where it is out of range."""
+    dtype = jnp.result_type(t)  # works on tracers: the dtype is known before the value
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer timestep, got dtype {dtype}")
+    if jnp.ndim(t) != 0:
+        raise ValueError(
+            f"{name} must be a scalar (0-d) timestep shared by the batch, got shape {jnp.shape(t)}"
+        )
     value = concrete(t)
     if value is None:
         return
-    if not np.issubdtype(value.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer timestep, got dtype {value.dtype}")
-    low_ok = True if allow_negative else np.all(value >= 0)
-    if not (low_ok and np.all(value < num_timesteps)):
+    low_ok = True if allow_negative else value >= 0
+    if not (low_ok and value < num_timesteps):
         bounds = f"< {num_timesteps}" if allow_negative else f"in [0, {num_timesteps})"
         raise ValueError(f"{name} must be {bounds}, got {value.tolist()}")
 

@@ -44,7 +44,9 @@ class OptimizerConfig:
     """AdamW with linear warm-up then cosine decay (or constant), and global-norm clipping.
 
     ``schedule``: ``"cosine"`` (to ``end_lr_factor * learning_rate`` at ``total_steps``) or
-    ``"constant"``. ``grad_clip_norm <= 0`` disables clipping.
+    ``"constant"``. ``end_lr_factor >= 0``. ``grad_clip_norm == 0`` disables clipping (negative
+    values are rejected); switching clipping on or off changes the optimizer state's structure, so
+    a run cannot be resumed across that change.
     """
 
     learning_rate: float = 2e-4
@@ -68,6 +70,11 @@ class OptimizerConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.end_lr_factor >= 0:
+            raise ValueError(f"end_lr_factor must be >= 0, got {self.end_lr_factor}")
+        if not self.grad_clip_norm >= 0:
+            raise ValueError(f"grad_clip_norm must be >= 0 (0 = no clipping), got "
+                             f"{self.grad_clip_norm}")
 
 
 def make_lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff.training.state import TrainState, ema_update
 
@@ -31,9 +31,14 @@ LossFn = Callable[[Any, Dict[str, jax.Array], jax.Array], Tuple[jax.Array, Dict[
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all devices of all processes) named ``data``."""
+    """A 1-D mesh over ``devices`` (default: all devices of all processes) named ``data``.
+
+    Built by ``jax.make_mesh`` (which orders the devices for the interconnect, e.g. a ring on TPU)
+    with an ``Auto`` axis: shardings are given explicitly to ``jit``, not carried by the types.
+    """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -96,3 +96,35 @@ def test_dpm_solver_trajectory(case, beta_schedule):
     traj = np.asarray(traj).transpose(0, 1, 4, 2, 3)
     diffs = [np.abs(a - b).max() for a, b in zip(traj, ref_traj)]
     assert max(diffs) <= TOL, diffs
+
+
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 0), ("leading", 1),
+                                             ("trailing", 0)])
+@pytest.mark.parametrize("beta_schedule, T, clip", [("linear", 50, -float("inf")),
+                                                    ("cosine", 1000, -5.1)])
+def test_timesteps_equal_diffusers_or_raise(spacing, offset, beta_schedule, T, clip):
+    """For every 1 <= num_steps <= T: where diffusers' grid is strictly decreasing inside [0, T),
+    ours is identical; where it repeats timesteps or leaves [0, T) (the solver would then divide by
+    h = 0), ours raises ValueError. The one exception: trailing's float arange sometimes ends in an
+    extra t = -1 (e.g. T = 1000, num_steps = 61), which we drop."""
+    ref = DPMSolverMultistepScheduler(
+        num_train_timesteps=T, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[
+            beta_schedule], timestep_spacing=spacing, steps_offset=offset,
+        lambda_min_clipped=clip, algorithm_type="dpmsolver++",
+    )
+    sched = make_schedule(beta_schedule, T)
+    raised = 0
+    for n in range(1, T + 1):
+        ref.set_timesteps(n)
+        theirs = ref.timesteps.numpy()
+        if spacing == "trailing" and len(theirs) > 1 and theirs[-1] == -1:
+            theirs = theirs[:-1]
+        kw = dict(spacing=spacing, steps_offset=offset, lambda_min_clipped=clip)
+        if (np.diff(theirs) < 0).all() and theirs.min() >= 0 and theirs.max() < T:
+            ts, _ = dpm_solver_timesteps(sched, n, **kw)
+            np.testing.assert_array_equal(ts, theirs, err_msg=f"num_steps={n}")
+        else:
+            with pytest.raises(ValueError, match="num_steps|steps_offset"):
+                dpm_solver_timesteps(sched, n, **kw)
+            raised += 1
+    assert (raised == 0) if spacing == "trailing" else raised > 0  # both branches exercised
