@@ -33,6 +33,8 @@ from jaxdiff.samplers import (
 )
 from jaxdiff.schedules import make_schedule
 
+from jaxdiff.compile_options import cpu_compiler_options
+
 from benchmarks.common import machine
 
 
@@ -88,8 +90,9 @@ def _compile(jitted, *args):
 
 def bench(name, sample_fn, step_fn, ts, ts_prev, params, x, key, repeats):
     """Returns a table row: compile times (s) and per-step medians (ms) of scan and loop."""
-    scan, scan_compile = _compile(jax.jit(sample_fn), params, x, key)
-    step, step_compile = _compile(jax.jit(step_fn), params, x, ts[0], ts_prev[0], jnp.int32(0), key)
+    opts = cpu_compiler_options()
+    scan, scan_compile = _compile(jax.jit(sample_fn, compiler_options=opts), params, x, key)
+    step, step_compile = _compile(jax.jit(step_fn, compiler_options=opts), params, x, ts[0], ts_prev[0], jnp.int32(0), key)
     ts_dev, tp_dev = list(jnp.asarray(ts)), list(jnp.asarray(ts_prev))
     idx = [jnp.int32(i) for i in range(len(ts))]
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import alternate, diffusers_twin, machine, timed, torch_forward
+from jaxdiff.compile_options import cpu_compiler_options
 
 
 def jax_fns(cfg):
@@ -37,7 +38,9 @@ def jax_fns(cfg):
     def loss(params, x, noise, t, labels):
         return jnp.mean((forward(params, x, t, labels) - noise) ** 2)
 
-    return jax.jit(forward), jax.jit(jax.grad(loss))
+    opts = cpu_compiler_options()
+    return (jax.jit(forward, compiler_options=opts),
+            jax.jit(jax.grad(loss), compiler_options=opts))
 
 
 def torch_fns(model, emb, cfg, autocast_dtype):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import threading
@@ -39,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxdiff.compile_options import cpu_compiler_options
 
 from benchmarks.common import (alternate, diffusers_twin, machine, sync, timed,
                                torch_forward)
@@ -198,7 +201,9 @@ def main(argv=None):
     def jloss(params, x, noise, t, labels):
         return jnp.mean((jforward(params, x, t, labels) - noise) ** 2)
 
-    @jax.jit
+    opts = cpu_compiler_options()  # {} off the CPU or with JAXDIFF_CPU_COMPILER_OPTIONS=0
+
+    @functools.partial(jax.jit, compiler_options=opts)
     def jstep(params, opt_state, x, noise, t, labels):
         loss, grads = jax.value_and_grad(jloss)(params, x, noise, t, labels)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -268,14 +273,15 @@ def main(argv=None):
     def guided(params):
         return classifier_free_guidance(lambda x, t, c: jforward(params, x, t, c), jsl, null, w)
 
-    jsample = jax.jit(lambda params, x: ddim_sample(guided(params), sched, x, num_steps=steps))
+    jsample = jax.jit(lambda params, x: ddim_sample(guided(params), sched, x, num_steps=steps),
+                      compiler_options=opts)
     t0 = time.perf_counter()
     jsample_c = jsample.lower(params, jx_T).compile()
     jcompile_sample = time.perf_counter() - t0
 
     ts, ts_prev = ddim_timesteps(1000, steps, "leading")
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=opts)
     def jstep1(params, x, t, t_prev):
         out = guided(params)(x, jnp.full((S,), t, jnp.int32))
         return ddim_step(sched, out, x, t, t_prev, None, eta=0.0, prediction_type="eps",

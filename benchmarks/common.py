@@ -34,8 +34,13 @@ def machine() -> str:
     """One line: the accelerator JAX runs on (if any), the CPU, the core count, the load."""
     dev = jax.devices()[0]
     acc = "" if dev.platform == "cpu" else f"{jax.device_count()}x {dev.device_kind}, "
+    from jaxdiff.compile_options import cpu_compiler_options
+
+    opts = cpu_compiler_options()
+    xla = (", XLA:CPU options " + ", ".join(f"{k}={v}" for k, v in opts.items()) if opts
+           else ", XLA defaults" if dev.platform == "cpu" else "")
     return (f"{acc}{cpu_name()}, {os.cpu_count()} CPU cores, {platform.system()}; jax backend "
-            f"{jax.default_backend()}; load average {os.getloadavg()[0]:.1f}")
+            f"{jax.default_backend()}{xla}; load average {os.getloadavg()[0]:.1f}")
 
 
 def sync(out=None):

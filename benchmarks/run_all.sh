@@ -31,9 +31,13 @@ else
     [bench_samplers]="$PY -m benchmarks.bench_samplers"
     [bench_unet]="$PY -m benchmarks.bench_unet --batch 128 --reps 10"
     [bench_train]="$PY -m benchmarks.bench_train --steps 30"
-    [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 2"
+    [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
+    [bench_cpu_options]="$PY -m benchmarks.bench_cpu_options"
+    [profile_step]="$PY -m benchmarks.profile_step"
+    [profile_step_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.profile_step"
   )
-  default=(bench_samplers bench_unet bench_train bench_vs_torch)
+  default=(bench_samplers bench_unet bench_train bench_vs_torch bench_cpu_options profile_step
+           profile_step_xla_defaults)
 fi
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${default[@]}")

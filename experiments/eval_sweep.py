@@ -62,8 +62,8 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
 def markdown(results: dict) -> str:
     clf = results["classifier"]
     lines = [
-        f"| sampler | steps | guidance | N | FD (floor at N) | conditional accuracy | "
-        f"time (s) |",
+        "| sampler | steps | guidance | N | FD (floor at N) | conditional accuracy | "
+        "time (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floors = results["floors"]

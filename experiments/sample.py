@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.images import save_grid
+from jaxdiff.compile_options import cpu_compiler_options
 
 __all__ = ["make_sample_fn", "sample_images", "load_run", "main"]
 
@@ -61,7 +62,8 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
                            prediction_type=prediction_type, clip_x0=clip_x0)
 
     repl, data = replicated_sharding(mesh), batch_sharding(mesh)
-    return jax.jit(fn, in_shardings=(repl, data, repl), out_shardings=repl)
+    return jax.jit(fn, in_shardings=(repl, data, repl), out_shardings=repl,
+                   compiler_options=cpu_compiler_options())
 
 
 def sample_images(sample_fn, variables, labels: Sequence[int], key, mesh) -> np.ndarray:

@@ -5,6 +5,7 @@ weight import); see the submodules for documentation. Data loading, training and
 ``jaxdiff.data``, ``jaxdiff.training`` and ``jaxdiff.metrics``.
 """
 
+from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.diffusion import (
     PREDICTION_TYPES,
     canonical_prediction_type,
@@ -50,3 +51,47 @@ from jaxdiff.schedules import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "Schedule",
+    "UNet",
+    "UNetConfig",
+    "canonical_prediction_type",
+    "checked",
+    "classifier_free_guidance",
+    "convert_unet_state_dict",
+    "cosine_betas",
+    "cpu_compiler_options",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step",
+    "diffusion_loss",
+    "dpm_solver_sample",
+    "drop_condition",
+    "from_diffusers",
+    "init_unet",
+    "linear_betas",
+    "load_torch_state_dict",
+    "loss_weights",
+    "make_schedule",
+    "mnist_unet_config",
+    "model_output_to_x0_eps",
+    "predict_eps_from_v",
+    "predict_eps_from_x0",
+    "predict_x0_from_eps",
+    "predict_x0_from_v",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "rescale_guidance",
+    "rescale_zero_terminal_snr",
+    "scaled_linear_betas",
+    "schedule_from_betas",
+    "sigmoid_betas",
+    "snr",
+    "target_for",
+    "unet_config_from_diffusers",
+    "velocity",
+]

@@ -2,7 +2,6 @@
 the variational bound (bits/dim) against closed forms."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 from scipy.special import log_ndtr
 
-from jaxdiff.metrics import fid, likelihood
+from jaxdiff.metrics import likelihood
 from jaxdiff.metrics.fid import (class_histogram, conditional_accuracy, feature_statistics,
                                  fid_from_features, frechet_distance)
 from jaxdiff.metrics.likelihood import (discretized_gaussian_log_likelihood, normal_kl, prior_bpd,

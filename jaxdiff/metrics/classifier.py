@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxdiff.compile_options import cpu_compiler_options
 from flax import serialization
 
 __all__ = [
@@ -81,9 +83,15 @@ def classifier_logits(params: Any, x: jax.Array) -> jax.Array:
     return MnistClassifier().apply({"params": params}, x)[1]
 
 
-@jax.jit
 def _features_and_logits(params, x):
-    return MnistClassifier().apply({"params": params}, x)
+    return _jitted_features_and_logits()(params, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_features_and_logits():
+    """Jitted on first use (not at import: the CPU options query the backend)."""
+    return jax.jit(lambda params, x: MnistClassifier().apply({"params": params}, x),
+                   compiler_options=cpu_compiler_options())
 
 
 def classify(
@@ -120,7 +128,7 @@ def _make_train_step(tx: optax.GradientTransformation) -> Callable:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=cpu_compiler_options())
     def step(params, opt_state, x, y):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -13,7 +13,7 @@ the noise an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.training.state import TrainState, ema_update
 
 __all__ = ["DATA_AXIS", "make_mesh", "replicated_sharding", "batch_sharding",
@@ -97,6 +98,7 @@ def make_train_step(
     ema_decay: float,
     lr_schedule: Optional[optax.Schedule] = None,
     donate: bool = True,
+    compiler_options: Optional[Dict[str, str]] = None,
 ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """Builds the jitted ``(state, batch) -> (state, metrics)``.
 
@@ -107,6 +109,8 @@ def make_train_step(
       ema_decay: maximum EMA decay (warm-up ``(1 + step) / (10 + step)``).
       lr_schedule: if given, ``metrics["lr"]`` reports it.
       donate: donate the input state's buffers (do not use ``state`` after the call).
+      compiler_options: XLA options for ``jax.jit``; None means
+        :func:`jaxdiff.cpu_compiler_options` (faster convolutions on the CPU, nothing elsewhere).
 
     The step's key is ``fold_in(state.key, state.step)``. If the loss or the gradient norm is not
     finite, the returned state is the input state unchanged and ``metrics["finite"]`` is False; the
@@ -134,5 +138,7 @@ def make_train_step(
         return new, metrics
 
     repl, data = replicated_sharding(mesh), batch_sharding(mesh)
+    if compiler_options is None:
+        compiler_options = cpu_compiler_options()
     return jax.jit(step, in_shardings=(repl, data), out_shardings=(repl, repl),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
