@@ -121,7 +121,8 @@ def generate(
     return np.concatenate(out)
 
 
-def load_diffusion(workdir: str, *, sampler: str, steps: int, guidance_scale: float, eta: float):
+def load_diffusion(workdir: str, *, sampler: str, steps: int, guidance_scale: float, eta: float,
+                   ddim_clip: str = "consistent"):
     """The trained run in ``workdir`` (``experiments.train_mnist``'s format), or None if absent.
 
     Returns ``dict(sample_fn, apply, variables, schedule, prediction_type, null_label, step_info)``
@@ -139,7 +140,7 @@ def load_diffusion(workdir: str, *, sampler: str, steps: int, guidance_scale: fl
     fn = make_sample_fn(model, schedule, mesh, sampler=sampler, num_steps=steps,
                         guidance_scale=guidance_scale, null_label=null_label,
                         prediction_type=prediction_type, eta=eta,
-                        clip_x0=config.sampling.clip_x0 or None)
+                        clip_x0=config.sampling.clip_x0 or None, ddim_clip=ddim_clip)
 
     def sample_fn(labels, key):
         return sample_images(fn, ema, labels, key, mesh)

@@ -13,8 +13,9 @@ fraction the classifier assigns to the requested digit), and the wall time. FD i
 at small ``N``, so the table also gives the real-vs-real floor (``N`` training vs ``N`` test
 images) at each ``N`` used: compare a setting with the floor at its ``N``, never across ``N``.
 
-Writes ``WORKDIR/sweep.json``, ``WORKDIR/sweep.md`` (the markdown table) and a PNG (``--out_png``,
-default ``WORKDIR/sweep.png``): one row per setting, the first two samples of each digit.
+Writes ``WORKDIR/NAME.json``, ``WORKDIR/NAME.md`` (the markdown table) and a PNG (``--out_png``,
+default ``WORKDIR/NAME.png``), ``NAME`` being ``--name`` (default ``sweep``): one row per setting,
+the first two samples of each digit.
 The classifier is ``WORKDIR/mnist_classifier.msgpack`` (or ``--classifier_path``), trained there
 first if missing, as in ``eval_mnist``.
 """
@@ -74,6 +75,8 @@ def markdown(results: dict) -> str:
             f"{r['time_s']:.0f} |"
         )
     lines.append("")
+    if results.get("args", {}).get("ddim_clip") == "diffusers":
+        lines.append("DDIM clipping: diffusers' form (clipped x0, the model's unclipped eps).")
     lines.append(f"Classifier test accuracy {clf['test_accuracy']:.4f}; run "
                  f"{results['workdir']} at step {results['step']}.")
     return "\n".join(lines) + "\n"
@@ -92,6 +95,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--data_dir", default="")
     p.add_argument("--out_png", default="")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="sweep",
+                   help="base name of the json/md/png written to the workdir")
+    p.add_argument("--ddim_clip", choices=["consistent", "diffusers"], default="consistent",
+                   help="DDIM with clipping: re-derive eps from the clipped x0 (consistent), or "
+                        "keep the model's eps as diffusers' DDIMScheduler does by default")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = parse_settings(args.settings, args.num_samples)
@@ -99,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         p.error(str(e))
     if args.batch_size < 1:
         p.error("--batch_size must be >= 1")
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        p.error(f"--name must be a plain file name (no '{os.sep}', not hidden), got {args.name!r}")
 
     from experiments.eval_mnist import (evaluate_samples, generate, get_classifier,
                                         load_diffusion, load_mnist_arrays, log)
@@ -129,6 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows, strips = [], []
     for s in settings:
         run = load_diffusion(args.workdir, sampler=s["sampler"], steps=s["steps"],
+                             ddim_clip=args.ddim_clip,
                              guidance_scale=s["guidance_scale"], eta=0.0)
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
         log(f"{s['sampler']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
@@ -146,12 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = {"workdir": args.workdir, "step": max(ckpts, default=-1),
                "classifier": clf_info, "floors": floors, "settings": rows,
                "args": vars(args)}
-    with open(os.path.join(args.workdir, "sweep.json"), "w") as f:
+    with open(os.path.join(args.workdir, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     table = markdown(results)
-    with open(os.path.join(args.workdir, "sweep.md"), "w") as f:
+    with open(os.path.join(args.workdir, f"{args.name}.md"), "w") as f:
         f.write(table)
-    out_png = args.out_png or os.path.join(args.workdir, "sweep.png")
+    out_png = args.out_png or os.path.join(args.workdir, f"{args.name}.png")
     save_grid(np.concatenate(strips), out_png, ncols=20)
     log(f"wrote {out_png}")
     print(table)

@@ -27,16 +27,20 @@ __all__ = ["make_sample_fn", "sample_images", "load_run", "main"]
 
 def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guidance_scale: float,
                    null_label: int, prediction_type: str = "eps", eta: float = 0.0,
-                   clip_x0: Optional[float] = 1.0) -> Callable:
+                   clip_x0: Optional[float] = 1.0, ddim_clip: str = "consistent") -> Callable:
     """Jitted ``(variables, labels [N] int32, key) -> images [N, H, W, C]``.
 
     The work is sharded over the mesh's ``data`` axis; the (small) output is replicated, so every
     process can read all of it, also when the mesh spans several hosts. ``N`` must be a multiple of
-    the mesh size (see :func:`sample_images`, which pads).
+    the mesh size (see :func:`sample_images`, which pads). ``ddim_clip``: with ``clip_x0``, DDIM
+    re-derives eps from the clipped x0 (``"consistent"``) or keeps the model's eps as diffusers'
+    ``DDIMScheduler`` does by default (``"diffusers"``).
     """
     from jaxdiff.samplers import classifier_free_guidance, ddim_sample, ddpm_sample
     from jaxdiff.training import batch_sharding, replicated_sharding
 
+    if ddim_clip not in ("consistent", "diffusers"):
+        raise ValueError(f"ddim_clip must be 'consistent' or 'diffusers', got {ddim_clip!r}")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     shape = (28, 28, model.config.in_channels)
@@ -52,12 +56,14 @@ def make_sample_fn(model, schedule, mesh, *, sampler: str, num_steps: int, guida
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding(mesh))
         if sampler == "ddim":
             # With clipping, eps is re-derived from the clipped x0 (use_clipped_model_output).
-            # diffusers' default (clip x0, keep the raw eps) mixes two inconsistent predictions:
-            # on this cosine schedule, where the early x0 predictions lie far outside [-1, 1],
-            # it measured 0.62 conditional accuracy at DDIM-50 against 0.96 re-derived.
+            # diffusers' default (clip x0, keep the raw eps; ddim_clip="diffusers") mixes two
+            # inconsistent predictions: on this cosine schedule, whose early x0 predictions lie
+            # far outside [-1, 1], samples get worse as steps grow (compare with
+            # `python -m experiments.eval_sweep --ddim_clip diffusers`; README, Results).
             return ddim_sample(guided, schedule, x_T, k_sample, num_steps=num_steps, eta=eta,
                                prediction_type=prediction_type, clip_x0=clip_x0,
-                               use_clipped_model_output=clip_x0 is not None)
+                               use_clipped_model_output=(clip_x0 is not None
+                                                         and ddim_clip == "consistent"))
         return ddpm_sample(guided, schedule, x_T, k_sample, num_steps=num_steps,
                            prediction_type=prediction_type, clip_x0=clip_x0)
 

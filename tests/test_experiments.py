@@ -173,6 +173,31 @@ def test_sample_output_is_replicated(trained):
     assert out.is_fully_addressable and out.is_fully_replicated
 
 
+def test_ddim_clip_forms(trained):
+    """``ddim_clip``: "consistent" re-derives eps from the clipped x0, "diffusers" keeps the
+    model's eps. They differ only where clipping bites, and coincide without clipping."""
+    import jax
+
+    from experiments import sample
+
+    config, model, schedule, ema, mesh = sample.load_run(trained[1])
+    labels = np.array([0, 7], np.int32)
+    key = jax.random.PRNGKey(0)
+
+    def run(clip_x0, ddim_clip):
+        fn = sample.make_sample_fn(model, schedule, mesh, sampler="ddim", num_steps=3,
+                                   guidance_scale=2.0, null_label=config.num_classes,
+                                   prediction_type=config.diffusion.prediction_type,
+                                   clip_x0=clip_x0, ddim_clip=ddim_clip)
+        return np.asarray(fn(ema, labels, key))
+
+    a, b = run(1.0, "consistent"), run(1.0, "diffusers")
+    assert np.abs(a - b).max() > 1e-3   # clipping bites on the 3-step model near t = T
+    np.testing.assert_allclose(run(None, "consistent"), run(None, "diffusers"), atol=0)
+    with pytest.raises(ValueError, match="ddim_clip"):
+        run(1.0, "torch")
+
+
 def test_cli_smoke_run_exits_zero(trained, compilation_cache, tmp_path):
     """``python -m experiments.train_mnist`` as a process: absl's app.run must exit with 0."""
     _, _, data_dir, _ = trained
@@ -234,6 +259,15 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     w, h = Image.open(png).size
     assert w > h  # 3 rows of 20 (two samples per digit)
 
+    out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                           f"--classifier_path={clf}", "--settings=ddim:2:1",
+                           "--num_samples=10", "--batch_size=10", "--ddim_clip=diffusers",
+                           "--name=sweep_clip"])
+    assert out["args"]["ddim_clip"] == "diffusers"
+    assert "diffusers' form" in open(os.path.join(workdir, "sweep_clip.md")).read()
+    assert os.path.isfile(os.path.join(workdir, "sweep_clip.png"))
+    with pytest.raises(SystemExit):   # --name must not be a path
+        eval_sweep.main([f"--workdir={workdir}", "--name=../x"])
     with pytest.raises(SystemExit):   # argparse error: a setting that does not parse
         eval_sweep.main([f"--workdir={workdir}", "--settings=ddim:fifty:2"])
     with pytest.raises(SystemExit):   # N larger than the test set
