@@ -67,7 +67,8 @@ def main(argv=None):
     print(f"Options: {', '.join(f'{k}={v}' for k, v in CPU_COMPILER_OPTIONS.items())}; batch "
           f"{args.batch}, median of {args.reps} after {args.warmup} warm-up, alternating")
     print()
-    print("| model | pass | XLA default (ms) | cpu_compiler_options (ms) | speed-up | max rel. diff |")
+    print("| model | pass | XLA default (ms) | cpu_compiler_options (ms) | speed-up | "
+          "max rel. diff |")
     print("|---|---|---:|---:|---:|---:|")
     for model, name, d, tt, err in rows:
         print(f"| {model} | {name} | {d * 1e3:.0f} | {tt * 1e3:.0f} | {d / tt:.2f}x | "

@@ -92,7 +92,8 @@ def bench(name, sample_fn, step_fn, ts, ts_prev, params, x, key, repeats):
     """Returns a table row: compile times (s) and per-step medians (ms) of scan and loop."""
     opts = cpu_compiler_options()
     scan, scan_compile = _compile(jax.jit(sample_fn, compiler_options=opts), params, x, key)
-    step, step_compile = _compile(jax.jit(step_fn, compiler_options=opts), params, x, ts[0], ts_prev[0], jnp.int32(0), key)
+    step, step_compile = _compile(jax.jit(step_fn, compiler_options=opts), params, x, ts[0],
+                                  ts_prev[0], jnp.int32(0), key)
     ts_dev, tp_dev = list(jnp.asarray(ts)), list(jnp.asarray(ts_prev))
     idx = [jnp.int32(i) for i in range(len(ts))]
 

@@ -2,7 +2,7 @@
 compile time and its first execution, each separately (``step_fn.lower(...).compile()``), then
 steps/s and images/s over timed steps (synthetic data of MNIST's shape; measures, never asserts).
 
-    python -m benchmarks.bench_train                       # default config (experiments/configs/mnist.py)
+    python -m benchmarks.bench_train    # default config (experiments/configs/mnist.py)
     python -m benchmarks.bench_train --config accel --steps 50 --batch_size 256
 
 Prints a markdown table row with the machine description, for BENCHMARKS.md.

@@ -31,7 +31,8 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 0) 
 
 
 def save_grid(images: np.ndarray, path: str, ncols: int, scale: int = 2) -> str:
-    """Saves ``[N, H, W, C]`` images in ``[-1, 1]`` as a PNG grid (upscaled ``scale``x); returns path."""
+    """Saves ``[N, H, W, C]`` images in ``[-1, 1]`` as a PNG grid (upscaled ``scale``x); returns
+    path."""
     grid = make_grid(to_uint8(images), ncols)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:

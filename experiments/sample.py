@@ -4,8 +4,8 @@ checkpoint), with DDIM or DDPM and classifier-free guidance; the batch is sharde
     python -m experiments.sample --workdir runs/mnist --num_samples 64 --sampler ddim --steps 50 \
         --guidance_scale 2.0 --labels 0,1,2 --out samples.png
 
-Writes ``out`` (a PNG grid, one row per run of ``--labels``' cycle) and ``out`` with ``.npz`` holding
-``images [N, 28, 28, 1]`` in ``[-1, 1]`` and ``labels [N]``.
+Writes ``out`` (a PNG grid, one row per run of ``--labels``' cycle) and ``out`` with ``.npz``
+holding ``images [N, 28, 28, 1]`` in ``[-1, 1]`` and ``labels [N]``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python -m experiments.train_mnist --workdir runs/mnist
     python -m experiments.train_mnist --workdir runs/mnist --config.training.batch_size=128
-    python -m experiments.train_mnist --workdir runs/accel --config=experiments/configs/mnist_accel.py
+    python -m experiments.train_mnist --workdir runs/accel \
+        --config=experiments/configs/mnist_accel.py
 
 The workdir gets ``config.json``, ``checkpoints/`` (Orbax; resumed automatically), ``metrics.jsonl``
 and ``samples/step_XXXXXX.png`` (EMA params, DDIM + classifier-free guidance, one row per digit).

@@ -147,8 +147,8 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
 def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array):
     """The posterior ``q(x_{t-1} | x_t, x_0)``.
 
-    Returns ``(mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...])``; at ``t = 0``
-    the variance is 0 and the clipped log variance is that of ``t = 1`` (Ho et al. 2020).
+    Returns ``(mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...])``; at
+    ``t = 0`` the variance is 0 and the clipped log variance is that of ``t = 1`` (Ho et al. 2020).
     """
     _check_batched(x0, "x0")
     _check_same_shape(x0=x0, x_t=x_t)
@@ -162,7 +162,9 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
     return mean, var, log_var
 
 
-def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+def predict_x0_from_eps(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
     """``x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
     _check_batched(x_t, "x_t")
     _check_same_shape(x_t=x_t, eps=eps)
@@ -173,7 +175,9 @@ def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: j
     )
 
 
-def predict_eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+def predict_eps_from_x0(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
+) -> jax.Array:
     """``eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
     _check_batched(x_t, "x_t")
     _check_same_shape(x_t=x_t, x0=x0)

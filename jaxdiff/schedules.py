@@ -71,8 +71,10 @@ def _check_beta_range(beta_start: float, beta_end: float) -> None:
             raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """Betas evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Returns ``[T]`` float64."""
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
+                 beta_end: float = 0.02) -> np.ndarray:
+    """Betas evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Returns ``[T]``
+    float64."""
     num_timesteps = _check_num_timesteps(num_timesteps)
     _check_beta_range(beta_start, beta_end)
     return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
@@ -89,7 +91,8 @@ def scaled_linear_betas(
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-    """The cosine schedule of Nichol & Dhariwal (2021): ``alpha_bar(t) = cos((t/T + s)/(1 + s) * pi/2)^2``,
+    """The cosine schedule of Nichol & Dhariwal (2021):
+    ``alpha_bar(t) = cos((t/T + s)/(1 + s) * pi/2)^2``,
     ``beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), max_beta)``. Returns ``[T]`` float64."""
     num_timesteps = _check_num_timesteps(num_timesteps)
     if not 0.0 < max_beta < 1.0:
@@ -109,8 +112,10 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     )
 
 
-def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """``sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start`` (as in diffusers' DDPMScheduler)."""
+def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4,
+                  beta_end: float = 0.02) -> np.ndarray:
+    """``sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start`` (as in diffusers'
+    DDPMScheduler)."""
     num_timesteps = _check_num_timesteps(num_timesteps)
     _check_beta_range(beta_start, beta_end)
     u = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
@@ -120,8 +125,8 @@ def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas so the last step has zero signal-to-noise ratio (Lin et al. 2023, Alg. 1).
 
-    ``sqrt(alphas_cumprod)`` is shifted and scaled so that it keeps its first value and ends at 0; the
-    last beta then equals 1 exactly. Returns ``[T]`` float64.
+    ``sqrt(alphas_cumprod)`` is shifted and scaled so that it keeps its first value and ends at 0;
+    the last beta then equals 1 exactly. Returns ``[T]`` float64.
     """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 2:
@@ -155,7 +160,8 @@ def schedule_from_betas(betas) -> Schedule:
             "betas must be concrete numbers (a schedule is built on the host, outside jit)"
         ) from e
     if betas.ndim != 1 or betas.shape[0] < 1:
-        raise ValueError(f"betas must be a 1-D array with at least one entry, got shape {betas.shape}")
+        raise ValueError("betas must be a 1-D array with at least one entry, got shape "
+                         f"{betas.shape}")
     if not np.all(np.isfinite(betas)):
         raise ValueError("betas must be finite")
     inner_ok = np.all((betas[:-1] > 0) & (betas[:-1] < 1))
@@ -177,7 +183,8 @@ def schedule_from_betas(betas) -> Schedule:
         sqrt_recipm1 = np.sqrt(1.0 / acp - 1.0)
     post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
     # posterior_variance[0] == 0; the clipped log uses posterior_variance[1] there (Ho et al. 2020).
-    post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]])) if T > 1 else np.array([-np.inf])
+    post_log_var = (np.log(np.concatenate([post_var[1:2], post_var[1:]])) if T > 1
+                    else np.array([-np.inf]))
     coef1 = betas * np.sqrt(acp_prev) / (1.0 - acp)
     coef2 = (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)
 

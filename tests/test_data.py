@@ -74,7 +74,8 @@ def test_bad_magic_dtype_and_dims(tmp_path):
     with pytest.raises(ValueError, match="dimension 1 is 27"):
         read_idx(p, expected_shape=(None, 28, 28))
     with open(p + ".gz", "wb") as f:
-        f.write(gzip.compress(b"\x00\x00\x08\x01" + np.uint32(5).byteswap().tobytes() + b"12345")[:-6])
+        f.write(gzip.compress(b"\x00\x00\x08\x01" + np.uint32(5).byteswap().tobytes()
+                              + b"12345")[:-6])
     with pytest.raises(ValueError, match=r"x\.gz"):
         read_idx(p + ".gz")
 

@@ -77,7 +77,8 @@ def test_posterior_matches_closed_form():
     )
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(var, r(b * (1 - acp_prev) / (1 - acp)), rtol=1e-4)
-    np.testing.assert_allclose(np.exp(log_var), np.maximum(var, float(SCHED.posterior_variance[1])), rtol=1e-4)
+    np.testing.assert_allclose(np.exp(log_var), np.maximum(var, float(SCHED.posterior_variance[1])),
+                               rtol=1e-4)
 
 
 def test_snr_decreasing():

@@ -37,8 +37,8 @@ def _ode_error(order, n, x_T, scale=0.5):
 
 @pytest.mark.parametrize("order, expected_ratio", [(1, 2.0), (2, 4.0)])
 def test_convergence_order_on_gaussian_probability_flow(order, expected_ratio):
-    """Doubling the steps divides the global error by ~2 (first order, DDIM) or ~4 (DPM-Solver++(2M));
-    measured ratios 1.97-1.99 and 3.98-4.28 for 50 -> 100 -> 200 steps."""
+    """Doubling the steps divides the global error by ~2 (first order, DDIM) or ~4
+    (DPM-Solver++(2M)); measured ratios 1.97-1.99 and 3.98-4.28 for 50 -> 100 -> 200 steps."""
     x_T = jax.random.normal(jax.random.key(1), (4, 8))
     errs = [_ode_error(order, n, x_T) for n in (50, 100, 200)]
     for coarse, fine in zip(errs, errs[1:]):

@@ -1,5 +1,6 @@
 """Smoke-size end to end: train_mnist through its absl main (tiny UNet, small IDX files written in
-tmp_path) -> checkpoint, metrics.jsonl, PNG grid; resume; then experiments.sample from the workdir."""
+tmp_path) -> checkpoint, metrics.jsonl, PNG grid; resume; then experiments.sample from the
+workdir."""
 
 import json
 import os

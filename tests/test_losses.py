@@ -48,9 +48,11 @@ def test_perfect_model_has_zero_loss():
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 def test_min_snr_weights(kind):
     gamma = 5.0
-    w = np.asarray(loss_weights(SCHED, T, prediction_type=kind, weighting="min_snr", min_snr_gamma=gamma))
+    w = np.asarray(loss_weights(SCHED, T, prediction_type=kind, weighting="min_snr",
+                                min_snr_gamma=gamma))
     s = np.asarray(D.snr(SCHED, T), np.float64)
-    expected = {"eps": np.minimum(s, gamma) / s, "x0": np.minimum(s, gamma), "v": np.minimum(s, gamma) / (s + 1)}[kind]
+    expected = {"eps": np.minimum(s, gamma) / s, "x0": np.minimum(s, gamma),
+                "v": np.minimum(s, gamma) / (s + 1)}[kind]
     np.testing.assert_allclose(w, expected, rtol=1e-5)
     # all three weight the same x0-space error identically: w_eps * SNR == w_x0 == w_v * (SNR + 1)
     np.testing.assert_allclose(
@@ -73,13 +75,15 @@ def test_label_dropout_replaces_by_null_label():
         return jnp.zeros_like(x_t)
 
     x0 = jnp.zeros((8, 2))
-    diffusion_loss(apply, None, SCHED, x0, jax.random.key(3), labels, cond_drop_prob=1.0, null_cond=10)
+    diffusion_loss(apply, None, SCHED, x0, jax.random.key(3), labels, cond_drop_prob=1.0,
+                   null_cond=10)
     np.testing.assert_array_equal(seen[-1], 10)
     diffusion_loss(apply, None, SCHED, x0, jax.random.key(3), labels, cond_drop_prob=0.0)
     np.testing.assert_array_equal(seen[-1], labels)
     # about half dropped at p = 0.5, over a large batch
     big = jnp.arange(4000) % 10
-    diffusion_loss(apply, None, SCHED, jnp.zeros((4000, 1)), jax.random.key(4), big, cond_drop_prob=0.5, null_cond=10)
+    diffusion_loss(apply, None, SCHED, jnp.zeros((4000, 1)), jax.random.key(4), big,
+                   cond_drop_prob=0.5, null_cond=10)
     frac = float(jnp.mean(seen[-1] == 10))
     assert 0.45 < frac < 0.55
 
@@ -100,7 +104,8 @@ def test_jit_grad_and_same_key_same_loss():
     assert float(f(params, jax.random.key(5))) != float(f(params, jax.random.key(6)))
     g = jax.grad(f)(params, jax.random.key(5))
     eps = 1e-3
-    fd = (f({"w": 0.5 + eps}, jax.random.key(5)) - f({"w": 0.5 - eps}, jax.random.key(5))) / (2 * eps)
+    fd = (f({"w": 0.5 + eps}, jax.random.key(5))
+          - f({"w": 0.5 - eps}, jax.random.key(5))) / (2 * eps)
     np.testing.assert_allclose(g["w"], fd, rtol=1e-2)
 
 

@@ -38,7 +38,8 @@ def test_posterior_variance_positive_after_first_step(name, T):
     assert pv[0] == 0.0
     assert np.all(pv[1:] > 0)
     assert np.all(np.isfinite(np.asarray(s.posterior_log_variance_clipped)))
-    # The posterior variance never exceeds beta_t (it is beta_t shrunk by (1-abar_{t-1})/(1-abar_t)).
+    # The posterior variance never exceeds beta_t (it is beta_t shrunk by
+    # (1-abar_{t-1})/(1-abar_t)).
     assert np.all(pv <= np.asarray(s.betas) * (1 + 1e-6))
 
 

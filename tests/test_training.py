@@ -35,8 +35,8 @@ def tiny_setup(lr=1e-3, hw=8, total_steps=100, warmup=2, grad_clip_norm=1.0):
     """(state, tx, lr_fn, loss_fn) for TinyNet on [B, hw, hw, 1] images."""
     model = TinyNet()
     sched = make_schedule("linear", 100)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, 1)), jnp.zeros((1,), jnp.int32),
-                        jnp.zeros((1,), jnp.int32))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, hw, hw, 1)),
+                        jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
     tx, lr_fn = make_optimizer(OptimizerConfig(learning_rate=lr, warmup_steps=warmup,
                                                total_steps=total_steps,
                                                grad_clip_norm=grad_clip_norm))
@@ -67,7 +67,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.5)
     assert float(fn(10)) == pytest.approx(1.0)
     assert float(fn(110)) == pytest.approx(0.0, abs=1e-6)
-    const = make_lr_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=0, schedule="constant"))
+    const = make_lr_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=0,
+                                             schedule="constant"))
     assert float(const(1000)) == 1.0
 
 
@@ -134,7 +135,8 @@ def test_nonfinite_batch_leaves_state_unchanged():
 _MULTI = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_training import tiny_setup, tiny_data
-    from jaxdiff.training import make_mesh, make_train_step, replicate, shard_batch, check_batch_divisible
+    from jaxdiff.training import make_mesh, make_train_step, replicate, shard_batch
+    from jaxdiff.training import check_batch_divisible
     assert jax.device_count() == 8, jax.devices()
     data = tiny_data(16)
     out = {}

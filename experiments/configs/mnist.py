@@ -75,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "auto"        # auto | local | tfds
-    c.data.data_dir = ""          # IDX directory; "" = $JAXDIFF_MNIST_DIR, ../shared/data/mnist, tfds
+    c.data.data_dir = ""          # IDX directory; "" = $JAXDIFF_MNIST_DIR, ../shared/data/mnist,
+                                  # tfds
     c.data.prefetch = 2           # host batches buffered by the prefetch thread
 
     c.num_classes = 10

@@ -1,7 +1,8 @@
 """A seconds-sized MNIST setup for smoke tests and CI: a 2-level UNet without attention (class
 embedding added to the time embedding), batch 8, a few steps, 2-step sampling.
 
-    python -m experiments.train_mnist --workdir /tmp/smoke --config=experiments/configs/mnist_smoke.py
+    python -m experiments.train_mnist --workdir /tmp/smoke \
+        --config=experiments/configs/mnist_smoke.py
 """
 
 from experiments.configs import mnist

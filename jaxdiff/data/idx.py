@@ -3,7 +3,8 @@
 An IDX file is a big-endian header followed by a raw C-order array:
 
     bytes 0-1   zero
-    byte  2     type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64)
+    byte  2     type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
+                0x0E float64)
     byte  3     number of dimensions ``d``
     4*d bytes   one big-endian uint32 per dimension
     ...         prod(dims) * itemsize bytes of data
@@ -96,7 +97,8 @@ def read_idx(
     if expected_shape is not None:
         for i, (got, want) in enumerate(zip(dims, expected_shape)):
             if want is not None and got != want:
-                raise ValueError(f"{path}: IDX dimension {i} is {got}, expected {want} (shape {dims})")
+                raise ValueError(f"{path}: IDX dimension {i} is {got}, expected {want} "
+                                 f"(shape {dims})")
     expected_bytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     actual = len(data) - header_len
     if actual != expected_bytes:
@@ -110,7 +112,8 @@ def read_idx(
 
 
 def write_idx(path: str, array: np.ndarray, *, compress: Optional[bool] = None) -> None:
-    """Writes ``array`` as an IDX file; gzip-compressed if ``compress`` (default: name ends ``.gz``)."""
+    """Writes ``array`` as an IDX file; gzip-compressed if ``compress`` (default: name ends
+    ``.gz``)."""
     array = np.asarray(array)
     codes = {v.newbyteorder("="): k for k, v in IDX_DTYPES.items()}
     dt = array.dtype.newbyteorder("=")

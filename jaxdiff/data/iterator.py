@@ -73,7 +73,8 @@ class BatchIterator:
     def from_state(cls, arrays: Batch, global_batch_size: int, seed: int, state: Dict[str, int],
                    **kw) -> "BatchIterator":
         """An iterator positioned at ``state = {"epoch", "index"}`` (from :attr:`state`)."""
-        return cls(arrays, global_batch_size, seed, epoch=state["epoch"], index=state["index"], **kw)
+        return cls(arrays, global_batch_size, seed, epoch=state["epoch"], index=state["index"],
+                   **kw)
 
     @property
     def state(self) -> Dict[str, int]:
@@ -83,7 +84,8 @@ class BatchIterator:
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
             if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(
+                    self.num_examples)
             else:
                 self._perm = np.arange(self.num_examples)
             self._perm_epoch = epoch

@@ -111,7 +111,8 @@ def ddpm_timesteps(
 
 def gather(arr: jax.Array, t: jax.Array) -> jax.Array:
     """``arr[t]`` for a ``[T]`` array and integer ``t`` of any shape; NaN where ``t`` is outside
-    ``[0, T)`` (no clamping, no wrapping of negative indices). See :func:`jaxdiff.diffusion.extract`."""
+    ``[0, T)`` (no clamping, no wrapping of negative indices). See
+    :func:`jaxdiff.diffusion.extract`."""
     return extract(arr, t, jnp.ndim(t))
 
 

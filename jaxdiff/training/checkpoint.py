@@ -107,7 +107,8 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_interval_steps == 0
 
-    def save(self, step: int, state: Any, data_state: Dict[str, int], *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_state: Dict[str, int], *,
+             force: bool = False) -> bool:
         """Saves ``state`` (a TrainState of jax Arrays) and ``data_state`` at ``step``.
 
         Returns True if a checkpoint was started. ``force`` saves regardless of the interval.
@@ -129,7 +130,8 @@ class Checkpointer:
     def check_compatible(self, step: int, target_state: Any) -> None:
         """IncompatibleCheckpointError unless checkpoint ``step`` matches config, parameter shapes
         and optimizer-state structure; logs a warning for changed ``hyperparams``."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.manager.restore(step,
+                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         where = os.path.join(self.directory, str(step))
         if self.config is not None:
             old = dict(meta.get("config") or {})

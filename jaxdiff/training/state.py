@@ -110,7 +110,8 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, key: jax.A
 
 
 def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
-    """Warm-up EMA decay ``min(max_decay, (1 + step) / (10 + step))``; ``step`` counts updates done."""
+    """Warm-up EMA decay ``min(max_decay, (1 + step) / (10 + step))``; ``step`` counts updates
+    done."""
     step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(jnp.float32(max_decay), (1.0 + step) / (10.0 + step))
 

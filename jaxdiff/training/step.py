@@ -2,8 +2,8 @@
 
 The batch is sharded over ``data`` (``NamedSharding(mesh, P("data"))``), the train state replicated
 (``P()``); ``jax.jit`` with explicit in/out shardings inserts the gradient all-reduce. The same code
-runs on one CPU, 8 GPUs, or many hosts after ``jax.distributed.initialize()`` (each process feeds its
-own slice of the global batch through :func:`shard_batch`).
+runs on one CPU, 8 GPUs, or many hosts after ``jax.distributed.initialize()`` (each process feeds
+its own slice of the global batch through :func:`shard_batch`).
 
     >>> mesh = make_mesh()
     >>> step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=0.999)
@@ -56,7 +56,8 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if global_batch_size <= 0 or global_batch_size % n:
         raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of "
-                         f"the number of devices {n} (batch is sharded over the '{DATA_AXIS}' axis)")
+                         f"the number of devices {n} (batch is sharded over the "
+                         f"'{DATA_AXIS}' axis)")
 
 
 def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:

@@ -35,18 +35,22 @@ def torch_model(x, t, acp, prediction_type):
 
 
 CASES = [
-    dict(num_steps=10, solver_order=2, solver_type="midpoint", spacing="linspace", prediction_type="epsilon"),
-    dict(num_steps=20, solver_order=2, solver_type="heun", spacing="trailing", prediction_type="v_prediction"),
-    dict(num_steps=12, solver_order=2, solver_type="midpoint", spacing="leading", prediction_type="sample",
-         steps_offset=1, final_sigmas_type="sigma_min"),
-    dict(num_steps=16, solver_order=2, solver_type="midpoint", spacing="linspace", prediction_type="epsilon",
-         lower_order_final=False, final_sigmas_type="sigma_min"),
-    dict(num_steps=8, solver_order=1, solver_type="midpoint", spacing="trailing", prediction_type="epsilon"),
+    dict(num_steps=10, solver_order=2, solver_type="midpoint", spacing="linspace",
+         prediction_type="epsilon"),
+    dict(num_steps=20, solver_order=2, solver_type="heun", spacing="trailing",
+         prediction_type="v_prediction"),
+    dict(num_steps=12, solver_order=2, solver_type="midpoint", spacing="leading",
+         prediction_type="sample", steps_offset=1, final_sigmas_type="sigma_min"),
+    dict(num_steps=16, solver_order=2, solver_type="midpoint", spacing="linspace",
+         prediction_type="epsilon", lower_order_final=False, final_sigmas_type="sigma_min"),
+    dict(num_steps=8, solver_order=1, solver_type="midpoint", spacing="trailing",
+         prediction_type="epsilon"),
 ]
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['num_steps']}-{c['solver_type']}-{c['spacing']}-{c['prediction_type']}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['num_steps']}-{c['solver_type']}-"
+                                                      f"{c['spacing']}-{c['prediction_type']}")
 def test_dpm_solver_trajectory(case, beta_schedule):
     case = dict(case)
     n = case.pop("num_steps")
@@ -76,7 +80,8 @@ def test_dpm_solver_trajectory(case, beta_schedule):
     x = torch.from_numpy(x_T)
     ref_traj = [x.numpy()]
     for t in ref.timesteps:
-        x = ref.step(torch_model(x, t, ref.alphas_cumprod, case["prediction_type"]), t, x).prev_sample
+        x = ref.step(torch_model(x, t, ref.alphas_cumprod, case["prediction_type"]),
+                     t, x).prev_sample
         ref_traj.append(x.numpy())
 
     acp = sched.alphas_cumprod

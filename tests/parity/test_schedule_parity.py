@@ -62,7 +62,8 @@ def test_q_sample_and_velocity_vs_add_noise(name, kind):
         got = D.q_sample(ours, jnp.asarray(x0.transpose(0, 2, 3, 1)), jnp.asarray(t),
                          jnp.asarray(noise.transpose(0, 2, 3, 1)))
     else:
-        expected = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+        expected = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise),
+                                    torch.from_numpy(t))
         got = D.velocity(ours, jnp.asarray(x0.transpose(0, 2, 3, 1)), jnp.asarray(t),
                          jnp.asarray(noise.transpose(0, 2, 3, 1)))
     diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - expected.numpy()).max()
