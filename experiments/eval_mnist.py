@@ -233,6 +233,8 @@ def parse_args(argv: Sequence[str]):
     args = p.parse_args(argv)
     if not 2 <= args.num_samples <= 10000:
         p.error("--num_samples must be in [2, 10000] (the test set has 10000 images)")
+    if not 0 <= args.bpd_examples <= 10000:
+        p.error("--bpd_examples must be in [0, 10000] (the test set has 10000 images)")
     if min(args.steps, args.batch_size, args.bpd_batch_size, args.classifier_epochs) < 1:
         p.error("--steps, --batch_size, --bpd_batch_size, --classifier_epochs must be >= 1")
     return args
@@ -281,8 +283,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for name in ("conditional", "unconditional"):
             log(f"{name}: {results[name]}")
     if run is not None and args.bpd_examples > 0:
-        m = min(args.bpd_examples, len(test_idx))
-        x0 = np.round((test[0][test_idx[:m]] + 1) * 127.5) / 127.5 - 1      # exact 8-bit grid
+        m = args.bpd_examples
+        if m > len(test[0]):
+            raise ValueError(f"--bpd_examples {m} exceeds the {len(test[0])} test images")
+        # its own draw: independent of --num_samples (and leaves the FID indices as they were)
+        bpd_idx = np.random.default_rng([args.seed, 3]).permutation(len(test[0]))[:m]
+        x0 = np.round((test[0][bpd_idx] + 1) * 127.5) / 127.5 - 1      # exact 8-bit grid
         results["bpd"] = eval_bpd(run["apply"], run["variables"], run["schedule"],
                                   x0.astype(np.float32), np.full(m, run["null_label"], np.int32),
                                   jax.random.fold_in(key, 3),

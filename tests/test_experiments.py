@@ -235,13 +235,14 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     res = eval_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                            f"--classifier_path={clf}", "--classifier_epochs=1",
                            "--num_samples=12", "--steps=2", "--batch_size=8",
-                           "--bpd_examples=2", "--bpd_batch_size=2"])
+                           "--bpd_examples=14", "--bpd_batch_size=7"])
     assert os.path.isfile(clf) and res["classifier"]["trained_now"]
     assert res["conditional"]["n"] == 12 and 0 <= res["conditional"]["conditional_accuracy"] <= 1
     hist = res["unconditional"]["class_histogram"]
     assert len(hist) == 10 and abs(sum(hist) - 1) < 1e-3
     assert np.isfinite(res["fid_floor"]["fid"]) and res["fid_floor"]["fid"] >= 0
     assert np.isfinite(res["bpd"]["bpd"]) and res["bpd"]["bpd"] > 0
+    assert res["bpd"]["n"] == 14     # its own draw, not capped at --num_samples
     assert "bits/dim" in open(os.path.join(workdir, "eval_mnist.md")).read()
 
     png = str(tmp_path / "sweep.png")
