@@ -103,6 +103,16 @@ def test_real_mnist_statistics():
     assert abs(float(((x + 1) / 2).mean()) - 0.1325) < 0.002  # test-set mean (train: 0.1307)
 
 
+def test_tfds_download_path_imports(tmp_path):
+    """tfds' prepare/download path (what ``load_mnist`` runs when no local copy exists) needs
+    modules that tfds does not declare (``importlib_resources``): resolve MNIST's URLs and
+    checksums, which tfds ships, without touching the network."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder("mnist", data_dir=str(tmp_path))
+    urls = builder.url_infos
+    assert len(urls) == 4 and any("t10k-images" in u for u in urls), urls
+
+
 def test_tfds_source_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
