@@ -113,6 +113,22 @@ def test_tfds_download_path_imports(tmp_path):
     assert len(urls) == 4 and any("t10k-images" in u for u in urls), urls
 
 
+def test_tfds_failure_inside_tfds_is_named(monkeypatch):
+    """An error inside tfds (offline, not prepared, a module tfds lacks) is a FileNotFoundError
+    that names it and says how to get MNIST, not "tensorflow_datasets is not importable"."""
+    pytest.importorskip("tensorflow_datasets")
+    from jaxdiff.data import mnist
+
+    def broken(split, data_dir):
+        raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+    monkeypatch.setattr(mnist, "_load_tfds", broken)
+    with pytest.raises(FileNotFoundError, match="tfds could not provide MNIST.*importlib_resources"
+                       ) as e:
+        load_mnist("train", source="tfds")
+    assert HOW_TO_GET_MNIST in str(e.value) and "not importable" not in str(e.value)
+
+
 def test_tfds_source_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):

@@ -167,9 +167,11 @@ def load_mnist(
         if source == "local":
             raise FileNotFoundError(_HOW_TO)
     try:
-        return _load_tfds(split, tfds_data_dir)
+        import tensorflow_datasets  # noqa: F401  (slow; only where no local copy was found)
     except ImportError as e:
         raise FileNotFoundError(f"tensorflow_datasets is not importable ({e}). {_HOW_TO}") from e
+    try:
+        return _load_tfds(split, tfds_data_dir)
     except Exception as e:  # tfds raises assorted errors when offline / not prepared
         raise FileNotFoundError(f"tfds could not provide MNIST ({type(e).__name__}: {e}). "
                                 f"{_HOW_TO}") from e
