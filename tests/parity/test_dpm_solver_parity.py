@@ -13,21 +13,16 @@ from diffusers import DPMSolverMultistepScheduler
 
 from jaxdiff.samplers.dpm_solver import dpm_solver_sample, dpm_solver_timesteps
 from jaxdiff.schedules import make_schedule
+from tests.parity.test_sampler_parity import DIFFUSERS_PRED, standin
+
+JAXDIFF_PRED = {v: k for k, v in DIFFUSERS_PRED.items()}
 
 TOL = 1e-5
 
 
 def stand_in(xp, x, t, acp, prediction_type):
-    """An analytic 'model', the same formula in torch and jnp: the exact denoiser for data
-    N(0, 0.25 I), perturbed by a smooth nonlinear term, returned in the requested parametrisation.
-    Exactness keeps the trajectory O(1), so that an absolute tolerance is meaningful."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    abar = acp[t].reshape(shape)
-    tf = t.reshape(shape) * 1.0
-    a, s = xp.sqrt(abar), xp.sqrt(1.0 - abar)
-    x0 = a * 0.25 * x / (abar * 0.25 + 1.0 - abar) + 0.05 * xp.tanh(x) * xp.cos(tf / 300.0)
-    eps = (x - a * x0) / s
-    return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[prediction_type]
+    """test_sampler_parity's analytic stand-in, by diffusers' prediction-type name."""
+    return standin(xp, x, t, acp, JAXDIFF_PRED[prediction_type])
 
 
 def torch_model(x, t, acp, prediction_type):

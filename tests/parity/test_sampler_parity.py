@@ -51,7 +51,7 @@ def standin(m, x, t, acp, pred):
     ``acp``: jaxdiff's ``alphas_cumprod`` (the same float32 values on both sides).
 
     The exact denoiser for data ``N(0, 0.25 I)``, perturbed by a smooth nonlinear term, returned
-    in the requested parametrisation (as tests/parity/test_dpm_solver_parity.py). Being (nearly)
+    in the requested parametrisation (also used by test_dpm_solver_parity.py). Being (nearly)
     the true denoiser, it keeps every trajectory and every predicted x0 O(1), so that an absolute
     tolerance means what it says."""
     shape = (-1,) + (1,) * (x.ndim - 1)
