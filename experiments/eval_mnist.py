@@ -121,20 +121,27 @@ def generate(
     return np.concatenate(out)
 
 
+def has_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds a ``train_mnist`` run (``config.json`` + ``checkpoints/``)."""
+    return (os.path.isfile(os.path.join(workdir, "config.json"))
+            and os.path.isdir(os.path.join(workdir, "checkpoints")))
+
+
 def load_diffusion(workdir: str, *, sampler: str, steps: int, guidance_scale: float, eta: float,
-                   ddim_clip: str = "consistent"):
+                   ddim_clip: str = "consistent", loaded: Optional[tuple] = None):
     """The trained run in ``workdir`` (``experiments.train_mnist``'s format), or None if absent.
 
     Returns ``dict(sample_fn, apply, variables, schedule, prediction_type, null_label, step_info)``
     where ``sample_fn(labels [n] int32, key) -> images`` uses the EMA params and ``apply(variables,
     x, t, labels)`` is the model. Everything below needs only ``sample_fn`` (and ``apply`` for bpd).
+    ``loaded``: ``experiments.sample.load_run(workdir)``'s result, to build several samplers from
+    one restore.
     """
-    if not (os.path.isfile(os.path.join(workdir, "config.json"))
-            and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    if not has_run(workdir):
         return None
     from experiments.sample import load_run, make_sample_fn, sample_images
 
-    config, model, schedule, ema, mesh = load_run(workdir)
+    config, model, schedule, ema, mesh = loaded if loaded is not None else load_run(workdir)
     null_label = int(config.num_classes)
     prediction_type = config.diffusion.prediction_type
     fn = make_sample_fn(model, schedule, mesh, sampler=sampler, num_steps=steps,

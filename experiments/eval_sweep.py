@@ -110,12 +110,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not args.name or os.sep in args.name or args.name.startswith("."):
         p.error(f"--name must be a plain file name (no '{os.sep}', not hidden), got {args.name!r}")
 
-    from experiments.eval_mnist import (evaluate_samples, generate, get_classifier,
+    from experiments.eval_mnist import (evaluate_samples, generate, get_classifier, has_run,
                                         load_diffusion, load_mnist_arrays, log)
     from experiments.images import save_grid
+    from experiments.sample import load_run
 
-    if load_diffusion(args.workdir, sampler="ddim", steps=1, guidance_scale=1.0, eta=0.0) is None:
+    if not has_run(args.workdir):
         p.error(f"--workdir {args.workdir}: no train_mnist run (config.json + checkpoints/)")
+    loaded = load_run(args.workdir)   # restored once, shared by every setting's sampler
     ckpts = [int(d) for d in os.listdir(os.path.join(args.workdir, "checkpoints")) if d.isdigit()]
     train = load_mnist_arrays("train", args.data_dir)
     test = load_mnist_arrays("test", args.data_dir)
@@ -139,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows, strips = [], []
     for s in settings:
         run = load_diffusion(args.workdir, sampler=s["sampler"], steps=s["steps"],
-                             ddim_clip=args.ddim_clip,
+                             ddim_clip=args.ddim_clip, loaded=loaded,
                              guidance_scale=s["guidance_scale"], eta=0.0)
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
         log(f"{s['sampler']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
