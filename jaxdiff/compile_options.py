@@ -4,9 +4,9 @@
 
 Recent XLA:CPU releases (jaxlib 0.10 here) hand convolutions, reductions and elementwise ops to
 YNNPACK fusions by default. For the small-channel UNets of diffusion models that path runs almost
-single-threaded: ``python -m benchmarks.profile_step`` measured an average parallelism of 1.05 on
-2 cores, and ``python -m benchmarks.bench_cpu_options`` a 1.6-2x slower forward and backward pass
-than XLA's own convolution emitters. :func:`cpu_compiler_options` keeps YNNPACK for matrix
+single-threaded: ``python -m benchmarks.profile_step`` measured an average parallelism of 1.16 on
+2 cores, and ``python -m benchmarks.bench_cpu_options`` a 1.8-2.1x slower forward and 1.8x slower
+backward pass than XLA's own convolution emitters (``benchmarks/results/cpu/``). :func:`cpu_compiler_options` keeps YNNPACK for matrix
 multiplies only (``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``).
 
 It returns ``{}`` (change nothing) when
@@ -18,7 +18,8 @@ It returns ``{}`` (change nothing) when
 - the environment variable ``JAXDIFF_CPU_COMPILER_OPTIONS`` is ``0`` / ``false`` / ``off``.
 
 The options change how XLA computes convolutions, not what: results agree with the default to
-float32 rounding (the parity tests run both ways).
+float32 rounding (``bench_cpu_options`` reports the difference; ``tests/test_compile_options.py``
+trains with and without them).
 """
 
 from __future__ import annotations
