@@ -18,10 +18,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import checkify
 
 from jaxdiff.schedules import Schedule
+from jaxdiff.validation import check_array, check_batched, check_same_shape, check_timesteps
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -72,44 +72,6 @@ def checked(fn: Callable) -> Callable:
     return checkify.checkify(fn, errors=checkify.index_checks | checkify.user_checks)
 
 
-def _concrete(x) -> np.ndarray | None:
-    """The value of ``x`` as numpy when it is known at trace time, else None."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def _check_t(schedule: Schedule, t, batch: int | None, name: str = "t") -> jax.Array:
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array of timesteps, got dtype {t.dtype}")
-    if t.ndim > 1 or (t.ndim == 1 and batch is not None and t.shape[0] != batch):
-        raise ValueError(f"{name} must have shape [B] = [{batch}] or be a scalar, got {t.shape}")
-    value = _concrete(t)
-    T = schedule.num_timesteps
-    if value is not None and value.size and (value.min() < 0 or value.max() >= T):
-        raise ValueError(
-            f"{name} must lie in [0, {T}) for a schedule of {T} steps, "
-            f"got values in [{value.min()}, {value.max()}]"
-        )
-    return t
-
-
-def _check_same_shape(**arrays) -> None:
-    (name0, a0), *rest = arrays.items()
-    for name, a in rest:
-        if jnp.shape(a) != jnp.shape(a0):
-            raise ValueError(
-                f"{name} must have the same shape as {name0} {jnp.shape(a0)}, got {jnp.shape(a)}"
-            )
-
-
-def _check_batched(x, name: str) -> None:
-    if jnp.ndim(x) < 1:
-        raise ValueError(f"{name} must be a batch [B, ...], got a scalar")
-
-
 def extract(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
     """``a[t]`` reshaped to broadcast against an array of rank ``ndim``: ``[B, 1, ..., 1]``.
 
@@ -125,9 +87,10 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
 
     ``x0, noise: [B, ...]``; ``t: [B]`` int. Returns ``[B, ...]``.
     """
-    _check_batched(x0, "x0")
-    _check_same_shape(x0=x0, noise=noise)
-    t = _check_t(schedule, t, x0.shape[0])
+    x0 = check_batched("x0", x0)
+    noise = check_array("noise", noise)
+    check_same_shape(x0=x0, noise=noise)
+    t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
         + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
@@ -136,8 +99,8 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
     """Mean ``[B, ...]``, variance and log variance ``[B, 1, ...]`` of ``q(x_t | x_0)``."""
-    _check_batched(x0, "x0")
-    t = _check_t(schedule, t, x0.shape[0])
+    x0 = check_batched("x0", x0)
+    t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
     var = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
     log_var = extract(schedule.log_one_minus_alphas_cumprod, t, x0.ndim)
@@ -150,9 +113,10 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, x_t: jax.Array,
     Returns ``(mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...])``; at
     ``t = 0`` the variance is 0 and the clipped log variance is that of ``t = 1`` (Ho et al. 2020).
     """
-    _check_batched(x0, "x0")
-    _check_same_shape(x0=x0, x_t=x_t)
-    t = _check_t(schedule, t, x0.shape[0])
+    x0 = check_batched("x0", x0)
+    x_t = check_array("x_t", x_t)
+    check_same_shape(x0=x0, x_t=x_t)
+    t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     mean = (
         extract(schedule.posterior_mean_coef1, t, x0.ndim) * x0
         + extract(schedule.posterior_mean_coef2, t, x0.ndim) * x_t
@@ -166,9 +130,10 @@ def predict_x0_from_eps(
     schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array
 ) -> jax.Array:
     """``x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
-    _check_batched(x_t, "x_t")
-    _check_same_shape(x_t=x_t, eps=eps)
-    t = _check_t(schedule, t, x_t.shape[0])
+    x_t = check_batched("x_t", x_t)
+    eps = check_array("eps", eps)
+    check_same_shape(x_t=x_t, eps=eps)
+    t = check_timesteps("t", t, schedule.num_timesteps, x_t.shape[0])
     return (
         extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
         - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
@@ -179,9 +144,10 @@ def predict_eps_from_x0(
     schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
 ) -> jax.Array:
     """``eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
-    _check_batched(x_t, "x_t")
-    _check_same_shape(x_t=x_t, x0=x0)
-    t = _check_t(schedule, t, x_t.shape[0])
+    x_t = check_batched("x_t", x_t)
+    x0 = check_array("x0", x0)
+    check_same_shape(x_t=x_t, x0=x0)
+    t = check_timesteps("t", t, schedule.num_timesteps, x_t.shape[0])
     return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x0) / extract(
         schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim
     )
@@ -189,9 +155,10 @@ def predict_eps_from_x0(
 
 def velocity(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """The v-prediction target ``v = sqrt(abar) eps - sqrt(1 - abar) x_0`` (Salimans & Ho 2022)."""
-    _check_batched(x0, "x0")
-    _check_same_shape(x0=x0, noise=noise)
-    t = _check_t(schedule, t, x0.shape[0])
+    x0 = check_batched("x0", x0)
+    noise = check_array("noise", noise)
+    check_same_shape(x0=x0, noise=noise)
+    t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * noise
         - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
@@ -200,9 +167,10 @@ def velocity(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 def predict_x0_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """``x_0 = sqrt(abar) x_t - sqrt(1 - abar) v``."""
-    _check_batched(x_t, "x_t")
-    _check_same_shape(x_t=x_t, v=v)
-    t = _check_t(schedule, t, x_t.shape[0])
+    x_t = check_batched("x_t", x_t)
+    v = check_array("v", v)
+    check_same_shape(x_t=x_t, v=v)
+    t = check_timesteps("t", t, schedule.num_timesteps, x_t.shape[0])
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
         - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
@@ -211,9 +179,10 @@ def predict_x0_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.A
 
 def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """``eps = sqrt(abar) v + sqrt(1 - abar) x_t``."""
-    _check_batched(x_t, "x_t")
-    _check_same_shape(x_t=x_t, v=v)
-    t = _check_t(schedule, t, x_t.shape[0])
+    x_t = check_batched("x_t", x_t)
+    v = check_array("v", v)
+    check_same_shape(x_t=x_t, v=v)
+    t = check_timesteps("t", t, schedule.num_timesteps, x_t.shape[0])
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim) * v
         + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t
@@ -241,16 +210,16 @@ def target_for(
     """The regression target of a model of ``prediction_type``: ``noise``, ``x0`` or ``v``."""
     kind = canonical_prediction_type(prediction_type)
     if kind == "eps":
-        _check_same_shape(x0=x0, noise=noise)
+        check_same_shape(x0=x0, noise=noise)
         return noise
     if kind == "x0":
-        _check_same_shape(x0=x0, noise=noise)
+        check_same_shape(x0=x0, noise=noise)
         return x0
     return velocity(schedule, x0, t, noise)
 
 
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio ``abar_t / (1 - abar_t)``; ``t: [B]`` or scalar int, same shape out."""
-    t = _check_t(schedule, t, None)
+    t = check_timesteps("t", t, schedule.num_timesteps, None)
     abar = extract(schedule.alphas_cumprod, t, jnp.ndim(t))
     return abar / (1.0 - abar)

@@ -18,15 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import (
-    _check_batched,
-    _check_t,
-    _concrete,
     canonical_prediction_type,
     q_sample,
     snr,
     target_for,
 )
 from jaxdiff.schedules import Schedule
+from jaxdiff.validation import check_batched, check_timesteps, concrete
 
 __all__ = ["WEIGHTINGS", "LOSS_TYPES", "loss_weights", "drop_condition", "diffusion_loss"]
 
@@ -126,7 +124,7 @@ def diffusion_loss(
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if jnp.ndim(cond_drop_prob) != 0:
         raise ValueError(f"cond_drop_prob must be a scalar, got shape {jnp.shape(cond_drop_prob)}")
-    p_value = _concrete(cond_drop_prob)
+    p_value = concrete(cond_drop_prob)
     if p_value is not None and not 0.0 <= float(p_value) <= 1.0:
         raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob!r}")
     drops = p_value is None or float(p_value) > 0  # traced: always draw the mask
@@ -134,7 +132,7 @@ def diffusion_loss(
         raise ValueError(
             "cond_drop_prob > 0 (or traced) needs both cond and null_cond (the null condition)"
         )
-    _check_batched(x0, "x0")
+    x0 = check_batched("x0", x0)
     batch = x0.shape[0]
     needs_key = t is None or noise is None or drops
     if needs_key and key is None:
@@ -146,7 +144,7 @@ def diffusion_loss(
 
     if t is None:
         t = jax.random.randint(k_t, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
-    t = _check_t(schedule, t, batch)
+    t = check_timesteps("t", t, schedule.num_timesteps, batch)
     if noise is None:
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = q_sample(schedule, x0, t, noise)

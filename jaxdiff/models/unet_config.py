@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion import _concrete as concrete
+from jaxdiff.validation import concrete
 
 __all__ = [
     "UNetConfig", "check_inputs", "ATTENTION_KINDS", "ATTENTION_IMPLEMENTATIONS",

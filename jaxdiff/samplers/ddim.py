@@ -24,14 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.timesteps import (
-    check_clip,
-    check_nonnegative_float,
-    check_timestep,
-    concrete,
-    ddim_timesteps,
-    gather,
-)
+from jaxdiff.samplers.timesteps import ddim_timesteps, gather
+from jaxdiff.validation import check_clip, check_nonnegative_float, check_timestep, concrete
 from jaxdiff.schedules import Schedule
 
 __all__ = ["ddim_step", "ddim_sample"]

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.timesteps import check_clip, check_timestep, ddpm_timesteps, gather
+from jaxdiff.samplers.timesteps import ddpm_timesteps, gather
+from jaxdiff.validation import check_clip, check_timestep
 from jaxdiff.schedules import Schedule
 
 __all__ = ["VARIANCE_TYPES", "ddpm_posterior", "ddpm_step", "ddpm_sample"]

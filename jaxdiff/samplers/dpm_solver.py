@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.timesteps import SPACINGS, check_clip, check_int
+from jaxdiff.samplers.timesteps import SPACINGS
+from jaxdiff.validation import check_clip, check_int
 from jaxdiff.schedules import Schedule
 
 __all__ = ["dpm_solver_timesteps", "dpm_solver_sample"]

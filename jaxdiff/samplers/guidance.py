@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.samplers.timesteps import concrete
+from jaxdiff.validation import concrete
 
 __all__ = ["classifier_free_guidance", "rescale_guidance"]
 

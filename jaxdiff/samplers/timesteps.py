@@ -21,21 +21,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.diffusion import _concrete as concrete
 from jaxdiff.diffusion import extract
+from jaxdiff.validation import check_int
 
 __all__ = ["SPACINGS", "ddim_timesteps", "ddpm_timesteps", "gather"]
 
 SPACINGS = ("leading", "trailing", "linspace")
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``int(value)`` for a Python or numpy int ``>= minimum``; ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _diffusers_timesteps(
@@ -114,45 +105,3 @@ def gather(arr: jax.Array, t: jax.Array) -> jax.Array:
     ``[0, T)`` (no clamping, no wrapping of negative indices). See
     :func:`jaxdiff.diffusion.extract`."""
     return extract(arr, t, jnp.ndim(t))
-
-
-def check_timestep(name: str, t, num_timesteps: int, *, allow_negative: bool = False) -> None:
-    """Validate a step function's scalar timestep; ``ValueError`` naming ``name`` unless ``t`` is
-    a 0-d integer (a ``[B]`` array would broadcast against the channel axis). A concrete ``t`` must
-    also lie in ``[0, T)`` (with ``allow_negative``, any negative value is allowed: "before the
-    first step"); a traced one passes the range check and reads NaN where it is out of range."""
-    dtype = jnp.result_type(t)  # works on tracers: the dtype is known before the value
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer timestep, got dtype {dtype}")
-    if jnp.ndim(t) != 0:
-        raise ValueError(
-            f"{name} must be a scalar (0-d) timestep shared by the batch, got shape {jnp.shape(t)}"
-        )
-    value = concrete(t)
-    if value is None:
-        return
-    low_ok = True if allow_negative else value >= 0
-    if not (low_ok and value < num_timesteps):
-        bounds = f"< {num_timesteps}" if allow_negative else f"in [0, {num_timesteps})"
-        raise ValueError(f"{name} must be {bounds}, got {value.tolist()}")
-
-
-def check_nonnegative_float(name: str, value) -> float:
-    """``float(value)`` for a concrete number ``>= 0``; ``ValueError`` naming ``name`` otherwise."""
-    c = concrete(value)
-    if c is None or c.shape != ():
-        raise ValueError(f"{name} must be a concrete float >= 0 (static under jit), got {value!r}")
-    v = float(c)
-    if not v >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
-def check_clip(clip_x0) -> float | None:
-    """``None`` (no clipping) or a concrete positive float."""
-    if clip_x0 is None:
-        return None
-    c = concrete(clip_x0)
-    if c is None or c.shape != () or not float(c) > 0:
-        raise ValueError(f"clip_x0 must be None or a concrete float > 0, got {clip_x0!r}")
-    return float(c)
