@@ -1,8 +1,16 @@
-"""Shared test settings: float32 everywhere, CPU only, deterministic hypothesis profile."""
+"""Shared test settings: float32 everywhere, CPU only, deterministic hypothesis profile, and the
+build machines' MNIST copy (``../shared/data/mnist`` next to the checkout) as
+``$JAXDIFF_MNIST_DIR`` when that directory exists and the variable is unset: the library itself
+does not search there."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_SHARED_MNIST = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                              "..", "shared", "data", "mnist"))
+if os.path.isdir(_SHARED_MNIST) and not os.environ.get("JAXDIFF_MNIST_DIR"):
+    os.environ["JAXDIFF_MNIST_DIR"] = _SHARED_MNIST
 
 from hypothesis import settings  # noqa: E402
 

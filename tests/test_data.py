@@ -10,7 +10,7 @@ import pytest
 
 from jaxdiff.data import (HOW_TO_GET_MNIST, BatchIterator, Prefetcher, load_mnist, read_idx,
                           write_idx)
-from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir
+from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir, mnist_search_dirs
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                       "data", "mnist")
@@ -94,6 +94,34 @@ def test_env_var_directory(tmp_path, monkeypatch):
     monkeypatch.setenv(MNIST_ENV_VAR, str(tmp_path))
     assert find_mnist_dir() == str(tmp_path)
     assert load_mnist("train")[0].shape[0] == 64
+
+
+def test_search_never_looks_in_the_build_machines_shared_copy(tmp_path, monkeypatch):
+    """With ``$JAXDIFF_MNIST_DIR`` unset, ``../shared/data/mnist`` (relative to the working
+    directory or to the checkout) is not searched even where it holds MNIST; ``./data/mnist``
+    comes first."""
+    monkeypatch.delenv(MNIST_ENV_VAR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.cache/jaxdiff/mnist: empty here
+    work, shared = tmp_path / "work", tmp_path / "shared" / "data" / "mnist"
+    write_fake_mnist(str(shared))
+    work.mkdir()
+    monkeypatch.chdir(work)
+    repo_shared = os.path.normpath(SHARED)
+    dirs = mnist_search_dirs()
+    assert str(shared) not in dirs and repo_shared not in dirs, dirs
+    assert dirs[0] == str(work / "data" / "mnist")
+    assert str(tmp_path / "home" / ".cache" / "jaxdiff" / "mnist") == dirs[-1]
+    assert find_mnist_dir() not in (str(shared), repo_shared)
+    write_fake_mnist(str(work / "data" / "mnist"))
+    assert find_mnist_dir() == str(work / "data" / "mnist")
+
+
+def test_env_var_that_lacks_the_files_is_an_error(tmp_path, monkeypatch):
+    write_fake_mnist(str(tmp_path / "data" / "mnist"))  # a fallback that must not be used
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(MNIST_ENV_VAR, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="empty"):
+        find_mnist_dir()
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared MNIST copy not present")

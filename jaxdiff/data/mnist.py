@@ -3,9 +3,11 @@
 Sources, in the order ``source="auto"`` tries them:
 
 1. ``data_dir`` if given (it must then hold the IDX files; no fallback).
-2. the environment variable ``JAXDIFF_MNIST_DIR``.
-3. local directories in the usual places (``../shared/data/mnist``, ``./data/mnist``, relative to
-   the working directory and to the repository root; ``~/.cache/jaxdiff/mnist``).
+2. the environment variable ``JAXDIFF_MNIST_DIR`` (if set, it must hold the IDX files; no
+   fallback).
+3. the local directories of :func:`mnist_search_dirs`, in order: ``data/mnist`` under the working
+   directory, ``data/mnist`` under the directory that holds the ``jaxdiff`` package (a source
+   checkout's root), then ``~/.cache/jaxdiff/mnist``.
 4. ``tensorflow_datasets.data_source("mnist")`` (array_record; needs no TensorFlow, but needs the
    dataset prepared in ``TFDS_DATA_DIR`` or the network to download it).
 
@@ -21,8 +23,8 @@ import numpy as np
 
 from jaxdiff.data.idx import read_idx
 
-__all__ = ["load_mnist", "find_mnist_dir", "mnist_files", "scale_images", "MNIST_ENV_VAR",
-           "HOW_TO_GET_MNIST"]
+__all__ = ["load_mnist", "find_mnist_dir", "mnist_search_dirs", "mnist_files", "scale_images",
+           "MNIST_ENV_VAR", "HOW_TO_GET_MNIST"]
 
 MNIST_ENV_VAR = "JAXDIFF_MNIST_DIR"
 _PREFIX = {"train": "train", "test": "t10k"}
@@ -30,7 +32,8 @@ HOW_TO_GET_MNIST = (
     "To get MNIST, either point --config.data.data_dir (or the environment variable "
     f"{MNIST_ENV_VAR}) at a directory holding the original IDX files "
     "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-    "t10k-labels-idx1-ubyte[.gz], from http://yann.lecun.com/exdb/mnist/ or a mirror), or prepare "
+    "t10k-labels-idx1-ubyte[.gz], from http://yann.lecun.com/exdb/mnist/ or a mirror), or put "
+    "them in ./data/mnist or ~/.cache/jaxdiff/mnist, or prepare "
     "the tfds dataset once on a machine with network access "
     "(`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"`) and set "
     "TFDS_DATA_DIR."
@@ -66,24 +69,45 @@ def mnist_files(directory: str, split: str) -> Tuple[str, str]:
     return paths[0], paths[1]
 
 
-def _candidate_dirs():
-    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for base in (os.getcwd(), repo_root):
-        yield os.path.join(base, "..", "shared", "data", "mnist")
-        yield os.path.join(base, "data", "mnist")
-    yield os.path.expanduser("~/.cache/jaxdiff/mnist")
+def mnist_search_dirs() -> list[str]:
+    """The local directories that :func:`find_mnist_dir` tries when ``$JAXDIFF_MNIST_DIR`` is
+    unset, in order: ``./data/mnist`` (under the working directory), ``data/mnist`` under the
+    directory that holds the ``jaxdiff`` package, ``~/.cache/jaxdiff/mnist``.
+
+    Returns:
+      Absolute, normalised paths (existing or not), without duplicates.
+    """
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dirs = [os.path.join(os.getcwd(), "data", "mnist"),
+            os.path.join(package_parent, "data", "mnist"),
+            os.path.expanduser(os.path.join("~", ".cache", "jaxdiff", "mnist"))]
+    return list(dict.fromkeys(os.path.normpath(os.path.abspath(d)) for d in dirs))
 
 
 def find_mnist_dir(split: str = "train") -> Optional[str]:
-    """The first local directory (env var, then the usual places) holding ``split``, or None."""
+    """The local directory holding ``split``'s IDX files: ``$JAXDIFF_MNIST_DIR`` if set, else the
+    first of :func:`mnist_search_dirs` that holds them.
+
+    Args:
+      split: ``"train"`` or ``"test"``.
+
+    Returns:
+      The directory, or ``None`` when the variable is unset and no search directory holds the
+      files.
+
+    Raises:
+      FileNotFoundError: ``$JAXDIFF_MNIST_DIR`` is set but lacks the files (an explicit setting
+        that is wrong is an error, not a fallback).
+      ValueError: ``split`` is neither ``"train"`` nor ``"test"``.
+    """
     env = os.environ.get(MNIST_ENV_VAR)
     if env:
-        mnist_files(env, split)  # an explicit env var that is wrong is an error, not a fallback
+        mnist_files(env, split)
         return env
-    for d in _candidate_dirs():
+    for d in mnist_search_dirs():
         try:
             mnist_files(d, split)
-            return os.path.normpath(d)
+            return d
         except FileNotFoundError:
             continue
     return None
