@@ -5,62 +5,81 @@ picture.
     python -m experiments.eval_sweep --workdir runs/mnist --num_samples 500 \
         --settings ddim:50:0,ddim:50:1,ddim:50:2,ddim:50:4 --out_png sweep.png
 
-Each setting ``sampler:steps:guidance[:N]`` draws ``N`` class-conditional samples (labels cycling
-0-9; ``--num_samples`` unless the setting names its own ``N``) from the run's EMA params, from
-the same keys for every setting, and reports the Frechet distance (FD) to ``N`` MNIST test images
-in the feature space of ``experiments.eval_mnist``'s classifier, the conditional accuracy (the
-fraction the classifier assigns to the requested digit), and the wall time. FD is biased upwards
-at small ``N``, so the table also gives the real-vs-real floor (``N`` training vs ``N`` test
-images) at each ``N`` used: compare a setting with the floor at its ``N``, never across ``N``.
+Each setting ``sampler:steps:guidance[:N]`` (``sampler`` any of
+``jaxdiff.samplers.sampler_names()``, e.g. ``dpm_solver:20:2``) draws ``N`` class-conditional
+samples (labels cycling 0-9; ``--num_samples`` unless the setting names its own ``N``) from the
+run's EMA params, from the same keys for every setting, and reports the Frechet distance (FD) to
+``N`` MNIST test images in the feature space of ``experiments.eval_mnist``'s classifier, the
+conditional accuracy (the fraction the classifier assigns to the requested digit), and the wall
+time. FD is biased upwards at small ``N``, so the table also gives the real-vs-real floor (``N``
+training vs ``N`` test images) at each ``N`` used: compare a setting with the floor at its ``N``,
+never across ``N``.
 
 Writes ``WORKDIR/NAME.json``, ``WORKDIR/NAME.md`` (the markdown table) and a PNG (``--out_png``,
 default ``WORKDIR/NAME.png``), ``NAME`` being ``--name`` (default ``sweep``): one row per setting,
 the first two samples of each digit.
 The classifier is ``WORKDIR/mnist_classifier.msgpack`` (or ``--classifier_path``), trained there
-first if missing, as in ``eval_mnist``.
+first if missing, as in ``eval_mnist``. ``--ddim_clip`` applies to the DDIM settings (an error when
+no setting is DDIM).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from absl import flags, logging
 
+from experiments import cli, lib
+from experiments.cli import ConfigError
+from experiments.evaluation import (evaluate_samples, generate, get_classifier, has_run,
+                                    load_diffusion, load_mnist_arrays, log)
+from experiments.images import save_grid
 from jaxdiff.metrics import classify, feature_statistics, frechet_distance
+from jaxdiff.samplers import sampler_names, sampler_options
 
+PROG = "python -m experiments.eval_sweep"
 DEFAULT_SETTINGS = ("ddpm:1000:2:100,ddim:10:2,ddim:20:2,ddim:50:2,ddim:100:2,"
                     "ddim:50:0,ddim:50:1,ddim:50:4")
 
+__all__ = ["DEFAULT_SETTINGS", "parse_settings", "markdown", "main", "cli_main"]
+
 
 def parse_settings(text: str, default_n: int) -> list[dict]:
-    """``"ddim:50:2,ddpm:1000:2:100"`` -> ``[{sampler, steps, guidance_scale, n}, ...]``."""
+    """``"ddim:50:2,ddpm:1000:2:100"`` -> ``[{sampler, steps, guidance_scale, n}, ...]``.
+
+    Raises:
+      ConfigError: a setting that does not parse, an unknown sampler, steps < 1, guidance < 0 or
+        ``N`` outside ``[10, 10000]``.
+    """
     out = []
+    names = sampler_names()
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
-        if len(parts) not in (3, 4) or parts[0] not in ("ddim", "ddpm"):
-            raise ValueError(f"--settings: expected sampler:steps:guidance[:N] with sampler ddim "
-                             f"or ddpm, got {item!r}")
+        if len(parts) not in (3, 4) or parts[0] not in names:
+            raise ConfigError(f"--settings: expected sampler:steps:guidance[:N] with sampler one "
+                              f"of {names}, got {item!r}")
         try:
             steps, w = int(parts[1]), float(parts[2])
             n = int(parts[3]) if len(parts) == 4 else default_n
         except ValueError:
-            raise ValueError(f"--settings: steps and N must be ints, guidance a float: {item!r}")
+            raise ConfigError(f"--settings: steps and N must be ints, guidance a float: "
+                              f"{item!r}") from None
         if steps < 1 or w < 0 or not 10 <= n <= 10000:
-            raise ValueError(f"--settings: need steps >= 1, guidance >= 0, 10 <= N <= 10000: "
-                             f"{item!r}")
+            raise ConfigError(f"--settings: need steps >= 1, guidance >= 0, 10 <= N <= 10000: "
+                              f"{item!r}")
         out.append({"sampler": parts[0], "steps": steps, "guidance_scale": w, "n": n})
     if not out:
-        raise ValueError("--settings: no settings given")
+        raise ConfigError("--settings: no settings given")
     return out
 
 
 def markdown(results: dict) -> str:
+    """The sweep's results as a markdown table, with the floors and the run's step."""
     clf = results["classifier"]
     lines = [
         "| sampler | steps | guidance | N | FD (floor at N) | conditional accuracy | "
@@ -82,53 +101,73 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _define(fv: flags.FlagValues, argv: list) -> None:
+    del argv
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("workdir", None, "a train_mnist workdir with a checkpoint", **d)
+    flags.DEFINE_string("settings", DEFAULT_SETTINGS, "comma-separated sampler:steps:guidance[:N]",
+                        **d)
+    flags.DEFINE_integer("num_samples", 300, "N where a setting names none", **d)
+    flags.DEFINE_integer("batch_size", 300, "sampling batch", **d)
+    flags.DEFINE_string("classifier_path", "", "classifier msgpack (default "
+                        "WORKDIR/mnist_classifier.msgpack; trained there if missing)", **d)
+    flags.DEFINE_integer("classifier_epochs", 3, "epochs if the classifier is trained", **d)
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: jaxdiff.data's search)",
+                        **d)
+    flags.DEFINE_string("out_png", "", "the picture (default WORKDIR/NAME.png)", **d)
+    flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
+    flags.DEFINE_string("name", "sweep", "base name of the json/md/png written to the workdir", **d)
+    flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
+                      "DDIM settings with clipping: re-derive eps from the clipped x0 (consistent, "
+                      "the default), or keep the model's eps as diffusers' DDIMScheduler does by "
+                      "default", **d)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m experiments.eval_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a train_mnist workdir with a checkpoint")
-    p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="comma-separated sampler:steps:guidance[:N]")
-    p.add_argument("--num_samples", type=int, default=300, help="N where a setting names none")
-    p.add_argument("--batch_size", type=int, default=300, help="sampling batch")
-    p.add_argument("--classifier_path", default="")
-    p.add_argument("--classifier_epochs", type=int, default=3)
-    p.add_argument("--data_dir", default="")
-    p.add_argument("--out_png", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="sweep",
-                   help="base name of the json/md/png written to the workdir")
-    p.add_argument("--ddim_clip", choices=["consistent", "diffusers"], default="consistent",
-                   help="DDIM with clipping: re-derive eps from the clipped x0 (consistent), or "
-                        "keep the model's eps as diffusers' DDIMScheduler does by default")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        settings = parse_settings(args.settings, args.num_samples)
-    except ValueError as e:
-        p.error(str(e))
-    if args.batch_size < 1:
-        p.error("--batch_size must be >= 1")
-    if not args.name or os.sep in args.name or args.name.startswith("."):
-        p.error(f"--name must be a plain file name (no '{os.sep}', not hidden), got {args.name!r}")
+    """Parses ``argv`` (without the program name) and runs the sweep; returns the results dict
+    (also written as JSON, markdown and a PNG).
 
-    from experiments.eval_mnist import (evaluate_samples, generate, get_classifier, has_run,
-                                        load_diffusion, load_mnist_arrays, log)
-    from experiments.images import save_grid
-    from experiments.sample import load_run
-
-    if not has_run(args.workdir):
-        p.error(f"--workdir {args.workdir}: no train_mnist run (config.json + checkpoints/)")
-    loaded = load_run(args.workdir)   # restored once, shared by every setting's sampler
-    ckpts = [int(d) for d in os.listdir(os.path.join(args.workdir, "checkpoints")) if d.isdigit()]
-    train = load_mnist_arrays("train", args.data_dir)
-    test = load_mnist_arrays("test", args.data_dir)
-    clf_path = args.classifier_path or os.path.join(args.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=args.seed,
-                                   epochs=args.classifier_epochs)
-
+    Raises:
+      ConfigError: an invalid flag or setting (every setting's sampler is built, and so checked,
+        before any sampling).
+    """
+    fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
+    if not fv.workdir:
+        raise ConfigError("--workdir is required")
+    settings = parse_settings(fv.settings, fv.num_samples)
+    if fv.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    if not fv.name or os.sep in fv.name or fv.name.startswith("."):
+        raise ConfigError(f"--name must be a plain file name (no '{os.sep}', not hidden), got "
+                          f"{fv.name!r}")
+    takes_clip = [s for s in settings
+                  if "use_clipped_model_output" in sampler_options(s["sampler"])]
+    if fv.ddim_clip is not None and not takes_clip:
+        raise ConfigError(f"--ddim_clip applies to DDIM settings; none of {fv.settings!r} is one")
+    if not has_run(fv.workdir):
+        raise ConfigError(f"--workdir {fv.workdir}: no train_mnist run (config.json + "
+                          "checkpoints/)")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    loaded = lib.load_run(fv.workdir)   # restored once, shared by every setting's sampler
+    runs = []
+    for s in settings:   # every sampler built (and checked) before anything is computed
+        clip_form = fv.ddim_clip if s in takes_clip else None
+        sampling = lib.sampling_config(s["sampler"], s["steps"], s["guidance_scale"],
+                                       clip_x0=loaded.config.sampling.clip_x0,
+                                       ddim_clip=clip_form)
+        runs.append(load_diffusion(loaded, sampling))
+    ckpts = [int(d) for d in os.listdir(os.path.join(fv.workdir, "checkpoints")) if d.isdigit()]
+    train = load_mnist_arrays("train", fv.data_dir)
+    test = load_mnist_arrays("test", fv.data_dir)
     most = max(s["n"] for s in settings)
     if most > min(len(test[0]), len(train[0])):
-        p.error(f"--settings/--num_samples: N={most} exceeds the {len(test[0])} test images")
-    rng = np.random.default_rng(args.seed)
+        raise ConfigError(f"--settings/--num_samples: N={most} exceeds the {len(test[0])} test "
+                          "images")
+    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
+    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed,
+                                   epochs=fv.classifier_epochs)
+
+    rng = np.random.default_rng(fv.seed)
     test_perm, train_perm = rng.permutation(len(test[0])), rng.permutation(len(train[0]))
     refs, floors = {}, {}
     for n in sorted({s["n"] for s in settings}):
@@ -137,39 +176,42 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         floors[str(n)] = float(frechet_distance(*real, *refs[n]))
         log(f"floor (train vs test) at N={n}: {floors[str(n)]:.3f}")
 
-    key = jax.random.PRNGKey(args.seed)
+    key = jax.random.key(fv.seed)
     rows, strips = [], []
-    for s in settings:
-        run = load_diffusion(args.workdir, sampler=s["sampler"], steps=s["steps"],
-                             ddim_clip=args.ddim_clip, loaded=loaded,
-                             guidance_scale=s["guidance_scale"], eta=0.0)
+    for s, run in zip(settings, runs):
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
         log(f"{s['sampler']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
         t0 = time.time()
-        images = generate(run["sample_fn"], labels, key, min(args.batch_size, s["n"]))
+        images = generate(run["sample_fn"], labels, key, min(fv.batch_size, s["n"]))
         elapsed = time.time() - t0
         r = evaluate_samples(clf, images, labels, refs[s["n"]])
         row = {**s, "fd": float(r["fid"]), "conditional_accuracy": r["conditional_accuracy"],
                "time_s": round(elapsed, 1)}
         rows.append(row)
         log(f"  FD {row['fd']:.3f}, accuracy {row['conditional_accuracy']:.3f}, {elapsed:.0f} s")
-        order = np.concatenate([np.flatnonzero(labels == d)[:2] for d in range(10)])
+        order = np.concatenate([np.flatnonzero(labels == d)[:2]
+                                for d in range(run["num_classes"])])
         strips.append(images[order])
 
-    results = {"workdir": args.workdir, "step": max(ckpts, default=-1),
+    results = {"workdir": fv.workdir, "step": max(ckpts, default=-1),
                "classifier": clf_info, "floors": floors, "settings": rows,
-               "args": vars(args)}
-    with open(os.path.join(args.workdir, f"{args.name}.json"), "w") as f:
+               "args": fv.flag_values_dict()}
+    with open(os.path.join(fv.workdir, f"{fv.name}.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     table = markdown(results)
-    with open(os.path.join(args.workdir, f"{args.name}.md"), "w") as f:
+    with open(os.path.join(fv.workdir, f"{fv.name}.md"), "w") as f:
         f.write(table)
-    out_png = args.out_png or os.path.join(args.workdir, f"{args.name}.png")
-    save_grid(np.concatenate(strips), out_png, ncols=20)
+    out_png = fv.out_png or os.path.join(fv.workdir, f"{fv.name}.png")
+    save_grid(np.concatenate(strips), out_png, ncols=2 * runs[0]["num_classes"])
     log(f"wrote {out_png}")
     print(table)
     return results
 
 
+def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m experiments.eval_sweep``: :func:`main` with errors as one line, exit 0."""
+    cli.run(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli_main()

@@ -75,11 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "auto"        # auto | local | tfds
-    c.data.data_dir = ""          # IDX directory; "" = $JAXDIFF_MNIST_DIR, ../shared/data/mnist,
-                                  # tfds
+    c.data.data_dir = ""          # IDX directory; "" = jaxdiff.data.load_mnist's search:
+                                  # $JAXDIFF_MNIST_DIR, ./data/mnist, ~/.cache/jaxdiff/mnist, tfds
     c.data.prefetch = 2           # host batches buffered by the prefetch thread
 
-    c.num_classes = 10
+    # model.num_classes is the one number of classes: labels 0..9, 10 is the null label.
     c.model = unet_fields(10, **CPU_MODEL_OVERRIDES)
 
     c.diffusion = ml_collections.ConfigDict()
@@ -103,13 +103,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.log_every = 50
     c.training.checkpoint_every = 300
     c.training.keep_checkpoints = 3
+    c.training.tensorboard = False    # True: TensorBoard events in WORKDIR/tb (needs tensorboardX)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.every = 1300           # sample grid interval in steps (and always at the end)
     c.sampling.per_class = 8          # columns of the grid; one row per digit
-    c.sampling.sampler = "ddim"       # ddim | ddpm
+    c.sampling.sampler = "ddim"       # any of jaxdiff.samplers.sampler_names()
     c.sampling.num_steps = 25
-    c.sampling.eta = 0.0
-    c.sampling.guidance_scale = 2.0
-    c.sampling.clip_x0 = 1.0
+    c.sampling.guidance_scale = 2.0   # classifier-free guidance; 1 = none, 0 = unconditional
+    c.sampling.clip_x0 = 1.0          # 0 = no clipping
+    # Options of some samplers only; unset (None) for the others. DDIM: eta (0 when unset) and
+    # ddim_clip: "consistent" (eps re-derived from the clipped x0; the default) or "diffusers".
+    c.sampling.eta = config_dict.placeholder(float)
+    c.sampling.ddim_clip = config_dict.placeholder(str)
     return c

@@ -1,0 +1,79 @@
+"""Command-line plumbing shared by the experiments' command lines: one flag style (absl flags, and
+ml_collections ``config_flags`` for ``--config`` with ``--config.<field>=...`` overrides), parsed
+into a private ``FlagValues`` per call, and errors in what the user asked for printed as one line.
+
+Every command line is ``main(argv) -> result`` (``argv`` without the program name; raises
+:class:`ConfigError`) plus ``cli_main(argv)``, which :func:`run`s ``main`` for ``python -m``: a
+:class:`ConfigError` (or a refused checkpoint resume) becomes ``error: <message>`` on stderr and
+exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from absl import flags
+
+__all__ = ["ConfigError", "parse_flags", "run"]
+
+
+class ConfigError(ValueError):
+    """A command-line argument or config field with an invalid value; the message names it (e.g.
+    ``training.batch_size must be >= 1, got 0``)."""
+
+
+def parse_flags(define: Callable[[flags.FlagValues, list], None], argv: Sequence[str], prog: str,
+                doc: str = "") -> flags.FlagValues:
+    """Parses ``argv`` (arguments, without the program name) into a fresh ``FlagValues``.
+
+    Args:
+      define: ``define(flag_values, full_argv)`` defines the command's flags on ``flag_values``
+        (``full_argv`` = ``[prog, *argv]`` is what ``config_flags.DEFINE_config_file`` must get as
+        ``sys_argv`` to find ``--config.*`` overrides).
+      argv: the arguments.
+      prog: the program name, for messages (``python -m experiments.sample``).
+      doc: printed above the flags' help for ``--help``.
+
+    Returns:
+      The parsed flags.
+
+    Raises:
+      ConfigError: an unknown flag, a value that does not parse, an unknown config field, or a
+        positional argument.
+      SystemExit: ``--help`` / ``-h`` (status 0, after printing the help).
+    """
+    argv = [str(a) for a in argv]
+    full = [prog] + argv
+    fv = flags.FlagValues()
+    try:
+        define(fv, full)  # config_flags parses the default config (and its overrides) here
+        if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv):
+            print(f"{doc.strip()}\n\nflags:\n{fv.get_help()}")
+            raise SystemExit(0)
+        rest = fv(full)
+    except flags.Error as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    except (KeyError, AttributeError) as e:  # config_flags: an override of a field that is absent
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        name = str(e).strip("\"' ")
+        raise ConfigError(f"unknown config field {name!r} (overrides given: "
+                          f"{', '.join(overrides)})") from None
+    if len(rest) > 1:
+        raise ConfigError(f"{prog}: unexpected positional arguments {rest[1:]}")
+    return fv
+
+
+def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`
+    or ``jaxdiff.training.IncompatibleCheckpointError`` is printed to stderr as one ``error: ...``
+    line and exits with status 2; any other exception propagates (with its traceback). The
+    result of ``main`` is not printed and the exit status is 0."""
+    from jaxdiff.training import IncompatibleCheckpointError
+
+    try:
+        main(list(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, IncompatibleCheckpointError) as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,167 @@
+"""Evaluation helpers shared by ``experiments.eval_mnist`` and ``experiments.eval_sweep``: the
+MNIST arrays, the feature classifier (trained once, cached), FID / conditional accuracy / class
+histogram of samples, chunked sampling of a loaded run, and bits/dim."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import lib
+from experiments.cli import ConfigError
+from jaxdiff.compile_options import cpu_compiler_options
+from jaxdiff.data import load_mnist
+from jaxdiff.metrics import (class_histogram, classifier_accuracy, classify, conditional_accuracy,
+                             feature_statistics, frechet_distance, load_classifier,
+                             save_classifier, train_classifier, vlb_terms)
+
+__all__ = ["log", "load_mnist_arrays", "get_classifier", "evaluate_samples", "generate",
+           "has_run", "load_diffusion", "eval_bpd"]
+
+SampleFn = Callable[[np.ndarray, jax.Array], np.ndarray]   # (labels [n], key) -> images [n,28,28,1]
+
+
+def log(msg: str) -> None:
+    """Progress on stdout, flushed."""
+    print(f"[eval] {msg}", flush=True)
+
+
+def load_mnist_arrays(split: str, data_dir: Optional[str] = None):
+    """``images [N, 28, 28, 1]`` float32 in ``[-1, 1]``, ``labels [N]`` int32 (``jaxdiff.data``).
+
+    Raises:
+      ConfigError: the data cannot be found (naming ``--data_dir``).
+    """
+    try:
+        return load_mnist(split, data_dir or None)
+    except (FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"--data_dir: {e}") from None
+
+
+def get_classifier(path: str, train_data, test_data, *, seed: int, epochs: int):
+    """Load the classifier at ``path``, or train it on ``train_data`` and save it there.
+
+    Returns ``(params, info)`` with ``info`` holding the test accuracy and the training time."""
+    if os.path.isfile(path):
+        params, meta = load_classifier(path, with_metadata=True)
+        log(f"loaded classifier {path}")
+        info = {"path": path, "trained_now": False, **meta}
+    else:
+        log(f"training the classifier ({epochs} epochs on {len(train_data[0])} images)")
+        t0 = time.time()
+        params = train_classifier(*train_data, key=jax.random.key(seed), epochs=epochs,
+                                  batch_size=128, log_fn=log)
+        params = jax.block_until_ready(params)
+        info = {"path": path, "trained_now": True, "train_time_s": round(time.time() - t0, 1),
+                "epochs": epochs}
+    t0 = time.time()
+    info["test_accuracy"] = classifier_accuracy(params, *test_data)
+    info["eval_time_s"] = round(time.time() - t0, 2)
+    if info["trained_now"]:
+        save_classifier(path, params, {k: v for k, v in info.items() if k != "trained_now"})
+        log(f"saved classifier to {path}")
+    log(f"classifier test accuracy {info['test_accuracy']:.4f}")
+    return params, info
+
+
+def evaluate_samples(clf_params, images: np.ndarray, labels: Optional[np.ndarray],
+                     ref_stats, num_classes: int = 10) -> dict:
+    """FID against ``ref_stats``; conditional accuracy if ``labels`` ([n] requested classes) is
+    given, else the class histogram (fractions) and its largest deviation from uniform."""
+    feats, logits = classify(clf_params, images)
+    out = {"n": int(len(images)), "fid": frechet_distance(*feature_statistics(feats), *ref_stats)}
+    if labels is not None:
+        out["conditional_accuracy"] = float(conditional_accuracy(logits, labels))
+    else:
+        hist = np.asarray(class_histogram(logits, normalize=True))
+        out["class_histogram"] = [round(float(h), 4) for h in hist]
+        out["histogram_max_deviation"] = float(np.max(np.abs(hist - 1.0 / num_classes)))
+    return out
+
+
+def generate(
+    sample_fn: SampleFn, labels: np.ndarray, key: jax.Array, batch_size: int
+) -> np.ndarray:
+    """Calls ``sample_fn`` on chunks of ``labels`` (the last padded to ``batch_size``, one
+    compilation); chunk ``i`` uses ``fold_in(key, i)``. Returns ``[n, 28, 28, 1]`` numpy."""
+    out = []
+    for i, start in enumerate(range(0, len(labels), batch_size)):
+        chunk = labels[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        padded = np.concatenate([chunk, np.full(pad, chunk[0], chunk.dtype)])
+        out.append(np.asarray(sample_fn(padded, jax.random.fold_in(key, i)))[:len(chunk)])
+        log(f"  sampled {start + len(chunk)}/{len(labels)}")
+    return np.concatenate(out)
+
+
+def has_run(workdir: str) -> bool:
+    """Whether ``workdir`` holds a ``train_mnist`` run (``config.json`` + ``checkpoints/``)."""
+    return (os.path.isfile(os.path.join(workdir, "config.json"))
+            and os.path.isdir(os.path.join(workdir, "checkpoints")))
+
+
+def load_diffusion(run: lib.Run, sampling: ml_collections.ConfigDict) -> dict:
+    """A sampler over a loaded run (:func:`experiments.lib.load_run`), for the evaluations.
+
+    Args:
+      run: the loaded run; one restore can serve several samplers.
+      sampling: a ``config.sampling``-shaped ConfigDict (:func:`experiments.lib.sampling_config`).
+
+    Returns:
+      ``dict(sample_fn, apply, variables, schedule, prediction_type, null_label, num_classes)``:
+      ``sample_fn(labels [n] int32, key) -> images`` samples the EMA params; ``apply(variables, x,
+      t, labels)`` is the model (for bits/dim).
+
+    Raises:
+      ConfigError: an invalid ``sampling`` field.
+    """
+    prediction_type = run.config.diffusion.prediction_type
+    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling, prediction_type)
+
+    def sample_fn(labels, key):
+        return lib.sample_images(fn, run.ema_params, labels, key, run.mesh)
+
+    def apply(variables, x, t, labels):
+        return run.model.apply(variables, x, t, labels=labels, train=False)
+
+    num_classes = int(run.model.config.num_classes)
+    return dict(sample_fn=sample_fn, apply=apply, variables=run.ema_params,
+                schedule=run.schedule, prediction_type=prediction_type, null_label=num_classes,
+                num_classes=num_classes)
+
+
+def eval_bpd(apply, variables, schedule, images: np.ndarray, labels: np.ndarray, key: jax.Array, *,
+             batch_size: int, prediction_type: str, variance_type: str) -> dict:
+    """Mean of the variational bound (bits/dim) over ``images``, with its terms' means."""
+    @functools.partial(jax.jit, compiler_options=cpu_compiler_options())
+    def run(variables, x0, y, key):
+        def model_fn(x, t):
+            return apply(variables, x, t, y)
+
+        return vlb_terms(model_fn, schedule, x0, key, prediction_type=prediction_type,
+                         variance_type=variance_type)
+
+    totals, priors, decoders = [], [], []
+    n = len(images)
+    for i, start in enumerate(range(0, n, batch_size)):
+        x0, y = images[start:start + batch_size], labels[start:start + batch_size]
+        pad = batch_size - len(x0)
+        x0 = np.concatenate([x0, np.repeat(x0[:1], pad, 0)])
+        y = np.concatenate([y, np.repeat(y[:1], pad, 0)])
+        out = jax.device_get(run(variables, x0, y, jax.random.fold_in(key, i)))
+        keep = slice(0, batch_size - pad)
+        totals.append(out.total[keep]), priors.append(out.prior[keep])
+        decoders.append(out.terms[keep, 0])
+        running = np.concatenate(totals).mean()
+        log(f"  bits/dim {start + batch_size - pad}/{n}: running mean {running:.4f}")
+    totals = np.concatenate(totals)
+    return {"n": int(n), "variance_type": variance_type, "bpd": float(totals.mean()),
+            "bpd_stderr": float(totals.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+            "prior_bpd": float(np.concatenate(priors).mean()),
+            "decoder_bpd": float(np.concatenate(decoders).mean())}

@@ -1,0 +1,196 @@
+"""Training a class-conditional MNIST diffusion model from a config: :func:`train` validates
+everything, then loads the data, builds or resumes the state and runs the loop, writing
+``config.json``, ``checkpoints/``, ``metrics.jsonl``, sample grids and (``training.tensorboard``)
+TensorBoard events into the workdir. ``experiments.train_mnist`` is its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import lib
+from experiments.cli import ConfigError
+from experiments.images import save_grid
+from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
+from jaxdiff.training import (Checkpointer, StopOnSignal, make_mesh, make_train_step,
+                              train_loop)
+
+__all__ = ["train", "load_train_data"]
+
+
+def _tensorboard_writer(logdir: str):
+    """A ``jaxdiff.training.writers.TensorBoardWriter`` for ``logdir``.
+
+    Raises:
+      ConfigError: tensorboardX (which the writer needs) is not installed.
+    """
+    try:
+        from jaxdiff.training.writers import TensorBoardWriter
+        return TensorBoardWriter(logdir)
+    except ImportError as e:
+        raise ConfigError(f"training.tensorboard=True needs tensorboardX (pip install "
+                          f"tensorboardX): {e}") from None
+
+
+def _check_tensorboard_available() -> None:
+    """ConfigError now, before anything is written, if ``training.tensorboard`` cannot work."""
+    try:
+        import tensorboardX  # noqa: F401
+        from jaxdiff.training.writers import TensorBoardWriter  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"training.tensorboard=True needs tensorboardX (pip install "
+                          f"tensorboardX): {e}") from None
+
+
+class _Logger:
+    """Averages metrics over ``every`` steps; writes metrics.jsonl, TensorBoard (if a writer is
+    given) and a tqdm bar. Does nothing when not ``enabled`` (processes other than the first)."""
+
+    def __init__(self, workdir, every, batch_size, start, total, enabled, tensorboard=False):
+        self.every, self.batch_size, self.enabled = every, batch_size, enabled
+        self.acc, self.t0, self.last_step = [], time.perf_counter(), start
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.bar, self.tb = None, None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            if tensorboard:
+                self.tb = _tensorboard_writer(os.path.join(workdir, "tb"))
+
+    def __call__(self, step, m):
+        if not self.enabled:
+            return
+        self.acc.append(m)
+        self.bar.update(1)
+        if step % self.every:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.t0, 1e-9)
+        row = {k: float(np.mean([a[k] for a in self.acc])) for k in self.acc[0]}
+        row.update(step=step, steps_per_sec=rate, images_per_sec=rate * self.batch_size,
+                   time=time.time())
+        self.acc, self.t0, self.last_step = [], now, step
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            self.tb.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.1e}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def load_train_data(config: ml_collections.ConfigDict):
+    """MNIST's training split per ``config.data``; ``(images, labels)``.
+
+    Raises:
+      ConfigError: the data cannot be found, or a label is not below ``model.num_classes``
+        (``num_classes`` itself is the null label).
+    """
+    try:
+        images, labels = load_mnist("train", config.data.data_dir or None,
+                                    source=config.data.source)
+    except (FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"data: {e}") from None
+    n = int(config.model.num_classes)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n):
+        raise ConfigError(f"model.num_classes is {n}, but the data's labels lie in "
+                          f"[{labels.min()}, {labels.max()}]: labels must be in [0, {n}) "
+                          f"({n} is the null label)")
+    return images, labels
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Trains (or resumes) the run in ``workdir``; returns a summary dict (``start_step``,
+    ``end_step``, ``wall_s``, ``stopped_by_signal``, ``grid``, ``checkpoint_step``).
+
+    Everything that can be checked first is (the config, the data directory and the data, whether
+    ``workdir`` can be written), before ``workdir`` is created; a checkpoint written with an
+    incompatible config is refused before ``config.json`` is written.
+
+    Raises:
+      ConfigError: an invalid config field or path (nothing written).
+      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.
+    """
+    workdir = os.path.abspath(workdir)
+    lib.validate_config(config)
+    lib.check_paths(config, workdir)
+    t, s = config.training, config.sampling
+    if t.get("tensorboard", False):
+        _check_tensorboard_available()
+    images, labels = load_train_data(config)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
+
+    is_main = jax.process_index() == 0
+    mesh = make_mesh()
+    model, schedule = lib.build_model(config), lib.build_schedule(config)
+    target, tx, lr_fn = lib.init_state(config, model, mesh, abstract=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), lib.compat_config(config),
+                        max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
+                        hyperparams=lib.resume_hyperparams(config))
+    data_state = {"epoch": 0, "index": 0}
+    restored = ckpt.restore_latest(target)
+    if restored is not None:
+        state, data_state, step = restored
+        if is_main:
+            print(f"resumed from step {step} ({ckpt.directory})")
+    else:
+        state, tx, lr_fn = lib.init_state(config, model, mesh)
+    if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    start = int(jax.device_get(state.step))
+    step_fn = make_train_step(lib.make_loss_fn(config, model, schedule), tx, mesh,
+                              ema_decay=t.ema_decay, lr_schedule=lr_fn)
+    sample_fn = lib.make_sample_fn(model, schedule, mesh, s, config.diffusion.prediction_type)
+    grid_labels = np.repeat(np.arange(model.config.num_classes), s.per_class)
+    sample_key = lib.run_keys(config.seed)["sample"]  # same noise every time: grids comparable
+    last_grid: list[Optional[str]] = [None]
+
+    def write_grid(step, st):
+        imgs = lib.sample_images(sample_fn, st.ema_params, grid_labels, sample_key, mesh)
+        if is_main:
+            path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+            save_grid(imgs, path, ncols=s.per_class)
+            save_grid(imgs, os.path.join(workdir, "samples", "latest.png"), ncols=s.per_class)
+            last_grid[0] = path
+
+    def on_step(step, st):
+        if step % s.every == 0:
+            write_grid(step, st)
+
+    logger = _Logger(workdir, t.log_every, t.batch_size, start, t.num_steps, is_main,
+                     tensorboard=t.get("tensorboard", False))
+    it = BatchIterator.from_state({"image": images, "label": labels}, t.batch_size, config.seed,
+                                  data_state)
+    t0 = time.perf_counter()
+    with StopOnSignal() as stop, Prefetcher(it, config.data.prefetch) as batches:
+        try:
+            state = train_loop(state, step_fn, batches, mesh, t.num_steps, checkpointer=ckpt,
+                               on_metrics=logger, on_step=on_step, stop=stop,
+                               sync_every=t.log_every)
+        finally:
+            logger.close()
+            ckpt.close()
+    end = int(jax.device_get(state.step))
+    if stop.requested is None and end % s.every:
+        write_grid(end, state)
+    summary = {"start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
+               "stopped_by_signal": stop.requested is not None, "grid": last_grid[0],
+               "checkpoint_step": ckpt.latest_step()}
+    if is_main:
+        print(json.dumps(summary))
+    return summary
