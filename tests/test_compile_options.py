@@ -15,7 +15,10 @@ def test_on_this_cpu_the_options_apply_exactly_when_xla_knows_them(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     assert jax.default_backend() == "cpu"
     got = jaxdiff.cpu_compiler_options()
-    assert got == (CPU_COMPILER_OPTIONS if _supported() else {})
+    # The jaxlib these tests pin knows the option: if it stops doing so, the options become {}
+    # silently and the CPU speed-up with them, which must fail here rather than pass.
+    assert _supported(), "this jaxlib no longer accepts CPU_COMPILER_OPTIONS"
+    assert got == CPU_COMPILER_OPTIONS and got
     got["mutated"] = "x"  # a fresh dict each call: callers may modify theirs
     assert "mutated" not in jaxdiff.cpu_compiler_options()
 
@@ -44,9 +47,13 @@ def test_unknown_option_is_detected_not_fatal(monkeypatch):
         co._supported.cache_clear()
 
 
-def test_train_step_compiles_with_the_options_it_is_given():
+def test_train_step_compiles_with_the_options_it_is_given(monkeypatch):
     """The options reach jax.jit: a bogus one fails the first call; an explicit {} (XLA's
-    defaults) and the default (cpu_compiler_options) train to the same numbers within float32."""
+    defaults) and the default (cpu_compiler_options, non-empty on this CPU) train to the same
+    numbers within float32."""
+    monkeypatch.delenv("JAXDIFF_CPU_COMPILER_OPTIONS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert jaxdiff.cpu_compiler_options(), "default options are empty: {} vs None compares nothing"
     data = tiny_data(16)
     mesh = make_mesh()
     results = []
