@@ -4,6 +4,7 @@ stop signals (real ones, several processes agreeing), atomic writes, keep-last-k
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +18,9 @@ import pytest
 
 import jaxdiff.training.loop as loop_mod
 from jaxdiff.data import BatchIterator, Prefetcher
-from jaxdiff.training import (Checkpointer, IncompatibleCheckpointError, NonFiniteLossError,
-                              StopOnSignal, make_mesh, make_train_step, replicate,
-                              replicated_sharding, train_loop)
+from jaxdiff.training import (CheckpointError, Checkpointer, IncompatibleCheckpointError,
+                              NonFiniteLossError, StopOnSignal, make_mesh, make_train_step,
+                              replicate, replicated_sharding, train_loop)
 from tests.test_training import tiny_data, tiny_setup
 
 CONFIG = {"model": {"features": 8}, "batch_size": 8}
@@ -251,6 +252,112 @@ def test_restore_into_abstract_target_and_read_only(tmp_path):
     assert Checkpointer(str(missing), None, read_only=True).latest_step() is None
     assert not missing.exists()  # a reader creates no directory
 
+
+
+@pytest.fixture(scope="module")
+def _saved_3_and_6(tmp_path_factory):
+    """A workdir with complete checkpoints at steps 3 and 6 (trained once per module)."""
+    workdir = tmp_path_factory.mktemp("saved") / "ck"
+    state, _ = run(workdir, 6, save_every=3, keep=3)
+    return workdir, state
+
+
+@pytest.fixture
+def saved(_saved_3_and_6, tmp_path):
+    """A fresh copy of that workdir, for a test to damage: ``(workdir, state at step 6)``."""
+    src, state = _saved_3_and_6
+    shutil.copytree(src, tmp_path / "ck")
+    return tmp_path / "ck", state
+
+
+def _target():
+    return replicate(tiny_setup()[0], make_mesh())
+
+
+def _truncate_array_files(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for f in files:
+            if os.path.basename(root) == "d":  # the OCDBT data files that hold the arrays
+                p = os.path.join(root, f)
+                with open(p, "r+b") as fh:
+                    fh.truncate(os.path.getsize(p) // 2)
+
+
+def _assert_clear(excinfo, step_dir, what):
+    msg = str(excinfo.value)
+    assert str(step_dir) in msg and what in msg
+    assert "Move or delete" in msg and "previous checkpoint (step 3)" in msg
+    assert len(msg) < 1500, msg  # one short cause, not Orbax's whole story
+    e = excinfo.value  # no chained Orbax traceback: raised alone or ``from None``
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
+
+
+def test_truncated_array_file_is_one_checkpoint_error_naming_the_step_dir(saved):
+    workdir, _ = saved
+    _truncate_array_files(workdir / "6")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpointer(str(workdir), CONFIG).restore_latest(_target())
+    _assert_clear(excinfo, workdir / "6", "state")
+
+
+@pytest.mark.parametrize("action, item", [("delete", "meta"), ("truncate", "meta"),
+                                          ("truncate", "data"), ("replace", "meta")])
+def test_damaged_json_item_is_one_checkpoint_error_naming_the_step_dir(saved, action, item):
+    workdir, _ = saved
+    path = workdir / "6" / item / "metadata"
+    if action == "delete":
+        path.unlink()
+    elif action == "truncate":
+        path.write_text(path.read_text()[:9])
+    else:  # valid JSON, but not the object that was written
+        path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpointer(str(workdir), CONFIG).restore_latest(_target())
+    _assert_clear(excinfo, workdir / "6", item)
+
+
+def test_corrupt_latest_step_is_not_skipped_even_with_a_good_one_before_it(saved):
+    # Falling back to step 3 would silently throw away training: the error asks the user instead,
+    # and once they move the corrupt directory away, step 3 restores.
+    workdir, _ = saved
+    _truncate_array_files(workdir / "6")
+    ck = Checkpointer(str(workdir), CONFIG, read_only=True)
+    with pytest.raises(CheckpointError, match="probably corrupt or truncated"):
+        ck.restore_latest(_target())
+    assert (workdir / "6").is_dir()  # left in place
+    shutil.move(workdir / "6", workdir.parent / "6.bad")
+    _, data_state, step = Checkpointer(str(workdir), CONFIG, read_only=True).restore_latest(
+        _target())
+    assert step == 3 and data_state == {"epoch": 0, "index": 3}
+
+
+def test_incomplete_step_dirs_are_skipped_with_a_warning_and_resume_continues(saved):
+    workdir, state6 = saved
+    (workdir / "900").mkdir()  # an interrupted copy: an empty step directory
+    shutil.copytree(workdir / "6", workdir / "12")
+    shutil.rmtree(workdir / "12" / "meta")  # an interrupted save on a non-atomic filesystem
+    with pytest.warns(UserWarning) as record:
+        restored, data_state, step = Checkpointer(str(workdir), CONFIG).restore_latest(_target())
+    text = "\n".join(str(w.message) for w in record)
+    assert f"{workdir / '900'} is incomplete (no state, data, meta" in text
+    assert f"{workdir / '12'} is incomplete (no meta" in text
+    assert step == 6 and data_state == {"epoch": 1, "index": 1}  # 5 batches an epoch
+    for a, b in zip(jax.tree.leaves(state6), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Moved aside, not deleted, so that they neither count as the latest step nor block saves.
+    assert (workdir / "900.incomplete").is_dir() and (workdir / "12.incomplete").is_dir()
+    state, ck = run(workdir, 12, save_every=3, keep=3)
+    assert int(state.step) == 12 and ck.all_steps() == [6, 9, 12]
+
+
+def test_read_only_reader_skips_incomplete_step_dirs_without_moving_them(saved):
+    workdir, _ = saved
+    (workdir / "900").mkdir()
+    ck = Checkpointer(str(workdir), None, read_only=True)
+    assert ck.latest_step() == 6
+    with pytest.warns(UserWarning, match="900 is incomplete"):
+        _, _, step = ck.restore_latest(_target())
+    assert step == 6 and (workdir / "900").is_dir()
 
 
 _WORKER = textwrap.dedent("""

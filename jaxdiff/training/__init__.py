@@ -1,15 +1,15 @@
 """Train state (+EMA), optimizer, data-parallel train step, Orbax checkpoints, training loop."""
 
-from jaxdiff.training.checkpoint import (Checkpointer, IncompatibleCheckpointError, param_shapes,
-                                         tree_structure)
+from jaxdiff.training.checkpoint import (CheckpointError, Checkpointer,
+                                         IncompatibleCheckpointError, param_shapes, tree_structure)
 from jaxdiff.training.loop import NonFiniteLossError, StopOnSignal, train_loop
 from jaxdiff.training.state import (OptimizerConfig, TrainState, create_train_state, ema_decay_at,
                                     ema_update, make_lr_schedule, make_optimizer)
 from jaxdiff.training.step import (DATA_AXIS, batch_sharding, check_batch_divisible, make_mesh,
                                    make_train_step, replicate, replicated_sharding, shard_batch)
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError", "param_shapes", "tree_structure",
-           "NonFiniteLossError",
+__all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "param_shapes",
+           "tree_structure", "NonFiniteLossError",
            "StopOnSignal", "train_loop", "OptimizerConfig", "TrainState", "create_train_state",
            "ema_decay_at", "ema_update", "make_lr_schedule", "make_optimizer", "DATA_AXIS",
            "batch_sharding", "check_batch_divisible", "make_mesh", "make_train_step", "replicate",

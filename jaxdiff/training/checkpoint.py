@@ -11,6 +11,20 @@ Each checkpoint step directory holds three items written by one ``ocp.Checkpoint
 Orbax writes each step to a temporary directory and renames it when complete (atomic on POSIX), so a
 crash mid-save leaves the previous checkpoint intact and the half-written one is ignored.
 
+Damaged step directories are told apart in two kinds:
+
+- *incomplete*: a step directory that lacks one of the three items (``state/``, ``data/``,
+  ``meta/``) or has one of them empty, e.g. an empty ``900/`` left by an interrupted copy or by a
+  save on a filesystem without atomic renames. It holds no checkpoint that could be restored, so
+  :meth:`Checkpointer.restore_latest` skips it with a ``UserWarning`` naming it and resumes from the
+  latest complete step. A writer (not ``read_only``) also renames it to ``<step>.incomplete`` (Orbax
+  ignores that name), so that later saves, ``max_to_keep`` and :meth:`Checkpointer.latest_step` do
+  not count it; nothing is deleted.
+- *corrupt*: all three items are there but reading them fails (a truncated or overwritten array
+  file, a damaged JSON file). Restoring it raises :class:`CheckpointError` naming the step
+  directory, instead of falling back silently to an older step (which would throw away training
+  without anyone noticing). Move or delete that directory to resume from the step before it.
+
 Before restoring, :meth:`Checkpointer.restore_latest` compares ``meta`` with the current run: a
 different config, different parameter shapes or a different optimizer-state structure (e.g. gradient
 clipping switched on or off) is a ``ValueError`` saying what differs, instead of a failure deep
@@ -23,18 +37,35 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "param_shapes", "tree_structure", "IncompatibleCheckpointError"]
+__all__ = ["Checkpointer", "param_shapes", "tree_structure", "IncompatibleCheckpointError",
+           "CheckpointError"]
 
 _log = logging.getLogger(__name__)
 
 
+_ITEMS = ("state", "data", "meta")
+
+
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in the workdir was written by a run with a different model/config."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step directory that has all its items but cannot be read (corrupt or
+    truncated files). The message names the step directory and what to do about it."""
+
+
+def _short(e: BaseException, limit: int = 600) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def param_shapes(tree: Any) -> Dict[str, list]:
@@ -98,8 +129,30 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
 
+    def step_dir(self, step: int) -> str:
+        """The directory of checkpoint ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    def missing_items(self, step: int) -> list:
+        """The items (``"state"``, ``"data"``, ``"meta"``) that step directory ``step`` lacks or
+        holds empty; ``[]`` for a complete-looking step (see the module docstring)."""
+        out = []
+        for item in _ITEMS:
+            path = os.path.join(self.step_dir(step), item)
+            try:
+                if not os.listdir(path):
+                    out.append(item)
+            except OSError:  # missing, or not a directory
+                out.append(item)
+        return out
+
     def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
+        """The latest step whose directory is complete-looking (incomplete ones are not counted;
+        a corrupt one is), or None."""
+        for step in reversed(self.all_steps()):
+            if not self.missing_items(step):
+                return step
+        return None
 
     def all_steps(self):
         return list(self.manager.all_steps())
@@ -127,12 +180,37 @@ class Checkpointer:
             data=ocp.args.JsonSave(dict(data_state)),
             meta=ocp.args.JsonSave(meta)))
 
+    def _corrupt(self, step: int, problem: str) -> CheckpointError:
+        """The error for step ``step``: ``problem``, then what to do about it."""
+        where = self.step_dir(step)
+        others = [s for s in self.all_steps() if s < step and not self.missing_items(s)]
+        previous = (f"resume from the previous checkpoint (step {others[-1]})" if others
+                    else "start again (there is no earlier checkpoint)")
+        return CheckpointError(f"checkpoint {where} {problem}. Move or delete {where} to "
+                               f"{previous}, or restore that directory from a backup.")
+
+    def _restore(self, step: int, **items: Any) -> Any:
+        """``manager.restore`` of ``items`` at ``step``; any failure to read them is one
+        :class:`CheckpointError` naming the step directory (not Orbax's traceback)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types
+            raise self._corrupt(step, "could not be read, so it is probably corrupt or "
+                                f"truncated: reading {'/'.join(items)} failed ({_short(e)})"
+                                ) from None
+
     def check_compatible(self, step: int, target_state: Any) -> None:
         """IncompatibleCheckpointError unless checkpoint ``step`` matches config, parameter shapes
-        and optimizer-state structure; logs a warning for changed ``hyperparams``."""
-        meta = self.manager.restore(step,
-                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        where = os.path.join(self.directory, str(step))
+        and optimizer-state structure; logs a warning for changed ``hyperparams``.
+
+        Raises:
+          CheckpointError: ``meta`` cannot be read, or is not a JSON object.
+        """
+        where = self.step_dir(step)
+        meta = self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+        if not isinstance(meta, dict):
+            raise self._corrupt(step, f"is corrupt: its meta holds a {type(meta).__name__}, "
+                                "expected a JSON object")
         if self.config is not None:
             old = dict(meta.get("config") or {})
             new = dict(self.config)
@@ -166,21 +244,63 @@ class Checkpointer:
             if changed:
                 _log.warning("resuming %s with changed settings: %s", where, "; ".join(changed))
 
+    def _skip_incomplete(self) -> None:
+        """Warns about each incomplete step directory; a writer renames it to
+        ``<step>.incomplete`` (process 0 renames, every process then re-reads the steps)."""
+        if not self.read_only:
+            self.manager.wait_until_finished()  # a save in flight has no step directory yet
+        incomplete = [(s, self.missing_items(s)) for s in self.all_steps()]
+        incomplete = [(s, m) for s, m in incomplete if m]
+        for step, missing in incomplete:
+            where = self.step_dir(step)
+            msg = (f"checkpoint {where} is incomplete (no {', '.join(missing)}; an interrupted "
+                   "save or copy): skipped, resuming from the latest complete step")
+            if not self.read_only:
+                dest, n = f"{where}.incomplete", 1
+                while os.path.exists(dest):
+                    dest, n = f"{where}.incomplete-{n}", n + 1
+                if jax.process_index() == 0:
+                    os.rename(where, dest)
+                msg += f"; moved it to {dest} (delete that once you have checked it)"
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        if not self.read_only:
+            if jax.process_count() > 1:
+                ocp.multihost.sync_global_processes("jaxdiff_checkpoint_skip_incomplete")
+            if incomplete or jax.process_count() > 1:
+                self.manager.reload()
+
     def restore_latest(self, target_state: Any) -> Optional[Tuple[Any, Dict[str, int], int]]:
         """Restores the latest checkpoint into the structure/sharding of ``target_state`` (arrays,
         or ``jax.ShapeDtypeStruct`` with shardings, e.g. from ``jax.eval_shape``).
 
-        Returns ``(state, data_state, step)``, or None if there is no checkpoint.
+        Incomplete step directories (missing or empty ``state``/``data``/``meta``) are skipped
+        with a ``UserWarning`` naming them; a writer moves them to ``<step>.incomplete``. A
+        corrupt latest step is never skipped: see Raises.
+
+        Returns ``(state, data_state, step)``, or None if there is no complete checkpoint.
+
+        Raises:
+          CheckpointError: the latest complete-looking step directory cannot be read (a truncated
+            or corrupt file); the message names it and says to move or delete it to resume from
+            the step before.
+          IncompatibleCheckpointError: it was written by a run with a different config, parameter
+            shapes or optimizer-state structure.
         """
-        step = self.manager.latest_step()
+        self._skip_incomplete()
+        step = self.latest_step()
         if step is None:
             return None
         self.check_compatible(step, target_state)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        return out["state"], dict(out["data"]), step
+        out = self._restore(step, state=ocp.args.StandardRestore(abstract),
+                            data=ocp.args.JsonRestore())
+        data = out["data"]
+        if not (isinstance(data, dict) and isinstance(data.get("epoch"), int)
+                and isinstance(data.get("index"), int)):
+            raise self._corrupt(step, f"is corrupt: its data holds {data!r:.200}, expected "
+                                "{'epoch': int, 'index': int}")
+        return out["state"], dict(data), step
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed (renamed into place)."""
