@@ -7,10 +7,12 @@ from jaxdiff.training.state import (OptimizerConfig, TrainState, create_train_st
                                     ema_update, make_lr_schedule, make_optimizer)
 from jaxdiff.training.step import (DATA_AXIS, batch_sharding, check_batch_divisible, make_mesh,
                                    make_train_step, replicate, replicated_sharding, shard_batch)
+from jaxdiff.training.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
 
 __all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "param_shapes",
            "tree_structure", "NonFiniteLossError",
            "StopOnSignal", "train_loop", "OptimizerConfig", "TrainState", "create_train_state",
            "ema_decay_at", "ema_update", "make_lr_schedule", "make_optimizer", "DATA_AXIS",
            "batch_sharding", "check_batch_divisible", "make_mesh", "make_train_step", "replicate",
-           "replicated_sharding", "shard_batch"]
+           "replicated_sharding", "shard_batch", "MetricWriter", "JsonlWriter", "TensorBoardWriter",
+           "MultiWriter"]
