@@ -123,7 +123,7 @@ def rows_for(net, args):
     def model(params, y, t):
         return net.apply(params, y, t)
 
-    num_ddpm = None if args.ddpm_steps == 1000 else args.ddpm_steps
+    num_ddpm = args.ddpm_steps
     ddpm_kw = dict(variance_type="fixed_small", prediction_type="eps", clip_x0=1.0)
     ddim_kw = dict(prediction_type="eps", clip_x0=1.0)
 
@@ -145,10 +145,10 @@ def rows_for(net, args):
     n_params = sum(a.size for a in jax.tree.leaves(params))
     label = f"{type(net).__name__}({net.width}), {n_params:,} params"
     return [
-        (label,) + bench("DDPM", ddpm_scan, ddpm_one, *ddpm_timesteps(1000, num_ddpm),
+        (label,) + bench("DDPM", ddpm_scan, ddpm_one, *ddpm_timesteps(sched, num_ddpm)[:2],
                          params, x, key, args.repeats),
         (label,) + bench("DDIM (eta=0)", ddim_scan, ddim_one,
-                         *ddim_timesteps(1000, args.ddim_steps), params, x, key, args.repeats),
+                         *ddim_timesteps(sched, args.ddim_steps)[:2], params, x, key, args.repeats),
     ]
 
 

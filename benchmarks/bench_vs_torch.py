@@ -279,7 +279,7 @@ def main(argv=None):
     jsample_c = jsample.lower(params, jx_T).compile()
     jcompile_sample = time.perf_counter() - t0
 
-    ts, ts_prev = ddim_timesteps(1000, steps, "leading")
+    ts, ts_prev, _ = ddim_timesteps(sched, steps, "leading")
 
     @functools.partial(jax.jit, compiler_options=opts)
     def jstep1(params, x, t, t_prev):

@@ -37,6 +37,7 @@ __all__ = [
     "predict_x0_from_v",
     "predict_eps_from_v",
     "model_output_to_x0_eps",
+    "x0_and_eps",
     "target_for",
     "snr",
 ]
@@ -189,19 +190,50 @@ def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.
     )
 
 
+def x0_and_eps(
+    model_output: jax.Array,
+    x_t: jax.Array,
+    alpha: jax.Array,
+    sigma: jax.Array,
+    prediction_type: str,
+) -> tuple[jax.Array, jax.Array]:
+    """``(x_0, eps)`` implied by a model output, given ``x_t = alpha x_0 + sigma eps``.
+
+    The one conversion every sampler uses, in diffusers' order of operations:
+    eps-prediction ``x_0 = (x_t - sigma out) / alpha``; x0-prediction ``eps = (x_t - alpha out) /
+    sigma``; v-prediction ``x_0 = alpha x_t - sigma out``, ``eps = alpha out + sigma x_t`` (with
+    ``alpha^2 + sigma^2 = 1``).
+
+    Args:
+      model_output: ``[B, ...]`` eps, x0 or v by ``prediction_type``.
+      x_t: ``[B, ...]``.
+      alpha: ``sqrt(abar_t)``, broadcastable to ``x_t`` (a scalar or ``[B, 1, ..., 1]``).
+      sigma: ``sqrt(1 - abar_t)``, broadcastable likewise.
+      prediction_type: see :func:`canonical_prediction_type`.
+
+    Returns:
+      ``(x_0, eps)``, each ``[B, ...]``.
+    """
+    kind = canonical_prediction_type(prediction_type)
+    if kind == "eps":
+        return (x_t - sigma * model_output) / alpha, model_output
+    if kind == "x0":
+        return model_output, (x_t - alpha * model_output) / sigma
+    return alpha * x_t - sigma * model_output, alpha * model_output + sigma * x_t
+
+
 def model_output_to_x0_eps(
     schedule: Schedule, x_t: jax.Array, t: jax.Array, model_output: jax.Array, prediction_type: str
 ) -> tuple[jax.Array, jax.Array]:
-    """Both ``(x_0, eps)`` implied by a model output of the given ``prediction_type``."""
-    kind = canonical_prediction_type(prediction_type)
-    if kind == "eps":
-        return predict_x0_from_eps(schedule, x_t, t, model_output), model_output
-    if kind == "x0":
-        return model_output, predict_eps_from_x0(schedule, x_t, t, model_output)
-    return (
-        predict_x0_from_v(schedule, x_t, t, model_output),
-        predict_eps_from_v(schedule, x_t, t, model_output),
-    )
+    """Both ``(x_0, eps)`` implied by a model output of the given ``prediction_type`` at integer
+    timesteps ``t: [B]`` (:func:`x0_and_eps` with the schedule's ``alpha_t``, ``sigma_t``)."""
+    x_t = check_batched("x_t", x_t)
+    model_output = check_array("model_output", model_output)
+    check_same_shape(x_t=x_t, model_output=model_output)
+    t = check_timesteps("t", t, schedule.num_timesteps, x_t.shape[0])
+    alpha = extract(schedule.sqrt_alphas_cumprod, t, x_t.ndim)
+    sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    return x0_and_eps(model_output, x_t, alpha, sigma, prediction_type)
 
 
 def target_for(

@@ -141,7 +141,8 @@ def _sampler_runs():
 
     return sched, {
         "ddpm": lambda x, k: ddpm_sample(model, sched, x, k, num_steps=5),
-        "ddpm-all-steps": lambda x, k: ddpm_sample(model, sched, x, k),
+        "ddpm-all-steps": lambda x, k: ddpm_sample(model, sched, x, k,
+                                                   num_steps=sched.num_timesteps),
         "ddpm-trailing": lambda x, k: ddpm_sample(model, sched, x, k, num_steps=5,
                                                   spacing="trailing"),
         "ddim": lambda x, k: ddim_sample(model, sched, x, k, num_steps=5, eta=0.5),

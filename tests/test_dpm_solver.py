@@ -101,7 +101,7 @@ def test_grid_is_strictly_decreasing_in_range_or_raises(spacing, offset):
     T = SMALL.num_timesteps
     for n in range(1, T + 1):
         try:
-            ts, sigmas = dpm_solver_timesteps(SMALL, n, spacing=spacing, steps_offset=offset)
+            ts, _, sigmas = dpm_solver_timesteps(SMALL, n, spacing=spacing, steps_offset=offset)
         except ValueError as e:
             name = "steps_offset" if offset and n == T - 1 else "num_steps"
             assert spacing != "trailing" and n >= T - 1 and name in str(e), (n, e)
@@ -109,7 +109,7 @@ def test_grid_is_strictly_decreasing_in_range_or_raises(spacing, offset):
         assert ts.shape == (n,) and sigmas.shape == (n + 1,), n
         assert (np.diff(ts) < 0).all() and ts[-1] >= 0 and ts[0] < T, (n, ts)
         assert np.isfinite(sigmas).all()
-    ts, _ = dpm_solver_timesteps(SCHED, 61, spacing="trailing")
+    ts = dpm_solver_timesteps(SCHED, 61, spacing="trailing").timesteps
     assert ts.shape == (61,) and ts[-1] >= 0
 
 

@@ -101,7 +101,7 @@ def test_ddim_drawn_noise_statistics():
     _, xs, _ = ddim_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, jax.random.key(4),
                            num_steps=n, eta=eta, prediction_type="x0", return_trajectory=True)
     v = 1.0
-    for k, (t, tp) in enumerate(zip(*ddim_timesteps(T, n)), start=1):
+    for k, (t, tp) in enumerate(zip(*ddim_timesteps(SCHED, n)[:2]), start=1):
         a_t, a_p = _acp(t), _acp(tp)
         std2 = eta**2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
         v = (1 - a_p - std2) / (1 - a_t) * v + std2
@@ -114,7 +114,7 @@ def test_ddpm_noise_statistics_over_1000_steps():
     of the sample at time s follows ``v_{t-1} = coef2_t^2 v_t + sigma_t^2`` from v_999 = 1
     (float64). Reusing one noise draw across steps, or dropping steps' noise, changes it."""
     x = jax.random.normal(jax.random.key(4), (1024, 4))
-    _, xs, _ = jax.jit(lambda x, k: ddpm_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, k,
+    _, xs, _ = jax.jit(lambda x, k: ddpm_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, k, num_steps=T,
                                                 prediction_type="x0", return_trajectory=True))(
         x, jax.random.key(5))
     betas = np.asarray(SCHED.betas, np.float64)
@@ -184,7 +184,7 @@ def test_ddim_scan_equals_python_loop(pred, clip):
     scanned = jax.jit(lambda x: ddim_sample(MODEL, SCHED, x, num_steps=n, spacing="trailing",
                                             noise=noise, **kw))(x_T())
     x = x_T()
-    ts, ts_prev = ddim_timesteps(T, n, "trailing")
+    ts, ts_prev, _ = ddim_timesteps(SCHED, n, "trailing")
     step = jax.jit(partial(ddim_step, **kw))
     for i, (t, tp) in enumerate(zip(ts, ts_prev)):
         x, _ = step(SCHED, MODEL(x, jnp.full((2,), t)), x, t, tp, noise[i])
@@ -197,7 +197,7 @@ def test_ddpm_scan_equals_python_loop():
     kw = dict(variance_type="fixed_large", prediction_type="eps", clip_x0=1.0)
     scanned = ddpm_sample(MODEL, SCHED, x_T(), num_steps=n, noise=noise, **kw)
     x = x_T()
-    for i, (t, tp) in enumerate(zip(*ddpm_timesteps(T, n))):
+    for i, (t, tp) in enumerate(zip(*ddpm_timesteps(SCHED, n)[:2])):
         x, _ = ddpm_step(SCHED, MODEL(x, jnp.full((2,), t)), x, t, tp, noise[i], **kw)
     np.testing.assert_allclose(scanned, x, atol=1e-6, rtol=0)
 
@@ -217,7 +217,7 @@ def test_oracle_ddpm_1000_steps_lands_on_c_with_the_right_marginals():
     1/sqrt(abar_999))."""
     c = jnp.linspace(-0.8, 0.8, 16).reshape(4, 4, 1)
     x = jax.random.normal(jax.random.key(8), (256, 4, 4, 1))
-    x0, xs, _ = jax.jit(lambda x, k: ddpm_sample(partial(oracle_eps, c), SCHED, x, k,
+    x0, xs, _ = jax.jit(lambda x, k: ddpm_sample(partial(oracle_eps, c), SCHED, x, k, num_steps=T,
                                                  return_trajectory=True))(x, jax.random.key(9))
     assert np.abs(np.asarray(x0) - np.asarray(c)).max() < 1e-4
     for t in (900, 500, 100):
@@ -233,7 +233,7 @@ def test_oracle_ddim_50_steps_lands_on_c_along_the_exact_path():
     c = jnp.linspace(-0.8, 0.8, 16).reshape(4, 4, 1)
     x = jax.random.normal(jax.random.key(10), (4, 4, 4, 1))
     x0, xs, _ = ddim_sample(partial(oracle_eps, c), SCHED, x, num_steps=50, return_trajectory=True)
-    ts, _ = ddim_timesteps(T, 50)
+    ts = ddim_timesteps(SCHED, 50).timesteps
     eps_T = np.asarray(oracle_eps(c, x, jnp.full((4,), ts[0])))
     for k, t in enumerate(ts[1:], start=1):
         want = np.sqrt(_acp(t)) * np.asarray(c) + np.sqrt(1 - _acp(t)) * eps_T
@@ -354,11 +354,12 @@ def test_step_rejects_concrete_out_of_range_timesteps_and_reads_nan_when_traced(
        spacing=st.sampled_from(["leading", "trailing", "linspace"]))
 def test_timestep_grids_are_valid(T_, frac, spacing):
     n = max(1, round(frac * T_))
-    for ts, ts_prev in (ddim_timesteps(T_, n, spacing), ddpm_timesteps(T_, n, spacing)):
+    S_ = make_schedule("linear", T_)
+    for ts, ts_prev, _ in (ddim_timesteps(S_, n, spacing), ddpm_timesteps(S_, n, spacing)):
         assert ts.shape == ts_prev.shape == (n,)
         assert (ts >= 0).all() and (ts < T_).all() and (ts_prev < ts).all()
         assert (np.diff(ts) < 0).all()
-    assert ddpm_timesteps(T_, n, spacing)[1][-1] == -1
+    assert ddpm_timesteps(S_, n, spacing)[1][-1] == -1
 
 
 @pytest.mark.parametrize("w, rescale, batches, uses", [

@@ -1,14 +1,60 @@
-"""Samplers: each a step function plus one ``lax.scan`` over the timesteps."""
+"""Samplers: one contract for all of them, one scan driver, one registry.
 
-from jaxdiff.samplers.ddim import ddim_sample, ddim_step
+The contract. Each sampler family ``NAME`` (one file) provides
+
+- a grid function ``NAME_timesteps(schedule, num_steps, **options) -> Grid``: the timesteps,
+  previous timesteps and sigmas, computed on the host (numpy) exactly as the diffusers scheduler
+  computes them, so that the scan runs over static shapes;
+- a step function ``NAME_step(...)``: one update, pure, jittable, usable on its own (the parity
+  tests drive it step by step against diffusers). One-step samplers return ``(x_prev, pred_x0)``;
+  multistep solvers take and return their history as an explicit state pytree (``(state, x_next,
+  pred_x0)``, e.g. :class:`DPMSolverState`). A step that adds noise takes it as an argument
+  (``[B, ...]`` standard normal) and raises if it is ``None``; a deterministic step (DDIM with
+  ``eta = 0``) accepts ``None``;
+- ``NAME_sample(model_fn, schedule, x_T, key, *, num_steps, ..., noise=None,
+  return_trajectory=False)``: the whole trajectory as one ``lax.scan`` on the shared driver
+  (:mod:`jaxdiff.samplers.driver`). ``model_fn(x [B, ...], t [B] int32) -> [B, ...]``; ``x_T`` is
+  carried in at least float32; ``key`` is required by stochastic samplers (step ``i`` draws from
+  ``fold_in(key, i)``) unless ``noise [num_steps, B, ...]`` is given, and may be ``None`` for
+  deterministic ones; with ``return_trajectory`` the result is ``(x_0, xs [N + 1, B, ...],
+  pred_x0s [N, B, ...])``.
+
+Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
+experiments' ``--sampler`` flags use. Classifier-free guidance is a model-function transform
+(:func:`classifier_free_guidance`) that works with every sampler.
+"""
+
+from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
-from jaxdiff.samplers.dpm_solver import dpm_solver_sample, dpm_solver_timesteps
+from jaxdiff.samplers.dpm_solver import (
+    FINAL_SIGMAS_TYPES,
+    SOLVER_TYPES,
+    DPMSolverState,
+    dpm_solver_init,
+    dpm_solver_sample,
+    dpm_solver_step,
+    dpm_solver_timesteps,
+)
 from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
-from jaxdiff.samplers.timesteps import SPACINGS, ddim_timesteps, ddpm_timesteps
+from jaxdiff.samplers.registry import (
+    SAMPLERS,
+    Sampler,
+    get_sampler,
+    sampler_names,
+    sampler_options,
+)
+from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_timesteps
 
 __all__ = [
+    "DPMSolverState",
+    "FINAL_SIGMAS_TYPES",
+    "Grid",
+    "SAMPLERS",
+    "SOLVER_TYPES",
     "SPACINGS",
+    "Sampler",
     "VARIANCE_TYPES",
+    "check_eta",
     "classifier_free_guidance",
     "ddim_sample",
     "ddim_step",
@@ -17,7 +63,12 @@ __all__ = [
     "ddpm_sample",
     "ddpm_step",
     "ddpm_timesteps",
+    "dpm_solver_init",
     "dpm_solver_sample",
+    "dpm_solver_step",
     "dpm_solver_timesteps",
+    "get_sampler",
     "rescale_guidance",
+    "sampler_names",
+    "sampler_options",
 ]

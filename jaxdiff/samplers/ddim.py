@@ -13,37 +13,36 @@ see the README's results for the MNIST model of ``experiments/``
 (``python -m experiments.eval_sweep --ddim_clip diffusers``). Pass
 ``use_clipped_model_output=True`` whenever you clip.
 
-    >>> sample = jax.jit(lambda p, x: ddim_sample(partial(apply, p), sched, x, num_steps=50))
+Example (``apply(params, x, t)`` a denoiser)::
+
+    sample = jax.jit(lambda p, x: ddim_sample(partial(apply, p), sched, x, None, num_steps=50))
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.diffusion import canonical_prediction_type
+from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.timesteps import ddim_timesteps, gather
-from jaxdiff.validation import check_clip, check_nonnegative_float, check_timestep, concrete
 from jaxdiff.schedules import Schedule
+from jaxdiff.types import ModelFn
+from jaxdiff.validation import check_bool, check_clip, check_float, check_timestep, concrete
 
-__all__ = ["ddim_step", "ddim_sample"]
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+__all__ = ["ddim_step", "ddim_sample", "check_eta"]
 
 
-def _x0_eps(model_output, x_t, a_t, prediction_type):
-    """``(pred_x0, pred_eps)`` from a model output, in diffusers' operation order."""
-    b_t = 1.0 - a_t
-    if prediction_type == "eps":
-        return (x_t - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t), model_output
-    if prediction_type == "x0":
-        return model_output, (x_t - jnp.sqrt(a_t) * model_output) / jnp.sqrt(b_t)
-    return (
-        jnp.sqrt(a_t) * x_t - jnp.sqrt(b_t) * model_output,
-        jnp.sqrt(a_t) * model_output + jnp.sqrt(b_t) * x_t,
-    )
+def check_eta(eta) -> float | jax.Array:
+    """A concrete ``eta`` as a float in ``[0, 1]``; a traced one unchanged.
+
+    Above 1 the DDIM noise ``std = eta * sqrt(variance)`` exceeds ``sqrt(1 - abar_prev)``, the
+    direction term ``sqrt(1 - abar_prev - std^2)`` is the square root of a negative number and the
+    sample is NaN; diffusers returns NaN silently, jaxdiff raises.
+    """
+    if concrete(eta) is None:
+        return eta
+    return check_float("eta", eta, minimum=0.0, maximum=1.0)
 
 
 def ddim_step(
@@ -72,7 +71,8 @@ def ddim_step(
         (a ``[B]`` t would broadcast against the channel axis) raise ``ValueError``.
       noise: ``[B, ...]`` standard normal noise, used when ``eta > 0`` (may be ``None`` at
         ``eta == 0``).
-      eta: ``>= 0``; may be traced (then noise is always required and scaled by ``std = 0`` at 0).
+      eta: in ``[0, 1]`` (:func:`check_eta`); may be traced (then noise is always required and
+        scaled by ``std = 0`` at 0; a traced ``eta > 1`` gives NaN).
       prediction_type: ``"eps"``/``"epsilon"``, ``"x0"``/``"sample"`` or ``"v"``/``"v_prediction"``.
       clip_x0: clip the predicted ``x0`` to ``[-clip_x0, clip_x0]``; ``None`` for no clipping.
       use_clipped_model_output: re-derive eps from the clipped ``x0`` (GLIDE).
@@ -90,8 +90,7 @@ def ddim_step(
         raise ValueError(
             f"model_output must have x_t's shape {x_t.shape}, got {model_output.shape}"
         )
-    if concrete(eta) is not None:
-        eta = check_nonnegative_float("eta", eta)
+    eta = check_eta(eta)
     stochastic = not isinstance(eta, float) or eta > 0
     if stochastic:
         if noise is None:
@@ -111,7 +110,7 @@ def ddim_step(
     b_t = 1.0 - a_t
     b_prev = 1.0 - a_prev
 
-    pred_x0, pred_eps = _x0_eps(model_output, x_t, a_t, prediction_type)
+    pred_x0, pred_eps = x0_and_eps(model_output, x_t, jnp.sqrt(a_t), jnp.sqrt(b_t), prediction_type)
     if clip_x0 is not None:
         pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
     variance = (b_prev / b_t) * (1.0 - a_t / a_prev)
@@ -147,11 +146,11 @@ def ddim_sample(
     Args:
       model_fn: ``model_fn(x: [B, ...], t: [B] int32) -> [B, ...]`` (eps, x0 or v).
       schedule: the training schedule; ``T = schedule.num_timesteps``.
-      x_T: ``[B, ...]`` the starting noise; the scan carries it in (at least) float32, so a bf16
-        ``x_T`` or model output is never re-rounded to bf16 between steps.
+      x_T: ``[B, ...]`` the starting noise, carried in at least float32.
       key: a PRNG key, required when ``eta > 0`` and ``noise`` is None (step ``i`` draws from
-        ``fold_in(key, i)``); ignored otherwise.
-      num_steps: ``1 <= num_steps <= T``. eta: a concrete float ``>= 0``.
+        ``fold_in(key, i)``); may be ``None`` otherwise.
+      num_steps: ``1 <= num_steps <= T``.
+      eta: a concrete float in ``[0, 1]``.
       spacing, steps_offset: the timestep grid (:func:`ddim_timesteps`).
       set_alpha_to_one, prediction_type, clip_x0, use_clipped_model_output: see :func:`ddim_step`.
       noise: optional ``[num_steps, B, ...]`` pre-drawn noise used instead of drawing from ``key``.
@@ -161,49 +160,29 @@ def ddim_sample(
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
       where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
       [num_steps, B, ...]`` every step's predicted ``x0``.
+
+    Raises:
+      ValueError: naming the argument, for a bad grid, ``eta`` outside ``[0, 1]``, a missing key,
+        a mis-shaped ``noise`` or model output.
     """
     prediction_type = canonical_prediction_type(prediction_type)
-    eta = check_nonnegative_float("eta", eta)
+    eta = check_float("eta", eta, minimum=0.0, maximum=1.0)
     clip_x0 = check_clip(clip_x0)
-    ts, ts_prev = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
-    x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1:
-        raise ValueError(f"x_T must have a batch axis, got shape {x_T.shape}")
-    x_T = x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))  # the carry: >= float32
-    stochastic = eta > 0
-    if noise is not None:
-        noise = jnp.asarray(noise, x_T.dtype)
-        if noise.shape != (len(ts), *x_T.shape):
-            raise ValueError(
-                f"noise must have shape (num_steps, *x_T.shape) = {(len(ts), *x_T.shape)}, "
-                f"got {noise.shape}"
-            )
-    elif stochastic and key is None:
-        raise ValueError("key is required when eta > 0 and no noise is given")
-    batch = x_T.shape[0]
+    set_alpha_to_one = check_bool("set_alpha_to_one", set_alpha_to_one)
+    use_clipped_model_output = check_bool("use_clipped_model_output", use_clipped_model_output)
+    grid = ddim_timesteps(schedule, num_steps, spacing, steps_offset)
+    x_T = prepare_x_T(x_T)
+    model = checked_model(model_fn, x_T.shape)
+    ts, ts_prev = jnp.asarray(grid.timesteps), jnp.asarray(grid.prev_timesteps)
 
-    def body(x, xs):
-        t, t_prev, i = xs[:3]
-        out = model_fn(x, jnp.full((batch,), t, jnp.int32))
-        if out.shape != x.shape:
-            raise ValueError(f"model_fn's output must have x's shape {x.shape}, got {out.shape}")
-        z = None
-        if stochastic:
-            z = xs[3] if noise is not None else jax.random.normal(
-                jax.random.fold_in(key, i), x.shape, x.dtype
-            )
+    def body(state, x, i, z):
+        t = ts[i]
         x_prev, pred_x0 = ddim_step(
-            schedule, out, x, t, t_prev, z,
+            schedule, model(x, t), x, t, ts_prev[i], z,
             eta=eta, prediction_type=prediction_type, clip_x0=clip_x0,
             set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped_model_output,
         )
-        return x_prev, ((x_prev, pred_x0) if return_trajectory else None)
+        return state, x_prev, pred_x0
 
-    xs = (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts), dtype=jnp.int32))
-    if stochastic and noise is not None:
-        xs = xs + (noise,)
-    x_0, traj = jax.lax.scan(body, x_T, xs)
-    if not return_trajectory:
-        return x_0
-    path, pred_x0s = traj
-    return x_0, jnp.concatenate([x_T[None], path]), pred_x0s
+    return run_scan(body, None, x_T, key, len(ts), stochastic=eta > 0, noise=noise,
+                    return_trajectory=return_trajectory)

@@ -27,28 +27,24 @@ at each step, and the state is never re-rounded to bf16).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.diffusion import canonical_prediction_type
+from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.timesteps import ddpm_timesteps, gather
-from jaxdiff.validation import check_clip, check_timestep
 from jaxdiff.schedules import Schedule
+from jaxdiff.types import ModelFn
+from jaxdiff.validation import check_bool, check_choice, check_clip, check_timestep
 
 __all__ = ["VARIANCE_TYPES", "ddpm_posterior", "ddpm_step", "ddpm_sample"]
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 _LEARNED = ("learned", "learned_range")
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
 
 def _check_variance_type(variance_type: str) -> str:
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    return variance_type
+    return check_choice("variance_type", variance_type, VARIANCE_TYPES)
 
 
 def _output_shape(x_shape: tuple, variance_type: str) -> tuple:
@@ -88,12 +84,7 @@ def _posterior(schedule, model_output, x_t, t, t_prev, variance_type, prediction
     cur_alpha = a_t / a_prev
     cur_beta = 1.0 - cur_alpha
 
-    if prediction_type == "eps":
-        pred_x0 = (x_t - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t)
-    elif prediction_type == "x0":
-        pred_x0 = model_output
-    else:
-        pred_x0 = jnp.sqrt(a_t) * x_t - jnp.sqrt(b_t) * model_output
+    pred_x0, _ = x0_and_eps(model_output, x_t, jnp.sqrt(a_t), jnp.sqrt(b_t), prediction_type)
     if clip_x0 is not None:
         pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
     mean = (jnp.sqrt(a_prev) * cur_beta) / b_t * pred_x0 + jnp.sqrt(cur_alpha) * b_prev / b_t * x_t
@@ -185,8 +176,7 @@ def ddpm_step(
     pred_x0, mean, std = _posterior(
         schedule, model_output, x_t, t, t_prev, variance_type, prediction_type, clip_x0
     )
-    if final_noise not in (True, False):
-        raise ValueError(f"final_noise must be a bool, got {final_noise!r}")
+    final_noise = check_bool("final_noise", final_noise)
     add = jnp.asarray(t) > 0
     if not final_noise:
         add = add & (jnp.asarray(t_prev) >= 0)
@@ -200,7 +190,7 @@ def ddpm_sample(
     x_T: jax.Array,
     key: jax.Array | None = None,
     *,
-    num_steps: int | None = None,
+    num_steps: int,
     spacing: str = "leading",
     steps_offset: int = 0,
     variance_type: str = "fixed_small",
@@ -216,12 +206,12 @@ def ddpm_sample(
       model_fn: ``model_fn(x: [B, ..., C], t: [B] int32) -> [B, ..., C]`` (``2C`` channels for the
         learned variance types).
       schedule: the training schedule; ``T = schedule.num_timesteps``.
-      x_T: ``[B, ..., C]`` the starting noise; the scan carries it in (at least) float32, so a
-        bf16 ``x_T`` or model output is never re-rounded to bf16 between steps.
+      x_T: ``[B, ..., C]`` the starting noise, carried in at least float32.
       key: a PRNG key (step ``i`` draws from ``fold_in(key, i)``); required unless ``noise`` is
         given.
-      num_steps: ``None`` for all ``T`` steps, else ``1 <= num_steps <= T`` on the ``spacing`` grid
-        (``DDPMScheduler.set_timesteps``; see :func:`ddpm_timesteps`).
+      num_steps: ``1 <= num_steps <= T`` on the ``spacing`` grid (``DDPMScheduler.set_timesteps``;
+        see :func:`ddpm_timesteps`); ``num_steps = T`` is the full ancestral chain.
+      spacing, steps_offset: the timestep grid.
       variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
       noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise, used instead of drawing from
         ``key``.
@@ -235,53 +225,28 @@ def ddpm_sample(
       ``x_0: [B, ..., C]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs,
       pred_x0s)`` where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output
       and ``pred_x0s: [num_steps, B, ...]`` every step's predicted ``x0``.
+
+    Raises:
+      ValueError: naming the argument, for a bad grid or option, a missing key, a mis-shaped
+        ``noise`` or model output.
     """
     prediction_type = canonical_prediction_type(prediction_type)
     variance_type = _check_variance_type(variance_type)
     clip_x0 = check_clip(clip_x0)
-    ts, ts_prev = ddpm_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
-    if final_noise not in (True, False):
-        raise ValueError(f"final_noise must be a bool, got {final_noise!r}")
-    x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1:
-        raise ValueError(f"x_T must have a batch axis, got shape {x_T.shape}")
-    x_T = x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))  # the carry: >= float32
-    if noise is not None:
-        noise = jnp.asarray(noise, x_T.dtype)
-        if noise.shape != (len(ts), *x_T.shape):
-            raise ValueError(
-                f"noise must have shape (num_steps, *x_T.shape) = {(len(ts), *x_T.shape)}, "
-                f"got {noise.shape}"
-            )
-    elif key is None:
-        raise ValueError("key is required when no noise is given")
-    batch = x_T.shape[0]
-    expected = _output_shape(x_T.shape, variance_type)
+    final_noise = check_bool("final_noise", final_noise)
+    grid = ddpm_timesteps(schedule, num_steps, spacing, steps_offset)
+    x_T = prepare_x_T(x_T)
+    model = checked_model(model_fn, _output_shape(x_T.shape, variance_type))
+    ts, ts_prev = jnp.asarray(grid.timesteps), jnp.asarray(grid.prev_timesteps)
 
-    def body(x, xs):
-        t, t_prev, i = xs[:3]
-        out = model_fn(x, jnp.full((batch,), t, jnp.int32))
-        if out.shape != expected:
-            raise ValueError(
-                f"model_fn's output must have shape {expected} for "
-                f"variance_type={variance_type!r}, got {out.shape}"
-            )
-        if noise is not None:
-            z = xs[3]
-        else:
-            z = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    def body(state, x, i, z):
+        t = ts[i]
         x_prev, pred_x0 = ddpm_step(
-            schedule, out, x, t, t_prev, z,
+            schedule, model(x, t), x, t, ts_prev[i], z,
             variance_type=variance_type, prediction_type=prediction_type, clip_x0=clip_x0,
             final_noise=final_noise,
         )
-        return x_prev, ((x_prev, pred_x0) if return_trajectory else None)
+        return state, x_prev, pred_x0
 
-    xs = (jnp.asarray(ts), jnp.asarray(ts_prev), jnp.arange(len(ts), dtype=jnp.int32))
-    if noise is not None:
-        xs = xs + (noise,)
-    x_0, traj = jax.lax.scan(body, x_T, xs)
-    if not return_trajectory:
-        return x_0
-    path, pred_x0s = traj
-    return x_0, jnp.concatenate([x_T[None], path]), pred_x0s
+    return run_scan(body, None, x_T, key, len(ts), stochastic=True, noise=noise,
+                    return_trajectory=return_trajectory)

@@ -9,24 +9,40 @@ In the notation of the paper, with ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(
 ``lambda_t = log(alpha_t / sigma_t)``, ``h = lambda_t - lambda_s``, the first-order update is
 ``x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x0_s`` (DDIM), and the second-order multistep
 update adds ``-1/2 alpha_t (e^{-h} - 1) D1`` (midpoint) with ``D1 = (x0_s - x0_{s'}) / r``.
+
+The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`dpm_solver_timesteps`
+(the grid), :func:`dpm_solver_step` (one update; the multistep history lives in an explicit
+:class:`DPMSolverState`, created by :func:`dpm_solver_init`) and :func:`dpm_solver_sample` (one
+``lax.scan``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.timesteps import SPACINGS
-from jaxdiff.validation import check_clip, check_int
+from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.timesteps import SPACINGS, Grid
 from jaxdiff.schedules import Schedule
+from jaxdiff.types import ModelFn
+from jaxdiff.validation import check_bool, check_choice, check_clip, check_float, check_int
 
-__all__ = ["dpm_solver_timesteps", "dpm_solver_sample"]
+__all__ = [
+    "FINAL_SIGMAS_TYPES",
+    "SOLVER_TYPES",
+    "DPMSolverState",
+    "dpm_solver_timesteps",
+    "dpm_solver_init",
+    "dpm_solver_step",
+    "dpm_solver_sample",
+]
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+SOLVER_TYPES = ("midpoint", "heun")
 
 
 def dpm_solver_timesteps(
@@ -37,8 +53,9 @@ def dpm_solver_timesteps(
     steps_offset: int = 0,
     final_sigmas_type: str = "zero",
     lambda_min_clipped: float = -float("inf"),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Timesteps ``[N]`` int32 (descending) and sigmas ``[N + 1]`` float32, as diffusers has them.
+) -> Grid:
+    """DPM-Solver's :class:`~jaxdiff.samplers.timesteps.Grid`, as diffusers has it: timesteps
+    ``[N]`` int32 (descending), their successors (``-1`` after the last) and sigmas ``[N + 1]``.
 
     The grid is ``DPMSolverMultistepScheduler.set_timesteps`` (diffusers 0.42) for ``spacing`` in
     ``"linspace"``, ``"leading"`` (plus ``steps_offset``) and ``"trailing"``. ``sigma = sqrt((1 -
@@ -65,13 +82,11 @@ def dpm_solver_timesteps(
     n = check_int("num_steps", num_steps, 1)
     if n > T:
         raise ValueError(f"num_steps must be <= num_train_timesteps ({T}), got {n}")
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    check_choice("spacing", spacing, SPACINGS)
     offset = check_int("steps_offset", steps_offset, 0)
-    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
-        raise ValueError(
-            f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}"
-        )
+    check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    if lambda_min_clipped != -float("inf"):
+        lambda_min_clipped = check_float("lambda_min_clipped", lambda_min_clipped)
     acp = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
     lambdas = 0.5 * (np.log(acp) - np.log1p(-acp))
     last_t = T - int(np.searchsorted(lambdas[::-1], lambda_min_clipped))
@@ -102,12 +117,29 @@ def dpm_solver_timesteps(
     all_sigmas = np.sqrt((1 - acp) / acp)
     sigmas = all_sigmas[ts]  # == diffusers' np.interp at these integer timesteps
     last = 0.0 if final_sigmas_type == "zero" else all_sigmas[0]
-    return ts.astype(np.int32), np.concatenate([sigmas, [last]]).astype(np.float32)
+    return Grid(
+        ts.astype(np.int32),
+        np.concatenate([ts[1:], [-1]]).astype(np.int32),
+        np.concatenate([sigmas, [last]]).astype(np.float32),
+    )
 
 
-class _Carry(NamedTuple):
-    x: jax.Array
+class DPMSolverState(NamedTuple):
+    """The multistep history carried between :func:`dpm_solver_step` calls.
+
+    Attributes:
+      prev_x0: ``[B, ...]`` the previous step's data prediction (zeros before the first step).
+      prev_sigma: scalar float32, the previous step's sigma (the first sigma before the first
+        step; unused there, since the first step is first order).
+    """
+
     prev_x0: jax.Array
+    prev_sigma: jax.Array
+
+
+def dpm_solver_init(x_T: jax.Array, sigma: jax.Array | float) -> DPMSolverState:
+    """The empty history for a trajectory starting at ``x_T: [B, ...]`` with sigma ``sigma``."""
+    return DPMSolverState(jnp.zeros(jnp.shape(x_T), jnp.result_type(x_T)), jnp.float32(sigma))
 
 
 def _alpha_sigma_lambda(sigma):
@@ -116,8 +148,65 @@ def _alpha_sigma_lambda(sigma):
     return alpha, sig, jnp.log(alpha) - jnp.log(sig)
 
 
+def dpm_solver_step(
+    state: DPMSolverState,
+    model_output: jax.Array,
+    x: jax.Array,
+    sigma: jax.Array | float,
+    sigma_next: jax.Array | float,
+    *,
+    first_order: bool | jax.Array,
+    prediction_type: str = "eps",
+    solver_type: str = "midpoint",
+    clip_x0: float | None = None,
+) -> tuple[DPMSolverState, jax.Array, jax.Array]:
+    """One DPM-Solver++ update from sigma ``sigma`` to ``sigma_next``
+    (``DPMSolverMultistepScheduler.step`` with ``algorithm_type="dpmsolver++"``).
+
+    Args:
+      state: the history (:func:`dpm_solver_init` before the first step).
+      model_output: ``[B, ...]`` eps, x0 or v by ``prediction_type``, at ``x``.
+      x: ``[B, ...]`` the current sample (at least float32).
+      sigma: scalar ``sqrt((1 - abar) / abar)`` of the current timestep.
+      sigma_next: scalar, of the next one (``0``: return the predicted x0).
+      first_order: the first-order (DDIM) update instead of the second-order multistep one; a
+        bool or a traced bool scalar. Must be true on the first step (no history yet).
+      prediction_type: ``"eps"``, ``"x0"`` or ``"v"`` (or diffusers' names).
+      solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update.
+      clip_x0: clip the data prediction to ``[-clip_x0, clip_x0]``; ``None`` for no clipping.
+
+    Returns:
+      ``(state, x_next, pred_x0)``: the updated history, ``x_next: [B, ...]`` in ``x``'s dtype and
+      the data prediction ``[B, ...]``.
+    """
+    kind = canonical_prediction_type(prediction_type)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    clip_x0 = check_clip(clip_x0)
+    if jnp.shape(model_output) != jnp.shape(x):
+        raise ValueError(f"model_output must have x's shape {jnp.shape(x)}, got "
+                         f"{jnp.shape(model_output)}")
+    out = model_output.astype(x.dtype)  # a bf16 model output joins the >= float32 carry
+    alpha_s0, sig_s0, lam_s0 = _alpha_sigma_lambda(jnp.float32(sigma))
+    alpha_t, sig_t, lam_t = _alpha_sigma_lambda(jnp.float32(sigma_next))
+    _, _, lam_s1 = _alpha_sigma_lambda(state.prev_sigma)
+    x0, _ = x0_and_eps(out, x, alpha_s0, sig_s0, kind)
+    if clip_x0 is not None:
+        x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    h = lam_t - lam_s0
+    phi = jnp.expm1(-h)  # e^{-h} - 1, accurate for small h
+    x_first = (sig_t / sig_s0) * x - alpha_t * phi * x0
+    r0 = (lam_s0 - lam_s1) / h
+    d1 = (x0 - state.prev_x0) / r0
+    if solver_type == "midpoint":
+        x_second = x_first - 0.5 * alpha_t * phi * d1
+    else:
+        x_second = x_first + alpha_t * (phi / h + 1.0) * d1
+    x_next = jnp.where(first_order, x_first, x_second).astype(x.dtype)
+    return DPMSolverState(x0, jnp.float32(sigma)), x_next, x0
+
+
 def dpm_solver_sample(
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    model_fn: ModelFn,
     schedule: Schedule,
     x_T: jax.Array,
     key: jax.Array | None = None,
@@ -134,40 +223,42 @@ def dpm_solver_sample(
     clip_x0: float | None = None,
     return_trajectory: bool = False,
 ):
-    """Deterministic DPM-Solver++ sampling from ``x_T: [B, ...]``.
+    """Deterministic DPM-Solver++ sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
     Args:
       model_fn: ``model_fn(x [B, ...], t [B] int32) -> output [B, ...]`` of ``prediction_type``.
-      x_T: ``[B, ...]`` the starting noise; carried in (at least) float32 whatever its dtype or the
-        model output's (bf16 models are promoted each step, the state is never re-rounded).
-      key: unused (the solver is deterministic); accepted so that every sampler has the signature
-        ``(model_fn, schedule, x_T, key, *, num_steps, ...)``.
+      schedule: the training schedule.
+      x_T: ``[B, ...]`` the starting noise, carried in at least float32.
+      key: accepted and unused (this solver is deterministic; may be ``None``), so that every
+        sampler has the signature ``(model_fn, schedule, x_T, key, *, num_steps, ...)``.
       num_steps: number of model evaluations (10-25 is typical).
       solver_order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
       solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update.
-      lower_order_final: use lower orders on the last steps when ``num_steps < 15``.
+      prediction_type: ``"eps"``, ``"x0"`` or ``"v"``.
       spacing, steps_offset, final_sigmas_type, lambda_min_clipped: see
         :func:`dpm_solver_timesteps`.
+      lower_order_final: use lower orders on the last steps when ``num_steps < 15``.
       clip_x0: clip the predicted x0 to ``[-clip_x0, clip_x0]`` (None: no clipping).
+      return_trajectory: also return the path.
 
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
       B, ...], pred_x0s [N, B, ...])`` (``xs[0]`` is ``x_T``), as the other samplers return.
+
+    Raises:
+      ValueError: naming the argument, for a bad grid or option or a mis-shaped model output.
     """
     kind = canonical_prediction_type(prediction_type)
-    if solver_order not in (1, 2):
-        raise ValueError(f"solver_order must be 1 or 2, got {solver_order!r}")
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    solver_order = check_int("solver_order", solver_order, 1, 2)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    lower_order_final = check_bool("lower_order_final", lower_order_final)
     clip_x0 = check_clip(clip_x0)
-    x_T = jnp.asarray(x_T)
-    if x_T.ndim < 1:
-        raise ValueError("x_T must be a batch [B, ...], got a scalar")
-    x_T = x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))  # the carry: >= float32
-    ts, sigmas = dpm_solver_timesteps(
+    x_T = prepare_x_T(x_T)
+    grid = dpm_solver_timesteps(
         schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
         final_sigmas_type=final_sigmas_type, lambda_min_clipped=lambda_min_clipped,
     )
+    ts, sigmas = grid.timesteps, grid.sigmas
     n = len(ts)
     # Which steps use the first-order update (diffusers' lower_order_final / warm-up rules).
     idx = np.arange(n)
@@ -176,50 +267,14 @@ def dpm_solver_sample(
     # A step that does not move (sigma_min after a grid ending at t = 0): first order returns x
     # exactly, where the second-order heun update would divide 0 by h = 0.
     first |= sigmas[1:] == sigmas[:-1]
-    batch = x_T.shape[0]
+    model = checked_model(model_fn, x_T.shape)
+    ts_j, sig_j, first_j = jnp.asarray(ts), jnp.asarray(sigmas), jnp.asarray(first)
 
-    def step(carry: _Carry, xs):
-        t, sigma_s1, sigma_s0, sigma_t, use_first = xs
-        out = model_fn(carry.x, jnp.full((batch,), t, jnp.int32))
-        if jnp.shape(out) != x_T.shape:
-            raise ValueError(
-                f"model_fn must return an output shaped like x {x_T.shape}, got {jnp.shape(out)}"
-            )
-        alpha_s0, sig_s0, lam_s0 = _alpha_sigma_lambda(sigma_s0)
-        alpha_t, sig_t, lam_t = _alpha_sigma_lambda(sigma_t)
-        _, _, lam_s1 = _alpha_sigma_lambda(sigma_s1)
-        x = carry.x
-        out = out.astype(x.dtype)  # a bf16 model output joins the >= float32 carry
-        if kind == "eps":
-            x0 = (x - sig_s0 * out) / alpha_s0
-        elif kind == "x0":
-            x0 = out
-        else:
-            x0 = alpha_s0 * x - sig_s0 * out
-        if clip_x0 is not None:
-            x0 = jnp.clip(x0, -clip_x0, clip_x0)
-        h = lam_t - lam_s0
-        phi = jnp.expm1(-h)  # e^{-h} - 1, accurate for small h
-        x_first = (sig_t / sig_s0) * x - alpha_t * phi * x0
-        r0 = (lam_s0 - lam_s1) / h
-        d1 = (x0 - carry.prev_x0) / r0
-        if solver_type == "midpoint":
-            x_second = x_first - 0.5 * alpha_t * phi * d1
-        else:
-            x_second = x_first + alpha_t * (phi / h + 1.0) * d1
-        x_next = jnp.where(use_first, x_first, x_second).astype(x.dtype)
-        return _Carry(x_next, x0), (x_next, x0)
+    def body(state, x, i, z):
+        return dpm_solver_step(
+            state, model(x, ts_j[i]), x, sig_j[i], sig_j[i + 1], first_order=first_j[i],
+            prediction_type=kind, solver_type=solver_type, clip_x0=clip_x0,
+        )
 
-    sig = jnp.asarray(sigmas)
-    xs = (
-        jnp.asarray(ts),
-        jnp.concatenate([sig[:1], sig[:-2]]),  # sigma of the step before (unused at step 0)
-        sig[:-1],
-        sig[1:],
-        jnp.asarray(first),
-    )
-    init = _Carry(x_T, jnp.zeros(x_T.shape, x_T.dtype))
-    final, (traj, pred_x0s) = jax.lax.scan(step, init, xs)
-    if return_trajectory:
-        return final.x, jnp.concatenate([x_T[None], traj]), pred_x0s
-    return final.x
+    return run_scan(body, dpm_solver_init(x_T, sigmas[0]), x_T, key, n, stochastic=False,
+                    return_trajectory=return_trajectory)

@@ -3,18 +3,21 @@
 The timestep grids are computed on the host (numpy), exactly as diffusers' ``set_timesteps``
 computes them, so that a sampler's ``lax.scan`` runs over a concrete ``[num_steps]`` int32 array:
 
-    >>> ts, ts_prev = ddim_timesteps(1000, 10)
-    >>> ts[:3].tolist(), ts_prev[:3].tolist()
+    >>> from jaxdiff.schedules import make_schedule
+    >>> grid = ddim_timesteps(make_schedule("linear", 1000), 10)
+    >>> grid.timesteps[:3].tolist(), grid.prev_timesteps[:3].tolist()
     ([900, 800, 700], [800, 700, 600])
 
-A negative ``ts_prev`` means "before the first training step" (the sampler's final step).
+A negative previous timestep means "before the first training step" (the sampler's final step).
 
 Lookups into the ``[T]`` schedule arrays go through :func:`gather`, which reads NaN for an
 out-of-range index instead of clamping it like a plain JAX gather; a concrete out-of-range timestep
-raises a ``ValueError`` at trace time (:func:`check_timestep`).
+raises a ``ValueError`` at trace time (:func:`jaxdiff.validation.check_timestep`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import extract
-from jaxdiff.validation import check_int
+from jaxdiff.schedules import Schedule
+from jaxdiff.validation import check_int, concrete
 
-__all__ = ["SPACINGS", "ddim_timesteps", "ddpm_timesteps", "gather"]
+__all__ = ["SPACINGS", "Grid", "ddim_timesteps", "ddpm_timesteps", "gather", "sigmas_at"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -59,45 +63,84 @@ def _diffusers_timesteps(
     return ts
 
 
-def ddim_timesteps(
-    num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """DDIM's timesteps and the previous timesteps its step reads, as ``DDIMScheduler`` has them.
+class Grid(NamedTuple):
+    """A sampler's host-side grid: concrete numpy arrays, so that the ``lax.scan`` runs over
+    static shapes.
 
-    ``ts`` is ``DDIMScheduler.set_timesteps`` for ``spacing`` in ``"leading"`` (plus
-    ``steps_offset``), ``"trailing"`` or ``"linspace"`` (which, as in diffusers, ignore
-    ``steps_offset``). ``ts_prev = ts - num_train_timesteps // num_steps`` as in
-    ``DDIMScheduler.step``; for ``"linspace"`` and ``"trailing"`` that is not always the next entry
-    of ``ts`` (diffusers' behaviour, kept for parity). Negative ``ts_prev`` marks the final step.
-
-    Returns ``(ts, ts_prev)``: two ``[num_steps]`` int32 numpy arrays, ``ts`` strictly descending.
-    Raises ``ValueError`` unless ``1 <= num_steps <= num_train_timesteps`` and ``spacing`` is known.
+    Attributes:
+      timesteps: ``[N]`` int32, descending: the model is evaluated at ``timesteps[i]`` on step
+        ``i``.
+      prev_timesteps: ``[N]`` int32: the timestep step ``i`` moves to; negative means "before the
+        first training step" (the clean sample).
+      sigmas: ``[N + 1]`` float32, ``sigma = sqrt((1 - abar) / abar)`` at each timestep, then
+        the final sigma (``0``: the last step returns the predicted clean sample). A JAX array
+        when the schedule is traced (DDIM and DDPM accept a traced schedule; their steps read
+        ``alphas_cumprod`` directly).
     """
-    ts = _diffusers_timesteps(num_train_timesteps, num_steps, spacing, steps_offset)
-    ts_prev = ts - num_train_timesteps // num_steps
-    return ts.astype(np.int32), ts_prev.astype(np.int32)
+
+    timesteps: np.ndarray
+    prev_timesteps: np.ndarray
+    sigmas: np.ndarray
+
+
+def sigmas_at(schedule: Schedule, timesteps: np.ndarray) -> np.ndarray | jax.Array:
+    """``sqrt((1 - abar_t) / abar_t)`` at integer ``timesteps``: float64 numpy on the host, or a
+    float32 JAX array when the schedule is traced (passed through ``jit`` as an argument)."""
+    acp = concrete(schedule.alphas_cumprod)
+    if acp is None:
+        a = schedule.alphas_cumprod[timesteps]
+        return jnp.sqrt((1 - a) / a)
+    acp = acp.astype(np.float64)
+    return np.sqrt((1 - acp[timesteps]) / acp[timesteps])
+
+
+def _grid(schedule: Schedule, ts: np.ndarray, ts_prev: np.ndarray, final_sigma: float) -> Grid:
+    sig = sigmas_at(schedule, ts)
+    xp = np if isinstance(sig, np.ndarray) else jnp
+    sigmas = xp.concatenate([sig, xp.asarray([final_sigma], sig.dtype)]).astype(xp.float32)
+    return Grid(ts.astype(np.int32), ts_prev.astype(np.int32), sigmas)
+
+
+def ddim_timesteps(
+    schedule: Schedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> Grid:
+    """DDIM's grid, as ``DDIMScheduler`` has it.
+
+    ``timesteps`` is ``DDIMScheduler.set_timesteps`` for ``spacing`` in ``"leading"`` (plus
+    ``steps_offset``), ``"trailing"`` or ``"linspace"`` (which, as in diffusers, ignore
+    ``steps_offset``). ``prev_timesteps = timesteps - T // num_steps`` as in
+    ``DDIMScheduler.step``; for ``"linspace"`` and ``"trailing"`` that is not always the next entry
+    of ``timesteps`` (diffusers' behaviour, kept for parity). Negative entries mark the final
+    step; the final sigma is 0.
+
+    Args:
+      schedule: the training schedule (``T = schedule.num_timesteps``).
+      num_steps: ``1 <= num_steps <= T``.
+      spacing: one of :data:`SPACINGS`.
+      steps_offset: ``>= 0``, added to ``"leading"`` timesteps.
+
+    Returns:
+      A :class:`Grid` of ``N = num_steps`` steps.
+
+    Raises:
+      ValueError: naming the argument, for the cases above.
+    """
+    T = schedule.num_timesteps
+    ts = _diffusers_timesteps(T, num_steps, spacing, steps_offset)
+    return _grid(schedule, ts, ts - T // num_steps, 0.0)
 
 
 def ddpm_timesteps(
-    num_train_timesteps: int,
-    num_steps: int | None = None,
-    spacing: str = "leading",
-    steps_offset: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """DDPM's timesteps and previous timesteps, as ``DDPMScheduler`` computes them.
+    schedule: Schedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> Grid:
+    """DDPM's grid, as ``DDPMScheduler`` computes it.
 
-    ``num_steps=None`` means every training step (``T-1, ..., 0``). ``ts_prev`` is the next entry of
-    ``ts`` and ``-1`` after the last one (``DDPMScheduler.previous_timestep``).
-
-    Returns ``(ts, ts_prev)``: two ``[num_steps]`` int32 numpy arrays.
+    ``num_steps = T`` is every training step (``T-1, ..., 0``) for the default spacings.
+    ``prev_timesteps`` is the next entry of ``timesteps`` and ``-1`` after the last one
+    (``DDPMScheduler.previous_timestep``). Arguments and errors as :func:`ddim_timesteps`.
     """
-    if num_steps is None:
-        T = check_int("num_train_timesteps", num_train_timesteps, 1)
-        ts = np.arange(T - 1, -1, -1, dtype=np.int64)
-    else:
-        ts = _diffusers_timesteps(num_train_timesteps, num_steps, spacing, steps_offset)
-    ts_prev = np.concatenate([ts[1:], [-1]])
-    return ts.astype(np.int32), ts_prev.astype(np.int32)
+    ts = _diffusers_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset)
+    return _grid(schedule, ts, np.concatenate([ts[1:], [-1]]), 0.0)
 
 
 def gather(arr: jax.Array, t: jax.Array) -> jax.Array:

@@ -66,9 +66,9 @@ def test_dpm_solver_trajectory(case, beta_schedule):
     )
     ref.set_timesteps(n)
     sched = make_schedule(beta_schedule, 1000)
-    ts, _ = dpm_solver_timesteps(sched, n, spacing=case["spacing"], steps_offset=kw["steps_offset"],
-                                 final_sigmas_type=kw["final_sigmas_type"],
-                                 lambda_min_clipped=kw["lambda_min_clipped"])
+    ts = dpm_solver_timesteps(sched, n, spacing=case["spacing"], steps_offset=kw["steps_offset"],
+                              final_sigmas_type=kw["final_sigmas_type"],
+                              lambda_min_clipped=kw["lambda_min_clipped"]).timesteps
     np.testing.assert_array_equal(ts, ref.timesteps.numpy())
 
     x_T = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
@@ -121,7 +121,7 @@ def test_timesteps_equal_diffusers_or_raise(spacing, offset, beta_schedule, T, c
             theirs = theirs[:-1]
         kw = dict(spacing=spacing, steps_offset=offset, lambda_min_clipped=clip)
         if (np.diff(theirs) < 0).all() and theirs.min() >= 0 and theirs.max() < T:
-            ts, _ = dpm_solver_timesteps(sched, n, **kw)
+            ts = dpm_solver_timesteps(sched, n, **kw).timesteps
             np.testing.assert_array_equal(ts, theirs, err_msg=f"num_steps={n}")
         else:
             with pytest.raises(ValueError, match="num_steps|steps_offset"):

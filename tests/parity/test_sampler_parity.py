@@ -146,7 +146,7 @@ def _run_ddim_pair(name, spacing_key, pred, eta, sa1, clip, use_clipped):
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal(SHAPE).astype(np.float32)
     noise = rng.standard_normal((n, *SHAPE)).astype(np.float32)
-    ts, _ = ddim_timesteps(T, n, spacing, offset)
+    ts = ddim_timesteps(make_schedule("linear", T), n, spacing, offset).timesteps
     np.testing.assert_array_equal(ts, ref.timesteps.numpy())
 
     sample = jax.jit(lambda x, z: ddim_sample(
@@ -207,7 +207,7 @@ def test_timesteps_equal_diffusers_exactly(spacing, offset, num_train):
     ddim, ddpm = DDIMScheduler(**kw), DDPMScheduler(**kw)
     top = num_train - offset  # with offset 1, n = T would start at t = T
     for n in range(1, top + 1):
-        ts, ts_prev = ddim_timesteps(num_train, n, spacing, offset)
+        ts, ts_prev, _ = ddim_timesteps(make_schedule("linear", num_train), n, spacing, offset)
         ddim.set_timesteps(n)
         theirs = ddim.timesteps.numpy()
         if spacing == "trailing" and len(theirs) == n + 1:
@@ -218,7 +218,7 @@ def test_timesteps_equal_diffusers_exactly(spacing, offset, num_train):
         np.testing.assert_array_equal(ts_prev, theirs - num_train // n)  # DDIMScheduler.step
         assert ts.dtype == np.int32 and ts_prev.dtype == np.int32
         if len(theirs) == len(ddim.timesteps):  # DDPMScheduler shares the grid (and the bug)
-            ts, ts_prev = ddpm_timesteps(num_train, n, spacing, offset)
+            ts, ts_prev, _ = ddpm_timesteps(make_schedule("linear", num_train), n, spacing, offset)
             ddpm.set_timesteps(n)
             np.testing.assert_array_equal(ts, ddpm.timesteps.numpy())
             if n in (1, 2, 7, 20, 49):  # previous_timestep is slow (a nonzero() per call)

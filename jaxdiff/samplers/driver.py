@@ -1,0 +1,131 @@
+"""The one scan driver every sampler runs on.
+
+A sampler supplies a host-side grid (:class:`~jaxdiff.samplers.timesteps.Grid`) and a scan body
+``body(state, x, i, z) -> (state, x_next, pred_x0)``; :func:`run_scan` does the rest, the same way
+for every sampler:
+
+- ``x_T`` is checked (a batch ``[B, ...]``) and promoted to at least float32: the carry is never
+  re-rounded to bf16 between steps, whatever the model's dtype;
+- per-step noise: step ``i`` draws ``jax.random.normal(fold_in(key, i), x.shape, x.dtype)``, or
+  reads ``noise[i]`` from a pre-drawn ``[N, B, ...]`` array; a stochastic sampler without either
+  raises;
+- :func:`checked_model` broadcasts the step's timestep to ``[B]`` and checks the model output's
+  shape at trace time;
+- the trajectory, when asked for, is ``(x_0, xs [N + 1, B, ...], pred_x0s [N, B, ...])`` with
+  ``xs[0] = x_T``.
+
+The whole trajectory is one ``lax.scan``: one XLA computation, no host round-trip per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.types import ModelFn
+
+__all__ = ["prepare_x_T", "prepare_noise", "checked_model", "run_scan"]
+
+
+def prepare_x_T(x_T: Any) -> jax.Array:
+    """``x_T`` as an array of rank >= 1 in at least float32 (the carry dtype)."""
+    x_T = jnp.asarray(x_T)
+    if x_T.ndim < 1:
+        raise ValueError(f"x_T must be a batch [B, ...], got shape {x_T.shape}")
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise ValueError(f"x_T must be a floating-point array, got dtype {x_T.dtype}")
+    return x_T.astype(jnp.promote_types(x_T.dtype, jnp.float32))
+
+
+def prepare_noise(
+    noise: Any, key: jax.Array | None, num_steps: int, x_T: jax.Array, *, stochastic: bool
+) -> jax.Array | None:
+    """Validate the source of a stochastic sampler's noise; returns ``noise`` as an array or None.
+
+    A stochastic sampler needs ``key`` or ``noise: [num_steps, *x_T.shape]``; a deterministic one
+    needs neither (a given ``noise`` is then still shape-checked, and unused).
+    """
+    if noise is not None:
+        noise = jnp.asarray(noise, x_T.dtype)
+        if noise.shape != (num_steps, *x_T.shape):
+            raise ValueError(
+                f"noise must have shape (num_steps, *x_T.shape) = {(num_steps, *x_T.shape)}, "
+                f"got {noise.shape}"
+            )
+        return noise
+    if stochastic and key is None:
+        raise ValueError("key is required by a stochastic sampler when no noise is given")
+    return None
+
+
+def checked_model(model_fn: ModelFn, out_shape: tuple) -> Callable[[jax.Array, Any], jax.Array]:
+    """``fn(x, t)`` calling ``model_fn(x, t [B])`` (a scalar ``t`` broadcast over the batch, int32
+    for integer timesteps) and raising at trace time unless the output has shape ``out_shape``."""
+
+    def fn(x: jax.Array, t: Any) -> jax.Array:
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            t = t.astype(jnp.int32)
+        out = model_fn(x, jnp.broadcast_to(t, (x.shape[0],)))
+        if jnp.shape(out) != tuple(out_shape):
+            raise ValueError(
+                f"model_fn's output must have shape {tuple(out_shape)}, got {jnp.shape(out)}"
+            )
+        return out
+
+    return fn
+
+
+def run_scan(
+    body: Callable[[Any, jax.Array, jax.Array, jax.Array | None], tuple],
+    init_state: Any,
+    x_T: jax.Array,
+    key: jax.Array | None,
+    num_steps: int,
+    *,
+    stochastic: bool,
+    noise: jax.Array | None = None,
+    return_trajectory: bool = False,
+):
+    """Run ``body`` over ``num_steps`` steps in one ``lax.scan``.
+
+    Args:
+      body: ``body(state, x, i, z) -> (state, x_next, pred_x0)`` where ``i`` is the traced step
+        index (``int32``, to index the grid), ``z`` the step's standard normal noise ``[B, ...]``
+        (``None`` for a deterministic sampler), ``x``/``x_next`` the carry ``[B, ...]``.
+      init_state: the solver history pytree (``None`` for one-step samplers).
+      x_T: ``[B, ...]`` from :func:`prepare_x_T`.
+      key: PRNG key; step ``i`` draws from ``fold_in(key, i)``.
+      num_steps: ``N``, the grid length.
+      stochastic: whether ``body`` consumes noise.
+      noise: optional pre-drawn ``[N, B, ...]`` (:func:`prepare_noise`), used instead of ``key``.
+      return_trajectory: also return the path.
+
+    Returns:
+      ``x_0 [B, ...]`` in ``x_T``'s dtype; with ``return_trajectory`` ``(x_0, xs [N + 1, B, ...],
+      pred_x0s [N, B, ...])``.
+    """
+    noise = prepare_noise(noise, key, num_steps, x_T, stochastic=stochastic)
+
+    def step(carry, xs):
+        state, x = carry
+        i = xs[0]
+        z = None
+        if stochastic:
+            z = xs[1] if noise is not None else jax.random.normal(
+                jax.random.fold_in(key, i), x.shape, x.dtype
+            )
+        state, x_next, pred_x0 = body(state, x, i, z)
+        x_next = x_next.astype(x.dtype)
+        return (state, x_next), ((x_next, pred_x0) if return_trajectory else None)
+
+    xs = (jnp.arange(num_steps, dtype=jnp.int32),)
+    if stochastic and noise is not None:
+        xs = xs + (noise,)
+    (_, x_0), traj = jax.lax.scan(step, (init_state, x_T), xs)
+    if not return_trajectory:
+        return x_0
+    path, pred_x0s = traj
+    return x_0, jnp.concatenate([x_T[None], path]), pred_x0s

@@ -1,0 +1,152 @@
+"""Samplers by name: one registry that every entry point (the experiments' ``--sampler``, the
+benchmarks) reads, so that a new sampler is one file plus one line here.
+
+    >>> from jaxdiff.samplers import get_sampler, sampler_names
+    >>> sampler_names()
+    ('ddim', 'ddpm', 'dpm_solver')
+    >>> s = get_sampler("ddim", eta=0.0, clip_x0=1.0)
+    >>> s.name, s.stochastic
+    ('ddim', False)
+    >>> get_sampler("ddpm", eta=0.5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: sampler 'ddpm' does not take option 'eta'; it takes: clip_x0, final_noise, ...
+
+A :class:`Sampler` binds options to a ``*_sample`` function; calling it is calling that function::
+
+    x0 = s(model_fn, schedule, x_T, key, num_steps=50)
+
+Options are validated when the sampler is made (before anything is traced), and
+:meth:`Sampler.check` builds the host-side grid for a given schedule size and step count, so that a
+training run can reject ``num_steps > num_timesteps`` before it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+import jax
+
+from jaxdiff.samplers.ddim import ddim_sample
+from jaxdiff.samplers.ddpm import ddpm_sample
+from jaxdiff.samplers.dpm_solver import dpm_solver_sample
+from jaxdiff.schedules import Schedule, make_schedule
+from jaxdiff.types import ModelFn
+from jaxdiff.validation import check_int
+
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sampler_names", "sampler_options"]
+
+# name -> (sample function, whether it draws noise given its options)
+SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
+    "ddim": (ddim_sample, lambda o: float(o.get("eta", 0.0)) > 0),
+    "ddpm": (ddpm_sample, lambda o: True),
+    "dpm_solver": (dpm_solver_sample, lambda o: False),
+}
+
+# Arguments of every *_sample that are not sampler options.
+_CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory")
+
+
+def sampler_names() -> tuple[str, ...]:
+    """The registered sampler names, in registration order."""
+    return tuple(SAMPLERS)
+
+
+def _lookup(name: str) -> tuple[Callable, Callable]:
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"sampler must be one of {sampler_names()}, got {name!r}") from None
+
+
+def sampler_options(name: str) -> tuple[str, ...]:
+    """The option names ``get_sampler(name, ...)`` accepts (sorted)."""
+    fn, _ = _lookup(name)
+    params = inspect.signature(fn).parameters
+    return tuple(sorted(p for p in params if p not in _CALL_ARGS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A sample function with its options bound.
+
+    Attributes:
+      name: the registry name.
+      fn: the ``*_sample`` function.
+      options: the bound options (only those given; the rest take the function's defaults).
+      stochastic: whether sampling draws noise (then ``key`` or ``noise`` is required).
+    """
+
+    name: str
+    fn: Callable
+    options: Mapping[str, Any]
+    stochastic: bool
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        schedule: Schedule,
+        x_T: jax.Array,
+        key: jax.Array | None = None,
+        *,
+        num_steps: int,
+        **kwargs: Any,
+    ):
+        """``fn(model_fn, schedule, x_T, key, num_steps=..., **options, **kwargs)``;
+        ``kwargs`` are the call arguments (``noise``, ``return_trajectory``)."""
+        extra = set(kwargs) - {"noise", "return_trajectory"}
+        if extra:
+            raise ValueError(
+                f"options are bound by get_sampler; got {sorted(extra)} at call time for "
+                f"sampler {self.name!r}"
+            )
+        return self.fn(model_fn, schedule, x_T, key, num_steps=num_steps, **self.options,
+                       **kwargs)
+
+    def check(self, schedule: Schedule | int, num_steps: int) -> None:
+        """Validate sampling ``num_steps`` steps on ``schedule`` (or a linear schedule of that many
+        training steps) without computing anything: the grid is built on the host and the sampler
+        traced abstractly with a stand-in model. ``ValueError`` where sampling would fail (e.g.
+        ``num_steps > num_timesteps``, repeated DPM-Solver timesteps, an invalid option)."""
+        if not isinstance(schedule, Schedule):
+            schedule = make_schedule("linear", check_int("num_timesteps", schedule, 1))
+        T = schedule.num_timesteps
+        n = check_int("num_steps", num_steps, 1)
+        if n > T:
+            raise ValueError(f"num_steps must be <= num_timesteps ({T}), got {n}")
+        x = jax.ShapeDtypeStruct((1, 1), jax.numpy.float32)
+        out_channels = 2 if self.options.get("variance_type", "").startswith("learned") else 1
+        # Trace abstractly: validates the grid and every option, computes nothing.
+        jax.eval_shape(
+            lambda x: self(lambda x, t: jax.numpy.zeros((1, out_channels), x.dtype), schedule,
+                           x, jax.random.key(0), num_steps=n),
+            x,
+        )
+
+
+def get_sampler(name: str, **options: Any) -> Sampler:
+    """The sampler ``name`` with ``options`` bound, validated now.
+
+    Args:
+      name: one of :func:`sampler_names`.
+      **options: keyword options of that sampler's ``*_sample`` function (see
+        :func:`sampler_options`), e.g. ``eta`` for DDIM, ``solver_order`` for DPM-Solver.
+
+    Returns:
+      A :class:`Sampler`; call it as ``sampler(model_fn, schedule, x_T, key, num_steps=N)``.
+
+    Raises:
+      ValueError: for an unknown name, an option the sampler does not take, or an invalid value
+        (checked by building a small grid with these options).
+    """
+    fn, stochastic = _lookup(name)
+    accepted = sampler_options(name)
+    for opt in options:
+        if opt not in accepted:
+            raise ValueError(
+                f"sampler {name!r} does not take option {opt!r}; it takes: {', '.join(accepted)}"
+            )
+    Sampler(name, fn, dict(options), False).check(1000, 1)  # validates the option values
+    return Sampler(name, fn, dict(options), bool(stochastic(options)))
