@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdiff.validation import check_bool, check_float, check_int
+
 __all__ = [
     "Schedule",
     "BETA_SCHEDULES",
@@ -57,26 +59,30 @@ class Schedule:
     num_timesteps: int = struct.field(pytree_node=False)
 
 
-def _check_num_timesteps(num_timesteps) -> int:
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-        raise ValueError(f"num_timesteps must be an int >= 1, got {num_timesteps!r}")
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return int(num_timesteps)
-
-
-def _check_beta_range(beta_start: float, beta_end: float) -> None:
-    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-        if not 0.0 < float(value) < 1.0:
-            raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+def _check_beta_range(beta_start: float, beta_end: float) -> tuple[float, float]:
+    """``(beta_start, beta_end)`` as floats in (0, 1) with ``beta_start <= beta_end``."""
+    start, end = (
+        check_float(name, value, minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                    exclusive_maximum=True)
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end))
+    )
+    if start > end:
+        raise ValueError(
+            f"beta_start must be <= beta_end (the noise grows with t), got beta_start={start} > "
+            f"beta_end={end}; swap them"
+        )
+    return start, end
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
                  beta_end: float = 0.02) -> np.ndarray:
     """Betas evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Returns ``[T]``
-    float64."""
-    num_timesteps = _check_num_timesteps(num_timesteps)
-    _check_beta_range(beta_start, beta_end)
+    float64.
+
+    Raises ``ValueError`` unless ``num_timesteps`` is an int >= 1 and
+    ``0 < beta_start <= beta_end < 1`` (the same for the other beta-range schedules)."""
+    num_timesteps = check_int("num_timesteps", num_timesteps, minimum=1)
+    beta_start, beta_end = _check_beta_range(beta_start, beta_end)
     return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
@@ -85,8 +91,8 @@ def scaled_linear_betas(
 ) -> np.ndarray:
     """Square roots of the betas evenly spaced (the Stable Diffusion schedule, there used with
     ``beta_start=0.00085, beta_end=0.012``). Returns ``[T]`` float64."""
-    num_timesteps = _check_num_timesteps(num_timesteps)
-    _check_beta_range(beta_start, beta_end)
+    num_timesteps = check_int("num_timesteps", num_timesteps, minimum=1)
+    beta_start, beta_end = _check_beta_range(beta_start, beta_end)
     return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
 
 
@@ -94,11 +100,10 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     """The cosine schedule of Nichol & Dhariwal (2021):
     ``alpha_bar(t) = cos((t/T + s)/(1 + s) * pi/2)^2``,
     ``beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), max_beta)``. Returns ``[T]`` float64."""
-    num_timesteps = _check_num_timesteps(num_timesteps)
-    if not 0.0 < max_beta < 1.0:
-        raise ValueError(f"max_beta must lie in (0, 1), got {max_beta!r}")
-    if s < 0:
-        raise ValueError(f"s must be >= 0, got {s!r}")
+    num_timesteps = check_int("num_timesteps", num_timesteps, minimum=1)
+    max_beta = check_float("max_beta", max_beta, minimum=0.0, maximum=1.0,
+                           exclusive_minimum=True, exclusive_maximum=True)
+    s = check_float("s", s, minimum=0.0)
 
     def alpha_bar(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -116,8 +121,8 @@ def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4,
                   beta_end: float = 0.02) -> np.ndarray:
     """``sigmoid(linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start`` (as in diffusers'
     DDPMScheduler)."""
-    num_timesteps = _check_num_timesteps(num_timesteps)
-    _check_beta_range(beta_start, beta_end)
+    num_timesteps = check_int("num_timesteps", num_timesteps, minimum=1)
+    beta_start, beta_end = _check_beta_range(beta_start, beta_end)
     u = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
     return 1.0 / (1.0 + np.exp(-u)) * (beta_end - beta_start) + beta_start
 
@@ -219,9 +224,16 @@ def make_schedule(
     Keyword arguments go to the beta function (``beta_start``/``beta_end`` for linear, scaled_linear
     and sigmoid; ``s``/``max_beta`` for cosine). ``rescale_to_zero_terminal_snr`` applies
     :func:`rescale_zero_terminal_snr`.
+
+    Raises:
+      ValueError: an unknown ``name`` or keyword; ``num_timesteps`` not an int >= 1;
+        ``beta_start``/``beta_end`` not numbers with ``0 < beta_start <= beta_end < 1``;
+        ``max_beta`` outside (0, 1) or ``s < 0``; ``rescale_to_zero_terminal_snr`` not a bool.
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"name must be one of {sorted(BETA_SCHEDULES)}, got {name!r}")
+    rescale_to_zero_terminal_snr = check_bool("rescale_to_zero_terminal_snr",
+                                              rescale_to_zero_terminal_snr)
     try:
         betas = BETA_SCHEDULES[name](num_timesteps, **kwargs)
     except TypeError as e:

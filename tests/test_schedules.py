@@ -118,6 +118,12 @@ def test_schedule_is_a_pytree_with_static_length():
         (lambda: schedule_from_betas(np.ones((2, 2)) * 0.1), "betas"),
         (lambda: schedule_from_betas([]), "betas"),
         (lambda: rescale_zero_terminal_snr([0.1]), "betas"),
+        (lambda: make_schedule("linear", 10, beta_start="0.001"), "beta_start"),
+        (lambda: make_schedule("linear", 10, beta_end=float("nan")), "beta_end"),
+        (lambda: make_schedule("cosine", 10, s="0.008"), "s must be a concrete real number"),
+        (lambda: make_schedule("linear", True), "num_timesteps"),
+        (lambda: make_schedule("linear", 10, rescale_to_zero_terminal_snr="False"),
+         "rescale_to_zero_terminal_snr must be a bool"),
     ],
 )
 def test_bad_input_raises_naming_argument(call, match):
@@ -128,3 +134,12 @@ def test_bad_input_raises_naming_argument(call, match):
 def test_schedule_from_traced_betas_is_a_clear_error():
     with pytest.raises(ValueError, match="concrete"):
         jax.jit(schedule_from_betas)(jnp.full((4,), 0.1))
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "sigmoid"])
+def test_beta_start_above_beta_end_is_rejected(name):
+    # It used to build a schedule whose noise shrinks with t (a sigmoid or linear ramp downwards).
+    with pytest.raises(ValueError, match=r"beta_start must be <= beta_end.*0\.02 > beta_end="):
+        make_schedule(name, 10, beta_start=0.02, beta_end=0.001)
+    constant = make_schedule(name, 10, beta_start=0.01, beta_end=0.01)  # equal is allowed
+    np.testing.assert_allclose(constant.betas, 0.01, rtol=1e-6)
