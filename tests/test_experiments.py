@@ -1,7 +1,8 @@
-"""Smoke-size end to end: train_mnist through its absl main (tiny UNet, small IDX files written in
-tmp_path) -> checkpoint, metrics.jsonl, PNG grid; resume; then experiments.sample from the
-workdir."""
+"""Smoke-size end to end: train_mnist's main (tiny UNet, small IDX files written in tmp_path) ->
+checkpoint, metrics.jsonl, PNG grid; resume; then sample, eval_mnist and eval_sweep from the
+workdir, with every sampler of the registry; config errors before anything is written."""
 
+import ast
 import json
 import os
 import subprocess
@@ -9,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 
 from tests.test_data import write_fake_mnist
 
@@ -17,29 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("jaxdiff.models", reason="models not available")
 
 SMOKE = os.path.join(REPO, "experiments", "configs", "mnist_smoke.py")
+CLI_MODULES = ("train_mnist", "sample", "eval_mnist", "eval_sweep")
 
 
 def _overrides(workdir, data_dir, num_steps):
     """CLI args for the smoke config (2-level UNet, batch 8) on the IDX files in ``data_dir``."""
     return [f"--workdir={workdir}", f"--config={SMOKE}", f"--config.data.data_dir={data_dir}",
             f"--config.training.num_steps={num_steps}"]
-
-
-def _run_main(module, argv):
-    """Parses ``argv`` into the absl flags and calls ``module.main`` (as app.run would).
-
-    ml_collections finds ``--config.*`` overrides in ``sys.argv``, so it is set too.
-    """
-    full = [module.__name__] + argv
-    old = sys.argv
-    sys.argv = full
-    try:
-        flags.FLAGS.unparse_flags()
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)  # the override flags are re-registered per parse
-        return module.main(flags.FLAGS(full))
-    finally:
-        sys.argv = old
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +49,7 @@ def trained(tmp_path_factory, compilation_cache):
     root = tmp_path_factory.mktemp("exp")
     data_dir, workdir = str(root / "mnist"), str(root / "run")
     write_fake_mnist(data_dir, n_train=32, n_test=8)
-    summary = _run_main(train_mnist, _overrides(workdir, data_dir, 3))
+    summary = train_mnist.main(_overrides(workdir, data_dir, 3))
     return train_mnist, workdir, data_dir, summary
 
 
@@ -87,7 +71,7 @@ def test_resume_continues_from_checkpoint(trained, caplog):
 
     train_mnist, workdir, data_dir, _ = trained
     with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
-        summary = _run_main(train_mnist, _overrides(workdir, data_dir, 5))
+        summary = train_mnist.main(_overrides(workdir, data_dir, 5))
     assert summary["start_step"] == 3 and summary["end_step"] == 5
     assert "num_steps: 3 -> 5" in caplog.text  # extending a run is allowed, and logged
 
@@ -99,108 +83,231 @@ def test_resume_continues_from_checkpoint(trained, caplog):
 def test_resume_with_other_seed_or_optimizer_is_a_clear_error(trained, override, message):
     train_mnist, workdir, data_dir, _ = trained
     with pytest.raises(ValueError, match=message):
-        _run_main(train_mnist, _overrides(workdir, data_dir, 9) + [override])
+        train_mnist.main(_overrides(workdir, data_dir, 9) + [override])
 
 
 def test_resume_with_other_model_is_a_clear_error(trained):
     train_mnist, workdir, data_dir, _ = trained
     argv = _overrides(workdir, data_dir, 9) + ["--config.diffusion.num_timesteps=500"]
     with pytest.raises(ValueError, match="different config.*num_timesteps"):
-        _run_main(train_mnist, argv)
+        train_mnist.main(argv)
 
 
-def test_sample_writes_png_and_npz(trained, tmp_path):
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver"])
+def test_sample_writes_png_and_npz(trained, tmp_path, sampler):
+    """Every registry sampler is reachable from the command line (DPM-Solver was not)."""
     from experiments import sample
 
     _, workdir, _, _ = trained
     out = str(tmp_path / "s.png")
-    sample.main([f"--workdir={workdir}", "--num_samples=3", "--steps=2", "--labels=0,7",
-                       "--sampler=ddpm", f"--out={out}"])
+    images = sample.main([f"--workdir={workdir}", "--num_samples=3", "--steps=2", "--labels=0,7",
+                          f"--sampler={sampler}", f"--out={out}"])
     arrays = np.load(str(tmp_path / "s.npz"))
     assert arrays["images"].shape == (3, 28, 28, 1) and list(arrays["labels"]) == [0, 7, 0]
-    assert os.path.getsize(out) > 0
+    assert np.isfinite(images).all() and os.path.getsize(out) > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sampler=ddpm", "--eta=0.5"], "sampling.eta applies to samplers with an eta option"),
+    (["--sampler=dpm_solver", "--ddim_clip=diffusers"], "sampling.ddim_clip applies to DDIM"),
+    (["--sampler=ddim", "--eta=-1"], "sampling.eta must be >= 0"),
+    (["--steps=1001"], "num_steps must be <= num_timesteps"),
+    (["--labels=10"], r"--labels must be in 0..9"),
+])
+def test_sample_rejects_options_the_sampler_does_not_take(trained, tmp_path, argv, message):
+    """Old code: ``--eta``/``--ddim_clip`` did not exist, and a label >= num_classes was
+    accepted only as a SystemExit; now each is a ConfigError naming the setting."""
+    from experiments import sample
+    from experiments.cli import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        sample.main([f"--workdir={trained[1]}", f"--out={tmp_path / 's.png'}", "--steps=2"]
+                    + argv)
+    assert not os.path.exists(tmp_path / "s.png")
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.training.learning_rate=-1", "learning_rate must be positive"),
-    ("--config.training.batch_size=0", "batch_size must be positive"),
-    ("--config.training.end_lr_factor=-0.5", "end_lr_factor must be >= 0"),
-    ("--config.training.grad_clip_norm=-1", "grad_clip_norm must be >= 0"),
+    ("--config.training.learning_rate=-1", "training.learning_rate must be > 0"),
+    ("--config.training.batch_size=0", "training.batch_size must be >= 1"),
+    ("--config.training.end_lr_factor=-0.5", "training.end_lr_factor must be >= 0"),
+    ("--config.training.grad_clip_norm=-1", "training.grad_clip_norm must be >= 0"),
     ("--config.diffusion.prediction_type=noise", "diffusion.prediction_type must be one of"),
     ("--config.diffusion.loss_type=l3", "diffusion.loss_type must be one of"),
     ("--config.diffusion.weighting=snr", "diffusion.weighting must be one of"),
     ("--config.diffusion.schedule=quadratic", "diffusion.schedule must be one of"),
+    # sampling.*: checked before training, not at the first sample grid
+    ("--config.sampling.eta=-0.5", "sampling.eta must be >= 0"),
+    ("--config.sampling.guidance_scale=-1", "sampling.guidance_scale must be >= 0"),
+    ("--config.sampling.clip_x0=-1", "sampling.clip_x0 must be >= 0"),
+    ("--config.sampling.num_steps=1001", "num_steps must be <= num_timesteps"),
+    ("--config.sampling.sampler=euler", "sampling.sampler must be one of"),
+    ("--config.sampling.ddim_clip=torch", "sampling.ddim_clip must be one of"),
+    # one class count: labels 0-9 do not fit 5 classes (old: digit 5 became the null label)
+    ("--config.model.num_classes=5", "model.num_classes is 5, but the data's labels"),
 ])
-def test_invalid_values_fail_before_training(trained, tmp_path, override, message):
-    train_mnist, _, data_dir, _ = trained
-    with pytest.raises(ValueError, match=message):
-        _run_main(train_mnist, _overrides(str(tmp_path / "w"), data_dir, 2) + [override])
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
-    assert not os.path.exists(tmp_path / "w" / "config.json")
+def test_invalid_values_fail_before_anything_is_written(trained, tmp_path, override, message):
+    from experiments.cli import ConfigError
+
+    train_mnist = trained[0]
+    with pytest.raises(ConfigError, match=message):
+        train_mnist.main(_overrides(str(tmp_path / "w"), trained[2], 2) + [override])
+    assert not os.path.exists(tmp_path / "w")   # the workdir is not even created
+
+
+def test_eta_with_a_sampler_without_eta_is_an_error(trained, tmp_path):
+    from experiments.cli import ConfigError
+
+    train_mnist = trained[0]
+    argv = _overrides(str(tmp_path / "w"), trained[2], 2) + ["--config.sampling.sampler=ddpm",
+                                                             "--config.sampling.eta=0.5"]
+    with pytest.raises(ConfigError, match="sampler 'ddpm' has none"):
+        train_mnist.main(argv)
+    assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.training.batch_size=0"], "error: training.batch_size must be >= 1, got 0"),
+    (["--config.num_classes=5"], "error: unknown config field 'num_classes'"),
+    (["--config.data.data_dir={missing}"], "error: data.data_dir '{missing}' does not exist"),
+    (["--config.training.batch_size=abc"], "error: flag --config.training.batch_size=abc"),
+])
+def test_cli_config_error_is_one_line_and_writes_nothing(trained, tmp_path, capsys, extra,
+                                                          message):
+    """The command line prints one ``error:`` line (no traceback), exits 2, and creates no
+    workdir (old: a traceback, and the workdir was created before the data dir was checked)."""
+    train_mnist = trained[0]
+    missing = str(tmp_path / "no_data")
+    workdir = str(tmp_path / "w")
+    argv = _overrides(workdir, trained[2], 2) + [a.format(missing=missing) for a in extra]
+    with pytest.raises(SystemExit) as e:
+        train_mnist.cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message.format(missing=missing)) and "\n" not in err, err
+    assert not os.path.exists(workdir)
 
 
 def test_unwritable_workdir_and_missing_data(trained, tmp_path):
+    from experiments.cli import ConfigError
+    from jaxdiff.data import HOW_TO_GET_MNIST
+
     train_mnist, _, data_dir, _ = trained
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")  # unwritable even for root
-    with pytest.raises(ValueError, match="not writable"):
-        _run_main(train_mnist, _overrides(str(blocker / "w"), data_dir, 2))
-    from jaxdiff.data import HOW_TO_GET_MNIST
-
-    with pytest.raises(ValueError, match="does not exist") as e:
-        _run_main(train_mnist, _overrides(str(tmp_path / "w"), str(tmp_path / "none"), 2))
+    with pytest.raises(ConfigError, match="not writable"):
+        train_mnist.main(_overrides(str(blocker / "w"), data_dir, 2))
+    with pytest.raises(ConfigError, match="does not exist") as e:
+        train_mnist.main(_overrides(str(tmp_path / "w"), str(tmp_path / "none"), 2))
     assert HOW_TO_GET_MNIST in str(e.value)  # says how to get MNIST
+    assert not os.path.exists(tmp_path / "w")
 
 
 def test_sample_output_is_replicated(trained):
     """Every process can read the images (a mesh over several hosts): output sharding P()."""
+    import jax
     from jax.sharding import PartitionSpec as P
 
-    from experiments import sample
-
-    _, workdir, _, _ = trained
-    config, model, schedule, ema, mesh = sample.load_run(workdir)
-    fn = sample.make_sample_fn(model, schedule, mesh, sampler="ddpm", num_steps=2,
-                               guidance_scale=2.0, null_label=config.num_classes,
-                               prediction_type=config.diffusion.prediction_type,
-                               clip_x0=config.sampling.clip_x0 or None)
-    import jax
-
+    from experiments import lib
     from jaxdiff.training import shard_batch
 
-    out = fn(ema, shard_batch({"label": np.array([0, 7, 0], np.int32)}, mesh)["label"],
-             jax.random.PRNGKey(0))
+    run = lib.load_run(trained[1])
+    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, lib.sampling_config("ddpm", 2),
+                            run.config.diffusion.prediction_type)
+    out = fn(run.ema_params, shard_batch({"label": np.array([0, 7, 0], np.int32)},
+                                         run.mesh)["label"], jax.random.key(0))
     assert out.shape == (3, 28, 28, 1) and out.sharding.spec == P()
     assert out.is_fully_addressable and out.is_fully_replicated
 
 
 def test_ddim_clip_forms(trained):
-    """``ddim_clip``: "consistent" re-derives eps from the clipped x0, "diffusers" keeps the
-    model's eps. They differ only where clipping bites, and coincide without clipping."""
+    """``ddim_clip``: "consistent" (the default) re-derives eps from the clipped x0, "diffusers"
+    keeps the model's eps. They differ only where clipping bites, and coincide without
+    clipping."""
     import jax
 
-    from experiments import sample
+    from experiments import lib
+    from experiments.cli import ConfigError
 
-    config, model, schedule, ema, mesh = sample.load_run(trained[1])
+    run = lib.load_run(trained[1])
     labels = np.array([0, 7], np.int32)
-    key = jax.random.PRNGKey(0)
 
-    def run(clip_x0, ddim_clip):
-        fn = sample.make_sample_fn(model, schedule, mesh, sampler="ddim", num_steps=3,
-                                   guidance_scale=2.0, null_label=config.num_classes,
-                                   prediction_type=config.diffusion.prediction_type,
-                                   clip_x0=clip_x0, ddim_clip=ddim_clip)
-        return np.asarray(fn(ema, labels, key))
+    def sample(clip_x0, ddim_clip):
+        sampling = lib.sampling_config("ddim", 3, 2.0, clip_x0=clip_x0, ddim_clip=ddim_clip)
+        fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
+                                run.config.diffusion.prediction_type)
+        return np.asarray(fn(run.ema_params, labels, jax.random.key(0)))
 
-    a, b = run(1.0, "consistent"), run(1.0, "diffusers")
+    a, b = sample(1.0, None), sample(1.0, "diffusers")
     assert np.abs(a - b).max() > 1e-3   # clipping bites on the 3-step model near t = T
-    np.testing.assert_allclose(run(None, "consistent"), run(None, "diffusers"), atol=0)
-    with pytest.raises(ValueError, match="ddim_clip"):
-        run(1.0, "torch")
+    np.testing.assert_array_equal(a, sample(1.0, "consistent"))
+    np.testing.assert_allclose(sample(0.0, "consistent"), sample(0.0, "diffusers"), atol=0)
+    with pytest.raises(ConfigError, match="sampling.ddim_clip"):
+        sample(1.0, "torch")
+
+
+def test_one_root_key_and_init_unet(trained):
+    """The params come from ``init_unet`` with the init key of the one root key
+    ``jax.random.key(seed)`` (typed keys); the train state's key is the train key."""
+    import jax
+
+    from experiments import lib
+    from experiments.configs import mnist_smoke
+    from jaxdiff.models import init_unet
+    from jaxdiff.training import make_mesh
+
+    config = mnist_smoke.get_config()
+    keys = lib.run_keys(config.seed)
+    assert sorted(keys) == ["init", "sample", "train"]
+    assert all(jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) for k in keys.values())
+    data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys.values()]
+    assert len(set(data)) == 3
+    model = lib.build_model(config)
+    state, _, _ = lib.init_state(config, model, make_mesh())
+    expected = init_unet(model.config, keys["init"])
+    jax.tree.map(np.testing.assert_array_equal, state.params["params"], expected)
+    np.testing.assert_array_equal(state.key, jax.random.key_data(keys["train"]))
+    target, _, _ = lib.init_state(config, model, make_mesh(), abstract=True)
+    assert jax.tree.structure(target) == jax.tree.structure(state)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
+
+
+def test_legacy_config_json_num_classes(trained, tmp_path):
+    """A run written before ``model.num_classes`` was the only copy has a top-level
+    ``num_classes``: equal to the model's it loads, different it is an error."""
+    from experiments import lib
+    from experiments.cli import ConfigError
+
+    config = json.load(open(os.path.join(trained[1], "config.json")))
+    assert "num_classes" not in config and config["model"]["num_classes"] == 10
+    os.symlink(os.path.join(trained[1], "checkpoints"), tmp_path / "checkpoints")
+    for legacy in (10, 5):
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump({**config, "num_classes": legacy}, f)
+        if legacy == 10:
+            assert lib.load_run(str(tmp_path)).model.config.num_classes == 10
+        else:
+            with pytest.raises(ConfigError, match="num_classes 5 differs from model.num_classes"):
+                lib.load_run(str(tmp_path))
+
+
+def test_cli_modules_do_not_import_each_other():
+    """The command lines share experiments.lib / evaluation; none imports another (old:
+    sample imported train_mnist, eval_sweep imported eval_mnist and sample)."""
+    for name in CLI_MODULES:
+        tree = ast.parse(open(os.path.join(REPO, "experiments", f"{name}.py")).read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        others = {f"experiments.{m}" for m in CLI_MODULES if m != name}
+        assert not imported & others, (name, imported & others)
 
 
 def test_cli_smoke_run_exits_zero(trained, compilation_cache, tmp_path):
-    """``python -m experiments.train_mnist`` as a process: absl's app.run must exit with 0."""
+    """``python -m experiments.train_mnist`` as a process: exit status 0, the summary on stdout."""
     _, _, data_dir, _ = trained
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -234,7 +341,8 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     clf = str(tmp_path / "clf.msgpack")
     res = eval_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                            f"--classifier_path={clf}", "--classifier_epochs=1",
-                           "--num_samples=12", "--steps=2", "--batch_size=8",
+                           "--num_samples=12", "--sampler=dpm_solver", "--steps=2",
+                           "--batch_size=8",
                            "--bpd_examples=14", "--bpd_batch_size=7"])
     assert os.path.isfile(clf) and res["classifier"]["trained_now"]
     assert res["conditional"]["n"] == 12 and 0 <= res["conditional"]["conditional_accuracy"] <= 1
@@ -243,21 +351,23 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     assert np.isfinite(res["fid_floor"]["fid"]) and res["fid_floor"]["fid"] >= 0
     assert np.isfinite(res["bpd"]["bpd"]) and res["bpd"]["bpd"] > 0
     assert res["bpd"]["n"] == 14     # its own draw, not capped at --num_samples
+    assert res["args"]["sampler"] == "dpm_solver"
     assert "bits/dim" in open(os.path.join(workdir, "eval_mnist.md")).read()
 
     png = str(tmp_path / "sweep.png")
     out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
-                           f"--classifier_path={clf}", "--settings=ddim:2:0,ddim:2:1:20,ddpm:3:2",
+                           f"--classifier_path={clf}",
+                           "--settings=ddim:2:0,dpm_solver:2:1:20,ddpm:3:2",
                            "--num_samples=10", "--batch_size=10", f"--out_png={png}"])
     rows = out["settings"]
     assert [(r["sampler"], r["steps"], r["guidance_scale"], r["n"]) for r in rows] == [
-        ("ddim", 2, 0.0, 10), ("ddim", 2, 1.0, 20), ("ddpm", 3, 2.0, 10)]
+        ("ddim", 2, 0.0, 10), ("dpm_solver", 2, 1.0, 20), ("ddpm", 3, 2.0, 10)]
     # the module's run is at step 3, or 5 when the resume test ran first on this worker
     latest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert sorted(out["floors"]) == ["10", "20"] and out["step"] == latest and latest in (3, 5)
     assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
     table = open(os.path.join(workdir, "sweep.md")).read()
-    assert table.count("\n| DD") == 3
+    assert table.count("\n| DD") == 2 and table.count("\n| DPM_SOLVER") == 1
     w, h = Image.open(png).size
     assert w > h  # 3 rows of 20 (two samples per digit)
 
@@ -268,13 +378,21 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     assert out["args"]["ddim_clip"] == "diffusers"
     assert "diffusers' form" in open(os.path.join(workdir, "sweep_clip.md")).read()
     assert os.path.isfile(os.path.join(workdir, "sweep_clip.png"))
-    with pytest.raises(SystemExit):   # --name must not be a path
-        eval_sweep.main([f"--workdir={workdir}", "--name=../x"])
-    with pytest.raises(SystemExit):   # argparse error: a setting that does not parse
-        eval_sweep.main([f"--workdir={workdir}", "--settings=ddim:fifty:2"])
-    with pytest.raises(SystemExit):   # N larger than the test set
-        eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
-                         f"--classifier_path={clf}", "--settings=ddim:2:1:30"])
+    from experiments.cli import ConfigError
+
+    for argv, message in [
+        (["--name=../x"], "--name must be a plain file name"),
+        (["--settings=ddim:fifty:2"], "steps and N must be ints"),
+        (["--settings=euler:2:1"], "sampler one of"),
+        (["--settings=ddpm:2:1", "--ddim_clip=diffusers"], "--ddim_clip applies to DDIM"),
+        (["--settings=dpm_solver:2000:1"], "num_steps must be <= num_timesteps"),
+        ([f"--data_dir={data_dir}", "--settings=ddim:2:1:30"], "N=30 exceeds the 24 test"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            eval_sweep.main([f"--workdir={workdir}", f"--classifier_path={clf}"] + argv)
+    with pytest.raises(ConfigError, match="sampling.eta applies"):   # checked before any work
+        eval_mnist.main([f"--workdir={workdir}", "--sampler=ddpm", "--eta=0.5",
+                         "--data_dir=/nonexistent"])
 
 
 def test_optional_model_fields_parse_from_the_command_line():
@@ -282,7 +400,7 @@ def test_optional_model_fields_parse_from_the_command_line():
     ``--config.model.attention_implementation=cudnn``); the string "None" resets an optional
     field when the UNet is built."""
     from experiments.configs import mnist
-    from experiments.train_mnist import build_model
+    from experiments.lib import build_model
 
     c = mnist.get_config()
     assert c.model.get_ref("attention_implementation").get_type() is str
