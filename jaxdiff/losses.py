@@ -4,10 +4,18 @@ The loss takes the network as ``apply_fn(params, x_t, t, cond) -> prediction`` s
 plugs in (a Flax module's ``apply``, a closure adding dropout keys, a plain function). Per-example
 losses are computed with ``jax.vmap``; the batch loss is their mean.
 
-    >>> loss, aux = diffusion_loss(apply_fn, params, sched, x0, key, labels,
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiff import make_schedule
+    >>> sched = make_schedule("cosine", 1000)
+    >>> apply_fn = lambda params, x_t, t, cond: params["w"] * x_t    # any network
+    >>> x0, labels = jnp.zeros((4, 8, 8, 1)), jnp.arange(4)
+    >>> loss, aux = diffusion_loss(apply_fn, {"w": 0.5}, sched, x0, jax.random.key(0), labels,
     ...                            prediction_type="v", weighting="min_snr",
     ...                            cond_drop_prob=0.1, null_cond=jnp.int32(10))
-    >>> grads = jax.grad(lambda p: diffusion_loss(apply_fn, p, sched, x0, key)[0])(params)
+    >>> loss.shape, aux["per_example"].shape
+    ((), (4,))
+    >>> grads = jax.grad(lambda p: diffusion_loss(apply_fn, p, sched, x0, jax.random.key(0))[0])(
+    ...     {"w": 0.5})
 """
 
 from __future__ import annotations
@@ -114,7 +122,8 @@ def diffusion_loss(
         the dropout); a traced one (e.g. annealed under ``jit``) always draws the dropout mask
         and so needs ``cond``, ``null_cond`` and ``key``; its range cannot be checked (values
         below 0 never drop, above 1 always drop).
-      t, noise: optional fixed timesteps ``[B]`` and noise ``[B, ...]`` instead of random draws.
+      t: optional fixed timesteps ``[B]`` int instead of random draws.
+      noise: optional fixed noise ``[B, ...]`` (the shape of ``x0``) instead of random draws.
 
     Returns:
       ``(loss, aux)``: the mean weighted loss and ``{"per_example": [B], "t": [B], "weight": [B]}``.

@@ -1,9 +1,10 @@
 """diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` -> :class:`jaxdiff.models.UNetConfig` and
-Flax params.
+Flax params. From a diffusers-format folder (needs its files, so not a doctest; the README and
+``tests/parity/test_unet_parity.py`` run the same calls on a model built in memory)::
 
-    >>> config = unet_config_from_diffusers(json.load(open("unet/config.json")))
-    >>> params = convert_unet_state_dict(load_torch_state_dict("unet/model.safetensors"), config)
-    >>> out = UNet(config).apply({"params": params}, x_nhwc, t)
+    config = unet_config_from_diffusers(json.load(open("unet/config.json")))
+    params = convert_unet_state_dict(load_torch_state_dict("unet/model.safetensors"), config)
+    out = UNet(config).apply({"params": params}, x_nhwc, t)
 
 Weights map by name: the Flax tree uses diffusers' module names with list indices folded in
 (``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks_0/resnets_1/conv1/kernel``). Conv

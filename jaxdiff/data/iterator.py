@@ -34,8 +34,10 @@ class BatchIterator:
       arrays: dict of arrays sharing the leading dimension ``N``.
       global_batch_size: ``G``, the batch over all processes and devices.
       seed: shuffling seed.
-      process_index, process_count: this host's slot (default: ``jax.process_index/count()``).
-      epoch, index: starting position (see :meth:`from_state`).
+      process_index: this host's slot (default: ``jax.process_index()``).
+      process_count: the number of hosts (default: ``jax.process_count()``).
+      epoch: the starting epoch (see :meth:`from_state`).
+      index: the starting batch within ``epoch``, in ``[0, batches_per_epoch)``.
       shuffle: if False, the order is ``0..N-1`` in every epoch.
     """
 

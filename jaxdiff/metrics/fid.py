@@ -16,9 +16,16 @@ These statistics are host-side reductions over a whole evaluation set: they run 
 distributions) and accept ``jax.Array`` or numpy inputs. The per-sample classifier statistics
 (:func:`conditional_accuracy`, :func:`class_histogram`) are plain ``jnp`` and may be jitted.
 
-    >>> mu1, s1 = feature_statistics(features_real)      # [N, D] -> [D], [D, D]
-    >>> mu2, s2 = feature_statistics(features_fake)
-    >>> fid = frechet_distance(mu1, s1, mu2, s2)
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> mu1, s1 = feature_statistics(rng.standard_normal((500, 8)))       # [N, D] -> [D], [D, D]
+    >>> mu2, s2 = feature_statistics(rng.standard_normal((500, 8)) + 1.0)
+    >>> mu1.shape, s1.shape
+    ((8,), (8, 8))
+    >>> round(frechet_distance(mu1, s1, mu1, s1), 6)                     # a distance: 0 to itself
+    0.0
+    >>> bool(frechet_distance(mu1, s1, mu2, s2) > 7.0)                   # |mu1 - mu2|^2 is about 8
+    True
 """
 
 from __future__ import annotations
@@ -67,9 +74,11 @@ def frechet_distance(
     """The squared Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``.
 
     Args:
-      mu1, mu2: ``[D]`` means.
-      sigma1, sigma2: ``[D, D]`` symmetric positive semi-definite covariances (singular allowed;
+      mu1: ``[D]`` mean of the first distribution.
+      sigma1: ``[D, D]`` its symmetric positive semi-definite covariance (singular allowed;
         small asymmetries from floating point are symmetrised away).
+      mu2: ``[D]`` mean of the second distribution.
+      sigma2: ``[D, D]`` its covariance, as ``sigma1``.
 
     Returns:
       A Python float ``>= 0`` (computed in float64; tiny negative round-off is clamped to 0). It is

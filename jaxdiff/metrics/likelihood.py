@@ -18,8 +18,15 @@ axis, ``"learned"`` (the log variance itself) or ``"learned_range"`` (``(v+1)/2 
 (1-v)/2 log posterior_variance``), matching :mod:`jaxdiff.samplers.ddpm`. Every term is reported in
 bits per dimension (nats / (D log 2)).
 
-    >>> terms = jax.jit(partial(vlb_terms, model_fn, sched))(x0, key)   # one lax.map over t
-    >>> terms.total                                                    # [B] bits/dim
+    >>> import jax, jax.numpy as jnp
+    >>> from functools import partial
+    >>> from jaxdiff import make_schedule
+    >>> sched = make_schedule("linear", 20)
+    >>> model_fn = lambda x_t, t: jnp.zeros_like(x_t)          # predicts eps = 0
+    >>> x0 = jnp.zeros((2, 4, 4, 1))
+    >>> terms = jax.jit(partial(vlb_terms, model_fn, sched))(x0, jax.random.key(0))
+    >>> terms.prior.shape, terms.terms.shape, terms.total.shape   # [B], [B, T], [B] bits/dim
+    ((2,), (2, 20), (2,))
 """
 
 from __future__ import annotations
@@ -114,7 +121,8 @@ def discretized_gaussian_log_likelihood(
 
     Args:
       x: ``[B, ...]`` data on the grid ``{-1, -1 + 2/255, ..., 1}``.
-      means, log_scales: broadcastable to ``x``; the Gaussian's mean and ``log(std)``.
+      means: the Gaussian's mean, broadcastable to ``x``.
+      log_scales: the Gaussian's ``log(std)``, broadcastable to ``x``.
       approx_cdf: use :func:`approx_standard_normal_cdf` with guided-diffusion's ``1e-12`` floors
         (bit-for-bit their formula); else the exact CDF through ``log_ndtr``, accurate in the tails.
 

@@ -93,7 +93,8 @@ class SpatialSelfAttention(nn.Module):
 
     Attributes:
       heads: number of heads (diffusers: ``channels // attention_head_dim``).
-      groups, eps: GroupNorm groups and epsilon (diffusers: the resnet ones).
+      groups: GroupNorm groups (diffusers: the resnet ones).
+      eps: GroupNorm epsilon (diffusers: the resnet ones).
       rescale_output_factor: divisor of the residual sum (the mid block's scale factor).
       implementation: ``jax.nn.dot_product_attention``'s: ``None``, ``"xla"`` or ``"cudnn"``.
     """

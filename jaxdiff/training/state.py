@@ -5,9 +5,12 @@
 per-step randomness is ``jax.random.fold_in(state.key, state.step)``, so a resumed run draws exactly
 the noise an uninterrupted run would.
 
+    >>> import jax, jax.numpy as jnp
     >>> tx, lr_fn = make_optimizer(OptimizerConfig(learning_rate=2e-4, warmup_steps=100,
     ...                                            total_steps=10_000))
-    >>> state = create_train_state(params, tx, jax.random.PRNGKey(0))
+    >>> state = create_train_state({"w": jnp.ones(3)}, tx, jax.random.key(0))
+    >>> int(state.step), state.key.dtype, round(float(lr_fn(50)), 8)   # half-way up the warm-up
+    (0, dtype('uint32'), 0.0001)
 """
 
 from __future__ import annotations

@@ -5,10 +5,17 @@ The batch is sharded over ``data`` (``NamedSharding(mesh, P("data"))``), the tra
 runs on one CPU, 8 GPUs, or many hosts after ``jax.distributed.initialize()`` (each process feeds
 its own slice of the global batch through :func:`shard_batch`).
 
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jaxdiff.training import OptimizerConfig, create_train_state, make_optimizer
+    >>> def loss_fn(params, batch, key):              # -> (loss [], aux dict)
+    ...     return jnp.mean((params["w"] * batch["x"]) ** 2), {}
+    >>> tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
     >>> mesh = make_mesh()
+    >>> state = replicate(create_train_state({"w": jnp.ones(3)}, tx, jax.random.key(0)), mesh)
     >>> step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=0.999)
-    >>> state = replicate(state, mesh)
-    >>> state, metrics = step_fn(state, shard_batch(host_batch, mesh))
+    >>> state, metrics = step_fn(state, shard_batch({"x": np.ones((8, 3), np.float32)}, mesh))
+    >>> int(state.step), bool(metrics["finite"]), float(metrics["loss"])
+    (1, True, 1.0)
 """
 
 from __future__ import annotations
