@@ -3,15 +3,13 @@
     python -m experiments.train_mnist --workdir runs/mnist
     python -m experiments.train_mnist --workdir runs/mnist --config.training.batch_size=64
 
-Sized so that every digit is recognisable within ~30 minutes on 2 CPU cores: the
-``mnist_unet_config`` preset narrowed to 16/32/64 channels, with the cross-attention transformer
-only at the 7x7 level and in the middle block; the class enters as one learned token of width 64
-that those layers attend to (null label 10, dropped with probability 0.1, for classifier-free
-guidance). Measured with ``python -m benchmarks.bench_train`` on 2 idle cores (AMD EPYC, jax
-0.10.2): 2.5 steps/s at batch 32 (0.99M params), against 3.35 steps/s with the class embedding
-added to the time embedding instead (no attention) and 1.6 steps/s with cross-attention also at
-14x14; attention at 28x28 and the full preset are far slower on XLA:CPU. 2600 steps take ~20
-minutes. ``mnist_accel.py`` is the full cross-attention preset for a GPU or TPU.
+Sized for a 2-core CPU: the ``mnist_unet_config`` preset narrowed to 16/32/64 channels, with the
+cross-attention transformer only at the 7x7 level and in the middle block (attention at 14x14 and
+28x28, and the full preset, are far slower on XLA:CPU); the class enters as one learned token of
+width 64 that those layers attend to (``model.num_classes = 10``: labels 0-9, and 10 is the null
+label, dropped in with probability 0.1 for classifier-free guidance). Its training time and sample
+quality are in the README's Results, its step speed in BENCHMARKS.md (``python -m
+benchmarks.bench_train``). ``mnist_accel.py`` is the full cross-attention preset for a GPU or TPU.
 
 Every field can be overridden from the command line; ``config.model`` holds every field of
 ``UNetConfig``, so ``--config.model.<field>=...`` works for each (per-level fields are tuples:
