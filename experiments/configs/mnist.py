@@ -8,8 +8,9 @@ cross-attention transformer only at the 7x7 level and in the middle block (atten
 28x28, and the full preset, are far slower on XLA:CPU); the class enters as one learned token of
 width 64 that those layers attend to (``model.num_classes = 10``: labels 0-9, and 10 is the null
 label, dropped in with probability 0.1 for classifier-free guidance). Its training time and sample
-quality are in the README's Results, its step speed in BENCHMARKS.md (``python -m
-benchmarks.bench_train``). ``mnist_accel.py`` is the full cross-attention preset for a GPU or TPU.
+quality are in the README's Results, its step speed in BENCHMARKS.md
+(``python -m benchmarks.bench_train``). ``mnist_accel.py`` is the full cross-attention preset for a
+GPU or TPU.
 
 Every field can be overridden from the command line; ``config.model`` holds every field of
 ``UNetConfig``, so ``--config.model.<field>=...`` works for each (per-level fields are tuples:
