@@ -312,3 +312,35 @@ def test_init_unet_matches_flax_init_tree_and_distributions():
     assert np.all(np.asarray(params["conv_in"]["bias"]) == 0)
     bf16 = init_unet(dataclasses.replace(TINY, param_dtype=jnp.bfloat16), jax.random.key(3))
     assert {a.dtype for a in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        # A string is truthy: "False" used to switch the option on.
+        ("flip_sin_to_cos", "False", "flip_sin_to_cos must be a bool"),
+        ("mid_block", "False", "mid_block must be a bool"),
+        ("use_linear_projection", "True", "use_linear_projection must be a bool"),
+        ("center_input_sample", 1, "center_input_sample must be a bool"),
+        ("mid_layers", True, "mid_layers must be an int"),
+        ("mid_block_scale_factor", -1.0, "mid_block_scale_factor must be > 0"),
+        ("mid_block_scale_factor", 0, "mid_block_scale_factor must be > 0"),
+        ("mid_block_scale_factor", "2", "mid_block_scale_factor must be a concrete real number"),
+        ("freq_shift", "1", "freq_shift must be a concrete real number"),
+        ("freq_shift", float("nan"), "freq_shift must be finite"),
+        ("dropout", "0.1", "dropout must be a concrete real number"),
+        ("dropout", -0.1, "dropout must be >= 0"),
+    ],
+)
+def test_config_rejects_wrong_types_and_ranges_naming_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, **{field: value})
+
+
+def test_config_keeps_numpy_scalars_as_python_values():
+    cfg = dataclasses.replace(TINY, flip_sin_to_cos=np.bool_(False), freq_shift=np.float32(1.0),
+                              in_channels=np.int64(2), mid_block_scale_factor=np.int32(2))
+    assert cfg.flip_sin_to_cos is False and cfg.in_channels == 2
+    assert type(cfg.freq_shift) is float and type(cfg.mid_block_scale_factor) is float
+    assert type(cfg.in_channels) is int and hash(cfg) == hash(dataclasses.replace(
+        TINY, flip_sin_to_cos=False, freq_shift=1.0, mid_block_scale_factor=2.0))

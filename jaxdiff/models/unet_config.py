@@ -1,6 +1,7 @@
 """``UNetConfig``: the UNet's hyper-parameters as a small frozen dataclass, and input checks.
 
-Every field is validated when the config is built (a ``ValueError`` naming the field), and every
+Every field is validated when the config is built (a ``ValueError`` naming the field: bools must be
+bools, not strings such as ``"False"``; numbers must be numbers in range), and every
 model input when the model is traced (a ``ValueError`` naming the argument): a wrong shape never
 reaches XLA, where it would surface as an unreadable shape error or, for indices, a silent clamp.
 """
@@ -13,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.validation import concrete
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int, concrete
 
 __all__ = [
     "UNetConfig", "check_inputs", "ATTENTION_KINDS", "ATTENTION_IMPLEMENTATIONS",
@@ -93,6 +94,15 @@ class UNetConfig:
         (JAX's default, the XLA path) or ``"xla"`` run everywhere; ``"cudnn"`` is cuDNN's fused
         flash attention, which needs a GPU with cuDNN and ``dtype`` bfloat16 or float16, and
         raises at trace time otherwise.
+
+    Raises:
+      ValueError: naming the field, for any field of the wrong type or out of range: the bool
+        fields (``mid_block``, ``use_linear_projection``, ``flip_sin_to_cos``,
+        ``center_input_sample``) must be bools (a string such as ``"False"`` is rejected: it is
+        truthy); counts and widths ints >= 1 (``mid_layers`` >= 0); ``norm_eps`` and
+        ``mid_block_scale_factor`` finite numbers > 0; ``dropout`` in [0, 1); ``freq_shift`` a
+        finite number; the string fields one of their choices; and the cross-field rules
+        (heads that split the channels, ``context_dim`` iff a cross-attention layer, ...).
     """
 
     in_channels: int = 3
@@ -125,8 +135,9 @@ class UNetConfig:
     attention_implementation: str | None = None
 
     def __post_init__(self):
-        # Lists become tuples (the config must stay hashable: it is a Flax module attribute);
-        # nothing else is rewritten, so ``dataclasses.replace`` re-derives every per-level value.
+        # Lists become tuples (the config must stay hashable: it is a Flax module attribute) and
+        # scalar fields become Python int / float / bool; per-level values are not rewritten, so
+        # ``dataclasses.replace`` re-derives them.
         for name in ("block_channels", "layers_per_block", "attention", "up_attention",
                      "num_heads", "transformer_depth"):  # fmt: skip
             if isinstance(getattr(self, name), list):
@@ -138,8 +149,27 @@ class UNetConfig:
             )
         chans = _per_level("block_channels", self.block_channels, len(self.block_channels))
         n = len(chans)
-        for name in ("in_channels", "out_channels", "norm_groups"):
-            _per_level(name, getattr(self, name), 1)
+        for name in ("in_channels", "out_channels", "norm_groups", "num_class_tokens"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in ("attention_head_dim", "context_dim", "num_classes", "time_embed_dim"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        object.__setattr__(self, "mid_layers", check_int("mid_layers", self.mid_layers, minimum=0))
+        for name in ("mid_block", "use_linear_projection", "flip_sin_to_cos",
+                     "center_input_sample"):  # fmt: skip
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
+        floats = {
+            "norm_eps": dict(minimum=0.0, exclusive_minimum=True),
+            "dropout": dict(minimum=0.0, maximum=1.0, exclusive_maximum=True),
+            "mid_block_scale_factor": dict(minimum=0.0, exclusive_minimum=True),
+            "freq_shift": {},
+        }
+        for name, bounds in floats.items():
+            object.__setattr__(self, name, check_float(name, getattr(self, name), **bounds))
+        check_choice("mid_attention", self.mid_attention, ATTENTION_KINDS)
+        check_choice("class_conditioning", self.class_conditioning, CLASS_CONDITIONING)
+        check_choice("attention_implementation", self.attention_implementation,
+                     ATTENTION_IMPLEMENTATIONS)
         _per_level("layers_per_block", self.layers_per_block, n)
         _per_level("transformer_depth", self.transformer_depth, n)
         for name in ("attention", "up_attention"):
@@ -150,14 +180,8 @@ class UNetConfig:
                 raise ValueError(f"{name} must have one entry per level ({n}), got {value!r}")
             if any(v not in ATTENTION_KINDS for v in value):
                 raise ValueError(f"{name} entries must be one of {ATTENTION_KINDS}, got {value!r}")
-        if self.mid_attention not in ATTENTION_KINDS:
-            raise ValueError(f"mid_attention must be one of {ATTENTION_KINDS}")
-        if not isinstance(self.mid_layers, int) or self.mid_layers < 0:
-            raise ValueError(f"mid_layers must be an int >= 0, got {self.mid_layers!r}")
         if self.attention_head_dim is not None and self.num_heads is not None:
             raise ValueError("give at most one of attention_head_dim and num_heads")
-        if self.attention_head_dim is not None:
-            _per_level("attention_head_dim", self.attention_head_dim, 1)
         if self.num_heads is not None:
             _per_level("num_heads", self.num_heads, n)
         kinds = {*self.attention, *self.up_kinds}
@@ -184,31 +208,13 @@ class UNetConfig:
         if "cross" in kinds:
             if self.context_dim is None:
                 raise ValueError("context_dim is required by the cross-attention layers")
-            _per_level("context_dim", self.context_dim, 1)
         elif self.context_dim is not None:
             raise ValueError("context_dim is set but no layer has cross-attention ('cross')")
-        if self.class_conditioning not in CLASS_CONDITIONING:
-            raise ValueError(f"class_conditioning must be one of {CLASS_CONDITIONING}")
         if self.num_classes is not None:
-            _per_level("num_classes", self.num_classes, 1)
             if self.class_conditioning == "cross_attention" and "cross" not in kinds:
                 raise ValueError(
                     "class_conditioning='cross_attention' needs a cross-attention layer ('cross')"
                 )
-        _per_level("num_class_tokens", self.num_class_tokens, 1)
-        if self.time_embed_dim is not None:
-            _per_level("time_embed_dim", self.time_embed_dim, 1)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        eps = self.norm_eps
-        real = isinstance(eps, (int, float, np.number)) and not isinstance(eps, bool)
-        if not (real and 0 < eps < float("inf")):
-            raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                f"got {self.attention_implementation!r}"
-            )
         object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
 
