@@ -329,7 +329,8 @@ def test_init_unet_matches_flax_init_tree_and_distributions():
         ("freq_shift", "1", "freq_shift must be a concrete real number"),
         ("freq_shift", float("nan"), "freq_shift must be finite"),
         ("dropout", "0.1", "dropout must be a concrete real number"),
-        ("dropout", -0.1, "dropout must be >= 0"),
+        ("freq_shift", None, "freq_shift must be a concrete real number"),
+        ("mid_block_scale_factor", float("inf"), "mid_block_scale_factor must be finite"),
     ],
 )
 def test_config_rejects_wrong_types_and_ranges_naming_the_field(field, value, match):
