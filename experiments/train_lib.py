@@ -21,48 +21,37 @@ from experiments.images import save_grid
 from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
 from jaxdiff.training import (Checkpointer, StopOnSignal, make_mesh, make_train_step,
                               train_loop)
+from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 
 __all__ = ["train", "load_train_data"]
-
-
-def _tensorboard_writer(logdir: str):
-    """A ``jaxdiff.training.writers.TensorBoardWriter`` for ``logdir``.
-
-    Raises:
-      ConfigError: tensorboardX (which the writer needs) is not installed.
-    """
-    try:
-        from jaxdiff.training.writers import TensorBoardWriter
-        return TensorBoardWriter(logdir)
-    except ImportError as e:
-        raise ConfigError(f"training.tensorboard=True needs tensorboardX (pip install "
-                          f"tensorboardX): {e}") from None
 
 
 def _check_tensorboard_available() -> None:
     """ConfigError now, before anything is written, if ``training.tensorboard`` cannot work."""
     try:
         import tensorboardX  # noqa: F401
-        from jaxdiff.training.writers import TensorBoardWriter  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"training.tensorboard=True needs tensorboardX (pip install "
-                          f"tensorboardX): {e}") from None
+        raise ConfigError("training.tensorboard=True needs the tensorboardX package (pip install "
+                          f"tensorboardX, or pip install 'jaxdiff[tensorboard]'): {e}") from None
 
 
 class _Logger:
-    """Averages metrics over ``every`` steps; writes metrics.jsonl, TensorBoard (if a writer is
-    given) and a tqdm bar. Does nothing when not ``enabled`` (processes other than the first)."""
+    """Averages metrics over ``every`` steps and writes the means with the throughput to
+    ``metrics.jsonl`` (a ``JsonlWriter``), to TensorBoard (a ``TensorBoardWriter`` on
+    ``WORKDIR/tb``, when ``tensorboard``) and to a tqdm bar. Does nothing when not ``enabled``
+    (processes other than the first)."""
 
     def __init__(self, workdir, every, batch_size, start, total, enabled, tensorboard=False):
         self.every, self.batch_size, self.enabled = every, batch_size, enabled
         self.acc, self.t0, self.last_step = [], time.perf_counter(), start
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.bar, self.tb = None, None
+        self.bar, self.writer = None, None
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
             if tensorboard:
-                self.tb = _tensorboard_writer(os.path.join(workdir, "tb"))
+                writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
+            self.writer = MultiWriter(writers)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
     def __call__(self, step, m):
         if not self.enabled:
@@ -74,20 +63,17 @@ class _Logger:
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.t0, 1e-9)
         row = {k: float(np.mean([a[k] for a in self.acc])) for k in self.acc[0]}
-        row.update(step=step, steps_per_sec=rate, images_per_sec=rate * self.batch_size,
-                   time=time.time())
+        row.update(steps_per_sec=rate, images_per_sec=rate * self.batch_size, time=time.time())
         self.acc, self.t0, self.last_step = [], now, step
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            self.tb.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+        self.writer.write_scalars(step, row)
+        self.writer.flush()   # readable while the run goes on
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.1e}")
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def load_train_data(config: ml_collections.ConfigDict):
