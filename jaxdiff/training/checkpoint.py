@@ -122,6 +122,7 @@ class Checkpointer:
         self.hyperparams = hyperparams
         self.save_interval_steps = save_interval_steps
         self.read_only = read_only
+        self._barriers = 0
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only,
             enable_async_checkpointing=async_save and not read_only,
@@ -255,17 +256,20 @@ class Checkpointer:
             where = self.step_dir(step)
             msg = (f"checkpoint {where} is incomplete (no {', '.join(missing)}; an interrupted "
                    "save or copy): skipped, resuming from the latest complete step")
-            if not self.read_only:
+            if not self.read_only and jax.process_index() == 0:
                 dest, n = f"{where}.incomplete", 1
                 while os.path.exists(dest):
                     dest, n = f"{where}.incomplete-{n}", n + 1
-                if jax.process_index() == 0:
-                    os.rename(where, dest)
+                os.rename(where, dest)
                 msg += f"; moved it to {dest} (delete that once you have checked it)"
             warnings.warn(msg, UserWarning, stacklevel=3)
         if not self.read_only:
             if jax.process_count() > 1:
-                ocp.multihost.sync_global_processes("jaxdiff_checkpoint_skip_incomplete")
+                # Orbax barrier names must be unique per wait: count the calls (every process
+                # calls restore_latest the same number of times).
+                self._barriers += 1
+                ocp.multihost.sync_global_processes(
+                    f"jaxdiff_skip_incomplete:{self.directory}:{self._barriers}")
             if incomplete or jax.process_count() > 1:
                 self.manager.reload()
 
