@@ -174,10 +174,16 @@ def test_guidance_scale_traced_does_not_recompile():
 
 
 # --- scan == Python loop over the step ---------------------------------------------------------
+# Both sides call the same step function, so these check the scan driver only (the timestep
+# order and pairing, the per-step noise, the carry, jit), not the step's maths: that is compared
+# with diffusers in tests/parity/test_sampler_parity.py (DDIM: test_ddim_trajectory_matches_
+# diffusers; DDPM: test_ddpm_step_matches_diffusers, test_ddpm_trajectory_matches_diffusers).
 
 
 @pytest.mark.parametrize("pred, clip", [("eps", None), ("v", 1.0)])
 def test_ddim_scan_equals_python_loop(pred, clip):
+    """The scanned ddim_sample applies ddim_step to the ddim_timesteps pairs in order, with
+    noise[i] at step i, carrying x, as a Python loop over the jitted step does."""
     n, eta = 8, 0.5
     noise = jax.random.normal(jax.random.key(6), (n, *SHAPE))
     kw = dict(eta=eta, prediction_type=pred, clip_x0=clip, set_alpha_to_one=False)
@@ -192,6 +198,8 @@ def test_ddim_scan_equals_python_loop(pred, clip):
 
 
 def test_ddpm_scan_equals_python_loop():
+    """The scanned ddpm_sample applies ddpm_step to the ddpm_timesteps pairs in order, with
+    noise[i] at step i, carrying x, as a Python loop over the step does."""
     n = 12
     noise = jax.random.normal(jax.random.key(7), (n, *SHAPE))
     kw = dict(variance_type="fixed_large", prediction_type="eps", clip_x0=1.0)
