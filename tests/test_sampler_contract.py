@@ -234,3 +234,19 @@ def test_forward_process_accepts_lists():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="x0 must be an array"):
         q_sample(SCHED, "abc", [3], noise)
+
+
+def test_presets_fix_options(monkeypatch):
+    from jaxdiff.samplers import registry
+
+    monkeypatch.setitem(registry.PRESETS, "ddim_eta1", ("ddim", {"eta": 1.0}))
+    assert "ddim_eta1" in sampler_names()
+    assert "eta" not in sampler_options("ddim_eta1")
+    s = get_sampler("ddim_eta1", clip_x0=1.0)
+    assert s.options == {"eta": 1.0, "clip_x0": 1.0} and s.stochastic
+    with pytest.raises(ValueError, match="fixes option 'eta'"):
+        get_sampler("ddim_eta1", eta=0.0)
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(
+        np.asarray(s(model, SCHED, x_T(), key, num_steps=5)),
+        np.asarray(ddim_sample(model, SCHED, x_T(), key, num_steps=5, eta=1.0, clip_x0=1.0)))

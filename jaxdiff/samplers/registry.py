@@ -36,7 +36,7 @@ from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_int
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sampler_names", "sampler_options"]
+__all__ = ["Sampler", "SAMPLERS", "PRESETS", "get_sampler", "sampler_names", "sampler_options"]
 
 # name -> (sample function, whether it draws noise given its options)
 SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
@@ -45,27 +45,38 @@ SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
     "dpm_solver": (dpm_solver_sample, lambda o: False),
 }
 
+# Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
+# ``get_sampler(base, **fixed, **more)``; ``more`` may not override a fixed option.
+PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {}
+
 # Arguments of every *_sample that are not sampler options.
 _CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory")
 
 
 def sampler_names() -> tuple[str, ...]:
-    """The registered sampler names, in registration order."""
-    return tuple(SAMPLERS)
+    """The registered sampler names then the preset names, in registration order."""
+    return tuple(SAMPLERS) + tuple(PRESETS)
+
+
+def _resolve(name: str) -> tuple[str, Mapping[str, Any]]:
+    """``(registered name, fixed options)`` for a sampler or preset name."""
+    if isinstance(name, str) and name in PRESETS:
+        return PRESETS[name]
+    if isinstance(name, str) and name in SAMPLERS:
+        return name, {}
+    raise ValueError(f"sampler must be one of {sampler_names()}, got {name!r}")
 
 
 def _lookup(name: str) -> tuple[Callable, Callable]:
-    try:
-        return SAMPLERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"sampler must be one of {sampler_names()}, got {name!r}") from None
+    return SAMPLERS[_resolve(name)[0]]
 
 
 def sampler_options(name: str) -> tuple[str, ...]:
-    """The option names ``get_sampler(name, ...)`` accepts (sorted)."""
-    fn, _ = _lookup(name)
-    params = inspect.signature(fn).parameters
-    return tuple(sorted(p for p in params if p not in _CALL_ARGS))
+    """The option names ``get_sampler(name, ...)`` accepts (sorted); a preset's fixed options are
+    not among them."""
+    base, fixed = _resolve(name)
+    params = inspect.signature(SAMPLERS[base][0]).parameters
+    return tuple(sorted(p for p in params if p not in _CALL_ARGS and p not in fixed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +141,7 @@ def get_sampler(name: str, **options: Any) -> Sampler:
     """The sampler ``name`` with ``options`` bound, validated now.
 
     Args:
-      name: one of :func:`sampler_names`.
+      name: one of :func:`sampler_names` (a sampler, or a preset that fixes some options).
       **options: keyword options of that sampler's ``*_sample`` function (see
         :func:`sampler_options`), e.g. ``eta`` for DDIM, ``solver_order`` for DPM-Solver.
 
@@ -141,12 +152,18 @@ def get_sampler(name: str, **options: Any) -> Sampler:
       ValueError: for an unknown name, an option the sampler does not take, or an invalid value
         (checked by building a small grid with these options).
     """
-    fn, stochastic = _lookup(name)
+    base, fixed = _resolve(name)
+    fn, stochastic = SAMPLERS[base]
     accepted = sampler_options(name)
     for opt in options:
+        if opt in fixed:
+            raise ValueError(
+                f"sampler {name!r} fixes option {opt!r} = {fixed[opt]!r}; use {base!r} to set it"
+            )
         if opt not in accepted:
             raise ValueError(
                 f"sampler {name!r} does not take option {opt!r}; it takes: {', '.join(accepted)}"
             )
-    Sampler(name, fn, dict(options), False).check(1000, 1)  # validates the option values
-    return Sampler(name, fn, dict(options), bool(stochastic(options)))
+    options = {**fixed, **options}
+    Sampler(name, fn, options, False).check(1000, 1)  # validates the option values
+    return Sampler(name, fn, options, bool(stochastic(options)))
