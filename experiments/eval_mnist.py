@@ -1,4 +1,4 @@
-"""Evaluate a class-conditional MNIST diffusion model: FID on a classifier's features, conditional
+r"""Evaluate a class-conditional MNIST diffusion model: FID on a classifier's features, conditional
 accuracy, the class histogram of unconditional samples, and bits/dim on test images.
 
     python -m experiments.eval_mnist --workdir runs/mnist

@@ -1,4 +1,4 @@
-"""Sample quality of a trained MNIST run against sampler, steps and guidance scale: one table, one
+r"""Sample quality of a trained MNIST run against sampler, steps and guidance scale: one table, one
 picture.
 
     python -m experiments.eval_sweep --workdir runs/mnist

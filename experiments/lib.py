@@ -92,7 +92,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _wrap("", check_batch_divisible, t.batch_size, make_mesh())
     _wrap("", check_int, "sampling.every", s.every, 1)
     _wrap("", check_int, "sampling.per_class", s.per_class, 1)
-    make_sampler(s, d.prediction_type, d.num_timesteps)
+    make_sampler(s, d.prediction_type, build_schedule(config))
 
 
 def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -224,15 +224,15 @@ def sampling_config(sampler: str = "ddim", num_steps: int = 25, guidance_scale: 
                                           eta=eta, ddim_clip=ddim_clip))
 
 
-def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, num_timesteps: int):
-    """The ``jaxdiff.samplers`` sampler that ``sampling`` names, checked against the schedule.
+def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, schedule: Schedule):
+    """The ``jaxdiff.samplers`` sampler that ``sampling`` names, checked against ``schedule``.
 
     Reads ``sampling.sampler`` (one of ``jaxdiff.samplers.sampler_names()``), ``num_steps``
-    (checked with ``sampler.check(num_timesteps, num_steps)``), ``guidance_scale`` (>= 0; checked
-    here, applied by :func:`make_sample_fn`), ``clip_x0`` (0 = no clipping), and the options that
-    only some samplers take, which must be None (unset) for the others: ``eta`` (>= 0) and
-    ``ddim_clip`` (``"consistent"``, the default where the sampler takes
-    ``use_clipped_model_output``, or ``"diffusers"``).
+    (checked with ``sampler.check(schedule, num_steps)``: the grid is built, nothing computed),
+    ``guidance_scale`` (>= 0; checked here, applied by :func:`make_sample_fn`), ``clip_x0`` (0 =
+    no clipping), and the options that only some samplers take, which must be None (unset) for
+    the others: ``eta`` (>= 0) and ``ddim_clip`` (``"consistent"``, the default where the sampler
+    takes ``use_clipped_model_output``, or ``"diffusers"``).
 
     Raises:
       ConfigError: naming the ``sampling.<field>``.
@@ -258,8 +258,8 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, num_
     if "use_clipped_model_output" in accepted:
         options["use_clipped_model_output"] = clip is not None and form != "diffusers"
     sampler = _wrap(f"sampling (sampler {name!r}): ", get_sampler, name, **options)
-    _wrap(f"sampling.num_steps (sampler {name!r}, diffusion.num_timesteps {num_timesteps}): ",
-          sampler.check, num_timesteps, steps)
+    _wrap(f"sampling.num_steps (sampler {name!r}, diffusion.num_timesteps "
+          f"{schedule.num_timesteps}): ", sampler.check, schedule, steps)
     return sampler
 
 
@@ -277,7 +277,7 @@ def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collectio
     Raises:
       ConfigError: an invalid ``sampling`` field.
     """
-    sampler = make_sampler(sampling, prediction_type, schedule.num_timesteps)
+    sampler = make_sampler(sampling, prediction_type, schedule)
     steps, scale = int(sampling.num_steps), float(sampling.guidance_scale)
     null_label = model.config.num_classes
     shape = IMAGE_SIZE + (model.config.in_channels,)

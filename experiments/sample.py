@@ -1,4 +1,4 @@
-"""Sample a trained class-conditional MNIST model from its workdir (EMA params of the latest
+r"""Sample a trained class-conditional MNIST model from its workdir (EMA params of the latest
 checkpoint) with any of jaxdiff's samplers and classifier-free guidance; the batch is sharded over
 all devices.
 

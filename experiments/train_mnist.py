@@ -1,4 +1,4 @@
-"""Train a class-conditional diffusion UNet on MNIST (data parallel over all devices).
+r"""Train a class-conditional diffusion UNet on MNIST (data parallel over all devices).
 
     python -m experiments.train_mnist --workdir runs/mnist
     python -m experiments.train_mnist --workdir runs/mnist --config.training.batch_size=128
