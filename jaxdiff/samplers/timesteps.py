@@ -85,13 +85,15 @@ class Grid(NamedTuple):
 
 def sigmas_at(schedule: Schedule, timesteps: np.ndarray) -> np.ndarray | jax.Array:
     """``sqrt((1 - abar_t) / abar_t)`` at integer ``timesteps``: float64 numpy on the host, or a
-    float32 JAX array when the schedule is traced (passed through ``jit`` as an argument)."""
+    float32 JAX array when the schedule is traced (passed through ``jit`` as an argument); ``inf``
+    where ``abar_t = 0`` (a zero-terminal-SNR schedule's last step)."""
     acp = concrete(schedule.alphas_cumprod)
     if acp is None:
         a = schedule.alphas_cumprod[timesteps]
         return jnp.sqrt((1 - a) / a)
     acp = acp.astype(np.float64)
-    return np.sqrt((1 - acp[timesteps]) / acp[timesteps])
+    with np.errstate(divide="ignore"):  # abar = 0 (zero terminal SNR): sigma = inf
+        return np.sqrt((1 - acp[timesteps]) / acp[timesteps])
 
 
 def _grid(schedule: Schedule, ts: np.ndarray, ts_prev: np.ndarray, final_sigma: float) -> Grid:

@@ -1,0 +1,206 @@
+"""diffusers scheduler configs (``scheduler_config.json``) -> a jaxdiff schedule and sampler.
+
+Every option of each supported scheduler class (diffusers 0.42) is either mapped to a jaxdiff
+option, known to have no effect, or rejected with a ``ValueError`` naming it when it holds a value
+jaxdiff does not implement; none is silently dropped. Missing keys take diffusers' defaults.
+
+    >>> config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+    ...           "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+    ...           "set_alpha_to_one": False, "steps_offset": 1}
+    >>> schedule = schedule_from_diffusers_config(config)
+    >>> sampler = sampler_from_diffusers_config(config)
+    >>> sampler.name, sampler.options["steps_offset"], sampler.options["clip_x0"]
+    ('ddim', 1, None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from jaxdiff.samplers.registry import Sampler, get_sampler
+from jaxdiff.schedules import (
+    BETA_SCHEDULES,
+    Schedule,
+    rescale_zero_terminal_snr,
+    schedule_from_betas,
+)
+
+__all__ = [
+    "SCHEDULER_CLASSES",
+    "SchedulerSpec",
+    "schedule_from_diffusers_config",
+    "sampler_from_diffusers_config",
+]
+
+_BETA_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear",
+               "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
+# The keys every scheduler config has for its training schedule (read by the schedule, not the
+# sampler), with diffusers' defaults.
+_SCHEDULE_DEFAULTS: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    trained_betas=None, rescale_betas_zero_snr=False,
+)
+# Informational keys of a saved config.
+_META = {"_class_name", "_diffusers_version", "_use_default_values"}
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _clip(config: Mapping[str, Any]) -> float | None:
+    return float(config["clip_sample_range"]) if config["clip_sample"] else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSpec:
+    """How one diffusers scheduler class maps onto a jaxdiff sampler.
+
+    Attributes:
+      sampler: the jaxdiff registry name.
+      defaults: the class's constructor defaults (besides the schedule's keys).
+      options: jaxdiff option -> a function of the (defaults-filled) config giving its value.
+      must_be: config key -> the values jaxdiff supports (anything else is rejected).
+      no_effect: keys that cannot change the result given ``must_be`` (e.g. thresholding's
+        parameters while thresholding is off).
+    """
+
+    sampler: str
+    defaults: Mapping[str, Any]
+    options: Mapping[str, Callable[[Mapping[str, Any]], Any]]
+    must_be: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    no_effect: frozenset = frozenset()
+
+
+def _key(name: str) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda c: c[name]
+
+
+_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_THRESHOLD_KEYS = frozenset({"dynamic_thresholding_ratio", "sample_max_value"})
+
+SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
+    "DDIMScheduler": SchedulerSpec(
+        sampler="ddim",
+        defaults=dict(clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                      prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
+                      sample_max_value=1.0, timestep_spacing="leading"),
+        options=dict(clip_x0=_clip, set_alpha_to_one=_key("set_alpha_to_one"),
+                     steps_offset=_key("steps_offset"), spacing=_key("timestep_spacing"),
+                     prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
+                                                               c["prediction_type"])),
+        must_be=dict(thresholding=(False,)),
+        no_effect=_THRESHOLD_KEYS,
+    ),
+    "DDPMScheduler": SchedulerSpec(
+        sampler="ddpm",
+        defaults=dict(variance_type="fixed_small", clip_sample=True, prediction_type="epsilon",
+                      thresholding=False, dynamic_thresholding_ratio=0.995,
+                      clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
+                      steps_offset=0),
+        options=dict(clip_x0=_clip, variance_type=_key("variance_type"),
+                     steps_offset=_key("steps_offset"), spacing=_key("timestep_spacing"),
+                     prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
+                                                               c["prediction_type"])),
+        must_be=dict(thresholding=(False,)),
+        no_effect=_THRESHOLD_KEYS,
+    ),
+    "DPMSolverMultistepScheduler": SchedulerSpec(
+        sampler="dpm_solver",
+        defaults=dict(solver_order=2, prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                      algorithm_type="dpmsolver++", solver_type="midpoint",
+                      lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+                      use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+                      use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
+                      lambda_min_clipped=-math.inf, variance_type=None,
+                      timestep_spacing="linspace", steps_offset=0, use_dynamic_shifting=False,
+                      time_shift_type="exponential"),
+        options=dict(solver_order=_key("solver_order"), solver_type=_key("solver_type"),
+                     lower_order_final=_key("lower_order_final"),
+                     final_sigmas_type=_key("final_sigmas_type"),
+                     lambda_min_clipped=lambda c: float(c["lambda_min_clipped"]),
+                     steps_offset=_key("steps_offset"), spacing=_key("timestep_spacing"),
+                     prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
+                                                               c["prediction_type"])),
+        must_be=dict(thresholding=(False,), algorithm_type=("dpmsolver++",),
+                     euler_at_final=(False,), use_karras_sigmas=(False,),
+                     use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
+                     use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=(None,),
+                     use_dynamic_shifting=(False,)),
+        no_effect=_THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
+    ),
+}
+
+
+def _class_name(config: Mapping[str, Any]) -> str:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict (a scheduler_config.json), got {type(config)}")
+    name = config.get("_class_name")
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"config['_class_name'] must be one of {sorted(SCHEDULER_CLASSES)}, got {name!r}"
+        )
+    return name
+
+
+def schedule_from_diffusers_config(config: Mapping[str, Any]) -> Schedule:
+    """The training schedule of a diffusers scheduler config.
+
+    Reads ``num_train_timesteps``, ``beta_schedule`` (``linear``, ``scaled_linear``,
+    ``squaredcos_cap_v2``, ``sigmoid``), ``beta_start``, ``beta_end``, ``trained_betas`` and
+    ``rescale_betas_zero_snr`` (missing keys: diffusers' defaults).
+
+    Raises:
+      ValueError: naming the key, for an unsupported class or beta schedule or invalid values.
+    """
+    _class_name(config)
+    c = {**_SCHEDULE_DEFAULTS, **{k: v for k, v in config.items() if k in _SCHEDULE_DEFAULTS}}
+    if c["trained_betas"] is not None:
+        betas = np.asarray(c["trained_betas"], np.float64)
+        if betas.ndim != 1 or betas.size < 1:
+            raise ValueError(f"config['trained_betas'] must be a non-empty list, got {betas.shape}")
+    else:
+        name = _BETA_NAMES.get(c["beta_schedule"])
+        if name is None:
+            raise ValueError(f"config['beta_schedule'] must be one of {sorted(_BETA_NAMES)}, got "
+                             f"{c['beta_schedule']!r}")
+        kw = {} if name == "cosine" else dict(beta_start=c["beta_start"], beta_end=c["beta_end"])
+        betas = BETA_SCHEDULES[name](c["num_train_timesteps"], **kw)  # float64
+    if c["rescale_betas_zero_snr"]:
+        betas = rescale_zero_terminal_snr(betas)
+    return schedule_from_betas(betas)
+
+
+def sampler_from_diffusers_config(config: Mapping[str, Any]) -> Sampler:
+    """The jaxdiff sampler (registry name + options) equivalent to a diffusers scheduler config.
+
+    Args:
+      config: a ``scheduler_config.json`` as a dict, with ``_class_name`` one of
+        :data:`SCHEDULER_CLASSES`.
+
+    Returns:
+      A :class:`~jaxdiff.samplers.Sampler`; sample with ``sampler(model_fn, schedule, x_T, key,
+      num_steps=N)`` where ``schedule = schedule_from_diffusers_config(config)``.
+
+    Raises:
+      ValueError: naming the key, for an unknown class, an unknown key, or a value jaxdiff does
+        not implement (e.g. ``thresholding=True``).
+    """
+    spec = SCHEDULER_CLASSES[_class_name(config)]
+    known = set(spec.defaults) | set(_SCHEDULE_DEFAULTS) | _META
+    for key in config:
+        if key not in known:
+            raise ValueError(f"config[{key!r}] is not an option of {config['_class_name']} that "
+                             f"jaxdiff knows; it would be dropped")
+    c = {**spec.defaults, **{k: v for k, v in config.items() if k in spec.defaults}}
+    for key, allowed in spec.must_be.items():
+        if c[key] not in allowed:
+            raise ValueError(f"config[{key!r}] = {c[key]!r} is not supported by jaxdiff's "
+                             f"{spec.sampler!r} sampler (supported: {allowed})")
+    return get_sampler(spec.sampler, **{opt: fn(c) for opt, fn in spec.options.items()})

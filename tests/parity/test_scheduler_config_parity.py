@@ -1,0 +1,98 @@
+"""diffusers scheduler configs -> jaxdiff (jaxdiff.convert.diffusers_scheduler): the schedule and
+the sampler built from a config sample the same trajectory as the diffusers scheduler built from
+that config."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffusers
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.convert import sampler_from_diffusers_config, schedule_from_diffusers_config
+from tests.parity.test_sampler_parity import standin
+
+SHAPE = (2, 6, 6, 3)
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+CONFIGS = [
+    dict(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+         **SD),
+    dict(_class_name="DDIMScheduler", beta_schedule="squaredcos_cap_v2",
+         prediction_type="v_prediction", timestep_spacing="trailing", clip_sample_range=1.5),
+    dict(_class_name="DDIMScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+         prediction_type="v_prediction", clip_sample=False, **SD),
+    dict(_class_name="DDPMScheduler", variance_type="fixed_large", prediction_type="sample",
+         _diffusers_version="0.42.1"),
+    dict(_class_name="DDPMScheduler", beta_schedule="sigmoid", clip_sample=False),
+    dict(_class_name="DPMSolverMultistepScheduler", **SD),
+    dict(_class_name="DPMSolverMultistepScheduler", solver_order=1, timestep_spacing="leading",
+         steps_offset=1, prediction_type="v_prediction", **SD),
+    dict(_class_name="DPMSolverMultistepScheduler", beta_schedule="squaredcos_cap_v2",
+         solver_type="heun", final_sigmas_type="sigma_min", lambda_min_clipped=-5.1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["_class_name"])
+def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
+    cls = getattr(diffusers, config["_class_name"])
+    ref = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    schedule = schedule_from_diffusers_config(config)
+    # The schedules agree to float32 rounding (diffusers takes a float32 cumprod).
+    np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod), ref.alphas_cumprod.numpy(),
+                               rtol=2e-5, atol=1e-7)
+    sampler = sampler_from_diffusers_config(config)
+    # From here on both sides use the same float32 alphas_cumprod, so that the trajectories
+    # compare the samplers' maths and options, not two roundings of the schedule.
+    acp = np.array(schedule.alphas_cumprod)
+    ref.alphas_cumprod = torch.from_numpy(acp)
+    if hasattr(ref, "final_alpha_cumprod"):
+        ref.final_alpha_cumprod = (torch.tensor(1.0) if config.get("set_alpha_to_one", True)
+                                   else ref.alphas_cumprod[0])
+    if hasattr(ref, "alpha_t"):  # DPMSolverMultistep caches these at construction
+        ref.alpha_t = torch.sqrt(ref.alphas_cumprod)
+        ref.sigma_t = torch.sqrt(1 - ref.alphas_cumprod)
+        ref.lambda_t = torch.log(ref.alpha_t) - torch.log(ref.sigma_t)
+        ref.sigmas = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
+    pred = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[ref.config.prediction_type]
+    n = 12
+    ref.set_timesteps(n)
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal((n, *SHAPE)).astype(np.float32)
+    module = __import__(type(ref).__module__, fromlist=["randn_tensor"])
+    calls = iter(range(n))
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(
+        noise[next(calls)].transpose(0, 3, 1, 2).copy()))
+
+    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
+    acp_t = torch.from_numpy(acp)
+    for t in ref.timesteps:
+        tt = torch.full((SHAPE[0],), int(t))
+        x = ref.step(standin(torch, x, tt, acp_t, pred), t, x).prev_sample
+    want = x.numpy().transpose(0, 2, 3, 1)
+
+    def model(x, t):
+        return standin(jnp, x, t, schedule.alphas_cumprod, pred)
+
+    got = jax.jit(lambda x, z: sampler(model, schedule, x, None, num_steps=n,
+                                       **({"noise": z} if sampler.stochastic else {})))(
+        x_T, noise)
+    # Measured: <= 1.3e-6 over these configs.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(_class_name="LMSDiscreteScheduler"), "_class_name"),
+    (dict(beta_start=0.1), "_class_name"),
+    (dict(_class_name="DDIMScheduler", thresholding=True), "thresholding"),
+    (dict(_class_name="DDIMScheduler", some_new_option=1), "some_new_option"),
+    (dict(_class_name="DDPMScheduler", variance_type="fixed_large_log"), "variance_type"),
+    (dict(_class_name="DPMSolverMultistepScheduler", use_flow_sigmas=True), "use_flow_sigmas"),
+    (dict(_class_name="DDIMScheduler", beta_schedule="exp"), "beta_schedule"),
+])
+def test_unsupported_configs_are_errors_that_name_the_key(config, match):
+    with pytest.raises(ValueError, match=match):
+        sampler_from_diffusers_config(config)
+        schedule_from_diffusers_config(config)
