@@ -10,8 +10,15 @@ Learned-variance models (``2C`` output channels: mean prediction, then variance)
 come from the conditional branch, as diffusers' ``DiTPipeline`` does. Extrapolating the variance
 prediction too (the default, ``guide_channels=None``) can push it outside its valid range.
 
-    >>> fn = classifier_free_guidance(partial(apply, params), labels, null_label, 3.0)
-    >>> x0 = ddim_sample(fn, sched, x_T, num_steps=50)
+    >>> import jax.numpy as jnp
+    >>> from jaxdiff.samplers import ddim_sample
+    >>> from jaxdiff.schedules import make_schedule
+    >>> def model_fn(x, t, labels):          # a stand-in for a class-conditional denoiser
+    ...     return 0.1 * x + 0.01 * labels[:, None]
+    >>> labels = jnp.array([3, 7])
+    >>> fn = classifier_free_guidance(model_fn, labels, 10, 3.0)   # 10: the null label
+    >>> ddim_sample(fn, make_schedule("cosine", 100), jnp.ones((2, 4)), None, num_steps=5).shape
+    (2, 4)
 """
 
 from __future__ import annotations
