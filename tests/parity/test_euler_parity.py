@@ -1,0 +1,195 @@
+"""The sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2, KDPM2 ancestral) against
+diffusers' EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler (PyTorch, float32).
+
+Each test runs jaxdiff's jitted ``*_sample`` over the WHOLE trajectory and diffusers' pipeline loop
+(``set_timesteps``, ``latents = x_T * init_noise_sigma``, ``scale_model_input`` -> model -> ``step``)
+on the same standard normal ``x_T``, and compares every full step's sample and the final x0. The
+stochastic schedulers draw through ``randn_tensor`` in their own module, which the tests patch to
+return the noise jaxdiff is given (``noise=``).
+
+The stand-in is test_sampler_parity.py's ``standin`` (the exact denoiser for data ``N(0, 0.25 I)``
+plus a smooth nonlinear term), with ``alphas_cumprod`` linearly interpolated at the fractional
+timesteps that sigma-space samplers evaluate the model at. Being (nearly) the true denoiser, it
+keeps every predicted x0 O(1).
+
+Each diffusers scheduler gets jaxdiff's ``alphas_cumprod`` before ``set_timesteps``, so that both
+sides build their grids from the same float32 values (the grids themselves are compared in
+test_sigma_grid_parity.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+)
+from diffusers.schedulers import (
+    scheduling_euler_ancestral_discrete,
+    scheduling_euler_discrete,
+    scheduling_k_dpm_2_ancestral_discrete,
+)
+
+from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
+from jaxdiff.schedules import make_schedule
+
+T = 1000
+SHAPE = (2, 4, 4, 3)
+DIFFUSERS_PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+SCHEDULES = {
+    "scaled_linear": make_schedule("scaled_linear", T, beta_start=0.00085, beta_end=0.012),
+    "linear": make_schedule("linear", T),
+    "cosine": make_schedule("cosine", T),
+}
+SIGMA_FLAGS = {"discrete": {}, "karras": {"use_karras_sigmas": True},
+               "exponential": {"use_exponential_sigmas": True}, "beta": {"use_beta_sigmas": True}}
+
+
+def standin_sigma(m, x, t, acp, pred):
+    """The stand-in model for ``m = torch`` or ``m = jnp``: ``x: [B, ...]`` the scaled model input,
+    ``t: [B]`` float32 timesteps, ``acp: [T]`` jaxdiff's ``alphas_cumprod``."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    last = acp.shape[0] - 2
+    if m is torch:
+        lo = t.floor().long().clamp(0, last)
+    else:
+        lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, last)
+    w = (t - lo).reshape(shape)
+    abar = acp[lo].reshape(shape) * (1 - w) + acp[lo + 1].reshape(shape) * w
+    tf = t.reshape(shape)
+    a, s = m.sqrt(abar), m.sqrt(1.0 - abar)
+    x0 = a * 0.25 * x / (abar * 0.25 + 1.0 - abar) + 0.05 * m.tanh(x) * m.cos(tf / 300.0)
+    eps = (x - a * x0) / s
+    return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[pred]
+
+
+def jax_model(name, pred):
+    acp = SCHEDULES[name].alphas_cumprod
+    return lambda x, t: standin_sigma(jnp, x, t, acp, pred)
+
+
+def torch_model(name, pred):
+    acp = torch.from_numpy(np.array(SCHEDULES[name].alphas_cumprod))
+
+    def fn(x, t):
+        # diffusers' Heun/KDPM2 timesteps are float64 with Karras sigmas; models take float32.
+        t = torch.full((x.shape[0],), float(t), dtype=torch.float32)
+        return standin_sigma(torch, x, t, acp, pred)
+
+    return fn
+
+
+def make_ref(cls, name, **config):
+    """A diffusers scheduler with jaxdiff's ``alphas_cumprod``."""
+    ref = cls(num_train_timesteps=T, **config)
+    ref.alphas_cumprod = torch.from_numpy(np.array(SCHEDULES[name].alphas_cumprod))
+    return ref
+
+
+def x_T(seed=0):
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+def ref_loop(ref, num_steps, x_T, model, **step_kw):
+    """diffusers' pipeline loop: ``latents = x_T * init_noise_sigma``, then ``scale_model_input``
+    -> model -> ``step`` over ``ref.timesteps``. Returns every intermediate latent, starting with
+    the scaled ``x_T``, as float64 numpy ``[len(timesteps) + 1, B, ...]``."""
+    ref.set_timesteps(num_steps)
+    latents = torch.from_numpy(x_T) * ref.init_noise_sigma
+    out = [latents.numpy().astype(np.float64)]
+    for t in ref.timesteps:
+        inp = ref.scale_model_input(latents, t)
+        latents = ref.step(model(inp, t), t, latents, **step_kw).prev_sample
+        out.append(latents.numpy().astype(np.float64))
+    return np.stack(out)
+
+
+def max_err(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max())
+
+
+def jax_noise(n, seed=1):
+    """``[n, *SHAPE]`` standard normal noise, drawn by JAX (float32 numpy)."""
+    return np.asarray(jax.random.normal(jax.random.key(seed), (n, *SHAPE)))
+
+
+def patch_randn(monkeypatch, module, noise, index):
+    """Make ``module.randn_tensor`` return ``noise[index()]`` (a fresh tensor each call)."""
+    calls = []
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        i = index(len(calls))
+        calls.append(i)
+        assert tuple(shape) == noise.shape[1:], shape
+        return torch.from_numpy(noise[i].copy())
+
+    monkeypatch.setattr(module, "randn_tensor", fake)
+    return calls
+
+
+def check_trajectory(ours, ref_xs, ref_sigmas, tol):
+    """``ours = (x_0, xs, pred_x0s)``; ``ref_xs [N + 1, ...]`` diffusers' sample after each full
+    step. Returns the max abs error of x_0 and of the path scaled by ``max(1, sigma)``."""
+    x0, xs, _ = ours
+    err_x0 = max_err(x0, ref_xs[-1])
+    scale = np.maximum(1.0, np.asarray(ref_sigmas, np.float64)).reshape(-1, *(1,) * len(SHAPE))
+    err_path = max_err(np.asarray(xs) / scale, ref_xs / scale)
+    assert err_x0 <= tol, f"x_0: max abs diff {err_x0:.3g} > {tol:.3g}"
+    assert err_path <= tol, f"path: max abs diff / max(1, sigma) {err_path:.3g} > {tol:.3g}"
+    return err_x0, err_path
+
+
+TOL = 1e-5
+
+# ---------------------------------------------------------------------------------------------
+# Euler
+
+EULER_CASES = [
+    # name, pred, spacing, offset, sigma_schedule, final, n, churn (s_churn, s_tmin, s_tmax)
+    ("scaled_linear", "eps", "linspace", 0, "discrete", "zero", 10, None),
+    ("scaled_linear", "eps", "leading", 1, "karras", "zero", 12, None),
+    ("scaled_linear", "v", "trailing", 0, "discrete", "sigma_min", 9, None),
+    ("linear", "x0", "linspace", 0, "exponential", "zero", 8, None),
+    ("cosine", "v", "leading", 1, "beta", "sigma_min", 7, None),
+    ("cosine", "eps", "linspace", 0, "karras", "zero", 15, None),
+    ("linear", "eps", "trailing", 0, "karras", "zero", 10, (3.0, 0.0, float("inf"))),
+    ("scaled_linear", "v", "linspace", 0, "discrete", "zero", 10, (20.0, 0.5, 5.0)),
+    ("scaled_linear", "x0", "leading", 1, "discrete", "zero", 6, (1.0, 0.0, 3.0)),
+]
+
+
+@pytest.mark.parametrize("case", EULER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_euler_matches_diffusers(case, monkeypatch):
+    name, pred, spacing, offset, sigma_schedule, final, n, churn = case
+    ref = make_ref(EulerDiscreteScheduler, name, prediction_type=DIFFUSERS_PRED[pred],
+                   timestep_spacing=spacing, steps_offset=offset, final_sigmas_type=final,
+                   **SIGMA_FLAGS[sigma_schedule])
+    opts = dict(prediction_type=pred, spacing=spacing, steps_offset=offset,
+                sigma_schedule=sigma_schedule, final_sigmas_type=final)
+    step_kw, noise = {}, None
+    if churn is not None:
+        s_churn, s_tmin, s_tmax = churn
+        step_kw = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=0.9)
+        opts.update(step_kw)
+        noise = jax_noise(n)
+        # diffusers draws only on steps whose gamma > 0: index the noise by its step index.
+        calls = patch_randn(monkeypatch, scheduling_euler_discrete, noise,
+                            lambda k: ref.step_index)
+    xT = x_T()
+    ref_xs = ref_loop(ref, n, xT, torch_model(name, pred), **step_kw)
+    sample = jax.jit(lambda x, z: euler_sample(jax_model(name, pred), SCHEDULES[name], x, None,
+                                               num_steps=n, noise=z, return_trajectory=True,
+                                               **opts))
+    ours = sample(xT, noise)
+    errs = check_trajectory(ours, ref_xs, ref.sigmas.numpy(), TOL)
+    if churn is not None:
+        assert 0 < len(calls), "the churn must bite on some step"
+    print(case, "max errors (x0, path):", errs)
