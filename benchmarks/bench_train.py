@@ -27,7 +27,7 @@ def main():
     args = p.parse_args()
 
     from experiments.configs import mnist, mnist_accel
-    from experiments.train_mnist import build_model, build_schedule, init_state, make_loss_fn
+    from experiments.lib import build_model, build_schedule, init_state, make_loss_fn
     from jaxdiff.training import make_mesh, make_train_step, shard_batch
 
     config = (mnist if args.config == "mnist" else mnist_accel).get_config()

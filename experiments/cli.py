@@ -65,15 +65,15 @@ def parse_flags(define: Callable[[flags.FlagValues, list], None], argv: Sequence
 
 
 def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`
-    or ``jaxdiff.training.IncompatibleCheckpointError`` is printed to stderr as one ``error: ...``
-    line and exits with status 2; any other exception propagates (with its traceback). The
-    result of ``main`` is not printed and the exit status is 0."""
-    from jaxdiff.training import IncompatibleCheckpointError
+    """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`,
+    ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError`` is printed to stderr
+    as one ``error: ...`` line and exits with status 2; any other exception propagates (with its
+    traceback). The result of ``main`` is not printed and the exit status is 0."""
+    from jaxdiff.training import CheckpointError, IncompatibleCheckpointError
 
     try:
         main(list(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, IncompatibleCheckpointError) as e:
+    except (ConfigError, IncompatibleCheckpointError, CheckpointError) as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)

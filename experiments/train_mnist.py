@@ -28,9 +28,6 @@ from ml_collections import config_flags
 
 from experiments import cli, train_lib
 from experiments.cli import ConfigError
-# Re-exported only for benchmarks/bench_train.py and bench_vs_torch.py, which predate
-# experiments.lib; new code imports these from experiments.lib.
-from experiments.lib import build_model, build_schedule, init_state, make_loss_fn  # noqa: F401
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist.py")
 PROG = "python -m experiments.train_mnist"

@@ -434,3 +434,30 @@ def test_optional_model_fields_parse_from_the_command_line():
     cfg = build_model(c).config
     assert cfg.attention_implementation == "xla" and cfg.time_embed_dim == 96
     assert cfg.mid_attention is None
+
+
+def test_corrupt_checkpoint_is_one_line_naming_the_step(trained, tmp_path, capsys):
+    """A corrupt checkpoint (truncated metadata) reads as one ``error:`` line that names the step
+    directory, not an Orbax traceback."""
+    import shutil
+
+    from experiments import sample
+
+    _, workdir, _, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    ckpt = os.path.join(copy, "checkpoints")
+    step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    meta_dir = os.path.join(ckpt, str(step), "meta")
+    for name in os.listdir(meta_dir):
+        path = os.path.join(meta_dir, name)
+        if os.path.isfile(path):
+            with open(path, "w") as f:
+                f.write("{not json")
+    with pytest.raises(SystemExit) as e:
+        sample.cli_main([f"--workdir={copy}", "--num_samples=1", "--steps=2",
+                         f"--out={tmp_path / 's.png'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = [x for x in err if x.startswith("error:")]
+    assert len(line) == 1 and os.path.join(ckpt, str(step)) in line[0], err
