@@ -7,10 +7,9 @@ DDPM-like ancestral sampling on the sub-sequence.
 
 Clipping: with ``clip_x0`` and the default ``use_clipped_model_output=False`` (diffusers'
 default, kept for parity) the update combines the clipped ``x0`` with the model's unclipped eps,
-two predictions that disagree wherever clipping bites. On schedules whose early ``x0`` predictions
-lie far outside the data range (cosine, near ``T``) this degrades samples as ``num_steps`` grows:
-see the README's results for the MNIST model of ``experiments/``
-(``python -m experiments.eval_sweep --ddim_clip diffusers``). Pass
+two predictions that disagree wherever clipping bites, which happens most on schedules whose early
+``x0`` predictions lie far outside the data range (cosine, near ``T``); ``python -m
+experiments.eval_sweep --ddim_clip diffusers`` measures the effect on a trained model. Pass
 ``use_clipped_model_output=True`` whenever you clip.
 
 Example (``apply(params, x, t)`` a denoiser)::
