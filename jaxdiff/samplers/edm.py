@@ -166,10 +166,14 @@ def edm_step(
     dtype = x.dtype
     sigma = jnp.asarray(sigma, jnp.float32)
     sigma_next = jnp.asarray(sigma_next, jnp.float32)
-    sigma_hat = sigma * (jnp.asarray(gamma, jnp.float32) + 1.0)
+    gamma = jnp.asarray(gamma, jnp.float32)
+    sigma_hat = sigma * (gamma + 1.0)
     if stochastic:
         eps = noise.astype(dtype) * s_noise
-        x = x + eps * jnp.sqrt(sigma_hat**2 - sigma**2)
+        # Exactly 0 at gamma = 0: XLA may contract sigma_hat^2 - sigma^2 into an FMA, which leaves
+        # the rounding error of sigma^2 (+-1e-5 at sigma ~ 20), and its square root is not small.
+        var = jnp.maximum(sigma_hat**2 - sigma**2, 0.0)
+        x = x + eps * jnp.where(gamma > 0, jnp.sqrt(var), 0.0)
     denoised = denoiser(x, sigma_hat).astype(dtype)
     d = (x - denoised) / sigma_hat
     dt = sigma_next - sigma_hat
