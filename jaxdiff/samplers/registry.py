@@ -3,7 +3,7 @@ benchmarks) reads, so that a new sampler is one file plus one line here.
 
     >>> from jaxdiff.samplers import get_sampler, sampler_names
     >>> sampler_names()
-    ('ddim', 'ddpm', 'dpm_solver')
+    ('ddim', 'ddpm', 'dpm_solver', 'lcm')
     >>> s = get_sampler("ddim", eta=0.0, clip_x0=1.0)
     >>> s.name, s.stochastic
     ('ddim', False)
@@ -32,6 +32,7 @@ import jax
 from jaxdiff.samplers.ddim import ddim_sample
 from jaxdiff.samplers.ddpm import ddpm_sample
 from jaxdiff.samplers.dpm_solver import dpm_solver_sample
+from jaxdiff.samplers.lcm import lcm_sample
 from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_int
@@ -43,6 +44,7 @@ SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
     "ddim": (ddim_sample, lambda o: float(o.get("eta", 0.0)) > 0),
     "ddpm": (ddpm_sample, lambda o: True),
     "dpm_solver": (dpm_solver_sample, lambda o: False),
+    "lcm": (lcm_sample, lambda o: True),  # re-noises between steps (unless num_steps = 1)
 }
 
 # Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
