@@ -20,8 +20,10 @@ The contract. Each sampler family ``NAME`` (one file) provides
   pred_x0s [N, B, ...])``.
 
 Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
-experiments' ``--sampler`` flags use. Classifier-free guidance is a model-function transform
-(:func:`classifier_free_guidance`) that works with every sampler.
+experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
+raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
+Classifier-free guidance is a model-function transform (:func:`classifier_free_guidance`) that
+works with every sampler.
 """
 
 from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
@@ -35,7 +37,16 @@ from jaxdiff.samplers.dpm_solver import (
     dpm_solver_step,
     dpm_solver_timesteps,
 )
+from jaxdiff.samplers.edm import (
+    EDM_SIGMA_SCHEDULES,
+    EDM_SOLVERS,
+    edm_churn,
+    edm_sample,
+    edm_sigmas,
+    edm_step,
+)
 from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
+from jaxdiff.samplers.lcm import lcm_sample, lcm_scalings, lcm_step, lcm_timesteps
 from jaxdiff.samplers.registry import (
     SAMPLERS,
     Sampler,
@@ -47,6 +58,8 @@ from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_time
 
 __all__ = [
     "DPMSolverState",
+    "EDM_SIGMA_SCHEDULES",
+    "EDM_SOLVERS",
     "FINAL_SIGMAS_TYPES",
     "Grid",
     "SAMPLERS",
@@ -67,7 +80,15 @@ __all__ = [
     "dpm_solver_sample",
     "dpm_solver_step",
     "dpm_solver_timesteps",
+    "edm_churn",
+    "edm_sample",
+    "edm_sigmas",
+    "edm_step",
     "get_sampler",
+    "lcm_sample",
+    "lcm_scalings",
+    "lcm_step",
+    "lcm_timesteps",
     "rescale_guidance",
     "sampler_names",
     "sampler_options",
