@@ -37,6 +37,7 @@ from diffusers.schedulers import (
 )
 
 from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
+from jaxdiff.samplers.heun import heun_sample
 from jaxdiff.schedules import make_schedule
 
 T = 1000
@@ -232,3 +233,36 @@ def test_euler_ancestral_matches_diffusers(name, pred, spacing, offset, n, tol, 
     errs = check_trajectory(sample(xT, noise), ref_xs, ref.sigmas.numpy(),
                             tol or (TOL, TOL))
     print(name, pred, spacing, n, "max errors (x0, path):", errs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-stage samplers: diffusers makes 2N - 1 step() calls; the full steps end after calls 1, 3,
+# ..., 2N - 3 and the final (first-order) call 2N - 2.
+
+def full_steps(ref_xs, n):
+    """The samples after each full step among ``ref_loop``'s ``[2N, ...]`` latents."""
+    assert ref_xs.shape[0] == 2 * n
+    return ref_xs[[0, *range(2, 2 * n - 1, 2), 2 * n - 1]]
+
+
+@pytest.mark.parametrize("name, pred, spacing, offset, sigma_schedule, n, clip", [
+    ("scaled_linear", "eps", "linspace", 0, "discrete", 8, None),
+    ("scaled_linear", "v", "leading", 1, "karras", 9, None),
+    ("linear", "x0", "trailing", 0, "exponential", 6, None),
+    ("cosine", "eps", "leading", 1, "beta", 7, None),
+    ("scaled_linear", "x0", "linspace", 0, "karras", 7, 0.3),
+    ("linear", "eps", "linspace", 0, "discrete", 1, None),
+])
+def test_heun_matches_diffusers(name, pred, spacing, offset, sigma_schedule, n, clip):
+    ref = make_ref(HeunDiscreteScheduler, name, prediction_type=DIFFUSERS_PRED[pred],
+                   timestep_spacing=spacing, steps_offset=offset, clip_sample=clip is not None,
+                   clip_sample_range=clip or 1.0, **SIGMA_FLAGS[sigma_schedule])
+    xT = x_T()
+    ref_xs = full_steps(ref_loop(ref, n, xT, torch_model(name, pred)), n)
+    sample = jax.jit(lambda x: heun_sample(
+        jax_model(name, pred), SCHEDULES[name], x, None, num_steps=n, return_trajectory=True,
+        prediction_type=pred, spacing=spacing, steps_offset=offset,
+        sigma_schedule=sigma_schedule, clip_x0=clip))
+    sigmas = ref.sigmas.numpy()[[0, *range(1, 2 * n, 2)]]
+    errs = check_trajectory(sample(xT), ref_xs, sigmas, (TOL, TOL))
+    print(name, pred, spacing, sigma_schedule, n, clip, "max errors (x0, path):", errs)
