@@ -64,7 +64,7 @@ def test_compiles_once_for_new_inputs():
     [
         (dict(num_steps=0), "num_steps"),
         (dict(num_steps=1001), "num_steps"),
-        (dict(num_steps=10, solver_order=3), "solver_order"),
+        (dict(num_steps=10, solver_order=4), "solver_order"),
         (dict(num_steps=10, solver_type="rk4"), "solver_type"),
         (dict(num_steps=10, spacing="uniform"), "spacing"),
         (dict(num_steps=10, prediction_type="score"), "prediction_type"),
