@@ -1,0 +1,217 @@
+"""UniPC trajectories against diffusers' UniPCMultistepScheduler (PyTorch, float32).
+
+Both sides run test_sampler_parity's analytic stand-in model (O(1) everywhere, so absolute
+tolerances mean what they say), jaxdiff's sampler jitted as one ``lax.scan``, diffusers' scheduler
+in its Python loop. As in test_sampler_parity.py, diffusers gets jaxdiff's ``alphas_cumprod``
+(schedules are compared in test_schedule_parity.py), so that these tests isolate the solver
+arithmetic: with diffusers' own float32-built schedule, 1-ulp differences in ``alphas_cumprod``
+near 1 move ``sigma`` by up to 7e-6 relative, which moved the trajectories by up to 2e-5 (7.5e-4
+for an eps model on the cosine schedule from t = 999, whose first x0 divides by
+``alpha_999 ~ 5e-5``); one case runs on diffusers' native schedule (``test_native_schedule``).
+
+Tolerance: ``TOL = 1e-5`` max-abs on every sample of the trajectory (``x_T``, then each step's
+``prev_sample``), float32. Measured over the data-prediction cases (``predict_x0=True``) x {linear,
+cosine}: <= 4.3e-6 (the 15-step bh1 cosine run; <= 1.9e-6 elsewhere). The data predictions
+(diffusers' converted model output) within ``TOL``, or ``TOL / sqrt(abar_t)`` for an eps model,
+whose conversion divides by ``sqrt(abar_t)``. Timesteps are compared exactly.
+
+Noise-prediction cases (``predict_x0=False``) need more. That form multiplies ``x`` by
+``alpha_t / alpha_s > 1`` on every step, so float32 rounding made early grows by up to
+``alpha_0 / alpha_{t_0}`` (30 from t = 830 and 160 from t = 999 on the linear schedule, 2e4 from
+t = 999 on the cosine one, where diffusers' float32 loop is 0.85 from its own float64 run: those
+are not run). Both implementations then sit up to ~1.4e-5 from the exact (float64) loop, on
+different sides, so these cases assert ``|jaxdiff - diffusers| <= 2 TOL`` (measured 1.4e-5, the
+5-step run from t = 830; <= 5.6e-6 elsewhere) and that jaxdiff is as close to diffusers' loop run
+in float64 as diffusers' float32 loop is, within ``TOL`` (measured 7.1e-6 vs 6.5e-6, 1.3e-5 vs
+1.4e-5, 1.7e-6 vs 2.6e-6).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler
+
+from jaxdiff.samplers.unipc import unipc_sample, unipc_timesteps
+from jaxdiff.schedules import make_schedule
+from tests.parity.test_sampler_parity import DIFFUSERS_PRED, standin
+
+TOL = 1e-5
+T = 1000
+DIFFUSERS_BETA = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+SCHEDULES = {name: make_schedule(name, T) for name in DIFFUSERS_BETA}
+
+# jaxdiff options; diffusers gets the same through _diffusers_config.
+CASES = [
+    dict(num_steps=10),  # diffusers' defaults: order 2, bh2, predict_x0, corrector, linspace
+    dict(num_steps=10, solver_order=1, spacing="trailing"),
+    dict(num_steps=12, solver_order=3, solver_type="bh1", prediction_type="v", spacing="leading",
+         steps_offset=1, final_sigmas_type="sigma_min"),
+    dict(num_steps=8, solver_order=3, prediction_type="x0", spacing="trailing",
+         use_corrector=False),
+    dict(num_steps=15, solver_type="bh1", final_sigmas_type="sigma_min", lower_order_final=False),
+    dict(num_steps=7, solver_order=3, prediction_type="v", disable_corrector=(1, 3)),
+    dict(num_steps=5, solver_order=3, spacing="leading", predict_x0=False,
+         final_sigmas_type="sigma_min"),
+    dict(num_steps=25, solver_order=3, prediction_type="v", spacing="trailing", predict_x0=False,
+         final_sigmas_type="sigma_min", lower_order_final=False, betas=("linear",)),
+    dict(num_steps=20, prediction_type="x0", use_corrector=False, spacing="leading"),
+    dict(num_steps=6, solver_order=1, solver_type="bh1", prediction_type="v", spacing="trailing",
+         final_sigmas_type="sigma_min"),
+    dict(num_steps=25, solver_order=3, solver_type="bh1", spacing="trailing",
+         final_sigmas_type="sigma_min"),
+    dict(num_steps=9, solver_order=2, solver_type="bh2", prediction_type="x0", predict_x0=False,
+         spacing="linspace", final_sigmas_type="sigma_min", disable_corrector=(0, 4, 8),
+         betas=("linear",)),
+]
+# (case, schedule) pairs: every case on both schedules, except noise-prediction cases from
+# t = 999 on the cosine schedule (see the module docstring).
+PARAMS = [({k: v for k, v in c.items() if k != "betas"}, beta) for c in CASES
+          for beta in c.get("betas", ("linear", "cosine"))]
+
+
+def _case_id(c):
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+def _diffusers_config(case):
+    n = case["num_steps"]
+    disabled = list(range(n)) if not case.get("use_corrector", True) else list(
+        case.get("disable_corrector", ()))
+    return dict(
+        solver_order=case.get("solver_order", 2), solver_type=case.get("solver_type", "bh2"),
+        prediction_type=DIFFUSERS_PRED[case.get("prediction_type", "eps")],
+        predict_x0=case.get("predict_x0", True), timestep_spacing=case.get("spacing", "linspace"),
+        steps_offset=case.get("steps_offset", 0),
+        lower_order_final=case.get("lower_order_final", True),
+        final_sigmas_type=case.get("final_sigmas_type", "zero"), disable_corrector=disabled,
+    )
+
+
+def _reference(case, beta, x_T, native=False, dtype=torch.float32):
+    """diffusers' trajectory ``[N + 1, ...]``, its data predictions ``[N, ...]`` (the converted
+    model output; only meaningful with ``predict_x0``), and the scheduler. With ``dtype=float64``
+    the same loop runs in float64 from the same float32 grid, schedule and ``x_T``."""
+    ref = UniPCMultistepScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_BETA[beta],
+                                  **_diffusers_config(case))
+    if not native:
+        ref.alphas_cumprod = torch.tensor(np.asarray(SCHEDULES[beta].alphas_cumprod))
+    ref.set_timesteps(case["num_steps"])
+    ref.sigmas = ref.sigmas.to(dtype)
+    acp = ref.alphas_cumprod.to(dtype)
+    pred = case.get("prediction_type", "eps")
+    x = torch.from_numpy(x_T).to(dtype)
+    traj, x0s = [x.numpy()], []
+    for t in ref.timesteps:
+        out = standin(torch, x, torch.full((x.shape[0],), int(t)), acp, pred)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            x = ref.step(out, t, x).prev_sample
+        traj.append(x.numpy())
+        x0s.append(ref.model_outputs[-1].numpy())
+    return np.stack(traj), np.stack(x0s), ref
+
+
+def _jaxdiff(case, beta, x_T):
+    """jaxdiff's jitted ``(trajectory [N + 1, ...], pred_x0s [N, ...])``, NCHW like x_T."""
+    case = dict(case)
+    n = case.pop("num_steps")
+    acp = SCHEDULES[beta].alphas_cumprod
+    pred = case.get("prediction_type", "eps")
+    sample = jax.jit(lambda x: unipc_sample(
+        lambda x, t: standin(jnp, x, t, acp, pred), SCHEDULES[beta], x, None, num_steps=n,
+        return_trajectory=True, **case))
+    # The stand-in is elementwise, so NHWC (jaxdiff) vs NCHW (torch) only permutes.
+    _, traj, x0s = sample(jnp.asarray(x_T.transpose(0, 2, 3, 1)))
+    return (np.asarray(traj).transpose(0, 1, 4, 2, 3),
+            np.asarray(x0s).transpose(0, 1, 4, 2, 3))
+
+
+def _x_T():
+    return np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+
+
+def _max_diffs(a, b):
+    return np.abs(a - b).reshape(len(a), -1).max(axis=1)
+
+
+@pytest.mark.parametrize("case, beta", PARAMS, ids=lambda p: p if isinstance(p, str)
+                         else _case_id(p))
+def test_unipc_trajectory(case, beta):
+    x_T = _x_T()
+    want, want_x0s, ref = _reference(case, beta, x_T)
+    grid = unipc_timesteps(SCHEDULES[beta], case["num_steps"],
+                           spacing=case.get("spacing", "linspace"),
+                           steps_offset=case.get("steps_offset", 0),
+                           final_sigmas_type=case.get("final_sigmas_type", "zero"))
+    np.testing.assert_array_equal(grid.timesteps, ref.timesteps.numpy())
+    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=1e-6)
+    got, got_x0s = _jaxdiff(case, beta, x_T)
+    diffs = _max_diffs(got, want)
+    if case.get("predict_x0", True):
+        assert diffs.max() <= TOL, diffs
+    else:  # see the module docstring
+        exact, _, _ = _reference(case, beta, x_T, dtype=torch.float64)
+        ours, theirs = _max_diffs(got, exact).max(), _max_diffs(want, exact).max()
+        assert ours <= theirs + TOL and diffs.max() <= 2 * TOL, (diffs, ours, theirs)
+    if case.get("predict_x0", True):
+        tol = np.full(len(grid.timesteps), TOL)
+        if case.get("prediction_type", "eps") == "eps":
+            tol = TOL / np.sqrt(np.asarray(SCHEDULES[beta].alphas_cumprod)[grid.timesteps])
+        x0_diffs = _max_diffs(got_x0s, want_x0s)
+        assert (x0_diffs <= tol).all(), (x0_diffs, tol)
+
+
+def test_native_schedule():
+    """On diffusers' own float32-built schedule (no alphas_cumprod handed over): diffusers'
+    defaults, linear schedule; measured 1.2e-6."""
+    case = dict(num_steps=10)
+    want, _, _ = _reference(case, "linear", _x_T(), native=True)
+    got, _ = _jaxdiff(case, "linear", _x_T())
+    assert _max_diffs(got, want).max() <= TOL
+
+
+@pytest.mark.parametrize("case", [
+    dict(num_steps=8, solver_type="bh1"),  # diffusers: B(h) = h = -inf times 0 -> NaN
+    dict(num_steps=8, solver_order=2, lower_order_final=False),  # D_1 / r_1, r_1 = 0 -> inf
+    dict(num_steps=8, predict_x0=False),  # sigma_t (e^h - 1) = 0 * inf -> NaN
+], ids=_case_id)
+def test_final_step_to_sigma_zero_where_diffusers_is_not_finite(case):
+    """A last step to sigma = 0 returns the data prediction (the first-order limit) where
+    diffusers' update is NaN or inf: every earlier step still matches diffusers within TOL, and
+    the result is the data prediction at the last step's input."""
+    x_T = _x_T()
+    want, _, ref = _reference(case, "linear", x_T)
+    assert not np.isfinite(want[-1]).all()
+    got, got_x0s = _jaxdiff(case, "linear", x_T)
+    tol = TOL if case.get("predict_x0", True) else 2 * TOL  # see the module docstring
+    assert _max_diffs(got[:-1], want[:-1]).max() <= tol  # measured 1.5e-5 with predict_x0=False
+    np.testing.assert_array_equal(got[-1], got_x0s[-1])
+    t_last = torch.full((x_T.shape[0],), int(ref.timesteps[-1]))
+    x0 = standin(torch, torch.from_numpy(want[-2]), t_last, ref.alphas_cumprod, "x0").numpy()
+    assert np.abs(got[-1] - x0).max() <= tol
+
+
+@pytest.mark.parametrize("spacing, offset", [("linspace", 0), ("leading", 0), ("leading", 1),
+                                             ("trailing", 0)])
+def test_timesteps_equal_diffusers(spacing, offset):
+    """Every num_steps whose diffusers grid is strictly decreasing inside [0, T) (T = 50) gives
+    the same timesteps and sigmas (the grid is DPM-Solver's; its own test covers what raises)."""
+    sched = make_schedule("linear", 50)
+    ref = UniPCMultistepScheduler(num_train_timesteps=50, timestep_spacing=spacing,
+                                  steps_offset=offset)
+    ref.alphas_cumprod = torch.tensor(np.asarray(sched.alphas_cumprod))
+    checked = 0
+    for n in range(1, 51):
+        ref.set_timesteps(n)
+        theirs = ref.timesteps.numpy()
+        if not ((np.diff(theirs) < 0).all() and theirs.min() >= 0 and theirs.max() < 50):
+            continue
+        grid = unipc_timesteps(sched, n, spacing=spacing, steps_offset=offset)
+        np.testing.assert_array_equal(grid.timesteps, theirs, err_msg=f"num_steps={n}")
+        np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=1e-6)
+        checked += 1
+    assert checked >= 45
