@@ -2,8 +2,8 @@
 benchmarks) reads, so that a new sampler is one file plus one line here.
 
     >>> from jaxdiff.samplers import get_sampler, sampler_names
-    >>> sampler_names()
-    ('ddim', 'ddpm', 'dpm_solver', 'lcm')
+    >>> sampler_names()  # samplers, then presets  # doctest: +ELLIPSIS
+    ('ddim', 'ddpm', 'dpm_solver', ..., 'dpmpp_2m', 'dpmpp_2m_karras', ...)
     >>> s = get_sampler("ddim", eta=0.0, clip_x0=1.0)
     >>> s.name, s.stochastic
     ('ddim', False)
@@ -43,13 +43,23 @@ __all__ = ["Sampler", "SAMPLERS", "PRESETS", "get_sampler", "sampler_names", "sa
 SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
     "ddim": (ddim_sample, lambda o: float(o.get("eta", 0.0)) > 0),
     "ddpm": (ddpm_sample, lambda o: True),
-    "dpm_solver": (dpm_solver_sample, lambda o: False),
+    "dpm_solver": (dpm_solver_sample,
+                   lambda o: str(o.get("algorithm_type", "")).startswith("sde")),
     "lcm": (lcm_sample, lambda o: True),  # re-noises between steps (unless num_steps = 1)
 }
 
 # Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
 # ``get_sampler(base, **fixed, **more)``; ``more`` may not override a fixed option.
-PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {}
+PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    # DPM-Solver++ under the names of k-diffusion / A1111 ("DPM++ 2M Karras", ...).
+    "dpmpp_2m": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=2,
+                                           sigma_schedule="karras")),
+    "dpmpp_3m_karras": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=3,
+                                           sigma_schedule="karras")),
+    "dpmpp_2m_sde_karras": ("dpm_solver", dict(algorithm_type="sde-dpmsolver++", solver_order=2,
+                                               sigma_schedule="karras")),
+}
 
 # Arguments of every *_sample that are not sampler options.
 _CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory")
