@@ -29,10 +29,13 @@ works with every sampler.
 from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
 from jaxdiff.samplers.dpm_solver import (
+    DPM_ALGORITHM_TYPES,
+    DPM_SIGMA_SCHEDULES,
     FINAL_SIGMAS_TYPES,
     SOLVER_TYPES,
     DPMSolverState,
     dpm_solver_init,
+    dpm_solver_options_from_diffusers,
     dpm_solver_sample,
     dpm_solver_step,
     dpm_solver_timesteps,
@@ -58,6 +61,8 @@ from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_time
 
 __all__ = [
     "DPMSolverState",
+    "DPM_ALGORITHM_TYPES",
+    "DPM_SIGMA_SCHEDULES",
     "EDM_SIGMA_SCHEDULES",
     "EDM_SOLVERS",
     "FINAL_SIGMAS_TYPES",
@@ -77,6 +82,7 @@ __all__ = [
     "ddpm_step",
     "ddpm_timesteps",
     "dpm_solver_init",
+    "dpm_solver_options_from_diffusers",
     "dpm_solver_sample",
     "dpm_solver_step",
     "dpm_solver_timesteps",
