@@ -52,9 +52,9 @@ from jaxdiff.validation import (
 )
 
 __all__ = [
-    "ALGORITHM_TYPES",
+    "DPM_ALGORITHM_TYPES",
     "FINAL_SIGMAS_TYPES",
-    "SIGMA_SCHEDULES",
+    "DPM_SIGMA_SCHEDULES",
     "SOLVER_TYPES",
     "DPMSolverState",
     "dpm_solver_timesteps",
@@ -66,10 +66,10 @@ __all__ = [
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 SOLVER_TYPES = ("midpoint", "heun")
-ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+DPM_ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 # "lu": uniform in lambda_t (diffusers' use_lu_lambdas), i.e. log-linear sigmas like
 # "exponential", but computed and rounded to timesteps as diffusers does for Lu's schedule.
-SIGMA_SCHEDULES = ("discrete", "karras", "exponential", "beta", "lu")
+DPM_SIGMA_SCHEDULES = ("discrete", "karras", "exponential", "beta", "lu")
 
 
 def _sigma_schedule_grid(
@@ -152,7 +152,7 @@ def dpm_solver_timesteps(
     check_choice("spacing", spacing, SPACINGS)
     offset = check_int("steps_offset", steps_offset, 0)
     check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
-    check_choice("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
+    check_choice("sigma_schedule", sigma_schedule, DPM_SIGMA_SCHEDULES)
     round_timesteps = check_bool("round_timesteps", round_timesteps)
     if lambda_min_clipped != -float("inf"):
         lambda_min_clipped = check_float("lambda_min_clipped", lambda_min_clipped)
@@ -312,7 +312,7 @@ def dpm_solver_step(
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"`` (or diffusers' names).
       solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order update (the third-order
         update has one form).
-      algorithm_type: one of :data:`ALGORITHM_TYPES`; ``"sde-dpmsolver"`` has no third order.
+      algorithm_type: one of :data:`DPM_ALGORITHM_TYPES`; ``"sde-dpmsolver"`` has no third order.
       noise: ``[B, ...]`` standard normal, required by the ``"sde-*"`` types (else ignored).
       clip_x0: clip the data prediction to ``[-clip_x0, clip_x0]``; ``None`` for no clipping
         (the noise-prediction forms then use the eps implied by the clipped x0).
@@ -328,7 +328,7 @@ def dpm_solver_step(
     """
     kind = canonical_prediction_type(prediction_type)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
-    check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+    check_choice("algorithm_type", algorithm_type, DPM_ALGORITHM_TYPES)
     clip_x0 = check_clip(clip_x0)
     if (first_order is None) == (order is None):
         raise ValueError("give exactly one of first_order and order")
@@ -459,7 +459,7 @@ def dpm_solver_sample(
     kind = canonical_prediction_type(prediction_type)
     solver_order = check_int("solver_order", solver_order, 1, 3)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
-    check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+    check_choice("algorithm_type", algorithm_type, DPM_ALGORITHM_TYPES)
     lower_order_final = check_bool("lower_order_final", lower_order_final)
     euler_at_final = check_bool("euler_at_final", euler_at_final)
     clip_x0 = check_clip(clip_x0)
