@@ -48,7 +48,24 @@ from jaxdiff.samplers.edm import (
     edm_sigmas,
     edm_step,
 )
+from jaxdiff.samplers.euler import (
+    churn_gammas,
+    euler_ancestral_sample,
+    euler_ancestral_step,
+    euler_sample,
+    euler_step,
+    euler_timesteps,
+    sigma_x0,
+)
 from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
+from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
+from jaxdiff.samplers.kdpm2 import (
+    KDPM2Grid,
+    kdpm2_ancestral_sample,
+    kdpm2_sample,
+    kdpm2_step,
+    kdpm2_timesteps,
+)
 from jaxdiff.samplers.lcm import lcm_sample, lcm_scalings, lcm_step, lcm_timesteps
 from jaxdiff.samplers.registry import (
     SAMPLERS,
@@ -60,6 +77,21 @@ from jaxdiff.samplers.registry import (
 from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_timesteps
 
 __all__ = [
+    "churn_gammas",
+    "euler_ancestral_sample",
+    "euler_ancestral_step",
+    "euler_sample",
+    "euler_step",
+    "euler_timesteps",
+    "sigma_x0",
+    "heun_sample",
+    "heun_step",
+    "heun_timesteps",
+    "KDPM2Grid",
+    "kdpm2_ancestral_sample",
+    "kdpm2_sample",
+    "kdpm2_step",
+    "kdpm2_timesteps",
     "DPMSolverState",
     "DPM_ALGORITHM_TYPES",
     "DPM_SIGMA_SCHEDULES",

@@ -32,6 +32,9 @@ import jax
 from jaxdiff.samplers.ddim import ddim_sample
 from jaxdiff.samplers.ddpm import ddpm_sample
 from jaxdiff.samplers.dpm_solver import dpm_solver_sample
+from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
+from jaxdiff.samplers.heun import heun_sample
+from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample
 from jaxdiff.samplers.lcm import lcm_sample
 from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.types import ModelFn
@@ -46,6 +49,11 @@ SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
     "dpm_solver": (dpm_solver_sample,
                    lambda o: str(o.get("algorithm_type", "")).startswith("sde")),
     "lcm": (lcm_sample, lambda o: True),  # re-noises between steps (unless num_steps = 1)
+    "euler": (euler_sample, lambda o: float(o.get("s_churn", 0.0)) > 0),
+    "euler_ancestral": (euler_ancestral_sample, lambda o: True),
+    "heun": (heun_sample, lambda o: False),
+    "kdpm2": (kdpm2_sample, lambda o: False),
+    "kdpm2_ancestral": (kdpm2_ancestral_sample, lambda o: True),
 }
 
 # Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
