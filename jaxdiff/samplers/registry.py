@@ -36,6 +36,7 @@ from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
 from jaxdiff.samplers.heun import heun_sample
 from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample
 from jaxdiff.samplers.lcm import lcm_sample
+from jaxdiff.samplers.unipc import unipc_sample
 from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_int
@@ -54,6 +55,7 @@ SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
     "heun": (heun_sample, lambda o: False),
     "kdpm2": (kdpm2_sample, lambda o: False),
     "kdpm2_ancestral": (kdpm2_ancestral_sample, lambda o: True),
+    "unipc": (unipc_sample, lambda o: False),
 }
 
 # Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
@@ -67,6 +69,9 @@ PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
                                            sigma_schedule="karras")),
     "dpmpp_2m_sde_karras": ("dpm_solver", dict(algorithm_type="sde-dpmsolver++", solver_order=2,
                                                sigma_schedule="karras")),
+    # UniPC's two B(h) variants (diffusers' UniPCMultistepScheduler solver_type).
+    "unipc_bh1": ("unipc", dict(solver_type="bh1")),
+    "unipc_bh2": ("unipc", dict(solver_type="bh2")),
 }
 
 # Arguments of every *_sample that are not sampler options.
