@@ -75,6 +75,15 @@ from jaxdiff.samplers.registry import (
     sampler_options,
 )
 from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_timesteps
+from jaxdiff.samplers.unipc import (
+    UNIPC_SOLVER_TYPES,
+    UniPCState,
+    unipc_init,
+    unipc_orders,
+    unipc_sample,
+    unipc_step,
+    unipc_timesteps,
+)
 
 __all__ = [
     "churn_gammas",
@@ -130,4 +139,11 @@ __all__ = [
     "rescale_guidance",
     "sampler_names",
     "sampler_options",
+    "UNIPC_SOLVER_TYPES",
+    "UniPCState",
+    "unipc_init",
+    "unipc_orders",
+    "unipc_sample",
+    "unipc_step",
+    "unipc_timesteps",
 ]
