@@ -90,7 +90,7 @@ def test_registry_stochastic_flag_and_names():
     ("ddim", dict(spacing="middle"), "spacing"),
     ("ddpm", dict(variance_type="small"), "variance_type"),
     ("ddpm", dict(final_noise="False"), "final_noise"),
-    ("dpm_solver", dict(solver_order=3), "solver_order"),
+    ("dpm_solver", dict(solver_order=4), "solver_order"),
     ("dpm_solver", dict(solver_type="rk4"), "solver_type"),
     ("dpm_solver", dict(prediction_type="score"), "prediction_type"),
 ])
