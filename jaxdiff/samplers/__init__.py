@@ -19,6 +19,11 @@ The contract. Each sampler family ``NAME`` (one file) provides
   deterministic ones; with ``return_trajectory`` the result is ``(x_0, xs [N + 1, B, ...],
   pred_x0s [N, B, ...])``.
 
+The sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2: :mod:`jaxdiff.samplers.euler`)
+take a STANDARD NORMAL ``x_T`` (scaled by ``init_noise_sigma`` inside) and call ``model_fn`` at
+fractional float32 timesteps; the two-stage steps (:func:`heun_step`, :func:`kdpm2_step`) take
+``model_fn`` itself and make both model calls within one scan step.
+
 Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
 experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
 raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
