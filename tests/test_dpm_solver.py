@@ -320,3 +320,20 @@ def test_presets_and_stochastic_flag():
     out = get_sampler("dpmpp_2m_sde_karras")(gaussian_oracle(0.5), SCHED, x_T,
                                              jax.random.key(1), num_steps=6)
     assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_steps=10),
+    dict(num_steps=16, solver_order=3, solver_type="heun", sigma_schedule="karras",
+         final_sigmas_type="sigma_min", lower_order_final=False),  # ends with h = 0
+    dict(num_steps=10, solver_order=3, algorithm_type="sde-dpmsolver++"),
+])
+def test_gradients_through_the_sampler_are_finite(options):
+    """The unused branches of jnp.where (the multistep terms on the first step, where r = 0; the
+    heun / third-order terms where h = 0 or inf) are kept finite, so gradients are not NaN."""
+    def loss(x):
+        return dpm_solver_sample(lambda x, t: 0.3 * jnp.tanh(x), SCHED, x, jax.random.key(0),
+                                 **options).sum()
+
+    g = jax.grad(loss)(jnp.ones((2, 3)))
+    assert np.isfinite(np.asarray(g)).all()

@@ -235,48 +235,49 @@ def _alpha_sigma_lambda(sigma):
     return alpha, sig, jnp.log(alpha) - jnp.log(sig)
 
 
-def _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, a_s0, a_t, s_s0, s_t, z):
+def _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, g, a_s0, a_t, s_s0, s_t, z):
     """The first-, second- and third-order updates ``(x1, x2, x3)``, term by term in diffusers'
     order of operations (``D1``: the second-order difference, ``d1_3`` / ``d2``: the third-order
-    first and second differences)."""
-    nan = jnp.full_like(x, jnp.nan)
+    first and second differences). The higher-order coefficients read ``g``: ``h`` where they are
+    used, a harmless 1 where not (``h = 0`` or ``inf`` there would put NaN in the unused branch,
+    and through ``jnp.where`` into gradients)."""
     if algorithm_type == "dpmsolver++":
-        phi = jnp.expm1(-h)  # e^{-h} - 1, accurate for small h
+        phi, phi_g = jnp.expm1(-h), jnp.expm1(-g)  # e^{-h} - 1, accurate for small h
         x1 = (s_t / s_s0) * x - (a_t * phi) * m0
         if solver_type == "midpoint":
-            x2 = x1 - 0.5 * (a_t * phi) * d1
+            x2 = x1 - 0.5 * (a_t * phi_g) * d1
         else:
-            x2 = x1 + (a_t * (phi / h + 1.0)) * d1
-        x3 = x1 + (a_t * (phi / h + 1.0)) * d1_3 - (a_t * ((phi + h) / h**2 - 0.5)) * d2
+            x2 = x1 + (a_t * (phi_g / g + 1.0)) * d1
+        x3 = x1 + (a_t * (phi_g / g + 1.0)) * d1_3 - (a_t * ((phi_g + g) / g**2 - 0.5)) * d2
     elif algorithm_type == "sde-dpmsolver++":
-        psi = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}
+        psi, psi_g = -jnp.expm1(-2.0 * h), -jnp.expm1(-2.0 * g)  # 1 - e^{-2h}
         base = (s_t / s_s0 * jnp.exp(-h)) * x + (a_t * psi) * m0
         noise = s_t * jnp.sqrt(psi) * z
         x1 = base + noise
         if solver_type == "midpoint":
-            x2 = base + 0.5 * (a_t * psi) * d1 + noise
+            x2 = base + 0.5 * (a_t * psi_g) * d1 + noise
         else:
-            x2 = base + (a_t * (psi / (-2.0 * h) + 1.0)) * d1 + noise
-        x3 = (base + (a_t * (psi / (-2.0 * h) + 1.0)) * d1_3
-              + (a_t * ((psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2 + noise)
+            x2 = base + (a_t * (psi_g / (-2.0 * g) + 1.0)) * d1 + noise
+        x3 = (base + (a_t * (psi_g / (-2.0 * g) + 1.0)) * d1_3
+              + (a_t * ((psi_g - 2.0 * g) / (2.0 * g) ** 2 - 0.5)) * d2 + noise)
     elif algorithm_type == "dpmsolver":
-        e = jnp.expm1(h)  # e^h - 1
+        e, e_g = jnp.expm1(h), jnp.expm1(g)  # e^h - 1
         x1 = (a_t / a_s0) * x - (s_t * e) * m0
         if solver_type == "midpoint":
-            x2 = x1 - 0.5 * (s_t * e) * d1
+            x2 = x1 - 0.5 * (s_t * e_g) * d1
         else:
-            x2 = x1 - (s_t * (e / h - 1.0)) * d1
-        x3 = x1 - (s_t * (e / h - 1.0)) * d1_3 - (s_t * ((e - h) / h**2 - 0.5)) * d2
+            x2 = x1 - (s_t * (e_g / g - 1.0)) * d1
+        x3 = x1 - (s_t * (e_g / g - 1.0)) * d1_3 - (s_t * ((e_g - g) / g**2 - 0.5)) * d2
     else:  # sde-dpmsolver (no third order, as in diffusers)
-        e = jnp.expm1(h)
+        e, e_g = jnp.expm1(h), jnp.expm1(g)
         base = (a_t / a_s0) * x - 2.0 * (s_t * e) * m0
         noise = s_t * jnp.sqrt(jnp.expm1(2.0 * h)) * z
         x1 = base + noise
         if solver_type == "midpoint":
-            x2 = base - (s_t * e) * d1 + noise
+            x2 = base - (s_t * e_g) * d1 + noise
         else:
-            x2 = base - 2.0 * (s_t * (e / h - 1.0)) * d1 + noise
-        x3 = nan
+            x2 = base - 2.0 * (s_t * (e_g / g - 1.0)) * d1 + noise
+        x3 = jnp.full_like(x, jnp.nan)
     return x1, x2, x3
 
 
@@ -362,18 +363,19 @@ def dpm_solver_step(
     m0 = x0 if algorithm_type.endswith("++") else eps
     m1 = state.prev_x0
     h, h_0 = lam_t - lam_s0, lam_s0 - lam_s1
-    r0 = h_0 / h
+    g = jnp.where(order >= 2, h, 1.0)  # h where the multistep terms are used (see _updates)
+    r0 = jnp.where(order >= 2, h_0 / g, 1.0)  # not 0 on the first step: finite unused terms
     d1 = (1.0 / r0) * (m0 - m1)
     if has_third:
         _, _, lam_s2 = _alpha_sigma_lambda(state.older_sigma)
-        r1 = (lam_s1 - lam_s2) / h
+        r1 = jnp.where(order >= 3, (lam_s1 - lam_s2) / g, 1.0)
         d1_1 = (1.0 / r1) * (m1 - state.older_x0)
         d1_3 = d1 + (r0 / (r0 + r1)) * (d1 - d1_1)
         d2 = (1.0 / (r0 + r1)) * (d1 - d1_1)
     else:
         d1_3 = d2 = jnp.zeros_like(x)
-    x1, x2, x3 = _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, a_s0, a_t, s_s0,
-                          s_t, z)
+    x1, x2, x3 = _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, g, a_s0, a_t,
+                          s_s0, s_t, z)
     x_next = jnp.where(order == 1, x1, jnp.where(order == 2, x2, x3)).astype(x.dtype)
     if state.older_x0 is None:
         new_state = DPMSolverState(m0, jnp.float32(sigma))
