@@ -12,8 +12,9 @@ In the notation of the paper, with ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(
 ``lambda_t = log(alpha_t / sigma_t)``, ``h = lambda_t - lambda_s``, the first-order update is
 ``x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x0_s`` (DDIM), and the second-order multistep
 update adds ``-1/2 alpha_t (e^{-h} - 1) D1`` (midpoint) with ``D1 = (x0_s - x0_{s'}) / r``; the
-third-order one (DPM-Solver++(3M)) also uses the step before that. The SDE forms (Lu et al. 2022b,
-"DPM-Solver++", section 5; Gonzalez et al. 2023) add ``sigma_t sqrt(1 - e^{-2h}) z`` per step.
+third-order one (DPM-Solver++(3M)) also uses the step before that. The SDE form
+``"sde-dpmsolver++"`` (k-diffusion's "DPM++ 2M SDE") scales ``x`` by ``e^{-h}`` more and adds
+``sigma_t sqrt(1 - e^{-2h}) z`` per step.
 
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`dpm_solver_timesteps`
 (the grid), :func:`dpm_solver_step` (one update; the multistep history lives in an explicit
