@@ -67,6 +67,8 @@ class SchedulerSpec:
       must_be: config key -> the values jaxdiff supports (anything else is rejected).
       no_effect: keys that cannot change the result given ``must_be`` (e.g. thresholding's
         parameters while thresholding is off).
+      schedule_defaults: the class's defaults for the training schedule's keys where they differ
+        from the common ones (LCM, Heun and KDPM2 default to Stable Diffusion's betas).
     """
 
     sampler: str
@@ -74,6 +76,7 @@ class SchedulerSpec:
     options: Mapping[str, Callable[[Mapping[str, Any]], Any]]
     must_be: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     no_effect: frozenset = frozenset()
+    schedule_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _key(name: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -109,6 +112,21 @@ SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
                                                                c["prediction_type"])),
         must_be=dict(thresholding=(False,)),
         no_effect=_THRESHOLD_KEYS,
+    ),
+    "LCMScheduler": SchedulerSpec(
+        sampler="lcm",
+        defaults=dict(original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                      set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+                      thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                      timestep_spacing="leading", timestep_scaling=10.0),
+        options=dict(original_inference_steps=_key("original_inference_steps"),
+                     timestep_scaling=lambda c: float(c["timestep_scaling"]), clip_x0=_clip,
+                     prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
+                                                               c["prediction_type"])),
+        must_be=dict(thresholding=(False,)),
+        # LCMScheduler reads none of these (its grid comes from original_inference_steps).
+        no_effect=_THRESHOLD_KEYS | {"set_alpha_to_one", "steps_offset", "timestep_spacing"},
+        schedule_defaults=dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     ),
     "DPMSolverMultistepScheduler": SchedulerSpec(
         sampler="dpm_solver",
@@ -154,13 +172,14 @@ def schedule_from_diffusers_config(config: Mapping[str, Any]) -> Schedule:
 
     Reads ``num_train_timesteps``, ``beta_schedule`` (``linear``, ``scaled_linear``,
     ``squaredcos_cap_v2``, ``sigmoid``), ``beta_start``, ``beta_end``, ``trained_betas`` and
-    ``rescale_betas_zero_snr`` (missing keys: diffusers' defaults).
+    ``rescale_betas_zero_snr`` (missing keys: the class's defaults in diffusers).
 
     Raises:
       ValueError: naming the key, for an unsupported class or beta schedule or invalid values.
     """
-    _class_name(config)
-    c = {**_SCHEDULE_DEFAULTS, **{k: v for k, v in config.items() if k in _SCHEDULE_DEFAULTS}}
+    spec = SCHEDULER_CLASSES[_class_name(config)]
+    c = {**_SCHEDULE_DEFAULTS, **spec.schedule_defaults,
+         **{k: v for k, v in config.items() if k in _SCHEDULE_DEFAULTS}}
     if c["trained_betas"] is not None:
         betas = np.asarray(c["trained_betas"], np.float64)
         if betas.ndim != 1 or betas.size < 1:

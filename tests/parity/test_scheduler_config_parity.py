@@ -26,6 +26,9 @@ CONFIGS = [
     dict(_class_name="DDPMScheduler", variance_type="fixed_large", prediction_type="sample",
          _diffusers_version="0.42.1"),
     dict(_class_name="DDPMScheduler", beta_schedule="sigmoid", clip_sample=False),
+    dict(_class_name="LCMScheduler"),  # its defaults are Stable Diffusion's betas
+    dict(_class_name="LCMScheduler", prediction_type="v_prediction", timestep_scaling=1.0,
+         clip_sample=True, original_inference_steps=100, beta_schedule="linear"),
     dict(_class_name="DPMSolverMultistepScheduler", **SD),
     dict(_class_name="DPMSolverMultistepScheduler", solver_order=1, timestep_spacing="leading",
          steps_offset=1, prediction_type="v_prediction", **SD),
