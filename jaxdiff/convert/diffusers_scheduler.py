@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxdiff.samplers.dpm_solver import dpm_solver_options_from_diffusers
 from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import (
     BETA_SCHEDULES,
@@ -69,6 +70,11 @@ class SchedulerSpec:
         parameters while thresholding is off).
       schedule_defaults: the class's defaults for the training schedule's keys where they differ
         from the common ones (LCM, Heun and KDPM2 default to Stable Diffusion's betas).
+      convert: where the sampler module has its own mapping (``config -> options``, raising a
+        ``ValueError`` naming unsupported keys), that function; ``options`` and ``must_be`` are
+        then unused.
+      zero_snr_floor: the class replaces a zero-terminal-SNR schedule's last ``alphas_cumprod``
+        (0, an infinite sigma) by ``2**-24`` (diffusers' sigma-space schedulers do).
     """
 
     sampler: str
@@ -77,6 +83,8 @@ class SchedulerSpec:
     must_be: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     no_effect: frozenset = frozenset()
     schedule_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    convert: Callable[[Mapping[str, Any]], dict] | None = None
+    zero_snr_floor: bool = False
 
 
 def _key(name: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -139,18 +147,9 @@ SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
                       lambda_min_clipped=-math.inf, variance_type=None,
                       timestep_spacing="linspace", steps_offset=0, use_dynamic_shifting=False,
                       time_shift_type="exponential"),
-        options=dict(solver_order=_key("solver_order"), solver_type=_key("solver_type"),
-                     lower_order_final=_key("lower_order_final"),
-                     final_sigmas_type=_key("final_sigmas_type"),
-                     lambda_min_clipped=lambda c: float(c["lambda_min_clipped"]),
-                     steps_offset=_key("steps_offset"), spacing=_key("timestep_spacing"),
-                     prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
-                                                               c["prediction_type"])),
-        must_be=dict(thresholding=(False,), algorithm_type=("dpmsolver++",),
-                     euler_at_final=(False,), use_karras_sigmas=(False,),
-                     use_exponential_sigmas=(False,), use_beta_sigmas=(False,),
-                     use_lu_lambdas=(False,), use_flow_sigmas=(False,), variance_type=(None,),
-                     use_dynamic_shifting=(False,)),
+        options={},
+        convert=dpm_solver_options_from_diffusers,
+        zero_snr_floor=True,
         no_effect=_THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
     ),
 }
@@ -193,6 +192,9 @@ def schedule_from_diffusers_config(config: Mapping[str, Any]) -> Schedule:
         betas = BETA_SCHEDULES[name](c["num_train_timesteps"], **kw)  # float64
     if c["rescale_betas_zero_snr"]:
         betas = rescale_zero_terminal_snr(betas)
+        if spec.zero_snr_floor:  # abar_{T-1} = 2**-24 instead of 0, as diffusers sets it
+            acp_prev = np.prod(1.0 - betas[:-1])
+            betas = np.concatenate([betas[:-1], [1.0 - 2.0**-24 / acp_prev]])
     return schedule_from_betas(betas)
 
 
@@ -217,6 +219,9 @@ def sampler_from_diffusers_config(config: Mapping[str, Any]) -> Sampler:
         if key not in known:
             raise ValueError(f"config[{key!r}] is not an option of {config['_class_name']} that "
                              f"jaxdiff knows; it would be dropped")
+    if spec.convert is not None:
+        options = spec.convert({k: v for k, v in config.items() if k not in _META})
+        return get_sampler(spec.sampler, **options)
     c = {**spec.defaults, **{k: v for k, v in config.items() if k in spec.defaults}}
     for key, allowed in spec.must_be.items():
         if c[key] not in allowed:

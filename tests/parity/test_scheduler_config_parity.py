@@ -34,6 +34,11 @@ CONFIGS = [
          steps_offset=1, prediction_type="v_prediction", **SD),
     dict(_class_name="DPMSolverMultistepScheduler", beta_schedule="squaredcos_cap_v2",
          solver_type="heun", final_sigmas_type="sigma_min", lambda_min_clipped=-5.1),
+    dict(_class_name="DPMSolverMultistepScheduler", solver_order=3, use_karras_sigmas=True,
+         euler_at_final=True, **SD),
+    dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++",
+         use_karras_sigmas=True, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+         prediction_type="v_prediction", final_sigmas_type="zero", **SD),
 ]
 
 
