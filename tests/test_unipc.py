@@ -220,6 +220,7 @@ def test_final_step_to_sigma_zero_is_finite():
         (dict(prediction_type="score"), "prediction_type"),
         (dict(spacing="uniform"), "spacing"),
         (dict(final_sigmas_type="one"), "final_sigmas_type"),
+        (dict(sigma_schedule="lu"), "sigma_schedule"),  # DPM-Solver's, not UniPC's
         (dict(lower_order_final=1), "lower_order_final"),
         (dict(use_corrector=None), "use_corrector"),
         (dict(disable_corrector=3), "disable_corrector"),

@@ -51,6 +51,7 @@ from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_bool, check_choice, check_clip, check_int
 
 __all__ = [
+    "UNIPC_SIGMA_SCHEDULES",
     "UNIPC_SOLVER_TYPES",
     "UniPCState",
     "unipc_timesteps",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
+UNIPC_SIGMA_SCHEDULES = ("discrete", "karras", "exponential", "beta")
 _FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 MAX_ORDER = 3
 
@@ -72,15 +74,25 @@ def unipc_timesteps(
     spacing: str = "linspace",
     steps_offset: int = 0,
     final_sigmas_type: str = "zero",
+    sigma_schedule: str = "discrete",
 ) -> Grid:
     """UniPC's :class:`~jaxdiff.samplers.timesteps.Grid`: ``UniPCMultistepScheduler.set_timesteps``
-    (diffusers 0.42, discrete sigmas), which is DPM-Solver's grid
+    (diffusers 0.42), which is DPM-Solver's grid
     (:func:`~jaxdiff.samplers.dpm_solver.dpm_solver_timesteps`, whose docstring lists what
     raises): timesteps ``[N]`` int32 descending, their successors, sigmas ``[N + 1]`` ending in
-    ``0`` (``final_sigmas_type="zero"``) or the sigma of ``t = 0`` (``"sigma_min"``)."""
+    ``0`` (``final_sigmas_type="zero"``) or the sigma of ``t = 0`` (``"sigma_min"``).
+
+    ``sigma_schedule``: ``"discrete"`` (the training sigmas at the spaced timesteps), or
+    ``"karras"`` / ``"exponential"`` / ``"beta"`` (diffusers' ``use_karras_sigmas`` /
+    ``use_exponential_sigmas`` / ``use_beta_sigmas``: ``num_steps`` sigmas over the whole training
+    range, at timesteps interpolated from them, rounded for Karras and truncated otherwise, as
+    UniPC has it for every ``beta_schedule``; ``spacing`` then does not matter).
+    """
     check_choice("final_sigmas_type", final_sigmas_type, _FINAL_SIGMAS_TYPES)
+    check_choice("sigma_schedule", sigma_schedule, UNIPC_SIGMA_SCHEDULES)
     return dpm_solver_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
-                                final_sigmas_type=final_sigmas_type)
+                                final_sigmas_type=final_sigmas_type,
+                                sigma_schedule=sigma_schedule, round_timesteps=True)
 
 
 def _disabled_steps(disable_corrector: Any) -> tuple[int, ...]:
@@ -331,6 +343,7 @@ def unipc_sample(
     prediction_type: str = "eps",
     spacing: str = "linspace",
     steps_offset: int = 0,
+    sigma_schedule: str = "discrete",
     lower_order_final: bool = True,
     final_sigmas_type: str = "zero",
     use_corrector: bool = True,
@@ -354,7 +367,7 @@ def unipc_sample(
       predict_x0: the data-prediction (``True``) or noise-prediction form (UniPC's ``x`` / ``eps``
         variants).
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"`` (or diffusers' names).
-      spacing, steps_offset, final_sigmas_type: see :func:`unipc_timesteps`.
+      spacing, steps_offset, final_sigmas_type, sigma_schedule: see :func:`unipc_timesteps`.
       lower_order_final: lower the order on the last steps (diffusers does so for any number of
         steps).
       use_corrector: ``False`` for the predictor alone (UniP).
@@ -381,7 +394,7 @@ def unipc_sample(
                          "use: leave clip_x0=None")
     x_T = prepare_x_T(x_T)
     grid = unipc_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
-                           final_sigmas_type=final_sigmas_type)
+                           final_sigmas_type=final_sigmas_type, sigma_schedule=sigma_schedule)
     ts, sigmas = grid.timesteps, grid.sigmas
     orders, corrects = unipc_orders(sigmas, solver_order, lower_order_final=lower_order_final,
                                     disable_corrector=disable_corrector,
