@@ -103,8 +103,7 @@ def _disabled_steps(disable_corrector: Any) -> tuple[int, ...]:
             f"disable_corrector must be a sequence of step indices (ints >= 0), got "
             f"{disable_corrector!r}"
         )
-    return tuple(sorted(check_int("disable_corrector", int(i) if isinstance(i, np.integer)
-                                  else i, 0) for i in disable_corrector))
+    return tuple(sorted(check_int("disable_corrector", i, 0) for i in disable_corrector))
 
 
 def unipc_orders(
