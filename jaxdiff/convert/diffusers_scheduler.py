@@ -152,7 +152,45 @@ SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
         zero_snr_floor=True,
         no_effect=_THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
     ),
+    "UniPCMultistepScheduler": SchedulerSpec(
+        sampler="unipc",
+        defaults=dict(solver_order=2, prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0, predict_x0=True,
+                      solver_type="bh2", lower_order_final=True, disable_corrector=[],
+                      solver_p=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+                      use_beta_sigmas=False, use_flow_sigmas=False, flow_shift=1.0,
+                      timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+                      use_dynamic_shifting=False, time_shift_type="exponential", sigma_min=None,
+                      sigma_max=None, shift_terminal=None),
+        options=dict(
+            solver_order=_key("solver_order"),
+            # diffusers rewrites the DPM-Solver names to bh2 (with a warning)
+            solver_type=lambda c: "bh2" if c["solver_type"] in ("midpoint", "heun", "logrho")
+            else c["solver_type"],
+            predict_x0=_key("predict_x0"),
+            prediction_type=lambda c: _PREDICTION.get(c["prediction_type"],
+                                                      c["prediction_type"]),
+            spacing=_key("timestep_spacing"), steps_offset=_key("steps_offset"),
+            sigma_schedule=lambda c: _sigma_flags(c, "UniPCMultistepScheduler"),
+            lower_order_final=_key("lower_order_final"),
+            final_sigmas_type=_key("final_sigmas_type"),
+            disable_corrector=lambda c: tuple(c["disable_corrector"] or ())),
+        must_be=dict(thresholding=(False,), use_flow_sigmas=(False,), solver_p=(None,),
+                     use_dynamic_shifting=(False,), shift_terminal=(None,), sigma_min=(None,),
+                     sigma_max=(None,)),
+        no_effect=_THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
+        zero_snr_floor=True,
+    ),
 }
+
+
+def _sigma_flags(config: Mapping[str, Any], cls: str) -> str:
+    """``sigma_schedule`` from diffusers' ``use_{karras,exponential,beta}_sigmas`` flags."""
+    flags = [f for f in ("karras", "exponential", "beta") if config.get(f"use_{f}_sigmas")]
+    if len(flags) > 1:
+        raise ValueError(f"config sets {', '.join(f'use_{f}_sigmas' for f in flags)}; {cls} "
+                         f"takes at most one")
+    return flags[0] if flags else "discrete"
 
 
 def _class_name(config: Mapping[str, Any]) -> str:

@@ -36,6 +36,12 @@ CONFIGS = [
          solver_type="heun", final_sigmas_type="sigma_min", lambda_min_clipped=-5.1),
     dict(_class_name="DPMSolverMultistepScheduler", solver_order=3, use_karras_sigmas=True,
          euler_at_final=True, **SD),
+    dict(_class_name="UniPCMultistepScheduler", **SD),
+    dict(_class_name="UniPCMultistepScheduler", solver_order=3, disable_corrector=[0, 3],
+         prediction_type="v_prediction", use_karras_sigmas=True),
+    # bh1: diffusers' last step to sigma = 0 is NaN (jaxdiff returns the predicted x0 there).
+    dict(_class_name="UniPCMultistepScheduler", solver_type="bh1",
+         final_sigmas_type="sigma_min"),
     dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++",
          use_karras_sigmas=True, rescale_betas_zero_snr=True, timestep_spacing="trailing",
          prediction_type="v_prediction", final_sigmas_type="zero", **SD),
@@ -71,8 +77,9 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
     noise = rng.standard_normal((n, *SHAPE)).astype(np.float32)
     module = __import__(type(ref).__module__, fromlist=["randn_tensor"])
     calls = iter(range(n))
-    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(
-        noise[next(calls)].transpose(0, 3, 1, 2).copy()))
+    if sampler.stochastic:
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(
+            noise[next(calls)].transpose(0, 3, 1, 2).copy()))
 
     x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
     acp_t = torch.from_numpy(acp)
@@ -99,6 +106,9 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
     (dict(_class_name="DDPMScheduler", variance_type="fixed_large_log"), "variance_type"),
     (dict(_class_name="DPMSolverMultistepScheduler", use_flow_sigmas=True), "use_flow_sigmas"),
     (dict(_class_name="DDIMScheduler", beta_schedule="exp"), "beta_schedule"),
+    (dict(_class_name="UniPCMultistepScheduler", use_karras_sigmas=True, use_beta_sigmas=True),
+     "use_beta_sigmas"),
+    (dict(_class_name="UniPCMultistepScheduler", solver_p={"a": 1}), "solver_p"),
 ])
 def test_unsupported_configs_are_errors_that_name_the_key(config, match):
     with pytest.raises(ValueError, match=match):
