@@ -254,3 +254,15 @@ def test_prediction_types_agree_on_a_consistent_model(name):
     tol = 1e-3 if name.startswith("kdpm2") else 1e-4
     for o in outs[1:]:
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=tol)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_terminal_snr_schedule_raises_then_works_with_diffusers_fix(name):
+    sched = make_schedule("scaled_linear", 100, beta_start=0.00085, beta_end=0.012,
+                          rescale_to_zero_terminal_snr=True)
+    s = get_sampler(name, spacing="trailing", **STOCHASTIC.get(name, {}))
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        s(model, sched, x_T(), jax.random.key(0), num_steps=4)
+    fixed = sched.replace(alphas_cumprod=sched.alphas_cumprod.at[-1].set(2.0**-24))
+    out = s(model, fixed, x_T(), jax.random.key(0), num_steps=4)
+    assert np.isfinite(np.asarray(out)).all()

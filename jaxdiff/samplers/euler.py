@@ -93,10 +93,21 @@ def euler_timesteps(
 ) -> Grid:
     """The grid of ``EulerDiscreteScheduler.set_timesteps``: :func:`~jaxdiff.samplers.sigmas.
     sigma_grid` (fractional float32 ``timesteps [N]``, ``sigmas [N + 1]``); see there for the
-    arguments and errors."""
-    return sigma_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+    arguments and errors.
+
+    Also raises ``ValueError`` for a grid with an infinite sigma: a zero-terminal-SNR schedule
+    (``alphas_cumprod[-1] = 0``) sampled from ``t = T - 1``. diffusers' ``EulerDiscreteScheduler``
+    (``rescale_betas_zero_snr=True``) replaces that ``alphas_cumprod[-1]`` by ``2**-24``; do the
+    same to the schedule (``schedule.replace(alphas_cumprod=...)``) to match it."""
+    grid = sigma_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                       sigma_schedule=sigma_schedule, final_sigmas_type=final_sigmas_type,
                       sigma_min=sigma_min, sigma_max=sigma_max)
+    if not np.isfinite(grid.sigmas).all():
+        raise ValueError(
+            "the schedule's sigma is infinite at a grid timestep (alphas_cumprod = 0: zero "
+            "terminal SNR); set alphas_cumprod[-1] to 2**-24 as diffusers' Euler scheduler does"
+        )
+    return grid
 
 
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise) -> tuple[float, float, float, float]:

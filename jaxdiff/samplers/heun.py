@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type
 from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
-from jaxdiff.samplers.euler import sigma_x0
-from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_grid
+from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
+from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
@@ -46,11 +46,11 @@ def heun_timesteps(
     sigma_schedule: str = "discrete",
 ) -> Grid:
     """Heun's grid: ``HeunDiscreteScheduler.set_timesteps`` before its interleaving, which is
-    :func:`~jaxdiff.samplers.sigmas.sigma_grid` with a final sigma of 0 (fractional float32
+    :func:`~jaxdiff.samplers.euler.euler_timesteps` with a final sigma of 0 (fractional float32
     ``timesteps [N]``, ``sigmas [N + 1]``). Step ``i``'s second model call is at ``timesteps[i +
-    1]``, ``sigmas[i + 1]``. Arguments and errors: see ``sigma_grid``."""
-    return sigma_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
-                      sigma_schedule=sigma_schedule)
+    1]``, ``sigmas[i + 1]``. Arguments and errors: see ``euler_timesteps``."""
+    return euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                           sigma_schedule=sigma_schedule)
 
 
 def second_stage(sigma_stage: jax.Array | float, stage, first_order: jax.Array):

@@ -34,15 +34,9 @@ import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
 from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
-from jaxdiff.samplers.euler import sigma_x0
+from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
 from jaxdiff.samplers.heun import second_stage
-from jaxdiff.samplers.sigmas import (
-    init_noise_sigma,
-    scale_model_input,
-    sigma_grid,
-    sigma_to_t,
-    train_sigmas,
-)
+from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_to_t, train_sigmas
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_bool, concrete
@@ -84,12 +78,12 @@ def kdpm2_timesteps(
 ) -> KDPM2Grid:
     """The grid of ``KDPM2DiscreteScheduler.set_timesteps`` (``ancestral=False``) or
     ``KDPM2AncestralDiscreteScheduler.set_timesteps`` (``True``), before diffusers interleaves
-    it: :func:`~jaxdiff.samplers.sigmas.sigma_grid` (final sigma 0; Karras timesteps rounded, as
-    diffusers does) plus the midpoints, in float32 as diffusers computes them. Arguments and
-    errors: see ``sigma_grid``; ``ancestral`` must be a bool."""
+    it: :func:`~jaxdiff.samplers.euler.euler_timesteps` (final sigma 0; Karras timesteps rounded,
+    as diffusers does) plus the midpoints, in float32 as diffusers computes them. Arguments and
+    errors: see ``euler_timesteps``; ``ancestral`` must be a bool."""
     ancestral = check_bool("ancestral", ancestral)
-    base = sigma_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
-                      sigma_schedule=sigma_schedule)
+    base = euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                           sigma_schedule=sigma_schedule)
     ts = base.timesteps
     if sigma_schedule == "karras":
         ts = np.round(ts).astype(np.float32)

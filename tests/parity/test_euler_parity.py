@@ -14,8 +14,16 @@ timesteps that sigma-space samplers evaluate the model at. Being (nearly) the tr
 keeps every predicted x0 O(1).
 
 Each diffusers scheduler gets jaxdiff's ``alphas_cumprod`` before ``set_timesteps``, so that both
-sides build their grids from the same float32 values (the grids themselves are compared in
-test_sigma_grid_parity.py).
+sides build their grids from the same float32 values (the Euler grid itself is compared in
+test_sigma_grid_parity.py; Heun's and KDPM2's interleaved grids here).
+
+Tolerance (float32): x_0 within ``TOL = 1e-5`` absolute; the path (every full step's sample) at
+noise level sigma within ``TOL * max(1, sigma)`` (see ``check_trajectory``). Measured max errors
+(x_0, path / max(1, sigma)): Euler 1.2e-6, 2.0e-6 (churn included); Euler ancestral 4.8e-7,
+1.4e-6; Heun 4.1e-6, 4.1e-6; KDPM2 1.2e-6, 2.4e-6; KDPM2 ancestral 1.7e-6, 2.7e-6. Two cases
+need more, both float32 limits that diffusers and jaxdiff share (see ``LARGE_SIGMA_TOL`` and
+``KDPM2_TOL``): Euler ancestral from the cosine schedule's sigma 2.0e4 (5.0e-5, 9.3e-4) and
+KDPM2 ancestral with a midpoint at sigma 0.00935 (1.6e-5, 1.6e-5).
 """
 
 import jax
@@ -37,8 +45,8 @@ from diffusers.schedulers import (
 )
 
 from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
-from jaxdiff.samplers.heun import heun_sample
-from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample
+from jaxdiff.samplers.heun import heun_sample, heun_timesteps
+from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample, kdpm2_timesteps
 from jaxdiff.schedules import make_schedule
 
 # diffusers' KDPM2 schedulers call np.array on torch tensors (numpy 2 deprecation, thousands).
@@ -267,7 +275,12 @@ def test_heun_matches_diffusers(name, pred, spacing, offset, sigma_schedule, n, 
         jax_model(name, pred), SCHEDULES[name], x, None, num_steps=n, return_trajectory=True,
         prediction_type=pred, spacing=spacing, steps_offset=offset,
         sigma_schedule=sigma_schedule, clip_x0=clip))
+    # diffusers' interleaved grid: timesteps [t0, t1, t1, ...], sigmas [s0, s1, s1, ..., 0].
+    grid = heun_timesteps(SCHEDULES[name], n, spacing=spacing, steps_offset=offset,
+                          sigma_schedule=sigma_schedule)
+    np.testing.assert_allclose(ref.timesteps.numpy()[0::2], grid.timesteps, rtol=0, atol=2e-3)
     sigmas = ref.sigmas.numpy()[[0, *range(1, 2 * n, 2)]]
+    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=2e-6)
     errs = check_trajectory(sample(xT), ref_xs, sigmas, (TOL, TOL))
     print(name, pred, spacing, sigma_schedule, n, clip, "max errors (x0, path):", errs)
 
@@ -314,7 +327,26 @@ def test_kdpm2_matches_diffusers(case, ancestral, monkeypatch):
     ref_xs = full_steps(ref_loop(ref, n, xT, torch_model(name, pred)), n)
     if ancestral:
         assert calls == list(range(n - 1))  # one draw per second stage
+    # diffusers' interleaved grid: timesteps [t0, t_mid0, t1, t_mid1, ...]; the midpoints' and
+    # ancestral sigmas repeated per call. Timesteps to 2e-3 (diffusers' sigma -> t takes float32
+    # logs), sigmas to 2e-6 relative, except the ancestral sigma_down = sqrt(s_next^2 - up^2) and
+    # the midpoint sqrt(sigma sigma_down): both sides compute them in float32, where the
+    # difference cancels by (sigma / s_next)^2 (x 227 on the last step into sigma(t = 0);
+    # measured 1.5e-5 relative for sigma_down, 7.9e-6 for the midpoint): 1e-4.
+    grid = kdpm2_timesteps(SCHEDULES[name], n, ancestral=ancestral, spacing=spacing,
+                           steps_offset=offset, sigma_schedule=sigma_schedule)
+    ref_ts = ref.timesteps.numpy()
+    np.testing.assert_allclose(ref_ts[0::2], grid.timesteps, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(ref_ts[1::2], grid.mid_timesteps[:-1], rtol=0, atol=2e-3)
+    idx = np.arange(n - 1)
+    mid = ref.sigmas_interpol.numpy()[2 * idx if ancestral else 2 * idx + 1]
+    np.testing.assert_allclose(grid.mid_sigmas[:-1], mid, rtol=1e-4 if ancestral else 2e-6)
+    if ancestral:
+        np.testing.assert_allclose(grid.sigmas_up[:-1], ref.sigmas_up.numpy()[2 * idx], rtol=2e-6)
+        np.testing.assert_allclose(grid.sigmas_down[:-1], ref.sigmas_down.numpy()[2 * idx],
+                                   rtol=1e-4)
     sigmas = ref.sigmas.numpy()[[0, *range(1, 2 * n, 2)]]
+    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=2e-6)
     tol = KDPM2_TOL.get((case, ancestral), (TOL, TOL))
     errs = check_trajectory(jax.jit(fn)(xT, noise), ref_xs, sigmas, tol)
     print(case, ancestral, "max errors (x0, path):", errs)
