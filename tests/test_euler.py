@@ -256,6 +256,7 @@ def test_prediction_types_agree_on_a_consistent_model(name):
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=tol)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # sigmas.train_sigmas
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_terminal_snr_schedule_raises_then_works_with_diffusers_fix(name):
     sched = make_schedule("scaled_linear", 100, beta_start=0.00085, beta_end=0.012,
