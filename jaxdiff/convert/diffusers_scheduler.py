@@ -94,6 +94,16 @@ def _key(name: str) -> Callable[[Mapping[str, Any]], Any]:
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _THRESHOLD_KEYS = frozenset({"dynamic_thresholding_ratio", "sample_max_value"})
 
+# The options the k-diffusion family (Euler, Heun, KDPM2) shares, and their defaults.
+_K_COMMON: dict[str, Callable[[Mapping[str, Any]], Any]] = dict(
+    prediction_type=lambda c: _PREDICTION.get(c["prediction_type"], c["prediction_type"]),
+    spacing=_key("timestep_spacing"), steps_offset=_key("steps_offset"),
+)
+_K_DEFAULTS: dict[str, Any] = dict(
+    prediction_type="epsilon", use_karras_sigmas=False, use_exponential_sigmas=False,
+    use_beta_sigmas=False, timestep_spacing="linspace", steps_offset=0,
+)
+
 SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
     "DDIMScheduler": SchedulerSpec(
         sampler="ddim",
@@ -180,6 +190,44 @@ SCHEDULER_CLASSES: dict[str, SchedulerSpec] = {
                      sigma_max=(None,)),
         no_effect=_THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
         zero_snr_floor=True,
+    ),
+    "EulerDiscreteScheduler": SchedulerSpec(
+        sampler="euler",
+        defaults=dict(prediction_type="epsilon", interpolation_type="linear",
+                      use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                      sigma_min=None, sigma_max=None, timestep_spacing="linspace",
+                      timestep_type="discrete", steps_offset=0, final_sigmas_type="zero"),
+        options=dict(_K_COMMON, sigma_schedule=lambda c: _sigma_flags(c, "EulerDiscreteScheduler"),
+                     final_sigmas_type=_key("final_sigmas_type"), sigma_min=_key("sigma_min"),
+                     sigma_max=_key("sigma_max")),
+        must_be=dict(interpolation_type=("linear",), timestep_type=("discrete",)),
+        zero_snr_floor=True,
+    ),
+    "EulerAncestralDiscreteScheduler": SchedulerSpec(
+        sampler="euler_ancestral",
+        defaults=dict(prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0),
+        options=dict(_K_COMMON),
+        zero_snr_floor=True,
+    ),
+    "HeunDiscreteScheduler": SchedulerSpec(
+        sampler="heun",
+        defaults=dict(_K_DEFAULTS, clip_sample=False, clip_sample_range=1.0),
+        options=dict(_K_COMMON, sigma_schedule=lambda c: _sigma_flags(c, "HeunDiscreteScheduler"),
+                     clip_x0=_clip),
+        schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+    ),
+    "KDPM2DiscreteScheduler": SchedulerSpec(
+        sampler="kdpm2",
+        defaults=dict(_K_DEFAULTS),
+        options=dict(_K_COMMON, sigma_schedule=lambda c: _sigma_flags(c, "KDPM2DiscreteScheduler")),
+        schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+    ),
+    "KDPM2AncestralDiscreteScheduler": SchedulerSpec(
+        sampler="kdpm2_ancestral",
+        defaults=dict(_K_DEFAULTS),
+        options=dict(_K_COMMON, sigma_schedule=lambda c: _sigma_flags(
+            c, "KDPM2AncestralDiscreteScheduler")),
+        schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
     ),
 }
 
