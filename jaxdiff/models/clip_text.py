@@ -166,7 +166,8 @@ class CLIPTextEmbeddings(nn.Module):
                   embedding_init=nn.initializers.normal(0.02))  # fmt: skip
         positions = jnp.arange(input_ids.shape[1])[None]
         token = nn.Embed(c.vocab_size, name="token_embedding", **kw)(input_ids)
-        return token + nn.Embed(c.max_position_embeddings, name="position_embedding", **kw)(positions)
+        position = nn.Embed(c.max_position_embeddings, name="position_embedding", **kw)(positions)
+        return token + position
 
 
 def check_clip_inputs(config: CLIPTextConfig, input_ids, attention_mask):
