@@ -11,13 +11,21 @@ from jaxdiff.convert.diffusers_unet import (
     load_torch_state_dict,
     torch_key,
 )
+from jaxdiff.convert.diffusers_vae import (
+    convert_vae_state_dict,
+    vae_config_from_diffusers,
+    vae_from_diffusers,
+)
 
 __all__ = [
     "convert_unet_state_dict",
+    "convert_vae_state_dict",
     "from_diffusers",
     "load_torch_state_dict",
     "sampler_from_diffusers_config",
     "schedule_from_diffusers_config",
     "torch_key",
     "unet_config_from_diffusers",
+    "vae_config_from_diffusers",
+    "vae_from_diffusers",
 ]

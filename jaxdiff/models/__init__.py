@@ -1,4 +1,4 @@
-"""Flax linen modules: embeddings, resnet blocks, attention, and the UNet."""
+"""Flax linen modules: embeddings, resnet blocks, attention, the UNet and the KL autoencoder."""
 
 from jaxdiff.models.attention import (
     BasicTransformerBlock,
@@ -6,6 +6,22 @@ from jaxdiff.models.attention import (
     MultiHeadAttention,
     SpatialSelfAttention,
     Transformer2D,
+)
+from jaxdiff.models.autoencoder import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    autoencoder_param_shapes,
+    init_autoencoder,
+)
+from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
+from jaxdiff.models.autoencoder_latents import (
+    scale_latents,
+    sliced_decode,
+    tiled_decode,
+    tiled_encode,
+    unscale_latents,
+    vae_decode_latents,
+    vae_encode_latents,
 )
 from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
@@ -22,8 +38,11 @@ from jaxdiff.models.unet import (
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
     "BasicTransformerBlock",
     "ClassTokens",
+    "DiagonalGaussian",
     "DownBlock",
     "Downsample",
     "FeedForward",
@@ -37,10 +56,19 @@ __all__ = [
     "UNetConfig",
     "UpBlock",
     "Upsample",
+    "autoencoder_param_shapes",
+    "init_autoencoder",
     "init_unet",
     "mnist_unet_config",
     "nearest_resize",
+    "scale_latents",
+    "sliced_decode",
+    "tiled_decode",
+    "tiled_encode",
     "timestep_embedding",
     "unet_dummy_inputs",
     "unet_param_shapes",
+    "unscale_latents",
+    "vae_decode_latents",
+    "vae_encode_latents",
 ]

@@ -89,21 +89,32 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """A 3x3 conv with stride 2 and torch's ``padding=1`` (diffusers ``Downsample2D``, conv).
+    """A 3x3 conv with stride 2 (diffusers ``Downsample2D``, conv).
 
-    ``[B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), features]``: any size works, odd ones too.
+    ``padding=1`` (the UNet's): torch's ``padding=1``, ``[B, H, W, C] -> [B, ceil(H / 2),
+    ceil(W / 2), features]``; any size works, odd ones too. ``padding=0`` (the VAE encoder's,
+    diffusers ``downsample_padding=0``): one zero row and column at the bottom / right, then an
+    unpadded conv, ``-> [B, H // 2, W // 2, features]``.
+
+    Raises:
+      ValueError: ``padding`` is not 0 or 1.
     """
 
     features: int
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x: [B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), features]``."""
-        return conv3x3(
-            self.features, strides=2, name="conv", dtype=self.dtype, param_dtype=self.param_dtype
-        )(x)
+        """``x: [B, H, W, C]`` -> ``[B, H', W', features]`` (see the class docstring)."""
+        kw = dict(name="conv", dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.padding == 1:
+            return conv3x3(self.features, strides=2, **kw)(x)
+        if self.padding != 0:
+            raise ValueError(f"padding must be 0 or 1, got {self.padding!r}")
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return nn.Conv(self.features, (3, 3), strides=(2, 2), padding="VALID", **kw)(x)
 
 
 def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
