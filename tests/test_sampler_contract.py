@@ -250,3 +250,21 @@ def test_presets_fix_options(monkeypatch):
     np.testing.assert_array_equal(
         np.asarray(s(model, SCHED, x_T(), key, num_steps=5)),
         np.asarray(ddim_sample(model, SCHED, x_T(), key, num_steps=5, eta=1.0, clip_x0=1.0)))
+
+
+@pytest.mark.parametrize("name, per_step", [("ddim", 1), ("dpmpp_2m_karras", 1), ("unipc", 1),
+                                            ("euler_ancestral", 1), ("heun", 2), ("kdpm2", 2)])
+def test_model_evaluations_counts_the_model_calls(name, per_step):
+    """Heun and KDPM2 call the model twice per step except on the last (to sigma 0)."""
+    s = get_sampler(name)
+    n = 6
+    want = n if per_step == 1 else 2 * n - 1
+    assert s.model_evaluations(SCHED, n) == want
+    calls = []
+
+    def counting(x, t):
+        calls.append(1)  # traced once per call site in the scan body
+        return model(x, t)
+
+    s(counting, SCHED, x_T(), jax.random.key(0), num_steps=n)
+    assert len(calls) == per_step  # the scan body holds per_step model calls

@@ -153,13 +153,36 @@ class Sampler:
         if n > T:
             raise ValueError(f"num_steps must be <= num_timesteps ({T}), got {n}")
         x = jax.ShapeDtypeStruct((1, 1), jax.numpy.float32)
-        out_channels = 2 if self.options.get("variance_type", "").startswith("learned") else 1
+        out_channels = self._out_channels()
         # Trace abstractly: validates the grid and every option, computes nothing.
         jax.eval_shape(
             lambda x: self(lambda x, t: jax.numpy.zeros((1, out_channels), x.dtype), schedule,
                            x, jax.random.key(0), num_steps=n),
             x,
         )
+
+    def _out_channels(self) -> int:
+        return 2 if str(self.options.get("variance_type", "")).startswith("learned") else 1
+
+    def model_evaluations(self, schedule: Schedule | int, num_steps: int) -> int:
+        """How many times sampling ``num_steps`` steps calls the model (the NFE): ``num_steps``
+        for one-evaluation-per-step samplers, ``2 num_steps - 1`` for Heun and KDPM2. Counted by
+        running the sampler once on a ``[1, 1]`` stand-in outside ``jit`` (``lax.scan`` then
+        runs step by step), so it is exact for any options. ``ValueError`` as :meth:`check`."""
+        self.check(schedule, num_steps)
+        if not isinstance(schedule, Schedule):
+            schedule = make_schedule("linear", schedule)
+        calls = [0]
+        out_channels = self._out_channels()
+
+        def model(x, t):
+            calls[0] += 1
+            return jax.numpy.full((x.shape[0], out_channels), 0.1, x.dtype)
+
+        with jax.disable_jit():
+            self(model, schedule, jax.numpy.full((1, 1), 0.5), jax.random.key(0),
+                 num_steps=num_steps)
+        return calls[0]
 
 
 def get_sampler(name: str, **options: Any) -> Sampler:
