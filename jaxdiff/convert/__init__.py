@@ -1,4 +1,4 @@
-"""PyTorch (diffusers) checkpoints -> jaxdiff configs and Flax params."""
+"""PyTorch (diffusers, transformers) checkpoints -> jaxdiff configs and Flax params."""
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
@@ -16,11 +16,21 @@ from jaxdiff.convert.diffusers_vae import (
     vae_config_from_diffusers,
     vae_from_diffusers,
 )
+from jaxdiff.convert.transformers_clip import (
+    clip_text_config_from_transformers,
+    clip_text_from_transformers,
+    convert_clip_text_state_dict,
+    load_clip_text_encoder,
+)
 
 __all__ = [
+    "clip_text_config_from_transformers",
+    "clip_text_from_transformers",
+    "convert_clip_text_state_dict",
     "convert_unet_state_dict",
     "convert_vae_state_dict",
     "from_diffusers",
+    "load_clip_text_encoder",
     "load_torch_state_dict",
     "sampler_from_diffusers_config",
     "schedule_from_diffusers_config",

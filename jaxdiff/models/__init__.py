@@ -1,4 +1,5 @@
-"""Flax linen modules: embeddings, resnet blocks, attention, the UNet and the KL autoencoder."""
+"""Flax linen modules: embeddings, resnet blocks, attention, the UNet, the KL autoencoder and the
+CLIP text encoder."""
 
 from jaxdiff.models.attention import (
     BasicTransformerBlock,
@@ -23,6 +24,13 @@ from jaxdiff.models.autoencoder_latents import (
     vae_decode_latents,
     vae_encode_latents,
 )
+from jaxdiff.models.clip_text import (
+    CLIPTextModel,
+    CLIPTextOutput,
+    clip_text_param_shapes,
+    init_clip_text,
+)
+from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
 from jaxdiff.models.unet import (
@@ -41,6 +49,9 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "BasicTransformerBlock",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTextOutput",
     "ClassTokens",
     "DiagonalGaussian",
     "DownBlock",
@@ -57,7 +68,9 @@ __all__ = [
     "UpBlock",
     "Upsample",
     "autoencoder_param_shapes",
+    "clip_text_param_shapes",
     "init_autoencoder",
+    "init_clip_text",
     "init_unet",
     "mnist_unet_config",
     "nearest_resize",
