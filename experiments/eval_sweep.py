@@ -82,14 +82,15 @@ def markdown(results: dict) -> str:
     """The sweep's results as a markdown table, with the floors and the run's step."""
     clf = results["classifier"]
     lines = [
-        "| sampler | steps | guidance | N | FD (floor at N) | conditional accuracy | "
+        "| sampler | steps | NFE | guidance | N | FD (floor at N) | conditional accuracy | "
         "time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floors = results["floors"]
     for r in results["settings"]:
         lines.append(
-            f"| {r['sampler'].upper()} | {r['steps']} | {r['guidance_scale']:g} | {r['n']} | "
+            f"| {r['sampler'].upper()} | {r['steps']} | {r.get('nfe', '')} | "
+            f"{r['guidance_scale']:g} | {r['n']} | "
             f"{r['fd']:.2f} ({floors[str(r['n'])]:.2f}) | {r['conditional_accuracy']:.3f} | "
             f"{r['time_s']:.0f} |"
         )
@@ -156,6 +157,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                        clip_x0=loaded.config.sampling.clip_x0,
                                        ddim_clip=clip_form)
         runs.append(load_diffusion(loaded, sampling))
+        # Model evaluations per sample (Heun and KDPM2 make two per step).
+        s["nfe"] = lib.make_sampler(sampling, loaded.config.diffusion.prediction_type,
+                                    loaded.schedule).model_evaluations(loaded.schedule,
+                                                                       s["steps"])
     ckpts = [int(d) for d in os.listdir(os.path.join(fv.workdir, "checkpoints")) if d.isdigit()]
     train = load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)

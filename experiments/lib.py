@@ -230,9 +230,11 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
     Reads ``sampling.sampler`` (one of ``jaxdiff.samplers.sampler_names()``), ``num_steps``
     (checked with ``sampler.check(schedule, num_steps)``: the grid is built, nothing computed),
     ``guidance_scale`` (>= 0; checked here, applied by :func:`make_sample_fn`), ``clip_x0`` (0 =
-    no clipping), and the options that only some samplers take, which must be None (unset) for
-    the others: ``eta`` (>= 0) and ``ddim_clip`` (``"consistent"``, the default where the sampler
-    takes ``use_clipped_model_output``, or ``"diffusers"``).
+    no clipping; applied by the samplers that clip their x0 prediction (DDIM, DDPM, DPM-Solver,
+    UniPC, Heun, LCM): the sigma-space Euler, Euler ancestral and KDPM2 samplers have no such
+    option, as in diffusers), and the options that only some samplers take, which must be None
+    (unset) for the others: ``eta`` (>= 0) and ``ddim_clip`` (``"consistent"``, the default
+    where the sampler takes ``use_clipped_model_output``, or ``"diffusers"``).
 
     Raises:
       ConfigError: naming the ``sampling.<field>``.
@@ -243,7 +245,9 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
     _wrap("", check_float, "sampling.guidance_scale", s.guidance_scale, minimum=0.0)
     clip = _wrap("", check_float, "sampling.clip_x0", s.clip_x0, minimum=0.0) or None
     accepted = sampler_options(name)
-    options: Dict[str, Any] = {"prediction_type": prediction_type, "clip_x0": clip}
+    options: Dict[str, Any] = {"prediction_type": prediction_type}
+    if "clip_x0" in accepted:
+        options["clip_x0"] = clip
     eta, form = s.get("eta"), s.get("ddim_clip")
     if eta is not None:
         if "eta" not in accepted:

@@ -93,7 +93,7 @@ def test_resume_with_other_model_is_a_clear_error(trained):
         train_mnist.main(argv)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver"])
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver", "euler"])
 def test_sample_writes_png_and_npz(trained, tmp_path, sampler):
     """Every registry sampler is reachable from the command line (DPM-Solver was not)."""
     from experiments import sample
@@ -380,17 +380,18 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     png = str(tmp_path / "sweep.png")
     out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                            f"--classifier_path={clf}",
-                           "--settings=ddim:2:0,dpm_solver:2:1:20,ddpm:3:2",
+                           "--settings=ddim:2:0,dpm_solver:2:1:20,heun:2:2",
                            "--num_samples=10", "--batch_size=10", f"--out_png={png}"])
     rows = out["settings"]
     assert [(r["sampler"], r["steps"], r["guidance_scale"], r["n"]) for r in rows] == [
-        ("ddim", 2, 0.0, 10), ("dpm_solver", 2, 1.0, 20), ("ddpm", 3, 2.0, 10)]
+        ("ddim", 2, 0.0, 10), ("dpm_solver", 2, 1.0, 20), ("heun", 2, 2.0, 10)]
+    assert [r["nfe"] for r in rows] == [2, 2, 3]   # Heun: two model calls per step, one last
     # the module's run is at step 3, or 5 when the resume test ran first on this worker
     latest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert sorted(out["floors"]) == ["10", "20"] and out["step"] == latest and latest in (3, 5)
     assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
     table = open(os.path.join(workdir, "sweep.md")).read()
-    assert table.count("\n| DD") == 2 and table.count("\n| DPM_SOLVER") == 1
+    assert table.count("\n| DDIM | 2 | 2 |") == 1 and table.count("\n| HEUN | 2 | 3 |") == 1
     w, h = Image.open(png).size
     assert w > h  # 3 rows of 20 (two samples per digit)
 
@@ -406,7 +407,7 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     for argv, message in [
         (["--name=../x"], "--name must be a plain file name"),
         (["--settings=ddim:fifty:2"], "steps and N must be ints"),
-        (["--settings=euler:2:1"], "sampler one of"),
+        (["--settings=eulr:2:1"], "sampler one of"),
         (["--settings=ddpm:2:1", "--ddim_clip=diffusers"], "--ddim_clip applies to DDIM"),
         (["--settings=dpm_solver:2000:1"], "num_steps must be <= num_timesteps"),
         ([f"--data_dir={data_dir}", "--settings=ddim:2:1:30"], "N=30 exceeds the 24 test"),
