@@ -80,7 +80,11 @@ def _is_cjk(cp: int) -> bool:
 def basic_clean(text: str) -> str:
     """transformers' ``BasicTokenizer(strip_accents=False, do_split_on_punc=False)`` followed by
     ``" ".join``: the cleanup of transformers 4's ``CLIPTokenizer`` without ftfy (see the module
-    docstring). ``str -> str``."""
+    docstring). ``str -> str``.
+
+    >>> basic_clean("A  Photo\tof\u200b 日本, ΟΔΟΣ")
+    'a photo of 日 本 , οδος'
+    """
     out = []
     for ch in text:
         cp = ord(ch)
