@@ -125,6 +125,13 @@ def _tiled(fn, x: jax.Array, tile: int, step: int, blend: int, keep: int) -> jax
     for i in range(0, x.shape[1], step):
         row = [fn(x[:, i:i + tile, j:j + tile]) for j in range(0, x.shape[2], step)]
         rows.append(row)
+    return _stitch(rows, blend, keep)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _stitch(rows: list, blend: int, keep: int) -> jax.Array:
+    """Blend each tile of ``rows`` with its upper and left neighbours, crop, concatenate."""
+    rows = [list(row) for row in rows]
     out_rows = []
     for i, row in enumerate(rows):
         for j in range(len(row)):
