@@ -3,6 +3,12 @@ jitted step, on a tiny Flax conv net (measures, never asserts).
 
     python -m benchmarks.bench_samplers                    # 1,000-step DDPM and 50-step DDIM
     python -m benchmarks.bench_samplers --repeats 7 --batch 64 --models conv --conv_width 32
+    python -m benchmarks.bench_samplers --registry_steps 20   # + every registered sampler
+
+The second table (``--registry_steps N``, 0 to skip) runs every sampler of the registry
+(``jaxdiff.samplers.sampler_names()``) for ``N`` steps on the MLP stand-in, whose compute is a
+few microseconds, so that the time per model evaluation is mostly the sampler's own per-step
+work inside the scan (its algebra, noise draws, history), comparable across samplers.
 
 Two stand-in models: a 3-layer conv net (compute-bound on CPU: the loop overhead is a small part of
 a step) and a 2-hidden-layer MLP (a few microseconds of compute, so the per-step dispatch of the
@@ -23,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import machine
+from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.samplers import (
     ddim_sample,
     ddim_step,
@@ -30,12 +38,10 @@ from jaxdiff.samplers import (
     ddpm_sample,
     ddpm_step,
     ddpm_timesteps,
+    get_sampler,
+    sampler_names,
 )
 from jaxdiff.schedules import make_schedule
-
-from jaxdiff.compile_options import cpu_compiler_options
-
-from benchmarks.common import machine
 
 
 class TinyNet(nn.Module):
@@ -152,6 +158,26 @@ def rows_for(net, args):
     ]
 
 
+def registry_rows(net, args):
+    """One row per registered sampler: NFE, compile time, median time per step and per NFE."""
+    sched = make_schedule("linear", 1000)
+    x = jax.random.normal(jax.random.key(0), (args.batch, 28, 28, 1))
+    params = net.init(jax.random.key(1), x, jnp.zeros((args.batch,), jnp.int32))
+    key = jax.random.key(2)
+    n = args.registry_steps
+    rows = []
+    for name in sampler_names():
+        sampler = get_sampler(name)
+        nfe = sampler.model_evaluations(sched, n)
+        fn = jax.jit(lambda p, y, k, s=sampler: s(partial(net.apply, p), sched, y, k,
+                                                    num_steps=n),
+                     compiler_options=cpu_compiler_options())
+        compiled, compile_s = _compile(fn, params, x, key)
+        run_s = _timed(lambda: jax.block_until_ready(compiled(params, x, key)), args.repeats)
+        rows.append((name, n, nfe, compile_s, run_s * 1e3 / n, run_s * 1e3 / nfe))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
@@ -161,6 +187,8 @@ def main():
     p.add_argument("--mlp_width", type=int, default=64, help="hidden units of the MLP stand-in")
     p.add_argument("--ddpm_steps", type=int, default=1000)
     p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--registry_steps", type=int, default=20,
+                   help="steps for the every-sampler table (0: skip it)")
     args = p.parse_args()
 
     nets = {"conv": TinyNet(args.conv_width), "mlp": TinyMLP(args.mlp_width)}
@@ -173,6 +201,15 @@ def main():
     for label, name, n, sc, sps, stc, lps, ratio in rows:
         print(f"| {label} | {name} | {n} | {sc:.2f} | {sps:.3f} | {stc:.2f} | {lps:.3f} "
               f"| {ratio:.2f}x |")
+    if args.registry_steps > 0:
+        net = nets["mlp"]
+        print(f"\nEvery registered sampler, {args.registry_steps} steps, on "
+              f"{type(net).__name__}({net.width}) (compute of a few microseconds per call), batch "
+              f"{args.batch}: the time per model evaluation is mostly the sampler's own work.\n")
+        print("| sampler | steps | NFE | compile (s) | per step (ms) | per NFE (ms) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, n, nfe, comp, per_step, per_nfe in registry_rows(net, args):
+            print(f"| {name} | {n} | {nfe} | {comp:.2f} | {per_step:.3f} | {per_nfe:.3f} |")
 
 
 if __name__ == "__main__":
