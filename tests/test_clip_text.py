@@ -156,7 +156,7 @@ def test_input_checks(params):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 def test_cudnn_attention_matches_xla(params):
-    ids, mask = batch([3, 7])
+    ids, _ = batch([3, 7])
     xla = apply(dataclasses.replace(CFG, dtype=jnp.bfloat16), params, ids)
     cudnn = apply(
         dataclasses.replace(CFG, dtype=jnp.bfloat16, attention_implementation="cudnn"), params, ids
