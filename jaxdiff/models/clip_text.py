@@ -172,9 +172,9 @@ class CLIPTextEmbeddings(nn.Module):
 
 def check_clip_inputs(config: CLIPTextConfig, input_ids, attention_mask):
     """Validate ``input_ids: [B, L]`` integers (``L <= max_position_embeddings``; concrete ids in
-    ``[0, vocab_size)``) and ``attention_mask: [B, L]`` or None at trace time. Returns the mask
-    as ``[B, 1, 1, L]`` bool (nonzero: attend) or None. Raises ``ValueError`` naming the
-    argument."""
+    ``[0, vocab_size)``) and ``attention_mask: [B, L]`` or None at trace time. Returns
+    ``(input_ids, mask)``, the mask as ``[B, 1, 1, L]`` bool (nonzero: attend) or None. Raises
+    ``ValueError`` naming the argument."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(
