@@ -32,7 +32,7 @@ bits per dimension (nats / (D log 2)).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ from jaxdiff.diffusion import (
     q_sample,
 )
 from jaxdiff.schedules import Schedule
+from jaxdiff.types import ModelFn
 
 __all__ = [
     "VLB_VARIANCE_TYPES",
@@ -61,8 +62,6 @@ __all__ = [
 VLB_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 _LEARNED = ("learned", "learned_range")
 _LOG2 = math.log(2.0)
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class VLBTerms(NamedTuple):

@@ -23,17 +23,17 @@ prediction too (the default, ``guide_channels=None``) can push it outside its va
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.types import CondModelFn, ModelFn
 from jaxdiff.validation import concrete
 
 __all__ = ["classifier_free_guidance", "rescale_guidance"]
 
-CondModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 def rescale_guidance(
@@ -78,7 +78,7 @@ def classifier_free_guidance(
     guidance_rescale: float | jax.Array = 0.0,
     *,
     guide_channels: int | None = None,
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
+) -> ModelFn:
     """Wrap a conditional model into a guided ``fn(x, t)`` for the samplers.
 
     Args:
