@@ -34,6 +34,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxdiff.models.attention import SpatialSelfAttention
@@ -254,8 +255,42 @@ def autoencoder_param_shapes(config: AutoencoderKLConfig) -> dict:
     return variables["params"]
 
 
+_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
+
+
 def init_autoencoder(config: AutoencoderKLConfig, key: jax.Array) -> dict:
-    """The ``"params"`` of ``AutoencoderKL(config)``, initialised with flax's defaults from
-    ``key`` (one jitted ``init``); parameters in ``config.param_dtype``."""
-    init = jax.jit(AutoencoderKL(config).init)
-    return init(key, _dummy_images(config))["params"]
+    """The ``"params"`` of ``AutoencoderKL(config)``, initialised on the host (nothing compiled).
+
+    flax's default distributions (conv and dense kernels LeCun-normal: a normal truncated to 2
+    std with variance ``1 / fan_in``; biases 0; norm scales 1), drawn with numpy from a generator
+    seeded by ``key``'s data: deterministic in ``key``, not the values ``init`` would draw. Use
+    ``AutoencoderKL(config).init`` where the init must be traced.
+
+    Args:
+      config: the model config.
+      key: a concrete PRNG key (typed or raw ``uint32``).
+
+    Returns:
+      A nested dict of ``jax.Array`` in ``config.param_dtype``.
+
+    Raises:
+      ValueError: ``key`` is a tracer.
+    """
+    if isinstance(key, jax.core.Tracer):
+        raise ValueError("init_autoencoder needs a concrete key; under jit use "
+                         "AutoencoderKL(config).init")  # fmt: skip
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
+
+    def draw(path, spec):
+        name, shape = path[-1].key, spec.shape
+        if name == "kernel":
+            z = rng.standard_normal(shape)
+            while (bad := np.abs(z) > 2).any():
+                z[bad] = rng.standard_normal(int(bad.sum()))
+            value = z * (np.sqrt(1.0 / np.prod(shape[:-1])) / _TRUNC_STD)
+        else:  # biases 0, GroupNorm scales 1
+            value = np.ones(shape) if name == "scale" else np.zeros(shape)
+        return jnp.asarray(value, config.param_dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, autoencoder_param_shapes(config))
