@@ -78,6 +78,32 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
     return out
 
 
+def _by_nfe(rows: list) -> list:
+    """Where the sweep compares samplers at several NFE (one guidance scale and N), the same rows
+    as a sampler x NFE table of "FD / accuracy" (empty otherwise)."""
+    if len({(r["guidance_scale"], r["n"]) for r in rows}) != 1 or "nfe" not in rows[0]:
+        return []
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    # Columns: the first sampler's NFE values; a row at another NFE (Heun's 2n - 1) goes in the
+    # nearest column with its own NFE in parentheses.
+    budgets = sorted({r["nfe"] for r in rows if r["sampler"] == samplers[0]})
+    if len(samplers) < 2 or len(budgets) < 2:
+        return []
+    cell = {}
+    for r in rows:
+        b = min(budgets, key=lambda b: abs(b - r["nfe"]))
+        own = "" if b == r["nfe"] else f" ({r['nfe']})"
+        cell[(r["sampler"], b)] = f"{r['fd']:.2f} / {r['conditional_accuracy']:.3f}{own}"
+    out = ["FD / conditional accuracy by model evaluations (NFE; a sampler's own NFE in "
+           f"parentheses where it differs), guidance {rows[0]['guidance_scale']:g}, "
+           f"N = {rows[0]['n']}:", "",
+           "| sampler | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+           "| --- |" + " ---: |" * len(budgets)]
+    for name in samplers:
+        out.append(f"| {name} | " + " | ".join(cell.get((name, b), "") for b in budgets) + " |")
+    return out + [""]
+
+
 def markdown(results: dict) -> str:
     """The sweep's results as a markdown table, with the floors and the run's step."""
     clf = results["classifier"]
@@ -95,6 +121,7 @@ def markdown(results: dict) -> str:
             f"{r['time_s']:.0f} |"
         )
     lines.append("")
+    lines += _by_nfe(results["settings"])
     if results.get("args", {}).get("ddim_clip") == "diffusers":
         lines.append("DDIM clipping: diffusers' form (clipped x0, the model's unclipped eps).")
     lines.append(f"Classifier test accuracy {clf['test_accuracy']:.4f}; run "

@@ -462,3 +462,21 @@ def test_corrupt_checkpoint_is_one_line_naming_the_step(trained, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     line = [x for x in err if x.startswith("error:")]
     assert len(line) == 1 and os.path.join(ckpt, str(step)) in line[0], err
+
+
+def test_sweep_markdown_pivots_samplers_by_nfe():
+    """Several samplers at several NFE: the sampler x NFE table, Heun's odd NFE in the nearest
+    column with its own count; a single sampler gets no pivot."""
+    from experiments.eval_sweep import markdown
+
+    def row(name, steps, nfe, fd):
+        return dict(sampler=name, steps=steps, nfe=nfe, guidance_scale=2.0, n=300, fd=fd,
+                    conditional_accuracy=0.5, time_s=1.0)
+
+    rows = [row("ddim", 5, 5, 9.0), row("ddim", 10, 10, 7.0), row("heun", 3, 5, 8.0),
+            row("heun", 5, 9, 6.0)]
+    res = dict(classifier=dict(test_accuracy=0.99), floors={"300": 1.0}, workdir="w", step=1)
+    table = markdown(dict(res, settings=rows))
+    assert "| sampler | NFE 5 | NFE 10 |" in table
+    assert "| heun | 8.00 / 0.500 | 6.00 / 0.500 (9) |" in table
+    assert "NFE 5 |" not in markdown(dict(res, settings=rows[:2]))
