@@ -1,8 +1,8 @@
 """jaxdiff: diffusion models in JAX/Flax as pure functions.
 
-This module re-exports the core API (schedules, forward process, losses, samplers, the UNet and
-weight import); see the submodules for documentation. Data loading, training and metrics live in
-``jaxdiff.data``, ``jaxdiff.training`` and ``jaxdiff.metrics``.
+This module re-exports the core API (schedules, forward process, losses, samplers, the UNet, the
+KL autoencoder and weight import); see the submodules for documentation. Data loading, training
+and metrics live in ``jaxdiff.data``, ``jaxdiff.training`` and ``jaxdiff.metrics``.
 """
 
 from jaxdiff.compile_options import cpu_compiler_options
@@ -27,9 +27,19 @@ from jaxdiff.convert import (
     from_diffusers,
     load_torch_state_dict,
     unet_config_from_diffusers,
+    vae_from_diffusers,
 )
 from jaxdiff.losses import diffusion_loss, drop_condition, loss_weights
-from jaxdiff.models import UNet, UNetConfig, init_unet, mnist_unet_config
+from jaxdiff.models import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    UNet,
+    UNetConfig,
+    init_unet,
+    mnist_unet_config,
+    vae_decode_latents,
+    vae_encode_latents,
+)
 from jaxdiff.samplers import (
     classifier_free_guidance,
     ddim_sample,
@@ -52,10 +62,13 @@ from jaxdiff.schedules import (
     schedule_from_betas,
     sigmoid_betas,
 )
+from jaxdiff.vae_losses import vae_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
     "PREDICTION_TYPES",
     "Schedule",
     "UNet",
@@ -99,5 +112,9 @@ __all__ = [
     "snr",
     "target_for",
     "unet_config_from_diffusers",
+    "vae_decode_latents",
+    "vae_encode_latents",
+    "vae_from_diffusers",
+    "vae_loss",
     "velocity",
 ]
