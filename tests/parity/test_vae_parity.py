@@ -1,8 +1,9 @@
 """The converted AutoencoderKL against diffusers' ``AutoencoderKL`` (PyTorch), float32.
 
 Random models (every torch parameter overwritten with random values first, norm scales around 1),
-random inputs, NCHW for torch and NHWC for jaxdiff. Compared: the posterior's mean and
-log-variance, ``decode`` of a random latent, and the full forward with ``sample_posterior=False``,
+random inputs, NCHW for torch and NHWC for jaxdiff. Compared: the posterior's mean,
+log-variance and KL, ``decode`` of a random latent, the full forward with ``sample_posterior=False``
+(and once with ``True``, on the same noise),
 at diffusers' tiny test configs, an SD 1.x block layout at small width (4 levels, 2 layers per
 block), without quant convs, without mid attention, on odd sizes, and with tiling on (jaxdiff's
 ``tiled_encode`` / ``tiled_decode`` against diffusers after ``enable_tiling()``). Also: weights
@@ -72,6 +73,7 @@ def _errors(model: TorchAutoencoderKL, vae, params, size, *, tiled=False, seed=0
         z = rng.standard_normal((2, model.config.latent_channels, h, w)).astype(np.float32)
         dec = model.decode(torch.from_numpy(z)).sample.numpy()
         fwd = model(torch.from_numpy(x), sample_posterior=False).sample.numpy()
+        kl = post.kl().numpy()
     v = {"params": params}
     if tiled:
         p = tiled_encode(vae, params, _nhwc(x))
@@ -89,6 +91,7 @@ def _errors(model: TorchAutoencoderKL, vae, params, size, *, tiled=False, seed=0
         "logvar": rel_err(_nchw(p.logvar), post.logvar.numpy()),
         "decode": rel_err(_nchw(d), dec),
         "forward": rel_err(_nchw(f), fwd),
+        "kl": rel_err(np.asarray(p.kl()), kl),
     }
 
 
@@ -118,6 +121,28 @@ def test_tiled_encode_decode_match_diffusers_enable_tiling():
         tiled = model(x).sample
         model.disable_tiling()
         assert rel_err(tiled.numpy(), model(x).sample.numpy()) > 1e-3
+
+
+def test_sampled_forward_matches_diffusers_with_the_same_noise(monkeypatch):
+    """``sample_posterior=True``: diffusers draws through ``randn_tensor`` in its vae module;
+    it is patched to return the normal noise that ``DiagonalGaussian.sample(key)`` draws."""
+    import diffusers.models.autoencoders.vae as vae_module
+
+    kwargs, size = CASES["diffusers_tiny"]
+    model = _torch_model(kwargs, seed=11)
+    vae, params = vae_from_diffusers(model)
+    x = np.random.default_rng(1).standard_normal((2, 3, *size)).astype(np.float32)
+    key = jax.random.key(4)
+    out, post = vae.apply({"params": params}, _nhwc(x), key)
+    eps = np.asarray(jax.random.normal(key, post.mean.shape, post.mean.dtype))
+    monkeypatch.setattr(vae_module, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(_nchw(eps).copy()))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), sample_posterior=True).sample.numpy()
+    err = rel_err(_nchw(out), ref)
+    assert err <= REL_TOL, err
+    without, _ = vae.apply({"params": params}, _nhwc(x))
+    assert rel_err(_nchw(without), ref) > 1e-3  # the noise mattered
 
 
 @pytest.mark.parametrize("safe", [True, False])
