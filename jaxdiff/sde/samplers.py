@@ -109,7 +109,12 @@ def pc_sample(
     n_c = check_int("n_corrector_steps", n_corrector_steps, minimum=0)
     denoise = check_bool("denoise", denoise)
     if num_steps is not None:
-        sde = sde.replace(N=check_int("num_steps", num_steps, minimum=1))
+        num_steps = check_int("num_steps", num_steps, minimum=1)
+        try:
+            sde = sde.replace(N=num_steps)
+        except ValueError as e:
+            raise ValueError(f"num_steps={num_steps} is invalid for {type(sde).__name__}: {e}") \
+                from None
     ts = jnp.asarray(sde_timesteps(sde, eps))
     n = sde.N
     x_T = prepare_x_T(x_T)

@@ -295,7 +295,7 @@ class TutorialVESDE(SDE):
 class VPSDE(SDE):
     """Variance preserving (DDPM) SDE. ``discrete_betas``/``alphas`` are its ``N``-step chain.
 
-    Raises ``ValueError`` unless ``0 < beta_min < beta_max`` and ``N >= 1`` is an int.
+    Raises ``ValueError`` unless ``0 < beta_min < beta_max < N`` and ``N >= 1`` is an int.
     """
 
     beta_min: float = 0.1
@@ -307,6 +307,9 @@ class VPSDE(SDE):
         _check_positive("beta_max", self.beta_max)
         _check_order("beta_min", self.beta_min, "beta_max", self.beta_max)
         _check_n(self.N)
+        if _is_number(self.beta_max) and not self.beta_max / self.N < 1:
+            raise ValueError(f"N must be > beta_max (the chain's last beta beta_max / N must be "
+                             f"below 1), got N={self.N}, beta_max={self.beta_max}")
 
     @property
     def discrete_betas(self) -> jax.Array:
@@ -352,7 +355,7 @@ class SubVPSDE(SDE):
     Langevin corrector and the ancestral predictor read VP's chain (``discrete_betas``/``alphas``)
     with the same ``beta_min``/``beta_max``/``N``.
 
-    Raises ``ValueError`` unless ``0 < beta_min < beta_max`` and ``N >= 1`` is an int.
+    Raises ``ValueError`` unless ``0 < beta_min < beta_max < N`` and ``N >= 1`` is an int.
     """
 
     beta_min: float = 0.1
