@@ -5,16 +5,18 @@ from jaxdiff.convert.diffusers_scheduler import (
     sampler_from_diffusers_config,
     schedule_from_diffusers_config,
 )
-from jaxdiff.convert.diffusers_unet import (
-    convert_unet_state_dict,
-    from_diffusers,
-    load_torch_state_dict,
-    torch_key,
-)
+from jaxdiff.convert.diffusers_unet import convert_unet_state_dict, from_diffusers
 from jaxdiff.convert.diffusers_vae import (
     convert_vae_state_dict,
     vae_config_from_diffusers,
     vae_from_diffusers,
+)
+from jaxdiff.convert.torch_io import (
+    load_torch_state_dict,
+    rename_legacy_attention_keys,
+    to_numpy,
+    torch_key,
+    torch_to_flax,
 )
 from jaxdiff.convert.transformers_clip import (
     clip_text_config_from_transformers,
@@ -32,9 +34,12 @@ __all__ = [
     "from_diffusers",
     "load_clip_text_encoder",
     "load_torch_state_dict",
+    "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
     "schedule_from_diffusers_config",
+    "to_numpy",
     "torch_key",
+    "torch_to_flax",
     "unet_config_from_diffusers",
     "vae_config_from_diffusers",
     "vae_from_diffusers",

@@ -18,7 +18,6 @@ torch and safetensors are imported only when used.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import jax
@@ -26,72 +25,20 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
+from jaxdiff.convert.torch_io import (
+    rename_legacy_attention_keys,
+    to_numpy,
+    torch_key,
+    torch_to_flax,
+)
 from jaxdiff.models.unet import unet_param_shapes
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
     "unet_config_from_diffusers",
     "convert_unet_state_dict",
-    "load_torch_state_dict",
     "from_diffusers",
-    "torch_key",
 ]
-
-# diffusers' ``nn.ModuleList`` attributes: their index is a path component of its own in torch.
-_LISTS = (
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "to_out", "net",
-)  # fmt: skip
-_LIST_RE = re.compile(rf"^({'|'.join(_LISTS)})_(\d+)$")
-_LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """The diffusers state-dict key of a Flax param path.
-
-    ``("down_blocks_0", "attentions_1", "to_out_0", "kernel")`` ->
-    ``"down_blocks.0.attentions.1.to_out.0.weight"``.
-    """
-    parts = [_LIST_RE.sub(r"\1.\2", p) for p in path[:-1]]
-    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(path[-1], path[-1])
-    return ".".join([*parts, leaf])
-
-
-def _to_numpy(value) -> np.ndarray:
-    """A torch tensor (any dtype, any device) or array-like as numpy."""
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
-def _rename_legacy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Legacy attention names -> current ones; a key given under both names is an error."""
-    given, origin, clashes = {}, {}, []
-    for key, value in state_dict.items():
-        legacy = _LEGACY_RE.match(key)
-        new = f"{legacy.group(1)}.{_LEGACY[legacy.group(2)]}.{legacy.group(3)}" if legacy else key
-        if new in given:
-            clashes.append(f"{origin[new]} and {key} (both {new})")
-            continue
-        given[new], origin[new] = value, key
-    if clashes:
-        raise ValueError(
-            f"state_dict holds {len(clashes)} weights under both their legacy and current "
-            f"attention names: " + "; ".join(sorted(clashes))
-        )
-    return given
-
-
-def _convert(path: tuple[str, ...], value: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-    if path[-1] == "kernel" and value.ndim == 4:  # conv: OIHW -> HWIO
-        return value.transpose(2, 3, 1, 0)
-    if path[-1] == "kernel" and value.ndim == 2 and len(expected) == 2:  # linear: [out, in]
-        return value.T
-    return value
 
 
 def convert_unet_state_dict(
@@ -115,7 +62,7 @@ def convert_unet_state_dict(
       (``...attentions.0.query.weight`` and ``...attentions.0.to_q.weight``).
     """
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
-    given = _rename_legacy(state_dict)
+    given = rename_legacy_attention_keys(state_dict)
     shapes = flatten_dict(unet_param_shapes(config))
     expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
     missing = sorted(set(expected) - set(given))
@@ -123,11 +70,11 @@ def convert_unet_state_dict(
     misshaped, flat = [], {}
     for key in sorted(set(expected) & set(given)):
         path, shape = expected[key]
-        value = _convert(path, _to_numpy(given[key]), shape)
+        value = torch_to_flax(path, to_numpy(given[key]), shape)
         if value.shape != shape:
             misshaped.append(
                 f"{key} ({'/'.join(path)}): expected {shape} after conversion, got {value.shape} "
-                f"(torch {tuple(_to_numpy(given[key]).shape)})"
+                f"(torch {tuple(to_numpy(given[key]).shape)})"
             )
             continue
         flat[path] = value.astype(dtype)
@@ -140,34 +87,6 @@ def convert_unet_state_dict(
             lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
         raise ValueError("\n".join(lines))
     return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))
-
-
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Load a PyTorch checkpoint file as ``{key: numpy array}``.
-
-    ``.safetensors`` through ``safetensors.numpy`` (``safetensors.flax`` for dtypes numpy lacks,
-    such as bfloat16); ``.bin`` / ``.pt`` / ``.pth`` through ``torch.load(weights_only=True)``
-    (no pickled code runs). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays
-    (safetensors) or float32 (torch files).
-    """
-    path = str(path)
-    if path.endswith(".safetensors"):
-        import safetensors.numpy
-
-        try:
-            return dict(safetensors.numpy.load_file(path))
-        except TypeError:  # a dtype numpy does not know (bfloat16)
-            import safetensors.flax
-
-            return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-        return {k: _to_numpy(v) for k, v in state.items()}
-    raise ValueError(f"path must end in .safetensors, .bin, .pt, .pth or .ckpt, got {path!r}")
 
 
 def from_diffusers(model, *, dtype: Any = None, param_dtype: Any = None) -> tuple[UNetConfig, dict]:

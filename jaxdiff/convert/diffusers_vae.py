@@ -25,12 +25,12 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdiff.convert.diffusers_unet import (  # one home for the diffusers key conventions
-    _convert,
-    _rename_legacy,
-    _to_numpy,
+from jaxdiff.convert.torch_io import (  # one home for the diffusers key conventions
     load_torch_state_dict,
+    rename_legacy_attention_keys,
+    to_numpy,
     torch_key,
+    torch_to_flax,
 )
 from jaxdiff.models.autoencoder import AutoencoderKL, autoencoder_param_shapes
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
@@ -134,7 +134,7 @@ def convert_vae_state_dict(
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_torch_state_dict(os.fspath(state_dict))
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
-    given = _rename_legacy(state_dict)
+    given = rename_legacy_attention_keys(state_dict)
     shapes = flatten_dict(autoencoder_param_shapes(config))
     expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
     missing = sorted(set(expected) - set(given))
@@ -142,8 +142,8 @@ def convert_vae_state_dict(
     misshaped, flat = [], {}
     for key in sorted(set(expected) & set(given)):
         path, shape = expected[key]
-        raw = _to_numpy(given[key])
-        value = _convert(path, raw, shape)
+        raw = to_numpy(given[key])
+        value = torch_to_flax(path, raw, shape)
         if value.shape != shape:
             misshaped.append(
                 f"{key} ({'/'.join(path)}): expected {shape} after conversion, got {value.shape} "

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdiff.convert.diffusers_unet import _to_numpy, load_torch_state_dict
+from jaxdiff.convert.torch_io import load_torch_state_dict, to_numpy
 from jaxdiff.models.clip_text import clip_text_param_shapes
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 
@@ -177,7 +177,7 @@ def convert_clip_text_state_dict(
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
     given = _canonical(state_dict)
     if _POSITION_IDS in given:
-        ids = _to_numpy(given.pop(_POSITION_IDS))
+        ids = to_numpy(given.pop(_POSITION_IDS))
         if ids.reshape(-1).tolist() != list(range(ids.size)):
             raise ValueError(f"{_POSITION_IDS} must be arange(max_position_embeddings)")
     shapes = flatten_dict(clip_text_param_shapes(config))
@@ -187,7 +187,7 @@ def convert_clip_text_state_dict(
     misshaped, flat = [], {}
     for key in sorted(set(expected) & set(given)):
         path, shape = expected[key]
-        value = _to_numpy(given[key])
+        value = to_numpy(given[key])
         if path[-1] == "kernel" and value.ndim == 2:  # linear: [out, in] -> [in, out]
             value = value.T
         if value.shape != shape:
