@@ -175,6 +175,34 @@ def test_vp_chain_is_jaxdiffs_linear_schedule():
     assert errs[1] < errs[0] / 3, errs  # first order in 1 / N
 
 
+def test_vp_ancestral_predictor_is_jaxdiffs_ddpm_step():
+    """With ``score = -eps / sqrt(1 - alphas_cumprod_i)``, VP's ancestral step is DDPM's
+    (``variance_type="fixed_large"``) on :func:`vp_schedule` at index ``i = floor(t (N - 1))``."""
+    from jaxdiff.samplers import ddpm_step
+    from jaxdiff.sde import ancestral_predictor
+
+    sde = VPSDE(N=100)
+    sched = vp_schedule(sde)
+    key = jax.random.key(0)
+    x, eps, z = (jax.random.normal(jax.random.fold_in(key, i), (2, 3)) for i in range(3))
+
+    @jax.jit
+    def both(i):
+        t = i.astype(jnp.float32) / (sde.N - 1)
+        score = lambda x_, t_: -eps / jnp.sqrt(1.0 - sched.alphas_cumprod[i])
+        ours, ours_mean = ancestral_predictor(sde, score, x, t, z)
+        ref, _ = ddpm_step(sched, eps, x, i, i - 1, z, variance_type="fixed_large",
+                           prediction_type="eps", clip_x0=None)
+        ref_mean, _ = ddpm_step(sched, eps, x, i, i - 1, jnp.zeros_like(z),
+                                variance_type="fixed_large", prediction_type="eps", clip_x0=None)
+        return ours, ours_mean, ref, ref_mean
+
+    for i in (1, 50, 99):
+        ours, ours_mean, ref, ref_mean = both(jnp.int32(i))
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours_mean, ref_mean, rtol=1e-4, atol=1e-5)
+
+
 def test_reverse_sde_and_probability_flow():
     sde, score = SDES["subvp"], gauss_score(SDES["subvp"])
     x, t = jax.random.normal(jax.random.key(0), (3, 2)), jnp.array([0.1, 0.5, 0.9])
