@@ -364,10 +364,11 @@ def test_ode_likelihood_matches_the_exact_gaussian_log_density(name):
 
 
 def _nonlinear(x):
-    """A per-example nonlinear map ``[B, 2, 3] -> [B, 2, 3]`` with a dense Jacobian."""
+    """A per-example nonlinear map ``[B, 2, 3] -> [B, 2, 3]`` with a dense Jacobian (and a trace
+    of about 12, so that a biased probe scale shows)."""
     w = jax.random.normal(jax.random.key(42), (6, 6)) / 2
     h = x.reshape(x.shape[0], 6)
-    return (jnp.tanh(h @ w + 0.3) + 0.1 * h**2).reshape(x.shape)
+    return (jnp.tanh(h @ w + 0.3) + 0.1 * h**2 + 2.0 * h).reshape(x.shape)
 
 
 @jax.jit
@@ -470,7 +471,7 @@ def test_likelihood_weighting_eps_loss_and_antithetic_draws():
 def test_importance_sampling_is_unbiased_and_reduces_variance():
     """The likelihood-weighted loss averaged over t: uniform and importance-sampled draws both
     match the quadrature of its closed form, ``int g^2 c^2 s^2 / (std^2 v) dt / (T - eps)``."""
-    sde, eps, n = SDES["vp"], 1e-3, 20000
+    sde, eps, n = SDES["vp"], 1e-3, 100000
     x0 = MU + S * jax.random.normal(jax.random.key(0), (n, 1))
     run = jax.jit(lambda key, imp: dsm_loss(_score_apply(sde), 1.0, sde, x0, key,
                                             weighting="likelihood", importance_sampling=imp,
