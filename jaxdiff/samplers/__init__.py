@@ -27,6 +27,10 @@ fractional float32 timesteps; the two-stage steps (:func:`heun_step`, :func:`kdp
 Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
 experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
 raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
+Image-to-image: DDIM, DPM-Solver and the Euler samplers take ``start_step=s`` (a call argument,
+also through :class:`Sampler`) and run only steps ``s .. N - 1`` of their grid, from a sample
+noised to step ``s`` (:mod:`jaxdiff.samplers.img2img`: ``strength_start_step``,
+``noise_to_start``); the others raise ``ValueError`` for ``start_step > 0``.
 Classifier-free guidance is a model-function transform (:func:`classifier_free_guidance`) that
 works with every sampler.
 """
@@ -64,6 +68,12 @@ from jaxdiff.samplers.euler import (
 )
 from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
 from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
+from jaxdiff.samplers.img2img import (
+    IMG2IMG_SAMPLERS,
+    noise_to_start,
+    sampler_grid,
+    strength_start_step,
+)
 from jaxdiff.samplers.kdpm2 import (
     KDPM2Grid,
     kdpm2_ancestral_sample,
@@ -101,6 +111,10 @@ __all__ = [
     "heun_sample",
     "heun_step",
     "heun_timesteps",
+    "IMG2IMG_SAMPLERS",
+    "noise_to_start",
+    "sampler_grid",
+    "strength_start_step",
     "KDPM2Grid",
     "kdpm2_ancestral_sample",
     "kdpm2_sample",

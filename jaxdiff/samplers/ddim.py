@@ -139,6 +139,7 @@ def ddim_sample(
     use_clipped_model_output: bool = False,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with DDIM in one ``lax.scan`` over ``num_steps`` timesteps.
 
@@ -152,8 +153,11 @@ def ddim_sample(
       eta: a concrete float in ``[0, 1]``.
       spacing, steps_offset: the timestep grid (:func:`ddim_timesteps`).
       set_alpha_to_one, prediction_type, clip_x0, use_clipped_model_output: see :func:`ddim_step`.
-      noise: optional ``[num_steps, B, ...]`` pre-drawn noise used instead of drawing from ``key``.
+      noise: optional ``[num_steps, B, ...]`` pre-drawn noise used instead of drawing from ``key``
+        (``[num_steps - start_step, B, ...]`` with ``start_step``).
       return_trajectory: also return the path.
+      start_step: run the grid's steps ``start_step .. num_steps - 1`` only, from ``x_T`` noised
+        to ``timesteps[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`).
 
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
@@ -184,4 +188,4 @@ def ddim_sample(
         return state, x_prev, pred_x0
 
     return run_scan(body, None, x_T, key, len(ts), stochastic=eta > 0, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start_step)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.sigmas import (
     beta_sigmas,
     exponential_sigmas,
@@ -421,6 +421,7 @@ def dpm_solver_sample(
     clip_x0: float | None = None,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """DPM-Solver(++) sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
@@ -443,8 +444,14 @@ def dpm_solver_sample(
         on the last step, at most second order on the one before).
       euler_at_final: first order on the last step, whatever ``num_steps``.
       clip_x0: clip the predicted x0 to ``[-clip_x0, clip_x0]`` (None: no clipping).
-      noise: optional pre-drawn ``[N, B, ...]`` standard normal for the ``"sde-*"`` algorithms.
+      noise: optional pre-drawn ``[N, B, ...]`` standard normal for the ``"sde-*"`` algorithms
+        (``[N - start_step, B, ...]`` with ``start_step``).
       return_trajectory: also return the path.
+      start_step: run the grid's steps ``start_step .. N - 1`` only, from ``x_T`` noised to
+        ``sigmas[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`). The history
+        starts empty there, so the first steps of the tail warm up at lower order, as diffusers'
+        scheduler does after ``set_begin_index``; ``lower_order_final`` still counts the whole
+        grid.
 
     The last step is first order also with ``final_sigmas_type="zero"`` (it returns the predicted
     x0), and so is a step between equal sigmas (the last one with ``"sigma_min"`` after a grid
@@ -484,6 +491,9 @@ def dpm_solver_sample(
     n = len(ts)
     orders = _step_orders(n, sigmas, solver_order, lower_order_final, euler_at_final,
                           final_sigmas_type)
+    start = check_start_step(start_step, n)
+    # warm-up counted from the first step that runs: order <= (steps taken so far) + 1
+    orders = np.minimum(orders, np.maximum(np.arange(n) - start + 1, 1)).astype(np.int32)
     model = checked_model(model_fn, x_T.shape)
     ts_j, sig_j, ord_j = jnp.asarray(ts), jnp.asarray(sigmas), jnp.asarray(orders)
     stochastic = algorithm_type.startswith("sde")
@@ -495,11 +505,11 @@ def dpm_solver_sample(
             noise=z, clip_x0=clip_x0,
         )
 
-    init = dpm_solver_init(x_T, sigmas[0])
+    init = dpm_solver_init(x_T, sigmas[start])
     if solver_order < 3:  # no third-order history to carry
         init = DPMSolverState(init.prev_x0, init.prev_sigma)
     return run_scan(body, init, x_T, key, n, stochastic=stochastic, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)
 
 
 def dpm_solver_options_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:

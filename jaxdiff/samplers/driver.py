@@ -12,7 +12,11 @@ for every sampler:
 - :func:`checked_model` broadcasts the step's timestep to ``[B]`` and checks the model output's
   shape at trace time;
 - the trajectory, when asked for, is ``(x_0, xs [N + 1, B, ...], pred_x0s [N, B, ...])`` with
-  ``xs[0] = x_T``.
+  ``xs[0] = x_T``;
+- ``start_step = s > 0`` runs only the grid's tail, steps ``s .. N - 1`` (image-to-image: ``x_T``
+  is then the sample already noised to step ``s``); the noise, the trajectory and the step count
+  are then those of the ``N - s`` steps that run, and step ``i`` still draws from
+  ``fold_in(key, i)`` with ``i`` its index in the whole grid.
 
 The whole trajectory is one ``lax.scan``: one XLA computation, no host round-trip per step.
 """
@@ -25,8 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.types import ModelFn
+from jaxdiff.validation import check_int
 
-__all__ = ["prepare_x_T", "prepare_noise", "checked_model", "run_scan"]
+__all__ = ["prepare_x_T", "prepare_noise", "checked_model", "run_scan", "check_start_step"]
+
+
+def check_start_step(start_step: Any, num_steps: int) -> int:
+    """``start_step`` as an int in ``[0, num_steps)`` (the first grid step that runs); else
+    ``ValueError`` naming it."""
+    return check_int("start_step", start_step, 0, num_steps - 1)
 
 
 def prepare_x_T(x_T: Any) -> jax.Array:
@@ -88,6 +99,7 @@ def run_scan(
     stochastic: bool,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Run ``body`` over ``num_steps`` steps in one ``lax.scan``.
 
@@ -100,14 +112,18 @@ def run_scan(
       key: PRNG key; step ``i`` draws from ``fold_in(key, i)``.
       num_steps: ``N``, the grid length.
       stochastic: whether ``body`` consumes noise.
-      noise: optional pre-drawn ``[N, B, ...]`` (:func:`prepare_noise`), used instead of ``key``.
+      noise: optional pre-drawn ``[N - start_step, B, ...]`` (:func:`prepare_noise`), used
+        instead of ``key``.
       return_trajectory: also return the path.
+      start_step: ``0 <= s < N``: run steps ``s .. N - 1`` only (``x_T`` is the sample at step
+        ``s``).
 
     Returns:
-      ``x_0 [B, ...]`` in ``x_T``'s dtype; with ``return_trajectory`` ``(x_0, xs [N + 1, B, ...],
-      pred_x0s [N, B, ...])``.
+      ``x_0 [B, ...]`` in ``x_T``'s dtype; with ``return_trajectory`` ``(x_0, xs [M + 1, B, ...],
+      pred_x0s [M, B, ...])``, ``M = N - start_step``.
     """
-    noise = prepare_noise(noise, key, num_steps, x_T, stochastic=stochastic)
+    start = check_start_step(start_step, num_steps)
+    noise = prepare_noise(noise, key, num_steps - start, x_T, stochastic=stochastic)
 
     def step(carry, xs):
         state, x = carry
@@ -121,7 +137,7 @@ def run_scan(
         x_next = x_next.astype(x.dtype)
         return (state, x_next), ((x_next, pred_x0) if return_trajectory else None)
 
-    xs = (jnp.arange(num_steps, dtype=jnp.int32),)
+    xs = (jnp.arange(start, num_steps, dtype=jnp.int32),)
     if stochastic and noise is not None:
         xs = xs + (noise,)
     (_, x_0), traj = jax.lax.scan(step, (init_state, x_T), xs)

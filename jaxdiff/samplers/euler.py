@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_grid
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
@@ -214,6 +214,7 @@ def euler_sample(
     s_noise: float = 1.0,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with Euler (``EulerDiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` model
     calls.
@@ -232,6 +233,10 @@ def euler_sample(
         is the deterministic Euler ODE solver.
       noise: optional pre-drawn ``[num_steps, B, ...]`` churn noise (used where ``gamma_i > 0``).
       return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``.
+      start_step: run the grid's steps ``start_step .. num_steps - 1`` only (image-to-image;
+        :mod:`jaxdiff.samplers.img2img`). ``x_T`` is then the SIGMA-SPACE sample at
+        ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by ``init_noise_sigma``; the
+        noise and trajectory cover the steps that run.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -247,7 +252,10 @@ def euler_sample(
                            sigma_min=sigma_min, sigma_max=sigma_max)
     stochastic = s_churn > 0
     gammas = jnp.asarray(churn_gammas(grid.sigmas, s_churn, s_tmin, s_tmax))
-    x_T = prepare_x_T(x_T) * init_noise_sigma(grid, spacing)
+    start = check_start_step(start_step, num_steps)
+    x_T = prepare_x_T(x_T)
+    if start == 0:
+        x_T = x_T * init_noise_sigma(grid, spacing)
     model = checked_model(model_fn, x_T.shape)
     ts, sig = jnp.asarray(grid.timesteps), jnp.asarray(grid.sigmas)
 
@@ -258,7 +266,7 @@ def euler_sample(
         return state, x_next, x0
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=stochastic, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)
 
 
 def euler_ancestral_step(
@@ -310,6 +318,7 @@ def euler_ancestral_sample(
     sigma_schedule: str = "discrete",
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with Euler ancestral (``EulerAncestralDiscreteScheduler``) in one ``lax.scan``.
 
@@ -322,7 +331,10 @@ def euler_ancestral_sample(
     kind = canonical_prediction_type(prediction_type)
     grid = euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                            sigma_schedule=sigma_schedule)
-    x_T = prepare_x_T(x_T) * init_noise_sigma(grid, spacing)
+    start = check_start_step(start_step, num_steps)
+    x_T = prepare_x_T(x_T)
+    if start == 0:
+        x_T = x_T * init_noise_sigma(grid, spacing)
     model = checked_model(model_fn, x_T.shape)
     ts, sig = jnp.asarray(grid.timesteps), jnp.asarray(grid.sigmas)
 
@@ -332,4 +344,4 @@ def euler_ancestral_sample(
         return state, x_next, x0
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=True, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)

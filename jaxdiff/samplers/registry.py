@@ -75,7 +75,8 @@ PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 }
 
 # Arguments of every *_sample that are not sampler options.
-_CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory")
+_CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory",
+              "start_step")
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -131,15 +132,27 @@ class Sampler:
         **kwargs: Any,
     ):
         """``fn(model_fn, schedule, x_T, key, num_steps=..., **options, **kwargs)``;
-        ``kwargs`` are the call arguments (``noise``, ``return_trajectory``)."""
-        extra = set(kwargs) - {"noise", "return_trajectory"}
+        ``kwargs`` are the call arguments (``noise``, ``return_trajectory``, and ``start_step``
+        for the samplers that can run the tail of their grid: :attr:`supports_start_step`)."""
+        extra = set(kwargs) - {"noise", "return_trajectory", "start_step"}
         if extra:
             raise ValueError(
                 f"options are bound by get_sampler; got {sorted(extra)} at call time for "
                 f"sampler {self.name!r}"
             )
+        if kwargs.get("start_step", 0) != 0 and not self.supports_start_step:
+            raise ValueError(
+                f"start_step (image-to-image) is not implemented for sampler {self.name!r}"
+            )
+        if "start_step" in kwargs and not self.supports_start_step:
+            kwargs = {k: v for k, v in kwargs.items() if k != "start_step"}
         return self.fn(model_fn, schedule, x_T, key, num_steps=num_steps, **self.options,
                        **kwargs)
+
+    @property
+    def supports_start_step(self) -> bool:
+        """Whether ``fn`` takes ``start_step`` (runs the tail of its grid: image-to-image)."""
+        return "start_step" in inspect.signature(self.fn).parameters
 
     def check(self, schedule: Schedule | int, num_steps: int) -> None:
         """Validate sampling ``num_steps`` steps on ``schedule`` (or a linear schedule of that many

@@ -1,0 +1,140 @@
+"""Image-to-image: start a sampler part-way down its grid (SDEdit, diffusers' img2img pipelines).
+
+With ``strength`` in ``(0, 1]`` and ``N`` steps, diffusers' ``StableDiffusionImg2ImgPipeline``
+keeps the last ``int(N * strength)`` steps of the scheduler's grid (``get_timesteps``), noises the
+encoded image to the first kept step with ``scheduler.add_noise`` and runs the scheduler from
+there. jaxdiff does the same in three pieces:
+
+- :func:`strength_start_step`: the first kept step ``s = N - int(N * strength)``;
+- :func:`noise_to_start`: ``add_noise`` at step ``s`` of the sampler's own grid, in the sampler's
+  own space: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for DDIM (``t = timesteps[s]``), the
+  same written with the grid's sigma, ``(x0 + sigma noise) / sqrt(1 + sigma^2)``, for DPM-Solver
+  (its grid may hold interpolated sigmas: Karras, ...), and ``x0 + sigma noise`` for the
+  sigma-space Euler samplers;
+- the sampler itself, called with ``start_step=s`` (the scan driver runs steps ``s .. N - 1``).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxdiff.samplers import get_sampler
+    >>> from jaxdiff.schedules import make_schedule
+    >>> sched, sampler = make_schedule("linear", 1000), get_sampler("ddim")
+    >>> s = strength_start_step(10, 0.5)
+    >>> x = noise_to_start(sampler, sched, 10, s, jnp.zeros((1, 4)), jnp.ones((1, 4)))
+    >>> s, sampler(lambda x, t: 0.1 * x, sched, x, num_steps=10, start_step=s).shape
+    (5, (1, 4))
+
+The samplers listed in :data:`IMG2IMG_SAMPLERS` (and their presets) support this; the others raise
+``ValueError`` naming the sampler.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
+from jaxdiff.samplers.euler import euler_timesteps
+from jaxdiff.samplers.registry import Sampler
+from jaxdiff.samplers.timesteps import Grid, ddim_timesteps
+from jaxdiff.schedules import Schedule
+from jaxdiff.validation import check_float, check_int
+
+__all__ = ["IMG2IMG_SAMPLERS", "strength_start_step", "sampler_grid", "noise_to_start"]
+
+# registered sampler function name -> (grid function, how add_noise is written)
+_GRIDS: Mapping[str, tuple[Callable[..., Grid], str]] = {
+    "ddim_sample": (ddim_timesteps, "alphas_cumprod"),
+    "dpm_solver_sample": (dpm_solver_timesteps, "sigma_vp"),
+    "euler_sample": (euler_timesteps, "sigma_ve"),
+    "euler_ancestral_sample": (euler_timesteps, "sigma_ve"),
+}
+IMG2IMG_SAMPLERS = ("ddim", "dpm_solver", "euler", "euler_ancestral")
+
+
+def strength_start_step(num_steps: int, strength: float) -> int:
+    """The first grid step that runs for ``strength`` (diffusers' ``get_timesteps``):
+    ``num_steps - min(int(num_steps * strength), num_steps)``.
+
+    Raises:
+      ValueError: naming ``strength`` unless it lies in ``(0, 1]`` and keeps at least one step
+        (``int(num_steps * strength) >= 1``); naming ``num_steps`` unless it is an int >= 1.
+    """
+    n = check_int("num_steps", num_steps, 1)
+    strength = check_float("strength", strength, minimum=0.0, maximum=1.0)
+    kept = min(int(n * strength), n)
+    if kept < 1:
+        raise ValueError(
+            f"strength={strength} keeps no step of num_steps={n} (int(num_steps * strength) = 0):"
+            f" use strength >= {1.0 / n:.4g}"
+        )
+    return n - kept
+
+
+def _spec(sampler: Sampler) -> tuple[Callable[..., Grid], str]:
+    name = getattr(sampler.fn, "__name__", "")
+    if name not in _GRIDS or not sampler.supports_start_step:
+        raise ValueError(
+            f"sampler {sampler.name!r} does not support image-to-image (strength); use one of "
+            f"{IMG2IMG_SAMPLERS}"
+        )
+    return _GRIDS[name]
+
+
+def sampler_grid(sampler: Sampler, schedule: Schedule, num_steps: int) -> Grid:
+    """The host-side grid ``sampler`` runs for ``num_steps`` steps (its bound options applied).
+
+    Raises:
+      ValueError: for a sampler outside :data:`IMG2IMG_SAMPLERS`, and as its grid function.
+    """
+    grid_fn, _ = _spec(sampler)
+    defaults = {k: p.default for k, p in inspect.signature(sampler.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    options = {**defaults, **sampler.options}
+    accepted = inspect.signature(grid_fn).parameters
+    kwargs = {k: v for k, v in options.items() if k in accepted and k not in ("schedule",)}
+    return grid_fn(schedule, num_steps, **{k: v for k, v in kwargs.items() if k != "num_steps"})
+
+
+def noise_to_start(
+    sampler: Sampler,
+    schedule: Schedule,
+    num_steps: int,
+    start_step: int,
+    x0: jax.Array,
+    noise: jax.Array,
+) -> jax.Array:
+    """``x0`` noised to grid step ``start_step`` of ``sampler`` (diffusers' ``add_noise`` there).
+
+    Args:
+      sampler: one of :data:`IMG2IMG_SAMPLERS` (or a preset of one), options bound.
+      schedule: the (concrete) training schedule.
+      num_steps: the full grid's step count ``N``.
+      start_step: ``0 <= s < N`` (:func:`strength_start_step`).
+      x0: ``[B, ...]`` the clean sample (latents).
+      noise: ``[B, ...]`` standard normal.
+
+    Returns:
+      ``[B, ...]`` float32 (or wider): the sample to pass as ``x_T`` with ``start_step=s``.
+
+    Raises:
+      ValueError: for an unsupported sampler, a bad ``start_step`` or mismatched shapes.
+    """
+    _, kind = _spec(sampler)
+    grid = sampler_grid(sampler, schedule, num_steps)
+    s = check_int("start_step", start_step, 0, len(grid.timesteps) - 1)
+    x0, noise = jnp.asarray(x0), jnp.asarray(noise)
+    if x0.shape != noise.shape:
+        raise ValueError(f"noise must have x0's shape {x0.shape}, got {noise.shape}")
+    dtype = jnp.promote_types(x0.dtype, jnp.float32)
+    x0, noise = x0.astype(dtype), noise.astype(dtype)
+    if kind == "alphas_cumprod":
+        abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[int(grid.timesteps[s])]
+        return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+    sigma = jnp.float32(np.asarray(grid.sigmas)[s])
+    if kind == "sigma_ve":
+        return x0 + sigma * noise
+    alpha_t = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+    return alpha_t * x0 + (sigma * alpha_t) * noise
