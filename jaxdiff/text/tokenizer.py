@@ -58,6 +58,7 @@ _CONFIG_NO_EFFECT = {
     "processor_class", "tokenizer_file", "extra_special_tokens", "additional_special_tokens",
     "model_input_names", "padding_side", "truncation_side", "split_special_tokens", "vocab_file",
     "merges_file", "backend", "auto_map", "max_length", "pad_to_multiple_of",
+    "is_local", "local_files_only",  # loading flags transformers 5 saves
 }  # fmt: skip
 _CJK_RANGES = (
     (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
