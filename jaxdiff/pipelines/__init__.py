@@ -1,0 +1,30 @@
+"""Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
+(text-to-image and image-to-image) as one jitted program per setting."""
+
+from jaxdiff.pipelines.loading import (
+    SUPPORTED_PIPELINES,
+    StableDiffusion,
+    choose_sampler,
+    load_stable_diffusion,
+    with_sampler,
+)
+from jaxdiff.pipelines.stable_diffusion import (
+    StableDiffusionOutput,
+    encode_prompt,
+    generate,
+    save_images,
+    to_uint8,
+)
+
+__all__ = [
+    "SUPPORTED_PIPELINES",
+    "StableDiffusion",
+    "StableDiffusionOutput",
+    "choose_sampler",
+    "encode_prompt",
+    "generate",
+    "load_stable_diffusion",
+    "save_images",
+    "to_uint8",
+    "with_sampler",
+]

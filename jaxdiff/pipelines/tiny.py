@@ -1,0 +1,141 @@
+"""A tiny random Stable Diffusion folder, written by diffusers itself, with no download.
+
+For tests, benchmarks and examples: the same layout and classes as a real checkpoint
+(``StableDiffusionPipeline.save_pretrained``), random weights, small widths. Needs ``torch``,
+``diffusers`` and ``transformers`` (imported here only).
+
+    pipe = write_tiny_stable_diffusion("/tmp/tiny-sd")      # the diffusers pipeline, float32
+    sd = load_stable_diffusion("/tmp/tiny-sd")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+__all__ = ["TINY_VOCAB_MERGES", "write_tiny_tokenizer", "write_tiny_stable_diffusion"]
+
+# A few BPE merges over the byte alphabet (so that common words are single tokens).
+TINY_VOCAB_MERGES = (("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("a", "n"),
+                     ("o", "f</w>"), ("t", "h"), ("th", "e</w>"))
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (CLIP's ``bytes_to_unicode``), in order."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(path: str, max_length: int = 16) -> str:
+    """A CLIP-layout tokenizer folder (bytes, bytes + ``</w>``, :data:`TINY_VOCAB_MERGES`, BOS,
+    EOS; ``model_max_length = max_length``). Returns ``path``."""
+    chars = _byte_alphabet()
+    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in TINY_VOCAB_MERGES),
+              "<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(["#version: 0.2", *(" ".join(m) for m in TINY_VOCAB_MERGES)]) + "\n")
+    config = {"model_max_length": max_length, "bos_token": "<|startoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "do_lower_case": True,
+              "tokenizer_class": "CLIPTokenizer"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return path
+
+
+def write_tiny_stable_diffusion(
+    path: str,
+    *,
+    scheduler: str = "DDIMScheduler",
+    prediction_type: str = "epsilon",
+    sd2: bool = False,
+    unet_channels: Sequence[int] = (16, 32),
+    vae_channels: Sequence[int] = (8, 16),
+    text_width: int = 32,
+    text_layers: int = 2,
+    max_length: int = 16,
+    image_size: int = 32,
+    seed: int = 0,
+    variant: str | None = None,
+    scheduler_options: dict[str, Any] | None = None,
+):
+    """Build a random tiny ``StableDiffusionPipeline`` (float32) and ``save_pretrained`` it.
+
+    Args:
+      path: the folder to write.
+      scheduler: a diffusers scheduler class name; SD's betas (scaled_linear 0.00085 - 0.012)
+        and, for DDIM, SD's ``steps_offset=1, set_alpha_to_one=False, clip_sample=False``.
+      prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+      sd2: SD 2.x's architecture choices (linear projections in the transformers, per-level
+        head counts, ``gelu`` text encoder, ``upcast_attention``) instead of SD 1.x's.
+      unet_channels, vae_channels: the widths per level (two or more levels).
+      text_width, text_layers, max_length: the CLIP text encoder's width, depth and context.
+      image_size: the default image side (the UNet's sample size times the VAE factor).
+      seed: ``torch.manual_seed`` for the weights.
+      variant: save ``*.<variant>.*`` weight files (e.g. ``"fp16"``; the tensors stay float32).
+      scheduler_options: more scheduler config entries.
+
+    Returns:
+      The diffusers pipeline (with ``safety_checker=None``), for comparisons.
+    """
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    levels = len(unet_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
+    up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+    heads = tuple(max(1, c // 8) for c in unet_channels) if sd2 else 2
+    vae_factor = 2 ** (len(vae_channels) - 1)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=tuple(unet_channels), layers_per_block=1,
+        sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
+        down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
+        attention_head_dim=heads, norm_num_groups=8, use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), latent_channels=4,
+        norm_num_groups=8, sample_size=image_size,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = write_tiny_tokenizer(tmp, max_length)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir,
+                                                               model_max_length=max_length)
+    vocab = tokenizer.get_vocab()
+    eos = vocab["<|endoftext|>"]
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=text_width, intermediate_size=2 * text_width,
+        num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=max_length,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+        hidden_act="gelu" if sd2 else "quick_gelu", layer_norm_eps=1e-5,
+    )
+    text_encoder = transformers.CLIPTextModel(text_config)
+    base = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type=prediction_type, num_train_timesteps=1000)
+    if scheduler == "DDIMScheduler":
+        base.update(steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    base.update(scheduler_options or {})
+    sched = getattr(diffusers, scheduler)(**base)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(path, variant=variant)
+    return pipe
