@@ -50,7 +50,9 @@ __all__ = ["DEFAULT_SETTINGS", "parse_settings", "markdown", "main", "cli_main"]
 
 
 def parse_settings(text: str, default_n: int) -> list[dict]:
-    """``"ddim:50:2,ddpm:1000:2:100"`` -> ``[{sampler, steps, guidance_scale, n}, ...]``.
+    """``"ddim:50:2,ddpm:1000:2:100,euler/spacing=leading:10:2"`` -> ``[{sampler, steps,
+    guidance_scale, n, options, label}, ...]``: a sampler may carry options of its own after
+    ``/`` (``name/key=value/key=value``; see :func:`experiments.lib.parse_sampler_options`).
 
     Raises:
       ConfigError: a setting that does not parse, an unknown sampler, steps < 1, guidance < 0 or
@@ -60,7 +62,9 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
     names = sampler_names()
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
-        if len(parts) not in (3, 4) or parts[0] not in names:
+        name, *opts = parts[0].split("/")
+        options = lib.parse_sampler_options(opts)
+        if len(parts) not in (3, 4) or name not in names:
             raise ConfigError(f"--settings: expected sampler:steps:guidance[:N] with sampler one "
                               f"of {names}, got {item!r}")
         try:
@@ -72,7 +76,8 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
         if steps < 1 or w < 0 or not 10 <= n <= 10000:
             raise ConfigError(f"--settings: need steps >= 1, guidance >= 0, 10 <= N <= 10000: "
                               f"{item!r}")
-        out.append({"sampler": parts[0], "steps": steps, "guidance_scale": w, "n": n})
+        out.append({"sampler": name, "steps": steps, "guidance_scale": w, "n": n,
+                    "options": options, "label": parts[0]})
     if not out:
         raise ConfigError("--settings: no settings given")
     return out
@@ -83,17 +88,18 @@ def _by_nfe(rows: list) -> list:
     as a sampler x NFE table of "FD / accuracy" (empty otherwise)."""
     if len({(r["guidance_scale"], r["n"]) for r in rows}) != 1 or "nfe" not in rows[0]:
         return []
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    samplers = list(dict.fromkeys(r.get("label", r["sampler"]) for r in rows))
     # Columns: the first sampler's NFE values; a row at another NFE (Heun's 2n - 1) goes in the
     # nearest column with its own NFE in parentheses.
-    budgets = sorted({r["nfe"] for r in rows if r["sampler"] == samplers[0]})
+    budgets = sorted({r["nfe"] for r in rows if r.get("label", r["sampler"]) == samplers[0]})
     if len(samplers) < 2 or len(budgets) < 2:
         return []
     cell = {}
     for r in rows:
         b = min(budgets, key=lambda b: abs(b - r["nfe"]))
         own = "" if b == r["nfe"] else f" ({r['nfe']})"
-        cell[(r["sampler"], b)] = f"{r['fd']:.2f} / {r['conditional_accuracy']:.3f}{own}"
+        cell[(r.get("label", r["sampler"]), b)] = (f"{r['fd']:.2f} / "
+                                                   f"{r['conditional_accuracy']:.3f}{own}")
     out = ["FD / conditional accuracy by model evaluations (NFE; a sampler's own NFE in "
            f"parentheses where it differs), guidance {rows[0]['guidance_scale']:g}, "
            f"N = {rows[0]['n']}:", "",
@@ -115,7 +121,7 @@ def markdown(results: dict) -> str:
     floors = results["floors"]
     for r in results["settings"]:
         lines.append(
-            f"| {r['sampler'].upper()} | {r['steps']} | {r.get('nfe', '')} | "
+            f"| {r.get('label', r['sampler']).upper()} | {r['steps']} | {r.get('nfe', '')} | "
             f"{r['guidance_scale']:g} | {r['n']} | "
             f"{r['fd']:.2f} ({floors[str(r['n'])]:.2f}) | {r['conditional_accuracy']:.3f} | "
             f"{r['time_s']:.0f} |"
@@ -182,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         clip_form = fv.ddim_clip if s in takes_clip else None
         sampling = lib.sampling_config(s["sampler"], s["steps"], s["guidance_scale"],
                                        clip_x0=loaded.config.sampling.clip_x0,
-                                       ddim_clip=clip_form)
+                                       ddim_clip=clip_form, options=s["options"])
         runs.append(load_diffusion(loaded, sampling))
         # Model evaluations per sample (Heun and KDPM2 make two per step).
         s["nfe"] = lib.make_sampler(sampling, loaded.config.diffusion.prediction_type,
@@ -212,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows, strips = [], []
     for s, run in zip(settings, runs):
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
-        log(f"{s['sampler']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
+        log(f"{s['label']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
         t0 = time.time()
         images = generate(run["sample_fn"], labels, key, min(fv.batch_size, s["n"]))
         elapsed = time.time() - t0

@@ -34,7 +34,8 @@ from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["IMAGE_SIZE", "DATA_SOURCES", "DDIM_CLIP_FORMS", "Run", "validate_config",
            "compat_config", "resume_hyperparams", "build_model", "build_schedule", "run_keys",
-           "init_state", "make_loss_fn", "sampling_config", "make_sampler", "make_sample_fn",
+           "init_state", "make_loss_fn", "sampling_config", "parse_sampler_options",
+           "make_sampler", "make_sample_fn",
            "sample_images", "load_run"]
 
 IMAGE_SIZE = (28, 28)
@@ -216,12 +217,41 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: UNet, schedule: Sched
 
 def sampling_config(sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 2.0, *,
                     clip_x0: float = 1.0, eta: Optional[float] = None,
-                    ddim_clip: Optional[str] = None) -> ml_collections.ConfigDict:
+                    ddim_clip: Optional[str] = None,
+                    options: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
     """A ``config.sampling``-shaped ConfigDict (the fields :func:`make_sampler` reads) for the
-    command lines that sample a run with settings of their own."""
+    command lines that sample a run with settings of their own; ``options``: further keyword
+    options of the sampler (e.g. ``{"spacing": "leading"}``)."""
     return ml_collections.ConfigDict(dict(sampler=sampler, num_steps=num_steps,
                                           guidance_scale=guidance_scale, clip_x0=clip_x0,
-                                          eta=eta, ddim_clip=ddim_clip))
+                                          eta=eta, ddim_clip=ddim_clip,
+                                          options=dict(options or {})))
+
+
+# Sampler options that have a config.sampling field of their own (or come from the run).
+_OWN_FIELDS = ("prediction_type", "clip_x0", "eta", "use_clipped_model_output")
+
+
+def parse_sampler_options(items: Sequence[str]) -> Dict[str, Any]:
+    """``["spacing=leading", "solver_order=3"]`` -> ``{"spacing": "leading", "solver_order": 3}``:
+    ints, floats, ``True`` / ``False`` / ``None`` and ``inf`` / ``-inf`` are parsed, anything else
+    stays a string. ``ConfigError`` for an item without ``=``."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"sampler option must be key=value, got {item!r}")
+        text = text.strip()
+        value: Any = {"True": True, "False": False, "None": None}.get(text, text)
+        if isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    value = parse(text)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
 
 
 def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, schedule: Schedule):
@@ -261,6 +291,12 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
                               f"take it, so leave it unset (got {form!r})")
     if "use_clipped_model_output" in accepted:
         options["use_clipped_model_output"] = clip is not None and form != "diffusers"
+    extra = dict(s.get("options") or {})
+    for key in extra:
+        if key in _OWN_FIELDS:
+            raise ConfigError(f"sampling.options.{key}: set it through its own field (or the "
+                              f"run's diffusion.prediction_type), not sampling.options")
+    options.update(extra)
     sampler = _wrap(f"sampling (sampler {name!r}): ", get_sampler, name, **options)
     _wrap(f"sampling.num_steps (sampler {name!r}, diffusion.num_timesteps "
           f"{schedule.num_timesteps}): ", sampler.check, schedule, steps)

@@ -44,6 +44,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
                       "DDIM with clipping: re-derive eps from the clipped x0 (consistent, the "
                       "default) or keep the model's eps as diffusers does", flag_values=fv)
+    flags.DEFINE_multi_string("option", [], "a further sampler option as key=value (e.g. "
+                              "--option spacing=leading --option sigma_schedule=karras)",
+                              flag_values=fv)
     flags.DEFINE_string("labels", "", "comma-separated class labels, cycled (default: all)",
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the sampling noise", flag_values=fv)
@@ -85,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     digits = parse_labels(fv.labels, num_classes)
     sampling = lib.sampling_config(fv.sampler, fv.steps, fv.guidance_scale,
                                    clip_x0=run.config.sampling.clip_x0, eta=fv.eta,
-                                   ddim_clip=fv.ddim_clip)
+                                   ddim_clip=fv.ddim_clip,
+                                   options=lib.parse_sampler_options(fv.option))
     fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
                             run.config.diffusion.prediction_type)
     labels = [digits[i % len(digits)] for i in range(fv.num_samples)]

@@ -480,3 +480,33 @@ def test_sweep_markdown_pivots_samplers_by_nfe():
     assert "| sampler | NFE 5 | NFE 10 |" in table
     assert "| heun | 8.00 / 0.500 | 6.00 / 0.500 (9) |" in table
     assert "NFE 5 |" not in markdown(dict(res, settings=rows[:2]))
+
+
+def test_sampler_options_reach_the_sampler():
+    """``name/key=value`` in eval_sweep settings and ``--option key=value`` in sample become
+    options of the registry sampler; unknown options and options with a field of their own are
+    one-line config errors."""
+    from experiments import lib
+    from experiments.cli import ConfigError
+    from experiments.eval_sweep import parse_settings
+    from jaxdiff.schedules import make_schedule
+
+    (s,) = parse_settings("euler/spacing=leading/sigma_schedule=karras:10:2", 300)
+    assert s["sampler"] == "euler" and s["label"] == "euler/spacing=leading/sigma_schedule=karras"
+    assert s["options"] == {"spacing": "leading", "sigma_schedule": "karras"}
+    assert lib.parse_sampler_options(["solver_order=3", "lambda_min_clipped=-5.1",
+                                      "lower_order_final=False", "s_tmax=inf"]) == {
+        "solver_order": 3, "lambda_min_clipped": -5.1, "lower_order_final": False,
+        "s_tmax": float("inf")}
+    sched = make_schedule("cosine", 100)
+    sampler = lib.make_sampler(lib.sampling_config("euler", 10, 2.0, options=s["options"]),
+                               "eps", sched)
+    assert sampler.options["spacing"] == "leading"
+    assert sampler.options["sigma_schedule"] == "karras"
+    for options, message in [({"spacing": "middle"}, "spacing"),
+                             ({"solver_order": 3}, "does not take option 'solver_order'"),
+                             ({"prediction_type": "v"}, "sampling.options.prediction_type")]:
+        with pytest.raises(ConfigError, match=message):
+            lib.make_sampler(lib.sampling_config("euler", 10, 2.0, options=options), "eps", sched)
+    with pytest.raises(ConfigError, match="key=value"):
+        lib.parse_sampler_options(["spacing"])
