@@ -48,10 +48,11 @@ def test_score_1d_helpers_and_flag_errors(tmp_path):
     np.testing.assert_allclose(score_1d.mixture_cdf(np.array([-50.0, 50.0])), [0.0, 1.0])
     # the marginal score at t -> 0 is the data score d/dx log p
     sde = score_1d.make_sde("vp", 100)
+    import jax
     import jax.numpy as jnp
 
     xs = jnp.array([[-2.5], [0.0], [1.0]])
-    got = np.asarray(score_1d.marginal_score(sde)(xs, jnp.zeros((3,))))[:, 0]
+    got = np.asarray(jax.jit(score_1d.marginal_score(sde))(xs, jnp.zeros((3,))))[:, 0]
     h = 1e-3
     ref = (score_1d.mixture_logpdf(np.asarray(xs)[:, 0] + h)
            - score_1d.mixture_logpdf(np.asarray(xs)[:, 0] - h)) / (2 * h)

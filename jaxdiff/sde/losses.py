@@ -22,8 +22,11 @@ loss equals the uniformly sampled one with a smaller variance.
     >>> import jax, jax.numpy as jnp
     >>> from jaxdiff.sde import VPSDE
     >>> apply_fn = lambda params, x_t, t, cond: params["w"] * x_t       # any score network
-    >>> loss, aux = dsm_loss(apply_fn, {"w": -1.0}, VPSDE(), jnp.zeros((8, 2)), jax.random.key(0),
-    ...                      weighting="likelihood", importance_sampling=True, antithetic=True)
+    >>> @jax.jit
+    ... def loss_fn(params, x0, key):
+    ...     return dsm_loss(apply_fn, params, VPSDE(), x0, key, weighting="likelihood",
+    ...                     importance_sampling=True, antithetic=True)
+    >>> loss, aux = loss_fn({"w": -1.0}, jnp.zeros((8, 2)), jax.random.key(0))
     >>> loss.shape, aux["per_example"].shape, aux["t"].shape
     ((), (8,), (8,))
 """

@@ -20,8 +20,8 @@ float (a scalar is broadcast) and returns the score ``[B, ...]`` in float32.
     >>> from jaxdiff.sde import TutorialVESDE
     >>> net = ScoreMLP(sde=TutorialVESDE(sigma=25.0), features=(32, 32))
     >>> x, t = jnp.zeros((4, 2)), jnp.full((4,), 0.5)
-    >>> params = net.init(jax.random.key(0), x, t)["params"]
-    >>> net.apply({"params": params}, x, t).shape
+    >>> params = jax.jit(net.init)(jax.random.key(0), x, t)["params"]
+    >>> jax.jit(net.apply)({"params": params}, x, t).shape
     (4, 2)
 """
 
