@@ -28,6 +28,7 @@ from flax import struct
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
+    SCHEDULER_CLASSES,
     sampler_from_diffusers_config,
     schedule_from_diffusers_config,
 )
@@ -166,7 +167,9 @@ def load_stable_diffusion(
         parameters are stored in it too. The VAE decodes in float32 when its config says
         ``force_upcast`` (the default), whatever ``dtype``.
       sampler: a registered sampler name (:func:`jaxdiff.samplers.sampler_names`) to use instead
-        of the folder's scheduler; its ``prediction_type`` is the scheduler config's.
+        of the folder's scheduler; its ``prediction_type`` is the scheduler config's. Required
+        when the folder's scheduler has no jaxdiff counterpart (e.g. SD 1.5's
+        ``PNDMScheduler``): its training-schedule keys are then read alone.
       sampler_options: options for ``sampler`` (see :func:`jaxdiff.samplers.sampler_options`).
 
     Returns:
@@ -225,12 +228,23 @@ def load_stable_diffusion(
     tokenizer = load_tokenizer(os.path.join(root, "tokenizer"))
     sched_raw = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"),
                            "scheduler")
-    schedule = schedule_from_diffusers_config(sched_raw)
-    chosen = sampler_from_diffusers_config(sched_raw)
+    sched_cls = sched_raw.get("_class_name")
+    if sampler is None and sched_cls not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"scheduler/scheduler_config.json: {sched_cls} has no jaxdiff sampler (supported: "
+            f"{sorted(SCHEDULER_CLASSES)}); pass sampler= (e.g. 'ddim' or 'dpmpp_2m') to use its "
+            "training schedule with a jaxdiff sampler"
+        )
+    if sampler_options and sampler is None:
+        raise ValueError("sampler_options given without sampler")
+    if sched_cls in SCHEDULER_CLASSES:
+        schedule = schedule_from_diffusers_config(sched_raw)
+    else:  # only the training schedule's keys are read (as a DDIMScheduler would read them)
+        schedule = schedule_from_diffusers_config({**sched_raw, "_class_name": "DDIMScheduler"})
     if sampler is not None:
         chosen = choose_sampler(sampler, sampler_options, sched_raw)
-    elif sampler_options:
-        raise ValueError("sampler_options given without sampler")
+    else:
+        chosen = sampler_from_diffusers_config(sched_raw)
     cross = unet_config.context_dim
     if cross is not None and cross != text_config.hidden_size:
         raise ValueError(f"unet/config.json: cross_attention_dim={cross} differs from "

@@ -1,0 +1,169 @@
+"""jaxdiff's Stable Diffusion pipeline against diffusers' ``StableDiffusionPipeline`` /
+``StableDiffusionImg2ImgPipeline`` on the same tiny random checkpoint folder (written by diffusers,
+loaded by jaxdiff from disk), float32, 32x32 images, 3-4 steps.
+
+Both sides get the same initial latents (diffusers' ``latents=``) and, for stochastic samplers
+and image-to-image, the same noise (the scheduler / pipeline module's ``randn_tensor`` patched);
+image-to-image encodes with the VAE posterior's mean on both sides (diffusers' posterior
+``randn_tensor`` patched to zeros, jaxdiff's ``sample_posterior=False``).
+
+Tolerances: images (in [0, 1]) ``atol=2e-5``; final latents ``1e-4`` relative to
+``max(1, max |latents|)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from jaxdiff.convert.diffusers_scheduler import sampler_from_diffusers_config  # noqa: E402
+from jaxdiff.pipelines import generate, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
+
+IMAGE_ATOL, LATENT_ATOL = 2e-5, 1e-4
+PROMPTS = ["a cat", "the dog of a cat"]
+NEGATIVES = ["", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sd1"))
+    pipe = write_tiny_stable_diffusion(path, seed=0)
+    return pipe, load_stable_diffusion(path)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sd2"))
+    pipe = write_tiny_stable_diffusion(path, sd2=True, prediction_type="v_prediction", seed=1)
+    return pipe, load_stable_diffusion(path)
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def _latents(batch, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 16, 16, 4)).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _patched_randn(module_name, draws):
+    """``<module>.randn_tensor`` returns ``draws`` (NHWC numpy arrays) in order, as NCHW."""
+    module = sys.modules[module_name]
+    original, it = module.randn_tensor, iter(draws)
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        out = _nchw(next(it))
+        assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+        return out.to(dtype or torch.float32)
+
+    module.randn_tensor = fake
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+
+
+def _with_scheduler(pipe, name, **extra):
+    """``pipe`` with its scheduler replaced by ``name`` built from the same config."""
+    cls = getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in {**dict(pipe.scheduler.config), **extra}.items()
+              if k in accepted}
+    pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": cls(**config)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, sampler_from_diffusers_config({**config, "_class_name": name})
+
+
+def _compare(pipe, sd, *, prompts, negatives, scale, steps=3, rescale=0.0, sampler=None,
+             noise=None, noise_module=None):
+    lat = _latents(len(prompts))
+    kw = dict(num_inference_steps=steps, guidance_scale=scale, guidance_rescale=rescale,
+              latents=_nchw(lat), height=32, width=32)
+    with (_patched_randn(noise_module, list(noise)) if noise is not None
+          else contextlib.nullcontext()):
+        ref_lat = pipe(prompts, negative_prompt=negatives, output_type="latent", **kw).images
+    with torch.no_grad():  # the pipeline's own decode + postprocess (no safety checker)
+        dec = pipe.vae.decode(ref_lat / pipe.vae.config.scaling_factor).sample
+    ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    out = generate(sd, prompts, negatives, num_steps=steps, guidance_scale=scale,
+                   guidance_rescale=rescale, latents=lat, noise=noise, sampler=sampler,
+                   seed=0)
+    img_err = float(np.abs(out.float_images - ref).max())
+    ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
+    lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
+    print(f"parity image max err {img_err:.2e}, latent max err (relative) {lat_err:.2e}")
+    assert img_err <= IMAGE_ATOL, img_err
+    assert lat_err <= LATENT_ATOL, lat_err
+    assert out.images.dtype == np.uint8 and out.images.shape == (len(prompts), 32, 32, 3)
+    return img_err, lat_err
+
+
+@pytest.mark.parametrize("scale,negatives,rescale", [
+    (7.5, NEGATIVES, 0.0), (1.0, None, 0.0), (5.0, NEGATIVES, 0.7),
+])
+def test_text_to_image_ddim(sd1, scale, negatives, rescale):
+    pipe, sd = sd1
+    _compare(pipe, sd, prompts=PROMPTS, negatives=negatives, scale=scale, rescale=rescale)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("EulerDiscreteScheduler", {}),
+])
+def test_text_to_image_other_schedulers(sd1, name, extra):
+    pipe, sd = sd1
+    pipe, sampler = _with_scheduler(pipe, name, **extra)
+    _compare(pipe, sd, prompts=PROMPTS, negatives=NEGATIVES, scale=7.5, sampler=sampler)
+
+
+def test_text_to_image_euler_ancestral_same_noise(sd1):
+    pipe, sd = sd1
+    pipe, sampler = _with_scheduler(pipe, "EulerAncestralDiscreteScheduler")
+    noise = np.random.default_rng(5).standard_normal((3, 2, 16, 16, 4)).astype(np.float32)
+    _compare(pipe, sd, prompts=PROMPTS, negatives=NEGATIVES, scale=7.5, sampler=sampler,
+             noise=noise,
+             noise_module="diffusers.schedulers.scheduling_euler_ancestral_discrete")
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_text_to_image_v_prediction_sd2(sd2, name):
+    pipe, sd = sd2
+    sampler = None
+    if name != "DDIMScheduler":
+        pipe, sampler = _with_scheduler(pipe, name)
+    _compare(pipe, sd, prompts=PROMPTS, negatives=None, scale=7.5, sampler=sampler)
+
+
+@pytest.mark.parametrize("name,scale", [("DDIMScheduler", 7.5), ("DDIMScheduler", 1.0),
+                                        ("DPMSolverMultistepScheduler", 7.5)])
+def test_image_to_image(sd1, name, scale):
+    pipe, sd = sd1
+    sampler = None
+    if name != "DDIMScheduler":
+        pipe, sampler = _with_scheduler(pipe, name)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    noise = _latents(2, seed=7)
+    with _patched_randn("diffusers.pipelines.stable_diffusion."
+                        "pipeline_stable_diffusion_img2img", [noise]), \
+            _patched_randn("diffusers.models.autoencoders.vae", [np.zeros((2, 16, 16, 4))]):
+        ref = img2img(PROMPTS, image=image, negative_prompt=NEGATIVES, strength=0.6,
+                      num_inference_steps=5, guidance_scale=scale, output_type="np").images
+    out = generate(sd, PROMPTS, NEGATIVES, image=image, strength=0.6, num_steps=5,
+                   guidance_scale=scale, latents=noise, sample_posterior=False,
+                   sampler=sampler, seed=0)
+    err = float(np.abs(out.float_images - ref).max())
+    print(f"parity img2img image max err {err:.2e}")
+    assert err <= IMAGE_ATOL, err
