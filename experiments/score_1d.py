@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from typing import Optional, Sequence
 
 import jax
@@ -87,6 +88,7 @@ def make_sde(name: str, n: int):
     return SDE_TYPES[name](N=n)
 
 
+@partial(jax.jit, static_argnums=1)
 def mixture_sample(key: jax.Array, n: int) -> jax.Array:
     """``[n, 1]`` draws from the two-mode mixture."""
     k1, k2 = jax.random.split(key)
@@ -141,11 +143,11 @@ def train(sde, key: jax.Array, *, steps: int, batch_size: int, learning_rate: fl
     each ``log_every``-step chunk."""
     net = ScoreMLP(sde=sde, features=(128, 128, 128), embed_dim=64, data_std=1.7)
     k_init, k_train = jax.random.split(key)
-    params = net.init(k_init, jnp.zeros((1, 1)), jnp.ones((1,)))["params"]
+    params = jax.jit(net.init)(k_init, jnp.zeros((1, 1)), jnp.ones((1,)))["params"]
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1)),
                                   weight_decay=0.0))
-    state = (opt.init(params), params)
+    state = jax.jit(lambda p: (opt.init(p), p))(params)  # (optimizer state, EMA params)
 
     def apply(p, x_t, t, cond):
         del cond
@@ -278,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     # 3. sampling
     n = fv.num_samples
-    x_T = sde.prior_sampling(jax.random.fold_in(key, 3), (n, 1))
+    x_T = jax.jit(sde.prior_sampling, static_argnums=1)(jax.random.fold_in(key, 3), (n, 1))
     k_s = jax.random.fold_in(key, 4)
     pc = dict(predictor="reverse_diffusion", corrector="langevin", snr=0.16, eps=eps)
     samples, nfe = {}, {}
