@@ -8,7 +8,7 @@ whose float parameters are pytree leaves and whose discretisation size ``N`` is 
 - ``marginal_coeffs(t) -> (mean_coeff [B], std [B])`` and ``marginal_prob(x0, t) -> (mean, std)``:
   ``p_0t(x_t | x_0) = N(mean_coeff * x_0, std^2 I)``;
 - ``prior_sampling(key, shape)`` and ``prior_logp(z) -> [B]``: the prior at ``t = T``;
-- ``discretize(x, t) -> (f, G)``: one step of the reverse-time chain, ``x_{i+1} = x_i + f + G z``,
+- ``discretize(x, t) -> (f, G)``: one step of the forward chain, ``x_{i+1} = x_i + f + G z``,
   as ``score_sde``'s ``discretize`` (the generic Euler-Maruyama form ``f = drift dt``,
   ``G = g sqrt(dt)`` with ``dt = T / N``; VE and VP override it with their discrete chains: SMLD's
   noise levels and DDPM's betas, indexed by ``floor(t (N - 1) / T)``);
