@@ -1,0 +1,171 @@
+"""The Stable Diffusion pipeline: loading errors, variants, one compile per setting, embeddings,
+bf16, sharding over simulated devices, the command line. A tiny random folder written by
+diffusers (``jaxdiff.pipelines.tiny``); parity with diffusers is in tests/parity."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from experiments import text_to_image  # noqa: E402
+from experiments.cli import ConfigError  # noqa: E402
+from jaxdiff.pipelines import encode_prompt, generate, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_sd"))
+    write_tiny_stable_diffusion(path, variant="fp16")  # *.fp16.* weight files
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd(folder):
+    return load_stable_diffusion(folder, variant="fp16")
+
+
+def _copy(folder, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _edit_json(path, **changes):
+    with open(path) as f:
+        d = json.load(f)
+    d.update(changes)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def test_load_errors(folder, tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_stable_diffusion(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="model_index.json"):
+        load_stable_diffusion(str(tmp_path))
+    with pytest.raises(ValueError, match="variant=None: no weights file.*fp16"):
+        load_stable_diffusion(folder)  # only fp16-variant files were written
+    copy = _copy(folder, tmp_path)
+    _edit_json(os.path.join(copy, "model_index.json"),
+               text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
+    with pytest.raises(ValueError, match="SDXL"):
+        load_stable_diffusion(copy, variant="fp16")
+    shutil.rmtree(copy)
+    copy = _copy(folder, tmp_path)
+    _edit_json(os.path.join(copy, "unet", "config.json"), addition_embed_type="text_time")
+    with pytest.raises(ValueError, match="unet/config.json.*SDXL"):
+        load_stable_diffusion(copy, variant="fp16")
+    shutil.rmtree(copy)
+    copy = _copy(folder, tmp_path)
+    shutil.rmtree(os.path.join(copy, "vae"))
+    with pytest.raises(ValueError, match="no vae/ folder"):
+        load_stable_diffusion(copy, variant="fp16")
+    shutil.rmtree(copy)
+    copy = _copy(folder, tmp_path)
+    _edit_json(os.path.join(copy, "scheduler", "scheduler_config.json"),
+               _class_name="PNDMScheduler")
+    with pytest.raises(ValueError, match="PNDMScheduler.*sampler="):
+        load_stable_diffusion(copy, variant="fp16")
+    sd = load_stable_diffusion(copy, variant="fp16", sampler="dpmpp_2m")
+    assert sd.sampler.name == "dpmpp_2m" and sd.sampler.options["prediction_type"] == "eps"
+
+
+def test_compiles_once_per_setting(sd, caplog):
+    lat = np.zeros((2, 16, 16, 4), np.float32)
+
+    def compiles(**kw):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), jax.log_compiles():
+            out = generate(sd, **kw)
+        return out, sum("_sd_program" in r.getMessage() and "Compiling" in r.getMessage()
+                        for r in caplog.records)
+
+    a, n1 = compiles(prompt=["a cat", "a dog"], num_steps=2, seed=0)
+    b, n2 = compiles(prompt=["the dog", "of"], negative_prompt="cat", num_steps=2, seed=1,
+                     guidance_scale=4.0)
+    _, n3 = compiles(prompt=["a", "b"], num_steps=2, latents=lat)
+    assert (n1, n2) == (1, 0), (n1, n2)
+    assert n3 == 1  # given latents: another input structure, compiled once
+    assert a.images.dtype == np.uint8 and a.images.shape == (2, 32, 32, 3)
+    assert not np.array_equal(a.images, b.images)
+
+
+def test_embeddings_seed_and_errors(sd):
+    kw = dict(num_steps=2, seed=3)
+    ref = generate(sd, ["a cat"], ["dog"], **kw)
+    emb = encode_prompt(sd, sd.params, jnp.asarray(sd.tokenizer(["a cat"]).input_ids))
+    neg = encode_prompt(sd, sd.params, jnp.asarray(sd.tokenizer(["dog"]).input_ids))
+    out = generate(sd, prompt_embeds=emb, negative_prompt_embeds=neg, **kw)
+    np.testing.assert_allclose(out.float_images, ref.float_images, atol=1e-5)
+    again = generate(sd, ["a cat"], ["dog"], **kw)
+    np.testing.assert_array_equal(again.images, ref.images)  # seeded: reproducible
+    with pytest.raises(ValueError, match="height must be a multiple of 8"):
+        generate(sd, "a cat", height=36, width=32, **kw)
+    with pytest.raises(ValueError, match="strength"):
+        generate(sd, "a cat", image=np.zeros((32, 32, 3), np.uint8), strength=0.1, **kw)
+    with pytest.raises(ValueError, match="'unipc' does not support image-to-image"):
+        generate(sd, "a cat", image=np.zeros((32, 32, 3), np.uint8), sampler="unipc", **kw)
+    with pytest.raises(ValueError, match="seed or key"):
+        generate(sd, "a cat", num_steps=2)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(sd, None, num_steps=2, seed=0)
+
+
+def test_bf16_runs_close_to_float32(folder, sd):
+    sd16 = load_stable_diffusion(folder, variant="fp16", dtype=jnp.bfloat16)
+    assert jax.tree.leaves(sd16.params)[0].dtype == jnp.bfloat16
+    a = generate(sd, ["a cat"], ["dog"], num_steps=2, seed=3)  # compiled by the test above
+    b = generate(sd16, ["a cat"], ["dog"], num_steps=2, seed=3)
+    assert np.isfinite(b.float_images).all()
+    assert np.abs(a.float_images - b.float_images).mean() < 0.05
+
+
+def test_sharded_over_two_devices_matches_one(folder, sd):
+    lat = np.random.default_rng(0).standard_normal((3, 16, 16, 4)).astype(np.float32)
+    ref = generate(sd, ["a cat", "a dog", "the"], num_steps=2, latents=lat)
+    np.save(os.path.join(folder, "..", "lat.npy"), lat)
+    code = (
+        "import sys, numpy as np, jax\n"
+        "from jaxdiff.pipelines import generate, load_stable_diffusion\n"
+        "assert jax.device_count() == 2\n"
+        "sd = load_stable_diffusion(sys.argv[1], variant='fp16')\n"
+        "out = generate(sd, ['a cat', 'a dog', 'the'], num_steps=2, latents=np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], out.float_images)\n"
+    )
+    out_path = os.path.join(folder, "..", "sharded.npy")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code, folder, os.path.join(folder, "..", "lat.npy"),
+                    out_path], check=True, env=env, timeout=300)
+    np.testing.assert_allclose(np.load(out_path), ref.float_images, atol=1e-5)
+
+
+def test_command_line(folder, tmp_path, capsys):
+    out = str(tmp_path / "img.png")
+    images = text_to_image.main(["--model", folder, "--variant", "fp16", "--prompt", "a cat",
+                                 "--negative_prompt", "dog", "--steps", "2", "--seed", "1",
+                                 "--out", out])
+    assert os.path.isfile(out) and images.shape == (1, 32, 32, 3)
+    with pytest.raises(ConfigError, match="model_index.json"):
+        text_to_image.main(["--model", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(ConfigError, match="--prompt is required"):
+        text_to_image.main(["--model", folder])
+    with pytest.raises(SystemExit) as e:
+        text_to_image.cli_main(["--model", folder, "--variant", "fp16", "--prompt", "x",
+                                "--height", "20"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: height must be a multiple")
