@@ -84,7 +84,8 @@ def pc_sample(
       predictor: a name in :data:`~jaxdiff.sde.predictors.PREDICTORS`.
       corrector: a name in :data:`~jaxdiff.sde.correctors.CORRECTORS`.
       snr: the corrector's signal-to-noise ratio (``> 0``).
-      n_corrector_steps: Langevin steps per time step (``>= 0``).
+      n_corrector_steps: Langevin steps per time step (``>= 0``; taken as 0 with
+        ``corrector="none"``).
       eps: the last time of the grid, in ``(0, T)`` (``score_sde`` uses ``1e-3`` for VP, ``1e-5``
         for VE).
       num_steps: the number of steps; replaces ``sde.N`` (``None``: keep it).
@@ -107,6 +108,8 @@ def pc_sample(
     corr_fn = CORRECTORS[check_choice("corrector", corrector, tuple(CORRECTORS))]
     snr = check_float("snr", snr, minimum=0.0, exclusive_minimum=True)
     n_c = check_int("n_corrector_steps", n_corrector_steps, minimum=0)
+    if corrector == "none":
+        n_c = 0
     denoise = check_bool("denoise", denoise)
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, minimum=1)
