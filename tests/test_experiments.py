@@ -140,7 +140,7 @@ def test_sample_rejects_options_the_sampler_does_not_take(trained, tmp_path, arg
     ("--config.sampling.guidance_scale=-1", "sampling.guidance_scale must be >= 0"),
     ("--config.sampling.clip_x0=-1", "sampling.clip_x0 must be >= 0"),
     ("--config.sampling.num_steps=1001", "num_steps must be <= num_timesteps"),
-    ("--config.sampling.sampler=euler", "sampling.sampler must be one of"),
+    ("--config.sampling.sampler=eulr", "sampling.sampler must be one of"),
     ("--config.sampling.ddim_clip=torch", "sampling.ddim_clip must be one of"),
     # one class count: labels 0-9 do not fit 5 classes (old: digit 5 became the null label)
     ("--config.model.num_classes=5", "model.num_classes is 5, but the data's labels"),
