@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.autoencoder_latents import vae_decode_latents, vae_encode_latents
 from jaxdiff.models.clip_text import CLIPTextModel
@@ -133,7 +134,8 @@ def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, resca
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images, latents.astype(jnp.float32)
 
-    return jax.jit(_sd_program, out_shardings=(repl, repl))
+    return jax.jit(_sd_program, out_shardings=(repl, repl),
+                   compiler_options=cpu_compiler_options())  # {} off the CPU
 
 
 def _tokens(sd: StableDiffusion, prompts: Sequence[str], name: str) -> np.ndarray:
