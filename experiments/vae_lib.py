@@ -23,6 +23,7 @@ from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
+from jaxdiff.metrics import classifier_accuracy, load_classifier
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, init_autoencoder
 from jaxdiff.models.autoencoder import autoencoder_param_shapes
 from jaxdiff.training import (Checkpointer, OptimizerConfig, StopOnSignal, check_batch_divisible,
@@ -149,12 +150,17 @@ def make_eval_fn(model: AutoencoderKL) -> Callable:
     return jax.jit(fn, compiler_options=cpu_compiler_options())
 
 
-def evaluate(eval_fn: Callable, variables, images: np.ndarray, batch_size: int) -> Dict[str, Any]:
+def evaluate(eval_fn: Callable, variables, images: np.ndarray, batch_size: int,
+             classifier: Optional[tuple] = None) -> Dict[str, Any]:
     """Test-set reconstruction metrics: ``{"mse", "psnr"}`` (means over the images),
     ``latent_std`` (of the posterior means) and ``scaling_factor`` (``1 / latent_std``, the
     latent-diffusion convention), ``num_examples``; plus ``recon``: the first batch's
-    reconstructions. The last batch is padded to ``batch_size`` (one compiled shape)."""
-    mse, psnr, zs, first = [], [], [], None
+    reconstructions. The last batch is padded to ``batch_size`` (one compiled shape).
+
+    ``classifier``: ``(params, labels [N])`` of a ``jaxdiff.metrics`` MNIST classifier; then also
+    ``classifier_accuracy_real`` and ``classifier_accuracy_recon``, its accuracy on the images and
+    on their reconstructions (what a reconstruction keeps of the digit)."""
+    mse, psnr, zs, first, recons = [], [], [], None, []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         n = len(chunk)
@@ -164,10 +170,19 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray, batch_size: int) 
         psnr.append(m["psnr"][:n])
         zs.append(z[:n])
         first = recon[:n] if first is None else first
+        if classifier is not None:
+            recons.append(recon[:n])
     latent_std = float(np.concatenate(zs).std())
-    return {"mse": float(np.concatenate(mse).mean()), "psnr": float(np.concatenate(psnr).mean()),
-            "latent_std": latent_std, "scaling_factor": 1.0 / latent_std,
-            "num_examples": int(len(images)), "recon": first}
+    out = {"mse": float(np.concatenate(mse).mean()), "psnr": float(np.concatenate(psnr).mean()),
+           "latent_std": latent_std, "scaling_factor": 1.0 / latent_std,
+           "num_examples": int(len(images)), "recon": first}
+    if classifier is not None:
+        params, labels = classifier
+        labels = np.asarray(labels)[:len(images)]
+        out["classifier_accuracy_real"] = classifier_accuracy(params, images, labels)
+        out["classifier_accuracy_recon"] = classifier_accuracy(
+            params, np.clip(np.concatenate(recons), -1.0, 1.0), labels)
+    return out
 
 
 def _load(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
@@ -215,6 +230,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     train_images, test_images = _load(config, "train"), _load(config, "test")
     if e.num_examples:
         test_images = test_images[:e.num_examples]
+    classifier = None
+    if e.get("classifier_path"):
+        try:
+            clf_params = load_classifier(e.classifier_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"eval.classifier_path: {err}") from None
+        _, test_labels = load_mnist("test", config.data.data_dir or None,
+                                    source=config.data.source)
+        classifier = (clf_params, test_labels)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as err:
@@ -244,7 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     eval_log = JsonlWriter(os.path.join(workdir, "eval.jsonl")) if is_main else None
 
     def run_eval(step, st):
-        result = evaluate(eval_fn, st.ema_params, test_images, e.batch_size)
+        result = evaluate(eval_fn, st.ema_params, test_images, e.batch_size, classifier)
         recon = result.pop("recon")
         if is_main:
             eval_log.write_scalars(step, result)
@@ -252,7 +276,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
             k = min(e.grid, len(recon))
             grid = np.concatenate([test_images[:k], recon[:k]])
             save_grid(grid, os.path.join(workdir, "recon", f"step_{step:06d}.png"), ncols=k)
-            print(f"eval step {step}: mse {result['mse']:.5f} psnr {result['psnr']:.2f} dB")
+            acc = ("" if classifier is None else
+                   f", classifier accuracy {result['classifier_accuracy_recon']:.4f} on "
+                   f"reconstructions ({result['classifier_accuracy_real']:.4f} on the images)")
+            print(f"eval step {step}: mse {result['mse']:.5f} psnr {result['psnr']:.2f} dB{acc}")
         last_eval[0] = dict(result, step=step)
 
     def on_step(step, st):

@@ -103,3 +103,35 @@ def test_config_errors_are_one_line_and_write_nothing(tmp_path, data_dir, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not workdir.exists()
+
+
+def test_classifier_accuracy_on_reconstructions(trained, data_dir, tmp_path):
+    """With eval.classifier_path, the evaluation reports the classifier's accuracy on the test
+    images and on their reconstructions (here a random-init classifier: the numbers are checked
+    against the classifier applied directly)."""
+    import shutil
+
+    import jax
+
+    from experiments import train_vae_mnist
+    from jaxdiff.data import load_mnist
+    from jaxdiff.metrics import classifier_accuracy, init_classifier, save_classifier
+
+    workdir, _ = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    params = init_classifier(jax.random.key(3))
+    path = str(tmp_path / "clf.msgpack")
+    save_classifier(path, params)
+    summary = train_vae_mnist.main(_args(copy, data_dir, 3)
+                                   + [f"--config.eval.classifier_path={path}"])
+    row = summary["eval"]
+    images, labels = load_mnist("test", data_dir)
+    assert row["classifier_accuracy_real"] == pytest.approx(
+        classifier_accuracy(params, images, labels))
+    assert 0.0 <= row["classifier_accuracy_recon"] <= 1.0
+    last = [json.loads(line) for line in open(os.path.join(copy, "eval.jsonl"))][-1]
+    assert last["classifier_accuracy_recon"] == pytest.approx(row["classifier_accuracy_recon"])
+    with pytest.raises(Exception, match="eval.classifier_path"):
+        train_vae_mnist.main(_args(copy, data_dir, 3)
+                             + [f"--config.eval.classifier_path={tmp_path / 'missing'}"])

@@ -58,4 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_examples = 2000    # test images evaluated; 0 = the whole test split
     c.eval.batch_size = 250
     c.eval.grid = 16              # images in the reconstruction grid (originals over recons)
+    # An MNIST classifier (jaxdiff.metrics.save_classifier; eval_mnist trains one): its accuracy
+    # on the reconstructions is reported too. "" = none.
+    c.eval.classifier_path = ""
     return c
