@@ -114,9 +114,9 @@ def test_ddpm_noise_statistics_over_1000_steps():
     of the sample at time s follows ``v_{t-1} = coef2_t^2 v_t + sigma_t^2`` from v_999 = 1
     (float64). Reusing one noise draw across steps, or dropping steps' noise, changes it."""
     x = jax.random.normal(jax.random.key(4), (1024, 4))
-    _, xs, _ = jax.jit(lambda x, k: ddpm_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, k, num_steps=T,
-                                                prediction_type="x0", return_trajectory=True))(
-        x, jax.random.key(5))
+    _, xs, _ = jax.jit(lambda x, k: ddpm_sample(lambda x, t: jnp.zeros_like(x), SCHED, x, k,
+                                                num_steps=T, prediction_type="x0",
+                                                return_trajectory=True))(x, jax.random.key(5))
     betas = np.asarray(SCHED.betas, np.float64)
     acp = np.cumprod(1 - betas)
     v = {T - 1: 1.0}

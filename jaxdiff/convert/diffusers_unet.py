@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.torch_io import (
+    match_state_dict,
     rename_legacy_attention_keys,
-    to_numpy,
     torch_key,
-    torch_to_flax,
 )
 from jaxdiff.models.unet import unet_param_shapes
 from jaxdiff.models.unet_config import UNetConfig
@@ -65,28 +63,7 @@ def convert_unet_state_dict(
     given = rename_legacy_attention_keys(state_dict)
     shapes = flatten_dict(unet_param_shapes(config))
     expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    misshaped, flat = [], {}
-    for key in sorted(set(expected) & set(given)):
-        path, shape = expected[key]
-        value = torch_to_flax(path, to_numpy(given[key]), shape)
-        if value.shape != shape:
-            misshaped.append(
-                f"{key} ({'/'.join(path)}): expected {shape} after conversion, got {value.shape} "
-                f"(torch {tuple(to_numpy(given[key]).shape)})"
-            )
-            continue
-        flat[path] = value.astype(dtype)
-    if missing or unexpected or misshaped:
-        lines = ["the state dict does not match the UNet config:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {len(keys)} {title} keys: " + ", ".join(keys))
-        if misshaped:
-            lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
-        raise ValueError("\n".join(lines))
-    return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))
+    return match_state_dict(given, expected, dtype=dtype, what="the UNet config")
 
 
 def from_diffusers(model, *, dtype: Any = None, param_dtype: Any = None) -> tuple[UNetConfig, dict]:

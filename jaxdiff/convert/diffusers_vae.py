@@ -21,16 +21,14 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
-from jaxdiff.convert.torch_io import (  # one home for the diffusers key conventions
+from jaxdiff.convert.torch_io import (
     load_torch_state_dict,
+    match_state_dict,  # one home for the diffusers key conventions
     rename_legacy_attention_keys,
-    to_numpy,
     torch_key,
-    torch_to_flax,
 )
 from jaxdiff.models.autoencoder import AutoencoderKL, autoencoder_param_shapes
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
@@ -137,29 +135,7 @@ def convert_vae_state_dict(
     given = rename_legacy_attention_keys(state_dict)
     shapes = flatten_dict(autoencoder_param_shapes(config))
     expected = {torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    misshaped, flat = [], {}
-    for key in sorted(set(expected) & set(given)):
-        path, shape = expected[key]
-        raw = to_numpy(given[key])
-        value = torch_to_flax(path, raw, shape)
-        if value.shape != shape:
-            misshaped.append(
-                f"{key} ({'/'.join(path)}): expected {shape} after conversion, got {value.shape} "
-                f"(torch {tuple(raw.shape)})"
-            )
-            continue
-        flat[path] = value.astype(dtype)
-    if missing or unexpected or misshaped:
-        lines = ["the state dict does not match the AutoencoderKL config:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {len(keys)} {title} keys: " + ", ".join(keys))
-        if misshaped:
-            lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
-        raise ValueError("\n".join(lines))
-    return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))
+    return match_state_dict(given, expected, dtype=dtype, what="the AutoencoderKL config")
 
 
 def _weights_file(folder: str) -> str:

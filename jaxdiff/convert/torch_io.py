@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 __all__ = [
     "load_torch_state_dict",
+    "match_state_dict",
     "rename_legacy_attention_keys",
     "to_numpy",
     "torch_key",
@@ -109,3 +112,50 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
             state = state["state_dict"]
         return {k: to_numpy(v) for k, v in state.items()}
     raise ValueError(f"path must end in .safetensors, .bin, .pt, .pth or .ckpt, got {path!r}")
+
+
+def match_state_dict(
+    given: Mapping[str, Any],
+    expected: Mapping[str, tuple[tuple[str, ...], tuple[int, ...]]],
+    *,
+    dtype: Any,
+    what: str,
+) -> dict:
+    """The Flax params tree from a torch state dict that must cover a model exactly.
+
+    Args:
+      given: ``{torch key: tensor or array}`` (legacy names already renamed).
+      expected: ``{torch key: (Flax param path, Flax shape)}`` of every parameter of the model.
+      dtype: the parameters' dtype.
+      what: the model, for the error message (e.g. ``"the UNet config"``).
+
+    Returns:
+      The nested params dict (``jax.Array`` leaves), each weight through :func:`torch_to_flax`.
+
+    Raises:
+      ValueError: listing every missing, unexpected and mis-shaped key (with its Flax path and
+        both shapes); nothing is left at random init.
+    """
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    misshaped, flat = [], {}
+    for key in sorted(set(expected) & set(given)):
+        path, shape = expected[key]
+        raw = to_numpy(given[key])
+        value = torch_to_flax(path, raw, shape)
+        if value.shape != shape:
+            misshaped.append(
+                f"{key} ({'/'.join(path)}): expected {shape} after conversion, got {value.shape} "
+                f"(torch {tuple(raw.shape)})"
+            )
+            continue
+        flat[path] = value.astype(dtype)
+    if missing or unexpected or misshaped:
+        lines = [f"the state dict does not match {what}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {len(keys)} {title} keys: " + ", ".join(keys))
+        if misshaped:
+            lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
+        raise ValueError("\n".join(lines))
+    return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))

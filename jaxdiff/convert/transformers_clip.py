@@ -27,11 +27,10 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
-from jaxdiff.convert.torch_io import load_torch_state_dict, to_numpy
+from jaxdiff.convert.torch_io import load_torch_state_dict, match_state_dict, to_numpy
 from jaxdiff.models.clip_text import clip_text_param_shapes
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 
@@ -182,27 +181,7 @@ def convert_clip_text_state_dict(
             raise ValueError(f"{_POSITION_IDS} must be arange(max_position_embeddings)")
     shapes = flatten_dict(clip_text_param_shapes(config))
     expected = {clip_torch_key(p): (p, tuple(s.shape)) for p, s in shapes.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    misshaped, flat = [], {}
-    for key in sorted(set(expected) & set(given)):
-        path, shape = expected[key]
-        value = to_numpy(given[key])
-        if path[-1] == "kernel" and value.ndim == 2:  # linear: [out, in] -> [in, out]
-            value = value.T
-        if value.shape != shape:
-            misshaped.append(f"{key}: expected {shape} after conversion, got {value.shape}")
-            continue
-        flat[path] = value.astype(dtype)
-    if missing or unexpected or misshaped:
-        lines = ["the state dict does not match the CLIP text config:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {len(keys)} {title} keys: " + ", ".join(keys))
-        if misshaped:
-            lines.append(f"  {len(misshaped)} mis-shaped keys: " + "; ".join(misshaped))
-        raise ValueError("\n".join(lines))
-    return jax.tree.map(jax.numpy.asarray, unflatten_dict(flat))
+    return match_state_dict(given, expected, dtype=dtype, what="the CLIP text config")
 
 
 def clip_text_from_transformers(
