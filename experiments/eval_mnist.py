@@ -59,6 +59,12 @@ def markdown_table(results: dict) -> str:
             rows.append((f"FID, {name} samples (N={r['n']})", f"{r['fid']:.3f}"))
             if "conditional_accuracy" in r:
                 rows.append(("conditional accuracy", f"{r['conditional_accuracy']:.4f}"))
+            if "precision" in r:
+                rows.append(("precision / recall (k = 3)",
+                             f"{r['precision']:.3f} / {r['recall']:.3f}"))
+            if "clean_background" in r:
+                rows.append(("clean background / haze (pixel fractions)",
+                             f"{r['clean_background']:.3f} / {r['haze']:.3f}"))
             if "class_histogram" in r:
                 hist = " ".join(f"{h:.3f}" for h in r["class_histogram"])
                 last = len(r["class_histogram"]) - 1
@@ -142,27 +148,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     test_idx = rng.permutation(len(test[0]))[:n]
     train_idx = rng.permutation(len(train[0]))[:n]
     t0 = time.time()
-    ref_stats = feature_statistics(classify(clf, test[0][test_idx])[0])
+    test_feats = classify(clf, test[0][test_idx])[0]
+    ref_stats = feature_statistics(test_feats)
+    reference = {"feats": test_feats, "images": test[0][test_idx]}
     floor = frechet_distance(*feature_statistics(classify(clf, train[0][train_idx])[0]), *ref_stats)
     results["fid_floor"] = {"n": n, "fid": floor, "time_s": round(time.time() - t0, 2)}
     log(f"FID floor (train vs test, N={n}): {floor:.4f}")
 
     if fv.samples_npz:
         saved = np.load(fv.samples_npz)
-        results["conditional"] = evaluate_samples(clf, saved["images"], saved["labels"], ref_stats)
+        results["conditional"] = evaluate_samples(clf, saved["images"], saved["labels"], ref_stats,
+                                                  reference=reference)
     elif run is None:
         log(f"no train_mnist checkpoint in {fv.workdir}: classifier and floor only")
     else:
         labels = (np.arange(n) % run["num_classes"]).astype(np.int32)
         t0 = time.time()
         cond = generate(run["sample_fn"], labels, jax.random.fold_in(key, 1), fv.batch_size)
-        results["conditional"] = evaluate_samples(clf, cond, labels, ref_stats)
+        results["conditional"] = evaluate_samples(clf, cond, labels, ref_stats,
+                                                  reference=reference)
         results["conditional"]["time_s"] = round(time.time() - t0, 1)
         null = np.full(n, run["null_label"], np.int32)
         t0 = time.time()
         uncond = generate(run["sample_fn"], null, jax.random.fold_in(key, 2), fv.batch_size)
         results["unconditional"] = evaluate_samples(clf, uncond, None, ref_stats,
-                                                    num_classes=run["num_classes"])
+                                                    num_classes=run["num_classes"],
+                                                    reference=reference)
         results["unconditional"]["time_s"] = round(time.time() - t0, 1)
         for name in ("conditional", "unconditional"):
             log(f"{name}: {results[name]}")

@@ -39,7 +39,7 @@ from experiments.cli import ConfigError
 from experiments.evaluation import (evaluate_samples, generate, get_classifier, has_run,
                                     load_diffusion, load_mnist_arrays, log)
 from experiments.images import save_grid
-from jaxdiff.metrics import classify, feature_statistics, frechet_distance
+from jaxdiff.metrics import classify, feature_statistics
 from jaxdiff.samplers import sampler_names, sampler_options
 
 PROG = "python -m experiments.eval_sweep"
@@ -83,6 +83,16 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
     return out
 
 
+# Sample statistics each row carries besides FD and accuracy (experiments.evaluation).
+_SAMPLE_STATS = ("precision", "recall", "clean_background", "haze", "pixel_hist_tv")
+
+
+def _stats(r: dict) -> str:
+    """``precision | recall | clean background | haze`` cells (empty where absent)."""
+    return " | ".join(f"{r[k]:.3f}" if k in r else ""
+                      for k in ("precision", "recall", "clean_background", "haze"))
+
+
 def _by_nfe(rows: list) -> list:
     """Where the sweep compares samplers at several NFE (one guidance scale and N), the same rows
     as a sampler x NFE table of "FD / accuracy" (empty otherwise)."""
@@ -115,8 +125,8 @@ def markdown(results: dict) -> str:
     clf = results["classifier"]
     lines = [
         "| sampler | steps | NFE | guidance | N | FD (floor at N) | conditional accuracy | "
-        "time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "precision | recall | clean background | haze | time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     floors = results["floors"]
     for r in results["settings"]:
@@ -124,8 +134,11 @@ def markdown(results: dict) -> str:
             f"| {r.get('label', r['sampler']).upper()} | {r['steps']} | {r.get('nfe', '')} | "
             f"{r['guidance_scale']:g} | {r['n']} | "
             f"{r['fd']:.2f} ({floors[str(r['n'])]:.2f}) | {r['conditional_accuracy']:.3f} | "
-            f"{r['time_s']:.0f} |"
+            f"{_stats(r)} | {r['time_s']:.0f} |"
         )
+    for n, r in sorted(results.get("real", {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| (training images) | | | | {n} | {r['fid']:.2f} | "
+                     f"{r['conditional_accuracy']:.3f} | {_stats(r)} | |")
     lines.append("")
     lines += _by_nfe(results["settings"])
     if results.get("args", {}).get("ddim_clip") == "diffusers":
@@ -207,11 +220,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     rng = np.random.default_rng(fv.seed)
     test_perm, train_perm = rng.permutation(len(test[0])), rng.permutation(len(train[0]))
-    refs, floors = {}, {}
+    refs, floors, references, real_rows = {}, {}, {}, {}
     for n in sorted({s["n"] for s in settings}):
-        refs[n] = feature_statistics(classify(clf, test[0][test_perm[:n]])[0])
-        real = feature_statistics(classify(clf, train[0][train_perm[:n]])[0])
-        floors[str(n)] = float(frechet_distance(*real, *refs[n]))
+        test_feats = classify(clf, test[0][test_perm[:n]])[0]
+        refs[n] = feature_statistics(test_feats)
+        references[n] = {"feats": test_feats, "images": test[0][test_perm[:n]]}
+        train_images = train[0][train_perm[:n]]
+        # The reference row: N training images scored like samples.
+        real_rows[str(n)] = evaluate_samples(clf, train_images, train[1][train_perm[:n]],
+                                             refs[n], reference=references[n])
+        floors[str(n)] = float(real_rows[str(n)]["fid"])
         log(f"floor (train vs test) at N={n}: {floors[str(n)]:.3f}")
 
     key = jax.random.key(fv.seed)
@@ -222,9 +240,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         t0 = time.time()
         images = generate(run["sample_fn"], labels, key, min(fv.batch_size, s["n"]))
         elapsed = time.time() - t0
-        r = evaluate_samples(clf, images, labels, refs[s["n"]])
+        r = evaluate_samples(clf, images, labels, refs[s["n"]], reference=references[s["n"]])
         row = {**s, "fd": float(r["fid"]), "conditional_accuracy": r["conditional_accuracy"],
-               "time_s": round(elapsed, 1)}
+               **{k: r[k] for k in _SAMPLE_STATS}, "time_s": round(elapsed, 1)}
         rows.append(row)
         log(f"  FD {row['fd']:.3f}, accuracy {row['conditional_accuracy']:.3f}, {elapsed:.0f} s")
         order = np.concatenate([np.flatnonzero(labels == d)[:2]
@@ -232,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         strips.append(images[order])
 
     results = {"workdir": fv.workdir, "step": max(ckpts, default=-1),
-               "classifier": clf_info, "floors": floors, "settings": rows,
+               "classifier": clf_info, "floors": floors, "settings": rows, "real": real_rows,
                "args": fv.flag_values_dict()}
     with open(os.path.join(fv.workdir, f"{fv.name}.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)

@@ -19,6 +19,7 @@ from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.data import load_mnist
 from jaxdiff.metrics import (class_histogram, classifier_accuracy, classify, conditional_accuracy,
                              feature_statistics, frechet_distance, load_classifier,
+                             pixel_histogram_distance, pixel_statistics, precision_recall,
                              save_classifier, train_classifier, vlb_terms)
 
 __all__ = ["log", "load_mnist_arrays", "get_classifier", "evaluate_samples", "generate",
@@ -71,11 +72,21 @@ def get_classifier(path: str, train_data, test_data, *, seed: int, epochs: int):
 
 
 def evaluate_samples(clf_params, images: np.ndarray, labels: Optional[np.ndarray],
-                     ref_stats, num_classes: int = 10) -> dict:
+                     ref_stats, num_classes: int = 10, reference: Optional[dict] = None) -> dict:
     """FID against ``ref_stats``; conditional accuracy if ``labels`` ([n] requested classes) is
-    given, else the class histogram (fractions) and its largest deviation from uniform."""
+    given, else the class histogram (fractions) and its largest deviation from uniform; the
+    pixel statistics (``clean_background``, ``haze``, ``pixel_mean``:
+    :func:`jaxdiff.metrics.pixel_statistics`). With ``reference = {"feats": [m, 128], "images":
+    [m, 28, 28, 1]}`` (real test images and their classifier features) also ``precision`` and
+    ``recall`` (k = 3) and ``pixel_hist_tv``, the intensity histogram's distance to the
+    reference's."""
     feats, logits = classify(clf_params, images)
     out = {"n": int(len(images)), "fid": frechet_distance(*feature_statistics(feats), *ref_stats)}
+    px = pixel_statistics(images)
+    out.update(clean_background=px["clean_background"], haze=px["haze"], pixel_mean=px["mean"])
+    if reference is not None:
+        out["precision"], out["recall"] = precision_recall(reference["feats"], feats, k=3)
+        out["pixel_hist_tv"] = pixel_histogram_distance(images, reference["images"])
     if labels is not None:
         out["conditional_accuracy"] = float(conditional_accuracy(logits, labels))
     else:

@@ -375,7 +375,8 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     assert np.isfinite(res["bpd"]["bpd"]) and res["bpd"]["bpd"] > 0
     assert res["bpd"]["n"] == 14     # its own draw, not capped at --num_samples
     assert res["args"]["sampler"] == "dpm_solver"
-    assert "bits/dim" in open(os.path.join(workdir, "eval_mnist.md")).read()
+    md = open(os.path.join(workdir, "eval_mnist.md")).read()
+    assert "bits/dim" in md and md.count("precision / recall") == 2 and "clean background" in md
 
     png = str(tmp_path / "sweep.png")
     out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
@@ -386,11 +387,16 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     assert [(r["sampler"], r["steps"], r["guidance_scale"], r["n"]) for r in rows] == [
         ("ddim", 2, 0.0, 10), ("dpm_solver", 2, 1.0, 20), ("heun", 2, 2.0, 10)]
     assert [r["nfe"] for r in rows] == [2, 2, 3]   # Heun: two model calls per step, one last
+    for r in rows + list(out["real"].values()):   # sample statistics, and the real-data row
+        assert all(0.0 <= r[k] <= 1.0 for k in ("precision", "recall", "clean_background", "haze"))
+    assert sorted(out["real"]) == ["10", "20"]
+    assert out["real"]["20"]["fid"] == pytest.approx(out["floors"]["20"])
     # the module's run is at step 3, or 5 when the resume test ran first on this worker
     latest = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert sorted(out["floors"]) == ["10", "20"] and out["step"] == latest and latest in (3, 5)
     assert all(np.isfinite(r["fd"]) and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
     table = open(os.path.join(workdir, "sweep.md")).read()
+    assert table.count("\n| (training images) |") == 2
     assert table.count("\n| DDIM | 2 | 2 |") == 1 and table.count("\n| HEUN | 2 | 3 |") == 1
     w, h = Image.open(png).size
     assert w > h  # 3 rows of 20 (two samples per digit)
