@@ -68,9 +68,16 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
     """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`,
     ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError`` is printed to stderr
     as one ``error: ...`` line and exits with status 2; any other exception propagates (with its
-    traceback). The result of ``main`` is not printed and the exit status is 0."""
+    traceback). The result of ``main`` is not printed and the exit status is 0.
+
+    First it switches on JAX's persistent compilation cache (:func:`jaxdiff.compile_cache.enable`:
+    ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$JAXDIFF_COMPILATION_CACHE``, else
+    ``~/.cache/jaxdiff/xla``; ``JAXDIFF_COMPILATION_CACHE=off`` leaves it off), so a command run a
+    second time loads its compiled programs instead of compiling them again."""
+    from jaxdiff import compile_cache
     from jaxdiff.training import CheckpointError, IncompatibleCheckpointError
 
+    compile_cache.enable()  # before anything compiles; JAXDIFF_COMPILATION_CACHE=off: no cache
     try:
         main(list(sys.argv[1:] if argv is None else argv))
     except (ConfigError, IncompatibleCheckpointError, CheckpointError) as e:

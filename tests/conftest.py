@@ -6,6 +6,10 @@ does not search there."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command lines (experiments.cli.run) switch JAX's persistent compilation cache on in
+# ~/.cache/jaxdiff/xla; tests that call them in-process must not write there (tests that want a
+# cache set a tmp directory themselves).
+os.environ.setdefault("JAXDIFF_COMPILATION_CACHE", "off")
 
 _SHARED_MNIST = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                               "..", "shared", "data", "mnist"))
