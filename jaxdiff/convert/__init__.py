@@ -1,4 +1,4 @@
-"""PyTorch (diffusers, transformers) checkpoints -> jaxdiff configs and Flax params."""
+"""PyTorch (diffusers, transformers) checkpoints -> jaxdiff configs and Flax params, and back."""
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
@@ -6,12 +6,23 @@ from jaxdiff.convert.diffusers_scheduler import (
     schedule_from_diffusers_config,
 )
 from jaxdiff.convert.diffusers_unet import convert_unet_state_dict, from_diffusers
+from jaxdiff.convert.export_diffusers import (
+    clip_text_config_to_transformers,
+    clip_text_to_transformers,
+    save_safetensors,
+    unet_config_to_diffusers,
+    unet_to_diffusers,
+    vae_config_to_diffusers,
+    vae_to_diffusers,
+)
+from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.convert.diffusers_vae import (
     convert_vae_state_dict,
     vae_config_from_diffusers,
     vae_from_diffusers,
 )
 from jaxdiff.convert.torch_io import (
+    flax_to_torch,
     load_torch_state_dict,
     rename_legacy_attention_keys,
     to_numpy,
@@ -27,20 +38,29 @@ from jaxdiff.convert.transformers_clip import (
 
 __all__ = [
     "clip_text_config_from_transformers",
+    "clip_text_config_to_transformers",
+    "clip_text_to_transformers",
     "clip_text_from_transformers",
     "convert_clip_text_state_dict",
     "convert_unet_state_dict",
     "convert_vae_state_dict",
+    "flax_to_torch",
     "from_diffusers",
     "load_clip_text_encoder",
     "load_torch_state_dict",
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
+    "save_safetensors",
+    "scheduler_to_diffusers",
     "schedule_from_diffusers_config",
     "to_numpy",
     "torch_key",
     "torch_to_flax",
     "unet_config_from_diffusers",
+    "unet_config_to_diffusers",
+    "unet_to_diffusers",
     "vae_config_from_diffusers",
+    "vae_config_to_diffusers",
     "vae_from_diffusers",
+    "vae_to_diffusers",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 __all__ = [
+    "flax_to_torch",
     "load_torch_state_dict",
     "match_state_dict",
     "rename_legacy_attention_keys",
@@ -84,6 +85,15 @@ def torch_to_flax(
         return value.T
     return value
 
+
+def flax_to_torch(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`torch_to_flax`: a Flax param at ``path`` in torch's layout (conv
+    kernels HWIO -> OIHW, linear kernels ``[in, out]`` transposed, anything else unchanged)."""
+    if path[-1] == "kernel" and value.ndim == 4:  # conv: HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    if path[-1] == "kernel" and value.ndim == 2:  # linear: [in, out] -> [out, in]
+        return value.T
+    return value
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
 """Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
-(text-to-image and image-to-image) as one jitted program per setting."""
+(text-to-image and image-to-image) as one jitted program per setting; write one back
+(``save_stable_diffusion``)."""
 
+from jaxdiff.pipelines.export import save_stable_diffusion, save_tokenizer
 from jaxdiff.pipelines.loading import (
     SUPPORTED_PIPELINES,
     StableDiffusion,
@@ -25,6 +27,8 @@ __all__ = [
     "generate",
     "load_stable_diffusion",
     "save_images",
+    "save_stable_diffusion",
+    "save_tokenizer",
     "to_uint8",
     "with_sampler",
 ]

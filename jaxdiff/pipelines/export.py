@@ -1,0 +1,228 @@
+"""Write jaxdiff models as a diffusers-format Stable Diffusion folder: the reverse of
+:func:`~jaxdiff.pipelines.load_stable_diffusion`. Train in JAX, load in PyTorch::
+
+    save_stable_diffusion("out/sd", unet_params=..., unet_config=..., vae_params=...,
+                          vae_config=..., text_params=..., text_config=..., tokenizer=tok,
+                          sampler="ddim", schedule="cosine", num_timesteps=1000)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained("out/sd")   # in PyTorch
+
+The folder is what ``StableDiffusionPipeline.save_pretrained`` writes, without a safety checker
+or feature extractor (``requires_safety_checker: false``)::
+
+    model_index.json
+    unet/config.json          unet/diffusion_pytorch_model.safetensors
+    vae/config.json           vae/diffusion_pytorch_model.safetensors
+    text_encoder/config.json  text_encoder/model.safetensors
+    tokenizer/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    scheduler/scheduler_config.json
+
+Weights and configs come from :mod:`jaxdiff.convert.export_diffusers`, the scheduler from
+:func:`~jaxdiff.convert.export_scheduler.scheduler_to_diffusers`; nothing imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxdiff.convert.diffusers_scheduler import sampler_from_diffusers_config
+from jaxdiff.convert.export_diffusers import (
+    DIFFUSERS_VERSION,
+    clip_text_to_transformers,
+    save_safetensors,
+    unet_to_diffusers,
+    vae_to_diffusers,
+)
+from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
+from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
+from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.samplers.registry import Sampler
+from jaxdiff.schedules import Schedule
+from jaxdiff.text.tokenizer import CLIPTokenizer
+
+__all__ = ["save_stable_diffusion", "save_tokenizer"]
+
+
+def _write_json(path: str, value: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, path: str | os.PathLike) -> str:
+    """Write a jaxdiff :class:`~jaxdiff.text.CLIPTokenizer` as a transformers ``CLIPTokenizer``
+    folder: ``vocab.json``, ``merges.txt`` (``#version: 0.2`` then one ``a b`` merge a line, in
+    rank order), ``tokenizer_config.json`` (``model_max_length = tokenizer.max_length``, the
+    special tokens, ``do_lower_case``) and ``special_tokens_map.json``. Returns ``path``.
+
+    ``CLIPTokenizer.from_pretrained(path)`` (jaxdiff's or transformers') gives back the same ids.
+    The text cleanup is not stored (no file field holds it): transformers 5 applies its own
+    (jaxdiff's ``normalization="fast"``), which agrees with ``"basic"`` on plain text.
+
+    Raises:
+      ValueError: for a ``tokenizer`` that is not a :class:`~jaxdiff.text.CLIPTokenizer`, or a
+        vocabulary token that contains a space or a newline (``merges.txt`` could not hold it).
+    """
+    if not isinstance(tokenizer, CLIPTokenizer):
+        raise ValueError(f"tokenizer must be a jaxdiff CLIPTokenizer, got "
+                         f"{type(tokenizer).__name__}")
+    path = os.fspath(path)
+    model = json.loads(tokenizer._tokenizer.to_str())["model"]  # the BPE the ids come from
+    vocab = {str(k): int(v) for k, v in model["vocab"].items()}
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    bad = sorted({t for pair in merges for t in pair if any(c in t for c in " \n")})
+    if bad:
+        raise ValueError(f"tokenizer: merged symbols {bad[:5]} contain a space or newline")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(["#version: 0.2", *(" ".join(m) for m in merges)]) + "\n")
+    specials = dict(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                    pad_token=tokenizer.pad_token, unk_token=tokenizer.unk_token)
+    _write_json(os.path.join(path, "special_tokens_map.json"), specials)
+    _write_json(os.path.join(path, "tokenizer_config.json"),
+                dict(specials, model_max_length=tokenizer.max_length, do_lower_case=True,
+                     tokenizer_class="CLIPTokenizer", clean_up_tokenization_spaces=False))
+    return path
+
+
+def save_stable_diffusion(
+    path: str | os.PathLike,
+    *,
+    unet_params: Mapping,
+    unet_config: UNetConfig,
+    vae_params: Mapping,
+    vae_config: AutoencoderKLConfig,
+    text_params: Mapping,
+    text_config: CLIPTextConfig,
+    tokenizer: CLIPTokenizer,
+    sampler: Sampler | str = "ddim",
+    schedule: str | np.ndarray | Schedule = "linear",
+    num_timesteps: int = 1000,
+    rescale_to_zero_terminal_snr: bool = False,
+    schedule_kwargs: Mapping[str, Any] | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+    dtype: Any = np.float32,
+) -> str:
+    """Write a diffusers-format Stable Diffusion folder that
+    ``diffusers.StableDiffusionPipeline.from_pretrained(path)`` loads and runs (and
+    :func:`~jaxdiff.pipelines.load_stable_diffusion` loads back, params bit for bit in float32).
+
+    Args:
+      path: the folder (created; files already there are overwritten).
+      unet_params, unet_config: the UNet (``"params"`` tree and :class:`UNetConfig`):
+        cross-attention over the text encoder's last hidden state (``context_dim =
+        text_config.hidden_size``), no class labels, ``in_channels = out_channels =
+        vae_config.latent_channels`` (see :func:`~jaxdiff.convert.unet_config_to_diffusers`).
+      vae_params, vae_config: the :class:`~jaxdiff.models.AutoencoderKL` (its
+        ``scaling_factor`` / ``shift_factor`` are what the pipeline scales latents by).
+      text_params, text_config: the :class:`~jaxdiff.models.CLIPTextModel` (no projection).
+      tokenizer: the :class:`~jaxdiff.text.CLIPTokenizer` (:func:`save_tokenizer`).
+      sampler, schedule, num_timesteps, rescale_to_zero_terminal_snr, schedule_kwargs: the
+        default sampler and the training schedule (:func:`~jaxdiff.make_schedule`'s name,
+        ``num_timesteps`` and keywords, or betas), as
+        :func:`~jaxdiff.convert.export_scheduler.scheduler_to_diffusers` takes them.
+      scheduler_config: instead of those, a diffusers ``scheduler_config.json`` dict written as
+        it is (e.g. ``StableDiffusion.scheduler_config`` of a loaded folder); it must name a
+        class jaxdiff maps.
+      image_size: the default image side in pixels (the UNet's ``sample_size`` times the VAE's
+        downscale); default ``vae_config.sample_size``. diffusers' pipeline needs a multiple of
+        8 (and of the downscale).
+      dtype: the weights' dtype on disk, ``float32`` (default) or ``float16``.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      ValueError: naming the argument or field: parts that do not fit together (``context_dim``
+        vs ``hidden_size``, UNet channels vs ``latent_channels``, ``num_classes`` set, a
+        tokenizer larger than the text model's vocabulary or context), an ``image_size`` that
+        is not a multiple of 8 and of the VAE's downscale, and as the exporters (a config field
+        or sampler option diffusers cannot express, params that do not match their config).
+    """
+    if not isinstance(unet_config, UNetConfig):
+        raise ValueError(f"unet_config must be a UNetConfig, got {type(unet_config).__name__}")
+    if not isinstance(vae_config, AutoencoderKLConfig):
+        raise ValueError(f"vae_config must be an AutoencoderKLConfig, got "
+                         f"{type(vae_config).__name__}")
+    if not isinstance(text_config, CLIPTextConfig):
+        raise ValueError(f"text_config must be a CLIPTextConfig, got "
+                         f"{type(text_config).__name__}")
+    if not isinstance(tokenizer, CLIPTokenizer):
+        raise ValueError(f"tokenizer must be a jaxdiff CLIPTokenizer, got "
+                         f"{type(tokenizer).__name__}")
+    if unet_config.context_dim != text_config.hidden_size:
+        raise ValueError(f"unet_config.context_dim={unet_config.context_dim} must equal "
+                         f"text_config.hidden_size={text_config.hidden_size} (the UNet "
+                         "cross-attends to the text encoder's last hidden state)")
+    if unet_config.num_classes is not None:
+        raise ValueError(f"unet_config.num_classes={unet_config.num_classes}: "
+                         "StableDiffusionPipeline passes no class labels")
+    z = vae_config.latent_channels
+    for name in ("in_channels", "out_channels"):
+        if getattr(unet_config, name) != z:
+            raise ValueError(f"unet_config.{name}={getattr(unet_config, name)} must equal "
+                             f"vae_config.latent_channels={z}")
+    if text_config.projection_dim is not None:
+        raise ValueError("text_config.projection_dim must be None: StableDiffusionPipeline's "
+                         "text encoder is a CLIPTextModel")
+    if tokenizer.vocab_size > text_config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > text_config.vocab_size="
+                         f"{text_config.vocab_size}")
+    if tokenizer.max_length > text_config.max_position_embeddings:
+        raise ValueError(f"tokenizer.max_length={tokenizer.max_length} > text_config."
+                         f"max_position_embeddings={text_config.max_position_embeddings}")
+    f = vae_config.downscale
+    size = vae_config.sample_size if image_size is None else image_size
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"image_size must be an int >= 1 or None, got {image_size!r}")
+    if size % f or size % 8:
+        raise ValueError(f"image_size={size} must be a multiple of 8 (diffusers' "
+                         f"StableDiffusionPipeline requires it) and of the VAE's downscale {f}"
+                         + ("; it defaults to vae_config.sample_size" if image_size is None
+                            else ""))
+    if scheduler_config is not None:
+        scheduler_config = dict(scheduler_config)
+        sampler_from_diffusers_config(scheduler_config)  # raises naming what jaxdiff lacks
+    else:
+        scheduler_config = scheduler_to_diffusers(
+            sampler, schedule, num_timesteps,
+            rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr, **(schedule_kwargs or {}))
+
+    # Convert everything before writing anything.
+    unet_state, unet_json = unet_to_diffusers(unet_params, unet_config,
+                                              sample_size=int(size) // f, dtype=dtype)
+    vae_state, vae_json = vae_to_diffusers(vae_params, vae_config, dtype=dtype)
+    text_state, text_json = clip_text_to_transformers(
+        text_params, text_config, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype=dtype)
+    if not isinstance(scheduler_config.get("_class_name"), str):
+        raise ValueError("scheduler_config must have a '_class_name'")
+
+    root = os.fspath(path)
+    os.makedirs(root, exist_ok=True)
+    weights = "diffusion_pytorch_model.safetensors"
+    for part, state, config in (("unet", unet_state, unet_json), ("vae", vae_state, vae_json)):
+        _write_json(os.path.join(root, part, "config.json"), config)
+        save_safetensors(state, os.path.join(root, part, weights))
+    _write_json(os.path.join(root, "text_encoder", "config.json"), text_json)
+    save_safetensors(text_state, os.path.join(root, "text_encoder", "model.safetensors"))
+    save_tokenizer(tokenizer, os.path.join(root, "tokenizer"))
+    _write_json(os.path.join(root, "scheduler", "scheduler_config.json"), scheduler_config)
+    _write_json(os.path.join(root, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_config["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    })
+    return root
