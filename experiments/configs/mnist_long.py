@@ -1,0 +1,26 @@
+"""The default MNIST setup (``mnist.py``: the same 2-core CPU model, recipe and sampling) trained
+for longer: 12,000 steps instead of 2,600, for users who want the best samples a 2-core CPU gives
+in one to two hours.
+
+    python -m experiments.train_mnist --workdir runs/mnist_long \
+        --config=experiments/configs/mnist_long.py
+
+The step costs what the default's does (same model, same batch of 32), so the run takes about
+12,000 / 2,600 = 4.6 times the default's training time (the default's is in the README's Results).
+Longer training is the measured cure for the default's remaining gap: issue 18 reports the default
+recipe at four times its steps with far less haze and higher accuracy than at 2,600. The EMA
+decay is raised with the length of the run (its warm-up, ``(1 + step) / (10 + step)``, still
+governs the first few thousand steps), and the learning-rate warm-up with it.
+"""
+
+from experiments.configs import mnist
+
+
+def get_config():
+    c = mnist.get_config()
+    c.training.num_steps = 12_000
+    c.training.warmup_steps = 300
+    c.training.ema_decay = 0.999
+    c.training.checkpoint_every = 1000
+    c.sampling.every = 3000
+    return c
