@@ -268,3 +268,17 @@ def test_model_evaluations_counts_the_model_calls(name, per_step):
 
     s(counting, SCHED, x_T(), jax.random.key(0), num_steps=n)
     assert len(calls) == per_step  # the scan body holds per_step model calls
+
+
+@pytest.mark.parametrize("name", ["unipc", "heun", "kdpm2", "dpmpp_2m"])
+def test_registry_accepts_noise_none_for_every_sampler(name):
+    """Callers serving every sampler (the pipeline) pass ``noise=None``; a deterministic sampler
+    without a ``noise`` argument accepts that, and rejects a real array by name."""
+    sched = make_schedule("linear", 100)
+    s, x = get_sampler(name), jnp.ones((1, 3))
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(s(model, sched, x, None, num_steps=4, noise=None)),
+                                  np.asarray(s(model, sched, x, None, num_steps=4)))
+    if "noise" not in inspect.signature(s.fn).parameters:
+        with pytest.raises(ValueError, match="noise.*deterministic"):
+            s(model, sched, x, None, num_steps=4, noise=jnp.zeros((4, 1, 3)))

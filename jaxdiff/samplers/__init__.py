@@ -27,10 +27,11 @@ fractional float32 timesteps; the two-stage steps (:func:`heun_step`, :func:`kdp
 Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
 experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
 raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
-Image-to-image: DDIM, DPM-Solver and the Euler samplers take ``start_step=s`` (a call argument,
-also through :class:`Sampler`) and run only steps ``s .. N - 1`` of their grid, from a sample
-noised to step ``s`` (:mod:`jaxdiff.samplers.img2img`: ``strength_start_step``,
-``noise_to_start``); the others raise ``ValueError`` for ``start_step > 0``.
+Image-to-image: every registered sampler but LCM (DDIM, DDPM, DPM-Solver, UniPC, Euler, Euler
+ancestral, Heun, KDPM2 and their presets: ``IMG2IMG_SAMPLERS``) takes ``start_step=s`` (a call
+argument, also through :class:`Sampler`) and runs only steps ``s .. N - 1`` of its grid, from a
+sample noised to step ``s`` (:mod:`jaxdiff.samplers.img2img`: ``strength_start_step``,
+``noise_to_start``); LCM raises ``ValueError`` for ``start_step > 0``.
 Classifier-free guidance is a model-function transform (:func:`classifier_free_guidance`) that
 works with every sampler.
 """

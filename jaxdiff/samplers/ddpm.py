@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.timesteps import ddpm_timesteps, gather
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
@@ -199,6 +199,7 @@ def ddpm_sample(
     noise: jax.Array | None = None,
     final_noise: bool = True,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Ancestral DDPM sampling in one ``lax.scan`` (1,000 steps are one XLA computation).
 
@@ -214,12 +215,14 @@ def ddpm_sample(
       spacing, steps_offset: the timestep grid.
       variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
       noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise, used instead of drawing from
-        ``key``.
+        ``key`` (``[num_steps - start_step, B, ...]`` with ``start_step``).
       final_noise: ``True`` (the default, as diffusers): the last step adds ``std * noise`` when
         its ``t > 0``, which happens with ``spacing="trailing"`` or ``steps_offset >= 1`` (the
         grid then ends above 0), so the returned sample is not the mean. ``False``: the last step
         (``t_prev = -1``) returns the mean. The default grids end at ``t = 0``: no difference.
       return_trajectory: also return the path.
+      start_step: run the grid's steps ``start_step .. num_steps - 1`` only, from ``x_T`` noised
+        to ``timesteps[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`).
 
     Returns:
       ``x_0: [B, ..., C]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs,
@@ -248,5 +251,6 @@ def ddpm_sample(
         )
         return state, x_prev, pred_x0
 
+    start = check_start_step(start_step, len(ts))
     return run_scan(body, None, x_T, key, len(ts), stochastic=True, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)

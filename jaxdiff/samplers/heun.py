@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input
 from jaxdiff.samplers.timesteps import Grid
@@ -130,6 +130,7 @@ def heun_sample(
     sigma_schedule: str = "discrete",
     clip_x0: float | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with Heun's method (``HeunDiscreteScheduler``) in one ``lax.scan`` of ``num_steps``
     steps (``2 num_steps - 1`` model calls).
@@ -146,6 +147,10 @@ def heun_sample(
       return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``: the sample
         after each full step (``xs[0] = x_T * init_noise_sigma``) and each step's first-stage
         predicted x0.
+      start_step: run steps ``start_step .. num_steps - 1`` only (image-to-image; diffusers'
+        ``set_begin_index(2 s)`` on its interleaved list): ``x_T`` is then the SIGMA-SPACE
+        sample at ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by
+        ``init_noise_sigma``.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -155,9 +160,12 @@ def heun_sample(
     """
     kind = canonical_prediction_type(prediction_type)
     clip_x0 = check_clip(clip_x0)
+    start = check_start_step(start_step, num_steps)
     grid = heun_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                           sigma_schedule=sigma_schedule)
-    x_T = prepare_x_T(x_T) * init_noise_sigma(grid, spacing)
+    x_T = prepare_x_T(x_T)
+    if start == 0:
+        x_T = x_T * init_noise_sigma(grid, spacing)
     # t_{i+1} for the second call; the last step (sigma_N = 0) makes none.
     ts = jnp.asarray(grid.timesteps)
     ts_next = jnp.concatenate([ts[1:], ts[-1:]])
@@ -169,4 +177,4 @@ def heun_sample(
         return state, x_next, x0
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=False,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)

@@ -7,10 +7,10 @@ there. jaxdiff does the same in three pieces:
 
 - :func:`strength_start_step`: the first kept step ``s = N - int(N * strength)``;
 - :func:`noise_to_start`: ``add_noise`` at step ``s`` of the sampler's own grid, in the sampler's
-  own space: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for DDIM (``t = timesteps[s]``), the
-  same written with the grid's sigma, ``(x0 + sigma noise) / sqrt(1 + sigma^2)``, for DPM-Solver
-  (its grid may hold interpolated sigmas: Karras, ...), and ``x0 + sigma noise`` for the
-  sigma-space Euler samplers;
+  own space: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` for DDIM and DDPM
+  (``t = timesteps[s]``), the same written with the grid's sigma, ``(x0 + sigma noise) / sqrt(1 +
+  sigma^2)``, for DPM-Solver and UniPC (their grids may hold interpolated sigmas: Karras, ...),
+  and ``x0 + sigma noise`` for the sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2);
 - the sampler itself, called with ``start_step=s`` (the scan driver runs steps ``s .. N - 1``).
 
     >>> import jax.numpy as jnp
@@ -22,8 +22,12 @@ there. jaxdiff does the same in three pieces:
     >>> s, sampler(lambda x, t: 0.1 * x, sched, x, num_steps=10, start_step=s).shape
     (5, (1, 4))
 
-The samplers listed in :data:`IMG2IMG_SAMPLERS` (and their presets) support this; the others raise
-``ValueError`` naming the sampler.
+The multistep samplers (DPM-Solver++, UniPC) start their history empty at step ``s``, so the tail
+warms up at lower order, as diffusers' schedulers do after ``set_begin_index``; the two-stage
+samplers (Heun, KDPM2) start at step ``s``'s first stage (diffusers' interleaved index ``2 s``).
+The samplers listed in :data:`IMG2IMG_SAMPLERS` (and their presets) support this; the others (LCM,
+whose img2img grid depends on ``strength`` in diffusers, and EDM) raise ``ValueError`` naming the
+sampler.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ import numpy as np
 
 from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
 from jaxdiff.samplers.euler import euler_timesteps
+from jaxdiff.samplers.heun import heun_timesteps
+from jaxdiff.samplers.kdpm2 import kdpm2_timesteps
 from jaxdiff.samplers.registry import Sampler
-from jaxdiff.samplers.timesteps import Grid, ddim_timesteps
+from jaxdiff.samplers.timesteps import Grid, ddim_timesteps, ddpm_timesteps
+from jaxdiff.samplers.unipc import unipc_timesteps
 from jaxdiff.schedules import Schedule
 from jaxdiff.validation import check_float, check_int
 
@@ -50,8 +57,14 @@ _GRIDS: Mapping[str, tuple[Callable[..., Grid], str]] = {
     "dpm_solver_sample": (dpm_solver_timesteps, "sigma_vp"),
     "euler_sample": (euler_timesteps, "sigma_ve"),
     "euler_ancestral_sample": (euler_timesteps, "sigma_ve"),
+    "ddpm_sample": (ddpm_timesteps, "alphas_cumprod"),
+    "unipc_sample": (unipc_timesteps, "sigma_vp"),
+    "heun_sample": (heun_timesteps, "sigma_ve"),
+    "kdpm2_sample": (kdpm2_timesteps, "sigma_ve"),
+    "kdpm2_ancestral_sample": (kdpm2_timesteps, "sigma_ve"),
 }
-IMG2IMG_SAMPLERS = ("ddim", "dpm_solver", "euler", "euler_ancestral")
+IMG2IMG_SAMPLERS = ("ddim", "ddpm", "dpm_solver", "euler", "euler_ancestral", "heun", "kdpm2",
+                    "kdpm2_ancestral", "unipc")
 
 
 def strength_start_step(num_steps: int, strength: float) -> int:

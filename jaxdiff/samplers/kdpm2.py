@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
 from jaxdiff.samplers.heun import second_stage
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_to_t, train_sigmas
@@ -171,11 +171,14 @@ def kdpm2_step(
 
 
 def _sample(model_fn, schedule, x_T, key, num_steps, ancestral, prediction_type, spacing,
-            steps_offset, sigma_schedule, noise, return_trajectory):
+            steps_offset, sigma_schedule, noise, return_trajectory, start_step):
     kind = canonical_prediction_type(prediction_type)
     g = kdpm2_timesteps(schedule, num_steps, ancestral=ancestral, spacing=spacing,
                         steps_offset=steps_offset, sigma_schedule=sigma_schedule)
-    x_T = prepare_x_T(x_T) * init_noise_sigma(g, spacing)
+    start = check_start_step(start_step, num_steps)
+    x_T = prepare_x_T(x_T)
+    if start == 0:
+        x_T = x_T * init_noise_sigma(g, spacing)
     ts, ts_mid, sig, sig_mid, down, up = map(
         jnp.asarray, (g.timesteps, g.mid_timesteps, g.sigmas, g.mid_sigmas, g.sigmas_down,
                       g.sigmas_up))
@@ -188,7 +191,7 @@ def _sample(model_fn, schedule, x_T, key, num_steps, ancestral, prediction_type,
         return state, x_next, x0
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=ancestral, noise=noise,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)
 
 
 def kdpm2_sample(
@@ -203,6 +206,7 @@ def kdpm2_sample(
     steps_offset: int = 0,
     sigma_schedule: str = "discrete",
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with KDPM2 (``KDPM2DiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` steps
     (``2 num_steps - 1`` model calls).
@@ -218,6 +222,9 @@ def kdpm2_sample(
       return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``: the sample
         after each full step (``xs[0] = x_T * init_noise_sigma``) and each step's first-stage
         predicted x0.
+      start_step: run steps ``start_step .. num_steps - 1`` only (image-to-image; diffusers'
+        ``set_begin_index(2 s)``): ``x_T`` is then the SIGMA-SPACE sample at
+        ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by ``init_noise_sigma``.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -226,7 +233,7 @@ def kdpm2_sample(
       ValueError: naming the argument, for a bad grid or option or a mis-shaped model output.
     """
     return _sample(model_fn, schedule, x_T, key, num_steps, False, prediction_type, spacing,
-                   steps_offset, sigma_schedule, None, return_trajectory)
+                   steps_offset, sigma_schedule, None, return_trajectory, start_step)
 
 
 def kdpm2_ancestral_sample(
@@ -242,12 +249,14 @@ def kdpm2_ancestral_sample(
     sigma_schedule: str = "discrete",
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Sample with KDPM2 ancestral (``KDPM2AncestralDiscreteScheduler``) in one ``lax.scan``.
 
     As :func:`kdpm2_sample`, but stochastic: ``key`` (step ``i`` draws from ``fold_in(key, i)``)
     or ``noise [num_steps, B, ...]`` is required; step ``i < N - 1`` adds ``sigma_up_i *
-    noise[i]`` after its second stage (``noise[N - 1]`` is unused: the last step adds none).
+    noise[i]`` after its second stage (``noise[N - 1]`` is unused: the last step adds none);
+    with ``start_step``, ``noise`` is ``[N - start_step, B, ...]``.
     """
     return _sample(model_fn, schedule, x_T, key, num_steps, True, prediction_type, spacing,
-                   steps_offset, sigma_schedule, noise, return_trajectory)
+                   steps_offset, sigma_schedule, noise, return_trajectory, start_step)

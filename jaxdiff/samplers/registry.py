@@ -146,6 +146,13 @@ class Sampler:
             )
         if "start_step" in kwargs and not self.supports_start_step:
             kwargs = {k: v for k, v in kwargs.items() if k != "start_step"}
+        if "noise" in kwargs and "noise" not in inspect.signature(self.fn).parameters:
+            # a deterministic sampler: noise=None is accepted (callers that serve every sampler
+            # pass it), an array is an error rather than silently ignored
+            if kwargs["noise"] is not None:
+                raise ValueError(f"noise: sampler {self.name!r} is deterministic and takes no "
+                                 "noise; pass noise=None")
+            kwargs = {k: v for k, v in kwargs.items() if k != "noise"}
         return self.fn(model_fn, schedule, x_T, key, num_steps=num_steps, **self.options,
                        **kwargs)
 

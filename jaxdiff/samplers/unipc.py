@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
 from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
@@ -349,6 +349,7 @@ def unipc_sample(
     disable_corrector: Sequence[int] = (),
     clip_x0: float | None = None,
     return_trajectory: bool = False,
+    start_step: int = 0,
 ):
     """Deterministic UniPC sampling from ``x_T: [B, ...]`` in one ``lax.scan``
     (``UniPCMultistepScheduler``; one model evaluation per step).
@@ -374,6 +375,11 @@ def unipc_sample(
       clip_x0: clip the data prediction to ``[-clip_x0, clip_x0]`` (None: no clipping; only with
         ``predict_x0``).
       return_trajectory: also return the path.
+      start_step: run the grid's steps ``start_step .. N - 1`` only, from ``x_T`` noised to
+        ``sigmas[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`). The history
+        starts empty there: the tail warms up at lower order and its first step has nothing to
+        correct, as diffusers' scheduler after ``set_begin_index``; ``lower_order_final`` still
+        counts the whole grid.
 
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
@@ -398,6 +404,11 @@ def unipc_sample(
     orders, corrects = unipc_orders(sigmas, solver_order, lower_order_final=lower_order_final,
                                     disable_corrector=disable_corrector,
                                     use_corrector=use_corrector)
+    start = check_start_step(start_step, len(ts))
+    # warm-up counted from the first step that runs; that step has no predictor to correct
+    idx = np.arange(len(ts))
+    orders = np.minimum(orders, np.maximum(idx - start + 1, 1)).astype(np.int32)
+    corrects = corrects & (idx > start)
     model = checked_model(model_fn, x_T.shape)
     ts_j, sig_j = jnp.asarray(ts), jnp.asarray(sigmas)
     orders_j, corrects_j = jnp.asarray(orders), jnp.asarray(corrects)
@@ -410,4 +421,4 @@ def unipc_sample(
         )
 
     return run_scan(body, unipc_init(x_T, solver_order), x_T, key, len(ts), stochastic=False,
-                    return_trajectory=return_trajectory)
+                    return_trajectory=return_trajectory, start_step=start)

@@ -27,7 +27,17 @@ CASES = [
     ("DPMSolverMultistepScheduler", dict()),
     ("DPMSolverMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True)),
     ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+    ("UniPCMultistepScheduler", dict()),
+    ("UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2",
+                                     timestep_spacing="leading", steps_offset=1)),
+    ("HeunDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+    ("KDPM2DiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+    ("KDPM2AncestralDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+    ("DDPMScheduler", dict(timestep_spacing="leading", steps_offset=1)),
 ]
+# the stochastic ones: the diffusers module whose randn_tensor is patched to hand out our noise
+STOCHASTIC = {"KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete",
+              "DDPMScheduler": "scheduling_ddpm"}
 
 
 def _toy(x, t):
@@ -36,7 +46,7 @@ def _toy(x, t):
 
 @pytest.mark.parametrize("cls,extra", CASES)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_tail_matches_diffusers_img2img(cls, extra, prediction_type):
+def test_tail_matches_diffusers_img2img(cls, extra, prediction_type, monkeypatch):
     n, strength = 8, 0.6
     sched_t = getattr(diffusers, cls)(**SD_BETAS, **extra, prediction_type=prediction_type)
     config = {**dict(sched_t.config), "_class_name": cls}
@@ -50,6 +60,17 @@ def test_tail_matches_diffusers_img2img(cls, extra, prediction_type):
     timesteps = sched_t.timesteps[t_start * sched_t.order:]
     if hasattr(sched_t, "set_begin_index"):
         sched_t.set_begin_index(t_start * sched_t.order)
+    step_noise, calls = None, []
+    if cls in STOCHASTIC:  # one draw per step of the tail at most, handed out in order
+        step_noise = rng.standard_normal((n - t_start,) + x0.shape).astype(np.float32)
+
+        def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+            assert tuple(shape) == x0.shape, shape
+            calls.append(len(calls))
+            return torch.from_numpy(step_noise[len(calls) - 1].copy())
+
+        module = getattr(diffusers.schedulers, STOCHASTIC[cls])
+        monkeypatch.setattr(module, "randn_tensor", fake_randn)
     xt = torch.from_numpy(x0)
     lat = sched_t.add_noise(xt, torch.from_numpy(noise), timesteps[:1].repeat(2))
     start_ref = lat.numpy().copy()
@@ -65,24 +86,28 @@ def test_tail_matches_diffusers_img2img(cls, extra, prediction_type):
     assert s == t_start
     x_s = noise_to_start(sampler, schedule, n, s, jnp.asarray(x0), jnp.asarray(noise))
     np.testing.assert_allclose(np.asarray(x_s), start_ref, atol=2e-5, rtol=1e-5)
-    out = sampler(_toy, schedule, x_s, None, num_steps=n, start_step=s)
+    kwargs = {} if step_noise is None else {"noise": jnp.asarray(step_noise)}
+    if step_noise is not None:  # every step of the tail but the last draws (the last: t = 1 > 0
+        # for DDPM with steps_offset=1; KDPM2 ancestral adds none on its last step)
+        assert len(calls) == (n - s if cls == "DDPMScheduler" else n - s - 1), calls
+    out = sampler(_toy, schedule, x_s, None, num_steps=n, start_step=s, **kwargs)
     np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
 
 
 def test_start_step_zero_is_the_full_run_and_errors():
     sched = make_schedule("linear", 100)
     x = jnp.ones((1, 3))
-    for name in ("ddim", "dpm_solver", "euler"):
+    for name in ("ddim", "dpm_solver", "euler", "unipc", "heun", "kdpm2"):
         s = get_sampler(name)
         np.testing.assert_array_equal(np.asarray(s(_toy, sched, x, None, num_steps=5)),
                                       np.asarray(s(_toy, sched, x, None, num_steps=5,
                                                    start_step=0)))
         with pytest.raises(ValueError, match="start_step"):
             s(_toy, sched, x, None, num_steps=5, start_step=5)
-    with pytest.raises(ValueError, match="start_step.*'heun'"):
-        get_sampler("heun")(_toy, sched, x, None, num_steps=5, start_step=2)
+    with pytest.raises(ValueError, match="start_step.*'lcm'"):
+        get_sampler("lcm")(_toy, sched, x, None, num_steps=5, start_step=2)
     with pytest.raises(ValueError, match="image-to-image"):
-        noise_to_start(get_sampler("unipc"), sched, 5, 1, x, x)
+        noise_to_start(get_sampler("lcm"), sched, 5, 1, x, x)
     with pytest.raises(ValueError, match="strength"):
         strength_start_step(4, 0.1)
     with pytest.raises(ValueError, match="strength"):

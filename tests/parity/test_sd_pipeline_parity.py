@@ -146,7 +146,9 @@ def test_text_to_image_v_prediction_sd2(sd2, name):
 
 
 @pytest.mark.parametrize("name,scale", [("DDIMScheduler", 7.5), ("DDIMScheduler", 1.0),
-                                        ("DPMSolverMultistepScheduler", 7.5)])
+                                        ("DPMSolverMultistepScheduler", 7.5),
+                                        ("UniPCMultistepScheduler", 7.5),
+                                        ("HeunDiscreteScheduler", 7.5)])
 def test_image_to_image(sd1, name, scale):
     pipe, sd = sd1
     sampler = None
