@@ -57,6 +57,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("variant", None, "weights variant (e.g. fp16)", flag_values=fv)
     flags.DEFINE_string("init_image", None, "image-to-image: the source image", flag_values=fv)
     flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1]", flag_values=fv)
+    flags.DEFINE_integer("clip_skip", None, "skip the last k CLIP layers for the prompt "
+                         "(diffusers' clip_skip)", flag_values=fv)
     flags.DEFINE_string("out", "out.png", "output PNG", flag_values=fv)
 
 
@@ -97,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         out = generate(sd, prompts, negatives, num_steps=fv.steps,
                        guidance_scale=fv.guidance_scale, guidance_rescale=fv.guidance_rescale,
                        height=fv.height, width=fv.width, seed=fv.seed, image=image,
-                       strength=fv.strength)
+                       strength=fv.strength, clip_skip=fv.clip_skip)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     paths = save_images(out.images, fv.out)

@@ -169,3 +169,6 @@ def test_command_line(folder, tmp_path, capsys):
                                 "--height", "20"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: height must be a multiple")
+    with pytest.raises(ConfigError, match="clip_skip"):
+        text_to_image.main(["--model", folder, "--variant", "fp16", "--prompt", "x",
+                            "--clip_skip", "99"])

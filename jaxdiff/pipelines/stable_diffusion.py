@@ -82,21 +82,44 @@ def save_images(images: np.ndarray, path: str) -> list[str]:
     return paths
 
 
-def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array) -> jax.Array:
-    """``[B, L]`` token ids -> ``[B, L, D]`` prompt embeddings (the CLIP text encoder's last
-    hidden state, in the UNet's compute dtype). Jittable."""
-    out = CLIPTextModel(sd.text_config).apply({"params": params["text_encoder"]}, input_ids)
-    return out.last_hidden_state.astype(sd.unet_config.dtype)
+def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array,
+                  clip_skip: int | None = None) -> jax.Array:
+    """``[B, L]`` token ids -> ``[B, L, D]`` prompt embeddings in the UNet's compute dtype.
+    Jittable.
+
+    Args:
+      clip_skip: ``None`` (or 0): the CLIP text encoder's last hidden state. ``k >= 1``: the
+        output of the layer ``k`` before the last, through the final LayerNorm (diffusers'
+        ``clip_skip``: ``hidden_states[-(k + 1)]``); ``k`` at most ``num_hidden_layers - 1``.
+
+    Raises:
+      ValueError: naming ``clip_skip`` for a value outside ``[0, num_hidden_layers - 1]``.
+    """
+    k = _check_clip_skip(sd, clip_skip)
+    model = CLIPTextModel(sd.text_config)
+    variables = {"params": params["text_encoder"]}
+    out = model.apply(variables, input_ids)
+    if not k:
+        return out.last_hidden_state.astype(sd.unet_config.dtype)
+    hidden = model.apply(variables, out.hidden_states[-(k + 1)], method="final_layer_norm")
+    return hidden.astype(sd.unet_config.dtype)
 
 
-def _text(sd: StableDiffusion, params: dict, x: jax.Array) -> jax.Array:
+def _check_clip_skip(sd: StableDiffusion, clip_skip: int | None) -> int:
+    if clip_skip is None:
+        return 0
+    return check_int("clip_skip", clip_skip, 0, sd.text_config.num_hidden_layers - 1)
+
+
+def _text(sd: StableDiffusion, params: dict, x: jax.Array, clip_skip: int = 0) -> jax.Array:
     if jnp.issubdtype(x.dtype, jnp.integer):
-        return encode_prompt(sd, params, x)
+        return encode_prompt(sd, params, x, clip_skip)
     return x.astype(sd.unet_config.dtype)
 
 
 def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, rescale: bool,
-             start: int | None, sample_posterior: bool, latent_shape: tuple, mesh):
+             start: int | None, sample_posterior: bool, latent_shape: tuple, mesh,
+             clip_skip: int = 0):
     """The jitted ``(params, cond, uncond, x_init, noise, image, key, w, phi) -> (images,
     latents)`` for one static setting (docstring of :func:`generate`)."""
     unet, vae = UNet(sd.unet_config), AutoencoderKL(sd.vae_config)
@@ -105,7 +128,7 @@ def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, resca
 
     def _sd_program(params, cond, uncond, x_init, noise, image, key, w, phi):
         k_init, k_post, k_sample = jax.random.split(key, 3)
-        cond = _text(sd, params, cond)
+        cond = _text(sd, params, cond, clip_skip)  # the negative prompt without it, as diffusers
         batch = cond.shape[0]
         if x_init is None:
             x_init = jax.random.normal(k_init, (batch, *latent_shape), jnp.float32)
@@ -185,6 +208,7 @@ def generate(
     sampler: Sampler | str | None = None,
     sampler_options: dict | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    clip_skip: int | None = None,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
@@ -218,6 +242,9 @@ def generate(
       sampler, sampler_options: a :class:`~jaxdiff.samplers.Sampler`, or a registered name plus
         options, instead of ``sd.sampler`` (the folder's scheduler).
       mesh: the device mesh (default: :func:`~jaxdiff.training.make_mesh` over all devices).
+      clip_skip: skip the last ``k`` CLIP layers for the prompt (:func:`encode_prompt`); as in
+        diffusers, the negative prompt is encoded without skipping, and precomputed embeddings
+        are used as given. ``None``/0: no skip.
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
@@ -231,6 +258,7 @@ def generate(
     w = check_float("guidance_scale", guidance_scale)
     phi = check_float("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
     cfg = w > 1.0
+    skip = _check_clip_skip(sd, clip_skip)
     if sampler is None:
         if sampler_options:
             raise ValueError("sampler_options given without sampler")
@@ -331,11 +359,11 @@ def generate(
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
     )
     static = (sampler.name, repr(sorted(sampler.options.items())), steps, cfg, phi > 0, start,
-              bool(sample_posterior), latent_shape, id(mesh))
+              bool(sample_posterior), latent_shape, id(mesh), skip)
     program = sd.compiled.get(static)
     if program is None:
         program = _program(sd, sampler, steps, cfg, phi > 0, start, bool(sample_posterior),
-                           latent_shape, mesh)
+                           latent_shape, mesh, skip)
         sd.compiled[static] = program
     signature = (static, jax.tree.map(lambda a: (a.shape, a.dtype), args[:5]))
     first = signature not in sd.compiled.setdefault("_seen", [])

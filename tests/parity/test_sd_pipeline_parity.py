@@ -85,10 +85,10 @@ def _with_scheduler(pipe, name, **extra):
 
 
 def _compare(pipe, sd, *, prompts, negatives, scale, steps=3, rescale=0.0, sampler=None,
-             noise=None, noise_module=None):
+             noise=None, noise_module=None, clip_skip=None):
     lat = _latents(len(prompts))
     kw = dict(num_inference_steps=steps, guidance_scale=scale, guidance_rescale=rescale,
-              latents=_nchw(lat), height=32, width=32)
+              latents=_nchw(lat), height=32, width=32, clip_skip=clip_skip)
     with (_patched_randn(noise_module, list(noise)) if noise is not None
           else contextlib.nullcontext()):
         ref_lat = pipe(prompts, negative_prompt=negatives, output_type="latent", **kw).images
@@ -97,7 +97,7 @@ def _compare(pipe, sd, *, prompts, negatives, scale, steps=3, rescale=0.0, sampl
     ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     out = generate(sd, prompts, negatives, num_steps=steps, guidance_scale=scale,
                    guidance_rescale=rescale, latents=lat, noise=noise, sampler=sampler,
-                   seed=0)
+                   seed=0, clip_skip=clip_skip)
     img_err = float(np.abs(out.float_images - ref).max())
     ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
     lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
@@ -134,6 +134,27 @@ def test_text_to_image_euler_ancestral_same_noise(sd1):
     _compare(pipe, sd, prompts=PROMPTS, negatives=NEGATIVES, scale=7.5, sampler=sampler,
              noise=noise,
              noise_module="diffusers.schedulers.scheduling_euler_ancestral_discrete")
+
+
+def test_text_to_image_clip_skip(sd1):
+    """diffusers' ``clip_skip=1``: the prompt's embedding from the second-to-last CLIP layer
+    through the final LayerNorm (the negative prompt's unskipped); and it changes the image."""
+    pipe, sd = sd1
+    # diffusers 0.42 reaches the final LayerNorm as ``text_encoder.text_model.final_layer_norm``,
+    # which transformers 5 flattened into ``text_encoder.final_layer_norm``: an alias (not a
+    # registered submodule) restores the path diffusers expects.
+    te = pipe.text_encoder
+    object.__setattr__(te, "text_model", te)
+    try:
+        _compare(pipe, sd, prompts=PROMPTS, negatives=NEGATIVES, scale=7.5, clip_skip=1)
+    finally:
+        object.__delattr__(te, "text_model")
+    kw = dict(num_steps=3, guidance_scale=7.5, latents=_latents(len(PROMPTS)), seed=0)
+    skipped = generate(sd, PROMPTS, NEGATIVES, clip_skip=1, **kw).float_images
+    plain = generate(sd, PROMPTS, NEGATIVES, **kw).float_images
+    assert np.abs(skipped - plain).max() > 1e-3
+    with pytest.raises(ValueError, match="clip_skip"):
+        generate(sd, PROMPTS, NEGATIVES, clip_skip=sd.text_config.num_hidden_layers, **kw)
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
