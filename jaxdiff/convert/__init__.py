@@ -6,6 +6,11 @@ from jaxdiff.convert.diffusers_scheduler import (
     schedule_from_diffusers_config,
 )
 from jaxdiff.convert.diffusers_unet import convert_unet_state_dict, from_diffusers
+from jaxdiff.convert.diffusers_vae import (
+    convert_vae_state_dict,
+    vae_config_from_diffusers,
+    vae_from_diffusers,
+)
 from jaxdiff.convert.export_diffusers import (
     clip_text_config_to_transformers,
     clip_text_to_transformers,
@@ -16,11 +21,6 @@ from jaxdiff.convert.export_diffusers import (
     vae_to_diffusers,
 )
 from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
-from jaxdiff.convert.diffusers_vae import (
-    convert_vae_state_dict,
-    vae_config_from_diffusers,
-    vae_from_diffusers,
-)
 from jaxdiff.convert.torch_io import (
     flax_to_torch,
     load_torch_state_dict,

@@ -70,7 +70,8 @@ def _state_dict(params: Mapping, shapes: Mapping, key_fn, dtype, what: str) -> d
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
     misshaped = sorted(f"{'/'.join(p)}: {tuple(np.shape(flat[p]))} (config: {expected[p]})"
-                       for p in set(flat) & set(expected) if tuple(np.shape(flat[p])) != expected[p])
+                       for p in set(flat) & set(expected)
+                       if tuple(np.shape(flat[p])) != expected[p])
     if missing or unexpected or misshaped:
         lines = [f"{what} params do not match its config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected),
@@ -108,19 +109,19 @@ def _unet_meaning(cfg: UNetConfig) -> dict[str, Any]:
     that cannot matter dropped)."""
     n = len(cfg.block_channels)
     mid = cfg.mid_attention if cfg.mid_block and cfg.mid_layers else None
-    attends = [l for l in range(n) if cfg.attention[l] or cfg.up_kinds[l]
-               or (mid and l == n - 1)]
-    cross = [l for l in range(n) if "cross" in (cfg.attention[l], cfg.up_kinds[l])
-             or (mid == "cross" and l == n - 1)]
+    attends = [lv for lv in range(n) if cfg.attention[lv] or cfg.up_kinds[lv]
+               or (mid and lv == n - 1)]
+    cross = [lv for lv in range(n) if "cross" in (cfg.attention[lv], cfg.up_kinds[lv])
+             or (mid == "cross" and lv == n - 1)]
     conditioned = cfg.num_classes is not None
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_channels=cfg.block_channels,
-        layers_per_block=tuple(cfg.layers(l) for l in range(n)), attention=cfg.attention,
+        layers_per_block=tuple(cfg.layers(lv) for lv in range(n)), attention=cfg.attention,
         up_attention=cfg.up_kinds, mid_block=cfg.mid_block, mid_attention=mid,
         mid_layers=cfg.mid_layers if cfg.mid_block else None,
-        num_heads=tuple(cfg.heads(l) for l in attends),
-        transformer_depth=tuple(cfg.depth(l) for l in cross),
+        num_heads=tuple(cfg.heads(lv) for lv in attends),
+        transformer_depth=tuple(cfg.depth(lv) for lv in cross),
         use_linear_projection=cfg.use_linear_projection if cross else None,
         context_dim=cfg.context_dim, norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
         dropout=cfg.dropout, mid_block_scale_factor=cfg.mid_block_scale_factor,
@@ -187,9 +188,9 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int | None = No
         down_block_types=[_DOWN[k] for k in config.attention],
         up_block_types=[_UP[k] for k in reversed(config.up_kinds)],
         mid_block_type=mid_type,
-        layers_per_block=_uniform_or_list(tuple(config.layers(l) for l in range(n))),
-        attention_head_dim=_uniform_or_list(tuple(config.heads(l) for l in range(n))),
-        transformer_layers_per_block=_uniform_or_list(tuple(config.depth(l) for l in range(n))),
+        layers_per_block=_uniform_or_list(tuple(config.layers(lv) for lv in range(n))),
+        attention_head_dim=_uniform_or_list(tuple(config.heads(lv) for lv in range(n))),
+        transformer_layers_per_block=_uniform_or_list(tuple(config.depth(lv) for lv in range(n))),
         use_linear_projection=config.use_linear_projection,
         cross_attention_dim=config.context_dim or UNET2D_CONDITION_DEFAULTS["cross_attention_dim"],
         norm_num_groups=config.norm_groups, norm_eps=config.norm_eps, dropout=config.dropout,

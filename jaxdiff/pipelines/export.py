@@ -28,7 +28,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxdiff.convert.diffusers_scheduler import sampler_from_diffusers_config
+from jaxdiff.convert.diffusers_scheduler import (
+    SCHEDULER_CLASSES,
+    sampler_from_diffusers_config,
+)
 from jaxdiff.convert.export_diffusers import (
     DIFFUSERS_VERSION,
     clip_text_to_transformers,
@@ -40,7 +43,7 @@ from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
-from jaxdiff.samplers.registry import Sampler
+from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import Schedule
 from jaxdiff.text.tokenizer import CLIPTokenizer
 
@@ -92,6 +95,26 @@ def save_tokenizer(tokenizer: CLIPTokenizer, path: str | os.PathLike) -> str:
     return path
 
 
+def _as_the_pipeline_loads_it(config: dict) -> dict:
+    """``StableDiffusionPipeline.__init__`` rewrites a scheduler config with ``steps_offset !=
+    1`` or ``clip_sample=True`` (to 1 and False). Where that would change the sampler, raise;
+    where it cannot (no "leading" spacing), write ``steps_offset=1`` (no rewrite, no warning)."""
+    cls = config["_class_name"]
+    c = {**SCHEDULER_CLASSES[cls].defaults, **config}
+    if c.get("clip_sample") is True:
+        raise ValueError(f"sampler option clip_x0={c.get('clip_sample_range')!r}: "
+                         "StableDiffusionPipeline sets the scheduler's clip_sample to False when "
+                         "it loads (clip_x0=None for latents)")
+    if "steps_offset" in c and c["steps_offset"] != 1:
+        if c.get("timestep_spacing") == "leading" and cls != "LCMScheduler":
+            raise ValueError(f"sampler option steps_offset={c['steps_offset']} with "
+                             "spacing='leading': StableDiffusionPipeline sets steps_offset to 1 "
+                             "when it loads (use steps_offset=1, as Stable Diffusion, or spacing "
+                             "'trailing' / 'linspace')")
+        config = {**config, "steps_offset": 1}  # read only by the "leading" spacing
+    return config
+
+
 def save_stable_diffusion(
     path: str | os.PathLike,
     *,
@@ -102,7 +125,7 @@ def save_stable_diffusion(
     text_params: Mapping,
     text_config: CLIPTextConfig,
     tokenizer: CLIPTokenizer,
-    sampler: Sampler | str = "ddim",
+    sampler: Sampler | str | None = None,
     schedule: str | np.ndarray | Schedule = "linear",
     num_timesteps: int = 1000,
     rescale_to_zero_terminal_snr: bool = False,
@@ -126,12 +149,18 @@ def save_stable_diffusion(
       text_params, text_config: the :class:`~jaxdiff.models.CLIPTextModel` (no projection).
       tokenizer: the :class:`~jaxdiff.text.CLIPTokenizer` (:func:`save_tokenizer`).
       sampler, schedule, num_timesteps, rescale_to_zero_terminal_snr, schedule_kwargs: the
-        default sampler and the training schedule (:func:`~jaxdiff.make_schedule`'s name,
+        default sampler (``None``: ``get_sampler("ddim", steps_offset=1)``) and the training
+        schedule (:func:`~jaxdiff.make_schedule`'s name,
         ``num_timesteps`` and keywords, or betas), as
         :func:`~jaxdiff.convert.export_scheduler.scheduler_to_diffusers` takes them.
       scheduler_config: instead of those, a diffusers ``scheduler_config.json`` dict written as
         it is (e.g. ``StableDiffusion.scheduler_config`` of a loaded folder); it must name a
         class jaxdiff maps.
+
+        ``StableDiffusionPipeline`` rewrites two scheduler settings when it loads: it sets
+        ``clip_sample`` to False and ``steps_offset`` to 1. So ``clip_x0`` must be None, and
+        ``steps_offset`` 1 where the spacing is ``"leading"`` (DDIM's and DDPM's default; SD's
+        ``steps_offset=1``); elsewhere it has no effect and is written as 1.
       image_size: the default image side in pixels (the UNet's ``sample_size`` times the VAE's
         downscale); default ``vae_config.sample_size``. diffusers' pipeline needs a multiple of
         8 (and of the downscale).
@@ -144,8 +173,9 @@ def save_stable_diffusion(
       ValueError: naming the argument or field: parts that do not fit together (``context_dim``
         vs ``hidden_size``, UNet channels vs ``latent_channels``, ``num_classes`` set, a
         tokenizer larger than the text model's vocabulary or context), an ``image_size`` that
-        is not a multiple of 8 and of the VAE's downscale, and as the exporters (a config field
-        or sampler option diffusers cannot express, params that do not match their config).
+        is not a multiple of 8 and of the VAE's downscale, ``clip_x0`` / ``steps_offset`` that
+        the pipeline would rewrite, and as the exporters (a config field or sampler option
+        diffusers cannot express, params that do not match their config).
     """
     if not isinstance(unet_config, UNetConfig):
         raise ValueError(f"unet_config must be a UNetConfig, got {type(unet_config).__name__}")
@@ -192,9 +222,12 @@ def save_stable_diffusion(
         scheduler_config = dict(scheduler_config)
         sampler_from_diffusers_config(scheduler_config)  # raises naming what jaxdiff lacks
     else:
+        if sampler is None:
+            sampler = get_sampler("ddim", steps_offset=1)
         scheduler_config = scheduler_to_diffusers(
             sampler, schedule, num_timesteps,
             rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr, **(schedule_kwargs or {}))
+    scheduler_config = _as_the_pipeline_loads_it(scheduler_config)
 
     # Convert everything before writing anything.
     unet_state, unet_json = unet_to_diffusers(unet_params, unet_config,

@@ -1,0 +1,71 @@
+"""Train in JAX, run in PyTorch: a random jaxdiff text-to-image model (1-channel 32x32 images,
+3 latent channels, a UNet cross-attending to a small CLIP text encoder; the shapes of
+tests/test_export_diffusers.py's ``tiny_parts``) is written with ``save_stable_diffusion``, loaded
+by ``diffusers.StableDiffusionPipeline.from_pretrained`` and run in torch from the same initial
+latents, 3 DDIM steps (cosine schedule) with classifier-free guidance; its images are compared
+with jaxdiff's own ``generate`` on the in-memory params (a :class:`StableDiffusion` built by
+hand, not loaded from the folder), float32.
+
+Tolerance: images (in [0, 1]) ``max |diff| <= 1e-5`` (measured 3.8e-6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from jaxdiff.pipelines import StableDiffusion, generate, save_stable_diffusion  # noqa: E402
+from jaxdiff.samplers import get_sampler  # noqa: E402
+from jaxdiff.schedules import make_schedule  # noqa: E402
+from tests.test_export_diffusers import tiny_parts  # noqa: E402
+
+IMAGE_ATOL = 1e-5  # measured 3.8e-6 (2026-11-30, 2 CPU cores)
+PROMPTS = ["a cat", "the dog of a cat"]
+NEGATIVES = ["", "a dog"]
+
+# The text-to-MNIST setting: DDIM on the cosine schedule (diffusers' squaredcos_cap_v2), eps;
+# steps_offset=1 because StableDiffusionPipeline forces it (save_stable_diffusion checks that).
+# Other samplers' configs are checked by tests/test_export_diffusers.py's round trips, and their
+# diffusers parity by tests/parity/test_sd_pipeline_parity.py.
+SAMPLER = get_sampler("ddim", steps_offset=1)
+SCHEDULE = "cosine"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return tiny_parts(str(tmp_path_factory.mktemp("tok")), seed=11)
+
+
+def test_exported_folder_runs_in_diffusers_as_in_jaxdiff(parts, tmp_path):
+    path = save_stable_diffusion(str(tmp_path / "sd"), **parts, sampler=SAMPLER,
+                                 schedule=SCHEDULE, num_timesteps=1000)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    ids = pipe.tokenizer(PROMPTS + NEGATIVES, padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length).input_ids
+    np.testing.assert_array_equal(np.asarray(ids),
+                                  parts["tokenizer"](PROMPTS + NEGATIVES).input_ids)
+
+    lat = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    ref = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=3, guidance_scale=5.0,
+               latents=torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()), height=32, width=32,
+               output_type="np").images
+    assert ref.shape == (2, 32, 32, 1)
+
+    sd = StableDiffusion(
+        params={"unet": parts["unet_params"], "vae": parts["vae_params"],
+                "text_encoder": parts["text_params"]},
+        unet_config=parts["unet_config"], vae_config=parts["vae_config"],
+        text_config=parts["text_config"], tokenizer=parts["tokenizer"],
+        schedule=make_schedule(SCHEDULE, 1000), sampler=SAMPLER,
+        scheduler_config={"_class_name": "in memory"}, sample_size=8)
+    out = generate(sd, PROMPTS, NEGATIVES, num_steps=3, guidance_scale=5.0, latents=lat)
+    err = float(np.abs(out.float_images - ref).max())
+    print(f"export parity: image max err {err:.2e}, image std {ref.std():.3f}")
+    assert ref.std() > 0.05  # not a blank image
+    assert err <= IMAGE_ATOL, err
