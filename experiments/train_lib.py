@@ -2,6 +2,10 @@
 everything, then loads the data, builds or resumes the state and runs the loop, writing
 ``config.json``, ``checkpoints/``, ``metrics.jsonl``, sample grids and (``training.tensorboard``)
 TensorBoard events into the workdir. ``experiments.train_mnist`` is its command line.
+
+:func:`run_training` is the part every MNIST trainer shares (workdir, resume, loop, logging,
+grids); ``experiments.score_mnist.train`` (the score-SDE model) calls it with its own state, loss
+and sampler.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import ml_collections
@@ -23,10 +27,10 @@ from jaxdiff.training import (Checkpointer, StopOnSignal, make_mesh, make_train_
                               train_loop)
 from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 
-__all__ = ["train", "load_train_data"]
+__all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available"]
 
 
-def _check_tensorboard_available() -> None:
+def check_tensorboard_available() -> None:
     """ConfigError now, before anything is written, if ``training.tensorboard`` cannot work."""
     try:
         import tensorboardX  # noqa: F401
@@ -76,6 +80,10 @@ class _Logger:
             self.writer.close()
 
 
+# The logger is shared by the training command lines (experiments.latent_lib uses it too).
+MetricsLogger = _Logger
+
+
 def load_train_data(config: ml_collections.ConfigDict):
     """MNIST's training split per ``config.data``; ``(images, labels)``.
 
@@ -111,22 +119,74 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     workdir = os.path.abspath(workdir)
     lib.validate_config(config)
     lib.check_paths(config, workdir)
-    t, s = config.training, config.sampling
-    if t.get("tensorboard", False):
-        _check_tensorboard_available()
+    s = config.sampling
+    if config.training.get("tensorboard", False):
+        check_tensorboard_available()
     images, labels = load_train_data(config)
+    mesh = make_mesh()
+    model, schedule = lib.build_model(config), lib.build_schedule(config)
+    sample_fn = lib.make_sample_fn(model, schedule, mesh, s, config.diffusion.prediction_type)
+    grid_labels = np.repeat(np.arange(model.config.num_classes), s.per_class)
+    sample_key = lib.run_keys(config.seed)["sample"]  # same noise every time: grids comparable
+
+    def grid_fn(state):
+        return lib.sample_images(sample_fn, state.ema_params, grid_labels, sample_key, mesh)
+
+    return run_training(
+        config, workdir, mesh,
+        init_state=lambda abstract: lib.init_state(config, model, mesh, abstract=abstract),
+        loss_fn=lib.make_loss_fn(config, model, schedule), compat=lib.compat_config(config),
+        hyperparams=lib.resume_hyperparams(config), data={"image": images, "label": labels},
+        grid_fn=grid_fn, grid_columns=s.per_class)
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
+                 init_state: Callable[[bool], tuple], loss_fn: Callable, compat: Dict[str, Any],
+                 hyperparams: Dict[str, Any], data: Dict[str, np.ndarray],
+                 grid_fn: Callable[[Any], np.ndarray], grid_columns: int) -> Dict[str, Any]:
+    """The training run that every MNIST trainer shares, after its own checks: creates
+    ``workdir``, resumes the latest compatible checkpoint (or starts fresh), writes
+    ``config.json``, and runs :func:`jaxdiff.training.train_loop` (data-parallel step over
+    ``mesh``, EMA, NaN guard, Orbax checkpoints with exact resume, SIGTERM / Ctrl-C stop) with
+    ``metrics.jsonl`` / TensorBoard / a progress bar, and a sample grid every ``sampling.every``
+    steps and at the end.
+
+    Args:
+      config: reads ``seed``, ``data.prefetch``, ``training.{batch_size, num_steps, log_every,
+        checkpoint_every, keep_checkpoints, ema_decay, tensorboard}`` and ``sampling.every``
+        (already validated).
+      workdir: the absolute run directory (created here).
+      mesh: the device mesh the state is replicated and the batch sharded over.
+      init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state, or
+        with ``abstract=True`` its shapes (a restore target); the same ``tx`` either way.
+      loss_fn: ``(state.params, batch, key) -> (loss, aux)``.
+      compat, hyperparams: the checkpoint's compatibility config and the settings that may change
+        on resume (:class:`jaxdiff.training.Checkpointer`).
+      data: the training arrays ``{name: [N, ...]}``, batched by
+        :class:`jaxdiff.data.BatchIterator` with ``config.seed``.
+      grid_fn: ``grid_fn(state) -> images [n, 28, 28, C]`` in ``[-1, 1]`` (all processes call
+        it); written as ``samples/step_XXXXXX.png`` and ``samples/latest.png``.
+      grid_columns: the grid's columns.
+
+    Returns:
+      ``{"start_step", "end_step", "wall_s", "stopped_by_signal", "grid", "checkpoint_step"}``.
+
+    Raises:
+      ConfigError: ``workdir`` cannot be created.
+      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config
+        (refused before ``config.json`` is written).
+      jaxdiff.training.NonFiniteLossError: a non-finite loss (no checkpoint after it).
+    """
+    t, s = config.training, config.sampling
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
-
     is_main = jax.process_index() == 0
-    mesh = make_mesh()
-    model, schedule = lib.build_model(config), lib.build_schedule(config)
-    target, tx, lr_fn = lib.init_state(config, model, mesh, abstract=True)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), lib.compat_config(config),
+    target, tx, lr_fn = init_state(True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat,
                         max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
-                        hyperparams=lib.resume_hyperparams(config))
+                        hyperparams=hyperparams)
     data_state = {"epoch": 0, "index": 0}
     restored = ckpt.restore_latest(target)
     if restored is not None:
@@ -134,24 +194,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         if is_main:
             print(f"resumed from step {step} ({ckpt.directory})")
     else:
-        state, tx, lr_fn = lib.init_state(config, model, mesh)
+        state, tx, lr_fn = init_state(False)
     if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
     start = int(jax.device_get(state.step))
-    step_fn = make_train_step(lib.make_loss_fn(config, model, schedule), tx, mesh,
-                              ema_decay=t.ema_decay, lr_schedule=lr_fn)
-    sample_fn = lib.make_sample_fn(model, schedule, mesh, s, config.diffusion.prediction_type)
-    grid_labels = np.repeat(np.arange(model.config.num_classes), s.per_class)
-    sample_key = lib.run_keys(config.seed)["sample"]  # same noise every time: grids comparable
+    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn)
     last_grid: list[Optional[str]] = [None]
 
     def write_grid(step, st):
-        imgs = lib.sample_images(sample_fn, st.ema_params, grid_labels, sample_key, mesh)
+        imgs = grid_fn(st)
         if is_main:
             path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-            save_grid(imgs, path, ncols=s.per_class)
-            save_grid(imgs, os.path.join(workdir, "samples", "latest.png"), ncols=s.per_class)
+            save_grid(imgs, path, ncols=grid_columns)
+            save_grid(imgs, os.path.join(workdir, "samples", "latest.png"), ncols=grid_columns)
             last_grid[0] = path
 
     def on_step(step, st):
@@ -160,8 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
     logger = _Logger(workdir, t.log_every, t.batch_size, start, t.num_steps, is_main,
                      tensorboard=t.get("tensorboard", False))
-    it = BatchIterator.from_state({"image": images, "label": labels}, t.batch_size, config.seed,
-                                  data_state)
+    it = BatchIterator.from_state(data, t.batch_size, config.seed, data_state)
     t0 = time.perf_counter()
     with StopOnSignal() as stop, Prefetcher(it, config.data.prefetch) as batches:
         try:
