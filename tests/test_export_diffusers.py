@@ -34,7 +34,12 @@ from jaxdiff.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig  # no
 from jaxdiff.models.autoencoder import autoencoder_param_shapes  # noqa: E402
 from jaxdiff.models.clip_text import clip_text_param_shapes  # noqa: E402
 from jaxdiff.models.unet import unet_param_shapes  # noqa: E402
-from jaxdiff.pipelines import load_stable_diffusion, save_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines import (  # noqa: E402
+    StableDiffusion,
+    export_stable_diffusion,
+    load_stable_diffusion,
+    save_stable_diffusion,
+)
 from jaxdiff.pipelines.tiny import write_tiny_tokenizer  # noqa: E402
 from jaxdiff.samplers import get_sampler  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
@@ -137,6 +142,25 @@ def test_round_trip_through_the_folder(parts, tmp_path):
         index = json.load(f)
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert index["requires_safety_checker"] is False
+
+
+def test_export_an_in_memory_stable_diffusion(parts, tmp_path):
+    # What the text-to-MNIST run holds: a StableDiffusion built in memory, with a diffusers
+    # scheduler config (SD's DDIM settings) as its scheduler.
+    config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+              "set_alpha_to_one": False, "steps_offset": 1}
+    sd = StableDiffusion(
+        params={"unet": parts["unet_params"], "vae": parts["vae_params"],
+                "text_encoder": parts["text_params"]},
+        unet_config=parts["unet_config"], vae_config=parts["vae_config"],
+        text_config=parts["text_config"], tokenizer=parts["tokenizer"],
+        schedule=schedule_from_diffusers_config(config),
+        sampler=sampler_from_diffusers_config(config), scheduler_config=config, sample_size=8)
+    back = load_stable_diffusion(export_stable_diffusion(sd, str(tmp_path / "sd")))
+    assert _equal_trees(back.params, sd.params)
+    assert back.scheduler_config == config  # written as it is
+    assert back.sample_size == 8 and back.sampler == sd.sampler
 
 
 def test_float16_weights(parts, tmp_path):

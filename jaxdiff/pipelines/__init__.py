@@ -2,7 +2,11 @@
 (text-to-image and image-to-image) as one jitted program per setting; write one back
 (``save_stable_diffusion``)."""
 
-from jaxdiff.pipelines.export import save_stable_diffusion, save_tokenizer
+from jaxdiff.pipelines.export import (
+    export_stable_diffusion,
+    save_stable_diffusion,
+    save_tokenizer,
+)
 from jaxdiff.pipelines.loading import (
     SUPPORTED_PIPELINES,
     StableDiffusion,
@@ -24,6 +28,7 @@ __all__ = [
     "StableDiffusionOutput",
     "choose_sampler",
     "encode_prompt",
+    "export_stable_diffusion",
     "generate",
     "load_stable_diffusion",
     "save_images",

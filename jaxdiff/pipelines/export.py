@@ -43,11 +43,12 @@ from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import Schedule
 from jaxdiff.text.tokenizer import CLIPTokenizer
 
-__all__ = ["save_stable_diffusion", "save_tokenizer"]
+__all__ = ["export_stable_diffusion", "save_stable_diffusion", "save_tokenizer"]
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -259,3 +260,30 @@ def save_stable_diffusion(
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     })
     return root
+
+
+def export_stable_diffusion(
+    sd: StableDiffusion, path: str | os.PathLike, *, dtype: Any = np.float32
+) -> str:
+    """:func:`save_stable_diffusion` of an in-memory (or loaded)
+    :class:`~jaxdiff.pipelines.StableDiffusion`: its params, configs and tokenizer, its
+    ``scheduler_config`` as the folder's scheduler (``sd.sampler`` is not written: diffusers
+    samples with the scheduler config's class), and ``sd.sample_size * sd.vae_scale_factor`` as
+    the image size. Returns ``path``.
+
+    Raises:
+      ValueError: as :func:`save_stable_diffusion`; and naming ``sd.scheduler_config`` when it
+        is not a scheduler config jaxdiff maps.
+    """
+    if not isinstance(sd, StableDiffusion):
+        raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+    name = sd.scheduler_config.get("_class_name")
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"sd.scheduler_config: _class_name {name!r} is not one of "
+                         f"{sorted(SCHEDULER_CLASSES)}")
+    return save_stable_diffusion(
+        path, unet_params=sd.params["unet"], unet_config=sd.unet_config,
+        vae_params=sd.params["vae"], vae_config=sd.vae_config,
+        text_params=sd.params["text_encoder"], text_config=sd.text_config,
+        tokenizer=sd.tokenizer, scheduler_config=sd.scheduler_config,
+        image_size=sd.sample_size * sd.vae_scale_factor, dtype=dtype)
