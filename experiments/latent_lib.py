@@ -65,9 +65,10 @@ from jaxdiff.validation import check_choice, check_float, check_int
 __all__ = ["validate_config", "scheduler_config", "vae_stage", "load_vae", "pad_images",
            "encode_dataset", "latent_statistics", "build_tokenizer", "text_config",
            "prompt_ids_table", "make_loss_fn", "init_state", "make_pipeline", "sample",
-           "save_prompt_grid", "train", "load_latent_run", "LatentRun"]
+           "save_prompt_grid", "train", "export", "load_latent_run", "LatentRun"]
 
 LATENTS_FILE, STATS_FILE, TOKENIZER_DIR = "latents.npz", "latent_stats.json", "tokenizer"
+DIFFUSERS_DIR = "diffusers"
 
 
 def _wrap(fn, *args, **kwargs):
@@ -483,7 +484,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
     Writes ``config.json``, ``tokenizer/``, ``latents.npz``, ``latent_stats.json``,
     ``checkpoints/``, ``metrics.jsonl`` and ``samples/step_XXXXXX.png`` (with ``.txt``: the
-    rows' prompts) into ``workdir``.
+    rows' prompts) into ``workdir``; once ``training.num_steps`` is reached, ``diffusers/``:
+    the EMA model as a diffusers Stable Diffusion folder (:func:`export`).
 
     Raises:
       ConfigError: an invalid config field or path (nothing written).
@@ -567,13 +569,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     end = int(jax.device_get(state.step))
     if stop.requested is None and end % s.every:
         write_grid(end, state)
+    exported = None
+    if stop.requested is None and end >= t.num_steps and is_main:
+        exported = export(sd.replace(params=dict(
+            sd.params, unet=jax.device_get(state.ema_params["unet"]),
+            text_encoder=jax.device_get(state.ema_params["text_encoder"]))),
+            os.path.join(workdir, DIFFUSERS_DIR))
     summary = {"start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
                "stopped_by_signal": stop.requested is not None, "grid": last_grid[0],
                "checkpoint_step": ckpt.latest_step(), "scaling_factor": stats["scaling_factor"],
-               "vae_dir": vae_dir}
+               "vae_dir": vae_dir, "diffusers": exported}
     if is_main:
         print(json.dumps(summary), flush=True)
     return summary
+
+
+def export(sd: StableDiffusion, path: str) -> str:
+    """Writes the run (``sd``: :func:`make_pipeline` with the EMA params) as a diffusers Stable
+    Diffusion folder (:func:`jaxdiff.pipelines.export_stable_diffusion`) that
+    ``python -m experiments.text_to_image --model PATH`` and diffusers'
+    ``StableDiffusionPipeline.from_pretrained`` load. Returns ``path``."""
+    from jaxdiff.pipelines.export import export_stable_diffusion
+
+    export_stable_diffusion(sd, path)
+    print(f"wrote the diffusers folder {path}", flush=True)
+    return path
 
 
 def load_latent_run(workdir: str) -> LatentRun:

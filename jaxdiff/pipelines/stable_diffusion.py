@@ -66,8 +66,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def save_images(images: np.ndarray, path: str) -> list[str]:
-    """Save ``[B, H, W, 3]`` uint8 images as PNGs: ``path`` for one image, ``<stem>_<i>.png``
-    for several. Returns the paths written."""
+    """Save ``[B, H, W, C]`` uint8 images (``C`` = 3, or 1 for a grey VAE) as PNGs: ``path`` for
+    one image, ``<stem>_<i>.png`` for several. Returns the paths written."""
     from PIL import Image
 
     images = np.asarray(images)
@@ -78,7 +78,7 @@ def save_images(images: np.ndarray, path: str) -> list[str]:
                                              for i in range(len(images))]
     for img, p in zip(images, paths):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        Image.fromarray(img).save(p)
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(p)  # grey: mode L
     return paths
 
 
