@@ -33,6 +33,7 @@ from jaxdiff.training import (Checkpointer, OptimizerConfig, batch_sharding,
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["IMAGE_SIZE", "DATA_SOURCES", "DDIM_CLIP_FORMS", "Run", "validate_config",
+           "validate_seed_and_data", "validate_training", "check_paths", "optimizer",
            "compat_config", "resume_hyperparams", "build_model", "build_schedule", "run_keys",
            "init_state", "make_loss_fn", "sampling_config", "parse_sampler_options",
            "make_sampler", "make_sample_fn",
@@ -66,9 +67,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ConfigError: naming the first invalid field and what was expected.
     """
     c, t, s, d = config, config.training, config.sampling, config.diffusion
-    check_int("seed", c.seed, 0)
-    _wrap("", check_choice, "data.source", c.data.source, DATA_SOURCES)
-    _wrap("", check_int, "data.prefetch", c.data.prefetch, 1)
+    validate_seed_and_data(config)
     model = build_model(config)   # UNetConfig checks model.*
     if model.config.num_classes is None:
         raise ConfigError("model.num_classes must be an int >= 1 (a class-conditional model), "
@@ -78,6 +77,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _wrap("diffusion.", canonical_prediction_type, d.prediction_type)
     _wrap("", check_choice, "diffusion.loss_type", d.loss_type, LOSS_TYPES)
     _wrap("", check_choice, "diffusion.weighting", d.weighting, WEIGHTINGS)
+    validate_training(config)
+    _wrap("", check_float, "training.cond_drop_prob", t.cond_drop_prob, minimum=0.0, maximum=1.0,
+          exclusive_maximum=True)
+    _wrap("", check_int, "sampling.every", s.every, 1)
+    _wrap("", check_int, "sampling.per_class", s.per_class, 1)
+    make_sampler(s, d.prediction_type, build_schedule(config))
+
+
+def validate_seed_and_data(config: ml_collections.ConfigDict) -> None:
+    """Checks ``seed`` (an int >= 0) and ``data.source`` / ``data.prefetch`` (not whether the data
+    exists); ConfigError naming the field."""
+    check_int("seed", config.seed, 0)
+    _wrap("", check_choice, "data.source", config.data.source, DATA_SOURCES)
+    _wrap("", check_int, "data.prefetch", config.data.prefetch, 1)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Checks the ``training.*`` fields that :func:`optimizer` and
+    :func:`experiments.train_lib.run_training` read (sizes and intervals >= 1, the learning-rate
+    schedule, ``ema_decay`` in ``[0, 1)``, ``tensorboard`` a bool) and that ``batch_size`` divides
+    over the devices; ConfigError naming the field."""
+    t = config.training
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         _wrap("", check_int, f"training.{name}", t[name], 1)
     _wrap("", check_int, "training.warmup_steps", t.warmup_steps, 0)
@@ -86,14 +107,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _wrap("", check_choice, "training.lr_schedule", t.lr_schedule, ("cosine", "constant"))
     for name in ("end_lr_factor", "weight_decay", "grad_clip_norm"):
         _wrap("", check_float, f"training.{name}", t[name], minimum=0.0)
-    for name in ("ema_decay", "cond_drop_prob"):
-        _wrap("", check_float, f"training.{name}", t[name], minimum=0.0, maximum=1.0,
-              exclusive_maximum=True)
+    _wrap("", check_float, "training.ema_decay", t.ema_decay, minimum=0.0, maximum=1.0,
+          exclusive_maximum=True)
     _wrap("", check_bool, "training.tensorboard", t.get("tensorboard", False))
     _wrap("", check_batch_divisible, t.batch_size, make_mesh())
-    _wrap("", check_int, "sampling.every", s.every, 1)
-    _wrap("", check_int, "sampling.per_class", s.per_class, 1)
-    make_sampler(s, d.prediction_type, build_schedule(config))
 
 
 def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -167,6 +184,16 @@ def run_keys(seed: int) -> Dict[str, jax.Array]:
     return {"init": init, "train": train, "sample": sample}
 
 
+def optimizer(config: ml_collections.ConfigDict):
+    """``(tx, lr_fn)``: :func:`jaxdiff.training.make_optimizer` with ``config.training``'s
+    learning rate, warm-up, schedule over ``num_steps``, weight decay and clipping."""
+    t = config.training
+    return make_optimizer(OptimizerConfig(
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.num_steps,
+        schedule=t.lr_schedule, end_lr_factor=t.end_lr_factor, weight_decay=t.weight_decay,
+        grad_clip_norm=t.grad_clip_norm))
+
+
 def init_state(config: ml_collections.ConfigDict, model: UNet, mesh, *, abstract: bool = False):
     """The replicated ``TrainState`` (identical on every host: seeded), with ``(tx, lr_fn)``.
 
@@ -178,11 +205,7 @@ def init_state(config: ml_collections.ConfigDict, model: UNet, mesh, *, abstract
     Returns:
       ``(state, tx, lr_fn)``.
     """
-    t = config.training
-    tx, lr_fn = make_optimizer(OptimizerConfig(
-        learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.num_steps,
-        schedule=t.lr_schedule, end_lr_factor=t.end_lr_factor, weight_decay=t.weight_decay,
-        grad_clip_norm=t.grad_clip_norm))
+    tx, lr_fn = optimizer(config)
     keys = run_keys(config.seed)
     if abstract:
         shapes = jax.eval_shape(lambda p: create_train_state({"params": p}, tx, keys["train"]),

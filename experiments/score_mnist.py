@@ -1,6 +1,8 @@
 """The score-SDE MNIST setup (``experiments/configs/mnist_ve_sde.py``) as functions: the SDE, the
-score model, the DSM loss and a sampler, each built from the config. A training loop can use
-:func:`make_loss_fn` with optax as ``experiments.train_lib`` does for the discrete models::
+score model, the DSM loss and a sampler, each built from the config; :func:`train` runs them on
+``experiments.train_lib.run_training`` (the discrete trainer's loop, checkpoints, exact resume,
+logging and grids; ``python -m experiments.train_score_mnist`` is its command line) and
+:func:`load_run` reads a trained workdir back::
 
     from experiments.configs import mnist_ve_sde
     config = mnist_ve_sde.get_config()
@@ -12,17 +14,28 @@ score model, the DSM loss and a sampler, each built from the config. A training 
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import os
+from typing import Any, Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from experiments import lib
+from experiments import lib, train_lib
 from experiments.cli import ConfigError
-from jaxdiff.sde import SDE_TYPES, ScoreUNet, dsm_loss, ode_sample, pc_sample
+from jaxdiff.compile_options import cpu_compiler_options
+from jaxdiff.data import load_mnist
+from jaxdiff.models import init_unet, unet_param_shapes
+from jaxdiff.sde import (CORRECTORS, ODE_SOLVERS, PREDICTORS, REDUCTIONS, SDE_TYPES,
+                         SDE_WEIGHTINGS, ScoreUNet, dsm_loss, ode_sample, pc_sample)
+from jaxdiff.training import (Checkpointer, create_train_state, make_mesh, replicate,
+                              replicated_sharding)
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["build_sde", "build_score_model", "make_loss_fn", "make_sample_fn"]
+__all__ = ["build_sde", "build_score_model", "make_loss_fn", "make_sample_fn", "validate_config",
+           "compat_config", "resume_hyperparams", "init_state", "train", "ScoreRun", "load_run"]
 
 _SDE_FIELDS = {"ve": ("sigma_min", "sigma_max"), "tutorial_ve": ("sigma",),
                "vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max")}
@@ -71,11 +84,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: ScoreUNet,
     return loss_fn
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, model: ScoreUNet,
-                   sde) -> Callable[[dict, jax.Array, int], jax.Array]:
+def make_sample_fn(config: ml_collections.ConfigDict, model: ScoreUNet, sde, *,
+                   compiler_options=None) -> Callable[[dict, jax.Array, int], jax.Array]:
     """``sample(params, key, num) -> [num, 28, 28, 1]`` in ``[-1, 1]`` (clipped): a prior draw,
     then :func:`jaxdiff.sde.pc_sample` or :func:`jaxdiff.sde.ode_sample` per
-    ``config.sampling.method``; one jitted computation per ``num``."""
+    ``config.sampling.method``; one jitted computation per ``num`` (``compiler_options`` go to
+    that ``jax.jit``: only for a top-level call, e.g. :func:`jaxdiff.cpu_compiler_options`)."""
     s = config.sampling
     if s.method not in ("pc", "ode"):
         raise ConfigError(f"sampling.method must be 'pc' or 'ode', got {s.method!r}")
@@ -97,4 +111,167 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: ScoreUNet,
                             eps=s.eps, return_stats=False)
         return jnp.clip(x0, -1.0, 1.0)
 
-    return jax.jit(sample, static_argnums=2)
+    return jax.jit(sample, static_argnums=2, compiler_options=compiler_options)
+
+
+def _wrap(fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate_config(config: ml_collections.ConfigDict):
+    """Checks every field of a score-SDE training config (nothing read, written or compiled):
+    ``seed`` and ``data.*``, ``sde.*``, ``model.*`` (unconditional, ``out_channels ==
+    in_channels``), ``training.*`` (:func:`experiments.lib.validate_training` plus the loss's
+    options) and ``sampling.*``. Returns ``(sde, model)``.
+
+    Raises:
+      ConfigError: naming the first invalid field.
+    """
+    c, t, s = config, config.training, config.sampling
+    _wrap(lib.validate_seed_and_data, config)
+    sde = build_sde(config)
+    _wrap(check_float, "model_time_scale", c.model_time_scale, minimum=0.0,
+          exclusive_minimum=True)
+    model = build_score_model(config)
+    if model.config.out_channels != model.config.in_channels:
+        raise ConfigError(f"model.out_channels must equal model.in_channels for a score model, "
+                          f"got {model.config.out_channels} != {model.config.in_channels}")
+    lib.validate_training(config)
+    _wrap(check_choice, "training.weighting", t.weighting, SDE_WEIGHTINGS)
+    _wrap(check_bool, "training.importance_sampling", t.importance_sampling)
+    if t.importance_sampling and t.weighting != "likelihood":
+        raise ConfigError("training.importance_sampling needs training.weighting='likelihood'")
+    _wrap(check_float, "training.eps", t.eps, minimum=0.0, maximum=sde.T,
+          exclusive_minimum=True, exclusive_maximum=True)
+    _wrap(check_choice, "training.reduce", t.reduce, REDUCTIONS)
+    for name in ("every", "grid", "grid_columns", "num_steps", "ode_steps"):
+        _wrap(check_int, f"sampling.{name}", s[name], 1)
+    if s.method not in ("pc", "ode"):
+        raise ConfigError(f"sampling.method must be 'pc' or 'ode', got {s.method!r}")
+    _wrap(check_choice, "sampling.predictor", s.predictor, tuple(PREDICTORS))
+    _wrap(check_choice, "sampling.corrector", s.corrector, tuple(CORRECTORS))
+    _wrap(check_float, "sampling.snr", s.snr, minimum=0.0, exclusive_minimum=True)
+    _wrap(check_int, "sampling.n_corrector_steps", s.n_corrector_steps, 0)
+    _wrap(check_choice, "sampling.ode_solver", s.ode_solver, ODE_SOLVERS)
+    _wrap(check_float, "sampling.eps", s.eps, minimum=0.0, maximum=sde.T,
+          exclusive_minimum=True, exclusive_maximum=True)
+    return sde, model
+
+
+def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model, the SDE, the time scale, the loss,
+    the batch size and the seed (it orders the data)."""
+    t = config.training
+    loss = {k: t[k] for k in ("weighting", "importance_sampling", "eps", "reduce")}
+    return json.loads(json.dumps({
+        "model": config.model.to_dict(), "sde": config.sde.to_dict(),
+        "model_time_scale": config.model_time_scale, "loss": loss,
+        "batch_size": t.batch_size, "seed": config.seed}))
+
+
+def resume_hyperparams(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """Training settings that may change on resume (logged when they do)."""
+    t = config.training
+    keys = ("num_steps", "learning_rate", "warmup_steps", "lr_schedule", "end_lr_factor",
+            "weight_decay", "grad_clip_norm", "ema_decay")
+    return json.loads(json.dumps({k: t[k] for k in keys}))
+
+
+def init_state(config: ml_collections.ConfigDict, model: ScoreUNet, mesh, *,
+               abstract: bool = False):
+    """``(state, tx, lr_fn)`` as :func:`experiments.lib.init_state`, for the score model:
+    ``state.params`` is ``{"params": {"unet": ...}}`` (``ScoreUNet``'s variables), drawn by
+    :func:`jaxdiff.models.init_unet` from ``run_keys(seed)["init"]``; ``abstract=True`` gives
+    the replicated shapes only (a restore target)."""
+    tx, lr_fn = lib.optimizer(config)
+    keys = lib.run_keys(config.seed)
+    if abstract:
+        shapes = jax.eval_shape(
+            lambda p: create_train_state({"params": {"unet": p}}, tx, keys["train"]),
+            unet_param_shapes(model.config))
+        repl = replicated_sharding(mesh)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            shapes), tx, lr_fn
+    variables = {"params": {"unet": init_unet(model.config, keys["init"])}}
+    return replicate(create_train_state(variables, tx, keys["train"]), mesh), tx, lr_fn
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+    """Trains (or resumes) the score model in ``workdir`` on MNIST's training images with
+    :func:`experiments.train_lib.run_training`; returns its summary. Writes ``config.json``,
+    ``checkpoints/``, ``metrics.jsonl`` (the DSM loss, gradient norm, learning rate,
+    throughput) and ``samples/step_XXXXXX.png`` (``sampling.grid`` EMA samples by
+    ``sampling.method``, the same noise every time).
+
+    Raises:
+      ConfigError: an invalid config field, data directory or workdir (nothing written).
+      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.
+    """
+    workdir = os.path.abspath(workdir)
+    sde, model = validate_config(config)
+    lib.check_paths(config, workdir)
+    if config.training.get("tensorboard", False):
+        train_lib.check_tensorboard_available()
+    try:
+        images, _ = load_mnist("train", config.data.data_dir or None, source=config.data.source)
+    except (FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"data: {e}") from None
+    mesh = make_mesh()
+    dsm = make_loss_fn(config, model, sde)
+    sample = make_sample_fn(config, model, sde, compiler_options=cpu_compiler_options())
+    sample_key, num = lib.run_keys(config.seed)["sample"], int(config.sampling.grid)
+
+    def loss_fn(variables, batch, key):
+        return dsm(variables["params"], batch["image"], key)
+
+    def grid_fn(state):
+        return np.asarray(jax.device_get(sample(state.ema_params["params"], sample_key, num)))
+
+    return train_lib.run_training(
+        config, workdir, mesh,
+        init_state=lambda abstract: init_state(config, model, mesh, abstract=abstract),
+        loss_fn=loss_fn, compat=compat_config(config), hyperparams=resume_hyperparams(config),
+        data={"image": images}, grid_fn=grid_fn, grid_columns=int(config.sampling.grid_columns))
+
+
+class ScoreRun(NamedTuple):
+    """A trained score model loaded by :func:`load_run`."""
+    config: ml_collections.ConfigDict
+    sde: Any
+    model: ScoreUNet
+    ema_params: Any      # model.apply({"params": ema_params}, x, t)
+    step: int
+
+
+def load_run(workdir: str) -> ScoreRun:
+    """The latest checkpoint's EMA params of a ``train_score_mnist`` workdir, with its config,
+    SDE and model.
+
+    Raises:
+      ConfigError: ``workdir`` has no ``config.json`` or no checkpoint, or is not a score run.
+    """
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"--workdir: {cfg_path} not found: is {workdir!r} a "
+                          "train_score_mnist workdir?")
+    with open(cfg_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if "sde" not in config:
+        raise ConfigError(f"--workdir: {cfg_path} has no 'sde' section: not a score-SDE run")
+    sde, model = build_sde(config), build_score_model(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mesh = make_mesh()
+    target, _, _ = init_state(config, model, mesh, abstract=True)
+    ckpt = Checkpointer(ckpt_dir, None, read_only=True) if os.path.isdir(ckpt_dir) else None
+    try:
+        restored = None if ckpt is None else ckpt.restore_latest(target)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if restored is None:
+        raise ConfigError(f"--workdir: no checkpoint in {ckpt_dir}")
+    state, _, step = restored
+    return ScoreRun(config, sde, model, state.ema_params["params"], int(step))
