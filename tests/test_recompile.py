@@ -1,0 +1,121 @@
+"""Nothing compiles twice: after the first step (and the first log / checkpoint / sample-grid
+cycle) a training run traces and compiles nothing more, and the evaluation's chunked sampling
+compiles only for its first chunk.
+
+Compilations are counted with JAX's monitoring events (``/jax/core/compile/jaxpr_trace_duration``
+and ``backend_compile_duration``, one per trace / XLA compilation, with the function's name), and
+the train step's and sample function's executable caches are checked to hold one entry each. The
+persistent compilation cache is off here (``tests/conftest.py``), so every compilation is seen.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax._src import dispatch
+
+from tests.test_data import write_fake_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "experiments", "configs", "mnist_smoke.py")
+EVENTS = (dispatch.JAXPR_TRACE_EVENT, dispatch.BACKEND_COMPILE_EVENT)
+
+
+class CompileCounter:
+    """Records ``(event, fun_name)`` for every trace and XLA compilation while entered."""
+
+    def __init__(self):
+        self.events = []
+
+    def _listen(self, event, duration, **kw):
+        if event in EVENTS:
+            self.events.append((event.rsplit("/", 1)[-1], kw.get("fun_name")))
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Trains the smoke config for 6 steps with a log, checkpoint and sample grid every 2 steps,
+    recording the compilations before each call of the train step."""
+    from experiments import lib, train_lib
+    from experiments.configs import mnist_smoke
+
+    root = tmp_path_factory.mktemp("recompile")
+    write_fake_mnist(str(root / "mnist"), n_train=32, n_test=8)
+    config = mnist_smoke.get_config()
+    config.data.data_dir = str(root / "mnist")
+    config.training.num_steps = 6
+    config.training.log_every = 2
+    config.training.checkpoint_every = 2
+    config.sampling.every = 2
+    made = {"step": [], "sample": []}
+    before_call = []   # len(counter.events) when the train step is called (0-based call i)
+    real_step, real_sample = train_lib.make_train_step, lib.make_sample_fn
+
+    def make_train_step(*args, **kwargs):
+        fn = real_step(*args, **kwargs)
+        made["step"].append(fn)
+
+        def step(state, batch):
+            before_call.append(len(counter.events))
+            return fn(state, batch)
+
+        return step
+
+    def make_sample_fn(*args, **kwargs):
+        made["sample"].append(real_sample(*args, **kwargs))
+        return made["sample"][-1]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_lib, "make_train_step", make_train_step)
+    mp.setattr(lib, "make_sample_fn", make_sample_fn)
+    try:
+        with CompileCounter() as counter:
+            summary = train_lib.train(config, str(root / "run"))
+    finally:
+        mp.undo()
+    return dict(summary=summary, made=made, before_call=before_call, events=counter.events,
+                workdir=str(root / "run"), data_dir=str(root / "mnist"))
+
+
+def test_train_loop_compiles_nothing_after_the_first_cycle(smoke_run):
+    r = smoke_run
+    assert r["summary"]["end_step"] == 6 and r["summary"]["checkpoint_step"] == 6
+    grids = sorted(os.listdir(os.path.join(r["workdir"], "samples")))
+    assert grids == ["latest.png", "step_000002.png", "step_000004.png", "step_000006.png"]
+    assert len(r["before_call"]) == 6
+    # The first call traces and compiles the step; the cycle after step 2 (metrics read back,
+    # checkpoint, sample grid) compiles its own functions once.
+    first = r["events"][r["before_call"][0]:r["before_call"][1]]
+    assert ("backend_compile_duration", "jit(step)") in first, first
+    later = r["events"][r["before_call"][2]:]   # steps 3-6 with two more cycles, and the end
+    assert later == [], later
+    (step_fn,), (sample_fn,) = r["made"]["step"], r["made"]["sample"]
+    assert step_fn._cache_size() == 1 and sample_fn._cache_size() == 1
+
+
+def test_evaluation_sampling_compiles_once_for_all_chunks(smoke_run):
+    from experiments import evaluation, lib
+
+    run = lib.load_run(smoke_run["workdir"])
+    diff = evaluation.load_diffusion(run, lib.sampling_config("ddim", num_steps=2))
+    labels = np.arange(20, dtype=np.int32) % 10     # 3 chunks of 8, the last padded
+    calls = []
+
+    def sample_fn(lab, key):
+        calls.append(len(counter.events))
+        return diff["sample_fn"](lab, key)
+
+    with CompileCounter() as counter:
+        images = evaluation.generate(sample_fn, labels, jax.random.key(0), batch_size=8)
+    assert images.shape == (20, 28, 28, 1) and np.isfinite(images).all()
+    assert len(calls) == 3
+    assert counter.events[calls[0]:calls[1]] != []          # the first chunk compiles
+    assert counter.events[calls[1]:] == [], counter.events[calls[1]:]
