@@ -93,7 +93,7 @@ def _mismatch(what: str, cls: str, given: Mapping, back: Mapping) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """Tuples -> lists, numpy scalars -> Python, integral floats of int fields kept as given."""
+    """A JSON-ready value: tuples -> lists, numpy scalars -> Python scalars."""
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):

@@ -69,3 +69,45 @@ def test_exported_folder_runs_in_diffusers_as_in_jaxdiff(parts, tmp_path):
     print(f"export parity: image max err {err:.2e}, image std {ref.std():.3f}")
     assert ref.std() > 0.05  # not a blank image
     assert err <= IMAGE_ATOL, err
+
+
+def test_exported_unet_with_per_level_options_matches_diffusers():
+    """``unet_to_diffusers`` on the options a text-to-image UNet may vary per level (heads,
+    transformer depth, resnets), with linear projections, a class embedding, a resnet-only mid
+    block, another time embedding: ``UNet2DConditionModel(**config)`` takes the state dict
+    strictly and gives jaxdiff's output (relative error <= 1e-5)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.convert import unet_to_diffusers
+    from jaxdiff.models import UNet, UNetConfig
+    from jaxdiff.models.unet import unet_param_shapes
+    from tests.test_export_diffusers import random_params
+
+    cfg = UNetConfig(in_channels=2, out_channels=2, block_channels=(8, 16),
+                     layers_per_block=(2, 1), attention=("cross", "cross"),
+                     up_attention=(None, "cross"), mid_layers=0, mid_attention=None,
+                     num_heads=(2, 4), transformer_depth=(2, 1), use_linear_projection=True,
+                     context_dim=12, norm_groups=4, num_classes=3, flip_sin_to_cos=False,
+                     freq_shift=1.0, time_embed_dim=24)
+    params = random_params(unet_param_shapes(cfg), 7)
+    state, config = unet_to_diffusers(params, cfg, sample_size=8)
+    model = diffusers.UNet2DConditionModel.from_config(
+        {k: v for k, v in config.items() if not k.startswith("_")})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    model.eval()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 6, 5, 2)).astype(np.float32)  # odd width: 5 -> 3 -> 5
+    t = np.array([0, 400, 999])
+    ctx = rng.standard_normal((3, 5, 12)).astype(np.float32)
+    y = np.array([0, 2, 3])  # 3: jaxdiff's null label, diffusers' last class row
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+                    encoder_hidden_states=torch.from_numpy(ctx),
+                    class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    out = jax.jit(lambda p: UNet(cfg).apply({"params": p}, jnp.asarray(x), jnp.asarray(t),
+                                            labels=jnp.asarray(y), context=jnp.asarray(ctx)))(
+        params)
+    err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+    print(f"exported UNet relative error {err:.2e}")
+    assert err <= 1e-5, err
