@@ -6,11 +6,11 @@ reverse of :func:`~jaxdiff.convert.sampler_from_diffusers_config`.
     >>> config["_class_name"], config["beta_schedule"], config["prediction_type"]
     ('DDIMScheduler', 'squaredcos_cap_v2', 'v_prediction')
 
-The scheduler class is the one :data:`~jaxdiff.convert.diffusers_scheduler.SCHEDULER_CLASSES` maps onto the sampler
-(``ddim`` -> ``DDIMScheduler``, ``euler_ancestral`` -> ``EulerAncestralDiscreteScheduler``,
-``dpm_solver`` and the ``dpmpp_*`` presets -> ``DPMSolverMultistepScheduler``, ...). The result
-is
-read back with :func:`~jaxdiff.convert.sampler_from_diffusers_config` and
+The scheduler class is the one that
+:data:`~jaxdiff.convert.diffusers_scheduler.SCHEDULER_CLASSES` maps onto the sampler (``ddim`` ->
+``DDIMScheduler``, ``euler_ancestral`` -> ``EulerAncestralDiscreteScheduler``, ``dpm_solver`` and
+the ``dpmpp_*`` presets -> ``DPMSolverMultistepScheduler``, ...). The result is read back with
+:func:`~jaxdiff.convert.sampler_from_diffusers_config` and
 :func:`~jaxdiff.convert.schedule_from_diffusers_config` and must give the same sampler (function
 and every option, defaults included) and the same schedule: an option or schedule the diffusers
 class cannot express (DDIM's ``eta``, which diffusers takes at call time; Euler's ``s_churn``; a
