@@ -23,11 +23,12 @@ from experiments import lib
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
-from jaxdiff.training import (Checkpointer, StopOnSignal, make_mesh, make_train_step,
-                              train_loop)
+from jaxdiff.training import (FSDP_AXIS, Checkpointer, StopOnSignal, fsdp_sharding, make_mesh,
+                              make_train_step, replicated_sharding, train_loop)
 from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 
-__all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available"]
+__all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available",
+           "make_train_mesh"]
 
 
 def check_tensorboard_available() -> None:
@@ -104,6 +105,20 @@ def load_train_data(config: ml_collections.ConfigDict):
     return images, labels
 
 
+def make_train_mesh(config: ml_collections.ConfigDict):
+    """The mesh over all devices: ``("data",)``, or ``("data", "fsdp")`` with
+    ``training.fsdp > 1`` (the train state's large leaves then split over ``fsdp``: see
+    :func:`jaxdiff.training.fsdp_sharding`; :func:`run_training` does it for such a mesh).
+
+    Raises:
+      ConfigError: ``training.fsdp`` does not divide the number of devices.
+    """
+    try:
+        return make_mesh(fsdp=config.training.get("fsdp", 1))
+    except ValueError as e:
+        raise ConfigError(f"training.{e}") from None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Trains (or resumes) the run in ``workdir``; returns a summary dict (``start_step``,
     ``end_step``, ``wall_s``, ``stopped_by_signal``, ``grid``, ``checkpoint_step``).
@@ -123,7 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if config.training.get("tensorboard", False):
         check_tensorboard_available()
     images, labels = load_train_data(config)
-    mesh = make_mesh()
+    mesh = make_train_mesh(config)
     model, schedule = lib.build_model(config), lib.build_schedule(config)
     sample_fn = lib.make_sample_fn(model, schedule, mesh, s, config.diffusion.prediction_type)
     grid_labels = np.repeat(np.arange(model.config.num_classes), s.per_class)
@@ -156,7 +171,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
         checkpoint_every, keep_checkpoints, ema_decay, tensorboard}`` and ``sampling.every``
         (already validated).
       workdir: the absolute run directory (created here).
-      mesh: the device mesh the state is replicated and the batch sharded over.
+      mesh: the device mesh the batch is sharded over; the state is replicated, or, on a mesh
+        with an ``fsdp`` axis (:func:`make_train_mesh`), its large leaves split over that axis
+        (:func:`jaxdiff.training.fsdp_sharding`; the sample grids gather the EMA params).
       init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state, or
         with ``abstract=True`` its shapes (a restore target); the same ``tx`` either way.
       loss_fn: ``(state.params, batch, key) -> (loss, aux)``.
@@ -198,11 +215,18 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
     if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
+    state_sharding = None
+    if FSDP_AXIS in mesh.axis_names:  # training.fsdp > 1: the state's large leaves split
+        state_sharding = fsdp_sharding(target, mesh)
+        state = jax.device_put(state, state_sharding)
     start = int(jax.device_get(state.step))
-    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn)
+    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn,
+                              state_sharding=state_sharding)
     last_grid: list[Optional[str]] = [None]
 
     def write_grid(step, st):
+        if state_sharding is not None:  # the sampler takes replicated params: gather the EMA
+            st = st.replace(ema_params=jax.device_put(st.ema_params, replicated_sharding(mesh)))
         imgs = grid_fn(st)
         if is_main:
             path = os.path.join(workdir, "samples", f"step_{step:06d}.png")

@@ -91,6 +91,56 @@ def test_fsdp_step_equals_replicated_step_on_eight_devices():
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
+_TRAIN = textwrap.dedent("""
+    import json, os, sys
+    import jax, numpy as np
+    from experiments import train_lib
+    from experiments.configs import mnist_smoke
+    from jaxdiff.training import FSDP_AXIS
+    from tests.test_data import write_fake_mnist
+    root = sys.argv[1]
+    write_fake_mnist(os.path.join(root, "mnist"), n_train=32, n_test=8)
+    c = mnist_smoke.get_config()
+    c.data.data_dir = os.path.join(root, "mnist")
+    c.training.num_steps, c.training.fsdp = 2, 4
+    c.training.log_every = c.training.checkpoint_every = 1
+    # The smoke UNet's leaves are all below FSDP_MIN_SIZE: split every divisible one.
+    split_all = train_lib.fsdp_sharding
+    train_lib.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
+    made = []
+    real = train_lib.make_train_step
+    train_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    summary = train_lib.train(c, os.path.join(root, "run"))
+    assert summary["end_step"] == 2 and summary["checkpoint_step"] == 2, summary
+    assert summary["grid"] is not None       # sampled from the gathered EMA params
+    (sharding,) = made
+    specs = [s.spec for s in jax.tree.leaves(sharding.params)]
+    assert any(FSDP_AXIS in tuple(p) for p in specs), specs
+    rows = [json.loads(l) for l in open(os.path.join(root, "run", "metrics.jsonl"))]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows), rows
+    c.training.fsdp = 3
+    try:
+        train_lib.train(c, os.path.join(root, "run3"))
+    except ValueError as e:
+        assert "training.fsdp must be a positive divisor of the number of devices 8" in str(e)
+    else:
+        raise AssertionError("no ConfigError for training.fsdp=3 on 8 devices")
+    assert not os.path.exists(os.path.join(root, "run3"))
+    print("OK")
+""")
+
+
+def test_train_mnist_with_fsdp(tmp_path):
+    """``training.fsdp=4`` on 8 simulated devices: the smoke run trains with a split state (the
+    step equals the replicated one: the test above), checkpoints, and writes its grid (the EMA
+    params gathered); ``training.fsdp=3`` is a ConfigError before anything is written."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-c", _TRAIN, str(tmp_path)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 def test_make_mesh_rejects_fsdp_that_does_not_divide_the_devices():
     n = jax.device_count()
     for bad in (0, -1, n + 1, 1.5, True):

@@ -103,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.checkpoint_every = 300
     c.training.keep_checkpoints = 3
     c.training.tensorboard = False    # True: TensorBoard events in WORKDIR/tb (needs tensorboardX)
+    c.training.fsdp = 1               # > 1: split the train state over an "fsdp" mesh axis this
+                                      # big (must divide the device count; see make_train_mesh)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.every = 1300           # sample grid interval in steps (and always at the end)
