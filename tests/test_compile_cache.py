@@ -43,7 +43,7 @@ def _run(env_extra, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     first, counts = (json.loads(line) for line in r.stdout.strip().splitlines()[-2:])
-    return {**first, **counts}
+    return {**first, **counts, "stderr": r.stderr}
 
 
 def _files(path):
@@ -58,6 +58,9 @@ def test_second_process_hits_the_cache(tmp_path):
     written = _files(cache)
     assert any(f.startswith("jit__lambda") for f in written), written
     warm = _run({"JAXDIFF_COMPILATION_CACHE": str(cache)}, tmp_path)
+    if warm["misses"] and "doesn't match the machine type" in warm["stderr"]:
+        pytest.xfail("XLA:CPU's AOT loader rejects its own cache entries on this CPU "
+                     "(jax-ml/jax#38445): the CPU cache cannot hit here")
     assert warm["hits"] >= 1 and warm["misses"] == 0, warm   # every compilation loaded
     assert warm["value"] == cold["value"]
     assert _files(cache) == written                              # nothing new to write
