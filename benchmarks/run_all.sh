@@ -22,10 +22,11 @@ if [ "$PROFILE" = gpu ]; then
     [bench_unet_b1024_bf16]="$PY -m benchmarks.bench_unet --batch 1024 --reps 20 --dtype bfloat16"
     [bench_train]="$PY -m benchmarks.bench_train --steps 200"
     [bench_train_accel]="$PY -m benchmarks.bench_train --config accel --steps 100"
+    [bench_compile_cache]="$PY -m benchmarks.bench_compile_cache"
     [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --model preset --reps 20 --sample_reps 5 --torch_compile"
   )
   default=(bench_samplers bench_unet bench_unet_b1024 bench_unet_b1024_bf16 bench_train
-           bench_train_accel bench_vs_torch)
+           bench_train_accel bench_vs_torch bench_compile_cache)
 else
   CMD=(
     [bench_samplers]="$PY -m benchmarks.bench_samplers"
@@ -33,13 +34,14 @@ else
     [bench_train]="$PY -m benchmarks.bench_train --steps 30"
     [bench_vs_torch]="$PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
     [bench_cpu_options]="$PY -m benchmarks.bench_cpu_options"
+    [bench_compile_cache]="$PY -m benchmarks.bench_compile_cache"
     [profile_step]="$PY -m benchmarks.profile_step"
     [profile_step_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.profile_step"
     # not in the default list: today's counterpart of results/cpu/history/bench_vs_torch_ae40e27.md
     [bench_vs_torch_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
   )
   default=(bench_samplers bench_unet bench_train bench_vs_torch bench_cpu_options profile_step
-           profile_step_xla_defaults)
+           profile_step_xla_defaults bench_compile_cache)
 fi
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${default[@]}")
