@@ -103,10 +103,16 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
     if pad % 8:
         raise ConfigError(f"data.pad_to must be a multiple of 8 (diffusers' pipelines need "
                           f"image sides that are), got {pad}")
-    if not c.vae_workdir:
-        vae_lib.validate_config(_vae_config(config))
+    if c.vae_workdir:
+        latent_channels = _vae_run_config(c.vae_workdir).model.latent_channels
+    else:
+        latent_channels = vae_lib.validate_config(_vae_config(config)).config.latent_channels
     unet = build_unet(config)
     u = unet.config
+    if u.in_channels != latent_channels or u.out_channels != latent_channels:
+        raise ConfigError(f"model.in_channels and model.out_channels ({u.in_channels}, "
+                          f"{u.out_channels}) must equal the autoencoder's latent_channels "
+                          f"({latent_channels})")
     if u.num_classes is not None:
         raise ConfigError("model.num_classes must be None: the text encoder conditions the UNet")
     if u.context_dim != x.hidden_size:
@@ -137,7 +143,7 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
               exclusive_maximum=True)
     from jaxdiff.training import check_batch_divisible
     _wrap(check_batch_divisible, t.batch_size, make_mesh())
-    _wrap(check_int, "sampling.every", s.every, 1)
+    _wrap(check_int, "sampling.every", s.every, 0)
     _wrap(check_int, "sampling.per_prompt", s.per_prompt, 1)
     _wrap(check_choice, "sampling.split", s.split, mnist_prompts.SPLITS)
     _wrap(check_choice, "sampling.sampler", s.sampler, sampler_names())
@@ -182,12 +188,8 @@ def vae_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
       ConfigError: ``vae_workdir`` has no checkpoint; and as :func:`experiments.vae_lib.train`.
     """
     if config.vae_workdir:
-        path = os.path.abspath(config.vae_workdir)
-        if not os.path.isfile(os.path.join(path, "config.json")) or _latest(path) is None:
-            raise ConfigError(f"vae_workdir {config.vae_workdir!r} holds no trained autoencoder "
-                              "(config.json and checkpoints/); train one with python -m "
-                              "experiments.train_vae_mnist, or leave vae_workdir empty")
-        return path
+        _vae_run_config(config.vae_workdir)
+        return os.path.abspath(config.vae_workdir)
     path = os.path.join(workdir, "vae")
     vae_cfg = _vae_config(config)
     done = _latest(path)
@@ -197,6 +199,22 @@ def vae_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     print(f"vae: training the autoencoder in {path}", flush=True)
     vae_lib.train(vae_cfg, path)
     return path
+
+
+def _vae_run_config(vae_workdir: str) -> ml_collections.ConfigDict:
+    """The ``config.json`` of a finished autoencoder run at ``vae_workdir``.
+
+    Raises:
+      ConfigError: naming ``vae_workdir`` when it holds no config or no checkpoint.
+    """
+    path = os.path.abspath(vae_workdir)
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg) or _latest(path) is None:
+        raise ConfigError(f"vae_workdir {vae_workdir!r} holds no trained autoencoder "
+                          "(config.json and checkpoints/); train one with python -m "
+                          "experiments.train_vae_mnist, or leave vae_workdir empty")
+    with open(cfg) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 def _latest(run_dir: str) -> Optional[int]:
@@ -551,7 +569,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
             last_grid[0] = path
 
     def on_step(step, st):
-        if step % s.every == 0:
+        if s.every and step % s.every == 0:
             write_grid(step, st)
 
     logger = MetricsLogger(workdir, t.log_every, t.batch_size, start, t.num_steps, is_main)
@@ -567,10 +585,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
             logger.close()
             ckpt.close()
     end = int(jax.device_get(state.step))
-    if stop.requested is None and end % s.every:
+    if stop.requested is None and s.every and end % s.every:
         write_grid(end, state)
     exported = None
-    if stop.requested is None and end >= t.num_steps and is_main:
+    if stop.requested is None and end >= t.num_steps and is_main and config.export_diffusers:
         exported = export(sd.replace(params=dict(
             sd.params, unet=jax.device_get(state.ema_params["unet"]),
             text_encoder=jax.device_get(state.ema_params["text_encoder"]))),

@@ -96,10 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.keep_checkpoints = 3
 
     c.sampling = ml_collections.ConfigDict()
-    c.sampling.every = 1000          # sample grid interval in steps (and always at the end)
+    c.sampling.every = 1000          # sample grid interval in steps (and at the end); 0: none
     c.sampling.per_prompt = 8        # columns of the grid; one row per prompt
     c.sampling.split = "heldout"     # the grid's prompts: one per digit from these templates
     c.sampling.sampler = "ddim"      # any of jaxdiff.samplers.sampler_names()
     c.sampling.num_steps = 25
     c.sampling.guidance_scale = 3.0  # classifier-free guidance; <= 1: none
+
+    # At the end of training: the EMA model as a diffusers folder in WORKDIR/diffusers.
+    c.export_diffusers = True
     return c

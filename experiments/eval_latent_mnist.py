@@ -1,0 +1,175 @@
+r"""Evaluate a text-to-MNIST latent diffusion run (``experiments.train_latent_mnist``): samples for
+held-out prompt templates (never seen in training), for training templates, and for the empty
+prompt, scored by ``experiments.evaluation.evaluate_samples`` (the MNIST classifier's conditional
+accuracy, FD in its feature space against test images, precision / recall, pixel statistics).
+
+    python -m experiments.eval_latent_mnist --workdir runs/latent_mnist \
+        --classifier_path runs/mnist/mnist_classifier.msgpack --out_md results.md \
+        --out_png assets/latent_mnist.png
+
+Samples go through ``jaxdiff.pipelines.generate`` with the run's sampler, steps and guidance
+(``config.sampling``, overridable with ``--steps`` / ``--guidance_scale``), are decoded at the
+padded size and cropped back to 28x28. The labels are balanced (``i % 10``) and each sample's
+prompt is drawn for its label (``experiments.mnist_prompts.sample_prompts``). FD is given at
+``N = --num_samples`` with the real-vs-real floor at that ``N`` (N training vs N test images),
+and at ``N = 300`` on the first 300 samples with the floor of ``experiments.eval_sweep`` (same
+seed, same test and training draws), the ``N`` of the pixel-space model's stored sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from experiments import cli, latent_lib, mnist_prompts
+from experiments.cli import ConfigError
+from experiments.evaluation import evaluate_samples, get_classifier, load_mnist_arrays, log
+from jaxdiff.metrics import classify, feature_statistics
+
+PROG = "python -m experiments.eval_latent_mnist"
+FD_N = 300   # experiments.eval_sweep's N for the pixel-space model
+
+__all__ = ["main", "cli_main", "markdown"]
+
+
+def _define(fv: flags.FlagValues, argv: list) -> None:
+    del argv
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("workdir", None, "a train_latent_mnist workdir", **d)
+    flags.DEFINE_integer("num_samples", 1000, "samples per prompt split (>= 300)", **d)
+    flags.DEFINE_integer("batch_size", 250, "sampling batch", **d)
+    flags.DEFINE_integer("steps", None, "sampler steps (default: the run's sampling.num_steps)",
+                         **d)
+    flags.DEFINE_float("guidance_scale", None, "guidance (default: the run's)", **d)
+    flags.DEFINE_string("classifier_path", "", "classifier msgpack (default "
+                        "WORKDIR/mnist_classifier.msgpack, trained there if absent)", **d)
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory", **d)
+    flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
+    flags.DEFINE_string("out_md", "", "also write the markdown table here", **d)
+    flags.DEFINE_string("out_png", "", "a grid of held-out prompts x 8 samples (default "
+                        "WORKDIR/eval_grid.png)", **d)
+
+
+_KEYS = ("conditional_accuracy", "fid", "precision", "recall", "clean_background", "haze")
+
+
+def markdown(res: dict) -> str:
+    """The results as a markdown table."""
+    lines = [f"Run {res['workdir']} at step {res['step']}; sampler {res['sampler']}, "
+             f"{res['steps']} steps, guidance {res['guidance_scale']:g}; classifier test "
+             f"accuracy {res['classifier']['test_accuracy']:.4f}.", "",
+             f"| prompts | N | conditional accuracy | FD (floor at N) | FD at N={FD_N} (floor) "
+             "| precision | recall | clean background | haze | time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in res["rows"].items():
+        acc = "-" if r.get("conditional_accuracy") is None else f"{r['conditional_accuracy']:.3f}"
+        lines.append(
+            f"| {name} | {r['n']} | {acc} | {r['fid']:.2f} ({res['floors'][str(r['n'])]:.2f}) | "
+            f"{r['fid_300']:.2f} ({res['floors'][str(FD_N)]:.2f}) | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['clean_background']:.3f} | {r['haze']:.3f} | "
+            f"{r['time_s']:.0f} |")
+    hist = res["rows"].get("empty prompt", {}).get("class_histogram")
+    if hist:
+        lines += ["", "Empty prompt (unconditional, no guidance): class histogram "
+                  + ", ".join(f"{d}: {h:.2f}" for d, h in enumerate(hist)) + "."]
+    lines += ["", f"Latent statistics: {json.dumps(res['latent_stats'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parses ``argv``, samples, scores; writes ``WORKDIR/eval.json`` (+ ``--out_md``, the grid)
+    and returns the results.
+
+    Raises:
+      ConfigError: a bad flag or workdir.
+    """
+    fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
+    if not fv.workdir:
+        raise ConfigError("--workdir is required")
+    if fv.num_samples < FD_N:
+        raise ConfigError(f"--num_samples must be >= {FD_N}, got {fv.num_samples}")
+    if fv.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    logging.set_verbosity(logging.WARNING)
+    run = latent_lib.load_latent_run(fv.workdir)
+    s = run.config.sampling
+    steps = int(fv.steps or s.num_steps)
+    w = float(s.guidance_scale if fv.guidance_scale is None else fv.guidance_scale)
+    train = load_mnist_arrays("train", fv.data_dir)
+    test = load_mnist_arrays("test", fv.data_dir)
+    n = fv.num_samples
+    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
+    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed, epochs=3)
+
+    # The references and floors, drawn as experiments.eval_sweep draws them.
+    rng = np.random.default_rng(fv.seed)
+    test_perm, train_perm = rng.permutation(len(test[0])), rng.permutation(len(train[0]))
+    refs, floors = {}, {}
+    for m in sorted({n, FD_N}):
+        feats = classify(clf, test[0][test_perm[:m]])[0]
+        refs[m] = (feature_statistics(feats), {"feats": feats, "images": test[0][test_perm[:m]]})
+        real = evaluate_samples(clf, train[0][train_perm[:m]], train[1][train_perm[:m]],
+                                refs[m][0], reference=refs[m][1])
+        floors[str(m)] = float(real["fid"])
+        log(f"floor (train vs test) at N={m}: {floors[str(m)]:.3f}")
+
+    key = jax.random.key(fv.seed)
+    labels = (np.arange(n) % 10).astype(np.int32)
+    rows, grid = {}, None
+    for i, (name, split) in enumerate((("held-out templates", "heldout"),
+                                       ("training templates", "train"),
+                                       ("empty prompt", None))):
+        k_prompt, k_sample = jax.random.split(jax.random.fold_in(key, i))
+        prompts = ([mnist_prompts.EMPTY_PROMPT] * n if split is None else
+                   mnist_prompts.sample_prompts(labels, k_prompt, split))
+        scale = 1.0 if split is None else w   # the empty prompt: unguided, unconditional
+        t0 = time.time()
+        imgs = latent_lib.sample(run.sd, prompts, k_sample, num_steps=steps,
+                                 guidance_scale=scale, batch_size=min(fv.batch_size, n))
+        elapsed = time.time() - t0
+        imgs = latent_lib.crop_images(imgs)
+        r = evaluate_samples(clf, imgs, None if split is None else labels, refs[n][0],
+                             reference=refs[n][1])
+        r["fid_300"] = float(evaluate_samples(clf, imgs[:FD_N], None, refs[FD_N][0])["fid"])
+        r["time_s"] = elapsed   # with the first batch's compilation
+        r["example_prompts"] = prompts[:10]
+        rows[name] = r
+        acc = r.get("conditional_accuracy")
+        log(f"{name}: accuracy {acc if acc is None else round(acc, 4)}, FD {r['fid']:.2f}, "
+            f"FD@300 {r['fid_300']:.2f}, {elapsed:.0f} s")
+        if split == "heldout":
+            grid_prompts = mnist_prompts.sample_prompts(np.arange(10), k_prompt, split)
+            grid = latent_lib.sample(run.sd, [p for p in grid_prompts for _ in range(8)],
+                                     jax.random.fold_in(k_sample, 99), num_steps=steps,
+                                     guidance_scale=w, batch_size=80)
+    out_png = fv.out_png or os.path.join(fv.workdir, "eval_grid.png")
+    latent_lib.save_prompt_grid(latent_lib.crop_images(grid), grid_prompts, out_png)
+    log(f"wrote {out_png}")
+    res = {"workdir": fv.workdir, "step": run.stats["step"], "sampler": run.sd.sampler.name,
+           "steps": steps, "guidance_scale": w, "classifier": clf_info, "floors": floors,
+           "rows": rows, "latent_stats": {k: run.stats[k] for k in
+                                          ("scaling_factor", "latent_std", "latent_mean")},
+           "args": fv.flag_values_dict()}
+    with open(os.path.join(fv.workdir, "eval.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+    table = markdown(res)
+    if fv.out_md:
+        with open(fv.out_md, "w") as f:
+            f.write(table)
+    print(table)
+    return res
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m experiments.eval_latent_mnist``: :func:`main` with errors as one line."""
+    cli.run(main, argv)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,224 @@
+"""Text-to-MNIST latent diffusion: the prompt grammar's split, the CLIP BPE learnt on the prompts
+(round trip, one token per training word, transformers loads the same ids), a tiny two-stage
+training run (autoencoder, then text encoder + UNet) with an exact resume, the exported diffusers
+folder sampled by the text_to_image command line, and one-line config errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import mnist_prompts as mp
+from tests.test_data import write_fake_mnist
+
+# A tiny run: 8x8x2 latents, a 2-level UNet of 8 / 16 channels, a 1-layer text encoder of width 8.
+TINY = ["--config.vae.model.block_channels=(8,8,8)", "--config.vae.model.norm_groups=4",
+        "--config.vae.model.latent_channels=2", "--config.vae.training.batch_size=8",
+        "--config.vae.training.num_steps=2", "--config.vae.training.log_every=1",
+        "--config.vae.eval.batch_size=8", "--config.vae.eval.num_examples=8",
+        "--config.model.in_channels=2", "--config.model.out_channels=2",
+        "--config.model.block_channels=(8,16)", "--config.model.norm_groups=4",
+        "--config.model.num_heads=1", "--config.model.context_dim=8",
+        "--config.text.hidden_size=8", "--config.text.intermediate_size=16",
+        "--config.text.num_hidden_layers=1", "--config.text.num_attention_heads=2",
+        "--config.training.batch_size=8", "--config.training.log_every=1",
+        "--config.training.checkpoint_every=2", "--config.training.warmup_steps=1",
+        "--config.training.lr_schedule=constant", "--config.sampling.every=1000",
+        "--config.sampling.per_prompt=1", "--config.sampling.num_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the resumed runs reuse the first run's programs."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+# -- the prompt grammar ---------------------------------------------------------------------------
+
+def test_heldout_prompts_are_never_training_prompts_and_cover_every_digit():
+    for d in range(10):
+        train, held = set(mp.all_prompts("train", d)), set(mp.all_prompts("heldout", d))
+        assert train and held and not train & held
+        for p in train | held:  # the digit's name or numeral is in every prompt
+            assert mp.DIGIT_NAMES[d] in p.split() or str(d) in p.split()
+    # Every prompt names exactly one digit: no prompt of digit d is a prompt of another digit.
+    every = [set(mp.all_prompts(s, d)) for s in mp.SPLITS for d in range(10)]
+    assert sum(len(s) for s in every) == len(set().union(*every))
+    words = set(mp.training_words())
+    for d in range(10):  # held-out phrasings use training words only
+        assert all(set(p.split()) <= words for p in mp.all_prompts("heldout", d))
+
+
+def test_training_sampler_never_produces_a_heldout_prompt_and_is_deterministic():
+    labels = np.arange(2000) % 10
+    prompts = mp.sample_prompts(labels, jax.random.key(3), "train")
+    held = {p for d in range(10) for p in mp.all_prompts("heldout", d)}
+    assert not set(prompts) & held
+    for d in range(10):  # each label's prompts are that digit's, and varied
+        mine = {p for p, y in zip(prompts, labels) if y == d}
+        assert mine <= set(mp.all_prompts("train", d)) and len(mine) > 20
+    assert prompts == mp.sample_prompts(labels, jax.random.key(3), "train")
+    assert prompts != mp.sample_prompts(labels, jax.random.key(4), "train")
+    # The jitted draw (what the loss uses) gives the same indices as the host one.
+    idx = jax.jit(lambda k: mp.prompt_indices(k, 50, "heldout"))(jax.random.key(1))
+    t, f, a = (np.asarray(v) for v in idx)
+    assert t.max() < len(mp.HELDOUT_TEMPLATES) and f.max() < 2 and a.max() < len(mp.ADJECTIVES)
+    table = mp.prompt_table("heldout")
+    got = mp.sample_prompts(np.arange(50) % 10, jax.random.key(1), "heldout")
+    assert got == [table[i % 10][t[i]][f[i]][a[i]] for i in range(50)]
+    with pytest.raises(ValueError, match="split"):
+        mp.sample_prompts([1], jax.random.key(0), "test")
+    with pytest.raises(ValueError, match="labels"):
+        mp.sample_prompts([10], jax.random.key(0), "train")
+
+
+# -- the tokenizer --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from experiments.latent_lib import build_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
+    build_tokenizer(path, 12)
+    return path
+
+
+def test_tokenizer_round_trip_one_token_per_word(tokenizer_dir):
+    from jaxdiff.text import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    assert tok.max_length == 12 and tok.eos_token_id == tok.vocab_size - 1
+    for w in mp.training_words():
+        assert tok.tokenize(w) == [w + "</w>"]
+    prompts = [p for s in mp.SPLITS for d in range(10) for p in mp.all_prompts(s, d)]
+    ids = tok(prompts).input_ids
+    for p, row in zip(prompts, ids):
+        assert tok.decode(row) == p
+        assert row[0] == tok.bos_token_id and list(row).count(tok.eos_token_id) >= 1
+        assert 2 + len(p.split()) <= 12   # never truncated
+    assert tok([""]).input_ids[0].tolist() == [tok.bos_token_id] + [tok.eos_token_id] * 11
+
+
+def test_transformers_loads_the_tokenizer_with_the_same_ids(tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    from jaxdiff.text import CLIPTokenizer
+
+    ours = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    prompts = ["a handwritten seven", "the number 7 written by hand", "", "a thin digit 0"]
+    want = theirs(prompts, padding="max_length", max_length=12, truncation=True).input_ids
+    np.testing.assert_array_equal(ours(prompts).input_ids, np.asarray(want))
+
+
+# -- training -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mnist"))
+    write_fake_mnist(path, n_train=40, n_test=10)
+    return path
+
+
+def _args(workdir, data_dir, steps, *extra):
+    return [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.training.num_steps={steps}", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """4 steps in one go; the autoencoder trained first into WORKDIR/vae."""
+    from experiments import train_latent_mnist
+
+    workdir = str(tmp_path_factory.mktemp("latent") / "run")
+    return workdir, train_latent_mnist.main(_args(workdir, data_dir, 4))
+
+
+def test_two_stages_write_vae_latents_checkpoint_grid_and_diffusers(trained):
+    workdir, summary = trained
+    assert summary["end_step"] == 4 and summary["checkpoint_step"] == 4
+    assert summary["vae_dir"] == os.path.join(workdir, "vae")
+    vae_rows = [json.loads(line) for line in open(os.path.join(workdir, "vae", "metrics.jsonl"))]
+    assert [r["step"] for r in vae_rows] == [1, 2]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and 0 < r["loss"] < 10 for r in rows)
+    stats = json.load(open(os.path.join(workdir, "latent_stats.json")))
+    with np.load(os.path.join(workdir, "latents.npz")) as f:
+        mean, std = f["mean"], f["std"]
+    assert mean.shape == (40, 8, 8, 2) and (std > 0).all()
+    z_var = mean.astype(np.float64).var() + (std.astype(np.float64) ** 2).mean()
+    np.testing.assert_allclose(stats["scaling_factor"], z_var ** -0.5, rtol=1e-6)
+    grid = os.path.join(workdir, "samples", "step_000004.png")
+    assert os.path.isfile(grid)
+    prompts = open(grid[:-4] + ".txt").read().split("\n")[:10]
+    for d, p in enumerate(prompts):
+        assert p in mp.all_prompts("heldout", d)
+    assert os.path.isfile(os.path.join(workdir, "diffusers", "model_index.json"))
+
+
+def test_resume_is_exact_and_an_existing_vae_is_reused(trained, data_dir, tmp_path):
+    """2 steps, then resumed to 4 (a constant learning rate), on the first run's autoencoder ==
+    the 4 steps in one go."""
+    from experiments import latent_lib, train_latent_mnist
+
+    ref_dir, _ = trained
+    workdir = str(tmp_path / "resumed")
+    vae = f"--config.vae_workdir={os.path.join(ref_dir, 'vae')}"
+    quick = ["--config.sampling.every=0", "--config.export_diffusers=False"]
+    first = train_latent_mnist.main(_args(workdir, data_dir, 2, vae, *quick))
+    assert first["end_step"] == 2 and not os.path.isdir(os.path.join(workdir, "vae"))
+    second = train_latent_mnist.main(_args(workdir, data_dir, 4, vae, *quick))
+    assert second["start_step"] == 2 and second["end_step"] == 4
+    a = latent_lib.load_latent_run(ref_dir).sd.params
+    b = latent_lib.load_latent_run(workdir).sd.params
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_text_to_image_samples_the_exported_folder(trained, tmp_path):
+    from PIL import Image
+
+    from experiments import text_to_image
+
+    workdir, _ = trained
+    out = str(tmp_path / "seven.png")
+    images = text_to_image.main([f"--model={os.path.join(workdir, 'diffusers')}",
+                                 "--prompt=a handwritten seven", "--steps=2", f"--out={out}"])
+    assert images.shape == (1, 32, 32, 1)
+    assert Image.open(out).mode == "L" and Image.open(out).size == (32, 32)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--config.model.context_dim=32"], "model.context_dim (32) must equal text.hidden_size"),
+    (["--config.data.pad_to=30"], "data.pad_to must be a multiple of 8"),
+    (["--config.vae_workdir=/nonexistent/vae"], "vae_workdir '/nonexistent/vae' holds no"),
+    (["--config.sampling.sampler=nope"], "sampling.sampler"),
+])
+def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path, capsys, extra, needle):
+    from experiments import train_latent_mnist
+
+    workdir = str(tmp_path / "never")
+    with pytest.raises(SystemExit) as e:
+        train_latent_mnist.cli_main([f"--workdir={workdir}", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err
+    assert not os.path.exists(workdir)
+
+
+def test_default_config_is_valid():
+    from experiments import latent_lib
+    from experiments.configs import latent_mnist
+
+    unet = latent_lib.validate_config(latent_mnist.get_config())
+    assert unet.config.in_channels == 4 and unet.config.context_dim == 64
