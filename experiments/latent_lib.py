@@ -267,6 +267,7 @@ def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, batch_size: i
     fn = jax.jit(lambda p, x: (lambda q: (q.mean, q.std))(
         vae.apply({"params": p}, x, method="encode")), compiler_options=cpu_compiler_options())
     means, stds = [], []
+    batch_size = min(batch_size, len(images))
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         n = len(chunk)

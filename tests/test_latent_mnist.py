@@ -21,6 +21,7 @@ TINY = ["--config.vae.model.block_channels=(8,8,8)", "--config.vae.model.norm_gr
         "--config.model.in_channels=2", "--config.model.out_channels=2",
         "--config.model.block_channels=(8,16)", "--config.model.norm_groups=4",
         "--config.model.num_heads=1", "--config.model.context_dim=8",
+        "--config.model.attention=(None,\"cross\")",
         "--config.text.hidden_size=8", "--config.text.intermediate_size=16",
         "--config.text.num_hidden_layers=1", "--config.text.num_attention_heads=2",
         "--config.training.batch_size=8", "--config.training.log_every=1",

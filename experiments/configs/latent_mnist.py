@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.keep_checkpoints = 3
 
     c.sampling = ml_collections.ConfigDict()
-    c.sampling.every = 1000          # sample grid interval in steps (and at the end); 0: none
+    c.sampling.every = 1750          # sample grid interval in steps (and at the end); 0: none
     c.sampling.per_prompt = 8        # columns of the grid; one row per prompt
     c.sampling.split = "heldout"     # the grid's prompts: one per digit from these templates
     c.sampling.sampler = "ddim"      # any of jaxdiff.samplers.sampler_names()
