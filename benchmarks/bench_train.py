@@ -24,6 +24,8 @@ def main():
     p.add_argument("--config", default="mnist", choices=["mnist", "accel"])
     p.add_argument("--steps", type=int, default=20, help="timed steps after the first")
     p.add_argument("--batch_size", type=int, default=None, help="override the config's")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="override the config's model.dtype (compute; params stay float32)")
     args = p.parse_args()
 
     from experiments.configs import mnist, mnist_accel
@@ -33,6 +35,8 @@ def main():
     config = (mnist if args.config == "mnist" else mnist_accel).get_config()
     if args.batch_size:
         config.training.batch_size = args.batch_size
+    if args.dtype:
+        config.model.dtype = args.dtype
     bs = config.training.batch_size
     mesh = make_mesh()
     model, schedule = build_model(config), build_schedule(config)
@@ -60,11 +64,12 @@ def main():
     jax.block_until_ready(m)
     dt = time.perf_counter() - t0
     sps = args.steps / dt
-    print("| machine | config | params | batch | trace+lower s | compile s | first step s | "
-          "steps/s | images/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| machine | config | params | batch | dtype | trace+lower s | compile s | first step s "
+          "| steps/s | images/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {machine()}, jax {jax.__version__} | {args.config} | {n_params / 1e6:.2f}M | "
-          f"{bs} | {lower_s:.1f} | {compile_s:.1f} | {first:.2f} | {sps:.2f} | {sps * bs:.0f} |")
+          f"{bs} | {config.model.dtype} | {lower_s:.1f} | {compile_s:.1f} | {first:.2f} | "
+          f"{sps:.2f} | {sps * bs:.0f} |")
 
 
 if __name__ == "__main__":
