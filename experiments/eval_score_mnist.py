@@ -188,6 +188,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         settings.append((f"ODE {fv.adaptive_solver}, rtol={fv.ode_rtol:g} atol={fv.ode_atol:g}",
                          "ode", dict(solver=fv.adaptive_solver, rtol=fv.ode_rtol,
                                      atol=fv.ode_atol)))
+    json_path = os.path.join(fv.workdir, "eval_score_mnist.json")
+
+    def save():  # after every stage: a long evaluation cut short keeps what it measured
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+
     counter = score_eval.EvalCounter()
     pictures = []
     for i, (name, method, opts) in enumerate(settings):
@@ -200,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results["samplers"][name] = r
         pictures.append(images[:fv.png_per_sampler])
         log(f"{name}: {r}")
+        save()
 
     if fv.bpd_examples:
         m = fv.bpd_examples
@@ -211,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             solver=fv.bpd_solver, num_steps=fv.bpd_steps, rtol=fv.bpd_rtol, atol=fv.bpd_atol,
             probe=fv.bpd_probe, eps=float(run.config.training.eps), counter=counter)
         results["bpd"] = {"ode": ode, "indices_seed": [fv.seed, 3]}
+        save()
         if fv.discrete_workdir:
             log(f"variational bound of {fv.discrete_workdir} on the same {m} images")
             disc = load_diffusion(lib.load_run(fv.discrete_workdir), lib.sampling_config())
@@ -228,8 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if fv.out_png and pictures:
         save_grid(np.concatenate(pictures), fv.out_png, ncols=fv.png_per_sampler)
         results["png"] = fv.out_png
-    with open(os.path.join(fv.workdir, "eval_score_mnist.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    save()
     table = markdown_table(results)
     with open(os.path.join(fv.workdir, "eval_score_mnist.md"), "w") as f:
         f.write(table)
