@@ -20,7 +20,10 @@ Where the cache lives, in this order of precedence:
 3. ``$XDG_CACHE_HOME/jaxdiff/xla``, where ``XDG_CACHE_HOME`` defaults to ``~/.cache``.
 
 The cache is trusted code: do not point it at a directory that others can write (JAX's warning).
-Entries are never evicted by jaxdiff; delete the directory to reclaim the space.
+Entries are never evicted by jaxdiff; delete the directory to reclaim the space. On a GPU, JAX
+also keeps XLA's per-fusion autotuning results there (``jax_persistent_cache_enable_xla_caches``).
+On the CPU, XLA checks that a cached executable suits the host before loading it; on some CPUs
+that check rejects every entry (jax-ml/jax#38445), and each process compiles as without a cache.
 
     >>> import os
     >>> saved = os.environ.get(ENV_VAR)
