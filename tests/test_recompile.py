@@ -4,8 +4,8 @@ compiles only for its first chunk.
 
 Compilations are counted with JAX's monitoring events (``/jax/core/compile/jaxpr_trace_duration``
 and ``backend_compile_duration``, one per trace / XLA compilation, with the function's name), and
-the train step's and sample function's executable caches are checked to hold one entry each. The
-persistent compilation cache is off here (``tests/conftest.py``), so every compilation is seen.
+the train step's and sample function's executable caches are checked to hold one entry each (a
+persistent-cache hit, if one is configured, would only remove events).
 """
 
 import os
@@ -94,7 +94,7 @@ def test_train_loop_compiles_nothing_after_the_first_cycle(smoke_run):
     # The first call traces and compiles the step; the cycle after step 2 (metrics read back,
     # checkpoint, sample grid) compiles its own functions once.
     first = r["events"][r["before_call"][0]:r["before_call"][1]]
-    assert ("backend_compile_duration", "jit(step)") in first, first
+    assert ("jaxpr_trace_duration", "step") in first, first
     later = r["events"][r["before_call"][2]:]   # steps 3-6 with two more cycles, and the end
     assert later == [], later
     (step_fn,), (sample_fn,) = r["made"]["step"], r["made"]["sample"]
