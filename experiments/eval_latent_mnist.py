@@ -51,6 +51,7 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "WORKDIR/mnist_classifier.msgpack, trained there if absent)", **d)
     flags.DEFINE_string("data_dir", "", "MNIST IDX directory", **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
+    flags.DEFINE_string("name", "eval", "the results go to WORKDIR/NAME.json", **d)
     flags.DEFINE_string("out_md", "", "also write the markdown table here", **d)
     flags.DEFINE_string("out_png", "", "a grid of held-out prompts x 8 samples (default "
                         "WORKDIR/eval_grid.png)", **d)
@@ -83,7 +84,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parses ``argv``, samples, scores; writes ``WORKDIR/eval.json`` (+ ``--out_md``, the grid)
+    """Parses ``argv``, samples, scores; writes ``WORKDIR/NAME.json`` (+ ``--out_md``, the grid)
     and returns the results.
 
     Raises:
@@ -156,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
            "rows": rows, "latent_stats": {k: run.stats[k] for k in
                                           ("scaling_factor", "latent_std", "latent_mean")},
            "args": fv.flag_values_dict()}
-    with open(os.path.join(fv.workdir, "eval.json"), "w") as f:
+    with open(os.path.join(fv.workdir, f"{fv.name}.json"), "w") as f:
         json.dump(res, f, indent=2, default=str)
     table = markdown(res)
     if fv.out_md:
