@@ -130,6 +130,7 @@ _TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_train_mnist_with_fsdp(tmp_path):
     """``training.fsdp=4`` on 8 simulated devices: the smoke run trains with a split state (the
     step equals the replicated one: the test above), checkpoints, and writes its grid (the EMA
