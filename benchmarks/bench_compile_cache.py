@@ -3,7 +3,8 @@ every command line switches on), each program in fresh processes:
 
 - ``train_mnist``: the default config (``experiments/configs/mnist.py``) for a few steps on the
   MNIST files (``$JAXDIFF_MNIST_DIR``), logging every step, ending with its checkpoint and its
-  sample grid (80 images, DDIM 25 steps with guidance);
+  sample grid (80 images with ``config.sampling``'s sampler: DDIM, 25 steps, guidance 2 when
+  ``benchmarks/results/cpu/bench_compile_cache.md`` was measured);
 - ``text_to_image``: the tiny Stable Diffusion folder of ``jaxdiff.pipelines.tiny`` (written once,
   needs torch and diffusers), one 32x32 image.
 
