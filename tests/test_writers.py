@@ -96,6 +96,15 @@ def test_jsonl_writer_appends_one_line_per_step(tmp_path):
     assert lines[1]["step"] == 2 and math.isnan(lines[1]["loss"]) and lines[1]["lr"] == 0.125
 
 
+def test_host_numbers_keep_float64(tmp_path):
+    """A wall-clock time (1.8e9 s) survives to the 0.1 s (float32 would round it to 128 s)."""
+    path = tmp_path / "m.jsonl"
+    with JsonlWriter(path) as w:
+        w.write_scalars(1, {"time": 1796045099.6, "n": np.float64(1796045099.6), "k": 7})
+    line = json.loads(path.read_text())
+    assert line == {"step": 1, "time": 1796045099.6, "n": 1796045099.6, "k": 7.0}
+
+
 @pytest.mark.parametrize("step, scalars, match", [
     (-1, {"loss": 1.0}, "step must be >= 0"),
     (1.0, {"loss": 1.0}, "step must be an int"),

@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 from jaxdiff.validation import check_array, check_int
 
 __all__ = ["MetricWriter", "JsonlWriter", "TensorBoardWriter", "MultiWriter"]
@@ -51,6 +53,10 @@ def _scalars(step: Any, scalars: Mapping[str, Any]) -> tuple[int, dict[str, floa
     for name, value in scalars.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"scalars keys must be non-empty strings, got {name!r}")
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, (bool, np.bool_)):
+            out[name] = float(value)  # host numbers keep float64 (a wall-clock time has 10 digits)
+            continue
         arr = check_array(f"scalars[{name!r}]", value)
         if arr.ndim != 0 and arr.size != 1:
             raise ValueError(f"scalars[{name!r}] must be a single number (0-d or one element), "
