@@ -303,10 +303,11 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
         options["clip_x0"] = clip
     eta, form = s.get("eta"), s.get("ddim_clip")
     if eta is not None:
+        eta = _wrap("", check_float, "sampling.eta", eta, minimum=0.0)  # the value first
         if "eta" not in accepted:
             raise ConfigError(f"sampling.eta applies to samplers with an eta option; sampler "
                               f"{name!r} has none, so leave it unset (got {eta})")
-        options["eta"] = _wrap("", check_float, "sampling.eta", eta, minimum=0.0)
+        options["eta"] = eta
     if form is not None:
         _wrap("", check_choice, "sampling.ddim_clip", form, DDIM_CLIP_FORMS)
         if "use_clipped_model_output" not in accepted:
