@@ -84,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"
     c.diffusion.num_timesteps = 1000
+    # eps without weighting: v-prediction + min-SNR (gamma 5) at the same 2600 steps gave a lower
+    # FD and less haze with DDIM but more haze with DDPM-50 (benchmarks/results/cpu/recipe_mnist.md)
     c.diffusion.prediction_type = "eps"
     c.diffusion.weighting = "none"   # none | min_snr
     c.diffusion.loss_type = "l2"
