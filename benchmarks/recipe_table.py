@@ -7,8 +7,9 @@ with the training-images reference row. Reads stored outputs only; measures noth
         --run "default (eps)=runs/mnist" --run "v + min-SNR=runs/recipe_v_minsnr"
 
 Training minutes are the sum over ``metrics.jsonl``'s rows of ``(steps since the previous row)
-/ steps_per_sec``: the training loop's wall time including its first compile and its sample grids, as the run saw it (on
-a shared machine, comparable only between runs that had the CPU to themselves). The ``targets``
+/ steps_per_sec``: the training loop's wall time including its first compile and its sample
+grids, as the run saw it (on a shared machine, comparable only between runs that had the CPU to
+themselves). The ``targets``
 column marks the rows that meet issue 18's sample targets: haze <= 0.05, clean background >= 0.75
 and conditional accuracy >= 0.98.
 
