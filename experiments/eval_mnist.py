@@ -86,9 +86,11 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "missing (default WORKDIR/mnist_classifier.msgpack)", **d)
     flags.DEFINE_integer("classifier_epochs", 3, "epochs if the classifier is trained", **d)
     flags.DEFINE_integer("num_samples", 1000, "N for FID (2 <= N <= 10000)", **d)
-    flags.DEFINE_enum("sampler", "ddim", list(sampler_names()), "sampler", **d)
-    flags.DEFINE_integer("steps", 50, "sampling steps", **d)
-    flags.DEFINE_float("guidance_scale", 2.0, "classifier-free guidance; 1 = none", **d)
+    flags.DEFINE_enum("sampler", None, list(sampler_names()),
+                      "sampler (default: the run's config.sampling.sampler)", **d)
+    flags.DEFINE_integer("steps", None, "sampling steps (default: the run's)", **d)
+    flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none (default: "
+                       "the run's)", **d)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0)", **d)
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS), "DDIM with clipping: "
                       "consistent (the default) or diffusers' form", **d)
@@ -113,7 +115,7 @@ def _check(fv: flags.FlagValues) -> None:
         raise ConfigError("--bpd_examples must be in [0, 10000] (the test set has 10000 images), "
                           f"got {fv.bpd_examples}")
     for name in ("steps", "batch_size", "bpd_batch_size", "classifier_epochs"):
-        if fv[name].value < 1:
+        if fv[name].value is not None and fv[name].value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {fv[name].value}")
 
 
@@ -130,9 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run = None
     if has_run(fv.workdir):
         loaded = lib.load_run(fv.workdir)
-        sampling = lib.sampling_config(fv.sampler, fv.steps, fv.guidance_scale,
-                                       clip_x0=loaded.config.sampling.clip_x0, eta=fv.eta,
-                                       ddim_clip=fv.ddim_clip)
+        sampling = lib.sampling_from_flags(loaded.config.sampling, fv.sampler, fv.steps,
+                                           fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip)
         run = load_diffusion(loaded, sampling)  # checks the sampler before any work
     os.makedirs(fv.workdir, exist_ok=True)
     key = jax.random.key(fv.seed)

@@ -251,6 +251,29 @@ def sampling_config(sampler: str = "ddim", num_steps: int = 25, guidance_scale: 
                                           options=dict(options or {})))
 
 
+def sampling_from_flags(run_sampling: ml_collections.ConfigDict, sampler: Optional[str] = None,
+                        num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                        *, eta: Optional[float] = None, ddim_clip: Optional[str] = None,
+                        options: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
+    """A command line's sampling settings over the run's own ``config.sampling``: each flag left
+    unset (None) takes the run's value, so ``sample --workdir RUN`` samples as the run's grids
+    did. A ``sampler`` other than the run's starts from that sampler's defaults: the run's
+    ``eta`` / ``ddim_clip`` / ``options`` belong to the run's sampler and are not carried over
+    (``num_steps``, ``guidance_scale`` and ``clip_x0`` are)."""
+    r = run_sampling
+    same = sampler is None or sampler == r.sampler
+
+    def inherit(flag, field):
+        return flag if flag is not None else (r.get(field) if same else None)
+
+    return sampling_config(
+        r.sampler if sampler is None else sampler,
+        r.num_steps if num_steps is None else num_steps,
+        r.guidance_scale if guidance_scale is None else guidance_scale,
+        clip_x0=r.clip_x0, eta=inherit(eta, "eta"), ddim_clip=inherit(ddim_clip, "ddim_clip"),
+        options={**(dict(r.get("options") or {}) if same else {}), **dict(options or {})})
+
+
 # Sampler options that have a config.sampling field of their own (or come from the run).
 _OWN_FIELDS = ("prediction_type", "clip_x0", "eta", "use_clipped_model_output")
 

@@ -36,9 +36,11 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("workdir", None, "train_mnist workdir (holds config.json and "
                         "checkpoints/)", flag_values=fv)
     flags.DEFINE_integer("num_samples", 64, "number of samples", flag_values=fv)
-    flags.DEFINE_enum("sampler", "ddim", list(sampler_names()), "sampler", flag_values=fv)
-    flags.DEFINE_integer("steps", 50, "sampling steps", flag_values=fv)
-    flags.DEFINE_float("guidance_scale", 2.0, "classifier-free guidance; 1 = none",
+    flags.DEFINE_enum("sampler", None, list(sampler_names()),
+                      "sampler (default: the run's config.sampling.sampler)", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "sampling steps (default: the run's)", flag_values=fv)
+    flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none (default: "
+                       "the run's)",
                        flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0: deterministic)", flag_values=fv)
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
@@ -86,10 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     run = lib.load_run(fv.workdir)
     num_classes = run.model.config.num_classes
     digits = parse_labels(fv.labels, num_classes)
-    sampling = lib.sampling_config(fv.sampler, fv.steps, fv.guidance_scale,
-                                   clip_x0=run.config.sampling.clip_x0, eta=fv.eta,
-                                   ddim_clip=fv.ddim_clip,
-                                   options=lib.parse_sampler_options(fv.option))
+    sampling = lib.sampling_from_flags(run.config.sampling, fv.sampler, fv.steps,
+                                       fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip,
+                                       options=lib.parse_sampler_options(fv.option))
     fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
                             run.config.diffusion.prediction_type)
     labels = [digits[i % len(digits)] for i in range(fv.num_samples)]
@@ -98,8 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         npz = os.path.splitext(fv.out)[0] + ".npz"
         save_grid(images, fv.out, ncols=len(digits) if len(digits) > 1 else 8)
         np.savez(npz, images=images, labels=np.asarray(labels, np.int32))
-        print(f"wrote {fv.out} and {npz} ({len(labels)} samples, {fv.sampler}, "
-              f"{fv.steps} steps, guidance {fv.guidance_scale})")
+        print(f"wrote {fv.out} and {npz} ({len(labels)} samples, {sampling.sampler}, "
+              f"{sampling.num_steps} steps, guidance {sampling.guidance_scale})")
     return images
 
 

@@ -516,3 +516,25 @@ def test_sampler_options_reach_the_sampler():
             lib.make_sampler(lib.sampling_config("euler", 10, 2.0, options=options), "eps", sched)
     with pytest.raises(ConfigError, match="key=value"):
         lib.parse_sampler_options(["spacing"])
+
+
+def test_command_line_sampling_defaults_come_from_the_run():
+    """``sample`` / ``eval_mnist`` flags left unset take the run's ``config.sampling``; another
+    sampler does not inherit the run sampler's own options."""
+    import ml_collections
+
+    from experiments import lib
+
+    run = ml_collections.ConfigDict(dict(sampler="ddim", num_steps=25, guidance_scale=2.0,
+                                         clip_x0=1.0, eta=0.3, ddim_clip="diffusers",
+                                         options={"spacing": "trailing"}))
+    s = lib.sampling_from_flags(run)
+    assert (s.sampler, s.num_steps, s.guidance_scale, s.eta, s.ddim_clip) == (
+        "ddim", 25, 2.0, 0.3, "diffusers")
+    assert dict(s.options) == {"spacing": "trailing"}
+    s = lib.sampling_from_flags(run, "ddpm", None, 1.5, options={"spacing": "leading"})
+    assert (s.sampler, s.num_steps, s.guidance_scale, s.eta, s.ddim_clip) == (
+        "ddpm", 25, 1.5, None, None)
+    assert dict(s.options) == {"spacing": "leading"} and s.clip_x0 == 1.0
+    s = lib.sampling_from_flags(run, "ddim", 50, None, eta=0.0)
+    assert (s.num_steps, s.guidance_scale, s.eta) == (50, 2.0, 0.0)
