@@ -345,3 +345,27 @@ def test_config_keeps_numpy_scalars_as_python_values():
     assert type(cfg.freq_shift) is float and type(cfg.mid_block_scale_factor) is float
     assert type(cfg.in_channels) is int and hash(cfg) == hash(dataclasses.replace(
         TINY, flip_sin_to_cos=False, freq_shift=1.0, mid_block_scale_factor=2.0))
+
+
+@pytest.mark.parametrize("side", [1, 2, 3])
+def test_conv3x3_equals_flax_conv_on_every_path(side):
+    """``Conv3x3`` (im2col on the CPU for images of <= 4 pixels, where XLA:CPU's convolution is
+    slow) has nn.Conv's parameters (same names, shapes, initial values) and output and gradient
+    to float32 rounding, on both sides of the switch."""
+    import flax.linen as nn
+
+    from jaxdiff.models.resnet import IM2COL_MAX_PIXELS, PAD1, Conv3x3
+
+    assert (side * side <= IM2COL_MAX_PIXELS) == (side < 3)
+    x = jax.random.normal(jax.random.key(0), (2, side, side, 8))
+    ref, ours = nn.Conv(16, (3, 3), padding=PAD1), Conv3x3(16)
+    p_ref, p_ours = ref.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p_ref, p_ours))
+    params = jax.tree.map(lambda a: a + 0.1, p_ref)  # a nonzero bias too
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=2e-6, rtol=0)
+
+    def grads(m):
+        return jax.grad(lambda p, y: (m.apply(p, y) ** 2).sum(), argnums=(0, 1))(params, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
