@@ -160,9 +160,9 @@ def heun_sample(
     """
     kind = canonical_prediction_type(prediction_type)
     clip_x0 = check_clip(clip_x0)
-    start = check_start_step(start_step, num_steps)
     grid = heun_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                           sigma_schedule=sigma_schedule)
+    start = check_start_step(start_step, num_steps)
     x_T = prepare_x_T(x_T)
     if start == 0:
         x_T = x_T * init_noise_sigma(grid, spacing)
