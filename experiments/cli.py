@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 
-__all__ = ["ConfigError", "parse_flags", "run"]
+__all__ = ["ConfigError", "parse_flags", "run", "train_command"]
 
 
 class ConfigError(ValueError):
@@ -84,3 +84,35 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def train_command(argv: Optional[Sequence[str]], *, prog: str, doc: Optional[str],
+                  default_config: str, train: Callable[[Any, str], Any],
+                  workdir_help: str = "Directory for checkpoints, metrics and samples.") -> Any:
+    """The training command lines' ``main``: ``--workdir`` (required), ``--distributed`` (calls
+    ``jax.distributed.initialize()``) and ``--config`` (``default_config``, with
+    ``--config.<field>=...`` overrides); then ``train(config, workdir)``, with Orbax's per-save
+    INFO logs silenced. Returns what ``train`` returns.
+
+    Raises:
+      ConfigError: an invalid flag, a missing ``--workdir``, or what ``train`` raises.
+    """
+    import jax
+    from absl import logging
+    from ml_collections import config_flags
+
+    def define(fv: flags.FlagValues, args: list) -> None:
+        flags.DEFINE_string("workdir", None, workdir_help, flag_values=fv)
+        flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).",
+                          flag_values=fv)
+        config_flags.DEFINE_config_file("config", default_config,
+                                        "Training config (get_config()).", flag_values=fv,
+                                        lock_config=True, sys_argv=args)
+
+    fv = parse_flags(define, [] if argv is None else argv, prog, doc)
+    if not fv.workdir:
+        raise ConfigError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if fv.distributed:
+        jax.distributed.initialize()
+    return train(fv.config, fv.workdir)

@@ -17,27 +17,14 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Sequence
 
-import jax
-from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import cli, vae_lib
-from experiments.cli import ConfigError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "vae_mnist.py")
 PROG = "python -m experiments.train_vae_mnist"
 
 __all__ = ["main", "cli_main", "DEFAULT_CONFIG"]
-
-
-def _define(fv: flags.FlagValues, argv: list) -> None:
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluations.",
-                        flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).",
-                      flag_values=fv)
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config (get_config()).",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -47,13 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     Raises:
       ConfigError: an invalid flag, config field or path (nothing is written).
     """
-    fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
-    if not fv.workdir:
-        raise ConfigError("--workdir is required")
-    logging.set_verbosity(logging.WARNING)
-    if fv.distributed:
-        jax.distributed.initialize()
-    return vae_lib.train(fv.config, fv.workdir)
+    return cli.train_command(argv, prog=PROG, doc=__doc__, default_config=DEFAULT_CONFIG,
+                             train=vae_lib.train,
+                             workdir_help="Directory for checkpoints, metrics and evaluations.")
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> None:
