@@ -57,11 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"        # auto | local | tfds
-    c.data.data_dir = ""          # IDX directory; "" = jaxdiff.data.load_mnist's search
-    c.data.prefetch = 2
-    c.data.pad_to = 32            # images padded (with -1) to pad_to x pad_to, a multiple of 8
+    # vae_mnist.py's data fields; images padded (with -1) to pad_to x pad_to, a multiple of 8
+    c.data = vae_mnist.data_config(pad_to=32)
 
     # Stage 1: the autoencoder. "" = WORKDIR/vae, trained with config.vae if not finished.
     c.vae_workdir = ""
@@ -80,20 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.diffusion = ml_collections.ConfigDict(SCHEDULER)
 
-    c.training = ml_collections.ConfigDict()
-    c.training.batch_size = 64
-    c.training.num_steps = 3500
-    c.training.learning_rate = 2e-3
-    c.training.warmup_steps = 200
-    c.training.lr_schedule = "cosine"
-    c.training.end_lr_factor = 0.05
-    c.training.weight_decay = 0.0
-    c.training.grad_clip_norm = 1.0
-    c.training.ema_decay = 0.998
-    c.training.cond_drop_prob = 0.1  # prompts replaced by "" (classifier-free guidance)
-    c.training.log_every = 50
-    c.training.checkpoint_every = 500
-    c.training.keep_checkpoints = 3
+    # vae_mnist.py's training fields (batch 64, cosine to 0.05, clipping 1.0, intervals) with the
+    # latent model's steps, learning rate, warm-up and EMA decay; cond_drop_prob: prompts
+    # replaced by "" (classifier-free guidance)
+    c.training = vae_mnist.training_config(num_steps=3500, learning_rate=2e-3, warmup_steps=200,
+                                           ema_decay=0.998, cond_drop_prob=0.1)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.every = 1750          # sample grid interval in steps (and at the end); 0: none

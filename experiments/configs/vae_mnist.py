@@ -16,14 +16,37 @@ originals over reconstructions in ``WORKDIR/recon/``.
 import ml_collections
 
 
+def data_config(**extra) -> ml_collections.ConfigDict:
+    """``config.data``: where the MNIST images come from, with ``extra`` fields after these
+    (``experiments/configs/latent_mnist.py`` adds ``pad_to``)."""
+    return ml_collections.ConfigDict(dict(
+        source="auto",            # auto | local | tfds
+        data_dir="",              # IDX directory; "" = jaxdiff.data.load_mnist's search
+        prefetch=2,
+        **extra))
+
+
+def training_config(**values) -> ml_collections.ConfigDict:
+    """``config.training``: the autoencoder's optimisation, EMA and checkpoint settings.
+
+    ``values`` replace the defaults or add fields; an added field goes after ``ema_decay``,
+    before the logging and checkpoint intervals (``experiments/configs/latent_mnist.py`` passes
+    its own steps, learning rate, warm-up and EMA decay, and adds ``cond_drop_prob``).
+    """
+    fields = dict(batch_size=64, num_steps=2000, learning_rate=1e-3, warmup_steps=100,
+                  lr_schedule="cosine", end_lr_factor=0.05, weight_decay=0.0,
+                  grad_clip_norm=1.0, ema_decay=0.999)
+    intervals = dict(log_every=50, checkpoint_every=500, keep_checkpoints=3)
+    fields.update((k, v) for k, v in values.items() if k not in intervals)
+    intervals.update((k, v) for k, v in values.items() if k in intervals)
+    return ml_collections.ConfigDict({**fields, **intervals})
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "auto"        # auto | local | tfds
-    c.data.data_dir = ""          # IDX directory; "" = jaxdiff.data.load_mnist's search
-    c.data.prefetch = 2
+    c.data = data_config()
 
     c.model = ml_collections.ConfigDict()
     c.model.in_channels = 1
@@ -39,19 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.beta = 1e-3            # KL weight (latent-diffusion convention, per input element)
     c.loss.recon_type = "l1"      # l1 | l2
 
-    c.training = ml_collections.ConfigDict()
-    c.training.batch_size = 64
-    c.training.num_steps = 2000
-    c.training.learning_rate = 1e-3
-    c.training.warmup_steps = 100
-    c.training.lr_schedule = "cosine"
-    c.training.end_lr_factor = 0.05
-    c.training.weight_decay = 0.0
-    c.training.grad_clip_norm = 1.0
-    c.training.ema_decay = 0.999
-    c.training.log_every = 50
-    c.training.checkpoint_every = 500
-    c.training.keep_checkpoints = 3
+    c.training = training_config()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 1000           # steps between evaluations (and always at the end)
