@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.samplers.timesteps import SPACINGS, Grid
+from jaxdiff.samplers.timesteps import SPACINGS, Grid, sigmas_at
 from jaxdiff.schedules import Schedule
 from jaxdiff.validation import check_choice, check_float, check_int
 
@@ -46,10 +46,13 @@ FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 def train_sigmas(schedule: Schedule) -> np.ndarray:
     """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for ``t = 0 .. T-1``: ``[T]`` float64 numpy,
-    ascending. ``schedule`` must be concrete (not traced)."""
-    acp = np.asarray(schedule.alphas_cumprod, dtype=np.float32)
-    # In float32, as diffusers computes them (from float32 alphas_cumprod), then widened.
-    return (((1 - acp) / acp) ** np.float32(0.5)).astype(np.float64)
+    ascending; ``inf`` where ``abar_t = 0``. ``schedule`` must be concrete (not traced).
+
+    :func:`jaxdiff.samplers.timesteps.sigmas_at` at every training step, computed in float32 as
+    diffusers computes them (from float32 ``alphas_cumprod``), then widened.
+    """
+    np.asarray(schedule.alphas_cumprod)   # a traced schedule raises here, as it always has
+    return sigmas_at(schedule, np.arange(schedule.num_timesteps), host_dtype=np.float32)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:

@@ -83,17 +83,30 @@ class Grid(NamedTuple):
     sigmas: np.ndarray
 
 
-def sigmas_at(schedule: Schedule, timesteps: np.ndarray) -> np.ndarray | jax.Array:
+def sigmas_at(
+    schedule: Schedule, timesteps: np.ndarray, *, host_dtype: type = np.float64
+) -> np.ndarray | jax.Array:
     """``sqrt((1 - abar_t) / abar_t)`` at integer ``timesteps``: float64 numpy on the host, or a
     float32 JAX array when the schedule is traced (passed through ``jit`` as an argument); ``inf``
-    where ``abar_t = 0`` (a zero-terminal-SNR schedule's last step)."""
+    where ``abar_t = 0`` (a zero-terminal-SNR schedule's last step).
+
+    The one home of this formula (:func:`jaxdiff.samplers.sigmas.train_sigmas` is this at every
+    training step, in float32).
+
+    Args:
+      schedule: the training schedule.
+      timesteps: integer indices into ``schedule.alphas_cumprod`` (any shape).
+      host_dtype: the precision of the host arithmetic, ``np.float64`` (the default) or
+        ``np.float32`` (diffusers' sigmas, computed from float32 ``alphas_cumprod``); the result
+        is float64 either way. Ignored for a traced schedule.
+    """
     acp = concrete(schedule.alphas_cumprod)
     if acp is None:
         a = schedule.alphas_cumprod[timesteps]
         return jnp.sqrt((1 - a) / a)
-    acp = acp.astype(np.float64)
+    acp = acp.astype(host_dtype)
     with np.errstate(divide="ignore"):  # abar = 0 (zero terminal SNR): sigma = inf
-        return np.sqrt((1 - acp[timesteps]) / acp[timesteps])
+        return np.sqrt((1 - acp[timesteps]) / acp[timesteps]).astype(np.float64, copy=False)
 
 
 def _grid(schedule: Schedule, ts: np.ndarray, ts_prev: np.ndarray, final_sigma: float) -> Grid:
