@@ -218,6 +218,22 @@ def test_tokenize_and_decode(folder, hf):
     assert tok.vocab_size == len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
 
 
+def test_get_vocab_and_merges_are_the_folders(folder, hf):
+    """The public accessors (what save_tokenizer writes): the folder's vocabulary, in id order,
+    as transformers' get_vocab has it, and its merges in rank order; new containers each call."""
+    tok = CLIPTokenizer.from_pretrained(folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    got = tok.get_vocab()
+    assert got == vocab == hf.get_vocab() and list(got.values()) == sorted(got.values())
+    assert tok.get_merges() == [tuple(m.split(" ")) for m in lines if m]
+    got["extra"] = 10**6
+    tok.get_merges().clear()
+    assert "extra" not in tok.get_vocab() and len(tok.get_merges()) == len([m for m in lines if m])
+    shuffled = CLIPTokenizer(dict(reversed(list(vocab.items()))), tok.get_merges())
+    assert list(shuffled.get_vocab().items()) == list(vocab.items())   # id order, not insertion
+
+
 def test_errors_name_the_argument(folder, tmp_path):
     tok = CLIPTokenizer.from_pretrained(folder)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):

@@ -76,9 +76,7 @@ def save_tokenizer(tokenizer: CLIPTokenizer, path: str | os.PathLike) -> str:
         raise ValueError(f"tokenizer must be a jaxdiff CLIPTokenizer, got "
                          f"{type(tokenizer).__name__}")
     path = os.fspath(path)
-    model = json.loads(tokenizer._tokenizer.to_str())["model"]  # the BPE the ids come from
-    vocab = {str(k): int(v) for k, v in model["vocab"].items()}
-    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    vocab, merges = tokenizer.get_vocab(), tokenizer.get_merges()   # the BPE the ids come from
     bad = sorted({t for pair in merges for t in pair if any(c in t for c in " \n")})
     if bad:
         raise ValueError(f"tokenizer: merged symbols {bad[:5]} contain a space or newline")

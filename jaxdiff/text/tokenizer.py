@@ -239,6 +239,23 @@ class CLIPTokenizer:
         """Entries of the vocabulary."""
         return len(self._vocab)
 
+    def _bpe_model(self) -> dict:
+        """The serialized BPE model that the ids come from (``tokenizers``' JSON)."""
+        return json.loads(self._tokenizer.to_str())["model"]
+
+    def get_vocab(self) -> dict[str, int]:
+        """The vocabulary, token -> id, in id order: a new dict (as transformers'
+        ``CLIPTokenizer.get_vocab``; the special tokens are in it). With :meth:`get_merges`, what
+        a ``tokenizer/`` folder's ``vocab.json`` and ``merges.txt`` hold
+        (:func:`jaxdiff.pipelines.save_tokenizer` writes them)."""
+        return {str(k): int(v) for k, v in self._bpe_model()["vocab"].items()}
+
+    def get_merges(self) -> list[tuple[str, str]]:
+        """The BPE merges in rank order, as ``(a, b)`` pairs: a new list (``merges.txt`` holds
+        them as ``"a b"`` lines after its ``#version`` line)."""
+        merges = self._bpe_model()["merges"]   # "a b" strings or [a, b] lists by version
+        return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
     def _split_specials(self, text: str) -> list[str]:
         """Special tokens written in the text stay whole; the rest is cleaned (``basic``)."""
         if self.normalization == "fast":
