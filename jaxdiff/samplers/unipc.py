@@ -405,7 +405,10 @@ def unipc_sample(
                                     disable_corrector=disable_corrector,
                                     use_corrector=use_corrector)
     start = check_start_step(start_step, len(ts))
-    # warm-up counted from the first step that runs; that step has no predictor to correct
+    # warm-up counted from the first step that runs; that step has no predictor to correct.
+    # `idx > start` is already implied by the state (unipc_init's last_order = 0 at the first
+    # step that runs, and unipc_step corrects only where last_order > 0): kept so that
+    # `corrects` says on its own which steps correct.
     idx = np.arange(len(ts))
     orders = np.minimum(orders, np.maximum(idx - start + 1, 1)).astype(np.int32)
     corrects = corrects & (idx > start)
