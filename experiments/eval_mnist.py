@@ -27,7 +27,6 @@ options (an error with another sampler). Writes ``WORKDIR/eval_mnist.json`` and
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -38,9 +37,9 @@ from absl import flags, logging
 
 from experiments import cli, lib
 from experiments.cli import ConfigError
-from experiments.evaluation import (eval_bpd, evaluate_samples, generate, get_classifier, has_run,
-                                    load_diffusion, load_mnist_arrays, log)
-from jaxdiff.metrics import classify, feature_statistics, frechet_distance
+from experiments.evaluation import (eval_bpd, evaluate_samples, generate, has_run, load_diffusion,
+                                    load_mnist_arrays, log, references, workdir_classifier,
+                                    write_results)
 from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.eval_mnist"
@@ -91,6 +90,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_integer("steps", None, "sampling steps (default: the run's)", **d)
     flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none (default: "
                        "the run's)", **d)
+    flags.DEFINE_string("guidance_interval", None, "guide only at timesteps t_lo,t_hi (e.g. "
+                        "200,800); all = at every step (default: the run's)", **d)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0)", **d)
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS), "DDIM with clipping: "
                       "consistent (the default) or diffusers' form", **d)
@@ -128,31 +129,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """
     fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
     _check(fv)
+    interval = lib.parse_guidance_interval(fv.guidance_interval)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = None
     if has_run(fv.workdir):
         loaded = lib.load_run(fv.workdir)
         sampling = lib.sampling_from_flags(loaded.config.sampling, fv.sampler, fv.steps,
-                                           fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip)
+                                           fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip,
+                                           guidance_interval=interval)
         run = load_diffusion(loaded, sampling)  # checks the sampler before any work
     os.makedirs(fv.workdir, exist_ok=True)
     key = jax.random.key(fv.seed)
     train = load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)
-    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed,
-                                   epochs=fv.classifier_epochs)
+    clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
+                                       epochs=fv.classifier_epochs)
     results: dict[str, Any] = {"classifier": clf_info, "args": fv.flag_values_dict()}
 
     n = fv.num_samples
-    rng = np.random.default_rng(fv.seed)
-    test_idx = rng.permutation(len(test[0]))[:n]
-    train_idx = rng.permutation(len(train[0]))[:n]
     t0 = time.time()
-    test_feats = classify(clf, test[0][test_idx])[0]
-    ref_stats = feature_statistics(test_feats)
-    reference = {"feats": test_feats, "images": test[0][test_idx]}
-    floor = frechet_distance(*feature_statistics(classify(clf, train[0][train_idx])[0]), *ref_stats)
+    ref = references(clf, train, test, [n], fv.seed)[n]
+    ref_stats, reference, floor = ref.stats, ref.data, ref.real["fid"]
     results["fid_floor"] = {"n": n, "fid": floor, "time_s": round(time.time() - t0, 2)}
     log(f"FID floor (train vs test, N={n}): {floor:.4f}")
 
@@ -192,12 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                   prediction_type=run["prediction_type"],
                                   variance_type=fv.bpd_variance_type)
         log(f"bits/dim: {results['bpd']}")
-    with open(os.path.join(fv.workdir, "eval_mnist.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = markdown_table(results)
-    with open(os.path.join(fv.workdir, "eval_mnist.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_results(results, markdown_table(results),
+                  json_path=os.path.join(fv.workdir, "eval_mnist.json"),
+                  md_path=os.path.join(fv.workdir, "eval_mnist.md"))
     return results
 
 

@@ -6,7 +6,8 @@ picture.
         --settings ddim:50:0,ddim:50:1,ddim:50:2,ddim:50:4 --out_png sweep.png
 
 Each setting ``sampler:steps:guidance[:N]`` (``sampler`` any of
-``jaxdiff.samplers.sampler_names()``, e.g. ``dpm_solver:20:2``) draws ``N`` class-conditional
+``jaxdiff.samplers.sampler_names()``, e.g. ``dpm_solver:20:2``; the guidance may carry an interval
+of timesteps, ``ddpm:50:3@200-800``: guidance only at ``200 <= t <= 800``) draws ``N`` class-conditional
 samples (labels cycling 0-9; ``--num_samples`` unless the setting names its own ``N``) from the
 run's EMA params, from the same keys for every setting, and reports the Frechet distance (FD) to
 ``N`` MNIST test images in the feature space of ``experiments.eval_mnist``'s classifier, the
@@ -25,7 +26,6 @@ no setting is DDIM).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional, Sequence
@@ -36,10 +36,9 @@ from absl import flags, logging
 
 from experiments import cli, lib
 from experiments.cli import ConfigError
-from experiments.evaluation import (evaluate_samples, generate, get_classifier, has_run,
-                                    load_diffusion, load_mnist_arrays, log)
-from experiments.images import save_grid
-from jaxdiff.metrics import classify, feature_statistics
+from experiments.evaluation import (evaluate_samples, generate, has_run, load_diffusion,
+                                    load_mnist_arrays, log, references, workdir_classifier,
+                                    write_results)
 from jaxdiff.samplers import sampler_names, sampler_options
 
 PROG = "python -m experiments.eval_sweep"
@@ -52,7 +51,8 @@ __all__ = ["DEFAULT_SETTINGS", "parse_settings", "markdown", "main", "cli_main"]
 def parse_settings(text: str, default_n: int) -> list[dict]:
     """``"ddim:50:2,ddpm:1000:2:100,euler/spacing=leading:10:2"`` -> ``[{sampler, steps,
     guidance_scale, n, options, label}, ...]``: a sampler may carry options of its own after
-    ``/`` (``name/key=value/key=value``; see :func:`experiments.lib.parse_sampler_options`).
+    ``/`` (``name/key=value/key=value``; see :func:`experiments.lib.parse_sampler_options`), the
+    guidance an interval after ``@`` (``3@200-800``: ``guidance_interval = (200, 800)``).
 
     Raises:
       ConfigError: a setting that does not parse, an unknown sampler, steps < 1, guidance < 0 or
@@ -67,17 +67,21 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
         if len(parts) not in (3, 4) or name not in names:
             raise ConfigError(f"--settings: expected sampler:steps:guidance[:N] with sampler one "
                               f"of {names}, got {item!r}")
+        w_text, at, interval_text = parts[2].partition("@")
         try:
-            steps, w = int(parts[1]), float(parts[2])
+            steps, w = int(parts[1]), float(w_text)
+            interval = (tuple(float(v) for v in interval_text.split("-", 1)) if at else None)
+            if interval is not None and len(interval) != 2:
+                raise ValueError
             n = int(parts[3]) if len(parts) == 4 else default_n
         except ValueError:
-            raise ConfigError(f"--settings: steps and N must be ints, guidance a float: "
-                              f"{item!r}") from None
+            raise ConfigError(f"--settings: steps and N must be ints, guidance a float (or "
+                              f"w@t_lo-t_hi): {item!r}") from None
         if steps < 1 or w < 0 or not 10 <= n <= 10000:
             raise ConfigError(f"--settings: need steps >= 1, guidance >= 0, 10 <= N <= 10000: "
                               f"{item!r}")
         out.append({"sampler": name, "steps": steps, "guidance_scale": w, "n": n,
-                    "options": options, "label": parts[0]})
+                    "options": options, "label": parts[0], "guidance_interval": interval})
     if not out:
         raise ConfigError("--settings: no settings given")
     return out
@@ -93,10 +97,19 @@ def _stats(r: dict) -> str:
                       for k in ("precision", "recall", "clean_background", "haze"))
 
 
+def _guidance(r: dict) -> str:
+    """``2`` or, with an interval, ``2 @ [200, 800]``."""
+    interval = r.get("guidance_interval")
+    if interval is None:
+        return f"{r['guidance_scale']:g}"
+    return f"{r['guidance_scale']:g} @ [{interval[0]:g}, {interval[1]:g}]"
+
+
 def _by_nfe(rows: list) -> list:
     """Where the sweep compares samplers at several NFE (one guidance scale and N), the same rows
     as a sampler x NFE table of "FD / accuracy" (empty otherwise)."""
-    if len({(r["guidance_scale"], r["n"]) for r in rows}) != 1 or "nfe" not in rows[0]:
+    if (len({(r["guidance_scale"], r["n"], str(r.get("guidance_interval"))) for r in rows}) != 1
+            or "nfe" not in rows[0]):
         return []
     samplers = list(dict.fromkeys(r.get("label", r["sampler"]) for r in rows))
     # Columns: the first sampler's NFE values; a row at another NFE (Heun's 2n - 1) goes in the
@@ -132,7 +145,7 @@ def markdown(results: dict) -> str:
     for r in results["settings"]:
         lines.append(
             f"| {r.get('label', r['sampler']).upper()} | {r['steps']} | {r.get('nfe', '')} | "
-            f"{r['guidance_scale']:g} | {r['n']} | "
+            f"{_guidance(r)} | {r['n']} | "
             f"{r['fd']:.2f} ({floors[str(r['n'])]:.2f}) | {r['conditional_accuracy']:.3f} | "
             f"{_stats(r)} | {r['time_s']:.0f} |"
         )
@@ -201,7 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         clip_form = fv.ddim_clip if s in takes_clip else None
         sampling = lib.sampling_config(s["sampler"], s["steps"], s["guidance_scale"],
                                        clip_x0=loaded.config.sampling.clip_x0,
-                                       ddim_clip=clip_form, options=s["options"])
+                                       ddim_clip=clip_form, options=s["options"],
+                                       guidance_interval=s.get("guidance_interval"))
         runs.append(load_diffusion(loaded, sampling))
         # Model evaluations per sample (Heun and KDPM2 make two per step).
         s["nfe"] = lib.make_sampler(sampling, loaded.config.diffusion.prediction_type,
@@ -214,33 +228,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if most > min(len(test[0]), len(train[0])):
         raise ConfigError(f"--settings/--num_samples: N={most} exceeds the {len(test[0])} test "
                           "images")
-    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed,
-                                   epochs=fv.classifier_epochs)
+    clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
+                                       epochs=fv.classifier_epochs)
 
-    rng = np.random.default_rng(fv.seed)
-    test_perm, train_perm = rng.permutation(len(test[0])), rng.permutation(len(train[0]))
-    refs, floors, references, real_rows = {}, {}, {}, {}
-    for n in sorted({s["n"] for s in settings}):
-        test_feats = classify(clf, test[0][test_perm[:n]])[0]
-        refs[n] = feature_statistics(test_feats)
-        references[n] = {"feats": test_feats, "images": test[0][test_perm[:n]]}
-        train_images = train[0][train_perm[:n]]
-        # The reference row: N training images scored like samples.
-        real_rows[str(n)] = evaluate_samples(clf, train_images, train[1][train_perm[:n]],
-                                             refs[n], reference=references[n])
-        floors[str(n)] = float(real_rows[str(n)]["fid"])
+    refs = references(clf, train, test, [s["n"] for s in settings], fv.seed)
+    floors, real_rows = {}, {}
+    for n, ref in refs.items():
+        real_rows[str(n)] = ref.real   # the reference row: N training images scored like samples
+        floors[str(n)] = float(ref.real["fid"])
         log(f"floor (train vs test) at N={n}: {floors[str(n)]:.3f}")
 
     key = jax.random.key(fv.seed)
     rows, strips = [], []
     for s, run in zip(settings, runs):
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
-        log(f"{s['label']}-{s['steps']}, guidance {s['guidance_scale']:g}, N={s['n']}")
+        log(f"{s['label']}-{s['steps']}, guidance {_guidance(s)}, N={s['n']}")
         t0 = time.time()
         images = generate(run["sample_fn"], labels, key, min(fv.batch_size, s["n"]))
         elapsed = time.time() - t0
-        r = evaluate_samples(clf, images, labels, refs[s["n"]], reference=references[s["n"]])
+        r = evaluate_samples(clf, images, labels, refs[s["n"]].stats, reference=refs[s["n"]].data)
         row = {**s, "fd": float(r["fid"]), "conditional_accuracy": r["conditional_accuracy"],
                **{k: r[k] for k in _SAMPLE_STATS}, "time_s": round(elapsed, 1)}
         rows.append(row)
@@ -252,15 +258,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = {"workdir": fv.workdir, "step": max(ckpts, default=-1),
                "classifier": clf_info, "floors": floors, "settings": rows, "real": real_rows,
                "args": fv.flag_values_dict()}
-    with open(os.path.join(fv.workdir, f"{fv.name}.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    table = markdown(results)
-    with open(os.path.join(fv.workdir, f"{fv.name}.md"), "w") as f:
-        f.write(table)
     out_png = fv.out_png or os.path.join(fv.workdir, f"{fv.name}.png")
-    save_grid(np.concatenate(strips), out_png, ncols=2 * runs[0]["num_classes"])
-    log(f"wrote {out_png}")
-    print(table)
+    write_results(results, markdown(results),
+                  json_path=os.path.join(fv.workdir, f"{fv.name}.json"),
+                  md_path=os.path.join(fv.workdir, f"{fv.name}.md"),
+                  grid=(np.concatenate(strips), out_png, 2 * runs[0]["num_classes"]),
+                  json_default=str)
     return results
 
 

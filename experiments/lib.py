@@ -241,25 +241,32 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: UNet, schedule: Sched
 def sampling_config(sampler: str = "ddim", num_steps: int = 25, guidance_scale: float = 2.0, *,
                     clip_x0: float = 1.0, eta: Optional[float] = None,
                     ddim_clip: Optional[str] = None,
-                    options: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
+                    options: Optional[Dict[str, Any]] = None,
+                    guidance_interval: Optional[Sequence[float]] = None
+                    ) -> ml_collections.ConfigDict:
     """A ``config.sampling``-shaped ConfigDict (the fields :func:`make_sampler` reads) for the
     command lines that sample a run with settings of their own; ``options``: further keyword
-    options of the sampler (e.g. ``{"spacing": "leading"}``)."""
+    options of the sampler (e.g. ``{"spacing": "leading"}``); ``guidance_interval``: ``(t_lo,
+    t_hi)`` or None (guidance at every step)."""
+    interval = None if guidance_interval is None else tuple(guidance_interval)
     return ml_collections.ConfigDict(dict(sampler=sampler, num_steps=num_steps,
                                           guidance_scale=guidance_scale, clip_x0=clip_x0,
                                           eta=eta, ddim_clip=ddim_clip,
-                                          options=dict(options or {})))
+                                          options=dict(options or {}),
+                                          guidance_interval=interval))
 
 
 def sampling_from_flags(run_sampling: ml_collections.ConfigDict, sampler: Optional[str] = None,
                         num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                         *, eta: Optional[float] = None, ddim_clip: Optional[str] = None,
-                        options: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
+                        options: Optional[Dict[str, Any]] = None,
+                        guidance_interval: Any = None) -> ml_collections.ConfigDict:
     """A command line's sampling settings over the run's own ``config.sampling``: each flag left
     unset (None) takes the run's value, so ``sample --workdir RUN`` samples as the run's grids
     did. A ``sampler`` other than the run's starts from that sampler's defaults: the run's
     ``eta`` / ``ddim_clip`` / ``options`` belong to the run's sampler and are not carried over
-    (``num_steps``, ``guidance_scale`` and ``clip_x0`` are)."""
+    (``num_steps``, ``guidance_scale``, ``guidance_interval`` and ``clip_x0`` are).
+    ``guidance_interval="all"`` guides at every step whatever the run's setting."""
     r = run_sampling
     same = sampler is None or sampler == r.sampler
 
@@ -271,7 +278,24 @@ def sampling_from_flags(run_sampling: ml_collections.ConfigDict, sampler: Option
         r.num_steps if num_steps is None else num_steps,
         r.guidance_scale if guidance_scale is None else guidance_scale,
         clip_x0=r.clip_x0, eta=inherit(eta, "eta"), ddim_clip=inherit(ddim_clip, "ddim_clip"),
-        options={**(dict(r.get("options") or {}) if same else {}), **dict(options or {})})
+        options={**(dict(r.get("options") or {}) if same else {}), **dict(options or {})},
+        guidance_interval=(r.get("guidance_interval") if guidance_interval is None
+                           else None if guidance_interval == "all" else guidance_interval))
+
+
+def parse_guidance_interval(text: Optional[str], name: str = "--guidance_interval"):
+    """``"200,800"`` -> ``(200.0, 800.0)``; ``None`` or ``""`` -> ``None`` (the run's setting);
+    ``"all"`` -> ``"all"`` (guidance at every step). ``ConfigError`` naming ``name`` otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    if str(text).strip() == "all":
+        return "all"
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be 't_lo,t_hi' (timesteps) or 'all', got {text!r}") \
+            from None
+    return lo, hi
 
 
 # Sampler options that have a config.sampling field of their own (or come from the run).
@@ -300,6 +324,26 @@ def parse_sampler_options(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def guidance_interval(sampling: ml_collections.ConfigDict,
+                      num_timesteps: int) -> Optional[tuple]:
+    """``sampling.guidance_interval`` (a pair, or the text ``"t_lo,t_hi"`` a command line gives) as
+    ``(t_lo, t_hi)`` floats, or None (unset: guidance at every step). ``ConfigError`` naming the
+    field unless ``0 <= t_lo <= t_hi <= num_timesteps -
+    1`` (an interval outside the timesteps would silently turn guidance off)."""
+    value = sampling.get("guidance_interval")
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in (value.split(",") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"sampling.guidance_interval must be None or (t_lo, t_hi), got "
+                          f"{value!r}") from None
+    if not 0 <= lo <= hi <= num_timesteps - 1:
+        raise ConfigError(f"sampling.guidance_interval must satisfy 0 <= t_lo <= t_hi <= "
+                          f"{num_timesteps - 1} (diffusion.num_timesteps - 1), got {value!r}")
+    return lo, hi
+
+
 def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, schedule: Schedule):
     """The ``jaxdiff.samplers`` sampler that ``sampling`` names, checked against ``schedule``.
 
@@ -311,6 +355,8 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
     option, as in diffusers), and the options that only some samplers take, which must be None
     (unset) for the others: ``eta`` (>= 0) and ``ddim_clip`` (``"consistent"``, the default
     where the sampler takes ``use_clipped_model_output``, or ``"diffusers"``).
+    ``guidance_interval`` (None, or ``(t_lo, t_hi)`` with ``0 <= t_lo <= t_hi <=
+    num_timesteps - 1``; checked here, applied by :func:`make_sample_fn`).
 
     Raises:
       ConfigError: naming the ``sampling.<field>``.
@@ -319,6 +365,7 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
     name = _wrap("", check_choice, "sampling.sampler", s.sampler, sampler_names())
     steps = _wrap("", check_int, "sampling.num_steps", s.num_steps, 1)
     _wrap("", check_float, "sampling.guidance_scale", s.guidance_scale, minimum=0.0)
+    guidance_interval(s, schedule.num_timesteps)
     clip = _wrap("", check_float, "sampling.clip_x0", s.clip_x0, minimum=0.0) or None
     accepted = sampler_options(name)
     options: Dict[str, Any] = {"prediction_type": prediction_type}
@@ -354,7 +401,8 @@ def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collectio
                    prediction_type: str) -> Callable:
     """Jitted ``(variables, labels [N] int32, key) -> images [N, 28, 28, C]``: ``sampling``'s
     sampler (:func:`make_sampler`) with classifier-free guidance
-    (``sampling.guidance_scale``; the null label is ``model.config.num_classes``).
+    (``sampling.guidance_scale``, only at the timesteps in ``sampling.guidance_interval`` when
+    it is set; the null label is ``model.config.num_classes``).
 
     ``key`` draws ``x_T`` and the sampler's noise. The work is sharded over the mesh's ``data``
     axis; the (small) output is replicated, so every process can read all of it, also when the
@@ -366,6 +414,7 @@ def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collectio
     """
     sampler = make_sampler(sampling, prediction_type, schedule)
     steps, scale = int(sampling.num_steps), float(sampling.guidance_scale)
+    interval = guidance_interval(sampling, schedule.num_timesteps)
     null_label = model.config.num_classes
     shape = IMAGE_SIZE + (model.config.in_channels,)
 
@@ -374,7 +423,7 @@ def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collectio
             return model.apply(variables, x, t, labels=c, train=False)
 
         guided = classifier_free_guidance(model_fn, labels, jnp.full_like(labels, null_label),
-                                          scale)
+                                          scale, guidance_interval=interval)
         k_init, k_sample = jax.random.split(key)
         x_T = jax.random.normal(k_init, (labels.shape[0],) + shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding(mesh))

@@ -42,6 +42,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_float("guidance_scale", None, "classifier-free guidance; 1 = none (default: "
                        "the run's)",
                        flag_values=fv)
+    flags.DEFINE_string("guidance_interval", None, "guide only at timesteps t_lo,t_hi (e.g. "
+                        "200,800); all = at every step (default: the run's)", flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0: deterministic)", flag_values=fv)
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
                       "DDIM with clipping: re-derive eps from the clipped x0 (consistent, the "
@@ -84,12 +86,14 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         raise ConfigError("--workdir is required")
     if fv.num_samples < 1:
         raise ConfigError(f"--num_samples must be >= 1, got {fv.num_samples}")
+    interval = lib.parse_guidance_interval(fv.guidance_interval)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = lib.load_run(fv.workdir)
     num_classes = run.model.config.num_classes
     digits = parse_labels(fv.labels, num_classes)
     sampling = lib.sampling_from_flags(run.config.sampling, fv.sampler, fv.steps,
                                        fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip,
+                                       guidance_interval=interval,
                                        options=lib.parse_sampler_options(fv.option))
     fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
                             run.config.diffusion.prediction_type)

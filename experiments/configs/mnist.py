@@ -118,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.sampler = "ddpm"       # any of jaxdiff.samplers.sampler_names()
     c.sampling.num_steps = 50
     c.sampling.guidance_scale = 1.5   # classifier-free guidance; 1 = none, 0 = unconditional
+    # (t_lo, t_hi): guidance only at timesteps in [t_lo, t_hi], the conditional model elsewhere
+    # (Kynkaanniemi et al. 2024; --config.sampling.guidance_interval="(200, 800)"); unset
+    # (None) = guidance at every step
+    c.sampling.guidance_interval = config_dict.placeholder(tuple)
     c.sampling.clip_x0 = 1.0          # 0 = no clipping
     # Options of some samplers only; unset (None) for the others. DDIM: eta (0 when unset) and
     # ddim_clip: "consistent" (eps re-derived from the clipped x0; the default) or "diffusers".

@@ -3,7 +3,10 @@
 ``classifier_free_guidance(model_fn, cond, null_cond, w)`` returns a plain ``fn(x, t)`` that any
 sampler takes. Both branches run in ONE batched model call of batch ``2B``; the outputs combine as
 ``uncond + w * (cond - uncond)`` (the diffusers convention: ``w = 1`` is the conditional model,
-``w = 0`` the unconditional one), optionally rescaled (Lin et al. 2023, ``guidance_rescale``).
+``w = 0`` the unconditional one), optionally rescaled (Lin et al. 2023, ``guidance_rescale``),
+optionally only inside an interval of noise levels (Kynkaanniemi et al. 2024, ``guidance_interval``: the conditional model elsewhere, so
+guidance does not collapse the samples' diversity at high noise nor cost an extra branch where it
+does nothing).
 
 Learned-variance models (``2C`` output channels: mean prediction, then variance): pass
 ``guide_channels=C`` so that only the first ``C`` channels are guided and the variance channels
@@ -52,6 +55,22 @@ def rescale_guidance(
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
+def _check_interval(interval) -> tuple[float, float] | None:
+    """``guidance_interval`` as ``(lo, hi)`` floats, or ``None``; ``ValueError`` naming it."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = interval
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError("guidance_interval must be None or a pair (t_lo, t_hi) of numbers, got "
+                         f"{interval!r}") from None
+    if any(isinstance(v, (bool, np.bool_)) for v in interval) or not lo <= hi:
+        raise ValueError(f"guidance_interval must be a pair (t_lo, t_hi) of numbers with "
+                         f"t_lo <= t_hi, got {interval!r}")
+    return lo, hi
+
+
 def _broadcast_null(cond, null_cond):
     """``null_cond`` broadcast leaf by leaf to ``cond``'s shapes and dtypes."""
     cond_leaves, treedef = jax.tree.flatten(cond)
@@ -78,6 +97,7 @@ def classifier_free_guidance(
     guidance_rescale: float | jax.Array = 0.0,
     *,
     guide_channels: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> ModelFn:
     """Wrap a conditional model into a guided ``fn(x, t)`` for the samplers.
 
@@ -100,6 +120,7 @@ def classifier_free_guidance(
       A concrete ``w = 1`` (the conditional model; rescaling is then the identity) or ``w = 0``
       without rescale and without ``guide_channels`` (the unconditional model) needs one branch
       only, so ``model_fn`` runs once on batch ``B`` instead of ``2B``: half the cost, same result.
+      With ``guidance_interval``, the conditional output outside it, in ``model_fn``'s dtype.
     """
     if guide_channels is not None and (
         isinstance(guide_channels, bool)
@@ -111,15 +132,45 @@ def classifier_free_guidance(
     if rescale_value is not None and not 0.0 <= float(rescale_value) <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
     skip_rescale = rescale_value is not None and float(rescale_value) == 0.0
+    interval = _check_interval(guidance_interval)
     null_full = _broadcast_null(cond, null_cond)
     scale_value = concrete(guidance_scale)
     single = None
     if scale_value is not None and np.ndim(scale_value) == 0:
         if float(scale_value) == 1.0:
             single = cond
-        elif float(scale_value) == 0.0 and skip_rescale and guide_channels is None:
+        elif (float(scale_value) == 0.0 and skip_rescale and guide_channels is None
+              and interval is None):
             single = null_full
     both_cond = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_full)
+
+    def run(x: jax.Array, t: jax.Array, c: Any, n: int) -> jax.Array:
+        out = model_fn(x, t, c)
+        if out.shape[0] != n:
+            raise ValueError(f"model_fn's output must have batch {n}, got {out.shape}")
+        return out
+
+    def both_branches(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(guided output, conditional output), both ``[B, ...]``, from one call on ``2B``."""
+        batch = x.shape[0]
+        out = run(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_cond,
+                  2 * batch)
+        cond_full, uncond_out = out[:batch], out[batch:]
+        cond_out, rest = cond_full, None
+        if guide_channels is not None:
+            if out.ndim < 2 or guide_channels > out.shape[-1]:
+                raise ValueError(
+                    f"guide_channels={guide_channels} exceeds the last axis of model_fn's output "
+                    f"{out.shape}"
+                )
+            rest = cond_full[..., guide_channels:]
+            cond_out, uncond_out = cond_full[..., :guide_channels], uncond_out[..., :guide_channels]
+        guided_out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        if not skip_rescale:
+            guided_out = rescale_guidance(guided_out, cond_out, guidance_rescale)
+        if rest is not None:
+            guided_out = jnp.concatenate([guided_out.astype(rest.dtype), rest], axis=-1)
+        return guided_out, cond_full
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         batch = x.shape[0]
@@ -130,30 +181,17 @@ def classifier_free_guidance(
                 )
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         if single is not None:
-            out = model_fn(x, t, single)
-            if out.shape[0] != batch:
-                raise ValueError(f"model_fn's output must have batch {batch}, got {out.shape}")
-            return out
-        out = model_fn(
-            jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_cond
-        )
-        if out.shape[0] != 2 * batch:
-            raise ValueError(f"model_fn's output must have batch {2 * batch}, got {out.shape}")
-        cond_out, uncond_out = out[:batch], out[batch:]
-        rest = None
-        if guide_channels is not None:
-            if out.ndim < 2 or guide_channels > out.shape[-1]:
-                raise ValueError(
-                    f"guide_channels={guide_channels} exceeds the last axis of model_fn's output "
-                    f"{out.shape}"
-                )
-            rest = cond_out[..., guide_channels:]
-            cond_out, uncond_out = cond_out[..., :guide_channels], uncond_out[..., :guide_channels]
-        guided_out = uncond_out + guidance_scale * (cond_out - uncond_out)
-        if not skip_rescale:
-            guided_out = rescale_guidance(guided_out, cond_out, guidance_rescale)
-        if rest is not None:
-            guided_out = jnp.concatenate([guided_out.astype(rest.dtype), rest], axis=-1)
-        return guided_out
+            return run(x, t, single, batch)
+        if interval is None:
+            return both_branches(x, t)[0]
+        inside = (t >= interval[0]) & (t <= interval[1])
+
+        def with_guidance(x, t):
+            guided_out, cond_full = both_branches(x, t)
+            keep = inside.reshape((batch,) + (1,) * (guided_out.ndim - 1))
+            return jnp.where(keep, guided_out, cond_full).astype(cond_full.dtype)
+
+        return jax.lax.cond(jnp.any(inside), with_guidance,
+                            lambda x, t: run(x, t, cond, batch), x, t)
 
     return guided
