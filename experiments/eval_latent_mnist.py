@@ -29,8 +29,8 @@ from absl import flags, logging
 
 from experiments import cli, latent_lib, mnist_prompts
 from experiments.cli import ConfigError
-from experiments.evaluation import evaluate_samples, get_classifier, load_mnist_arrays, log
-from jaxdiff.metrics import classify, feature_statistics
+from experiments.evaluation import (evaluate_samples, load_mnist_arrays, log, references,
+                                    workdir_classifier, write_results)
 
 PROG = "python -m experiments.eval_latent_mnist"
 FD_N = 300   # experiments.eval_sweep's N for the pixel-space model
@@ -105,19 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     train = load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)
     n = fv.num_samples
-    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed, epochs=3)
+    clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
+                                       epochs=3)
 
     # The references and floors, drawn as experiments.eval_sweep draws them.
-    rng = np.random.default_rng(fv.seed)
-    test_perm, train_perm = rng.permutation(len(test[0])), rng.permutation(len(train[0]))
-    refs, floors = {}, {}
-    for m in sorted({n, FD_N}):
-        feats = classify(clf, test[0][test_perm[:m]])[0]
-        refs[m] = (feature_statistics(feats), {"feats": feats, "images": test[0][test_perm[:m]]})
-        real = evaluate_samples(clf, train[0][train_perm[:m]], train[1][train_perm[:m]],
-                                refs[m][0], reference=refs[m][1])
-        floors[str(m)] = float(real["fid"])
+    refs, floors = references(clf, train, test, [n, FD_N], fv.seed), {}
+    for m, ref in refs.items():
+        floors[str(m)] = float(ref.real["fid"])
         log(f"floor (train vs test) at N={m}: {floors[str(m)]:.3f}")
 
     key = jax.random.key(fv.seed)
@@ -135,9 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                  guidance_scale=scale, batch_size=min(fv.batch_size, n))
         elapsed = time.time() - t0
         imgs = latent_lib.crop_images(imgs)
-        r = evaluate_samples(clf, imgs, None if split is None else labels, refs[n][0],
-                             reference=refs[n][1])
-        r["fid_300"] = float(evaluate_samples(clf, imgs[:FD_N], None, refs[FD_N][0])["fid"])
+        r = evaluate_samples(clf, imgs, None if split is None else labels, refs[n].stats,
+                             reference=refs[n].data)
+        r["fid_300"] = float(evaluate_samples(clf, imgs[:FD_N], None, refs[FD_N].stats)["fid"])
         r["time_s"] = elapsed   # with the first batch's compilation
         r["example_prompts"] = prompts[:10]
         rows[name] = r
@@ -157,13 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
            "rows": rows, "latent_stats": {k: run.stats[k] for k in
                                           ("scaling_factor", "latent_std", "latent_mean")},
            "args": fv.flag_values_dict()}
-    with open(os.path.join(fv.workdir, f"{fv.name}.json"), "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    table = markdown(res)
-    if fv.out_md:
-        with open(fv.out_md, "w") as f:
-            f.write(table)
-    print(table)
+    write_results(res, markdown(res), json_path=os.path.join(fv.workdir, f"{fv.name}.json"),
+                  md_path=fv.out_md, json_default=str)
     return res
 
 

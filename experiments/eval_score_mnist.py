@@ -32,7 +32,6 @@ Steps:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -43,10 +42,9 @@ from absl import flags, logging
 
 from experiments import cli, lib, score_eval, score_mnist
 from experiments.cli import ConfigError
-from experiments.evaluation import (eval_bpd, evaluate_samples, get_classifier, has_run,
-                                    load_diffusion, load_mnist_arrays, log)
-from experiments.images import save_grid
-from jaxdiff.metrics import classify, feature_statistics, frechet_distance
+from experiments.evaluation import (eval_bpd, evaluate_samples, has_run, load_diffusion,
+                                    load_mnist_arrays, log, references, workdir_classifier,
+                                    write_json, write_results)
 from jaxdiff.sde import ADAPTIVE_SOLVERS, FIXED_SOLVERS, PROBES
 
 PROG = "python -m experiments.eval_score_mnist"
@@ -73,7 +71,8 @@ def markdown_table(results: dict) -> str:
         lines.append(f"\n{name}: class histogram 0-9: {hist}")
     b = results.get("bpd")
     if b:
-        lines += ["", "| bits/dim | N | value | NFE | time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| bits/dim | N | value | NFE | time (s) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         o = b["ode"]
         how = (f"rtol={o['rtol']:g}, atol={o['atol']:g}" if "rtol" in o
                else f"{o['num_steps']} steps")
@@ -158,21 +157,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     key = jax.random.key(fv.seed)
     train = load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)
-    clf_path = fv.classifier_path or os.path.join(fv.workdir, "mnist_classifier.msgpack")
-    clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed,
-                                   epochs=fv.classifier_epochs)
+    clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
+                                       epochs=fv.classifier_epochs)
     results: dict[str, Any] = {"classifier": clf_info, "step": run.step,
                                "args": fv.flag_values_dict(), "samplers": {}}
 
     n = fv.num_samples
-    rng = np.random.default_rng(fv.seed)
-    test_idx = rng.permutation(len(test[0]))[:n]
-    train_idx = rng.permutation(len(train[0]))[:n]
-    test_feats = classify(clf, test[0][test_idx])[0]
-    ref_stats = feature_statistics(test_feats)
-    reference = {"feats": test_feats, "images": test[0][test_idx]}
-    floor = frechet_distance(*feature_statistics(classify(clf, train[0][train_idx])[0]),
-                             *ref_stats)
+    ref = references(clf, train, test, [n], fv.seed)[n]
+    ref_stats, reference, floor = ref.stats, ref.data, ref.real["fid"]
     results["fid_floor"] = {"n": n, "fid": floor}
     log(f"FD floor (train vs test, N={n}): {floor:.4f}")
 
@@ -191,8 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     json_path = os.path.join(fv.workdir, "eval_score_mnist.json")
 
     def save():  # after every stage: a long evaluation cut short keeps what it measured
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(json_path, results)
 
     counter = score_eval.EvalCounter()
     pictures = []
@@ -233,14 +224,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             results["bpd"]["discrete_vlb"] = vlb
         log(f"bits/dim: {results['bpd']}")
 
+    grid = None
     if fv.out_png and pictures:
-        save_grid(np.concatenate(pictures), fv.out_png, ncols=fv.png_per_sampler)
+        grid = (np.concatenate(pictures), fv.out_png, fv.png_per_sampler)
         results["png"] = fv.out_png
-    save()
-    table = markdown_table(results)
-    with open(os.path.join(fv.workdir, "eval_score_mnist.md"), "w") as f:
-        f.write(table)
-    print(table)
+    write_results(results, markdown_table(results), json_path=json_path,
+                  md_path=os.path.join(fv.workdir, "eval_score_mnist.md"), grid=grid)
     return results
 
 

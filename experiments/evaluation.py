@@ -1,13 +1,16 @@
-"""Evaluation helpers shared by ``experiments.eval_mnist`` and ``experiments.eval_sweep``: the
-MNIST arrays, the feature classifier (trained once, cached), FID / conditional accuracy / class
-histogram of samples, chunked sampling of a loaded run, and bits/dim."""
+"""Evaluation helpers shared by the evaluation command lines (``experiments.eval_mnist``,
+``eval_sweep``, ``eval_score_mnist``, ``eval_latent_mnist``): the MNIST arrays, the feature
+classifier (trained once, cached in the workdir), the real reference images and FD floors, FID /
+conditional accuracy / class histogram of samples, chunked sampling of a loaded run, bits/dim, and
+writing the results (JSON, markdown, picture)."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import ml_collections
@@ -15,6 +18,7 @@ import numpy as np
 
 from experiments import lib
 from experiments.cli import ConfigError
+from experiments.images import save_grid
 from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.data import load_mnist
 from jaxdiff.metrics import (class_histogram, classifier_accuracy, classify, conditional_accuracy,
@@ -22,8 +26,12 @@ from jaxdiff.metrics import (class_histogram, classifier_accuracy, classify, con
                              pixel_histogram_distance, pixel_statistics, precision_recall,
                              save_classifier, train_classifier, vlb_terms)
 
-__all__ = ["log", "load_mnist_arrays", "get_classifier", "evaluate_samples", "generate",
-           "has_run", "load_diffusion", "eval_bpd"]
+__all__ = ["CLASSIFIER_FILE", "Reference", "log", "load_mnist_arrays", "get_classifier",
+           "workdir_classifier", "references", "evaluate_samples", "generate", "has_run",
+           "load_diffusion", "eval_bpd", "write_json", "write_results"]
+
+# The evaluation classifier's file in a workdir, where no --classifier_path is given.
+CLASSIFIER_FILE = "mnist_classifier.msgpack"
 
 SampleFn = Callable[[np.ndarray, jax.Array], np.ndarray]   # (labels [n], key) -> images [n,28,28,1]
 
@@ -69,6 +77,49 @@ def get_classifier(path: str, train_data, test_data, *, seed: int, epochs: int):
         log(f"saved classifier to {path}")
     log(f"classifier test accuracy {info['test_accuracy']:.4f}")
     return params, info
+
+
+def workdir_classifier(workdir: str, classifier_path: str, train_data, test_data, *, seed: int,
+                       epochs: int):
+    """:func:`get_classifier` at ``classifier_path`` (``--classifier_path``) or, when that is
+    empty, at ``WORKDIR/mnist_classifier.msgpack``: loaded, or trained on ``train_data`` and saved
+    there. Returns ``(params, info)``."""
+    path = classifier_path or os.path.join(workdir, CLASSIFIER_FILE)
+    return get_classifier(path, train_data, test_data, seed=seed, epochs=epochs)
+
+
+class Reference(NamedTuple):
+    """``N`` real images to score ``N`` samples against (:func:`references`).
+
+    Attributes:
+      stats: ``(mu, sigma)`` of the classifier features of ``N`` test images (FD's reference).
+      data: ``{"feats": [N, 128], "images": [N, 28, 28, 1]}``, those test images and features
+        (:func:`evaluate_samples`' ``reference``).
+      real: :func:`evaluate_samples` of ``N`` training images, with their labels, against them;
+        ``real["fid"]`` is the FD floor at ``N`` (real against real).
+    """
+
+    stats: Any
+    data: dict
+    real: dict
+
+
+def references(clf_params, train_data, test_data, sizes: Sequence[int], seed: int) -> dict:
+    """``{N: Reference}`` for each ``N`` in ``sizes``: the first ``N`` test and the first ``N``
+    training images of one seeded draw (``rng = np.random.default_rng(seed)``: a permutation of
+    the test set, then one of the training set), so that every command line with the same seed
+    compares with the same real images at the same ``N``."""
+    rng = np.random.default_rng(seed)
+    test_perm, train_perm = rng.permutation(len(test_data[0])), rng.permutation(len(train_data[0]))
+    out = {}
+    for n in sorted(set(int(m) for m in sizes)):
+        test_images = test_data[0][test_perm[:n]]
+        feats = classify(clf_params, test_images)[0]
+        stats, data = feature_statistics(feats), {"feats": feats, "images": test_images}
+        real = evaluate_samples(clf_params, train_data[0][train_perm[:n]],
+                                train_data[1][train_perm[:n]], stats, reference=data)
+        out[n] = Reference(stats, data, real)
+    return out
 
 
 def evaluate_samples(clf_params, images: np.ndarray, labels: Optional[np.ndarray],
@@ -176,3 +227,27 @@ def eval_bpd(apply, variables, schedule, images: np.ndarray, labels: np.ndarray,
             "bpd_stderr": float(totals.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
             "prior_bpd": float(np.concatenate(priors).mean()),
             "decoder_bpd": float(np.concatenate(decoders).mean())}
+
+
+def write_json(path: str, results: dict, *, default: Optional[Callable] = None) -> None:
+    """``results`` as indented JSON at ``path`` (``default``: ``json.dump``'s, for values JSON
+    does not hold)."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=default)
+
+
+def write_results(results: dict, table: str, *, json_path: str, md_path: Optional[str] = None,
+                  grid: Optional[tuple] = None, json_default: Optional[Callable] = None) -> None:
+    """An evaluation's outputs: ``grid = (images [M, 28, 28, 1] in [-1, 1], path, ncols)`` as a
+    PNG (:func:`experiments.images.save_grid`), then ``results`` as JSON at ``json_path``
+    (:func:`write_json`), the markdown ``table`` at ``md_path`` (when given), and the table on
+    stdout."""
+    if grid is not None:
+        images, path, ncols = grid
+        save_grid(images, path, ncols=ncols)
+        log(f"wrote {path}")
+    write_json(json_path, results, default=json_default)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(table)
+    print(table)
