@@ -218,9 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                        guidance_interval=s.get("guidance_interval"))
         runs.append(load_diffusion(loaded, sampling))
         # Model evaluations per sample (Heun and KDPM2 make two per step).
-        s["nfe"] = lib.make_sampler(sampling, loaded.config.diffusion.prediction_type,
-                                    loaded.schedule).model_evaluations(loaded.schedule,
-                                                                       s["steps"])
+        s["nfe"] = runs[-1]["sampler"].model_evaluations(loaded.schedule, s["steps"])
     ckpts = [int(d) for d in os.listdir(os.path.join(fv.workdir, "checkpoints")) if d.isdigit()]
     train = load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)

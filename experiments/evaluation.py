@@ -176,15 +176,18 @@ def load_diffusion(run: lib.Run, sampling: ml_collections.ConfigDict) -> dict:
       sampling: a ``config.sampling``-shaped ConfigDict (:func:`experiments.lib.sampling_config`).
 
     Returns:
-      ``dict(sample_fn, apply, variables, schedule, prediction_type, null_label, num_classes)``:
-      ``sample_fn(labels [n] int32, key) -> images`` samples the EMA params; ``apply(variables, x,
-      t, labels)`` is the model (for bits/dim).
+      ``dict(sample_fn, sampler, apply, variables, schedule, prediction_type, null_label,
+      num_classes)``: ``sample_fn(labels [n] int32, key) -> images`` samples the EMA params with
+      ``sampler`` (:func:`experiments.lib.make_sampler`'s, built once); ``apply(variables, x, t,
+      labels)`` is the model (for bits/dim).
 
     Raises:
       ConfigError: an invalid ``sampling`` field.
     """
     prediction_type = run.config.diffusion.prediction_type
-    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling, prediction_type)
+    sampler = lib.make_sampler(sampling, prediction_type, run.schedule)
+    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling, prediction_type,
+                            sampler=sampler)
 
     def sample_fn(labels, key):
         return lib.sample_images(fn, run.ema_params, labels, key, run.mesh)
@@ -193,7 +196,7 @@ def load_diffusion(run: lib.Run, sampling: ml_collections.ConfigDict) -> dict:
         return run.model.apply(variables, x, t, labels=labels, train=False)
 
     num_classes = int(run.model.config.num_classes)
-    return dict(sample_fn=sample_fn, apply=apply, variables=run.ema_params,
+    return dict(sample_fn=sample_fn, sampler=sampler, apply=apply, variables=run.ema_params,
                 schedule=run.schedule, prediction_type=prediction_type, null_label=num_classes,
                 num_classes=num_classes)
 

@@ -398,7 +398,7 @@ def make_sampler(sampling: ml_collections.ConfigDict, prediction_type: str, sche
 
 
 def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collections.ConfigDict,
-                   prediction_type: str) -> Callable:
+                   prediction_type: str, sampler=None) -> Callable:
     """Jitted ``(variables, labels [N] int32, key) -> images [N, 28, 28, C]``: ``sampling``'s
     sampler (:func:`make_sampler`) with classifier-free guidance
     (``sampling.guidance_scale``, only at the timesteps in ``sampling.guidance_interval`` when
@@ -407,12 +407,14 @@ def make_sample_fn(model: UNet, schedule: Schedule, mesh, sampling: ml_collectio
     ``key`` draws ``x_T`` and the sampler's noise. The work is sharded over the mesh's ``data``
     axis; the (small) output is replicated, so every process can read all of it, also when the
     mesh spans several hosts. ``N`` must be a multiple of the mesh size (:func:`sample_images`
-    pads).
+    pads). ``sampler``: ``make_sampler(sampling, prediction_type, schedule)`` where the caller
+    has built it already (built here when None).
 
     Raises:
       ConfigError: an invalid ``sampling`` field.
     """
-    sampler = make_sampler(sampling, prediction_type, schedule)
+    if sampler is None:
+        sampler = make_sampler(sampling, prediction_type, schedule)
     steps, scale = int(sampling.num_steps), float(sampling.guidance_scale)
     interval = guidance_interval(sampling, schedule.num_timesteps)
     null_label = model.config.num_classes

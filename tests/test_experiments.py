@@ -352,10 +352,11 @@ def test_cli_unknown_config_field_is_a_clear_error(tmp_path):
     assert "no_such_field" in r.stderr and "Traceback" not in r.stderr[-2000:], r.stderr[-2000:]
 
 
-def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
+def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path, monkeypatch):
     """eval_mnist (classifier trained and cached, floor, conditional + unconditional samples,
-    bits/dim) and eval_sweep (one row per setting, floors per N, picture) on the 3-step run."""
-    from experiments import eval_mnist, eval_sweep
+    bits/dim) and eval_sweep (one row per setting, floors per N, picture, each setting's sampler
+    built once) on the 3-step run."""
+    from experiments import eval_mnist, eval_sweep, lib
     from PIL import Image
 
     _, workdir, _, _ = trained
@@ -379,10 +380,16 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path):
     assert "bits/dim" in md and md.count("precision / recall") == 2 and "clean background" in md
 
     png = str(tmp_path / "sweep.png")
+    built = []
+    make_sampler = lib.make_sampler
+    monkeypatch.setattr(lib, "make_sampler", lambda s, *a: built.append(s.sampler)
+                        or make_sampler(s, *a))
     out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                            f"--classifier_path={clf}",
                            "--settings=ddim:2:0,dpm_solver:2:1:20,heun:2:2",
                            "--num_samples=10", "--batch_size=10", f"--out_png={png}"])
+    assert built == ["ddim", "dpm_solver", "heun"]   # once each: checked, counted and run
+    monkeypatch.undo()
     rows = out["settings"]
     assert [(r["sampler"], r["steps"], r["guidance_scale"], r["n"]) for r in rows] == [
         ("ddim", 2, 0.0, 10), ("dpm_solver", 2, 1.0, 20), ("heun", 2, 2.0, 10)]
