@@ -117,8 +117,11 @@ def test_embeddings_seed_and_errors(sd):
         generate(sd, "a cat", height=36, width=32, **kw)
     with pytest.raises(ValueError, match="strength"):
         generate(sd, "a cat", image=np.zeros((32, 32, 3), np.uint8), strength=0.1, **kw)
-    with pytest.raises(ValueError, match="'lcm' does not support image-to-image"):
-        generate(sd, "a cat", image=np.zeros((32, 32, 3), np.uint8), sampler="lcm", **kw)
+    # LCM's image-to-image grid needs int(original_inference_steps * strength) >= num_steps
+    # (parity: tests/parity/test_sd_pipeline_parity.py)
+    with pytest.raises(ValueError, match=r"strength=0.03 keeps .* use strength >= 0.04"):
+        generate(sd, "a cat", image=np.zeros((32, 32, 3), np.uint8), sampler="lcm",
+                 strength=0.03, **kw)
     with pytest.raises(ValueError, match="seed or key"):
         generate(sd, "a cat", num_steps=2)
     with pytest.raises(ValueError, match="prompt"):

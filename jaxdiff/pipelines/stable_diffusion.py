@@ -2,10 +2,10 @@
 
 Tokenisation runs on the host; text encoding, the whole denoising ``lax.scan`` (classifier-free
 guidance as one batched UNet call per step) and the VAE decode run in one ``jax.jit``, compiled
-once per (image size, steps, sampler, batch size, guidance on/off, img2img start step): prompts,
-seeds, guidance scales and initial latents change without recompiling. The batch is sharded over
-a device mesh's ``data`` axis (:func:`jaxdiff.training.make_mesh`), padded to a multiple of the
-device count.
+once per (image size, steps, sampler, batch size, guidance on/off, img2img start step, or LCM's
+img2img strength): prompts, seeds, guidance scales and initial latents change without
+recompiling. The batch is sharded over a device mesh's ``data`` axis
+(:func:`jaxdiff.training.make_mesh`), padded to a multiple of the device count.
 
     sd = load_stable_diffusion("path/to/stable-diffusion-v1-5")
     out = generate(sd, "a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)
@@ -14,7 +14,11 @@ device count.
 Matches diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given the same
 initial latents and noise: negative prompts default to ``""``; guidance is on iff
 ``guidance_scale > 1``; ``guidance_rescale`` as ``rescale_noise_cfg``; images are
-``clip(decode / 2 + 0.5, 0, 1)``.
+``clip(decode / 2 + 0.5, 0, 1)``. Image-to-image with the LCM sampler follows
+``LatentConsistencyModelImg2ImgPipeline`` instead (its grid depends on ``strength``, all steps run:
+:func:`~jaxdiff.samplers.img2img_kwargs`); that pipeline's guidance-scale embedding
+(``time_cond_proj_dim``) is not supported, so guidance is classifier-free as above (LCM-LoRA
+style): with ``guidance_scale <= 1`` the two match on a UNet without that embedding.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from jaxdiff.models.clip_text import CLIPTextModel
 from jaxdiff.models.unet import UNet
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.samplers.guidance import classifier_free_guidance
-from jaxdiff.samplers.img2img import noise_to_start, strength_start_step
+from jaxdiff.samplers.img2img import img2img_kwargs, noise_to_img2img
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.training.step import DATA_AXIS, make_mesh
 from jaxdiff.validation import check_float, check_int
@@ -118,7 +122,7 @@ def _text(sd: StableDiffusion, params: dict, x: jax.Array, clip_skip: int = 0) -
 
 
 def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, rescale: bool,
-             start: int | None, sample_posterior: bool, latent_shape: tuple, mesh,
+             img2img: dict | None, sample_posterior: bool, latent_shape: tuple, mesh,
              clip_skip: int = 0):
     """The jitted ``(params, cond, uncond, x_init, noise, image, key, w, phi) -> (images,
     latents)`` for one static setting (docstring of :func:`generate`)."""
@@ -135,7 +139,7 @@ def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, resca
         if image is not None:
             lat0 = vae_encode_latents(vae, params["vae"], image.astype(sd.vae_config.dtype) * 2 - 1,
                                       k_post if sample_posterior else None)
-            x_T = noise_to_start(sampler, sd.schedule, steps, start, lat0, x_init)
+            x_T = noise_to_img2img(sampler, sd.schedule, steps, lat0, x_init, **img2img)
         else:
             x_T = x_init
         x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
@@ -150,9 +154,8 @@ def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, resca
         else:
             def guided(x, t):
                 return model_fn(x, t, cond)
-        kwargs = {} if start is None else {"start_step": start}
         latents = sampler(guided, sd.schedule, x_T, k_sample, num_steps=steps, noise=noise,
-                          **kwargs)
+                          **(img2img or {}))
         decoded = vae_decode_latents(vae, params["vae"], latents.astype(sd.vae_config.dtype))
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images, latents.astype(jnp.float32)
@@ -217,7 +220,8 @@ def generate(
       prompt: a prompt or ``B`` prompts; or give ``prompt_embeds`` instead.
       negative_prompt: ``None`` (``""`` for each prompt), one string for all, or ``B`` strings;
         used only when guidance is on. Or give ``negative_prompt_embeds``.
-      num_steps: sampler steps ``N >= 1`` (image-to-image runs the last ``int(N * strength)``).
+      num_steps: sampler steps ``N >= 1`` (image-to-image runs the last ``int(N * strength)``;
+        with LCM all ``N``, on a grid cut by ``strength``).
       guidance_scale: ``w``; classifier-free guidance is on iff ``w > 1`` (then the UNet runs on
         ``2B`` per step). Changing ``w`` does not recompile.
       guidance_rescale: ``phi`` in ``[0, 1]`` (Lin et al. 2023); ``0`` disables it.
@@ -236,7 +240,8 @@ def generate(
       image: image-to-image source, ``[B, H, W, 3]`` (or ``[H, W, 3]``) uint8, or float in
         ``[0, 1]``; a batch of one is repeated over the prompts.
       strength: image-to-image strength in ``(0, 1]``
-        (:func:`~jaxdiff.samplers.strength_start_step`).
+        (:func:`~jaxdiff.samplers.img2img_kwargs`: :func:`~jaxdiff.samplers.strength_start_step`;
+        for LCM ``int(original_inference_steps * strength) >= N``).
       sample_posterior: image-to-image encodes with a sample of the VAE posterior (as diffusers
         does) or, if False, with its mean.
       sampler, sampler_options: a :class:`~jaxdiff.samplers.Sampler`, or a registered name plus
@@ -251,8 +256,9 @@ def generate(
 
     Raises:
       ValueError: naming the argument: a missing or mis-sized prompt / embedding / latents /
-        noise / image, a size not a multiple of 8, ``strength`` keeping no step, a sampler
-        without image-to-image support, a missing key.
+        noise / image, a size not a multiple of 8, ``strength`` keeping no step (too few
+        distillation timesteps for LCM), a sampler without image-to-image support, a missing
+        key.
     """
     steps = check_int("num_steps", num_steps, 1)
     w = check_float("guidance_scale", guidance_scale)
@@ -299,7 +305,7 @@ def generate(
             uncond = _tokens(sd, negs, "negative_prompt")
 
     # -- image-to-image source and the image size
-    start = None
+    img2img = None
     if image is not None:
         image = np.asarray(image)
         if image.ndim == 3:
@@ -318,7 +324,7 @@ def generate(
             raise ValueError(f"height, width ({height}, {width}) differ from the image's size "
                              f"{image.shape[1:3]}")
         height, width = image.shape[1:3]
-        start = strength_start_step(steps, strength)
+        img2img = img2img_kwargs(sampler, sd.schedule, steps, strength)
     default = sd.sample_size * sd.vae_scale_factor
     height = check_int("height", default if height is None else height, 8)
     width = check_int("width", default if width is None else width, 8)
@@ -358,11 +364,12 @@ def generate(
         put(_pad(image, pad), data), put(key, repl),
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
     )
+    start = None if img2img is None else tuple(sorted(img2img.items()))
     static = (sampler.name, repr(sorted(sampler.options.items())), steps, cfg, phi > 0, start,
               bool(sample_posterior), latent_shape, id(mesh), skip)
     program = sd.compiled.get(static)
     if program is None:
-        program = _program(sd, sampler, steps, cfg, phi > 0, start, bool(sample_posterior),
+        program = _program(sd, sampler, steps, cfg, phi > 0, img2img, bool(sample_posterior),
                            latent_shape, mesh, skip)
         sd.compiled[static] = program
     signature = (static, jax.tree.map(lambda a: (a.shape, a.dtype), args[:5]))

@@ -28,10 +28,12 @@ Every sampler is reachable by name through :func:`get_sampler` (the registry), w
 experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
 raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
 Image-to-image: every registered sampler but LCM (DDIM, DDPM, DPM-Solver, UniPC, Euler, Euler
-ancestral, Heun, KDPM2 and their presets: ``IMG2IMG_SAMPLERS``) takes ``start_step=s`` (a call
+ancestral, Heun, KDPM2 and their presets) takes ``start_step=s`` (a call
 argument, also through :class:`Sampler`) and runs only steps ``s .. N - 1`` of its grid, from a
 sample noised to step ``s`` (:mod:`jaxdiff.samplers.img2img`: ``strength_start_step``,
-``noise_to_start``); LCM raises ``ValueError`` for ``start_step > 0``.
+``noise_to_start``); LCM takes ``strength`` instead (its grid depends on it, as in diffusers'
+``LatentConsistencyModelImg2ImgPipeline``). ``img2img_kwargs`` / ``noise_to_img2img`` serve
+all of them (``IMG2IMG_SAMPLERS``).
 Classifier-free guidance is a model-function transform (:func:`classifier_free_guidance`) that
 works with every sampler.
 """
@@ -71,6 +73,8 @@ from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
 from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
 from jaxdiff.samplers.img2img import (
     IMG2IMG_SAMPLERS,
+    img2img_kwargs,
+    noise_to_img2img,
     noise_to_start,
     sampler_grid,
     strength_start_step,
@@ -82,7 +86,13 @@ from jaxdiff.samplers.kdpm2 import (
     kdpm2_step,
     kdpm2_timesteps,
 )
-from jaxdiff.samplers.lcm import lcm_sample, lcm_scalings, lcm_step, lcm_timesteps
+from jaxdiff.samplers.lcm import (
+    lcm_min_strength,
+    lcm_sample,
+    lcm_scalings,
+    lcm_step,
+    lcm_timesteps,
+)
 from jaxdiff.samplers.registry import (
     SAMPLERS,
     Sampler,
@@ -113,6 +123,8 @@ __all__ = [
     "heun_step",
     "heun_timesteps",
     "IMG2IMG_SAMPLERS",
+    "img2img_kwargs",
+    "noise_to_img2img",
     "noise_to_start",
     "sampler_grid",
     "strength_start_step",
@@ -152,6 +164,7 @@ __all__ = [
     "edm_sigmas",
     "edm_step",
     "get_sampler",
+    "lcm_min_strength",
     "lcm_sample",
     "lcm_scalings",
     "lcm_step",

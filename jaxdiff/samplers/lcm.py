@@ -18,6 +18,15 @@ The timesteps (:func:`lcm_timesteps`) are ``num_steps`` evenly spaced indices in
 ``original_inference_steps``-step distillation grid ``k - 1, 2k - 1, ..., T - 1`` (``k = T //
 original_inference_steps``), largest first.
 
+Image-to-image (``strength < 1``) follows diffusers' ``LatentConsistencyModelImg2ImgPipeline``,
+which is NOT the tail of the text-to-image grid (as it is for the other samplers, ``start_step``):
+the distillation grid is cut to its first ``int(original_inference_steps * strength)`` entries,
+ALL ``num_steps`` steps run on that shorter grid, and the image is noised to its first timestep
+(``add_noise``: :func:`jaxdiff.samplers.img2img.noise_to_img2img`). ``lcm_sample`` takes
+``strength`` as a call argument (like ``start_step`` of the others); e.g. with 4 steps of 50
+(``T = 1000``), ``strength = 0.5`` runs ``499, 379, 259, 139`` where the tail of the
+text-to-image grid ``999, 759, 499, 259`` would run ``499, 259``.
+
 ``LCMScheduler`` options without an effect here: ``timestep_spacing``, ``steps_offset`` (unused by
 its ``set_timesteps``) and ``set_alpha_to_one`` (its last step never reads the previous alpha).
 ``thresholding`` (dynamic thresholding) is not implemented; ``clip_sample`` /
@@ -42,7 +51,8 @@ from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_clip, check_float, check_int, check_timestep, concrete
 
-__all__ = ["LCM_SIGMA_DATA", "lcm_timesteps", "lcm_scalings", "lcm_step", "lcm_sample"]
+__all__ = ["LCM_SIGMA_DATA", "lcm_timesteps", "lcm_min_strength", "lcm_scalings", "lcm_step",
+           "lcm_sample"]
 
 LCM_SIGMA_DATA = 0.5  # fixed in LCMScheduler.get_scalings_for_boundary_condition_discrete
 
@@ -82,7 +92,8 @@ def lcm_timesteps(
     if n > len(origin):
         raise ValueError(
             f"num_steps must be <= int(original_inference_steps * strength) = {len(origin)} "
-            f"(original_inference_steps={orig}, strength={strength}), got {n}"
+            f"(original_inference_steps={orig}, strength={strength}), got {n}: lower num_steps "
+            f"or use strength >= {lcm_min_strength(n, orig)}"
         )
     origin = origin[::-1]
     ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
@@ -91,6 +102,22 @@ def lcm_timesteps(
     xp = np if isinstance(sig, np.ndarray) else jnp
     sigmas = xp.concatenate([sig, xp.zeros((1,), sig.dtype)]).astype(xp.float32)
     return Grid(ts.astype(np.int32), ts_prev.astype(np.int32), sigmas)
+
+
+def lcm_min_strength(num_steps: int, original_inference_steps: int = 50) -> float:
+    """The smallest ``strength``, rounded up to 4 decimals, with ``int(original_inference_steps *
+    strength) >= num_steps`` (floating point included: ``int(100 * 0.29) = 28``); ``> 1`` when
+    ``num_steps > original_inference_steps``.
+
+    >>> lcm_min_strength(4, 50), lcm_min_strength(29, 100)
+    (0.08, 0.2901)
+    """
+    n = check_int("num_steps", num_steps, 1)
+    orig = check_int("original_inference_steps", original_inference_steps, 1)
+    s = round(n / orig, 4)
+    while int(orig * s) < n:
+        s = round(s + 1e-4, 4)
+    return s
 
 
 def lcm_scalings(t: jax.Array | int, timestep_scaling: float = 10.0) -> tuple[jax.Array, jax.Array]:
@@ -184,6 +211,7 @@ def lcm_sample(
     clip_x0: float | None = None,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    strength: float = 1.0,
 ):
     """Multistep LCM sampling in one ``lax.scan`` over ``num_steps`` timesteps (1-8 is typical).
 
@@ -191,14 +219,21 @@ def lcm_sample(
       model_fn: ``model_fn(x: [B, ...], t: [B] int32) -> [B, ...]`` (eps, x0 or v), an
         LCM-distilled model (its guidance-scale embedding, if any, closed over).
       schedule: the training schedule.
-      x_T: ``[B, ...]`` standard normal starting noise, carried in at least float32.
+      x_T: ``[B, ...]`` standard normal starting noise, carried in at least float32; for
+        ``strength < 1`` the image noised to ``lcm_timesteps(..., strength=strength)
+        .timesteps[0]`` instead (:func:`jaxdiff.samplers.img2img.noise_to_img2img`).
       key: PRNG key for the re-noising (step ``i`` draws from ``fold_in(key, i)``); required when
         ``num_steps > 1`` and ``noise`` is None.
-      num_steps: ``1 <= num_steps <= original_inference_steps``.
+      num_steps: ``1 <= num_steps <= int(original_inference_steps * strength)``; all of them
+        run, whatever ``strength``.
       original_inference_steps: see :func:`lcm_timesteps`.
       timestep_scaling, prediction_type, clip_x0: see :func:`lcm_step`.
       noise: optional ``[num_steps, B, ...]`` pre-drawn noise (row ``N - 1`` is unused).
       return_trajectory: also return the path.
+      strength: image-to-image strength in ``(0, 1]`` (a call argument, not an option: a
+        :class:`~jaxdiff.samplers.Sampler` passes it through): the grid is
+        ``lcm_timesteps(..., strength=strength)`` (diffusers' ``LatentConsistencyModelImg2Img
+        Pipeline``, module docstring). ``1`` is text-to-image.
 
     Returns:
       ``x_0 [B, ...]``; with ``return_trajectory`` ``(x_0, xs [N + 1, B, ...], denoised [N, B,
@@ -212,7 +247,8 @@ def lcm_sample(
     clip_x0 = check_clip(clip_x0)
     scaling = check_float("timestep_scaling", timestep_scaling, minimum=0.0,
                           exclusive_minimum=True)
-    grid = lcm_timesteps(schedule, num_steps, original_inference_steps=original_inference_steps)
+    grid = lcm_timesteps(schedule, num_steps, original_inference_steps=original_inference_steps,
+                         strength=strength)
     x_T = prepare_x_T(x_T)
     model = checked_model(model_fn, x_T.shape)
     ts, ts_prev = jnp.asarray(grid.timesteps), jnp.asarray(grid.prev_timesteps)

@@ -76,7 +76,7 @@ PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
 
 # Arguments of every *_sample that are not sampler options.
 _CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory",
-              "start_step")
+              "start_step", "strength")
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -133,19 +133,29 @@ class Sampler:
     ):
         """``fn(model_fn, schedule, x_T, key, num_steps=..., **options, **kwargs)``;
         ``kwargs`` are the call arguments (``noise``, ``return_trajectory``, and ``start_step``
-        for the samplers that can run the tail of their grid: :attr:`supports_start_step`)."""
-        extra = set(kwargs) - {"noise", "return_trajectory", "start_step"}
+        for the samplers that can run the tail of their grid: :attr:`supports_start_step`, or
+        ``strength`` for those whose image-to-image grid depends on it (LCM):
+        :attr:`supports_strength`; :func:`jaxdiff.samplers.img2img_kwargs` picks)."""
+        extra = set(kwargs) - {"noise", "return_trajectory", "start_step", "strength"}
         if extra:
             raise ValueError(
                 f"options are bound by get_sampler; got {sorted(extra)} at call time for "
                 f"sampler {self.name!r}"
             )
         if kwargs.get("start_step", 0) != 0 and not self.supports_start_step:
+            hint = "; it takes strength (see img2img_kwargs)" if self.supports_strength else ""
             raise ValueError(
-                f"start_step (image-to-image) is not implemented for sampler {self.name!r}"
+                f"start_step (image-to-image) is not implemented for sampler {self.name!r}{hint}"
             )
         if "start_step" in kwargs and not self.supports_start_step:
             kwargs = {k: v for k, v in kwargs.items() if k != "start_step"}
+        if kwargs.get("strength", 1.0) != 1.0 and not self.supports_strength:
+            raise ValueError(
+                f"strength is not a call argument of sampler {self.name!r}; it runs "
+                "image-to-image with start_step (see img2img_kwargs)"
+            )
+        if "strength" in kwargs and not self.supports_strength:
+            kwargs = {k: v for k, v in kwargs.items() if k != "strength"}
         if "noise" in kwargs and "noise" not in inspect.signature(self.fn).parameters:
             # a deterministic sampler: noise=None is accepted (callers that serve every sampler
             # pass it), an array is an error rather than silently ignored
@@ -160,6 +170,11 @@ class Sampler:
     def supports_start_step(self) -> bool:
         """Whether ``fn`` takes ``start_step`` (runs the tail of its grid: image-to-image)."""
         return "start_step" in inspect.signature(self.fn).parameters
+
+    @property
+    def supports_strength(self) -> bool:
+        """Whether ``fn`` takes ``strength`` (image-to-image on a strength-dependent grid: LCM)."""
+        return "strength" in inspect.signature(self.fn).parameters
 
     def check(self, schedule: Schedule | int, num_steps: int) -> None:
         """Validate sampling ``num_steps`` steps on ``schedule`` (or a linear schedule of that many

@@ -1,6 +1,14 @@
 """Samplers over the tail of their grid (``start_step``, image-to-image) against diffusers'
 img2img recipe: ``set_timesteps``, keep ``timesteps[t_start * order:]``, ``set_begin_index``,
-``add_noise`` at the first kept timestep, then the scheduler loop. A linear toy model, float32."""
+``add_noise`` at the first kept timestep, then the scheduler loop. A linear toy model, float32.
+
+LCM against ``LatentConsistencyModelImg2ImgPipeline``'s recipe instead: ``set_timesteps(N,
+strength=strength)``, ``add_noise`` at ``timesteps[0]``, all ``N`` steps (its re-noising noise
+injected). Tolerances as for the tail: ``atol=2e-5, rtol=1e-5`` on the start sample,
+``atol=5e-5, rtol=1e-4`` on the result (float32 on both sides; measured max abs error 1.7e-5
+at strength 1, whose t = 999 divides an eps model's float32 rounding by sqrt(abar_t) = 0.068,
+<= 1.7e-6 in the other cases).
+"""
 
 import numpy as np
 import pytest
@@ -16,6 +24,9 @@ from jaxdiff.convert.diffusers_scheduler import (  # noqa: E402
 )
 from jaxdiff.samplers import (  # noqa: E402
     get_sampler,
+    img2img_kwargs,
+    lcm_timesteps,
+    noise_to_img2img,
     noise_to_start,
     strength_start_step,
 )
@@ -104,9 +115,9 @@ def test_start_step_zero_is_the_full_run_and_errors():
                                                    start_step=0)))
         with pytest.raises(ValueError, match="start_step"):
             s(_toy, sched, x, None, num_steps=5, start_step=5)
-    with pytest.raises(ValueError, match="start_step.*'lcm'"):
+    with pytest.raises(ValueError, match="start_step.*'lcm'.*strength"):
         get_sampler("lcm")(_toy, sched, x, None, num_steps=5, start_step=2)
-    with pytest.raises(ValueError, match="image-to-image"):
+    with pytest.raises(ValueError, match="'lcm' takes no start_step.*strength"):
         noise_to_start(get_sampler("lcm"), sched, 5, 1, x, x)
     with pytest.raises(ValueError, match="strength"):
         strength_start_step(4, 0.1)
@@ -116,3 +127,104 @@ def test_start_step_zero_is_the_full_run_and_errors():
     anc = get_sampler("euler_ancestral")
     out = anc(_toy, sched, x, None, num_steps=5, start_step=3, noise=jnp.zeros((2, 1, 3)))
     assert out.shape == (1, 3)
+
+
+# n, strength, original_inference_steps, prediction type, clip_sample
+LCM_CASES = [
+    (4, 0.5, 50, "epsilon", False),  # 499, 379, 259, 139 (the text-to-image tail: 499, 259)
+    (3, 0.8, 50, "v_prediction", False),
+    (6, 0.35, 20, "epsilon", True),  # 7 distillation timesteps left for 6 steps; clipping
+    (1, 0.3, 50, "sample", False),  # one step: no re-noising
+    (2, 1.0, 50, "epsilon", False),  # strength 1: text-to-image from a noised image
+]
+
+
+@pytest.mark.parametrize("n,strength,orig,prediction_type,clip", LCM_CASES)
+def test_lcm_matches_diffusers_lcm_img2img(n, strength, orig, prediction_type, clip,
+                                           monkeypatch):
+    sched_t = diffusers.LCMScheduler(**SD_BETAS, prediction_type=prediction_type,
+                                     original_inference_steps=orig, clip_sample=clip,
+                                     clip_sample_range=0.5)
+    config = {**dict(sched_t.config), "_class_name": "LCMScheduler"}
+    rng = np.random.default_rng(n)
+    x0 = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    step_noise = rng.standard_normal((n,) + x0.shape).astype(np.float32)
+
+    # LatentConsistencyModelImg2ImgPipeline: retrieve_timesteps(..., strength=strength), then
+    # prepare_latents at timesteps[:1], then every timestep
+    sched_t.set_timesteps(n, strength=strength)
+    timesteps, calls = sched_t.timesteps, []
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        calls.append(sched_t.step_index)
+        return torch.from_numpy(step_noise[sched_t.step_index].copy())
+
+    monkeypatch.setattr(diffusers.schedulers.scheduling_lcm, "randn_tensor", fake_randn)
+    lat = sched_t.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
+                            timesteps[:1].repeat(2))
+    start_ref = lat.numpy().copy()
+    for t in timesteps:
+        lat, _ = sched_t.step(0.3 * lat + 0.001 * float(t), t, lat, return_dict=False)
+    ref = lat.numpy()
+    assert calls == list(range(n - 1))
+
+    sampler = sampler_from_diffusers_config(config)
+    schedule = schedule_from_diffusers_config(config)
+    kw = img2img_kwargs(sampler, schedule, n, strength)
+    assert kw == {"strength": strength}
+    grid = lcm_timesteps(schedule, n, original_inference_steps=orig, strength=strength)
+    np.testing.assert_array_equal(grid.timesteps, timesteps.numpy())
+    if (n, strength) == (4, 0.5):  # not the tail of the text-to-image grid
+        full = lcm_timesteps(schedule, n, original_inference_steps=orig).timesteps
+        assert list(full[strength_start_step(n, strength):]) == [499, 259]
+        assert list(grid.timesteps) == [499, 379, 259, 139]
+    x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), **kw)
+    np.testing.assert_allclose(np.asarray(x_s), start_ref, atol=2e-5, rtol=1e-5)
+    out = sampler(_toy, schedule, x_s, None, num_steps=n, noise=jnp.asarray(step_noise), **kw)
+    err = float(np.abs(np.asarray(out) - ref).max())
+    print(f"lcm img2img n={n} strength={strength}: max abs err {err:.2e}")
+    np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
+
+
+def test_img2img_kwargs_errors():
+    sched = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+    lcm, ddim = get_sampler("lcm"), get_sampler("ddim")
+    x = jnp.ones((1, 3))
+    assert img2img_kwargs(ddim, sched, 5, 0.6) == {"start_step": 2}
+    assert img2img_kwargs(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.45) == {
+        "strength": 0.45}
+    # too few distillation timesteps: int(50 * 0.05) = 2 < 4 (diffusers raises as well)
+    with pytest.raises(ValueError, match=r"strength=0.05 keeps .* = 2 .*num_steps=4"):
+        img2img_kwargs(lcm, sched, 4, 0.05)
+    with pytest.raises(ValueError, match=r"strength >= 0.4 or num_steps <= 3"):
+        img2img_kwargs(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.35)
+    with pytest.raises(ValueError, match=r"strength >= 0.2901 or num_steps <= 28"):
+        img2img_kwargs(get_sampler("lcm", original_inference_steps=100), sched, 29, 0.29)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            img2img_kwargs(lcm, sched, 2, bad)
+    with pytest.raises(ValueError, match="num_steps"):
+        img2img_kwargs(lcm, sched, 0, 0.5)
+    with pytest.raises(ValueError, match="num_steps"):  # the sampler itself, same rule
+        lcm(_toy, sched, x, None, num_steps=4, strength=0.05, noise=jnp.zeros((4, 1, 3)))
+    with pytest.raises(ValueError, match="strength"):
+        lcm(_toy, sched, x, None, num_steps=1, strength=1.5)
+    with pytest.raises(ValueError, match="exactly one of start_step and strength"):
+        noise_to_img2img(lcm, sched, 4, x, x)
+    with pytest.raises(ValueError, match="exactly one of start_step and strength"):
+        noise_to_img2img(lcm, sched, 4, x, x, start_step=1, strength=0.5)
+    with pytest.raises(ValueError, match="strength: sampler 'ddim' starts .* by start_step"):
+        noise_to_img2img(ddim, sched, 4, x, x, strength=0.5)
+    with pytest.raises(ValueError, match="strength is not a call argument of sampler 'ddim'"):
+        ddim(_toy, sched, x, None, num_steps=4, strength=0.5)
+    with pytest.raises(ValueError, match="noise must have x0's shape"):
+        noise_to_img2img(lcm, sched, 4, x, jnp.ones((2, 3)), strength=0.5)
+    # strength=1 is text-to-image for both kinds of sampler
+    np.testing.assert_array_equal(
+        np.asarray(ddim(_toy, sched, x, None, num_steps=3, strength=1.0)),
+        np.asarray(ddim(_toy, sched, x, None, num_steps=3)))
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, 3)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(lcm(_toy, sched, x, None, num_steps=3, noise=z, strength=1.0)),
+        np.asarray(lcm(_toy, sched, x, None, num_steps=3, noise=z)))

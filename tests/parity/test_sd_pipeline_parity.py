@@ -7,6 +7,11 @@ and image-to-image, the same noise (the scheduler / pipeline module's ``randn_te
 image-to-image encodes with the VAE posterior's mean on both sides (diffusers' posterior
 ``randn_tensor`` patched to zeros, jaxdiff's ``sample_posterior=False``).
 
+LCM image-to-image runs against ``LatentConsistencyModelImg2ImgPipeline`` (its own recipe: the
+grid cut by ``strength``, all steps run); the tiny UNet has no guidance-scale embedding
+(``time_cond_proj_dim=None``, as an SD UNet under LCM-LoRA), so that pipeline's ``w_embedding`` is
+patched to ``None`` (the UNet gets no ``timestep_cond``), and jaxdiff runs without guidance.
+
 Tolerances: images (in [0, 1]) ``atol=2e-5``; final latents ``1e-4`` relative to
 ``max(1, max |latents|)``.
 """
@@ -190,3 +195,44 @@ def test_image_to_image(sd1, name, scale):
     err = float(np.abs(out.float_images - ref).max())
     print(f"parity img2img image max err {err:.2e}")
     assert err <= IMAGE_ATOL, err
+
+
+class _NoEmbedding:
+    """Stands for the LCM pipeline's guidance-scale embedding of a UNet without one."""
+
+    def to(self, *args, **kwargs):
+        return None
+
+
+def test_image_to_image_lcm(sd1):
+    pipe, sd = sd1
+    steps, strength = 4, 0.5  # runs t = 499, 379, 259, 139 (the text-to-image tail: 499, 259)
+    config = {**dict(pipe.scheduler.config), "_class_name": "LCMScheduler"}
+    lcm = diffusers.LatentConsistencyModelImg2ImgPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    lcm.get_guidance_scale_embedding = lambda *args, **kwargs: _NoEmbedding()
+    image = np.random.default_rng(4).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    noise = _latents(2, seed=8)  # add_noise's noise
+    step_noise = np.random.default_rng(9).standard_normal((steps, 2, 16, 16, 4)).astype(
+        np.float32)  # the re-noising between steps (the last row is unused)
+    with _patched_randn("diffusers.pipelines.latent_consistency_models."
+                        "pipeline_latent_consistency_img2img", [noise]), \
+            _patched_randn("diffusers.models.autoencoders.vae", [np.zeros((2, 16, 16, 4))]), \
+            _patched_randn("diffusers.schedulers.scheduling_lcm", list(step_noise[:-1])):
+        ref_lat = lcm(PROMPTS, image=image, strength=strength, num_inference_steps=steps,
+                      output_type="latent").images
+    with torch.no_grad():
+        dec = pipe.vae.decode(ref_lat / pipe.vae.config.scaling_factor).sample
+    ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    out = generate(sd, PROMPTS, image=image, strength=strength, num_steps=steps,
+                   guidance_scale=1.0, latents=noise, noise=step_noise, sample_posterior=False,
+                   sampler=sampler_from_diffusers_config(config), seed=0)
+    img_err = float(np.abs(out.float_images - ref).max())
+    ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
+    lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
+    print(f"parity LCM img2img image max err {img_err:.2e}, latent (relative) {lat_err:.2e}")
+    assert img_err <= IMAGE_ATOL, img_err
+    assert lat_err <= LATENT_ATOL, lat_err
