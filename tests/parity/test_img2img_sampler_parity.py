@@ -28,6 +28,7 @@ from jaxdiff.samplers import (  # noqa: E402
     lcm_timesteps,
     noise_to_img2img,
     noise_to_start,
+    sampler_options,
     strength_start_step,
 )
 from jaxdiff.schedules import make_schedule  # noqa: E402
@@ -192,6 +193,8 @@ def test_img2img_kwargs_errors():
     lcm, ddim = get_sampler("lcm"), get_sampler("ddim")
     x = jnp.ones((1, 3))
     assert img2img_kwargs(ddim, sched, 5, 0.6) == {"start_step": 2}
+    assert lcm.supports_strength and not lcm.supports_start_step and not ddim.supports_strength
+    assert "strength" not in sampler_options("lcm")  # a call argument, not a bound option
     assert img2img_kwargs(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.45) == {
         "strength": 0.45}
     # too few distillation timesteps: int(50 * 0.05) = 2 < 4 (diffusers raises as well)
