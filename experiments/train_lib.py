@@ -23,12 +23,13 @@ from experiments import lib
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
-from jaxdiff.training import (FSDP_AXIS, Checkpointer, StopOnSignal, fsdp_sharding, make_mesh,
-                              make_train_step, replicated_sharding, train_loop)
+from jaxdiff.training import (FSDP_AXIS, Checkpointer, StopOnSignal, abstract_target,
+                              fsdp_sharding, make_mesh, make_train_step, replicated_sharding,
+                              train_loop)
 from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 
 __all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available",
-           "make_train_mesh"]
+           "make_train_mesh", "state_sharding_for", "restore_or_init", "gather_replicated"]
 
 
 def check_tensorboard_available() -> None:
@@ -119,6 +120,64 @@ def make_train_mesh(config: ml_collections.ConfigDict):
         raise ConfigError(f"training.{e}") from None
 
 
+def state_sharding_for(target: Any, mesh) -> Optional[Any]:
+    """The train state's sharding on ``mesh``: None (replicated) on a ``("data",)`` mesh; on a
+    mesh with an ``fsdp`` axis (``training.fsdp > 1``, :func:`make_train_mesh`),
+    :func:`jaxdiff.training.fsdp_sharding` of ``target`` (a state or its abstract shapes)."""
+    if FSDP_AXIS not in mesh.axis_names:
+        return None
+    return fsdp_sharding(target, mesh)
+
+
+def restore_or_init(ckpt: Checkpointer, mesh, init_state: Callable[[bool], tuple]) -> tuple:
+    """Resumes the latest checkpoint of ``ckpt`` or starts fresh, with the state placed for
+    ``mesh`` (the start of every training command line's loop).
+
+    On a mesh with an ``fsdp`` axis the restore target carries the split shardings of
+    :func:`state_sharding_for`, so each leaf is read straight into its shards
+    (:meth:`jaxdiff.training.Checkpointer.restore_latest`): a resume never puts a whole split
+    leaf on one device. A fresh state is built replicated by ``init_state(False)``, then split.
+
+    Args:
+      ckpt: the run's checkpointer (its compatibility check applies).
+      mesh: from :func:`make_train_mesh`.
+      init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state,
+        or with ``abstract=True`` its ``jax.ShapeDtypeStruct`` shapes; the same ``tx`` either way.
+
+    Returns:
+      ``(state, tx, lr_fn, data_state, state_sharding)``; ``state_sharding`` is None when the
+      state is replicated (pass it to ``make_train_step(state_sharding=...)`` either way);
+      ``data_state`` is the data position (``{"epoch": 0, "index": 0}`` when fresh).
+
+    Raises:
+      jaxdiff.training.IncompatibleCheckpointError, jaxdiff.training.CheckpointError: from the
+        restore.
+    """
+    target, tx, lr_fn = init_state(True)
+    state_sharding = state_sharding_for(target, mesh)
+    if state_sharding is not None:
+        target = abstract_target(target, state_sharding)
+    restored = ckpt.restore_latest(target)
+    if restored is not None:
+        state, data_state, step = restored
+        if jax.process_index() == 0:
+            print(f"resumed from step {step} ({ckpt.directory})", flush=True)
+        return state, tx, lr_fn, dict(data_state), state_sharding
+    state, tx, lr_fn = init_state(False)
+    if state_sharding is not None:
+        state = jax.device_put(state, state_sharding)
+    return state, tx, lr_fn, {"epoch": 0, "index": 0}, state_sharding
+
+
+def gather_replicated(tree: Any, mesh) -> Any:
+    """``tree`` replicated over ``mesh`` (e.g. the EMA params for a sampler or an evaluation,
+    which take replicated params); unchanged on a mesh without an ``fsdp`` axis (its state is
+    replicated already)."""
+    if FSDP_AXIS not in mesh.axis_names:
+        return tree
+    return jax.device_put(tree, replicated_sharding(mesh))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Trains (or resumes) the run in ``workdir``; returns a summary dict (``start_step``,
     ``end_step``, ``wall_s``, ``stopped_by_signal``, ``grid``, ``checkpoint_step``).
@@ -173,7 +232,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
       workdir: the absolute run directory (created here).
       mesh: the device mesh the batch is sharded over; the state is replicated, or, on a mesh
         with an ``fsdp`` axis (:func:`make_train_mesh`), its large leaves split over that axis
-        (:func:`jaxdiff.training.fsdp_sharding`; the sample grids gather the EMA params).
+        (:func:`jaxdiff.training.fsdp_sharding`; a resume reads them straight into their
+        shards: :func:`restore_or_init`; the sample grids gather the EMA params).
       init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state, or
         with ``abstract=True`` its shapes (a restore target); the same ``tx`` either way.
       loss_fn: ``(state.params, batch, key) -> (loss, aux)``.
@@ -200,34 +260,21 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
     is_main = jax.process_index() == 0
-    target, tx, lr_fn = init_state(True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat,
                         max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
                         hyperparams=hyperparams)
-    data_state = {"epoch": 0, "index": 0}
-    restored = ckpt.restore_latest(target)
-    if restored is not None:
-        state, data_state, step = restored
-        if is_main:
-            print(f"resumed from step {step} ({ckpt.directory})")
-    else:
-        state, tx, lr_fn = init_state(False)
+    state, tx, lr_fn, data_state, state_sharding = restore_or_init(ckpt, mesh, init_state)
     if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
-    state_sharding = None
-    if FSDP_AXIS in mesh.axis_names:  # training.fsdp > 1: the state's large leaves split
-        state_sharding = fsdp_sharding(target, mesh)
-        state = jax.device_put(state, state_sharding)
     start = int(jax.device_get(state.step))
     step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn,
                               state_sharding=state_sharding)
     last_grid: list[Optional[str]] = [None]
 
     def write_grid(step, st):
-        if state_sharding is not None:  # the sampler takes replicated params: gather the EMA
-            st = st.replace(ema_params=jax.device_put(st.ema_params, replicated_sharding(mesh)))
-        imgs = grid_fn(st)
+        # The sampler takes replicated params: gather the EMA params (when split over fsdp).
+        imgs = grid_fn(st.replace(ema_params=gather_replicated(st.ema_params, mesh)))
         if is_main:
             path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
             save_grid(imgs, path, ncols=grid_columns)

@@ -1,7 +1,8 @@
 """Train state (+EMA), optimizer, data-parallel train step, Orbax checkpoints, training loop."""
 
 from jaxdiff.training.checkpoint import (CheckpointError, Checkpointer,
-                                         IncompatibleCheckpointError, param_shapes, tree_structure)
+                                         IncompatibleCheckpointError, abstract_target,
+                                         param_shapes, tree_structure)
 from jaxdiff.training.loop import NonFiniteLossError, StopOnSignal, train_loop
 from jaxdiff.training.state import (OptimizerConfig, TrainState, create_train_state, ema_decay_at,
                                     ema_update, make_lr_schedule, make_optimizer)
@@ -17,4 +18,4 @@ __all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "pa
            "batch_sharding", "check_batch_divisible", "make_mesh", "make_train_step", "replicate",
            "replicated_sharding", "shard_batch", "FSDP_AXIS", "fsdp_sharding", "place",
            "MetricWriter", "JsonlWriter", "TensorBoardWriter",
-           "MultiWriter"]
+           "MultiWriter", "abstract_target"]

@@ -43,8 +43,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "param_shapes", "tree_structure", "IncompatibleCheckpointError",
-           "CheckpointError"]
+__all__ = ["Checkpointer", "abstract_target", "param_shapes", "tree_structure",
+           "IncompatibleCheckpointError", "CheckpointError"]
 
 _log = logging.getLogger(__name__)
 
@@ -94,6 +94,51 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list:
     if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
         return [f"{prefix}: {a!r} (checkpoint) vs {b!r} (now)"]
     return []
+
+
+def abstract_target(target_state: Any, shardings: Any = None) -> Any:
+    """``target_state`` as a pytree of ``jax.ShapeDtypeStruct(shape, dtype, sharding)``: a
+    restore target for :meth:`Checkpointer.restore_latest`.
+
+    Args:
+      target_state: a pytree whose leaves have ``shape`` and ``dtype`` (``jax.Array``,
+        ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``).
+      shardings: None: each leaf's own ``sharding`` (a ``jax.Array``'s placement, a
+        ``ShapeDtypeStruct``'s ``sharding=``); or a pytree of ``jax.sharding.Sharding`` of the
+        same structure (e.g. :func:`jaxdiff.training.fsdp_sharding` of ``target_state``) that
+        replaces them.
+
+    Raises:
+      ValueError: a leaf has no ``jax.sharding.Sharding`` (a numpy array, a ShapeDtypeStruct
+        without ``sharding=``: Orbax would fall back to the sharding stored in the checkpoint,
+        which names the writer's devices), its sharding does not divide its shape, or
+        ``shardings`` has another structure; the message names the leaf's path.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target_state)
+    if shardings is None:
+        given = [getattr(x, "sharding", None) for _, x in flat]
+    else:
+        given = jax.tree_util.tree_leaves(
+            shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+        if jax.tree_util.tree_structure(
+                shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)) != treedef:
+            raise ValueError("shardings must have the structure of target_state: "
+                             f"{jax.tree_util.tree_structure(shardings)} vs {treedef}")
+    out = []
+    for (path, x), sharding in zip(flat, given):
+        where = jax.tree_util.keystr(path) or "(the root)"
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise ValueError(
+                f"target_state leaf {where} ({type(x).__name__}) has no sharding: give "
+                "jax.Arrays or jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves, or "
+                "shardings=")
+        try:
+            sharding.shard_shape(tuple(x.shape))
+        except ValueError as e:
+            raise ValueError(f"target_state leaf {where}: its sharding {sharding} does not fit "
+                             f"its shape {tuple(x.shape)} ({_short(e, 200)})") from None
+        out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class Checkpointer:
@@ -274,8 +319,15 @@ class Checkpointer:
                 self.manager.reload()
 
     def restore_latest(self, target_state: Any) -> Optional[Tuple[Any, Dict[str, int], int]]:
-        """Restores the latest checkpoint into the structure/sharding of ``target_state`` (arrays,
-        or ``jax.ShapeDtypeStruct`` with shardings, e.g. from ``jax.eval_shape``).
+        """Restores the latest checkpoint into the structure and shardings of ``target_state``
+        (``jax.Array`` leaves, or ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``, e.g. from
+        ``jax.eval_shape``; see :func:`abstract_target`).
+
+        Every leaf is read straight into its target sharding: each device reads only its own
+        shard of the stored array (Orbax's ``StandardRestore`` of the abstract tree, i.e.
+        ``ArrayRestoreArgs(sharding=...)`` per leaf). A train state split over an ``fsdp`` mesh
+        axis (:func:`jaxdiff.training.fsdp_sharding`) is therefore never whole on one device,
+        and the checkpoint may have been written with any other sharding or device count.
 
         Incomplete step directories (missing or empty ``state``/``data``/``meta``) are skipped
         with a ``UserWarning`` naming them; a writer moves them to ``<step>.incomplete``. A
@@ -289,14 +341,15 @@ class Checkpointer:
             the step before.
           IncompatibleCheckpointError: it was written by a run with a different config, parameter
             shapes or optimizer-state structure.
+          ValueError: a leaf of ``target_state`` has no sharding, or one that does not fit its
+            shape (checked after the compatibility, before any array is read).
         """
         self._skip_incomplete()
         step = self.latest_step()
         if step is None:
             return None
         self.check_compatible(step, target_state)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+        abstract = abstract_target(target_state)
         out = self._restore(step, state=ocp.args.StandardRestore(abstract),
                             data=ocp.args.JsonRestore())
         data = out["data"]
