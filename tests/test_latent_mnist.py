@@ -199,6 +199,41 @@ def test_text_to_image_samples_the_exported_folder(trained, tmp_path):
     assert Image.open(out).mode == "L" and Image.open(out).size == (32, 32)
 
 
+def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp_path):
+    """eval_latent_mnist on the 4-step run (an untrained classifier, N = 300 from 10 test
+    images): the three prompt rows, the floors at N, the JSON, the markdown table's layout and the
+    held-out grid (10 prompts x 8 samples)."""
+    from PIL import Image
+
+    from experiments import eval_latent_mnist
+    from jaxdiff.metrics import init_classifier, save_classifier
+
+    workdir, _ = trained
+    clf = str(tmp_path / "clf.msgpack")
+    save_classifier(clf, init_classifier(jax.random.key(0)))
+    md, png = str(tmp_path / "t.md"), str(tmp_path / "g.png")
+    res = eval_latent_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                                  f"--classifier_path={clf}", "--num_samples=300",
+                                  "--batch_size=150", "--steps=1", f"--out_md={md}",
+                                  f"--out_png={png}", "--name=eval_test"])
+    assert list(res["rows"]) == ["held-out templates", "training templates", "empty prompt"]
+    assert list(res["floors"]) == ["300"] and res["steps"] == 1 and not res["classifier"][
+        "trained_now"]
+    for name, r in res["rows"].items():
+        assert r["n"] == 300 and len(r["example_prompts"]) == 10
+        assert ("conditional_accuracy" in r) == (name != "empty prompt")
+    assert len(res["rows"]["empty prompt"]["class_histogram"]) == 10
+    assert json.load(open(os.path.join(workdir, "eval_test.json")))["rows"].keys() == res[
+        "rows"].keys()
+    lines = open(md).read().split("\n")
+    assert lines[0].startswith(f"Run {workdir} at step 4; sampler ") and lines[1] == ""
+    assert lines[2].startswith("| prompts | N | conditional accuracy | FD (floor at N) |")
+    assert [ln.split(" | ")[0] for ln in lines[4:7]] == [
+        "| held-out templates", "| training templates", "| empty prompt"]
+    assert lines[-2].startswith("Latent statistics: {") and lines[-1] == ""
+    assert Image.open(png).size[1] > 10 * 32   # ten prompt rows (upscaled), prompts on the left
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--config.model.context_dim=32"], "model.context_dim (32) must equal text.hidden_size"),
     (["--config.data.pad_to=30"], "data.pad_to must be a multiple of 8"),
