@@ -143,6 +143,8 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
               exclusive_maximum=True)
     from jaxdiff.training import check_batch_divisible
     _wrap(check_batch_divisible, t.batch_size, make_mesh())
+    from experiments.train_lib import make_train_mesh
+    make_train_mesh(config)  # training.fsdp divides the device count
     _wrap(check_int, "sampling.every", s.every, 0)
     _wrap(check_int, "sampling.per_prompt", s.per_prompt, 1)
     _wrap(check_choice, "sampling.split", s.split, mnist_prompts.SPLITS)
@@ -510,7 +512,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       ConfigError: an invalid config field or path (nothing written).
       jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.
     """
-    from experiments.train_lib import MetricsLogger
+    from experiments.train_lib import (MetricsLogger, gather_replicated, make_train_mesh,
+                                       restore_or_init)
 
     workdir = os.path.abspath(workdir)
     unet = validate_config(config)
@@ -529,20 +532,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     vae_cfg = dataclasses.replace(vae.config, scaling_factor=stats["scaling_factor"])
     t, s = config.training, config.sampling
     is_main = jax.process_index() == 0
-    mesh = make_mesh()
-    target, tx, lr_fn = init_state(config, unet.config, tcfg, mesh, abstract=True)
+    mesh = make_train_mesh(config)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         _compat(config, vae_dir, vae_step, stats), max_to_keep=t.keep_checkpoints,
                         save_interval_steps=t.checkpoint_every,
                         hyperparams=lib.resume_hyperparams(config))
-    data_state = {"epoch": 0, "index": 0}
-    restored = ckpt.restore_latest(target)
-    if restored is not None:
-        state, data_state, step = restored
-        if is_main:
-            print(f"resumed from step {step} ({ckpt.directory})", flush=True)
-    else:
-        state, tx, lr_fn = init_state(config, unet.config, tcfg, mesh)
+    state, tx, lr_fn, data_state, state_sharding = restore_or_init(
+        ckpt, mesh, lambda abstract: init_state(config, unet.config, tcfg, mesh,
+                                                abstract=abstract))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -550,7 +547,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     schedule = schedule_from_diffusers_config(scheduler_config(config))
     table, empty = prompt_ids_table(tokenizer)
     step_fn = make_train_step(make_loss_fn(config, unet, tcfg, vae_cfg, schedule, table, empty),
-                              tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn)
+                              tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn,
+                              state_sharding=state_sharding)
     sd = make_pipeline(config, unet.config, tcfg, vae_cfg, tokenizer, state.ema_params,
                        vae_params)
     sample_key = lib.run_keys(config.seed)["sample"]
@@ -558,8 +556,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     last_grid: list = [None]
 
     def write_grid(step, st):
-        run = sd.replace(params=dict(sd.params, unet=st.ema_params["unet"],
-                                     text_encoder=st.ema_params["text_encoder"]))
+        ema = gather_replicated(st.ema_params, mesh)  # whole, when split over fsdp
+        run = sd.replace(params=dict(sd.params, unet=ema["unet"],
+                                     text_encoder=ema["text_encoder"]))
         prompts = [p for p in grid_prompts for _ in range(s.per_prompt)]
         imgs = sample(run, prompts, sample_key, num_steps=s.num_steps,
                       guidance_scale=s.guidance_scale, batch_size=len(prompts))
@@ -589,11 +588,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if stop.requested is None and s.every and end % s.every:
         write_grid(end, state)
     exported = None
-    if stop.requested is None and end >= t.num_steps and is_main and config.export_diffusers:
-        exported = export(sd.replace(params=dict(
-            sd.params, unet=jax.device_get(state.ema_params["unet"]),
-            text_encoder=jax.device_get(state.ema_params["text_encoder"]))),
-            os.path.join(workdir, DIFFUSERS_DIR))
+    if stop.requested is None and end >= t.num_steps and config.export_diffusers:
+        ema = jax.device_get(gather_replicated(state.ema_params, mesh))  # every process gathers
+        if is_main:
+            exported = export(sd.replace(params=dict(
+                sd.params, unet=ema["unet"], text_encoder=ema["text_encoder"])),
+                os.path.join(workdir, DIFFUSERS_DIR))
     summary = {"start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
                "stopped_by_signal": stop.requested is not None, "grid": last_grid[0],
                "checkpoint_step": ckpt.latest_step(), "scaling_factor": stats["scaling_factor"],

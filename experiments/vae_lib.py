@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import lib
+from experiments import lib, train_lib
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.compile_options import cpu_compiler_options
@@ -88,6 +88,7 @@ def validate_config(config: ml_collections.ConfigDict) -> AutoencoderKL:
     _wrap(check_float, "training.ema_decay", t.ema_decay, minimum=0.0, maximum=1.0,
           exclusive_maximum=True)
     _wrap(check_batch_divisible, t.batch_size, make_mesh())
+    train_lib.make_train_mesh(config)  # training.fsdp divides the device count
     for name in ("every", "batch_size", "grid"):
         _wrap(check_int, f"eval.{name}", e[name], 1)
     _wrap(check_int, "eval.num_examples", e.num_examples, 0)
@@ -244,31 +245,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"workdir {workdir!r} is not writable: {err}") from None
     is_main = jax.process_index() == 0
-    mesh = make_mesh()
-    target, tx, lr_fn = init_state(config, model, mesh, abstract=True)
+    mesh = train_lib.make_train_mesh(config)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), _compat(config),
                         max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
                         hyperparams=_hyperparams(config))
-    data_state = {"epoch": 0, "index": 0}
-    restored = ckpt.restore_latest(target)
-    if restored is not None:
-        state, data_state, step = restored
-        if is_main:
-            print(f"resumed from step {step} ({ckpt.directory})")
-    else:
-        state, tx, lr_fn = init_state(config, model, mesh)
+    state, tx, lr_fn, data_state, state_sharding = train_lib.restore_or_init(
+        ckpt, mesh, lambda abstract: init_state(config, model, mesh, abstract=abstract))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
     start = int(jax.device_get(state.step))
     step_fn = make_train_step(make_loss_fn(config, model), tx, mesh, ema_decay=t.ema_decay,
-                              lr_schedule=lr_fn)
+                              lr_schedule=lr_fn, state_sharding=state_sharding)
     eval_fn = make_eval_fn(model)
     last_eval: list[Optional[Dict[str, Any]]] = [None]
     eval_log = JsonlWriter(os.path.join(workdir, "eval.jsonl")) if is_main else None
 
     def run_eval(step, st):
-        result = evaluate(eval_fn, st.ema_params, test_images, e.batch_size, classifier)
+        ema = train_lib.gather_replicated(st.ema_params, mesh)  # whole, when split over fsdp
+        result = evaluate(eval_fn, ema, test_images, e.batch_size, classifier)
         recon = result.pop("recon")
         if is_main:
             eval_log.write_scalars(step, result)

@@ -4,6 +4,9 @@ is fixed when JAX initialises; this pytest process has one device):
 - a resumed ``training.fsdp`` run reads its checkpoint straight into the split shardings
   (``train_lib.restore_or_init`` -> ``Checkpointer.restore_latest`` of a sharded abstract target),
   and 2 + 2 resumed steps equal 4 in one go, bitwise;
+- ``train_vae_mnist`` and ``train_latent_mnist`` with ``training.fsdp=4``: the step equals the
+  replicated one (``training.fsdp=1``); the latent trainer with a stand-in loss (compiling its
+  real one twice on 8 devices takes minutes on 2 cores), the autoencoder with its real one.
 
 The tiny models' leaves are all below ``FSDP_MIN_SIZE``: the scripts split every divisible leaf
 (``min_size=0``), as ``tests/test_fsdp.py`` does.
@@ -36,6 +39,40 @@ train_lib.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
 
 def n_split(shardings):
     return sum(FSDP_AXIS in tuple(s.spec) for s in jax.tree.leaves(shardings))
+
+def compare_one_step(a, b, *, lr):
+    # States of two runs after one Adam step from the same start. Adam's moments (0.1 g and
+    # 0.001 g^2: the clipped gradient g) agree to rtol 1e-4, atol 1e-5 of their largest value;
+    # params and EMA to rtol 1e-5, atol 1e-6 wherever |g| >= 1e-3 of its leaf's largest |g| and
+    # >= 1e-6 of the largest of all. Below that Adam's first update lr * g / (|g| + eps) may be
+    # lr * sign(rounding noise) (e.g. the attention key biases: softmax ignores them, their exact
+    # gradient is 0): there only |a - b| <= 2.5 lr. At least 80% of the elements are compared
+    # tightly.
+    def moments(state, name):
+        flat, _ = jax.tree_util.tree_flatten_with_path(state.opt_state)
+        return [x for path, x in flat if f".{name}[" in jax.tree_util.keystr(path)]
+
+    mu_a, mu_b = moments(a, "mu"), moments(b, "mu")
+    assert len(mu_a) == len(jax.tree.leaves(a.params)), len(mu_a)
+    for name in ("mu", "nu"):
+        xs, ys = moments(a, name), moments(b, name)
+        scale = max(float(np.max(np.abs(x))) for x in xs)
+        for x, y in zip(xs, ys):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+    flat, _ = jax.tree_util.tree_flatten_with_path((a.params, a.ema_params))
+    other = jax.tree.leaves((b.params, b.ema_params))
+    diff, tight, total = 0.0, 0, 0
+    top = max(float(np.max(np.abs(g))) for g in mu_a)
+    for (path, x), y, g in zip(flat, other, mu_a + mu_a):
+        ok = np.abs(g) >= max(1e-3 * float(np.max(np.abs(g))), 1e-6 * top)
+        np.testing.assert_allclose(x[ok], y[ok], rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+        assert float(np.max(np.abs(x - y), initial=0.0)) <= 2.5 * lr, jax.tree_util.keystr(path)
+        diff = max(diff, float(np.max(np.abs(x[ok] - y[ok]), initial=0.0)))
+        tight, total = tight + int(ok.sum()), total + ok.size
+    assert tight >= 0.8 * total, (tight, total)
+    return diff, tight / total
+
 
 def load(ckpt_dir, target):
     # The latest checkpoint, replicated over a 1-D mesh (a reader: any writer's sharding).
@@ -119,8 +156,10 @@ _RESUME = _PRELUDE + textwrap.dedent("""
 
 
 def _run(script, tmp_path, timeout=300, extra=()):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    # XLA's backend optimisation off: compiling is most of these tests' time (the programs
+    # compared are compiled alike).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=(
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"))
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path), *extra], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-4000:]
@@ -128,6 +167,9 @@ def _run(script, tmp_path, timeout=300, extra=()):
 
 
 def test_fsdp_resume_restores_split_leaves_and_is_exact(tmp_path):
+    """``run_training`` on a ``("data", "fsdp")`` mesh of 2 x 4 (TinyNet): the resumed run's
+    restored leaves already carry the split shardings (no replicated restore), 2 + 2 steps equal
+    4 in one go bitwise, and a checkpoint of another config is still refused."""
     _run(_RESUME, tmp_path)
 
 
@@ -141,3 +183,128 @@ def test_abstract_target_requires_a_sharding_per_leaf():
     assert out["b"].sharding == repl and out["w"].shape == (4, 2)
     with pytest.raises(ValueError, match="structure of target_state"):
         abstract_target(tree, {"w": repl})
+
+
+# One step from the same start with no warm-up (a zero first learning rate would leave the
+# parameters unchanged and the comparison empty); a 2-level autoencoder without attention.
+_VAE_TINY = ["--config.model.block_channels=(8,8)", "--config.model.mid_attention=False",
+             "--config.model.norm_groups=4", "--config.model.latent_channels=2",
+             "--config.training.batch_size=8", "--config.training.log_every=1",
+             "--config.training.warmup_steps=0", "--config.training.lr_schedule=constant",
+             "--config.training.learning_rate=1e-3", "--config.eval.every=1000",
+             "--config.eval.batch_size=8", "--config.eval.grid=4", "--config.eval.num_examples=8"]
+
+_VAE = _PRELUDE + textwrap.dedent("""
+    import ml_collections
+    from experiments import train_vae_mnist, vae_lib
+    from tests.test_data import write_fake_mnist
+
+    TINY = json.loads(sys.argv[2])
+    write_fake_mnist(os.path.join(root, "mnist"), n_train=32, n_test=8)
+    made = []
+    real = vae_lib.make_train_step
+    vae_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    out = {}
+    for fsdp in (1, 4):
+        workdir = os.path.join(root, f"vae{fsdp}")
+        summary = train_vae_mnist.main([
+            f"--workdir={workdir}", f"--config.data.data_dir={os.path.join(root, 'mnist')}",
+            "--config.training.num_steps=1", f"--config.training.fsdp={fsdp}", *TINY])
+        assert summary["end_step"] == summary["checkpoint_step"] == 1, summary
+        cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+        assert cfg.training.fsdp == fsdp
+        target, _, _ = vae_lib.init_state(cfg, vae_lib.build_model(cfg), make_mesh(),
+                                          abstract=True)
+        (row,) = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+        out[fsdp] = (load(os.path.join(workdir, "checkpoints"), target)[1], row,
+                     summary["eval"])
+    assert made[0] is None and n_split(made[1]) >= 10, made
+    (a, row_a, eval_a), (b, row_b, eval_b) = out[1], out[4]
+    moved = max(float(np.max(np.abs(x - y))) for x, y in
+                zip(jax.tree.leaves(a.params), jax.tree.leaves(a.ema_params)))
+    assert moved > 5e-5, moved      # the step changed the parameters (the EMA lags them)
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(row_a[k], row_b[k], rtol=1e-5, err_msg=k)
+    diff, frac = compare_one_step(a, b, lr=1e-3)
+    np.testing.assert_allclose(eval_a["mse"], eval_b["mse"], rtol=1e-4)
+    print("max |state diff|", diff, "on", frac, "of the elements")
+    print("OK")
+""")
+
+
+
+
+# The latent model of tests/test_latent_mnist.py shrunk to one UNet level (8 channels,
+# cross-attention, no middle block) and a 1-layer text encoder of width 8, on the autoencoder of
+# the first run above; the EMA model exported (gathered from the split state).
+_LATENT_TINY = ["--config.model.in_channels=2", "--config.model.out_channels=2",
+                "--config.model.block_channels=(8,)", "--config.model.norm_groups=4",
+                "--config.model.num_heads=1", "--config.model.context_dim=8",
+                "--config.model.attention=(\"cross\",)", "--config.model.mid_block=False",
+                "--config.text.hidden_size=8", "--config.text.intermediate_size=16",
+                "--config.text.num_hidden_layers=1", "--config.text.num_attention_heads=2",
+                "--config.training.batch_size=8", "--config.training.log_every=1",
+                "--config.training.warmup_steps=0", "--config.training.lr_schedule=constant",
+                "--config.training.learning_rate=1e-3", "--config.sampling.every=0"]
+
+_LATENT = textwrap.dedent("""
+    from experiments import latent_lib, train_latent_mnist
+
+    TINY = json.loads(sys.argv[3])
+    # A stand-in loss over all the parameters and the batch: compiling the real one (UNet with
+    # cross-attention + text encoder) twice on 8 devices takes minutes on 2 cores; the real
+    # model's sharded step is what the autoencoder above checks. What is checked here is the
+    # trainer: mesh, sharded restore target, split step, checkpoint, export of the gathered EMA.
+    def stand_in_loss(*args, **kwargs):
+        def loss_fn(params, batch, key):
+            x = jnp.mean(batch["mean"] ** 2) + jnp.mean(batch["std"])
+            leaves = jax.tree.leaves(params)
+            return x * sum(jnp.mean((p - 0.1) ** 2) for p in leaves) / len(leaves), {}
+        return loss_fn
+
+    import jax.numpy as jnp
+    latent_lib.make_loss_fn = stand_in_loss
+    made = []
+    real = latent_lib.make_train_step
+    latent_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    out = {}
+    for fsdp in (1, 4):
+        workdir = os.path.join(root, f"latent{fsdp}")
+        summary = train_latent_mnist.main([
+            f"--workdir={workdir}", f"--config.data.data_dir={os.path.join(root, 'mnist')}",
+            f"--config.vae_workdir={os.path.join(root, 'vae1')}",
+            "--config.training.num_steps=1", f"--config.training.fsdp={fsdp}",
+            f"--config.export_diffusers={fsdp > 1}", *TINY])
+        assert summary["end_step"] == summary["checkpoint_step"] == 1, summary
+        if fsdp > 1:
+            assert os.path.isfile(os.path.join(summary["diffusers"], "model_index.json"))
+        cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+        assert cfg.training.fsdp == fsdp
+        tokenizer = latent_lib.build_tokenizer(os.path.join(workdir, latent_lib.TOKENIZER_DIR),
+                                               cfg.text.max_length)
+        target, _, _ = latent_lib.init_state(cfg, latent_lib.build_unet(cfg).config,
+                                             latent_lib.text_config(cfg, tokenizer), make_mesh(),
+                                             abstract=True)
+        (row,) = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+        out[fsdp] = (load(os.path.join(workdir, "checkpoints"), target)[1], row)
+    assert made[0] is None and n_split(made[1]) >= 10, made
+    (a, row_a), (b, row_b) = out[1], out[4]
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(row_a[k], row_b[k], rtol=1e-5, err_msg=k)
+    diff, frac = compare_one_step(a, b, lr=1e-3)
+    print("latent: max |state diff|", diff, "on", frac, "of the elements")
+    print("OK")
+""")
+
+
+def test_vae_and_latent_trainers_fsdp_step_equals_replicated(tmp_path):
+    """``training.fsdp=4`` (state split over 4 devices) vs 1 (replicated), for
+    ``train_vae_mnist`` and then ``train_latent_mnist`` (on the first autoencoder, with a
+    stand-in loss): one step gives the same loss and gradient norm, Adam moments, parameters and
+    EMA (see ``compare_one_step``: only the reduction order differs); the autoencoder's
+    evaluation and the latent run's diffusers export (the EMA params gathered) work from the
+    split state."""
+    import json
+
+    script = _VAE.replace('print("OK")', "") + _LATENT
+    print(_run(script, tmp_path, extra=[json.dumps(_VAE_TINY), json.dumps(_LATENT_TINY)]))

@@ -12,13 +12,14 @@ VAE_DATA = [("source", "auto"), ("data_dir", ""), ("prefetch", 2)]
 VAE_TRAINING = [("batch_size", 64), ("num_steps", 2000), ("learning_rate", 1e-3),
                 ("warmup_steps", 100), ("lr_schedule", "cosine"), ("end_lr_factor", 0.05),
                 ("weight_decay", 0.0), ("grad_clip_norm", 1.0), ("ema_decay", 0.999),
-                ("log_every", 50), ("checkpoint_every", 500), ("keep_checkpoints", 3)]
+                ("log_every", 50), ("checkpoint_every", 500), ("keep_checkpoints", 3),
+                ("fsdp", 1)]   # fsdp: added after the reuse (issue 17)
 LATENT_DATA = VAE_DATA + [("pad_to", 32)]
 LATENT_TRAINING = [("batch_size", 64), ("num_steps", 3500), ("learning_rate", 2e-3),
                    ("warmup_steps", 200), ("lr_schedule", "cosine"), ("end_lr_factor", 0.05),
                    ("weight_decay", 0.0), ("grad_clip_norm", 1.0), ("ema_decay", 0.998),
                    ("cond_drop_prob", 0.1), ("log_every", 50), ("checkpoint_every", 500),
-                   ("keep_checkpoints", 3)]
+                   ("keep_checkpoints", 3), ("fsdp", 1)]
 
 
 def _items(config, block):

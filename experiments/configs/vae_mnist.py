@@ -32,14 +32,18 @@ def training_config(**values) -> ml_collections.ConfigDict:
     ``values`` replace the defaults or add fields; an added field goes after ``ema_decay``,
     before the logging and checkpoint intervals (``experiments/configs/latent_mnist.py`` passes
     its own steps, learning rate, warm-up and EMA decay, and adds ``cond_drop_prob``).
+    The last field, ``fsdp`` (default 1), > 1 splits the train state over an ``fsdp`` mesh axis
+    that big (it must divide the device count; ``experiments.train_lib.make_train_mesh``).
     """
     fields = dict(batch_size=64, num_steps=2000, learning_rate=1e-3, warmup_steps=100,
                   lr_schedule="cosine", end_lr_factor=0.05, weight_decay=0.0,
                   grad_clip_norm=1.0, ema_decay=0.999)
     intervals = dict(log_every=50, checkpoint_every=500, keep_checkpoints=3)
-    fields.update((k, v) for k, v in values.items() if k not in intervals)
+    last = dict(fsdp=1)
+    fields.update((k, v) for k, v in values.items() if k not in intervals and k not in last)
     intervals.update((k, v) for k, v in values.items() if k in intervals)
-    return ml_collections.ConfigDict({**fields, **intervals})
+    last.update((k, v) for k, v in values.items() if k in last)
+    return ml_collections.ConfigDict({**fields, **intervals, **last})
 
 
 def get_config() -> ml_collections.ConfigDict:
