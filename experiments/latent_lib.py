@@ -508,6 +508,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     rows' prompts) into ``workdir``; once ``training.num_steps`` is reached, ``diffusers/``:
     the EMA model as a diffusers Stable Diffusion folder (:func:`export`).
 
+    ``training.fsdp > 1`` splits the train state over an ``fsdp`` mesh axis
+    (``experiments.train_lib.make_train_mesh`` / ``restore_or_init``); the grids and the export
+    gather the EMA params.
+
     Raises:
       ConfigError: an invalid config field or path (nothing written).
       jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.

@@ -220,6 +220,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     "wall_s", "stopped_by_signal", "checkpoint_step", "eval"}`` (``eval``: the last
     evaluation's row of ``eval.jsonl``).
 
+    ``training.fsdp > 1`` splits the train state over an ``fsdp`` mesh axis
+    (``experiments.train_lib.make_train_mesh`` / ``restore_or_init``: a resume reads each leaf
+    straight into its shards); the evaluations gather the EMA params.
+
     Raises:
       ConfigError: an invalid config field, data directory or workdir (nothing written).
       jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.

@@ -144,6 +144,14 @@ _RESUME = _PRELUDE + textwrap.dedent("""
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.ema_params, a.step)),
                     jax.tree.leaves((b.params, b.opt_state, b.ema_params, b.step))):
         np.testing.assert_array_equal(x, y)
+    # The fsdp=4 checkpoint read into another split (fsdp=2): same values, the new shardings.
+    target2 = abstract_target(shapes, split_all(shapes, make_mesh(fsdp=2), min_size=0))
+    ck = Checkpointer(os.path.join(root, "resumed", "checkpoints"), None, read_only=True)
+    state2 = ck.restore_latest(target2)[0]
+    ck.close()
+    for x, t, y in zip(jax.tree.leaves(state2), jax.tree.leaves(target2), jax.tree.leaves(b)):
+        assert x.sharding == t.sharding
+        np.testing.assert_array_equal(np.asarray(x), y)
     # The compatibility check still applies to a sharded target, before anything is read.
     try:
         run("resumed", 6, compat={"model": "other"})
@@ -169,7 +177,8 @@ def _run(script, tmp_path, timeout=300, extra=()):
 def test_fsdp_resume_restores_split_leaves_and_is_exact(tmp_path):
     """``run_training`` on a ``("data", "fsdp")`` mesh of 2 x 4 (TinyNet): the resumed run's
     restored leaves already carry the split shardings (no replicated restore), 2 + 2 steps equal
-    4 in one go bitwise, and a checkpoint of another config is still refused."""
+    4 in one go bitwise, the checkpoint reads into another split (fsdp=2) and replicated, and a
+    checkpoint of another config is still refused."""
     _run(_RESUME, tmp_path)
 
 

@@ -327,7 +327,8 @@ class Checkpointer:
         shard of the stored array (Orbax's ``StandardRestore`` of the abstract tree, i.e.
         ``ArrayRestoreArgs(sharding=...)`` per leaf). A train state split over an ``fsdp`` mesh
         axis (:func:`jaxdiff.training.fsdp_sharding`) is therefore never whole on one device,
-        and the checkpoint may have been written with any other sharding or device count.
+        and the checkpoint may have been written with another sharding (e.g. replicated, or
+        another ``fsdp`` size: Orbax reads the stored array's slices that each shard needs).
 
         Incomplete step directories (missing or empty ``state``/``data``/``meta``) are skipped
         with a ``UserWarning`` naming them; a writer moves them to ``<step>.incomplete``. A
