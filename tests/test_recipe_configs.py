@@ -19,11 +19,13 @@ def test_long_config_loads_validates_and_only_trains_longer():
     lib.validate_config(long)   # raises ConfigError on any invalid field
     assert long.training.num_steps >= 4 * default.training.num_steps
     assert long.training.batch_size == default.training.batch_size
-    # same model, diffusion recipe and sampling as the default: only the length differs
+    # same model, diffusion recipe and sampler as the default: the length and the guidance differ
     assert long.model.to_dict() == default.model.to_dict()
     assert long.diffusion.to_dict() == default.diffusion.to_dict()
-    sampling = {k: v for k, v in long.sampling.to_dict().items() if k != "every"}
-    assert sampling == {k: v for k, v in default.sampling.to_dict().items() if k != "every"}
+    own = ("every", "guidance_scale")
+    sampling = {k: v for k, v in long.sampling.to_dict().items() if k not in own}
+    assert sampling == {k: v for k, v in default.sampling.to_dict().items() if k not in own}
+    assert 1.0 < long.sampling.guidance_scale < default.sampling.guidance_scale
     assert long.training.ema_decay > default.training.ema_decay
 
 
