@@ -37,6 +37,12 @@ root = sys.argv[1]
 split_all = train_lib.fsdp_sharding
 train_lib.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
 
+def record_state_shardings(module):
+    # Every make_train_step(state_sharding=...) that ``module`` makes, in order.
+    made, real = [], module.make_train_step
+    module.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    return made
+
 def n_split(shardings):
     return sum(FSDP_AXIS in tuple(s.spec) for s in jax.tree.leaves(shardings))
 
@@ -210,9 +216,7 @@ _VAE = _PRELUDE + textwrap.dedent("""
 
     TINY = json.loads(sys.argv[2])
     write_fake_mnist(os.path.join(root, "mnist"), n_train=32, n_test=8)
-    made = []
-    real = vae_lib.make_train_step
-    vae_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    made = record_state_shardings(vae_lib)
     out = {}
     for fsdp in (1, 4):
         workdir = os.path.join(root, f"vae{fsdp}")
@@ -273,9 +277,7 @@ _LATENT = textwrap.dedent("""
 
     import jax.numpy as jnp
     latent_lib.make_loss_fn = stand_in_loss
-    made = []
-    real = latent_lib.make_train_step
-    latent_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    made = record_state_shardings(latent_lib)
     out = {}
     for fsdp in (1, 4):
         workdir = os.path.join(root, f"latent{fsdp}")

@@ -89,6 +89,22 @@ def _with_scheduler(pipe, name, **extra):
     return pipe, sampler_from_diffusers_config({**config, "_class_name": name})
 
 
+def _check_against_pipeline(pipe, ref_lat, out, label):
+    """Asserts jaxdiff's ``out`` matches the diffusers latents ``ref_lat`` ([B, C, h, w] torch)
+    decoded by the pipeline's own VAE + postprocess (no safety checker): images to
+    ``IMAGE_ATOL``, latents to ``LATENT_ATOL`` relative; returns ``(img_err, lat_err)``."""
+    with torch.no_grad():
+        dec = pipe.vae.decode(ref_lat / pipe.vae.config.scaling_factor).sample
+    ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    img_err = float(np.abs(out.float_images - ref).max())
+    ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
+    lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
+    print(f"{label} image max err {img_err:.2e}, latent max err (relative) {lat_err:.2e}")
+    assert img_err <= IMAGE_ATOL, img_err
+    assert lat_err <= LATENT_ATOL, lat_err
+    return img_err, lat_err
+
+
 def _compare(pipe, sd, *, prompts, negatives, scale, steps=3, rescale=0.0, sampler=None,
              noise=None, noise_module=None, clip_skip=None):
     lat = _latents(len(prompts))
@@ -97,18 +113,10 @@ def _compare(pipe, sd, *, prompts, negatives, scale, steps=3, rescale=0.0, sampl
     with (_patched_randn(noise_module, list(noise)) if noise is not None
           else contextlib.nullcontext()):
         ref_lat = pipe(prompts, negative_prompt=negatives, output_type="latent", **kw).images
-    with torch.no_grad():  # the pipeline's own decode + postprocess (no safety checker)
-        dec = pipe.vae.decode(ref_lat / pipe.vae.config.scaling_factor).sample
-    ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     out = generate(sd, prompts, negatives, num_steps=steps, guidance_scale=scale,
                    guidance_rescale=rescale, latents=lat, noise=noise, sampler=sampler,
                    seed=0, clip_skip=clip_skip)
-    img_err = float(np.abs(out.float_images - ref).max())
-    ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
-    lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
-    print(f"parity image max err {img_err:.2e}, latent max err (relative) {lat_err:.2e}")
-    assert img_err <= IMAGE_ATOL, img_err
-    assert lat_err <= LATENT_ATOL, lat_err
+    img_err, lat_err = _check_against_pipeline(pipe, ref_lat, out, "parity")
     assert out.images.dtype == np.uint8 and out.images.shape == (len(prompts), 32, 32, 3)
     return img_err, lat_err
 
@@ -224,15 +232,7 @@ def test_image_to_image_lcm(sd1):
             _patched_randn("diffusers.schedulers.scheduling_lcm", list(step_noise[:-1])):
         ref_lat = lcm(PROMPTS, image=image, strength=strength, num_inference_steps=steps,
                       output_type="latent").images
-    with torch.no_grad():
-        dec = pipe.vae.decode(ref_lat / pipe.vae.config.scaling_factor).sample
-    ref = (dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     out = generate(sd, PROMPTS, image=image, strength=strength, num_steps=steps,
                    guidance_scale=1.0, latents=noise, noise=step_noise, sample_posterior=False,
                    sampler=sampler_from_diffusers_config(config), seed=0)
-    img_err = float(np.abs(out.float_images - ref).max())
-    ref_lat = ref_lat.numpy().transpose(0, 2, 3, 1)
-    lat_err = float(np.abs(out.latents - ref_lat).max() / max(1.0, np.abs(ref_lat).max()))
-    print(f"parity LCM img2img image max err {img_err:.2e}, latent (relative) {lat_err:.2e}")
-    assert img_err <= IMAGE_ATOL, img_err
-    assert lat_err <= LATENT_ATOL, lat_err
+    _check_against_pipeline(pipe, ref_lat, out, "parity LCM img2img")
