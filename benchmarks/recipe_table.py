@@ -1,6 +1,6 @@
 """One table of training recipes at the same budget: for each run, its recipe (from the workdir's
 ``config.json``), its training-loop minutes (from ``metrics.jsonl``) and the rows of one
-``experiments.eval_sweep`` output (``WORKDIR/NAME.json``, the same ``--settings`` for every run),
+``experiments.eval_sweep`` output (``WORKDIR/NAME.json``, or the run's own ``#NAME``),
 with the training-images reference row. Reads stored outputs only; measures nothing itself.
 
     python -m benchmarks.recipe_table --name recipe \
@@ -21,17 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 TARGETS = {"haze": 0.05, "clean_background": 0.75, "conditional_accuracy": 0.98}
 
 
-def parse_run(text: str) -> Tuple[str, str]:
-    """``"label=path"`` -> ``(label, path)``; ``ValueError`` without ``=`` or with an empty side."""
-    label, sep, path = text.partition("=")
+def parse_run(text: str) -> Tuple[str, str, Optional[str]]:
+    """``"label=path"`` -> ``(label, path, None)``; ``"label=path#name"`` -> ``(label, path,
+    name)``, the run's own sweep name (``path/name.json``) instead of ``--name``. ``ValueError``
+    without ``=``, with an empty label or path, or with an empty or path-like name."""
+    label, sep, rest = text.partition("=")
+    path, hash_, name = rest.partition("#")
     if not sep or not label.strip() or not path.strip():
-        raise ValueError(f"--run must be LABEL=WORKDIR, got {text!r}")
-    return label.strip(), path.strip()
+        raise ValueError(f"--run must be LABEL=WORKDIR[#NAME], got {text!r}")
+    if hash_ and (not name.strip() or os.sep in name):
+        raise ValueError(f"--run {text!r}: NAME after '#' must be a plain eval_sweep --name")
+    return label.strip(), path.strip(), (name.strip() if hash_ else None)
 
 
 def train_minutes(workdir: str) -> float:
@@ -63,15 +68,16 @@ def _ok(r: dict) -> bool:
             and r["conditional_accuracy"] >= TARGETS["conditional_accuracy"])
 
 
-def table(runs: List[Tuple[str, str]], name: str) -> str:
-    """The markdown table of ``runs`` (``[(label, workdir)]``) and their ``NAME.json`` sweeps."""
+def table(runs: List[Tuple[str, str, Optional[str]]], name: str) -> str:
+    """The markdown table of ``runs`` (``[(label, workdir, own_name)]``) and their sweeps,
+    ``WORKDIR/NAME.json`` with ``own_name`` in place of ``name`` where it is not None."""
     lines = ["| run | train min | sampler | NFE | guidance | N | FD (floor) | accuracy | "
              "precision | recall | clean | haze | targets |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
              "| :---: |"]
     recipes, reals, steps = [], {}, []
-    for label, workdir in runs:
-        with open(os.path.join(workdir, f"{name}.json")) as f:
+    for label, workdir, own in runs:
+        with open(os.path.join(workdir, f"{own or name}.json")) as f:
             res = json.load(f)
         minutes = train_minutes(workdir)
         recipes.append(f"- **{label}** (`{workdir}`, step {res['step']}): {recipe(workdir)}")
@@ -93,7 +99,8 @@ def table(runs: List[Tuple[str, str]], name: str) -> str:
 
 def main(argv=None) -> Dict[str, str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR (repeatable)")
+    p.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR[#NAME] (repeatable; NAME: "
+                   "this run's eval_sweep --name where it differs from --name)")
     p.add_argument("--name", default="sweep", help="the eval_sweep --name of every run")
     p.add_argument("--out", default="", help="also write the table here")
     args = p.parse_args(argv)

@@ -96,3 +96,22 @@ def test_recipe_table_rows_minutes_and_targets(tmp_path):
     assert text.count("(training images)") == 1
     with pytest.raises(ValueError, match="LABEL=WORKDIR"):
         recipe_table.parse_run("no-equals-sign")
+
+
+def test_recipe_table_per_run_sweep_name(tmp_path):
+    """``LABEL=WORKDIR#NAME`` reads that run's ``NAME.json``; the others use ``--name``."""
+    from benchmarks import recipe_table
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _fake_run(a, "recipe", [_row("ddim", 0.30, 0.50, 0.97)])
+    _fake_run(b, "own", [_row("ddpm", 0.04, 0.80, 0.99)])
+    text = recipe_table.main(["--name", "recipe", "--run", f"base={a}",
+                              "--run", f"new={b}#own"])["table"]
+    assert "| base | 1.2 | ddim |" in text and "| new | 1.2 | ddpm |" in text
+    assert recipe_table.parse_run("x = /r/w#n") == ("x", "/r/w", "n")
+    assert recipe_table.parse_run("x=/r/w") == ("x", "/r/w", None)
+    for bad in ("x=/r/w#", "x=/r/w#a/b", "=/r/w#n"):
+        with pytest.raises(ValueError, match="--run"):
+            recipe_table.parse_run(bad)
+    with pytest.raises(FileNotFoundError):   # b has no recipe.json: the name is not ignored
+        recipe_table.main(["--name", "recipe", "--run", f"new={b}"])
