@@ -14,7 +14,10 @@ run's EMA params, from the same keys for every setting, and reports the Frechet 
 conditional accuracy (the fraction the classifier assigns to the requested digit), and the wall
 time. FD is biased upwards at small ``N``, so the table also gives the real-vs-real floor (``N``
 training vs ``N`` test images) at each ``N`` used: compare a setting with the floor at its ``N``,
-never across ``N``.
+never across ``N``. At ``N = 1000`` both move by more than 1 between draws of samples and real
+images (measured: ``benchmarks/results/cpu/eval_sweep_long20k_draws.md``): ``--draws K`` repeats
+each setting with seeds ``SEED .. SEED+K-1`` (each a new sampling key and new real subsets) and
+reports the means, with FD and its floor as mean +- sd.
 
 Writes ``WORKDIR/NAME.json``, ``WORKDIR/NAME.md`` (the markdown table) and a PNG (``--out_png``,
 default ``WORKDIR/NAME.png``), ``NAME`` being ``--name`` (default ``sweep``): one row per setting,
@@ -91,6 +94,22 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
 _SAMPLE_STATS = ("precision", "recall", "clean_background", "haze", "pixel_hist_tv")
 
 
+def _mean_sd(values: Sequence[float], digits: int = 2) -> str:
+    """``"7.42"`` for one value, ``"7.42 +- 0.63"`` (mean, sample sd) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}"
+
+
+def _mean_rows(rows: Sequence[dict], skip: Sequence[str] = ()) -> dict:
+    """The mean of each numeric field of ``rows`` (the first row's keys, less ``skip``); one row
+    is returned as it is (less ``skip``)."""
+    if len(rows) == 1:
+        return {k: v for k, v in rows[0].items() if k not in skip}
+    return {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _stats(r: dict) -> str:
     """``precision | recall | clean background | haze`` cells (empty where absent)."""
     return " | ".join(f"{r[k]:.3f}" if k in r else ""
@@ -141,18 +160,30 @@ def markdown(results: dict) -> str:
         "precision | recall | clean background | haze | time (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    floors = results["floors"]
+    floors, floor_draws = results["floors"], results.get("floor_draws")
     for r in results["settings"]:
+        n = str(r["n"])
+        if "draws" in r and floor_draws:
+            fd = (f"{_mean_sd([d['fd'] for d in r['draws']])} "
+                  f"({_mean_sd(floor_draws[n])})")
+        else:
+            fd = f"{r['fd']:.2f} ({floors[n]:.2f})"
         lines.append(
             f"| {r.get('label', r['sampler']).upper()} | {r['steps']} | {r.get('nfe', '')} | "
             f"{_guidance(r)} | {r['n']} | "
-            f"{r['fd']:.2f} ({floors[str(r['n'])]:.2f}) | {r['conditional_accuracy']:.3f} | "
+            f"{fd} | {r['conditional_accuracy']:.3f} | "
             f"{_stats(r)} | {r['time_s']:.0f} |"
         )
     for n, r in sorted(results.get("real", {}).items(), key=lambda kv: int(kv[0])):
         lines.append(f"| (training images) | | | | {n} | {r['fid']:.2f} | "
                      f"{r['conditional_accuracy']:.3f} | {_stats(r)} | |")
     lines.append("")
+    if floor_draws:
+        k = len(next(iter(floor_draws.values())))
+        seed = results.get("args", {}).get("seed", 0)
+        lines += [f"Means over {k} draws (seeds {seed}-{seed + k - 1}: each a new sampling key "
+                  "and new real subsets); FD and its floor as mean +- sd, the other columns "
+                  "as means; time per draw.", ""]
     lines += _by_nfe(results["settings"])
     if results.get("args", {}).get("ddim_clip") == "diffusers":
         lines.append("DDIM clipping: diffusers' form (clipped x0, the model's unclipped eps).")
@@ -176,6 +207,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         **d)
     flags.DEFINE_string("out_png", "", "the picture (default WORKDIR/NAME.png)", **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
+    flags.DEFINE_integer("draws", 1, "independent draws per setting (seeds SEED..SEED+DRAWS-1: "
+                         "each a new sampling key and new real subsets); the table gives means "
+                         "+- sd", **d)
     flags.DEFINE_string("name", "sweep", "base name of the json/md/png written to the workdir", **d)
     flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
                       "DDIM settings with clipping: re-derive eps from the clipped x0 (consistent, "
@@ -195,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not fv.workdir:
         raise ConfigError("--workdir is required")
     settings = parse_settings(fv.settings, fv.num_samples)
+    if fv.draws < 1:
+        raise ConfigError(f"--draws must be >= 1, got {fv.draws}")
     if fv.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     if not fv.name or os.sep in fv.name or fv.name.startswith("."):
@@ -229,33 +265,53 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
                                        epochs=fv.classifier_epochs)
 
-    refs = references(clf, train, test, [s["n"] for s in settings], fv.seed)
-    floors, real_rows = {}, {}
-    for n, ref in refs.items():
-        real_rows[str(n)] = ref.real   # the reference row: N training images scored like samples
-        floors[str(n)] = float(ref.real["fid"])
-        log(f"floor (train vs test) at N={n}: {floors[str(n)]:.3f}")
+    sizes = [s["n"] for s in settings]
+    seeds = [fv.seed + d for d in range(fv.draws)]
+    refs = {seed: references(clf, train, test, sizes, seed) for seed in seeds}
+    floor_draws = {str(n): [float(refs[seed][n].real["fid"]) for seed in seeds]
+                   for n in sorted(set(sizes))}
+    floors = {n: float(np.mean(v)) for n, v in floor_draws.items()}
+    # the reference row: N training images scored like samples (means over the draws)
+    real_rows = {str(n): _mean_rows([refs[seed][n].real for seed in seeds])
+                 for n in sorted(set(sizes))}
+    for n, v in floor_draws.items():
+        log(f"floor (train vs test) at N={n}: {_mean_sd(v, 3)}")
 
-    key = jax.random.key(fv.seed)
     rows, strips = [], []
     for s, run in zip(settings, runs):
         labels = (np.arange(s["n"]) % run["num_classes"]).astype(np.int32)
         log(f"{s['label']}-{s['steps']}, guidance {_guidance(s)}, N={s['n']}")
-        t0 = time.time()
-        images = generate(run["sample_fn"], labels, key, min(fv.batch_size, s["n"]))
-        elapsed = time.time() - t0
-        r = evaluate_samples(clf, images, labels, refs[s["n"]].stats, reference=refs[s["n"]].data)
-        row = {**s, "fd": float(r["fid"]), "conditional_accuracy": r["conditional_accuracy"],
-               **{k: r[k] for k in _SAMPLE_STATS}, "time_s": round(elapsed, 1)}
+        draws = []
+        for seed in seeds:
+            t0 = time.time()
+            images = generate(run["sample_fn"], labels, jax.random.key(seed),
+                              min(fv.batch_size, s["n"]))
+            elapsed = time.time() - t0
+            ref = refs[seed][s["n"]]
+            r = evaluate_samples(clf, images, labels, ref.stats, reference=ref.data)
+            draws.append({"seed": seed, "fd": float(r["fid"]),
+                          "floor": float(ref.real["fid"]),
+                          "conditional_accuracy": r["conditional_accuracy"],
+                          **{k: r[k] for k in _SAMPLE_STATS}, "time_s": round(elapsed, 1)})
+            if seed == seeds[0]:
+                order = np.concatenate([np.flatnonzero(labels == d)[:2]
+                                        for d in range(run["num_classes"])])
+                strips.append(images[order])
+            if len(seeds) > 1:
+                log(f"  seed {seed}: FD {draws[-1]['fd']:.3f} (floor {draws[-1]['floor']:.3f}), "
+                    f"accuracy {draws[-1]['conditional_accuracy']:.3f}, {elapsed:.0f} s")
+        row = {**s, **_mean_rows(draws, skip=("seed", "floor"))}
+        if len(seeds) > 1:
+            row.update(fd_sd=float(np.std([d["fd"] for d in draws], ddof=1)), draws=draws)
         rows.append(row)
-        log(f"  FD {row['fd']:.3f}, accuracy {row['conditional_accuracy']:.3f}, {elapsed:.0f} s")
-        order = np.concatenate([np.flatnonzero(labels == d)[:2]
-                                for d in range(run["num_classes"])])
-        strips.append(images[order])
+        log(f"  FD {_mean_sd([d['fd'] for d in draws], 3)}, accuracy "
+            f"{row['conditional_accuracy']:.3f}, {row['time_s']:.0f} s per draw")
 
     results = {"workdir": fv.workdir, "step": max(ckpts, default=-1),
                "classifier": clf_info, "floors": floors, "settings": rows, "real": real_rows,
                "args": fv.flag_values_dict()}
+    if len(seeds) > 1:
+        results["floor_draws"] = floor_draws
     out_png = fv.out_png or os.path.join(fv.workdir, f"{fv.name}.png")
     write_results(results, markdown(results),
                   json_path=os.path.join(fv.workdir, f"{fv.name}.json"),

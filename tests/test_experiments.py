@@ -545,3 +545,37 @@ def test_command_line_sampling_defaults_come_from_the_run():
     assert dict(s.options) == {"spacing": "leading"} and s.clip_x0 == 1.0
     s = lib.sampling_from_flags(run, "ddim", 50, None, eta=0.0)
     assert (s.num_steps, s.guidance_scale, s.eta) == (50, 2.0, 0.0)
+
+
+def test_eval_sweep_draws_average_independent_seeds(trained, tmp_path):
+    """``--draws 2``: each setting is sampled and scored with seeds SEED and SEED+1 (new keys, new
+    real subsets); the row is the draws' mean, its FD sd is theirs, the first draw reproduces a
+    one-draw run at SEED, and the table shows mean +- sd."""
+    from experiments import eval_sweep
+    from experiments.cli import ConfigError
+
+    _, workdir, _, _ = trained
+    data_dir = str(tmp_path / "mnist")
+    write_fake_mnist(data_dir, n_train=160, n_test=24)
+    clf = str(tmp_path / "clf.msgpack")
+    common = [f"--workdir={workdir}", f"--data_dir={data_dir}", f"--classifier_path={clf}",
+              "--classifier_epochs=1", "--settings=ddim:2:1", "--num_samples=12",
+              "--batch_size=12", "--seed=3"]
+    one = eval_sweep.main(common + ["--name=one"])
+    two = eval_sweep.main(common + ["--name=two", "--draws=2"])
+    row, draws = two["settings"][0], two["settings"][0]["draws"]
+    assert [d["seed"] for d in draws] == [3, 4]
+    assert draws[0]["fd"] == pytest.approx(one["settings"][0]["fd"], rel=1e-5)
+    assert draws[0]["floor"] == pytest.approx(one["floors"]["12"], rel=1e-5)
+    assert draws[0]["fd"] != pytest.approx(draws[1]["fd"])   # another key and other subsets
+    assert row["fd"] == pytest.approx((draws[0]["fd"] + draws[1]["fd"]) / 2)
+    assert row["fd_sd"] == pytest.approx(abs(draws[0]["fd"] - draws[1]["fd"]) / np.sqrt(2))
+    assert row["conditional_accuracy"] == pytest.approx(
+        (draws[0]["conditional_accuracy"] + draws[1]["conditional_accuracy"]) / 2)
+    assert two["floors"]["12"] == pytest.approx(np.mean(two["floor_draws"]["12"]))
+    assert two["real"]["12"]["fid"] == pytest.approx(two["floors"]["12"])
+    md = open(os.path.join(workdir, "two.md")).read()
+    assert f"| {row['fd']:.2f} +- {row['fd_sd']:.2f} (" in md and "Means over 2 draws" in md
+    assert "+-" not in open(os.path.join(workdir, "one.md")).read()
+    with pytest.raises(ConfigError, match="--draws must be >= 1"):
+        eval_sweep.main(common + ["--draws=0"])
