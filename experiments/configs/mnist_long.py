@@ -9,7 +9,7 @@ The step costs what the default's does (same model, same batch of 32). Measured:
 idle 2-core CPU (5.3 steps/s; benchmarks/results/cpu/train_mnist_long20k.txt). The EMA decay is
 raised with the length of the run (its warm-up, ``(1 + step) / (10 + step)``, still governs the
 first few thousand steps), and the learning-rate warm-up with it; it samples with less guidance
-(1.1 instead of the default's 1.35), as measured on its own run.
+(1.1 instead of the default's 1.5), as measured on its own run.
 
 Measured (README Results; benchmarks/results/cpu/eval_sweep_long20k_draws.md): DDPM-50 at
 w = 1.1, N = 1000, means over 5 draws: FD 8.04 +- 0.88 against the real-data floor's
