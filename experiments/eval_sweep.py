@@ -163,9 +163,8 @@ def markdown(results: dict) -> str:
     floors, floor_draws = results["floors"], results.get("floor_draws")
     for r in results["settings"]:
         n = str(r["n"])
-        if "draws" in r and floor_draws:
-            fd = (f"{_mean_sd([d['fd'] for d in r['draws']])} "
-                  f"({_mean_sd(floor_draws[n])})")
+        if "fd_sd" in r and floor_draws:
+            fd = f"{r['fd']:.2f} +- {r['fd_sd']:.2f} ({_mean_sd(floor_draws[n])})"
         else:
             fd = f"{r['fd']:.2f} ({floors[n]:.2f})"
         lines.append(
