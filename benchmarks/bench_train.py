@@ -30,7 +30,8 @@ def main():
 
     from experiments.configs import mnist, mnist_accel
     from experiments.lib import build_model, build_schedule, init_state, make_loss_fn
-    from jaxdiff.training import make_mesh, make_train_step, shard_batch
+    from jaxdiff.training import make_train_step
+    from jaxdiff.sharding import make_mesh, shard_batch
 
     config = (mnist if args.config == "mnist" else mnist_accel).get_config()
     if args.batch_size:

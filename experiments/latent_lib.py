@@ -58,8 +58,8 @@ from jaxdiff.samplers import sampler_names
 from jaxdiff.text import CLIPTokenizer
 from jaxdiff.text.bpe import save_clip_tokenizer, train_clip_bpe
 from jaxdiff.training import (Checkpointer, OptimizerConfig, StopOnSignal, create_train_state,
-                              make_mesh, make_optimizer, make_train_step, replicate,
-                              replicated_sharding, train_loop)
+                              make_optimizer, make_train_step, train_loop)
+from jaxdiff.sharding import make_mesh, replicate, replicated_sharding
 from jaxdiff.validation import check_choice, check_float, check_int
 
 __all__ = ["validate_config", "scheduler_config", "vae_stage", "load_vae", "pad_images",
@@ -141,7 +141,7 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
     for name in ("ema_decay", "cond_drop_prob"):
         _wrap(check_float, f"training.{name}", t[name], minimum=0.0, maximum=1.0,
               exclusive_maximum=True)
-    from jaxdiff.training import check_batch_divisible
+    from jaxdiff.sharding import check_batch_divisible
     _wrap(check_batch_divisible, t.batch_size, make_mesh())
     from experiments.train_lib import make_train_mesh
     make_train_mesh(config)  # training.fsdp divides the device count

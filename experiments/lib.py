@@ -27,9 +27,9 @@ from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS, diffusion_loss
 from jaxdiff.models import UNet, UNetConfig, init_unet, unet_param_shapes
 from jaxdiff.samplers import classifier_free_guidance, get_sampler, sampler_names, sampler_options
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, make_schedule
-from jaxdiff.training import (Checkpointer, OptimizerConfig, batch_sharding,
-                              check_batch_divisible, create_train_state, make_mesh,
-                              make_optimizer, replicate, replicated_sharding, shard_batch)
+from jaxdiff.training import Checkpointer, OptimizerConfig, create_train_state, make_optimizer
+from jaxdiff.sharding import (batch_sharding, check_batch_divisible, make_mesh, replicate,
+                              replicated_sharding, shard_batch)
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["IMAGE_SIZE", "DATA_SOURCES", "DDIM_CLIP_FORMS", "Run", "validate_config",
@@ -442,7 +442,7 @@ def sample_images(sample_fn: Callable, variables, labels: Sequence[int], key: ja
     ``[N, H, W, C]``.
 
     Every process passes the same ``labels`` and gets all the images; each process puts its own
-    contiguous share of the labels on its devices (:func:`jaxdiff.training.shard_batch`).
+    contiguous share of the labels on its devices (:func:`jaxdiff.sharding.shard_batch`).
     """
     labels = np.asarray(labels, np.int32)
     n, d = len(labels), mesh.devices.size

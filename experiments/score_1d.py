@@ -7,7 +7,7 @@ tutorial of Song et al. 2021 on a two-mode Gaussian mixture).
 1. Forward trajectories of the SDE (``--sde``: ``tutorial_ve``, ``ve``, ``vp`` or ``subvp``)
    from the data, over the exact marginal densities ``p_t`` (the mixture's are closed form).
 2. A :class:`jaxdiff.sde.ScoreMLP` trained with denoising score matching
-   (:func:`jaxdiff.sde.dsm_loss`, fresh mixture samples each step, Adam).
+   (:func:`jaxdiff.losses.dsm_loss`, fresh mixture samples each step, Adam).
 3. Sampling with the learned score: Euler-Maruyama, predictor-corrector (reverse diffusion +
    Langevin) and the probability-flow ODE (``--ode_solver``: diffrax Tsit5 by default); the
    exact score with PC as a reference. Each sample set is compared with the mixture by the
@@ -42,11 +42,11 @@ from jaxdiff.sde import (
     ScoreMLP,
     TutorialVESDE,
     VESDE,
-    dsm_loss,
     ode_likelihood,
     ode_sample,
     pc_sample,
 )
+from jaxdiff.losses import dsm_loss
 
 PROG = "python -m experiments.score_1d"
 

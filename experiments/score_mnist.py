@@ -28,10 +28,18 @@ from experiments.cli import ConfigError
 from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.data import load_mnist
 from jaxdiff.models import init_unet, unet_param_shapes
-from jaxdiff.sde import (CORRECTORS, ODE_SOLVERS, PREDICTORS, REDUCTIONS, SDE_TYPES,
-                         SDE_WEIGHTINGS, ScoreUNet, dsm_loss, ode_sample, pc_sample)
-from jaxdiff.training import (Checkpointer, create_train_state, make_mesh, replicate,
-                              replicated_sharding)
+from jaxdiff.sde import (
+    CORRECTORS,
+    ODE_SOLVERS,
+    PREDICTORS,
+    SDE_TYPES,
+    ScoreUNet,
+    ode_sample,
+    pc_sample,
+)
+from jaxdiff.losses import REDUCTIONS, SDE_WEIGHTINGS, dsm_loss
+from jaxdiff.training import Checkpointer, create_train_state
+from jaxdiff.sharding import make_mesh, replicate, replicated_sharding
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["build_sde", "build_score_model", "make_loss_fn", "make_sample_fn", "validate_config",
@@ -70,7 +78,7 @@ def build_score_model(config: ml_collections.ConfigDict) -> ScoreUNet:
 def make_loss_fn(config: ml_collections.ConfigDict, model: ScoreUNet,
                  sde) -> Callable[..., tuple[jax.Array, dict]]:
     """``loss_fn(params, x0 [B, 28, 28, 1] in [-1, 1], key) -> (loss, aux)``:
-    :func:`jaxdiff.sde.dsm_loss` with ``config.training``'s options."""
+    :func:`jaxdiff.losses.dsm_loss` with ``config.training``'s options."""
     tr = config.training
 
     def apply(params, x_t, t, cond):

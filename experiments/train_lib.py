@@ -23,9 +23,9 @@ from experiments import lib
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
-from jaxdiff.training import (FSDP_AXIS, Checkpointer, StopOnSignal, abstract_target,
-                              fsdp_sharding, make_mesh, make_train_step, replicated_sharding,
+from jaxdiff.training import (Checkpointer, StopOnSignal, abstract_target, make_train_step,
                               train_loop)
+from jaxdiff.sharding import FSDP_AXIS, fsdp_sharding, make_mesh, replicated_sharding
 from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
 
 __all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available",
@@ -109,7 +109,7 @@ def load_train_data(config: ml_collections.ConfigDict):
 def make_train_mesh(config: ml_collections.ConfigDict):
     """The mesh over all devices: ``("data",)``, or ``("data", "fsdp")`` with
     ``training.fsdp > 1`` (the train state's large leaves then split over ``fsdp``: see
-    :func:`jaxdiff.training.fsdp_sharding`; :func:`run_training` does it for such a mesh).
+    :func:`jaxdiff.sharding.fsdp_sharding`; :func:`run_training` does it for such a mesh).
 
     Raises:
       ConfigError: ``training.fsdp`` does not divide the number of devices.
@@ -123,7 +123,7 @@ def make_train_mesh(config: ml_collections.ConfigDict):
 def state_sharding_for(target: Any, mesh) -> Optional[Any]:
     """The train state's sharding on ``mesh``: None (replicated) on a ``("data",)`` mesh; on a
     mesh with an ``fsdp`` axis (``training.fsdp > 1``, :func:`make_train_mesh`),
-    :func:`jaxdiff.training.fsdp_sharding` of ``target`` (a state or its abstract shapes)."""
+    :func:`jaxdiff.sharding.fsdp_sharding` of ``target`` (a state or its abstract shapes)."""
     if FSDP_AXIS not in mesh.axis_names:
         return None
     return fsdp_sharding(target, mesh)
@@ -232,7 +232,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
       workdir: the absolute run directory (created here).
       mesh: the device mesh the batch is sharded over; the state is replicated, or, on a mesh
         with an ``fsdp`` axis (:func:`make_train_mesh`), its large leaves split over that axis
-        (:func:`jaxdiff.training.fsdp_sharding`; a resume reads them straight into their
+        (:func:`jaxdiff.sharding.fsdp_sharding`; a resume reads them straight into their
         shards: :func:`restore_or_init`; the sample grids gather the EMA params).
       init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state, or
         with ``abstract=True`` its shapes (a restore target); the same ``tx`` either way.

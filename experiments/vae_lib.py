@@ -26,11 +26,11 @@ from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
 from jaxdiff.metrics import classifier_accuracy, load_classifier
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, init_autoencoder
 from jaxdiff.models.autoencoder import autoencoder_param_shapes
-from jaxdiff.training import (Checkpointer, OptimizerConfig, StopOnSignal, check_batch_divisible,
-                              create_train_state, make_mesh, make_optimizer, make_train_step,
-                              replicate, replicated_sharding, train_loop)
+from jaxdiff.training import (Checkpointer, OptimizerConfig, StopOnSignal, create_train_state,
+                              make_optimizer, make_train_step, train_loop)
+from jaxdiff.sharding import check_batch_divisible, make_mesh, replicate, replicated_sharding
 from jaxdiff.training.writers import JsonlWriter
-from jaxdiff.vae_losses import RECON_TYPES, reconstruction_metrics, vae_loss
+from jaxdiff.losses import RECON_TYPES, reconstruction_metrics, vae_loss
 from jaxdiff.validation import check_choice, check_float, check_int
 
 __all__ = ["validate_config", "build_model", "init_state", "make_loss_fn", "make_eval_fn",

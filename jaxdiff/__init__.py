@@ -29,7 +29,7 @@ from jaxdiff.convert import (
     unet_config_from_diffusers,
     vae_from_diffusers,
 )
-from jaxdiff.losses import diffusion_loss, drop_condition, loss_weights
+from jaxdiff.losses import diffusion_loss, drop_condition, loss_weights, vae_loss
 from jaxdiff.models import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -62,7 +62,6 @@ from jaxdiff.schedules import (
     schedule_from_betas,
     sigmoid_betas,
 )
-from jaxdiff.vae_losses import vae_loss
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ from jaxdiff.models import (
     vae_encode_latents,
 )
 from jaxdiff.models.autoencoder_latents import blend_h, blend_v
-from jaxdiff.vae_losses import reconstruction_metrics, vae_loss
+from jaxdiff.losses import reconstruction_metrics, vae_loss
 
 TINY = dict(block_channels=(8, 16), latent_channels=2, norm_groups=4, sample_size=16)
 

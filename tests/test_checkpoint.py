@@ -19,8 +19,8 @@ import pytest
 import jaxdiff.training.loop as loop_mod
 from jaxdiff.data import BatchIterator, Prefetcher
 from jaxdiff.training import (CheckpointError, Checkpointer, IncompatibleCheckpointError,
-                              NonFiniteLossError, StopOnSignal, make_mesh, make_train_step,
-                              replicate, replicated_sharding, train_loop)
+                              NonFiniteLossError, StopOnSignal, make_train_step, train_loop)
+from jaxdiff.sharding import make_mesh, replicate, replicated_sharding
 from tests.test_training import tiny_data, tiny_setup
 
 CONFIG = {"model": {"features": 8}, "batch_size": 8}
@@ -371,7 +371,8 @@ _WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=pid)
     from jaxdiff.data import BatchIterator, Prefetcher
-    from jaxdiff.training import Checkpointer, make_mesh, make_train_step, replicate, train_loop
+    from jaxdiff.training import Checkpointer, make_train_step, train_loop
+    from jaxdiff.sharding import make_mesh, replicate
     from tests.test_training import tiny_data, tiny_setup
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
     state, tx, _, loss_fn = tiny_setup()

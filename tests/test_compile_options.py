@@ -6,7 +6,8 @@ import pytest
 
 import jaxdiff
 from jaxdiff.compile_options import CPU_COMPILER_OPTIONS, _supported
-from jaxdiff.training import make_mesh, make_train_step, replicate, shard_batch
+from jaxdiff.training import make_train_step
+from jaxdiff.sharding import make_mesh, replicate, shard_batch
 from tests.test_training import tiny_data, tiny_setup
 
 

@@ -208,7 +208,7 @@ def test_sample_output_is_replicated(trained):
     from jax.sharding import PartitionSpec as P
 
     from experiments import lib
-    from jaxdiff.training import shard_batch
+    from jaxdiff.sharding import shard_batch
 
     run = lib.load_run(trained[1])
     fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, lib.sampling_config("ddpm", 2),
@@ -253,7 +253,7 @@ def test_one_root_key_and_init_unet(trained):
     from experiments import lib
     from experiments.configs import mnist_smoke
     from jaxdiff.models import init_unet
-    from jaxdiff.training import make_mesh
+    from jaxdiff.sharding import make_mesh
 
     config = mnist_smoke.get_config()
     keys = lib.run_keys(config.seed)

@@ -14,7 +14,7 @@ import textwrap
 import jax
 import pytest
 
-from jaxdiff.training import make_mesh
+from jaxdiff.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +22,8 @@ _SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from tests.test_training import tiny_setup, tiny_data
-    from jaxdiff.training import (FSDP_AXIS, fsdp_sharding, make_mesh, make_train_step, place,
-                                  shard_batch)
+    from jaxdiff.training import make_train_step
+    from jaxdiff.sharding import FSDP_AXIS, fsdp_sharding, make_mesh, place, shard_batch
     assert jax.device_count() == 8, jax.devices()
 
     # The rule: the largest dimension divisible by the axis size (last on a tie), else replicated.
@@ -96,7 +96,7 @@ _TRAIN = textwrap.dedent("""
     import jax, numpy as np
     from experiments import train_lib
     from experiments.configs import mnist_smoke
-    from jaxdiff.training import FSDP_AXIS
+    from jaxdiff.sharding import FSDP_AXIS
     from tests.test_data import write_fake_mnist
     root = sys.argv[1]
     write_fake_mnist(os.path.join(root, "mnist"), n_train=32, n_test=8)

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.training import abstract_target, make_mesh, replicated_sharding
+from jaxdiff.training import abstract_target
+from jaxdiff.sharding import make_mesh, replicated_sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +31,9 @@ _PRELUDE = """
 import json, os, sys
 import jax, numpy as np
 from experiments import train_lib
-from jaxdiff.training import FSDP_AXIS, Checkpointer, abstract_target, make_mesh
-from jaxdiff.training import replicated_sharding
+from jaxdiff.training import Checkpointer, abstract_target
+from jaxdiff.sharding import FSDP_AXIS, make_mesh
+from jaxdiff.sharding import replicated_sharding
 assert jax.device_count() == 8, jax.devices()
 root = sys.argv[1]
 split_all = train_lib.fsdp_sharding
@@ -94,7 +96,8 @@ def load(ckpt_dir, target):
 
 _RESUME = _PRELUDE + textwrap.dedent("""
     import ml_collections
-    from jaxdiff.training import IncompatibleCheckpointError, replicate
+    from jaxdiff.training import IncompatibleCheckpointError
+    from jaxdiff.sharding import replicate
     from tests.test_training import tiny_data, tiny_setup
 
     mesh = make_mesh(fsdp=4)

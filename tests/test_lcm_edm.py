@@ -9,13 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.edm import (
-    edm_denoise,
-    edm_loss,
-    edm_loss_weight,
-    edm_precondition,
-    edm_sample_sigma,
-)
+from jaxdiff.preconditioning import edm_denoise, edm_precondition
+from jaxdiff.losses import edm_loss, edm_loss_weight, edm_sample_sigma
 from jaxdiff.samplers import (
     edm_sample,
     edm_sigmas,

@@ -46,18 +46,15 @@ from jaxdiff.sde import (
     VPSDE,
     bits_per_dim,
     divergence,
-    dsm_loss,
-    eps_loss,
     hutchinson_probe,
-    importance_sample_t,
     ode_encode,
     ode_likelihood,
     ode_sample,
     pc_sample,
-    sample_t,
     score_from_eps,
     vp_schedule,
 )
+from jaxdiff.losses import dsm_loss, eps_loss, importance_sample_t, sample_t
 
 Z = 4.5
 MU, S = 1.0, 0.5

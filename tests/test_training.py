@@ -14,7 +14,8 @@ import pytest
 from jaxdiff.losses import diffusion_loss
 from jaxdiff.schedules import make_schedule
 from jaxdiff.training import (OptimizerConfig, create_train_state, ema_decay_at, make_lr_schedule,
-                              make_mesh, make_optimizer, make_train_step, replicate, shard_batch)
+                              make_optimizer, make_train_step)
+from jaxdiff.sharding import make_mesh, replicate, shard_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,8 +136,9 @@ def test_nonfinite_batch_leaves_state_unchanged():
 _MULTI = textwrap.dedent("""
     import jax, numpy as np
     from tests.test_training import tiny_setup, tiny_data
-    from jaxdiff.training import make_mesh, make_train_step, replicate, shard_batch
-    from jaxdiff.training import check_batch_divisible
+    from jaxdiff.training import make_train_step
+    from jaxdiff.sharding import make_mesh, replicate, shard_batch
+    from jaxdiff.sharding import check_batch_divisible
     assert jax.device_count() == 8, jax.devices()
     data = tiny_data(16)
     out = {}

@@ -7,7 +7,7 @@
 (three levels 16 / 32 / 32 channels, one resnet per level, single-head attention in the 7x7 mid
 blocks); ``--config.model.<field>=...`` overrides them (tuples:
 ``--config.model.block_channels="(8,16,16)"``).
-``config.loss``: the objective of :func:`jaxdiff.vae_losses.vae_loss` (per-pixel L1 + ``beta`` *
+``config.loss``: the objective of :func:`jaxdiff.losses.vae_loss` (per-pixel L1 + ``beta`` *
 KL per pixel). ``config.eval``: reconstruction MSE / PSNR on the test split with the EMA params
 every ``eval.every`` steps and at the end, written to ``WORKDIR/eval.jsonl`` with a grid of
 originals over reconstructions in ``WORKDIR/recon/``.

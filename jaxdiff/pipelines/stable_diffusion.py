@@ -5,7 +5,7 @@ guidance as one batched UNet call per step) and the VAE decode run in one ``jax.
 once per (image size, steps, sampler, batch size, guidance on/off, img2img start step, or LCM's
 img2img strength): prompts, seeds, guidance scales and initial latents change without
 recompiling. The batch is sharded over a device mesh's ``data`` axis
-(:func:`jaxdiff.training.make_mesh`), padded to a multiple of the device count.
+(:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the device count.
 
     sd = load_stable_diffusion("path/to/stable-diffusion-v1-5")
     out = generate(sd, "a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)
@@ -41,7 +41,7 @@ from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.samplers.guidance import classifier_free_guidance
 from jaxdiff.samplers.img2img import img2img_kwargs, noise_to_img2img
 from jaxdiff.samplers.registry import Sampler
-from jaxdiff.training.step import DATA_AXIS, make_mesh
+from jaxdiff.sharding import DATA_AXIS, make_mesh
 from jaxdiff.validation import check_float, check_int
 
 __all__ = ["StableDiffusionOutput", "encode_prompt", "generate", "save_images", "to_uint8"]
@@ -246,7 +246,7 @@ def generate(
         does) or, if False, with its mean.
       sampler, sampler_options: a :class:`~jaxdiff.samplers.Sampler`, or a registered name plus
         options, instead of ``sd.sampler`` (the folder's scheduler).
-      mesh: the device mesh (default: :func:`~jaxdiff.training.make_mesh` over all devices).
+      mesh: the device mesh (default: :func:`~jaxdiff.sharding.make_mesh` over all devices).
       clip_skip: skip the last ``k`` CLIP layers for the prompt (:func:`encode_prompt`); as in
         diffusers, the negative prompt is encoded without skipping, and precomputed embeddings
         are used as given. ``None``/0: no skip.

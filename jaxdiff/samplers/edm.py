@@ -11,12 +11,13 @@ Each step ``i`` (``N = num_steps``, ``sigma_N`` the final sigma)::
     x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2, d' at x_{i+1}  (Heun; not when
                                                                              sigma_{i+1} = 0)
 
-where ``D`` is the preconditioned denoiser of :func:`jaxdiff.edm.edm_denoise`.
+where ``D`` is the preconditioned denoiser of :func:`jaxdiff.preconditioning.edm_denoise`.
 
 The model contract differs from the discrete samplers': ``model_fn(x_in [B, ...], c_noise [B]
-float32) -> F [B, ...]`` is the raw EDM network (:data:`jaxdiff.edm.EDMModelFn`), called with
-``c_in(sigma) x`` and ``c_noise = log(sigma) / 4``; the sampler applies the preconditioning. There
-is no discrete :class:`~jaxdiff.schedules.Schedule`, so :func:`edm_sample` takes none.
+float32) -> F [B, ...]`` is the raw EDM network (:data:`jaxdiff.preconditioning.EDMModelFn`),
+called with ``c_in(sigma) x`` and ``c_noise = log(sigma) / 4``; the sampler applies the
+preconditioning. There is no discrete :class:`~jaxdiff.schedules.Schedule`, so
+:func:`edm_sample` takes none.
 
 EDM is not in the sampler registry: every registry user (the experiments' ``--sampler``, the
 benchmarks) passes a discrete-time ``ModelFn`` (integer ``t``, eps / x0 / v of a VP schedule) and
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.edm import EDMModelFn, check_edm_prediction_type, edm_denoise
+from jaxdiff.preconditioning import EDMModelFn, check_edm_prediction_type, edm_denoise
 from jaxdiff.samplers.driver import prepare_x_T, run_scan
 from jaxdiff.samplers.sigmas import exponential_sigmas, karras_sigmas
 from jaxdiff.validation import check_choice, check_float, check_int, concrete
@@ -140,7 +141,7 @@ def edm_step(
 
     Args:
       denoiser: ``denoiser(x [B, ...], sigma: 0-d float32) -> D(x; sigma) [B, ...]``, e.g.
-        ``partial(jaxdiff.edm.edm_denoise, model_fn, sigma_data=0.5)``.
+        ``partial(jaxdiff.preconditioning.edm_denoise, model_fn, sigma_data=0.5)``.
       x: ``[B, ...]`` the current sample at noise level ``sigma`` (at least float32).
       sigma: 0-d, ``> 0``; sigma_next: 0-d, ``>= 0``.
       noise: ``[B, ...]`` standard normal, used when ``gamma > 0``; may be ``None`` when ``gamma``
@@ -220,7 +221,8 @@ def edm_sample(
 
     Args:
       model_fn: the raw network ``model_fn(x_in [B, ...], c_noise [B] float32) -> F [B, ...]``
-        (:data:`jaxdiff.edm.EDMModelFn`); the sampler applies ``c_skip``, ``c_out``, ``c_in``.
+        (:data:`jaxdiff.preconditioning.EDMModelFn`); the sampler applies ``c_skip``, ``c_out``,
+        ``c_in``.
       x_T: ``[B, ...]`` the starting sample at noise level ``sigmas[0]`` (``sigma_max``): the
         paper draws ``sigma_max * N(0, I)``; diffusers' pipelines draw ``sqrt(sigma_max^2 + 1) *
         N(0, I)`` (``init_noise_sigma``). Carried in at least float32.
@@ -231,7 +233,8 @@ def edm_sample(
         ``final_sigmas_type="sigma_min"``), Euler ``N``.
       solver: ``"heun"`` (the paper's 2nd order) or ``"euler"`` (``EDMEulerScheduler``).
       sigma_min, sigma_max, rho, sigma_schedule, final_sigmas_type: the grid (:func:`edm_sigmas`).
-      sigma_data, prediction_type: the preconditioning (:func:`jaxdiff.edm.edm_precondition`).
+      sigma_data, prediction_type: the preconditioning
+        (:func:`jaxdiff.preconditioning.edm_precondition`).
       S_churn, S_tmin, S_tmax: the churn (:func:`edm_churn`); ``S_churn = 0`` is deterministic.
       S_noise: the churn noise's scale.
       noise: optional ``[N, B, ...]`` pre-drawn ``z`` used instead of ``key`` (row ``i`` is read

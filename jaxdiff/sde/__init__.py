@@ -4,16 +4,16 @@ likelihoods with Hutchinson's trace estimator, and score networks.
 
 - :mod:`jaxdiff.sde.sdes`: :class:`VESDE`, :class:`TutorialVESDE`, :class:`VPSDE`,
   :class:`SubVPSDE` (drift / diffusion, marginals, prior, ``discretize``, ``reverse``);
-- :mod:`jaxdiff.sde.losses`: :func:`dsm_loss`, :func:`eps_loss` (likelihood weighting,
-  importance-sampled and antithetic ``t``);
-- :mod:`jaxdiff.sde.predictors`, :mod:`jaxdiff.sde.correctors`, :mod:`jaxdiff.sde.samplers`:
+- :mod:`jaxdiff.sde.predictors`, :mod:`jaxdiff.sde.correctors`, :mod:`jaxdiff.sde.pc`:
   :func:`pc_sample`, any predictor with any corrector, one ``lax.scan``;
 - :mod:`jaxdiff.sde.ode`: :func:`ode_sample` / :func:`ode_encode` (fixed-step in a scan, or
   adaptive with diffrax);
 - :mod:`jaxdiff.sde.likelihood`: :func:`ode_likelihood`, :func:`bits_per_dim`;
 - :mod:`jaxdiff.sde.models`: :class:`ScoreMLP`, :class:`ScoreUNet`, :func:`score_from_eps`.
 
-Every score function is ``score_fn(x [B, ...], t [B] float32) -> [B, ...]``.
+Every score function is ``score_fn(x [B, ...], t [B] float32) -> [B, ...]``. The training
+objectives (denoising score matching, :func:`~jaxdiff.losses.dsm_loss` and
+:func:`~jaxdiff.losses.eps_loss`) live with the other losses in :mod:`jaxdiff.losses.score`.
 """
 
 from jaxdiff.sde.correctors import (
@@ -32,15 +32,6 @@ from jaxdiff.sde.likelihood import (
     ode_likelihood,
     uniform_dequantize,
 )
-from jaxdiff.sde.losses import (
-    REDUCTIONS,
-    SDE_WEIGHTINGS,
-    dsm_loss,
-    eps_loss,
-    importance_grid,
-    importance_sample_t,
-    sample_t,
-)
 from jaxdiff.sde.models import GaussianFourierProjection, ScoreMLP, ScoreUNet, score_from_eps
 from jaxdiff.sde.ode import (
     ADAPTIVE_SOLVERS,
@@ -58,7 +49,7 @@ from jaxdiff.sde.predictors import (
     no_predictor,
     reverse_diffusion_predictor,
 )
-from jaxdiff.sde.samplers import pc_sample, sde_timesteps
+from jaxdiff.sde.pc import pc_sample, sde_timesteps
 from jaxdiff.sde.sdes import (
     SDE,
     SDE_TYPES,
@@ -80,10 +71,8 @@ __all__ = [
     "ODE_SOLVERS",
     "PREDICTORS",
     "PROBES",
-    "REDUCTIONS",
     "SDE",
     "SDE_TYPES",
-    "SDE_WEIGHTINGS",
     "GaussianFourierProjection",
     "LikelihoodResult",
     "ReverseSDE",
@@ -99,12 +88,8 @@ __all__ = [
     "batch_broadcast",
     "bits_per_dim",
     "divergence",
-    "dsm_loss",
-    "eps_loss",
     "euler_maruyama_predictor",
     "hutchinson_probe",
-    "importance_grid",
-    "importance_sample_t",
     "integrate",
     "langevin_corrector",
     "no_corrector",
@@ -115,7 +100,6 @@ __all__ = [
     "pc_sample",
     "probability_flow_drift",
     "reverse_diffusion_predictor",
-    "sample_t",
     "score_from_eps",
     "sde_timesteps",
     "uniform_dequantize",

@@ -145,7 +145,7 @@ def score_from_eps(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
                    sde) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``score_fn(x, t) = -eps_fn(x, t) / std(t)`` for a noise-prediction model
     ``eps_fn(x [B, ...], t [B] float) -> [B, ...]`` trained with
-    :func:`jaxdiff.sde.losses.eps_loss`."""
+    :func:`jaxdiff.losses.eps_loss`."""
 
     def score_fn(x, t):
         std = jnp.broadcast_to(sde.marginal_coeffs(t)[1], (x.shape[0],))

@@ -1,4 +1,7 @@
-"""Train state (+EMA), optimizer, data-parallel train step, Orbax checkpoints, training loop."""
+"""Train state (+EMA), optimizer, data-parallel train step, Orbax checkpoints, training loop.
+
+Meshes and shardings (``make_mesh``, ``shard_batch``, ``fsdp_sharding``, ...) are in
+:mod:`jaxdiff.sharding`."""
 
 from jaxdiff.training.checkpoint import (CheckpointError, Checkpointer,
                                          IncompatibleCheckpointError, abstract_target,
@@ -6,16 +9,12 @@ from jaxdiff.training.checkpoint import (CheckpointError, Checkpointer,
 from jaxdiff.training.loop import NonFiniteLossError, StopOnSignal, train_loop
 from jaxdiff.training.state import (OptimizerConfig, TrainState, create_train_state, ema_decay_at,
                                     ema_update, make_lr_schedule, make_optimizer)
-from jaxdiff.training.step import (DATA_AXIS, FSDP_AXIS, batch_sharding, check_batch_divisible,
-                                   fsdp_sharding, make_mesh, make_train_step, place, replicate,
-                                   replicated_sharding, shard_batch)
+from jaxdiff.training.step import make_train_step
 from jaxdiff.training.writers import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
 
 __all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "param_shapes",
            "tree_structure", "NonFiniteLossError",
            "StopOnSignal", "train_loop", "OptimizerConfig", "TrainState", "create_train_state",
-           "ema_decay_at", "ema_update", "make_lr_schedule", "make_optimizer", "DATA_AXIS",
-           "batch_sharding", "check_batch_divisible", "make_mesh", "make_train_step", "replicate",
-           "replicated_sharding", "shard_batch", "FSDP_AXIS", "fsdp_sharding", "place",
+           "ema_decay_at", "ema_update", "make_lr_schedule", "make_optimizer", "make_train_step",
            "MetricWriter", "JsonlWriter", "TensorBoardWriter",
            "MultiWriter", "abstract_target"]

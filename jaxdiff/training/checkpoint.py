@@ -105,7 +105,7 @@ def abstract_target(target_state: Any, shardings: Any = None) -> Any:
         ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``).
       shardings: None: each leaf's own ``sharding`` (a ``jax.Array``'s placement, a
         ``ShapeDtypeStruct``'s ``sharding=``); or a pytree of ``jax.sharding.Sharding`` of the
-        same structure (e.g. :func:`jaxdiff.training.fsdp_sharding` of ``target_state``) that
+        same structure (e.g. :func:`jaxdiff.sharding.fsdp_sharding` of ``target_state``) that
         replaces them.
 
     Raises:
@@ -326,7 +326,7 @@ class Checkpointer:
         Every leaf is read straight into its target sharding: each device reads only its own
         shard of the stored array (Orbax's ``StandardRestore`` of the abstract tree, i.e.
         ``ArrayRestoreArgs(sharding=...)`` per leaf). A train state split over an ``fsdp`` mesh
-        axis (:func:`jaxdiff.training.fsdp_sharding`) is therefore never whole on one device,
+        axis (:func:`jaxdiff.sharding.fsdp_sharding`) is therefore never whole on one device,
         and the checkpoint may have been written with another sharding (e.g. replicated, or
         another ``fsdp`` size: Orbax reads the stored array's slices that each shard needs).
 

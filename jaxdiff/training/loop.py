@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from jaxdiff.sharding import shard_batch
 from jaxdiff.training.checkpoint import Checkpointer
-from jaxdiff.training.step import shard_batch
 
 __all__ = ["StopOnSignal", "train_loop", "NonFiniteLossError"]
 
