@@ -17,7 +17,7 @@ Stable Diffusion batch); neither imports the other.
     ('data',)
     >>> batch = shard_batch({"x": np.ones((2 * mesh.devices.size, 3), np.float32)}, mesh)
     >>> batch["x"].sharding.spec
-    PartitionSpec('data',)
+    P('data',)
 """
 
 from __future__ import annotations
