@@ -22,7 +22,7 @@ Steps:
 
 ``--sampler`` is any of ``jaxdiff.samplers.sampler_names()``; ``--eta`` and ``--ddim_clip`` are DDIM
 options (an error with another sampler). Writes ``WORKDIR/eval_mnist.json`` and
-``WORKDIR/eval_mnist.md`` (a markdown table); measured figures are in the README's Results.
+``WORKDIR/eval_mnist.md`` (a markdown table); measured figures are in docs/results.md.
 """
 
 from __future__ import annotations

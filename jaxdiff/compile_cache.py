@@ -47,8 +47,9 @@ __all__ = ["ENV_VAR", "DEFAULT_MIN_COMPILE_TIME_SECS", "cache_dir", "enable"]
 
 ENV_VAR = "JAXDIFF_COMPILATION_CACHE"
 # Compilations faster than this are not written (JAX's default is 1 s). The experiments' many small
-# jitted helpers (key splits, replication, metrics) each take 0.05-0.5 s on a CPU; reading them
-# back is faster than compiling them, and together they are a visible part of a warm start.
+# jitted helpers (key splits, replication, metrics) each compile in well under JAX's threshold;
+# reading them back is faster than compiling them, and together they are a visible part of a warm
+# start (BENCHMARKS.md, "Compile time").
 DEFAULT_MIN_COMPILE_TIME_SECS = 0.0
 _OFF = ("0", "false", "off", "no", "none")
 

@@ -8,7 +8,7 @@ cross-attention transformer only at the 7x7 level and in the middle block (atten
 28x28, and the full preset, are far slower on XLA:CPU); the class enters as one learned token of
 width 64 that those layers attend to (``model.num_classes = 10``: labels 0-9, and 10 is the null
 label, dropped in with probability 0.1 for classifier-free guidance). Its training time and sample
-quality are in the README's Results, its step speed in BENCHMARKS.md
+quality are in docs/results.md, its step speed in BENCHMARKS.md
 (``python -m benchmarks.bench_train``). ``mnist_accel.py`` is the full cross-attention preset for a
 GPU or TPU.
 
@@ -84,8 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"
     c.diffusion.num_timesteps = 1000
-    # eps without weighting: v-prediction + min-SNR (gamma 5) at the same 2600 steps gave a lower
-    # FD and less haze with DDIM but more haze with DDPM-50 (benchmarks/results/cpu/recipe_mnist.md)
+    # eps without weighting: docs/results.md, "Training recipes at the same budget"
     c.diffusion.prediction_type = "eps"
     c.diffusion.weighting = "none"   # none | min_snr
     c.diffusion.loss_type = "l2"
@@ -93,9 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 32        # global, over all devices and hosts
     c.training.num_steps = 2600
-    # 3e-3 over 2e-3 at the same 2600 steps: DDPM-50 w = 1.5 FD 16.47 / accuracy 0.989 against
-    # 14.93 / 0.983 on one draw (eval_sweep_recipe_lr3e3.md, eval_sweep_recipe_eps.md) and recall
-    # 0.789 vs 0.777; one training run per recipe
+    # 3e-3 over 2e-3: docs/results.md, "Training recipes at the same budget"
     c.training.learning_rate = 3e-3
     c.training.warmup_steps = 100
     c.training.lr_schedule = "cosine"  # cosine | constant
@@ -115,11 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.every = 1300           # sample grid interval in steps (and always at the end)
     c.sampling.per_class = 8          # columns of the grid; one row per digit
     # DDPM's ancestral steps (fresh noise at each step) on 50 leading timesteps, guidance 1.5: the
-    # best measured setting at <= 50 model evaluations (issue 18; README Results,
-    # benchmarks/results/cpu/recipe_mnist.md). Over 5 draws at N = 1000, w = 1.5 reads FD 15.43,
-    # accuracy 0.983, recall 0.775, haze 4.4%; w = 1.35 13.56 / 0.974 / 0.797
-    # (eval_sweep_recipe_lr3e3_draws15.md, _draws.md). The deterministic
-    # samplers (DDIM, DPM-Solver++, UniPC) leave a gray haze behind the digits of a run this short.
+    # deterministic samplers (DDIM, DPM-Solver++, UniPC) leave a gray haze behind the digits of a
+    # run this short. Why, and how the default measures: docs/results.md ("The default MNIST
+    # model", "Haze", "Guidance").
     c.sampling.sampler = "ddpm"       # any of jaxdiff.samplers.sampler_names()
     c.sampling.num_steps = 50
     c.sampling.guidance_scale = 1.5   # classifier-free guidance; 1 = none, 0 = unconditional

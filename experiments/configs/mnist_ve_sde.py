@@ -9,12 +9,13 @@ predictor-corrector (reverse diffusion + Langevin) or the probability-flow ODE.
 The hookup is :mod:`experiments.score_mnist` (``build_sde``, ``build_score_model``,
 ``make_loss_fn``, ``make_sample_fn``, ``train``). Images are in ``[-1, 1]``, so
 ``sigma_max = 50`` is about the largest distance between two MNIST images (``score_sde``'s rule
-of thumb for VE). Sized like the discrete ``mnist`` config for 2 CPU cores (about 15 minutes):
-batch 64, 2000 steps, a higher learning rate than ``score_sde``'s 2e-4 (which is meant for
-hundreds of thousands of steps) with warm-up and cosine decay. ``training.*`` has the fields of
-``mnist.py``'s (checked by ``experiments.lib.validate_training``) plus the DSM loss's options;
-``sampling.*`` sets the sample grid written during training (``grid`` images, ``grid_columns``
-wide, every ``every`` steps and at the end).
+of thumb for VE). Sized like the discrete ``mnist`` config for 2 CPU cores (its training time is
+in docs/results.md, "Score SDEs"): batch 64, 2000 steps, a higher learning rate than
+``score_sde``'s 2e-4 (which is meant for hundreds of thousands of steps) with warm-up and cosine
+decay. ``training.*`` has the fields of ``mnist.py``'s (checked by
+``experiments.lib.validate_training``) plus the DSM loss's options; ``sampling.*`` sets the
+sample grid written during training (``grid`` images, ``grid_columns`` wide, every ``every``
+steps and at the end).
 """
 
 import ml_collections

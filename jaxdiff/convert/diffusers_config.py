@@ -132,9 +132,9 @@ def unet_config_from_diffusers(
     jaxdiff's ``0..num_classes``, the last one being jaxdiff's null label.
 
     Raises:
-      ValueError naming every unknown or unsupported option (block types other than
-      Down/AttnDown/CrossAttnDown/Up/AttnUp/CrossAttnUp, scale-shift resnets, Fourier time
-      embeddings, other class / addition embeddings, ...).
+      ValueError: naming every unknown or unsupported option (block types other than
+        Down/AttnDown/CrossAttnDown/Up/AttnUp/CrossAttnUp, scale-shift resnets, Fourier time
+        embeddings, other class / addition embeddings, ...).
     """
     kind = _model_class(config, model_class)
     defaults = UNET2D_DEFAULTS if kind == "UNet2DModel" else UNET2D_CONDITION_DEFAULTS

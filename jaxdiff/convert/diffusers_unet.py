@@ -1,6 +1,6 @@
 """diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` -> :class:`jaxdiff.models.UNetConfig` and
-Flax params. From a diffusers-format folder (needs its files, so not a doctest; the README and
-``tests/parity/test_unet_parity.py`` run the same calls on a model built in memory)::
+Flax params. From a diffusers-format folder (needs its files, so not a doctest; docs/conversion.md
+and ``tests/parity/test_unet_parity.py`` run the same calls on a model built in memory)::
 
     config = unet_config_from_diffusers(json.load(open("unet/config.json")))
     params = convert_unet_state_dict(load_torch_state_dict("unet/model.safetensors"), config)
@@ -54,10 +54,10 @@ def convert_unet_state_dict(
       A nested dict of ``jax.Array``, exactly the structure ``UNet(config).init`` makes.
 
     Raises:
-      ValueError listing every missing, unexpected and mis-shaped key (torch names, with the
-      Flax path and the shapes), when the state dict does not cover the model exactly; and
-      listing every weight given under both its legacy and its current attention name
-      (``...attentions.0.query.weight`` and ``...attentions.0.to_q.weight``).
+      ValueError: listing every missing, unexpected and mis-shaped key (torch names, with the
+        Flax path and the shapes), when the state dict does not cover the model exactly; and
+        listing every weight given under both its legacy and its current attention name
+        (``...attentions.0.query.weight`` and ``...attentions.0.to_q.weight``).
     """
     dtype = np.dtype(config.param_dtype if dtype is None else dtype)
     given = rename_legacy_attention_keys(state_dict)

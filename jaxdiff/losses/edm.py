@@ -62,7 +62,7 @@ def edm_loss(
       y: ``[B, ...]`` clean data.
       key: draws ``sigma`` (:func:`edm_sample_sigma`) and ``n``; may be ``None`` when both
         ``sigma`` and ``noise`` are given.
-      sigma_data, prediction_type: see :func:`edm_precondition`.
+      sigma_data, prediction_type: see :func:`~jaxdiff.preconditioning.edm_precondition`.
       P_mean, P_std: the log-normal training distribution of ``sigma``.
       sigma: optional fixed ``[B]`` noise levels; noise: optional fixed ``[B, ...]`` standard
         normal ``n``.

@@ -21,10 +21,11 @@ __all__ = ["ResnetBlock", "Downsample", "Upsample", "nearest_resize", "conv3x3",
 PAD1 = ((1, 1), (1, 1))
 
 
-# XLA:CPU (jaxlib 0.10) runs a 3x3 convolution over a 2x2 (or 1x1) image ~10x slower than over a
-# 3x3 one (1.9 vs 0.2 ms at 256 channels, batch 2): the innermost level of a UNet on 8x8 latents
-# (SD at 64x64 pixels). There, im2col + one matmul is the same arithmetic and ~14x faster. Up to
-# this many pixels per image, on the CPU backend only (elsewhere the convolution is kept).
+# XLA:CPU (jaxlib 0.10) runs a 3x3 convolution over a 2x2 (or 1x1) image far slower per pixel
+# than over a 3x3 one: the innermost level of a UNet on 8x8 latents (SD at 64x64 pixels). There,
+# im2col + one matmul is the same arithmetic and much faster (BENCHMARKS.md, "Stable Diffusion
+# pipeline": benchmarks/results/cpu/bench_sd_pipeline.md). Up to this many pixels per image, on
+# the CPU backend only (elsewhere the convolution is kept).
 IM2COL_MAX_PIXELS = 4
 
 

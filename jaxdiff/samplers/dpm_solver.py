@@ -438,8 +438,9 @@ def dpm_solver_sample(
         2M SDE"), or the noise-prediction forms ``"dpmsolver"`` / ``"sde-dpmsolver"`` (which need
         ``final_sigmas_type="sigma_min"``).
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"``.
-      spacing, steps_offset, sigma_schedule, round_timesteps, final_sigmas_type,
-        lambda_min_clipped: see :func:`dpm_solver_timesteps`.
+      spacing, steps_offset, sigma_schedule, round_timesteps: the grid, see
+        :func:`dpm_solver_timesteps`.
+      final_sigmas_type, lambda_min_clipped: the grid, likewise.
       lower_order_final: use lower orders on the last steps when ``num_steps < 15`` (first order
         on the last step, at most second order on the one before).
       euler_at_final: first order on the last step, whatever ``num_steps``.
