@@ -5,7 +5,8 @@
   out-of-bounds error it promises);
 - every ``::: identifier`` of the API pages names an object that imports, and every public module
   of ``jaxdiff`` has a ``:::`` section somewhere (a new module fails here until it is added);
-- every relative link and image of the pages points at a file of the repository;
+- every relative link and image of the pages points at a file of the repository, and every number
+  in the results page's tables is one of the stored outputs its section links;
 - the two build hooks (``docs/hooks/``): Sphinx roles in docstrings become cross-references,
   code, or (naming nothing) a warning, and none in ``jaxdiff`` names nothing; links that leave
   ``docs/`` are found outside code blocks.
@@ -14,6 +15,7 @@ CI also builds the site with ``mkdocs build --strict`` (``.ci/run``), which chec
 cross-references; these tests catch most breakage without the build.
 """
 
+import decimal
 import importlib
 import importlib.util
 import logging
@@ -124,14 +126,43 @@ def test_links_point_at_files():
     assert not missing, missing
 
 
-def test_results_link_a_stored_output_for_each_table():
-    """Every table of the results page is followed (before the next table or heading) by a link
-    into benchmarks/results/, or is preceded by one in its section."""
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?!\w)", text)
+
+
+def _rounds_to(shown: str, stored: list[str]) -> bool:
+    """Whether some stored number, rounded to the precision ``shown`` is written with, is it
+    (``0.017`` from ``0.0170``, ``1.875`` from ``1.8746``, ``4.9e8`` from ``491749115.60``)."""
+    want = decimal.Decimal(shown)
+    quantum = decimal.Decimal(1).scaleb(want.as_tuple().exponent)
+    for y in stored:
+        try:
+            if decimal.Decimal(y).quantize(quantum, rounding=decimal.ROUND_HALF_EVEN) == want:
+                return True
+        except decimal.InvalidOperation:  # too large for the quantum's precision
+            continue
+    return False
+
+
+def test_results_tables_come_from_their_stored_outputs():
+    """Each section of the results page with a table links stored outputs in benchmarks/results/,
+    and every number in its tables' cells (the row labels aside) is one of theirs, rounded."""
     text = (DOCS / "results.md").read_text()
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
-    for section in sections:
-        if re.search(r"^\| .* \|$", section, flags=re.M):
-            assert "](../benchmarks/results/" in section, section.splitlines()[0]
+    wrong = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        rows = [line for line in section.splitlines()
+                if line.startswith("|") and not set(line) <= set("|-: ")]
+        if not rows:
+            continue
+        links = re.findall(r"\]\(\.\./(benchmarks/results/[^)#]+)\)", section)
+        assert links, f"section {section.splitlines()[0]!r} has a table but no stored output"
+        stored = [n for link in links for n in _numbers(
+            (REPO / link).read_text().replace("+-", " ").replace("±", " "))]
+        for row in rows:
+            for cell in row.strip("|").split("|")[1:]:
+                wrong += [(section.splitlines()[0], row[:50], x)
+                          for x in _numbers(cell.replace("±", " ")) if not _rounds_to(x, stored)]
+    assert not wrong, wrong
 
 
 def test_sphinx_roles_become_references_code_or_warnings():
