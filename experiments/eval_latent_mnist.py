@@ -5,7 +5,7 @@ accuracy, FD in its feature space against test images, precision / recall, pixel
 
     python -m experiments.eval_latent_mnist --workdir runs/latent_mnist \
         --classifier_path runs/mnist/mnist_classifier.msgpack --out_md results.md \
-        --out_png assets/latent_mnist.png
+        --out_png docs/assets/latent_mnist.png
 
 Samples go through ``jaxdiff.pipelines.generate`` with the run's sampler, steps and guidance
 (``config.sampling``, overridable with ``--steps`` / ``--guidance_scale``), are decoded at the
