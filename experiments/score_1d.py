@@ -1,7 +1,7 @@
 r"""Score-based generative modelling with SDEs in one dimension, end to end (the score-SDE
 tutorial of Song et al. 2021 on a two-mode Gaussian mixture).
 
-    python -m experiments.score_1d --out_dir assets
+    python -m experiments.score_1d --out_dir docs/assets
     python -m experiments.score_1d --sde vp --train_steps 2000 --out_dir /tmp/score_1d
 
 1. Forward trajectories of the SDE (``--sde``: ``tutorial_ve``, ``ve``, ``vp`` or ``subvp``)
