@@ -6,12 +6,18 @@ names the argument and says what was expected. Checks that look at values work o
 inspected, so value checks skip it and the caller decides what a traced out-of-range value does
 (jaxdiff reads NaN rather than clamping; see :func:`jaxdiff.diffusion.extract`).
 
+A file that cannot be used (corrupt, truncated, of another format) raises
+:class:`InvalidFileError`, a ``ValueError`` whose message starts with the file's path; the command
+lines print it as one ``error:`` line. :func:`read_json` reads a JSON file that way.
+
 This module depends on nothing else in jaxdiff, so that any module may import it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -19,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "InvalidFileError",
+    "read_json",
     "concrete",
     "check_int",
     "check_bool",
@@ -32,6 +40,38 @@ __all__ = [
     "check_timestep",
     "check_clip",
 ]
+
+
+class InvalidFileError(ValueError):
+    """A file given to jaxdiff cannot be used: it is not of the expected format, is truncated or
+    inconsistent with its header (or with the file it pairs with), or needs a package that is not
+    installed to be read. The message names the file, says what is wrong and, where one is known,
+    what to do (download it again, install a package).
+
+    A ``ValueError``, so ``except ValueError`` still catches it; the command lines
+    (``experiments.cli.run``) print it as one ``error: ...`` line and exit with status 2.
+    """
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed contents of the JSON file at ``path``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      InvalidFileError: the file is not valid UTF-8 JSON (naming the file, line and column).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidFileError(f"{path}: not a JSON file (not UTF-8 text: {e.reason} at byte "
+                               f"{e.start})") from None
+    except json.JSONDecodeError as e:
+        what = "empty" if not raw.strip() else f"line {e.lineno} column {e.colno}: {e.msg}"
+        raise InvalidFileError(f"{path}: not valid JSON ({what}); truncated or edited by "
+                               "hand?") from None
 
 
 def concrete(x) -> np.ndarray | None:

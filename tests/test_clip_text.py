@@ -21,6 +21,7 @@ from jaxdiff.convert import (
 )
 from jaxdiff.convert.transformers_clip import clip_torch_key
 from jaxdiff.models import CLIPTextConfig, CLIPTextModel, init_clip_text
+from jaxdiff.validation import InvalidFileError
 
 CFG = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                      num_attention_heads=2, max_position_embeddings=12, eos_token_id=2)  # fmt: skip
@@ -262,3 +263,7 @@ def test_load_text_encoder_folder(tmp_path, params):
                                   ref.last_hidden_state)  # fmt: skip
     with pytest.raises(ValueError, match="config.json"):
         load_clip_text_encoder(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps(SD1_CONFIG)[:40])  # a truncated config
+    with pytest.raises(InvalidFileError, match="not valid JSON") as e:
+        load_clip_text_encoder(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "config.json"))

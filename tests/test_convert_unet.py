@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -10,11 +13,13 @@ import torch
 from jaxdiff.convert import (
     convert_unet_state_dict,
     from_diffusers,
+    load_sharded_state_dict,
     load_torch_state_dict,
     torch_key,
     unet_config_from_diffusers,
 )
 from jaxdiff.models import UNetConfig, unet_param_shapes
+from jaxdiff.validation import InvalidFileError
 from tests.parity.test_unet_parity import tiny_unet2d, tiny_unet2d_condition
 
 
@@ -118,6 +123,100 @@ def test_bfloat16_safetensors(tmp_path, model, converted):
 def test_bad_checkpoint_suffix():
     with pytest.raises(ValueError, match="path must end in"):
         load_torch_state_dict("unet.h5")
+
+
+def _state(model):
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated", "random", "padded"])
+def test_invalid_safetensors_names_the_file(tmp_path, model, content):
+    """An empty, truncated or random file (an interrupted download) is one InvalidFileError
+    naming the file and saying what to do, not safetensors' bare "incomplete metadata"."""
+    good = tmp_path / "good.safetensors"
+    safetensors.torch.save_file(_state(model), str(good))
+    raw = good.read_bytes()
+    data = {"empty": b"", "truncated": raw[: len(raw) // 2],
+            "random": np.random.default_rng(0).bytes(300), "padded": raw + b"\0" * 7}[content]
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(InvalidFileError) as e:
+        load_torch_state_dict(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "not a valid safetensors file" in msg
+    assert "download it again" in msg and "\n" not in msg
+
+
+def test_torch_files_that_are_not_state_dicts(tmp_path, model):
+    """A bare tensor, a nested dict, a truncated or a random .bin: one InvalidFileError naming
+    the file (a bare tensor used to raise torch's "Tensor.__contains__ only supports Tensor")."""
+    cases = {"tensor.bin": "holds a torch.Tensor, not a state dict",
+             "nested.pt": "not a state dict of tensors: 1 entries",
+             "truncated.bin": "not a readable PyTorch weights file",
+             "random.bin": "not a readable PyTorch weights file"}
+    torch.save(torch.zeros(3), str(tmp_path / "tensor.bin"))
+    torch.save({"unet": _state(model), "step": torch.tensor(3)}, str(tmp_path / "nested.pt"))
+    torch.save(_state(model), str(tmp_path / "whole.bin"))
+    raw = (tmp_path / "whole.bin").read_bytes()
+    (tmp_path / "truncated.bin").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(300))
+    for name, message in cases.items():
+        with pytest.raises(InvalidFileError, match=message) as e:
+            load_torch_state_dict(tmp_path / name)
+        assert str(e.value).startswith(str(tmp_path / name))
+    # a training checkpoint's {"state_dict": {...}} and number entries stay readable
+    torch.save({"state_dict": {"w": torch.ones(2), "step": 3}}, str(tmp_path / "ckpt.ckpt"))
+    assert sorted(load_torch_state_dict(tmp_path / "ckpt.ckpt")) == ["step", "w"]
+
+
+def test_torch_file_without_torch_says_what_to_install(tmp_path, model, monkeypatch):
+    path = tmp_path / "unet.bin"
+    torch.save(_state(model), str(path))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(InvalidFileError) as e:
+        load_torch_state_dict(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "pip install torch" in msg and ".safetensors" in msg
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    for name in ("unet.safetensors", "unet.bin"):
+        with pytest.raises(FileNotFoundError, match=name):
+            load_torch_state_dict(tmp_path / name)
+
+
+def test_sharded_index_refuses_shards_outside_its_folder(tmp_path, model):
+    """A shard name must stay inside the index's folder: ``..``, absolute paths and symlinks out
+    of it are refused (a downloaded folder must not make jaxdiff read other files); a valid
+    index merges its shards; a corrupt index names itself."""
+    state = _state(model)
+    keys = sorted(state)
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    outside = tmp_path / "secret.safetensors"
+    safetensors.torch.save_file({"x": torch.ones(1)}, str(outside))
+    half = len(keys) // 2
+    for i, part in enumerate((keys[:half], keys[half:])):
+        safetensors.torch.save_file({k: state[k] for k in part}, str(folder / f"m-{i}.safetensors"))
+    index = folder / "model.safetensors.index.json"
+
+    def write(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write({k: f"m-{int(i >= half)}.safetensors" for i, k in enumerate(keys)})
+    assert sorted(load_sharded_state_dict(index)) == keys
+    (folder / "link.safetensors").symlink_to(outside)
+    for bad in ("../secret.safetensors", str(outside), "link.safetensors"):
+        write({"x": bad})
+        with pytest.raises(InvalidFileError, match="is not a file inside") as e:
+            load_sharded_state_dict(index)
+        assert str(e.value).startswith(str(index)) and repr(bad) in str(e.value)
+    index.write_text('{"weight_map": {"x": "m-0.safet')
+    with pytest.raises(InvalidFileError, match="not valid JSON"):
+        load_sharded_state_dict(index)
+    index.write_text('{"weights": {}}')
+    with pytest.raises(InvalidFileError, match="weight_map"):
+        load_sharded_state_dict(index)
 
 
 def test_legacy_attention_names(model, converted):

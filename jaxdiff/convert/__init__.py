@@ -23,6 +23,7 @@ from jaxdiff.convert.export_diffusers import (
 from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.convert.torch_io import (
     flax_to_torch,
+    load_sharded_state_dict,
     load_torch_state_dict,
     rename_legacy_attention_keys,
     to_numpy,
@@ -47,6 +48,7 @@ __all__ = [
     "flax_to_torch",
     "from_diffusers",
     "load_clip_text_encoder",
+    "load_sharded_state_dict",
     "load_torch_state_dict",
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",

@@ -17,7 +17,6 @@ every such key.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -32,6 +31,7 @@ from jaxdiff.convert.torch_io import (
 )
 from jaxdiff.models.autoencoder import AutoencoderKL, autoencoder_param_shapes
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
+from jaxdiff.validation import InvalidFileError, read_json
 
 __all__ = [
     "AUTOENCODER_KL_DEFAULTS",
@@ -164,8 +164,9 @@ def vae_from_diffusers(source, **overrides) -> tuple[AutoencoderKL, dict]:
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"source: {cfg_path!r} not found (a diffusers vae/ folder?)")
-        with open(cfg_path) as f:
-            raw = json.load(f)
+        raw = read_json(cfg_path)
+        if not isinstance(raw, Mapping):
+            raise InvalidFileError(f"{cfg_path}: expected a JSON object (an AutoencoderKL config)")
         config = vae_config_from_diffusers(raw, **overrides)
         state = _weights_file(folder)
     else:

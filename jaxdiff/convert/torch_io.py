@@ -1,6 +1,7 @@
 """Reading PyTorch weights: one home for what every converter shares.
 
-State-dict files (``load_torch_state_dict``), tensors as numpy (``to_numpy``), diffusers' legacy
+State-dict files (``load_torch_state_dict``, sharded ones through their ``*.index.json``:
+``load_sharded_state_dict``), tensors as numpy (``to_numpy``), diffusers' legacy
 attention names (``rename_legacy_attention_keys``), the torch -> Flax layout of a weight
 (``torch_to_flax``) and the torch key of a Flax param path (``torch_key``). torch and safetensors
 are imported only when used.
@@ -8,6 +9,7 @@ are imported only when used.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
@@ -15,8 +17,11 @@ import jax
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from jaxdiff.validation import InvalidFileError, read_json
+
 __all__ = [
     "flax_to_torch",
+    "load_sharded_state_dict",
     "load_torch_state_dict",
     "match_state_dict",
     "rename_legacy_attention_keys",
@@ -96,32 +101,129 @@ def flax_to_torch(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """Load a PyTorch checkpoint file as ``{key: numpy array}``.
 
     ``.safetensors`` through ``safetensors.numpy`` (``safetensors.flax`` for dtypes numpy lacks,
-    such as bfloat16); ``.bin`` / ``.pt`` / ``.pth`` through ``torch.load(weights_only=True)``
-    (no pickled code runs). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays
-    (safetensors) or float32 (torch files).
-    """
-    path = str(path)
-    if path.endswith(".safetensors"):
-        import safetensors.numpy
+    such as bfloat16); ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` through
+    ``torch.load(weights_only=True)`` (no pickled code runs; torch is not part of jaxdiff's base
+    install). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays (safetensors) or
+    float32 (torch files). A torch file holding ``{"state_dict": {...}}`` (a training checkpoint)
+    gives that inner dict.
 
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: ``path`` has none of the suffixes above.
+      jaxdiff.validation.InvalidFileError: the file is not a valid file of its kind (truncated,
+        empty, another format), holds something other than a state dict of tensors (a bare
+        tensor, a nested dict), or is a torch file and torch is not installed (the message says
+        what to install, or how to convert the file to ``.safetensors``). It names the file.
+    """
+    path = os.fspath(path)
+    if not path.endswith((".safetensors",) + _TORCH_SUFFIXES):
+        raise ValueError(f"path must end in .safetensors, .bin, .pt, .pth or .ckpt, got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    return _load_torch_file(path)
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    import safetensors
+    import safetensors.numpy
+
+    try:
         try:
             return dict(safetensors.numpy.load_file(path))
         except TypeError:  # a dtype numpy does not know (bfloat16)
             import safetensors.flax
 
             return {k: np.asarray(v) for k, v in safetensors.flax.load_file(path).items()}
-    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
-        import torch
+    except safetensors.SafetensorError as e:
+        size = os.path.getsize(path)
+        raise InvalidFileError(
+            f"{path}: not a valid safetensors file ({size} bytes; {e}): it is probably truncated "
+            "(an interrupted download or copy) or not a safetensors file: download it again"
+        ) from None
 
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise InvalidFileError(
+            f"{path}: reading a PyTorch file needs torch, which jaxdiff's base install does not "
+            "include: `pip install torch` (the CPU wheel is enough), or convert the file to "
+            ".safetensors once where torch is installed: `python -c \"import torch, "
+            "safetensors.torch as st; sd = torch.load('FILE', weights_only=True); "
+            "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'FILE.safetensors')\"` "
+            "(diffusers and transformers folders usually ship .safetensors weights too)"
+        ) from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-        return {k: to_numpy(v) for k, v in state.items()}
-    raise ValueError(f"path must end in .safetensors, .bin, .pt, .pth or .ckpt, got {path!r}")
+    except Exception as e:  # unpickling garbage raises anything (IndexError, KeyError, ...)
+        detail = " ".join(str(e).split())
+        cause = f"{type(e).__name__}: {detail:.200}" if detail else type(e).__name__
+        raise InvalidFileError(
+            f"{path}: not a readable PyTorch weights file ({os.path.getsize(path)} bytes; "
+            f"{cause}): truncated (an interrupted download or copy), another format, or pickled "
+            "objects other than tensors; download it again"
+        ) from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise InvalidFileError(
+            f"{path}: holds a {type(state).__module__}.{type(state).__name__}, not a state dict "
+            "({name: tensor}); save the model's state_dict() instead"
+        )
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items()
+           if not isinstance(k, str)
+           or not (hasattr(v, "detach") or isinstance(v, (int, float, np.ndarray, np.generic)))]
+    if bad:
+        raise InvalidFileError(
+            f"{path}: not a state dict of tensors: {len(bad)} entries are not tensors (or "
+            f"numbers) under string keys: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}"
+        )
+    return {k: to_numpy(v) for k, v in state.items()}
+
+
+def load_sharded_state_dict(index_file: str) -> dict[str, np.ndarray]:
+    """The state dict of a sharded checkpoint: every shard named in ``index_file``'s
+    ``weight_map`` (``model.safetensors.index.json`` and the like), merged.
+
+    A shard must be a plain file name or a relative path that stays inside the index's folder:
+    an absolute path, a ``..`` component or a symlink that leaves the folder is refused, so that
+    a downloaded folder cannot make jaxdiff read other files on disk.
+
+    Raises:
+      FileNotFoundError: no index file, or a shard it names is missing.
+      jaxdiff.validation.InvalidFileError: the index is not JSON with a ``weight_map`` of
+        ``{key: shard file}``, a shard leaves the folder, or a shard is invalid
+        (:func:`load_torch_state_dict`).
+    """
+    index_file = os.fspath(index_file)
+    raw = read_json(index_file)
+    weight_map = raw.get("weight_map") if isinstance(raw, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not all(
+        isinstance(v, str) for v in weight_map.values()
+    ):
+        raise InvalidFileError(f"{index_file}: expected a JSON object with a \"weight_map\" of "
+                               "{tensor name: shard file name}")
+    folder = os.path.dirname(os.path.abspath(index_file))
+    root = os.path.realpath(folder)
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.realpath(os.path.join(folder, shard))
+        if (os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/")
+                or os.path.commonpath([root, path]) != root):
+            raise InvalidFileError(f"{index_file}: shard {shard!r} is not a file inside "
+                                   f"{folder}; refusing to read it")
+        out.update(load_torch_state_dict(os.path.join(folder, shard)))
+    return out
 
 
 def match_state_dict(

@@ -22,7 +22,6 @@ generation and bookkeeping fields), or rejected with a ``ValueError`` naming the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -30,9 +29,15 @@ from typing import Any, Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxdiff.convert.torch_io import load_torch_state_dict, match_state_dict, to_numpy
+from jaxdiff.convert.torch_io import (
+    load_sharded_state_dict,
+    load_torch_state_dict,
+    match_state_dict,
+    to_numpy,
+)
 from jaxdiff.models.clip_text import clip_text_param_shapes
 from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.validation import InvalidFileError, read_json
 
 __all__ = [
     "clip_text_config_from_transformers",
@@ -230,13 +235,17 @@ def load_clip_text_encoder(
       ValueError: naming the folder / file when ``config.json`` or the weights are missing; and
         the errors of :func:`clip_text_config_from_transformers` and
         :func:`convert_clip_text_state_dict`.
+      jaxdiff.validation.InvalidFileError: (a ``ValueError``) ``config.json`` is not a JSON
+        object, or a weights file is invalid (:func:`jaxdiff.convert.load_torch_state_dict`,
+        :func:`jaxdiff.convert.load_sharded_state_dict`).
     """
     path = os.fspath(path)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"path {path!r} has no config.json")
-    with open(config_file, encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_json(config_file)
+    if not isinstance(raw, Mapping):
+        raise InvalidFileError(f"{config_file}: expected a JSON object (a CLIP text config)")
     state_dict = _load_weights(path, weights)
     with_projection = None if raw.get("architectures") else _PROJECTION in state_dict
     overrides = {
@@ -253,12 +262,7 @@ def _load_weights(path: str, weights: str | None) -> dict[str, np.ndarray]:
     if weights is None:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            out = {}
-            for shard in shards:
-                out.update(load_torch_state_dict(os.path.join(path, shard)))
-            return out
+            return load_sharded_state_dict(index)
         found = [n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
         if not found:
             raise ValueError(f"path {path!r} holds none of {list(_WEIGHT_FILES)}; pass weights=")
