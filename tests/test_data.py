@@ -11,6 +11,7 @@ import pytest
 from jaxdiff.data import (HOW_TO_GET_MNIST, BatchIterator, Prefetcher, load_mnist, read_idx,
                           write_idx)
 from jaxdiff.data.mnist import MNIST_ENV_VAR, find_mnist_dir, mnist_search_dirs
+from jaxdiff.validation import InvalidFileError
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                       "data", "mnist")
@@ -87,6 +88,54 @@ def test_mismatched_counts_and_missing_dir(tmp_path):
         load_mnist("train", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="how|IDX files"):
         load_mnist("train", str(tmp_path / "nope"))
+
+
+def _one_error(call):
+    """The InvalidFileError that ``call()`` raises, checked to be a single error (no chained
+    cause or context: one message, not up to three tracebacks)."""
+    with pytest.raises(InvalidFileError) as e:
+        call()
+    err = e.value
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), err
+    return str(e.value)
+
+
+def test_corrupt_mnist_is_one_error_naming_the_file_and_what_was_expected(tmp_path):
+    """Every corrupt-file case of load_mnist is ONE InvalidFileError (a ValueError) whose message
+    names the file and what was expected: the magic number (2051 images / 2049 labels), the
+    number of bytes, the label count; never a chain of gzip/IDX/MNIST tracebacks."""
+    d = str(tmp_path)
+    write_fake_mnist(d, n_train=20, n_test=4)
+    images, labels = (os.path.join(d, f"train-{k}-idx{n}-ubyte.gz")
+                      for k, n in (("images", 3), ("labels", 1)))
+    original = {p: open(p, "rb").read() for p in (images, labels)}
+
+    def load():
+        return load_mnist("train", d)
+
+    write_idx(images, np.zeros((20, 28, 28), np.int32))          # wrong type: magic 3075
+    msg = _one_error(load)
+    assert msg.startswith(images) and "magic number 3075" in msg and "expected 2051" in msg
+    write_idx(images, np.zeros((20, 28, 28), np.uint8))
+    write_idx(labels, np.zeros((20, 1), np.uint8))               # labels of rank 2: 2050
+    msg = _one_error(load)
+    assert msg.startswith(labels) and "expected 2049" in msg
+    write_idx(labels, np.zeros(7, np.uint8))                     # 20 images, 7 labels
+    msg = _one_error(load)
+    assert msg.startswith(images) and "20 images but" in msg and labels in msg and "7 labels" in msg
+    open(labels, "wb").write(original[labels][:-6])              # truncated gzip stream
+    msg = _one_error(load)
+    assert msg.startswith(labels) and "truncated or corrupt gzip file" in msg
+    open(labels, "wb").write(original[labels])
+    raw = gzip.decompress(original[images])
+    open(images, "wb").write(gzip.compress(raw[:-100]))          # truncated IDX payload
+    msg = _one_error(load)
+    n = 20 * 28 * 28
+    assert msg.startswith(images) and f"needs {n} data bytes, got {n - 100}" in msg
+    assert HOW_TO_GET_MNIST in msg and "--config" not in msg     # no flag that may not exist
+    with pytest.raises(FileNotFoundError) as e:
+        load_mnist("train", str(tmp_path / "nope"), data_dir_name="--data_dir")
+    assert "point --data_dir (or" in str(e.value)
 
 
 def test_env_var_directory(tmp_path, monkeypatch):

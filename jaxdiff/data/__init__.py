@@ -2,9 +2,9 @@
 
 from jaxdiff.data.idx import read_idx, write_idx
 from jaxdiff.data.iterator import BatchIterator, Prefetcher
-from jaxdiff.data.mnist import (HOW_TO_GET_MNIST, MNIST_ENV_VAR, find_mnist_dir, load_mnist,
-                                mnist_search_dirs, scale_images)
+from jaxdiff.data.mnist import (HOW_TO_GET_MNIST, MNIST_ENV_VAR, find_mnist_dir, how_to_get_mnist,
+                                load_mnist, mnist_search_dirs, scale_images)
 
 __all__ = ["read_idx", "write_idx", "BatchIterator", "Prefetcher", "load_mnist",
            "find_mnist_dir", "mnist_search_dirs", "scale_images", "MNIST_ENV_VAR",
-           "HOW_TO_GET_MNIST"]
+           "HOW_TO_GET_MNIST", "how_to_get_mnist"]

@@ -22,23 +22,31 @@ from typing import Optional, Tuple
 import numpy as np
 
 from jaxdiff.data.idx import read_idx
+from jaxdiff.validation import InvalidFileError
 
 __all__ = ["load_mnist", "find_mnist_dir", "mnist_search_dirs", "mnist_files", "scale_images",
-           "MNIST_ENV_VAR", "HOW_TO_GET_MNIST"]
+           "how_to_get_mnist", "MNIST_ENV_VAR", "HOW_TO_GET_MNIST"]
 
 MNIST_ENV_VAR = "JAXDIFF_MNIST_DIR"
 _PREFIX = {"train": "train", "test": "t10k"}
-HOW_TO_GET_MNIST = (
-    "To get MNIST, either point --config.data.data_dir (or the environment variable "
-    f"{MNIST_ENV_VAR}) at a directory holding the original IDX files "
-    "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
-    "t10k-labels-idx1-ubyte[.gz], from http://yann.lecun.com/exdb/mnist/ or a mirror), or put "
-    "them in ./data/mnist or ~/.cache/jaxdiff/mnist, or prepare "
-    "the tfds dataset once on a machine with network access "
-    "(`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"`) and set "
-    "TFDS_DATA_DIR."
-)
-_HOW_TO = "MNIST was not found. " + HOW_TO_GET_MNIST
+
+
+def how_to_get_mnist(data_dir_name: str = "data_dir") -> str:
+    """How to obtain MNIST, for error messages; ``data_dir_name`` is what the caller calls the
+    directory setting (a command line passes its flag, e.g. ``"--data_dir"``)."""
+    return (
+        f"To get MNIST, either point {data_dir_name} (or the environment variable "
+        f"{MNIST_ENV_VAR}) at a directory holding the original IDX files "
+        "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], from "
+        "http://yann.lecun.com/exdb/mnist/ or a mirror), or put them in ./data/mnist or "
+        "~/.cache/jaxdiff/mnist, or prepare the tfds dataset once on a machine with network "
+        "access (`python -c \"import tensorflow_datasets as tfds; tfds.data_source('mnist')\"`) "
+        "and set TFDS_DATA_DIR."
+    )
+
+
+HOW_TO_GET_MNIST = how_to_get_mnist()
 
 
 def _resolve(directory: str, stem: str) -> Optional[str]:
@@ -49,22 +57,25 @@ def _resolve(directory: str, stem: str) -> Optional[str]:
     return None
 
 
-def mnist_files(directory: str, split: str) -> Tuple[str, str]:
+def mnist_files(directory: str, split: str, *,
+                data_dir_name: str = "data_dir") -> Tuple[str, str]:
     """Paths of the (images, labels) IDX files of ``split`` in ``directory`` (plain or ``.gz``).
 
     Raises:
-      FileNotFoundError: with instructions, when the directory or a file is missing.
+      FileNotFoundError: with instructions (:func:`how_to_get_mnist` of ``data_dir_name``), when
+        the directory or a file is missing.
     """
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    how = how_to_get_mnist(data_dir_name)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"MNIST directory {directory!r} does not exist. {_HOW_TO}")
+        raise FileNotFoundError(f"MNIST directory {directory!r} does not exist. {how}")
     prefix = _PREFIX[split]
     paths = []
     for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
         path = _resolve(directory, stem)
         if path is None:
-            raise FileNotFoundError(f"{stem}[.gz] not found in {directory!r}. {_HOW_TO}")
+            raise FileNotFoundError(f"{stem}[.gz] not found in {directory!r}. {how}")
         paths.append(path)
     return paths[0], paths[1]
 
@@ -102,7 +113,10 @@ def find_mnist_dir(split: str = "train") -> Optional[str]:
     """
     env = os.environ.get(MNIST_ENV_VAR)
     if env:
-        mnist_files(env, split)
+        try:
+            mnist_files(env, split)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"${MNIST_ENV_VAR}={env}: {e}") from None
         return env
     for d in mnist_search_dirs():
         try:
@@ -121,25 +135,21 @@ def scale_images(images_u8: np.ndarray) -> np.ndarray:
     return x * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
-def _corrupt(message: str) -> ValueError:
-    return ValueError(f"{message}. The file is corrupt or not MNIST: replace it. "
-                      f"{HOW_TO_GET_MNIST}")
-
-
-def _load_local(directory: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    img_path, lbl_path = mnist_files(directory, split)
+def _load_local(directory: str, split: str,
+                data_dir_name: str) -> Tuple[np.ndarray, np.ndarray]:
+    img_path, lbl_path = mnist_files(directory, split, data_dir_name=data_dir_name)
+    how = f"The file is corrupt or not MNIST: replace it. {how_to_get_mnist(data_dir_name)}"
     try:
         images = read_idx(img_path, expected_dtype=np.uint8, expected_ndim=3,
                           expected_shape=(None, 28, 28))
         labels = read_idx(lbl_path, expected_dtype=np.uint8, expected_ndim=1)
-    except ValueError as e:  # the message names the file
-        raise _corrupt(str(e)) from e
+    except InvalidFileError as e:  # the message names the file and what is wrong
+        raise InvalidFileError(f"{e}. {how}") from None
     if images.shape[0] != labels.shape[0]:
-        raise _corrupt(
-            f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
-        )
+        raise InvalidFileError(f"{img_path} has {images.shape[0]} images but {lbl_path} has "
+                               f"{labels.shape[0]} labels (the files must pair up). {how}")
     if labels.size and labels.max() > 9:
-        raise _corrupt(f"{lbl_path}: label {int(labels.max())} out of range 0-9")
+        raise InvalidFileError(f"{lbl_path}: label {int(labels.max())} out of range 0-9. {how}")
     return scale_images(images), labels.astype(np.int32)
 
 
@@ -164,6 +174,7 @@ def load_mnist(
     *,
     source: str = "auto",
     tfds_data_dir: Optional[str] = None,
+    data_dir_name: str = "data_dir",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Loads an MNIST split.
 
@@ -172,30 +183,37 @@ def load_mnist(
       data_dir: a directory of IDX files; when given, it is the only source tried.
       source: ``"auto"`` (local dirs, then tfds), ``"local"`` or ``"tfds"``.
       tfds_data_dir: passed to tfds as ``data_dir``.
+      data_dir_name: what the messages call ``data_dir`` (a command line passes its flag, e.g.
+        ``"--data_dir"`` or ``"--config.data.data_dir"``).
 
     Returns:
       ``images: [N, 28, 28, 1] float32`` in ``[-1, 1]``, ``labels: [N] int32``.
 
     Raises:
       FileNotFoundError: no source has the data (the message says how to obtain MNIST).
-      ValueError: a file is corrupt, truncated, or of the wrong type/shape.
+      jaxdiff.validation.InvalidFileError: (a ``ValueError``) a file is corrupt, truncated, of
+        the wrong type/shape, or the images and labels do not pair up; the message names the
+        file and says what was expected (e.g. magic number 2051, N bytes, as many labels as
+        images).
     """
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"source must be 'auto', 'local' or 'tfds', got {source!r}")
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    how = "MNIST was not found. " + how_to_get_mnist(data_dir_name)
     if source != "tfds":
         directory = data_dir or find_mnist_dir(split)
         if directory is not None:
-            return _load_local(directory, split)
+            return _load_local(directory, split, data_dir_name)
         if source == "local":
-            raise FileNotFoundError(_HOW_TO)
+            raise FileNotFoundError(how)
     try:
         import tensorflow_datasets  # noqa: F401  (slow; only where no local copy was found)
     except ImportError as e:
-        raise FileNotFoundError(f"tensorflow_datasets is not importable ({e}). {_HOW_TO}") from e
+        raise FileNotFoundError(f"tensorflow_datasets is not importable ({e}). {how}") from None
     try:
         return _load_tfds(split, tfds_data_dir)
     except Exception as e:  # tfds raises assorted errors when offline / not prepared
-        raise FileNotFoundError(f"tfds could not provide MNIST ({type(e).__name__}: {e}). "
-                                f"{_HOW_TO}") from e
+        detail = " ".join(str(e).split())
+        raise FileNotFoundError(f"tfds could not provide MNIST ({type(e).__name__}: "
+                                f"{detail:.500}). {how}") from None
