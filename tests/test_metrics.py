@@ -324,3 +324,29 @@ def test_classifier_learns_on_a_small_subset(mnist_small, tmp_path):
         C.load_classifier(path)
     with pytest.raises(ValueError, match="28, 28, 1"):
         C.classifier_logits(params, xte[:2, :14])
+
+
+@pytest.mark.parametrize("corrupt", ["extra_data", "truncated", "empty", "other_shapes"])
+def test_corrupt_classifier_file_is_one_error_naming_it(tmp_path, corrupt):
+    """A corrupt classifier msgpack (msgpack's ``ExtraData``, a truncated or empty file) or one
+    of another architecture is an InvalidFileError naming the file and what to do."""
+    from jaxdiff.metrics import classifier as C
+    from jaxdiff.validation import InvalidFileError
+
+    path = str(tmp_path / "clf.msgpack")
+    params = C.init_classifier(jax.random.key(0))
+    C.save_classifier(path, params)
+    raw = open(path, "rb").read()
+    if corrupt == "other_shapes":
+        params = jax.tree.map(lambda p: np.zeros(p.shape[:-1] + (p.shape[-1] + 1,), p.dtype),
+                              params)
+        C.save_classifier(path, params)
+    else:
+        data = {"extra_data": raw + b"garbage", "truncated": raw[: len(raw) // 2],
+                "empty": b""}[corrupt]
+        open(path, "wb").write(data)
+    with pytest.raises(InvalidFileError) as e:
+        C.load_classifier(path)
+    msg = str(e.value)
+    assert msg.startswith(path) and "delete it to train a new classifier" in msg, msg
+    assert e.value.__cause__ is None

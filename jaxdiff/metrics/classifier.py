@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.compile_options import cpu_compiler_options
 from flax import serialization
+
+from jaxdiff.compile_options import cpu_compiler_options
+from jaxdiff.validation import InvalidFileError
 
 __all__ = [
     "MnistClassifier",
@@ -229,20 +231,32 @@ def load_classifier(path: str, *, with_metadata: bool = False) -> Any:
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      ValueError: not a classifier file, or parameters of a different architecture.
+      jaxdiff.validation.InvalidFileError: (a ``ValueError``) the file is not a classifier file
+        (corrupt or truncated msgpack, another format), or holds parameters of a different
+        architecture; the message names the file and says to delete it (the evaluations then
+        train a new one) or to pass another.
     """
+    fix = "delete it to train a new classifier, or pass another file"
     with open(path, "rb") as f:
-        payload = serialization.msgpack_restore(f.read())
+        raw = f.read()
+    try:
+        payload = serialization.msgpack_restore(raw)
+    except Exception as e:  # msgpack's ExtraData / FormatError / StackError, ValueError, ...
+        raise InvalidFileError(f"{path}: not a classifier file written by save_classifier (not "
+                               f"valid msgpack, {len(raw)} bytes: {type(e).__name__}: {e}); "
+                               f"{fix}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a classifier file written by save_classifier")
+        raise InvalidFileError(f"{path}: not a classifier file written by save_classifier "
+                               f"(no format {_FORMAT!r} entry); {fix}")
     expected = jax.eval_shape(init_classifier, jax.random.key(0))
     try:
         params = serialization.from_state_dict(expected, payload["params"])
         mismatched = jax.tree_util.tree_map(lambda e, p: tuple(e.shape) != tuple(p.shape),
                                             expected, params)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: parameters do not match MnistClassifier ({e})") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InvalidFileError(f"{path}: parameters do not match MnistClassifier ({e}); "
+                               f"{fix}") from None
     if any(jax.tree_util.tree_leaves(mismatched)):
-        raise ValueError(f"{path}: parameter shapes do not match MnistClassifier")
+        raise InvalidFileError(f"{path}: parameter shapes do not match MnistClassifier; {fix}")
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return (params, payload.get("metadata", {})) if with_metadata else params
