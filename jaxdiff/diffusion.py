@@ -21,7 +21,17 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jaxdiff.schedules import Schedule
-from jaxdiff.validation import check_array, check_batched, check_same_shape, check_timesteps
+from jaxdiff.validation import (
+    check_array,
+    check_batched,
+    check_floating,
+    check_same_shape,
+    check_timesteps,
+)
+
+# What an integer x0 (uint8 pixels, an int32 image batch) must become: the forward process
+# assumes data scaled like the model's training data.
+_SCALE_HINT = "scale images to [-1, 1] floats first (e.g. x.astype(np.float32) / 127.5 - 1)"
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -86,10 +96,16 @@ def extract(a: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """Sample ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with the given noise.
 
-    ``x0, noise: [B, ...]``; ``t: [B]`` int. Returns ``[B, ...]``.
+    ``x0, noise: [B, ...]`` floating point (data scaled to ``[-1, 1]``, like the model's training
+    data); ``t: [B]`` int. Returns ``[B, ...]``.
+
+    Raises:
+      ValueError: (at trace time) ``x0`` or ``noise`` is an integer or bool array (e.g. uint8
+        pixels in ``[0, 255]``: scale them to ``[-1, 1]`` floats first), shapes differ, or a
+        concrete ``t`` is outside ``[0, T)``.
     """
-    x0 = check_batched("x0", x0)
-    noise = check_array("noise", noise)
+    x0 = check_floating("x0", check_batched("x0", x0), _SCALE_HINT)
+    noise = check_floating("noise", noise, "draw it with jax.random.normal")
     check_same_shape(x0=x0, noise=noise)
     t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     return (
@@ -99,8 +115,10 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
 
 
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
-    """Mean ``[B, ...]``, variance and log variance ``[B, 1, ...]`` of ``q(x_t | x_0)``."""
-    x0 = check_batched("x0", x0)
+    """Mean ``[B, ...]``, variance and log variance ``[B, 1, ...]`` of ``q(x_t | x_0)``.
+
+    ``x0`` must be floating point (an integer array raises, as in :func:`q_sample`)."""
+    x0 = check_floating("x0", check_batched("x0", x0), _SCALE_HINT)
     t = check_timesteps("t", t, schedule.num_timesteps, x0.shape[0])
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
     var = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)

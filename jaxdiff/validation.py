@@ -35,6 +35,7 @@ __all__ = [
     "check_choice",
     "check_array",
     "check_batched",
+    "check_floating",
     "check_same_shape",
     "check_timesteps",
     "check_timestep",
@@ -164,6 +165,17 @@ def check_batched(name: str, x: Any) -> jax.Array:
     x = check_array(name, x)
     if x.ndim < 1:
         raise ValueError(f"{name} must be a batch [B, ...], got a scalar")
+    return x
+
+
+def check_floating(name: str, x: Any, hint: str = "") -> jax.Array:
+    """``x`` as an array (:func:`check_array`) of a floating-point dtype; an integer or bool
+    array raises (works on tracers: the dtype is known at trace time). ``hint`` is appended to
+    the message (e.g. how to convert)."""
+    x = check_array(name, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}"
+                         + (f": {hint}" if hint else ""))
     return x
 
 

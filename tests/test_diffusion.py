@@ -109,6 +109,12 @@ def test_traced_out_of_range_t_reads_nan_and_checked_raises():
         (lambda x0, n, t: D.q_sample(SCHED, x0, t.astype(jnp.float32), n), "integer"),
         (lambda x0, n, t: D.q_sample(SCHED, x0, t + 1000, n), r"\[0, 1000\)"),
         (lambda x0, n, t: D.q_sample(SCHED, x0[0, 0, 0, 0], t, n), "x0"),
+        # integer images (uint8 pixels, int32) are refused: they would be noised as 0..255
+        (lambda x0, n, t: D.q_sample(SCHED, (x0 * 127).astype(jnp.uint8), t, n),
+         r"x0 must be a floating-point array, got dtype uint8: scale images to \[-1, 1\] floats"),
+        (lambda x0, n, t: D.q_sample(SCHED, x0.astype(jnp.int32), t, n), "x0 .* int32"),
+        (lambda x0, n, t: D.q_sample(SCHED, x0, t, n.astype(jnp.int32)), "noise must be a float"),
+        (lambda x0, n, t: D.q_mean_variance(SCHED, x0.astype(jnp.uint8), t), "x0 .* uint8"),
         (lambda x0, n, t: D.model_output_to_x0_eps(SCHED, x0, t, n, "score"), "prediction_type"),
         (lambda x0, n, t: D.predict_x0_from_eps(SCHED, x0, t, n[..., :1]), "eps"),
         (lambda x0, n, t: D.snr(SCHED, jnp.ones((2, 2), jnp.int32)), "t must have shape"),
