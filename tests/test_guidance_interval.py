@@ -81,6 +81,19 @@ def test_bad_interval_raises_naming_it(bad):
         classifier_free_guidance(_model, LABELS, NULL, 2.0, guidance_interval=bad)
 
 
+@pytest.mark.parametrize("w", [float("nan"), float("inf"), -float("inf"), np.float32("nan"),
+                               jnp.array([2.0, jnp.nan, 1.0])])
+def test_non_finite_concrete_guidance_scale_raises_naming_it(w):
+    """A concrete NaN / inf scale made every output NaN; it now raises. A traced one cannot be
+    checked (documented): the output is then NaN, as the formula says."""
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        classifier_free_guidance(_model, LABELS, NULL, w)
+    x, t = jnp.ones((3, 4)), jnp.array([1, 2, 3])
+    traced = jax.jit(lambda w: classifier_free_guidance(_model, LABELS, NULL, w)(x, t))
+    assert np.isnan(np.asarray(traced(jnp.float32(np.nan)))).all()
+    assert np.isfinite(np.asarray(traced(jnp.float32(2.0)))).all()
+
+
 def test_experiment_settings():
     from experiments import lib
     from experiments.cli import ConfigError

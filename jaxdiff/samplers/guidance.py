@@ -108,7 +108,9 @@ def classifier_free_guidance(
       null_cond: the "no condition" pytree with ``cond``'s structure; each leaf is broadcast to
         the matching leaf of ``cond`` (e.g. a scalar null label, a ``[1, L, D]`` or ``[L, D]``
         context).
-      guidance_scale: ``w``; may be traced (changing it does not recompile).
+      guidance_scale: ``w``; may be traced (changing it does not recompile). A concrete NaN
+        or infinite ``w`` raises; a traced one cannot be checked, and a NaN there makes every
+        output NaN (check it where it is still a Python number).
       guidance_rescale: ``phi`` in ``[0, 1]``; may be traced. A concrete ``0`` skips the rescale.
       guide_channels: ``None`` guides every output channel. An int ``C >= 1`` guides (and
         rescales) only the first ``C`` channels of the LAST axis; the remaining ones (a learned
@@ -121,6 +123,11 @@ def classifier_free_guidance(
       without rescale and without ``guide_channels`` (the unconditional model) needs one branch
       only, so ``model_fn`` runs once on batch ``B`` instead of ``2B``: half the cost, same result.
       With ``guidance_interval``, the conditional output outside it, in ``model_fn``'s dtype.
+
+    Raises:
+      ValueError: a concrete ``guidance_scale`` that is NaN or infinite, a concrete
+        ``guidance_rescale`` outside ``[0, 1]``, a bad ``guide_channels`` or
+        ``guidance_interval``, or a ``null_cond`` that does not broadcast to ``cond``.
     """
     if guide_channels is not None and (
         isinstance(guide_channels, bool)
@@ -135,6 +142,9 @@ def classifier_free_guidance(
     interval = _check_interval(guidance_interval)
     null_full = _broadcast_null(cond, null_cond)
     scale_value = concrete(guidance_scale)
+    if scale_value is not None and not np.all(np.isfinite(np.asarray(scale_value, np.float64))):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r} (every output "
+                         "would be NaN)")
     single = None
     if scale_value is not None and np.ndim(scale_value) == 0:
         if float(scale_value) == 1.0:
