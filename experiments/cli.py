@@ -4,18 +4,22 @@ into a private ``FlagValues`` per call, and errors in what the user asked for pr
 
 Every command line is ``main(argv) -> result`` (``argv`` without the program name; raises
 :class:`ConfigError`) plus ``cli_main(argv)``, which :func:`run`s ``main`` for ``python -m``: a
-:class:`ConfigError` (or a refused checkpoint resume) becomes ``error: <message>`` on stderr and
-exit status 2, without a traceback.
+:class:`ConfigError` (or a refused checkpoint resume, or a corrupt input file:
+``jaxdiff.validation.InvalidFileError``) becomes ``error: <message>`` on stderr and exit status 2,
+without a traceback. An unknown ``--config.<field>`` reads ``--config.sampling.num_stepz: unknown
+config field 'num_stepz' (did you mean 'num_steps'?)``; a ``--config`` file that cannot be loaded
+is a :class:`ConfigError` at parse time.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 
-__all__ = ["ConfigError", "parse_flags", "run", "train_command"]
+__all__ = ["ConfigError", "parse_flags", "run", "train_command", "unknown_field_message"]
 
 
 class ConfigError(ValueError):
@@ -39,8 +43,9 @@ def parse_flags(define: Callable[[flags.FlagValues, list], None], argv: Sequence
       The parsed flags.
 
     Raises:
-      ConfigError: an unknown flag, a value that does not parse, an unknown config field, or a
-        positional argument.
+      ConfigError: an unknown flag, a value that does not parse, an unknown config field (with
+        the closest field's name when there is one), a ``--config`` file that is missing or
+        does not parse, or a positional argument.
       SystemExit: ``--help`` / ``-h`` (status 0, after printing the help).
     """
     argv = [str(a) for a in argv]
@@ -55,20 +60,67 @@ def parse_flags(define: Callable[[flags.FlagValues, list], None], argv: Sequence
     except flags.Error as e:
         raise ConfigError(" ".join(str(e).split())) from None
     except (KeyError, AttributeError) as e:  # config_flags: an override of a field that is absent
-        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        name = str(e).strip("\"' ")
-        raise ConfigError(f"unknown config field {name!r} (overrides given: "
-                          f"{', '.join(overrides)})") from None
+        raise ConfigError(unknown_field_message(e, argv)) from None
+    except SyntaxError as e:  # a --config file that is not Python
+        raise ConfigError(f"--config: {e.filename} line {e.lineno}: {e.msg}") from None
+    except OSError as e:  # a --config file that cannot be loaded, met by a --config.x override
+        raise ConfigError(_config_file_message("config", e)) from None
+    _check_config_files(fv)
     if len(rest) > 1:
         raise ConfigError(f"{prog}: unexpected positional arguments {rest[1:]}")
     return fv
 
 
+def unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
+    """The one-line message of config_flags' ``KeyError`` / ``AttributeError`` for an override of
+    a config field that does not exist: ``--config.sampling.num_stepz: unknown config field
+    'num_stepz' (did you mean 'num_steps'?)`` (ml_collections wraps a ``KeyError`` whose text
+    is the quoted name and, on a second line, its suggestion)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    first, _, rest = text.partition("\n")
+    name = first.strip("\"' \\")
+    suggestion = re.search(r'Did you mean "([^"]+)"', rest)
+    message = f"unknown config field {name!r}"
+    if suggestion:
+        message += f" (did you mean {suggestion.group(1)!r}?)"
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if name in o[len("--config."):].split(".")]
+    if named:
+        return f"{named[0]}: {message}"
+    return f"{message} (overrides given: {', '.join(overrides)})"
+
+
+def _config_file_message(name: str, error: OSError) -> str:
+    """``--config: the config file could not be loaded: [Errno 2] No such file ...: 'x.py'``
+    from config_flags' multi-line ``OSError``."""
+    text = str(error)
+    reason = re.findall(r"\[Errno \d+\][^\n]*", text)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return (f"--{name}: the config file could not be loaded: "
+            f"{reason[-1] if reason else (lines[-1] if lines else type(error).__name__)}")
+
+
+def _check_config_files(fv: flags.FlagValues) -> None:
+    """config_flags defers a ``--config`` file that cannot be loaded (a missing file) to the
+    first access of the config, which then raises ``OSError``: access every flag's value here
+    (a plain value or a loaded config only answers ``False``), so that it is a
+    :class:`ConfigError` now."""
+    for name in list(fv):
+        try:
+            hasattr(fv[name].value, "_jaxdiff_probe")
+        except OSError as e:
+            raise ConfigError(_config_file_message(name, e)) from None
+
+
 def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`,
-    ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError`` is printed to stderr
-    as one ``error: ...`` line and exits with status 2; any other exception propagates (with its
-    traceback). The result of ``main`` is not printed and the exit status is 0.
+    ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError``, or a
+    ``jaxdiff.validation.InvalidFileError`` (a file the user gave is corrupt, truncated or of
+    another kind: the message names it) is printed to stderr as one ``error: ...`` line and exits
+    with status 2; any other exception propagates (with its traceback). The result of ``main`` is
+    not printed and the exit status is 0.
 
     First it switches on JAX's persistent compilation cache (:func:`jaxdiff.compile_cache.enable`:
     ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$JAXDIFF_COMPILATION_CACHE``, else
@@ -76,11 +128,12 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
     second time loads its compiled programs instead of compiling them again."""
     from jaxdiff import compile_cache
     from jaxdiff.training import CheckpointError, IncompatibleCheckpointError
+    from jaxdiff.validation import InvalidFileError
 
     compile_cache.enable()  # before anything compiles; JAXDIFF_COMPILATION_CACHE=off: no cache
     try:
         main(list(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, IncompatibleCheckpointError, CheckpointError) as e:
+    except (ConfigError, IncompatibleCheckpointError, CheckpointError, InvalidFileError) as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
