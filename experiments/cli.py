@@ -13,13 +13,16 @@ is a :class:`ConfigError` at parse time.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 
-__all__ = ["ConfigError", "parse_flags", "run", "train_command", "unknown_field_message"]
+__all__ = ["ConfigError", "check_writable", "parse_flags", "run", "train_command",
+           "unknown_field_message"]
 
 
 class ConfigError(ValueError):
@@ -112,6 +115,33 @@ def _check_config_files(fv: flags.FlagValues) -> None:
             hasattr(fv[name].value, "_jaxdiff_probe")
         except OSError as e:
             raise ConfigError(_config_file_message(name, e)) from None
+
+
+def check_writable(flag: str, path: str, *, directory: bool = False) -> None:
+    """Checks, before any work, that a command line can write its output ``path`` (a file, or
+    with ``directory`` a directory that may not exist yet): no existing entry of the other kind
+    at ``path``, and its nearest existing parent is a directory in which a file can be created
+    (probed with a temporary file, which is removed: permissions and read-only file systems).
+
+    Raises:
+      ConfigError: naming ``flag`` and the path.
+    """
+    path = os.path.abspath(path)
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path} exists and is not a directory")
+    if not directory and os.path.isdir(path):
+        raise ConfigError(f"{flag}: {path} is a directory, expected a file path")
+    parent = path if directory else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag}: cannot write {path}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write {path}: {parent} is not writable "
+                          f"({e.strerror})") from None
 
 
 def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:

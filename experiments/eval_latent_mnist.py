@@ -29,8 +29,8 @@ from absl import flags, logging
 
 from experiments import cli, latent_lib, mnist_prompts
 from experiments.cli import ConfigError
-from experiments.evaluation import (evaluate_samples, load_mnist_arrays, log, references,
-                                    workdir_classifier, write_results)
+from experiments.evaluation import (check_outputs, evaluate_samples, load_mnist_arrays, log,
+                                    references, workdir_classifier, write_results)
 
 PROG = "python -m experiments.eval_latent_mnist"
 FD_N = 300   # experiments.eval_sweep's N for the pixel-space model
@@ -49,7 +49,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_float("guidance_scale", None, "guidance (default: the run's)", **d)
     flags.DEFINE_string("classifier_path", "", "classifier msgpack (default "
                         "WORKDIR/mnist_classifier.msgpack, trained there if absent)", **d)
-    flags.DEFINE_string("data_dir", "", "MNIST IDX directory", **d)
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: the run's data.data_dir, "
+                        "from WORKDIR/config.json; else jaxdiff.data's search)", **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
     flags.DEFINE_string("name", "eval", "the results go to WORKDIR/NAME.json", **d)
     flags.DEFINE_string("out_md", "", "also write the markdown table here", **d)
@@ -99,11 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     logging.set_verbosity(logging.WARNING)
     run = latent_lib.load_latent_run(fv.workdir)
+    check_outputs(fv.workdir, fv.classifier_path, out_md=fv.out_md, out_png=fv.out_png)
     s = run.config.sampling
     steps = int(fv.steps or s.num_steps)
     w = float(s.guidance_scale if fv.guidance_scale is None else fv.guidance_scale)
-    train = load_mnist_arrays("train", fv.data_dir)
-    test = load_mnist_arrays("test", fv.data_dir)
+    train = load_mnist_arrays("train", fv.data_dir, workdir=fv.workdir)
+    test = load_mnist_arrays("test", fv.data_dir, workdir=fv.workdir)
     n = fv.num_samples
     clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
                                        epochs=3)

@@ -20,6 +20,8 @@ Steps:
    computed on ``--bpd_examples`` test images (all ``T`` terms, null label). ``--samples_npz``
    evaluates saved samples (``experiments.sample``'s ``.npz``) instead of sampling.
 
+MNIST comes from ``--data_dir`` if given, else from the run's own ``data.data_dir`` /
+``data.source`` (``WORKDIR/config.json``), else from ``jaxdiff.data.load_mnist``'s search.
 ``--sampler`` is any of ``jaxdiff.samplers.sampler_names()``; ``--eta`` and ``--ddim_clip`` are DDIM
 options (an error with another sampler). Writes ``WORKDIR/eval_mnist.json`` and
 ``WORKDIR/eval_mnist.md`` (a markdown table); measured figures are in docs/results.md.
@@ -37,9 +39,9 @@ from absl import flags, logging
 
 from experiments import cli, lib
 from experiments.cli import ConfigError
-from experiments.evaluation import (eval_bpd, evaluate_samples, generate, has_run, load_diffusion,
-                                    load_mnist_arrays, log, references, workdir_classifier,
-                                    write_results)
+from experiments.evaluation import (check_outputs, eval_bpd, evaluate_samples, generate, has_run,
+                                    load_diffusion, load_mnist_arrays, load_samples_npz, log,
+                                    references, workdir_classifier, write_results)
 from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.eval_mnist"
@@ -101,7 +103,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_integer("bpd_batch_size", 32, "bits/dim batch", **d)
     flags.DEFINE_enum("bpd_variance_type", "fixed_small", ["fixed_small", "fixed_large"],
                       "reverse-process variance for bits/dim", **d)
-    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: jaxdiff.data's search)",
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: the run's data.data_dir "
+                        "and data.source, from WORKDIR/config.json; else jaxdiff.data's search)",
                         **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
 
@@ -125,11 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     written as JSON and markdown).
 
     Raises:
-      ConfigError: an invalid flag (checked, with the sampler, before any work).
+      ConfigError: an invalid flag (checked, with the sampler, the ``--samples_npz`` file and
+        the output paths, before any work), or MNIST not found.
+      jaxdiff.validation.InvalidFileError: a corrupt data or classifier file.
     """
     fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
     _check(fv)
     interval = lib.parse_guidance_interval(fv.guidance_interval)
+    saved = load_samples_npz(fv.samples_npz) if fv.samples_npz else None  # checked first
+    check_outputs(fv.workdir, fv.classifier_path)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = None
     if has_run(fv.workdir):
@@ -140,8 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         run = load_diffusion(loaded, sampling)  # checks the sampler before any work
     os.makedirs(fv.workdir, exist_ok=True)
     key = jax.random.key(fv.seed)
-    train = load_mnist_arrays("train", fv.data_dir)
-    test = load_mnist_arrays("test", fv.data_dir)
+    train = load_mnist_arrays("train", fv.data_dir, workdir=fv.workdir)
+    test = load_mnist_arrays("test", fv.data_dir, workdir=fv.workdir)
     clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
                                        epochs=fv.classifier_epochs)
     results: dict[str, Any] = {"classifier": clf_info, "args": fv.flag_values_dict()}
@@ -153,10 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results["fid_floor"] = {"n": n, "fid": floor, "time_s": round(time.time() - t0, 2)}
     log(f"FID floor (train vs test, N={n}): {floor:.4f}")
 
-    if fv.samples_npz:
-        saved = np.load(fv.samples_npz)
-        results["conditional"] = evaluate_samples(clf, saved["images"], saved["labels"], ref_stats,
-                                                  reference=reference)
+    if saved is not None:
+        results["conditional"] = evaluate_samples(clf, *saved, ref_stats, reference=reference)
     elif run is None:
         log(f"no train_mnist checkpoint in {fv.workdir}: classifier and floor only")
     else:

@@ -42,9 +42,9 @@ from absl import flags, logging
 
 from experiments import cli, lib, score_eval, score_mnist
 from experiments.cli import ConfigError
-from experiments.evaluation import (eval_bpd, evaluate_samples, has_run, load_diffusion,
-                                    load_mnist_arrays, log, references, workdir_classifier,
-                                    write_json, write_results)
+from experiments.evaluation import (check_outputs, eval_bpd, evaluate_samples, has_run,
+                                    load_diffusion, load_mnist_arrays, log, references,
+                                    workdir_classifier, write_json, write_results)
 from jaxdiff.sde import ADAPTIVE_SOLVERS, FIXED_SOLVERS, PROBES
 
 PROG = "python -m experiments.eval_score_mnist"
@@ -116,7 +116,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "same test images", **d)
     flags.DEFINE_string("out_png", "", "picture: --png_per_sampler samples per sampler", **d)
     flags.DEFINE_integer("png_per_sampler", 16, "samples per sampler in --out_png", **d)
-    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: jaxdiff.data's search)",
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: the run's data.data_dir, "
+                        "from WORKDIR/config.json; else jaxdiff.data's search)",
                         **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
 
@@ -154,9 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _check(fv)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = score_mnist.load_run(fv.workdir)
+    check_outputs(fv.workdir, fv.classifier_path)
     key = jax.random.key(fv.seed)
-    train = load_mnist_arrays("train", fv.data_dir)
-    test = load_mnist_arrays("test", fv.data_dir)
+    train = load_mnist_arrays("train", fv.data_dir, workdir=fv.workdir)
+    test = load_mnist_arrays("test", fv.data_dir, workdir=fv.workdir)
     clf, clf_info = workdir_classifier(fv.workdir, fv.classifier_path, train, test, seed=fv.seed,
                                        epochs=fv.classifier_epochs)
     results: dict[str, Any] = {"classifier": clf_info, "step": run.step,

@@ -39,9 +39,9 @@ from absl import flags, logging
 
 from experiments import cli, lib
 from experiments.cli import ConfigError
-from experiments.evaluation import (evaluate_samples, generate, has_run, load_diffusion,
-                                    load_mnist_arrays, log, references, workdir_classifier,
-                                    write_results)
+from experiments.evaluation import (check_outputs, evaluate_samples, generate, has_run,
+                                    load_diffusion, load_mnist_arrays, log, references,
+                                    workdir_classifier, write_results)
 from jaxdiff.samplers import sampler_names, sampler_options
 
 PROG = "python -m experiments.eval_sweep"
@@ -202,7 +202,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("classifier_path", "", "classifier msgpack (default "
                         "WORKDIR/mnist_classifier.msgpack; trained there if missing)", **d)
     flags.DEFINE_integer("classifier_epochs", 3, "epochs if the classifier is trained", **d)
-    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: jaxdiff.data's search)",
+    flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: the run's data.data_dir, "
+                        "from WORKDIR/config.json; else jaxdiff.data's search)",
                         **d)
     flags.DEFINE_string("out_png", "", "the picture (default WORKDIR/NAME.png)", **d)
     flags.DEFINE_integer("seed", 0, "seed of the draws", **d)
@@ -242,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not has_run(fv.workdir):
         raise ConfigError(f"--workdir {fv.workdir}: no train_mnist run (config.json + "
                           "checkpoints/)")
+    check_outputs(fv.workdir, fv.classifier_path, out_png=fv.out_png)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     loaded = lib.load_run(fv.workdir)   # restored once, shared by every setting's sampler
     runs = []
@@ -255,8 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # Model evaluations per sample (Heun and KDPM2 make two per step).
         s["nfe"] = runs[-1]["sampler"].model_evaluations(loaded.schedule, s["steps"])
     ckpts = [int(d) for d in os.listdir(os.path.join(fv.workdir, "checkpoints")) if d.isdigit()]
-    train = load_mnist_arrays("train", fv.data_dir)
-    test = load_mnist_arrays("test", fv.data_dir)
+    train = load_mnist_arrays("train", fv.data_dir, workdir=fv.workdir)
+    test = load_mnist_arrays("test", fv.data_dir, workdir=fv.workdir)
     most = max(s["n"] for s in settings)
     if most > min(len(test[0]), len(train[0])):
         raise ConfigError(f"--settings/--num_samples: N={most} exceeds the {len(test[0])} test "

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import lib
+from experiments import cli, lib
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.compile_options import cpu_compiler_options
@@ -25,8 +25,10 @@ from jaxdiff.metrics import (class_histogram, classifier_accuracy, classify, con
                              feature_statistics, frechet_distance, load_classifier,
                              pixel_histogram_distance, pixel_statistics, precision_recall,
                              save_classifier, train_classifier, vlb_terms)
+from jaxdiff.validation import read_json
 
-__all__ = ["CLASSIFIER_FILE", "Reference", "log", "load_mnist_arrays", "get_classifier",
+__all__ = ["CLASSIFIER_FILE", "Reference", "log", "mnist_source", "load_mnist_arrays",
+           "check_outputs", "load_samples_npz", "get_classifier",
            "workdir_classifier", "references", "evaluate_samples", "generate", "has_run",
            "load_diffusion", "eval_bpd", "write_json", "write_results"]
 
@@ -41,16 +43,119 @@ def log(msg: str) -> None:
     print(f"[eval] {msg}", flush=True)
 
 
-def load_mnist_arrays(split: str, data_dir: Optional[str] = None):
-    """``images [N, 28, 28, 1]`` float32 in ``[-1, 1]``, ``labels [N]`` int32 (``jaxdiff.data``).
+def mnist_source(workdir: Optional[str], data_dir: str = "") -> tuple[Optional[str], str, str]:
+    """Where an evaluation of the run in ``workdir`` reads MNIST: ``(data_dir, source, origin)``.
+
+    ``data_dir`` (``--data_dir``) when given; else the run's own ``data.data_dir`` and
+    ``data.source`` from ``WORKDIR/config.json`` (every trainer writes them), so that an
+    evaluation reads the data its run trained on (and does not fall back to a tfds download the
+    run never needed); else ``(None, "auto", ...)``: :func:`jaxdiff.data.load_mnist`'s search.
+    ``origin`` names the setting for messages.
 
     Raises:
-      ConfigError: the data cannot be found (naming ``--data_dir``).
+      jaxdiff.validation.InvalidFileError: ``config.json`` is not valid JSON.
     """
+    if data_dir:
+        return data_dir, "auto", f"--data_dir {data_dir!r}"
+    path = os.path.join(workdir, "config.json") if workdir else None
+    if path and os.path.isfile(path):
+        data = read_json(path)
+        data = data.get("data") if isinstance(data, dict) else None
+        if isinstance(data, dict):
+            run_dir = str(data.get("data_dir") or "")
+            source = str(data.get("source") or "auto")
+            if run_dir or source != "auto":
+                return (run_dir or None, source,
+                        f"the run's data.data_dir {run_dir!r} / data.source {source!r} (from "
+                        f"{path}; --data_dir overrides them)")
+    return None, "auto", "--data_dir (not given: searched the default places)"
+
+
+def load_mnist_arrays(split: str, data_dir: Optional[str] = None, *,
+                      workdir: Optional[str] = None):
+    """``images [N, 28, 28, 1]`` float32 in ``[-1, 1]``, ``labels [N]`` int32 (``jaxdiff.data``),
+    from where :func:`mnist_source` says (``--data_dir``, else the run's ``config.json`` in
+    ``workdir``, else the default search).
+
+    Raises:
+      ConfigError: the data cannot be found (naming ``--data_dir`` or the run's setting).
+      jaxdiff.validation.InvalidFileError: a data file is corrupt (naming it).
+    """
+    directory, source, origin = mnist_source(workdir, data_dir or "")
     try:
-        return load_mnist(split, data_dir or None)
+        return load_mnist(split, directory, source=source, data_dir_name="--data_dir")
     except (FileNotFoundError, ImportError) as e:
-        raise ConfigError(f"--data_dir: {e}") from None
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def check_outputs(workdir: str, classifier_path: str = "", **paths: str) -> None:
+    """Checks, before any work, that an evaluation can write what it writes at the end: the
+    results in ``workdir``; a ``--classifier_path`` that does not exist yet (the classifier is
+    trained, then saved there); each of ``paths`` (``{flag name: path}``; an empty path is a
+    default inside ``workdir``).
+
+    Raises:
+      ConfigError: naming the flag and the path (:func:`experiments.cli.check_writable`).
+    """
+    cli.check_writable("--workdir", workdir, directory=True)
+    if classifier_path and not os.path.isfile(classifier_path):
+        cli.check_writable("--classifier_path", classifier_path)
+    for name, path in paths.items():
+        if path:
+            cli.check_writable(f"--{name}", path)
+
+
+def load_samples_npz(path: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Saved samples for an evaluation (``--samples_npz``, as :mod:`experiments.sample` writes):
+    ``images [N, 28, 28, 1]`` float and finite, ``labels [N]`` integers in
+    ``[0, num_classes)``, ``N >= 2``.
+
+    Raises:
+      ConfigError: one line naming the file, the key and what was expected (a missing file or
+        key, not an ``.npz``, a wrong shape or dtype, NaN/inf pixels, labels out of range).
+    """
+    what = ("expected images [N, 28, 28, 1] floats in [-1, 1] and labels [N] ints, as "
+            "experiments.sample writes")
+    where = f"--samples_npz {path}"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:  # not a numpy file, truncated, pickled objects
+        raise ConfigError(f"{where}: not a readable .npz archive ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}); {what}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ConfigError(f"{where}: a single .npy array, not an .npz archive; {what}")
+    with archive:
+        missing = [k for k in ("images", "labels") if k not in archive.files]
+        if missing:
+            raise ConfigError(f"{where}: no key {missing[0]!r} (it holds {sorted(archive.files)})"
+                              f"; {what}")
+        try:
+            images, labels = archive["images"], archive["labels"]
+        except Exception as e:  # a truncated archive member, an object array
+            raise ConfigError(f"{where}: cannot read its arrays ({type(e).__name__}: {e}); "
+                              f"{what}") from None
+    if images.ndim != 4 or images.shape[1:] != (28, 28, 1):
+        raise ConfigError(f"{where}: key 'images' has shape {images.shape}, expected "
+                          "[N, 28, 28, 1]")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ConfigError(f"{where}: key 'images' has dtype {images.dtype}, expected floats in "
+                          "[-1, 1] (scale uint8 pixels with x / 127.5 - 1)")
+    bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+    if bad:
+        raise ConfigError(f"{where}: key 'images' holds {bad} NaN or infinite values "
+                          f"(of {images.size}); expected finite floats in [-1, 1]")
+    n = len(images)
+    if n < 2:
+        raise ConfigError(f"{where}: key 'images' holds {n} images, expected at least 2 (FID)")
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{where}: key 'labels' has shape {labels.shape} and dtype "
+                          f"{labels.dtype}, expected [{n}] integers (one per image)")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ConfigError(f"{where}: key 'labels' holds values in [{labels.min()}, "
+                          f"{labels.max()}], expected classes in [0, {num_classes})")
+    return images, labels.astype(np.int32)
 
 
 def get_classifier(path: str, train_data, test_data, *, seed: int, epochs: int):

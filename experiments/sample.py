@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     returns the images ``[N, 28, 28, C]``.
 
     Raises:
-      ConfigError: an invalid flag, or a workdir without a run.
+      ConfigError: an invalid flag, an ``--out`` that cannot be written (checked before the
+        sampling), or a workdir without a run.
     """
     fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
     if not fv.workdir:
@@ -87,6 +88,12 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     if fv.num_samples < 1:
         raise ConfigError(f"--num_samples must be >= 1, got {fv.num_samples}")
     interval = lib.parse_guidance_interval(fv.guidance_interval)
+    npz = os.path.splitext(fv.out)[0] + ".npz"
+    if not fv.out or os.path.abspath(npz) == os.path.abspath(fv.out):
+        raise ConfigError(f"--out must name the PNG grid (the .npz is written next to it), got "
+                          f"{fv.out!r}")
+    cli.check_writable("--out", fv.out)   # before the sampling, not after it
+    cli.check_writable("--out", npz)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = lib.load_run(fv.workdir)
     num_classes = run.model.config.num_classes
@@ -100,7 +107,6 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     labels = [digits[i % len(digits)] for i in range(fv.num_samples)]
     images = lib.sample_images(fn, run.ema_params, labels, jax.random.key(fv.seed), run.mesh)
     if jax.process_index() == 0:
-        npz = os.path.splitext(fv.out)[0] + ".npz"
         save_grid(images, fv.out, ncols=len(digits) if len(digits) > 1 else 8)
         np.savez(npz, images=images, labels=np.asarray(labels, np.int32))
         print(f"wrote {fv.out} and {npz} ({len(labels)} samples, {sampling.sampler}, "
