@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
@@ -144,13 +145,21 @@ def check_writable(flag: str, path: str, *, directory: bool = False) -> None:
                           f"({e.strerror})") from None
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``warning: ...`` line on stderr (``warnings.showwarning``)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    text = " ".join(str(message).split())
+    print(f"warning: {kind}{text}", file=sys.stderr if file is None else file)
+
+
 def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:
     """Calls ``main(argv)`` (default ``sys.argv[1:]``) for a command line: a :class:`ConfigError`,
     ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError``, or a
     ``jaxdiff.validation.InvalidFileError`` (a file the user gave is corrupt, truncated or of
     another kind: the message names it) is printed to stderr as one ``error: ...`` line and exits
     with status 2; any other exception propagates (with its traceback). The result of ``main`` is
-    not printed and the exit status is 0.
+    not printed and the exit status is 0. Python warnings print as one ``warning: ...`` line
+    each (no source line).
 
     First it switches on JAX's persistent compilation cache (:func:`jaxdiff.compile_cache.enable`:
     ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$JAXDIFF_COMPILATION_CACHE``, else
@@ -162,7 +171,9 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
 
     compile_cache.enable()  # before anything compiles; JAXDIFF_COMPILATION_CACHE=off: no cache
     try:
-        main(list(sys.argv[1:] if argv is None else argv))
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            warnings.showwarning = _show_warning
+            main(list(sys.argv[1:] if argv is None else argv))
     except (ConfigError, IncompatibleCheckpointError, CheckpointError, InvalidFileError) as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)

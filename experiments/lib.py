@@ -30,7 +30,7 @@ from jaxdiff.schedules import BETA_SCHEDULES, Schedule, make_schedule
 from jaxdiff.training import Checkpointer, OptimizerConfig, create_train_state, make_optimizer
 from jaxdiff.sharding import (batch_sharding, check_batch_divisible, make_mesh, replicate,
                               replicated_sharding, shard_batch)
-from jaxdiff.validation import check_bool, check_choice, check_float, check_int
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int, read_json
 
 __all__ = ["IMAGE_SIZE", "DATA_SOURCES", "DDIM_CLIP_FORMS", "Run", "validate_config",
            "validate_seed_and_data", "validate_training", "check_paths", "optimizer",
@@ -465,8 +465,9 @@ class Run(NamedTuple):
 def _read_run_config(path: str) -> ml_collections.ConfigDict:
     """``config.json``; a legacy top-level ``num_classes`` (runs written before the model held
     the only copy) must equal ``model.num_classes`` and is dropped."""
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_json(path)   # not JSON: an InvalidFileError naming the file
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a train_mnist config)")
     legacy = raw.pop("num_classes", None)
     model_classes = raw.get("model", {}).get("num_classes")
     if legacy is not None and legacy != model_classes:
