@@ -6,8 +6,8 @@ Every command line is ``main(argv) -> result`` (``argv`` without the program nam
 :class:`ConfigError`) plus ``cli_main(argv)``, which :func:`run`s ``main`` for ``python -m``: a
 :class:`ConfigError` (or a refused checkpoint resume, or a corrupt input file:
 ``jaxdiff.validation.InvalidFileError``) becomes ``error: <message>`` on stderr and exit status 2,
-without a traceback. An unknown ``--config.<field>`` reads ``--config.sampling.num_stepz: unknown
-config field 'num_stepz' (did you mean 'num_steps'?)``; a ``--config`` file that cannot be loaded
+without a traceback. An unknown ``--config.<field>`` reads ``unknown config field 'num_stepz' (did
+you mean 'num_steps'?) in --config.sampling.num_stepz``; a ``--config`` file that cannot be loaded
 is a :class:`ConfigError` at parse time.
 """
 
@@ -77,8 +77,8 @@ def parse_flags(define: Callable[[flags.FlagValues, list], None], argv: Sequence
 
 def unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
     """The one-line message of config_flags' ``KeyError`` / ``AttributeError`` for an override of
-    a config field that does not exist: ``--config.sampling.num_stepz: unknown config field
-    'num_stepz' (did you mean 'num_steps'?)`` (ml_collections wraps a ``KeyError`` whose text
+    a config field that does not exist: ``unknown config field 'num_stepz' (did you mean
+    'num_steps'?) in --config.sampling.num_stepz`` (ml_collections wraps a ``KeyError`` whose text
     is the quoted name and, on a second line, its suggestion)."""
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
@@ -92,7 +92,7 @@ def unknown_field_message(error: BaseException, argv: Sequence[str]) -> str:
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     named = [o for o in overrides if name in o[len("--config."):].split(".")]
     if named:
-        return f"{named[0]}: {message}"
+        return f"{message} in {named[0]}"
     return f"{message} (overrides given: {', '.join(overrides)})"
 
 
@@ -145,11 +145,10 @@ def check_writable(flag: str, path: str, *, directory: bool = False) -> None:
                           f"({e.strerror})") from None
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one ``warning: ...`` line on stderr (``warnings.showwarning``)."""
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A Python warning as one ``warning: ...`` line (``warnings.formatwarning``)."""
     kind = "" if category is UserWarning else f"{category.__name__}: "
-    text = " ".join(str(message).split())
-    print(f"warning: {kind}{text}", file=sys.stderr if file is None else file)
+    return f"warning: {kind}{' '.join(str(message).split())}\n"
 
 
 def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> None:
@@ -170,14 +169,16 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
     from jaxdiff.validation import InvalidFileError
 
     compile_cache.enable()  # before anything compiles; JAXDIFF_COMPILATION_CACHE=off: no cache
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # what the default warnings.showwarning prints
     try:
-        with warnings.catch_warnings():  # restores showwarning on the way out
-            warnings.showwarning = _show_warning
-            main(list(sys.argv[1:] if argv is None else argv))
+        main(list(sys.argv[1:] if argv is None else argv))
     except (ConfigError, IncompatibleCheckpointError, CheckpointError, InvalidFileError) as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def train_command(argv: Optional[Sequence[str]], *, prog: str, doc: Optional[str],
