@@ -244,3 +244,32 @@ def test_samples_npz_problems_name_the_file_key_and_expectation(tmp_path, capsys
     assert_one_error("eval_mnist", [f"--workdir={tmp_path / 'w'}", "--data_dir=/nonexistent",
                                     f"--samples_npz={cases['nan'][0]}"], capsys,
                      cases["nan"][0], "'images'", "NaN")
+
+
+# --- weights files through a command line -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_corrupt_weights_of_a_model_folder_are_one_line(tmp_path, capsys, monkeypatch):
+    """text_to_image on a diffusers folder whose UNet weights are truncated, a bare tensor in a
+    .bin, or a .bin without torch installed: one line naming the file (was safetensors'
+    "incomplete metadata" with no file name, or torch's "Tensor.__contains__" traceback)."""
+    import torch
+
+    from experiments import text_to_image
+    from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion
+
+    folder = tmp_path / "sd"
+    write_tiny_stable_diffusion(str(folder))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    monkeypatch.setitem(MODULES, "text_to_image", text_to_image)
+    argv = [f"--model={folder}", "--prompt=a cat", "--steps=1", f"--out={tmp_path / 'x.png'}"]
+    assert_one_error("text_to_image", argv, capsys, weights, "not a valid safetensors file",
+                     "download it again")
+    weights.unlink()
+    bare = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save(torch.zeros(3), str(bare))
+    assert_one_error("text_to_image", argv, capsys, bare, "not a state dict")
+    monkeypatch.setitem(sys.modules, "torch", None)   # the base install has no torch
+    assert_one_error("text_to_image", argv, capsys, bare, "pip install torch", ".safetensors")
