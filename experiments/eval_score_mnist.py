@@ -155,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     _check(fv)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = score_mnist.load_run(fv.workdir)
-    check_outputs(fv.workdir, fv.classifier_path)
+    check_outputs(fv.workdir, fv.classifier_path, out_png=fv.out_png)
     key = jax.random.key(fv.seed)
     train = load_mnist_arrays("train", fv.data_dir, workdir=fv.workdir)
     test = load_mnist_arrays("test", fv.data_dir, workdir=fv.workdir)
