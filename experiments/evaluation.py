@@ -124,7 +124,7 @@ def load_samples_npz(path: str, num_classes: int = 10) -> tuple[np.ndarray, np.n
     except Exception as e:  # not a numpy file, truncated, pickled objects
         raise ConfigError(f"{where}: not a readable .npz archive ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]}); {what}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
+    if not hasattr(archive, "files"):   # np.load gives an NpzFile for an .npz
         raise ConfigError(f"{where}: a single .npy array, not an .npz archive; {what}")
     with archive:
         missing = [k for k in ("images", "labels") if k not in archive.files]
