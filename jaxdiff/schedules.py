@@ -28,6 +28,7 @@ __all__ = [
     "BETA_SCHEDULES",
     "make_schedule",
     "schedule_from_betas",
+    "schedule_from_alphas_cumprod",
     "linear_betas",
     "scaled_linear_betas",
     "cosine_betas",
@@ -152,23 +153,22 @@ BETA_SCHEDULES = {
 }
 
 
-def schedule_from_betas(betas) -> Schedule:
-    """Build a :class:`Schedule` from concrete betas ``[T]``.
-
-    Every beta must lie in (0, 1); the last one may equal 1 (a zero-terminal-SNR schedule). Derived
-    quantities are computed in float64 and stored as float32.
-    """
+def _concrete_1d(name: str, values) -> np.ndarray:
     try:
-        betas = np.asarray(betas, dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64)
     except (TypeError, jax.errors.TracerArrayConversionError) as e:
         raise ValueError(
-            "betas must be concrete numbers (a schedule is built on the host, outside jit)"
+            f"{name} must be concrete numbers (a schedule is built on the host, outside jit)"
         ) from e
-    if betas.ndim != 1 or betas.shape[0] < 1:
-        raise ValueError("betas must be a 1-D array with at least one entry, got shape "
-                         f"{betas.shape}")
-    if not np.all(np.isfinite(betas)):
-        raise ValueError("betas must be finite")
+    if values.ndim != 1 or values.shape[0] < 1:
+        raise ValueError(f"{name} must be a 1-D array with at least one entry, got shape "
+                         f"{values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite")
+    return values
+
+
+def _check_betas(betas: np.ndarray) -> None:
     inner_ok = np.all((betas[:-1] > 0) & (betas[:-1] < 1))
     last_ok = 0 < betas[-1] <= 1
     if not (inner_ok and last_ok):
@@ -177,9 +177,69 @@ def schedule_from_betas(betas) -> Schedule:
             "betas must lie in (0, 1) (only the last may equal 1, for zero terminal SNR); "
             f"out of range at indices {bad[:10].tolist()}: {betas[bad[:10]].tolist()}"
         )
+
+
+def schedule_from_betas(betas) -> Schedule:
+    """Build a :class:`Schedule` from concrete betas ``[T]``.
+
+    Every beta must lie in (0, 1); the last one may equal 1 (a zero-terminal-SNR schedule). Derived
+    quantities are computed in float64 and stored as float32.
+    """
+    betas = _concrete_1d("betas", betas)
+    _check_betas(betas)
+    return _schedule(betas, np.cumprod(1.0 - betas))
+
+
+def schedule_from_alphas_cumprod(alphas_cumprod, *, betas=None) -> Schedule:
+    """Build a :class:`Schedule` whose ``alphas_cumprod [T]`` are given, for references that set
+    them directly rather than through the betas.
+
+    diffusers' sigma-space and multistep schedulers (Euler, Euler ancestral, DPM-Solver, UniPC)
+    with ``rescale_betas_zero_snr=True`` keep the rescaled betas (the last one 1) and then set
+    ``alphas_cumprod[-1] = 2**-24`` (a finite last sigma, 4096). The beta that last value implies,
+    ``1 - 2**-24 / abar_{T-2}``, is negative where ``abar_{T-2} < 2**-24`` (linear betas), so such
+    a schedule cannot come from betas: build it with ``betas`` the reference's own (the
+    posterior quantities read them) and ``alphas_cumprod`` its cumulative product.
+
+    Args:
+      alphas_cumprod: ``[T]`` concrete numbers in ``(0, 1]``, except that the last may be 0 (zero
+        terminal SNR); not necessarily decreasing (the zero-SNR floor above can exceed
+        ``abar_{T-2}``).
+      betas: ``[T]`` the betas to store (as :func:`schedule_from_betas` checks them); by default
+        those implied, ``1 - abar_t / abar_{t-1}`` (``abar_{-1} = 1``), which must then be valid.
+
+    Returns:
+      A :class:`Schedule`: ``alphas_cumprod`` and everything computed from it (``sqrt_*``,
+      ``log_one_minus_alphas_cumprod``, ``alphas_cumprod_prev``) from the given values, ``betas``
+      and ``alphas = 1 - betas`` as given, the posterior quantities from both. Float64 on the
+      host, stored as float32.
+
+    Raises:
+      ValueError: naming the argument for values that are not concrete, finite, 1-D or in range,
+        or ``betas`` of another length.
+    """
+    acp = _concrete_1d("alphas_cumprod", alphas_cumprod)
+    if not (np.all((acp[:-1] > 0) & (acp[:-1] <= 1)) and 0 <= acp[-1] <= 1):
+        bad = np.flatnonzero(~((acp > 0) & (acp <= 1)))
+        raise ValueError(
+            "alphas_cumprod must lie in (0, 1] (only the last may be 0, for zero terminal SNR); "
+            f"out of range at indices {bad[:10].tolist()}: {acp[bad[:10]].tolist()}"
+        )
+    if betas is None:
+        betas = 1.0 - acp / np.concatenate([[1.0], acp[:-1]])
+    else:
+        betas = _concrete_1d("betas", betas)
+        if betas.shape != acp.shape:
+            raise ValueError(f"betas must have alphas_cumprod's shape {acp.shape}, got "
+                             f"{betas.shape}")
+    _check_betas(betas)
+    return _schedule(betas, acp)
+
+
+def _schedule(betas: np.ndarray, acp: np.ndarray) -> Schedule:
+    """The :class:`Schedule` of float64 ``betas`` and ``alphas_cumprod`` (checked by the caller)."""
     T = betas.shape[0]
     alphas = 1.0 - betas
-    acp = np.cumprod(alphas)
     acp_prev = np.concatenate([[1.0], acp[:-1]])
     with np.errstate(divide="ignore"):
         # For a zero-terminal-SNR schedule acp[-1] == 0: the reciprocals are inf there, as they

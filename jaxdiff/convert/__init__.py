@@ -3,7 +3,9 @@
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
     sampler_from_diffusers_config,
+    sampler_options_from_diffusers_config,
     schedule_from_diffusers_config,
+    scheduler_classes,
 )
 from jaxdiff.convert.diffusers_unet import convert_unet_state_dict, from_diffusers
 from jaxdiff.convert.diffusers_vae import (
@@ -52,9 +54,11 @@ __all__ = [
     "load_torch_state_dict",
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
+    "sampler_options_from_diffusers_config",
     "save_safetensors",
     "scheduler_to_diffusers",
     "schedule_from_diffusers_config",
+    "scheduler_classes",
     "to_numpy",
     "torch_key",
     "torch_to_flax",

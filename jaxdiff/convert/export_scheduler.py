@@ -6,10 +6,12 @@ reverse of :func:`~jaxdiff.convert.sampler_from_diffusers_config`.
     >>> config["_class_name"], config["beta_schedule"], config["prediction_type"]
     ('DDIMScheduler', 'squaredcos_cap_v2', 'v_prediction')
 
-The scheduler class is the one that
-:data:`~jaxdiff.convert.diffusers_scheduler.SCHEDULER_CLASSES` maps onto the sampler (``ddim`` ->
-``DDIMScheduler``, ``euler_ancestral`` -> ``EulerAncestralDiscreteScheduler``, ``dpm_solver`` and
-the ``dpmpp_*`` presets -> ``DPMSolverMultistepScheduler``, ...). The result is read back with
+The scheduler class is the sampler's declared diffusers twin (``sampler.spec.diffusers``:
+``ddim`` -> ``DDIMScheduler``, ``euler_ancestral`` -> ``EulerAncestralDiscreteScheduler``,
+``dpm_solver`` and the ``dpmpp_*`` presets -> ``DPMSolverMultistepScheduler``, ...); a sampler
+without one is refused, naming it. Each option becomes the config entries
+:func:`~jaxdiff.samplers.diffusers_names.config_entries` gives, where they are keys of the class's
+config. The result is read back with
 :func:`~jaxdiff.convert.sampler_from_diffusers_config` and
 :func:`~jaxdiff.convert.schedule_from_diffusers_config` and must give the same sampler (function
 and every option, defaults included) and the same schedule: an option or schedule the diffusers
@@ -26,26 +28,19 @@ from typing import Any
 import numpy as np
 
 from jaxdiff.convert.diffusers_scheduler import (
-    SCHEDULER_CLASSES,
     sampler_from_diffusers_config,
     schedule_from_diffusers_config,
 )
 from jaxdiff.convert.export_diffusers import DIFFUSERS_VERSION
-from jaxdiff.samplers.registry import SAMPLERS, Sampler, get_sampler, sampler_options
+from jaxdiff.samplers.diffusers_names import (
+    BETA_SCHEDULE_TO_DIFFUSERS,
+    PREDICTION_TO_DIFFUSERS,
+    config_entries,
+)
+from jaxdiff.samplers.registry import Sampler, diffusers_twins, get_sampler
 from jaxdiff.schedules import BETA_SCHEDULES, Schedule, make_schedule, schedule_from_betas
 
 __all__ = ["scheduler_to_diffusers"]
-
-_BETA_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear",
-               "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
-_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-_SIGMA_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas",
-                "beta": "use_beta_sigmas", "lu": "use_lu_lambdas"}
-# Options that are a config key of the same name and value.
-_SAME = ("steps_offset", "set_alpha_to_one", "variance_type", "final_sigmas_type", "sigma_min",
-         "sigma_max", "solver_order", "solver_type", "predict_x0", "lower_order_final",
-         "algorithm_type", "euler_at_final", "lambda_min_clipped", "original_inference_steps",
-         "timestep_scaling")
 
 _HINTS = {
     "eta": "diffusers takes DDIM's eta at call time: pipe(..., eta=...)",
@@ -54,42 +49,22 @@ _HINTS = {
 }
 
 
-def _option_entries(option: str, value: Any) -> dict[str, Any]:
-    """The config entries that express one sampler option (empty: no config key does)."""
-    if option == "prediction_type":
-        return {"prediction_type": _PREDICTION.get(value, value)}
-    if option == "spacing":
-        return {"timestep_spacing": value}
-    if option == "clip_x0":
-        return ({"clip_sample": False} if value is None
-                else {"clip_sample": True, "clip_sample_range": float(value)})
-    if option == "sigma_schedule":
-        return {flag: value == name for name, flag in _SIGMA_FLAGS.items()}
-    if option == "disable_corrector":
-        return {"disable_corrector": list(value or ())}
-    if option in _SAME:
-        return {option: value}
-    return {}
-
-
 def _effective(sampler: Sampler) -> dict[str, Any]:
-    """Every option of the sampler's function, given or default; prediction types normalised."""
-    base = next(n for n, (fn, _) in SAMPLERS.items() if fn is sampler.fn)
-    params = inspect.signature(sampler.fn).parameters
-    out = {k: params[k].default for k in sampler_options(base)}
-    out.update(sampler.options)
+    """Every option of the sampler, given or default; prediction types in diffusers' names."""
+    out = sampler.effective_options
     if "prediction_type" in out:
-        out["prediction_type"] = _PREDICTION.get(out["prediction_type"], out["prediction_type"])
+        p = out["prediction_type"]
+        out["prediction_type"] = PREDICTION_TO_DIFFUSERS.get(p, p)
     return out
 
 
 def _schedule_entries(schedule, num_timesteps: int, rescale: bool, kwargs: dict):
     """``(config entries, the jaxdiff Schedule they must reproduce, exact?)``."""
     if isinstance(schedule, str):
-        if schedule not in _BETA_NAMES:
-            raise ValueError(f"schedule must be one of {sorted(_BETA_NAMES)} (or betas), got "
-                             f"{schedule!r}")
-        fn = BETA_SCHEDULES[schedule]
+        if schedule not in BETA_SCHEDULE_TO_DIFFUSERS:
+            raise ValueError(f"schedule must be one of {sorted(BETA_SCHEDULE_TO_DIFFUSERS)} (or "
+                             f"betas), got {schedule!r}")
+        fn = BETA_SCHEDULES[schedule]  # (the beta functions' keywords, not a sampler's)
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                     if p.default is not inspect.Parameter.empty}
         unknown = sorted(set(kwargs) - set(defaults))
@@ -97,8 +72,8 @@ def _schedule_entries(schedule, num_timesteps: int, rescale: bool, kwargs: dict)
             raise ValueError(f"schedule {schedule!r} takes {sorted(defaults)}, got {unknown}")
         c = {**defaults, **kwargs}
         entries: dict[str, Any] = dict(num_train_timesteps=num_timesteps,
-                                       beta_schedule=_BETA_NAMES[schedule], trained_betas=None,
-                                       rescale_betas_zero_snr=rescale)
+                                       beta_schedule=BETA_SCHEDULE_TO_DIFFUSERS[schedule],
+                                       trained_betas=None, rescale_betas_zero_snr=rescale)
         if schedule == "cosine":  # diffusers' squaredcos_cap_v2 fixes s and max_beta
             for key in ("s", "max_beta"):
                 if c[key] != defaults[key]:
@@ -162,38 +137,37 @@ def scheduler_to_diffusers(
         sampler = get_sampler(sampler)
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a Sampler or a registered name, got {sampler!r}")
-    base = next((n for n, (fn, _) in SAMPLERS.items() if fn is sampler.fn), None)
-    classes = [c for c, spec in SCHEDULER_CLASSES.items() if spec.sampler == base]
-    if not classes:
-        have = sorted({s.sampler for s in SCHEDULER_CLASSES.values()})
+    twin = sampler.spec.diffusers
+    if twin is None:
+        have = sorted(s.name for s in diffusers_twins().values())
         raise ValueError(f"sampler {sampler.name!r} has no diffusers scheduler class (those with "
                          f"one: {have})")
-    cls = classes[0]
-    spec = SCHEDULER_CLASSES[cls]
+    cls = twin.class_name
     entries, target, exact = _schedule_entries(schedule, num_timesteps,
                                                rescale_to_zero_terminal_snr, schedule_kwargs)
     config: dict[str, Any] = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
-                              **{k: v for k, v in spec.defaults.items()}, **entries}
-    for option, value in _effective(sampler).items():
-        for key, v in _option_entries(option, value).items():
-            if key in spec.defaults:
+                              **twin.defaults, **entries}
+    for option, value in sampler.effective_options.items():
+        for key, v in config_entries(option, value).items():
+            if key in twin.defaults:
                 config[key] = v
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
-    # The round trip: the same sampler function and options, the same schedule.
-    given, back = _effective(sampler), _effective(sampler_from_diffusers_config(config))
+    # The round trip: the same sampler (spec) and options, the same schedule.
+    loaded = sampler_from_diffusers_config(config)
+    if loaded.spec is not sampler.spec:
+        raise ValueError(f"sampler {sampler.name!r}: {cls} loads back as sampler "
+                         f"{loaded.name!r} (another sampler registered as its twin)")
+    given, back = _effective(sampler), _effective(loaded)
     bad = [f"{k}={given[k]!r} (loads as {back.get(k)!r})" for k in given
            if not _same_value(given[k], back.get(k))]
     if bad:
         hints = [_HINTS[k] for k in given if k in _HINTS and not _same_value(given[k], back.get(k))]
         raise ValueError(f"sampler {sampler.name!r}: {cls}'s config cannot express " +
                          "; ".join(bad) + "".join(f" ({h})" for h in hints))
-    try:
-        b = np.asarray(schedule_from_diffusers_config(config).alphas_cumprod)
-    except ValueError:  # e.g. a zero-SNR floor the schedule cannot take
-        b = None
+    b = np.asarray(schedule_from_diffusers_config(config).alphas_cumprod)
     a = np.asarray(target.alphas_cumprod)
-    same = b is not None and a.shape == b.shape and (
+    same = a.shape == b.shape and (
         np.array_equal(a, b) if exact else np.allclose(a, b, rtol=1e-6, atol=0))
     if not same:
         what = ("rescale_to_zero_terminal_snr=True" if rescale_to_zero_terminal_snr

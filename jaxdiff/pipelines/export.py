@@ -29,8 +29,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxdiff.convert.diffusers_scheduler import (
-    SCHEDULER_CLASSES,
     sampler_from_diffusers_config,
+    scheduler_classes,
+    scheduler_spec,
 )
 from jaxdiff.convert.export_diffusers import (
     DIFFUSERS_VERSION,
@@ -99,7 +100,7 @@ def _as_the_pipeline_loads_it(config: dict) -> dict:
     1`` or ``clip_sample=True`` (to 1 and False). Where that would change the sampler, raise;
     where it cannot (no "leading" spacing), write ``steps_offset=1`` (no rewrite, no warning)."""
     cls = config["_class_name"]
-    c = {**SCHEDULER_CLASSES[cls].defaults, **config}
+    c = {**scheduler_spec(config).diffusers.defaults, **config}
     if c.get("clip_sample") is True:
         raise ValueError(f"sampler option clip_x0={c.get('clip_sample_range')!r}: "
                          "StableDiffusionPipeline sets the scheduler's clip_sample to False when "
@@ -276,9 +277,9 @@ def export_stable_diffusion(
     if not isinstance(sd, StableDiffusion):
         raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
     name = sd.scheduler_config.get("_class_name")
-    if name not in SCHEDULER_CLASSES:
+    if name not in scheduler_classes():
         raise ValueError(f"sd.scheduler_config: _class_name {name!r} is not one of "
-                         f"{sorted(SCHEDULER_CLASSES)}")
+                         f"{list(scheduler_classes())}")
     return save_stable_diffusion(
         path, unet_params=sd.params["unet"], unet_config=sd.unet_config,
         vae_params=sd.params["vae"], vae_config=sd.vae_config,

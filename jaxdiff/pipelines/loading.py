@@ -28,9 +28,9 @@ from flax import struct
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
-    SCHEDULER_CLASSES,
     sampler_from_diffusers_config,
     schedule_from_diffusers_config,
+    scheduler_classes,
 )
 from jaxdiff.convert.diffusers_unet import convert_unet_state_dict
 from jaxdiff.convert.diffusers_vae import convert_vae_state_dict, vae_config_from_diffusers
@@ -42,6 +42,7 @@ from jaxdiff.convert.transformers_clip import (
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
 from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import Schedule
 from jaxdiff.text.tokenizer import CLIPTokenizer
@@ -229,15 +230,16 @@ def load_stable_diffusion(
     sched_raw = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"),
                            "scheduler")
     sched_cls = sched_raw.get("_class_name")
-    if sampler is None and sched_cls not in SCHEDULER_CLASSES:
+    known = scheduler_classes()
+    if sampler is None and sched_cls not in known:
         raise ValueError(
             f"scheduler/scheduler_config.json: {sched_cls} has no jaxdiff sampler (supported: "
-            f"{sorted(SCHEDULER_CLASSES)}); pass sampler= (e.g. 'ddim' or 'dpmpp_2m') to use its "
+            f"{list(known)}); pass sampler= (e.g. 'ddim' or 'dpmpp_2m') to use its "
             "training schedule with a jaxdiff sampler"
         )
     if sampler_options and sampler is None:
         raise ValueError("sampler_options given without sampler")
-    if sched_cls in SCHEDULER_CLASSES:
+    if sched_cls in known:
         schedule = schedule_from_diffusers_config(sched_raw)
     else:  # only the training schedule's keys are read (as a DDIMScheduler would read them)
         schedule = schedule_from_diffusers_config({**sched_raw, "_class_name": "DDIMScheduler"})
@@ -288,16 +290,13 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp)
 
 
-_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-
-
 def choose_sampler(name: str, options: Mapping[str, Any] | None,
                    scheduler_config: Mapping[str, Any]) -> Sampler:
     """``get_sampler(name, **options)`` with the scheduler config's ``prediction_type`` unless
     ``options`` sets one (every registered sampler takes ``prediction_type``)."""
     options = dict(options or {})
     pred = scheduler_config.get("prediction_type", "epsilon")
-    options.setdefault("prediction_type", _PREDICTION.get(pred, pred))
+    options.setdefault("prediction_type", PREDICTION_FROM_DIFFUSERS.get(pred, pred))
     return get_sampler(name, **options)
 
 

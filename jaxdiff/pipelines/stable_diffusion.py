@@ -2,10 +2,10 @@
 
 Tokenisation runs on the host; text encoding, the whole denoising ``lax.scan`` (classifier-free
 guidance as one batched UNet call per step) and the VAE decode run in one ``jax.jit``, compiled
-once per (image size, steps, sampler, batch size, guidance on/off, img2img start step, or LCM's
-img2img strength): prompts, seeds, guidance scales and initial latents change without
-recompiling. The batch is sharded over a device mesh's ``data`` axis
-(:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the device count.
+once per (image size, steps, sampler, batch size, guidance on/off, img2img strength): prompts,
+seeds, guidance scales and initial latents change without recompiling. The batch is sharded over
+a device mesh's ``data`` axis (:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the
+device count.
 
     sd = load_stable_diffusion("path/to/stable-diffusion-v1-5")
     out = generate(sd, "a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)
@@ -16,7 +16,7 @@ initial latents and noise: negative prompts default to ``""``; guidance is on if
 ``guidance_scale > 1``; ``guidance_rescale`` as ``rescale_noise_cfg``; images are
 ``clip(decode / 2 + 0.5, 0, 1)``. Image-to-image with the LCM sampler follows
 ``LatentConsistencyModelImg2ImgPipeline`` instead (its grid depends on ``strength``, all steps run:
-:func:`~jaxdiff.samplers.img2img_kwargs`); that pipeline's guidance-scale embedding
+:mod:`jaxdiff.samplers.img2img`); that pipeline's guidance-scale embedding
 (``time_cond_proj_dim``) is not supported, so guidance is classifier-free as above (LCM-LoRA
 style): with ``guidance_scale <= 1`` the two match on a UNet without that embedding.
 """
@@ -39,7 +39,7 @@ from jaxdiff.models.clip_text import CLIPTextModel
 from jaxdiff.models.unet import UNet
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.samplers.guidance import classifier_free_guidance
-from jaxdiff.samplers.img2img import img2img_kwargs, noise_to_img2img
+from jaxdiff.samplers.img2img import check_strength, noise_to_img2img
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
 from jaxdiff.validation import check_float, check_int
@@ -240,7 +240,7 @@ def generate(
       image: image-to-image source, ``[B, H, W, 3]`` (or ``[H, W, 3]``) uint8, or float in
         ``[0, 1]``; a batch of one is repeated over the prompts.
       strength: image-to-image strength in ``(0, 1]``
-        (:func:`~jaxdiff.samplers.img2img_kwargs`: :func:`~jaxdiff.samplers.strength_start_step`;
+        (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
         for LCM ``int(original_inference_steps * strength) >= N``).
       sample_posterior: image-to-image encodes with a sample of the VAE posterior (as diffusers
         does) or, if False, with its mean.
@@ -324,7 +324,7 @@ def generate(
             raise ValueError(f"height, width ({height}, {width}) differ from the image's size "
                              f"{image.shape[1:3]}")
         height, width = image.shape[1:3]
-        img2img = img2img_kwargs(sampler, sd.schedule, steps, strength)
+        img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
     default = sd.sample_size * sd.vae_scale_factor
     height = check_int("height", default if height is None else height, 8)
     width = check_int("width", default if width is None else width, 8)

@@ -1,4 +1,4 @@
-"""Samplers: one contract for all of them, one scan driver, one registry.
+"""Samplers: one contract for all of them, one scan driver, one declared spec each, one registry.
 
 The contract. Each sampler family ``NAME`` (one file) provides
 
@@ -11,34 +11,42 @@ The contract. Each sampler family ``NAME`` (one file) provides
   pred_x0)``, e.g. :class:`DPMSolverState`). A step that adds noise takes it as an argument
   (``[B, ...]`` standard normal) and raises if it is ``None``; a deterministic step (DDIM with
   ``eta = 0``) accepts ``None``;
-- ``NAME_sample(model_fn, schedule, x_T, key, *, num_steps, ..., noise=None,
-  return_trajectory=False)``: the whole trajectory as one ``lax.scan`` on the shared driver
-  (:mod:`jaxdiff.samplers.driver`). ``model_fn(x [B, ...], t [B] int32) -> [B, ...]``; ``x_T`` is
-  carried in at least float32; ``key`` is required by stochastic samplers (step ``i`` draws from
-  ``fold_in(key, i)``) unless ``noise [num_steps, B, ...]`` is given, and may be ``None`` for
-  deterministic ones; with ``return_trajectory`` the result is ``(x_0, xs [N + 1, B, ...],
-  pred_x0s [N, B, ...])``.
+- ``NAME_sample(model_fn, schedule, x_T, key, *, num_steps, **options, noise=None,
+  return_trajectory=False, strength=1.0)``: the whole trajectory as one ``lax.scan`` on the
+  shared driver (:mod:`jaxdiff.samplers.driver`). ``model_fn(x [B, ...], t [B] int32) -> [B,
+  ...]``; ``x_T`` is carried in at least float32; ``key`` is required by stochastic samplers (step
+  ``i`` draws from ``fold_in(key, i)``) unless ``noise [M, B, ...]`` is given (``M`` the steps
+  that run), and may be ``None`` for deterministic ones, which accept ``noise`` too
+  (shape-checked, unused); ``strength`` in ``(0, 1]`` is image-to-image, 1 text-to-image
+  (:mod:`jaxdiff.samplers.img2img`); with ``return_trajectory`` the result is ``(x_0, xs [M + 1,
+  B, ...], pred_x0s [M, B, ...])``;
+- at its bottom, the sampler's :class:`SamplerSpec` (:mod:`jaxdiff.samplers.spec`): its name,
+  sample and grid functions, options with their defaults, noise space, whether it is stochastic,
+  its image-to-image mode, presets and diffusers twin. The registry
+  (:mod:`jaxdiff.samplers.registry`: :func:`get_sampler`, :func:`sampler_names`; "one file plus
+  one line" adds a sampler), image-to-image and the diffusers scheduler import / export
+  (:mod:`jaxdiff.convert`) read the specs and nothing else.
 
 The sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2: :mod:`jaxdiff.samplers.euler`)
 take a STANDARD NORMAL ``x_T`` (scaled by ``init_noise_sigma`` inside) and call ``model_fn`` at
 fractional float32 timesteps; the two-stage steps (:func:`heun_step`, :func:`kdpm2_step`) take
 ``model_fn`` itself and make both model calls within one scan step.
 
-Every sampler is reachable by name through :func:`get_sampler` (the registry), which the
-experiments' ``--sampler`` flags use; the exception is EDM (:func:`edm_sample`), whose
-raw-network model contract and sigma grid have no ``Schedule`` (see :mod:`jaxdiff.samplers.edm`).
-Image-to-image: every registered sampler but LCM (DDIM, DDPM, DPM-Solver, UniPC, Euler, Euler
-ancestral, Heun, KDPM2 and their presets) takes ``start_step=s`` (a call
-argument, also through :class:`Sampler`) and runs only steps ``s .. N - 1`` of its grid, from a
-sample noised to step ``s`` (:mod:`jaxdiff.samplers.img2img`: ``strength_start_step``,
-``noise_to_start``); LCM takes ``strength`` instead (its grid depends on it, as in diffusers'
-``LatentConsistencyModelImg2ImgPipeline``). ``img2img_kwargs`` / ``noise_to_img2img`` serve
-all of them (``IMG2IMG_SAMPLERS``).
+Image-to-image is the same two calls for every registered sampler::
+
+    x = noise_to_img2img(sampler, schedule, N, x0, noise, strength)
+    out = sampler(model_fn, schedule, x, key, num_steps=N, strength=strength)
+
+EDM (:func:`edm_sample`, :mod:`jaxdiff.samplers.edm`) is a separate family, not in the registry:
+its model is the raw EDM network (float ``c_noise``, preconditioned inputs) and it has no
+``Schedule``, so a registry entry would feed the discrete-time models that every registry user
+passes the wrong inputs. It shares the driver and the churn options' names (``s_churn``, ...).
 Classifier-free guidance is a model-function transform (:func:`classifier_free_guidance`) that
 works with every sampler.
 """
 
 from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
+from jaxdiff.samplers.driver import strength_start_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
 from jaxdiff.samplers.dpm_solver import (
     DPM_ALGORITHM_TYPES,
@@ -47,7 +55,6 @@ from jaxdiff.samplers.dpm_solver import (
     SOLVER_TYPES,
     DPMSolverState,
     dpm_solver_init,
-    dpm_solver_options_from_diffusers,
     dpm_solver_sample,
     dpm_solver_step,
     dpm_solver_timesteps,
@@ -72,12 +79,10 @@ from jaxdiff.samplers.euler import (
 from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
 from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
 from jaxdiff.samplers.img2img import (
-    IMG2IMG_SAMPLERS,
-    img2img_kwargs,
+    check_strength,
+    img2img_start_step,
     noise_to_img2img,
-    noise_to_start,
     sampler_grid,
-    strength_start_step,
 )
 from jaxdiff.samplers.kdpm2 import (
     KDPM2Grid,
@@ -94,12 +99,18 @@ from jaxdiff.samplers.lcm import (
     lcm_timesteps,
 )
 from jaxdiff.samplers.registry import (
-    SAMPLERS,
+    SAMPLER_MODULES,
     Sampler,
+    diffusers_twins,
     get_sampler,
+    register_sampler,
     sampler_names,
     sampler_options,
+    sampler_spec,
+    sampler_specs,
+    unregister_sampler,
 )
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import SPACINGS, Grid, ddim_timesteps, ddpm_timesteps
 from jaxdiff.samplers.unipc import (
     UNIPC_SOLVER_TYPES,
@@ -122,10 +133,9 @@ __all__ = [
     "heun_sample",
     "heun_step",
     "heun_timesteps",
-    "IMG2IMG_SAMPLERS",
-    "img2img_kwargs",
+    "check_strength",
+    "img2img_start_step",
     "noise_to_img2img",
-    "noise_to_start",
     "sampler_grid",
     "strength_start_step",
     "KDPM2Grid",
@@ -139,8 +149,10 @@ __all__ = [
     "EDM_SIGMA_SCHEDULES",
     "EDM_SOLVERS",
     "FINAL_SIGMAS_TYPES",
+    "DiffusersTwin",
     "Grid",
-    "SAMPLERS",
+    "SAMPLER_MODULES",
+    "SamplerSpec",
     "SOLVER_TYPES",
     "SPACINGS",
     "Sampler",
@@ -154,8 +166,8 @@ __all__ = [
     "ddpm_sample",
     "ddpm_step",
     "ddpm_timesteps",
+    "diffusers_twins",
     "dpm_solver_init",
-    "dpm_solver_options_from_diffusers",
     "dpm_solver_sample",
     "dpm_solver_step",
     "dpm_solver_timesteps",
@@ -169,9 +181,13 @@ __all__ = [
     "lcm_scalings",
     "lcm_step",
     "lcm_timesteps",
+    "register_sampler",
     "rescale_guidance",
     "sampler_names",
     "sampler_options",
+    "sampler_spec",
+    "sampler_specs",
+    "unregister_sampler",
     "UNIPC_SOLVER_TYPES",
     "UniPCState",
     "unipc_init",

@@ -23,13 +23,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
-from jaxdiff.samplers.timesteps import ddim_timesteps, gather
+from jaxdiff.samplers.diffusers_names import (
+    THRESHOLD_KEYS,
+    clip_option,
+    config_key,
+    prediction_option,
+)
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
+from jaxdiff.samplers.timesteps import Grid, ddim_timesteps, gather
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_bool, check_clip, check_float, check_timestep, concrete
 
-__all__ = ["ddim_step", "ddim_sample", "check_eta"]
+__all__ = ["ddim_step", "ddim_sample", "check_eta", "DDIM", "SPECS"]
 
 
 def check_eta(eta) -> float | jax.Array:
@@ -139,7 +146,7 @@ def ddim_sample(
     use_clipped_model_output: bool = False,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with DDIM in one ``lax.scan`` over ``num_steps`` timesteps.
 
@@ -153,20 +160,22 @@ def ddim_sample(
       eta: a concrete float in ``[0, 1]``.
       spacing, steps_offset: the timestep grid (:func:`ddim_timesteps`).
       set_alpha_to_one, prediction_type, clip_x0, use_clipped_model_output: see :func:`ddim_step`.
-      noise: optional ``[num_steps, B, ...]`` pre-drawn noise used instead of drawing from ``key``
-        (``[num_steps - start_step, B, ...]`` with ``start_step``).
+      noise: optional ``[M, B, ...]`` pre-drawn noise used instead of drawing from ``key``, ``M``
+        the steps that run (``num_steps`` unless ``strength < 1``); shape-checked and unused when
+        ``eta = 0``.
       return_trajectory: also return the path.
-      start_step: run the grid's steps ``start_step .. num_steps - 1`` only, from ``x_T`` noised
-        to ``timesteps[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`).
+      strength: image-to-image strength in ``(0, 1]``: run the last ``int(num_steps *
+        strength)`` steps of the grid only, from ``x_T`` noised to the first of them
+        (:func:`jaxdiff.samplers.noise_to_img2img`); 1 (the default) is text-to-image.
 
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
-      where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
-      [num_steps, B, ...]`` every step's predicted ``x0``.
+      where ``xs: [M + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:
+      [M, B, ...]`` every step's predicted ``x0``.
 
     Raises:
-      ValueError: naming the argument, for a bad grid, ``eta`` outside ``[0, 1]``, a missing key,
-        a mis-shaped ``noise`` or model output.
+      ValueError: naming the argument, for a bad grid, ``eta`` outside ``[0, 1]``, a
+        ``strength`` keeping no step, a missing key, a mis-shaped ``noise`` or model output.
     """
     prediction_type = canonical_prediction_type(prediction_type)
     eta = check_float("eta", eta, minimum=0.0, maximum=1.0)
@@ -174,6 +183,7 @@ def ddim_sample(
     set_alpha_to_one = check_bool("set_alpha_to_one", set_alpha_to_one)
     use_clipped_model_output = check_bool("use_clipped_model_output", use_clipped_model_output)
     grid = ddim_timesteps(schedule, num_steps, spacing, steps_offset)
+    start = strength_start_step(num_steps, strength)
     x_T = prepare_x_T(x_T)
     model = checked_model(model_fn, x_T.shape)
     ts, ts_prev = jnp.asarray(grid.timesteps), jnp.asarray(grid.prev_timesteps)
@@ -188,4 +198,33 @@ def ddim_sample(
         return state, x_prev, pred_x0
 
     return run_scan(body, None, x_T, key, len(ts), stochastic=eta > 0, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start_step)
+                    return_trajectory=return_trajectory, start_step=start)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "leading",
+          steps_offset: int = 0, **_) -> Grid:
+    return ddim_timesteps(schedule, num_steps, spacing, steps_offset)
+
+
+DDIM = SamplerSpec(
+    name="ddim",
+    sample=ddim_sample,
+    grid=_grid,
+    options=dict(eta=0.0, spacing="leading", steps_offset=0, set_alpha_to_one=True,
+                 prediction_type="eps", clip_x0=None, use_clipped_model_output=False),
+    noise_space="alphas_cumprod",
+    stochastic=lambda o: float(o["eta"]) > 0,
+    diffusers=DiffusersTwin(
+        "DDIMScheduler",
+        defaults=dict(clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                      prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, clip_sample_range=1.0,
+                      sample_max_value=1.0, timestep_spacing="leading"),
+        options=dict(clip_x0=clip_option, set_alpha_to_one=config_key("set_alpha_to_one"),
+                     steps_offset=config_key("steps_offset"),
+                     spacing=config_key("timestep_spacing"), prediction_type=prediction_option),
+        must_be=dict(thresholding=(False,)),
+        no_effect=THRESHOLD_KEYS,
+    ),
+)
+SPECS = (DDIM,)

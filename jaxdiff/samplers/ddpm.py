@@ -31,13 +31,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
-from jaxdiff.samplers.timesteps import ddpm_timesteps, gather
+from jaxdiff.samplers.diffusers_names import (
+    THRESHOLD_KEYS,
+    clip_option,
+    config_key,
+    prediction_option,
+)
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
+from jaxdiff.samplers.timesteps import Grid, ddpm_timesteps, gather
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_bool, check_choice, check_clip, check_timestep
 
-__all__ = ["VARIANCE_TYPES", "ddpm_posterior", "ddpm_step", "ddpm_sample"]
+__all__ = ["VARIANCE_TYPES", "ddpm_posterior", "ddpm_step", "ddpm_sample", "DDPM", "SPECS"]
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 _LEARNED = ("learned", "learned_range")
@@ -199,7 +206,7 @@ def ddpm_sample(
     noise: jax.Array | None = None,
     final_noise: bool = True,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Ancestral DDPM sampling in one ``lax.scan`` (1,000 steps are one XLA computation).
 
@@ -214,24 +221,25 @@ def ddpm_sample(
         see :func:`ddpm_timesteps`); ``num_steps = T`` is the full ancestral chain.
       spacing, steps_offset: the timestep grid.
       variance_type, prediction_type, clip_x0: see :func:`ddpm_step`.
-      noise: optional ``[num_steps, B, ..., C]`` pre-drawn noise, used instead of drawing from
-        ``key`` (``[num_steps - start_step, B, ...]`` with ``start_step``).
+      noise: optional ``[M, B, ..., C]`` pre-drawn noise, used instead of drawing from ``key``,
+        ``M`` the steps that run (``num_steps`` unless ``strength < 1``).
       final_noise: ``True`` (the default, as diffusers): the last step adds ``std * noise`` when
         its ``t > 0``, which happens with ``spacing="trailing"`` or ``steps_offset >= 1`` (the
         grid then ends above 0), so the returned sample is not the mean. ``False``: the last step
         (``t_prev = -1``) returns the mean. The default grids end at ``t = 0``: no difference.
       return_trajectory: also return the path.
-      start_step: run the grid's steps ``start_step .. num_steps - 1`` only, from ``x_T`` noised
-        to ``timesteps[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`).
+      strength: image-to-image strength in ``(0, 1]``: run the last ``int(num_steps *
+        strength)`` steps of the grid only, from ``x_T`` noised to the first of them
+        (:func:`jaxdiff.samplers.noise_to_img2img`); 1 (the default) is text-to-image.
 
     Returns:
       ``x_0: [B, ..., C]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs,
-      pred_x0s)`` where ``xs: [num_steps + 1, B, ...]`` holds ``x_T`` then every step's output
-      and ``pred_x0s: [num_steps, B, ...]`` every step's predicted ``x0``.
+      pred_x0s)`` where ``xs: [M + 1, B, ...]`` holds ``x_T`` then every step's output and
+      ``pred_x0s: [M, B, ...]`` every step's predicted ``x0``.
 
     Raises:
-      ValueError: naming the argument, for a bad grid or option, a missing key, a mis-shaped
-        ``noise`` or model output.
+      ValueError: naming the argument, for a bad grid or option, a ``strength`` keeping no step,
+        a missing key, a mis-shaped ``noise`` or model output.
     """
     prediction_type = canonical_prediction_type(prediction_type)
     variance_type = _check_variance_type(variance_type)
@@ -251,6 +259,35 @@ def ddpm_sample(
         )
         return state, x_prev, pred_x0
 
-    start = check_start_step(start_step, len(ts))
+    start = strength_start_step(num_steps, strength)
     return run_scan(body, None, x_T, key, len(ts), stochastic=True, noise=noise,
                     return_trajectory=return_trajectory, start_step=start)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "leading",
+          steps_offset: int = 0, **_) -> Grid:
+    return ddpm_timesteps(schedule, num_steps, spacing, steps_offset)
+
+
+DDPM = SamplerSpec(
+    name="ddpm",
+    sample=ddpm_sample,
+    grid=_grid,
+    options=dict(spacing="leading", steps_offset=0, variance_type="fixed_small",
+                 prediction_type="eps", clip_x0=None, final_noise=True),
+    noise_space="alphas_cumprod",
+    stochastic=lambda o: True,
+    diffusers=DiffusersTwin(
+        "DDPMScheduler",
+        defaults=dict(variance_type="fixed_small", clip_sample=True, prediction_type="epsilon",
+                      thresholding=False, dynamic_thresholding_ratio=0.995,
+                      clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
+                      steps_offset=0),
+        options=dict(clip_x0=clip_option, variance_type=config_key("variance_type"),
+                     steps_offset=config_key("steps_offset"),
+                     spacing=config_key("timestep_spacing"), prediction_type=prediction_option),
+        must_be=dict(thresholding=(False,)),
+        no_effect=THRESHOLD_KEYS,
+    ),
+)
+SPECS = (DDPM,)

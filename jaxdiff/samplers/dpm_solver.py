@@ -19,20 +19,33 @@ third-order one (DPM-Solver++(3M)) also uses the step before that. The SDE form
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`dpm_solver_timesteps`
 (the grid), :func:`dpm_solver_step` (one update; the multistep history lives in an explicit
 :class:`DPMSolverState`, created by :func:`dpm_solver_init`) and :func:`dpm_solver_sample` (one
-``lax.scan``). :func:`dpm_solver_options_from_diffusers` maps a diffusers scheduler config to
-:func:`dpm_solver_sample`'s options.
+``lax.scan``). :data:`DPM_SOLVER` declares it (with the ``dpmpp_*`` presets and its diffusers
+twin, ``DPMSolverMultistepScheduler``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.diffusers_names import (
+    THRESHOLD_KEYS,
+    config_key,
+    prediction_option,
+    sigma_schedule_option,
+)
+from jaxdiff.samplers.driver import (
+    check_start_step,
+    checked_model,
+    prepare_x_T,
+    run_scan,
+    strength_start_step,
+)
 from jaxdiff.samplers.sigmas import (
     beta_sigmas,
     exponential_sigmas,
@@ -40,6 +53,7 @@ from jaxdiff.samplers.sigmas import (
     sigma_to_t,
     train_sigmas,
 )
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import SPACINGS, Grid
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
@@ -62,7 +76,8 @@ __all__ = [
     "dpm_solver_init",
     "dpm_solver_step",
     "dpm_solver_sample",
-    "dpm_solver_options_from_diffusers",
+    "DPM_SOLVER",
+    "SPECS",
 ]
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -421,7 +436,7 @@ def dpm_solver_sample(
     clip_x0: float | None = None,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """DPM-Solver(++) sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
@@ -445,14 +460,16 @@ def dpm_solver_sample(
         on the last step, at most second order on the one before).
       euler_at_final: first order on the last step, whatever ``num_steps``.
       clip_x0: clip the predicted x0 to ``[-clip_x0, clip_x0]`` (None: no clipping).
-      noise: optional pre-drawn ``[N, B, ...]`` standard normal for the ``"sde-*"`` algorithms
-        (``[N - start_step, B, ...]`` with ``start_step``).
+      noise: optional pre-drawn ``[M, B, ...]`` standard normal for the ``"sde-*"`` algorithms,
+        ``M`` the steps that run (``N`` unless ``strength < 1``); shape-checked and unused by
+        the ODE algorithms.
       return_trajectory: also return the path.
-      start_step: run the grid's steps ``start_step .. N - 1`` only, from ``x_T`` noised to
-        ``sigmas[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`). The history
-        starts empty there, so the first steps of the tail warm up at lower order, as diffusers'
-        scheduler does after ``set_begin_index``; ``lower_order_final`` still counts the whole
-        grid.
+      strength: image-to-image strength in ``(0, 1]``: run the grid's steps ``s .. N - 1``
+        only, ``s = num_steps - int(num_steps * strength)``, from ``x_T`` noised to
+        ``sigmas[s]`` (:func:`jaxdiff.samplers.noise_to_img2img`). The history starts empty
+        there, so the first steps of the tail warm up at lower order, as diffusers' scheduler
+        does after ``set_begin_index``; ``lower_order_final`` still counts the whole grid.
+        1 (the default) is text-to-image.
 
     The last step is first order also with ``final_sigmas_type="zero"`` (it returns the predicted
     x0), and so is a step between equal sigmas (the last one with ``"sigma_min"`` after a grid
@@ -492,7 +509,7 @@ def dpm_solver_sample(
     n = len(ts)
     orders = _step_orders(n, sigmas, solver_order, lower_order_final, euler_at_final,
                           final_sigmas_type)
-    start = check_start_step(start_step, n)
+    start = check_start_step(strength_start_step(num_steps, strength), n)
     # warm-up counted from the first step that runs: order <= (steps taken so far) + 1
     orders = np.minimum(orders, np.maximum(np.arange(n) - start + 1, 1)).astype(np.int32)
     model = checked_model(model_fn, x_T.shape)
@@ -513,60 +530,74 @@ def dpm_solver_sample(
                     return_trajectory=return_trajectory, start_step=start)
 
 
-def dpm_solver_options_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`dpm_solver_sample`'s options for a ``DPMSolverMultistepScheduler`` config (a dict or
-    the scheduler's ``.config``; missing keys take diffusers' defaults). The schedule itself
-    (``num_train_timesteps``, ``beta_schedule``, betas, ``rescale_betas_zero_snr``) is not an
-    option: build it separately.
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
+          steps_offset: int = 0, final_sigmas_type: str = "zero",
+          lambda_min_clipped: float = -math.inf, sigma_schedule: str = "discrete",
+          round_timesteps: bool = True, **_) -> Grid:
+    return dpm_solver_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                                final_sigmas_type=final_sigmas_type,
+                                lambda_min_clipped=lambda_min_clipped,
+                                sigma_schedule=sigma_schedule, round_timesteps=round_timesteps)
 
-    ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas`` / ``use_lu_lambdas``
-    become ``sigma_schedule`` (at most one of the first three; Karras wins over Lu, Lu over the
-    other two, as in ``set_timesteps``), ``timestep_spacing`` becomes ``spacing``, and
-    ``round_timesteps`` is false for ``beta_schedule="squaredcos_cap_v2"``. diffusers' aliases
-    ``algorithm_type="deis"`` and ``solver_type`` in ``"logrho"``, ``"bh1"``, ``"bh2"`` map as
-    diffusers maps them.
 
-    Raises:
-      ValueError: naming the key, for a setting jaxdiff does not implement (``thresholding``,
-        ``use_flow_sigmas``, ``prediction_type="flow_prediction"``, a ``variance_type``) or
-        conflicting sigma flags.
-    """
-    cfg = dict(config)
-    get = cfg.get
-    for flag in ("thresholding", "use_flow_sigmas", "use_dynamic_shifting"):
-        if get(flag, False):
-            raise ValueError(f"{flag}=True is not supported by jaxdiff's DPM-Solver")
-    if get("variance_type") is not None:
-        raise ValueError(f"variance_type={get('variance_type')!r} is not supported: give "
-                         "dpm_solver_sample a model_fn that returns the mean prediction only")
-    if get("prediction_type", "epsilon") == "flow_prediction":
-        raise ValueError("prediction_type='flow_prediction' is not supported")
-    flags = [f for f in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-             if get(f, False)]
-    if len(flags) > 1:
-        raise ValueError(f"at most one of use_karras_sigmas, use_exponential_sigmas, "
-                         f"use_beta_sigmas may be set, got {', '.join(flags)}")
-    if get("use_karras_sigmas", False):
-        sigma_schedule = "karras"
-    elif get("use_lu_lambdas", False):
-        sigma_schedule = "lu"
-    elif flags:
-        sigma_schedule = flags[0][len("use_"):-len("_sigmas")]
-    else:
-        sigma_schedule = "discrete"
-    algorithm_type = get("algorithm_type", "dpmsolver++")
-    solver_type = get("solver_type", "midpoint")
-    return dict(
-        solver_order=get("solver_order", 2),
-        solver_type="midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type,
-        algorithm_type="dpmsolver++" if algorithm_type == "deis" else algorithm_type,
-        prediction_type=get("prediction_type", "epsilon"),
-        spacing=get("timestep_spacing", "linspace"),
-        steps_offset=get("steps_offset", 0),
-        sigma_schedule=sigma_schedule,
-        round_timesteps=get("beta_schedule", "linear") != "squaredcos_cap_v2",
-        lower_order_final=get("lower_order_final", True),
-        euler_at_final=get("euler_at_final", False),
-        final_sigmas_type=get("final_sigmas_type", "zero"),
-        lambda_min_clipped=get("lambda_min_clipped", -float("inf")),
-    )
+DPM_SOLVER = SamplerSpec(
+    name="dpm_solver",
+    sample=dpm_solver_sample,
+    grid=_grid,
+    options=dict(solver_order=2, solver_type="midpoint", algorithm_type="dpmsolver++",
+                 prediction_type="eps", spacing="linspace", steps_offset=0,
+                 sigma_schedule="discrete", round_timesteps=True, lower_order_final=True,
+                 euler_at_final=False, final_sigmas_type="zero", lambda_min_clipped=-math.inf,
+                 clip_x0=None),
+    noise_space="sigma_vp",
+    stochastic=lambda o: str(o["algorithm_type"]).startswith("sde"),
+    # DPM-Solver++ under the names of k-diffusion / A1111 ("DPM++ 2M Karras", ...).
+    presets=dict(
+        dpmpp_2m=dict(algorithm_type="dpmsolver++", solver_order=2),
+        dpmpp_2m_karras=dict(algorithm_type="dpmsolver++", solver_order=2,
+                             sigma_schedule="karras"),
+        dpmpp_3m_karras=dict(algorithm_type="dpmsolver++", solver_order=3,
+                             sigma_schedule="karras"),
+        dpmpp_2m_sde_karras=dict(algorithm_type="sde-dpmsolver++", solver_order=2,
+                                 sigma_schedule="karras"),
+    ),
+    diffusers=DiffusersTwin(
+        "DPMSolverMultistepScheduler",
+        defaults=dict(solver_order=2, prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                      algorithm_type="dpmsolver++", solver_type="midpoint",
+                      lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+                      use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+                      use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
+                      lambda_min_clipped=-math.inf, variance_type=None,
+                      timestep_spacing="linspace", steps_offset=0, use_dynamic_shifting=False,
+                      time_shift_type="exponential"),
+        options=dict(
+            solver_order=config_key("solver_order"),
+            # diffusers maps the UniPC / DEIS names onto midpoint and "deis" onto dpmsolver++
+            solver_type=lambda c: ("midpoint" if c["solver_type"] in ("logrho", "bh1", "bh2")
+                                   else c["solver_type"]),
+            algorithm_type=lambda c: ("dpmsolver++" if c["algorithm_type"] == "deis"
+                                      else c["algorithm_type"]),
+            prediction_type=prediction_option,
+            spacing=config_key("timestep_spacing"),
+            steps_offset=config_key("steps_offset"),
+            sigma_schedule=lambda c: sigma_schedule_option(c, "DPMSolverMultistepScheduler",
+                                                           lu=True),
+            # set_timesteps rounds the Karras / Lu timesteps except for squaredcos_cap_v2
+            round_timesteps=lambda c: c["beta_schedule"] != "squaredcos_cap_v2",
+            lower_order_final=config_key("lower_order_final"),
+            euler_at_final=config_key("euler_at_final"),
+            final_sigmas_type=config_key("final_sigmas_type"),
+            lambda_min_clipped=config_key("lambda_min_clipped"),
+        ),
+        must_be=dict(thresholding=(False,), use_flow_sigmas=(False,),
+                     use_dynamic_shifting=(False,),
+                     # learned variance: give the sampler a model_fn returning the mean only
+                     variance_type=(None,),
+                     prediction_type=("epsilon", "v_prediction", "sample")),
+        no_effect=THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
+        zero_snr_floor=True,
+    ),
+)
+SPECS = (DPM_SOLVER,)

@@ -16,7 +16,10 @@ for every sampler:
 - ``start_step = s > 0`` runs only the grid's tail, steps ``s .. N - 1`` (image-to-image: ``x_T``
   is then the sample already noised to step ``s``); the noise, the trajectory and the step count
   are then those of the ``N - s`` steps that run, and step ``i`` still draws from
-  ``fold_in(key, i)`` with ``i`` its index in the whole grid.
+  ``fold_in(key, i)`` with ``i`` its index in the whole grid. ``start_step`` is internal: the
+  samplers take ``strength`` and compute it with :func:`strength_start_step`;
+- a deterministic sampler accepts ``noise`` too: it is shape-checked and unused, so that callers
+  serving every sampler pass it uniformly.
 
 The whole trajectory is one ``lax.scan``: one XLA computation, no host round-trip per step.
 """
@@ -29,9 +32,33 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.types import ModelFn
-from jaxdiff.validation import check_int
+from jaxdiff.validation import check_float, check_int
 
-__all__ = ["prepare_x_T", "prepare_noise", "checked_model", "run_scan", "check_start_step"]
+__all__ = ["prepare_x_T", "prepare_noise", "checked_model", "run_scan", "check_start_step",
+           "strength_start_step"]
+
+
+def strength_start_step(num_steps: int, strength: float) -> int:
+    """The first grid step that runs for image-to-image ``strength`` (diffusers'
+    ``get_timesteps``): ``num_steps - min(int(num_steps * strength), num_steps)``; 0 for
+    ``strength = 1`` (text-to-image).
+
+    >>> strength_start_step(10, 0.55), strength_start_step(10, 1.0)
+    (5, 0)
+
+    Raises:
+      ValueError: naming ``strength`` unless it lies in ``(0, 1]`` and keeps at least one step
+        (``int(num_steps * strength) >= 1``); naming ``num_steps`` unless it is an int >= 1.
+    """
+    n = check_int("num_steps", num_steps, 1)
+    strength = check_float("strength", strength, minimum=0.0, maximum=1.0)
+    kept = min(int(n * strength), n)
+    if kept < 1:
+        raise ValueError(
+            f"strength={strength} keeps no step of num_steps={n} (int(num_steps * strength) = 0):"
+            f" use strength >= {1.0 / n:.4g}"
+        )
+    return n - kept
 
 
 def check_start_step(start_step: Any, num_steps: int) -> int:

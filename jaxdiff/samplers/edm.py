@@ -3,9 +3,9 @@ with optional stochastic "churn", as one ``lax.scan``.
 
 Each step ``i`` (``N = num_steps``, ``sigma_N`` the final sigma)::
 
-    gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax else 0
+    gamma_i = min(s_churn / N, sqrt(2) - 1) if s_tmin <= sigma_i <= s_tmax else 0
     sigma_hat = sigma_i (1 + gamma_i)
-    x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z_i                  z_i ~ N(0, I)
+    x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) s_noise z_i                  z_i ~ N(0, I)
     d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat
     x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d                           (Euler)
     x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2, d' at x_{i+1}  (Heun; not when
@@ -19,10 +19,13 @@ called with ``c_in(sigma) x`` and ``c_noise = log(sigma) / 4``; the sampler appl
 preconditioning. There is no discrete :class:`~jaxdiff.schedules.Schedule`, so
 :func:`edm_sample` takes none.
 
-EDM is not in the sampler registry: every registry user (the experiments' ``--sampler``, the
-benchmarks) passes a discrete-time ``ModelFn`` (integer ``t``, eps / x0 / v of a VP schedule) and
-a ``Schedule``; an ``"edm"`` entry would accept such a model, feed it float ``c_noise`` and scaled
-VE inputs, and return garbage without an error. Call :func:`edm_sample` directly.
+EDM is a separate family, deliberately NOT in the sampler registry (it declares no
+:class:`~jaxdiff.samplers.spec.SamplerSpec`): every registry user (the experiments' ``--sampler``,
+the pipelines, the benchmarks) passes a discrete-time ``ModelFn`` (integer ``t``, eps / x0 / v of a
+VP schedule) and a ``Schedule``; an ``"edm"`` entry would accept such a model, feed it float
+``c_noise`` and scaled VE inputs, and return garbage without an error. Call :func:`edm_sample`
+directly. Its churn options are spelt as :func:`~jaxdiff.samplers.euler.euler_sample`'s
+(``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``); it has no image-to-image ``strength``.
 
 Parity (tests/parity/test_edm_parity.py): with ``solver="euler"`` this is diffusers'
 ``EDMEulerScheduler`` (sigma grid, ``final_sigmas_type``, ``prediction_type``, ``sigma_data``). With
@@ -35,8 +38,8 @@ Example (``F(params, x_in, c_noise)`` a network)::
 
     x_T = 80.0 * jax.random.normal(key, (4, 32, 32, 3))
     x_0 = edm_sample(partial(F, params), x_T, None, num_steps=18)           # Heun, 35 NFE
-    x_0 = edm_sample(partial(F, params), x_T, key, num_steps=40, S_churn=40.0, S_tmin=0.05,
-                     S_tmax=50.0, S_noise=1.003)                           # stochastic
+    x_0 = edm_sample(partial(F, params), x_T, key, num_steps=40, s_churn=40.0, s_tmin=0.05,
+                     s_tmax=50.0, s_noise=1.003)                           # stochastic
 """
 
 from __future__ import annotations
@@ -97,26 +100,26 @@ def edm_sigmas(
     return np.concatenate([sig, [last]]).astype(np.float32)
 
 
-def _check_tmax(S_tmax) -> float:
-    if isinstance(S_tmax, (int, float, np.floating, np.integer)) and S_tmax == math.inf:
+def _check_tmax(s_tmax) -> float:
+    if isinstance(s_tmax, (int, float, np.floating, np.integer)) and s_tmax == math.inf:
         return math.inf
-    return check_float("S_tmax", S_tmax, minimum=0.0)
+    return check_float("s_tmax", s_tmax, minimum=0.0)
 
 
 def edm_churn(
     sigmas: np.ndarray,
     *,
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = math.inf,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
 ) -> np.ndarray:
-    """``gamma_i = min(S_churn / N, sqrt(2) - 1)`` where ``S_tmin <= sigma_i <= S_tmax``, else 0:
+    """``gamma_i = min(s_churn / N, sqrt(2) - 1)`` where ``s_tmin <= sigma_i <= s_tmax``, else 0:
     ``[N]`` float64 for the grid ``sigmas [N + 1]`` of :func:`edm_sigmas`.
 
-    ``S_churn >= 0``, ``S_tmin >= 0`` and ``S_tmax`` (``inf`` allowed) are checked."""
-    churn = check_float("S_churn", S_churn, minimum=0.0)
-    tmin = check_float("S_tmin", S_tmin, minimum=0.0)
-    tmax = _check_tmax(S_tmax)
+    ``s_churn >= 0``, ``s_tmin >= 0`` and ``s_tmax`` (``inf`` allowed) are checked."""
+    churn = check_float("s_churn", s_churn, minimum=0.0)
+    tmin = check_float("s_tmin", s_tmin, minimum=0.0)
+    tmax = _check_tmax(s_tmax)
     sig = np.asarray(sigmas, np.float32)[:-1]
     n = sig.shape[0]
     gamma = min(churn / n, math.sqrt(2.0) - 1.0)
@@ -131,7 +134,7 @@ def edm_step(
     noise: jax.Array | None,
     *,
     gamma: jax.Array | float = 0.0,
-    S_noise: float = 1.0,
+    s_noise: float = 1.0,
     second_order: bool | jax.Array = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One step of Algorithm 2 from ``sigma`` to ``sigma_next``.
@@ -147,7 +150,7 @@ def edm_step(
       noise: ``[B, ...]`` standard normal, used when ``gamma > 0``; may be ``None`` when ``gamma``
         is a concrete 0 (a traced ``gamma`` always needs it).
       gamma: the churn ``>= 0`` (:func:`edm_churn`); ``sigma_hat = sigma (1 + gamma)``.
-      S_noise: scales ``noise``.
+      s_noise: scales ``noise``.
       second_order: apply Heun's correction (a bool, or a traced bool scalar). Skipped where
         ``sigma_next == 0``, as in the paper.
 
@@ -163,7 +166,7 @@ def edm_step(
             raise ValueError("noise is required when gamma > 0 (or gamma is traced)")
         if jnp.shape(noise) != jnp.shape(x):
             raise ValueError(f"noise must have x's shape {jnp.shape(x)}, got {jnp.shape(noise)}")
-    s_noise = check_float("S_noise", S_noise, minimum=0.0)
+    s_noise = check_float("s_noise", s_noise, minimum=0.0)
     dtype = x.dtype
     sigma = jnp.asarray(sigma, jnp.float32)
     sigma_next = jnp.asarray(sigma_next, jnp.float32)
@@ -210,10 +213,10 @@ def edm_sample(
     prediction_type: str = "eps",
     sigma_schedule: str = "karras",
     final_sigmas_type: str = "zero",
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = math.inf,
-    S_noise: float = 1.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
 ):
@@ -235,8 +238,8 @@ def edm_sample(
       sigma_min, sigma_max, rho, sigma_schedule, final_sigmas_type: the grid (:func:`edm_sigmas`).
       sigma_data, prediction_type: the preconditioning
         (:func:`jaxdiff.preconditioning.edm_precondition`).
-      S_churn, S_tmin, S_tmax: the churn (:func:`edm_churn`); ``S_churn = 0`` is deterministic.
-      S_noise: the churn noise's scale.
+      s_churn, s_tmin, s_tmax: the churn (:func:`edm_churn`); ``s_churn = 0`` is deterministic.
+      s_noise: the churn noise's scale.
       noise: optional ``[N, B, ...]`` pre-drawn ``z`` used instead of ``key`` (row ``i`` is read
         only where ``gamma_i > 0``).
       return_trajectory: also return the path.
@@ -252,12 +255,12 @@ def edm_sample(
     check_choice("solver", solver, EDM_SOLVERS)
     kind = check_edm_prediction_type(prediction_type)
     check_float("sigma_data", sigma_data, minimum=0.0, exclusive_minimum=True)
-    s_noise = check_float("S_noise", S_noise, minimum=0.0)
+    s_noise = check_float("s_noise", s_noise, minimum=0.0)
     sigmas = edm_sigmas(
         num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         sigma_schedule=sigma_schedule, final_sigmas_type=final_sigmas_type,
     )
-    gammas = edm_churn(sigmas, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax)
+    gammas = edm_churn(sigmas, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
     stochastic = bool((gammas > 0).any())
     x_T = prepare_x_T(x_T)
     denoiser = partial(edm_denoise, model_fn, sigma_data=sigma_data, prediction_type=kind)
@@ -266,7 +269,7 @@ def edm_sample(
     def body(state, x, i, z):
         x_next, denoised = edm_step(
             denoiser, x, sig_j[i], sig_j[i + 1], z if stochastic else None,
-            gamma=gam_j[i] if stochastic else 0.0, S_noise=s_noise,
+            gamma=gam_j[i] if stochastic else 0.0, s_noise=s_noise,
             second_order=solver == "heun",
         )
         return state, x_next, denoised

@@ -43,8 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.diffusers_names import (
+    K_DIFFUSION_OPTIONS,
+    config_key,
+    sigma_schedule_option,
+)
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_grid
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
@@ -58,6 +64,9 @@ __all__ = [
     "euler_sample",
     "euler_ancestral_step",
     "euler_ancestral_sample",
+    "EULER",
+    "EULER_ANCESTRAL",
+    "SPECS",
 ]
 
 
@@ -214,7 +223,7 @@ def euler_sample(
     s_noise: float = 1.0,
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with Euler (``EulerDiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` model
     calls.
@@ -231,12 +240,14 @@ def euler_sample(
         (:func:`euler_timesteps`).
       s_churn, s_tmin, s_tmax, s_noise: the churn (module docstring); ``s_churn = 0`` (default)
         is the deterministic Euler ODE solver.
-      noise: optional pre-drawn ``[num_steps, B, ...]`` churn noise (used where ``gamma_i > 0``).
-      return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``.
-      start_step: run the grid's steps ``start_step .. num_steps - 1`` only (image-to-image;
-        :mod:`jaxdiff.samplers.img2img`). ``x_T`` is then the SIGMA-SPACE sample at
-        ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by ``init_noise_sigma``; the
-        noise and trajectory cover the steps that run.
+      noise: optional pre-drawn ``[M, B, ...]`` churn noise (used where ``gamma_i > 0``; ``M``
+        the steps that run); shape-checked and unused when ``s_churn = 0``.
+      return_trajectory: also return ``(xs [M + 1, B, ...], pred_x0s [M, B, ...])``.
+      strength: image-to-image strength in ``(0, 1]``: run the last ``int(num_steps *
+        strength)`` steps of the grid only, from step ``s = num_steps - int(num_steps *
+        strength)`` (:func:`jaxdiff.samplers.noise_to_img2img`). With ``strength < 1``, ``x_T``
+        is the SIGMA-SPACE sample at ``sigmas[s]`` (``x0 + sigma noise``), not scaled by
+        ``init_noise_sigma``; the noise and trajectory cover the steps that run.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -252,7 +263,7 @@ def euler_sample(
                            sigma_min=sigma_min, sigma_max=sigma_max)
     stochastic = s_churn > 0
     gammas = jnp.asarray(churn_gammas(grid.sigmas, s_churn, s_tmin, s_tmax))
-    start = check_start_step(start_step, num_steps)
+    start = strength_start_step(num_steps, strength)
     x_T = prepare_x_T(x_T)
     if start == 0:
         x_T = x_T * init_noise_sigma(grid, spacing)
@@ -318,7 +329,7 @@ def euler_ancestral_sample(
     sigma_schedule: str = "discrete",
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with Euler ancestral (``EulerAncestralDiscreteScheduler``) in one ``lax.scan``.
 
@@ -331,7 +342,7 @@ def euler_ancestral_sample(
     kind = canonical_prediction_type(prediction_type)
     grid = euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                            sigma_schedule=sigma_schedule)
-    start = check_start_step(start_step, num_steps)
+    start = strength_start_step(num_steps, strength)
     x_T = prepare_x_T(x_T)
     if start == 0:
         x_T = x_T * init_noise_sigma(grid, spacing)
@@ -345,3 +356,59 @@ def euler_ancestral_sample(
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=True, noise=noise,
                     return_trajectory=return_trajectory, start_step=start)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
+          steps_offset: int = 0, sigma_schedule: str = "discrete", final_sigmas_type: str = "zero",
+          sigma_min: float | None = None, sigma_max: float | None = None, **_) -> Grid:
+    return euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                           sigma_schedule=sigma_schedule, final_sigmas_type=final_sigmas_type,
+                           sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def _ancestral_grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0,
+                    spacing: str = "linspace", steps_offset: int = 0,
+                    sigma_schedule: str = "discrete", **_) -> Grid:
+    return euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                           sigma_schedule=sigma_schedule)
+
+
+EULER = SamplerSpec(
+    name="euler",
+    sample=euler_sample,
+    grid=_grid,
+    options=dict(prediction_type="eps", spacing="linspace", steps_offset=0,
+                 sigma_schedule="discrete", final_sigmas_type="zero", sigma_min=None,
+                 sigma_max=None, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0),
+    noise_space="sigma_ve",
+    stochastic=lambda o: float(o["s_churn"]) > 0,
+    diffusers=DiffusersTwin(
+        "EulerDiscreteScheduler",
+        defaults=dict(prediction_type="epsilon", interpolation_type="linear",
+                      use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                      sigma_min=None, sigma_max=None, timestep_spacing="linspace",
+                      timestep_type="discrete", steps_offset=0, final_sigmas_type="zero"),
+        options=dict(K_DIFFUSION_OPTIONS,
+                     sigma_schedule=lambda c: sigma_schedule_option(c, "EulerDiscreteScheduler"),
+                     final_sigmas_type=config_key("final_sigmas_type"),
+                     sigma_min=config_key("sigma_min"), sigma_max=config_key("sigma_max")),
+        must_be=dict(interpolation_type=("linear",), timestep_type=("discrete",)),
+        zero_snr_floor=True,
+    ),
+)
+EULER_ANCESTRAL = SamplerSpec(
+    name="euler_ancestral",
+    sample=euler_ancestral_sample,
+    grid=_ancestral_grid,
+    options=dict(prediction_type="eps", spacing="linspace", steps_offset=0,
+                 sigma_schedule="discrete"),
+    noise_space="sigma_ve",
+    stochastic=lambda o: True,
+    diffusers=DiffusersTwin(
+        "EulerAncestralDiscreteScheduler",
+        defaults=dict(prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0),
+        options=dict(K_DIFFUSION_OPTIONS),
+        zero_snr_floor=True,
+    ),
+)
+SPECS = (EULER, EULER_ANCESTRAL)

@@ -26,15 +26,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.diffusers_names import (
+    K_DIFFUSION_DEFAULTS,
+    K_DIFFUSION_OPTIONS,
+    clip_option,
+    sigma_schedule_option,
+)
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
 from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_clip, concrete
 
-__all__ = ["heun_timesteps", "heun_step", "heun_sample", "second_stage"]
+__all__ = ["heun_timesteps", "heun_step", "heun_sample", "second_stage", "HEUN", "SPECS"]
 
 
 def heun_timesteps(
@@ -129,8 +136,9 @@ def heun_sample(
     steps_offset: int = 0,
     sigma_schedule: str = "discrete",
     clip_x0: float | None = None,
+    noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with Heun's method (``HeunDiscreteScheduler``) in one ``lax.scan`` of ``num_steps``
     steps (``2 num_steps - 1`` model calls).
@@ -144,13 +152,16 @@ def heun_sample(
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"``.
       spacing, steps_offset, sigma_schedule: the grid (:func:`heun_timesteps`).
       clip_x0: see :func:`heun_step` (diffusers' ``clip_sample`` / ``clip_sample_range``).
-      return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``: the sample
+      noise: accepted for the common contract: ``[M, B, ...]`` (``M`` the steps that run) is
+        shape-checked and unused (deterministic).
+      return_trajectory: also return ``(xs [M + 1, B, ...], pred_x0s [M, B, ...])``: the sample
         after each full step (``xs[0] = x_T * init_noise_sigma``) and each step's first-stage
         predicted x0.
-      start_step: run steps ``start_step .. num_steps - 1`` only (image-to-image; diffusers'
-        ``set_begin_index(2 s)`` on its interleaved list): ``x_T`` is then the SIGMA-SPACE
-        sample at ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by
-        ``init_noise_sigma``.
+      strength: image-to-image strength in ``(0, 1]``: run steps ``s .. num_steps - 1`` only,
+        ``s = num_steps - int(num_steps * strength)`` (diffusers' ``set_begin_index(2 s)`` on
+        its interleaved list; :func:`jaxdiff.samplers.noise_to_img2img`). With ``strength <
+        1``, ``x_T`` is the SIGMA-SPACE sample at ``sigmas[s]`` (``x0 + sigma noise``), not
+        scaled by ``init_noise_sigma``.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -162,7 +173,7 @@ def heun_sample(
     clip_x0 = check_clip(clip_x0)
     grid = heun_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                           sigma_schedule=sigma_schedule)
-    start = check_start_step(start_step, num_steps)
+    start = strength_start_step(num_steps, strength)
     x_T = prepare_x_T(x_T)
     if start == 0:
         x_T = x_T * init_noise_sigma(grid, spacing)
@@ -176,5 +187,30 @@ def heun_sample(
                                prediction_type=kind, clip_x0=clip_x0)
         return state, x_next, x0
 
-    return run_scan(body, None, x_T, key, num_steps, stochastic=False,
+    return run_scan(body, None, x_T, key, num_steps, stochastic=False, noise=noise,
                     return_trajectory=return_trajectory, start_step=start)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
+          steps_offset: int = 0, sigma_schedule: str = "discrete", **_) -> Grid:
+    return heun_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                          sigma_schedule=sigma_schedule)
+
+
+HEUN = SamplerSpec(
+    name="heun",
+    sample=heun_sample,
+    grid=_grid,
+    options=dict(prediction_type="eps", spacing="linspace", steps_offset=0,
+                 sigma_schedule="discrete", clip_x0=None),
+    noise_space="sigma_ve",
+    stochastic=lambda o: False,
+    diffusers=DiffusersTwin(
+        "HeunDiscreteScheduler",
+        defaults=dict(K_DIFFUSION_DEFAULTS, clip_sample=False, clip_sample_range=1.0),
+        options=dict(K_DIFFUSION_OPTIONS, clip_x0=clip_option,
+                     sigma_schedule=lambda c: sigma_schedule_option(c, "HeunDiscreteScheduler")),
+        schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+    ),
+)
+SPECS = (HEUN,)

@@ -33,15 +33,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.diffusers_names import (
+    K_DIFFUSION_DEFAULTS,
+    K_DIFFUSION_OPTIONS,
+    sigma_schedule_option,
+)
+from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
 from jaxdiff.samplers.euler import euler_timesteps, sigma_x0
 from jaxdiff.samplers.heun import second_stage
 from jaxdiff.samplers.sigmas import init_noise_sigma, scale_model_input, sigma_to_t, train_sigmas
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_bool, concrete
 
-__all__ = ["KDPM2Grid", "kdpm2_timesteps", "kdpm2_step", "kdpm2_sample", "kdpm2_ancestral_sample"]
+__all__ = ["KDPM2Grid", "kdpm2_timesteps", "kdpm2_step", "kdpm2_sample", "kdpm2_ancestral_sample",
+           "KDPM2", "KDPM2_ANCESTRAL", "SPECS"]
 
 
 class KDPM2Grid(NamedTuple):
@@ -171,11 +178,11 @@ def kdpm2_step(
 
 
 def _sample(model_fn, schedule, x_T, key, num_steps, ancestral, prediction_type, spacing,
-            steps_offset, sigma_schedule, noise, return_trajectory, start_step):
+            steps_offset, sigma_schedule, noise, return_trajectory, strength):
     kind = canonical_prediction_type(prediction_type)
     g = kdpm2_timesteps(schedule, num_steps, ancestral=ancestral, spacing=spacing,
                         steps_offset=steps_offset, sigma_schedule=sigma_schedule)
-    start = check_start_step(start_step, num_steps)
+    start = strength_start_step(num_steps, strength)
     x_T = prepare_x_T(x_T)
     if start == 0:
         x_T = x_T * init_noise_sigma(g, spacing)
@@ -205,8 +212,9 @@ def kdpm2_sample(
     spacing: str = "linspace",
     steps_offset: int = 0,
     sigma_schedule: str = "discrete",
+    noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with KDPM2 (``KDPM2DiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` steps
     (``2 num_steps - 1`` model calls).
@@ -219,12 +227,16 @@ def kdpm2_sample(
       num_steps: ``1 <= num_steps <= T``.
       prediction_type: ``"eps"``, ``"x0"`` or ``"v"``.
       spacing, steps_offset, sigma_schedule: the grid (:func:`kdpm2_timesteps`).
-      return_trajectory: also return ``(xs [N + 1, B, ...], pred_x0s [N, B, ...])``: the sample
+      noise: accepted for the common contract: ``[M, B, ...]`` (``M`` the steps that run) is
+        shape-checked and unused (deterministic).
+      return_trajectory: also return ``(xs [M + 1, B, ...], pred_x0s [M, B, ...])``: the sample
         after each full step (``xs[0] = x_T * init_noise_sigma``) and each step's first-stage
         predicted x0.
-      start_step: run steps ``start_step .. num_steps - 1`` only (image-to-image; diffusers'
-        ``set_begin_index(2 s)``): ``x_T`` is then the SIGMA-SPACE sample at
-        ``sigmas[start_step]`` (``x0 + sigma noise``), not scaled by ``init_noise_sigma``.
+      strength: image-to-image strength in ``(0, 1]``: run steps ``s .. num_steps - 1`` only,
+        ``s = num_steps - int(num_steps * strength)`` (diffusers' ``set_begin_index(2 s)``;
+        :func:`jaxdiff.samplers.noise_to_img2img`). With ``strength < 1``, ``x_T`` is the
+        SIGMA-SPACE sample at ``sigmas[s]`` (``x0 + sigma noise``), not scaled by
+        ``init_noise_sigma``.
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -233,7 +245,7 @@ def kdpm2_sample(
       ValueError: naming the argument, for a bad grid or option or a mis-shaped model output.
     """
     return _sample(model_fn, schedule, x_T, key, num_steps, False, prediction_type, spacing,
-                   steps_offset, sigma_schedule, None, return_trajectory, start_step)
+                   steps_offset, sigma_schedule, noise, return_trajectory, strength)
 
 
 def kdpm2_ancestral_sample(
@@ -249,14 +261,48 @@ def kdpm2_ancestral_sample(
     sigma_schedule: str = "discrete",
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Sample with KDPM2 ancestral (``KDPM2AncestralDiscreteScheduler``) in one ``lax.scan``.
 
     As :func:`kdpm2_sample`, but stochastic: ``key`` (step ``i`` draws from ``fold_in(key, i)``)
     or ``noise [num_steps, B, ...]`` is required; step ``i < N - 1`` adds ``sigma_up_i *
     noise[i]`` after its second stage (``noise[N - 1]`` is unused: the last step adds none);
-    with ``start_step``, ``noise`` is ``[N - start_step, B, ...]``.
+    with ``strength < 1``, ``noise`` is ``[M, B, ...]``, ``M`` the steps that run.
     """
     return _sample(model_fn, schedule, x_T, key, num_steps, True, prediction_type, spacing,
-                   steps_offset, sigma_schedule, noise, return_trajectory, start_step)
+                   steps_offset, sigma_schedule, noise, return_trajectory, strength)
+
+
+def _grid(ancestral: bool):
+    def grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0,
+             spacing: str = "linspace", steps_offset: int = 0, sigma_schedule: str = "discrete",
+             **_) -> KDPM2Grid:
+        return kdpm2_timesteps(schedule, num_steps, ancestral=ancestral, spacing=spacing,
+                               steps_offset=steps_offset, sigma_schedule=sigma_schedule)
+    return grid
+
+
+def _twin(class_name: str) -> DiffusersTwin:
+    return DiffusersTwin(
+        class_name,
+        defaults=dict(K_DIFFUSION_DEFAULTS),
+        options=dict(K_DIFFUSION_OPTIONS,
+                     sigma_schedule=lambda c: sigma_schedule_option(c, class_name)),
+        schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+    )
+
+
+_OPTIONS = dict(prediction_type="eps", spacing="linspace", steps_offset=0,
+                sigma_schedule="discrete")
+KDPM2 = SamplerSpec(
+    name="kdpm2", sample=kdpm2_sample, grid=_grid(False), options=_OPTIONS,
+    noise_space="sigma_ve", stochastic=lambda o: False,
+    diffusers=_twin("KDPM2DiscreteScheduler"),
+)
+KDPM2_ANCESTRAL = SamplerSpec(
+    name="kdpm2_ancestral", sample=kdpm2_ancestral_sample, grid=_grid(True), options=_OPTIONS,
+    noise_space="sigma_ve", stochastic=lambda o: True,
+    diffusers=_twin("KDPM2AncestralDiscreteScheduler"),
+)
+SPECS = (KDPM2, KDPM2_ANCESTRAL)

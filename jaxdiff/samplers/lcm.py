@@ -18,13 +18,13 @@ The timesteps (:func:`lcm_timesteps`) are ``num_steps`` evenly spaced indices in
 ``original_inference_steps``-step distillation grid ``k - 1, 2k - 1, ..., T - 1`` (``k = T //
 original_inference_steps``), largest first.
 
-Image-to-image (``strength < 1``) follows diffusers' ``LatentConsistencyModelImg2ImgPipeline``,
-which is NOT the tail of the text-to-image grid (as it is for the other samplers, ``start_step``):
-the distillation grid is cut to its first ``int(original_inference_steps * strength)`` entries,
-ALL ``num_steps`` steps run on that shorter grid, and the image is noised to its first timestep
-(``add_noise``: :func:`jaxdiff.samplers.img2img.noise_to_img2img`). ``lcm_sample`` takes
-``strength`` as a call argument (like ``start_step`` of the others); e.g. with 4 steps of 50
-(``T = 1000``), ``strength = 0.5`` runs ``499, 379, 259, 139`` where the tail of the
+Image-to-image (``strength < 1``, the call argument every sampler takes) follows diffusers'
+``LatentConsistencyModelImg2ImgPipeline``, which is NOT the tail of the text-to-image grid (as it
+is for the other samplers): the distillation grid is cut to its first ``int(original_inference_steps
+* strength)`` entries, ALL ``num_steps`` steps run on that shorter grid, and the image is noised to
+its first timestep (``add_noise``: :func:`jaxdiff.samplers.img2img.noise_to_img2img`; the spec's
+``img2img="grid"``). E.g. with 4 steps of 50 (``T = 1000``), ``strength = 0.5`` runs ``499, 379,
+259, 139`` where the tail of the
 text-to-image grid ``999, 759, 499, 259`` would run ``499, 259``.
 
 ``LCMScheduler`` options without an effect here: ``timestep_spacing``, ``steps_offset`` (unused by
@@ -45,14 +45,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
+from jaxdiff.samplers.diffusers_names import (
+    THRESHOLD_KEYS,
+    clip_option,
+    config_key,
+    prediction_option,
+)
 from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid, gather, sigmas_at
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_clip, check_float, check_int, check_timestep, concrete
 
 __all__ = ["LCM_SIGMA_DATA", "lcm_timesteps", "lcm_min_strength", "lcm_scalings", "lcm_step",
-           "lcm_sample"]
+           "lcm_sample", "LCM", "SPECS"]
 
 LCM_SIGMA_DATA = 0.5  # fixed in LCMScheduler.get_scalings_for_boundary_condition_discrete
 
@@ -90,10 +97,13 @@ def lcm_timesteps(
     k = T // orig
     origin = np.arange(1, int(orig * strength) + 1, dtype=np.int64) * k - 1
     if n > len(origin):
+        if strength == 1.0:
+            raise ValueError(f"num_steps must be <= original_inference_steps={orig}, got {n}")
         raise ValueError(
-            f"num_steps must be <= int(original_inference_steps * strength) = {len(origin)} "
-            f"(original_inference_steps={orig}, strength={strength}), got {n}: lower num_steps "
-            f"or use strength >= {lcm_min_strength(n, orig)}"
+            f"strength={strength} keeps int(original_inference_steps * strength) = "
+            f"{len(origin)} LCM distillation timesteps (original_inference_steps={orig}), fewer "
+            f"than num_steps={n}: use strength >= {lcm_min_strength(n, orig)} or num_steps <= "
+            f"{len(origin)}"
         )
     origin = origin[::-1]
     ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
@@ -230,10 +240,9 @@ def lcm_sample(
       timestep_scaling, prediction_type, clip_x0: see :func:`lcm_step`.
       noise: optional ``[num_steps, B, ...]`` pre-drawn noise (row ``N - 1`` is unused).
       return_trajectory: also return the path.
-      strength: image-to-image strength in ``(0, 1]`` (a call argument, not an option: a
-        :class:`~jaxdiff.samplers.Sampler` passes it through): the grid is
-        ``lcm_timesteps(..., strength=strength)`` (diffusers' ``LatentConsistencyModelImg2Img
-        Pipeline``, module docstring). ``1`` is text-to-image.
+      strength: image-to-image strength in ``(0, 1]`` (a call argument, not an option): the
+        grid is ``lcm_timesteps(..., strength=strength)`` (diffusers'
+        ``LatentConsistencyModelImg2ImgPipeline``, module docstring). ``1`` is text-to-image.
 
     Returns:
       ``x_0 [B, ...]``; with ``return_trajectory`` ``(x_0, xs [N + 1, B, ...], denoised [N, B,
@@ -265,3 +274,36 @@ def lcm_sample(
 
     return run_scan(body, None, x_T, key, n, stochastic=n > 1, noise=noise,
                     return_trajectory=return_trajectory)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0,
+          original_inference_steps: int = 50, **_) -> Grid:
+    return lcm_timesteps(schedule, num_steps, original_inference_steps=original_inference_steps,
+                         strength=strength)
+
+
+LCM = SamplerSpec(
+    name="lcm",
+    sample=lcm_sample,
+    grid=_grid,
+    options=dict(original_inference_steps=50, timestep_scaling=10.0, prediction_type="eps",
+                 clip_x0=None),
+    noise_space="alphas_cumprod",
+    stochastic=lambda o: True,  # re-noises between steps (unless num_steps = 1)
+    img2img="grid",
+    diffusers=DiffusersTwin(
+        "LCMScheduler",
+        defaults=dict(original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                      set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+                      thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                      timestep_spacing="leading", timestep_scaling=10.0),
+        options=dict(original_inference_steps=config_key("original_inference_steps"),
+                     timestep_scaling=lambda c: float(c["timestep_scaling"]), clip_x0=clip_option,
+                     prediction_type=prediction_option),
+        must_be=dict(thresholding=(False,)),
+        # LCMScheduler reads none of these (its grid comes from original_inference_steps).
+        no_effect=THRESHOLD_KEYS | {"set_alpha_to_one", "steps_offset", "timestep_spacing"},
+        schedule_defaults=dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    ),
+)
+SPECS = (LCM,)

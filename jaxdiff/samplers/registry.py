@@ -1,20 +1,43 @@
-"""Samplers by name: one registry that every entry point (the experiments' ``--sampler``, the
-benchmarks) reads, so that a new sampler is one file plus one line here.
+"""Samplers by name: one registry, built from the samplers' declared specs
+(:class:`~jaxdiff.samplers.spec.SamplerSpec`), that every entry point reads (the experiments'
+``--sampler``, the pipelines, the benchmarks, image-to-image, the diffusers scheduler import and
+export).
+
+A new sampler is one file plus one line:
+
+1. write ``jaxdiff/samplers/NAME.py`` with its grid (``NAME_timesteps``), step and sample
+   functions (the contract of :mod:`jaxdiff.samplers`), and at its bottom its spec(s) and
+   ``SPECS = (NAME_SPEC, ...)`` (see :mod:`jaxdiff.samplers.spec`; :mod:`jaxdiff.samplers.ddim`
+   is a short example, :mod:`jaxdiff.samplers.dpm_solver` one with presets);
+2. add ``"NAME"`` to :data:`SAMPLER_MODULES` below.
+
+Its name and presets are then in :func:`sampler_names` (so in every ``--sampler`` flag), it runs
+image-to-image through ``strength`` (:mod:`jaxdiff.samplers.img2img`), and with a diffusers twin a
+``scheduler_config.json`` of that class loads as it and it exports to one
+(:mod:`jaxdiff.convert`). Re-exporting its public functions from ``jaxdiff/samplers/__init__.py``
+is optional. Samplers defined elsewhere register with :func:`register_sampler` (and
+:func:`unregister_sampler`, e.g. in a test).
+
+EDM (:func:`~jaxdiff.samplers.edm.edm_sample`) is a separate family and not registered: it has no
+``Schedule`` and takes the raw EDM network, so a registry entry would feed the discrete-time
+models every registry user passes float ``c_noise`` and return garbage.
 
     >>> from jaxdiff.samplers import get_sampler, sampler_names
     >>> sampler_names()  # samplers, then presets  # doctest: +ELLIPSIS
     ('ddim', 'ddpm', 'dpm_solver', ..., 'dpmpp_2m', 'dpmpp_2m_karras', ...)
     >>> s = get_sampler("ddim", eta=0.0, clip_x0=1.0)
-    >>> s.name, s.stochastic
-    ('ddim', False)
+    >>> s.name, s.stochastic, s.spec.noise_space
+    ('ddim', False, 'alphas_cumprod')
     >>> get_sampler("ddpm", eta=0.5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: sampler 'ddpm' does not take option 'eta'; it takes: clip_x0, final_noise, ...
 
-A :class:`Sampler` binds options to a ``*_sample`` function; calling it is calling that function::
+A :class:`Sampler` binds options to a spec's ``*_sample`` function; calling it is calling that
+function::
 
-    x0 = s(model_fn, schedule, x_T, key, num_steps=50)
+    x0 = s(model_fn, schedule, x_T, key, num_steps=50)              # text-to-image
+    x0 = s(model_fn, schedule, x_s, key, num_steps=50, strength=0.6)  # image-to-image
 
 Options are validated when the sampler is made (before anything is traced), and
 :meth:`Sampler.check` builds the host-side grid for a given schedule size and step count, so that a
@@ -24,102 +47,155 @@ training run can reject ``num_steps > num_timesteps`` before it starts.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, Callable, Mapping
+import importlib
+from typing import Any, Mapping
 
 import jax
 
-from jaxdiff.samplers.ddim import ddim_sample
-from jaxdiff.samplers.ddpm import ddpm_sample
-from jaxdiff.samplers.dpm_solver import dpm_solver_sample
-from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
-from jaxdiff.samplers.heun import heun_sample
-from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample
-from jaxdiff.samplers.lcm import lcm_sample
-from jaxdiff.samplers.unipc import unipc_sample
+from jaxdiff.samplers.spec import SamplerSpec
 from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.types import ModelFn
 from jaxdiff.validation import check_int
 
-__all__ = ["Sampler", "SAMPLERS", "PRESETS", "get_sampler", "sampler_names", "sampler_options"]
+__all__ = [
+    "SAMPLER_MODULES",
+    "Sampler",
+    "register_sampler",
+    "unregister_sampler",
+    "sampler_spec",
+    "sampler_specs",
+    "diffusers_twins",
+    "get_sampler",
+    "sampler_names",
+    "sampler_options",
+]
 
-# name -> (sample function, whether it draws noise given its options)
-SAMPLERS: Mapping[str, tuple[Callable, Callable[[Mapping[str, Any]], bool]]] = {
-    "ddim": (ddim_sample, lambda o: float(o.get("eta", 0.0)) > 0),
-    "ddpm": (ddpm_sample, lambda o: True),
-    "dpm_solver": (dpm_solver_sample,
-                   lambda o: str(o.get("algorithm_type", "")).startswith("sde")),
-    "lcm": (lcm_sample, lambda o: True),  # re-noises between steps (unless num_steps = 1)
-    "euler": (euler_sample, lambda o: float(o.get("s_churn", 0.0)) > 0),
-    "euler_ancestral": (euler_ancestral_sample, lambda o: True),
-    "heun": (heun_sample, lambda o: False),
-    "kdpm2": (kdpm2_sample, lambda o: False),
-    "kdpm2_ancestral": (kdpm2_ancestral_sample, lambda o: True),
-    "unipc": (unipc_sample, lambda o: False),
-}
+# The sampler files (modules of jaxdiff.samplers) whose SPECS are registered, in this order.
+SAMPLER_MODULES = (
+    "ddim",
+    "ddpm",
+    "dpm_solver",
+    "lcm",
+    "euler",
+    "heun",
+    "kdpm2",
+    "unipc",
+)
 
-# Named presets: name -> (registered sampler, options it fixes). ``get_sampler(preset, **more)`` is
-# ``get_sampler(base, **fixed, **more)``; ``more`` may not override a fixed option.
-PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
-    # DPM-Solver++ under the names of k-diffusion / A1111 ("DPM++ 2M Karras", ...).
-    "dpmpp_2m": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=2)),
-    "dpmpp_2m_karras": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=2,
-                                           sigma_schedule="karras")),
-    "dpmpp_3m_karras": ("dpm_solver", dict(algorithm_type="dpmsolver++", solver_order=3,
-                                           sigma_schedule="karras")),
-    "dpmpp_2m_sde_karras": ("dpm_solver", dict(algorithm_type="sde-dpmsolver++", solver_order=2,
-                                               sigma_schedule="karras")),
-    # UniPC's two B(h) variants (diffusers' UniPCMultistepScheduler solver_type).
-    "unipc_bh1": ("unipc", dict(solver_type="bh1")),
-    "unipc_bh2": ("unipc", dict(solver_type="bh2")),
-}
+_SPECS: dict[str, SamplerSpec] = {}  # name -> spec, in registration order
+_PRESETS: dict[str, tuple[SamplerSpec, Mapping[str, Any]]] = {}  # preset -> (spec, fixed options)
 
-# Arguments of every *_sample that are not sampler options.
-_CALL_ARGS = ("model_fn", "schedule", "x_T", "key", "num_steps", "noise", "return_trajectory",
-              "start_step", "strength")
+
+def register_sampler(spec: SamplerSpec) -> SamplerSpec:
+    """Add ``spec`` (its name and presets) to the registry; returns it.
+
+    Raises:
+      ValueError: for something that is not a :class:`SamplerSpec`, a name or preset name
+        already registered (as a sampler or a preset), or a diffusers twin whose class another
+        registered sampler already claims.
+    """
+    if not isinstance(spec, SamplerSpec):
+        raise ValueError(f"register_sampler takes a SamplerSpec, got {type(spec).__name__}")
+    for name in (spec.name, *spec.presets):
+        if name in _SPECS or name in _PRESETS:
+            owner = _SPECS[name] if name in _SPECS else _PRESETS[name][0]
+            what = "a sampler" if name in _SPECS else f"a preset of {owner.name!r}"
+            raise ValueError(f"cannot register sampler {spec.name!r}: the name {name!r} is "
+                             f"already registered ({what}); unregister_sampler({owner.name!r}) "
+                             "first or choose another name")
+    if spec.diffusers is not None:
+        other = diffusers_twins().get(spec.diffusers.class_name)
+        if other is not None:
+            raise ValueError(f"cannot register sampler {spec.name!r}: sampler {other.name!r} is "
+                             f"already the twin of {spec.diffusers.class_name}")
+    _SPECS[spec.name] = spec
+    for preset, fixed in spec.presets.items():
+        _PRESETS[preset] = (spec, fixed)
+    return spec
+
+
+def unregister_sampler(name: str) -> SamplerSpec:
+    """Remove the sampler ``name`` and its presets from the registry; returns its spec.
+
+    Raises:
+      ValueError: unless ``name`` is a registered sampler (not a preset).
+    """
+    if name not in _SPECS:
+        raise ValueError(f"sampler {name!r} is not registered (registered: {tuple(_SPECS)})")
+    spec = _SPECS.pop(name)
+    for preset in spec.presets:
+        _PRESETS.pop(preset, None)
+    return spec
 
 
 def sampler_names() -> tuple[str, ...]:
-    """The registered sampler names then the preset names, in registration order."""
-    return tuple(SAMPLERS) + tuple(PRESETS)
+    """The registered sampler names then the preset names, in registration order (read at call
+    time: a command line's ``--sampler`` choices include samplers registered since import)."""
+    return tuple(_SPECS) + tuple(_PRESETS)
 
 
-def _resolve(name: str) -> tuple[str, Mapping[str, Any]]:
-    """``(registered name, fixed options)`` for a sampler or preset name."""
-    if isinstance(name, str) and name in PRESETS:
-        return PRESETS[name]
-    if isinstance(name, str) and name in SAMPLERS:
-        return name, {}
+def sampler_specs() -> tuple[SamplerSpec, ...]:
+    """The registered specs, in registration order."""
+    return tuple(_SPECS.values())
+
+
+def diffusers_twins() -> dict[str, SamplerSpec]:
+    """diffusers scheduler class name -> the registered spec that is its twin (computed from the
+    specs)."""
+    return {s.diffusers.class_name: s for s in _SPECS.values() if s.diffusers is not None}
+
+
+def _resolve(name: str) -> tuple[SamplerSpec, Mapping[str, Any]]:
+    """``(spec, fixed options)`` for a sampler or preset name."""
+    if isinstance(name, str) and name in _PRESETS:
+        return _PRESETS[name]
+    if isinstance(name, str) and name in _SPECS:
+        return _SPECS[name], {}
     raise ValueError(f"sampler must be one of {sampler_names()}, got {name!r}")
 
 
-def _lookup(name: str) -> tuple[Callable, Callable]:
-    return SAMPLERS[_resolve(name)[0]]
+def sampler_spec(name: str) -> SamplerSpec:
+    """The spec of a registered sampler or preset name (``ValueError`` for an unknown one)."""
+    return _resolve(name)[0]
 
 
 def sampler_options(name: str) -> tuple[str, ...]:
     """The option names ``get_sampler(name, ...)`` accepts (sorted); a preset's fixed options are
     not among them."""
-    base, fixed = _resolve(name)
-    params = inspect.signature(SAMPLERS[base][0]).parameters
-    return tuple(sorted(p for p in params if p not in _CALL_ARGS and p not in fixed))
+    spec, fixed = _resolve(name)
+    return tuple(sorted(o for o in spec.options if o not in fixed))
+
+
+# The arguments of every *_sample besides the options, and those given at call time.
+_CALL_ARGS = ("noise", "return_trajectory", "strength")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """A sample function with its options bound.
+    """A sampler's spec with options bound.
 
     Attributes:
-      name: the registry name.
-      fn: the ``*_sample`` function.
-      options: the bound options (only those given; the rest take the function's defaults).
+      name: the registry name (a sampler or a preset).
+      spec: the :class:`~jaxdiff.samplers.spec.SamplerSpec`.
+      options: the bound options (only those given, a preset's fixed ones included; the rest
+        take the spec's defaults: :attr:`effective_options`).
       stochastic: whether sampling draws noise (then ``key`` or ``noise`` is required).
     """
 
     name: str
-    fn: Callable
+    spec: SamplerSpec
     options: Mapping[str, Any]
     stochastic: bool
+
+    @property
+    def fn(self):
+        """The ``*_sample`` function (``spec.sample``)."""
+        return self.spec.sample
+
+    @property
+    def effective_options(self) -> dict[str, Any]:
+        """Every option: the spec's defaults updated with the bound ones."""
+        return self.spec.resolve(self.options)
 
     def __call__(
         self,
@@ -131,50 +207,22 @@ class Sampler:
         num_steps: int,
         **kwargs: Any,
     ):
-        """``fn(model_fn, schedule, x_T, key, num_steps=..., **options, **kwargs)``;
-        ``kwargs`` are the call arguments (``noise``, ``return_trajectory``, and ``start_step``
-        for the samplers that can run the tail of their grid: :attr:`supports_start_step`, or
-        ``strength`` for those whose image-to-image grid depends on it (LCM):
-        :attr:`supports_strength`; :func:`jaxdiff.samplers.img2img_kwargs` picks)."""
-        extra = set(kwargs) - {"noise", "return_trajectory", "start_step", "strength"}
+        """``spec.sample(model_fn, schedule, x_T, key, num_steps=..., **options, **kwargs)``;
+        ``kwargs`` are the call arguments every sampler takes: ``noise`` (``[M, B, ...]``, ``M``
+        the steps that run; shape-checked and unused by a deterministic sampler),
+        ``return_trajectory`` and ``strength`` (image-to-image in ``(0, 1]``; 1:
+        text-to-image; :mod:`jaxdiff.samplers.img2img`)."""
+        extra = set(kwargs) - set(_CALL_ARGS)
+        if "start_step" in extra:
+            raise ValueError("start_step is not a call argument: image-to-image is strength= "
+                             "(see jaxdiff.samplers.noise_to_img2img)")
         if extra:
             raise ValueError(
                 f"options are bound by get_sampler; got {sorted(extra)} at call time for "
                 f"sampler {self.name!r}"
             )
-        if kwargs.get("start_step", 0) != 0 and not self.supports_start_step:
-            hint = "; it takes strength (see img2img_kwargs)" if self.supports_strength else ""
-            raise ValueError(
-                f"start_step (image-to-image) is not implemented for sampler {self.name!r}{hint}"
-            )
-        if "start_step" in kwargs and not self.supports_start_step:
-            kwargs = {k: v for k, v in kwargs.items() if k != "start_step"}
-        if kwargs.get("strength", 1.0) != 1.0 and not self.supports_strength:
-            raise ValueError(
-                f"strength is not a call argument of sampler {self.name!r}; it runs "
-                "image-to-image with start_step (see img2img_kwargs)"
-            )
-        if "strength" in kwargs and not self.supports_strength:
-            kwargs = {k: v for k, v in kwargs.items() if k != "strength"}
-        if "noise" in kwargs and "noise" not in inspect.signature(self.fn).parameters:
-            # a deterministic sampler: noise=None is accepted (callers that serve every sampler
-            # pass it), an array is an error rather than silently ignored
-            if kwargs["noise"] is not None:
-                raise ValueError(f"noise: sampler {self.name!r} is deterministic and takes no "
-                                 "noise; pass noise=None")
-            kwargs = {k: v for k, v in kwargs.items() if k != "noise"}
-        return self.fn(model_fn, schedule, x_T, key, num_steps=num_steps, **self.options,
-                       **kwargs)
-
-    @property
-    def supports_start_step(self) -> bool:
-        """Whether ``fn`` takes ``start_step`` (runs the tail of its grid: image-to-image)."""
-        return "start_step" in inspect.signature(self.fn).parameters
-
-    @property
-    def supports_strength(self) -> bool:
-        """Whether ``fn`` takes ``strength`` (image-to-image on a strength-dependent grid: LCM)."""
-        return "strength" in inspect.signature(self.fn).parameters
+        return self.spec.sample(model_fn, schedule, x_T, key, num_steps=num_steps,
+                                **self.options, **kwargs)
 
     def check(self, schedule: Schedule | int, num_steps: int) -> None:
         """Validate sampling ``num_steps`` steps on ``schedule`` (or a linear schedule of that many
@@ -225,7 +273,7 @@ def get_sampler(name: str, **options: Any) -> Sampler:
 
     Args:
       name: one of :func:`sampler_names` (a sampler, or a preset that fixes some options).
-      **options: keyword options of that sampler's ``*_sample`` function (see
+      **options: options of that sampler (:attr:`SamplerSpec.options`, see
         :func:`sampler_options`), e.g. ``eta`` for DDIM, ``solver_order`` for DPM-Solver.
 
     Returns:
@@ -235,18 +283,23 @@ def get_sampler(name: str, **options: Any) -> Sampler:
       ValueError: for an unknown name, an option the sampler does not take, or an invalid value
         (checked by building a small grid with these options).
     """
-    base, fixed = _resolve(name)
-    fn, stochastic = SAMPLERS[base]
+    spec, fixed = _resolve(name)
     accepted = sampler_options(name)
     for opt in options:
         if opt in fixed:
             raise ValueError(
-                f"sampler {name!r} fixes option {opt!r} = {fixed[opt]!r}; use {base!r} to set it"
+                f"sampler {name!r} fixes option {opt!r} = {fixed[opt]!r}; use {spec.name!r} to "
+                "set it"
             )
         if opt not in accepted:
             raise ValueError(
                 f"sampler {name!r} does not take option {opt!r}; it takes: {', '.join(accepted)}"
             )
     options = {**fixed, **options}
-    Sampler(name, fn, options, False).check(1000, 1)  # validates the option values
-    return Sampler(name, fn, options, bool(stochastic(options)))
+    Sampler(name, spec, options, False).check(1000, 1)  # validates the option values
+    return Sampler(name, spec, options, bool(spec.stochastic(spec.resolve(options))))
+
+
+for _module in SAMPLER_MODULES:
+    for _spec in importlib.import_module(f"jaxdiff.samplers.{_module}").SPECS:
+        register_sampler(_spec)

@@ -43,8 +43,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
-from jaxdiff.samplers.driver import check_start_step, checked_model, prepare_x_T, run_scan
+from jaxdiff.samplers.diffusers_names import (
+    THRESHOLD_KEYS,
+    config_key,
+    prediction_option,
+    sigma_schedule_option,
+)
+from jaxdiff.samplers.driver import (
+    check_start_step,
+    checked_model,
+    prepare_x_T,
+    run_scan,
+    strength_start_step,
+)
 from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
+from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
 from jaxdiff.types import ModelFn
@@ -59,6 +72,8 @@ __all__ = [
     "unipc_init",
     "unipc_step",
     "unipc_sample",
+    "UNIPC",
+    "SPECS",
 ]
 
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
@@ -348,8 +363,9 @@ def unipc_sample(
     use_corrector: bool = True,
     disable_corrector: Sequence[int] = (),
     clip_x0: float | None = None,
+    noise: jax.Array | None = None,
     return_trajectory: bool = False,
-    start_step: int = 0,
+    strength: float = 1.0,
 ):
     """Deterministic UniPC sampling from ``x_T: [B, ...]`` in one ``lax.scan``
     (``UniPCMultistepScheduler``; one model evaluation per step).
@@ -374,12 +390,15 @@ def unipc_sample(
       disable_corrector: step indices whose predictor result is not corrected (diffusers' list).
       clip_x0: clip the data prediction to ``[-clip_x0, clip_x0]`` (None: no clipping; only with
         ``predict_x0``).
+      noise: accepted for the common contract: ``[M, B, ...]`` (``M`` the steps that run) is
+        shape-checked and unused (deterministic).
       return_trajectory: also return the path.
-      start_step: run the grid's steps ``start_step .. N - 1`` only, from ``x_T`` noised to
-        ``sigmas[start_step]`` (image-to-image; :mod:`jaxdiff.samplers.img2img`). The history
-        starts empty there: the tail warms up at lower order and its first step has nothing to
-        correct, as diffusers' scheduler after ``set_begin_index``; ``lower_order_final`` still
-        counts the whole grid.
+      strength: image-to-image strength in ``(0, 1]``: run the grid's steps ``s .. N - 1``
+        only, ``s = num_steps - int(num_steps * strength)``, from ``x_T`` noised to
+        ``sigmas[s]`` (:func:`jaxdiff.samplers.noise_to_img2img`). The history starts empty
+        there: the tail warms up at lower order and its first step has nothing to correct, as
+        diffusers' scheduler after ``set_begin_index``; ``lower_order_final`` still counts the
+        whole grid. 1 (the default) is text-to-image.
 
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
@@ -404,7 +423,7 @@ def unipc_sample(
     orders, corrects = unipc_orders(sigmas, solver_order, lower_order_final=lower_order_final,
                                     disable_corrector=disable_corrector,
                                     use_corrector=use_corrector)
-    start = check_start_step(start_step, len(ts))
+    start = check_start_step(strength_start_step(num_steps, strength), len(ts))
     # warm-up counted from the first step that runs; that step has no predictor to correct.
     # `idx > start` is already implied by the state (unipc_init's last_order = 0 at the first
     # step that runs, and unipc_step corrects only where last_order > 0): kept so that
@@ -424,4 +443,57 @@ def unipc_sample(
         )
 
     return run_scan(body, unipc_init(x_T, solver_order), x_T, key, len(ts), stochastic=False,
-                    return_trajectory=return_trajectory, start_step=start)
+                    noise=noise, return_trajectory=return_trajectory, start_step=start)
+
+
+def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
+          steps_offset: int = 0, final_sigmas_type: str = "zero",
+          sigma_schedule: str = "discrete", **_) -> Grid:
+    return unipc_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                           final_sigmas_type=final_sigmas_type, sigma_schedule=sigma_schedule)
+
+
+UNIPC = SamplerSpec(
+    name="unipc",
+    sample=unipc_sample,
+    grid=_grid,
+    options=dict(solver_order=2, solver_type="bh2", predict_x0=True, prediction_type="eps",
+                 spacing="linspace", steps_offset=0, sigma_schedule="discrete",
+                 lower_order_final=True, final_sigmas_type="zero", use_corrector=True,
+                 disable_corrector=(), clip_x0=None),
+    noise_space="sigma_vp",
+    stochastic=lambda o: False,
+    # UniPC's two B(h) variants (diffusers' UniPCMultistepScheduler solver_type).
+    presets=dict(unipc_bh1=dict(solver_type="bh1"), unipc_bh2=dict(solver_type="bh2")),
+    diffusers=DiffusersTwin(
+        "UniPCMultistepScheduler",
+        defaults=dict(solver_order=2, prediction_type="epsilon", thresholding=False,
+                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0, predict_x0=True,
+                      solver_type="bh2", lower_order_final=True, disable_corrector=[],
+                      solver_p=None, use_karras_sigmas=False, use_exponential_sigmas=False,
+                      use_beta_sigmas=False, use_flow_sigmas=False, flow_shift=1.0,
+                      timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero",
+                      use_dynamic_shifting=False, time_shift_type="exponential", sigma_min=None,
+                      sigma_max=None, shift_terminal=None),
+        options=dict(
+            solver_order=config_key("solver_order"),
+            # diffusers rewrites the DPM-Solver names to bh2 (with a warning)
+            solver_type=lambda c: ("bh2" if c["solver_type"] in ("midpoint", "heun", "logrho")
+                                   else c["solver_type"]),
+            predict_x0=config_key("predict_x0"),
+            prediction_type=prediction_option,
+            spacing=config_key("timestep_spacing"),
+            steps_offset=config_key("steps_offset"),
+            sigma_schedule=lambda c: sigma_schedule_option(c, "UniPCMultistepScheduler"),
+            lower_order_final=config_key("lower_order_final"),
+            final_sigmas_type=config_key("final_sigmas_type"),
+            disable_corrector=lambda c: tuple(c["disable_corrector"] or ()),
+        ),
+        must_be=dict(thresholding=(False,), use_flow_sigmas=(False,), solver_p=(None,),
+                     use_dynamic_shifting=(False,), shift_terminal=(None,), sigma_min=(None,),
+                     sigma_max=(None,)),
+        no_effect=THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
+        zero_snr_floor=True,
+    ),
+)
+SPECS = (UNIPC,)
