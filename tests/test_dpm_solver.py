@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion as D
+from jaxdiff.convert import sampler_options_from_diffusers_config
 from jaxdiff.samplers import get_sampler
 from jaxdiff.samplers.dpm_solver import (
     DPMSolverState,
     dpm_solver_init,
-    dpm_solver_options_from_diffusers,
     dpm_solver_sample,
     dpm_solver_step,
     dpm_solver_timesteps,
@@ -154,6 +154,12 @@ def test_bad_multistep_options_name_the_argument(kwargs, match):
         dpm_solver_sample(lambda x, t: x, SCHED, jnp.ones((2, 3)), None, num_steps=10, **kwargs)
 
 
+def dpm_solver_options_from_diffusers(config):
+    """The DPM-Solver options of a DPMSolverMultistepScheduler config (its spec's twin)."""
+    return sampler_options_from_diffusers_config(
+        {**config, "_class_name": "DPMSolverMultistepScheduler"})
+
+
 @pytest.mark.parametrize(
     "config, match",
     [
@@ -175,6 +181,8 @@ def test_options_from_diffusers_maps_flags():
     assert o["sigma_schedule"] == "discrete" and o["algorithm_type"] == "dpmsolver++"
     assert dpm_solver_options_from_diffusers(dict(use_karras_sigmas=True, use_lu_lambdas=True))[
         "sigma_schedule"] == "karras"  # set_timesteps checks Karras first
+    assert dpm_solver_options_from_diffusers(dict(use_exponential_sigmas=True,
+                                                  use_lu_lambdas=True))["sigma_schedule"] == "lu"
     o = dpm_solver_options_from_diffusers(dict(use_exponential_sigmas=True,
                                                beta_schedule="squaredcos_cap_v2",
                                                algorithm_type="deis", solver_type="bh2"))

@@ -83,10 +83,10 @@ def test_lcm_step_needs_noise_unless_last():
     (dict(prediction_type="x0"), "prediction_type"),
     (dict(sigma_schedule="beta"), "sigma_schedule"),
     (dict(final_sigmas_type="one"), "final_sigmas_type"),
-    (dict(S_churn=-1.0), "S_churn"),
-    (dict(S_tmin=-1.0), "S_tmin"),
-    (dict(S_tmax=float("nan")), "S_tmax"),
-    (dict(S_noise=-0.5), "S_noise"),
+    (dict(s_churn=-1.0), "s_churn"),
+    (dict(s_tmin=-1.0), "s_tmin"),
+    (dict(s_tmax=float("nan")), "s_tmax"),
+    (dict(s_noise=-0.5), "s_noise"),
     (dict(num_steps=0), "num_steps"),
 ])
 def test_edm_rejects_bad_options(options, match):
@@ -97,10 +97,10 @@ def test_edm_rejects_bad_options(options, match):
 
 def test_edm_needs_a_key_only_with_churn():
     with pytest.raises(ValueError, match="key"):
-        edm_sample(edm_model, x_T(80.0), None, num_steps=4, S_churn=1.0)
+        edm_sample(edm_model, x_T(80.0), None, num_steps=4, s_churn=1.0)
     edm_sample(edm_model, x_T(80.0), None, num_steps=4)  # deterministic
     # Churn confined to a window that no sigma falls in: deterministic again.
-    edm_sample(edm_model, x_T(80.0), None, num_steps=4, S_churn=1.0, S_tmin=1e3, S_tmax=1e4)
+    edm_sample(edm_model, x_T(80.0), None, num_steps=4, s_churn=1.0, s_tmin=1e3, s_tmax=1e4)
     with pytest.raises(ValueError, match="noise"):
         den = lambda x, s: x  # noqa: E731
         edm_step(den, x_T(), 1.0, 0.5, None, gamma=0.1)
@@ -142,7 +142,7 @@ def test_lcm_key_folding():
 def test_edm_key_folding():
     key, n = jax.random.key(7), 5
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), SHAPE) for i in range(n)])
-    opts = dict(num_steps=n, S_churn=3.0, S_noise=1.003)
+    opts = dict(num_steps=n, s_churn=3.0, s_noise=1.003)
     a = edm_sample(edm_model, x_T(80.0), key, **opts)
     b = edm_sample(edm_model, x_T(80.0), None, noise=noise, **opts)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -164,7 +164,7 @@ def test_float32_carry_with_a_bf16_model(x_dtype):
                              return_trajectory=True)
     assert xs.dtype == jnp.float32 and dens.dtype == jnp.float32
     _, xs, dens = edm_sample(edm_bf16, x_T(80.0, x_dtype), jax.random.key(0), num_steps=3,
-                             S_churn=1.0, return_trajectory=True)
+                             s_churn=1.0, return_trajectory=True)
     assert xs.dtype == jnp.float32 and dens.dtype == jnp.float32
 
 
@@ -175,7 +175,7 @@ def test_compile_once():
     def run(w, x, key):
         traces.append(1)
         a = lcm_sample(lambda x, t: w * x, SCHED, x, key, num_steps=4)
-        b = edm_sample(lambda x, c: w * x, x * 80.0, key, num_steps=4, S_churn=1.0)
+        b = edm_sample(lambda x, c: w * x, x * 80.0, key, num_steps=4, s_churn=1.0)
         return a, b
 
     run(0.1, jnp.ones(SHAPE), jax.random.key(0))

@@ -1,7 +1,9 @@
 """The sampler contract: the registry, the shared scan driver, the DPM-Solver step function, and
-the argument checks every sampler shares (jaxdiff.samplers' module docstring)."""
+the argument checks every sampler shares (jaxdiff.samplers' module docstring). The specs
+themselves (declared options = the sample functions' keywords, a toy sampler added through one
+spec) are tested in test_sampler_spec.py."""
 
-import inspect
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +24,11 @@ from jaxdiff.samplers import (
     dpm_solver_step,
     dpm_solver_timesteps,
     get_sampler,
+    register_sampler,
     sampler_names,
     sampler_options,
+    sampler_spec,
+    unregister_sampler,
 )
 from jaxdiff.schedules import make_schedule
 from jaxdiff.validation import check_array, check_bool, check_float, check_int
@@ -38,18 +43,6 @@ def model(x, t):
 
 def x_T():
     return jax.random.normal(jax.random.key(0), SHAPE)
-
-
-def test_every_sampler_has_the_contract_signature():
-    """``(model_fn, schedule, x_T, key, *, num_steps, ...)`` with ``return_trajectory``."""
-    for name in sampler_names():
-        fn = get_sampler(name).fn
-        params = list(inspect.signature(fn).parameters.values())
-        assert [p.name for p in params[:4]] == ["model_fn", "schedule", "x_T", "key"], name
-        kw = inspect.signature(fn).parameters
-        assert kw["num_steps"].kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert kw["num_steps"].default is inspect.Parameter.empty, name  # required everywhere
-        assert "return_trajectory" in kw, name
 
 
 @pytest.mark.parametrize("name, direct, options", [
@@ -236,20 +229,26 @@ def test_forward_process_accepts_lists():
         q_sample(SCHED, "abc", [3], noise)
 
 
-def test_presets_fix_options(monkeypatch):
-    from jaxdiff.samplers import registry
-
-    monkeypatch.setitem(registry.PRESETS, "ddim_eta1", ("ddim", {"eta": 1.0}))
-    assert "ddim_eta1" in sampler_names()
-    assert "eta" not in sampler_options("ddim_eta1")
-    s = get_sampler("ddim_eta1", clip_x0=1.0)
-    assert s.options == {"eta": 1.0, "clip_x0": 1.0} and s.stochastic
-    with pytest.raises(ValueError, match="fixes option 'eta'"):
-        get_sampler("ddim_eta1", eta=0.0)
-    key = jax.random.key(1)
-    np.testing.assert_array_equal(
-        np.asarray(s(model, SCHED, x_T(), key, num_steps=5)),
-        np.asarray(ddim_sample(model, SCHED, x_T(), key, num_steps=5, eta=1.0, clip_x0=1.0)))
+def test_presets_fix_options():
+    """A spec's presets: fixed options, not overridable, registered and unregistered with it."""
+    ddim = sampler_spec("ddim")
+    spec = dataclasses.replace(ddim, name="ddim_copy", presets={"ddim_eta1": {"eta": 1.0}},
+                               diffusers=None)
+    register_sampler(spec)
+    try:
+        assert sampler_names()[-1] == "ddim_eta1" and "ddim_copy" in sampler_names()
+        assert "eta" not in sampler_options("ddim_eta1")
+        s = get_sampler("ddim_eta1", clip_x0=1.0)
+        assert s.options == {"eta": 1.0, "clip_x0": 1.0} and s.stochastic and s.spec is spec
+        with pytest.raises(ValueError, match="fixes option 'eta'"):
+            get_sampler("ddim_eta1", eta=0.0)
+        key = jax.random.key(1)
+        np.testing.assert_array_equal(
+            np.asarray(s(model, SCHED, x_T(), key, num_steps=5)),
+            np.asarray(ddim_sample(model, SCHED, x_T(), key, num_steps=5, eta=1.0, clip_x0=1.0)))
+    finally:
+        unregister_sampler("ddim_copy")
+    assert "ddim_eta1" not in sampler_names() and "ddim_copy" not in sampler_names()
 
 
 @pytest.mark.parametrize("name, per_step", [("ddim", 1), ("dpmpp_2m_karras", 1), ("unipc", 1),
@@ -270,15 +269,20 @@ def test_model_evaluations_counts_the_model_calls(name, per_step):
     assert len(calls) == per_step  # the scan body holds per_step model calls
 
 
-@pytest.mark.parametrize("name", ["unipc", "heun", "kdpm2", "dpmpp_2m"])
-def test_registry_accepts_noise_none_for_every_sampler(name):
-    """Callers serving every sampler (the pipeline) pass ``noise=None``; a deterministic sampler
-    without a ``noise`` argument accepts that, and rejects a real array by name."""
+@pytest.mark.parametrize("name", ["unipc", "heun", "kdpm2", "dpmpp_2m", "ddim", "euler"])
+def test_deterministic_samplers_take_noise_uniformly(name):
+    """Callers serving every sampler (the pipeline) pass ``noise``; a deterministic sampler
+    accepts ``None`` or an array of the right shape (unused: the same result), and rejects a
+    mis-shaped one by name, as the stochastic ones do."""
     sched = make_schedule("linear", 100)
     s, x = get_sampler(name), jnp.ones((1, 3))
+    assert not s.stochastic
     model = lambda x, t: 0.1 * x  # noqa: E731
+    want = np.asarray(s(model, sched, x, None, num_steps=4))
     np.testing.assert_array_equal(np.asarray(s(model, sched, x, None, num_steps=4, noise=None)),
-                                  np.asarray(s(model, sched, x, None, num_steps=4)))
-    if "noise" not in inspect.signature(s.fn).parameters:
-        with pytest.raises(ValueError, match="noise.*deterministic"):
-            s(model, sched, x, None, num_steps=4, noise=jnp.zeros((4, 1, 3)))
+                                  want)
+    z = jax.random.normal(jax.random.key(0), (4, 1, 3))
+    np.testing.assert_array_equal(np.asarray(s(model, sched, x, None, num_steps=4, noise=z)),
+                                  want)
+    with pytest.raises(ValueError, match=r"noise must have shape"):
+        s(model, sched, x, None, num_steps=4, noise=jnp.zeros((3, 1, 3)))

@@ -4,8 +4,8 @@
 Both sides run the analytic stand-in model of test_sampler_parity.py and, for the ``sde-*``
 algorithms, the same noise: diffusers' ``randn_tensor`` is patched to return the arrays jaxdiff
 draws (from ``fold_in(key, i)``) or is given (``noise=[N, B, ...]``). jaxdiff's options come from
-:func:`dpm_solver_options_from_diffusers` applied to the scheduler's config, so the mapping is
-tested with the arithmetic.
+:func:`jaxdiff.convert.sampler_options_from_diffusers_config` applied to the scheduler's config
+(the DPM-Solver spec's diffusers twin), so the mapping is tested with the arithmetic.
 
 Both sides use the same float32 ``alphas_cumprod`` (jaxdiff's, patched into the scheduler before
 ``set_timesteps``, as test_sampler_parity.py does). With diffusers' own, a float32 cumprod, the
@@ -41,11 +41,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_dpmsolver_multistep
 
-from jaxdiff.samplers.dpm_solver import (
-    dpm_solver_options_from_diffusers,
-    dpm_solver_sample,
-    dpm_solver_timesteps,
-)
+from jaxdiff.convert import sampler_options_from_diffusers_config
+from jaxdiff.samplers.dpm_solver import dpm_solver_sample, dpm_solver_timesteps
 from jaxdiff.schedules import make_schedule
 from tests.parity.test_sampler_parity import DIFFUSERS_PRED, standin
 
@@ -122,7 +119,8 @@ def _run_pair(name, n, cfg, noise_source, monkeypatch):
     ref = _ref(name, cfg)
     ref.set_timesteps(n)
     ref.set_begin_index(0)
-    opts = dpm_solver_options_from_diffusers(ref.config)
+    opts = sampler_options_from_diffusers_config(
+        {**ref.config, "_class_name": "DPMSolverMultistepScheduler"})
     sched = SCHEDULES[name]
     grid_opts = {k: opts[k] for k in ("spacing", "steps_offset", "final_sigmas_type",
                                        "lambda_min_clipped", "sigma_schedule", "round_timesteps")}

@@ -180,12 +180,12 @@ def test_euler_with_churn_matches_edm_euler_scheduler(churn_name, monkeypatch):
         lambda shape, **kw: torch.from_numpy(noise[sched.step_index]),
     )
     ref_xs, ref_dens, sigmas = _ref_euler(sched, n, x_T, noise, churn)
-    gammas = edm_churn(sigmas, S_churn=churn["s_churn"], S_tmin=churn["s_tmin"],
-                       S_tmax=churn["s_tmax"])
+    gammas = edm_churn(sigmas, s_churn=churn["s_churn"], s_tmin=churn["s_tmin"],
+                       s_tmax=churn["s_tmax"])
     assert 0 < (gammas > 0).sum() <= n  # the churn is active on some steps
     ours = edm_sample(
-        jax_model, x_T, None, num_steps=n, solver="euler", S_churn=churn["s_churn"],
-        S_tmin=churn["s_tmin"], S_tmax=churn["s_tmax"], S_noise=churn["s_noise"],
+        jax_model, x_T, None, num_steps=n, solver="euler", s_churn=churn["s_churn"],
+        s_tmin=churn["s_tmin"], s_tmax=churn["s_tmax"], s_noise=churn["s_noise"],
         noise=noise, return_trajectory=True, **grid,
     )
     _compare(ours, ref_xs, ref_dens, sigmas)

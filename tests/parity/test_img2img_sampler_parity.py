@@ -1,4 +1,4 @@
-"""Samplers over the tail of their grid (``start_step``, image-to-image) against diffusers'
+"""Samplers over the tail of their grid (image-to-image through ``strength``) against diffusers'
 img2img recipe: ``set_timesteps``, keep ``timesteps[t_start * order:]``, ``set_begin_index``,
 ``add_noise`` at the first kept timestep, then the scheduler loop. A linear toy model, float32.
 
@@ -23,11 +23,11 @@ from jaxdiff.convert.diffusers_scheduler import (  # noqa: E402
     schedule_from_diffusers_config,
 )
 from jaxdiff.samplers import (  # noqa: E402
+    check_strength,
     get_sampler,
-    img2img_kwargs,
+    img2img_start_step,
     lcm_timesteps,
     noise_to_img2img,
-    noise_to_start,
     sampler_options,
     strength_start_step,
 )
@@ -95,39 +95,39 @@ def test_tail_matches_diffusers_img2img(cls, extra, prediction_type, monkeypatch
     sampler = sampler_from_diffusers_config(config)
     schedule = schedule_from_diffusers_config(config)
     s = strength_start_step(n, strength)
-    assert s == t_start
-    x_s = noise_to_start(sampler, schedule, n, s, jnp.asarray(x0), jnp.asarray(noise))
+    assert s == t_start == img2img_start_step(sampler, schedule, n, strength)
+    x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), strength)
     np.testing.assert_allclose(np.asarray(x_s), start_ref, atol=2e-5, rtol=1e-5)
     kwargs = {} if step_noise is None else {"noise": jnp.asarray(step_noise)}
     if step_noise is not None:  # every step of the tail but the last draws (the last: t = 1 > 0
         # for DDPM with steps_offset=1; KDPM2 ancestral adds none on its last step)
         assert len(calls) == (n - s if cls == "DDPMScheduler" else n - s - 1), calls
-    out = sampler(_toy, schedule, x_s, None, num_steps=n, start_step=s, **kwargs)
+    out = sampler(_toy, schedule, x_s, None, num_steps=n, strength=strength, **kwargs)
     np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
 
 
-def test_start_step_zero_is_the_full_run_and_errors():
+def test_strength_one_is_the_full_run_and_errors():
     sched = make_schedule("linear", 100)
     x = jnp.ones((1, 3))
     for name in ("ddim", "dpm_solver", "euler", "unipc", "heun", "kdpm2"):
         s = get_sampler(name)
         np.testing.assert_array_equal(np.asarray(s(_toy, sched, x, None, num_steps=5)),
                                       np.asarray(s(_toy, sched, x, None, num_steps=5,
-                                                   start_step=0)))
-        with pytest.raises(ValueError, match="start_step"):
-            s(_toy, sched, x, None, num_steps=5, start_step=5)
-    with pytest.raises(ValueError, match="start_step.*'lcm'.*strength"):
-        get_sampler("lcm")(_toy, sched, x, None, num_steps=5, start_step=2)
-    with pytest.raises(ValueError, match="'lcm' takes no start_step.*strength"):
-        noise_to_start(get_sampler("lcm"), sched, 5, 1, x, x)
+                                                   strength=1.0)))
+        with pytest.raises(ValueError, match="strength=0.1 keeps no step"):
+            s(_toy, sched, x, None, num_steps=5, strength=0.1)
+        with pytest.raises(ValueError, match="start_step is not a call argument.*strength"):
+            s(_toy, sched, x, None, num_steps=5, start_step=2)
     with pytest.raises(ValueError, match="strength"):
         strength_start_step(4, 0.1)
     with pytest.raises(ValueError, match="strength"):
         strength_start_step(4, 1.5)
     # a stochastic tail takes noise for the steps that run
     anc = get_sampler("euler_ancestral")
-    out = anc(_toy, sched, x, None, num_steps=5, start_step=3, noise=jnp.zeros((2, 1, 3)))
+    out = anc(_toy, sched, x, None, num_steps=5, strength=0.4, noise=jnp.zeros((2, 1, 3)))
     assert out.shape == (1, 3)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        anc(_toy, sched, x, None, num_steps=5, strength=0.4, noise=jnp.zeros((5, 1, 3)))
 
 
 # n, strength, original_inference_steps, prediction type, clip_sample
@@ -172,57 +172,54 @@ def test_lcm_matches_diffusers_lcm_img2img(n, strength, orig, prediction_type, c
 
     sampler = sampler_from_diffusers_config(config)
     schedule = schedule_from_diffusers_config(config)
-    kw = img2img_kwargs(sampler, schedule, n, strength)
-    assert kw == {"strength": strength}
+    assert img2img_start_step(sampler, schedule, n, strength) == 0  # all n steps run
     grid = lcm_timesteps(schedule, n, original_inference_steps=orig, strength=strength)
     np.testing.assert_array_equal(grid.timesteps, timesteps.numpy())
     if (n, strength) == (4, 0.5):  # not the tail of the text-to-image grid
         full = lcm_timesteps(schedule, n, original_inference_steps=orig).timesteps
         assert list(full[strength_start_step(n, strength):]) == [499, 259]
         assert list(grid.timesteps) == [499, 379, 259, 139]
-    x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), **kw)
+    x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), strength)
     np.testing.assert_allclose(np.asarray(x_s), start_ref, atol=2e-5, rtol=1e-5)
-    out = sampler(_toy, schedule, x_s, None, num_steps=n, noise=jnp.asarray(step_noise), **kw)
+    out = sampler(_toy, schedule, x_s, None, num_steps=n, noise=jnp.asarray(step_noise),
+                  strength=strength)
     err = float(np.abs(np.asarray(out) - ref).max())
     print(f"lcm img2img n={n} strength={strength}: max abs err {err:.2e}")
     np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
 
 
-def test_img2img_kwargs_errors():
+def test_strength_errors():
     sched = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
     lcm, ddim = get_sampler("lcm"), get_sampler("ddim")
     x = jnp.ones((1, 3))
-    assert img2img_kwargs(ddim, sched, 5, 0.6) == {"start_step": 2}
-    assert lcm.supports_strength and not lcm.supports_start_step and not ddim.supports_strength
+    assert check_strength(ddim, sched, 5, 0.6) == 0.6
+    assert img2img_start_step(ddim, sched, 5, 0.6) == 2
     assert "strength" not in sampler_options("lcm")  # a call argument, not a bound option
-    assert img2img_kwargs(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.45) == {
-        "strength": 0.45}
+    assert check_strength(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.45) == 0.45
     # too few distillation timesteps: int(50 * 0.05) = 2 < 4 (diffusers raises as well)
     with pytest.raises(ValueError, match=r"strength=0.05 keeps .* = 2 .*num_steps=4"):
-        img2img_kwargs(lcm, sched, 4, 0.05)
+        check_strength(lcm, sched, 4, 0.05)
     with pytest.raises(ValueError, match=r"strength >= 0.4 or num_steps <= 3"):
-        img2img_kwargs(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.35)
+        check_strength(get_sampler("lcm", original_inference_steps=10), sched, 4, 0.35)
     with pytest.raises(ValueError, match=r"strength >= 0.2901 or num_steps <= 28"):
-        img2img_kwargs(get_sampler("lcm", original_inference_steps=100), sched, 29, 0.29)
+        check_strength(get_sampler("lcm", original_inference_steps=100), sched, 29, 0.29)
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="strength"):
-            img2img_kwargs(lcm, sched, 2, bad)
+            check_strength(lcm, sched, 2, bad)
+        with pytest.raises(ValueError, match="strength"):
+            check_strength(ddim, sched, 2, bad)
     with pytest.raises(ValueError, match="num_steps"):
-        img2img_kwargs(lcm, sched, 0, 0.5)
+        check_strength(lcm, sched, 0, 0.5)
     with pytest.raises(ValueError, match="num_steps"):  # the sampler itself, same rule
         lcm(_toy, sched, x, None, num_steps=4, strength=0.05, noise=jnp.zeros((4, 1, 3)))
     with pytest.raises(ValueError, match="strength"):
         lcm(_toy, sched, x, None, num_steps=1, strength=1.5)
-    with pytest.raises(ValueError, match="exactly one of start_step and strength"):
-        noise_to_img2img(lcm, sched, 4, x, x)
-    with pytest.raises(ValueError, match="exactly one of start_step and strength"):
-        noise_to_img2img(lcm, sched, 4, x, x, start_step=1, strength=0.5)
-    with pytest.raises(ValueError, match="strength: sampler 'ddim' starts .* by start_step"):
-        noise_to_img2img(ddim, sched, 4, x, x, strength=0.5)
-    with pytest.raises(ValueError, match="strength is not a call argument of sampler 'ddim'"):
-        ddim(_toy, sched, x, None, num_steps=4, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        noise_to_img2img(lcm, sched, 4, x, x, 0.05)
+    with pytest.raises(ValueError, match="strength=0.1 keeps no step"):
+        noise_to_img2img(ddim, sched, 4, x, x, 0.1)
     with pytest.raises(ValueError, match="noise must have x0's shape"):
-        noise_to_img2img(lcm, sched, 4, x, jnp.ones((2, 3)), strength=0.5)
+        noise_to_img2img(lcm, sched, 4, x, jnp.ones((2, 3)), 0.5)
     # strength=1 is text-to-image for both kinds of sampler
     np.testing.assert_array_equal(
         np.asarray(ddim(_toy, sched, x, None, num_steps=3, strength=1.0)),
