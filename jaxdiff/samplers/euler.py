@@ -334,10 +334,10 @@ def euler_ancestral_sample(
     """Sample with Euler ancestral (``EulerAncestralDiscreteScheduler``) in one ``lax.scan``.
 
     Arguments, returns and errors as :func:`euler_sample` (the sigma-space contract), except:
-    always stochastic (``key`` or ``noise [num_steps, B, ...]`` is required; step ``i`` uses
-    ``noise[i]``, the last one scaled by ``sigma_up = 0``); ``sigma_schedule`` other than
-    ``"discrete"`` (diffusers' scheduler has only that) uses the same Karras / exponential / beta
-    grids as :func:`euler_sample`; the final sigma is 0.
+    always stochastic (``key`` or ``noise [M, B, ...]`` is required, ``M`` the steps that run;
+    step ``i`` uses ``noise[i]``, the last one scaled by ``sigma_up = 0``); ``sigma_schedule``
+    other than ``"discrete"`` (diffusers' scheduler has only that) uses the same Karras /
+    exponential / beta grids as :func:`euler_sample`; the final sigma is 0.
     """
     kind = canonical_prediction_type(prediction_type)
     grid = euler_timesteps(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
