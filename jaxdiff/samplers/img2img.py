@@ -32,11 +32,12 @@ same ``strength``; the recipe is the same for every sampler::
     >>> for name in ("ddim", "lcm"):
     ...     s = get_sampler(name)
     ...     x = noise_to_img2img(s, sched, 4, jnp.zeros((1, 4)), jnp.ones((1, 4)), 0.5)
-    ...     z = jnp.zeros((4, 1, 4))  # LCM's re-noising noise (all 4 steps run)
-    ...     print(name, s(lambda x, t: 0.1 * x, sched, x, num_steps=4, noise=z,
-    ...                   strength=0.5).shape)
-    ddim (1, 4)
-    lcm (1, 4)
+    ...     m = 4 - img2img_start_step(s, sched, 4, 0.5)  # the steps that run
+    ...     z = jnp.zeros((m, 1, 4))  # per-step noise (LCM re-noises; unused by DDIM, eta = 0)
+    ...     out = s(lambda x, t: 0.1 * x, sched, x, num_steps=4, noise=z, strength=0.5)
+    ...     print(name, m, out.shape)
+    ddim 2 (1, 4)
+    lcm 4 (1, 4)
 """
 
 from __future__ import annotations
