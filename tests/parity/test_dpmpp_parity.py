@@ -44,9 +44,8 @@ from diffusers.schedulers import scheduling_dpmsolver_multistep
 from jaxdiff.convert import sampler_options_from_diffusers_config
 from jaxdiff.samplers.dpm_solver import dpm_solver_sample, dpm_solver_timesteps
 from jaxdiff.schedules import make_schedule
-from tests.parity.test_sampler_parity import DIFFUSERS_PRED, standin
+from tests.parity.test_sampler_parity import standin
 
-JAXDIFF_PRED = {v: k for k, v in DIFFUSERS_PRED.items()}
 TOL = 1e-5
 TOL_SDE_NOISE_PRED = 1e-4
 SHAPE = (2, 3, 6, 6)  # NCHW on the torch side; the stand-in is elementwise
@@ -141,7 +140,7 @@ def _run_pair(name, n, cfg, noise_source, monkeypatch):
     monkeypatch.setattr(scheduling_dpmsolver_multistep, "randn_tensor",
                         lambda shape, **kw: next(torch_noise))
 
-    pred = JAXDIFF_PRED[opts["prediction_type"]]
+    pred = opts["prediction_type"]  # jaxdiff's name ("eps", "x0", "v")
     acp_t = torch.from_numpy(np.array(sched.alphas_cumprod))
     x = torch.from_numpy(x_T)
     ref_traj = [x.numpy()]
