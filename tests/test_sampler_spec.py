@@ -20,6 +20,7 @@ from jaxdiff.convert import (
     scheduler_classes,
     scheduler_to_diffusers,
 )
+from jaxdiff.pipelines.loading import choose_sampler
 from jaxdiff.samplers import (
     DiffusersTwin,
     SamplerSpec,
@@ -114,6 +115,8 @@ def test_a_toy_sampler_is_one_spec(toy):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="strength=0.1 keeps no step"):
         check_strength(s, SCHED, 5, 0.1)
+    # A Stable Diffusion folder's prediction type goes to the samplers that declare the option.
+    assert choose_sampler("toy", None, {"prediction_type": "v_prediction"}).options == {}
     # The diffusers export refuses it, naming it and those that have a twin.
     with pytest.raises(ValueError, match=r"sampler 'toy' has no diffusers scheduler class "
                                          r"\(those with one: .*'ddim'"):

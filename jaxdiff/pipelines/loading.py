@@ -43,7 +43,7 @@ from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
-from jaxdiff.samplers.registry import Sampler, get_sampler
+from jaxdiff.samplers.registry import Sampler, get_sampler, sampler_spec
 from jaxdiff.schedules import Schedule
 from jaxdiff.text.tokenizer import CLIPTokenizer
 
@@ -293,10 +293,11 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
 def choose_sampler(name: str, options: Mapping[str, Any] | None,
                    scheduler_config: Mapping[str, Any]) -> Sampler:
     """``get_sampler(name, **options)`` with the scheduler config's ``prediction_type`` unless
-    ``options`` sets one (every registered sampler takes ``prediction_type``)."""
+    ``options`` sets one (for samplers that declare the option: all the built-in ones)."""
     options = dict(options or {})
     pred = scheduler_config.get("prediction_type", "epsilon")
-    options.setdefault("prediction_type", PREDICTION_FROM_DIFFUSERS.get(pred, pred))
+    if "prediction_type" in sampler_spec(name).options:
+        options.setdefault("prediction_type", PREDICTION_FROM_DIFFUSERS.get(pred, pred))
     return get_sampler(name, **options)
 
 

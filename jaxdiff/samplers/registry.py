@@ -6,9 +6,14 @@ export).
 A new sampler is one file plus one line:
 
 1. write ``jaxdiff/samplers/NAME.py`` with its grid (``NAME_timesteps``), step and sample
-   functions (the contract of :mod:`jaxdiff.samplers`), and at its bottom its spec(s) and
-   ``SPECS = (NAME_SPEC, ...)`` (see :mod:`jaxdiff.samplers.spec`; :mod:`jaxdiff.samplers.ddim`
-   is a short example, :mod:`jaxdiff.samplers.dpm_solver` one with presets);
+   functions (the contract of :mod:`jaxdiff.samplers`: the sample function takes ``noise=None``,
+   ``return_trajectory=False`` and ``strength=1.0``; a ``"tail"`` sampler computes ``start =
+   strength_start_step(num_steps, strength)`` and passes it to the driver's ``run_scan``, which
+   also shape-checks ``noise`` for a deterministic one), and at its bottom its spec(s) and
+   ``SPECS = (NAME_SPEC, ...)`` (:mod:`jaxdiff.samplers.spec`: a small grid adapter, the options
+   with their defaults, the noise space, presets, the diffusers twin written with
+   :mod:`jaxdiff.samplers.diffusers_names`; :mod:`jaxdiff.samplers.ddim` is a short example,
+   :mod:`jaxdiff.samplers.dpm_solver` one with presets);
 2. add ``"NAME"`` to :data:`SAMPLER_MODULES` below.
 
 Its name and presets are then in :func:`sampler_names` (so in every ``--sampler`` flag), it runs
