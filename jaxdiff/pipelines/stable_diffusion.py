@@ -2,10 +2,10 @@
 
 Tokenisation runs on the host; text encoding, the whole denoising ``lax.scan`` (classifier-free
 guidance as one batched UNet call per step) and the VAE decode run in one ``jax.jit``, compiled
-once per (image size, steps, sampler, batch size, guidance on/off, img2img strength): prompts,
-seeds, guidance scales and initial latents change without recompiling. The batch is sharded over
-a device mesh's ``data`` axis (:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the
-device count.
+once per (image size, steps, sampler, batch size, guidance on/off, img2img start step, or LCM's
+img2img strength): prompts, seeds, guidance scales and initial latents change without
+recompiling. The batch is sharded over a device mesh's ``data`` axis
+(:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the device count.
 
     sd = load_stable_diffusion("path/to/stable-diffusion-v1-5")
     out = generate(sd, "a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)
@@ -39,7 +39,7 @@ from jaxdiff.models.clip_text import CLIPTextModel
 from jaxdiff.models.unet import UNet
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.samplers.guidance import classifier_free_guidance
-from jaxdiff.samplers.img2img import check_strength, noise_to_img2img
+from jaxdiff.samplers.img2img import check_strength, img2img_key, noise_to_img2img
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
 from jaxdiff.validation import check_float, check_int
@@ -364,7 +364,7 @@ def generate(
         put(_pad(image, pad), data), put(key, repl),
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
     )
-    start = None if img2img is None else tuple(sorted(img2img.items()))
+    start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
     static = (sampler.name, repr(sorted(sampler.options.items())), steps, cfg, phi > 0, start,
               bool(sample_posterior), latent_shape, id(mesh), skip)
     program = sd.compiled.get(static)

@@ -80,6 +80,7 @@ from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
 from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
 from jaxdiff.samplers.img2img import (
     check_strength,
+    img2img_key,
     img2img_start_step,
     noise_to_img2img,
     sampler_grid,
@@ -134,6 +135,7 @@ __all__ = [
     "heun_step",
     "heun_timesteps",
     "check_strength",
+    "img2img_key",
     "img2img_start_step",
     "noise_to_img2img",
     "sampler_grid",

@@ -54,7 +54,7 @@ from jaxdiff.schedules import Schedule
 from jaxdiff.validation import check_float, check_int
 
 __all__ = ["strength_start_step", "sampler_grid", "img2img_start_step", "check_strength",
-           "noise_to_img2img"]
+           "img2img_key", "noise_to_img2img"]
 
 
 def _sampler(sampler) -> Sampler:
@@ -107,6 +107,18 @@ def check_strength(sampler: Sampler, schedule: Schedule, num_steps: int,
     the errors of :func:`img2img_start_step`."""
     img2img_start_step(sampler, schedule, num_steps, strength)
     return float(strength)
+
+
+def img2img_key(sampler: Sampler, schedule: Schedule, num_steps: int, strength: float) -> tuple:
+    """What image-to-image sampling with ``strength`` depends on, besides the sampler, schedule and
+    ``num_steps``: ``("start_step", s)`` for a ``"tail"`` sampler (strengths that keep the same
+    steps sample alike), ``("strength", strength)`` for a ``"grid"`` one (LCM). Equal keys mean
+    equal sampling, so a caller may key its compiled programs on them. Errors as
+    :func:`img2img_start_step`."""
+    s = img2img_start_step(sampler, schedule, num_steps, strength)
+    if sampler.spec.img2img == "tail":
+        return ("start_step", s)
+    return ("strength", float(strength))
 
 
 def noise_to_img2img(
