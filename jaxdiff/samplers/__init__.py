@@ -46,7 +46,6 @@ works with every sampler.
 """
 
 from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
-from jaxdiff.samplers.driver import strength_start_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
 from jaxdiff.samplers.dpm_solver import (
     DPM_ALGORITHM_TYPES,
@@ -59,6 +58,7 @@ from jaxdiff.samplers.dpm_solver import (
     dpm_solver_step,
     dpm_solver_timesteps,
 )
+from jaxdiff.samplers.driver import strength_start_step
 from jaxdiff.samplers.edm import (
     EDM_SIGMA_SCHEDULES,
     EDM_SOLVERS,

@@ -49,6 +49,7 @@ from jaxdiff.samplers.diffusers_names import (
     prediction_option,
     sigma_schedule_option,
 )
+from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
 from jaxdiff.samplers.driver import (
     check_start_step,
     checked_model,
@@ -56,7 +57,6 @@ from jaxdiff.samplers.driver import (
     run_scan,
     strength_start_step,
 )
-from jaxdiff.samplers.dpm_solver import dpm_solver_timesteps
 from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule

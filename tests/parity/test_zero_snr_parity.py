@@ -23,13 +23,12 @@ Tolerances, derived rather than measured:
   ``atol = 3 * (ulp(4096) * sigma_1 / sigma_0 + N * ulp(|x| ~ 4))``, computed per case below.
 """
 
-import numpy as np
-import pytest
-import torch
-
 import diffusers
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
 from jaxdiff.convert import sampler_from_diffusers_config, schedule_from_diffusers_config
 from jaxdiff.samplers import sampler_grid
