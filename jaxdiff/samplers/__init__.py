@@ -27,10 +27,11 @@ The contract. Each sampler family ``NAME`` (one file) provides
   one line" adds a sampler), image-to-image and the diffusers scheduler import / export
   (:mod:`jaxdiff.convert`) read the specs and nothing else.
 
-The sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2: :mod:`jaxdiff.samplers.euler`)
-take a STANDARD NORMAL ``x_T`` (scaled by ``init_noise_sigma`` inside) and call ``model_fn`` at
-fractional float32 timesteps; the two-stage steps (:func:`heun_step`, :func:`kdpm2_step`) take
-``model_fn`` itself and make both model calls within one scan step.
+The sigma-space samplers (Euler, Euler ancestral, Heun, KDPM2, LMS:
+:mod:`jaxdiff.samplers.euler`) take a STANDARD NORMAL ``x_T`` (scaled by ``init_noise_sigma``
+inside) and call ``model_fn`` at fractional float32 timesteps; the two-stage steps
+(:func:`heun_step`, :func:`kdpm2_step`) take ``model_fn`` itself and make both model calls within
+one scan step.
 
 Image-to-image is the same two calls for every registered sampler::
 
@@ -98,6 +99,14 @@ from jaxdiff.samplers.lcm import (
     lcm_scalings,
     lcm_step,
     lcm_timesteps,
+)
+from jaxdiff.samplers.lms import (
+    LMSState,
+    lms_coefficients,
+    lms_init,
+    lms_sample,
+    lms_step,
+    lms_timesteps,
 )
 from jaxdiff.samplers.registry import (
     SAMPLER_MODULES,
@@ -183,6 +192,12 @@ __all__ = [
     "lcm_scalings",
     "lcm_step",
     "lcm_timesteps",
+    "LMSState",
+    "lms_coefficients",
+    "lms_init",
+    "lms_sample",
+    "lms_step",
+    "lms_timesteps",
     "register_sampler",
     "rescale_guidance",
     "sampler_names",
