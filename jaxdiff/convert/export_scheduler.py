@@ -44,6 +44,8 @@ __all__ = ["scheduler_to_diffusers"]
 
 _HINTS = {
     "eta": "diffusers takes DDIM's eta at call time: pipe(..., eta=...)",
+    "order": "diffusers takes LMS's order at call time: scheduler.step(..., order=...), which "
+             "its pipelines leave at 4",
     "round_timesteps": "diffusers' DPMSolverMultistepScheduler rounds its timesteps unless "
                        "beta_schedule is squaredcos_cap_v2: set round_timesteps to match",
 }
