@@ -144,10 +144,9 @@ def lms_coefficients(sigmas: np.ndarray, order: int = 4) -> np.ndarray:
         h = s[i + 1] - s[i]
         for j in range(nodes.shape[0]):
             others = np.delete(nodes, j)
-            basis = np.polynomial.Polynomial([1.0])
-            for root in others:
-                basis = basis * np.polynomial.Polynomial([-root, 1.0]) / (nodes[j] - root)
-            out[i, j] = basis.integ()(h)  # the antiderivative vanishes at 0 (sigma_i)
+            # prod_k (u - others_k), highest power first; its antiderivative vanishes at u = 0
+            antiderivative = np.polyint(np.atleast_1d(np.poly(others)))
+            out[i, j] = np.polyval(antiderivative, h) / np.prod(nodes[j] - others)
     return out
 
 
