@@ -85,6 +85,7 @@ SAMPLER_MODULES = (
     "heun",
     "kdpm2",
     "unipc",
+    "deis",
 )
 
 _SPECS: dict[str, SamplerSpec] = {}  # name -> spec, in registration order
