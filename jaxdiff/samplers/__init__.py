@@ -49,6 +49,7 @@ from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
 from jaxdiff.samplers.deis import (
     DEISState,
+    deis_coefficients,
     deis_init,
     deis_orders,
     deis_sample,
@@ -177,6 +178,7 @@ __all__ = [
     "ddpm_step",
     "ddpm_timesteps",
     "DEISState",
+    "deis_coefficients",
     "deis_init",
     "deis_orders",
     "deis_sample",

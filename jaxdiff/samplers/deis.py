@@ -20,7 +20,8 @@ polynomial's combination of them; this is diffusers' antiderivative formula rear
 two large terms cancel.
 
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`deis_timesteps` (the
-grid), :func:`deis_orders` (each step's order), :func:`deis_step` (one update; the history in
+grid), :func:`deis_orders` (each step's order), :func:`deis_coefficients` (a step's
+coefficients), :func:`deis_step` (one update; the history in
 :class:`DEISState`, created by :func:`deis_init`) and :func:`deis_sample` (one ``lax.scan``).
 :data:`DEIS` declares it, with its diffusers twin ``DEISMultistepScheduler``.
 
@@ -65,6 +66,7 @@ __all__ = [
     "deis_timesteps",
     "deis_orders",
     "deis_init",
+    "deis_coefficients",
     "deis_step",
     "deis_sample",
     "DEIS",
@@ -113,9 +115,10 @@ def deis_orders(sigmas: np.ndarray, solver_order: int = 2, *, lower_order_final:
                 start_step: int = 0) -> np.ndarray:
     """Each step's order, ``[N]`` int32, as ``DEISMultistepScheduler.step`` chooses it on a grid
     with ``sigmas [N + 1]``: ``min(solver_order, i - start_step + 1)`` (the warm-up, counted from
-    the first step that runs), then with ``lower_order_final`` and ``N < 15`` order 1 on the last
-    step and at most 2 on the one before; a step between equal sigmas (the last of a Karras grid)
-    is order 1 (every order gives ``x`` there).
+    the first step that runs; the steps before it, which do not run, read 1), then with
+    ``lower_order_final`` and ``N < 15`` order 1 on the last step and at most 2 on the one
+    before; a step between equal sigmas (the last of a Karras grid) is order 1 (every order
+    gives ``x`` there).
 
     Raises:
       ValueError: naming ``solver_order`` outside 1-3, ``lower_order_final`` not a bool,
@@ -156,6 +159,56 @@ def deis_init(x_T: jax.Array, sigma: jax.Array | float, solver_order: int = 3) -
     if k < 3:
         return DEISState(zeros, jnp.float32(sigma))
     return DEISState(zeros, jnp.float32(sigma), zeros, jnp.float32(sigma))
+
+
+def deis_coefficients(
+    sigma: jax.Array | float,
+    sigma_next: jax.Array | float,
+    prev_sigma: jax.Array | float,
+    older_sigma: jax.Array | float | None = None,
+    *,
+    order: int | jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The coefficients ``(c_0, c_1, c_2)`` (float32 scalars) of one DEIS step from ``rho_s =
+    sigma`` to ``rho_t = sigma_next``: ``x_t = alpha_t (x_s / alpha_s + c_0 eps + c_1 eps_1 + c_2
+    eps_2)`` with ``eps_1``, ``eps_2`` the noise predictions at ``prev_sigma`` and
+    ``older_sigma``. ``c_j`` is the integral over ``[rho_s, rho_t]`` of the Lagrange basis
+    polynomial (in ``log rho``) of node ``j`` among the ``order`` nodes ``sigma, prev_sigma,
+    older_sigma``; the coefficients beyond ``order`` are 0 (order 1: ``c_0 = rho_t - rho_s``).
+
+    ``order`` may be traced (1, 2 or 3; 3 needs ``older_sigma``). The sigmas must be > 0 and
+    distinct where used, except ``sigma_next = sigma`` (all coefficients 0) and ``sigma_next =
+    0`` at order 1. Where a term is unused its logarithms read harmless values, so that neither
+    the selected coefficients nor their gradients see inf or NaN.
+
+    Raises:
+      ValueError: naming ``order`` for a concrete order outside 1-3 (1-2 without
+        ``older_sigma``).
+    """
+    c = concrete(order)
+    allowed = (1, 2) if older_sigma is None else (1, 2, 3)
+    if c is not None and (c.shape != () or int(c) not in allowed):
+        hint = " (3 needs older_sigma)" if older_sigma is None else ""
+        raise ValueError(f"order must be one of {allowed}{hint}, got {order!r}")
+    rho_s, rho_t = jnp.float32(sigma), jnp.float32(sigma_next)
+    second, third = order >= 2, order >= 3
+    # The integrals I_j of (u - u_s)^j d rho over [rho_s, rho_t], u = log rho (module docstring).
+    log_s = jnp.log(rho_s)
+    w = jnp.where(second, jnp.log(jnp.where(second, rho_t, rho_s)) - log_s, 0.0)
+    i0 = rho_t - rho_s
+    i1 = rho_t * w - i0
+    a = jnp.where(second, jnp.log(jnp.float32(prev_sigma)) - log_s, 1.0)  # u_1 - u_s
+    # order 2: the line through (u_s, eps), (u_1, eps_1)
+    c0 = jnp.where(second, i0 - i1 / a, i0)
+    c1 = jnp.where(second, i1 / a, 0.0)
+    c2 = jnp.zeros_like(c0)
+    if older_sigma is not None:  # order 3: the parabola through the three nodes
+        i2 = rho_t * w * (w - 2.0) + 2.0 * i0
+        b = jnp.where(third, jnp.log(jnp.float32(older_sigma)) - log_s, a + 1.0)  # u_2 - u_s
+        c0 = jnp.where(third, (i2 - (a + b) * i1 + a * b * i0) / (a * b), c0)
+        c1 = jnp.where(third, (i2 - b * i1) / (a * (a - b)), c1)
+        c2 = jnp.where(third, (i2 - a * i1) / (b * (b - a)), c2)
+    return c0, c1, c2
 
 
 def deis_step(
@@ -204,32 +257,11 @@ def deis_step(
     a_s = 1.0 / jnp.sqrt(rho_s**2 + 1.0)
     a_t = 1.0 / jnp.sqrt(rho_t**2 + 1.0)
     x0, eps = x0_and_eps(out, x, a_s, rho_s * a_s, kind)
-    # The integrals of (u - u_s)^j d rho over [rho_s, rho_t], u = log rho (module docstring).
-    # Where a term is unused (lower orders) its logs read harmless values, so that neither the
-    # selected result nor its gradient sees inf or NaN (rho_t = 0 at order 1, h = 0 at warm-up).
-    second, third = order >= 2, order >= 3
-    log_s = jnp.log(rho_s)
-    w = jnp.where(second, jnp.log(jnp.where(second, rho_t, rho_s)) - log_s, 0.0)
-    i0 = rho_t - rho_s
-    i1 = rho_t * w - i0
-    i2 = rho_t * w * (w - 2.0) + 2.0 * i0
-    a = jnp.where(second, jnp.log(state.prev_sigma) - log_s, 1.0)  # u_1 - u_s
-    # order 1: I_0 eps; order 2: the line through (u_s, eps), (u_1, eps_1)
-    c0_2, c1_2 = i0 - i1 / a, i1 / a
+    c0, c1, c2 = deis_coefficients(rho_s, rho_t, state.prev_sigma, state.older_sigma,
+                                   order=order)
+    integral = c0 * eps + c1 * state.prev_eps
     if has_third:
-        b = jnp.where(third, jnp.log(state.older_sigma) - log_s, a + 1.0)  # u_2 - u_s
-        ab = a * b
-        c0_3 = (i2 - (a + b) * i1 + ab * i0) / ab
-        c1_3 = (i2 - b * i1) / (a * (a - b))
-        c2_3 = (i2 - a * i1) / (b * (b - a))
-        c0 = jnp.where(third, c0_3, jnp.where(second, c0_2, i0))
-        c1 = jnp.where(third, c1_3, jnp.where(second, c1_2, 0.0))
-        c2 = jnp.where(third, c2_3, 0.0)
-        integral = c0 * eps + c1 * state.prev_eps + c2 * state.older_eps
-    else:
-        c0 = jnp.where(second, c0_2, i0)
-        c1 = jnp.where(second, c1_2, 0.0)
-        integral = c0 * eps + c1 * state.prev_eps
+        integral = integral + c2 * state.older_eps
     x_next = (a_t * (x / a_s + integral)).astype(x.dtype)
     if has_third:
         new_state = DEISState(eps, rho_s, state.prev_eps, state.prev_sigma)
