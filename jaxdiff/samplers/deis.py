@@ -16,8 +16,17 @@ in ``u = log rho`` exactly. Order 1 is DDIM; order ``k`` uses the ``k - 1`` prev
 predictions, kept in an explicit :class:`DEISState`. With ``w = log(rho_t / rho_s)``, the
 integrals ``I_j = integral_{rho_s}^{rho_t} (u - u_s)^j d rho`` are ``I_0 = rho_t - rho_s``,
 ``I_1 = rho_t w - I_0`` and ``I_2 = rho_t w (w - 2) + 2 I_0``, and each coefficient is the basis
-polynomial's combination of them; this is diffusers' antiderivative formula rearranged so that no
-two large terms cancel.
+polynomial's combination of them (:func:`deis_coefficients`). diffusers writes each coefficient
+as the difference of two values of an antiderivative that are up to ``(u_s - u_1)^-(k-1)`` times
+larger than the coefficient, so its float32 coefficients lose digits on fine grids (many
+third-order steps); here only ``I_1`` and ``I_2`` cancel, by ``1 / w`` and ``1 / w^2``, and the
+trajectory stays within float32 rounding of diffusers' own arithmetic run in float64
+(tests/parity/test_deis_parity.py).
+
+Where this differs from diffusers: an eps model's output is used as the noise prediction as it is
+(diffusers converts it to x0 and back, a rounding); ``"trailing"`` grids whose float ``arange``
+overshoots to ``t = -1`` drop that entry (diffusers calls the model there); discrete grids that
+repeat a timestep are refused (diffusers' higher-order updates divide by 0 there).
 
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`deis_timesteps` (the
 grid), :func:`deis_orders` (each step's order), :func:`deis_coefficients` (a step's
