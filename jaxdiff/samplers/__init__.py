@@ -48,6 +48,15 @@ works with every sampler.
 
 from jaxdiff.samplers.ddim import check_eta, ddim_sample, ddim_step
 from jaxdiff.samplers.ddpm import VARIANCE_TYPES, ddpm_posterior, ddpm_sample, ddpm_step
+from jaxdiff.samplers.deis import (
+    DEISState,
+    deis_coefficients,
+    deis_init,
+    deis_orders,
+    deis_sample,
+    deis_step,
+    deis_timesteps,
+)
 from jaxdiff.samplers.dpm_solver import (
     DPM_ALGORITHM_TYPES,
     DPM_SIGMA_SCHEDULES,
@@ -177,6 +186,13 @@ __all__ = [
     "ddpm_sample",
     "ddpm_step",
     "ddpm_timesteps",
+    "DEISState",
+    "deis_coefficients",
+    "deis_init",
+    "deis_orders",
+    "deis_sample",
+    "deis_step",
+    "deis_timesteps",
     "diffusers_twins",
     "dpm_solver_init",
     "dpm_solver_sample",

@@ -74,6 +74,7 @@ __all__ = [
     "DPMSolverState",
     "dpm_solver_timesteps",
     "dpm_solver_init",
+    "dpm_solver_orders",
     "dpm_solver_step",
     "dpm_solver_sample",
     "DPM_SOLVER",
@@ -400,8 +401,16 @@ def dpm_solver_step(
     return new_state, x_next, x0
 
 
-def _step_orders(n, sigmas, solver_order, lower_order_final, euler_at_final, final_sigmas_type):
-    """``[n]`` int32: each step's order, by diffusers' warm-up and ``lower_order_final`` rules."""
+def dpm_solver_orders(n: int, sigmas: np.ndarray, solver_order: int, lower_order_final: bool,
+                      euler_at_final: bool = False,
+                      final_sigmas_type: str = "sigma_min") -> np.ndarray:
+    """``[n]`` int32: each step's order on an ``n``-step grid with ``sigmas [n + 1]``, by the
+    rules diffusers' multistep schedulers derived from DPM-Solver share (DPM-Solver, DEIS): step
+    ``i`` uses order ``min(solver_order, i + 1)`` (the warm-up), order 1 on the last step with
+    ``euler_at_final``, ``final_sigmas_type="zero"`` or ``lower_order_final and n < 15``, at most
+    2 on the step before it with ``lower_order_final and n < 15``, and order 1 on a step between
+    equal sigmas (it does not move). Host numpy; image-to-image counts the warm-up from its start
+    step on top of this."""
     i = np.arange(n)
     last = (i == n - 1) & (euler_at_final or (lower_order_final and n < 15)
                            or final_sigmas_type == "zero")
@@ -507,7 +516,7 @@ def dpm_solver_sample(
     )
     ts, sigmas = grid.timesteps, grid.sigmas
     n = len(ts)
-    orders = _step_orders(n, sigmas, solver_order, lower_order_final, euler_at_final,
+    orders = dpm_solver_orders(n, sigmas, solver_order, lower_order_final, euler_at_final,
                           final_sigmas_type)
     start = check_start_step(strength_start_step(num_steps, strength), n)
     # warm-up counted from the first step that runs: order <= (steps taken so far) + 1

@@ -86,6 +86,7 @@ SAMPLER_MODULES = (
     "kdpm2",
     "unipc",
     "lms",
+    "deis",
 )
 
 _SPECS: dict[str, SamplerSpec] = {}  # name -> spec, in registration order
