@@ -68,6 +68,16 @@ from jaxdiff.samplers.dpm_solver import (
     dpm_solver_step,
     dpm_solver_timesteps,
 )
+from jaxdiff.samplers.dpm_solver_singlestep import (
+    SINGLESTEP_ALGORITHM_TYPES,
+    DPMSolverSinglestepState,
+    SinglestepGrid,
+    dpm_solver_singlestep_init,
+    dpm_solver_singlestep_orders,
+    dpm_solver_singlestep_sample,
+    dpm_solver_singlestep_step,
+    dpm_solver_singlestep_timesteps,
+)
 from jaxdiff.samplers.driver import strength_start_step
 from jaxdiff.samplers.edm import (
     EDM_SIGMA_SCHEDULES,
@@ -198,6 +208,14 @@ __all__ = [
     "dpm_solver_sample",
     "dpm_solver_step",
     "dpm_solver_timesteps",
+    "DPMSolverSinglestepState",
+    "SINGLESTEP_ALGORITHM_TYPES",
+    "SinglestepGrid",
+    "dpm_solver_singlestep_init",
+    "dpm_solver_singlestep_orders",
+    "dpm_solver_singlestep_sample",
+    "dpm_solver_singlestep_step",
+    "dpm_solver_singlestep_timesteps",
     "edm_churn",
     "edm_sample",
     "edm_sigmas",

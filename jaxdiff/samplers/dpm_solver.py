@@ -47,6 +47,7 @@ from jaxdiff.samplers.driver import (
     strength_start_step,
 )
 from jaxdiff.samplers.sigmas import (
+    alpha_sigma_lambda,
     beta_sigmas,
     exponential_sigmas,
     karras_sigmas,
@@ -75,6 +76,7 @@ __all__ = [
     "dpm_solver_timesteps",
     "dpm_solver_init",
     "dpm_solver_orders",
+    "dpm_solver_updates",
     "dpm_solver_step",
     "dpm_solver_sample",
     "DPM_SOLVER",
@@ -246,18 +248,36 @@ def dpm_solver_init(x_T: jax.Array, sigma: jax.Array | float) -> DPMSolverState:
     return DPMSolverState(zeros, jnp.float32(sigma), zeros, jnp.float32(sigma))
 
 
-def _alpha_sigma_lambda(sigma):
-    alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
-    sig = sigma * alpha
-    return alpha, sig, jnp.log(alpha) - jnp.log(sig)
+def dpm_solver_updates(
+    algorithm_type: str, solver_type: str, x: jax.Array, m0: jax.Array, d1: jax.Array,
+    d1_3: jax.Array, d2: jax.Array, h: jax.Array, g: jax.Array, a_s0: jax.Array, a_t: jax.Array,
+    s_s0: jax.Array, s_t: jax.Array, z: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DPM-Solver's first-, second- and third-order updates ``(x1, x2, x3)`` from ``x`` at the
+    base point ``s`` to ``t``, term by term in diffusers' order of operations: the exponential
+    integrator's formulas, shared by the multistep (:func:`dpm_solver_step`) and singlestep
+    (:mod:`jaxdiff.samplers.dpm_solver_singlestep`) solvers, which differ only in the base point
+    and the differences they pass.
 
+    Args:
+      algorithm_type: one of :data:`DPM_ALGORITHM_TYPES` (``"sde-dpmsolver"`` has no ``x3``:
+        NaN).
+      solver_type: ``"midpoint"`` or ``"heun"`` form of ``x2`` (``x3`` has one form).
+      x: ``[B, ...]`` the sample at ``s``.
+      m0: ``[B, ...]`` the converted model output at ``s`` (x0 for the ``++`` types, eps else).
+      d1: the second-order difference ``D1`` (``(m0 - m_prev) / r``).
+      d1_3, d2: the third-order first and second differences.
+      h: ``lambda_t - lambda_s`` (``inf`` for ``sigma_t = 0``: ``x1`` is then the data
+        prediction).
+      g: ``h`` where ``x2`` / ``x3`` are used, a harmless 1 where not: ``h = 0`` or ``inf`` would
+        put NaN in the unused branch, and through ``jnp.where`` into gradients.
+      a_s0, s_s0: ``alpha_s``, ``sigma_s`` (:func:`~jaxdiff.samplers.sigmas.alpha_sigma_lambda`).
+      a_t, s_t: ``alpha_t``, ``sigma_t``.
+      z: ``[B, ...]`` standard normal for the ``"sde-*"`` types (``None`` otherwise).
 
-def _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, g, a_s0, a_t, s_s0, s_t, z):
-    """The first-, second- and third-order updates ``(x1, x2, x3)``, term by term in diffusers'
-    order of operations (``D1``: the second-order difference, ``d1_3`` / ``d2``: the third-order
-    first and second differences). The higher-order coefficients read ``g``: ``h`` where they are
-    used, a harmless 1 where not (``h = 0`` or ``inf`` there would put NaN in the unused branch,
-    and through ``jnp.where`` into gradients)."""
+    Returns:
+      ``(x1, x2, x3)``, each ``[B, ...]``; the caller picks one by the step's order.
+    """
     if algorithm_type == "dpmsolver++":
         phi, phi_g = jnp.expm1(-h), jnp.expm1(-g)  # e^{-h} - 1, accurate for small h
         x1 = (s_t / s_s0) * x - (a_t * phi) * m0
@@ -370,9 +390,9 @@ def dpm_solver_step(
         raise ValueError(f"noise must have x's shape {jnp.shape(x)}, got {jnp.shape(noise)}")
     out = model_output.astype(x.dtype)  # a bf16 model output joins the >= float32 carry
     z = noise.astype(x.dtype) if sde else None
-    a_s0, s_s0, lam_s0 = _alpha_sigma_lambda(jnp.float32(sigma))
-    a_t, s_t, lam_t = _alpha_sigma_lambda(jnp.float32(sigma_next))
-    _, _, lam_s1 = _alpha_sigma_lambda(state.prev_sigma)
+    a_s0, s_s0, lam_s0 = alpha_sigma_lambda(jnp.float32(sigma))
+    a_t, s_t, lam_t = alpha_sigma_lambda(jnp.float32(sigma_next))
+    _, _, lam_s1 = alpha_sigma_lambda(state.prev_sigma)
     x0, eps = x0_and_eps(out, x, a_s0, s_s0, kind)
     if clip_x0 is not None:
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
@@ -380,19 +400,19 @@ def dpm_solver_step(
     m0 = x0 if algorithm_type.endswith("++") else eps
     m1 = state.prev_x0
     h, h_0 = lam_t - lam_s0, lam_s0 - lam_s1
-    g = jnp.where(order >= 2, h, 1.0)  # h where the multistep terms are used (see _updates)
+    g = jnp.where(order >= 2, h, 1.0)  # h where the multistep terms are used (dpm_solver_updates)
     r0 = jnp.where(order >= 2, h_0 / g, 1.0)  # not 0 on the first step: finite unused terms
     d1 = (1.0 / r0) * (m0 - m1)
     if has_third:
-        _, _, lam_s2 = _alpha_sigma_lambda(state.older_sigma)
+        _, _, lam_s2 = alpha_sigma_lambda(state.older_sigma)
         r1 = jnp.where(order >= 3, (lam_s1 - lam_s2) / g, 1.0)
         d1_1 = (1.0 / r1) * (m1 - state.older_x0)
         d1_3 = d1 + (r0 / (r0 + r1)) * (d1 - d1_1)
         d2 = (1.0 / (r0 + r1)) * (d1 - d1_1)
     else:
         d1_3 = d2 = jnp.zeros_like(x)
-    x1, x2, x3 = _updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, g, a_s0, a_t,
-                          s_s0, s_t, z)
+    x1, x2, x3 = dpm_solver_updates(algorithm_type, solver_type, x, m0, d1, d1_3, d2, h, g,
+                                    a_s0, a_t, s_s0, s_t, z)
     x_next = jnp.where(order == 1, x1, jnp.where(order == 2, x2, x3)).astype(x.dtype)
     if state.older_x0 is None:
         new_state = DPMSolverState(m0, jnp.float32(sigma))

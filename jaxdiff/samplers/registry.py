@@ -80,6 +80,7 @@ SAMPLER_MODULES = (
     "ddim",
     "ddpm",
     "dpm_solver",
+    "dpm_solver_singlestep",
     "lcm",
     "euler",
     "heun",

@@ -37,6 +37,7 @@ __all__ = [
     "spaced_timesteps",
     "sigma_grid",
     "scale_model_input",
+    "alpha_sigma_lambda",
     "init_noise_sigma",
 ]
 
@@ -207,6 +208,17 @@ def sigma_grid(
 def scale_model_input(x: jax.Array, sigma: jax.Array | float) -> jax.Array:
     """``x / sqrt(sigma^2 + 1)``: a sigma-space sample as the discrete-time model expects it."""
     return x / jnp.sqrt(jnp.asarray(sigma, x.dtype) ** 2 + 1)
+
+
+def alpha_sigma_lambda(sigma: jax.Array | float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(alpha_t, sigma_t, lambda_t)`` of a VP sample at sigma-space noise level ``sigma = sqrt((1
+    - abar) / abar)``: ``alpha_t = 1 / sqrt(sigma^2 + 1) = sqrt(abar)``, ``sigma_t = sigma alpha_t
+    = sqrt(1 - abar)`` and the half log-SNR ``lambda_t = log(alpha_t) - log(sigma_t)`` (``inf`` at
+    ``sigma = 0``), in diffusers' order of operations (its DPM-Solver / UniPC / DEIS schedulers'
+    ``_sigma_to_alpha_sigma_t``). Elementwise, jittable; the DPM-Solver family's time variable."""
+    alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+    sig = sigma * alpha
+    return alpha, sig, jnp.log(alpha) - jnp.log(sig)
 
 
 def init_noise_sigma(grid: Grid, spacing: str) -> float:

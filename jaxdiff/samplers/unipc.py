@@ -57,6 +57,7 @@ from jaxdiff.samplers.driver import (
     run_scan,
     strength_start_step,
 )
+from jaxdiff.samplers.sigmas import alpha_sigma_lambda
 from jaxdiff.samplers.spec import DiffusersTwin, SamplerSpec
 from jaxdiff.samplers.timesteps import Grid
 from jaxdiff.schedules import Schedule
@@ -196,12 +197,6 @@ def unipc_init(x_T: jax.Array, solver_order: int = 2) -> UniPCState:
     )
 
 
-def _alpha_sigma_lambda(sigma):
-    alpha = 1.0 / jnp.sqrt(sigma**2 + 1.0)
-    sig = sigma * alpha
-    return alpha, sig, jnp.log(alpha) - jnp.log(sig)
-
-
 def _bh_update(outputs, sigmas, x, sigma_t, order, model_t, *, predict_x0, solver_type):
     """diffusers' ``multistep_uni_p_bh_update`` (``model_t is None``) or
     ``multistep_uni_c_bh_update`` (``model_t``: the converted output at the predicted sample), of
@@ -213,8 +208,8 @@ def _bh_update(outputs, sigmas, x, sigma_t, order, model_t, *, predict_x0, solve
     K = outputs.shape[0]
     corrector = model_t is not None
     m0 = outputs[-1]
-    alpha_t, sig_t, lam_t = _alpha_sigma_lambda(sigma_t)
-    alpha_s0, sig_s0, lam_s0 = _alpha_sigma_lambda(sigmas[-1])
+    alpha_t, sig_t, lam_t = alpha_sigma_lambda(sigma_t)
+    alpha_s0, sig_s0, lam_s0 = alpha_sigma_lambda(sigmas[-1])
     h = lam_t - lam_s0
     hh = -h if predict_x0 else h
     h_phi_1 = jnp.expm1(hh)
@@ -227,7 +222,7 @@ def _bh_update(outputs, sigmas, x, sigma_t, order, model_t, *, predict_x0, solve
         h_phi_k = h_phi_k / hh - 1 / factorial
     # r_j and D_j for the older outputs j = 0 .. K - 2 (outputs[-(j + 2)]); r is replaced by 1
     # where this order does not use D_j, whose weight is then exactly 0.
-    rks = [(_alpha_sigma_lambda(sigmas[-(j + 2)])[2] - lam_s0) / h for j in range(K - 1)]
+    rks = [(alpha_sigma_lambda(sigmas[-(j + 2)])[2] - lam_s0) / h for j in range(K - 1)]
     d1s = [(outputs[-(j + 2)] - m0) / jnp.where(j < order - 1, rks[j], 1.0) for j in range(K - 1)]
     zero, half = jnp.float32(0.0), jnp.float32(0.5)
     # Per order p = 1..K: the weights of D_0, D_1 (padded to MAX_ORDER - 1) and, for the
@@ -328,7 +323,7 @@ def unipc_step(
         check_int("order", order, 1, state.outputs.shape[0])
     out = model_output.astype(x.dtype)  # a bf16 model output joins the >= float32 carry
     sigma, sigma_next = jnp.float32(sigma), jnp.float32(sigma_next)
-    alpha, sig, _ = _alpha_sigma_lambda(sigma)
+    alpha, sig, _ = alpha_sigma_lambda(sigma)
     x0, eps = x0_and_eps(out, x, alpha, sig, kind)
     if clip_x0 is not None:
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
