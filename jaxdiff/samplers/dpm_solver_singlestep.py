@@ -18,7 +18,10 @@ are diffusers' ``get_order_list``: ``1, 2, 1, 2, ...`` for ``solver_order=2``, `
 are DPM-Solver's exponential-integrator formulas, shared with the multistep solver
 (:func:`~jaxdiff.samplers.dpm_solver.dpm_solver_updates`); the grid is the multistep solver's
 ``"linspace"`` grid (:func:`~jaxdiff.samplers.dpm_solver.dpm_solver_timesteps`), the only
-spacing this scheduler has.
+spacing this scheduler has. diffusers' third-order ``"midpoint"`` update is DPM-Solver-3's
+one-difference form, third order where the group's last intermediate point lies at ``r = 2/3``
+of the step in ``lambda``; at the grid's points it does not, so ``solver_type="heun"`` (both
+differences, any ``r``) is the accurate third order.
 
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`):
 :func:`dpm_solver_singlestep_timesteps` (the grid and its orders),
@@ -360,7 +363,8 @@ def dpm_solver_singlestep_sample(
         unless ``noise`` is given); the ODE algorithms accept and ignore it (may be ``None``).
       num_steps: number of model evaluations ``N`` (the grid's length).
       solver_order: 1 (DDIM), 2 (DPM-Solver-2 / DPM-Solver++(2S)) or 3.
-      solver_type: ``"midpoint"`` or ``"heun"`` form of the higher-order updates.
+      solver_type: ``"midpoint"`` or ``"heun"`` form of the higher-order updates (with order 3,
+        prefer ``"heun"``: module docstring).
       algorithm_type: ``"dpmsolver++"`` (the default), ``"sde-dpmsolver++"`` (stochastic: every
         step adds ``sigma_t sqrt(1 - e^{-2h}) z``) or the noise-prediction form ``"dpmsolver"``
         (which needs ``final_sigmas_type="sigma_min"``, as in diffusers).
