@@ -7,7 +7,7 @@ class-conditional MNIST model, at equal sampler steps and guidance (measures, ne
 
 Both sample a batch of ``--batch`` images with DDIM and classifier-free guidance (so two model
 evaluations per step, batched as one call), each as one jitted program: the pixel model through
-``experiments.lib.make_sample_fn`` (28x28x1), the latent model through
+``experiments.mnist_sampling.make_sample_fn`` (28x28x1), the latent model through
 ``jaxdiff.pipelines.generate`` (text encoding, 8x8x4 latents, VAE decode to 32x32). The time is the
 median of ``--repeats`` runs after a warm-up (the compile time is reported apart), divided by the
 batch. Also reports the parameters and one forward pass of each denoiser and the VAE decode.
@@ -54,11 +54,11 @@ def main() -> None:
 
     from absl import logging
 
-    from experiments import latent_lib, lib
+    from experiments import latent_lib, mnist_lib, mnist_sampling
     from jaxdiff.pipelines import generate
 
     logging.set_verbosity(logging.WARNING)
-    pixel = lib.load_run(args.pixel)
+    pixel = mnist_lib.load_run(args.pixel)
     latent = latent_lib.load_latent_run(args.latent)
     sd = latent.sd
     labels = (np.arange(args.batch) % 10).astype(np.int32)
@@ -66,12 +66,12 @@ def main() -> None:
     key = jax.random.key(0)
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
-        sampling = lib.sampling_config("ddim", steps, args.guidance,
-                                       clip_x0=pixel.config.sampling.clip_x0)
-        fn = lib.make_sample_fn(pixel.model, pixel.schedule, pixel.mesh, sampling,
-                                pixel.config.diffusion.prediction_type)
-        pc, pt = _median_time(lambda: lib.sample_images(fn, pixel.ema_params, labels, key,
-                                                        pixel.mesh), args.repeats)
+        sampling = mnist_sampling.sampling_config("ddim", steps, args.guidance,
+                                                  clip_x0=pixel.config.sampling.clip_x0)
+        fn = mnist_sampling.make_sample_fn(pixel.model, pixel.schedule, pixel.mesh, sampling,
+                                           pixel.config.diffusion.prediction_type)
+        pc, pt = _median_time(lambda: mnist_sampling.sample_images(
+            fn, pixel.ema_params, labels, key, pixel.mesh), args.repeats)
         lc, lt = _median_time(lambda: generate(sd, prompts, num_steps=steps,
                                                guidance_scale=args.guidance, key=key).images,
                               args.repeats)

@@ -29,7 +29,7 @@ def main():
     args = p.parse_args()
 
     from experiments.configs import mnist, mnist_accel
-    from experiments.lib import build_model, build_schedule, init_state, make_loss_fn
+    from experiments.mnist_lib import build_model, build_schedule, init_state, make_loss_fn
     from jaxdiff.training import make_train_step
     from jaxdiff.sharding import make_mesh, shard_batch
 

@@ -58,7 +58,7 @@ def jaxdiff_config(which: str):
     if which == "preset":
         return mnist_unet_config()
     from experiments.configs import mnist
-    from experiments.lib import build_model
+    from experiments.mnist_lib import build_model
 
     return build_model(mnist.get_config()).config
 

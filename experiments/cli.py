@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from absl import flags
 
 __all__ = ["ConfigError", "check_writable", "parse_flags", "run", "train_command",
-           "unknown_field_message"]
+           "unknown_field_message", "config_check", "parse_sampler_options"]
 
 
 class ConfigError(ValueError):
@@ -165,7 +165,7 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
     ``~/.cache/jaxdiff/xla``; ``JAXDIFF_COMPILATION_CACHE=off`` leaves it off), so a command run a
     second time loads its compiled programs instead of compiling them again."""
     from jaxdiff import compile_cache
-    from jaxdiff.training import CheckpointError, IncompatibleCheckpointError
+    from jaxdiff.training import CheckpointError, IncompatibleCheckpointError, NonFiniteLossError
     from jaxdiff.validation import InvalidFileError
 
     compile_cache.enable()  # before anything compiles; JAXDIFF_COMPILATION_CACHE=off: no cache
@@ -177,6 +177,10 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:   # a training run that diverged: one line, exit 1
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
     finally:
         warnings.formatwarning = formatwarning
 
@@ -210,4 +214,54 @@ def train_command(argv: Optional[Sequence[str]], *, prog: str, doc: Optional[str
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if fv.distributed:
         jax.distributed.initialize()
-    return train(fv.config, fv.workdir)
+    summary = train(fv.config, fv.workdir)
+    if (isinstance(summary, dict) and summary.get("stopped_by_signal")
+            and jax.process_index() == 0):
+        import shlex
+
+        print(f"to resume: {prog} {' '.join(shlex.quote(str(a)) for a in argv or [])}",
+              flush=True)
+    return summary
+
+
+def config_check(prefix: str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a ``ValueError`` (a library's "bad argument") re-raised as
+    one :class:`ConfigError` whose message is ``prefix`` + the library's message, so that it names
+    the config field or flag (``config_check("training.", make_mesh, fsdp=3)`` ->
+    ``training.fsdp must be ...``). A ``ConfigError`` passes through unchanged.
+
+    Raises:
+      ConfigError: ``fn`` raised a ``ValueError``.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def parse_sampler_options(items: Sequence[str]) -> dict:
+    """``["spacing=leading", "solver_order=3"]`` -> ``{"spacing": "leading", "solver_order": 3}``
+    (the ``--option key=value`` flags of the sampling command lines): ints, floats, ``True`` /
+    ``False`` / ``None`` and ``inf`` / ``-inf`` are parsed, anything else stays a string.
+
+    Raises:
+      ConfigError: an item without ``=`` or with an empty key.
+    """
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"sampler option must be key=value, got {item!r}")
+        text = text.strip()
+        value: Any = {"True": True, "False": False, "None": None}.get(text, text)
+        if isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    value = parse(text)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, latent_lib, mnist_prompts
+from experiments import cli, latent_data, latent_lib, latent_pipeline, mnist_prompts
 from experiments.cli import ConfigError
 from experiments.evaluation import (check_outputs, evaluate_samples, load_mnist_arrays, log,
                                     references, workdir_classifier, write_results)
@@ -127,10 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    mnist_prompts.sample_prompts(labels, k_prompt, split))
         scale = 1.0 if split is None else w   # the empty prompt: unguided, unconditional
         t0 = time.time()
-        imgs = latent_lib.sample(run.sd, prompts, k_sample, num_steps=steps,
+        imgs = latent_pipeline.sample(run.sd, prompts, k_sample, num_steps=steps,
                                  guidance_scale=scale, batch_size=min(fv.batch_size, n))
         elapsed = time.time() - t0
-        imgs = latent_lib.crop_images(imgs)
+        imgs = latent_data.crop_images(imgs)
         r = evaluate_samples(clf, imgs, None if split is None else labels, refs[n].stats,
                              reference=refs[n].data)
         r["fid_300"] = float(evaluate_samples(clf, imgs[:FD_N], None, refs[FD_N].stats)["fid"])
@@ -142,11 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"FD@300 {r['fid_300']:.2f}, {elapsed:.0f} s")
         if split == "heldout":
             grid_prompts = mnist_prompts.sample_prompts(np.arange(10), k_prompt, split)
-            grid = latent_lib.sample(run.sd, [p for p in grid_prompts for _ in range(8)],
+            grid = latent_pipeline.sample(run.sd, [p for p in grid_prompts for _ in range(8)],
                                      jax.random.fold_in(k_sample, 99), num_steps=steps,
                                      guidance_scale=w, batch_size=80)
     out_png = fv.out_png or os.path.join(fv.workdir, "eval_grid.png")
-    latent_lib.save_prompt_grid(latent_lib.crop_images(grid), grid_prompts, out_png)
+    latent_pipeline.save_prompt_grid(latent_data.crop_images(grid), grid_prompts, out_png)
     log(f"wrote {out_png}")
     res = {"workdir": fv.workdir, "step": run.stats["step"], "sampler": run.sd.sampler.name,
            "steps": steps, "guidance_scale": w, "classifier": clf_info, "floors": floors,

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib
+from experiments import cli, mnist_lib, mnist_sampling
 from experiments.cli import ConfigError
 from experiments.evaluation import (check_outputs, eval_bpd, evaluate_samples, generate, has_run,
                                     load_diffusion, load_mnist_arrays, load_samples_npz, log,
@@ -95,8 +95,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("guidance_interval", None, "guide only at timesteps t_lo,t_hi (e.g. "
                         "200,800); all = at every step (default: the run's)", **d)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0)", **d)
-    flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS), "DDIM with clipping: "
-                      "consistent (the default) or diffusers' form", **d)
+    flags.DEFINE_enum("ddim_clip", None, list(mnist_sampling.DDIM_CLIP_FORMS),
+                      "DDIM with clipping: consistent (the default) or diffusers' form", **d)
     flags.DEFINE_integer("batch_size", 250, "sampling batch", **d)
     flags.DEFINE_string("samples_npz", "", "evaluate saved samples instead of sampling", **d)
     flags.DEFINE_integer("bpd_examples", 32, "test images for bits/dim; 0 = skip", **d)
@@ -134,16 +134,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """
     fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
     _check(fv)
-    interval = lib.parse_guidance_interval(fv.guidance_interval)
+    interval = mnist_sampling.parse_guidance_interval(fv.guidance_interval)
     saved = load_samples_npz(fv.samples_npz) if fv.samples_npz else None  # checked first
     check_outputs(fv.workdir, fv.classifier_path)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     run = None
     if has_run(fv.workdir):
-        loaded = lib.load_run(fv.workdir)
-        sampling = lib.sampling_from_flags(loaded.config.sampling, fv.sampler, fv.steps,
-                                           fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip,
-                                           guidance_interval=interval)
+        loaded = mnist_lib.load_run(fv.workdir)
+        sampling = mnist_sampling.sampling_from_flags(
+            loaded.config.sampling, fv.sampler, fv.steps, fv.guidance_scale, eta=fv.eta,
+            ddim_clip=fv.ddim_clip, guidance_interval=interval)
         run = load_diffusion(loaded, sampling)  # checks the sampler before any work
     os.makedirs(fv.workdir, exist_ok=True)
     key = jax.random.key(fv.seed)

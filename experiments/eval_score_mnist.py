@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib, score_eval, score_mnist
+from experiments import cli, mnist_lib, mnist_sampling, score_eval, score_mnist
 from experiments.cli import ConfigError
 from experiments.evaluation import (check_outputs, eval_bpd, evaluate_samples, has_run,
                                     load_diffusion, load_mnist_arrays, log, references,
@@ -214,7 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         save()
         if fv.discrete_workdir:
             log(f"variational bound of {fv.discrete_workdir} on the same {m} images")
-            disc = load_diffusion(lib.load_run(fv.discrete_workdir), lib.sampling_config())
+            disc = load_diffusion(mnist_lib.load_run(fv.discrete_workdir),
+                                  mnist_sampling.sampling_config())
             t0 = time.time()
             x0 = (levels.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
             vlb = eval_bpd(disc["apply"], disc["variables"], disc["schedule"], x0,

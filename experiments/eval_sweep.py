@@ -29,6 +29,8 @@ no setting is DDIM).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import time
 from typing import Optional, Sequence
@@ -37,7 +39,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib
+from experiments import cli, mnist_lib, mnist_sampling
 from experiments.cli import ConfigError
 from experiments.evaluation import (check_outputs, evaluate_samples, generate, has_run,
                                     load_diffusion, load_mnist_arrays, log, references,
@@ -54,7 +56,7 @@ __all__ = ["DEFAULT_SETTINGS", "parse_settings", "markdown", "main", "cli_main"]
 def parse_settings(text: str, default_n: int) -> list[dict]:
     """``"ddim:50:2,ddpm:1000:2:100,euler/spacing=leading:10:2"`` -> ``[{sampler, steps,
     guidance_scale, n, options, label}, ...]``: a sampler may carry options of its own after
-    ``/`` (``name/key=value/key=value``; see :func:`experiments.lib.parse_sampler_options`), the
+    ``/`` (``name/key=value/key=value``; see :func:`experiments.cli.parse_sampler_options`), the
     guidance an interval after ``@`` (``3@200-800``: ``guidance_interval = (200, 800)``).
 
     Raises:
@@ -66,7 +68,7 @@ def parse_settings(text: str, default_n: int) -> list[dict]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
         name, *opts = parts[0].split("/")
-        options = lib.parse_sampler_options(opts)
+        options = cli.parse_sampler_options(opts)
         if len(parts) not in (3, 4) or name not in names:
             raise ConfigError(f"--settings: expected sampler:steps:guidance[:N] with sampler one "
                               f"of {names}, got {item!r}")
@@ -211,7 +213,7 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                          "each a new sampling key and new real subsets); the table gives means "
                          "+- sd", **d)
     flags.DEFINE_string("name", "sweep", "base name of the json/md/png written to the workdir", **d)
-    flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
+    flags.DEFINE_enum("ddim_clip", None, list(mnist_sampling.DDIM_CLIP_FORMS),
                       "DDIM settings with clipping: re-derive eps from the clipped x0 (consistent, "
                       "the default), or keep the model's eps as diffusers' DDIMScheduler does by "
                       "default", **d)
@@ -245,15 +247,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                           "checkpoints/)")
     check_outputs(fv.workdir, fv.classifier_path, out_png=fv.out_png)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    loaded = lib.load_run(fv.workdir)   # restored once, shared by every setting's sampler
-    runs = []
+    loaded = mnist_lib.load_run(fv.workdir)   # restored once, shared by every setting's sampler
+    runs, programs = [], {}
     for s in settings:   # every sampler built (and checked) before anything is computed
         clip_form = fv.ddim_clip if s in takes_clip else None
-        sampling = lib.sampling_config(s["sampler"], s["steps"], s["guidance_scale"],
-                                       clip_x0=loaded.config.sampling.clip_x0,
-                                       ddim_clip=clip_form, options=s["options"],
-                                       guidance_interval=s.get("guidance_interval"))
+        sampling = mnist_sampling.sampling_config(
+            s["sampler"], s["steps"], s["guidance_scale"], clip_x0=loaded.config.sampling.clip_x0,
+            ddim_clip=clip_form, options=s["options"], guidance_interval=s.get("guidance_interval"))
         runs.append(load_diffusion(loaded, sampling))
+        # Settings that differ only in the guidance scale share one sample function: the scale
+        # is an argument of its program (traced), so a new scale compiles nothing.
+        same = json.dumps([s["sampler"], s["steps"], s["options"], clip_form,
+                           s.get("guidance_interval")], sort_keys=True, default=str)
+        runs[-1]["sample_fn"] = programs.setdefault(same, runs[-1]["sample_fn"])
         # Model evaluations per sample (Heun and KDPM2 make two per step).
         s["nfe"] = runs[-1]["sampler"].model_evaluations(loaded.schedule, s["steps"])
     ckpts = [int(d) for d in os.listdir(os.path.join(fv.workdir, "checkpoints")) if d.isdigit()]
@@ -285,8 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         draws = []
         for seed in seeds:
             t0 = time.time()
-            images = generate(run["sample_fn"], labels, jax.random.key(seed),
-                              min(fv.batch_size, s["n"]))
+            images = generate(functools.partial(run["sample_fn"],
+                                                guidance_scale=s["guidance_scale"]),
+                              labels, jax.random.key(seed), min(fv.batch_size, s["n"]))
             elapsed = time.time() - t0
             ref = refs[seed][s["n"]]
             r = evaluate_samples(clf, images, labels, ref.stats, reference=ref.data)

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import cli, lib
+from experiments import cli, mnist_lib, mnist_sampling
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.compile_options import cpu_compiler_options
@@ -273,29 +273,34 @@ def has_run(workdir: str) -> bool:
             and os.path.isdir(os.path.join(workdir, "checkpoints")))
 
 
-def load_diffusion(run: lib.Run, sampling: ml_collections.ConfigDict) -> dict:
-    """A sampler over a loaded run (:func:`experiments.lib.load_run`), for the evaluations.
+def load_diffusion(run: mnist_lib.Run, sampling: ml_collections.ConfigDict) -> dict:
+    """A sampler over a loaded run (:func:`experiments.mnist_lib.load_run`), for the evaluations.
 
     Args:
       run: the loaded run; one restore can serve several samplers.
-      sampling: a ``config.sampling``-shaped ConfigDict (:func:`experiments.lib.sampling_config`).
+      sampling: a ``config.sampling``-shaped ConfigDict
+        (:func:`experiments.mnist_sampling.sampling_config`).
 
     Returns:
       ``dict(sample_fn, sampler, apply, variables, schedule, prediction_type, null_label,
-      num_classes)``: ``sample_fn(labels [n] int32, key) -> images`` samples the EMA params with
-      ``sampler`` (:func:`experiments.lib.make_sampler`'s, built once); ``apply(variables, x, t,
-      labels)`` is the model (for bits/dim).
+      num_classes)``: ``sample_fn(labels [n] int32, key, guidance_scale=None) -> images``
+      samples the EMA params with ``sampler``
+      (:func:`experiments.mnist_sampling.make_sampler`'s, built once) at ``guidance_scale``
+      (None: ``sampling.guidance_scale``; another scale compiles nothing new, see
+      :func:`experiments.mnist_sampling.make_sample_fn`); ``apply(variables, x, t, labels)`` is
+      the model (for bits/dim).
 
     Raises:
       ConfigError: an invalid ``sampling`` field.
     """
     prediction_type = run.config.diffusion.prediction_type
-    sampler = lib.make_sampler(sampling, prediction_type, run.schedule)
-    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling, prediction_type,
-                            sampler=sampler)
+    sampler = mnist_sampling.make_sampler(sampling, prediction_type, run.schedule)
+    fn = mnist_sampling.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
+                                       prediction_type, sampler=sampler)
 
-    def sample_fn(labels, key):
-        return lib.sample_images(fn, run.ema_params, labels, key, run.mesh)
+    def sample_fn(labels, key, guidance_scale=None):
+        return mnist_sampling.sample_images(fn, run.ema_params, labels, key, run.mesh,
+                                            guidance_scale)
 
     def apply(variables, x, t, labels):
         return run.model.apply(variables, x, t, labels=labels, train=False)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, lib
+from experiments import cli, mnist_lib, mnist_sampling
 from experiments.cli import ConfigError
 from experiments.images import save_grid
 from jaxdiff.samplers import sampler_names
@@ -45,7 +45,7 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("guidance_interval", None, "guide only at timesteps t_lo,t_hi (e.g. "
                         "200,800); all = at every step (default: the run's)", flag_values=fv)
     flags.DEFINE_float("eta", None, "DDIM's eta (default 0: deterministic)", flag_values=fv)
-    flags.DEFINE_enum("ddim_clip", None, list(lib.DDIM_CLIP_FORMS),
+    flags.DEFINE_enum("ddim_clip", None, list(mnist_sampling.DDIM_CLIP_FORMS),
                       "DDIM with clipping: re-derive eps from the clipped x0 (consistent, the "
                       "default) or keep the model's eps as diffusers does", flag_values=fv)
     flags.DEFINE_multi_string("option", [], "a further sampler option as key=value (e.g. "
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         raise ConfigError("--workdir is required")
     if fv.num_samples < 1:
         raise ConfigError(f"--num_samples must be >= 1, got {fv.num_samples}")
-    interval = lib.parse_guidance_interval(fv.guidance_interval)
+    interval = mnist_sampling.parse_guidance_interval(fv.guidance_interval)
     npz = os.path.splitext(fv.out)[0] + ".npz"
     if not fv.out or os.path.abspath(npz) == os.path.abspath(fv.out):
         raise ConfigError(f"--out must name the PNG grid (the .npz is written next to it), got "
@@ -95,17 +95,18 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     cli.check_writable("--out", fv.out)   # before the sampling, not after it
     cli.check_writable("--out", npz)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    run = lib.load_run(fv.workdir)
+    run = mnist_lib.load_run(fv.workdir)
     num_classes = run.model.config.num_classes
     digits = parse_labels(fv.labels, num_classes)
-    sampling = lib.sampling_from_flags(run.config.sampling, fv.sampler, fv.steps,
-                                       fv.guidance_scale, eta=fv.eta, ddim_clip=fv.ddim_clip,
-                                       guidance_interval=interval,
-                                       options=lib.parse_sampler_options(fv.option))
-    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
-                            run.config.diffusion.prediction_type)
+    sampling = mnist_sampling.sampling_from_flags(
+        run.config.sampling, fv.sampler, fv.steps, fv.guidance_scale, eta=fv.eta,
+        ddim_clip=fv.ddim_clip, guidance_interval=interval,
+        options=cli.parse_sampler_options(fv.option))
+    fn = mnist_sampling.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
+                                       run.config.diffusion.prediction_type)
     labels = [digits[i % len(digits)] for i in range(fv.num_samples)]
-    images = lib.sample_images(fn, run.ema_params, labels, jax.random.key(fv.seed), run.mesh)
+    images = mnist_sampling.sample_images(fn, run.ema_params, labels, jax.random.key(fv.seed),
+                                          run.mesh)
     if jax.process_index() == 0:
         save_grid(images, fv.out, ncols=len(digits) if len(digits) > 1 else 8)
         np.savez(npz, images=images, labels=np.asarray(labels, np.int32))

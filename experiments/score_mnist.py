@@ -1,8 +1,8 @@
 """The score-SDE MNIST setup (``experiments/configs/mnist_ve_sde.py``) as functions: the SDE, the
 score model, the DSM loss and a sampler, each built from the config; :func:`train` runs them on
-``experiments.train_lib.run_training`` (the discrete trainer's loop, checkpoints, exact resume,
-logging and grids; ``python -m experiments.train_score_mnist`` is its command line) and
-:func:`load_run` reads a trained workdir back::
+the one training loop (:func:`jaxdiff.training.fit`: checkpoints, exact resume, logging, grids;
+``python -m experiments.train_score_mnist`` is its command line) and :func:`load_run` reads a
+trained workdir back::
 
     from experiments.configs import mnist_ve_sde
     config = mnist_ve_sde.get_config()
@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import lib, train_lib
-from experiments.cli import ConfigError
+from experiments import mnist_lib, train_lib
+from experiments.cli import ConfigError, config_check
 from jaxdiff.compile_options import cpu_compiler_options
-from jaxdiff.data import load_mnist
+from jaxdiff.data import BatchIterator
 from jaxdiff.models import init_unet, unet_param_shapes
 from jaxdiff.sde import (
     CORRECTORS,
@@ -38,12 +38,13 @@ from jaxdiff.sde import (
     pc_sample,
 )
 from jaxdiff.losses import REDUCTIONS, SDE_WEIGHTINGS, dsm_loss
-from jaxdiff.training import Checkpointer, create_train_state
-from jaxdiff.sharding import make_mesh, replicate, replicated_sharding
+from jaxdiff.training import Checkpointer
+from jaxdiff.sharding import make_mesh
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["build_sde", "build_score_model", "make_loss_fn", "make_sample_fn", "validate_config",
-           "compat_config", "resume_hyperparams", "init_state", "train", "ScoreRun", "load_run"]
+           "compat_config", "resume_hyperparams", "init_params", "init_state", "train",
+           "ScoreRun", "load_run"]
 
 _SDE_FIELDS = {"ve": ("sigma_min", "sigma_max"), "tutorial_ve": ("sigma",),
                "vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max")}
@@ -68,7 +69,7 @@ def build_sde(config: ml_collections.ConfigDict):
 
 def build_score_model(config: ml_collections.ConfigDict) -> ScoreUNet:
     """``ScoreUNet(UNetConfig(**config.model), sde, config.model_time_scale)``."""
-    unet = lib.build_model(config)
+    unet = mnist_lib.build_model(config)
     if unet.config.num_classes is not None:
         raise ConfigError("model.num_classes must be None: the score-SDE setup is unconditional")
     return ScoreUNet(config=unet.config, sde=build_sde(config),
@@ -122,49 +123,42 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: ScoreUNet, sde, *,
     return jax.jit(sample, static_argnums=2, compiler_options=compiler_options)
 
 
-def _wrap(fn: Callable, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def validate_config(config: ml_collections.ConfigDict):
     """Checks every field of a score-SDE training config (nothing read, written or compiled):
     ``seed`` and ``data.*``, ``sde.*``, ``model.*`` (unconditional, ``out_channels ==
-    in_channels``), ``training.*`` (:func:`experiments.lib.validate_training` plus the loss's
+    in_channels``), ``training.*`` (:func:`experiments.train_lib.validate_training` plus the loss's
     options) and ``sampling.*``. Returns ``(sde, model)``.
 
     Raises:
       ConfigError: naming the first invalid field.
     """
     c, t, s = config, config.training, config.sampling
-    _wrap(lib.validate_seed_and_data, config)
+    train_lib.validate_seed_and_data(config)
     sde = build_sde(config)
-    _wrap(check_float, "model_time_scale", c.model_time_scale, minimum=0.0,
+    config_check("", check_float, "model_time_scale", c.model_time_scale, minimum=0.0,
           exclusive_minimum=True)
     model = build_score_model(config)
     if model.config.out_channels != model.config.in_channels:
         raise ConfigError(f"model.out_channels must equal model.in_channels for a score model, "
                           f"got {model.config.out_channels} != {model.config.in_channels}")
-    lib.validate_training(config)
-    _wrap(check_choice, "training.weighting", t.weighting, SDE_WEIGHTINGS)
-    _wrap(check_bool, "training.importance_sampling", t.importance_sampling)
+    train_lib.validate_training(config)
+    config_check("", check_choice, "training.weighting", t.weighting, SDE_WEIGHTINGS)
+    config_check("", check_bool, "training.importance_sampling", t.importance_sampling)
     if t.importance_sampling and t.weighting != "likelihood":
         raise ConfigError("training.importance_sampling needs training.weighting='likelihood'")
-    _wrap(check_float, "training.eps", t.eps, minimum=0.0, maximum=sde.T,
+    config_check("", check_float, "training.eps", t.eps, minimum=0.0, maximum=sde.T,
           exclusive_minimum=True, exclusive_maximum=True)
-    _wrap(check_choice, "training.reduce", t.reduce, REDUCTIONS)
+    config_check("", check_choice, "training.reduce", t.reduce, REDUCTIONS)
     for name in ("every", "grid", "grid_columns", "num_steps", "ode_steps"):
-        _wrap(check_int, f"sampling.{name}", s[name], 1)
+        config_check("", check_int, f"sampling.{name}", s[name], 1)
     if s.method not in ("pc", "ode"):
         raise ConfigError(f"sampling.method must be 'pc' or 'ode', got {s.method!r}")
-    _wrap(check_choice, "sampling.predictor", s.predictor, tuple(PREDICTORS))
-    _wrap(check_choice, "sampling.corrector", s.corrector, tuple(CORRECTORS))
-    _wrap(check_float, "sampling.snr", s.snr, minimum=0.0, exclusive_minimum=True)
-    _wrap(check_int, "sampling.n_corrector_steps", s.n_corrector_steps, 0)
-    _wrap(check_choice, "sampling.ode_solver", s.ode_solver, ODE_SOLVERS)
-    _wrap(check_float, "sampling.eps", s.eps, minimum=0.0, maximum=sde.T,
+    config_check("", check_choice, "sampling.predictor", s.predictor, tuple(PREDICTORS))
+    config_check("", check_choice, "sampling.corrector", s.corrector, tuple(CORRECTORS))
+    config_check("", check_float, "sampling.snr", s.snr, minimum=0.0, exclusive_minimum=True)
+    config_check("", check_int, "sampling.n_corrector_steps", s.n_corrector_steps, 0)
+    config_check("", check_choice, "sampling.ode_solver", s.ode_solver, ODE_SOLVERS)
+    config_check("", check_float, "sampling.eps", s.eps, minimum=0.0, maximum=sde.T,
           exclusive_minimum=True, exclusive_maximum=True)
     return sde, model
 
@@ -182,67 +176,60 @@ def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 def resume_hyperparams(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     """Training settings that may change on resume (logged when they do)."""
-    t = config.training
-    keys = ("num_steps", "learning_rate", "warmup_steps", "lr_schedule", "end_lr_factor",
-            "weight_decay", "grad_clip_norm", "ema_decay")
-    return json.loads(json.dumps({k: t[k] for k in keys}))
+    return train_lib.resume_hyperparams(config)
+
+
+def init_params(config: ml_collections.ConfigDict, model: ScoreUNet, abstract: bool = False):
+    """``{"params": {"unet": ...}}`` (``ScoreUNet``'s variables), drawn by
+    :func:`jaxdiff.models.init_unet` from ``run_keys(seed)["init"]``, or with ``abstract=True``
+    their shapes."""
+    if abstract:
+        return {"params": {"unet": unet_param_shapes(model.config)}}
+    return {"params": {"unet": init_unet(model.config, train_lib.run_keys(config.seed)["init"])}}
 
 
 def init_state(config: ml_collections.ConfigDict, model: ScoreUNet, mesh, *,
                abstract: bool = False):
-    """``(state, tx, lr_fn)`` as :func:`experiments.lib.init_state`, for the score model:
-    ``state.params`` is ``{"params": {"unet": ...}}`` (``ScoreUNet``'s variables), drawn by
-    :func:`jaxdiff.models.init_unet` from ``run_keys(seed)["init"]``; ``abstract=True`` gives
-    the replicated shapes only (a restore target)."""
-    tx, lr_fn = lib.optimizer(config)
-    keys = lib.run_keys(config.seed)
-    if abstract:
-        shapes = jax.eval_shape(
-            lambda p: create_train_state({"params": {"unet": p}}, tx, keys["train"]),
-            unet_param_shapes(model.config))
-        repl = replicated_sharding(mesh)
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            shapes), tx, lr_fn
-    variables = {"params": {"unet": init_unet(model.config, keys["init"])}}
-    return replicate(create_train_state(variables, tx, keys["train"]), mesh), tx, lr_fn
+    """``(state, tx, lr_fn)`` as :func:`experiments.mnist_lib.init_state`, for the score model
+    (:func:`init_params`); ``abstract=True`` gives the replicated shapes only (a restore
+    target)."""
+    return train_lib.initial_state(config, init_params(config, model, abstract), mesh,
+                                   abstract=abstract)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Trains (or resumes) the score model in ``workdir`` on MNIST's training images with
-    :func:`experiments.train_lib.run_training`; returns its summary. Writes ``config.json``,
-    ``checkpoints/``, ``metrics.jsonl`` (the DSM loss, gradient norm, learning rate,
-    throughput) and ``samples/step_XXXXXX.png`` (``sampling.grid`` EMA samples by
-    ``sampling.method``, the same noise every time).
+    :func:`jaxdiff.training.fit`; returns its summary. Writes ``config.json``, ``checkpoints/``,
+    ``metrics.jsonl`` (the DSM loss, gradient norm, learning rate, throughput) and
+    ``samples/step_XXXXXX.png`` (``sampling.grid`` EMA samples by ``sampling.method``, the same
+    noise every time).
 
     Raises:
       ConfigError: an invalid config field, data directory or workdir (nothing written).
       jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.
     """
-    workdir = os.path.abspath(workdir)
     sde, model = validate_config(config)
-    lib.check_paths(config, workdir)
-    if config.training.get("tensorboard", False):
-        train_lib.check_tensorboard_available()
-    try:
-        images, _ = load_mnist("train", config.data.data_dir or None, source=config.data.source)
-    except (FileNotFoundError, ImportError) as e:
-        raise ConfigError(f"data: {e}") from None
-    mesh = make_mesh()
+    train_lib.check_paths(config, workdir)
+    train_lib.check_tensorboard_available(config)
+    images, _ = train_lib.load_split(config, "train")
+    mesh = train_lib.make_train_mesh(config)
+    workdir = train_lib.make_workdir(workdir)
     dsm = make_loss_fn(config, model, sde)
     sample = make_sample_fn(config, model, sde, compiler_options=cpu_compiler_options())
-    sample_key, num = lib.run_keys(config.seed)["sample"], int(config.sampling.grid)
+    sample_key, num = train_lib.run_keys(config.seed)["sample"], int(config.sampling.grid)
 
     def loss_fn(variables, batch, key):
         return dsm(variables["params"], batch["image"], key)
 
-    def grid_fn(state):
+    def sample_grid(state):
         return np.asarray(jax.device_get(sample(state.ema_params["params"], sample_key, num)))
 
-    return train_lib.run_training(
-        config, workdir, mesh,
-        init_state=lambda abstract: init_state(config, model, mesh, abstract=abstract),
+    s = config.sampling
+    return train_lib.run_task(
+        config, workdir, mesh, init_params=lambda abstract: init_params(config, model, abstract),
         loss_fn=loss_fn, compat=compat_config(config), hyperparams=resume_hyperparams(config),
-        data={"image": images}, grid_fn=grid_fn, grid_columns=int(config.sampling.grid_columns))
+        data=BatchIterator.source({"image": images}, config.training.batch_size, config.seed),
+        periodic=[train_lib.grid_job(workdir, s.every, sample_grid, int(s.grid_columns))])
 
 
 class ScoreRun(NamedTuple):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import cli, lib
+from experiments import cli
 from experiments.cli import ConfigError
 from jaxdiff.samplers import sampler_names
 
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     try:
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
                                    sampler=fv.sampler,
-                                   sampler_options=lib.parse_sampler_options(fv.option))
+                                   sampler_options=cli.parse_sampler_options(fv.option))
         prompts = [fv.prompt] * fv.num_images
         negatives = None if fv.negative_prompt is None else [fv.negative_prompt] * fv.num_images
         out = generate(sd, prompts, negatives, num_steps=fv.steps,

@@ -1,39 +1,105 @@
-"""Training a class-conditional MNIST diffusion model from a config: :func:`train` validates
-everything, then loads the data, builds or resumes the state and runs the loop, writing
-``config.json``, ``checkpoints/``, ``metrics.jsonl``, sample grids and (``training.tensorboard``)
-TensorBoard events into the workdir. ``experiments.train_mnist`` is its command line.
+"""The training configs' side of the one training loop (:func:`jaxdiff.training.fit`), shared by
+every trainer (``mnist_lib``, ``score_mnist``, ``vae_lib``, ``latent_lib``): the checks of the
+``seed`` / ``data`` / ``training`` fields, the run's keys, the optimizer, the mesh and the
+:class:`~jaxdiff.training.TrainerSettings` a config maps onto, the workdir, and MNIST's splits.
 
-:func:`run_training` is the part every MNIST trainer shares (workdir, resume, loop, logging,
-grids); ``experiments.score_mnist.train`` (the score-SDE model) calls it with its own state, loss
-and sampler.
+A training config has ``seed``, ``data.{source, data_dir, prefetch}`` and ``training.{batch_size,
+num_steps, learning_rate, warmup_steps, lr_schedule, end_lr_factor, weight_decay, grad_clip_norm,
+ema_decay, log_every, checkpoint_every, keep_checkpoints}`` (and optionally ``training.fsdp``,
+``training.tensorboard``). One root key ``jax.random.key(config.seed)`` is split once into the
+init, train and sample keys (:func:`run_keys`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from experiments import lib
-from experiments.cli import ConfigError
+from experiments.cli import ConfigError, config_check
 from experiments.images import save_grid
-from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
-from jaxdiff.training import (Checkpointer, StopOnSignal, abstract_target, make_train_step,
-                              train_loop)
-from jaxdiff.sharding import FSDP_AXIS, fsdp_sharding, make_mesh, replicated_sharding
-from jaxdiff.training.writers import JsonlWriter, MultiWriter, TensorBoardWriter
+from jaxdiff.data import HOW_TO_GET_MNIST, load_mnist
+from jaxdiff.sharding import check_batch_divisible, make_mesh
+from jaxdiff.training import (OptimizerConfig, Periodic, TrainerSettings, TrainState, TrainTask,
+                              abstract_train_state, fit, make_optimizer, new_train_state)
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["train", "run_training", "load_train_data", "check_tensorboard_available",
-           "make_train_mesh", "state_sharding_for", "restore_or_init", "gather_replicated"]
+__all__ = ["DATA_SOURCES", "RESUMABLE", "run_keys", "validate_seed_and_data",
+           "validate_training", "check_paths", "check_tensorboard_available", "optimizer_config",
+           "optimizer", "resume_hyperparams", "make_train_mesh", "trainer_settings",
+           "make_workdir", "load_split", "initial_state", "grid_job", "run_task"]
+
+DATA_SOURCES = ("auto", "local", "tfds")
+# training.* fields that may change on resume (e.g. extending a run); a change is logged.
+RESUMABLE = ("num_steps", "learning_rate", "warmup_steps", "lr_schedule", "end_lr_factor",
+             "weight_decay", "grad_clip_norm", "ema_decay")
 
 
-def check_tensorboard_available() -> None:
-    """ConfigError now, before anything is written, if ``training.tensorboard`` cannot work."""
+def run_keys(seed: int) -> Dict[str, jax.Array]:
+    """The run's keys: ``jax.random.key(seed)`` split once into ``{"init", "train", "sample"}``
+    (typed keys). ``init`` draws the parameters, ``train`` is the train state's key (each step
+    folds in the step number), ``sample`` draws the grids' noise (the same every time, so that
+    grids are comparable)."""
+    init, train, sample = jax.random.split(jax.random.key(check_int("seed", seed, 0)), 3)
+    return {"init": init, "train": train, "sample": sample}
+
+
+def validate_seed_and_data(config: ml_collections.ConfigDict) -> None:
+    """Checks ``seed`` (an int >= 0) and ``data.source`` / ``data.prefetch`` (not whether the data
+    exists); ConfigError naming the field."""
+    config_check("", check_int, "seed", config.seed, 0)
+    config_check("", check_choice, "data.source", config.data.source, DATA_SOURCES)
+    config_check("", check_int, "data.prefetch", config.data.prefetch, 1)
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Checks the ``training.*`` fields that :func:`trainer_settings` reads (sizes and intervals
+    >= 1, the learning-rate schedule, ``ema_decay`` in ``[0, 1)``, ``tensorboard`` a bool), that
+    ``batch_size`` divides over the devices and that ``fsdp`` divides the device count;
+    ConfigError naming the field."""
+    t = config.training
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        config_check("", check_int, f"training.{name}", t[name], 1)
+    config_check("", check_int, "training.warmup_steps", t.warmup_steps, 0)
+    config_check("", check_float, "training.learning_rate", t.learning_rate, minimum=0.0,
+                 exclusive_minimum=True)
+    config_check("", check_choice, "training.lr_schedule", t.lr_schedule, ("cosine", "constant"))
+    for name in ("end_lr_factor", "weight_decay", "grad_clip_norm"):
+        config_check("", check_float, f"training.{name}", t[name], minimum=0.0)
+    config_check("", check_float, "training.ema_decay", t.ema_decay, minimum=0.0, maximum=1.0,
+                  exclusive_maximum=True)
+    config_check("", check_bool, "training.tensorboard", t.get("tensorboard", False))
+    config_check("", check_batch_divisible, t.batch_size, make_mesh())
+    make_train_mesh(config)
+
+
+def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Checks, without creating anything, that ``config.data.data_dir`` (if set) exists and that
+    ``workdir`` exists as a writable directory or can be created.
+
+    Raises:
+      ConfigError: naming the path and what is wrong.
+    """
+    data_dir = config.data.data_dir
+    if data_dir and not os.path.isdir(data_dir):
+        raise ConfigError(f"data.data_dir {data_dir!r} does not exist. {HOW_TO_GET_MNIST}")
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):  # the nearest existing ancestor decides
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir!r} is not writable: {path!r} is not a writable "
+                          "directory")
+
+
+def check_tensorboard_available(config: ml_collections.ConfigDict) -> None:
+    """ConfigError now, before anything is written, if ``training.tensorboard`` is on and cannot
+    work (no ``tensorboardX``)."""
+    if not config.training.get("tensorboard", False):
+        return
     try:
         import tensorboardX  # noqa: F401
     except ImportError as e:
@@ -41,268 +107,129 @@ def check_tensorboard_available() -> None:
                           f"tensorboardX, or pip install 'jaxdiff[tensorboard]'): {e}") from None
 
 
-class _Logger:
-    """Averages metrics over ``every`` steps and writes the means with the throughput to
-    ``metrics.jsonl`` (a ``JsonlWriter``), to TensorBoard (a ``TensorBoardWriter`` on
-    ``WORKDIR/tb``, when ``tensorboard``) and to a tqdm bar. Does nothing when not ``enabled``
-    (processes other than the first)."""
-
-    def __init__(self, workdir, every, batch_size, start, total, enabled, tensorboard=False):
-        self.every, self.batch_size, self.enabled = every, batch_size, enabled
-        self.acc, self.t0, self.last_step = [], time.perf_counter(), start
-        self.bar, self.writer = None, None
-        if enabled:
-            from tqdm import tqdm
-            writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
-            if tensorboard:
-                writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
-            self.writer = MultiWriter(writers)
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def __call__(self, step, m):
-        if not self.enabled:
-            return
-        self.acc.append(m)
-        self.bar.update(1)
-        if step % self.every:
-            return
-        now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.t0, 1e-9)
-        row = {k: float(np.mean([a[k] for a in self.acc])) for k in self.acc[0]}
-        row.update(steps_per_sec=rate, images_per_sec=rate * self.batch_size, time=time.time())
-        self.acc, self.t0, self.last_step = [], now, step
-        self.writer.write_scalars(step, row)
-        self.writer.flush()   # readable while the run goes on
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.1e}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    """``config.training``'s learning rate, warm-up, schedule over ``num_steps``, weight decay and
+    clipping as an :class:`~jaxdiff.training.OptimizerConfig` (ConfigError naming the field)."""
+    t = config.training
+    return config_check("training.", OptimizerConfig,
+                        learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
+                        total_steps=t.num_steps, schedule=t.lr_schedule,
+                        end_lr_factor=t.end_lr_factor, weight_decay=t.weight_decay,
+                        grad_clip_norm=t.grad_clip_norm)
 
 
-# The logger is shared by the training command lines (experiments.latent_lib uses it too).
-MetricsLogger = _Logger
+def optimizer(config: ml_collections.ConfigDict):
+    """``(tx, lr_fn)``: :func:`jaxdiff.training.make_optimizer` of :func:`optimizer_config`."""
+    return make_optimizer(optimizer_config(config))
 
 
-def load_train_data(config: ml_collections.ConfigDict):
-    """MNIST's training split per ``config.data``; ``(images, labels)``.
-
-    Raises:
-      ConfigError: the data cannot be found, or a label is not below ``model.num_classes``
-        (``num_classes`` itself is the null label).
-    """
-    try:
-        images, labels = load_mnist("train", config.data.data_dir or None,
-                                    source=config.data.source)
-    except (FileNotFoundError, ImportError) as e:
-        raise ConfigError(f"data: {e}") from None
-    n = int(config.model.num_classes)
-    if len(labels) and (labels.min() < 0 or labels.max() >= n):
-        raise ConfigError(f"model.num_classes is {n}, but the data's labels lie in "
-                          f"[{labels.min()}, {labels.max()}]: labels must be in [0, {n}) "
-                          f"({n} is the null label)")
-    return images, labels
+def resume_hyperparams(config: ml_collections.ConfigDict,
+                       extra: Sequence[str] = ()) -> Dict[str, Any]:
+    """The ``training.*`` settings that may change on resume (:data:`RESUMABLE`, then ``extra``),
+    JSON-able; the checkpointer logs a change."""
+    t = config.training
+    return json.loads(json.dumps({k: t[k] for k in (*RESUMABLE, *extra)}))
 
 
 def make_train_mesh(config: ml_collections.ConfigDict):
-    """The mesh over all devices: ``("data",)``, or ``("data", "fsdp")`` with
-    ``training.fsdp > 1`` (the train state's large leaves then split over ``fsdp``: see
-    :func:`jaxdiff.sharding.fsdp_sharding`; :func:`run_training` does it for such a mesh).
+    """The mesh over all devices: ``("data",)``, or ``("data", "fsdp")`` with ``training.fsdp >
+    1`` (the train state's large leaves then split over ``fsdp``:
+    :mod:`jaxdiff.training.placement`).
 
     Raises:
       ConfigError: ``training.fsdp`` does not divide the number of devices.
     """
-    try:
-        return make_mesh(fsdp=config.training.get("fsdp", 1))
-    except ValueError as e:
-        raise ConfigError(f"training.{e}") from None
+    return config_check("training.", make_mesh, fsdp=config.training.get("fsdp", 1))
 
 
-def state_sharding_for(target: Any, mesh) -> Optional[Any]:
-    """The train state's sharding on ``mesh``: None (replicated) on a ``("data",)`` mesh; on a
-    mesh with an ``fsdp`` axis (``training.fsdp > 1``, :func:`make_train_mesh`),
-    :func:`jaxdiff.sharding.fsdp_sharding` of ``target`` (a state or its abstract shapes)."""
-    if FSDP_AXIS not in mesh.axis_names:
-        return None
-    return fsdp_sharding(target, mesh)
-
-
-def restore_or_init(ckpt: Checkpointer, mesh, init_state: Callable[[bool], tuple]) -> tuple:
-    """Resumes the latest checkpoint of ``ckpt`` or starts fresh, with the state placed for
-    ``mesh`` (the start of every training command line's loop).
-
-    On a mesh with an ``fsdp`` axis the restore target carries the split shardings of
-    :func:`state_sharding_for`, so each leaf is read straight into its shards
-    (:meth:`jaxdiff.training.Checkpointer.restore_latest`): a resume never puts a whole split
-    leaf on one device. A fresh state is built replicated by ``init_state(False)``, then split.
-
-    Args:
-      ckpt: the run's checkpointer (its compatibility check applies).
-      mesh: from :func:`make_train_mesh`.
-      init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state,
-        or with ``abstract=True`` its ``jax.ShapeDtypeStruct`` shapes; the same ``tx`` either way.
-
-    Returns:
-      ``(state, tx, lr_fn, data_state, state_sharding)``; ``state_sharding`` is None when the
-      state is replicated (pass it to ``make_train_step(state_sharding=...)`` either way);
-      ``data_state`` is the data position (``{"epoch": 0, "index": 0}`` when fresh).
+def trainer_settings(config: ml_collections.ConfigDict, workdir: str) -> TrainerSettings:
+    """``config.training`` (and ``data.prefetch``) as the loop's
+    :class:`~jaxdiff.training.TrainerSettings` for ``workdir``.
 
     Raises:
-      jaxdiff.training.IncompatibleCheckpointError, jaxdiff.training.CheckpointError: from the
-        restore.
+      ConfigError: a field the settings reject, named ``training.<field>``.
     """
-    target, tx, lr_fn = init_state(True)
-    state_sharding = state_sharding_for(target, mesh)
-    if state_sharding is not None:
-        target = abstract_target(target, state_sharding)
-    restored = ckpt.restore_latest(target)
-    if restored is not None:
-        state, data_state, step = restored
-        if jax.process_index() == 0:
-            print(f"resumed from step {step} ({ckpt.directory})", flush=True)
-        return state, tx, lr_fn, dict(data_state), state_sharding
-    state, tx, lr_fn = init_state(False)
-    if state_sharding is not None:
-        state = jax.device_put(state, state_sharding)
-    return state, tx, lr_fn, {"epoch": 0, "index": 0}, state_sharding
+    t = config.training
+    return config_check(
+        "training.", TrainerSettings, workdir=workdir, num_steps=t.num_steps,
+        batch_size=t.batch_size, optimizer=optimizer_config(config), ema_decay=t.ema_decay,
+        log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, fsdp=t.get("fsdp", 1),
+        prefetch=config.data.prefetch, tensorboard=t.get("tensorboard", False))
 
 
-def gather_replicated(tree: Any, mesh) -> Any:
-    """``tree`` replicated over ``mesh`` (e.g. the EMA params for a sampler or an evaluation,
-    which take replicated params); unchanged on a mesh without an ``fsdp`` axis (its state is
-    replicated already)."""
-    if FSDP_AXIS not in mesh.axis_names:
-        return tree
-    return jax.device_put(tree, replicated_sharding(mesh))
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Trains (or resumes) the run in ``workdir``; returns a summary dict (``start_step``,
-    ``end_step``, ``wall_s``, ``stopped_by_signal``, ``grid``, ``checkpoint_step``).
-
-    Everything that can be checked first is (the config, the data directory and the data, whether
-    ``workdir`` can be written), before ``workdir`` is created; a checkpoint written with an
-    incompatible config is refused before ``config.json`` is written.
+def make_workdir(workdir: str) -> str:
+    """Creates ``workdir`` (and its parents) once every check has passed; returns its absolute
+    path.
 
     Raises:
-      ConfigError: an invalid config field or path (nothing written).
-      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config.
+      ConfigError: it cannot be created.
     """
     workdir = os.path.abspath(workdir)
-    lib.validate_config(config)
-    lib.check_paths(config, workdir)
-    s = config.sampling
-    if config.training.get("tensorboard", False):
-        check_tensorboard_available()
-    images, labels = load_train_data(config)
-    mesh = make_train_mesh(config)
-    model, schedule = lib.build_model(config), lib.build_schedule(config)
-    sample_fn = lib.make_sample_fn(model, schedule, mesh, s, config.diffusion.prediction_type)
-    grid_labels = np.repeat(np.arange(model.config.num_classes), s.per_class)
-    sample_key = lib.run_keys(config.seed)["sample"]  # same noise every time: grids comparable
-
-    def grid_fn(state):
-        return lib.sample_images(sample_fn, state.ema_params, grid_labels, sample_key, mesh)
-
-    return run_training(
-        config, workdir, mesh,
-        init_state=lambda abstract: lib.init_state(config, model, mesh, abstract=abstract),
-        loss_fn=lib.make_loss_fn(config, model, schedule), compat=lib.compat_config(config),
-        hyperparams=lib.resume_hyperparams(config), data={"image": images, "label": labels},
-        grid_fn=grid_fn, grid_columns=s.per_class)
-
-
-def run_training(config: ml_collections.ConfigDict, workdir: str, mesh, *,
-                 init_state: Callable[[bool], tuple], loss_fn: Callable, compat: Dict[str, Any],
-                 hyperparams: Dict[str, Any], data: Dict[str, np.ndarray],
-                 grid_fn: Callable[[Any], np.ndarray], grid_columns: int) -> Dict[str, Any]:
-    """The training run that every MNIST trainer shares, after its own checks: creates
-    ``workdir``, resumes the latest compatible checkpoint (or starts fresh), writes
-    ``config.json``, and runs :func:`jaxdiff.training.train_loop` (data-parallel step over
-    ``mesh``, EMA, NaN guard, Orbax checkpoints with exact resume, SIGTERM / Ctrl-C stop) with
-    ``metrics.jsonl`` / TensorBoard / a progress bar, and a sample grid every ``sampling.every``
-    steps and at the end.
-
-    Args:
-      config: reads ``seed``, ``data.prefetch``, ``training.{batch_size, num_steps, log_every,
-        checkpoint_every, keep_checkpoints, ema_decay, tensorboard}`` and ``sampling.every``
-        (already validated).
-      workdir: the absolute run directory (created here).
-      mesh: the device mesh the batch is sharded over; the state is replicated, or, on a mesh
-        with an ``fsdp`` axis (:func:`make_train_mesh`), its large leaves split over that axis
-        (:func:`jaxdiff.sharding.fsdp_sharding`; a resume reads them straight into their
-        shards: :func:`restore_or_init`; the sample grids gather the EMA params).
-      init_state: ``init_state(abstract) -> (state, tx, lr_fn)``: the replicated fresh state, or
-        with ``abstract=True`` its shapes (a restore target); the same ``tx`` either way.
-      loss_fn: ``(state.params, batch, key) -> (loss, aux)``.
-      compat, hyperparams: the checkpoint's compatibility config and the settings that may change
-        on resume (:class:`jaxdiff.training.Checkpointer`).
-      data: the training arrays ``{name: [N, ...]}``, batched by
-        :class:`jaxdiff.data.BatchIterator` with ``config.seed``.
-      grid_fn: ``grid_fn(state) -> images [n, 28, 28, C]`` in ``[-1, 1]`` (all processes call
-        it); written as ``samples/step_XXXXXX.png`` and ``samples/latest.png``.
-      grid_columns: the grid's columns.
-
-    Returns:
-      ``{"start_step", "end_step", "wall_s", "stopped_by_signal", "grid", "checkpoint_step"}``.
-
-    Raises:
-      ConfigError: ``workdir`` cannot be created.
-      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another config
-        (refused before ``config.json`` is written).
-      jaxdiff.training.NonFiniteLossError: a non-finite loss (no checkpoint after it).
-    """
-    t, s = config.training, config.sampling
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable: {e}") from None
-    is_main = jax.process_index() == 0
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), compat,
-                        max_to_keep=t.keep_checkpoints, save_interval_steps=t.checkpoint_every,
-                        hyperparams=hyperparams)
-    state, tx, lr_fn, data_state, state_sharding = restore_or_init(ckpt, mesh, init_state)
-    if is_main:  # after the compatibility check: a refused resume leaves the workdir as it was
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    start = int(jax.device_get(state.step))
-    step_fn = make_train_step(loss_fn, tx, mesh, ema_decay=t.ema_decay, lr_schedule=lr_fn,
-                              state_sharding=state_sharding)
-    last_grid: list[Optional[str]] = [None]
+    return workdir
 
-    def write_grid(step, st):
-        # The sampler takes replicated params: gather the EMA params (when split over fsdp).
-        imgs = grid_fn(st.replace(ema_params=gather_replicated(st.ema_params, mesh)))
-        if is_main:
-            path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-            save_grid(imgs, path, ncols=grid_columns)
-            save_grid(imgs, os.path.join(workdir, "samples", "latest.png"), ncols=grid_columns)
-            last_grid[0] = path
 
-    def on_step(step, st):
-        if step % s.every == 0:
-            write_grid(step, st)
+def load_split(config: ml_collections.ConfigDict, split: str):
+    """MNIST's ``split`` (``"train"`` / ``"test"``) per ``config.data``: ``(images [N, 28, 28, 1]
+    float32 in [-1, 1], labels [N])``.
 
-    logger = _Logger(workdir, t.log_every, t.batch_size, start, t.num_steps, is_main,
-                     tensorboard=t.get("tensorboard", False))
-    it = BatchIterator.from_state(data, t.batch_size, config.seed, data_state)
-    t0 = time.perf_counter()
-    with StopOnSignal() as stop, Prefetcher(it, config.data.prefetch) as batches:
-        try:
-            state = train_loop(state, step_fn, batches, mesh, t.num_steps, checkpointer=ckpt,
-                               on_metrics=logger, on_step=on_step, stop=stop,
-                               sync_every=t.log_every)
-        finally:
-            logger.close()
-            ckpt.close()
-    end = int(jax.device_get(state.step))
-    if stop.requested is None and end % s.every:
-        write_grid(end, state)
-    summary = {"start_step": start, "end_step": end, "wall_s": time.perf_counter() - t0,
-               "stopped_by_signal": stop.requested is not None, "grid": last_grid[0],
-               "checkpoint_step": ckpt.latest_step()}
-    if is_main:
-        print(json.dumps(summary))
-    return summary
+    Raises:
+      ConfigError: the data cannot be found (``data: ...``).
+    """
+    try:
+        return load_mnist(split, config.data.data_dir or None, source=config.data.source)
+    except (FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def initial_state(config: ml_collections.ConfigDict, params: Any, mesh, *,
+                  abstract: bool = False):
+    """``(state, tx, lr_fn)``: the run's train state of ``params`` (its fresh params, or with
+    ``abstract=True`` their ``jax.ShapeDtypeStruct`` shapes), replicated over ``mesh``, with the
+    optimizer of ``config.training`` and the train key of :func:`run_keys`; ``abstract=True``
+    gives shapes only (a restore target, nothing computed). What :func:`run_task` trains from."""
+    tx, lr_fn = optimizer(config)
+    key = run_keys(config.seed)["train"]
+    make = abstract_train_state if abstract else new_train_state
+    return make(params, tx, key, mesh), tx, lr_fn
+
+
+def grid_job(workdir: str, every: int, sample: Callable[[TrainState], np.ndarray],
+             columns: int) -> Periodic:
+    """The sample grid every ``every`` steps (and at the end): ``sample(state) -> images [n, H,
+    W, C]`` in ``[-1, 1]`` (every process calls it), written by process 0 as
+    ``WORKDIR/samples/step_XXXXXX.png`` and ``samples/latest.png``; the result is that path
+    (None on other processes)."""
+
+    def write(step: int, state: TrainState) -> Optional[str]:
+        images = sample(state)
+        if jax.process_index() != 0:
+            return None
+        path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+        save_grid(images, path, ncols=columns)
+        save_grid(images, os.path.join(workdir, "samples", "latest.png"), ncols=columns)
+        return path
+
+    return Periodic("grid", every, write)
+
+
+def run_task(config: ml_collections.ConfigDict, workdir: str, mesh, *,
+             init_params: Callable[[bool], Any], **task: Any) -> Dict[str, Any]:
+    """Trains (or resumes) a run on :func:`jaxdiff.training.fit`: the settings of
+    :func:`trainer_settings`, the train key of :func:`run_keys`, ``config`` as the run's
+    ``config.json``, and the trainer's own ``init_params`` (as :func:`initial_state`'s params)
+    and ``task`` fields (``loss_fn``, ``data``, ``compat``, ``hyperparams``, ``periodic``,
+    ``finish``: :class:`jaxdiff.training.TrainTask`). Returns the summary.
+
+    Raises:
+      ConfigError: a ``training.*`` field the settings reject.
+      jaxdiff.training.IncompatibleCheckpointError, jaxdiff.training.NonFiniteLossError: as
+        :func:`jaxdiff.training.fit`.
+    """
+    settings = trainer_settings(config, workdir)
+    return fit(settings, TrainTask(init_params=init_params, key=run_keys(config.seed)["train"],
+                                   config_json=config.to_json(indent=2), **task), mesh=mesh)

@@ -23,7 +23,7 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 
-from experiments import cli, train_lib
+from experiments import cli, mnist_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist.py")
 PROG = "python -m experiments.train_mnist"
@@ -33,13 +33,13 @@ __all__ = ["main", "cli_main", "DEFAULT_CONFIG"]
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parses ``argv`` (without the program name) and trains; returns the summary of
-    :func:`experiments.train_lib.train`.
+    :func:`experiments.mnist_lib.train`.
 
     Raises:
       ConfigError: an invalid flag, config field or path (nothing is written).
     """
     return cli.train_command(argv, prog=PROG, doc=__doc__, default_config=DEFAULT_CONFIG,
-                             train=train_lib.train,
+                             train=mnist_lib.train,
                              workdir_help="Directory for checkpoints, metrics and samples.")
 
 

@@ -6,8 +6,8 @@ continuous-time SDE (VE by default; data parallel over all devices).
     python -m experiments.train_score_mnist --workdir runs/ve_sde \
         --config=experiments/configs/mnist_ve_sde.py --config.training.num_steps=4000
 
-The default config is ``experiments/configs/mnist_ve_sde.py``. The training machinery is the
-discrete trainer's (``experiments.train_lib.run_training``): the workdir gets ``config.json``,
+The default config is ``experiments/configs/mnist_ve_sde.py``. It trains on the one training loop
+(``jaxdiff.training.fit``), as the discrete trainer does: the workdir gets ``config.json``,
 ``checkpoints/`` (Orbax; resumed automatically and exactly), ``metrics.jsonl`` and
 ``samples/step_XXXXXX.png`` (EMA params, ``config.sampling``'s PC or ODE sampler). The config and
 paths are checked before anything is written: an invalid value prints one ``error: ...`` line and

@@ -13,8 +13,9 @@ import pytest
 
 from tests.test_data import write_fake_mnist
 
+import jaxdiff.models  # noqa: F401  (the package itself: if it breaks, this file fails)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytest.importorskip("jaxdiff.models", reason="models not available")
 
 SMOKE = os.path.join(REPO, "experiments", "configs", "mnist_smoke.py")
 CLI_MODULES = ("train_mnist", "sample", "eval_mnist", "eval_sweep")
@@ -207,12 +208,13 @@ def test_sample_output_is_replicated(trained):
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from experiments import lib
+    from experiments import mnist_lib, mnist_sampling
     from jaxdiff.sharding import shard_batch
 
-    run = lib.load_run(trained[1])
-    fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, lib.sampling_config("ddpm", 2),
-                            run.config.diffusion.prediction_type)
+    run = mnist_lib.load_run(trained[1])
+    fn = mnist_sampling.make_sample_fn(run.model, run.schedule, run.mesh,
+                                       mnist_sampling.sampling_config("ddpm", 2),
+                                       run.config.diffusion.prediction_type)
     out = fn(run.ema_params, shard_batch({"label": np.array([0, 7, 0], np.int32)},
                                          run.mesh)["label"], jax.random.key(0))
     assert out.shape == (3, 28, 28, 1) and out.sharding.spec == P()
@@ -225,16 +227,17 @@ def test_ddim_clip_forms(trained):
     clipping."""
     import jax
 
-    from experiments import lib
+    from experiments import mnist_lib, mnist_sampling
     from experiments.cli import ConfigError
 
-    run = lib.load_run(trained[1])
+    run = mnist_lib.load_run(trained[1])
     labels = np.array([0, 7], np.int32)
 
     def sample(clip_x0, ddim_clip):
-        sampling = lib.sampling_config("ddim", 3, 2.0, clip_x0=clip_x0, ddim_clip=ddim_clip)
-        fn = lib.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
-                                run.config.diffusion.prediction_type)
+        sampling = mnist_sampling.sampling_config("ddim", 3, 2.0, clip_x0=clip_x0,
+                                                  ddim_clip=ddim_clip)
+        fn = mnist_sampling.make_sample_fn(run.model, run.schedule, run.mesh, sampling,
+                                           run.config.diffusion.prediction_type)
         return np.asarray(fn(run.ema_params, labels, jax.random.key(0)))
 
     a, b = sample(1.0, None), sample(1.0, "diffusers")
@@ -250,23 +253,23 @@ def test_one_root_key_and_init_unet(trained):
     ``jax.random.key(seed)`` (typed keys); the train state's key is the train key."""
     import jax
 
-    from experiments import lib
+    from experiments import mnist_lib, train_lib
     from experiments.configs import mnist_smoke
     from jaxdiff.models import init_unet
     from jaxdiff.sharding import make_mesh
 
     config = mnist_smoke.get_config()
-    keys = lib.run_keys(config.seed)
+    keys = train_lib.run_keys(config.seed)
     assert sorted(keys) == ["init", "sample", "train"]
     assert all(jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) for k in keys.values())
     data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys.values()]
     assert len(set(data)) == 3
-    model = lib.build_model(config)
-    state, _, _ = lib.init_state(config, model, make_mesh())
+    model = mnist_lib.build_model(config)
+    state, _, _ = mnist_lib.init_state(config, model, make_mesh())
     expected = init_unet(model.config, keys["init"])
     jax.tree.map(np.testing.assert_array_equal, state.params["params"], expected)
     np.testing.assert_array_equal(state.key, jax.random.key_data(keys["train"]))
-    target, _, _ = lib.init_state(config, model, make_mesh(), abstract=True)
+    target, _, _ = mnist_lib.init_state(config, model, make_mesh(), abstract=True)
     assert jax.tree.structure(target) == jax.tree.structure(state)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
 
@@ -274,7 +277,7 @@ def test_one_root_key_and_init_unet(trained):
 def test_legacy_config_json_num_classes(trained, tmp_path):
     """A run written before ``model.num_classes`` was the only copy has a top-level
     ``num_classes``: equal to the model's it loads, different it is an error."""
-    from experiments import lib
+    from experiments import mnist_lib
     from experiments.cli import ConfigError
 
     config = json.load(open(os.path.join(trained[1], "config.json")))
@@ -284,14 +287,14 @@ def test_legacy_config_json_num_classes(trained, tmp_path):
         with open(tmp_path / "config.json", "w") as f:
             json.dump({**config, "num_classes": legacy}, f)
         if legacy == 10:
-            assert lib.load_run(str(tmp_path)).model.config.num_classes == 10
+            assert mnist_lib.load_run(str(tmp_path)).model.config.num_classes == 10
         else:
             with pytest.raises(ConfigError, match="num_classes 5 differs from model.num_classes"):
-                lib.load_run(str(tmp_path))
+                mnist_lib.load_run(str(tmp_path))
 
 
 def test_cli_modules_do_not_import_each_other():
-    """The command lines share experiments.lib / evaluation; none imports another (old:
+    """The command lines share experiments.mnist_lib / evaluation; none imports another (old:
     sample imported train_mnist, eval_sweep imported eval_mnist and sample)."""
     for name in CLI_MODULES:
         tree = ast.parse(open(os.path.join(REPO, "experiments", f"{name}.py")).read())
@@ -356,7 +359,7 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path, monkeypat
     """eval_mnist (classifier trained and cached, floor, conditional + unconditional samples,
     bits/dim) and eval_sweep (one row per setting, floors per N, picture, each setting's sampler
     built once) on the 3-step run."""
-    from experiments import eval_mnist, eval_sweep, lib
+    from experiments import eval_mnist, eval_sweep, mnist_sampling
     from PIL import Image
 
     _, workdir, _, _ = trained
@@ -381,8 +384,8 @@ def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path, monkeypat
 
     png = str(tmp_path / "sweep.png")
     built = []
-    make_sampler = lib.make_sampler
-    monkeypatch.setattr(lib, "make_sampler", lambda s, *a: built.append(s.sampler)
+    make_sampler = mnist_sampling.make_sampler
+    monkeypatch.setattr(mnist_sampling, "make_sampler", lambda s, *a: built.append(s.sampler)
                         or make_sampler(s, *a))
     out = eval_sweep.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                            f"--classifier_path={clf}",
@@ -437,7 +440,7 @@ def test_optional_model_fields_parse_from_the_command_line():
     ``--config.model.attention_implementation=cudnn``); the string "None" resets an optional
     field when the UNet is built."""
     from experiments.configs import mnist
-    from experiments.lib import build_model
+    from experiments.mnist_lib import build_model
 
     c = mnist.get_config()
     assert c.model.get_ref("attention_implementation").get_type() is str
@@ -499,7 +502,7 @@ def test_sampler_options_reach_the_sampler():
     """``name/key=value`` in eval_sweep settings and ``--option key=value`` in sample become
     options of the registry sampler; unknown options and options with a field of their own are
     one-line config errors."""
-    from experiments import lib
+    from experiments import cli, mnist_sampling
     from experiments.cli import ConfigError
     from experiments.eval_sweep import parse_settings
     from jaxdiff.schedules import make_schedule
@@ -507,22 +510,23 @@ def test_sampler_options_reach_the_sampler():
     (s,) = parse_settings("euler/spacing=leading/sigma_schedule=karras:10:2", 300)
     assert s["sampler"] == "euler" and s["label"] == "euler/spacing=leading/sigma_schedule=karras"
     assert s["options"] == {"spacing": "leading", "sigma_schedule": "karras"}
-    assert lib.parse_sampler_options(["solver_order=3", "lambda_min_clipped=-5.1",
+    assert cli.parse_sampler_options(["solver_order=3", "lambda_min_clipped=-5.1",
                                       "lower_order_final=False", "s_tmax=inf"]) == {
         "solver_order": 3, "lambda_min_clipped": -5.1, "lower_order_final": False,
         "s_tmax": float("inf")}
     sched = make_schedule("cosine", 100)
-    sampler = lib.make_sampler(lib.sampling_config("euler", 10, 2.0, options=s["options"]),
-                               "eps", sched)
+    sampler = mnist_sampling.make_sampler(
+        mnist_sampling.sampling_config("euler", 10, 2.0, options=s["options"]), "eps", sched)
     assert sampler.options["spacing"] == "leading"
     assert sampler.options["sigma_schedule"] == "karras"
     for options, message in [({"spacing": "middle"}, "spacing"),
                              ({"solver_order": 3}, "does not take option 'solver_order'"),
                              ({"prediction_type": "v"}, "sampling.options.prediction_type")]:
         with pytest.raises(ConfigError, match=message):
-            lib.make_sampler(lib.sampling_config("euler", 10, 2.0, options=options), "eps", sched)
+            mnist_sampling.make_sampler(
+                mnist_sampling.sampling_config("euler", 10, 2.0, options=options), "eps", sched)
     with pytest.raises(ConfigError, match="key=value"):
-        lib.parse_sampler_options(["spacing"])
+        cli.parse_sampler_options(["spacing"])
 
 
 def test_command_line_sampling_defaults_come_from_the_run():
@@ -530,20 +534,20 @@ def test_command_line_sampling_defaults_come_from_the_run():
     sampler does not inherit the run sampler's own options."""
     import ml_collections
 
-    from experiments import lib
+    from experiments import mnist_sampling
 
     run = ml_collections.ConfigDict(dict(sampler="ddim", num_steps=25, guidance_scale=2.0,
                                          clip_x0=1.0, eta=0.3, ddim_clip="diffusers",
                                          options={"spacing": "trailing"}))
-    s = lib.sampling_from_flags(run)
+    s = mnist_sampling.sampling_from_flags(run)
     assert (s.sampler, s.num_steps, s.guidance_scale, s.eta, s.ddim_clip) == (
         "ddim", 25, 2.0, 0.3, "diffusers")
     assert dict(s.options) == {"spacing": "trailing"}
-    s = lib.sampling_from_flags(run, "ddpm", None, 1.5, options={"spacing": "leading"})
+    s = mnist_sampling.sampling_from_flags(run, "ddpm", None, 1.5, options={"spacing": "leading"})
     assert (s.sampler, s.num_steps, s.guidance_scale, s.eta, s.ddim_clip) == (
         "ddpm", 25, 1.5, None, None)
     assert dict(s.options) == {"spacing": "leading"} and s.clip_x0 == 1.0
-    s = lib.sampling_from_flags(run, "ddim", 50, None, eta=0.0)
+    s = mnist_sampling.sampling_from_flags(run, "ddim", 50, None, eta=0.0)
     assert (s.num_steps, s.guidance_scale, s.eta) == (50, 2.0, 0.0)
 
 

@@ -94,7 +94,9 @@ def test_fsdp_step_equals_replicated_step_on_eight_devices():
 _TRAIN = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np
-    from experiments import train_lib
+    import jaxdiff.training.placement as placement
+    import jaxdiff.training.trainer as trainer
+    from experiments import mnist_lib
     from experiments.configs import mnist_smoke
     from jaxdiff.sharding import FSDP_AXIS
     from tests.test_data import write_fake_mnist
@@ -105,12 +107,12 @@ _TRAIN = textwrap.dedent("""
     c.training.num_steps, c.training.fsdp = 2, 4
     c.training.log_every = c.training.checkpoint_every = 1
     # The smoke UNet's leaves are all below FSDP_MIN_SIZE: split every divisible one.
-    split_all = train_lib.fsdp_sharding
-    train_lib.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
+    split_all = placement.fsdp_sharding
+    placement.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
     made = []
-    real = train_lib.make_train_step
-    train_lib.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
-    summary = train_lib.train(c, os.path.join(root, "run"))
+    real = trainer.make_train_step
+    trainer.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
+    summary = mnist_lib.train(c, os.path.join(root, "run"))
     assert summary["end_step"] == 2 and summary["checkpoint_step"] == 2, summary
     assert summary["grid"] is not None       # sampled from the gathered EMA params
     (sharding,) = made
@@ -120,7 +122,7 @@ _TRAIN = textwrap.dedent("""
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows), rows
     c.training.fsdp = 3
     try:
-        train_lib.train(c, os.path.join(root, "run3"))
+        mnist_lib.train(c, os.path.join(root, "run3"))
     except ValueError as e:
         assert "training.fsdp must be a positive divisor of the number of devices 8" in str(e)
     else:

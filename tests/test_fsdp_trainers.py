@@ -1,9 +1,9 @@
 """FSDP in the trainers (issue 17), on 8 simulated CPU devices in a subprocess (the device count
 is fixed when JAX initialises; this pytest process has one device):
 
-- a resumed ``training.fsdp`` run reads its checkpoint straight into the split shardings
-  (``train_lib.restore_or_init`` -> ``Checkpointer.restore_latest`` of a sharded abstract target),
-  and 2 + 2 resumed steps equal 4 in one go, bitwise;
+- a resumed ``fsdp`` run of the training loop reads its checkpoint straight into the split
+  shardings (``jaxdiff.training.restore_or_init`` -> ``Checkpointer.restore_latest`` of a sharded
+  abstract target), and 2 + 2 resumed steps equal 4 in one go, bitwise;
 - ``train_vae_mnist`` and ``train_latent_mnist`` with ``training.fsdp=4``: the step equals the
   replicated one (``training.fsdp=1``); the latent trainer with a stand-in loss (compiling its
   real one twice on 8 devices takes minutes on 2 cores), the autoencoder with its real one.
@@ -30,17 +30,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PRELUDE = """
 import json, os, sys
 import jax, numpy as np
-from experiments import train_lib
+import jaxdiff.training.placement as placement
+import jaxdiff.training.trainer as trainer
 from jaxdiff.training import Checkpointer, abstract_target
 from jaxdiff.sharding import FSDP_AXIS, make_mesh
 from jaxdiff.sharding import replicated_sharding
 assert jax.device_count() == 8, jax.devices()
 root = sys.argv[1]
-split_all = train_lib.fsdp_sharding
-train_lib.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
+split_all = placement.fsdp_sharding
+placement.fsdp_sharding = lambda tree, mesh: split_all(tree, mesh, min_size=0)
 
 def record_state_shardings(module):
-    # Every make_train_step(state_sharding=...) that ``module`` makes, in order.
+    # Every make_train_step(state_sharding=...) that ``module`` (the training loop's) makes.
     made, real = [], module.make_train_step
     module.make_train_step = lambda *a, **k: made.append(k["state_sharding"]) or real(*a, **k)
     return made
@@ -95,9 +96,9 @@ def load(ckpt_dir, target):
 """
 
 _RESUME = _PRELUDE + textwrap.dedent("""
-    import ml_collections
-    from jaxdiff.training import IncompatibleCheckpointError
-    from jaxdiff.sharding import replicate
+    from jaxdiff.data import BatchIterator
+    from jaxdiff.training import (IncompatibleCheckpointError, OptimizerConfig, Periodic,
+                                  TrainerSettings, TrainTask, fit)
     from tests.test_training import tiny_data, tiny_setup
 
     mesh = make_mesh(fsdp=4)
@@ -112,25 +113,24 @@ _RESUME = _PRELUDE + textwrap.dedent("""
 
     Checkpointer.restore_latest = spy
 
-    def init_state(abstract):
-        state, tx, lr_fn, _ = tiny_setup(lr=3e-3)
-        if abstract:  # replicated shapes, as the trainers' init_state(abstract=True) give
-            shapes = jax.eval_shape(lambda: state)
-            return abstract_target(shapes, jax.tree.map(lambda _: repl, shapes)), tx, lr_fn
-        return replicate(state, mesh), tx, lr_fn
+    def init_params(abstract):   # tiny_setup's params (and key, optimizer below)
+        params = tiny_setup(lr=3e-3)[0].params
+        return jax.eval_shape(lambda: params) if abstract else params
 
     _, _, _, loss_fn = tiny_setup(lr=3e-3)
     data = tiny_data(48)
 
     def run(workdir, steps, compat=None):
-        c = ml_collections.ConfigDict(dict(
-            seed=0, data=dict(prefetch=1), sampling=dict(every=1000),
-            training=dict(batch_size=16, num_steps=steps, log_every=1, checkpoint_every=2,
-                          keep_checkpoints=3, ema_decay=0.9, tensorboard=False, fsdp=4)))
-        return train_lib.run_training(
-            c, os.path.join(root, workdir), mesh, init_state=init_state, loss_fn=loss_fn,
-            compat=compat or {"model": "tiny"}, hyperparams={"num_steps": steps}, data=data,
-            grid_fn=lambda st: np.zeros((1, 8, 8, 1), np.float32), grid_columns=1)
+        settings = TrainerSettings(
+            workdir=os.path.join(root, workdir), num_steps=steps, batch_size=16,
+            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=100),
+            ema_decay=0.9, log_every=1, checkpoint_every=2, keep_checkpoints=3, prefetch=1,
+            fsdp=4, progress=False)
+        task = TrainTask(init_params=init_params, key=jax.random.PRNGKey(1), loss_fn=loss_fn,
+                         data=BatchIterator.source(data, 16, 0),
+                         compat=compat or {"model": "tiny"}, hyperparams={"num_steps": steps},
+                         periodic=[Periodic("grid", 1000, lambda n, st: None)])
+        return fit(settings, task, mesh=mesh)
 
     assert run("straight", 4)["end_step"] == 4
     assert run("resumed", 2)["end_step"] == 2
@@ -142,7 +142,7 @@ _RESUME = _PRELUDE + textwrap.dedent("""
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(target)):
         assert a.sharding == b.sharding, (a.sharding, b.sharding)
     assert n_split(jax.tree.map(lambda x: x.sharding, target)) >= 6
-    expected = train_lib.fsdp_sharding(jax.eval_shape(lambda: tiny_setup()[0]), mesh)
+    expected = placement.fsdp_sharding(jax.eval_shape(lambda: tiny_setup()[0]), mesh)
     assert [s.spec for s in jax.tree.leaves(expected)] == [
         x.sharding.spec for x in jax.tree.leaves(state)]
     # Exact resume: 2 + 2 steps == 4 in one go (params, Adam moments, EMA, key, step).
@@ -184,10 +184,10 @@ def _run(script, tmp_path, timeout=300, extra=()):
 
 
 def test_fsdp_resume_restores_split_leaves_and_is_exact(tmp_path):
-    """``run_training`` on a ``("data", "fsdp")`` mesh of 2 x 4 (TinyNet): the resumed run's
-    restored leaves already carry the split shardings (no replicated restore), 2 + 2 steps equal
-    4 in one go bitwise, the checkpoint reads into another split (fsdp=2) and replicated, and a
-    checkpoint of another config is still refused."""
+    """The training loop (``fit``) on a ``("data", "fsdp")`` mesh of 2 x 4 (TinyNet): the resumed
+    run's restored leaves already carry the split shardings (no replicated restore), 2 + 2 steps
+    equal 4 in one go bitwise, the checkpoint reads into another split (fsdp=2) and replicated,
+    and a checkpoint of another config is still refused."""
     _run(_RESUME, tmp_path)
 
 
@@ -219,7 +219,7 @@ _VAE = _PRELUDE + textwrap.dedent("""
 
     TINY = json.loads(sys.argv[2])
     write_fake_mnist(os.path.join(root, "mnist"), n_train=32, n_test=8)
-    made = record_state_shardings(vae_lib)
+    made = record_state_shardings(trainer)
     out = {}
     for fsdp in (1, 4):
         workdir = os.path.join(root, f"vae{fsdp}")
@@ -264,7 +264,7 @@ _LATENT_TINY = ["--config.model.in_channels=2", "--config.model.out_channels=2",
                 "--config.training.learning_rate=1e-3", "--config.sampling.every=0"]
 
 _LATENT = textwrap.dedent("""
-    from experiments import latent_lib, train_latent_mnist
+    from experiments import latent_data, latent_lib, train_latent_mnist
 
     TINY = json.loads(sys.argv[3])
     # A stand-in loss over all the parameters and the batch: compiling the real one (UNet with
@@ -280,7 +280,7 @@ _LATENT = textwrap.dedent("""
 
     import jax.numpy as jnp
     latent_lib.make_loss_fn = stand_in_loss
-    made = record_state_shardings(latent_lib)
+    made = record_state_shardings(trainer)
     out = {}
     for fsdp in (1, 4):
         workdir = os.path.join(root, f"latent{fsdp}")
@@ -294,10 +294,10 @@ _LATENT = textwrap.dedent("""
             assert os.path.isfile(os.path.join(summary["diffusers"], "model_index.json"))
         cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
         assert cfg.training.fsdp == fsdp
-        tokenizer = latent_lib.build_tokenizer(os.path.join(workdir, latent_lib.TOKENIZER_DIR),
-                                               cfg.text.max_length)
+        tokenizer = latent_data.build_tokenizer(os.path.join(workdir, latent_data.TOKENIZER_DIR),
+                                                cfg.text.max_length)
         target, _, _ = latent_lib.init_state(cfg, latent_lib.build_unet(cfg).config,
-                                             latent_lib.text_config(cfg, tokenizer), make_mesh(),
+                                             latent_data.text_config(cfg, tokenizer), make_mesh(),
                                              abstract=True)
         (row,) = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
         out[fsdp] = (load(os.path.join(workdir, "checkpoints"), target)[1], row)

@@ -95,7 +95,7 @@ def test_non_finite_concrete_guidance_scale_raises_naming_it(w):
 
 
 def test_experiment_settings():
-    from experiments import lib
+    from experiments import mnist_sampling
     from experiments.cli import ConfigError
     from experiments.eval_sweep import markdown, parse_settings
 
@@ -105,27 +105,30 @@ def test_experiment_settings():
     for bad in ("ddpm:50:3@200", "ddpm:50:3@a-b", "ddpm:50:3@1-2-3"):
         with pytest.raises(ConfigError, match="--settings"):
             parse_settings(bad, 100)
-    assert lib.parse_guidance_interval("200,800") == (200.0, 800.0)
-    assert lib.parse_guidance_interval("all") == "all" and lib.parse_guidance_interval("") is None
+    assert mnist_sampling.parse_guidance_interval("200,800") == (200.0, 800.0)
+    assert mnist_sampling.parse_guidance_interval("all") == "all"
+    assert mnist_sampling.parse_guidance_interval("") is None
     with pytest.raises(ConfigError, match="--guidance_interval"):
-        lib.parse_guidance_interval("200")
+        mnist_sampling.parse_guidance_interval("200")
 
-    run = lib.sampling_config("ddpm", 50, 1.5, guidance_interval=(100, 700))
-    assert tuple(lib.sampling_from_flags(run).guidance_interval) == (100, 700)
-    assert lib.sampling_from_flags(run, "ddim").guidance_interval == (100, 700)  # carried over
-    assert lib.sampling_from_flags(run, guidance_interval="all").guidance_interval is None
-    assert lib.sampling_from_flags(run, guidance_interval=(1, 2)).guidance_interval == (1, 2)
-    assert lib.guidance_interval(run, 1000) == (100.0, 700.0)
-    assert lib.guidance_interval(ml_collections.ConfigDict(dict(guidance_interval="5,9")),
-                                 10) == (5.0, 9.0)
+    run = mnist_sampling.sampling_config("ddpm", 50, 1.5, guidance_interval=(100, 700))
+    from_flags = mnist_sampling.sampling_from_flags
+    assert tuple(from_flags(run).guidance_interval) == (100, 700)
+    assert from_flags(run, "ddim").guidance_interval == (100, 700)  # carried over
+    assert from_flags(run, guidance_interval="all").guidance_interval is None
+    assert from_flags(run, guidance_interval=(1, 2)).guidance_interval == (1, 2)
+    assert mnist_sampling.guidance_interval(run, 1000) == (100.0, 700.0)
+    assert mnist_sampling.guidance_interval(
+        ml_collections.ConfigDict(dict(guidance_interval="5,9")), 10) == (5.0, 9.0)
     for bad in ((700, 100), (0, 1000), (-1, 5), "x", "1,2,3"):
         s = ml_collections.ConfigDict(dict(guidance_interval=bad))
         with pytest.raises(ConfigError, match="sampling.guidance_interval"):
-            lib.guidance_interval(s, 1000)
+            mnist_sampling.guidance_interval(s, 1000)
     sched = make_schedule("cosine", 1000)
     with pytest.raises(ConfigError, match="sampling.guidance_interval"):
-        lib.make_sampler(lib.sampling_config("ddpm", 50, 1.5, guidance_interval=(0, 1000)), "eps",
-                         sched)
+        mnist_sampling.make_sampler(
+            mnist_sampling.sampling_config("ddpm", 50, 1.5, guidance_interval=(0, 1000)), "eps",
+            sched)
     rows = [{**a, "nfe": 50, "fd": 1.0, "conditional_accuracy": 0.9, "time_s": 3.0}]
     table = markdown({"settings": rows, "floors": {"100": 0.5}, "real": {}, "step": 1,
                       "classifier": {"test_accuracy": 0.99}, "workdir": "w"})
@@ -141,8 +144,8 @@ def test_default_config_field_parses_from_the_command_line():
     config_flags.DEFINE_config_file("config", "experiments/configs/mnist.py", flag_values=fv,
                                     sys_argv=argv)
     fv(argv)
-    from experiments import lib
-    assert lib.guidance_interval(fv.config.sampling, 1000) == (200.0, 800.0)
+    from experiments import mnist_sampling
+    assert mnist_sampling.guidance_interval(fv.config.sampling, 1000) == (200.0, 800.0)
     fv2 = flags.FlagValues()
     config_flags.DEFINE_config_file("config", "experiments/configs/mnist.py", flag_values=fv2)
     fv2(["prog"])

@@ -87,7 +87,7 @@ def test_training_sampler_never_produces_a_heldout_prompt_and_is_deterministic()
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from experiments.latent_lib import build_tokenizer
+    from experiments.latent_data import build_tokenizer
 
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
     build_tokenizer(path, 12)

@@ -44,7 +44,8 @@ class CompileCounter:
 def smoke_run(tmp_path_factory):
     """Trains the smoke config for 6 steps with a log, checkpoint and sample grid every 2 steps,
     recording the compilations before each call of the train step."""
-    from experiments import lib, train_lib
+    import jaxdiff.training.trainer as trainer
+    from experiments import mnist_lib, mnist_sampling
     from experiments.configs import mnist_smoke
 
     root = tmp_path_factory.mktemp("recompile")
@@ -57,7 +58,7 @@ def smoke_run(tmp_path_factory):
     config.sampling.every = 2
     made = {"step": [], "sample": []}
     before_call = []   # len(counter.events) when the train step is called (0-based call i)
-    real_step, real_sample = train_lib.make_train_step, lib.make_sample_fn
+    real_step, real_sample = trainer.make_train_step, mnist_sampling.make_sample_fn
 
     def make_train_step(*args, **kwargs):
         fn = real_step(*args, **kwargs)
@@ -74,11 +75,11 @@ def smoke_run(tmp_path_factory):
         return made["sample"][-1]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_lib, "make_train_step", make_train_step)
-    mp.setattr(lib, "make_sample_fn", make_sample_fn)
+    mp.setattr(trainer, "make_train_step", make_train_step)
+    mp.setattr(mnist_sampling, "make_sample_fn", make_sample_fn)
     try:
         with CompileCounter() as counter:
-            summary = train_lib.train(config, str(root / "run"))
+            summary = mnist_lib.train(config, str(root / "run"))
     finally:
         mp.undo()
     return dict(summary=summary, made=made, before_call=before_call, events=counter.events,
@@ -102,10 +103,10 @@ def test_train_loop_compiles_nothing_after_the_first_cycle(smoke_run):
 
 
 def test_evaluation_sampling_compiles_once_for_all_chunks(smoke_run):
-    from experiments import evaluation, lib
+    from experiments import evaluation, mnist_lib, mnist_sampling
 
-    run = lib.load_run(smoke_run["workdir"])
-    diff = evaluation.load_diffusion(run, lib.sampling_config("ddim", num_steps=2))
+    run = mnist_lib.load_run(smoke_run["workdir"])
+    diff = evaluation.load_diffusion(run, mnist_sampling.sampling_config("ddim", num_steps=2))
     labels = np.arange(20, dtype=np.int32) % 10     # 3 chunks of 8, the last padded
     calls = []
 

@@ -13,7 +13,7 @@ of thumb for VE). Sized like the discrete ``mnist`` config for 2 CPU cores (its 
 in docs/results.md, "Score SDEs"): batch 64, 2000 steps, a higher learning rate than
 ``score_sde``'s 2e-4 (which is meant for hundreds of thousands of steps) with warm-up and cosine
 decay. ``training.*`` has the fields of ``mnist.py``'s (checked by
-``experiments.lib.validate_training``) plus the DSM loss's options; ``sampling.*`` sets the
+``experiments.train_lib.validate_training``) plus the DSM loss's options; ``sampling.*`` sets the
 sample grid written during training (``grid`` images, ``grid_columns`` wide, every ``every``
 steps and at the end).
 """

@@ -3,7 +3,8 @@
 Each checkpoint step directory holds three items written by one ``ocp.CheckpointManager``:
 
 - ``state``: the :class:`~jaxdiff.training.state.TrainState` (``StandardSave``),
-- ``data``: the data iterator position ``{"epoch", "index"}`` (JSON),
+- ``data``: the data iterator's position, a JSON object (its ``state``, e.g. ``{"epoch",
+  "index"}`` of :class:`jaxdiff.data.BatchIterator`),
 - ``meta``: ``{"config": <the compatibility-relevant config>, "shapes": {param path: shape},
   "opt_state": <str of the optimizer state's tree structure>, "hyperparams": <values that may
   change on resume>}``.
@@ -206,7 +207,7 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step % self.save_interval_steps == 0
 
-    def save(self, step: int, state: Any, data_state: Dict[str, int], *,
+    def save(self, step: int, state: Any, data_state: Dict[str, Any], *,
              force: bool = False) -> bool:
         """Saves ``state`` (a TrainState of jax Arrays) and ``data_state`` at ``step``.
 
@@ -354,10 +355,10 @@ class Checkpointer:
         out = self._restore(step, state=ocp.args.StandardRestore(abstract),
                             data=ocp.args.JsonRestore())
         data = out["data"]
-        if not (isinstance(data, dict) and isinstance(data.get("epoch"), int)
-                and isinstance(data.get("index"), int)):
-            raise self._corrupt(step, f"is corrupt: its data holds {data!r:.200}, expected "
-                                "{'epoch': int, 'index': int}")
+        if not isinstance(data, dict):
+            raise self._corrupt(step, f"is corrupt: its data holds {data!r:.200}, expected a "
+                                "JSON object (the data position, e.g. {'epoch': int, 'index': "
+                                "int})")
         return out["state"], dict(data), step
 
     def wait(self) -> None:

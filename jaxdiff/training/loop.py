@@ -30,7 +30,7 @@ import numpy as np
 from jaxdiff.sharding import shard_batch
 from jaxdiff.training.checkpoint import Checkpointer
 
-__all__ = ["StopOnSignal", "train_loop", "NonFiniteLossError"]
+__all__ = ["StopOnSignal", "train_loop", "NonFiniteLossError", "nonfinite_advice"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,6 +85,21 @@ def _any_process(flag: bool) -> bool:
     return bool(np.asarray(flags).any())
 
 
+def nonfinite_advice(checkpointer: Optional[Checkpointer], last_saved: Optional[int]) -> str:
+    """What a :class:`NonFiniteLossError` tells the user about their checkpoints: the last good
+    one (``last_saved``, a step of ``checkpointer``; nothing after a non-finite step is ever
+    saved), or that none was written."""
+    fix = "lower the learning rate (training.learning_rate) or check the data"
+    if checkpointer is None:
+        return f"Nothing was saved (no checkpointer); {fix}."
+    if last_saved is None:
+        return (f"No checkpoint was written yet ({checkpointer.directory} holds none), so a rerun "
+                f"starts from step 0; {fix}.")
+    return (f"The last good checkpoint is step {last_saved} "
+            f"({checkpointer.step_dir(last_saved)}; nothing after it was saved): {fix}, then "
+            "rerun to resume from it.")
+
+
 def train_loop(
     state: Any,
     step_fn: Callable,
@@ -118,8 +133,9 @@ def train_loop(
         agreements on the stop flag); e.g. the logging interval.
 
     Raises:
-      NonFiniteLossError: at the first sync point after a non-finite loss (naming that step); no
-        checkpoint is written after it.
+      NonFiniteLossError: at the first sync point after a non-finite loss (naming that step, and
+        the last good checkpoint or that there is none: :func:`nonfinite_advice`); no checkpoint
+        is written after it.
     """
     if sync_every <= 0:
         raise ValueError(f"sync_every must be positive, got {sync_every}")
@@ -131,6 +147,8 @@ def train_loop(
     try:
         step = int(jax.device_get(state.step))
         pending: List[Tuple[int, Any]] = []  # (step, device metrics) not yet read
+        # The latest checkpoint on disk (a resumed run's, then each save of this run's).
+        saved = [None if checkpointer is None else checkpointer.latest_step()]
 
         def flush():
             host_all = jax.device_get([m for _, m in pending])
@@ -141,8 +159,8 @@ def train_loop(
                 if not host.pop("finite", 1.0) or not np.isfinite(host["loss"]):
                     raise NonFiniteLossError(
                         f"non-finite loss at step {n} (loss={host['loss']}, "
-                        f"grad_norm={host.get('grad_norm')}); stopping. The last good checkpoint "
-                        "is kept; lower the learning rate or check the data.")
+                        f"grad_norm={host.get('grad_norm')}); stopping. "
+                        f"{nonfinite_advice(checkpointer, saved[0])}")
                 if on_metrics is not None:
                     on_metrics(n, host)
 
@@ -163,8 +181,8 @@ def train_loop(
                 flush()  # never checkpoint a step whose loss was not checked
             if multi and sync_now:  # the same steps on every process: all stop together
                 agreed_stop = _any_process(stop.requested is not None)
-            if save_now:
-                checkpointer.save(step, state, data_state)
+            if save_now and checkpointer.save(step, state, data_state):
+                saved[0] = step
             if on_step is not None:
                 on_step(step, state)
         if pending:
