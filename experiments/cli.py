@@ -156,9 +156,10 @@ def run(main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> No
     ``jaxdiff.training.IncompatibleCheckpointError`` or ``CheckpointError``, or a
     ``jaxdiff.validation.InvalidFileError`` (a file the user gave is corrupt, truncated or of
     another kind: the message names it) is printed to stderr as one ``error: ...`` line and exits
-    with status 2; any other exception propagates (with its traceback). The result of ``main`` is
-    not printed and the exit status is 0. Python warnings print as one ``warning: ...`` line
-    each (no source line).
+    with status 2; a ``jaxdiff.training.NonFiniteLossError`` (a training run that diverged: the
+    message names the last good checkpoint) likewise, with status 1; any other exception
+    propagates (with its traceback). The result of ``main`` is not printed and the exit status is
+    0. Python warnings print as one ``warning: ...`` line each (no source line).
 
     First it switches on JAX's persistent compilation cache (:func:`jaxdiff.compile_cache.enable`:
     ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$JAXDIFF_COMPILATION_CACHE``, else
@@ -191,7 +192,8 @@ def train_command(argv: Optional[Sequence[str]], *, prog: str, doc: Optional[str
     """The training command lines' ``main``: ``--workdir`` (required), ``--distributed`` (calls
     ``jax.distributed.initialize()``) and ``--config`` (``default_config``, with
     ``--config.<field>=...`` overrides); then ``train(config, workdir)``, with Orbax's per-save
-    INFO logs silenced. Returns what ``train`` returns.
+    INFO logs silenced. Returns what ``train`` returns; when that summary says the run was
+    stopped by a signal, prints the command that resumes it (``to resume: <prog> <argv>``).
 
     Raises:
       ConfigError: an invalid flag, a missing ``--workdir``, or what ``train`` raises.

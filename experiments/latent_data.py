@@ -109,7 +109,7 @@ def load_vae(vae_dir: str):
     target, _, _ = vae_lib.init_state(cfg, model, mesh, abstract=True)
     ckpt = Checkpointer(os.path.join(vae_dir, "checkpoints"), None, read_only=True)
     try:
-        restored = ckpt.restorelatest_step(target)
+        restored = ckpt.restore_latest(target)
     finally:
         ckpt.close()
     if restored is None:

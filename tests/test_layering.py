@@ -86,3 +86,38 @@ def test_importing_loads_no_layer_above(package, forbidden):
     assert package in loaded
     bad = [m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")]
     assert not bad, f"importing {package} loads {bad}"
+
+
+def _command_lines() -> list[str]:
+    """The command-line modules: ``experiments/*.py`` with a module-level ``main``."""
+    out = []
+    for path in sorted(ROOT.joinpath("experiments").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            out.append(f"experiments.{path.stem}")
+    return out
+
+
+def _imported_modules(path: pathlib.Path, package: str) -> set[str]:
+    """Every module ``path`` imports, with ``from a import b`` also counted as ``a.b``."""
+    names = set(_imports(path, package))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_command_lines_do_not_import_each_other():
+    """A command line is a thin ``main`` over library functions (ARCHITECTURE.md): none imports
+    another (statically, function-level imports included); what two of them share lives in a
+    module without a ``main``."""
+    clis = _command_lines()
+    assert len(clis) >= 10 and "experiments.train_mnist" in clis, clis
+    bad = []
+    for name in clis:
+        path = ROOT.joinpath(*name.split(".")).with_suffix(".py")
+        others = set(clis) - {name}
+        hits = {m for m in _imported_modules(path, name) for o in others
+                if m == o or m.startswith(o + ".")}
+        bad += [f"{name} imports {h}" for h in sorted(hits)]
+    assert not bad, bad

@@ -120,3 +120,50 @@ def test_evaluation_sampling_compiles_once_for_all_chunks(smoke_run):
     assert len(calls) == 3
     assert counter.events[calls[0]:calls[1]] != []          # the first chunk compiles
     assert counter.events[calls[1]:] == [], counter.events[calls[1]:]
+
+
+def test_a_new_guidance_scale_compiles_nothing():
+    """The MNIST sample function takes the guidance scale ``w`` as a traced argument: after the
+    guided program's first compile, any other ``w`` compiles nothing; ``w == 1`` (the conditional
+    model alone, half the batch) is the one other program. Same formula as the guided program:
+    ``w = 0`` is the unconditional model (the null label at ``w = 1``)."""
+    from experiments import mnist_lib, mnist_sampling
+    from experiments.configs import mnist_smoke
+    from jaxdiff.models import init_unet
+    from jaxdiff.sharding import make_mesh
+
+    config = mnist_smoke.get_config()
+    model, schedule = mnist_lib.build_model(config), mnist_lib.build_schedule(config)
+    mesh = make_mesh()
+    variables = {"params": init_unet(model.config, jax.random.key(0))}
+    fn = mnist_sampling.make_sample_fn(
+        model, schedule, mesh, mnist_sampling.sampling_config("ddim", 3, 2.0, clip_x0=0.0),
+        config.diffusion.prediction_type)
+    key, labels = jax.random.key(1), np.arange(4, dtype=np.int32)
+
+    def sample(w, lab=labels):
+        return np.asarray(mnist_sampling.sample_images(fn, variables, lab, key, mesh, w))
+
+    with CompileCounter() as counter:
+        first = sample(None)                        # the run's w = 2: compiles the guided program
+    assert counter.events != []
+    with CompileCounter() as counter:
+        out = {w: sample(w) for w in (3.5, 0.0, 1.25, 2.0)}
+    assert counter.events == [], counter.events    # a new w compiles nothing
+    np.testing.assert_array_equal(out[2.0], first)
+    assert np.abs(out[3.5] - out[1.25]).max() > 1e-3   # w does reach the program
+    with CompileCounter() as counter:
+        cond = sample(1.0)                          # w == 1: the conditional program, once
+    assert counter.events != []
+    with CompileCounter() as counter:
+        again = sample(1)
+        uncond = sample(1.0, np.full(4, model.config.num_classes, np.int32))
+    assert counter.events == [], counter.events
+    np.testing.assert_array_equal(cond, again)
+    assert fn._cache_size() == 2
+    # w = 0 through the guided program (batch 2N) is the unconditional model (batch N): equal up
+    # to the float32 rounding of a 3-step trajectory of values of magnitude |x| <= ~10.
+    scale = float(np.abs(uncond).max())
+    np.testing.assert_allclose(out[0.0], uncond, rtol=0, atol=1e-5 * max(scale, 1.0))
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        sample(float("nan"))

@@ -1,6 +1,8 @@
-"""The host-side training loop: feed batches, check finiteness, checkpoint, stop on signals.
+"""The host-side step loop: feed batches, check finiteness, checkpoint, stop on signals.
 
-:func:`train_loop` runs ``step_fn`` from ``state.step`` up to ``num_steps``. It
+:func:`train_loop` is the inner loop of :func:`jaxdiff.training.fit` (which adds the mesh, the
+optimizer, the resume, the logs and the periodic work around it). It runs ``step_fn`` from
+``state.step`` up to ``num_steps``. It
 
 - reads the metrics back to the host only every ``sync_every`` steps, before every checkpoint save
   and at the end (one transfer of all the steps since the last read), so the device queue never
