@@ -251,11 +251,11 @@ def fit(settings: TrainerSettings, task: TrainTask, *,
     def run_periodic(p: Periodic, n: int, state: TrainState) -> None:
         first = done_at[p.name] is None
         if first:
-            log.message(f"{p.name} at step {n} (the first call compiles)...")
+            log.message(f"running {p.name} at step {n} (its first call compiles)...")
         t = time.perf_counter()
         out = p.fn(n, state.replace(ema_params=gather_replicated(state.ema_params, mesh)))
         if first:
-            log.message(f"{p.name} at step {n}: {time.perf_counter() - t:.1f} s")
+            log.message(f"{p.name} at step {n} done in {time.perf_counter() - t:.1f} s")
         if isinstance(out, Mapping):
             if p.name in jsonl:
                 jsonl[p.name].write_scalars(n, out)
