@@ -178,10 +178,12 @@ def load_split(config: ml_collections.ConfigDict, split: str):
     float32 in [-1, 1], labels [N])``.
 
     Raises:
-      ConfigError: the data cannot be found (``data: ...``).
+      ConfigError: the data cannot be found (``data: ...``, naming ``--config.data.data_dir``).
+      jaxdiff.validation.InvalidFileError: a file of it is corrupt (the message names it).
     """
     try:
-        return load_mnist(split, config.data.data_dir or None, source=config.data.source)
+        return load_mnist(split, config.data.data_dir or None, source=config.data.source,
+                          data_dir_name="--config.data.data_dir")
     except (FileNotFoundError, ImportError) as e:
         raise ConfigError(f"data: {e}") from None
 
