@@ -123,6 +123,13 @@ def pndm_timesteps(
     midpoint ``T // N // 2`` below it twice, end) over the top four levels (``N - 1`` steps over
     all levels when ``N < 4``, where diffusers fails), then the remaining levels.
 
+    >>> from jaxdiff.schedules import make_schedule
+    >>> sched = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+    >>> pndm_timesteps(sched, 10, skip_prk_steps=True, steps_offset=1).model_timesteps.tolist()
+    [901, 801, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    >>> pndm_timesteps(sched, 5).model_timesteps.tolist()  # F-PNDM: 3 Runge-Kutta steps first
+    [800, 700, 700, 600, 600, 500, 500, 400, 400, 300, 300, 200, 200, 0]
+
     Where diffusers' ``"trailing"`` float arange yields ``N + 1`` levels (e.g. ``T = 1000``,
     ``N = 61``: an extra level ``-1``, which torch reads as ``alphas_cumprod[-1]``), the ``N``
     intended ones are kept, as in DDIM's grid.
@@ -159,7 +166,7 @@ def pndm_timesteps(
 class PNDMPlan(NamedTuple):
     """What each model evaluation does: diffusers' ``PNDMScheduler.step`` counter by counter, as
     host arrays over the ``E`` evaluations that run; one row (every field indexed at one
-    evaluation) is the ``row`` argument of :func:`pndm_step`.
+    evaluation, :meth:`row`) is the ``row`` argument of :func:`pndm_step`.
 
     The update at evaluation ``c`` moves ``base`` (``x``, or the saved sample) from
     ``from_timestep`` to ``to_timestep`` along ``e = weights . (output, rk_sum, outputs[0],
@@ -190,6 +197,11 @@ class PNDMPlan(NamedTuple):
     save: np.ndarray
     from_saved: np.ndarray
     ends_step: np.ndarray
+
+    def row(self, i) -> PNDMPlan:
+        """Evaluation ``i``'s row, every field indexed at ``i`` (a traced ``i`` where the fields
+        are JAX arrays): the ``row`` argument of :func:`pndm_step`."""
+        return PNDMPlan(*(a[i] for a in self))
 
 
 # Adams-Bashforth weights of (this output, outputs[3], outputs[2], outputs[1]) by history length.
@@ -418,7 +430,7 @@ def pndm_sample(
     model = checked_model(model_fn, x_T.shape)
 
     def body(state, x, i, z):
-        row = PNDMPlan(*(a[i - start] for a in rows))
+        row = rows.row(i - start)
         return pndm_step(schedule, state, model(x, row.timestep), x, row, prediction_type=kind,
                          set_alpha_to_one=set_alpha_to_one)
 
