@@ -10,8 +10,9 @@ Semantics follow diffusers' ``PNDMScheduler`` (0.42), the scheduler almost every
       x_t = sqrt(abar_t / abar_s) x - (abar_t - abar_s) e
             / (abar_s sqrt(1 - abar_t) + sqrt(abar_s (1 - abar_s) abar_t))
 
-  with ``t = s - T // N`` (diffusers' step; for ``"linspace"`` / ``"trailing"`` spacing not always
-  the next grid timestep) and ``abar_t`` = 1 (``set_alpha_to_one``) or ``abar_0`` below ``t = 0``.
+  with ``t = s - T // N`` for a multistep update (diffusers' step; for ``"linspace"`` /
+  ``"trailing"`` spacing not always the next grid timestep) and ``abar_t`` = 1
+  (``set_alpha_to_one``) or ``abar_0`` below ``t = 0``.
   ``e`` is a fixed linear combination of model outputs; a v-prediction model's combination is
   converted to noise at ``(x, s)`` (diffusers has no x0-prediction PNDM);
 - PLMS (``skip_prk_steps=True``): the first step is taken twice, an Euler step with ``e_0`` and,
@@ -28,12 +29,12 @@ Semantics follow diffusers' ``PNDMScheduler`` (0.42), the scheduler almost every
 Image-to-image is diffusers' ``StableDiffusionImg2ImgPipeline`` with this scheduler: it keeps
 ``scheduler.timesteps[s:]`` (``s`` = :func:`~jaxdiff.samplers.strength_start_step`, counted in
 the model evaluations' list, as PNDM's ``order`` is 1), noises the image to ``timesteps[s]`` and
-restarts the scheduler's counter there. So the tail opens with the PLMS warm-up again, and since
-its second timestep is not listed twice, every later step evaluates the model one grid step below
-the sample's noise level; with F-PNDM the tail's first twelve evaluations are Runge-Kutta stages
-measured from the text-to-image warm-up's timesteps. jaxdiff reproduces both (as it reproduces
-every sampler's diffusers image-to-image); the ``N - s`` steps that run are the sampler
-contract's ``M``.
+restarts the scheduler's counter there. So the tail opens with the PLMS warm-up again, which the
+list's repeated timestep no longer lines up with (``s >= 1``): the later steps evaluate the model
+one grid step off the sample's noise level. With F-PNDM the tail's first twelve evaluations are
+Runge-Kutta stages measured from the text-to-image warm-up's timesteps. jaxdiff reproduces both
+(as it reproduces every sampler's diffusers image-to-image); the ``N - s`` steps that run are the
+sampler contract's ``M``.
 
 The pieces follow the sampler contract (:mod:`jaxdiff.samplers`): :func:`pndm_timesteps` (the
 grid, with every model evaluation's timestep), :func:`pndm_plan` (what each evaluation does:
@@ -95,8 +96,8 @@ class PNDMGrid(NamedTuple):
         last).
       sigmas: ``[N + 1]`` float32, ``sqrt((1 - abar) / abar)`` at ``timesteps``, then 0.
       model_timesteps: ``[E]`` int32, diffusers' ``scheduler.timesteps``: the model's timestep
-        at each evaluation of a text-to-image run (``E = N + 1`` for PLMS, ``N + 9`` for F-PNDM
-        with ``N >= 4``).
+        at each evaluation of a text-to-image run (``E = N + 1`` for PLMS, 1 for ``N = 1``;
+        ``N + 9`` for F-PNDM with ``N >= 4``, ``4 (N - 1) + 1`` below).
       prk_timesteps: ``[4 K]`` int32, the Runge-Kutta stages' timesteps (``K`` warm-up steps;
         empty for PLMS): the first ``4 K`` entries of ``model_timesteps``.
     """
