@@ -263,6 +263,7 @@ def test_save_checks_that_the_parts_fit(parts, tmp_path):
     ("unipc", dict(disable_corrector=(0,)), "linear"),
     ("heun", {}, "sigmoid"),
     ("lcm", dict(original_inference_steps=20), "scaled_linear"),
+    ("plms", dict(steps_offset=1), "scaled_linear"),
 ])
 def test_scheduler_round_trip(name, options, schedule):
     sampler = get_sampler(name, **options)

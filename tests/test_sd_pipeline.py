@@ -77,11 +77,18 @@ def test_load_errors(folder, tmp_path):
     shutil.rmtree(copy)
     copy = _copy(folder, tmp_path)
     _edit_json(os.path.join(copy, "scheduler", "scheduler_config.json"),
-               _class_name="PNDMScheduler")
-    with pytest.raises(ValueError, match="PNDMScheduler.*sampler="):
+               _class_name="FlowMatchEulerDiscreteScheduler")
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.*sampler="):
         load_stable_diffusion(copy, variant="fp16")
     sd = load_stable_diffusion(copy, variant="fp16", sampler="dpmpp_2m")
     assert sd.sampler.name == "dpmpp_2m" and sd.sampler.options["prediction_type"] == "eps"
+    # An SD 1.x folder runs with its own scheduler: PNDMScheduler (PLMS), with DDIM's
+    # clip_sample as SD 1.5's scheduler_config.json has it.
+    _edit_json(os.path.join(copy, "scheduler", "scheduler_config.json"),
+               _class_name="PNDMScheduler", skip_prk_steps=True, steps_offset=1,
+               set_alpha_to_one=False, clip_sample=False)
+    sd = load_stable_diffusion(copy, variant="fp16")
+    assert sd.sampler.name == "pndm" and sd.sampler.options["skip_prk_steps"] is True
 
 
 def test_compiles_once_per_setting(sd, caplog):

@@ -168,9 +168,10 @@ def load_stable_diffusion(
         parameters are stored in it too. The VAE decodes in float32 when its config says
         ``force_upcast`` (the default), whatever ``dtype``.
       sampler: a registered sampler name (:func:`jaxdiff.samplers.sampler_names`) to use instead
-        of the folder's scheduler; its ``prediction_type`` is the scheduler config's. Required
-        when the folder's scheduler has no jaxdiff counterpart (e.g. SD 1.5's
-        ``PNDMScheduler``): its training-schedule keys are then read alone.
+        of the folder's scheduler (SD 1.x's ``PNDMScheduler`` is ``pndm``); its
+        ``prediction_type`` is the scheduler config's. Required when the folder's scheduler has
+        no jaxdiff counterpart (:func:`jaxdiff.convert.scheduler_classes` lists those that
+        have one): its training-schedule keys are then read alone.
       sampler_options: options for ``sampler`` (see :func:`jaxdiff.samplers.sampler_options`).
 
     Returns:

@@ -127,6 +127,16 @@ from jaxdiff.samplers.lms import (
     lms_step,
     lms_timesteps,
 )
+from jaxdiff.samplers.pndm import (
+    PNDMGrid,
+    PNDMPlan,
+    PNDMState,
+    pndm_init,
+    pndm_plan,
+    pndm_sample,
+    pndm_step,
+    pndm_timesteps,
+)
 from jaxdiff.samplers.registry import (
     SAMPLER_MODULES,
     Sampler,
@@ -232,6 +242,14 @@ __all__ = [
     "lms_sample",
     "lms_step",
     "lms_timesteps",
+    "PNDMGrid",
+    "PNDMPlan",
+    "PNDMState",
+    "pndm_init",
+    "pndm_plan",
+    "pndm_sample",
+    "pndm_step",
+    "pndm_timesteps",
     "register_sampler",
     "rescale_guidance",
     "sampler_names",

@@ -88,6 +88,7 @@ SAMPLER_MODULES = (
     "unipc",
     "lms",
     "deis",
+    "pndm",
 )
 
 _SPECS: dict[str, SamplerSpec] = {}  # name -> spec, in registration order

@@ -7,6 +7,10 @@ and image-to-image, the same noise (the scheduler / pipeline module's ``randn_te
 image-to-image encodes with the VAE posterior's mean on both sides (diffusers' posterior
 ``randn_tensor`` patched to zeros, jaxdiff's ``sample_posterior=False``).
 
+An SD 1.5-style folder (``PNDMScheduler`` with ``skip_prk_steps=True``, ``steps_offset=1`` and
+the ``clip_sample`` key its config carries) loads with its own scheduler as jaxdiff's ``pndm``
+(PLMS) and runs text-to-image and image-to-image as diffusers' pipelines do.
+
 LCM image-to-image runs against ``LatentConsistencyModelImg2ImgPipeline`` (its own recipe: the
 grid cut by ``strength``, all steps run); the tiny UNet has no guidance-scale embedding
 (``time_cond_proj_dim=None``, as an SD UNet under LCM-LoRA), so that pipeline's ``w_embedding`` is
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
 import sys
 
 import numpy as np
@@ -50,6 +56,21 @@ def sd2(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sd2"))
     pipe = write_tiny_stable_diffusion(path, sd2=True, prediction_type="v_prediction", seed=1)
     return pipe, load_stable_diffusion(path)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    """A tiny folder laid out as SD 1.5's: PNDMScheduler (PLMS) with SD 1.5's config keys."""
+    path = str(tmp_path_factory.mktemp("sd15"))
+    pipe = write_tiny_stable_diffusion(
+        path, scheduler="PNDMScheduler", seed=2,
+        scheduler_options=dict(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False))
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "clip_sample": False}, f)  # DDIM's key, as in SD 1.5's file
+    return pipe, load_stable_diffusion(path)  # no sampler=: the folder's own scheduler
 
 
 def _nchw(x):
@@ -236,3 +257,31 @@ def test_image_to_image_lcm(sd1):
                    guidance_scale=1.0, latents=noise, noise=step_noise, sample_posterior=False,
                    sampler=sampler_from_diffusers_config(config), seed=0)
     _check_against_pipeline(pipe, ref_lat, out, "parity LCM img2img")
+
+
+def test_sd15_folder_runs_with_its_pndm_scheduler(sd15):
+    pipe, sd = sd15
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert sd.sampler.name == "pndm" and sd.sampler.options["skip_prk_steps"] is True
+    assert sd.sampler.options["steps_offset"] == 1
+    _compare(pipe, sd, prompts=PROMPTS, negatives=NEGATIVES, scale=7.5, steps=4)
+
+
+def test_sd15_image_to_image_with_pndm(sd15):
+    """``StableDiffusionImg2ImgPipeline`` + PNDM: the tail ``timesteps[2:]`` of the 6 model
+    timesteps (5 steps, strength 0.6) starts at the repeated one, with the history restarted."""
+    pipe, sd = sd15
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(5).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    noise = _latents(2, seed=6)
+    with _patched_randn("diffusers.pipelines.stable_diffusion."
+                        "pipeline_stable_diffusion_img2img", [noise]), \
+            _patched_randn("diffusers.models.autoencoders.vae", [np.zeros((2, 16, 16, 4))]):
+        ref = img2img(PROMPTS, image=image, negative_prompt=NEGATIVES, strength=0.6,
+                      num_inference_steps=5, guidance_scale=7.5, output_type="np").images
+    out = generate(sd, PROMPTS, NEGATIVES, image=image, strength=0.6, num_steps=5,
+                   guidance_scale=7.5, latents=noise, sample_posterior=False, seed=0)
+    err = float(np.abs(out.float_images - ref).max())
+    print(f"parity PNDM img2img image max err {err:.2e}")
+    assert err <= IMAGE_ATOL, err
