@@ -261,7 +261,8 @@ def test_save_checks_that_the_parts_fit(parts, tmp_path):
     ("dpmpp_2m_karras", {}, "scaled_linear"),
     ("dpm_solver", dict(round_timesteps=False, solver_order=3), "cosine"),
     ("unipc", dict(disable_corrector=(0,)), "linear"),
-    ("heun", {}, "sigmoid"),
+    ("heun", {}, "cosine"),
+    ("ddpm", {}, "sigmoid"),  # the one class with sigmoid betas
     ("lcm", dict(original_inference_steps=20), "scaled_linear"),
     ("plms", dict(steps_offset=1), "scaled_linear"),
 ])
@@ -285,6 +286,13 @@ def test_scheduler_zero_terminal_snr():
     with pytest.raises(ValueError, match="rescale_to_zero_terminal_snr=True: "
                                          "EulerDiscreteScheduler loads a different"):
         scheduler_to_diffusers("euler", "linear", 1000, rescale_to_zero_terminal_snr=True)
+    # Heun has no rescale_betas_zero_snr (diffusers ignores it): not written, refused if asked
+    assert "rescale_betas_zero_snr" not in scheduler_to_diffusers("heun", "linear", 1000)
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler has no rescale_betas_zero_snr"):
+        scheduler_to_diffusers("heun", "linear", 1000, rescale_to_zero_terminal_snr=True)
+    # sigmoid betas: DDPM only (the other classes raise NotImplementedError in diffusers)
+    with pytest.raises(ValueError, match="does not implement beta_schedule='sigmoid'"):
+        scheduler_to_diffusers("ddim", "sigmoid", 1000)
 
 
 def test_scheduler_from_betas():

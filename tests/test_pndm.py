@@ -9,7 +9,11 @@ import pytest
 
 from experiments import sample as sample_cli
 from experiments.cli import ConfigError
-from jaxdiff.convert import sampler_from_diffusers_config, scheduler_to_diffusers
+from jaxdiff.convert import (
+    sampler_from_diffusers_config,
+    schedule_from_diffusers_config,
+    scheduler_to_diffusers,
+)
 from jaxdiff.samplers import (
     get_sampler,
     pndm_init,
@@ -190,16 +194,19 @@ def test_registry_cli_and_config_names(tmp_path):
     assert pndm.model_evaluations(SCHED, 2) == 5  # one Runge-Kutta step, then one update
     with pytest.raises(ConfigError, match="config.json not found"):  # a valid --sampler value
         sample_cli.main(["--workdir", str(tmp_path), "--sampler", "plms"])
-    # Config keys: DDIM's (carried by SD 1.x folders) have no effect; the zero-SNR rescaling,
-    # which PNDMScheduler ignores, is refused rather than applied.
+    # Config keys PNDMScheduler does not take (DDIM's, carried by SD 1.x folders; the zero-SNR
+    # rescaling; Euler's sigma flags) are ignored, as diffusers ignores them.
     sd15 = dict(_class_name="PNDMScheduler", skip_prk_steps=True, steps_offset=1,
                 clip_sample=False)
     s = sampler_from_diffusers_config({**sd15, "thresholding": True, "clip_sample": True})
     assert s.options == sampler_from_diffusers_config(sd15).options
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        sampler_from_diffusers_config({**sd15, "rescale_betas_zero_snr": True})
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
-        sampler_from_diffusers_config({**sd15, "use_karras_sigmas": True})
+    foreign = {**sd15, "rescale_betas_zero_snr": True, "use_karras_sigmas": True}
+    assert sampler_from_diffusers_config(foreign).options == s.options
+    np.testing.assert_array_equal(  # not rescaled to zero terminal SNR
+        np.asarray(schedule_from_diffusers_config(foreign).alphas_cumprod),
+        np.asarray(schedule_from_diffusers_config(sd15).alphas_cumprod))
+    with pytest.raises(ValueError, match="no_such_key"):  # a key no class takes
+        sampler_from_diffusers_config({**sd15, "no_such_key": 1})
     config = scheduler_to_diffusers(get_sampler("plms", steps_offset=1), "scaled_linear", 1000,
                                     beta_start=0.00085, beta_end=0.012)
     assert config["skip_prk_steps"] is True and config["steps_offset"] == 1

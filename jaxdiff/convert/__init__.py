@@ -2,6 +2,7 @@
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
 from jaxdiff.convert.diffusers_scheduler import (
+    ignored_config_keys,
     sampler_from_diffusers_config,
     sampler_options_from_diffusers_config,
     schedule_from_diffusers_config,
@@ -55,6 +56,7 @@ __all__ = [
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
     "sampler_options_from_diffusers_config",
+    "ignored_config_keys",
     "save_safetensors",
     "scheduler_to_diffusers",
     "schedule_from_diffusers_config",

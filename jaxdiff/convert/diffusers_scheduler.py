@@ -8,6 +8,14 @@ mapped to a jaxdiff option, known to have no effect, or rejected with a ``ValueE
 when it holds a value jaxdiff does not implement; none is silently dropped. Missing keys take
 diffusers' defaults.
 
+Keys that are not arguments of the class are what diffusers' ``from_config`` ignores: a config
+converted from another class (``EulerDiscreteScheduler.from_config(pndm.config)`` keeps PNDM's
+``skip_prk_steps``; SD 1.x folders carry DDIM's ``clip_sample`` in a PNDM config), or a schedule
+key the class does not take (``rescale_betas_zero_snr`` for Heun, KDPM2, LMS, PNDM, DEIS,
+DPM-Solver singlestep: :attr:`~jaxdiff.samplers.DiffusersTwin.schedule_keys`). jaxdiff ignores
+them too, so that it samples as diffusers does (logged at INFO level). A key that no registered
+class takes is an error: jaxdiff cannot tell whether a newer diffusers reads it.
+
     >>> config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
     ...           "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
     ...           "set_alpha_to_one": False, "steps_offset": 1}
@@ -19,6 +27,7 @@ diffusers' defaults.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,10 +50,13 @@ from jaxdiff.schedules import (
 __all__ = [
     "scheduler_classes",
     "scheduler_spec",
+    "ignored_config_keys",
     "schedule_from_diffusers_config",
     "sampler_options_from_diffusers_config",
     "sampler_from_diffusers_config",
 ]
+
+log = logging.getLogger(__name__)
 
 # diffusers' zero-terminal-SNR floor: the last alphas_cumprod of its sigma-space schedulers.
 ZERO_SNR_FLOOR = 2.0**-24
@@ -74,11 +86,45 @@ def scheduler_spec(config: Mapping[str, Any]) -> SamplerSpec:
     return spec
 
 
+def _own_keys(spec: SamplerSpec) -> frozenset:
+    """The keys of ``spec``'s class: its constructor arguments (schedule keys included)."""
+    return frozenset(spec.diffusers.defaults) | spec.diffusers.schedule_keys
+
+
+def ignored_config_keys(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys of ``config`` that its class does not take and diffusers ignores (keys of
+    another registered scheduler class, or schedule keys the class has no argument for), sorted.
+
+    Raises:
+      ValueError: as :func:`scheduler_spec`, and naming a key that no registered class takes.
+    """
+    spec = scheduler_spec(config)
+    own = _own_keys(spec) | META_KEYS
+    vocabulary = set(SCHEDULE_DEFAULTS)
+    for twin in diffusers_twins().values():
+        vocabulary |= set(twin.diffusers.defaults)
+    for key in config:
+        if key not in own and key not in vocabulary:
+            raise ValueError(f"config[{key!r}] is not an option of {spec.diffusers.class_name} "
+                             "(nor of any scheduler class jaxdiff knows); it would be dropped")
+    return tuple(sorted(k for k in config if k not in own))
+
+
 def _filled(spec: SamplerSpec, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config with every key filled in: the class's defaults, the schedule's keys."""
+    """The config with every key filled in (the class's defaults, the schedule's keys), without
+    the keys the class does not take (:func:`ignored_config_keys`)."""
     twin = spec.diffusers
+    own = _own_keys(spec)
     return {**SCHEDULE_DEFAULTS, **twin.schedule_defaults, **twin.defaults,
-            **{k: v for k, v in config.items() if k not in META_KEYS}}
+            **{k: v for k, v in config.items() if k in own}}
+
+
+def _check_beta_schedule(spec: SamplerSpec, c: Mapping[str, Any]) -> None:
+    twin = spec.diffusers
+    if c["trained_betas"] is None and c["beta_schedule"] not in twin.beta_schedules:
+        raise ValueError(f"config['beta_schedule'] = {c['beta_schedule']!r} is not implemented "
+                         f"by {twin.class_name} (diffusers raises; it takes "
+                         f"{list(twin.beta_schedules)})")
 
 
 def schedule_from_diffusers_config(config: Mapping[str, Any]) -> Schedule:
@@ -97,6 +143,7 @@ def schedule_from_diffusers_config(config: Mapping[str, Any]) -> Schedule:
     """
     spec = scheduler_spec(config)
     c = _filled(spec, config)
+    _check_beta_schedule(spec, c)
     if c["trained_betas"] is not None:
         betas = np.asarray(c["trained_betas"], np.float64)
         if betas.ndim != 1 or betas.size < 1:
@@ -125,17 +172,18 @@ def sampler_options_from_diffusers_config(config: Mapping[str, Any]) -> dict[str
     an option: :func:`schedule_from_diffusers_config`.
 
     Raises:
-      ValueError: naming the key, for an unknown class or key, a value jaxdiff does not
-        implement (the twin's ``must_be``, e.g. ``thresholding=True``), or conflicting flags.
+      ValueError: naming the key, for an unknown class, a key no registered class takes
+        (:func:`ignored_config_keys`), a value jaxdiff does not implement (the twin's
+        ``must_be``, e.g. ``thresholding=True``), or conflicting flags.
     """
     spec = scheduler_spec(config)
     twin = spec.diffusers
-    known = set(twin.defaults) | set(SCHEDULE_DEFAULTS) | META_KEYS
-    for key in config:
-        if key not in known:
-            raise ValueError(f"config[{key!r}] is not an option of {twin.class_name} that "
-                             f"jaxdiff knows; it would be dropped")
+    ignored = ignored_config_keys(config)
+    if ignored:
+        log.info("%s takes no %s: ignored, as diffusers ignores them", twin.class_name,
+                 ", ".join(ignored))
     c = _filled(spec, config)
+    _check_beta_schedule(spec, c)
     for key, allowed in twin.must_be.items():
         if c[key] not in allowed:
             raise ValueError(f"config[{key!r}] = {c[key]!r} is not supported by jaxdiff's "

@@ -147,6 +147,15 @@ def scheduler_to_diffusers(
     cls = twin.class_name
     entries, target, exact = _schedule_entries(schedule, num_timesteps,
                                                rescale_to_zero_terminal_snr, schedule_kwargs)
+    if rescale_to_zero_terminal_snr and "rescale_betas_zero_snr" not in twin.schedule_keys:
+        raise ValueError(f"rescale_to_zero_terminal_snr=True: {cls} has no "
+                         "rescale_betas_zero_snr (diffusers ignores it there); pass the rescaled "
+                         "betas instead")
+    if entries["trained_betas"] is None and entries["beta_schedule"] not in twin.beta_schedules:
+        raise ValueError(f"schedule {schedule!r}: {cls} does not implement beta_schedule="
+                         f"{entries['beta_schedule']!r} (it takes {list(twin.beta_schedules)}); "
+                         "pass the betas instead")
+    entries = {k: v for k, v in entries.items() if k in twin.schedule_keys}
     config: dict[str, Any] = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
                               **twin.defaults, **entries}
     for option, value in sampler.effective_options.items():

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
 from jaxdiff.samplers.diffusers_names import (
+    BETA_SCHEDULES_COMMON,
     THRESHOLD_KEYS,
     clip_option,
     config_key,
@@ -288,6 +289,7 @@ DDPM = SamplerSpec(
                      spacing=config_key("timestep_spacing"), prediction_type=prediction_option),
         must_be=dict(thresholding=(False,)),
         no_effect=THRESHOLD_KEYS,
+        beta_schedules=BETA_SCHEDULES_COMMON + ("sigmoid",),  # the only class with sigmoid
     ),
 )
 SPECS = (DDPM,)

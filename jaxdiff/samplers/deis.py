@@ -50,6 +50,7 @@ import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
 from jaxdiff.samplers.diffusers_names import (
+    SCHEDULE_KEYS_NO_RESCALE,
     THRESHOLD_KEYS,
     config_key,
     prediction_option,
@@ -372,10 +373,7 @@ DEIS = SamplerSpec(
                       use_karras_sigmas=False, use_exponential_sigmas=False,
                       use_beta_sigmas=False, use_flow_sigmas=False, flow_shift=1.0,
                       timestep_spacing="linspace", steps_offset=0, use_dynamic_shifting=False,
-                      time_shift_type="exponential",
-                      # Not an argument of the class: diffusers ignores it (keeps the betas);
-                      # listed so that a config asking for it is refused, not rescaled.
-                      rescale_betas_zero_snr=False),
+                      time_shift_type="exponential"),
         options=dict(
             solver_order=config_key("solver_order"),
             prediction_type=prediction_option,
@@ -389,10 +387,10 @@ DEIS = SamplerSpec(
                      prediction_type=("epsilon", "v_prediction", "sample"),
                      # the class maps the DPM-Solver / UniPC names onto its only ones
                      algorithm_type=("deis", "dpmsolver", "dpmsolver++"),
-                     solver_type=("logrho", "midpoint", "heun", "bh1", "bh2"),
-                     rescale_betas_zero_snr=(False,)),
+                     solver_type=("logrho", "midpoint", "heun", "bh1", "bh2")),
         no_effect=THRESHOLD_KEYS | {"flow_shift", "time_shift_type", "algorithm_type",
                                     "solver_type"},
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,  # diffusers ignores rescale_betas_zero_snr
     ),
 )
 SPECS = (DEIS,)

@@ -26,6 +26,8 @@ __all__ = [
     "BETA_SCHEDULE_FROM_DIFFUSERS",
     "BETA_SCHEDULE_TO_DIFFUSERS",
     "SCHEDULE_DEFAULTS",
+    "SCHEDULE_KEYS_NO_RESCALE",
+    "BETA_SCHEDULES_COMMON",
     "META_KEYS",
     "THRESHOLD_KEYS",
     "SIGMA_FLAGS",
@@ -53,6 +55,12 @@ SCHEDULE_DEFAULTS: Mapping[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     trained_betas=None, rescale_betas_zero_snr=False,
 )
+# The training-schedule keys of a class without zero-terminal-SNR rescaling (Heun, KDPM2, LMS,
+# PNDM, DEIS, DPM-Solver singlestep in diffusers 0.42): diffusers ignores the key there.
+SCHEDULE_KEYS_NO_RESCALE = frozenset(SCHEDULE_DEFAULTS) - {"rescale_betas_zero_snr"}
+# The beta_schedule values every class implements (DDPM also takes "sigmoid"; the others raise
+# NotImplementedError for it).
+BETA_SCHEDULES_COMMON = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # Informational keys of a saved config.
 META_KEYS = frozenset({"_class_name", "_diffusers_version", "_use_default_values"})
 # Dynamic thresholding's parameters: no effect while ``thresholding`` is off.

@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type, x0_and_eps
 from jaxdiff.samplers.diffusers_names import (
+    SCHEDULE_KEYS_NO_RESCALE,
     THRESHOLD_KEYS,
     config_key,
     prediction_option,
@@ -456,9 +457,7 @@ DPM_SOLVER_SINGLESTEP = SamplerSpec(
                       use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
                       flow_shift=1.0, final_sigmas_type="zero", lambda_min_clipped=-math.inf,
                       variance_type=None, use_dynamic_shifting=False,
-                      time_shift_type="exponential",
-                      # not a constructor argument: the class ignores it (no zero-SNR rescaling)
-                      rescale_betas_zero_snr=False),
+                      time_shift_type="exponential"),
         options=dict(
             solver_order=config_key("solver_order"),
             # diffusers' constructor maps the UniPC / DEIS names onto midpoint, "deis" onto ++
@@ -476,9 +475,9 @@ DPM_SOLVER_SINGLESTEP = SamplerSpec(
                      use_dynamic_shifting=(False,),
                      # learned variance: give the sampler a model_fn returning the mean only
                      variance_type=(None,),
-                     prediction_type=("epsilon", "v_prediction", "sample"),
-                     rescale_betas_zero_snr=(False,)),
+                     prediction_type=("epsilon", "v_prediction", "sample")),
         no_effect=THRESHOLD_KEYS | {"flow_shift", "time_shift_type"},
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,  # diffusers ignores rescale_betas_zero_snr
     ),
 )
 SPECS = (DPM_SOLVER_SINGLESTEP,)

@@ -29,6 +29,7 @@ from jaxdiff.diffusion import canonical_prediction_type
 from jaxdiff.samplers.diffusers_names import (
     K_DIFFUSION_DEFAULTS,
     K_DIFFUSION_OPTIONS,
+    SCHEDULE_KEYS_NO_RESCALE,
     clip_option,
     sigma_schedule_option,
 )
@@ -211,6 +212,7 @@ HEUN = SamplerSpec(
         options=dict(K_DIFFUSION_OPTIONS, clip_x0=clip_option,
                      sigma_schedule=lambda c: sigma_schedule_option(c, "HeunDiscreteScheduler")),
         schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,  # diffusers ignores rescale_betas_zero_snr
     ),
 )
 SPECS = (HEUN,)

@@ -36,6 +36,7 @@ from jaxdiff.diffusion import canonical_prediction_type
 from jaxdiff.samplers.diffusers_names import (
     K_DIFFUSION_DEFAULTS,
     K_DIFFUSION_OPTIONS,
+    SCHEDULE_KEYS_NO_RESCALE,
     sigma_schedule_option,
 )
 from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
@@ -290,6 +291,7 @@ def _twin(class_name: str) -> DiffusersTwin:
         options=dict(K_DIFFUSION_OPTIONS,
                      sigma_schedule=lambda c: sigma_schedule_option(c, class_name)),
         schedule_defaults=dict(beta_start=0.00085, beta_end=0.012),
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,  # diffusers ignores rescale_betas_zero_snr
     )
 
 

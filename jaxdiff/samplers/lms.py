@@ -43,7 +43,7 @@ from jaxdiff.diffusion import canonical_prediction_type
 from jaxdiff.samplers.diffusers_names import (
     K_DIFFUSION_DEFAULTS,
     K_DIFFUSION_OPTIONS,
-    SCHEDULE_DEFAULTS,
+    SCHEDULE_KEYS_NO_RESCALE,
     sigma_schedule_option,
 )
 from jaxdiff.samplers.driver import checked_model, prepare_x_T, run_scan, strength_start_step
@@ -289,15 +289,11 @@ LMS = SamplerSpec(
     diffusers=DiffusersTwin(
         "LMSDiscreteScheduler",
         # Its constructor: the schedule's keys but rescale_betas_zero_snr (which diffusers then
-        # ignores) and the k-diffusion family's options. The two schedule keys are listed to be
-        # held to what the class does: no zero-SNR rescaling, no sigmoid betas (it raises).
-        defaults=dict(K_DIFFUSION_DEFAULTS,
-                      beta_schedule=SCHEDULE_DEFAULTS["beta_schedule"],
-                      rescale_betas_zero_snr=False),
+        # ignores, and so does the schedule import) and the k-diffusion family's options.
+        defaults=dict(K_DIFFUSION_DEFAULTS),
         options=dict(K_DIFFUSION_OPTIONS,
                      sigma_schedule=lambda c: sigma_schedule_option(c, "LMSDiscreteScheduler")),
-        must_be=dict(beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
-                     rescale_betas_zero_snr=(False,)),
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,
     ),
 )
 SPECS = (LMS,)

@@ -52,7 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import canonical_prediction_type
-from jaxdiff.samplers.diffusers_names import THRESHOLD_KEYS, config_key, prediction_option
+from jaxdiff.samplers.diffusers_names import (
+    SCHEDULE_KEYS_NO_RESCALE,
+    config_key,
+    prediction_option,
+)
 from jaxdiff.samplers.driver import (
     checked_model,
     prepare_noise,
@@ -462,23 +466,18 @@ PNDM = SamplerSpec(
     presets=dict(plms=dict(skip_prk_steps=True)),  # PLMS: what Stable Diffusion 1.x folders use
     diffusers=DiffusersTwin(
         "PNDMScheduler",
-        # The constructor's defaults, then DDIMScheduler's keys that SD 1.x folders carry
-        # (diffusers keeps a compatible class's keys in a saved config and ignores them; its
-        # single-file conversion writes a DDIM config as a PNDM one): PNDM never clips or
-        # thresholds, and it ignores rescale_betas_zero_snr, which jaxdiff's schedule would apply.
+        # The constructor's defaults. SD 1.x folders also carry DDIMScheduler's keys (clip_sample,
+        # ...): keys of another registered class, ignored as diffusers ignores them; so is
+        # rescale_betas_zero_snr (not an argument of this class).
         defaults=dict(skip_prk_steps=False, set_alpha_to_one=False, prediction_type="epsilon",
-                      timestep_spacing="leading", steps_offset=0,
-                      clip_sample=False, clip_sample_range=1.0, thresholding=False,
-                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                      rescale_betas_zero_snr=False),
+                      timestep_spacing="leading", steps_offset=0),
         options=dict(skip_prk_steps=config_key("skip_prk_steps"),
                      spacing=config_key("timestep_spacing"),
                      steps_offset=config_key("steps_offset"),
                      set_alpha_to_one=config_key("set_alpha_to_one"),
                      prediction_type=prediction_option),
-        must_be=dict(prediction_type=("epsilon", "v_prediction"),
-                     rescale_betas_zero_snr=(False,)),
-        no_effect=THRESHOLD_KEYS | {"clip_sample", "clip_sample_range", "thresholding"},
+        must_be=dict(prediction_type=("epsilon", "v_prediction")),
+        schedule_keys=SCHEDULE_KEYS_NO_RESCALE,
     ),
 )
 SPECS = (PNDM,)

@@ -29,6 +29,8 @@ import dataclasses
 import types
 from typing import Any, Callable, Mapping
 
+from jaxdiff.samplers.diffusers_names import BETA_SCHEDULES_COMMON, SCHEDULE_DEFAULTS
+
 __all__ = ["NOISE_SPACES", "IMG2IMG_MODES", "DiffusersTwin", "SamplerSpec"]
 
 # How image-to-image noises a clean sample x0 to grid step s (diffusers' ``add_noise``):
@@ -58,9 +60,11 @@ class DiffusersTwin:
 
     Attributes:
       class_name: the scheduler class (``_class_name`` of a ``scheduler_config.json``).
-      defaults: the class's constructor defaults besides the training schedule's keys; a config
-        key outside these and :data:`~jaxdiff.samplers.diffusers_names.SCHEDULE_DEFAULTS` is
-        rejected (it would be dropped).
+      defaults: the class's constructor defaults besides the training schedule's keys: exactly
+        its constructor arguments, no more. A config key that is not the class's (neither these
+        nor its ``schedule_keys``) is ignored when another registered twin's class has it (a
+        config converted from another class, e.g. ``from_config(pndm.config)``, as diffusers
+        ignores it too), and rejected otherwise (jaxdiff cannot tell whether it matters).
       options: sampler option -> a function of the defaults-filled config giving its value
         (helpers: :mod:`jaxdiff.samplers.diffusers_names`); options not listed take the sample
         function's defaults.
@@ -71,6 +75,12 @@ class DiffusersTwin:
         differ from the common ones (LCM, Heun and KDPM2 default to Stable Diffusion's betas).
       zero_snr_floor: the class sets a zero-terminal-SNR schedule's last ``alphas_cumprod``
         (0, an infinite sigma) to ``2**-24`` (diffusers' sigma-space and multistep schedulers).
+      schedule_keys: the training-schedule keys its constructor takes (default: all of
+        :data:`~jaxdiff.samplers.diffusers_names.SCHEDULE_DEFAULTS`); diffusers ignores the
+        others, so the schedule import does too (e.g. ``rescale_betas_zero_snr`` for Heun:
+        :data:`~jaxdiff.samplers.diffusers_names.SCHEDULE_KEYS_NO_RESCALE`).
+      beta_schedules: the ``beta_schedule`` values the class implements (the others raise in
+        diffusers, and are rejected here).
     """
 
     class_name: str
@@ -80,6 +90,8 @@ class DiffusersTwin:
     no_effect: frozenset = frozenset()
     schedule_defaults: Mapping[str, Any] = None
     zero_snr_floor: bool = False
+    schedule_keys: frozenset = frozenset(SCHEDULE_DEFAULTS)
+    beta_schedules: tuple = BETA_SCHEDULES_COMMON
 
     def __post_init__(self):
         if not isinstance(self.class_name, str) or not self.class_name:
@@ -88,6 +100,16 @@ class DiffusersTwin:
             object.__setattr__(self, field, _frozen(getattr(self, field),
                                                     f"{self.class_name}: {field}"))
         object.__setattr__(self, "no_effect", frozenset(self.no_effect))
+        object.__setattr__(self, "schedule_keys", frozenset(self.schedule_keys))
+        object.__setattr__(self, "beta_schedules", tuple(self.beta_schedules))
+        unknown = sorted(self.schedule_keys - set(SCHEDULE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"{self.class_name}: schedule_keys names keys that are not schedule "
+                             f"keys: {unknown}")
+        overlap = sorted(set(self.defaults) & set(SCHEDULE_DEFAULTS))
+        if overlap:
+            raise ValueError(f"{self.class_name}: defaults hold training-schedule keys "
+                             f"{overlap}: declare them with schedule_keys / schedule_defaults")
         for field in ("must_be", "no_effect"):
             unknown = sorted(set(getattr(self, field)) - set(self.defaults))
             if unknown:

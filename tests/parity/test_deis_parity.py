@@ -40,8 +40,10 @@ import torch
 from diffusers import DEISMultistepScheduler
 
 from jaxdiff.convert import (
+    ignored_config_keys,
     sampler_from_diffusers_config,
     sampler_options_from_diffusers_config,
+    schedule_from_diffusers_config,
     scheduler_to_diffusers,
 )
 from jaxdiff.samplers import get_sampler, noise_to_img2img, strength_start_step
@@ -318,8 +320,9 @@ def test_every_constructor_argument_is_declared():
     for key, default in params.items():
         if key not in schedule_keys:
             assert twin.defaults[key] == default, key
-    # the one extra key: rescale_betas_zero_snr, not an argument of the class (refused below)
-    assert set(twin.defaults) - set(params) == {"rescale_betas_zero_snr"}
+    # nothing but its arguments; the schedule keys it takes (no rescale_betas_zero_snr)
+    assert not set(twin.defaults) - set(params)
+    assert twin.schedule_keys == schedule_keys
     read = {"solver_order", "prediction_type", "timestep_spacing", "steps_offset",
             "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
             "lower_order_final"}
@@ -354,18 +357,23 @@ def test_config_import():
         (dict(prediction_type="flow_prediction"), "prediction_type"),
         (dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
         (dict(solver_type="bogus"), "solver_type"),
-        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
-        (dict(use_lu_lambdas=True), "use_lu_lambdas"),  # DPM-Solver's, not DEIS's
         (dict(use_karras_sigmas=True, use_beta_sigmas=True), "use_karras_sigmas"),
         (dict(timestep_spacing="uniform"), "spacing"),
         (dict(solver_order=4), "solver_order"),
     ]:
         with pytest.raises(ValueError, match=match):
             sampler_from_diffusers_config(dict(base, **bad))
-    # diffusers ignores rescale_betas_zero_snr (not an argument): it keeps the betas, so jaxdiff
-    # refuses rather than rescale them
-    ref = DEISMultistepScheduler.from_config(dict(base, rescale_betas_zero_snr=True))
+    # Keys the class does not take are ignored, as diffusers ignores them: rescale_betas_zero_snr
+    # (diffusers keeps the betas) and DPM-Solver's use_lu_lambdas.
+    foreign = dict(base, rescale_betas_zero_snr=True, use_lu_lambdas=True)
+    ref = DEISMultistepScheduler.from_config(foreign)
     assert float(ref.alphas_cumprod[-1]) > 1e-3
+    assert ignored_config_keys(foreign) == ("rescale_betas_zero_snr", "use_lu_lambdas")
+    assert sampler_from_diffusers_config(foreign).effective_options == \
+        sampler_from_diffusers_config(base).effective_options
+    np.testing.assert_array_equal(
+        np.asarray(schedule_from_diffusers_config(foreign).alphas_cumprod),
+        np.asarray(schedule_from_diffusers_config(base).alphas_cumprod))
 
 
 @pytest.mark.parametrize("options,schedule", [

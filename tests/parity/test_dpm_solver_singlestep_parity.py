@@ -286,9 +286,9 @@ def test_twin_declares_every_constructor_argument():
     ctor = {k: p.default for k, p in params.items() if k != "self"}
     besides = {k: v for k, v in ctor.items() if k not in SCHEDULE_DEFAULTS}
     assert {k: twin.defaults[k] for k in besides} == besides
-    # rescale_betas_zero_snr is the one schedule key the class does not take: refused if set
-    assert set(twin.defaults) - set(besides) == {"rescale_betas_zero_snr"}
-    assert twin.must_be["rescale_betas_zero_snr"] == (False,)
+    # nothing but its arguments; rescale_betas_zero_snr is the one schedule key it does not take
+    assert set(twin.defaults) == set(besides)
+    assert twin.schedule_keys == set(ctor) & set(SCHEDULE_DEFAULTS)
     config = _Reads({**SCHEDULE_DEFAULTS, **twin.defaults})
     for fn in twin.options.values():
         fn(config)

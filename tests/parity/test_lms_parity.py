@@ -288,11 +288,9 @@ def test_config_gives_the_diffusers_trajectory(config):
 
 
 @pytest.mark.parametrize("config, match", [
-    # diffusers' LMS ignores rescale_betas_zero_snr (not an argument of its constructor)
-    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),  # diffusers' LMS raises
     (dict(use_karras_sigmas=True, use_beta_sigmas=True), "use_beta_sigmas"),
-    (dict(final_sigmas_type="zero"), "final_sigmas_type"),  # Euler's, not LMS's
+    (dict(no_such_key=0), "no_such_key"),  # no scheduler class jaxdiff knows takes it
     (dict(timestep_spacing="uniform"), "spacing"),
     (dict(prediction_type="flow"), "prediction_type"),
 ])
@@ -301,13 +299,19 @@ def test_unsupported_configs_are_errors_that_name_the_key(config, match):
         sampler_from_diffusers_config({"_class_name": "LMSDiscreteScheduler", **config})
 
 
-def test_the_refused_schedule_keys_are_what_diffusers_does():
-    with pytest.raises(NotImplementedError):
+def test_keys_the_class_does_not_take_are_ignored_as_diffusers_ignores_them():
+    with pytest.raises(NotImplementedError):  # why sigmoid is refused (above)
         LMSDiscreteScheduler(beta_schedule="sigmoid")
     plain = LMSDiscreteScheduler()
-    rescaled = quiet(LMSDiscreteScheduler.from_config, dict(rescale_betas_zero_snr=True))
+    foreign = dict(_class_name="LMSDiscreteScheduler", rescale_betas_zero_snr=True,
+                   final_sigmas_type="zero")  # not arguments of LMS (Euler has both)
+    rescaled = quiet(LMSDiscreteScheduler.from_config, foreign)
     assert float(rescaled.alphas_cumprod[-1]) > 0  # not rescaled to zero terminal SNR
     np.testing.assert_array_equal(rescaled.alphas_cumprod.numpy(), plain.alphas_cumprod.numpy())
+    np.testing.assert_allclose(np.asarray(schedule_from_diffusers_config(foreign).alphas_cumprod),
+                               plain.alphas_cumprod.numpy(), rtol=2e-5, atol=1e-7)
+    assert sampler_from_diffusers_config(foreign).effective_options == \
+        get_sampler("lms").effective_options
 
 
 @pytest.mark.parametrize("options, schedule, kwargs", [

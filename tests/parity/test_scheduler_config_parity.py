@@ -134,7 +134,7 @@ def test_kdpm2_ancestral_config_maps_its_options():
      "use_beta_sigmas"),
     (dict(_class_name="UniPCMultistepScheduler", solver_p={"a": 1}), "solver_p"),
     (dict(_class_name="EulerDiscreteScheduler", timestep_type="continuous"), "timestep_type"),
-    (dict(_class_name="HeunDiscreteScheduler", final_sigmas_type="zero"), "final_sigmas_type"),
+    (dict(_class_name="HeunDiscreteScheduler", no_such_key="zero"), "no_such_key"),
 ])
 def test_unsupported_configs_are_errors_that_name_the_key(config, match):
     with pytest.raises(ValueError, match=match):
