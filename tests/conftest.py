@@ -1,9 +1,15 @@
 """Shared test settings: float32 everywhere, CPU only, deterministic hypothesis profile, and the
 build machines' MNIST copy (``../shared/data/mnist`` next to the checkout) as
 ``$JAXDIFF_MNIST_DIR`` when that directory exists and the variable is unset: the library itself
-does not search there."""
+does not search there.
+
+Test tiers (markers registered in pyproject.toml, ``--strict-markers``): ``slow`` is set by hand on
+every test that takes more than ~1.5 s on 2 cores (``pytest -m "not slow"`` is the inner loop);
+``parity`` is set here on every test under tests/parity/. ``--parity-ratios=FILE`` prints and writes
+each parity test's largest ratio error / tolerance (tests/parity/tolerances.py)."""
 
 import os
+import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The command lines (experiments.cli.run) switch JAX's persistent compilation cache on in
@@ -21,3 +27,50 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+import pytest  # noqa: E402
+
+_PARITY_DIR = pathlib.Path(__file__).resolve().parent / "parity"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--parity-ratios", metavar="FILE", default=None,
+        help="write each parity test's largest error / tolerance ratio to FILE (tab-separated, "
+             "largest first) and print the largest ones",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/parity/ gets the ``parity`` marker."""
+    for item in items:
+        if _PARITY_DIR in pathlib.Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.parity)
+
+
+_RATIOS: dict[str, tuple[float, str]] = {}  # nodeid -> (largest ratio, its comparison)
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "parity_ratio":
+            what, ratio = value
+            if ratio >= _RATIOS.get(report.nodeid, (-1.0, ""))[0]:
+                _RATIOS[report.nodeid] = (ratio, what)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    path = config.getoption("--parity-ratios")
+    if not path or hasattr(config, "workerinput"):
+        return
+    rows = sorted(((r, node, what) for node, (r, what) in _RATIOS.items()), reverse=True)
+    with open(path, "w") as f:
+        f.write("ratio\ttest\tcomparison\n")
+        f.writelines(f"{r:.4g}\t{node}\t{what}\n" for r, node, what in rows)
+    tr = terminalreporter
+    tr.section("parity: largest error / tolerance per test")
+    for r, node, what in rows[:15]:
+        tr.write_line(f"{r:8.3f}  {node}  [{what}]")
+    over = sum(r > 1 / 3 for r, _, _ in rows)
+    tr.write_line(f"{len(rows)} parity tests recorded, {over} above 1/3; all in {path}")

@@ -78,6 +78,7 @@ def test_config_normalises_lists_and_is_hashable():
 
 # --- model --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shapes_and_input_errors(tiny):
     vae, params = tiny
     post = run(vae.config, params, _images(), method="encode")
@@ -94,6 +95,7 @@ def test_shapes_and_input_errors(tiny):
         run(vae.config, params, jnp.zeros((2, 16, 16, 3), jnp.int32), method="encode")
 
 
+@pytest.mark.slow
 def test_forward_with_a_key_samples_and_without_takes_the_mode(tiny):
     vae, params = tiny
     x = _images()
@@ -107,6 +109,7 @@ def test_forward_with_a_key_samples_and_without_takes_the_mode(tiny):
     assert not np.allclose(a, c) and not np.allclose(a, mode)
 
 
+@pytest.mark.slow
 def test_posterior_clamps_logvar_and_its_kl_and_samples():
     moments = jnp.concatenate([jnp.zeros((1, 2, 2, 3)), jnp.full((1, 2, 2, 3), 50.0)], -1)
     assert float(DiagonalGaussian.from_moments(moments).logvar.max()) == 20.0
@@ -144,6 +147,7 @@ def test_scale_and_unscale_latents(kw):
         unscale_latents(cfg, jnp.zeros((2, 4, 4, 3)))
 
 
+@pytest.mark.slow
 def test_encode_and_decode_latents_apply_the_scaling(tiny):
     vae, params = tiny
     x = _images()
@@ -163,6 +167,7 @@ def test_encode_and_decode_latents_apply_the_scaling(tiny):
 
 # --- memory savers ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sliced_decode_equals_decode(tiny):
     vae, params = tiny
     z = _images((3, 4, 6, 2))
@@ -194,6 +199,7 @@ def test_blend_matches_diffusers_loop(extent):
     np.testing.assert_allclose(blend_h(a, b, extent), _blend_reference(a, b, extent, 2), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiled_paths(tiny):
     vae, params = tiny
     small = _images((1, 16, 16, 3))  # fits in one 16-pixel tile: the untiled result
@@ -211,6 +217,7 @@ def test_tiled_paths(tiny):
 
 # --- dtypes -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params_and_force_upcast(tiny):
     _, params = tiny
     vae16 = AutoencoderKL(AutoencoderKLConfig(**TINY, dtype=jnp.bfloat16))
@@ -284,6 +291,7 @@ def test_state_dict_errors_list_every_bad_key(tiny):
 
 # --- loss ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vae_loss_terms_gradient_and_errors(tiny):
     vae, params = tiny
     x = _images()

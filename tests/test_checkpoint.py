@@ -72,6 +72,7 @@ def run(workdir, num_steps, *, stop_at=None, signal_at=None, data=None, config=C
     return state, ckpt
 
 
+@pytest.mark.slow
 def test_exact_resume_is_bitwise(tmp_path):
     # 40 examples / batch 8 = 5 batches per epoch: the 14 steps cross two epoch boundaries.
     full, _ = run(tmp_path / "a", 14)
@@ -83,6 +84,7 @@ def test_exact_resume_is_bitwise(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_keeps_last_k_and_writes_atomically(tmp_path):
     _, ck = run(tmp_path, 10, save_every=3, keep=2)
     assert ck.all_steps() == [9, 10]
@@ -93,12 +95,14 @@ def test_keeps_last_k_and_writes_atomically(tmp_path):
     assert Checkpointer(str(tmp_path), CONFIG).latest_step() == 10
 
 
+@pytest.mark.slow
 def test_incompatible_config_is_a_clear_value_error(tmp_path):
     run(tmp_path, 3)
     with pytest.raises(ValueError, match="different config.*batch_size"):
         run(tmp_path, 6, config={"model": {"features": 8}, "batch_size": 16})
 
 
+@pytest.mark.slow
 def test_incompatible_shapes_is_a_clear_value_error(tmp_path):
     run(tmp_path, 3)
     state, tx, _, _ = tiny_setup(hw=8)
@@ -109,6 +113,7 @@ def test_incompatible_shapes_is_a_clear_value_error(tmp_path):
         ck.restore_latest(bigger)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     good, ck = run(tmp_path, 3, save_every=3)
     assert ck.latest_step() == 3
@@ -124,6 +129,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert data_state == {"epoch": 0, "index": 3}
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_is_caught(tmp_path):
     with pytest.raises(NonFiniteLossError):
         run(tmp_path, 40, lr=1e30, save_every=100)
@@ -146,6 +152,7 @@ def test_sigterm_and_sigint_only_set_the_flag_second_sigint_interrupts():
     assert signal.getsignal(signal.SIGINT) == old_int
 
 
+@pytest.mark.slow
 def test_real_sigterm_stops_at_that_step_saves_and_restores_handlers(tmp_path):
     caught = []
     sentinel = lambda signum, frame: caught.append(signum)  # noqa: E731
@@ -159,6 +166,7 @@ def test_real_sigterm_stops_at_that_step_saves_and_restores_handlers(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_metrics_are_read_at_sync_points_only(tmp_path):
     seen, at_step = [], {}
     run(tmp_path, 10, save_every=6, sync_every=4,
@@ -183,6 +191,7 @@ class _Batches:
         return self.batches[self.i - 1]
 
 
+@pytest.mark.slow
 def test_nonfinite_step_between_sync_points_is_caught_before_the_next_save(tmp_path):
     state, tx, _, loss_fn = tiny_setup()
     mesh = make_mesh()
@@ -198,6 +207,7 @@ def test_nonfinite_step_between_sync_points_is_caught_before_the_next_save(tmp_p
     assert seen == [1, 2] and ck.latest_step() is None  # nothing saved at step 4
 
 
+@pytest.mark.slow
 def test_processes_agree_on_stopping_at_sync_points(tmp_path, monkeypatch):
     assert loop_mod._any_process(True) and not loop_mod._any_process(False)  # 1 process: real
     calls = []
@@ -217,12 +227,14 @@ def test_processes_agree_on_stopping_at_sync_points(tmp_path, monkeypatch):
     assert calls == [False, False] and int(state.step) == 8 and ck.latest_step() == 8
 
 
+@pytest.mark.slow
 def test_optimizer_structure_change_is_a_clear_value_error(tmp_path):
     run(tmp_path, 3)  # clipping on
     with pytest.raises(ValueError, match="optimizer-state structure.*grad_clip_norm"):
         run(tmp_path, 6, grad_clip_norm=0.0)
 
 
+@pytest.mark.slow
 def test_changed_hyperparams_are_logged_and_new_config_keys_tolerated(tmp_path, caplog):
     run(tmp_path, 3, hyperparams={"num_steps": 3, "learning_rate": 1e-3})
     with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
@@ -233,6 +245,7 @@ def test_changed_hyperparams_are_logged_and_new_config_keys_tolerated(tmp_path, 
     assert "predates the compatibility check of seed" in caplog.text
 
 
+@pytest.mark.slow
 def test_restore_into_abstract_target_and_read_only(tmp_path):
     trained, _ = run(tmp_path, 3)
     mesh = make_mesh()
@@ -292,6 +305,7 @@ def _assert_clear(excinfo, step_dir, what):
     assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
 
 
+@pytest.mark.slow
 def test_truncated_array_file_is_one_checkpoint_error_naming_the_step_dir(saved):
     workdir, _ = saved
     _truncate_array_files(workdir / "6")
@@ -331,6 +345,7 @@ def test_corrupt_latest_step_is_not_skipped_even_with_a_good_one_before_it(saved
     assert step == 3 and data_state == {"epoch": 0, "index": 3}
 
 
+@pytest.mark.slow
 def test_incomplete_step_dirs_are_skipped_with_a_warning_and_resume_continues(saved):
     workdir, state6 = saved
     (workdir / "900").mkdir()  # an interrupted copy: an empty step directory

@@ -59,6 +59,7 @@ def test_config_rejects_bad_fields(field, value):
         dataclasses.replace(CFG, **{field: value})
 
 
+@pytest.mark.slow
 def test_outputs_shapes_dtypes_and_compile_once(params):
     model = CLIPTextModel(CFG)
     traces = []
@@ -78,6 +79,7 @@ def test_outputs_shapes_dtypes_and_compile_once(params):
     assert np.isfinite(np.asarray(out.last_hidden_state)).all()
 
 
+@pytest.mark.slow
 def test_causal_and_padding_masks(params):
     ids, mask = batch([3, 6])
     out = apply(CFG, params, ids, mask)
@@ -117,6 +119,7 @@ def test_pooled_position(params, eos_token_id, positions):
     )
 
 
+@pytest.mark.slow
 def test_projection_head_and_clip_skip():
     config = dataclasses.replace(CFG, projection_dim=6, eos_token_id=EOS)
     params = init_clip_text(config, jax.random.key(1))

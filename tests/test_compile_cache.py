@@ -50,6 +50,7 @@ def _files(path):
     return sorted(f for _, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else []
 
 
+@pytest.mark.slow
 def test_second_process_hits_the_cache(tmp_path):
     cache = tmp_path / "cache"
     cold = _run({"JAXDIFF_COMPILATION_CACHE": str(cache)}, tmp_path)
@@ -66,6 +67,7 @@ def test_second_process_hits_the_cache(tmp_path):
     assert _files(cache) == written                              # nothing new to write
 
 
+@pytest.mark.slow
 def test_default_location_is_under_xdg_cache_home(tmp_path):
     out = _run({}, tmp_path)
     expected = tmp_path / "xdg" / "jaxdiff" / "xla"
@@ -73,12 +75,14 @@ def test_default_location_is_under_xdg_cache_home(tmp_path):
     assert any(f.startswith("jit__lambda") for f in _files(expected))
 
 
+@pytest.mark.slow
 def test_off_writes_nothing(tmp_path):
     out = _run({"JAXDIFF_COMPILATION_CACHE": "off"}, tmp_path)
     assert out["dir"] is None and out["hits"] == 0 and out["misses"] == 0, out
     assert _files(tmp_path / "xdg") == [] and _files(tmp_path / "home") == []
 
 
+@pytest.mark.slow
 def test_jax_own_setting_wins(tmp_path):
     own = tmp_path / "own"
     out = _run({"JAX_COMPILATION_CACHE_DIR": str(own),

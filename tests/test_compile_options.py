@@ -48,6 +48,7 @@ def test_unknown_option_is_detected_not_fatal(monkeypatch):
         co._supported.cache_clear()
 
 
+@pytest.mark.slow
 def test_train_step_compiles_with_the_options_it_is_given(monkeypatch):
     """The options reach jax.jit: a bogus one fails the first call; an explicit {} (XLA's
     defaults) and the default (cpu_compiler_options, non-empty on this CPU) train to the same

@@ -109,6 +109,7 @@ def test_checkpoint_file_round_trip(tmp_path, model, converted, suffix):
     assert_same_params(convert_unet_state_dict(loaded, config), params)
 
 
+@pytest.mark.slow
 def test_bfloat16_safetensors(tmp_path, model, converted):
     config, params = converted
     path = tmp_path / "unet_bf16.safetensors"

@@ -43,6 +43,7 @@ def _ode_error(order, n, x_T, scale=0.5):
     return np.abs(np.asarray(out) - np.asarray(x_T) * std(a_0) / std(a_T)).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, expected_ratio", [(1, 2.0), (2, 4.0)])
 def test_convergence_order_on_gaussian_probability_flow(order, expected_ratio):
     """Doubling the steps divides the global error by ~2 (first order, DDIM) or ~4
@@ -221,6 +222,7 @@ def test_two_field_state_still_steps():
     np.testing.assert_array_equal(np.asarray(s_old.prev_x0), np.asarray(s_new.prev_x0))
 
 
+@pytest.mark.slow
 def test_third_order_uses_the_older_history():
     """3M differs from 2M (the third-order update reads the step before last), converges at third
     order on the Gaussian probability flow (error ratio ~8 per doubling of steps once the steps
@@ -275,6 +277,7 @@ def test_sigma_schedules_solve_the_probability_flow(sigma_schedule):
     assert np.abs(np.asarray(out) - exact).max() < 3e-3
 
 
+@pytest.mark.slow
 def test_sde_noise_comes_from_fold_in_key_i():
     """Step i's noise is normal(fold_in(key, i)): passing those arrays as ``noise`` gives the same
     trajectory; another key gives another one; the noise reaches the result."""
@@ -295,6 +298,7 @@ def test_sde_noise_comes_from_fold_in_key_i():
     assert np.abs(a - ode).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(solver_order=3, sigma_schedule="karras"),
                                      dict(algorithm_type="sde-dpmsolver++", solver_order=3)])
 def test_bf16_model_and_x_T_keep_a_float32_carry(options):

@@ -81,6 +81,7 @@ def test_driver_checks(name):
         assert np.isfinite(np.asarray(s(model, SCHED, x_T(), None, num_steps=3))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_model_keeps_a_float32_carry(name):
     def bf16_model(x, t):
@@ -101,6 +102,7 @@ def test_bf16_model_keeps_a_float32_carry(name):
     np.testing.assert_array_equal(np.asarray(xs[-1]), np.asarray(x0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))
 def test_stochastic_samplers_fold_the_key_per_step(name):
     key, n = jax.random.key(7), 5
@@ -113,6 +115,7 @@ def test_stochastic_samplers_fold_the_key_per_step(name):
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-3  # the noise matters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_classifier_free_guidance_through_every_sampler(name):
     def cond_model(x, t, labels):
@@ -137,6 +140,7 @@ def _call(t, x, sigma):
     return model(scale_model_input(x, sigma), jnp.full((SHAPE[0],), t, jnp.float32))
 
 
+@pytest.mark.slow
 def test_step_functions_driven_by_hand_equal_the_scan():
     n, key = 6, jax.random.key(3)
     noise = jax.random.normal(key, (n, *SHAPE))
@@ -215,6 +219,7 @@ def test_kdpm2_grids():
         kdpm2_timesteps(SCHED, n, ancestral="yes")
 
 
+@pytest.mark.slow
 def test_euler_churn_only_where_sigma_is_in_range():
     """s_tmin above every sigma: no churn, the deterministic result (noise is drawn, unused)."""
     key = jax.random.key(4)
@@ -225,6 +230,7 @@ def test_euler_churn_only_where_sigma_is_in_range():
     assert np.abs(np.asarray(c) - np.asarray(b)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_prediction_types_agree_on_a_consistent_model(name):
     """An eps model and its exact v / x0 rewrites (integer "leading" timesteps, where the grid's
@@ -256,6 +262,7 @@ def test_prediction_types_agree_on_a_consistent_model(name):
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # sigmas.train_sigmas
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_terminal_snr_schedule_raises_then_works_with_diffusers_fix(name):

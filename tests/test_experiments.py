@@ -54,6 +54,7 @@ def trained(tmp_path_factory, compilation_cache):
     return train_mnist, workdir, data_dir, summary
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_metrics_and_grid(trained):
     _, workdir, _, summary = trained
     assert summary["end_step"] == 3 and summary["checkpoint_step"] == 3
@@ -67,6 +68,7 @@ def test_train_writes_checkpoint_metrics_and_grid(trained):
     assert json.load(open(os.path.join(workdir, "config.json")))["training"]["num_steps"] == 3
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(trained, caplog):
     import logging
 
@@ -94,6 +96,7 @@ def test_resume_with_other_model_is_a_clear_error(trained):
         train_mnist.main(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver", "euler"])
 def test_sample_writes_png_and_npz(trained, tmp_path, sampler):
     """Every registry sampler is reachable from the command line (DPM-Solver was not)."""
@@ -203,6 +206,7 @@ def test_unwritable_workdir_and_missing_data(trained, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_sample_output_is_replicated(trained):
     """Every process can read the images (a mesh over several hosts): output sharding P()."""
     import jax
@@ -221,6 +225,7 @@ def test_sample_output_is_replicated(trained):
     assert out.is_fully_addressable and out.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_ddim_clip_forms(trained):
     """``ddim_clip``: "consistent" (the default) re-derives eps from the clipped x0, "diffusers"
     keeps the model's eps. They differ only where clipping bites, and coincide without
@@ -309,6 +314,7 @@ def test_cli_modules_do_not_import_each_other():
         assert not imported & others, (name, imported & others)
 
 
+@pytest.mark.slow
 def test_tensorboard_option_writes_event_file(trained, tmp_path):
     """``training.tensorboard=True`` writes TensorBoard events to WORKDIR/tb (tensorboardX; old:
     an undocumented torch.utils.tensorboard attempt that silently did nothing without torch)."""
@@ -332,6 +338,7 @@ def test_tensorboard_without_tensorboardx_fails_before_writing(trained, tmp_path
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_exits_zero(trained, compilation_cache, tmp_path):
     """``python -m experiments.train_mnist`` as a process: exit status 0, the summary on stdout."""
     _, _, data_dir, _ = trained
@@ -346,6 +353,7 @@ def test_cli_smoke_run_exits_zero(trained, compilation_cache, tmp_path):
     assert os.path.isdir(tmp_path / "w" / "checkpoints" / "1")
 
 
+@pytest.mark.slow
 def test_cli_unknown_config_field_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.train_mnist",
                         f"--workdir={tmp_path}", "--config.training.no_such_field=1"],
@@ -355,6 +363,7 @@ def test_cli_unknown_config_field_is_a_clear_error(tmp_path):
     assert "no_such_field" in r.stderr and "Traceback" not in r.stderr[-2000:], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_eval_mnist_and_eval_sweep_on_the_smoke_run(trained, tmp_path, monkeypatch):
     """eval_mnist (classifier trained and cached, floor, conditional + unconditional samples,
     bits/dim) and eval_sweep (one row per setting, floors per N, picture, each setting's sampler
@@ -551,6 +560,7 @@ def test_command_line_sampling_defaults_come_from_the_run():
     assert (s.num_steps, s.guidance_scale, s.eta) == (50, 2.0, 0.0)
 
 
+@pytest.mark.slow
 def test_eval_sweep_draws_average_independent_seeds(trained, tmp_path):
     """``--draws 2``: each setting is sampled and scored with seeds SEED and SEED+1 (new keys, new
     real subsets); the row is the draws' mean, its FD sd is theirs, the first draw reproduces a

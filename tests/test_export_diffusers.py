@@ -112,6 +112,7 @@ def _equal_trees(a, b) -> bool:
         and np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
 
 
+@pytest.mark.slow
 def test_round_trip_through_the_folder(parts, tmp_path):
     sampler = get_sampler("ddim", steps_offset=1, set_alpha_to_one=False, prediction_type="v")
     path = save_stable_diffusion(str(tmp_path / "sd"), **parts, sampler=sampler,
@@ -163,6 +164,7 @@ def test_export_an_in_memory_stable_diffusion(parts, tmp_path):
     assert back.sample_size == 8 and back.sampler == sd.sampler
 
 
+@pytest.mark.slow
 def test_float16_weights(parts, tmp_path):
     path = save_stable_diffusion(str(tmp_path / "sd16"), **parts, dtype="float16")
     sd = load_stable_diffusion(path)
@@ -172,6 +174,7 @@ def test_float16_weights(parts, tmp_path):
                                       np.asarray(given).astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_per_part_exporters_invert_the_importers():
     # Per-level heads, depth and layers, a class embedding, linear projections, a 1-resnet
     # mid block: the state dict goes back through the importer unchanged.

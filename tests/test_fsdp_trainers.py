@@ -183,6 +183,7 @@ def _run(script, tmp_path, timeout=300, extra=()):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_resume_restores_split_leaves_and_is_exact(tmp_path):
     """The training loop (``fit``) on a ``("data", "fsdp")`` mesh of 2 x 4 (TinyNet): the resumed
     run's restored leaves already carry the split shardings (no replicated restore), 2 + 2 steps
@@ -311,6 +312,7 @@ _LATENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_vae_and_latent_trainers_fsdp_step_equals_replicated(tmp_path):
     """``training.fsdp=4`` (state split over 4 devices) vs 1 (replicated), for
     ``train_vae_mnist`` and then ``train_latent_mnist`` (on the first autoencoder, with a

@@ -22,6 +22,7 @@ LABELS = jnp.array([1, 4, 7], jnp.int32)
 NULL = 10
 
 
+@pytest.mark.slow
 def test_values_per_example_inside_guided_outside_conditional():
     x = jnp.linspace(-1, 1, 12).reshape(3, 4)
     t = jnp.array([50, 300, 900])   # below, inside, above (200, 800)
@@ -55,6 +56,7 @@ def test_unconditional_branch_runs_only_at_steps_inside():
     assert batches == [3, 3, 3, 6, 6, 6, 6, 3, 3, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "unipc"])
 def test_sampling_reduces_to_full_guidance_or_to_the_conditional_model(sampler):
     """An interval around the whole grid is plain guidance; one that no step of the grid falls in

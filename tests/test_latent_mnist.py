@@ -60,6 +60,7 @@ def test_heldout_prompts_are_never_training_prompts_and_cover_every_digit():
         assert all(set(p.split()) <= words for p in mp.all_prompts("heldout", d))
 
 
+@pytest.mark.slow
 def test_training_sampler_never_produces_a_heldout_prompt_and_is_deterministic():
     labels = np.arange(2000) % 10
     prompts = mp.sample_prompts(labels, jax.random.key(3), "train")
@@ -144,6 +145,7 @@ def trained(tmp_path_factory, data_dir):
     return workdir, train_latent_mnist.main(_args(workdir, data_dir, 4))
 
 
+@pytest.mark.slow
 def test_two_stages_write_vae_latents_checkpoint_grid_and_diffusers(trained):
     workdir, summary = trained
     assert summary["end_step"] == 4 and summary["checkpoint_step"] == 4
@@ -167,6 +169,7 @@ def test_two_stages_write_vae_latents_checkpoint_grid_and_diffusers(trained):
     assert os.path.isfile(os.path.join(workdir, "diffusers", "model_index.json"))
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_an_existing_vae_is_reused(trained, data_dir, tmp_path):
     """2 steps, then resumed to 4 (a constant learning rate), on the first run's autoencoder ==
     the 4 steps in one go."""
@@ -186,6 +189,7 @@ def test_resume_is_exact_and_an_existing_vae_is_reused(trained, data_dir, tmp_pa
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_text_to_image_samples_the_exported_folder(trained, tmp_path):
     from PIL import Image
 
@@ -199,6 +203,7 @@ def test_text_to_image_samples_the_exported_folder(trained, tmp_path):
     assert Image.open(out).mode == "L" and Image.open(out).size == (32, 32)
 
 
+@pytest.mark.slow
 def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp_path):
     """eval_latent_mnist on the 4-step run (an untrained classifier, N = 300 from 10 test
     images): the three prompt rows, the floors at N, the JSON, the markdown table's layout and the

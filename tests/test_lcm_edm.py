@@ -108,6 +108,7 @@ def test_edm_needs_a_key_only_with_churn():
         edm_step(lambda x, s: x, x_T(), 1.0, 0.5, x_T(), gamma=-0.1)
 
 
+@pytest.mark.slow
 def test_registry_has_lcm_not_edm():
     names = sampler_names()
     assert "lcm" in names and "edm" not in names
@@ -125,6 +126,7 @@ def test_registry_has_lcm_not_edm():
 
 # ---- keys and noise ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lcm_key_folding():
     """Step ``i`` draws ``normal(fold_in(key, i))``: the same as passing those rows as noise."""
     key, n = jax.random.key(7), 4
@@ -139,6 +141,7 @@ def test_lcm_key_folding():
     np.testing.assert_allclose(np.asarray(b), np.asarray(d), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_edm_key_folding():
     key, n = jax.random.key(7), 5
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), SHAPE) for i in range(n)])
@@ -152,6 +155,7 @@ def test_edm_key_folding():
 
 # ---- dtypes and compilation --------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 def test_float32_carry_with_a_bf16_model(x_dtype):
     def lcm_bf16(x, t):
@@ -223,6 +227,7 @@ def test_edm_sigma_sampling_is_log_normal():
         edm_sample_sigma(jax.random.key(0), (4,), P_std=-1.0)
 
 
+@pytest.mark.slow
 def test_edm_loss_of_the_exact_gaussian_denoiser_is_one():
     """For data ``N(0, sigma_data^2)`` the exact denoiser is ``c_skip x`` (``F = 0``), whose
     squared error has mean ``sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2) = 1 / lambda``: the

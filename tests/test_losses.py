@@ -66,6 +66,7 @@ def test_min_snr_finite_at_zero_terminal_snr():
     np.testing.assert_allclose(w, [5.0 / float(D.snr(z, jnp.array([0]))[0]), 1.0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_label_dropout_replaces_by_null_label():
     labels = jnp.arange(8) % 10
     seen = []
@@ -97,6 +98,7 @@ def test_drop_condition_on_context_pytree():
     np.testing.assert_array_equal(out["context"][1], 1.0)
 
 
+@pytest.mark.slow
 def test_jit_grad_and_same_key_same_loss():
     params = {"w": jnp.float32(0.5)}
     f = jax.jit(lambda p, k: diffusion_loss(scaled_apply, p, SCHED, X0, k, weighting="min_snr")[0])

@@ -185,6 +185,7 @@ def _expected_point_bpd(betas, c, variance_type):
     return prior / LOG2, np.concatenate([[nll], kl]) / LOG2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type, variance_type", [("eps", "fixed_small"),
                                                              ("x0", "fixed_large")])
 def test_vlb_of_a_point_mass_under_the_oracle_matches_closed_form(prediction_type, variance_type):
@@ -235,6 +236,7 @@ def test_worse_models_give_a_larger_bound():
     assert np.all(oracle < near) and np.all(near < far) and np.all(oracle < zero)
 
 
+@pytest.mark.slow
 def test_vlb_learned_variance_types_and_t_batching_agree():
     sched = make_schedule("linear", 64, beta_end=0.05)
     c = jnp.asarray(np.random.default_rng(4).choice(GRID, size=(1, 3, 3, 1)), jnp.float32)
@@ -297,6 +299,7 @@ def mnist_small():
     return (xtr[:2000], ytr[:2000]), (xte[:1000], yte[:1000])
 
 
+@pytest.mark.slow
 def test_classifier_learns_on_a_small_subset(mnist_small, tmp_path):
     from jaxdiff.metrics import classifier as C
 

@@ -43,6 +43,7 @@ def test_long_config_loads_from_the_command_line(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_default_sampling_is_at_most_50_model_evaluations():
     from experiments import mnist_lib, mnist_sampling
     from experiments.configs import mnist

@@ -17,6 +17,8 @@ from jax._src import dispatch
 
 from tests.test_data import write_fake_mnist
 
+pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "configs", "mnist_smoke.py")
 EVENTS = (dispatch.JAXPR_TRACE_EVENT, dispatch.BACKEND_COMPILE_EVENT)

@@ -45,6 +45,7 @@ def x_T():
     return jax.random.normal(jax.random.key(0), SHAPE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, direct, options", [
     ("ddim", ddim_sample, dict(eta=0.5, clip_x0=1.0, use_clipped_model_output=True)),
     ("ddpm", ddpm_sample, dict(variance_type="fixed_large")),
@@ -92,6 +93,7 @@ def test_get_sampler_rejects_bad_names_options_and_values(name, options, match):
         get_sampler(name, **options)
 
 
+@pytest.mark.slow
 def test_sampler_check_rejects_grids_before_any_compute():
     with pytest.raises(ValueError, match="num_steps must be <= num_timesteps"):
         get_sampler("ddim").check(100, 101)
@@ -104,6 +106,7 @@ def test_sampler_check_rejects_grids_before_any_compute():
         get_sampler("ddim")(model, SCHED, x_T(), None, num_steps=5, eta=0.5)
 
 
+@pytest.mark.slow
 def test_ddim_eta_above_one_raises_instead_of_nan():
     """eta > 1 makes ``1 - abar_prev - std^2`` negative: diffusers (and jaxdiff before) returned
     all-NaN samples without an error."""
@@ -129,6 +132,7 @@ def test_grids_share_one_shape():
         assert grid.prev_timesteps[-1] < 0
 
 
+@pytest.mark.slow
 def test_dpm_solver_step_driven_by_hand_equals_the_scan():
     """The step function with its explicit history, in a Python loop, is the sampler."""
     n = 7
@@ -153,6 +157,7 @@ def test_dpm_solver_step_driven_by_hand_equals_the_scan():
     assert np.abs(np.asarray(ddim_like) - np.asarray(want)).max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm_solver"])
 def test_driver_checks_are_the_same_for_every_sampler(name):
     s = get_sampler(name, **({"eta": 1.0} if name == "ddim" else {}))
@@ -172,6 +177,7 @@ def test_driver_checks_are_the_same_for_every_sampler(name):
     assert out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_stochastic_samplers_fold_the_key_per_step():
     """Pre-drawn noise ``noise[i] = normal(fold_in(key, i))`` reproduces the key path exactly."""
     key, n = jax.random.key(7), 6
@@ -229,6 +235,7 @@ def test_forward_process_accepts_lists():
         q_sample(SCHED, "abc", [3], noise)
 
 
+@pytest.mark.slow
 def test_presets_fix_options():
     """A spec's presets: fixed options, not overridable, registered and unregistered with it."""
     ddim = sampler_spec("ddim")
@@ -251,6 +258,7 @@ def test_presets_fix_options():
     assert "ddim_eta1" not in sampler_names() and "ddim_copy" not in sampler_names()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, per_step", [("ddim", 1), ("dpmpp_2m_karras", 1), ("unipc", 1),
                                             ("euler_ancestral", 1), ("heun", 2), ("kdpm2", 2)])
 def test_model_evaluations_counts_the_model_calls(name, per_step):

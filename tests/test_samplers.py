@@ -54,6 +54,7 @@ def _acp(t):
 # --- randomness ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_same_key_same_sample_different_key_different(sampler):
     if sampler == "ddim":
@@ -92,6 +93,7 @@ def test_ddim_step_noise_enters_as_std_times_noise():
     assert std > 0.05  # the check above is not vacuous
 
 
+@pytest.mark.slow
 def test_ddim_drawn_noise_statistics():
     """x0-model 0 at eta=1: ``x_prev = c_t x_t + std_t z_t`` with ``c_t = sqrt(1 - abar_prev -
     std_t^2) / sqrt(1 - abar_t)`` and fresh z each step, so the variance follows ``v' = c_t^2 v +
@@ -132,6 +134,7 @@ def test_ddpm_noise_statistics_over_1000_steps():
 # --- compile once ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_compiles_once_across_keys_params_and_inputs(sampler):
     traces = []
@@ -180,6 +183,7 @@ def test_guidance_scale_traced_does_not_recompile():
 # diffusers; DDPM: test_ddpm_step_matches_diffusers, test_ddpm_trajectory_matches_diffusers).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pred, clip", [("eps", None), ("v", 1.0)])
 def test_ddim_scan_equals_python_loop(pred, clip):
     """The scanned ddim_sample applies ddim_step to the ddim_timesteps pairs in order, with
@@ -197,6 +201,7 @@ def test_ddim_scan_equals_python_loop(pred, clip):
     np.testing.assert_allclose(scanned, x, atol=1e-6 * max(1, np.abs(x).max()), rtol=0)
 
 
+@pytest.mark.slow
 def test_ddpm_scan_equals_python_loop():
     """The scanned ddpm_sample applies ddpm_step to the ddpm_timesteps pairs in order, with
     noise[i] at step i, carrying x, as a Python loop over the step does."""
@@ -219,6 +224,7 @@ def oracle_eps(c, x, t):
     return (x - jnp.sqrt(a) * c) / jnp.sqrt(1 - a)
 
 
+@pytest.mark.slow
 def test_oracle_ddpm_1000_steps_lands_on_c_with_the_right_marginals():
     """Fixed-small DDPM with the exact model reproduces q(x_t) = N(sqrt(abar_t) c, 1 - abar_t) at
     every step (checked at three) and ends on c (tolerance 1e-4: float32 through
@@ -235,6 +241,7 @@ def test_oracle_ddpm_1000_steps_lands_on_c_with_the_right_marginals():
         assert abs(z.std() - 1) < 0.04 and abs(z.mean()) < 0.05, (t, z.mean(), z.std())
 
 
+@pytest.mark.slow
 def test_oracle_ddim_50_steps_lands_on_c_along_the_exact_path():
     """DDIM (eta=0) with the exact model keeps eps constant: x_t = sqrt(abar_t) c + sqrt(1-abar_t)
     eps_T at every step (1e-4), and x_0 = c (1e-4)."""
@@ -358,6 +365,7 @@ def test_step_rejects_concrete_out_of_range_timesteps_and_reads_nan_when_traced(
         classifier_free_guidance(lambda x, t, c: x, COND, NULL, 2.0, guidance_rescale=1.5)
 
 
+@pytest.mark.slow
 @given(T_=st.integers(1, 2000), frac=st.floats(0, 1),
        spacing=st.sampled_from(["leading", "trailing", "linspace"]))
 def test_timestep_grids_are_valid(T_, frac, spacing):
@@ -417,6 +425,7 @@ def test_step_timesteps_must_be_0d_integers(step):
     assert np.isfinite(np.asarray(jax.jit(f)(500, 400)[0])).all()
 
 
+@pytest.mark.slow
 def test_ddpm_final_noise():
     """diffusers adds noise at every step with t > 0, the last one included when the grid ends above
     0 (trailing: ..., 199 -> -1); ``final_noise=False`` returns that step's mean instead."""
@@ -462,6 +471,7 @@ def test_cfg_guide_channels_takes_the_variance_from_the_conditional_branch():
         classifier_free_guidance(apply, y, 0.0, 3.0, guide_channels=2 * C + 1)(x, t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
 def test_bf16_model_output_keeps_a_float32_carry(sampler):
     """A bf16 x_T and an (oracle) model returning bf16: the scan carry (what the model sees) and

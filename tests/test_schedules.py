@@ -18,6 +18,7 @@ from jaxdiff.schedules import (
 NAMES = sorted(BETA_SCHEDULES)
 
 
+@pytest.mark.slow
 @given(name=st.sampled_from(NAMES), T=st.integers(2, 2000))
 def test_alphas_cumprod_strictly_decreasing_in_unit_interval(name, T):
     s = make_schedule(name, T)
@@ -31,6 +32,7 @@ def test_alphas_cumprod_strictly_decreasing_in_unit_interval(name, T):
     assert np.all(np.diff(acp) <= 0)
 
 
+@pytest.mark.slow
 @given(name=st.sampled_from(NAMES), T=st.integers(2, 2000))
 def test_posterior_variance_positive_after_first_step(name, T):
     s = make_schedule(name, T)

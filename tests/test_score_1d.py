@@ -17,6 +17,7 @@ from experiments.cli import ConfigError
 pytest.importorskip("matplotlib", reason="the plots need matplotlib (jaxdiff[plots])")
 
 
+@pytest.mark.slow
 def test_score_1d_writes_pngs_and_summary(tmp_path):
     from PIL import Image
 

@@ -27,6 +27,7 @@ def tiny_config():
     return c
 
 
+@pytest.mark.slow
 def test_loss_and_sampler_run_on_the_score_unet():
     c = tiny_config()
     sde, model = score_mnist.build_sde(c), score_mnist.build_score_model(c)
@@ -122,6 +123,7 @@ def _params(workdir):
     return score_mnist.load_run(str(workdir))
 
 
+@pytest.mark.slow
 def test_train_cli_writes_run_and_resumes_exactly(score_runs):
     r = score_runs
     assert (r.full["end_step"], r.full["checkpoint_step"]) == (4, 4)
@@ -171,6 +173,7 @@ def test_train_cli_bad_config_is_one_line_exit_2(tmp_path, capsys, override, mes
     assert err.count("\n") == 1 and not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_eval_cli_numbers_and_counted_nfe(score_runs, tmp_path):
     """eval_score_mnist on the 4-step run: PC and fixed-step ODE rows with their counted NFE
     (PC: steps x (1 predictor + 1 corrector); RK4: 4 per step), the class entropy of the
@@ -223,6 +226,7 @@ def test_eval_cli_errors_before_work(score_runs, tmp_path, capsys):
         assert e.value.code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_ode_bits_per_dim_of_a_gaussian_is_exact():
     """Data N(0, s^2 I) under VE: the exact score -x / (s^2 + sigma(t)^2) makes the flow linear,
     x(T) = x sqrt((s^2 + sigma_max^2) / (s^2 + sigma(eps)^2)), and its Jacobian a multiple of I,

@@ -25,6 +25,8 @@ from experiments.cli import ConfigError  # noqa: E402
 from jaxdiff.pipelines import encode_prompt, generate, load_stable_diffusion  # noqa: E402
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

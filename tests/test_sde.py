@@ -200,6 +200,7 @@ def test_vp_ancestral_predictor_is_jaxdiffs_ddpm_step():
         np.testing.assert_allclose(ours_mean, ref_mean, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reverse_sde_and_probability_flow():
     sde, score = SDES["subvp"], gauss_score(SDES["subvp"])
     x, t = jax.random.normal(jax.random.key(0), (3, 2)), jnp.array([0.1, 0.5, 0.9])
@@ -232,6 +233,7 @@ SAMPLER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kw", SAMPLER_CASES,
                          ids=[f"{n}-{k['predictor']}-{k['corrector']}" for n, k in SAMPLER_CASES])
 def test_pc_samplers_reproduce_gaussian_moments(name, kw):
@@ -251,6 +253,7 @@ def test_probability_flow_ode_reproduces_gaussian_moments(name):
     assert_moments(x0)
 
 
+@pytest.mark.slow
 def test_adaptive_ode_matches_fixed_step_and_encode_inverts_sample():
     sde = SDES["vp"]
     score = mixture_score(sde)
@@ -264,6 +267,7 @@ def test_adaptive_ode_matches_fixed_step_and_encode_inverts_sample():
     np.testing.assert_allclose(z, x_T, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_pc_sample_contract():
     sde = VPSDE(N=25)
     score = gauss_score(sde)
@@ -322,6 +326,7 @@ def mixture_cdf(x):
     return np.sum(W_MIX * stats.norm.cdf((np.asarray(x)[:, None] - MU_MIX) / S_MIX), axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pc", "ode"])
 def test_reverse_process_recovers_a_two_mode_mixture(method):
     sde, n = VPSDE(N=500), 4000
@@ -339,6 +344,7 @@ def test_reverse_process_recovers_a_two_mode_mixture(method):
 # Likelihood
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SDES))
 def test_ode_likelihood_matches_the_exact_gaussian_log_density(name):
     """``log p_T(z) + delta_logp`` vs the exact ``log p_eps(x)``; a Rademacher probe is exact for
@@ -378,6 +384,7 @@ def _divergences(x, probes):
         est, est_vjp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_hutchinson_probes_are_unbiased(kind):
     x = jax.random.normal(jax.random.key(0), (2, 2, 3))
@@ -419,6 +426,7 @@ def _score_apply(sde):
     return lambda params, x_t, t, cond: params * score(x_t, t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ve", "vp"])
 def test_dsm_loss_of_the_exact_score_has_its_closed_form_expectation(name):
     """At the exact score, ``E || s std + z ||^2 = c^2 s^2 / (c^2 s^2 + std^2)`` per dimension."""
@@ -435,6 +443,7 @@ def test_dsm_loss_of_the_exact_score_has_its_closed_form_expectation(name):
     assert abs(float(grad(1.0))) < 0.05 * abs(float(grad(0.5)))
 
 
+@pytest.mark.slow
 def test_likelihood_weighting_eps_loss_and_antithetic_draws():
     sde = SDES["subvp"]
     x0 = jax.random.normal(jax.random.key(0), (8, 3))
@@ -465,6 +474,7 @@ def test_likelihood_weighting_eps_loss_and_antithetic_draws():
         dsm_loss(lambda p, x, t, c: x[:, :1], 0.7, sde, x0, key)
 
 
+@pytest.mark.slow
 def test_importance_sampling_is_unbiased_and_reduces_variance():
     """The likelihood-weighted loss averaged over t: uniform and importance-sampled draws both
     match the quadrature of its closed form, ``int g^2 c^2 s^2 / (std^2 v) dt / (T - eps)``."""
@@ -505,6 +515,7 @@ def host_init(module, *args):
     return jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
 
 
+@pytest.mark.slow
 def test_score_mlp_freezes_its_fourier_features_and_broadcasts_t():
     sde = TutorialVESDE(sigma=25.0)
     net = ScoreMLP(sde=sde, features=(16, 16), embed_dim=8)
@@ -529,6 +540,7 @@ def test_score_mlp_freezes_its_fourier_features_and_broadcasts_t():
         jax.eval_shape(net.apply, {"params": params}, x, jnp.zeros((3,)))
 
 
+@pytest.mark.slow
 def test_score_unet_is_the_unet_over_std_with_float_timesteps():
     from jaxdiff.models import UNet, UNetConfig
 

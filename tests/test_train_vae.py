@@ -54,6 +54,7 @@ def trained(tmp_path_factory, data_dir):
     return workdir, train_vae_mnist.main(_args(workdir, data_dir, 3))
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_metrics_eval_and_grid(trained):
     workdir, summary = trained
     assert summary["end_step"] == 3 and summary["checkpoint_step"] == 3
@@ -72,6 +73,7 @@ def test_train_writes_checkpoint_metrics_eval_and_grid(trained):
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["latent_channels"] == 2
 
 
+@pytest.mark.slow
 def test_resume_is_exact(trained, data_dir, tmp_path):
     """3 steps + 2 resumed == 5 in one go (a constant learning rate: a cosine schedule would
     depend on num_steps)."""
@@ -105,6 +107,7 @@ def test_config_errors_are_one_line_and_write_nothing(tmp_path, data_dir, capsys
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_on_reconstructions(trained, data_dir, tmp_path):
     """With eval.classifier_path, the evaluation reports the classifier's accuracy on the test
     images and on their reconstructions (here a random-init classifier: the numbers are checked

@@ -97,6 +97,7 @@ def test_make_mesh_is_a_1d_data_mesh_over_all_devices():
     assert mesh.axis_types == (AxisType.Auto,)
 
 
+@pytest.mark.slow
 def test_train_step_learns_compiles_once_and_updates_ema():
     state, tx, lr_fn, loss_fn = tiny_setup(lr=3e-3)
     mesh = make_mesh()
@@ -119,6 +120,7 @@ def test_train_step_learns_compiles_once_and_updates_ema():
     assert not np.allclose(e, p) and not np.allclose(e, i)
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_leaves_state_unchanged():
     state, tx, lr_fn, loss_fn = tiny_setup()
     mesh = make_mesh()
@@ -172,6 +174,7 @@ _MULTI = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_virtual_devices_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

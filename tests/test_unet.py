@@ -44,6 +44,7 @@ def _apply_tiny(params, x, t, kw):
     return UNet(TINY).apply({"params": params}, x, t, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(6, 6), (5, 7)])
 def test_shapes_any_spatial_size(tiny_params, size):
     x, t, kw = inputs(size=size)
@@ -52,6 +53,7 @@ def test_shapes_any_spatial_size(tiny_params, size):
     assert np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.slow
 def test_mnist_preset():
     cfg = mnist_unet_config()
     assert cfg.num_classes == 10 and cfg.class_conditioning == "cross_attention"
@@ -93,6 +95,7 @@ def _matmul_operand_dtypes(config, params, x, t, kw) -> list[tuple[str, tuple]]:
     return found
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(tiny_params):
     """bf16 compute, f32 params: every conv and matmul takes bf16 operands; the output is finite,
     within 5% (relative to max |out|) of float32, and not equal to it (error above 1e-4).
@@ -113,6 +116,7 @@ def test_bfloat16_compute_close_to_float32(tiny_params):
     assert 1e-4 < err < 5e-2
 
 
+@pytest.mark.slow
 def test_bfloat16_params_float32_compute(tiny_params):
     """bf16 params, f32 compute: the params are upcast, so the forward equals float32 compute on
     the same (bf16-rounded) values; every conv and matmul runs in float32."""
@@ -127,6 +131,7 @@ def test_bfloat16_params_float32_compute(tiny_params):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_implementation_is_passed_through(tiny_params, monkeypatch):
     """``attention_implementation`` reaches every ``jax.nn.dot_product_attention`` call, and
     ``"xla"`` gives the default's output."""
@@ -292,6 +297,7 @@ def test_config_is_frozen_and_hashable():
         cfg.in_channels = 1
 
 
+@pytest.mark.slow
 def test_init_unet_matches_flax_init_tree_and_distributions():
     shapes = unet_param_shapes(TINY)
     params = init_unet(TINY, jax.random.key(3))
@@ -347,6 +353,7 @@ def test_config_keeps_numpy_scalars_as_python_values():
         TINY, flip_sin_to_cos=False, freq_shift=1.0, mid_block_scale_factor=2.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", [1, 2, 3])
 def test_conv3x3_equals_flax_conv_on_every_path(side):
     """``Conv3x3`` (im2col on the CPU for images of <= 4 pixels, where XLA:CPU's convolution is

@@ -42,6 +42,7 @@ def _max_diff(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(), dict(solver_order=3, solver_type="bh1",
                                                   disable_corrector=(2,)),
                                      dict(solver_order=3, predict_x0=False, spacing="trailing",
@@ -91,6 +92,7 @@ def test_orders_and_corrector_schedule():
     assert not corrects.any()
 
 
+@pytest.mark.slow
 def test_corrector_changes_the_result_and_disable_corrector_selects_steps():
     n = 8
     on = unipc_sample(model, SCHED, x_T(), num_steps=n)
@@ -107,6 +109,7 @@ def test_corrector_changes_the_result_and_disable_corrector_selects_steps():
     assert _max_diff(a[5], b[5]) > 1e-4
 
 
+@pytest.mark.slow
 def test_special_cases_ddim_and_dpm_solver_2m():
     """Without the corrector, UniP-1 is DDIM (DPM-Solver++ order 1) and UniP-2 with bh2 is
     DPM-Solver++(2M) (midpoint): the same update in other words."""
@@ -118,6 +121,7 @@ def test_special_cases_ddim_and_dpm_solver_2m():
         assert _max_diff(uni, dpm) <= 1e-5, (order, n)
 
 
+@pytest.mark.slow
 def test_bf16_model_keeps_a_float32_carry():
     def bf16_model(x, t):
         return model(x, t).astype(jnp.bfloat16)
@@ -131,6 +135,7 @@ def test_bf16_model_keeps_a_float32_carry():
     assert out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_guidance_through_classifier_free_guidance():
     labels = jnp.array([1, 2])
 
@@ -159,6 +164,7 @@ def test_guidance_through_classifier_free_guidance():
     assert len(calls) == 1  # a new scale does not recompile
 
 
+@pytest.mark.slow
 def test_compiles_once_for_new_inputs():
     traces = []
 
@@ -172,6 +178,7 @@ def test_compiles_once_for_new_inputs():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_registry_and_presets():
     s = get_sampler("unipc", solver_order=3, prediction_type="v")
     assert not s.stochastic
@@ -187,6 +194,7 @@ def test_registry_and_presets():
         get_sampler("unipc_bh1", solver_type="bh2")
 
 
+@pytest.mark.slow
 def test_final_step_to_sigma_zero_is_finite():
     """Where diffusers returns NaN / inf (bh1, noise prediction, or a higher-order last step to
     sigma = 0), the last step returns the data prediction."""

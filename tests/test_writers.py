@@ -57,6 +57,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
         w.write_scalars(3, {"loss": 1.0})
 
 
+@pytest.mark.slow
 def test_tensorboard_writer_works_without_torch_or_tensorflow(tmp_path):
     pytest.importorskip("tensorboardX")
     # None in sys.modules makes "import torch" fail, as if PyTorch/TensorFlow were not installed.

@@ -114,6 +114,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_tiny_configs_match_transformers(name):
     kw, with_projection, lengths, masked = CASES[name]

@@ -224,6 +224,7 @@ def test_euler_matches_diffusers(case, monkeypatch):
 LARGE_SIGMA_TOL = (1e-4, 2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, pred, spacing, offset, n, tol", [
     ("scaled_linear", "eps", "linspace", 0, 10, None),
     ("scaled_linear", "v", "leading", 1, 12, None),

@@ -23,6 +23,8 @@ from jaxdiff.samplers import get_sampler  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
 from tests.test_export_diffusers import tiny_parts  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
+
 IMAGE_ATOL = 1e-5  # measured 3.8e-6 (2026-11-30, 2 CPU cores)
 PROMPTS = ["a cat", "the dog of a cat"]
 NEGATIVES = ["", "a dog"]

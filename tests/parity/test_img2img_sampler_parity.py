@@ -113,6 +113,7 @@ def test_tail_matches_diffusers_img2img(cls, extra, prediction_type, strength, m
     np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_strength_one_is_the_full_run_and_errors():
     sched = make_schedule("linear", 100)
     x = jnp.ones((1, 3))

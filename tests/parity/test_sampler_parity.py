@@ -199,6 +199,7 @@ def test_ddim_native_diffusers_schedule(name):
         assert err <= 2e-5, f"step {i} (t={int(t)}): max abs diff {err:.3g} > 2e-5"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0),
                                              ("linspace", 0)])
 @pytest.mark.parametrize("num_train", [1000, 50])

@@ -39,6 +39,8 @@ from jaxdiff.convert.diffusers_scheduler import sampler_from_diffusers_config  #
 from jaxdiff.pipelines import generate, load_stable_diffusion  # noqa: E402
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
+
 IMAGE_ATOL, LATENT_ATOL = 2e-5, 1e-4
 PROMPTS = ["a cat", "the dog of a cat"]
 NEGATIVES = ["", "a dog"]

@@ -74,6 +74,7 @@ def _torch_pc(monkeypatch, x_T, noise, *, n, sigma_min, sigma_max, eps, snr, n_c
     return np.stack([_nhwc(p) for p in path])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, sigma_max, n_c, snr", [(50, 1.0, 1, 0.15), (100, 50.0, 2, 0.16),
                                                      (200, 1348.0, 1, 0.15)])
 def test_pc_trajectory_matches_score_sde_ve_scheduler(monkeypatch, n, sigma_max, n_c, snr):
@@ -136,6 +137,7 @@ def test_single_predictor_step_matches_step_pred(monkeypatch):
                                    atol=TOL)
 
 
+@pytest.mark.slow
 def test_vp_euler_maruyama_trajectory_matches_score_sde_vp_scheduler(monkeypatch):
     """jaxdiff's Euler-Maruyama predictor on the VP SDE (``dt = -1 / N``) against diffusers'
     deprecated ``ScoreSdeVpScheduler.step_pred``, which takes a noise prediction and forms the

@@ -13,6 +13,7 @@ from jaxdiff.samplers.sigmas import (
     train_sigmas,
 )
 from jaxdiff.schedules import make_schedule
+from tests.parity.tolerances import EPS32, ulps, within
 
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear",
                   "cosine": "squaredcos_cap_v2"}
@@ -23,6 +24,56 @@ def _pair(name, **cfg):
     ref = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAME[name],
                                  **BETAS[name], **cfg)
     return ref, make_schedule(name, 1000, **BETAS[name])
+
+
+# Tolerances. diffusers builds ``alphas_cumprod`` in float32 (float32 betas, ``alpha = 1 - beta``,
+# a float32 cumprod), jaxdiff in float64 and rounds once. Per factor: the float32 beta (1/2 ulp of
+# beta, i.e. ``beta / alpha`` halves-ulps of alpha), the subtraction (1/2 ulp) and the product
+# (1/2 ulp); with jaxdiff's final rounding, ``alphas_cumprod[t]`` differs by at most
+# ``EPS32 / 2 * (sum_{s <= t} (3 + beta_s / alpha_s) + 1)`` relative. ``sigma = sqrt((1 - abar)
+# / abar)`` has condition number ``1 / (2 (1 - abar))`` in ``abar`` (the cancellation of ``1 -
+# abar`` near ``abar = 1``, i.e. small t), plus each side's own roundings (``1 - abar``, the
+# division, the square root or ``** 0.5``, the interpolation and the float32 cast: 4 a side).
+def _train_sigma_rtol(sched):
+    """``[T]`` bound on the relative difference of the training sigmas (see above)."""
+    betas = np.asarray(sched.betas, np.float64)
+    abar = np.cumprod(1 - betas)
+    rel_abar = EPS32 / 2 * (np.cumsum(3 + betas / (1 - betas)) + 1)
+    return rel_abar / (2 * (1 - abar)) + ulps(8)
+
+
+def _grid_bounds(sched, grid, spaced, sigma_schedule, final):
+    """Per-entry bounds ``(sigma rtol [N + 1], timestep atol [N])`` for ``grid``, whose discrete
+    form sits at the float32 timesteps ``spaced [N]``. Discrete sigmas interpolate two training
+    sigmas (the larger bound of the two). Karras, exponential and beta sigmas are monotone maps of
+    the end points ``sigma_max, sigma_min`` (the discrete grid's first and last sigmas), whose
+    relative errors they pass on at most summed: for Karras and exponential ``d log sigma_i`` is a
+    convex combination of ``d log sigma_min`` and ``d log sigma_max``; for beta, ``sigma_i = lo + p
+    (hi - lo)`` gives ``|d sigma_i| / sigma_i <= |d lo| / lo + |d hi| / hi``; plus the float32 cast
+    of a float64 grid (``ulps(2)``). Timesteps: a discrete grid's are the same float32 numbers on
+    both sides (two roundings of a value < T); the others come from ``sigma_to_t``, which divides
+    the differences of ``log sigma_i`` and of the two bracketing ``log train_sigmas`` by their
+    spacing ``log sigma_{k+1} - log sigma_k``."""
+    rel_train = _train_sigma_rtol(sched)
+    T = len(rel_train)
+
+    def at(ts):  # the bound of the training sigmas interpolated at (fractional) ``ts``
+        lo = np.clip(np.floor(ts).astype(int), 0, T - 2)
+        return np.maximum(rel_train[lo], rel_train[lo + 1]), lo
+
+    if sigma_schedule == "discrete":
+        rel, _ = at(np.asarray(spaced, np.float64))
+        t_atol = np.full(len(rel), ulps(2, T))
+    else:
+        ends, _ = at(np.asarray(spaced, np.float64)[[0, -1]])
+        ts = np.asarray(grid.timesteps, np.float64)
+        rel = np.full(len(ts), ends.sum() + ulps(2))
+        _, lo = at(ts)
+        log_train = np.log(np.asarray(sched.sqrt_recipm1_alphas_cumprod, np.float64))
+        t_atol = (rel + rel_train[lo] + rel_train[lo + 1]) / (log_train[lo + 1] - log_train[lo])
+        t_atol += ulps(2, T)
+    last = rel_train[0] if final == "sigma_min" else 0.0
+    return np.concatenate([rel, [last]]), t_atol
 
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
@@ -37,29 +88,27 @@ def test_sigma_grid_matches_euler_set_timesteps(name, spacing, offset, sigma_sch
     ref.set_timesteps(n)
     grid = sigma_grid(sched, n, spacing=spacing, steps_offset=offset,
                       sigma_schedule=sigma_schedule, final_sigmas_type=final)
-    # sigmas span 1e-2 .. 2e4; diffusers computes alphas_cumprod by a float32 cumprod, jaxdiff in
-    # float64 then rounds, so they differ by an ulp of abar near 1, where sigma = sqrt(1/abar - 1)
-    # cancels: measured 1.4e-4 relative at t = 1 (leading, offset 1, linear), which the Karras
-    # and exponential grids spread to 8.4e-5 relative over their whole range; 6.5e-6 relative at
-    # the cosine schedule's sigma_max; at most 2e-6 relative elsewhere.
-    small_t = spacing == "leading" and sigma_schedule in ("karras", "exponential")
-    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=1e-4 if small_t else 2e-5,
-                               atol=5e-6)
-    # Timesteps follow the sigmas (up to 0.0135 where the sigmas differ by 8.4e-5, above).
-    np.testing.assert_allclose(grid.timesteps, ref.timesteps.numpy(), rtol=0,
-                               atol=2e-2 if small_t else 2e-3)
+    # sigmas span 1e-2 .. 2e4, from two roundings of alphas_cumprod: bounds in _grid_bounds.
+    spaced = np.asarray(sigma_grid(sched, n, spacing=spacing, steps_offset=offset).timesteps)
+    rel, t_atol = _grid_bounds(sched, grid, spaced, sigma_schedule, final)
+    want = ref.sigmas.numpy().astype(np.float64)
+    within(np.abs(grid.sigmas - want), rel * want, "sigmas")
+    within(np.abs(grid.timesteps - ref.timesteps.numpy()), t_atol, "timesteps")
     assert grid.prev_timesteps[-1] == -1
-    np.testing.assert_allclose(init_noise_sigma(grid, spacing), float(ref.init_noise_sigma),
-                               rtol=2e-5)
+    # init_noise_sigma: sigma_max, or sqrt(sigma_max^2 + 1) (no larger relative error)
+    within(abs(init_noise_sigma(grid, spacing) - float(ref.init_noise_sigma)),
+           (rel[0] + ulps(4)) * float(ref.init_noise_sigma), "init_noise_sigma")
 
 
 def test_sigma_to_t_inverts_the_training_sigmas():
     sched = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
     s = train_sigmas(sched)
     t = sigma_to_t(s[[0, 10, 500, 999]], np.log(s))
-    np.testing.assert_allclose(t, [0, 10, 500, 999], atol=1e-6)
+    # float64 throughout: a few roundings of values < T = 1000
+    atol = 64 * np.finfo(np.float64).eps * 1000
+    np.testing.assert_allclose(t, [0, 10, 500, 999], rtol=0, atol=atol)
     mid = sigma_to_t(np.sqrt(s[10] * s[11]), np.log(s))  # the log-midpoint
-    np.testing.assert_allclose(mid, 10.5, atol=1e-6)
+    np.testing.assert_allclose(mid, 10.5, rtol=0, atol=atol)
 
 
 def test_scale_model_input_matches_diffusers():
@@ -71,8 +120,10 @@ def test_scale_model_input_matches_diffusers():
     t = ref.timesteps[3]
     want = ref.scale_model_input(torch.from_numpy(x), t).numpy()
     grid = sigma_grid(sched, 10)
+    # x / sqrt(sigma^2 + 1): 3 roundings a side, and sigma's own bound (_grid_bounds)
+    rel, _ = _grid_bounds(sched, grid, grid.timesteps, "discrete", "zero")
     np.testing.assert_allclose(np.asarray(scale_model_input(x, grid.sigmas[3])), want,
-                               rtol=1e-6, atol=1e-7)
+                               rtol=rel[3] + ulps(6), atol=0)
 
 
 @pytest.mark.parametrize("kw, match", [

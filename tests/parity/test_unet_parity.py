@@ -90,11 +90,13 @@ def compare(model, *, batch=4, size=(8, 8), t=None, labels=False, context_len=No
     return err
 
 
+@pytest.mark.slow
 def test_unet2d_attention_class_embeddings():
     """Self-attention down/mid/up blocks, class embeddings, two resnets per level."""
     assert compare(tiny_unet2d(layers_per_block=2), labels=True) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_unet2d_time_embedding_options():
     """DDPM-style sinusoid (sin first, divisor ``half - 1``), float timesteps, and the other
     UNet2DModel knobs (mid-block scale factor, one head, time-embedding width, centring)."""
@@ -108,6 +110,7 @@ def test_unet2d_time_embedding_options():
     assert compare(model, t=t) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_unet2d_condition_cross_attention_odd_size():
     """Three levels, heads per level, and 10x7 images: 10 -> 5 -> 3 and back, where diffusers
     forwards the skip connection's size to the upsampler."""
@@ -120,6 +123,7 @@ def test_unet2d_condition_cross_attention_odd_size():
     assert compare(model, size=(10, 7), context_len=5) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_unet2d_condition_linear_projection_classes_depth():
     """Linear proj_in/out, class embeddings, two transformer blocks, per-level resnet counts,
     the attention-free mid block."""

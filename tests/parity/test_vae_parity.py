@@ -26,6 +26,8 @@ from jaxdiff.convert import convert_vae_state_dict, vae_from_diffusers
 from jaxdiff.models import tiled_decode, tiled_encode
 from tests.parity.test_unet_parity import randomize, rel_err
 
+pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
+
 REL_TOL = 1e-4
 
 

@@ -1,0 +1,137 @@
+"""Parity tolerances, derived from float32 arithmetic rather than measured: the one home of the
+error model that every comparison in tests/parity states its bound with.
+
+Why. jaxdiff (XLA) and the PyTorch references compute the same formulas in float32, but round
+differently: other vector widths (AVX2, AVX-512, AMX), fused multiply-adds, summation orders in
+matmuls and convolutions (oneDNN / MKL blocking vs XLA's), other exp / log / tanh / sin
+approximations. Those choices differ between CPUs, so a bound set just above what one machine
+measured fails on the next (issue 24: 1.049e-5 against 1e-5 on an Intel Sapphire Rapids host). A
+bound here is instead an upper estimate of how far two float32 implementations of the formula can
+drift apart, from the magnitude of the values, the number of operations and the number of steps;
+it holds on any IEEE float32 machine. Each test states its use of these helpers next to the
+comparison; the ratio error / bound of every comparison is printed by
+``pytest tests/parity/<file> -n 0 --parity-ratios=FILE`` (see tests/conftest.py), and should stay
+well below 1 (about 1/3 or less on the machine that ran the suite last).
+
+The model.
+
+- ``EPS32 = 2**-23`` is one ulp of 1.0. An IEEE operation (+ - * / sqrt, fma) rounds to nearest:
+  relative error <= EPS32 / 2. Library functions (exp, log, tanh, sin, cos, pow) are not correctly
+  rounded: XLA's and torch's (SLEEF, MKL, glibc) err by up to about 2 ulp. Two implementations
+  each round, so their results differ by at most the sum of both sides' errors.
+- Elementwise formulas (schedules, sigma grids, one sampler update): ``k`` roundings per side of
+  values up to ``scale`` give ``|diff| <= ulps(2 k, scale)`` or less; where the formula subtracts
+  nearly equal numbers or divides by a small one, the bound is multiplied by that operation's
+  condition number (``|a| / |a - b|``, ``1 / |b|``), computed from the values, and the test says so.
+- Trajectories (samplers, ``trajectory_atol``): a sampler step is a model evaluation (the tests'
+  analytic stand-ins: about 12 roundings, ``sqrt``, ``tanh`` and ``cos`` included) and an update
+  (about 4-10 roundings, ``exp`` / ``expm1`` in the exponential integrators, the multistep history
+  combination): about 16 roundings of at most 1 ulp of the step's largest operand on each side, so
+  ``STEP_ULPS = 32`` ulps per step for the two sides together. The stand-ins are (nearly) the exact
+  denoiser of Gaussian data, whose probability-flow maps contract (the marginal std shrinks towards
+  the data's), so an error made at one step is carried to the end with a factor <= 1 and the
+  errors of ``N`` steps add at most linearly: ``STEP_ULPS * EPS32 * scale * N``. A step that
+  divides an O(1) rounding by a small number (an eps model's ``x0 = (x - sigma eps) / alpha``, a
+  division by ``sigma_{i+1}``) or multiplies the state by a growth factor carries that factor as
+  ``gain``, evaluated from the grid by the test.
+- Networks (``network_rtol``, relative to ``max |reference|``): each layer is a sum over its
+  ``fan_in`` inputs, which the two sides evaluate in different orders. The rounding errors of a
+  sum of ``n`` terms (each <= ``EPS32 / 2`` of a partial sum, of random sign) add up to about
+  ``sqrt(n) EPS32 / 2`` of its magnitude (the probabilistic bound of Higham and Mary, "A New
+  Approach to Probabilistic Rounding Error Analysis", SIAM J. Sci. Comput. 2019); for both sides
+  ``sqrt(fan_in) EPS32``. Normalisation layers keep activations O(1), so relative errors of
+  successive layers add: over ``depth`` layers ``depth sqrt(fan_in) EPS32``. ``depth`` counts every
+  ``Conv2d`` and ``Linear`` layer of the model (:func:`torch_layers`), parallel branches
+  included, which over-counts the longest path by more than the attention products it leaves out;
+  and the layers' independent errors add in quadrature, not linearly, so the sum is a bound on the
+  largest output, not only a typical one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+EPS32 = 2.0**-23  # one ulp of 1.0 in float32 (np.finfo(np.float32).eps)
+STEP_ULPS = 32  # one sampler step, both sides: ~16 roundings of <= 1 ulp each (module docstring)
+
+# The comparisons made during the current test: (what, error / bound). tests/parity/conftest.py
+# empties it before each test and reports it afterwards (``--parity-ratios``).
+RECORDS: list[tuple[str, float]] = []
+
+
+def ulps(n: float, scale=1.0):
+    """``n`` float32 ulps of a value of magnitude ``scale``: ``n * EPS32 * scale`` (``scale`` may
+    be an array, for elementwise bounds)."""
+    return n * EPS32 * np.asarray(scale, np.float64)
+
+
+def trajectory_atol(num_steps: int, scale=1.0, gain=1.0) -> float:
+    """The bound on ``|jaxdiff - reference|`` along a float32 sampling trajectory of
+    ``num_steps`` steps whose values are at most ``scale`` in magnitude (take the largest
+    ``|x|`` of the compared trajectory, ``x_T`` included): ``STEP_ULPS * EPS32 * scale *
+    num_steps * gain``, with ``gain`` >= 1 the largest amplification of one step's rounding that
+    the test states (module docstring)."""
+    return float(STEP_ULPS * EPS32 * float(scale) * num_steps * float(gain))
+
+
+def network_rtol(depth: int, fan_in: int) -> float:
+    """The bound on ``max |jaxdiff - reference| / max |reference|`` for a float32 network of
+    ``depth`` layers whose widest sum has ``fan_in`` terms: ``depth * sqrt(fan_in) * EPS32``
+    (module docstring)."""
+    return float(depth * math.sqrt(fan_in) * EPS32)
+
+
+def torch_layers(*modules) -> tuple[int, int]:
+    """``(depth, fan_in)`` of torch modules for :func:`network_rtol`: the number of ``Conv2d`` and
+    ``Linear`` layers in all of them, and the largest number of inputs one output sums over
+    (``in_channels / groups * kh * kw`` or ``in_features``)."""
+    import torch
+
+    depth, fan_in = 0, 1
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                depth += 1
+                kh, kw = m.kernel_size
+                fan_in = max(fan_in, m.in_channels // m.groups * kh * kw)
+            elif isinstance(m, torch.nn.Linear):
+                depth += 1
+                fan_in = max(fan_in, m.in_features)
+    return depth, fan_in
+
+
+def within(err, bound, what: str = "") -> float:
+    """Asserts ``err <= bound`` (elementwise where either is an array), records the largest
+    ``err / bound`` for the current test (``--parity-ratios``) and returns it."""
+    err, bound = np.broadcast_arrays(np.asarray(err, np.float64), np.asarray(bound, np.float64))
+    assert np.isfinite(err).all(), f"{what}: non-finite error {err}"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(err == 0, 0.0, err / bound)
+    worst = int(np.argmax(ratios)) if ratios.size else 0
+    ratio = float(ratios.reshape(-1)[worst]) if ratios.size else 0.0
+    RECORDS.append((what, ratio))
+    assert ratio <= 1.0, (f"{what}: error {err.reshape(-1)[worst]:.3g} > bound "
+                          f"{bound.reshape(-1)[worst]:.3g} (entry {worst}; ratio {ratio:.3g})")
+    return ratio
+
+
+def allclose_ratio(actual, desired, rtol=1e-7, atol=0.0) -> float:
+    """``max |actual - desired| / (atol + rtol |desired|)``: how much of ``numpy.testing.
+    assert_allclose``'s tolerance a comparison uses (0 where both are equal, inf where the
+    tolerance is 0 and they differ)."""
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    diff = np.abs(actual - desired)
+    tol = atol + rtol * np.abs(desired)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(diff == 0, 0.0, diff / tol)
+    ratios = ratios[~(np.isnan(actual) & np.isnan(desired))]  # NaN == NaN, as assert_allclose
+    return float(ratios.max()) if ratios.size else 0.0
+
+
+def current_test() -> str:
+    """The node id of the running test (pytest sets ``PYTEST_CURRENT_TEST``)."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
