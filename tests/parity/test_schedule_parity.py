@@ -1,7 +1,9 @@
 """Schedules and the forward process against diffusers' DDPMScheduler (the PyTorch reference).
 
-Tolerance: max abs difference <= 1e-5 in float32 (diffusers builds its schedules in float32 torch;
-jaxdiff builds them in float64 and casts, so the two differ by float32 rounding, ~1e-7 measured).
+Tolerances: diffusers builds its schedules in float32 torch, jaxdiff in float64 and rounds once;
+every bound is per entry, derived in tests/parity/tolerances.py (``float32_betas_atol``,
+``float32_cumprod_rtol``, ``zero_snr_bounds``) and below from the roundings of diffusers' float32
+formulas and the condition numbers of the quantities compared.
 """
 
 import jax.numpy as jnp
@@ -11,9 +13,17 @@ import torch
 from diffusers import DDPMScheduler
 
 from jaxdiff import diffusion as D
-from jaxdiff.schedules import make_schedule
+from jaxdiff.schedules import BETA_SCHEDULES, make_schedule
+from tests.parity.tolerances import (
+    EPS32,
+    float32_alpha_rtol,
+    float32_betas_atol,
+    float32_cumprod_rtol,
+    ulps,
+    within,
+    zero_snr_bounds,
+)
 
-TOL = 1e-5
 DIFFUSERS_NAME = {
     "linear": "linear",
     "scaled_linear": "scaled_linear",
@@ -41,12 +51,29 @@ def _pair(name, T, zsnr, kw):
     return ref, ours
 
 
+def _betas64(name, T, kw):
+    """jaxdiff's float64 betas (before any zero-SNR rescale) and diffusers' float32 bound."""
+    betas = BETA_SCHEDULES[name](T, **kw)
+    return betas, float32_betas_atol(betas, DIFFUSERS_NAME[name])
+
+
+def _diff(ours, ref):
+    return np.abs(np.asarray(ours, np.float64) - ref.numpy().astype(np.float64))
+
+
 @pytest.mark.parametrize("name, T, zsnr, kw", CASES)
 def test_betas_and_alphas_cumprod(name, T, zsnr, kw):
     ref, ours = _pair(name, T, zsnr, kw)
-    assert np.abs(np.asarray(ours.betas) - ref.betas.numpy()).max() <= TOL
-    assert np.abs(np.asarray(ours.alphas) - ref.alphas.numpy()).max() <= TOL
-    assert np.abs(np.asarray(ours.alphas_cumprod) - ref.alphas_cumprod.numpy()).max() <= TOL
+    betas, atol = _betas64(name, T, kw)
+    if zsnr:
+        beta_bound, abar_bound = zero_snr_bounds(betas, atol)
+    else:  # + jaxdiff's rounding of each stored entry
+        beta_bound = atol + ulps(1, betas)
+        abar_bound = np.cumprod(1 - betas) * float32_cumprod_rtol(betas, atol)
+    within(_diff(ours.betas, ref.betas), beta_bound, "betas")
+    # alpha = 1 - beta: one more rounding (of a value <= 1) on either side
+    within(_diff(ours.alphas, ref.alphas), beta_bound + ulps(2), "alphas")
+    within(_diff(ours.alphas_cumprod, ref.alphas_cumprod), abar_bound, "alphas_cumprod")
 
 
 @pytest.mark.parametrize("name", list(DIFFUSERS_NAME))
@@ -66,8 +93,17 @@ def test_q_sample_and_velocity_vs_add_noise(name, kind):
                                     torch.from_numpy(t))
         got = D.velocity(ours, jnp.asarray(x0.transpose(0, 2, 3, 1)), jnp.asarray(t),
                          jnp.asarray(noise.transpose(0, 2, 3, 1)))
-    diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - expected.numpy()).max()
-    assert diff <= TOL, diff
+    # diffusers' float32 alphas_cumprod differs by rel (float32_cumprod_rtol); sqrt(abar) by rel / 2
+    # of itself, sqrt(1 - abar) by abar rel / (2 (1 - abar)) of 1 (the cancellation near t = 0);
+    # then about 6 roundings a side (two square roots, 1 - abar, two products, the sum) of values
+    # up to m = max(|x0|, |noise|).
+    betas, atol = _betas64(name, 1000, {})
+    a = np.cumprod(1 - betas)[t]
+    rel = float32_cumprod_rtol(betas, atol)[t]
+    m = max(np.abs(x0).max(), np.abs(noise).max())
+    bound = m * (np.sqrt(a) * rel / 2 + a * rel / (2 * np.sqrt(1 - a)) + ulps(12))
+    diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - expected.numpy())
+    within(diff.reshape(len(t), -1).max(axis=1), bound, kind)
 
 
 # --------------------------------------------------------------------------- the posterior
@@ -79,15 +115,10 @@ def test_q_sample_and_velocity_vs_add_noise(name, kind):
 # variance only; jaxdiff's clipped log-variance at t = 0 (that of t = 1, Ho et al. 2020) has no
 # diffusers counterpart and is compared for t >= 1.
 #
-# Tolerances. diffusers keeps alphas_cumprod in float32 and forms beta_t = 1 - abar_t / abar_{t-1}
-# by cancellation, so its coefficients carry a relative error of order eps32 / beta_t (up to
-# 2e-4 absolute at t <= 8 on these schedules). Two comparisons therefore:
-# - POSTERIOR_ATOL = 1e-6 absolute against diffusers' own formulas run on float64
-#   alphas_cumprod (cumprod of its float32 betas): only float32 storage differs (~2e-7 seen);
-# - against diffusers exactly as it ships (float32): 1e-6 + 2 * eps32 / beta_t absolute, the
-#   cancellation bound above (the largest gap seen is 0.27 eps32 / beta_t + 2e-7).
-POSTERIOR_ATOL = 1e-6
-EPS32 = float(np.finfo(np.float32).eps)
+# Tolerances (``_posterior_rtol``). Two references: diffusers' own formulas run on float64
+# alphas_cumprod (the cumprod of its float32 betas), where only the betas' float32 rounding and
+# jaxdiff's storage differ; and diffusers exactly as it ships (float32), which forms
+# beta_t = 1 - abar_t / abar_{t-1} by cancellation: a relative error of order eps32 / beta_t.
 POSTERIOR_CASES = [(name, T) for name in ("linear", "scaled_linear", "cosine") for T in (1000, 37)]
 
 
@@ -114,9 +145,41 @@ def _posterior_reference(name, T, precision, monkeypatch):
 
 
 def _assert_close(name, got, want, atol):
-    gap = np.abs(np.asarray(got, np.float64) - want) - atol
-    assert (gap <= 0).all(), (f"{name}: worst entry (flat index) {int(gap.argmax())}, |diff| "
-                              f"exceeds its tolerance by {gap.max():.2e}")
+    within(np.abs(np.asarray(got, np.float64) - want), atol, name)
+
+
+def _posterior_rtol(name, T, precision):
+    """Relative bounds ``(variance, coef1, coef2) [T]`` of jaxdiff's posterior against diffusers'
+    (see above), to first order in the roundings, with ``u = EPS32`` a rounding:
+
+    - ``abar_t`` errs by ``A_t = sum_{s <= t} e_s`` relative (the factors' errors,
+      ``float32_alpha_rtol``; float32: + u for its storage), so ``1 - abar_t`` by
+      ``abar_t A_t / (1 - abar_t)`` (``abar_{-1} = 1`` is exact);
+    - ``beta_t``: float64, the float32 beta's own error; float32, ``1 - abar_t / abar_{t-1}``:
+      the ratio errs by ``e_t + 3 u`` (its factors' shared errors cancel but for ``e_t``; two
+      storage roundings and the division), which the subtraction turns into ``(alpha_t (e_t +
+      3 u) + u) / beta_t`` relative; likewise ``alpha_t`` by ``e_t + 3 u``;
+    - ``variance = beta_t (1 - abar_{t-1}) / (1 - abar_t)``, ``coef1 = beta_t sqrt(abar_{t-1})
+      / (1 - abar_t)``, ``coef2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)``: the relative
+      errors of the factors add (a square root halves its argument's), plus 4 u for each side's
+      remaining operations and jaxdiff's storage."""
+    u = EPS32
+    betas, atol = _betas64(name, T, {})
+    e = float32_alpha_rtol(betas, atol)
+    abar = np.cumprod(1 - betas)
+    A = np.cumsum(e) + (u if precision == "float32" else 0.0)
+    one_minus = abar * A / (1 - abar)
+    one_minus_prev = np.concatenate([[0.0], one_minus[:-1]])
+    A_prev = np.concatenate([[0.0], A[:-1]])
+    if precision == "float64":
+        beta_rel, alpha_rel = atol / betas, atol / (1 - betas)
+    else:
+        beta_rel = ((1 - betas) * (e + 3 * u) + u) / betas
+        alpha_rel = e + 3 * u
+    var = beta_rel + one_minus_prev + one_minus + 8 * u
+    coef1 = beta_rel + A_prev / 2 + one_minus + 8 * u
+    coef2 = one_minus_prev + alpha_rel / 2 + one_minus + 8 * u
+    return var, coef1, coef2
 
 
 @pytest.mark.parametrize("name, T", POSTERIOR_CASES)
@@ -124,16 +187,17 @@ def _assert_close(name, got, want, atol):
 def test_posterior_variance_and_mean_coefficients(name, T, precision, monkeypatch):
     var, coef1, coef2 = _posterior_reference(name, T, precision, monkeypatch)
     ours = make_schedule(name, T)
-    atol = POSTERIOR_ATOL
-    if precision == "float32":
-        atol = POSTERIOR_ATOL + 2 * EPS32 / np.asarray(ours.betas, np.float64)
-    _assert_close("posterior_variance", ours.posterior_variance, var, POSTERIOR_ATOL)
-    _assert_close("posterior_mean_coef1", ours.posterior_mean_coef1, coef1, atol)
-    _assert_close("posterior_mean_coef2", ours.posterior_mean_coef2, coef2, atol)
-    # log variance: an absolute gap in log is a relative gap in the variance (float64: ~3e-7 seen)
-    log_atol = 1e-5 if precision == "float64" else 1e-5 + 2 * EPS32 / np.asarray(ours.betas)[1:]
+    var_rel, coef1_rel, coef2_rel = _posterior_rtol(name, T, precision)
+    # diffusers clamps the variance (0 at t = 0) to at least 1e-20: compared with the same clamp
+    _assert_close("posterior_variance", np.maximum(ours.posterior_variance, 1e-20), var,
+                  var_rel * var)
+    _assert_close("posterior_mean_coef1", ours.posterior_mean_coef1, coef1,
+                  coef1_rel * np.abs(coef1))
+    _assert_close("posterior_mean_coef2", ours.posterior_mean_coef2, coef2,
+                  coef2_rel * np.abs(coef2))
+    # log variance: an absolute gap in log is a relative gap in the variance, + the float32 log
     _assert_close("posterior_log_variance_clipped[1:]", ours.posterior_log_variance_clipped[1:],
-                  np.log(var[1:]), log_atol)
+                  np.log(var[1:]), var_rel[1:] + ulps(1, np.abs(np.log(var[1:]))))
 
 
 @pytest.mark.parametrize("name, T", POSTERIOR_CASES)
@@ -156,9 +220,16 @@ def test_q_posterior_mean_variance_vs_step(name, T, monkeypatch):
     mean, var, _ = D.q_posterior_mean_variance(ours, jnp.asarray(x0), jnp.asarray(x_t),
                                                jnp.asarray(t))
     assert var.shape == (len(t), 1, 1, 1)
+    var_rel, coef1_rel, coef2_rel = _posterior_rtol(name, T, "float64")
     for i, ti in enumerate(t):
         want = ref.step(torch.from_numpy(x0[i]).double(), int(ti),
                         torch.from_numpy(x_t[i]).double()).prev_sample.numpy()
-        _assert_close(f"mean at t={ti}", mean[i], want, 1e-5)
+        # coef1 x0 + coef2 x_t: the coefficients' bounds, then a product each and the sum (float32)
+        c1, c2 = float(ours.posterior_mean_coef1[ti]), float(ours.posterior_mean_coef2[ti])
+        terms = np.abs(c1 * x0[i]) + np.abs(c2 * x_t[i])
+        bound = (coef1_rel[ti] * np.abs(c1 * x0[i]) + coef2_rel[ti] * np.abs(c2 * x_t[i])
+                 + ulps(3, terms.max()))
+        _assert_close(f"mean at t={ti}", mean[i], want, bound)
         want_var = float(ref._get_variance(int(ti), variance_type="fixed_small"))
-        _assert_close(f"variance at t={ti}", var[i, 0, 0, 0], want_var, POSTERIOR_ATOL)
+        _assert_close(f"variance at t={ti}", max(float(var[i, 0, 0, 0]), 1e-20), want_var,
+                      var_rel[ti] * want_var)  # diffusers' 1e-20 clamp, as above

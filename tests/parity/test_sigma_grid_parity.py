@@ -12,8 +12,13 @@ from jaxdiff.samplers.sigmas import (
     sigma_to_t,
     train_sigmas,
 )
-from jaxdiff.schedules import make_schedule
-from tests.parity.tolerances import EPS32, ulps, within
+from jaxdiff.schedules import BETA_SCHEDULES, make_schedule
+from tests.parity.tolerances import (
+    float32_betas_atol,
+    float32_cumprod_rtol,
+    ulps,
+    within,
+)
 
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear",
                   "cosine": "squaredcos_cap_v2"}
@@ -26,23 +31,21 @@ def _pair(name, **cfg):
     return ref, make_schedule(name, 1000, **BETAS[name])
 
 
-# Tolerances. diffusers builds ``alphas_cumprod`` in float32 (float32 betas, ``alpha = 1 - beta``,
-# a float32 cumprod), jaxdiff in float64 and rounds once. Per factor: the float32 beta (1/2 ulp of
-# beta, i.e. ``beta / alpha`` halves-ulps of alpha), the subtraction (1/2 ulp) and the product
-# (1/2 ulp); with jaxdiff's final rounding, ``alphas_cumprod[t]`` differs by at most
-# ``EPS32 / 2 * (sum_{s <= t} (3 + beta_s / alpha_s) + 1)`` relative. ``sigma = sqrt((1 - abar)
-# / abar)`` has condition number ``1 / (2 (1 - abar))`` in ``abar`` (the cancellation of ``1 -
-# abar`` near ``abar = 1``, i.e. small t), plus each side's own roundings (``1 - abar``, the
-# division, the square root or ``** 0.5``, the interpolation and the float32 cast: 4 a side).
-def _train_sigma_rtol(sched):
+# Tolerances. diffusers builds ``alphas_cumprod`` in float32 (float32 betas, a float32 cumprod),
+# jaxdiff in float64 and rounds once: relative bound ``float32_cumprod_rtol`` (tolerances.py).
+# ``sigma = sqrt((1 - abar) / abar)`` has condition number ``1 / (2 (1 - abar))`` in ``abar`` (the
+# cancellation of ``1 - abar`` near ``abar = 1``, i.e. small t), plus each side's own roundings
+# (``1 - abar``, the division, the square root or ``** 0.5``, the interpolation and the float32
+# cast: 4 a side).
+def _train_sigma_rtol(sched, name):
     """``[T]`` bound on the relative difference of the training sigmas (see above)."""
-    betas = np.asarray(sched.betas, np.float64)
+    betas = np.asarray(BETA_SCHEDULES[name](1000, **BETAS[name]), np.float64)
     abar = np.cumprod(1 - betas)
-    rel_abar = EPS32 / 2 * (np.cumsum(3 + betas / (1 - betas)) + 1)
+    rel_abar = float32_cumprod_rtol(betas, float32_betas_atol(betas, DIFFUSERS_NAME[name]))
     return rel_abar / (2 * (1 - abar)) + ulps(8)
 
 
-def _grid_bounds(sched, grid, spaced, sigma_schedule, final):
+def _grid_bounds(name, sched, grid, spaced, sigma_schedule, final):
     """Per-entry bounds ``(sigma rtol [N + 1], timestep atol [N])`` for ``grid``, whose discrete
     form sits at the float32 timesteps ``spaced [N]``. Discrete sigmas interpolate two training
     sigmas (the larger bound of the two). Karras, exponential and beta sigmas are monotone maps of
@@ -54,7 +57,7 @@ def _grid_bounds(sched, grid, spaced, sigma_schedule, final):
     both sides (two roundings of a value < T); the others come from ``sigma_to_t``, which divides
     the differences of ``log sigma_i`` and of the two bracketing ``log train_sigmas`` by their
     spacing ``log sigma_{k+1} - log sigma_k``."""
-    rel_train = _train_sigma_rtol(sched)
+    rel_train = _train_sigma_rtol(sched, name)
     T = len(rel_train)
 
     def at(ts):  # the bound of the training sigmas interpolated at (fractional) ``ts``
@@ -90,7 +93,7 @@ def test_sigma_grid_matches_euler_set_timesteps(name, spacing, offset, sigma_sch
                       sigma_schedule=sigma_schedule, final_sigmas_type=final)
     # sigmas span 1e-2 .. 2e4, from two roundings of alphas_cumprod: bounds in _grid_bounds.
     spaced = np.asarray(sigma_grid(sched, n, spacing=spacing, steps_offset=offset).timesteps)
-    rel, t_atol = _grid_bounds(sched, grid, spaced, sigma_schedule, final)
+    rel, t_atol = _grid_bounds(name, sched, grid, spaced, sigma_schedule, final)
     want = ref.sigmas.numpy().astype(np.float64)
     within(np.abs(grid.sigmas - want), rel * want, "sigmas")
     within(np.abs(grid.timesteps - ref.timesteps.numpy()), t_atol, "timesteps")
@@ -121,7 +124,7 @@ def test_scale_model_input_matches_diffusers():
     want = ref.scale_model_input(torch.from_numpy(x), t).numpy()
     grid = sigma_grid(sched, 10)
     # x / sqrt(sigma^2 + 1): 3 roundings a side, and sigma's own bound (_grid_bounds)
-    rel, _ = _grid_bounds(sched, grid, grid.timesteps, "discrete", "zero")
+    rel, _ = _grid_bounds("linear", sched, grid, grid.timesteps, "discrete", "zero")
     np.testing.assert_allclose(np.asarray(scale_model_input(x, grid.sigmas[3])), want,
                                rtol=rel[3] + ulps(6), atol=0)
 

@@ -17,12 +17,15 @@ The model.
 
 - ``EPS32 = 2**-23`` is one ulp of 1.0. An IEEE operation (+ - * / sqrt, fma) rounds to nearest:
   relative error <= EPS32 / 2. Library functions (exp, log, tanh, sin, cos, pow) are not correctly
-  rounded: XLA's and torch's (SLEEF, MKL, glibc) err by up to about 2 ulp. Two implementations
+  rounded: XLA's and torch's (SLEEF, MKL, glibc) err by up to about 1-2 ulp. Two implementations
   each round, so their results differ by at most the sum of both sides' errors.
+- The margin: every rounding is counted as a full ulp of its largest operand (``EPS32``
+  relative), twice round-to-nearest's worst case; library functions as 2 ulps. This factor, not a
+  measurement, is what keeps a comparison that hits the worst case at about half its bound.
 - Elementwise formulas (schedules, sigma grids, one sampler update): ``k`` roundings per side of
-  values up to ``scale`` give ``|diff| <= ulps(2 k, scale)`` or less; where the formula subtracts
-  nearly equal numbers or divides by a small one, the bound is multiplied by that operation's
-  condition number (``|a| / |a - b|``, ``1 / |b|``), computed from the values, and the test says so.
+  values up to ``scale`` give ``|diff| <= ulps(2 k, scale)``; where the formula subtracts nearly
+  equal numbers or divides by a small one, the bound is multiplied by that operation's condition
+  number (``|a| / |a - b|``, ``1 / |b|``), computed from the values, and the test says so.
 - Trajectories (samplers, ``trajectory_atol``): a sampler step is a model evaluation (the tests'
   analytic stand-ins: about 12 roundings, ``sqrt``, ``tanh`` and ``cos`` included) and an update
   (about 4-10 roundings, ``exp`` / ``expm1`` in the exponential integrators, the multistep history
@@ -101,6 +104,79 @@ def torch_layers(*modules) -> tuple[int, int]:
                 depth += 1
                 fan_in = max(fan_in, m.in_features)
     return depth, fan_in
+
+
+# --------------------------------------------------------------------------- schedules
+#
+# diffusers builds a schedule in float32 torch: float32 betas, ``alpha = 1 - beta``, a cumprod;
+# jaxdiff builds it in float64 and rounds each stored quantity once. The bounds below treat
+# jaxdiff's float64 values as exact and follow diffusers' roundings to first order.
+
+
+def float32_betas_atol(betas, beta_schedule: str):
+    """``[T]`` bound on ``|beta_t(diffusers, float32) - beta_t|``. ``"squaredcos_cap_v2"`` (and
+    ``trained_betas``): a float64 computation rounded once, ``ulps(1, beta_t)``. ``"linear"``:
+    ``torch.linspace`` in float32, ``start + i * step`` with ``step = (end - start) / (T - 1)``:
+    six roundings (the two end points included) of values up to ``beta_max``. ``"scaled_linear"``:
+    the same on ``sqrt(beta)``, then squared: ``2 sqrt(beta) ulps(6, sqrt(beta_max)) + ulps(1,
+    beta) <= ulps(13, beta_max)``. ``"sigmoid"``: ``sigmoid(linspace(-6, 6)) * (end - start) +
+    start``: the argument errs by ``ulps(6, 6)``, the sigmoid's slope is <= 1/4 and its own error
+    2 ulps of a value <= 1, then a product and a sum: ``ulps(13, beta_max)``."""
+    betas = np.asarray(betas, np.float64)
+    top = betas.max()
+    per_schedule = {"squaredcos_cap_v2": ulps(1, betas), "linear": ulps(6, top),
+                    "scaled_linear": ulps(13, top), "sigmoid": ulps(13, top)}
+    return np.broadcast_to(per_schedule[beta_schedule], betas.shape)
+
+
+def float32_alpha_rtol(betas, betas_atol):
+    """``[T]`` bound ``e_s`` on the relative error of each float32 factor ``alpha_s = 1 - beta_s``
+    of a float32 cumprod: the beta's error and the subtraction's rounding relative to ``alpha_s``,
+    and the product's rounding."""
+    alphas = 1 - np.asarray(betas, np.float64)
+    return (betas_atol + EPS32) / alphas + EPS32
+
+
+def float32_cumprod_rtol(betas, betas_atol):
+    """``[T]`` bound on ``|abar_t(diffusers) - abar_t| / abar_t``: the factors' errors add
+    (:func:`float32_alpha_rtol`), plus one rounding of each stored entry on either side."""
+    return np.cumsum(float32_alpha_rtol(betas, betas_atol)) + 2 * EPS32
+
+
+def zero_snr_bounds(betas, betas_atol):
+    """Bounds ``(betas, alphas_cumprod)`` on ``|diffusers - jaxdiff|`` (absolute, ``[T]`` each)
+    for diffusers' float32 ``rescale_zero_terminal_snr`` of ``betas`` (the float64 ones before the
+    rescale) followed by its ``alphas = 1 - betas`` and cumprod.
+
+    The rescale is ``s_t = sqrt(abar_t)``, ``d_t = s_t - s_T`` (T the last step),
+    ``abar'_t = (s_0 d_t / d_0)^2``, ``alpha'_t = abar'_t / abar'_{t-1}``. The subtraction cancels
+    near the end (``d_t << s_t``), so the bound follows every rounding to first order: with the
+    factors' relative errors ``e_s`` (:func:`float32_alpha_rtol`) shared by ``s_t`` and ``s_T``,
+    ``d log alpha'_t = 2 (d log d_t - d log d_{t-1})`` where ``d log d_t = A_t / 2 - s_T B_t /
+    (2 d_t) + R_t``, ``A_t = sum_{s <= t} e_s`` (cancels between ``t`` and ``t - 1`` but for
+    ``e_t``), ``B_t = sum_{t < s} e_s`` and ``R_t`` the roundings of ``abar_t``, of its square root
+    and of the subtraction (``1.5 u (s_t + s_T) / d_t + u``, ``u = EPS32`` a rounding); then the
+    scaling, squaring and division (7 u). ``alpha'_T = 0`` and ``alpha'_0 = abar_0`` on both
+    sides."""
+    u = EPS32
+    betas = np.asarray(betas, np.float64)
+    e = float32_alpha_rtol(betas, betas_atol)
+    s = np.sqrt(np.cumprod(1 - betas))
+    d = s - s[-1]
+    B = np.cumsum(e[::-1])[::-1] - e  # sum over s > t
+    rel = np.zeros_like(betas)
+    t = np.arange(1, len(betas) - 1)
+    inv = 1 / d[t] - 1 / d[t - 1]
+    delta = (0.5 * e[t] * (1 + s[-1] / d[t - 1]) + 0.5 * s[-1] * (B[t] + 3 * u) * inv
+             + 1.5 * u * (s[t] / d[t] + s[t - 1] / d[t - 1]) + 2 * u)
+    rel[t] = 2 * delta + 7 * u
+    rel[0] = e[0] + 12 * u
+    alphas = np.concatenate([s[:1] ** 2, (d[1:] / d[:-1]) ** 2])
+    betas_bound = alphas * rel + u + ulps(1, 1 - alphas)  # 1 - alpha' rounded, jaxdiff's cast
+    # diffusers then takes alphas'' = 1 - betas' (one rounding more) and their cumprod
+    alpha_rel = np.where(alphas > 0, (betas_bound + u) / np.where(alphas > 0, alphas, 1), 0) + u
+    abar = np.cumprod(alphas)
+    return betas_bound, abar * (np.cumsum(alpha_rel) + 2 * u)
 
 
 def within(err, bound, what: str = "") -> float:
