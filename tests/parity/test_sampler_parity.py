@@ -9,13 +9,12 @@ test_schedule_parity.py), so these tests isolate the sampler arithmetic. With di
 float32-built schedule, differences of ~1 ulp in ``alphas_cumprod`` near 1 are amplified by
 ``1/sqrt(1 - alphas_cumprod[1])`` at the last steps; see ``test_ddim_native_diffusers_schedule``.
 
-Tolerance (float32), per step: ``x_prev`` within ``TOL = 1e-5`` max-abs, ``pred_x0`` within
-``TOL`` max-abs, except an eps model's ``pred_x0``, within ``TOL / sqrt(abar_t)`` (see ``_tol``:
-dividing by ``sqrt(abar_t)`` amplifies the model output's float32 rounding, up to 2e4x at t = 999
-on the cosine schedule). The stand-in is (nearly) the exact denoiser, so every value is O(1) and
-these are absolute bounds. Measured: ``x_prev`` <= 1.5e-6 (DDIM), 4.8e-7 (DDPM steps), 8.4e-7
-(DDPM trajectories); ``pred_x0`` <= 1.2e-6 for x0 / v models; eps models' ``pred_x0`` <= 0.12 of
-their bound (1.5e-4 absolute at t = 999 cosine, <= 2.7e-6 on the 25-step DDPM trajectories).
+Tolerance (float32), per step: ``x_prev`` and ``pred_x0`` within the bounds of
+``tolerances.stepwise_atol`` (see ``_bounds``): every step adds its float32 roundings at the scale
+of the inputs (the stand-in is (nearly) the exact denoiser, so every value is O(1) and these are
+absolute bounds), and an eps model's ``pred_x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``
+divides the rounding of that cancellation by ``sqrt(abar_t)`` (up to 2e4x at t = 999 on the cosine
+schedule), which the update carries into ``x_prev`` with its coefficient of ``pred_x0``.
 Timestep arrays must be equal exactly.
 """
 
@@ -37,8 +36,14 @@ from jaxdiff.samplers import (
     ddpm_timesteps,
 )
 from jaxdiff.schedules import make_schedule
+from tests.parity.tolerances import (
+    float32_betas_atol,
+    float32_cumprod_rtol,
+    stepwise_atol,
+    ulps,
+    within,
+)
 
-TOL = 1e-5
 T = 1000
 SHAPE = (2, 8, 8, 3)  # NHWC; the schedulers are elementwise except DDPM's learned-variance split
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -87,23 +92,41 @@ def torch_model(name, x, t, pred):
     return standin(torch, x, torch.full((x.shape[0],), int(t)), acp, pred)
 
 
-def _tol(name, pred, t, what):
-    """The bound on one step's ``what`` ("x_prev" or "pred_x0") at timestep ``t``: ``TOL`` absolute,
-    except for an eps model's predicted x0, ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``. Its
-    numerator cancels to ``sqrt(abar_t) x0``, so the model outputs' float32 rounding (~1 ulp of
-    ``x_t``, different in torch and XLA) is divided by ``sqrt(abar_t)``: ``TOL / sqrt(abar_t)``
-    (157x at t = 999 linear, 2e4x cosine; <= 9x below t = 923 cosine). No implementation can do
-    better in float32; ``x_prev`` multiplies that error back by ``sqrt(abar_prev)``."""
-    if what == "pred_x0" and pred == "eps":
-        return TOL / np.sqrt(float(SCHEDULES[name].alphas_cumprod[t]))
-    return TOL
+def _bounds(name, pred, ts, next_coefs, *arrays):
+    """``(x_prev [N], pred_x0 [N])`` bounds for the steps at timesteps ``ts [N]``: see
+    ``tolerances.stepwise_atol``, at the scale of the largest input (``arrays``: ``x_T``, the
+    noise). An eps model's predicted x0, ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, has a
+    numerator that cancels to ``sqrt(abar_t) x0``: its rounding (at ``|x_t|``'s scale) is divided
+    by ``sqrt(abar_t)`` (157x at t = 999 linear, 2e4x cosine) and carried into ``x_prev`` by the
+    update's coefficient of x0, ``next_coefs [N]`` (DDIM: ``sqrt(abar_prev)``; DDPM: the posterior
+    mean's ``coef1``). No float32 implementation can do better."""
+    scale = max(np.abs(a).max() for a in arrays)
+    if pred != "eps":
+        return stepwise_atol(scale, np.zeros(len(ts)))
+    a = np.sqrt(np.asarray(SCHEDULES[name].alphas_cumprod, np.float64)[np.asarray(ts)])
+    return stepwise_atol(scale, 1 / a, np.asarray(next_coefs) / a)
+
+
+def _ddim_next_coefs(name, ts, n, sa1):
+    """``sqrt(abar_prev)`` of each DDIM step (``prev = t - T // n``, the final alpha past 0)."""
+    acp = np.asarray(SCHEDULES[name].alphas_cumprod, np.float64)
+    prev = np.asarray(ts) - T // n
+    final = 1.0 if sa1 else acp[0]
+    return np.sqrt(np.where(prev >= 0, acp[np.maximum(prev, 0)], final))
+
+
+def _ddpm_coef1(name, t, t_prev):
+    """The posterior mean's coefficient of x0 on the (shortened) schedule: ``beta' sqrt(abar_prev)
+    / (1 - abar_t)`` with ``beta' = 1 - abar_t / abar_prev``."""
+    acp = np.asarray(SCHEDULES[name].alphas_cumprod, np.float64)
+    a_t, a_p = acp[t], np.where(np.asarray(t_prev) >= 0, acp[np.maximum(t_prev, 0)], 1.0)
+    return (1 - a_t / a_p) * np.sqrt(a_p) / (1 - a_t)
 
 
 def _assert_close(ours, ref, what, bound):
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= bound, f"{what}: max abs diff {err:.3g} > {bound:.3g}"
+    within(np.abs(ours - ref).max(), bound, what)
 
 
 def _ddim_ref(name, spacing, offset, pred, sa1, clip):
@@ -157,13 +180,14 @@ def _run_ddim_pair(name, spacing_key, pred, eta, sa1, clip, use_clipped):
     ))
     x_0, xs, pred_x0s = sample(x_T, noise)
     x = torch.from_numpy(x_T)
+    tol_x, tol_x0 = _bounds(name, pred, ts, _ddim_next_coefs(name, ts, n, sa1), x_T, noise)
     for i, t in enumerate(ref.timesteps):
         out = torch_model(name, x, t, pred)
         step = ref.step(out, int(t), x, eta=eta, use_clipped_model_output=use_clipped,
                         variance_noise=torch.from_numpy(noise[i]))
         _assert_close(pred_x0s[i], step.pred_original_sample, f"pred_x0 at step {i} (t={int(t)})",
-                      _tol(name, pred, int(t), "pred_x0"))
-        _assert_close(xs[i + 1], step.prev_sample, f"x_prev at step {i} (t={int(t)})", TOL)
+                      tol_x0[i])
+        _assert_close(xs[i + 1], step.prev_sample, f"x_prev at step {i} (t={int(t)})", tol_x[i])
         x = step.prev_sample
     np.testing.assert_array_equal(np.asarray(x_0), np.asarray(xs[-1]))
 
@@ -176,10 +200,10 @@ def test_ddim_trajectory_matches_diffusers(name, spacing, pred, eta, sa1, clip, 
 @pytest.mark.parametrize("name", list(DIFFUSERS_NAME))
 def test_ddim_native_diffusers_schedule(name):
     """End to end with diffusers' own float32 schedule (no alphas_cumprod hand-over; the model on
-    both sides is the stand-in on jaxdiff's schedule). The schedules differ by float32 rounding;
-    x0 prediction with steps_offset=1 ends at t=1, where the eps conversion divides by
-    sqrt(1 - abar_1) = 0.015 and amplifies that difference: bound 2e-5 max-abs per step (measured
-    8.1e-6 for linear, at the last step, and 1.3e-6 for cosine)."""
+    both sides is the stand-in on jaxdiff's schedule). The schedules differ by float32 rounding
+    (``float32_cumprod_rtol``); the x0 model's DDIM step forms ``eps = (x - sqrt(abar_t) x0) /
+    sqrt(1 - abar_t)``, which amplifies that difference near t = 0 (steps_offset=1 ends at t = 1,
+    ``sqrt(1 - abar_1) = 0.015``). Bound: ``_native_schedule_atol``."""
     n, eta, sa1 = 20, 0.5, False
     ref = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name],
                         clip_sample=False, set_alpha_to_one=sa1, steps_offset=1,
@@ -192,11 +216,42 @@ def test_ddim_native_diffusers_schedule(name):
                            steps_offset=1, set_alpha_to_one=sa1, prediction_type="x0",
                            noise=noise, return_trajectory=True)
     x = torch.from_numpy(x_T)
+    bound = _native_schedule_atol(name, ref.timesteps.numpy(), n, eta, sa1, x_T, noise)
     for i, t in enumerate(ref.timesteps):
         out = torch_model(name, x, t, "x0")
         x = ref.step(out, int(t), x, eta=eta, variance_noise=torch.from_numpy(noise[i])).prev_sample
         err = np.abs(np.asarray(xs[i + 1]) - x.numpy()).max()
-        assert err <= 2e-5, f"step {i} (t={int(t)}): max abs diff {err:.3g} > 2e-5"
+        within(err, bound[i], f"step {i} (t={int(t)})")
+
+
+def _native_schedule_atol(name, ts, n, eta, sa1, x_T, noise):
+    """``[N]`` bounds for test_ddim_native_diffusers_schedule: the x0 model's trajectory bounds
+    (``_bounds``) plus, per step, the first-order change of the DDIM update ``x_prev =
+    sqrt(a_p) x0 + sqrt(1 - a_p - std^2) eps + std z`` (``eps = (x - sqrt(a_t) x0) / sqrt(1 -
+    a_t)``, ``std = eta sqrt((1 - a_p) / (1 - a_t) (1 - a_t / a_p))``) under the schedule's
+    relative difference ``float32_cumprod_rtol`` at ``a_t`` and ``a_p``, by central differences
+    in float64 at ``|x| = |x0| = |z| = m`` (the largest input) with every term's sign against us;
+    running sums, as errors carry with a factor <= 1."""
+    acp = np.asarray(SCHEDULES[name].alphas_cumprod, np.float64)
+    betas = 1 - acp / np.concatenate([[1.0], acp[:-1]])
+    rel = float32_cumprod_rtol(betas, float32_betas_atol(betas, DIFFUSERS_NAME[name]))
+    m = max(np.abs(x_T).max(), np.abs(noise).max())
+    prev = ts - T // n
+
+    def terms(a_t, a_p):  # the update's coefficients of x, x0 and z
+        std = eta * np.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+        c_eps = np.sqrt(1 - a_p - std**2) / np.sqrt(1 - a_t)
+        return np.array([c_eps, np.sqrt(a_p) - c_eps * np.sqrt(a_t), std])
+
+    extra = []
+    for t, p in zip(ts, prev):
+        a_t, a_p = acp[t], (acp[p] if p >= 0 else (1.0 if sa1 else acp[0]))
+        r_t, r_p = rel[t] * a_t, (rel[p] * a_p if p >= 0 else (0.0 if sa1 else rel[0] * a_p))
+        d_t = (terms(a_t + r_t, a_p) - terms(a_t - r_t, a_p)) / 2
+        d_p = (terms(a_t, a_p + r_p) - terms(a_t, a_p - r_p)) / 2 if r_p else 0 * d_t
+        extra.append(m * (np.abs(d_t).sum() + np.abs(d_p).sum()))
+    tol_x, _ = _bounds(name, "x0", ts, None, x_T, noise)
+    return tol_x + np.cumsum(extra)
 
 
 @pytest.mark.slow
@@ -258,6 +313,19 @@ def _torch_out(name, pred, x_nchw, t, variance_type):
     return torch.cat([out, standin_var(torch, x_nchw, tt, variance_type)], dim=1)
 
 
+def _variance_rtol(name, t, t_prev):
+    """The bound on the relative difference of DDPM's variance at ``t``: both sides evaluate it in
+    float32 from the same float32 ``alphas_cumprod`` (``a_t``, ``a_p``). ``beta' = 1 - a_t / a_p``
+    turns the division's rounding into ``a_t / a_p / beta'`` ulps; ``1 - a_p`` and ``1 - a_t``
+    cost an ulp each relative to themselves; the learned forms go through ``log`` and ``exp`` of
+    values up to ``|log var|`` and a model output (a dozen roundings): all counted, twice."""
+    acp = np.asarray(SCHEDULES[name].alphas_cumprod, np.float64)
+    a_t, a_p = acp[t], (acp[t_prev] if t_prev >= 0 else 1.0)
+    beta = 1 - a_t / a_p
+    log_scale = abs(np.log(beta * (1 - a_p) / (1 - a_t) + 1e-20))
+    return float(2 * (ulps(a_t / a_p / beta) + ulps(4) + ulps(12, log_scale)))
+
+
 VARIANCE_CASES = ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
 
 
@@ -281,9 +349,9 @@ def test_ddpm_step_matches_diffusers(variance_type, pred, clip, name, num_steps)
         kw = dict(variance_type=variance_type, prediction_type=pred, clip_x0=clip)
         x_prev, pred_x0 = ddpm_step(SCHEDULES[name], mo, jnp.asarray(x), t, t_prev,
                                     jnp.asarray(_nhwc(noise)), **kw)
-        _assert_close(pred_x0, _nhwc(step.pred_original_sample), f"pred_x0 at t={t}",
-                      _tol(name, pred, t, "pred_x0"))
-        _assert_close(x_prev, _nhwc(step.prev_sample), f"x_prev at t={t}", TOL)
+        tol_x, tol_x0 = _bounds(name, pred, [t], [_ddpm_coef1(name, t, t_prev)], x, noise)
+        _assert_close(pred_x0, _nhwc(step.pred_original_sample), f"pred_x0 at t={t}", tol_x0[0])
+        _assert_close(x_prev, _nhwc(step.prev_sample), f"x_prev at t={t}", tol_x[0])
 
         # The variance, against diffusers' _get_variance (whose return value depends on the type).
         _, _, var = ddpm_posterior(SCHEDULES[name], mo, jnp.asarray(x), t, t_prev, **kw)
@@ -293,7 +361,8 @@ def test_ddpm_step_matches_diffusers(variance_type, pred, clip, name, num_steps)
             variance_type, lambda g: g)(got)
         want = np.broadcast_to(_nhwc(want) if want.ndim == 4 else want.numpy(), np.shape(var))
         if t > 0:  # at t == 0 diffusers adds no noise and its variance is the 1e-20 clamp
-            np.testing.assert_allclose(np.asarray(var), want, rtol=1e-5, atol=1e-12)
+            np.testing.assert_allclose(np.asarray(var), want, rtol=_variance_rtol(name, t, t_prev),
+                                       atol=0)
 
 
 @pytest.mark.parametrize("variance_type, pred, clip", [("fixed_small", "eps", 1.0),
@@ -314,10 +383,13 @@ def test_ddpm_trajectory_matches_diffusers(variance_type, pred, clip):
                                     variance_type=variance_type, prediction_type=pred,
                                     clip_x0=clip, noise=noise, return_trajectory=True)
     x = _nchw(x_T)
+    ts = ref.timesteps.numpy()
+    t_prev = np.array([int(ref.previous_timestep(t)) for t in ts])
+    tol_x, tol_x0 = _bounds(name, pred, ts, _ddpm_coef1(name, ts, t_prev), x_T, noise)
     for i, t in enumerate(ref.timesteps):
         step = ref.step(_torch_out(name, pred, x, int(t), variance_type), int(t), x,
                         generator=torch.Generator().manual_seed(i))
         _assert_close(pred_x0s[i], _nhwc(step.pred_original_sample), f"pred_x0 at t={int(t)}",
-                      _tol(name, pred, int(t), "pred_x0"))
-        _assert_close(xs[i + 1], _nhwc(step.prev_sample), f"x_prev at t={int(t)}", TOL)
+                      tol_x0[i])
+        _assert_close(xs[i + 1], _nhwc(step.prev_sample), f"x_prev at t={int(t)}", tol_x[i])
         x = step.prev_sample

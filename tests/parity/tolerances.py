@@ -80,6 +80,30 @@ def trajectory_atol(num_steps: int, scale=1.0, gain=1.0) -> float:
     return float(STEP_ULPS * EPS32 * float(scale) * num_steps * float(gain))
 
 
+CONVERSION_ULPS = 4  # x0 = (x - sigma eps) / alpha: a product and a subtraction at |x|, each side
+
+
+def stepwise_atol(scale, x0_gains, next_gains=None):
+    """Per-step bounds ``(samples [N], clean estimates [N])`` for a trajectory of ``N`` steps
+    compared step by step (each side running its own trajectory), values at most ``scale``.
+
+    Step ``i`` adds its own roundings, ``STEP_ULPS`` ulps of ``scale``, and, for an eps model, the
+    rounding of the conversion ``x0 = (x - sigma_t eps) / alpha_t``: ``CONVERSION_ULPS`` ulps of
+    ``|x|``, divided by ``alpha_t`` (``x0_gains[i] = 1 / alpha_t``; 0 for x0 and v models, whose
+    conversions do not divide) and carried into the next sample by that update's coefficient of
+    ``x0`` (``next_gains[i] = coefficient / alpha_t``, e.g. ``sqrt(abar_prev) / alpha_t`` for
+    DDIM; default: the same as ``x0_gains``). Errors of earlier steps are carried with a factor <=
+    1 (the stand-ins' flows contract, module docstring), so the sample bound is the running sum and
+    a step's clean estimate gets the bound of the sample it was computed from plus its own."""
+    x0_gains = np.asarray(x0_gains, np.float64)
+    next_gains = x0_gains if next_gains is None else np.asarray(next_gains, np.float64)
+    own = STEP_ULPS * EPS32 * float(scale)
+    conv = CONVERSION_ULPS * EPS32 * float(scale)
+    samples = np.cumsum(own + conv * next_gains)
+    before = np.concatenate([[0.0], samples[:-1]])
+    return samples, before + own + conv * x0_gains
+
+
 def network_rtol(depth: int, fan_in: int) -> float:
     """The bound on ``max |jaxdiff - reference| / max |reference|`` for a float32 network of
     ``depth`` layers whose widest sum has ``fan_in`` terms: ``depth * sqrt(fan_in) * EPS32``
