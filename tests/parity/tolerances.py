@@ -104,6 +104,36 @@ def stepwise_atol(scale, x0_gains, next_gains=None):
     return samples, before + own + conv * x0_gains
 
 
+def multistep_gains(sigmas, order: int = 1):
+    """``[N]`` gains for :func:`stepwise_atol` of an exponential-integrator step (DPM-Solver(++),
+    UniPC) on the sigma-space grid ``sigmas [N + 1]`` (``sigma = sigma_t / alpha_t``, descending,
+    possibly ending at 0).
+
+    A step from ``t`` to ``s`` either converts an eps model's output to x0 (``/ alpha_t``) and
+    scales it by ``alpha_s (1 - e^{-h})`` (data prediction), or multiplies ``x`` by ``alpha_s /
+    alpha_t > 1`` against an eps term of the same size (noise prediction): a rounding at ``|x|``'s
+    scale grows by up to ``alpha_s / alpha_t`` either way. An order-``k`` step also combines the
+    current and ``k - 1`` earlier estimates through divided differences, each dividing by a ratio
+    ``r = h_prev / h`` of step sizes in ``lambda = -log sigma`` (multiplied by phi-functions <= 1):
+    weights at most ``C = 1 + 2 / r_i`` (order 2), ``+ 2 / r_{i-1} (1 + 1 / (r_i + r_{i-1}))``
+    (order 3). A last step to ``sigma = 0`` is first order (``C = 1``). Returns
+    ``C_i alpha_s / alpha_t``."""
+    sig = np.asarray(sigmas, np.float64)
+    alpha = 1 / np.sqrt(1 + sig**2)
+    with np.errstate(divide="ignore"):
+        lam = -np.log(sig)
+    h = lam[1:] - lam[:-1]
+    C = np.ones(len(h))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.concatenate([[np.inf], h[:-1] / h[1:]])  # r_i = h_{i-1} / h_i
+        if order >= 2:
+            C[1:] += 2 / r[1:]
+        if order >= 3:
+            C[2:] += 2 / r[1:-1] * (1 + 1 / (r[2:] + r[1:-1]))
+    C[~np.isfinite(h) | ~np.isfinite(C)] = 1.0
+    return C * alpha[1:] / alpha[:-1]
+
+
 def network_rtol(depth: int, fan_in: int) -> float:
     """The bound on ``max |jaxdiff - reference| / max |reference|`` for a float32 network of
     ``depth`` layers whose widest sum has ``fan_in`` terms: ``depth * sqrt(fan_in) * EPS32``
