@@ -80,7 +80,11 @@ def trajectory_atol(num_steps: int, scale=1.0, gain=1.0) -> float:
     return float(STEP_ULPS * EPS32 * float(scale) * num_steps * float(gain))
 
 
-CONVERSION_ULPS = 4  # x0 = (x - sigma eps) / alpha: a product and a subtraction at |x|, each side
+# x0 = (x - sigma eps) / alpha for an eps model: at large t, eps ~ x / sigma carries the roundings
+# of the model's last operations at |x|'s scale ((x - alpha x0) / sigma: 2), then the product
+# sigma eps and the subtraction: 4 roundings at |x|'s scale a side, whose sum the division by alpha
+# amplifies (the rest of the step rounds at the scale of its O(1) result).
+CONVERSION_ULPS = 8
 
 
 def stepwise_atol(scale, x0_gains, next_gains=None):
@@ -88,7 +92,7 @@ def stepwise_atol(scale, x0_gains, next_gains=None):
     compared step by step (each side running its own trajectory), values at most ``scale``.
 
     Step ``i`` adds its own roundings, ``STEP_ULPS`` ulps of ``scale``, and, for an eps model, the
-    rounding of the conversion ``x0 = (x - sigma_t eps) / alpha_t``: ``CONVERSION_ULPS`` ulps of
+    roundings of the conversion ``x0 = (x - sigma_t eps) / alpha_t``: ``CONVERSION_ULPS`` ulps of
     ``|x|``, divided by ``alpha_t`` (``x0_gains[i] = 1 / alpha_t``; 0 for x0 and v models, whose
     conversions do not divide) and carried into the next sample by that update's coefficient of
     ``x0`` (``next_gains[i] = coefficient / alpha_t``, e.g. ``sqrt(abar_prev) / alpha_t`` for
