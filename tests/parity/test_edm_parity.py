@@ -15,15 +15,14 @@ row ``step_index`` of jaxdiff's pre-drawn ``noise``).
 - Heun: diffusers has no EDM Heun scheduler; the reference is Algorithm 2 written out in torch over
   ``EDMEulerScheduler``'s sigmas and its ``precondition_*`` functions.
 
-Tolerance: a plain absolute ``TOL = 1e-5`` on every O(1) quantity: each step's ``denoised`` and
-the final sample, and the trajectory ``xs[i]`` divided by ``max(1, sigma_i)`` (at ``sigma_max =
-80`` the samples are O(100), whose float32 ulp is ~1e-5 by itself). Measured (max over the cases):
-Euler scaled ``xs`` <= 1.6e-6, ``denoised`` and final sample <= 5.4e-7 (with or without churn);
-Heun <= 1.9e-6 for all three. Heun's correction divides by ``sigma_{i+1}``, so a 1-ulp difference
-is amplified by ``|sigma_{i+1} - sigma_i| / (2 sigma_{i+1})``: with 6 Karras steps (last ratio
-~75) the final sample differed by 5-8e-6, hence 10 steps here. The sigma grids are compared to
-float32 rounding (rtol 1e-6): diffusers builds the exponential grid with a float32 ``linspace``,
-jaxdiff in float64.
+Tolerance (``_bounds``): every O(1) quantity (each step's ``denoised``, the final sample, and the
+trajectory ``xs[i]`` divided by ``max(1, sigma_i)``: at ``sigma_max = 80`` the samples are O(100))
+within ``tolerances.trajectory_atol``-style sums of per-step roundings at the scale of the
+normalised path. In the noise-dominated regime the flow is linear in ``x`` with ``x ~ sigma``, so
+a relative error made at one step is carried with a factor <= 1. Heun's correction divides by
+``sigma_{i+1}`` a rounding made at ``|x_i| ~ sigma_i``'s scale and weighs it by ``|sigma_{i+1} -
+sigma_i| / 2``: gain ``sigma_i |sigma_{i+1} - sigma_i| / (2 sigma_{i+1} max(1, sigma_{i+1}))`` on
+the normalised path. The sigma grids: see ``test_sigma_grid_matches``.
 """
 
 import numpy as np
@@ -33,8 +32,8 @@ from diffusers import EDMEulerScheduler
 from diffusers.schedulers import scheduling_edm_euler
 
 from jaxdiff.samplers.edm import edm_churn, edm_sample, edm_sigmas
+from tests.parity.tolerances import STEP_ULPS, ulps, within
 
-TOL = 1e-5
 SHAPE = (2, 4, 4, 3)
 DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction"}
 
@@ -115,13 +114,33 @@ def _ref_heun(sched, n, x_T):
     return np.stack(xs), np.stack(dens), sig.numpy()
 
 
-def _compare(ours, ref_xs, ref_dens, sigmas):
+def _bounds(sigmas, norm_xs, sigma_data, heun, *noise):
+    """``(path [N + 1], denoised [N])`` bounds: per step ``STEP_ULPS`` ulps of the normalised
+    path's largest value ``m`` (``norm_xs``, with any churn noise), times ``1 + gain`` for Heun
+    (module docstring), summed along the trajectory; ``denoised = c_skip x + c_out F(c_in x)``
+    passes an error of the normalised path on with a factor <= ``1 + sigma_data`` (``c_skip <=
+    1``, ``c_out c_in max(1, sigma) <= sigma_data`` times ``|F'| <= 1``) and adds its own."""
+    sig = sigmas.astype(np.float64)
+    m = max(np.abs(a).max() for a in (norm_xs, *noise))
+    gain = np.zeros(len(sig) - 1)
+    if heun:
+        nxt = sig[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.where(nxt > 0, sig[:-1] * (sig[:-1] - nxt) / (2 * nxt * np.maximum(1, nxt)),
+                            0.0)
+    local = ulps(STEP_ULPS, m) * (1 + gain)
+    path = np.concatenate([[0.0], np.cumsum(local)])
+    return path, (1 + sigma_data) * path[1:]
+
+
+def _compare(ours, ref_xs, ref_dens, sigmas, sigma_data=0.5, heun=False, noise=()):
     _, xs, dens = (np.asarray(a, np.float64) for a in ours)
     scale = np.maximum(1.0, sigmas.astype(np.float64)).reshape((-1,) + (1,) * len(SHAPE))
-    err_x = np.abs((xs - ref_xs) / scale).max()
-    err_d = np.abs(dens - ref_dens).max()
-    err_0 = np.abs(xs[-1] - ref_xs[-1]).max()
-    assert err_x <= TOL and err_d <= TOL and err_0 <= TOL, (err_x, err_d, err_0)
+    tol_x, tol_d = _bounds(sigmas, ref_xs / scale, sigma_data, heun, *noise)
+    n = len(tol_x)
+    within(np.abs((xs - ref_xs) / scale).reshape(n, -1).max(axis=1), tol_x, "xs / max(1, sigma)")
+    within(np.abs(dens - ref_dens).reshape(n - 1, -1).max(axis=1), tol_d, "denoised")
+    within(np.abs(xs[-1] - ref_xs[-1]).max(), tol_x[-1] * scale[-1].item(), "final sample")
 
 
 KARRAS = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_schedule="karras",
@@ -145,8 +164,15 @@ def test_sigma_grid_matches(grid_name):
     sched = _scheduler(grid, "eps", 0.5)
     sched.set_timesteps(12)
     ours = edm_sigmas(12, **grid)
-    np.testing.assert_allclose(ours, sched.sigmas.numpy(), rtol=1e-6, atol=0)
-    np.testing.assert_allclose(0.25 * np.log(ours[:-1]), sched.timesteps.numpy(), atol=1e-6)
+    # Karras: float64 on both sides, then one float32 cast each. Exponential: diffusers takes a
+    # float32 linspace of log sigma (6 roundings of values up to |log sigma|, as for betas in
+    # tolerances.float32_betas_atol), then exp (2) and the cast; jaxdiff float64 and a cast.
+    log_max = np.abs(np.log([grid["sigma_min"], grid["sigma_max"]])).max()
+    rtol = ulps(2) if grid["sigma_schedule"] == "karras" else ulps(6 * log_max + 4)
+    np.testing.assert_allclose(ours, sched.sigmas.numpy(), rtol=rtol, atol=0)
+    # c_noise = 0.25 log(sigma): a quarter of sigma's relative difference, + float32 log (2 ulps)
+    np.testing.assert_allclose(0.25 * np.log(ours[:-1]), sched.timesteps.numpy(), rtol=0,
+                               atol=0.25 * (rtol + ulps(2, log_max)))
 
 
 @pytest.mark.parametrize(
@@ -160,7 +186,7 @@ def test_euler_trajectory_matches_edm_euler_scheduler(grid_name, pred, sigma_dat
     ref_xs, ref_dens, sigmas = _ref_euler(_scheduler(grid, pred, sigma_data), n, x_T, None, None)
     ours = edm_sample(jax_model, x_T, None, num_steps=n, solver="euler", sigma_data=sigma_data,
                       prediction_type=pred, return_trajectory=True, **grid)
-    _compare(ours, ref_xs, ref_dens, sigmas)
+    _compare(ours, ref_xs, ref_dens, sigmas, sigma_data)
 
 
 CHURNS = {
@@ -188,7 +214,7 @@ def test_euler_with_churn_matches_edm_euler_scheduler(churn_name, monkeypatch):
         s_tmin=churn["s_tmin"], s_tmax=churn["s_tmax"], s_noise=churn["s_noise"],
         noise=noise, return_trajectory=True, **grid,
     )
-    _compare(ours, ref_xs, ref_dens, sigmas)
+    _compare(ours, ref_xs, ref_dens, sigmas, noise=(noise * churn["s_noise"],))
 
 
 @pytest.mark.parametrize("grid_name, pred", [("karras", "eps"),
@@ -199,4 +225,4 @@ def test_heun_trajectory_matches_algorithm_2(grid_name, pred):
     ref_xs, ref_dens, sigmas = _ref_heun(_scheduler(grid, pred, 0.5), n, x_T)
     ours = edm_sample(jax_model, x_T, None, num_steps=n, solver="heun", prediction_type=pred,
                       return_trajectory=True, **grid)
-    _compare(ours, ref_xs, ref_dens, sigmas)
+    _compare(ours, ref_xs, ref_dens, sigmas, heun=True)
