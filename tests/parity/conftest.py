@@ -20,7 +20,8 @@ def _record_parity_ratios(request, monkeypatch):
 
         def recording(actual, desired, rtol=1e-7, atol=0, *args, **kwargs):
             err_msg = kwargs.get("err_msg", args[1] if len(args) > 1 else "")
-            what = f"assert_allclose(rtol={rtol:g}, atol={atol:g}) {err_msg}".strip()
+            what = (f"assert_allclose(rtol={np.max(rtol):g}, atol={np.max(atol):g}) "
+                    f"{err_msg}").strip()
             tolerances.RECORDS.append(
                 (what, tolerances.allclose_ratio(actual, desired, rtol=rtol, atol=atol)))
             return original(actual, desired, rtol, atol, *args, **kwargs)

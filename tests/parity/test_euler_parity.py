@@ -17,13 +17,14 @@ Each diffusers scheduler gets jaxdiff's ``alphas_cumprod`` before ``set_timestep
 sides build their grids from the same float32 values (the Euler grid itself is compared in
 test_sigma_grid_parity.py; Heun's and KDPM2's interleaved grids here).
 
-Tolerance (float32): x_0 within ``TOL = 1e-5`` absolute; the path (every full step's sample) at
-noise level sigma within ``TOL * max(1, sigma)`` (see ``check_trajectory``). Measured max errors
-(x_0, path / max(1, sigma)): Euler 1.2e-6, 2.0e-6 (churn included); Euler ancestral 4.8e-7,
-1.4e-6; Heun 4.1e-6, 4.1e-6; KDPM2 1.2e-6, 2.4e-6; KDPM2 ancestral 1.7e-6, 2.7e-6. Two cases
-need more, both float32 limits that diffusers and jaxdiff share (see ``LARGE_SIGMA_TOL`` and
-``KDPM2_TOL``): Euler ancestral from the cosine schedule's sigma 2.0e4 (5.0e-5, 9.3e-4) and
-KDPM2 ancestral with a midpoint at sigma 0.00935 (1.6e-5, 1.6e-5).
+Tolerance (float32, ``trajectory_bounds``): the path (every full step's sample) divided by
+``max(1, sigma)`` and x_0, within sums of per-step roundings at the scale of the normalised path.
+A step from ``sigma_i`` to ``sigma_{i+1}`` rounds ``x + d (sigma_{i+1} - sigma_i)`` at ``|x_i| ~
+sigma_i`` and cancels it down to ``sigma_{i+1}``: that rounding weighs ``max(1, sigma_i) / max(1,
+sigma_{i+1})`` on the normalised path (4000x from the cosine schedule's sigma 2.0e4: torch rounds
+``x + d * dt`` twice, XLA once, an FMA; neither is more exact). A second stage (Heun, KDPM2)
+divides the first stage's rounding by the sigma it evaluates at and weighs it by the step
+(``stage_gains``).
 """
 
 import jax
@@ -48,6 +49,7 @@ from jaxdiff.samplers.euler import euler_ancestral_sample, euler_sample
 from jaxdiff.samplers.heun import heun_sample, heun_timesteps
 from jaxdiff.samplers.kdpm2 import kdpm2_ancestral_sample, kdpm2_sample, kdpm2_timesteps
 from jaxdiff.schedules import make_schedule
+from tests.parity.tolerances import CONVERSION_ULPS, STEP_ULPS, ulps, within
 
 # diffusers' KDPM2 schedulers call np.array on torch tensors (numpy 2 deprecation, thousands).
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")
@@ -150,22 +152,60 @@ def patch_randn(monkeypatch, module, noise, index):
 
 def check_trajectory(ours, ref_xs, sigmas, tol):
     """``ours = (x_0, xs, pred_x0s)``; ``ref_xs [N + 1, ...]`` diffusers' sample after each full
-    step, at noise levels ``sigmas [N + 1]``; ``tol = (bound on x_0, bound on the path)``.
+    step, at noise levels ``sigmas [N + 1]``; ``tol = (bound on x_0, bounds on the path [N + 1])``
+    (``trajectory_bounds``).
 
-    x_0 is compared absolutely; the path at noise level ``sigma_i`` within ``tol * max(1,
+    x_0 is compared absolutely; the path at noise level ``sigma_i`` divided by ``max(1,
     sigma_i)``: there ``|x| ~ sigma_i |z|`` (up to 60 at sigma 14.6), which float32 itself
     resolves only to ~1e-7 of that (both sides round it, differently). Returns both max errors
     (the path's divided by ``max(1, sigma_i)``)."""
     x0, xs, _ = ours
     err_x0 = max_err(x0, ref_xs[-1])
     scale = np.maximum(1.0, np.asarray(sigmas, np.float64)).reshape(-1, *(1,) * len(SHAPE))
-    err_path = max_err(np.asarray(xs) / scale, ref_xs / scale)
-    assert err_x0 <= tol[0], f"x_0: max abs diff {err_x0:.3g} > {tol[0]:.3g}"
-    assert err_path <= tol[1], f"path: max abs diff / max(1, sigma) {err_path:.3g} > {tol[1]:.3g}"
-    return err_x0, err_path
+    path = np.abs(np.asarray(xs, np.float64) / scale - ref_xs / scale)
+    within(err_x0, tol[0], "x_0")
+    within(path.reshape(len(path), -1).max(axis=1), tol[1], "path / max(1, sigma)")
+    return err_x0, float(path.max())
 
 
-TOL = 1e-5
+def trajectory_bounds(sigmas, ref_xs, gains=0.0, *noise):
+    """``(x_0 bound, path bounds [N + 1])`` for ``check_trajectory``: per step ``STEP_ULPS`` ulps
+    of the normalised path's largest value ``m`` (``ref_xs / max(1, sigma)``, and any noise), plus
+    the update's ``CONVERSION_ULPS`` roundings at ``|x_i|``'s scale weighted by ``max(1, sigma_i) /
+    max(1, sigma_{i+1})`` and by ``1 + gains[i]`` (a second stage, the churn); summed along the
+    path (a relative error is carried with a factor <= 1: the flow is linear in x where sigma
+    dominates). The start, ``x_T * init_noise_sigma``: the grid's bound on sigma and a rounding a
+    side. x_0: the last entry times ``max(1, sigma_N)``."""
+    norm = np.maximum(1.0, np.asarray(sigmas, np.float64))
+    scaled = np.asarray(ref_xs, np.float64) / norm.reshape(-1, *(1,) * len(SHAPE))
+    m = max(np.abs(a).max() for a in (scaled, *noise))
+    local = ulps(STEP_ULPS, m) + ulps(CONVERSION_ULPS, m) * norm[:-1] / norm[1:] * (1 + gains)
+    path = (GRID_RTOL + ulps(2)) * m + np.concatenate([[0.0], np.cumsum(local)])
+    return path[-1] * norm[-1], path
+
+
+def stage_gains(sigmas, stage_sigmas, divisor_sigmas):
+    """A second stage's weight on the first stage's rounding: the step ``|stage_sigma - sigma|``
+    (Heun: half of it) over the sigma its derivative divides by (0 where that is 0: no stage)."""
+    sig = np.asarray(sigmas, np.float64)[:-1]
+    div = np.asarray(divisor_sigmas, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(div > 0, np.abs(np.asarray(stage_sigmas, np.float64) - sig) / div, 0.0)
+
+
+def timestep_atol(name, ts, rel):
+    """Timesteps from ``sigma_to_t``: the grid sigma's relative bound ``rel`` and the two
+    bracketing training sigmas' (the shared float32 ``alphas_cumprod`` through ``sqrt((1 - abar) /
+    abar)``: 3 roundings a side), over the spacing of ``log train_sigmas`` there; plus two
+    roundings of a value < T."""
+    log = np.log(np.asarray(SCHEDULES[name].sqrt_recipm1_alphas_cumprod, np.float64))
+    lo = np.clip(np.floor(np.asarray(ts, np.float64)).astype(int), 0, len(log) - 2)
+    return (rel + 2 * ulps(6)) / (log[lo + 1] - log[lo]) + ulps(2, len(log))
+
+
+GRID_RTOL = ulps(14)  # grid sigmas: the float32 sigma formula (3 roundings a side) at both end
+# points, which Karras / exponential / beta grids pass on summed, and the cast of a float64 grid
+CHURN_GAIN = 2**0.5 - 1  # the churn raises sigma_i to (1 + gamma) sigma_i, gamma <= this
 
 # ---------------------------------------------------------------------------------------------
 # Euler
@@ -207,7 +247,9 @@ def test_euler_matches_diffusers(case, monkeypatch):
                                                num_steps=n, noise=z, return_trajectory=True,
                                                **opts))
     ours = sample(xT, noise)
-    errs = check_trajectory(ours, ref_xs, ref.sigmas.numpy(), (TOL, TOL))
+    tol = trajectory_bounds(ref.sigmas.numpy(), ref_xs, CHURN_GAIN if churn else 0.0,
+                            *([] if noise is None else [noise]))
+    errs = check_trajectory(ours, ref_xs, ref.sigmas.numpy(), tol)
     if churn is not None:
         assert 0 < len(calls), "the churn must bite on some step"
     print(case, "max errors (x0, path):", errs)
@@ -218,21 +260,18 @@ def test_euler_matches_diffusers(case, monkeypatch):
 
 # The cosine schedule's t = 999 has sigma = 2.0e4: there the sigma-space sample (|x| <= 4.7e4)
 # has a float32 ulp of 3.9e-3, and the first ancestral step down to sigma 5.07 cancels it to O(10)
-# keeping that absolute error. torch rounds ``x + d * dt`` twice, XLA once (an FMA): neither is
-# more exact. Measured: 4.7e-3 after step 1 (9.3e-4 of its sigma), decaying with sigma to 5.0e-5
-# at x_0; bounds (x_0, path / max(1, sigma)): (1e-4, 2e-3). Every other case: TOL.
-LARGE_SIGMA_TOL = (1e-4, 2e-3)
+# keeping that absolute error (trajectory_bounds' weight max(1, sigma_i) / max(1, sigma_{i+1})).
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, pred, spacing, offset, n, tol", [
-    ("scaled_linear", "eps", "linspace", 0, 10, None),
-    ("scaled_linear", "v", "leading", 1, 12, None),
-    ("linear", "eps", "trailing", 0, 7, None),
-    ("cosine", "eps", "leading", 1, 8, None),
-    ("cosine", "v", "linspace", 0, 9, LARGE_SIGMA_TOL),
+@pytest.mark.parametrize("name, pred, spacing, offset, n", [
+    ("scaled_linear", "eps", "linspace", 0, 10),
+    ("scaled_linear", "v", "leading", 1, 12),
+    ("linear", "eps", "trailing", 0, 7),
+    ("cosine", "eps", "leading", 1, 8),
+    ("cosine", "v", "linspace", 0, 9),
 ])
-def test_euler_ancestral_matches_diffusers(name, pred, spacing, offset, n, tol, monkeypatch):
+def test_euler_ancestral_matches_diffusers(name, pred, spacing, offset, n, monkeypatch):
     ref = make_ref(EulerAncestralDiscreteScheduler, name, prediction_type=DIFFUSERS_PRED[pred],
                    timestep_spacing=spacing, steps_offset=offset)
     noise = jax_noise(n)
@@ -244,7 +283,7 @@ def test_euler_ancestral_matches_diffusers(name, pred, spacing, offset, n, tol, 
         jax_model(name, pred), SCHEDULES[name], x, None, num_steps=n, noise=z,
         return_trajectory=True, prediction_type=pred, spacing=spacing, steps_offset=offset))
     errs = check_trajectory(sample(xT, noise), ref_xs, ref.sigmas.numpy(),
-                            tol or (TOL, TOL))
+                            trajectory_bounds(ref.sigmas.numpy(), ref_xs, 0.0, noise))
     print(name, pred, spacing, n, "max errors (x0, path):", errs)
 
 
@@ -279,10 +318,13 @@ def test_heun_matches_diffusers(name, pred, spacing, offset, sigma_schedule, n, 
     # diffusers' interleaved grid: timesteps [t0, t1, t1, ...], sigmas [s0, s1, s1, ..., 0].
     grid = heun_timesteps(SCHEDULES[name], n, spacing=spacing, steps_offset=offset,
                           sigma_schedule=sigma_schedule)
-    np.testing.assert_allclose(ref.timesteps.numpy()[0::2], grid.timesteps, rtol=0, atol=2e-3)
+    within(np.abs(ref.timesteps.numpy()[0::2] - grid.timesteps),
+           timestep_atol(name, grid.timesteps, GRID_RTOL), "timesteps")
     sigmas = ref.sigmas.numpy()[[0, *range(1, 2 * n, 2)]]
-    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=2e-6)
-    errs = check_trajectory(sample(xT), ref_xs, sigmas, (TOL, TOL))
+    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=GRID_RTOL)
+    # Heun's correction divides by sigma_{i+1} and weighs the derivative by half the step
+    gains = stage_gains(sigmas, sigmas[1:], 2 * sigmas[1:])
+    errs = check_trajectory(sample(xT), ref_xs, sigmas, trajectory_bounds(sigmas, ref_xs, gains))
     print(name, pred, spacing, sigma_schedule, n, clip, "max errors (x0, path):", errs)
 
 
@@ -298,10 +340,7 @@ KDPM2_CASES = [
 
 # KDPM2 ancestral on the cosine schedule with beta sigmas: step 5's midpoint (sigma_mid =
 # sigma_{i+1} = 0.00935, t = 0.99992) divides ``x_mid - x0`` by sigma_mid, where float32 keeps
-# only ~1e-5 of the derivative. Against a float64 run of jaxdiff's sampler (x64, float64 model)
-# BOTH float32 implementations are off by ~5e-5 at x_0 (jaxdiff 5.6e-5, diffusers 4.8e-5); they
-# differ from each other by 1.6e-5. Bound: 5e-5 (x_0 and path) for that case; TOL elsewhere.
-KDPM2_TOL = {(("cosine", "v", "leading", 1, "beta", 7), True): (5e-5, 5e-5)}
+# only ~1e-5 of the derivative: stage_gains with the midpoint as divisor.
 
 
 @pytest.mark.parametrize("case", KDPM2_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -329,25 +368,37 @@ def test_kdpm2_matches_diffusers(case, ancestral, monkeypatch):
     if ancestral:
         assert calls == list(range(n - 1))  # one draw per second stage
     # diffusers' interleaved grid: timesteps [t0, t_mid0, t1, t_mid1, ...]; the midpoints' and
-    # ancestral sigmas repeated per call. Timesteps to 2e-3 (diffusers' sigma -> t takes float32
-    # logs), sigmas to 2e-6 relative, except the ancestral sigma_down = sqrt(s_next^2 - up^2) and
-    # the midpoint sqrt(sigma sigma_down): both sides compute them in float32, where the
-    # difference cancels by (sigma / s_next)^2 (x 227 on the last step into sigma(t = 0);
-    # measured 1.5e-5 relative for sigma_down, 7.9e-6 for the midpoint): 1e-4.
+    # ancestral sigmas repeated per call. Both sides compute the ancestral sigma_up = sqrt(s_next^2
+    # (sigma^2 - s_next^2) / sigma^2), sigma_down = sqrt(s_next^2 - up^2) and the midpoints
+    # exp((log sigma + log s) / 2) in float32: a few roundings each (6 ulps a side), the
+    # subtractions' cancellations (sigma_up: sigma^2 / (sigma^2 - s_next^2); sigma_down: up^2 /
+    # down^2, i.e. (sigma / s_next)^2, x 227 on the last step into sigma(t = 0); halved by the
+    # square roots), the logs' roundings at |log sigma|; on top of the grid's own GRID_RTOL.
     grid = kdpm2_timesteps(SCHEDULES[name], n, ancestral=ancestral, spacing=spacing,
                            steps_offset=offset, sigma_schedule=sigma_schedule)
     ref_ts = ref.timesteps.numpy()
-    np.testing.assert_allclose(ref_ts[0::2], grid.timesteps, rtol=0, atol=2e-3)
-    np.testing.assert_allclose(ref_ts[1::2], grid.mid_timesteps[:-1], rtol=0, atol=2e-3)
     idx = np.arange(n - 1)
+    sig, nxt = (np.asarray(a, np.float64) for a in (grid.sigmas[idx], grid.sigmas[idx + 1]))
+    up_rel = GRID_RTOL + ulps(6) * sig**2 / (sig**2 - nxt**2) / 2
+    down_rel = up_rel + ulps(6) * (sig / nxt) ** 2 / 2
+    end = down_rel if ancestral else GRID_RTOL
+    mid_rel = GRID_RTOL + end + ulps(6, np.abs(np.log(sig)) + 1)
+    within(np.abs(ref_ts[0::2] - grid.timesteps), timestep_atol(name, grid.timesteps, GRID_RTOL),
+           "timesteps")
+    within(np.abs(ref_ts[1::2] - grid.mid_timesteps[:-1]),
+           timestep_atol(name, grid.mid_timesteps[:-1], mid_rel), "mid_timesteps")
     mid = ref.sigmas_interpol.numpy()[2 * idx if ancestral else 2 * idx + 1]
-    np.testing.assert_allclose(grid.mid_sigmas[:-1], mid, rtol=1e-4 if ancestral else 2e-6)
+    within(np.abs(grid.mid_sigmas[:-1] - mid), mid_rel * mid, "mid_sigmas")
     if ancestral:
-        np.testing.assert_allclose(grid.sigmas_up[:-1], ref.sigmas_up.numpy()[2 * idx], rtol=2e-6)
-        np.testing.assert_allclose(grid.sigmas_down[:-1], ref.sigmas_down.numpy()[2 * idx],
-                                   rtol=1e-4)
+        up = ref.sigmas_up.numpy()[2 * idx]
+        within(np.abs(grid.sigmas_up[:-1] - up), up_rel * up, "sigmas_up")
+        down = ref.sigmas_down.numpy()[2 * idx]
+        within(np.abs(grid.sigmas_down[:-1] - down), down_rel * down, "sigmas_down")
     sigmas = ref.sigmas.numpy()[[0, *range(1, 2 * n, 2)]]
-    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=2e-6)
-    tol = KDPM2_TOL.get((case, ancestral), (TOL, TOL))
+    np.testing.assert_allclose(grid.sigmas, sigmas, rtol=GRID_RTOL)
+    # the second stage's derivative divides by the midpoint and is weighed by the whole step
+    stage_end = grid.sigmas_down if ancestral else grid.sigmas[1:]
+    gains = stage_gains(grid.sigmas, stage_end, grid.mid_sigmas)
+    tol = trajectory_bounds(sigmas, ref_xs, gains, *([noise] if ancestral else []))
     errs = check_trajectory(jax.jit(fn)(xT, noise), ref_xs, sigmas, tol)
     print(case, ancestral, "max errors (x0, path):", errs)
