@@ -6,10 +6,8 @@ samplers scaled that start by ``init_noise_sigma`` a second time before it was t
 
 LCM against ``LatentConsistencyModelImg2ImgPipeline``'s recipe instead: ``set_timesteps(N,
 strength=strength)``, ``add_noise`` at ``timesteps[0]``, all ``N`` steps (its re-noising noise
-injected). Tolerances as for the tail: ``atol=2e-5, rtol=1e-5`` on the start sample,
-``atol=5e-5, rtol=1e-4`` on the result (float32 on both sides; measured max abs error 1.7e-5
-at strength 1, whose t = 999 divides an eps model's float32 rounding by sqrt(abar_t) = 0.068,
-<= 1.7e-6 in the other cases).
+injected). Both sides build the schedule from the config, diffusers in float32: tolerances
+``_start_atol`` and ``_result_atol``, from that schedule's float32 bound and the steps' roundings.
 """
 
 import numpy as np
@@ -33,7 +31,13 @@ from jaxdiff.samplers import (  # noqa: E402
     sampler_options,
     strength_start_step,
 )
-from jaxdiff.schedules import make_schedule  # noqa: E402
+from jaxdiff.schedules import make_schedule, scaled_linear_betas  # noqa: E402
+from tests.parity.tolerances import (  # noqa: E402
+    float32_betas_atol,
+    float32_cumprod_rtol,
+    trajectory_atol,
+    ulps,
+)
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CASES = [
@@ -56,6 +60,43 @@ STOCHASTIC = {"KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_d
 
 def _toy(x, t):
     return 0.3 * x + 0.001 * t.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+# Tolerances. diffusers' float32 schedule (SD's scaled_linear betas) differs from jaxdiff's by the
+# relative bound REL on alphas_cumprod (tolerances.float32_cumprod_rtol); sigma = sqrt((1 - abar) /
+# abar) then by REL / (2 (1 - abar)) relative.
+_BETAS = scaled_linear_betas(1000, 0.00085, 0.012)
+_ABAR = np.cumprod(1 - _BETAS)
+REL = float32_cumprod_rtol(_BETAS, float32_betas_atol(_BETAS, "scaled_linear"))
+
+
+def _start_atol(t, *arrays):
+    """The bound on the noised start at timestep ``t``, either form of ``add_noise``: ``sqrt(a)
+    x0 + sqrt(1 - a) noise`` (moves by ``sqrt(a) REL / 2`` and ``a REL / (2 sqrt(1 - a))`` of
+    ``m``, the largest input) or ``x0 + sigma noise`` (``sigma`` by ``REL / (2 (1 - a))``); then
+    about 6 roundings a side of values up to ``m (1 + sigma)``."""
+    i = int(round(float(t)))
+    a, rel = _ABAR[i], REL[i]
+    sigma = np.sqrt((1 - a) / a)
+    m = max(np.abs(np.asarray(x)).max() for x in arrays)
+    vp = m * (np.sqrt(a) * rel / 2 + a * rel / (2 * np.sqrt(1 - a)))
+    ve = m * sigma * rel / (2 * (1 - a))
+    return float(max(vp, ve) + ulps(12, m * (1 + sigma)))
+
+
+def _result_atol(timesteps, evals, *arrays):
+    """The bound on the result of a tail (or LCM run) over ``timesteps`` with ``evals`` model
+    calls: each call's roundings (``tolerances.trajectory_atol``, at the scale of the largest
+    value ``m``, with an eps model's conversion gain ``1 / sqrt(abar)`` at the smallest abar of the
+    tail), plus the schedule's difference: a step's coefficients move with ``log sigma`` at both
+    of its ends, ``|d x_next / d log sigma| <= |x| + |x0| <= 2 m``, by ``REL / (2 (1 - a))`` each.
+    The toy's flows contract as the stand-ins' do (``dx / dsigma = eps ~ 0.3 x``), so the steps'
+    errors add."""
+    idx = np.clip(np.round(np.asarray(timesteps, np.float64)).astype(int), 0, 999)
+    m = max(np.abs(np.asarray(x)).max() for x in arrays)
+    rel_sigma = REL[idx] / (2 * (1 - _ABAR[idx]))
+    schedule = 2 * m * 2 * rel_sigma.sum()
+    return trajectory_atol(evals, m, gain=1 / np.sqrt(_ABAR[idx].min())) + float(schedule)
 
 
 @pytest.mark.parametrize("cls,extra", CASES)
@@ -104,13 +145,16 @@ def test_tail_matches_diffusers_img2img(cls, extra, prediction_type, strength, m
     # contract): the start it returns is diffusers' divided by that.
     scale = (float(sched_t.init_noise_sigma)
              if s == 0 and sampler.spec.noise_space == "sigma_ve" else 1.0)
-    np.testing.assert_allclose(np.asarray(x_s) * scale, start_ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_s) * scale, start_ref, rtol=0,
+                               atol=_start_atol(timesteps[0], x0, noise, start_ref))
     kwargs = {} if step_noise is None else {"noise": jnp.asarray(step_noise)}
     if step_noise is not None:  # every step of the tail but the last draws (the last: t = 1 > 0
         # for DDPM with steps_offset=1; KDPM2 ancestral adds none on its last step)
         assert len(calls) == (n - s if cls == "DDPMScheduler" else n - s - 1), calls
     out = sampler(_toy, schedule, x_s, None, num_steps=n, strength=strength, **kwargs)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=_result_atol(
+        timesteps.numpy(), len(timesteps), start_ref, ref, *([] if step_noise is None
+                                                              else [step_noise])))
 
 
 @pytest.mark.slow
@@ -188,12 +232,14 @@ def test_lcm_matches_diffusers_lcm_img2img(n, strength, orig, prediction_type, c
         assert list(full[strength_start_step(n, strength):]) == [499, 259]
         assert list(grid.timesteps) == [499, 379, 259, 139]
     x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), strength)
-    np.testing.assert_allclose(np.asarray(x_s), start_ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_s), start_ref, rtol=0,
+                               atol=_start_atol(timesteps[0], x0, noise, start_ref))
     out = sampler(_toy, schedule, x_s, None, num_steps=n, noise=jnp.asarray(step_noise),
                   strength=strength)
     err = float(np.abs(np.asarray(out) - ref).max())
     print(f"lcm img2img n={n} strength={strength}: max abs err {err:.2e}")
-    np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=_result_atol(
+        timesteps.numpy(), n, start_ref, ref, step_noise))
 
 
 def test_strength_errors():

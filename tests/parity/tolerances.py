@@ -189,15 +189,18 @@ def float32_betas_atol(betas, beta_schedule: str):
 
 def float32_alpha_rtol(betas, betas_atol):
     """``[T]`` bound ``e_s`` on the relative error of each float32 factor ``alpha_s = 1 - beta_s``
-    of a float32 cumprod: the beta's error and the subtraction's rounding relative to ``alpha_s``,
-    and the product's rounding."""
+    of a float32 cumprod: the beta's error and the subtraction's rounding (an ulp of ``alpha_s``:
+    ``EPS32 / 2`` in [0.5, 1)) relative to ``alpha_s``."""
     alphas = 1 - np.asarray(betas, np.float64)
-    return (betas_atol + EPS32) / alphas + EPS32
+    ulp = 2.0 ** (np.floor(np.log2(alphas)) - 23)
+    return (betas_atol + ulp) / alphas
 
 
 def float32_cumprod_rtol(betas, betas_atol):
     """``[T]`` bound on ``|abar_t(diffusers) - abar_t| / abar_t``: the factors' errors add
-    (:func:`float32_alpha_rtol`), plus one rounding of each stored entry on either side."""
+    (:func:`float32_alpha_rtol`), plus one rounding of each stored entry on either side (the pinned
+    torch's CPU ``cumprod`` accumulates in float64, ``at::acc_type``, and rounds each entry once:
+    the same scalar loop on every CPU)."""
     return np.cumsum(float32_alpha_rtol(betas, betas_atol)) + 2 * EPS32
 
 
