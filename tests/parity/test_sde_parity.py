@@ -14,13 +14,13 @@ The score is an O(1) analytic stand-in, the exact score ``-x / (1 + sigma^2)`` o
 under the VE SDE (diffusers passes the model ``sigma``, jaxdiff ``t``; the stand-in turns ``t``
 into ``sigma(t)``).
 
-Tolerance (float32): ``TOL = 1e-5`` absolute on the final sample, and on every step's sample
-``TOL * max(1, max|x_step|)`` (the states are ``O(sigma)``, up to ~3600 at ``sigma_max = 1348``,
-where a float32 ulp is 2.4e-4; the geometric noise levels agree to float32 rounding, ~1e-6
-relative). Measured max errors (final, path / scale): sigma_max 1: 4.8e-7, 1.5e-6 (the whole path
-within 1.9e-6 absolute); sigma_max 50 with 2 corrector steps: 6.0e-7, 9.3e-7; sigma_max 1348
-(diffusers' default, 200 steps): 8.3e-7, 4.8e-6. The VP test (O(1) states) holds the whole path
-to ``TOL`` absolute.
+Tolerance (float32): every step's sample relative to ``max(1, max|x_step|)`` (the states are
+``O(sigma)``, up to ~3600 at ``sigma_max = 1348``, where a float32 ulp is 2.4e-4), and the final
+sample absolutely, within the steps' errors (``_path_rtol``): ``STEP_ULPS`` ulps per predictor or
+corrector step, and the noise levels' float32 bounds (see test_grid_and_noise_levels_...) times
+the step's sensitivity to them. The reverse VE process shrinks an error relative to the state by
+``sqrt((1 + sigma_i^2) / (1 + sigma_j^2))`` from step j to step i (the state falls like sigma),
+the VP one keeps it (O(1) states, a contracting flow).
 """
 
 import jax
@@ -38,9 +38,40 @@ from jaxdiff.sde import (
     score_from_eps,
     sde_timesteps,
 )
+from tests.parity.tolerances import STEP_ULPS, ulps, within
 
-TOL = 1e-5
 B, H, W, C = 2, 4, 4, 3
+
+
+def _path_rtol(n, steps_per_step=1, sde=None):
+    """``[N + 1]`` bounds, relative to each step's ``max(1, max|x|)``, after 0..N steps of
+    ``steps_per_step`` model calls each (module docstring). For the VE ``sde``, each step also
+    moves with its noise levels: the predictor adds ``sqrt(s_i^2 - s_{i-1}^2) z`` and ``(s_i^2 -
+    s_{i-1}^2) score``, whose derivatives in ``log s_i`` and ``log s_{i-1}`` are at most
+    ``s_i^2 / sqrt(s_i^2 - s_{i-1}^2)`` and 2 (relative to the state, the score being ``-x / (1 +
+    s^2)``), times the discrete sigmas' bound (``_sigma_rtols``); every model call's score moves by
+    twice the continuous sigma's bound."""
+    local = np.full(n, ulps(STEP_ULPS * steps_per_step))
+    if sde is None:
+        return np.concatenate([[0.0], np.cumsum(local)])
+    s = np.asarray(sde.discrete_sigmas, np.float64)[::-1]  # the order the sampler visits them
+    prev = np.concatenate([s[1:], [0.0]])
+    discrete, continuous = _sigma_rtols(sde.sigma_min, sde.sigma_max)
+    sens = 2 * (s**2 / np.sqrt(s**2 - prev**2) + 2) / np.maximum(1.0, s)
+    local = local + sens * discrete + 2 * steps_per_step * continuous
+    weight = np.sqrt((1 + s[None, :] ** 2) / (1 + s[:, None] ** 2))  # [i, j]: step j -> i
+    path = (np.tril(np.minimum(1.0, 1 / weight)) * local[None, :]).sum(axis=1)
+    return np.concatenate([[0.0], path])
+
+
+def _sigma_rtols(sigma_min, sigma_max):
+    """Relative bounds on diffusers' float32 noise levels (test_grid_and_noise_levels_...):
+    ``discrete_sigmas = exp(linspace(log sigma_min, log sigma_max))`` (the linspace's six roundings
+    a side at ``|log sigma|``, then exp and the cast); ``sigmas = sigma_min (sigma_max / sigma_min)
+    ** t`` (``t``'s 12 ulps and the ratio's rounding times ``log(sigma_max / sigma_min)``, pow's 2
+    ulps a side and the product)."""
+    log_max = np.abs(np.log([sigma_min, sigma_max])).max()
+    return ulps(12 * log_max + 4), ulps(14 * np.log(sigma_max / sigma_min) + 6)
 
 
 def _nchw(a):
@@ -95,10 +126,11 @@ def test_pc_trajectory_matches_score_sde_ve_scheduler(monkeypatch, n, sigma_max,
                     eps=eps, snr=snr, n_c=n_c)
     xs = np.asarray(xs)
     assert xs.shape == ref.shape
-    np.testing.assert_allclose(np.asarray(x0), ref[-1], rtol=0, atol=TOL)
     err = np.abs(xs - ref).reshape(n + 1, -1).max(axis=1)
     scale = np.maximum(1.0, np.abs(ref).reshape(n + 1, -1).max(axis=1))
-    assert np.all(err <= TOL * scale), (err / scale).max()
+    rtol = _path_rtol(n, n_c + 1, sde)
+    np.testing.assert_allclose(np.asarray(x0), ref[-1], rtol=0, atol=rtol[-1] * scale[-1])
+    within(err / scale, rtol, "path / max(1, max|x|)")
 
 
 def test_grid_and_noise_levels_match_set_timesteps_and_set_sigmas():
@@ -109,13 +141,15 @@ def test_grid_and_noise_levels_match_set_timesteps_and_set_sigmas():
     sched.set_sigmas(n)
     sde = VESDE(sigma_min=sigma_min, sigma_max=sigma_max, N=n)
     ts = sde_timesteps(sde, eps)
-    np.testing.assert_allclose(ts, sched.timesteps.numpy(), rtol=0, atol=1e-7)
+    # torch's float32 linspace of values <= 1: six roundings a side (tolerances.float32_betas_atol)
+    np.testing.assert_allclose(ts, sched.timesteps.numpy(), rtol=0, atol=ulps(12))
     # the discrete chain's index floor(t (N - 1)) is the same on both grids
     np.testing.assert_array_equal(np.asarray(sde.timestep_index(ts)),
                                   (sched.timesteps * (n - 1)).long().numpy())
+    discrete, continuous = _sigma_rtols(sigma_min, sigma_max)
     np.testing.assert_allclose(np.asarray(sde.discrete_sigmas), sched.discrete_sigmas.numpy(),
-                               rtol=2e-6)
-    np.testing.assert_allclose(np.asarray(sde.sigma(ts)), sched.sigmas.numpy(), rtol=2e-6)
+                               rtol=discrete)
+    np.testing.assert_allclose(np.asarray(sde.sigma(ts)), sched.sigmas.numpy(), rtol=continuous)
 
 
 def test_single_predictor_step_matches_step_pred(monkeypatch):
@@ -132,9 +166,11 @@ def test_single_predictor_step_matches_step_pred(monkeypatch):
         t = sched.timesteps[i]
         got, got_mean = reverse_diffusion_predictor(sde, lambda x_, t_: model_out, x, t.item(), z)
         ref = sched.step_pred(_nchw(model_out), t, _nchw(x))
-        np.testing.assert_allclose(np.asarray(got), _nhwc(ref.prev_sample), rtol=0, atol=TOL)
+        # one step's roundings at the scale of its terms (sigma_max = 1: all O(max |input|))
+        atol = ulps(STEP_ULPS, 2 * max(np.abs(a).max() for a in (x, z, model_out)))
+        np.testing.assert_allclose(np.asarray(got), _nhwc(ref.prev_sample), rtol=0, atol=atol)
         np.testing.assert_allclose(np.asarray(got_mean), _nhwc(ref.prev_sample_mean), rtol=0,
-                                   atol=TOL)
+                                   atol=atol)
 
 
 @pytest.mark.slow
@@ -142,8 +178,8 @@ def test_vp_euler_maruyama_trajectory_matches_score_sde_vp_scheduler(monkeypatch
     """jaxdiff's Euler-Maruyama predictor on the VP SDE (``dt = -1 / N``) against diffusers'
     deprecated ``ScoreSdeVpScheduler.step_pred``, which takes a noise prediction and forms the
     score ``-eps / std``: :func:`jaxdiff.sde.score_from_eps` on the jaxdiff side. The stand-in is
-    the exact eps of data ``N(0, 0.25 I)``, ``std x / (c^2 0.25 + std^2)``. Measured max errors
-    (final, whole path) over 200 steps: 6.0e-7, 9.5e-7."""
+    the exact eps of data ``N(0, 0.25 I)``, ``std x / (c^2 0.25 + std^2)``. Bounds: see the
+    module docstring."""
     from diffusers.schedulers.deprecated import scheduling_sde_vp
 
     n, eps, s2 = 200, 1e-3, 0.25
@@ -175,5 +211,8 @@ def test_vp_euler_maruyama_trajectory_matches_score_sde_vp_scheduler(monkeypatch
     path[-1] = x_mean
     assert next(draws, None) is None
     ref = np.stack([_nhwc(p) for p in path])
-    np.testing.assert_allclose(np.asarray(x0), ref[-1], rtol=0, atol=TOL)
-    np.testing.assert_allclose(np.asarray(xs), ref, rtol=0, atol=TOL)
+    # O(1) states: the steps' roundings at the scale of the largest state or noise, summed
+    m = max(np.abs(ref).max(), np.abs(np.asarray(noise)).max())
+    atol = _path_rtol(n) * m
+    np.testing.assert_allclose(np.asarray(x0), ref[-1], rtol=0, atol=atol[-1])
+    within(np.abs(np.asarray(xs) - ref).reshape(n + 1, -1).max(axis=1), atol, "path")
