@@ -145,6 +145,64 @@ def network_rtol(depth: int, fan_in: int) -> float:
     return float(depth * math.sqrt(fan_in) * EPS32)
 
 
+def timestep_embedding_atol(t_max: float) -> float:
+    """The bound on ``|jaxdiff - diffusers|`` of sinusoidal timestep features ``sin / cos(t
+    freq_i)``, ``freq_i = exp(e_i)``, ``e_i = -log(max_period) i / (half - shift)``, for ``t <=
+    t_max``. Per side: ``e_i``'s two roundings (``2 EPS32 |e_i|``) change the argument by ``2 EPS32
+    t |e_i| e^{-|e_i|} <= 2 EPS32 t / e``; exp's 2 ulps by ``2 EPS32 t freq_i <= 2 EPS32 t``; the
+    product's rounding by ``EPS32 t``; sin / cos add 2 ulps of their O(1) result. Both sides:
+    ``2 EPS32 (t_max (2 / e + 3) + 2)`` (9e-4 at t = 999: arguments up to 999 hold only ~1e-4
+    absolute in float32)."""
+    return float(2 * EPS32 * (t_max * (2 / math.e + 3) + 2))
+
+
+def sigma_space_grid(scheduler) -> np.ndarray:
+    """A diffusers scheduler's grid as sigma-space noise levels ``[N + 1]`` for
+    :func:`multistep_gains`: its ``sigmas`` where it keeps them, else ``sqrt((1 - abar) / abar)``
+    at its timesteps (``abar`` at least diffusers' ``2**-24`` floor) and a final 0."""
+    if hasattr(scheduler, "sigmas"):
+        sig = np.asarray(scheduler.sigmas, np.float64)
+    else:
+        acp = np.asarray(scheduler.alphas_cumprod, np.float64)
+        t = np.clip(np.round(np.asarray(scheduler.timesteps, np.float64)).astype(int), 0,
+                    len(acp) - 1)
+        a = np.maximum(acp[t], 2.0**-24)
+        sig = np.concatenate([np.sqrt((1 - a) / a), [0.0]])
+    return np.minimum(sig, math.sqrt((1 - 2.0**-24) / 2.0**-24))
+
+
+def pipeline_rtol(pipe, guidance_scale: float, *, rescale: bool = False,
+                  encode: bool = False) -> float:
+    """The bound on a diffusers Stable Diffusion pipeline's final latents against jaxdiff's,
+    relative to ``max(1, max |latents|)``, after a run (``pipe.scheduler`` holds the grid): per
+    UNet call, the UNet and text encoder as one float32 network (:func:`network_rtol`) plus the
+    timestep features' bound at t = 999 (:func:`timestep_embedding_atol`), times the guidance's
+    weight on the two branches' errors (``|1 - w| + |w|``; twice that with ``guidance_rescale``,
+    whose std ratio carries both stds' errors) and ``1 + g`` with ``g`` the step's
+    :func:`multistep_gains` (an eps prediction's x0 conversion, the multistep weights), and the
+    step's own roundings; the calls' errors add. ``encode``: image-to-image's VAE encoding
+    (:func:`network_rtol` of the VAE) starts the latents."""
+    net = network_rtol(*torch_layers(pipe.unet, pipe.text_encoder))
+    net += timestep_embedding_atol(999)
+    w = abs(1 - guidance_scale) + abs(guidance_scale) if guidance_scale != 1 else 1.0
+    if rescale:
+        w *= 2
+    gains = multistep_gains(sigma_space_grid(pipe.scheduler), 3)
+    local = net * w * (1 + gains) + STEP_ULPS * EPS32 + CONVERSION_ULPS * EPS32 * gains
+    start = network_rtol(*torch_layers(pipe.vae)) if encode else 0.0
+    return float(start + local.sum())
+
+
+def image_atol(pipe, latent_rtol: float, latents, decoded) -> float:
+    """The bound on images ``clamp(decoded / 2 + 0.5, 0, 1)`` decoded from latents within
+    ``latent_rtol`` (relative to ``max(1, max |latents|)``): the VAE as a float32 network
+    (:func:`network_rtol`) carries the latents' relative error with a factor ~1 and adds its own;
+    half of that relative to ``max |decoded|``."""
+    lat = np.abs(np.asarray(latents)).max()
+    rel = latent_rtol * max(1.0, lat) / lat + network_rtol(*torch_layers(pipe.vae))
+    return float(0.5 * rel * np.abs(np.asarray(decoded)).max())
+
+
 def torch_layers(*modules) -> tuple[int, int]:
     """``(depth, fan_in)`` of torch modules for :func:`network_rtol`: the number of ``Conv2d`` and
     ``Linear`` layers in all of them, and the largest number of inputs one output sums over
