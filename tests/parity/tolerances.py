@@ -53,7 +53,6 @@ The model.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -179,15 +178,18 @@ def pipeline_rtol(pipe, guidance_scale: float, *, rescale: bool = False,
     timestep features' bound at t = 999 (:func:`timestep_embedding_atol`), times the guidance's
     weight on the two branches' errors (``|1 - w| + |w|``; twice that with ``guidance_rescale``,
     whose std ratio carries both stds' errors) and ``1 + g`` with ``g`` the step's
-    :func:`multistep_gains` (an eps prediction's x0 conversion, the multistep weights), and the
-    step's own roundings; the calls' errors add. ``encode``: image-to-image's VAE encoding
-    (:func:`network_rtol` of the VAE) starts the latents."""
+    :func:`multistep_gains` (an eps prediction's x0 conversion, the multistep weights of the
+    scheduler's ``solver_order``, + 1 for UniPC's corrector), and the step's own roundings; the
+    calls' errors add. ``encode``: image-to-image's VAE encoding (:func:`network_rtol` of the VAE)
+    starts the latents."""
     net = network_rtol(*torch_layers(pipe.unet, pipe.text_encoder))
     net += timestep_embedding_atol(999)
     w = abs(1 - guidance_scale) + abs(guidance_scale) if guidance_scale != 1 else 1.0
     if rescale:
         w *= 2
-    gains = multistep_gains(sigma_space_grid(pipe.scheduler), 3)
+    config = pipe.scheduler.config
+    order = config.get("solver_order", 1) + ("UniPC" in type(pipe.scheduler).__name__)
+    gains = multistep_gains(sigma_space_grid(pipe.scheduler), order)
     local = net * w * (1 + gains) + STEP_ULPS * EPS32 + CONVERSION_ULPS * EPS32 * gains
     start = network_rtol(*torch_layers(pipe.vae)) if encode else 0.0
     return float(start + local.sum())
@@ -326,7 +328,3 @@ def allclose_ratio(actual, desired, rtol=1e-7, atol=0.0) -> float:
     ratios = ratios[~(np.isnan(actual) & np.isnan(desired))]  # NaN == NaN, as assert_allclose
     return float(ratios.max()) if ratios.size else 0.0
 
-
-def current_test() -> str:
-    """The node id of the running test (pytest sets ``PYTEST_CURRENT_TEST``)."""
-    return os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
