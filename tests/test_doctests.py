@@ -42,7 +42,13 @@ def _run(name):
     return results.attempted, results.failed, "".join(report)
 
 
-@pytest.mark.parametrize("name", MODULES)
+# modules whose examples take more than ~1.5 s on 2 cores (they build and run models): slow tier
+SLOW = ("jaxdiff.models.autoencoder", "jaxdiff.metrics.classifier", "jaxdiff.models.clip_text",
+        "jaxdiff.models.unet", "jaxdiff.sde.models", "jaxdiff.losses")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n.startswith(SLOW) else n for n in MODULES])
 def test_module_doctests_pass(name):
     attempted, failed, report = _run(name)
     assert failed == 0, f"{failed} of {attempted} doctest examples failed in {name}:\n{report}"
