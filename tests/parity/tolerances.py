@@ -175,21 +175,23 @@ def pipeline_rtol(pipe, guidance_scale: float, *, rescale: bool = False,
     """The bound on a diffusers Stable Diffusion pipeline's final latents against jaxdiff's,
     relative to ``max(1, max |latents|)``, after a run (``pipe.scheduler`` holds the grid): per
     UNet call, the UNet and text encoder as one float32 network (:func:`network_rtol`) plus the
-    timestep features' bound at t = 999 (:func:`timestep_embedding_atol`), times the guidance's
-    weight on the two branches' errors (``|1 - w| + |w|``; twice that with ``guidance_rescale``,
-    whose std ratio carries both stds' errors) and ``1 + g`` with ``g`` the step's
-    :func:`multistep_gains` (an eps prediction's x0 conversion, the multistep weights of the
-    scheduler's ``solver_order``, + 1 for UniPC's corrector), and the step's own roundings; the
+    timestep features' bound at the call's timestep (:func:`timestep_embedding_atol`), times the
+    guidance's weight on the two branches' errors (``|1 - w| + |w|``; twice that with
+    ``guidance_rescale``, whose std ratio carries both stds' errors) and ``1 + g`` with ``g`` the
+    step's :func:`multistep_gains` (an eps prediction's x0 conversion, the multistep weights of
+    the scheduler's ``solver_order``, + 1 for UniPC's corrector), and the step's own roundings; the
     calls' errors add. ``encode``: image-to-image's VAE encoding (:func:`network_rtol` of the VAE)
     starts the latents."""
-    net = network_rtol(*torch_layers(pipe.unet, pipe.text_encoder))
-    net += timestep_embedding_atol(999)
-    w = abs(1 - guidance_scale) + abs(guidance_scale) if guidance_scale != 1 else 1.0
-    if rescale:
-        w *= 2
     config = pipe.scheduler.config
     order = config.get("solver_order", 1) + ("UniPC" in type(pipe.scheduler).__name__)
     gains = multistep_gains(sigma_space_grid(pipe.scheduler), order)
+    ts = np.asarray(pipe.scheduler.timesteps, np.float64)
+    ts = ts if len(ts) == len(gains) else np.full(len(gains), ts.max())
+    net = network_rtol(*torch_layers(pipe.unet, pipe.text_encoder))
+    net = net + np.array([timestep_embedding_atol(t) for t in ts])
+    w = abs(1 - guidance_scale) + abs(guidance_scale) if guidance_scale != 1 else 1.0
+    if rescale:
+        w *= 2
     local = net * w * (1 + gains) + STEP_ULPS * EPS32 + CONVERSION_ULPS * EPS32 * gains
     start = network_rtol(*torch_layers(pipe.vae)) if encode else 0.0
     return float(start + local.sum())
