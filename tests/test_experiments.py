@@ -79,6 +79,7 @@ def test_resume_continues_from_checkpoint(trained, caplog):
     assert "num_steps: 3 -> 5" in caplog.text  # extending a run is allowed, and logged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("--config.seed=1", "different config.*seed"),  # another data order
     ("--config.training.grad_clip_norm=0", "optimizer-state structure"),
@@ -89,6 +90,7 @@ def test_resume_with_other_seed_or_optimizer_is_a_clear_error(trained, override,
         train_mnist.main(_overrides(workdir, data_dir, 9) + [override])
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_is_a_clear_error(trained):
     train_mnist, workdir, data_dir, _ = trained
     argv = _overrides(workdir, data_dir, 9) + ["--config.diffusion.num_timesteps=500"]
@@ -111,6 +113,7 @@ def test_sample_writes_png_and_npz(trained, tmp_path, sampler):
     assert np.isfinite(images).all() and os.path.getsize(out) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [
     (["--sampler=ddpm", "--eta=0.5"], "sampling.eta applies to samplers with an eta option"),
     (["--sampler=dpm_solver", "--ddim_clip=diffusers"], "sampling.ddim_clip applies to DDIM"),
@@ -130,6 +133,7 @@ def test_sample_rejects_options_the_sampler_does_not_take(trained, tmp_path, arg
     assert not os.path.exists(tmp_path / "s.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("--config.training.learning_rate=-1", "training.learning_rate must be > 0"),
     ("--config.training.batch_size=0", "training.batch_size must be >= 1"),
@@ -158,6 +162,7 @@ def test_invalid_values_fail_before_anything_is_written(trained, tmp_path, overr
     assert not os.path.exists(tmp_path / "w")   # the workdir is not even created
 
 
+@pytest.mark.slow
 def test_eta_with_a_sampler_without_eta_is_an_error(trained, tmp_path):
     from experiments.cli import ConfigError
 
@@ -169,6 +174,7 @@ def test_eta_with_a_sampler_without_eta_is_an_error(trained, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,message", [
     (["--config.training.batch_size=0"], "error: training.batch_size must be >= 1, got 0"),
     (["--config.num_classes=5"], "error: unknown config field 'num_classes'"),
@@ -191,6 +197,7 @@ def test_cli_config_error_is_one_line_and_writes_nothing(trained, tmp_path, caps
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_and_missing_data(trained, tmp_path):
     from experiments.cli import ConfigError
     from jaxdiff.data import HOW_TO_GET_MNIST
@@ -253,6 +260,7 @@ def test_ddim_clip_forms(trained):
         sample(1.0, "torch")
 
 
+@pytest.mark.slow
 def test_one_root_key_and_init_unet(trained):
     """The params come from ``init_unet`` with the init key of the one root key
     ``jax.random.key(seed)`` (typed keys); the train state's key is the train key."""
@@ -279,6 +287,7 @@ def test_one_root_key_and_init_unet(trained):
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
 
 
+@pytest.mark.slow
 def test_legacy_config_json_num_classes(trained, tmp_path):
     """A run written before ``model.num_classes`` was the only copy has a top-level
     ``num_classes``: equal to the model's it loads, different it is an error."""
@@ -327,6 +336,7 @@ def test_tensorboard_option_writes_event_file(trained, tmp_path):
     assert b"loss" in (workdir / "tb" / events[0]).read_bytes()   # the scalar's tag
 
 
+@pytest.mark.slow
 def test_tensorboard_without_tensorboardx_fails_before_writing(trained, tmp_path, monkeypatch):
     from experiments.cli import ConfigError
 
@@ -462,6 +472,7 @@ def test_optional_model_fields_parse_from_the_command_line():
     assert cfg.mid_attention is None
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_one_line_naming_the_step(trained, tmp_path, capsys):
     """A corrupt checkpoint (truncated metadata) reads as one ``error:`` line that names the step
     directory, not an Orbax traceback."""

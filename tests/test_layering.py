@@ -74,6 +74,7 @@ def _loaded_after_import(name: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package, forbidden", [
     ("jaxdiff", ("jaxdiff.training", "jaxdiff.pipelines", "jaxdiff.data", "jaxdiff.metrics",
                  "experiments")),

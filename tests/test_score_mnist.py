@@ -145,6 +145,7 @@ def test_train_cli_writes_run_and_resumes_exactly(score_runs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_resume_with_another_sde_is_refused(score_runs):
     from experiments import train_score_mnist
 
@@ -212,6 +213,7 @@ def test_eval_cli_numbers_and_counted_nfe(score_runs, tmp_path):
     assert json.load(open(workdir / "eval_score_mnist.json"))["step"] == 4
 
 
+@pytest.mark.slow
 def test_eval_cli_errors_before_work(score_runs, tmp_path, capsys):
     from experiments import eval_score_mnist
 
