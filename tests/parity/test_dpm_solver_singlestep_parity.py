@@ -13,8 +13,9 @@ to the scheduler's config, so the mapping is tested with the arithmetic. Both si
 float32 ``alphas_cumprod`` (patched into the scheduler before ``set_timesteps``, as in
 test_dpmpp_parity.py; the schedules themselves are compared in test_schedule_parity.py).
 
-Tolerances. Timesteps and orders are equal exactly; sigmas within 1 float32 ulp (``rtol =
-2.4e-7``: torch's float32 ``sqrt`` is not always correctly rounded). A trajectory's samples are
+Tolerances. Timesteps and orders are equal exactly; sigmas within
+``tolerances.GRID_SIGMA_RTOL`` (the float32 sigma formula's roundings on both sides, spread by the
+Karras / exponential / beta grids). A trajectory's samples are
 within ``TRAJ_C * N * ulp(A * M)`` max-abs (:func:`trajectory_tol`), ``N`` the steps, ``M`` the
 largest ``|x|`` of diffusers' trajectory and ``A = max alpha_t / alpha_s`` over the steps, ``s``
 each step's base point (its group's first): an update adds a few terms each rounded to an ulp
@@ -64,6 +65,7 @@ from jaxdiff.samplers.dpm_solver_singlestep import (
 )
 from jaxdiff.schedules import make_schedule
 from tests.parity.test_sampler_parity import standin
+from tests.parity.tolerances import GRID_SIGMA_RTOL, diffusers_alphas_cumprod_atol, within
 
 CLASS = "DPMSolverSinglestepScheduler"
 TRAJ_C = 4
@@ -125,7 +127,7 @@ def _check_grid(name, n, cfg):
                                            **{k: opts[k] for k in GRID_KEYS})
     label = (name, n, cfg)
     np.testing.assert_array_equal(grid.timesteps, ref.timesteps.numpy(), err_msg=str(label))
-    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=2.4e-7, atol=0,
+    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=GRID_SIGMA_RTOL, atol=0,
                                err_msg=str(label))
     assert grid.orders.tolist() == list(ref.order_list), label
     return grid
@@ -317,14 +319,15 @@ def test_export_loads_in_diffusers_as_the_same_scheduler(options):
     back = sampler_from_diffusers_config({**ref.config, "_class_name": CLASS})
     assert back.effective_options == sampler.effective_options
     schedule = schedule_from_diffusers_config(config)
-    np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod), ref.alphas_cumprod.numpy(),
-                               rtol=1e-6, atol=0)
+    # diffusers' float32 cumprod (tolerances.diffusers_alphas_cumprod_atol)
+    within(np.abs(np.asarray(schedule.alphas_cumprod) - ref.alphas_cumprod.numpy()),
+           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
     ref.alphas_cumprod = torch.from_numpy(np.array(schedule.alphas_cumprod))
     ref.set_timesteps(12)
     grid = dpm_solver_singlestep_timesteps(schedule, 12, **{
         k: sampler.effective_options[k] for k in GRID_KEYS})
     np.testing.assert_array_equal(grid.timesteps, ref.timesteps.numpy())
-    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=2.4e-7, atol=0)
+    np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=GRID_SIGMA_RTOL, atol=0)
     assert grid.orders.tolist() == list(ref.order_list)
 
 

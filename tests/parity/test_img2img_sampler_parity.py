@@ -33,10 +33,10 @@ from jaxdiff.samplers import (  # noqa: E402
 )
 from jaxdiff.schedules import make_schedule, scaled_linear_betas  # noqa: E402
 from tests.parity.tolerances import (  # noqa: E402
+    add_noise_atol,
     float32_betas_atol,
     float32_cumprod_rtol,
     trajectory_atol,
-    ulps,
 )
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -71,17 +71,8 @@ REL = float32_cumprod_rtol(_BETAS, float32_betas_atol(_BETAS, "scaled_linear"))
 
 
 def _start_atol(t, *arrays):
-    """The bound on the noised start at timestep ``t``, either form of ``add_noise``: ``sqrt(a)
-    x0 + sqrt(1 - a) noise`` (moves by ``sqrt(a) REL / 2`` and ``a REL / (2 sqrt(1 - a))`` of
-    ``m``, the largest input) or ``x0 + sigma noise`` (``sigma`` by ``REL / (2 (1 - a))``); then
-    about 6 roundings a side of values up to ``m (1 + sigma)``."""
-    i = int(round(float(t)))
-    a, rel = _ABAR[i], REL[i]
-    sigma = np.sqrt((1 - a) / a)
-    m = max(np.abs(np.asarray(x)).max() for x in arrays)
-    vp = m * (np.sqrt(a) * rel / 2 + a * rel / (2 * np.sqrt(1 - a)))
-    ve = m * sigma * rel / (2 * (1 - a))
-    return float(max(vp, ve) + ulps(12, m * (1 + sigma)))
+    """The bound on the noised start at timestep ``t`` (tolerances.add_noise_atol)."""
+    return add_noise_atol(dict(SD_BETAS, num_train_timesteps=1000), t, *arrays)
 
 
 def _result_atol(timesteps, evals, *arrays):

@@ -11,17 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.convert import sampler_from_diffusers_config, schedule_from_diffusers_config
-from jaxdiff.schedules import BETA_SCHEDULES
 from tests.parity.test_euler_parity import standin_sigma as standin
 from tests.parity.tolerances import (
     CONVERSION_ULPS,
     STEP_ULPS,
-    float32_betas_atol,
-    float32_cumprod_rtol,
+    diffusers_alphas_cumprod_atol,
     multistep_gains,
     ulps,
     within,
-    zero_snr_bounds,
 )
 
 SHAPE = (2, 6, 6, 3)
@@ -68,23 +65,6 @@ CONFIGS = [
 ]
 
 
-def _schedule_atol(config):
-    """``[T]`` bound on diffusers' float32 ``alphas_cumprod`` against jaxdiff's (tolerances.py:
-    ``float32_cumprod_rtol``, or ``zero_snr_bounds`` with ``rescale_betas_zero_snr``, whose last
-    entry the Euler schedulers floor at ``2**-24``); ``config`` the scheduler's full config."""
-    name = config["beta_schedule"]
-    kw = {} if name == "squaredcos_cap_v2" else dict(beta_start=config["beta_start"],
-                                                     beta_end=config["beta_end"])
-    jax_name = {"squaredcos_cap_v2": "cosine"}.get(name, name)
-    betas = BETA_SCHEDULES[jax_name](config["num_train_timesteps"], **kw)
-    atol = float32_betas_atol(betas, name)
-    if config.get("rescale_betas_zero_snr"):
-        bound = zero_snr_bounds(betas, atol)[1].copy()
-        bound[-1] = 2.0**-24
-        return bound
-    return np.cumprod(1 - betas) * float32_cumprod_rtol(betas, atol)
-
-
 def _trajectory_atol(ref, acp, two_stage, *arrays):
     """The final sample's bound: per model call ``STEP_ULPS`` ulps of the largest value ``m`` plus
     ``CONVERSION_ULPS`` ulps weighted by ``multistep_gains`` (order <= 3) on the scheduler's
@@ -112,7 +92,7 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
     schedule = schedule_from_diffusers_config(config)
     # The schedules agree to float32 rounding (diffusers takes a float32 cumprod).
     within(np.abs(np.asarray(schedule.alphas_cumprod, np.float64) - ref.alphas_cumprod.numpy()),
-           _schedule_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
     sampler = sampler_from_diffusers_config(config)
     # From here on both sides use the same float32 alphas_cumprod, so that the trajectories
     # compare the samplers' maths and options, not two roundings of the schedule.

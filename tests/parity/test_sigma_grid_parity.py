@@ -12,13 +12,8 @@ from jaxdiff.samplers.sigmas import (
     sigma_to_t,
     train_sigmas,
 )
-from jaxdiff.schedules import BETA_SCHEDULES, make_schedule
-from tests.parity.tolerances import (
-    float32_betas_atol,
-    float32_cumprod_rtol,
-    ulps,
-    within,
-)
+from jaxdiff.schedules import make_schedule
+from tests.parity.tolerances import train_sigma_rtol, ulps, within
 
 DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "scaled_linear",
                   "cosine": "squaredcos_cap_v2"}
@@ -31,18 +26,12 @@ def _pair(name, **cfg):
     return ref, make_schedule(name, 1000, **BETAS[name])
 
 
-# Tolerances. diffusers builds ``alphas_cumprod`` in float32 (float32 betas, a float32 cumprod),
-# jaxdiff in float64 and rounds once: relative bound ``float32_cumprod_rtol`` (tolerances.py).
-# ``sigma = sqrt((1 - abar) / abar)`` has condition number ``1 / (2 (1 - abar))`` in ``abar`` (the
-# cancellation of ``1 - abar`` near ``abar = 1``, i.e. small t), plus each side's own roundings
-# (``1 - abar``, the division, the square root or ``** 0.5``, the interpolation and the float32
-# cast: 4 a side).
+# Tolerances: diffusers builds ``alphas_cumprod`` in float32, jaxdiff in float64 and rounds once;
+# the training sigmas then differ by tolerances.train_sigma_rtol (per step).
 def _train_sigma_rtol(sched, name):
-    """``[T]`` bound on the relative difference of the training sigmas (see above)."""
-    betas = np.asarray(BETA_SCHEDULES[name](1000, **BETAS[name]), np.float64)
-    abar = np.cumprod(1 - betas)
-    rel_abar = float32_cumprod_rtol(betas, float32_betas_atol(betas, DIFFUSERS_NAME[name]))
-    return rel_abar / (2 * (1 - abar)) + ulps(8)
+    """``[T]`` bound on the relative difference of the training sigmas."""
+    return train_sigma_rtol(dict(beta_schedule=DIFFUSERS_NAME[name], num_train_timesteps=1000,
+                                 **BETAS[name]))
 
 
 def _grid_bounds(name, sched, grid, spaced, sigma_schedule, final):

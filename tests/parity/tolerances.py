@@ -302,6 +302,65 @@ def zero_snr_bounds(betas, betas_atol):
     return betas_bound, abar * (np.cumsum(alpha_rel) + 2 * u)
 
 
+def diffusers_betas64(config):
+    """jaxdiff's float64 betas (before any zero-SNR rescale) for a diffusers scheduler config
+    (its full ``config``: ``beta_schedule``, ``beta_start``, ``beta_end``,
+    ``num_train_timesteps``), and diffusers' float32 bound on them (:func:`float32_betas_atol`)."""
+    from jaxdiff.schedules import BETA_SCHEDULES
+
+    name = config["beta_schedule"]
+    kw = {} if name == "squaredcos_cap_v2" else dict(beta_start=config.get("beta_start", 1e-4),
+                                                     beta_end=config.get("beta_end", 0.02))
+    betas = BETA_SCHEDULES[{"squaredcos_cap_v2": "cosine"}.get(name, name)](
+        config["num_train_timesteps"], **kw)
+    return betas, float32_betas_atol(betas, name)
+
+
+def diffusers_alphas_cumprod_atol(config):
+    """``[T]`` bound on diffusers' float32 ``alphas_cumprod`` against jaxdiff's for a scheduler
+    ``config``: :func:`float32_cumprod_rtol`, or :func:`zero_snr_bounds` with
+    ``rescale_betas_zero_snr``, whose last entry the Euler schedulers floor at ``2**-24``."""
+    betas, atol = diffusers_betas64(config)
+    if config.get("rescale_betas_zero_snr"):
+        bound = zero_snr_bounds(betas, atol)[1].copy()
+        bound[-1] = 2.0**-24
+        return bound
+    return np.cumprod(1 - betas) * float32_cumprod_rtol(betas, atol)
+
+
+def train_sigma_rtol(config):
+    """``[T]`` bound on the relative difference of the training sigmas ``sqrt((1 - abar) / abar)``
+    of diffusers' float32 schedule and jaxdiff's, for a scheduler ``config``: the relative bound
+    on ``abar`` (:func:`float32_cumprod_rtol`) times the condition number ``1 / (2 (1 - abar))``
+    (the cancellation of ``1 - abar`` near ``abar = 1``, i.e. small t), plus each side's own
+    roundings (``1 - abar``, the division, the square root, an interpolation and a float32 cast: 4
+    a side)."""
+    betas, atol = diffusers_betas64(config)
+    return float32_cumprod_rtol(betas, atol) / (2 * (1 - np.cumprod(1 - betas))) + ulps(8)
+
+
+def add_noise_atol(config, t, *arrays) -> float:
+    """The bound on a noised start at timestep ``t`` (image-to-image) between diffusers' float32
+    schedule of ``config`` and jaxdiff's, either form of ``add_noise``: ``sqrt(a) x0 + sqrt(1 - a)
+    noise`` (moves by ``sqrt(a) rel / 2`` and ``a rel / (2 sqrt(1 - a))`` of ``m``, the largest of
+    ``arrays``; ``rel`` from :func:`float32_cumprod_rtol`) or ``x0 + sigma noise`` (``sigma`` by
+    ``rel / (2 (1 - a))``); then about 6 roundings a side of values up to ``m (1 + sigma)``."""
+    betas, atol = diffusers_betas64(config)
+    i = int(round(float(t)))
+    a, rel = np.cumprod(1 - betas)[i], float32_cumprod_rtol(betas, atol)[i]
+    sigma = np.sqrt((1 - a) / a)
+    m = max(np.abs(np.asarray(x)).max() for x in arrays)
+    vp = m * (np.sqrt(a) * rel / 2 + a * rel / (2 * np.sqrt(1 - a)))
+    ve = m * sigma * rel / (2 * (1 - a))
+    return float(max(vp, ve) + ulps(12, m * (1 + sigma)))
+
+
+GRID_SIGMA_RTOL = 14 * EPS32  # a grid's sigmas from the same float32 alphas_cumprod on both sides:
+# the float32 sigma formula (1 - abar, the division, the square root: 3 roundings a side) at both
+# end points, which Karras / exponential / beta / lu grids pass on summed, and the float32 cast of
+# a float64 grid (1 a side)
+
+
 def within(err, bound, what: str = "") -> float:
     """Asserts ``err <= bound`` (elementwise where either is an array), records the largest
     ``err / bound`` for the current test (``--parity-ratios``) and returns it."""
