@@ -211,6 +211,7 @@ def test_compiles_once_and_ignores_noise():
         deis_sample(model, SCHED, x_T(), num_steps=5, noise=jnp.ones((4, *SHAPE)))
 
 
+@pytest.mark.slow
 def test_registry_command_line_and_image_to_image(tmp_path):
     assert "deis" in sampler_names()
     assert sampler_options("deis") == ("lower_order_final", "prediction_type", "sigma_schedule",
