@@ -314,6 +314,7 @@ def test_truncated_array_file_is_one_checkpoint_error_naming_the_step_dir(saved)
     _assert_clear(excinfo, workdir / "6", "state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action, item", [("delete", "meta"), ("truncate", "meta"),
                                           ("truncate", "data"), ("replace", "meta")])
 def test_damaged_json_item_is_one_checkpoint_error_naming_the_step_dir(saved, action, item):

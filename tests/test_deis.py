@@ -167,6 +167,7 @@ def test_grid_and_orders():
     assert deis_orders(long, 3).tolist() == [1, 2] + [3] * 17 + [1]
 
 
+@pytest.mark.slow
 def test_first_order_is_ddim():
     """Order 1 is DDIM: DPM-Solver's first-order noise-prediction update on the same grid
     (``final_sigmas_type="sigma_min"``), written differently: within 16 ulps per step."""

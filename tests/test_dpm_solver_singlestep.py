@@ -219,6 +219,7 @@ def test_first_order_is_the_multistep_first_order(options):
     assert _max_diff(single, multi) <= 1e-6
 
 
+@pytest.mark.slow
 def test_higher_orders_are_more_accurate_on_an_exactly_solvable_flow():
     """Data N(0, 0.25 I): the exact eps model's probability-flow ODE has a closed-form solution
     (tests/test_dpm_solver.py). At 48 steps DPM-Solver++(2S) is over 10x closer to it than DDIM,

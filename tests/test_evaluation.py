@@ -29,6 +29,7 @@ def data():
     return split(40), split(30), init_classifier(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_workdir_classifier_defaults_to_the_workdir_file(data, tmp_path):
     train, test, clf = data
     save_classifier(str(tmp_path / ev.CLASSIFIER_FILE), clf)
@@ -41,6 +42,7 @@ def test_workdir_classifier_defaults_to_the_workdir_file(data, tmp_path):
                                  epochs=1)[1]["path"] == str(other)
 
 
+@pytest.mark.slow
 def test_references_are_the_former_seeded_draws(data):
     """As eval_mnist / eval_score_mnist drew the floor (a test permutation, then a train one,
     from default_rng(seed)) and eval_sweep / eval_latent_mnist the rows at each N."""
@@ -63,6 +65,7 @@ def test_references_are_the_former_seeded_draws(data):
         assert json.dumps(ref.real) == json.dumps(want)
 
 
+@pytest.mark.slow
 def test_write_results_writes_what_the_command_lines_wrote(data, tmp_path):
     images = data[0][0][:6]
     results = {"b": 1.5, "a": [1, 2], "nested": {"z": None, "y": "x"}, "obj": object}

@@ -224,6 +224,7 @@ EULER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EULER_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_euler_matches_diffusers(case, monkeypatch):
     name, pred, spacing, offset, sigma_schedule, final, n, churn = case
@@ -343,6 +344,7 @@ KDPM2_CASES = [
 # only ~1e-5 of the derivative: stage_gains with the midpoint as divisor.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", KDPM2_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("ancestral", [False, True])
 def test_kdpm2_matches_diffusers(case, ancestral, monkeypatch):
