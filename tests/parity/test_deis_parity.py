@@ -405,7 +405,7 @@ def test_export_round_trip(options, schedule):
     # diffusers' float32 cumprod vs jaxdiff's float64 one: the training sigmas' bound
     # (tolerances.train_sigma_rtol) at the grid's end points (t = 0 included), which a Karras /
     # exponential / beta grid passes on summed, and the cast of a float64 grid
-    rel = 2 * train_sigma_rtol(ref.config)[[0, *grid.timesteps]].max() + GRID_SIGMA_RTOL
+    rel = 2 * train_sigma_rtol(ref)[[0, *grid.timesteps]].max() + GRID_SIGMA_RTOL
     np.testing.assert_allclose(grid.sigmas, ref.sigmas.numpy(), rtol=rel)
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
         scheduler_to_diffusers(sampler, schedule, 1000, rescale_to_zero_terminal_snr=True, **kw)

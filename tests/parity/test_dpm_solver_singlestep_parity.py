@@ -256,7 +256,7 @@ def test_image_to_image_matches_the_img2img_recipe(n, strength, cfg):
     assert img2img_start_step(sampler, schedule, n, strength) == t_start
     x_s = noise_to_img2img(sampler, schedule, n, jnp.asarray(x0), jnp.asarray(noise), strength)
     np.testing.assert_allclose(np.asarray(x_s), start_ref, rtol=0,
-                               atol=add_noise_atol(ref.config, timesteps[0], x0, noise, start_ref))
+                               atol=add_noise_atol(ref, timesteps[0], x0, noise, start_ref))
     acp = schedule.alphas_cumprod
     out = jax.jit(lambda x: sampler(lambda x, t: standin(jnp, x, t, acp, pred), schedule, x,
                                     num_steps=n, strength=strength))(jnp.asarray(start_ref))
@@ -329,7 +329,7 @@ def test_export_loads_in_diffusers_as_the_same_scheduler(options):
     schedule = schedule_from_diffusers_config(config)
     # diffusers' float32 cumprod (tolerances.diffusers_alphas_cumprod_atol)
     within(np.abs(np.asarray(schedule.alphas_cumprod) - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
     ref.alphas_cumprod = torch.from_numpy(np.array(schedule.alphas_cumprod))
     ref.set_timesteps(12)
     grid = dpm_solver_singlestep_timesteps(schedule, 12, **{

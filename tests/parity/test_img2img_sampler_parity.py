@@ -72,7 +72,7 @@ REL = float32_cumprod_rtol(_BETAS, float32_betas_atol(_BETAS, "scaled_linear"))
 
 def _start_atol(t, *arrays):
     """The bound on the noised start at timestep ``t`` (tolerances.add_noise_atol)."""
-    return add_noise_atol(dict(SD_BETAS, num_train_timesteps=1000), t, *arrays)
+    return add_noise_atol(diffusers.DDPMScheduler(**SD_BETAS), t, *arrays)
 
 
 def _result_atol(timesteps, evals, *arrays):

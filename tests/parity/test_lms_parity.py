@@ -245,7 +245,7 @@ def test_img2img_matches_diffusers(prediction_type, strength):
     assert xs.shape[0] == n - t_start + 1
     # the start from diffusers' float32 schedule (tolerances.add_noise_atol)
     np.testing.assert_allclose(np.asarray(x_s) * scale, ref_xs[0], rtol=0, atol=add_noise_atol(
-        ref.config, timesteps[0], x0, noise, ref_xs[0]))
+        ref, timesteps[0], x0, noise, ref_xs[0]))
     check_path(xs, ref_xs, f"lms img2img {prediction_type} strength={strength}")
 
 
@@ -269,7 +269,7 @@ def test_config_gives_the_diffusers_trajectory(config):
     schedule = schedule_from_diffusers_config(full)
     # diffusers' float32 cumprod (tolerances.diffusers_alphas_cumprod_atol)
     within(np.abs(np.asarray(schedule.alphas_cumprod) - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
     sampler = sampler_from_diffusers_config(full)
     assert sampler.name == "lms" and not sampler.stochastic
     acp = np.array(schedule.alphas_cumprod)
@@ -313,7 +313,7 @@ def test_keys_the_class_does_not_take_are_ignored_as_diffusers_ignores_them():
     np.testing.assert_array_equal(rescaled.alphas_cumprod.numpy(), plain.alphas_cumprod.numpy())
     within(np.abs(np.asarray(schedule_from_diffusers_config(foreign).alphas_cumprod)
                   - plain.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(plain.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(plain), "alphas_cumprod")
     assert sampler_from_diffusers_config(foreign).effective_options == \
         get_sampler("lms").effective_options
 
@@ -337,7 +337,7 @@ def test_export_round_trips_through_diffusers(options, schedule, kwargs):
     assert back.spec is sampler.spec and back.effective_options == sampler.effective_options
     within(np.abs(np.asarray(schedule_from_diffusers_config(config).alphas_cumprod)
                   - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
 
 
 def test_export_refuses_what_the_config_cannot_hold():

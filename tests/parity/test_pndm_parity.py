@@ -224,7 +224,7 @@ def test_config_import_and_export_round_trip():
     ref = diffusers.PNDMScheduler.from_config(SD15)
     # diffusers' float32 cumprod (tolerances.diffusers_alphas_cumprod_atol)
     within(np.abs(np.asarray(schedule.alphas_cumprod) - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
     converted = {**SD15, "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995,
                  "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
                  "sample_max_value": 1.0, "thresholding": False, "timestep_spacing": "leading"}

@@ -92,7 +92,7 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
     schedule = schedule_from_diffusers_config(config)
     # The schedules agree to float32 rounding (diffusers takes a float32 cumprod).
     within(np.abs(np.asarray(schedule.alphas_cumprod, np.float64) - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
     sampler = sampler_from_diffusers_config(config)
     # From here on both sides use the same float32 alphas_cumprod, so that the trajectories
     # compare the samplers' maths and options, not two roundings of the schedule.

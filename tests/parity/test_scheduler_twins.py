@@ -70,7 +70,7 @@ def test_keys_of_other_classes_are_ignored_as_diffusers_ignores_them(cls_name, c
     # diffusers' float32 cumprod (tolerances.diffusers_alphas_cumprod_atol)
     within(np.abs(np.asarray(schedule_from_diffusers_config(config).alphas_cumprod)
                   - ref.alphas_cumprod.numpy()),
-           diffusers_alphas_cumprod_atol(ref.config), "alphas_cumprod")
+           diffusers_alphas_cumprod_atol(ref), "alphas_cumprod")
     np.testing.assert_array_equal(np.asarray(schedule_from_diffusers_config(config).alphas_cumprod),
                                   np.asarray(schedule_from_diffusers_config(base).alphas_cumprod))
 

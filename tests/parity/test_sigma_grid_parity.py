@@ -30,8 +30,7 @@ def _pair(name, **cfg):
 # the training sigmas then differ by tolerances.train_sigma_rtol (per step).
 def _train_sigma_rtol(sched, name):
     """``[T]`` bound on the relative difference of the training sigmas."""
-    return train_sigma_rtol(dict(beta_schedule=DIFFUSERS_NAME[name], num_train_timesteps=1000,
-                                 **BETAS[name]))
+    return train_sigma_rtol(_pair(name)[0])
 
 
 def _grid_bounds(name, sched, grid, spaced, sigma_schedule, final):

@@ -302,12 +302,22 @@ def zero_snr_bounds(betas, betas_atol):
     return betas_bound, abar * (np.cumsum(alpha_rel) + 2 * u)
 
 
-def diffusers_betas64(config):
-    """jaxdiff's float64 betas (before any zero-SNR rescale) for a diffusers scheduler config
-    (its full ``config``: ``beta_schedule``, ``beta_start``, ``beta_end``,
-    ``num_train_timesteps``), and diffusers' float32 bound on them (:func:`float32_betas_atol`)."""
+def _config(scheduler) -> dict:
+    """A diffusers scheduler's config, without the keys its class does not take (``from_config``
+    keeps them in the config but ignores them)."""
+    import inspect
+
+    taken = inspect.signature(type(scheduler).__init__).parameters
+    return {k: v for k, v in scheduler.config.items() if k in taken}
+
+
+def diffusers_betas64(scheduler):
+    """jaxdiff's float64 betas (before any zero-SNR rescale) for a diffusers ``scheduler`` (its
+    config's ``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``), and
+    diffusers' float32 bound on them (:func:`float32_betas_atol`)."""
     from jaxdiff.schedules import BETA_SCHEDULES
 
+    config = _config(scheduler)
     name = config["beta_schedule"]
     kw = {} if name == "squaredcos_cap_v2" else dict(beta_start=config.get("beta_start", 1e-4),
                                                      beta_end=config.get("beta_end", 0.02))
@@ -316,36 +326,38 @@ def diffusers_betas64(config):
     return betas, float32_betas_atol(betas, name)
 
 
-def diffusers_alphas_cumprod_atol(config):
-    """``[T]`` bound on diffusers' float32 ``alphas_cumprod`` against jaxdiff's for a scheduler
-    ``config``: :func:`float32_cumprod_rtol`, or :func:`zero_snr_bounds` with
-    ``rescale_betas_zero_snr``, whose last entry the Euler schedulers floor at ``2**-24``."""
-    betas, atol = diffusers_betas64(config)
-    if config.get("rescale_betas_zero_snr"):
+def diffusers_alphas_cumprod_atol(scheduler):
+    """``[T]`` bound on a diffusers ``scheduler``'s float32 ``alphas_cumprod`` against jaxdiff's:
+    :func:`float32_cumprod_rtol`, or :func:`zero_snr_bounds` where its class takes
+    ``rescale_betas_zero_snr`` and it is set (the Euler schedulers floor the last entry at
+    ``2**-24``)."""
+    betas, atol = diffusers_betas64(scheduler)
+    if _config(scheduler).get("rescale_betas_zero_snr"):
         bound = zero_snr_bounds(betas, atol)[1].copy()
         bound[-1] = 2.0**-24
         return bound
     return np.cumprod(1 - betas) * float32_cumprod_rtol(betas, atol)
 
 
-def train_sigma_rtol(config):
+def train_sigma_rtol(scheduler):
     """``[T]`` bound on the relative difference of the training sigmas ``sqrt((1 - abar) / abar)``
-    of diffusers' float32 schedule and jaxdiff's, for a scheduler ``config``: the relative bound
+    of a diffusers ``scheduler``'s float32 schedule and jaxdiff's: the relative bound
     on ``abar`` (:func:`float32_cumprod_rtol`) times the condition number ``1 / (2 (1 - abar))``
     (the cancellation of ``1 - abar`` near ``abar = 1``, i.e. small t), plus each side's own
     roundings (``1 - abar``, the division, the square root, an interpolation and a float32 cast: 4
     a side)."""
-    betas, atol = diffusers_betas64(config)
+    betas, atol = diffusers_betas64(scheduler)
     return float32_cumprod_rtol(betas, atol) / (2 * (1 - np.cumprod(1 - betas))) + ulps(8)
 
 
-def add_noise_atol(config, t, *arrays) -> float:
-    """The bound on a noised start at timestep ``t`` (image-to-image) between diffusers' float32
-    schedule of ``config`` and jaxdiff's, either form of ``add_noise``: ``sqrt(a) x0 + sqrt(1 - a)
-    noise`` (moves by ``sqrt(a) rel / 2`` and ``a rel / (2 sqrt(1 - a))`` of ``m``, the largest of
-    ``arrays``; ``rel`` from :func:`float32_cumprod_rtol`) or ``x0 + sigma noise`` (``sigma`` by
-    ``rel / (2 (1 - a))``); then about 6 roundings a side of values up to ``m (1 + sigma)``."""
-    betas, atol = diffusers_betas64(config)
+def add_noise_atol(scheduler, t, *arrays) -> float:
+    """The bound on a noised start at timestep ``t`` (image-to-image) between a diffusers
+    ``scheduler``'s float32 schedule and jaxdiff's, either form of ``add_noise``: ``sqrt(a) x0 +
+    sqrt(1 - a) noise`` (moves by ``sqrt(a) rel / 2`` and ``a rel / (2 sqrt(1 - a))`` of ``m``, the
+    largest of ``arrays``; ``rel`` from :func:`float32_cumprod_rtol`) or ``x0 + sigma noise``
+    (``sigma`` by ``rel / (2 (1 - a))``); then about 6 roundings a side of values up to ``m (1 +
+    sigma)``."""
+    betas, atol = diffusers_betas64(scheduler)
     i = int(round(float(t)))
     a, rel = np.cumprod(1 - betas)[i], float32_cumprod_rtol(betas, atol)[i]
     sigma = np.sqrt((1 - a) / a)
