@@ -133,6 +133,7 @@ def test_constant_noise_follows_ddim_transfers():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_model_keeps_a_float32_carry():
     """A bf16 x_T and bf16 model outputs: the carry (trajectory, history) is float32, and the
     bf16 outputs are only upcast (the result equals that of their float32 upcasts)."""
@@ -181,6 +182,7 @@ def test_step_driven_by_hand_equals_the_scan(skip, n, strength):
     assert np.abs(np.asarray(ddim_like) - np.asarray(out)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_registry_cli_and_config_names(tmp_path):
     assert {"pndm", "plms"} <= set(sampler_names())
     assert sampler_spec("plms") is sampler_spec("pndm")

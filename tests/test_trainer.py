@@ -43,6 +43,7 @@ def _rows(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_a_first_run_says_what_it_does_and_logs_its_last_step(tmp_path, capsys):
     """Old: only a 0/N bar during the compile, and no loss at all when num_steps < log_every."""
     summary = fit(_settings(tmp_path, 3, log_every=10), _task())
@@ -59,6 +60,7 @@ def test_a_first_run_says_what_it_does_and_logs_its_last_step(tmp_path, capsys):
     assert open(tmp_path / "config.json").read() == '{"tiny": true}'
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_line_saying_where_the_checkpoint_is(tmp_path, capsys):
     def kill_at_2(step, state):
         if step == 2:
@@ -75,6 +77,7 @@ def test_sigterm_stops_with_a_line_saying_where_the_checkpoint_is(tmp_path, caps
     assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_truncates_metrics_and_eval_logs_to_the_checkpoint(tmp_path, capsys):
     """A run killed (kill -9) after writing rows past its last checkpoint: the rows after the
     resumed step go, so no step appears twice; a half-written last line goes too."""
@@ -106,6 +109,7 @@ def test_resume_truncates_metrics_and_eval_logs_to_the_checkpoint(tmp_path, caps
     assert evals == [1, 2, 3, 4, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_says_whether_a_checkpoint_exists(tmp_path):
     """Old: "The last good checkpoint is kept" also when none had been written."""
     huge = _settings(tmp_path / "a", 40, checkpoint_every=100,
@@ -126,6 +130,7 @@ def test_nonfinite_loss_says_whether_a_checkpoint_exists(tmp_path):
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow
 def test_an_incompatible_resume_writes_nothing(tmp_path):
     fit(_settings(tmp_path, 2), _task())
     before = {p: os.path.getmtime(tmp_path / p) for p in ("config.json", "metrics.jsonl")}
@@ -166,6 +171,7 @@ def test_settings_name_the_bad_field(tmp_path, field, value, message):
         TrainerSettings(**dict(kw, **{field: value}))
 
 
+@pytest.mark.slow
 def test_periodic_every_zero_never_runs(tmp_path):
     calls = []
     summary = fit(_settings(tmp_path, 2),
