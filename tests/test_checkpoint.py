@@ -331,6 +331,7 @@ def test_damaged_json_item_is_one_checkpoint_error_naming_the_step_dir(saved, ac
     _assert_clear(excinfo, workdir / "6", item)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_step_is_not_skipped_even_with_a_good_one_before_it(saved):
     # Falling back to step 3 would silently throw away training: the error asks the user instead,
     # and once they move the corrupt directory away, step 3 restores.

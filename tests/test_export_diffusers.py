@@ -145,6 +145,7 @@ def test_round_trip_through_the_folder(parts, tmp_path):
     assert index["requires_safety_checker"] is False
 
 
+@pytest.mark.slow
 def test_export_an_in_memory_stable_diffusion(parts, tmp_path):
     # What the text-to-MNIST run holds: a StableDiffusion built in memory, with a diffusers
     # scheduler config (SD's DDIM settings) as its scheduler.

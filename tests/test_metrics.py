@@ -329,6 +329,7 @@ def test_classifier_learns_on_a_small_subset(mnist_small, tmp_path):
         C.classifier_logits(params, xte[:2, :14])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", ["extra_data", "truncated", "empty", "other_shapes"])
 def test_corrupt_classifier_file_is_one_error_naming_it(tmp_path, corrupt):
     """A corrupt classifier msgpack (msgpack's ``ExtraData``, a truncated or empty file) or one

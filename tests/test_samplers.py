@@ -443,6 +443,7 @@ def test_ddpm_final_noise():
                                atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_cfg_guide_channels_takes_the_variance_from_the_conditional_branch():
     """A learned-variance model ``[B, H, W, 2C]``: only the first C channels are guided (and
     rescaled); the variance channels are the conditional branch's (diffusers' DiTPipeline)."""

@@ -105,6 +105,7 @@ def test_trajectory_matches_diffusers(cls, pred, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_load_stable_diffusion_reads_such_a_folder(tmp_path):
     """A Stable Diffusion folder whose scheduler is such a config loads (it raised before) with
     diffusers' schedule (the sampler's trajectory is compared above)."""
