@@ -9,21 +9,33 @@ jitted program.
     python -m experiments.text_to_image --model DIR --prompt "..." --init_image in.png \
         --strength 0.6 --out out.png
 
-Writes ``out`` (one PNG, or ``<stem>_<i>.png`` for several images). Logs a line before the
-compile and one after the generation; errors in the flags or the folder are one line.
+Writes ``out`` (one image, or ``<stem>_<i>.<ext>`` for several; the format follows the
+extension). Logs a line before the compile and one after the generation. Every user error (a
+flag, the model folder, the init image, the output path, a size that does not fit in memory)
+is one ``error: ...`` line naming the flag or file, exit status 2, and everything that can be
+checked before the work starts is checked first.
+
+``--guidance_scale w`` means diffusers' formula ``uncond + w * (cond - uncond)`` for every ``w``
+(``1``: the prompt alone; ``0``: the negative prompt alone); diffusers' pipelines switch guidance
+off for every ``w <= 1`` instead, so the two differ for ``w < 1`` only
+(:mod:`jaxdiff.pipelines.stable_diffusion`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from experiments import cli
 from experiments.cli import ConfigError
+from jaxdiff.pipelines.images import check_output_path
+from jaxdiff.pipelines.stable_diffusion import MAX_IMAGE_SIDE
 from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.text_to_image"
@@ -35,18 +47,21 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     del argv
     flags.DEFINE_string("model", None, "diffusers Stable Diffusion folder (model_index.json, "
                         "unet/, vae/, text_encoder/, tokenizer/, scheduler/)", flag_values=fv)
-    flags.DEFINE_string("prompt", None, "the prompt", flag_values=fv)
-    flags.DEFINE_string("negative_prompt", None, "the negative prompt (default: none)",
-                        flag_values=fv)
+    flags.DEFINE_string("prompt", None, "the prompt (\"\" is valid: no text)", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "the negative prompt, the unconditional branch "
+                        "of guidance (default: \"\")", flag_values=fv)
     flags.DEFINE_integer("num_images", 1, "images for the prompt", flag_values=fv)
     flags.DEFINE_integer("steps", 30, "sampling steps", flag_values=fv)
-    flags.DEFINE_float("guidance_scale", 7.5, "classifier-free guidance (<= 1: off)",
-                       flag_values=fv)
+    flags.DEFINE_float("guidance_scale", 7.5, "guidance w: the UNet predicts uncond + w * (cond "
+                       "- uncond); 1: the prompt alone, 0: the negative prompt alone, > 1: "
+                       "classifier-free guidance (any finite w)", flag_values=fv)
     flags.DEFINE_float("guidance_rescale", 0.0, "guidance rescale phi in [0, 1]", flag_values=fv)
-    flags.DEFINE_integer("height", None, "image height (multiple of 8; default: the model's)",
-                         flag_values=fv)
-    flags.DEFINE_integer("width", None, "image width (multiple of 8; default: the model's)",
-                         flag_values=fv)
+    flags.DEFINE_integer("height", None, "image height (multiple of 8; default: the model's, or "
+                         "--init_image's rounded down to a multiple of 8)", flag_values=fv)
+    flags.DEFINE_integer("width", None, "image width (multiple of 8; default: the model's, or "
+                         "--init_image's rounded down to a multiple of 8)", flag_values=fv)
+    flags.DEFINE_integer("max_image_side", MAX_IMAGE_SIDE, "largest --height / --width accepted "
+                         "(a bound against typos)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed", flag_values=fv)
     flags.DEFINE_enum("sampler", None, list(sampler_names()),
                       "sampler (default: the folder's scheduler)", flag_values=fv)
@@ -55,56 +70,116 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (the VAE "
                       "decodes in float32 when its config asks)", flag_values=fv)
     flags.DEFINE_string("variant", None, "weights variant (e.g. fp16)", flag_values=fv)
-    flags.DEFINE_string("init_image", None, "image-to-image: the source image", flag_values=fv)
-    flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1]", flag_values=fv)
+    flags.DEFINE_string("init_image", None, "image-to-image: the source image (resized to "
+                        "--height x --width if given, else to its size rounded down to a "
+                        "multiple of 8, with Lanczos as diffusers)", flag_values=fv)
+    flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1] (with --init_image)",
+                       flag_values=fv)
     flags.DEFINE_integer("clip_skip", None, "skip the last k CLIP layers for the prompt "
                          "(diffusers' clip_skip)", flag_values=fv)
-    flags.DEFINE_string("out", "out.png", "output PNG", flag_values=fv)
+    flags.DEFINE_string("out", "out.png", "output image (.png, .jpg, .webp, ...; several "
+                        "images: <stem>_<i>.<ext>)", flag_values=fv)
+
+
+def _flag_remedy(option: str, value) -> str:
+    """A :class:`~jaxdiff.pipelines.LoadOptionError`'s remedy spelt as this command's flag."""
+    return f"leave out --{option}" if value is None else f"pass --{option} {value}"
+
+
+def _check_flags(fv: flags.FlagValues) -> None:
+    """The checks that need no model: every one raises :class:`ConfigError` naming the flag."""
+    if not fv.model:
+        raise ConfigError("--model is required")
+    if fv.prompt is None:
+        raise ConfigError("--prompt is required (--prompt \"\" for an empty prompt)")
+    if fv.num_images < 1:
+        raise ConfigError(f"--num_images must be >= 1, got {fv.num_images}")
+    if fv.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {fv.steps}")
+    if fv.option and not fv.sampler:
+        raise ConfigError("--option needs --sampler")
+    if fv["strength"].present and not fv.init_image:
+        raise ConfigError("--strength needs --init_image (it is the image-to-image strength)")
+    if not math.isfinite(fv.guidance_scale):
+        raise ConfigError(f"--guidance_scale must be a finite number, got {fv.guidance_scale}")
+    if fv.negative_prompt is not None and fv.guidance_scale == 1.0:
+        raise ConfigError("--negative_prompt has no effect with --guidance_scale 1 (the prompt "
+                          "alone); use another scale, e.g. 7.5")
+    if fv.max_image_side < 8:
+        raise ConfigError(f"--max_image_side must be >= 8, got {fv.max_image_side}")
+    for name in ("height", "width"):
+        v = fv[name].value
+        if v is not None and not 8 <= v <= fv.max_image_side:
+            raise ConfigError(f"--{name} must lie in [8, --max_image_side={fv.max_image_side}], "
+                              f"got {v} (raise --max_image_side to allow more)")
+    if fv.init_image and (fv.height is None) != (fv.width is None):
+        raise ConfigError("--init_image: give both --height and --width (the size to resize "
+                          "it to) or neither")
+    try:
+        check_output_path(fv.out, "--out")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Parses ``argv`` (without the program name), generates, writes the PNG(s); returns the
-    uint8 images ``[N, H, W, 3]``.
+    """Parses ``argv`` (without the program name), generates, writes the image(s); returns the
+    uint8 images ``[N, H, W, 3]``. Everything that can be checked before the work (flags, the
+    output path, the init image) is checked first.
 
     Raises:
-      ConfigError: an invalid flag, a bad model folder, or an invalid generation setting.
+      ConfigError: an invalid flag, a bad model folder, init image or output path, an invalid
+        generation setting, or a generation that does not fit in memory.
     """
-    from jaxdiff.pipelines import generate, load_stable_diffusion, save_images
+    from jaxdiff.pipelines import (
+        LoadOptionError,
+        generate,
+        load_image,
+        load_stable_diffusion,
+        save_images,
+    )
 
     fv = cli.parse_flags(_define, [] if argv is None else argv, PROG, __doc__)
-    for name in ("model", "prompt"):
-        if not fv[name].value:
-            raise ConfigError(f"--{name} is required")
-    if fv.num_images < 1:
-        raise ConfigError(f"--num_images must be >= 1, got {fv.num_images}")
-    if fv.option and not fv.sampler:
-        raise ConfigError("--option needs --sampler")
+    _check_flags(fv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("jaxdiff.pipelines.stable_diffusion").setLevel(logging.INFO)
     dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else jnp.float32
-    image = None
-    if fv.init_image:
-        from PIL import Image
-
-        try:
-            image = np.asarray(Image.open(fv.init_image).convert("RGB"))
-        except OSError as e:
-            raise ConfigError(f"--init_image {fv.init_image!r}: {e}") from None
     try:
+        image = None
+        if fv.init_image:
+            image = load_image(fv.init_image, height=fv.height, width=fv.width,
+                               name="--init_image")
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
                                    sampler=fv.sampler,
                                    sampler_options=cli.parse_sampler_options(fv.option))
+        if fv.steps > sd.schedule.num_timesteps:
+            raise ConfigError(f"--steps must be <= {sd.schedule.num_timesteps} (the scheduler's "
+                              f"num_train_timesteps), got {fv.steps}")
         prompts = [fv.prompt] * fv.num_images
         negatives = None if fv.negative_prompt is None else [fv.negative_prompt] * fv.num_images
         out = generate(sd, prompts, negatives, num_steps=fv.steps,
                        guidance_scale=fv.guidance_scale, guidance_rescale=fv.guidance_rescale,
-                       height=fv.height, width=fv.width, seed=fv.seed, image=image,
-                       strength=fv.strength, clip_skip=fv.clip_skip)
+                       height=None if image is not None else fv.height,
+                       width=None if image is not None else fv.width, seed=fv.seed,
+                       image=image, strength=fv.strength, clip_skip=fv.clip_skip,
+                       max_image_side=fv.max_image_side)
+    except LoadOptionError as e:
+        raise ConfigError(e.message(_flag_remedy)) from None
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    paths = save_images(out.images, fv.out)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise ConfigError(f"out of memory generating {fv.num_images} image(s) of this size on "
+                          f"{jax.devices()[0].platform}: lower --height / --width / --num_images"
+                          f" or use --dtype bfloat16 ({str(e).splitlines()[0]})") from None
+    try:
+        paths = save_images(out.images, fv.out)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--out {fv.out!r}: cannot write the image ({e})") from None
     print(f"wrote {', '.join(paths)} ({len(paths)} image(s), {sd.sampler.name}, "
-          f"{fv.steps} steps, guidance {fv.guidance_scale})")
+          f"{fv.steps} steps, guidance {fv.guidance_scale:g})")
     return out.images
 
 

@@ -186,6 +186,19 @@ def test_batch_truncation_padding_and_empty_prompt(folder, hf):
     assert ids.shape == (2, len(tok.encode(prompts[0])) + 2)
 
 
+def test_truncated_text_is_what_diffusers_warns_about(folder, hf):
+    """diffusers' ``encode_prompt`` warns with ``batch_decode(untruncated_ids[:, L - 1:-1])``
+    (the ids past the kept ones, without the final EOS); ``truncated_text`` is that text."""
+    tok = CLIPTokenizer.from_pretrained(folder)
+    assert tok.truncated_text("a photo of a cat") == "" and tok.truncated_text("") == ""
+    untruncated = hf(LONG, padding="longest", return_tensors="np").input_ids
+    ref = hf.batch_decode(untruncated[:, 77 - 1:-1])[0]
+    assert tok.truncated_text(LONG) == ref.strip() != ""
+    kept = tok.encode(LONG)[:75]
+    assert tok.encode(tok.decode(kept) + " " + tok.truncated_text(LONG)) == tok.encode(LONG)
+    assert tok.truncated_text(LONG, max_length=10) == tok.decode(tok.encode(LONG)[8:])
+
+
 def test_sd2_style_pad_token_and_max_length_from_folder(tmp_path, folder):
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     merges = [tuple(m.split()) for m in (folder / "merges.txt").read_text().split("\n")[1:] if m]

@@ -1,15 +1,21 @@
-"""The Stable Diffusion pipeline: loading errors, variants, one compile per setting, embeddings,
-bf16, sharding over simulated devices, the command line. A tiny random folder written by
-diffusers (``jaxdiff.pipelines.tiny``); parity with diffusers is in tests/parity."""
+"""The Stable Diffusion pipeline: loading errors, variants, one compile per setting, the guidance
+scale's one formula (a new scale compiles nothing), the program cache, embeddings, bf16, sharding
+over simulated devices, the command line. A tiny random folder written by diffusers
+(``jaxdiff.pipelines.tiny``); parity with diffusers is in tests/parity, loading defects in
+test_sd_loading.py, image inputs / outputs in test_sd_images.py, the command line's user errors
+in test_text_to_image.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -22,7 +28,14 @@ pytest.importorskip("diffusers")
 
 from experiments import text_to_image  # noqa: E402
 from experiments.cli import ConfigError  # noqa: E402
-from jaxdiff.pipelines import encode_prompt, generate, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines import (  # noqa: E402
+    PROGRAM_CACHE,
+    LoadOptionError,
+    encode_prompt,
+    generate,
+    load_stable_diffusion,
+)
+from jaxdiff.sharding import make_mesh  # noqa: E402
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
@@ -59,8 +72,10 @@ def test_load_errors(folder, tmp_path):
         load_stable_diffusion(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="model_index.json"):
         load_stable_diffusion(str(tmp_path))
-    with pytest.raises(ValueError, match="variant=None: no weights file.*fp16"):
+    with pytest.raises(LoadOptionError, match="variant=None: no weights file.*fp16") as e:
         load_stable_diffusion(folder)  # only fp16-variant files were written
+    assert (e.value.option, e.value.value) == ("variant", "fp16")
+    assert str(e.value).endswith("pass variant='fp16'")
     copy = _copy(folder, tmp_path)
     _edit_json(os.path.join(copy, "model_index.json"),
                text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
@@ -79,8 +94,9 @@ def test_load_errors(folder, tmp_path):
     shutil.rmtree(copy)
     copy = _copy(folder, tmp_path)
     _edit_json(os.path.join(copy, "scheduler", "scheduler_config.json"),
-               _class_name="FlowMatchEulerDiscreteScheduler")
-    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler.*sampler="):
+               _class_name="FlowMatchEulerDiscreteScheduler")  # no jaxdiff sampler for it
+    with pytest.raises(LoadOptionError,
+                       match="FlowMatchEulerDiscreteScheduler.*pass sampler='dpmpp_2m'"):
         load_stable_diffusion(copy, variant="fp16")
     sd = load_stable_diffusion(copy, variant="fp16", sampler="dpmpp_2m")
     assert sd.sampler.name == "dpmpp_2m" and sd.sampler.options["prediction_type"] == "eps"
@@ -150,12 +166,21 @@ def test_sharded_over_two_devices_matches_one(folder, sd):
     lat = np.random.default_rng(0).standard_normal((3, 16, 16, 4)).astype(np.float32)
     ref = generate(sd, ["a cat", "a dog", "the"], num_steps=2, latents=lat)
     np.save(os.path.join(folder, "..", "lat.npy"), lat)
+    # Two meshes in one process (one device, then both; the first dropped before the second
+    # is made): each gets its own program (the cache keys on the mesh, not on its id()).
     code = (
-        "import sys, numpy as np, jax\n"
-        "from jaxdiff.pipelines import generate, load_stable_diffusion\n"
+        "import gc, sys, numpy as np, jax\n"
+        "from jaxdiff.pipelines import PROGRAM_CACHE, generate, load_stable_diffusion\n"
+        "from jaxdiff.sharding import make_mesh\n"
         "assert jax.device_count() == 2\n"
         "sd = load_stable_diffusion(sys.argv[1], variant='fp16')\n"
-        "out = generate(sd, ['a cat', 'a dog', 'the'], num_steps=2, latents=np.load(sys.argv[2]))\n"
+        "lat = np.load(sys.argv[2])\n"
+        "one = generate(sd, ['a cat', 'a dog', 'the'], num_steps=2, latents=lat,\n"
+        "               mesh=make_mesh(jax.devices()[:1]))\n"
+        "gc.collect()\n"
+        "out = generate(sd, ['a cat', 'a dog', 'the'], num_steps=2, latents=lat)\n"
+        "assert PROGRAM_CACHE.stats()['misses'] == 2, PROGRAM_CACHE.stats()\n"
+        "np.testing.assert_allclose(one.float_images, out.float_images, atol=1e-5)\n"
         "np.save(sys.argv[3], out.float_images)\n"
     )
     out_path = os.path.join(folder, "..", "sharded.npy")
@@ -184,3 +209,92 @@ def test_command_line(folder, tmp_path, capsys):
     with pytest.raises(ConfigError, match="clip_skip"):
         text_to_image.main(["--model", folder, "--variant", "fp16", "--prompt", "x",
                             "--clip_skip", "99"])
+
+
+def _compiles(caplog, fn, **kw):
+    """(result, number of ``_sd_program`` XLA compilations) of ``fn(**kw)``."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        out = fn(**kw)
+    return out, sum("_sd_program" in r.getMessage() and "Compiling" in r.getMessage()
+                    for r in caplog.records)
+
+
+def test_a_new_guidance_scale_compiles_nothing(sd, caplog):
+    """Every w != 1 runs one program with w traced; w == 1 (the conditional model) is the only
+    other program. num_steps=3 is this test's own setting (nothing else compiled it)."""
+    kw = dict(prompt=["a cat"], negative_prompt=["dog"], num_steps=3, seed=0)
+    before = PROGRAM_CACHE.stats()
+    outs, counts = {}, {}
+    for w in (7.5, 3.0, 0.0, -2.0, 0.5, 1.0, 1.0, 2.0):
+        outs[w], n = _compiles(caplog, generate, sd=sd, guidance_scale=w, **kw)
+        counts[w] = counts.get(w, 0) + n
+    assert counts == {7.5: 1, 3.0: 0, 0.0: 0, -2.0: 0, 0.5: 0, 1.0: 1, 2.0: 0}, counts
+    after = PROGRAM_CACHE.stats()
+    assert after["misses"] - before["misses"] == 2      # the guided and the conditional program
+    assert after["hits"] - before["hits"] == 6
+    assert not np.array_equal(outs[3.0].images, outs[7.5].images)   # w really is an input
+
+
+def test_guidance_scale_is_one_formula(sd):
+    """w = 0 is the unconditional model (the negative prompt alone, as the prompt at w = 1); with
+    the same embedding for both branches every w gives the same image; NaN / inf are refused."""
+    lat = np.random.default_rng(1).standard_normal((1, 16, 16, 4)).astype(np.float32)
+    kw = dict(num_steps=2, latents=lat)
+    w0 = generate(sd, ["a cat"], ["the dog"], guidance_scale=0.0, **kw)
+    neg_alone = generate(sd, ["the dog"], guidance_scale=1.0, **kw)
+    cat_alone = generate(sd, ["a cat"], guidance_scale=1.0, **kw)
+    # a 2B batch against a B batch: float32 rounding only (images in [0, 1])
+    np.testing.assert_allclose(w0.float_images, neg_alone.float_images, atol=1e-5)
+    assert np.abs(w0.float_images - cat_alone.float_images).max() > 1e-2  # not the prompt
+    emb = encode_prompt(sd, sd.params, jnp.asarray(sd.tokenizer(["a cat"]).input_ids))
+    same = [generate(sd, prompt_embeds=emb, negative_prompt_embeds=emb, guidance_scale=w,
+                     **kw).float_images for w in (0.0, 3.0, -2.0)]
+    np.testing.assert_allclose(same[1], same[0], atol=1e-6)
+    np.testing.assert_allclose(same[2], same[0], atol=1e-6)
+    for bad in (float("nan"), float("inf"), -float("inf"), "7.5", None):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            generate(sd, ["a cat"], guidance_scale=bad, **kw)
+
+
+def test_program_cache_reuses_and_tells_settings_apart(sd, caplog):
+    kw = dict(prompt=["a cat"], num_steps=2, seed=0, guidance_scale=7.5)
+    generate(sd, **kw)                                   # compiled here or by an earlier test
+    key = PROGRAM_CACHE.keys()[-1]
+    before = PROGRAM_CACHE.stats()
+    _, n_same = _compiles(caplog, generate, sd=sd, **kw)
+    mesh = make_mesh()                                   # made again, equal: the same program
+    assert mesh == key.mesh and hash(mesh) == hash(key.mesh)
+    _, n_mesh = _compiles(caplog, generate, sd=sd, mesh=mesh, **kw)
+    other = sd.replace(params=jax.tree.map(lambda p: p * 1.0, sd.params))  # same configs
+    _, n_params = _compiles(caplog, generate, sd=other, **kw)
+    assert (n_same, n_mesh, n_params) == (0, 0, 0)
+    assert PROGRAM_CACHE.stats()["misses"] == before["misses"]
+    # programs never hold the model: dropping it frees its parameters, the program stays
+    ref = weakref.ref(other)
+    del other
+    gc.collect()
+    assert ref() is None and key in PROGRAM_CACHE
+    # another sampler option is another program
+    _, n_option = _compiles(caplog, generate, sd=sd, sampler="ddim",
+                            sampler_options={"clip_x0": 1.0}, **kw)
+    assert n_option == 1 and PROGRAM_CACHE.stats()["misses"] == before["misses"] + 1
+    new = PROGRAM_CACHE.keys()[-1]
+    assert new.sampler_options != key.sampler_options and new.num_steps == key.num_steps
+
+
+def test_long_prompt_warns_with_the_dropped_text(sd, caplog):
+    words = "first " + "a cat " * 20 + "last"    # the tiny tokenizer keeps 14 tokens
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxdiff.pipelines.stable_diffusion"):
+        generate(sd, ["a cat", words], num_steps=2, seed=0, guidance_scale=1.0)
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msgs) == 1, msgs
+    assert msgs[0].startswith("prompt[1] is longer than the 14 tokens"), msgs[0]
+    assert msgs[0].endswith(" last'") and "first" not in msgs[0], msgs[0]
+
+
+def test_tokens_beyond_the_text_encoder_are_refused(sd):
+    small = sd.replace(text_config=dataclasses.replace(sd.text_config, vocab_size=100))
+    with pytest.raises(ValueError, match="token id .* beyond the text encoder's vocab_size 100"):
+        generate(small, ["a cat"], num_steps=2, seed=0)

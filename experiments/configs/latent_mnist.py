@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.split = "heldout"     # the grid's prompts: one per digit from these templates
     c.sampling.sampler = "ddim"      # any of jaxdiff.samplers.sampler_names()
     c.sampling.num_steps = 25
-    c.sampling.guidance_scale = 3.0  # classifier-free guidance; <= 1: none
+    c.sampling.guidance_scale = 3.0  # uncond + w (cond - uncond): 1 conditional, 0 uncond.
 
     # At the end of training: the EMA model as a diffusers folder in WORKDIR/diffusers.
     c.export_diffusers = True

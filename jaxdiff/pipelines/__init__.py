@@ -1,36 +1,55 @@
 """Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
-(text-to-image and image-to-image) as one jitted program per setting; write one back
-(``save_stable_diffusion``)."""
+(text-to-image and image-to-image) as one jitted program per setting, cached by its static
+settings; write one back (``save_stable_diffusion``)."""
 
 from jaxdiff.pipelines.export import (
     export_stable_diffusion,
     save_stable_diffusion,
     save_tokenizer,
 )
+from jaxdiff.pipelines.checkpoint_files import LoadOptionError
+from jaxdiff.pipelines.images import (
+    check_output_path,
+    load_image,
+    prepare_image,
+    save_images,
+    to_uint8,
+)
 from jaxdiff.pipelines.loading import (
     SUPPORTED_PIPELINES,
     StableDiffusion,
+    check_tokenizer,
     choose_sampler,
     load_stable_diffusion,
     with_sampler,
 )
+from jaxdiff.pipelines.program_cache import ProgramCache
+from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey
 from jaxdiff.pipelines.stable_diffusion import (
+    MAX_IMAGE_SIDE,
     StableDiffusionOutput,
     encode_prompt,
     generate,
-    save_images,
-    to_uint8,
 )
 
 __all__ = [
+    "MAX_IMAGE_SIDE",
+    "PROGRAM_CACHE",
     "SUPPORTED_PIPELINES",
+    "LoadOptionError",
+    "ProgramCache",
+    "ProgramKey",
     "StableDiffusion",
     "StableDiffusionOutput",
+    "check_output_path",
+    "check_tokenizer",
     "choose_sampler",
     "encode_prompt",
     "export_stable_diffusion",
     "generate",
+    "load_image",
     "load_stable_diffusion",
+    "prepare_image",
     "save_images",
     "save_stable_diffusion",
     "save_tokenizer",

@@ -11,11 +11,14 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes (and what 
 
 Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load; SDXL (a
 ``text_encoder_2`` in ``model_index.json``, or a UNet with ``addition_embed_type="text_time"``) is
-rejected. The ``safety_checker`` and ``feature_extractor`` entries are ignored.
+rejected. The ``safety_checker`` and ``feature_extractor`` entries are ignored. The tokenizer is
+checked against the text encoder (:func:`check_tokenizer`), and a sharded checkpoint's index
+may name only files inside its folder (:mod:`jaxdiff.pipelines.checkpoint_files`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +37,6 @@ from jaxdiff.convert.diffusers_scheduler import (
 )
 from jaxdiff.convert.diffusers_unet import convert_unet_state_dict
 from jaxdiff.convert.diffusers_vae import convert_vae_state_dict, vae_config_from_diffusers
-from jaxdiff.convert.torch_io import load_torch_state_dict
 from jaxdiff.convert.transformers_clip import (
     clip_text_config_from_transformers,
     convert_clip_text_state_dict,
@@ -42,12 +44,19 @@ from jaxdiff.convert.transformers_clip import (
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.pipelines.checkpoint_files import (
+    VARIANT_RE,
+    LoadOptionError,
+    read_config,
+    read_weights,
+)
 from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
 from jaxdiff.samplers.registry import Sampler, get_sampler, sampler_spec
 from jaxdiff.schedules import Schedule
 from jaxdiff.text.tokenizer import CLIPTokenizer
 
-__all__ = ["StableDiffusion", "load_stable_diffusion", "SUPPORTED_PIPELINES"]
+__all__ = ["StableDiffusion", "SUPPORTED_PIPELINES", "check_tokenizer", "choose_sampler",
+           "load_stable_diffusion", "load_tokenizer", "with_sampler"]
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -76,11 +85,11 @@ class StableDiffusion:
       scheduler_config: the raw ``scheduler_config.json``.
       sample_size: the UNet's latent ``sample_size`` (default image side = ``sample_size *
         vae_scale_factor``).
-      compiled: the compiled generation programs (filled by the pipeline; not part of the
-        value).
 
     Only ``params`` is a pytree node: ``jax.tree.map(f, sd)`` maps the parameters and keeps the
-    rest.
+    rest. The compiled generation programs are not part of it: they live in
+    :data:`jaxdiff.pipelines.sd_program.PROGRAM_CACHE`, shared by every model with the same
+    configs and schedule.
     """
 
     params: dict
@@ -92,7 +101,6 @@ class StableDiffusion:
     sampler: Sampler = struct.field(pytree_node=False)
     scheduler_config: Mapping[str, Any] = struct.field(pytree_node=False)
     sample_size: int = struct.field(pytree_node=False, default=64)
-    compiled: dict = struct.field(pytree_node=False, default_factory=dict, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -103,41 +111,6 @@ class StableDiffusion:
     def prediction_type(self) -> str:
         """The UNet's output kind, from the scheduler config (``"epsilon"``/``"v_prediction"``)."""
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
-
-
-def _read_json(path: str, option: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"{option}: {path!r} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{option}: {path!r} is not valid JSON ({e})") from None
-
-
-def _weights(folder: str, stems: tuple[str, ...], variant: str | None) -> dict:
-    """The state dict of ``folder``: ``<stem>[.<variant>].safetensors`` (or its sharded
-    ``.index.json``), else ``.bin``, for the first stem found."""
-    suffix = f".{variant}" if variant else ""
-    tried = []
-    for ext in ("safetensors", "bin"):
-        for stem in stems:
-            name = f"{stem}{suffix}.{ext}"
-            index = os.path.join(folder, name + ".index.json")
-            if os.path.isfile(index):
-                shards = sorted(set(_read_json(index, "model")["weight_map"].values()))
-                out: dict = {}
-                for shard in shards:
-                    out.update(load_torch_state_dict(os.path.join(folder, shard)))
-                return out
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                return load_torch_state_dict(path)
-            tried.append(name)
-    others = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin")))
-    hint = f"; the folder holds {others} (pass variant=...)" if others else ""
-    raise ValueError(f"variant={variant!r}: no weights file in {folder!r} (looked for "
-                     f"{tried}){hint}")
 
 
 def _check_class(part: str, index: Mapping[str, Any], config: Mapping[str, Any] | None) -> None:
@@ -162,8 +135,8 @@ def load_stable_diffusion(
 
     Args:
       path: the folder holding ``model_index.json`` and the five parts (module docstring).
-      variant: load ``*.<variant>.safetensors`` / ``.bin`` weights (e.g. ``"fp16"``); ``None``
-        loads the plain files.
+      variant: load ``*.<variant>.safetensors`` / ``.bin`` weights (e.g. ``"fp16"``; letters,
+        digits and ``_``); ``None`` loads the plain files.
       dtype: the compute dtype of the three models (``jnp.float32`` or ``jnp.bfloat16``); the
         parameters are stored in it too. The VAE decodes in float32 when its config says
         ``force_upcast`` (the default), whatever ``dtype``.
@@ -178,14 +151,26 @@ def load_stable_diffusion(
       A :class:`StableDiffusion`.
 
     Raises:
+      LoadOptionError: (a ``ValueError``) a folder that needs ``sampler`` (its scheduler has no
+        jaxdiff sampler) or another ``variant`` (the weight files present are another one's).
       ValueError: naming the file or option: a missing ``model_index.json`` / part folder /
-        config / weights file, an unsupported class (SDXL, a non-CLIP text encoder, ...), an
-        unsupported config option, or weights that do not match their config.
+        config / weights file, a sharded index naming a file outside its folder, an unsupported
+        class (SDXL, a non-CLIP text encoder, ...), an unsupported config option, weights that
+        do not match their config, or a tokenizer that does not fit the text encoder
+        (:func:`check_tokenizer`).
     """
     root = os.fspath(path)
     if not os.path.isdir(root):
-        raise ValueError(f"path: {root!r} is not a folder (a diffusers Stable Diffusion folder)")
-    index = _read_json(os.path.join(root, "model_index.json"), "path")
+        raise ValueError(f"{root!r} is not a folder (a diffusers Stable Diffusion folder holds "
+                         "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    if not os.path.isfile(os.path.join(root, "model_index.json")):
+        raise ValueError(f"{root!r} has no model_index.json (not a diffusers Stable Diffusion "
+                         "folder: that holds model_index.json, unet/, vae/, text_encoder/, "
+                         "tokenizer/, scheduler/)")
+    if variant is not None and (not isinstance(variant, str) or not VARIANT_RE.match(variant)):
+        raise ValueError(f"variant must be None or a name of letters, digits and _ (e.g. 'fp16'), "
+                         f"got {variant!r}")
+    index = read_config(os.path.join(root, "model_index.json"), "model_index.json")
     cls = index.get("_class_name")
     if "text_encoder_2" in index or "XL" in str(cls):
         raise ValueError(f"model_index.json: {_SDXL} (it names {cls!r} / text_encoder_2)")
@@ -194,60 +179,74 @@ def load_stable_diffusion(
                          f"{SUPPORTED_PIPELINES})")
     for part in _PARTS:
         if not os.path.isdir(os.path.join(root, part)):
-            raise ValueError(f"path: {root!r} has no {part}/ folder (needed by {cls})")
+            raise ValueError(f"{root!r} has no {part}/ folder (needed by {cls})")
         _check_class(part, index, None)
     if dtype is not None and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     overrides = dict(dtype=dtype, param_dtype=dtype)
 
     unet_dir = os.path.join(root, "unet")
-    unet_raw = _read_json(os.path.join(unet_dir, "config.json"), "unet")
+    unet_raw = read_config(os.path.join(unet_dir, "config.json"), "unet")
     _check_class("unet", {}, unet_raw)
     if unet_raw.get("addition_embed_type") == "text_time":
         raise ValueError(f"unet/config.json: addition_embed_type='text_time': {_SDXL}")
-    unet_config = unet_config_from_diffusers(unet_raw, model_class="UNet2DConditionModel",
-                                             **overrides)
-    unet_params = convert_unet_state_dict(
-        _weights(unet_dir, ("diffusion_pytorch_model",), variant), unet_config)
+    with _errors_in("unet/config.json"):
+        unet_config = unet_config_from_diffusers(unet_raw, model_class="UNet2DConditionModel",
+                                                 **overrides)
+    unet_state = read_weights(unet_dir, ("diffusion_pytorch_model",), variant)
+    with _errors_in(f"{unet_dir}: weights"):
+        unet_params = convert_unet_state_dict(unet_state, unet_config)
+    del unet_state
 
     vae_dir = os.path.join(root, "vae")
-    vae_raw = _read_json(os.path.join(vae_dir, "config.json"), "vae")
+    vae_raw = read_config(os.path.join(vae_dir, "config.json"), "vae")
     _check_class("vae", {}, vae_raw)
-    vae_config = vae_config_from_diffusers(vae_raw, **overrides)
-    vae_params = convert_vae_state_dict(
-        _weights(vae_dir, ("diffusion_pytorch_model",), variant), vae_config)
+    with _errors_in("vae/config.json"):
+        vae_config = vae_config_from_diffusers(vae_raw, **overrides)
+    vae_state = read_weights(vae_dir, ("diffusion_pytorch_model",), variant)
+    with _errors_in(f"{vae_dir}: weights"):
+        vae_params = convert_vae_state_dict(vae_state, vae_config)
+    del vae_state
 
     te_dir = os.path.join(root, "text_encoder")
-    te_raw = _read_json(os.path.join(te_dir, "config.json"), "text_encoder")
+    te_raw = read_config(os.path.join(te_dir, "config.json"), "text_encoder")
     archs = te_raw.get("architectures") or ["CLIPTextModel"]
-    if archs[0] != "CLIPTextModel":
+    if not isinstance(archs, list) or archs[0] != "CLIPTextModel":
         raise ValueError(f"text_encoder/config.json: architectures {archs} is not supported "
                          "(supported: CLIPTextModel)")
-    text_config = clip_text_config_from_transformers(te_raw, with_projection=False, **overrides)
-    text_params = convert_clip_text_state_dict(
-        _weights(te_dir, ("model", "pytorch_model"), variant), text_config)
+    with _errors_in("text_encoder/config.json"):
+        text_config = clip_text_config_from_transformers(te_raw, with_projection=False,
+                                                         **overrides)
+    te_state = read_weights(te_dir, ("model", "pytorch_model"), variant)
+    with _errors_in(f"{te_dir}: weights"):
+        text_params = convert_clip_text_state_dict(te_state, text_config)
+    del te_state
 
     tokenizer = load_tokenizer(os.path.join(root, "tokenizer"))
-    sched_raw = _read_json(os.path.join(root, "scheduler", "scheduler_config.json"),
+    check_tokenizer(tokenizer, text_config, os.path.join(root, "tokenizer"), te_dir)
+    sched_raw = read_config(os.path.join(root, "scheduler", "scheduler_config.json"),
                            "scheduler")
     sched_cls = sched_raw.get("_class_name")
     known = scheduler_classes()
     if sampler is None and sched_cls not in known:
-        raise ValueError(
+        raise LoadOptionError(
             f"scheduler/scheduler_config.json: {sched_cls} has no jaxdiff sampler (supported: "
-            f"{list(known)}); pass sampler= (e.g. 'ddim' or 'dpmpp_2m') to use its "
-            "training schedule with a jaxdiff sampler"
-        )
+            f"{', '.join(known)})", "sampler", "dpmpp_2m",
+            " (or another registered sampler) to sample its training schedule with a jaxdiff "
+            "sampler")
     if sampler_options and sampler is None:
         raise ValueError("sampler_options given without sampler")
-    if sched_cls in known:
-        schedule = schedule_from_diffusers_config(sched_raw)
-    else:  # only the training schedule's keys are read (as a DDIMScheduler would read them)
-        schedule = schedule_from_diffusers_config({**sched_raw, "_class_name": "DDIMScheduler"})
+    with _errors_in("scheduler/scheduler_config.json"):
+        if sched_cls in known:
+            schedule = schedule_from_diffusers_config(sched_raw)
+        else:  # only the training schedule's keys are read (as a DDIMScheduler would read them)
+            schedule = schedule_from_diffusers_config({**sched_raw,
+                                                       "_class_name": "DDIMScheduler"})
     if sampler is not None:
         chosen = choose_sampler(sampler, sampler_options, sched_raw)
     else:
-        chosen = sampler_from_diffusers_config(sched_raw)
+        with _errors_in("scheduler/scheduler_config.json"):
+            chosen = sampler_from_diffusers_config(sched_raw)
     cross = unet_config.context_dim
     if cross is not None and cross != text_config.hidden_size:
         raise ValueError(f"unet/config.json: cross_attention_dim={cross} differs from "
@@ -258,6 +257,48 @@ def load_stable_diffusion(
         tokenizer=tokenizer, schedule=schedule, sampler=chosen, scheduler_config=sched_raw,
         sample_size=int(unet_raw.get("sample_size", 64)),
     )
+
+
+@contextlib.contextmanager
+def _errors_in(where: str):
+    """A ``ValueError`` raised inside (not a :class:`LoadOptionError`) is re-raised prefixed with
+    ``where``, the file or folder it is about."""
+    try:
+        yield
+    except LoadOptionError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_tokenizer(tokenizer: CLIPTokenizer, text_config: CLIPTextConfig,
+                    tokenizer_name: str = "tokenizer", text_name: str = "text_encoder") -> None:
+    """Refuse a tokenizer that does not fit the text encoder: an id (the special tokens' among
+    them) at or beyond its ``vocab_size``, or a ``max_length`` beyond its
+    ``max_position_embeddings``. Inside ``jit`` such an id or position would not fail: JAX
+    clamps the embedding lookup, and the image comes out wrong (e.g. all black) without an
+    error.
+
+    Raises:
+      ValueError: naming both folders (``tokenizer_name``, ``text_name``) and the numbers.
+    """
+    vocab = tokenizer.get_vocab()
+    top = max(vocab.values(), default=-1)
+    size = text_config.vocab_size
+    where = f"{tokenizer_name!r} does not fit {text_name!r}"
+    if top >= size:
+        specials = {name: getattr(tokenizer, f"{name}_token_id")
+                    for name in ("bos", "eos", "pad", "unk")}
+        bad = sorted(f"{k}_token={v}" for k, v in specials.items() if v >= size)
+        named = f" (among them {', '.join(bad)})" if bad else ""
+        raise ValueError(f"{where}: the tokenizer has {len(vocab)} tokens with ids up to {top}"
+                         f"{named}, the text encoder's vocab_size is {size}; ids >= {size} "
+                         "have no embedding (are the two folders from the same checkpoint?)")
+    if tokenizer.max_length > text_config.max_position_embeddings:
+        raise ValueError(f"{where}: the tokenizer pads prompts to {tokenizer.max_length} tokens "
+                         f"(model_max_length), the text encoder has "
+                         f"{text_config.max_position_embeddings} positions "
+                         "(max_position_embeddings)")
 
 
 def load_tokenizer(folder: str) -> CLIPTokenizer:
@@ -276,7 +317,7 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
     if not os.path.isfile(tok_json):
         raise ValueError(f"tokenizer: {folder!r} holds neither vocab.json + merges.txt nor "
                          "tokenizer.json")
-    model = _read_json(tok_json, "tokenizer").get("model", {})
+    model = read_config(tok_json, "tokenizer").get("model", {})
     if model.get("type") != "BPE" or "vocab" not in model:
         raise ValueError(f"tokenizer: {tok_json!r} does not hold a BPE model")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -288,7 +329,10 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if os.path.isfile(os.path.join(folder, name)):
                 shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
-        return CLIPTokenizer.from_pretrained(tmp)
+        try:
+            return CLIPTokenizer.from_pretrained(tmp)
+        except ValueError as e:  # name the folder, not the temporary copy
+            raise ValueError(str(e).replace(tmp, folder)) from None
 
 
 def choose_sampler(name: str, options: Mapping[str, Any] | None,
@@ -304,6 +348,5 @@ def choose_sampler(name: str, options: Mapping[str, Any] | None,
 
 def with_sampler(sd: StableDiffusion, name: str, **options: Any) -> StableDiffusion:
     """``sd`` with another default sampler (:func:`choose_sampler`); shares the parameters."""
-    return dataclasses.replace(sd, sampler=choose_sampler(name, options, sd.scheduler_config),
-                               compiled={})
+    return dataclasses.replace(sd, sampler=choose_sampler(name, options, sd.scheduler_config))
 

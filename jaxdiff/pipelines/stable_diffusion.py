@@ -1,30 +1,43 @@
 """Stable Diffusion text-to-image and image-to-image as ONE jitted program.
 
 Tokenisation runs on the host; text encoding, the whole denoising ``lax.scan`` (classifier-free
-guidance as one batched UNet call per step) and the VAE decode run in one ``jax.jit``, compiled
-once per (image size, steps, sampler, batch size, guidance on/off, img2img start step, or LCM's
-img2img strength): prompts, seeds, guidance scales and initial latents change without
-recompiling. The batch is sharded over a device mesh's ``data`` axis
-(:func:`jaxdiff.sharding.make_mesh`), padded to a multiple of the device count.
+guidance as one batched UNet call per step) and the VAE decode run in one ``jax.jit``
+(:mod:`jaxdiff.pipelines.sd_program`), compiled once per static setting (image size, steps,
+sampler and its options, batch size, guided or not, image-to-image strength, device mesh, CLIP
+skip): prompts, seeds, guidance scales and initial latents change without recompiling. The batch
+is sharded over a device mesh's ``data`` axis (:func:`jaxdiff.sharding.make_mesh`), padded to a
+multiple of the device count.
 
     sd = load_stable_diffusion("path/to/stable-diffusion-v1-5")
     out = generate(sd, "a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)
     save_images(out.images, "cat.png")
 
-Matches diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` given the same
-initial latents and noise: negative prompts default to ``""``; guidance is on iff
-``guidance_scale > 1``; ``guidance_rescale`` as ``rescale_noise_cfg``; images are
-``clip(decode / 2 + 0.5, 0, 1)``. Image-to-image with the LCM sampler follows
-``LatentConsistencyModelImg2ImgPipeline`` instead (its grid depends on ``strength``, all steps run:
-:mod:`jaxdiff.samplers.img2img`); that pipeline's guidance-scale embedding
+The guidance scale ``w`` has ONE meaning, diffusers' ``guidance_scale`` formula: the UNet's
+prediction is ``uncond + w * (cond - uncond)`` (``cond`` from the prompt, ``uncond`` from the
+negative prompt, ``""`` by default). ``w = 1`` is the conditional model alone (the UNet runs on
+the batch ``B``, the negative prompt is not used), ``w = 0`` the unconditional one (the negative
+prompt alone), ``w > 1`` classifier-free guidance; every finite ``w`` (also in ``(0, 1)``, and
+negative) means that formula. Every ``w != 1`` runs one program (the UNet on ``2B``, ``w``
+traced), so a new ``w`` compiles nothing except a switch to or from exactly ``1``.
+
+Where this differs from diffusers' pipelines: they switch guidance off for every
+``guidance_scale <= 1`` (``do_classifier_free_guidance = guidance_scale > 1``), so for ``w < 1``
+they give the conditional model, jaxdiff the formula (``w = 0``: the unconditional model). For
+``w >= 1`` the two agree: given the same initial latents and noise, jaxdiff matches
+``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` (negative prompts default to
+``""``; ``guidance_rescale`` as ``rescale_noise_cfg``; images are ``clip(decode / 2 + 0.5, 0,
+1)``; an image-to-image source is resized as their ``VaeImageProcessor`` does:
+:mod:`jaxdiff.pipelines.images`). Image-to-image with the LCM sampler follows
+``LatentConsistencyModelImg2ImgPipeline`` instead (its grid depends on ``strength``, all steps
+run: :mod:`jaxdiff.samplers.img2img`); that pipeline's guidance-scale embedding
 (``time_cond_proj_dim``) is not supported, so guidance is classifier-free as above (LCM-LoRA
-style): with ``guidance_scale <= 1`` the two match on a UNet without that embedding.
+style): with ``guidance_scale = 1`` the two match on a UNet without that embedding.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -32,22 +45,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.compile_options import cpu_compiler_options
-from jaxdiff.models.autoencoder import AutoencoderKL
-from jaxdiff.models.autoencoder_latents import vae_decode_latents, vae_encode_latents
-from jaxdiff.models.clip_text import CLIPTextModel
-from jaxdiff.models.unet import UNet
+from jaxdiff.pipelines.images import prepare_image, to_uint8
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
-from jaxdiff.samplers.guidance import classifier_free_guidance
-from jaxdiff.samplers.img2img import check_strength, img2img_key, noise_to_img2img
+from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_program, embed_tokens
+from jaxdiff.samplers.img2img import check_strength, img2img_key
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
 from jaxdiff.validation import check_float, check_int
 
-__all__ = ["StableDiffusionOutput", "encode_prompt", "generate", "save_images", "to_uint8"]
+__all__ = ["MAX_IMAGE_SIDE", "StableDiffusionOutput", "encode_prompt", "generate"]
 
 log = logging.getLogger(__name__)
 _P = jax.sharding.PartitionSpec
+
+MAX_IMAGE_SIDE = 8192
+""":func:`generate`'s default bound on ``height`` and ``width`` (pixels)."""
 
 
 class StableDiffusionOutput(NamedTuple):
@@ -64,28 +76,6 @@ class StableDiffusionOutput(NamedTuple):
     latents: np.ndarray
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """``[..., 3]`` float in ``[0, 1]`` -> uint8, rounded as diffusers' ``numpy_to_pil``."""
-    return np.round(np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
-
-
-def save_images(images: np.ndarray, path: str) -> list[str]:
-    """Save ``[B, H, W, C]`` uint8 images (``C`` = 3, or 1 for a grey VAE) as PNGs: ``path`` for
-    one image, ``<stem>_<i>.png`` for several. Returns the paths written."""
-    from PIL import Image
-
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [B, H, W, C], got {images.dtype} {images.shape}")
-    stem, ext = os.path.splitext(path)
-    paths = [path] if len(images) == 1 else [f"{stem}_{i}{ext or '.png'}"
-                                             for i in range(len(images))]
-    for img, p in zip(images, paths):
-        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(p)  # grey: mode L
-    return paths
-
-
 def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array,
                   clip_skip: int | None = None) -> jax.Array:
     """``[B, L]`` token ids -> ``[B, L, D]`` prompt embeddings in the UNet's compute dtype.
@@ -100,13 +90,7 @@ def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array,
       ValueError: naming ``clip_skip`` for a value outside ``[0, num_hidden_layers - 1]``.
     """
     k = _check_clip_skip(sd, clip_skip)
-    model = CLIPTextModel(sd.text_config)
-    variables = {"params": params["text_encoder"]}
-    out = model.apply(variables, input_ids)
-    if not k:
-        return out.last_hidden_state.astype(sd.unet_config.dtype)
-    hidden = model.apply(variables, out.hidden_states[-(k + 1)], method="final_layer_norm")
-    return hidden.astype(sd.unet_config.dtype)
+    return embed_tokens(sd.text_config, sd.unet_config.dtype, params["text_encoder"], input_ids, k)
 
 
 def _check_clip_skip(sd: StableDiffusion, clip_skip: int | None) -> int:
@@ -115,60 +99,46 @@ def _check_clip_skip(sd: StableDiffusion, clip_skip: int | None) -> int:
     return check_int("clip_skip", clip_skip, 0, sd.text_config.num_hidden_layers - 1)
 
 
-def _text(sd: StableDiffusion, params: dict, x: jax.Array, clip_skip: int = 0) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        return encode_prompt(sd, params, x, clip_skip)
-    return x.astype(sd.unet_config.dtype)
-
-
-def _program(sd: StableDiffusion, sampler: Sampler, steps: int, cfg: bool, rescale: bool,
-             img2img: dict | None, sample_posterior: bool, latent_shape: tuple, mesh,
-             clip_skip: int = 0):
-    """The jitted ``(params, cond, uncond, x_init, noise, image, key, w, phi) -> (images,
-    latents)`` for one static setting (docstring of :func:`generate`)."""
-    unet, vae = UNet(sd.unet_config), AutoencoderKL(sd.vae_config)
-    data = jax.sharding.NamedSharding(mesh, _P(DATA_AXIS))
-    repl = jax.sharding.NamedSharding(mesh, _P())
-
-    def _sd_program(params, cond, uncond, x_init, noise, image, key, w, phi):
-        k_init, k_post, k_sample = jax.random.split(key, 3)
-        cond = _text(sd, params, cond, clip_skip)  # the negative prompt without it, as diffusers
-        batch = cond.shape[0]
-        if x_init is None:
-            x_init = jax.random.normal(k_init, (batch, *latent_shape), jnp.float32)
-        if image is not None:
-            lat0 = vae_encode_latents(vae, params["vae"], image.astype(sd.vae_config.dtype) * 2 - 1,
-                                      k_post if sample_posterior else None)
-            x_T = noise_to_img2img(sampler, sd.schedule, steps, lat0, x_init, **img2img)
-        else:
-            x_T = x_init
-        x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
-
-        def model_fn(x, t, context):
-            return unet.apply({"params": params["unet"]}, x.astype(sd.unet_config.dtype), t,
-                              context=context)
-
-        if cfg:
-            guided = classifier_free_guidance(model_fn, cond, _text(sd, params, uncond), w,
-                                              phi if rescale else 0.0)
-        else:
-            def guided(x, t):
-                return model_fn(x, t, cond)
-        latents = sampler(guided, sd.schedule, x_T, k_sample, num_steps=steps, noise=noise,
-                          **(img2img or {}))
-        decoded = vae_decode_latents(vae, params["vae"], latents.astype(sd.vae_config.dtype))
-        images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-        return images, latents.astype(jnp.float32)
-
-    return jax.jit(_sd_program, out_shardings=(repl, repl),
-                   compiler_options=cpu_compiler_options())  # {} off the CPU
+def _check_guidance_scale(value: Any) -> float:
+    """``float(value)`` for a finite real number (any sign: the formula holds for every ``w``)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
+    try:
+        w = float(np.asarray(value).item()) if np.ndim(value) == 0 else None
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError):
+        w = None
+    if w is None or not math.isfinite(w):
+        raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
+    return w
 
 
 def _tokens(sd: StableDiffusion, prompts: Sequence[str], name: str) -> np.ndarray:
+    """Token ids ``[B, L]`` of ``prompts``; warns (``logging``) about text cut off by the
+    tokenizer's length, as diffusers does, and refuses ids beyond the text encoder's
+    vocabulary (which the embedding lookup would clamp)."""
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ValueError(f"{name}[{i}] must be a str, got {type(p).__name__}")
-    return sd.tokenizer(list(prompts), padding="max_length", truncation=True).input_ids
+    tok = sd.tokenizer(list(prompts), padding="max_length", truncation=True)
+    cut: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        dropped = sd.tokenizer.truncated_text(p)
+        if dropped:
+            cut.setdefault(dropped, []).append(i)
+    for dropped, rows in cut.items():
+        which = name if len(prompts) == 1 else f"{name}{rows}"
+        shown = dropped if len(dropped) <= 300 else f"{dropped[:300]} ... ({len(dropped) - 300} " \
+            "more characters)"
+        log.warning("%s is longer than the %d tokens the text encoder reads (%d with BOS and "
+                    "EOS); this part was truncated: %r", which, sd.tokenizer.max_length - 2,
+                    sd.tokenizer.max_length, shown)
+    ids = tok.input_ids
+    if ids.size and int(ids.max()) >= sd.text_config.vocab_size:
+        raise ValueError(f"{name}: token id {int(ids.max())} is beyond the text encoder's "
+                         f"vocab_size {sd.text_config.vocab_size} (the tokenizer does not "
+                         "belong to this text encoder)")
+    return ids
 
 
 def _pad(x: Any, n: int, axis: int = 0) -> Any:
@@ -187,6 +157,19 @@ def _as_list(p: str | Sequence[str] | None, name: str) -> list[str] | None:
     if not isinstance(p, Sequence) or not p:
         raise ValueError(f"{name} must be a str or a non-empty sequence of str")
     return list(p)
+
+
+def _check_side(name: str, value: Any, unit: int, max_side: int) -> int:
+    v = check_int(name, value, 8)
+    if v > max_side:
+        raise ValueError(
+            f"{name}={v} is larger than max_image_side={max_side} pixels (a bound against "
+            "typos: the UNet's activations grow with height x width and its attention with the "
+            "square of that, so such a size cannot fit in memory; raise max_image_side to "
+            "allow it)")
+    if v % unit:
+        raise ValueError(f"{name} must be a multiple of {unit}, got {v}")
+    return v
 
 
 def generate(
@@ -212,21 +195,30 @@ def generate(
     sampler_options: dict | None = None,
     mesh: jax.sharding.Mesh | None = None,
     clip_skip: int | None = None,
+    max_image_side: int = MAX_IMAGE_SIDE,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
     Args:
       sd: from :func:`~jaxdiff.pipelines.load_stable_diffusion`.
-      prompt: a prompt or ``B`` prompts; or give ``prompt_embeds`` instead.
+      prompt: a prompt or ``B`` prompts (``""`` is a valid prompt); or give ``prompt_embeds``
+        instead. Text beyond the tokenizer's length (77 tokens for SD, BOS and EOS included)
+        is truncated with a ``logging`` warning that quotes it.
       negative_prompt: ``None`` (``""`` for each prompt), one string for all, or ``B`` strings;
-        used only when guidance is on. Or give ``negative_prompt_embeds``.
-      num_steps: sampler steps ``N >= 1`` (image-to-image runs the last ``int(N * strength)``;
-        with LCM all ``N``, on a grid cut by ``strength``).
-      guidance_scale: ``w``; classifier-free guidance is on iff ``w > 1`` (then the UNet runs on
-        ``2B`` per step). Changing ``w`` does not recompile.
+        the ``uncond`` branch of guidance, unused at ``guidance_scale = 1``. Or give
+        ``negative_prompt_embeds``.
+      num_steps: sampler steps ``N``, from 1 to the schedule's ``num_timesteps``
+        (image-to-image runs the last ``int(N * strength)``; with LCM all ``N``, on a grid cut
+        by ``strength``).
+      guidance_scale: ``w``, any finite number: the UNet's prediction is ``uncond + w * (cond -
+        uncond)`` (module docstring): ``1`` the prompt alone (batch ``B``), ``0`` the negative
+        prompt alone, ``> 1`` classifier-free guidance; every ``w != 1`` runs the UNet on ``2B``
+        per step. Unlike diffusers' pipelines (guidance off for every ``w <= 1``), ``w < 1``
+        is the formula too. Changing ``w`` does not recompile (except to or from exactly 1).
       guidance_rescale: ``phi`` in ``[0, 1]`` (Lin et al. 2023); ``0`` disables it.
-      height, width: the image size, multiples of 8 (and of the VAE's scale factor); default
-        ``sample_size * vae_scale_factor``, or the ``image``'s size.
+      height, width: the image size, multiples of 8 (and of the VAE's scale factor), at most
+        ``max_image_side``; default ``sample_size * vae_scale_factor``, or the ``image``'s size
+        rounded down to such multiples. With ``image``, the image is resized to them.
       seed, key: the randomness: ``key`` (a PRNG key) or ``seed`` (``jax.random.key(seed)``);
         exactly one unless both ``latents`` and (for a stochastic sampler) ``noise`` are given.
         The key draws the initial latents, the VAE posterior sample (image-to-image) and the
@@ -237,8 +229,11 @@ def generate(
         that run), instead of drawing it from the key.
       prompt_embeds, negative_prompt_embeds: ``[B, L, D]`` precomputed text embeddings
         (:func:`encode_prompt`); the negative ones default to the embedding of ``""``.
-      image: image-to-image source, ``[B, H, W, 3]`` (or ``[H, W, 3]``) uint8, or float in
-        ``[0, 1]``; a batch of one is repeated over the prompts.
+      image: image-to-image source, ``[B, H, W, 3]`` or ``[H, W, 3]``: uint8 (0-255) or float
+        in ``[0, 1]`` (other dtypes, and floats outside ``[0, 1]``, are refused:
+        :func:`~jaxdiff.pipelines.images.prepare_image`); a batch of one is repeated over the
+        prompts. A size that is not a multiple of 8 is rounded down and the image resized
+        (nearest neighbour, as diffusers' ``VaeImageProcessor`` resizes arrays).
       strength: image-to-image strength in ``(0, 1]``
         (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
         for LCM ``int(original_inference_steps * strength) >= N``).
@@ -250,20 +245,29 @@ def generate(
       clip_skip: skip the last ``k`` CLIP layers for the prompt (:func:`encode_prompt`); as in
         diffusers, the negative prompt is encoded without skipping, and precomputed embeddings
         are used as given. ``None``/0: no skip.
+      max_image_side: the largest ``height`` / ``width`` accepted (default
+        :data:`MAX_IMAGE_SIDE`), checked before anything is allocated.
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
 
     Raises:
       ValueError: naming the argument: a missing or mis-sized prompt / embedding / latents /
-        noise / image, a size not a multiple of 8, ``strength`` keeping no step (too few
-        distillation timesteps for LCM), a sampler without image-to-image support, a missing
-        key.
+        noise / image, an image of another dtype or range, a size not a multiple of 8 or
+        beyond ``max_image_side``, a ``guidance_scale`` that is not a finite number,
+        ``num_steps`` beyond the schedule, ``strength`` keeping no step (too few distillation
+        timesteps for LCM), a sampler without image-to-image support, a missing key.
+
+    The programs are cached (:data:`~jaxdiff.pipelines.sd_program.PROGRAM_CACHE`): the first
+    call of a setting logs ``compiling Stable Diffusion ...`` at INFO and compiles.
     """
     steps = check_int("num_steps", num_steps, 1)
-    w = check_float("guidance_scale", guidance_scale)
+    if steps > sd.schedule.num_timesteps:
+        raise ValueError(f"num_steps must be <= the schedule's num_timesteps "
+                         f"({sd.schedule.num_timesteps}), got {steps}")
+    w = _check_guidance_scale(guidance_scale)
     phi = check_float("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
-    cfg = w > 1.0
+    guided = w != 1.0
     skip = _check_clip_skip(sd, clip_skip)
     if sampler is None:
         if sampler_options:
@@ -273,6 +277,12 @@ def generate(
         sampler = choose_sampler(sampler, sampler_options, sd.scheduler_config)
     elif not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a Sampler or a registered name, got {sampler!r}")
+    unit = max(8, sd.vae_scale_factor)
+    max_side = check_int("max_image_side", max_image_side, unit)
+    if height is not None:
+        height = _check_side("height", height, unit, max_side)
+    if width is not None:
+        width = _check_side("width", width, unit, max_side)
 
     # -- the text: token ids (encoded inside the program) or embeddings
     prompts = _as_list(prompt, "prompt")
@@ -287,7 +297,7 @@ def generate(
                              f"{cond.shape}")
     batch = cond.shape[0]
     uncond = None
-    if cfg:
+    if guided:
         negs = _as_list(negative_prompt, "negative_prompt")
         if negative_prompt_embeds is not None:
             if negs is not None:
@@ -307,31 +317,18 @@ def generate(
     # -- image-to-image source and the image size
     img2img = None
     if image is not None:
-        image = np.asarray(image)
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4 or image.shape[-1] != sd.vae_config.in_channels:
-            raise ValueError(f"image must be [B, H, W, {sd.vae_config.in_channels}], got "
-                             f"{image.shape}")
-        if image.dtype == np.uint8:
-            image = image.astype(np.float32) / 255.0
-        image = image.astype(np.float32)
+        image = prepare_image(image, channels=sd.vae_config.in_channels, multiple=unit,
+                              height=height, width=width)
         if image.shape[0] == 1 and batch > 1:
             image = np.repeat(image, batch, axis=0)
         if image.shape[0] != batch:
             raise ValueError(f"image has batch {image.shape[0]} for {batch} prompts")
-        if (height, width) not in ((None, None), image.shape[1:3]):
-            raise ValueError(f"height, width ({height}, {width}) differ from the image's size "
-                             f"{image.shape[1:3]}")
-        height, width = image.shape[1:3]
+        height, width = (_check_side(n, v, unit, max_side)
+                         for n, v in zip(("height", "width"), image.shape[1:3]))
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
     default = sd.sample_size * sd.vae_scale_factor
-    height = check_int("height", default if height is None else height, 8)
-    width = check_int("width", default if width is None else width, 8)
-    f = max(8, sd.vae_scale_factor)
-    for name, v in (("height", height), ("width", width)):
-        if v % f:
-            raise ValueError(f"{name} must be a multiple of {f}, got {v}")
+    height = _check_side("height", default, unit, max_side) if height is None else height
+    width = _check_side("width", default, unit, max_side) if width is None else width
     latent_shape = (height // sd.vae_scale_factor, width // sd.vae_scale_factor,
                     sd.unet_config.in_channels)
 
@@ -365,19 +362,19 @@ def generate(
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
     )
     start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
-    static = (sampler.name, repr(sorted(sampler.options.items())), steps, cfg, phi > 0, start,
-              bool(sample_posterior), latent_shape, id(mesh), skip)
-    program = sd.compiled.get(static)
-    if program is None:
-        program = _program(sd, sampler, steps, cfg, phi > 0, img2img, bool(sample_posterior),
-                           latent_shape, mesh, skip)
-        sd.compiled[static] = program
-    signature = (static, jax.tree.map(lambda a: (a.shape, a.dtype), args[:5]))
-    first = signature not in sd.compiled.setdefault("_seen", [])
+    program_key = ProgramKey.make(
+        sd, sampler, num_steps=steps, guided=guided, rescale=phi > 0, img2img=start,
+        sample_posterior=bool(sample_posterior), latent_shape=latent_shape, mesh=mesh,
+        clip_skip=skip)
+    program = PROGRAM_CACHE.get(program_key,
+                                lambda: build_program(sd, sampler, program_key, img2img))
+    leaves, treedef = jax.tree.flatten((sd.params, args))  # what jit keys its compilations on
+    signature = (treedef, tuple((a.shape, a.dtype) for a in leaves))
+    first = PROGRAM_CACHE.first_call(program_key, signature)
     if first:
-        sd.compiled["_seen"].append(signature)
-        log.info("compiling Stable Diffusion (%dx%d, batch %d, %d steps, %s, guidance %s)...",
-                 height, width, batch, steps, sampler.name, "on" if cfg else "off")
+        log.info("compiling Stable Diffusion (%dx%d, batch %d, %d steps, %s, %s)...",
+                 height, width, batch, steps, sampler.name,
+                 "guided" if guided else "conditional only (guidance_scale 1)")
     t0 = time.perf_counter()
     images, lat = program(sd.params, *args)
     images, lat = jax.device_get((images, lat))

@@ -199,8 +199,10 @@ class CLIPTokenizer:
           normalization: see the class.
 
         Raises:
-          ValueError: naming the folder / file for a missing ``vocab.json`` / ``merges.txt``;
-            naming the option for a ``tokenizer_config.json`` option that changes the ids and
+          ValueError: naming the folder / file for a missing ``vocab.json`` / ``merges.txt``, a
+            JSON file that does not parse or holds no object, a ``vocab.json`` whose ids are not
+            ints; naming the folder and the option for a ``tokenizer_config.json`` option that
+            changes the ids and
             is not supported (``do_lower_case: false``, ``add_prefix_space: true``, a
             ``tokenizer_class`` other than CLIP's, added tokens other than the special tokens).
         """
@@ -209,10 +211,15 @@ class CLIPTokenizer:
         for name, file in files.items():
             if not os.path.isfile(file):
                 raise ValueError(f"tokenizer folder {path!r} has no {name}")
-        with open(files["vocab.json"], encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(files["merges.txt"], encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        vocab = _read_json_object(files["vocab.json"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in vocab.values()):
+            raise ValueError(f"{files['vocab.json']!r} must map tokens to ids (ints >= 0)")
+        try:
+            with open(files["merges.txt"], encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {files['merges.txt']!r} ({e})") from None
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = [line for line in lines if line.strip()]
@@ -221,18 +228,21 @@ class CLIPTokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    loaded = json.load(f)
+                loaded = _read_json_object(file)
                 config.update(loaded)
                 for key in _SPECIAL_DEFAULTS:
                     if loaded.get(key) is not None:
                         kwargs[key] = _token_content(loaded[key], f"{name}: {key}")
-        _check_tokenizer_config(config, vocab, kwargs)
-        if max_length is None:
-            model_max = config.get("model_max_length")
-            ok = isinstance(model_max, int) and not isinstance(model_max, bool)
-            max_length = model_max if ok and 2 <= model_max <= 10**6 else DEFAULT_MAX_LENGTH
-        return cls(vocab, merges, max_length=max_length, normalization=normalization, **kwargs)
+        try:
+            _check_tokenizer_config(config, vocab, kwargs)
+            if max_length is None:
+                model_max = config.get("model_max_length")
+                ok = isinstance(model_max, int) and not isinstance(model_max, bool)
+                max_length = model_max if ok and 2 <= model_max <= 10**6 else DEFAULT_MAX_LENGTH
+            return cls(vocab, merges, max_length=max_length, normalization=normalization,
+                       **kwargs)
+        except ValueError as e:
+            raise ValueError(f"tokenizer folder {path!r}: {e}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -308,7 +318,8 @@ class CLIPTokenizer:
             longer prompt raises under ``"max_length"`` (the batch would be ragged).
 
         Returns:
-          :class:`TokenizedPrompts`: ``input_ids`` and ``attention_mask``, ``[B, L]`` int32.
+          :class:`TokenizedPrompts`: ``input_ids`` and ``attention_mask``, ``[B, L]`` int32
+          (:meth:`truncated_text` says what truncation cut off).
 
         Raises:
           ValueError: naming the argument, for a non-string prompt (``prompts[i]``), an empty
@@ -345,11 +356,39 @@ class CLIPTokenizer:
             mask[i, : len(row)] = 1
         return TokenizedPrompts(input_ids, mask)
 
+    def truncated_text(self, prompt: str, *, max_length: int | None = None) -> str:
+        """The part of ``prompt`` that ``__call__`` with ``truncation=True`` cuts off: its tokens
+        beyond the first ``max_length - 2`` (default ``self.max_length``), decoded; ``""`` when
+        the prompt fits. For the warning diffusers' pipelines give about long prompts.
+
+        >>> tok = CLIPTokenizer({**{c: i for i, c in enumerate("abc")}, "a</w>": 3,
+        ...                      "b</w>": 4, "c</w>": 5, "<|startoftext|>": 6, "<|endoftext|>": 7},
+        ...                     [], max_length=4)
+        >>> tok.truncated_text("a b"), tok.truncated_text("a b c")
+        ('', 'c')
+        """
+        max_length = check_int("max_length", self.max_length if max_length is None
+                               else max_length, minimum=2)
+        cut = self.encode(prompt)[max_length - 2:]
+        return self.decode(cut, skip_special_tokens=False) if cut else ""
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Ids -> text (``</w>`` becomes a space, ends stripped), as transformers decodes."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         return text.replace("</w>", " ").strip()
+
+
+def _read_json_object(file: str) -> dict:
+    """The JSON object in ``file``; ``ValueError`` naming the file otherwise."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {file!r} as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file!r} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_tokenizer_config(config: Mapping[str, Any], vocab: Mapping[str, int], specials) -> None:

@@ -1,0 +1,172 @@
+"""The Stable Diffusion generation program: text encoder, denoising scan with guidance and VAE
+decode as ONE ``jax.jit``, one per :class:`ProgramKey`, kept in :data:`PROGRAM_CACHE`.
+
+A program is a function of its static settings only (the key): the model's configs and training
+schedule, the sampler, the step count, guided or not, image-to-image or not, the latent shape,
+the device mesh, CLIP skip. Parameters, prompts, seeds, the guidance scale and initial latents
+are its arguments, so changing them compiles nothing. Programs never hold the
+:class:`~jaxdiff.pipelines.StableDiffusion` (nor its parameters): every model with the same
+configs and schedule (``sd.replace(params=...)``, the same folder loaded twice) shares them, and
+dropping a model frees its parameters while its programs stay cached (at most
+``PROGRAM_CACHE.max_programs``, least recently used out; ``PROGRAM_CACHE.clear()`` drops them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.compile_options import cpu_compiler_options
+from jaxdiff.models.autoencoder import AutoencoderKL
+from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
+from jaxdiff.models.autoencoder_latents import vae_decode_latents, vae_encode_latents
+from jaxdiff.models.clip_text import CLIPTextModel
+from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.pipelines.loading import StableDiffusion
+from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
+from jaxdiff.samplers.guidance import classifier_free_guidance
+from jaxdiff.samplers.img2img import noise_to_img2img
+from jaxdiff.samplers.registry import Sampler
+from jaxdiff.schedules import Schedule
+from jaxdiff.sharding import DATA_AXIS
+
+__all__ = ["PROGRAM_CACHE", "ProgramKey", "build_program", "embed_tokens"]
+
+_P = jax.sharding.PartitionSpec
+
+PROGRAM_CACHE = ProgramCache(max_programs=32)
+"""Every Stable Diffusion program built by :func:`~jaxdiff.pipelines.generate` (a memo: the
+programs are pure functions of their keys)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    """The static settings of one generation program (hashable; equal settings, one program).
+
+    Attributes:
+      unet_config, vae_config, text_config: the models' configs (compute dtypes included).
+      schedule: :func:`~jaxdiff.pipelines.program_cache.fingerprint` of the training schedule.
+      sampler, sampler_options, sampler_fn: the sampler's name, frozen options and function.
+      num_steps: sampler steps.
+      guided: both guidance branches (batch ``2B``, ``guidance_scale != 1``) or the conditional
+        one alone (``guidance_scale == 1``).
+      rescale: guidance rescale on (``guidance_rescale > 0``, guided programs only).
+      img2img: what image-to-image sampling depends on
+        (:func:`~jaxdiff.samplers.img2img.img2img_key`: the start step, or LCM's strength),
+        ``None`` for text-to-image.
+      sample_posterior: image-to-image encodes with a posterior sample (False: its mean, and
+        always False for text-to-image).
+      latent_shape: ``(H / f, W / f, C)``.
+      mesh: the device mesh (a ``jax.sharding.Mesh`` compares by its devices and axis names,
+        so an equal mesh made again finds the same program).
+      clip_skip: CLIP layers skipped for the prompt (0: none).
+    """
+
+    unet_config: UNetConfig
+    vae_config: AutoencoderKLConfig
+    text_config: CLIPTextConfig
+    schedule: Hashable
+    sampler: str
+    sampler_options: Hashable
+    sampler_fn: Callable
+    num_steps: int
+    guided: bool
+    rescale: bool
+    img2img: Hashable
+    sample_posterior: bool
+    latent_shape: tuple[int, ...]
+    mesh: jax.sharding.Mesh
+    clip_skip: int
+
+    @classmethod
+    def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
+             rescale: bool, img2img: Hashable, sample_posterior: bool,
+             latent_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+             clip_skip: int) -> "ProgramKey":
+        """The key of one setting (settings that cannot change the program are normalised:
+        ``rescale`` without guidance, ``sample_posterior`` without an image)."""
+        return cls(
+            unet_config=sd.unet_config, vae_config=sd.vae_config, text_config=sd.text_config,
+            schedule=fingerprint(sd.schedule), sampler=sampler.name,
+            sampler_options=freeze(dict(sampler.options)), sampler_fn=sampler.fn,
+            num_steps=int(num_steps), guided=bool(guided), rescale=bool(guided and rescale),
+            img2img=None if img2img is None else freeze(img2img),  # img2img_key
+            sample_posterior=bool(sample_posterior and img2img is not None),
+            latent_shape=tuple(int(n) for n in latent_shape), mesh=mesh,
+            clip_skip=int(clip_skip),
+        )
+
+
+def embed_tokens(text_config: CLIPTextConfig, dtype: Any, text_params: Any, input_ids: jax.Array,
+                 clip_skip: int = 0) -> jax.Array:
+    """``[B, L]`` token ids -> ``[B, L, D]`` CLIP embeddings in ``dtype``: the last hidden state,
+    or with ``clip_skip = k >= 1`` the output of the layer ``k`` before the last through the
+    final LayerNorm (``k`` already checked). Jittable."""
+    model = CLIPTextModel(text_config)
+    variables = {"params": text_params}
+    out = model.apply(variables, input_ids)
+    if not clip_skip:
+        return out.last_hidden_state.astype(dtype)
+    hidden = model.apply(variables, out.hidden_states[-(clip_skip + 1)],
+                         method="final_layer_norm")
+    return hidden.astype(dtype)
+
+
+def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
+                  img2img: dict | None) -> Callable:
+    """The jitted ``(params, cond, uncond, x_init, noise, image, rng, w, phi) -> (images,
+    latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``cond`` / ``uncond`` are
+    token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; ``x_init``
+    ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars.
+
+    Only the configs and the schedule are taken from ``sd`` (the program must not keep the
+    model, or its parameters, alive)."""
+    unet_config, vae_config, text_config = sd.unet_config, sd.vae_config, sd.text_config
+    schedule: Schedule = sd.schedule
+    dtype = unet_config.dtype
+    unet, vae = UNet(unet_config), AutoencoderKL(vae_config)
+    data = jax.sharding.NamedSharding(key.mesh, _P(DATA_AXIS))
+    repl = jax.sharding.NamedSharding(key.mesh, _P())
+    steps, latent_shape = key.num_steps, key.latent_shape
+
+    def text(params, x, skip=0):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return embed_tokens(text_config, dtype, params["text_encoder"], x, skip)
+        return x.astype(dtype)
+
+    def _sd_program(params, cond, uncond, x_init, noise, image, rng, w, phi):
+        k_init, k_post, k_sample = jax.random.split(rng, 3)
+        cond = text(params, cond, key.clip_skip)  # the negative prompt without it, as diffusers
+        batch = cond.shape[0]
+        if x_init is None:
+            x_init = jax.random.normal(k_init, (batch, *latent_shape), jnp.float32)
+        if image is not None:
+            lat0 = vae_encode_latents(vae, params["vae"], image.astype(vae_config.dtype) * 2 - 1,
+                                      k_post if key.sample_posterior else None)
+            x_T = noise_to_img2img(sampler, schedule, steps, lat0, x_init, **img2img)
+        else:
+            x_T = x_init
+        x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
+
+        def model_fn(x, t, context):
+            return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=context)
+
+        if key.guided:  # uncond + w (cond - uncond), w traced: every w != 1 runs here
+            guided = classifier_free_guidance(model_fn, cond, text(params, uncond), w,
+                                              phi if key.rescale else 0.0)
+        else:  # w == 1: the conditional model alone
+            def guided(x, t):
+                return model_fn(x, t, cond)
+        latents = sampler(guided, schedule, x_T, k_sample, num_steps=steps, noise=noise,
+                          **(img2img or {}))
+        decoded = vae_decode_latents(vae, params["vae"], latents.astype(vae_config.dtype))
+        images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return images, latents.astype(jnp.float32)
+
+    return jax.jit(_sd_program, out_shardings=(repl, repl),
+                   compiler_options=cpu_compiler_options())  # {} off the CPU

@@ -1,0 +1,119 @@
+"""``python -m experiments.text_to_image`` as a new user meets it: every user error is ONE line
+``error: ...`` naming the flag or file, with exit status 2, and what can be checked before the
+work (flags, output path, init image) is checked before the model is loaded. A tiny random folder
+written by diffusers (``jaxdiff.pipelines.tiny``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import jaxdiff.pipelines  # noqa: E402
+from experiments import text_to_image  # noqa: E402
+from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_sd_cli") / "sd")
+    write_tiny_stable_diffusion(path)
+    return path
+
+
+def _error(capsys, argv):
+    """The one stderr line of a refused command (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        text_to_image.cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the model would be loaded (the error must come before the work)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(jaxdiff.pipelines, "load_stable_diffusion", refuse)
+
+
+def test_flag_errors_come_before_any_work(folder, tmp_path, capsys, no_loading):
+    base = ["--model", folder, "--prompt", "a cat", "--steps", "2"]
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    cases = {
+        "--strength needs --init_image": ["--strength", "0.5"],
+        "--width must lie in [8, --max_image_side=8192], got 800000": ["--width", "800000"],
+        "--height must lie in [8, --max_image_side=64], got 128": ["--height", "128",
+                                                                   "--max_image_side", "64"],
+        "--out 'x' has no extension": ["--out", "x"],
+        "is a file, not a folder": ["--out", str(a_file / "x.png")],
+        "--negative_prompt has no effect with --guidance_scale 1": [
+            "--negative_prompt", "dog", "--guidance_scale", "1"],
+        "--init_image: give both --height and --width": [
+            "--init_image", str(a_file), "--height", "32"],
+        "--steps must be >= 1": ["--steps", "0"],
+        "--guidance_scale must be a finite number, got nan": ["--guidance_scale", "nan"],
+        "--option needs --sampler": ["--option", "eta=0.5"],
+    }
+    for expected, extra in cases.items():
+        assert expected in _error(capsys, base + extra), expected
+    assert "--model is required" in _error(capsys, ["--prompt", "x"])
+    assert "--prompt is required" in _error(capsys, ["--model", folder])
+    msg = _error(capsys, base + ["--init_image", str(tmp_path / "nope.png")])
+    assert msg.startswith("error: --init_image ") and "nope.png" in msg
+
+
+def test_folder_errors_spell_the_flags(folder, tmp_path, capsys):
+    base = ["--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "o.png")]
+    msg = _error(capsys, ["--model", folder, "--variant", "fp16"] + base)
+    assert msg.endswith("leave out --variant") and "variant=None" not in msg, msg
+    copy = str(tmp_path / "copy")
+    shutil.copytree(folder, copy)
+    cfg = os.path.join(copy, "scheduler", "scheduler_config.json")
+    with open(cfg) as f:
+        data = json.load(f)
+    with open(cfg, "w") as f:
+        json.dump({**data, "_class_name": "FancyUnknownScheduler"}, f)
+    msg = _error(capsys, ["--model", copy] + base)
+    assert "pass --sampler dpmpp_2m" in msg and "sampler=" not in msg, msg
+    msg = _error(capsys, ["--model", folder, "--steps", "5000"] + base[:2])
+    assert "--steps must be <= 1000" in msg, msg
+    msg = _error(capsys, ["--model", os.path.join(folder, "unet")] + base)
+    assert "has no model_index.json" in msg
+
+
+def test_out_of_memory_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3e14 "
+                                         "bytes.\nmore detail")
+    monkeypatch.setattr(jaxdiff.pipelines, "generate", oom)
+    msg = _error(capsys, ["--model", folder, "--prompt", "a cat", "--out",
+                          str(tmp_path / "o.png")])
+    assert "out of memory" in msg and "--height" in msg and "RESOURCE_EXHAUSTED" in msg
+
+
+def test_empty_prompt_and_an_init_image_of_any_size(folder, tmp_path):
+    out = str(tmp_path / "empty.png")
+    images = text_to_image.main(["--model", folder, "--prompt", "", "--steps", "2",
+                                 "--out", out])
+    assert images.shape == (1, 32, 32, 3) and os.path.isfile(out)
+    src = str(tmp_path / "in.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 100, 3), np.uint8)).save(src)
+    out = str(tmp_path / "i2i.webp")
+    images = text_to_image.main(["--model", folder, "--prompt", "a cat", "--steps", "2",
+                                 "--init_image", src, "--strength", "0.5", "--out", out])
+    assert images.shape == (1, 32, 96, 3)   # 37x100 rounded down to multiples of 8, as diffusers
+    assert Image.open(out).size == (96, 32) and Image.open(out).format == "WEBP"
