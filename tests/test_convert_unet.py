@@ -187,9 +187,10 @@ def test_missing_file_is_file_not_found(tmp_path):
 
 
 def test_sharded_index_refuses_shards_outside_its_folder(tmp_path, model):
-    """A shard name must stay inside the index's folder: ``..``, absolute paths and symlinks out
-    of it are refused (a downloaded folder must not make jaxdiff read other files); a valid
-    index merges its shards; a corrupt index names itself."""
+    """A shard name must stay inside the index's folder: ``..``, absolute paths and symlinked
+    folders out of it are refused (a downloaded folder must not make jaxdiff read other files); a
+    shard file that is a symlink is read (the Hugging Face cache's layout); a valid index merges
+    its shards; a corrupt index names itself."""
     state = _state(model)
     keys = sorted(state)
     folder = tmp_path / "enc"
@@ -206,8 +207,12 @@ def test_sharded_index_refuses_shards_outside_its_folder(tmp_path, model):
 
     write({k: f"m-{int(i >= half)}.safetensors" for i, k in enumerate(keys)})
     assert sorted(load_sharded_state_dict(index)) == keys
-    (folder / "link.safetensors").symlink_to(outside)
-    for bad in ("../secret.safetensors", str(outside), "link.safetensors"):
+    (folder / "link.safetensors").symlink_to(outside)   # a snapshot file linked to its blob
+    write({"x": "link.safetensors"})
+    assert sorted(load_sharded_state_dict(index)) == ["x"]
+    (folder / "linked").symlink_to(tmp_path)            # a folder leading out
+    for bad in ("../secret.safetensors", str(outside), "linked/secret.safetensors",
+                "..\\secret.safetensors"):
         write({"x": bad})
         with pytest.raises(InvalidFileError, match="is not a file inside") as e:
             load_sharded_state_dict(index)

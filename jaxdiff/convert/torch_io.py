@@ -196,8 +196,10 @@ def load_sharded_state_dict(index_file: str) -> dict[str, np.ndarray]:
     ``weight_map`` (``model.safetensors.index.json`` and the like), merged.
 
     A shard must be a plain file name or a relative path that stays inside the index's folder:
-    an absolute path, a ``..`` component or a symlink that leaves the folder is refused, so that
-    a downloaded folder cannot make jaxdiff read other files on disk.
+    an absolute path, a drive, a backslash, a ``..`` component or a symlinked folder that leads
+    out of the folder is refused, so that a downloaded folder's index cannot make jaxdiff read
+    other files on disk. The shard file itself may be a symbolic link, as any weights file may:
+    the Hugging Face cache links every file of a snapshot to its blob outside the snapshot.
 
     Raises:
       FileNotFoundError: no index file, or a shard it names is missing.
@@ -217,9 +219,9 @@ def load_sharded_state_dict(index_file: str) -> dict[str, np.ndarray]:
     root = os.path.realpath(folder)
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        path = os.path.realpath(os.path.join(folder, shard))
-        if (os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/")
-                or os.path.commonpath([root, path]) != root):
+        parent = os.path.realpath(os.path.dirname(os.path.join(folder, shard)))
+        if (os.path.isabs(shard) or "\\" in shard or os.path.splitdrive(shard)[0]
+                or ".." in shard.split("/") or os.path.commonpath([root, parent]) != root):
             raise InvalidFileError(f"{index_file}: shard {shard!r} is not a file inside "
                                    f"{folder}; refusing to read it")
         out.update(load_torch_state_dict(os.path.join(folder, shard)))
