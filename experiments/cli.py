@@ -13,10 +13,8 @@ is a :class:`ConfigError` at parse time.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -120,29 +118,18 @@ def _check_config_files(fv: flags.FlagValues) -> None:
 
 def check_writable(flag: str, path: str, *, directory: bool = False) -> None:
     """Checks, before any work, that a command line can write its output ``path`` (a file, or
-    with ``directory`` a directory that may not exist yet): no existing entry of the other kind
-    at ``path``, and its nearest existing parent is a directory in which a file can be created
-    (probed with a temporary file, which is removed: permissions and read-only file systems).
+    with ``directory`` a directory that may not exist yet):
+    :func:`jaxdiff.validation.check_writable` (nothing is created).
 
     Raises:
       ConfigError: naming ``flag`` and the path.
     """
-    path = os.path.abspath(path)
-    if directory and os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{flag}: {path} exists and is not a directory")
-    if not directory and os.path.isdir(path):
-        raise ConfigError(f"{flag}: {path} is a directory, expected a file path")
-    parent = path if directory else os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{flag}: cannot write {path}: {parent} is a file, not a directory")
+    from jaxdiff.validation import check_writable as check
+
     try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag}: cannot write {path}: {parent} is not writable "
-                          f"({e.strerror})") from None
+        check(flag, path, directory=directory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

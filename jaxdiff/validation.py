@@ -9,6 +9,7 @@ inspected, so value checks skip it and the caller decides what a traced out-of-r
 A file that cannot be used (corrupt, truncated, of another format) raises
 :class:`InvalidFileError`, a ``ValueError`` whose message starts with the file's path; the command
 lines print it as one ``error:`` line. :func:`read_json` reads a JSON file that way.
+:func:`check_writable` refuses, before any work, an output path that could not be written.
 
 This module depends on nothing else in jaxdiff, so that any module may import it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -27,6 +29,7 @@ import numpy as np
 __all__ = [
     "InvalidFileError",
     "read_json",
+    "check_writable",
     "concrete",
     "check_int",
     "check_bool",
@@ -73,6 +76,35 @@ def read_json(path: str | os.PathLike) -> Any:
         what = "empty" if not raw.strip() else f"line {e.lineno} column {e.colno}: {e.msg}"
         raise InvalidFileError(f"{path}: not valid JSON ({what}); truncated or edited by "
                                "hand?") from None
+
+
+def check_writable(name: str, path: str | os.PathLike, *, directory: bool = False) -> str:
+    """Checks, before any work, that ``path`` can be written: a file (or with ``directory`` a
+    directory that may not exist yet), with no existing entry of the other kind there, whose
+    nearest existing parent is a directory in which a file can be created (probed with a
+    temporary file, which is removed: permissions and read-only file systems). Creates nothing.
+    Returns the absolute path.
+
+    Raises:
+      ValueError: naming ``name`` and the path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}: {path} exists and is not a directory")
+    if not directory and os.path.isdir(path):
+        raise ValueError(f"{name}: {path} is a directory, expected a file path")
+    parent = path if directory else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: cannot write {path}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}: cannot write {path}: {parent} is not writable "
+                         f"({e.strerror})") from None
+    return path
 
 
 def concrete(x) -> np.ndarray | None:

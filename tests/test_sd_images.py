@@ -108,20 +108,20 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
         check_output_path(str(tmp_path / "a.txt"))
     folder = tmp_path / "d.png"
     folder.mkdir()
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(ValueError, match="is a directory, expected a file path"):
         check_output_path(str(folder))
     a_file = tmp_path / "file"
     a_file.write_text("")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
+    with pytest.raises(ValueError, match="is a file, not a directory"):
         check_output_path(str(a_file / "sub" / "out.png"))
     # a read-only place: /proc takes no new files, even from root
-    with pytest.raises(ValueError, match="cannot write in '/proc'"):
+    with pytest.raises(ValueError, match="cannot write /proc/out.png: /proc is not writable"):
         check_output_path("/proc/out.png")
     if os.geteuid() != 0:   # root may write in a read-only folder
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        with pytest.raises(ValueError, match="cannot write in"):
+        with pytest.raises(ValueError, match="is not writable"):
             check_output_path(str(ro / "out.png"))
 
 

@@ -59,7 +59,7 @@ def test_flag_errors_come_before_any_work(folder, tmp_path, capsys, no_loading):
         "--height must lie in [8, --max_image_side=64], got 128": ["--height", "128",
                                                                    "--max_image_side", "64"],
         "--out 'x' has no extension": ["--out", "x"],
-        "is a file, not a folder": ["--out", str(a_file / "x.png")],
+        "is a file, not a directory": ["--out", str(a_file / "x.png")],
         "--negative_prompt has no effect with --guidance_scale 1": [
             "--negative_prompt", "dog", "--guidance_scale", "1"],
         "--init_image: give both --height and --width": [

@@ -18,10 +18,11 @@ checkpoint, where diffusers rounds to the VAE factor, also 8).
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from jaxdiff.validation import check_writable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,9 +56,10 @@ def output_paths(path: str, count: int) -> list[str]:
 
 def check_output_path(path: str, name: str = "path") -> str:
     """Refuse, before any work, an output image path that :func:`save_images` could not write:
-    no (or an unsupported) extension, a path that is a folder, or a folder that cannot be made or
-    written (the nearest existing one is probed by creating and removing a temporary file in
-    it). Returns ``path``.
+    no (or an unsupported) extension, or a place that cannot be written
+    (:func:`jaxdiff.validation.check_writable`: a folder at ``path``, a file where a folder
+    should be, a folder without write permission or on a read-only file system). Creates
+    nothing. Returns ``path``.
 
     Raises:
       ValueError: naming ``name`` and the path.
@@ -69,20 +71,7 @@ def check_output_path(path: str, name: str = "path") -> str:
     if ext not in IMAGE_EXTENSIONS:
         got = f"extension {ext!r}" if ext else "no extension"
         raise ValueError(f"{name} {path!r} has {got}; use one of {', '.join(IMAGE_EXTENSIONS)}")
-    if os.path.isdir(path):
-        raise ValueError(f"{name} {path!r} is a folder; give an image file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{name} {path!r}: {existing!r} is a file, not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".jaxdiff-write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{name} {path!r}: cannot write in {existing!r} "
-                         f"({e.strerror or e})") from None
+    check_writable(name, path)
     return path
 
 
