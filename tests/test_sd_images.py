@@ -46,6 +46,7 @@ def test_accepted_inputs_and_ranges():
         prepare_image(u8[:, :5], channels=3, multiple=8)
 
 
+@pytest.mark.slow  # imports torch / diffusers (> 1.5 s on 2 cores)
 @pytest.mark.parametrize("size,target", [((37, 100), (32, 96)), ((16, 16), (32, 32)),
                                          ((33, 47), (24, 40)), ((100, 37), (96, 32))])
 def test_resize_nearest_matches_torch(size, target):
@@ -56,6 +57,7 @@ def test_resize_nearest_matches_torch(size, target):
     np.testing.assert_array_equal(resize_nearest(x, *target), ref)
 
 
+@pytest.mark.slow  # imports torch / diffusers (> 1.5 s on 2 cores)
 def test_sizes_round_down_as_diffusers():
     """diffusers' VaeImageProcessor (vae_scale_factor 8, the SD value): a 37x100 image becomes
     32x96; an array by nearest neighbour, a file by Lanczos; both bit for bit."""
@@ -69,6 +71,7 @@ def test_sizes_round_down_as_diffusers():
     np.testing.assert_allclose(ours * 2 - 1, ref, atol=1e-6)
 
 
+@pytest.mark.slow  # imports torch / diffusers (> 1.5 s on 2 cores)
 def test_load_image_resizes_as_diffusers(tmp_path):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")

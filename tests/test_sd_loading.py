@@ -30,6 +30,9 @@ from jaxdiff.text import CLIPTokenizer  # noqa: E402
 STEM = ("diffusion_pytorch_model",)
 
 
+pytestmark = pytest.mark.slow  # > 1.5 s a test on 2 cores (writes a tiny diffusers folder)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_sd_loading") / "sd")

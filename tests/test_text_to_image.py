@@ -23,6 +23,9 @@ from experiments import text_to_image  # noqa: E402
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # > 1.5 s a test on 2 cores (a tiny diffusers folder; generates)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_sd_cli") / "sd")
