@@ -1,6 +1,11 @@
-"""Dataset loaders (local IDX files, tfds) and a resumable prefetching batch iterator."""
+"""Dataset loaders (local IDX files, tfds, image folders with captions) and resumable batch
+iterators."""
 
 from jaxdiff.data.idx import read_idx, write_idx
+from jaxdiff.data.image_folder import (CAPTION_SOURCES, IMAGE_EXTENSIONS, ImageFolder, check_image,
+                                       read_image_folder)
+from jaxdiff.data.image_source import ImageFolderIterator, image_folder_source, tokenize_captions
+from jaxdiff.data.image_transforms import load_image, load_images, resized_size, transform_image
 from jaxdiff.data.iterator import BatchIterator, DataSource, Prefetcher, ResumableIterator
 from jaxdiff.data.mnist import (HOW_TO_GET_MNIST, MNIST_ENV_VAR, find_mnist_dir, how_to_get_mnist,
                                 load_mnist, mnist_search_dirs, scale_images)
@@ -8,4 +13,7 @@ from jaxdiff.data.mnist import (HOW_TO_GET_MNIST, MNIST_ENV_VAR, find_mnist_dir,
 __all__ = ["read_idx", "write_idx", "BatchIterator", "Prefetcher", "ResumableIterator",
            "DataSource", "load_mnist",
            "find_mnist_dir", "mnist_search_dirs", "scale_images", "MNIST_ENV_VAR",
-           "HOW_TO_GET_MNIST", "how_to_get_mnist"]
+           "HOW_TO_GET_MNIST", "how_to_get_mnist",
+           "ImageFolder", "read_image_folder", "check_image", "IMAGE_EXTENSIONS",
+           "CAPTION_SOURCES", "image_folder_source", "ImageFolderIterator", "tokenize_captions",
+           "load_image", "load_images", "transform_image", "resized_size"]
