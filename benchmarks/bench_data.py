@@ -17,8 +17,21 @@ The grain pipelines (``pip install grain``):
   from the arrays with one fancy index, the epoch's permutation cached (jaxdiff's iterator
   written with grain's pieces).
 
+An image folder (``--suite images``, issue 25): ``--n_images`` PNGs written into a temporary
+folder at each of ``--resolutions`` (each ``5R/4 x 3R/2``, smooth random colour fields, so the
+resize and crop run), read by :func:`jaxdiff.data.read_image_folder`; images per second with a
+random crop and flip, decoded per batch:
+
+- ``image_folder_source``: jaxdiff's source (decode threads 1 or 2) behind the training loop's
+  ``Prefetcher``;
+- ``grain (threads)``: ``MapDataset.source(records).shuffle(seed).repeat().random_map(decode,
+  crop, flip).batch(G)`` with grain's read threads, the same decode and transform functions
+  (:func:`jaxdiff.data.load_image`);
+- ``grain (processes)``: the same with ``mp_prefetch`` over ``--workers`` worker processes.
+
     python -m benchmarks.bench_data
     python -m benchmarks.bench_data --batch_sizes 32,128 --seconds 3
+    python -m benchmarks.bench_data --suite images --resolutions 64,512 --seconds 4
 """
 
 from __future__ import annotations
@@ -26,12 +39,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import os
 import subprocess
+import tempfile
 import time
 
 import numpy as np
 
-from jaxdiff.data import BatchIterator, Prefetcher, load_mnist
+from jaxdiff.data import (BatchIterator, Prefetcher, image_folder_source, load_image,
+                          load_mnist, read_image_folder)
 
 
 def _git() -> str:
@@ -139,6 +155,117 @@ def grain_resume_exact(make, skip, check) -> bool:
     return _same(want, got)
 
 
+# -- image folders ------------------------------------------------------------------------------
+
+def write_image_folder(root: str, n: int, resolution: int, seed: int = 0) -> None:
+    """``n`` PNGs of ``5R/4 x 3R/2`` (smooth colour fields plus a little noise), captioned by
+    ``.txt`` files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = resolution * 5 // 4, resolution * 3 // 2
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        x = np.asarray(small.resize((w, h), Image.BILINEAR), np.int16)
+        x = np.clip(x + rng.integers(-8, 9, x.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(x).save(os.path.join(root, f"{i:04d}.png"), compress_level=1)
+        with open(os.path.join(root, f"{i:04d}.txt"), "w") as f:
+            f.write(f"image number {i}")
+
+
+def _tokenize(captions):
+    return np.array([[len(c), i] for i, c in enumerate(captions)], np.int32)
+
+
+class _ImageRecords:
+    """grain's random-access source: record ``i`` is (file, token ids, index)."""
+
+    def __init__(self, files, ids):
+        self.files, self.ids = list(files), ids
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return {"file": self.files[i], "input_ids": self.ids[i], "index": np.int32(i)}
+
+
+class _Decode:
+    """``random_map``'s transform: decode, resize, random crop and flip (picklable)."""
+
+    def __init__(self, resolution):
+        self.resolution = resolution
+
+    def __call__(self, rec, rng):
+        u = rng.random(3)
+        pixels = load_image(rec["file"], self.resolution, crop=(u[0], u[1]), flip=bool(u[2] < .5))
+        return {"pixel_values": pixels, "input_ids": rec["input_ids"], "index": rec["index"]}
+
+
+def grain_images(folder, ids, resolution, batch_size, seed, threads, prefetch, workers):
+    import grain
+
+    ds = (grain.MapDataset.source(_ImageRecords(folder.files, ids)).shuffle(seed=seed).repeat()
+          .random_map(_Decode(resolution), seed=seed).batch(batch_size, drop_remainder=True))
+    # grain's buffer counts records, not batches
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                              prefetch_buffer_size=prefetch * batch_size))
+    if workers:
+        from absl import flags   # grain's worker processes read absl flags: parse none
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(["bench_data"])
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def image_rows(args) -> list:
+    rows = []
+    g = args.image_batch
+    for res in (int(r) for r in args.resolutions.split(",")):
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            write_image_folder(root, args.n_images, res)
+            t1 = time.perf_counter()
+            folder = read_image_folder(root)
+            t_read = time.perf_counter() - t1
+            print(f"{args.n_images} PNGs {res * 3 // 2}x{res * 5 // 4}: written in "
+                  f"{t1 - t0:.1f} s, read_image_folder (decode check) {t_read:.2f} s", flush=True)
+            ids = _tokenize(folder.captions)
+            skip = 3
+            for threads in (int(t) for t in args.decode_threads.split(",")):
+                src = image_folder_source(folder, resolution=res, tokenize=_tokenize,
+                                          global_batch_size=g, seed=args.seed, center_crop=False,
+                                          random_flip=True, process_index=0, process_count=1,
+                                          num_threads=threads)
+                with Prefetcher(src(None), args.prefetch) as it:
+                    rate = _rate(it, args.seconds, warmup=2)
+                it = src(None)
+                for _ in range(skip):
+                    next(it)
+                state = it.state
+                want = [next(it) for _ in range(args.check_images)]
+                it2 = src(state)
+                exact = _same(want, [next(it2) for _ in range(args.check_images)])
+                rows.append(f"| image_folder_source, {threads} decode thread(s) + Prefetcher | "
+                            f"{res} | {g} | {rate * g:.0f} | {'yes' if exact else 'NO'} |")
+                print(rows[-1], flush=True)
+            for name, workers in (("grain (threads)", 0),
+                                  (f"grain (processes: {args.workers})", args.workers)):
+                def make():
+                    return grain_images(folder, ids, res, g, args.seed, args.threads,
+                                        args.prefetch, workers)
+
+                it = iter(make())
+                rate = _rate(it, args.seconds, warmup=2)
+                del it
+                exact = grain_resume_exact(make, skip, args.check_images)
+                rows.append(f"| {name}, {args.threads} read threads | {res} | {g} | "
+                            f"{rate * g:.0f} | {'yes' if exact else 'NO'} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch_sizes", default="32,128")
@@ -147,9 +274,38 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=2, help="grain read threads")
     p.add_argument("--check", type=int, default=8, help="batches compared after a resume")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suite", default="mnist", choices=("mnist", "images"))
+    p.add_argument("--resolutions", default="64,512", help="images: the crop sides R")
+    p.add_argument("--n_images", type=int, default=64, help="images: the folder's size")
+    p.add_argument("--image_batch", type=int, default=16, help="images: the batch")
+    p.add_argument("--workers", type=int, default=2, help="images: grain worker processes")
+    p.add_argument("--decode_threads", default="1,2", help="images: jaxdiff's decode threads")
+    p.add_argument("--check_images", type=int, default=2,
+                   help="images: batches compared after a resume")
     args = p.parse_args(argv)
-    from benchmarks.common import machine
+    from benchmarks.common import cpu_name, machine
     import grain
+
+    if args.suite == "images":
+        lines = [f"$ python -m benchmarks.bench_data --suite images --resolutions "
+                 f"{args.resolutions} --n_images {args.n_images} --image_batch "
+                 f"{args.image_batch} --seconds {args.seconds:g} --decode_threads "
+                 f"{args.decode_threads} --threads {args.threads} --workers {args.workers}",
+                 f"({datetime.date.today().isoformat()}, git {_git()})", "",
+                 f"machine: {machine()}; CPU {cpu_name()}; grain "
+                 f"{getattr(grain, '__version__', '?')}",
+                 f"{args.n_images} PNGs of 5R/4 x 3R/2 per resolution R, resized, randomly "
+                 f"cropped to R x R and flipped; prefetch {args.prefetch} batches (grain: "
+                 f"{args.prefetch * args.image_batch} records); resume: "
+                 f"{args.check_images} batches compared after a position saved after 3 batches",
+                 "",
+                 "| pipeline | R | batch | images/s | resume exact |",
+                 "|---|---:|---:|---:|---|"]
+        lines += image_rows(args)
+        text = "\n".join(lines) + "\n"
+        print()
+        print(text)
+        return text
 
     images, labels = load_mnist("train")
     arrays = {"image": images, "label": labels.astype(np.int32)}

@@ -94,6 +94,10 @@ def _meta(tmp_path, lines):
     (lambda p: _meta(p, ['{"file_name": "img0.png", "caption": "a"}']),
      r"line 1 \(img0\.png\) has no caption column 'text'"),
     (lambda p: _meta(p, ['{"text": "a"}']), r"line 1 has no 'file_name'"),
+    (lambda p: _meta(p, ['{"file_name": "img0.png", "text": "a"}',
+                         '{"file_name": "img1.png", "text": "b"}',
+                         '{"file_name": "img0.txt", "text": "c"}']),
+     r"names 'img0\.txt', which is not an image"),
 ])
 def test_folder_errors_are_one_line_and_name_the_cause(tmp_path, setup, match):
     setup(tmp_path)
@@ -170,6 +174,17 @@ def test_other_modes_become_rgb(mode):
     if mode == "L":
         assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0],
                                                                             out[..., 2])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    x = _rand(0, 4, 8)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # "rotate 90 degrees clockwise to view"
+    Image.fromarray(x).save(tmp_path / "r.png", exif=exif)
+    (tmp_path / "r.txt").write_text("r")
+    out = load_images(read_image_folder(tmp_path), 4)[0]
+    upright = np.rot90(x, k=-1)                        # 8 high, 4 wide: center rows 2..5
+    np.testing.assert_array_equal(out, (upright[2:6].astype(np.float32) / 255 - 0.5) / 0.5)
 
 
 def test_load_images_matches_center_crop_batches(tmp_path):

@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxdiff.validation import InvalidFileError, check_bool, check_int
 
-__all__ = ["resized_size", "transform_image", "load_image", "load_images", "map_threads"]
+__all__ = ["resized_size", "transform_image", "load_image", "load_images", "map_threads",
+           "default_threads"]
 
 
 def resized_size(width: int, height: int, resolution: int) -> Tuple[int, int]:
