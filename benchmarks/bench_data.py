@@ -238,7 +238,10 @@ def image_rows(args) -> list:
                                           global_batch_size=g, seed=args.seed, center_crop=False,
                                           random_flip=True, process_index=0, process_count=1,
                                           num_threads=threads)
+                t = time.perf_counter()
                 with Prefetcher(src(None), args.prefetch) as it:
+                    next(it)
+                    first = time.perf_counter() - t
                     rate = _rate(it, args.seconds, warmup=2)
                 it = src(None)
                 for _ in range(skip):
@@ -248,7 +251,8 @@ def image_rows(args) -> list:
                 it2 = src(state)
                 exact = _same(want, [next(it2) for _ in range(args.check_images)])
                 rows.append(f"| image_folder_source, {threads} decode thread(s) + Prefetcher | "
-                            f"{res} | {g} | {rate * g:.0f} | {'yes' if exact else 'NO'} |")
+                            f"{res} | {g} | {first:.2f} | {rate * g:.0f} | "
+                            f"{'yes' if exact else 'NO'} |")
                 print(rows[-1], flush=True)
             for name, workers in (("grain (threads)", 0),
                                   (f"grain (processes: {args.workers})", args.workers)):
@@ -256,12 +260,15 @@ def image_rows(args) -> list:
                     return grain_images(folder, ids, res, g, args.seed, args.threads,
                                         args.prefetch, workers)
 
+                t = time.perf_counter()
                 it = iter(make())
+                next(it)
+                first = time.perf_counter() - t
                 rate = _rate(it, args.seconds, warmup=2)
                 del it
                 exact = grain_resume_exact(make, skip, args.check_images)
                 rows.append(f"| {name}, {args.threads} read threads | {res} | {g} | "
-                            f"{rate * g:.0f} | {'yes' if exact else 'NO'} |")
+                            f"{first:.2f} | {rate * g:.0f} | {'yes' if exact else 'NO'} |")
                 print(rows[-1], flush=True)
     return rows
 
@@ -299,9 +306,11 @@ def main(argv=None) -> str:
                  f"{args.prefetch * args.image_batch} records); resume: "
                  f"{args.check_images} batches compared after a position saved after 3 batches",
                  "",
-                 "| pipeline | R | batch | images/s | resume exact |",
-                 "|---|---:|---:|---:|---|"]
+                 "| pipeline | R | batch | first batch (s) | images/s | resume exact |",
+                 "|---|---:|---:|---:|---:|---|"]
+        t0 = time.perf_counter()
         lines += image_rows(args)
+        lines += ["", f"(whole run: {time.perf_counter() - t0:.0f} s)"]
         text = "\n".join(lines) + "\n"
         print()
         print(text)

@@ -23,9 +23,17 @@ the batches that the uninterrupted run would have, on any number of hosts.
 Images are decoded lazily, per batch (on a small thread pool: Pillow releases the GIL while it
 decodes and resizes); captions are tokenized once, when the source is built.
 
-Why not grain: ``benchmarks/bench_data.py`` measured this source against a ``grain`` pipeline
-with the same decode and transform (per-record ``MapDataset``, with read threads and with worker
-processes); its stored output (``benchmarks/results/cpu/bench_data.md``) shows the decision.
+Why not grain (issue 25 asks for it unless something else is shown better):
+``benchmarks/bench_data.py --suite images`` runs this source and a ``grain`` pipeline with the same
+decode and transform (a per-record ``MapDataset`` with grain's read threads, and with worker
+processes) over PNG folders; its stored output (``benchmarks/results/cpu/bench_data.md``) is the
+evidence. There grain was not faster: with threads it was slower (its per-record pipeline costs
+more than a batch's thread-pool map), and its worker processes did not beat two decode threads
+(Pillow releases the GIL while it decodes and resizes, so threads scale) while each start of an
+iterator spawns processes that import JAX. This source also gives the same position dict as
+:class:`~jaxdiff.data.BatchIterator` and a batch that is a pure function of ``(seed, e, i)`` on any
+number of hosts, with no extra dependency. So jaxdiff keeps it; grain's processes might pay off
+on a many-core host whose per-record Python work dominates (not measured).
 """
 
 from __future__ import annotations
