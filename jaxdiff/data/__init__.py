@@ -2,6 +2,8 @@
 iterators."""
 
 from jaxdiff.data.idx import read_idx, write_idx
+from jaxdiff.data.image_buckets import (BucketIterator, assign_buckets, bucket_sizes,
+                                        bucketed_image_folder_source, image_size)
 from jaxdiff.data.image_folder import (CAPTION_SOURCES, IMAGE_EXTENSIONS, ImageFolder, check_image,
                                        read_image_folder)
 from jaxdiff.data.image_source import ImageFolderIterator, image_folder_source, tokenize_captions
@@ -16,4 +18,6 @@ __all__ = ["read_idx", "write_idx", "BatchIterator", "Prefetcher", "ResumableIte
            "HOW_TO_GET_MNIST", "how_to_get_mnist",
            "ImageFolder", "read_image_folder", "check_image", "IMAGE_EXTENSIONS",
            "CAPTION_SOURCES", "image_folder_source", "ImageFolderIterator", "tokenize_captions",
-           "load_image", "load_images", "transform_image", "resized_size"]
+           "load_image", "load_images", "transform_image", "resized_size",
+           "bucket_sizes", "assign_buckets", "image_size", "bucketed_image_folder_source",
+           "BucketIterator"]

@@ -50,7 +50,7 @@ from jaxdiff.data.image_transforms import default_threads, load_image, map_threa
 from jaxdiff.data.iterator import DataSource
 from jaxdiff.validation import check_bool, check_int
 
-__all__ = ["ImageFolderIterator", "image_folder_source", "tokenize_captions"]
+__all__ = ["ImageFolderIterator", "image_folder_source", "tokenize_captions", "check_state"]
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,16 @@ class ImageFolderIterator:
                               crop=None if self.center_crop else tuple(crops[j]),
                               flip=bool(self.random_flip and flips[j]))
 
+        pixels = map_threads(one, range(b), self.num_threads, self._executor())
+        return {"pixel_values": np.stack(pixels), "input_ids": self.input_ids[idx],
+                "index": idx.astype(np.int32)}
+
+    def _executor(self) -> Optional[concurrent.futures.Executor]:
+        """The decode thread pool, started at the first batch (None with one thread)."""
         if self.num_threads > 1 and self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self.num_threads, thread_name_prefix="jaxdiff-decode")
-        pixels = map_threads(one, range(b), self.num_threads, self._pool)
-        return {"pixel_values": np.stack(pixels), "input_ids": self.input_ids[idx],
-                "index": idx.astype(np.int32)}
+        return self._pool
 
     def __iter__(self):
         return self
@@ -199,7 +203,8 @@ class ImageFolderIterator:
             pass
 
 
-def _check_state(state: Any) -> Dict[str, int]:
+def check_state(state: Any) -> Dict[str, int]:
+    """``state`` if it is ``{"epoch": int, "index": int, ...}``, else a ``ValueError``."""
     if not (isinstance(state, dict) and all(
             isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
             for k in ("epoch", "index"))):
@@ -236,7 +241,7 @@ def image_folder_source(folder: ImageFolder, *, resolution: int, tokenize: Calla
     input_ids = tokenize_captions(tokenize, folder.captions, folder.files)
 
     def from_state(state: Optional[Dict[str, int]]) -> ImageFolderIterator:
-        pos = {} if state is None else {k: _check_state(state)[k] for k in ("epoch", "index")}
+        pos = {} if state is None else {k: check_state(state)[k] for k in ("epoch", "index")}
         return ImageFolderIterator(folder, input_ids, resolution=resolution,
                                    global_batch_size=global_batch_size, seed=seed,
                                    center_crop=center_crop, random_flip=random_flip,

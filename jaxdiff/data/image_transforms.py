@@ -35,13 +35,14 @@ def resized_size(width: int, height: int, resolution: int) -> Tuple[int, int]:
     return int(resolution * width / height), resolution
 
 
-def transform_image(image, resolution: int, *, crop: Optional[Tuple[float, float]] = None,
-                    flip: bool = False) -> np.ndarray:
-    """A PIL image -> ``[R, R, 3]`` float32 in ``[-1, 1]`` (``R = resolution``).
+def transform_image(image, resolution: int | Tuple[int, int], *,
+                    crop: Optional[Tuple[float, float]] = None, flip: bool = False) -> np.ndarray:
+    """A PIL image -> ``[R, R, 3]`` (or ``[H, W, 3]``) float32 in ``[-1, 1]``.
 
     Args:
       image: a ``PIL.Image.Image`` of any mode (converted to RGB).
-      resolution: the output side ``R``.
+      resolution: the output side ``R``; or ``(H, W)``, an aspect-ratio bucket: the image is
+        resized (bilinear) to the smallest size that covers ``H x W``, then cropped to it.
       crop: None for the center crop, else ``(u_top, u_left)`` in ``[0, 1)``: the crop's offsets
         ``floor(u * (side - R + 1))`` (a random crop when ``u`` is uniform).
       flip: mirror left-right (after the crop).
@@ -50,24 +51,30 @@ def transform_image(image, resolution: int, *, crop: Optional[Tuple[float, float
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    size = resized_size(image.width, image.height, resolution)
+    if isinstance(resolution, tuple):   # an aspect-ratio bucket: resize to cover it
+        rh, rw = resolution
+        scale = max(rw / image.width, rh / image.height)
+        size = (max(rw, round(image.width * scale)), max(rh, round(image.height * scale)))
+    else:
+        rh = rw = resolution
+        size = resized_size(image.width, image.height, resolution)
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
     w, h = size
     if crop is None:
-        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+        top, left = int(round((h - rh) / 2.0)), int(round((w - rw) / 2.0))
     else:
-        top = min(int(math.floor(crop[0] * (h - resolution + 1))), h - resolution)
-        left = min(int(math.floor(crop[1] * (w - resolution + 1))), w - resolution)
-    x = np.asarray(image, dtype=np.uint8)[top:top + resolution, left:left + resolution]
+        top = min(int(math.floor(crop[0] * (h - rh + 1))), h - rh)
+        left = min(int(math.floor(crop[1] * (w - rw + 1))), w - rw)
+    x = np.asarray(image, dtype=np.uint8)[top:top + rh, left:left + rw]
     if flip:
         x = x[:, ::-1]
     return ((x.astype(np.float32) / np.float32(255.0) - np.float32(0.5))
             / np.float32(0.5))
 
 
-def load_image(path: str, resolution: int, *, crop: Optional[Tuple[float, float]] = None,
-               flip: bool = False) -> np.ndarray:
+def load_image(path: str, resolution: int | Tuple[int, int], *,
+               crop: Optional[Tuple[float, float]] = None, flip: bool = False) -> np.ndarray:
     """Reads ``path`` (EXIF orientation applied) and returns :func:`transform_image` of it:
     ``[R, R, 3]`` float32 in ``[-1, 1]``.
 
