@@ -16,7 +16,8 @@ so that a truncated or foreign file is found before training starts, not in the 
 ``on_bad_image="warn"`` skips it with a ``logging`` warning that names it, ``"error"`` raises.
 
 The pixels (resize, crop, flip, ``[-1, 1]``) are :mod:`jaxdiff.data.image_transforms`; the
-resumable batches for the training loop are :mod:`jaxdiff.data.image_source`.
+resumable batches for the training loop are :mod:`jaxdiff.data.image_source` (square crops) and
+:mod:`jaxdiff.data.image_buckets` (aspect-ratio buckets).
 """
 
 from __future__ import annotations

@@ -27,13 +27,13 @@ Why not grain (issue 25 asks for it unless something else is shown better):
 ``benchmarks/bench_data.py --suite images`` runs this source and a ``grain`` pipeline with the same
 decode and transform (a per-record ``MapDataset`` with grain's read threads, and with worker
 processes) over PNG folders; its stored output (``benchmarks/results/cpu/bench_data.md``) is the
-evidence. There grain was not faster: with threads it was slower (its per-record pipeline costs
-more than a batch's thread-pool map), and its worker processes did not beat two decode threads
-(Pillow releases the GIL while it decodes and resizes, so threads scale) while each start of an
-iterator spawns processes that import JAX. This source also gives the same position dict as
-:class:`~jaxdiff.data.BatchIterator` and a batch that is a pure function of ``(seed, e, i)`` on any
-number of hosts, with no extra dependency. So jaxdiff keeps it; grain's processes might pay off
-on a many-core host whose per-record Python work dominates (not measured).
+evidence. There grain was not faster: with its read threads it was slower, and with worker
+processes it was no faster while each start of an iterator (every run and every resume) spawns
+processes that import JAX, seconds before the first batch. This source also keeps the position
+dict of :class:`~jaxdiff.data.BatchIterator`, makes a batch a pure function of ``(seed, e, i)``
+on any number of hosts, and needs no extra dependency, so jaxdiff keeps it. The measurement was on
+a shared 2-core machine, where a second decode thread did not help either: on a many-core host
+whose decoding is the bottleneck, grain's processes may pay off (not measured).
 """
 
 from __future__ import annotations
