@@ -24,6 +24,15 @@ from jaxdiff.convert.export_diffusers import (
     vae_to_diffusers,
 )
 from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
+from jaxdiff.convert.lora_files import (
+    LORA_WEIGHT_NAME,
+    lora_format,
+    lora_state_dict,
+    read_lora,
+    read_lora_state_dict,
+    save_lora,
+)
+from jaxdiff.convert.lora_names import lora_targets
 from jaxdiff.convert.torch_io import (
     flax_to_torch,
     load_sharded_state_dict,
@@ -41,6 +50,7 @@ from jaxdiff.convert.transformers_clip import (
 )
 
 __all__ = [
+    "LORA_WEIGHT_NAME",
     "clip_text_config_from_transformers",
     "clip_text_config_to_transformers",
     "clip_text_to_transformers",
@@ -53,10 +63,16 @@ __all__ = [
     "load_clip_text_encoder",
     "load_sharded_state_dict",
     "load_torch_state_dict",
+    "lora_format",
+    "lora_state_dict",
+    "lora_targets",
+    "read_lora",
+    "read_lora_state_dict",
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
     "sampler_options_from_diffusers_config",
     "ignored_config_keys",
+    "save_lora",
     "save_safetensors",
     "scheduler_to_diffusers",
     "schedule_from_diffusers_config",

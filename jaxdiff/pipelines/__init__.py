@@ -1,6 +1,6 @@
 """Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
 (text-to-image and image-to-image) as one jitted program per setting, cached by its static
-settings; write one back (``save_stable_diffusion``)."""
+settings; write one back (``save_stable_diffusion``); LoRAs fused or unfused (``load_lora``)."""
 
 from jaxdiff.pipelines.export import (
     export_stable_diffusion,
@@ -23,6 +23,7 @@ from jaxdiff.pipelines.loading import (
     load_stable_diffusion,
     with_sampler,
 )
+from jaxdiff.pipelines.lora import fuse_lora, load_lora, set_lora_scales, unload_loras
 from jaxdiff.pipelines.program_cache import ProgramCache
 from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey
 from jaxdiff.pipelines.stable_diffusion import (
@@ -46,13 +47,17 @@ __all__ = [
     "choose_sampler",
     "encode_prompt",
     "export_stable_diffusion",
+    "fuse_lora",
     "generate",
     "load_image",
+    "load_lora",
     "load_stable_diffusion",
     "prepare_image",
     "save_images",
     "save_stable_diffusion",
     "save_tokenizer",
+    "set_lora_scales",
     "to_uint8",
+    "unload_loras",
     "with_sampler",
 ]

@@ -271,11 +271,17 @@ def export_stable_diffusion(
     the image size. Returns ``path``.
 
     Raises:
-      ValueError: as :func:`save_stable_diffusion`; and naming ``sd.scheduler_config`` when it
-        is not a scheduler config jaxdiff maps.
+      ValueError: as :func:`save_stable_diffusion`; naming ``sd.scheduler_config`` when it
+        is not a scheduler config jaxdiff maps; and for a model with unfused LoRAs
+        (``sd.loras``), which the folder could not hold: ``fuse_lora(sd)`` first, or save the
+        LoRA with :func:`jaxdiff.convert.save_lora`.
     """
     if not isinstance(sd, StableDiffusion):
         raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+    if sd.loras:
+        raise ValueError(f"sd has {len(sd.loras)} unfused LoRA(s) (sd.loras), which a diffusers "
+                         "folder cannot hold: export fuse_lora(sd) to write the adapted model, "
+                         "or unload_loras(sd) for the base model")
     name = sd.scheduler_config.get("_class_name")
     if name not in scheduler_classes():
         raise ValueError(f"sd.scheduler_config: _class_name {name!r} is not one of "

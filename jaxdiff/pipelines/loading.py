@@ -85,9 +85,13 @@ class StableDiffusion:
       scheduler_config: the raw ``scheduler_config.json``.
       sample_size: the UNet's latent ``sample_size`` (default image side = ``sample_size *
         vae_scale_factor``).
+      loras: the unfused LoRAs, ``((adapter, scale), ...)``: each adapter
+        ``{"unet": .., "text_encoder": ..}`` (:mod:`jaxdiff.lora`) with its float32 scale, merged
+        into the parameters inside the generation program (:func:`jaxdiff.pipelines.load_lora`);
+        empty by default.
 
-    Only ``params`` is a pytree node: ``jax.tree.map(f, sd)`` maps the parameters and keeps the
-    rest. The compiled generation programs are not part of it: they live in
+    Only ``params`` and ``loras`` are pytree nodes: ``jax.tree.map(f, sd)`` maps the parameters
+    (and the unfused LoRAs) and keeps the rest. The compiled generation programs are not part of it: they live in
     :data:`jaxdiff.pipelines.sd_program.PROGRAM_CACHE`, shared by every model with the same
     configs and schedule.
     """
@@ -101,6 +105,7 @@ class StableDiffusion:
     sampler: Sampler = struct.field(pytree_node=False)
     scheduler_config: Mapping[str, Any] = struct.field(pytree_node=False)
     sample_size: int = struct.field(pytree_node=False, default=64)
+    loras: tuple = ()
 
     @property
     def vae_scale_factor(self) -> int:

@@ -3,8 +3,10 @@ decode as ONE ``jax.jit``, one per :class:`ProgramKey`, kept in :data:`PROGRAM_C
 
 A program is a function of its static settings only (the key): the model's configs and training
 schedule, the sampler, the step count, guided or not, image-to-image or not, the latent shape,
-the device mesh, CLIP skip. Parameters, prompts, seeds, the guidance scale and initial latents
-are its arguments, so changing them compiles nothing. Programs never hold the
+the device mesh, CLIP skip. Parameters, unfused LoRAs and their scales
+(:mod:`jaxdiff.pipelines.lora`, merged at the program's start), prompts, seeds, the guidance
+scale and initial latents are its arguments, so changing them compiles nothing (``jit`` traces
+again only for LoRAs of other layers or ranks). Programs never hold the
 :class:`~jaxdiff.pipelines.StableDiffusion` (nor its parameters): every model with the same
 configs and schedule (``sd.replace(params=...)``, the same folder loaded twice) shares them, and
 dropping a model frees its parameters while its programs stay cached (at most
@@ -28,6 +30,7 @@ from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.pipelines.loading import StableDiffusion
+from jaxdiff.pipelines.lora import apply_loras
 from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
 from jaxdiff.samplers.guidance import classifier_free_guidance
 from jaxdiff.samplers.img2img import noise_to_img2img
@@ -119,8 +122,9 @@ def embed_tokens(text_config: CLIPTextConfig, dtype: Any, text_params: Any, inpu
 
 def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
                   img2img: dict | None) -> Callable:
-    """The jitted ``(params, cond, uncond, x_init, noise, image, rng, w, phi) -> (images,
-    latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``cond`` / ``uncond`` are
+    """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi) -> (images,
+    latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras`` are
+    ``StableDiffusion.loras`` (merged into ``params`` first), ``cond`` / ``uncond`` are
     token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; ``x_init``
     ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars.
 
@@ -139,7 +143,8 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             return embed_tokens(text_config, dtype, params["text_encoder"], x, skip)
         return x.astype(dtype)
 
-    def _sd_program(params, cond, uncond, x_init, noise, image, rng, w, phi):
+    def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi):
+        params = apply_loras(params, loras)
         k_init, k_post, k_sample = jax.random.split(rng, 3)
         cond = text(params, cond, key.clip_skip)  # the negative prompt without it, as diffusers
         batch = cond.shape[0]

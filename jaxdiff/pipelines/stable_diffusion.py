@@ -200,7 +200,9 @@ def generate(
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
     Args:
-      sd: from :func:`~jaxdiff.pipelines.load_stable_diffusion`.
+      sd: from :func:`~jaxdiff.pipelines.load_stable_diffusion`; its unfused LoRAs
+        (``sd.loras``, :func:`~jaxdiff.pipelines.load_lora`) are merged inside the program, their
+        scales traced (a new scale does not recompile).
       prompt: a prompt or ``B`` prompts (``""`` is a valid prompt); or give ``prompt_embeds``
         instead. Text beyond the tokenizer's length (77 tokens for SD, BOS and EOS included)
         is truncated with a ``logging`` warning that quotes it.
@@ -368,7 +370,7 @@ def generate(
         clip_skip=skip)
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
-    leaves, treedef = jax.tree.flatten((sd.params, args))  # what jit keys its compilations on
+    leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on
     signature = (treedef, tuple((a.shape, a.dtype) for a in leaves))
     first = PROGRAM_CACHE.first_call(program_key, signature)
     if first:
@@ -376,7 +378,7 @@ def generate(
                  height, width, batch, steps, sampler.name,
                  "guided" if guided else "conditional only (guidance_scale 1)")
     t0 = time.perf_counter()
-    images, lat = program(sd.params, *args)
+    images, lat = program(sd.params, sd.loras, *args)
     images, lat = jax.device_get((images, lat))
     log.info("%s in %.1f s", "compiled and denoised" if first else "denoised",
              time.perf_counter() - t0)
