@@ -8,6 +8,8 @@ jitted program.
         --option sigma_schedule=karras --num_images 4 --out grid.png
     python -m experiments.text_to_image --model DIR --prompt "..." --init_image in.png \
         --strength 0.6 --out out.png
+    python -m experiments.text_to_image --model DIR --prompt "..." --lora style.safetensors:0.8 \
+        --lora subject.safetensors --out out.png
 
 Writes ``out`` (one image, or ``<stem>_<i>.<ext>`` for several; the format follows the
 extension). Logs a line before the compile and one after the generation. Every user error (a
@@ -19,12 +21,19 @@ checked before the work starts is checked first.
 (``1``: the prompt alone; ``0``: the negative prompt alone); diffusers' pipelines switch guidance
 off for every ``w <= 1`` instead, so the two differ for ``w < 1`` only
 (:mod:`jaxdiff.pipelines.stable_diffusion`).
+
+``--lora PATH[:SCALE]`` (repeatable) applies LoRA files (diffusers / peft or kohya / A1111
+format; a folder holding ``pytorch_lora_weights.safetensors``) with their weights (default 1):
+``PATH:SCALE`` is split at the last ``:`` only when what follows is a number, so paths with
+``:`` in them work. The LoRAs are merged inside the generation program (their scales traced),
+or once before it with ``--fuse_lora`` (:mod:`jaxdiff.pipelines.lora`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -40,7 +49,7 @@ from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.text_to_image"
 
-__all__ = ["main", "cli_main"]
+__all__ = ["main", "cli_main", "parse_lora_flag"]
 
 
 def _define(fv: flags.FlagValues, argv: list) -> None:
@@ -77,6 +86,10 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                        flag_values=fv)
     flags.DEFINE_integer("clip_skip", None, "skip the last k CLIP layers for the prompt "
                          "(diffusers' clip_skip)", flag_values=fv)
+    flags.DEFINE_multi_string("lora", [], "a LoRA file as PATH[:SCALE] (repeatable; diffusers / "
+                              "peft or kohya format; SCALE default 1)", flag_values=fv)
+    flags.DEFINE_bool("fuse_lora", False, "merge the --lora files into the weights once "
+                      "instead of inside the generation program", flag_values=fv)
     flags.DEFINE_string("out", "out.png", "output image (.png, .jpg, .webp, ...; several "
                         "images: <stem>_<i>.<ext>)", flag_values=fv)
 
@@ -84,6 +97,27 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
 def _flag_remedy(option: str, value) -> str:
     """A :class:`~jaxdiff.pipelines.LoadOptionError`'s remedy spelt as this command's flag."""
     return f"leave out --{option}" if value is None else f"pass --{option} {value}"
+
+
+def parse_lora_flag(value: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]`` -> ``(path, scale)``: split at the last ``:`` when what follows
+    is a finite number (``C:\\x.safetensors`` stays a path), scale 1 otherwise.
+
+    Raises:
+      ConfigError: an empty path, or a non-finite scale.
+    """
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            scale, path = float(tail), head
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise ConfigError(f"--lora {value!r}: the scale must be a finite number")
+    if not path:
+        raise ConfigError(f"--lora {value!r}: expected PATH or PATH:SCALE")
+    return path, scale
 
 
 def _check_flags(fv: flags.FlagValues) -> None:
@@ -115,6 +149,12 @@ def _check_flags(fv: flags.FlagValues) -> None:
     if fv.init_image and (fv.height is None) != (fv.width is None):
         raise ConfigError("--init_image: give both --height and --width (the size to resize "
                           "it to) or neither")
+    if fv.fuse_lora and not fv.lora:
+        raise ConfigError("--fuse_lora needs --lora")
+    for value in fv.lora:
+        path, _ = parse_lora_flag(value)
+        if not os.path.exists(path):
+            raise ConfigError(f"--lora {value!r}: no such file or folder {path!r}")
     try:
         check_output_path(fv.out, "--out")
     except ValueError as e:
@@ -132,8 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     """
     from jaxdiff.pipelines import (
         LoadOptionError,
+        fuse_lora,
         generate,
         load_image,
+        load_lora,
         load_stable_diffusion,
         save_images,
     )
@@ -151,6 +193,14 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
                                    sampler=fv.sampler,
                                    sampler_options=cli.parse_sampler_options(fv.option))
+        for value in fv.lora:
+            path, scale = parse_lora_flag(value)
+            try:
+                sd = load_lora(sd, path, scale)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--lora {value!r}: {e}") from None
+        if fv.fuse_lora:
+            sd = fuse_lora(sd)
         if fv.steps > sd.schedule.num_timesteps:
             raise ConfigError(f"--steps must be <= {sd.schedule.num_timesteps} (the scheduler's "
                               f"num_train_timesteps), got {fv.steps}")

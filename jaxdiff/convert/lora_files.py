@@ -137,9 +137,9 @@ def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str
         for name in [n for n in layers if n not in targets]:
             unknown += [f"{name} ({', '.join(sorted(layers.pop(name)))})"]
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} keys name no LoRA layer of this model "
-                         f"({fmt} format; Stable Diffusion 1.x / 2.x UNet and CLIP text encoder "
-                         f"layers): {_listed(unknown)}")
+        raise ValueError(f"{where}: {len(unknown)} keys name no LoRA layer of this model or "
+                         f"are of no known form ({fmt} format; the layers are the Stable "
+                         f"Diffusion UNet's and CLIP text encoder's): {_listed(unknown)}")
     incomplete = [f"{n} (has {', '.join(sorted(e))})" for n, e in layers.items()
                   if "down" not in e or "up" not in e]
     if incomplete:
