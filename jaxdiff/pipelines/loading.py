@@ -91,9 +91,9 @@ class StableDiffusion:
         empty by default.
 
     Only ``params`` and ``loras`` are pytree nodes: ``jax.tree.map(f, sd)`` maps the parameters
-    (and the unfused LoRAs) and keeps the rest. The compiled generation programs are not part of it: they live in
-    :data:`jaxdiff.pipelines.sd_program.PROGRAM_CACHE`, shared by every model with the same
-    configs and schedule.
+    (and the unfused LoRAs) and keeps the rest. The compiled generation programs are not part of
+    it: they live in :data:`jaxdiff.pipelines.sd_program.PROGRAM_CACHE`, shared by every model
+    with the same configs and schedule.
     """
 
     params: dict
