@@ -145,7 +145,7 @@ def fuse_lora(sd: StableDiffusion, lora: Any = None, scale: float = 1.0) -> Stab
         pairs, rest = sd.loras, ()
     else:
         pairs, rest = ((_adapter(sd, lora), _check_scale(scale)),), sd.loras
-    params = jax.jit(apply_loras)(sd.params, pairs) if pairs else sd.params
+    params = apply_loras(sd.params, pairs)  # eagerly: parts without a LoRA stay the same arrays
     return dataclasses.replace(sd, params=params, loras=rest)
 
 
