@@ -154,8 +154,10 @@ def test_kohya_names_resolved_against_the_model(params):
 def test_unknown_keys_are_listed(params):
     sd = lora_state_dict(_adapter(params))
     bad = {**sd, "unet.up_blocks.3.attentions.2.to_k.lora_A.weight": np.zeros((2, 6)),
-           "unet.foo.lora_magnitude_vector": np.zeros(3)}
-    with pytest.raises(ValueError, match=r"2 keys name no LoRA layer.*"
+           "unet.foo.lora_magnitude_vector": np.zeros(3),  # DoRA
+           "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": np.zeros((2, 8))}
+    with pytest.raises(ValueError, match=r"3 keys name no LoRA layer.*"
+                                         r"text_encoder_2\.text_model\.encoder.*"
                                          r"unet\.foo\.lora_magnitude_vector.*up_blocks\.3"):
         read_lora(bad, params)
     kohya = {"lora_unet_mid_block_resnets_0_conv1.lora_down.weight": np.zeros((2, 4, 3, 3)),

@@ -36,6 +36,7 @@ _DOWN = ("lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
 _UP = ("lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight")
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>" + "|".join(
     re.escape(k) for k in (*_DOWN, *_UP, "alpha")) + r")$")
+_OTHER_MODELS = ("text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
 _PROCESSOR_RE = re.compile(
     r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
 
@@ -55,6 +56,8 @@ def _canonical(module: str) -> str:
         return "text_encoder." + (rest if rest.startswith("text_model.") else f"text_model.{rest}")
     if module.startswith("text_model."):
         return f"text_encoder.{module}"
+    if module.split(".", 1)[0] in _OTHER_MODELS:  # SDXL's second text encoder, a DiT, ...
+        return module
     return f"unet.{module}"
 
 
