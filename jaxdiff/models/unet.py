@@ -92,7 +92,7 @@ class DownBlock(_Level):
     add_downsample: bool = True
 
     @nn.compact
-    def __call__(self, h, temb, context, *, train: bool = False):
+    def __call__(self, h, temb, context, train: bool = False):
         """``h: [B, H, W, C_in]`` -> ``([B, H', W', features], skips)``."""
         skips = []
         for i in range(self.num_layers):
@@ -117,7 +117,7 @@ class MidBlock(_Level):
     scale_factor: float = 1.0
 
     @nn.compact
-    def __call__(self, h, temb, context, *, train: bool = False):
+    def __call__(self, h, temb, context, train: bool = False):
         """``h: [B, H, W, C]`` -> ``[B, H, W, C]``."""
         h = self._resnet(0, self.scale_factor)(h, temb, train=train)
         for i in range(self.num_layers):
@@ -136,7 +136,7 @@ class UpBlock(_Level):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, h, skips, temb, context, *, upsample_size=None, train: bool = False):
+    def __call__(self, h, skips, temb, context, upsample_size=None, train: bool = False):
         """``h: [B, H, W, C]``, ``skips``: ``num_layers`` arrays -> ``[B, H', W', features]``."""
         skips = list(skips)
         for i in range(self.num_layers):
@@ -148,6 +148,10 @@ class UpBlock(_Level):
                 h, upsample_size
             )
         return h
+
+
+# The static (non-array) arguments of each block's ``__call__`` for ``nn.remat`` (``self`` is 0).
+REMAT_STATIC = {DownBlock: (4,), MidBlock: (4,), UpBlock: (5, 6)}
 
 
 class UNet(nn.Module):
@@ -223,6 +227,8 @@ class UNet(nn.Module):
             )  # fmt: skip
 
         def level(cls, l, attention, num_layers, **extra):
+            if cfg.remat:  # recompute the block's activations in the backward pass
+                cls = nn.remat(cls, static_argnums=REMAT_STATIC[cls])
             return cls(
                 cfg.block_channels[l], num_layers, attention, cfg.heads(l), cfg.depth(l),
                 cfg.norm_groups, cfg.norm_eps, cfg.dropout, cfg.use_linear_projection, **kw,
@@ -236,14 +242,14 @@ class UNet(nn.Module):
                 DownBlock, l, cfg.attention[l], cfg.layers(l),
                 add_downsample=l < n_levels - 1, name=f"down_blocks_{l}",
             )  # fmt: skip
-            h, s = block(h, temb, context, train=train)
+            h, s = block(h, temb, context, train)
             skips += s
         if cfg.mid_block:
             mid = level(
                 MidBlock, n_levels - 1, cfg.mid_attention, cfg.mid_layers,
                 scale_factor=cfg.mid_block_scale_factor, name="mid_block",
             )  # fmt: skip
-            h = mid(h, temb, context, train=train)
+            h = mid(h, temb, context, train)
         for i, l in enumerate(reversed(range(n_levels))):
             n = cfg.layers(l) + 1
             res, skips = skips[-n:], skips[:-n]
@@ -251,7 +257,7 @@ class UNet(nn.Module):
             block = level(
                 UpBlock, l, cfg.up_kinds[l], n, add_upsample=l > 0, name=f"up_blocks_{i}"
             )
-            h = block(h, res, temb, context, upsample_size=size, train=train)
+            h = block(h, res, temb, context, size, train)
 
         h = nn.silu(group_norm(cfg.norm_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
         h = conv3x3(cfg.out_channels, name="conv_out", **kw)(h)

@@ -94,6 +94,9 @@ class UNetConfig:
         (JAX's default, the XLA path) or ``"xla"`` run everywhere; ``"cudnn"`` is cuDNN's fused
         flash attention, which needs a GPU with cuDNN and ``dtype`` bfloat16 or float16, and
         raises at trace time otherwise.
+      remat: gradient checkpointing: ``nn.remat`` on every down, mid and up block, so that the
+        backward pass recomputes a block's activations instead of keeping them (less memory,
+        about one more forward pass of compute). Same parameter tree, outputs and gradients.
 
     Raises:
       ValueError: naming the field, for any field of the wrong type or out of range: the bool
@@ -133,6 +136,7 @@ class UNetConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_implementation: str | None = None
+    remat: bool = False
 
     def __post_init__(self):
         # Lists become tuples (the config must stay hashable: it is a Flax module attribute) and
@@ -156,7 +160,7 @@ class UNetConfig:
                 object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         object.__setattr__(self, "mid_layers", check_int("mid_layers", self.mid_layers, minimum=0))
         for name in ("mid_block", "use_linear_projection", "flip_sin_to_cos",
-                     "center_input_sample"):  # fmt: skip
+                     "center_input_sample", "remat"):  # fmt: skip
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         floats = {
             "norm_eps": dict(minimum=0.0, exclusive_minimum=True),

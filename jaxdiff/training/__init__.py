@@ -9,7 +9,8 @@ from jaxdiff.training.checkpoint import (CheckpointError, Checkpointer,
                                          param_shapes, tree_structure)
 from jaxdiff.training.loop import NonFiniteLossError, StopOnSignal, train_loop
 from jaxdiff.training.placement import (Start, abstract_train_state, gather_replicated,
-                                        new_train_state, restore_or_init, state_sharding)
+                                        new_train_state, place_frozen, restore_or_init,
+                                        state_sharding)
 from jaxdiff.training.run_log import RunLog, truncate_jsonl
 from jaxdiff.training.state import (OptimizerConfig, TrainState, create_train_state, ema_decay_at,
                                     ema_update, make_lr_schedule, make_optimizer)
@@ -24,4 +25,4 @@ __all__ = ["Checkpointer", "CheckpointError", "IncompatibleCheckpointError", "pa
            "MetricWriter", "JsonlWriter", "TensorBoardWriter",
            "MultiWriter", "abstract_target", "fit", "TrainerSettings", "TrainTask", "Periodic",
            "RunLog", "truncate_jsonl", "Start", "new_train_state", "abstract_train_state",
-           "state_sharding", "gather_replicated", "restore_or_init"]
+           "state_sharding", "gather_replicated", "place_frozen", "restore_or_init"]

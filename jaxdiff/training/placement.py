@@ -24,12 +24,13 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 import jax
 import optax
 
-from jaxdiff.sharding import (FSDP_AXIS, fsdp_sharding, replicate, replicated_sharding)
+from jaxdiff.sharding import (FSDP_AXIS, fsdp_sharding, place, replicate,
+                              replicated_sharding)
 from jaxdiff.training.checkpoint import Checkpointer, abstract_target
 from jaxdiff.training.state import TrainState, create_train_state
 
 __all__ = ["new_train_state", "abstract_train_state", "state_sharding", "gather_replicated",
-           "Start", "restore_or_init"]
+           "place_frozen", "Start", "restore_or_init"]
 
 
 def new_train_state(params: Any, tx: optax.GradientTransformation, key: jax.Array,
@@ -68,6 +69,18 @@ def gather_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     if FSDP_AXIS not in mesh.axis_names:
         return tree
     return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def place_frozen(frozen: Any, mesh: jax.sharding.Mesh) -> Any:
+    """A task's frozen arrays (:class:`~jaxdiff.training.TrainTask`'s ``frozen``) placed for
+    ``mesh``: replicated, or on a mesh with an ``fsdp`` axis split like the state
+    (:func:`~jaxdiff.sharding.fsdp_sharding`: each large leaf along its largest dimension
+    divisible by the axis). None stays None."""
+    if frozen is None:
+        return None
+    if FSDP_AXIS not in mesh.axis_names:
+        return replicate(frozen, mesh)
+    return place(frozen, fsdp_sharding(frozen, mesh))
 
 
 class Start(NamedTuple):

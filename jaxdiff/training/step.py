@@ -58,11 +58,14 @@ def make_train_step(
     donate: bool = True,
     compiler_options: Optional[Dict[str, str]] = None,
     state_sharding: Any = None,
+    frozen: Any = None,
+    accumulate_steps: int = 1,
 ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """Builds the jitted ``(state, batch) -> (state, metrics)``.
 
     Args:
-      loss_fn: ``(params, batch, key) -> (loss [], aux dict)``; the batch mean loss.
+      loss_fn: ``(params, batch, key) -> (loss [], aux dict)`` (``(params, batch, key, frozen)``
+        when ``frozen`` is given); the batch mean loss.
       tx: the optimizer.
       mesh: mesh with a ``data`` axis (and maybe ``fsdp``); the batch is sharded over it.
       ema_decay: maximum EMA decay (warm-up ``(1 + step) / (10 + step)``).
@@ -73,6 +76,18 @@ def make_train_step(
       state_sharding: the state's sharding in and out, a pytree of ``NamedSharding`` like the
         state (e.g. :func:`~jaxdiff.sharding.fsdp_sharding`; place the state with
         :func:`~jaxdiff.sharding.place`). None: replicated.
+      frozen: None, or a pytree of placed device arrays that the loss reads but does not train
+        (a frozen base model, a VAE, a text encoder): the loss is then called as
+        ``loss_fn(params, batch, key, frozen)``. They enter the compiled step as an *argument*
+        (with their own shardings, e.g. replicated or :func:`~jaxdiff.sharding.fsdp_sharding`),
+        never as constants baked into the program, and are not donated.
+      accumulate_steps: ``k >= 1``: the batch (first axis ``B``, a multiple of ``k`` times the
+        mesh's data-parallel size) is split into ``k`` micro-batches of ``B / k`` (example ``j``
+        goes to micro-batch ``j mod k``, so each device splits its own shard) that run one after
+        the other in a ``lax.scan`` (the activations of one micro-batch at a time); their
+        gradients and losses are averaged, then ONE optimizer update is made. For a loss that is
+        a batch mean this is the gradient of the whole batch (micro-batch ``i`` gets the key
+        ``fold_in(key, i)`` instead of ``key``). ``state.step`` counts optimizer updates.
 
     The step's key is ``fold_in(state.key, state.step)``. If the loss or the gradient norm is not
     finite, the returned state is the input state unchanged and ``metrics["finite"]`` is False; the
@@ -83,9 +98,36 @@ def make_train_step(
       (replicated scalars).
     """
 
-    def step(state: TrainState, batch: Dict[str, jax.Array]):
+    if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) \
+            or accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be an int >= 1, got {accumulate_steps!r}")
+    k = accumulate_steps
+
+    def loss_and_grads(params, batch, key, frozen_args):
+        args = () if frozen is None else (frozen_args,)
+        grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, *args)[0])
+        if k == 1:
+            return grad_fn(params, batch, key)
+
+        def split(x):
+            if x.shape[0] % k:
+                raise ValueError(f"accumulate_steps={k} must divide the batch, got a batch "
+                                 f"leaf of shape {x.shape}")
+            return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+        def micro(carry, xs):
+            i, b = xs
+            loss, grads = grad_fn(params, b, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zeros,
+                                        (jnp.arange(k), jax.tree.map(split, batch)))
+        return loss / k, jax.tree.map(lambda g: g / k, grads)
+
+    def step(state: TrainState, batch: Dict[str, jax.Array], frozen_args=None):
         key = jax.random.fold_in(state.key, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        loss, grads = loss_and_grads(state.params, batch, key, frozen_args)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -103,5 +145,16 @@ def make_train_step(
     state_in = repl if state_sharding is None else state_sharding
     if compiler_options is None:
         compiler_options = cpu_compiler_options()
-    return jax.jit(step, in_shardings=(state_in, data), out_shardings=(state_in, repl),
-                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    if frozen is None:
+        return jax.jit(step, in_shardings=(state_in, data), out_shardings=(state_in, repl),
+                       donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
+    frozen_in = jax.tree.map(lambda x: getattr(x, "sharding", repl), frozen)
+    jitted = jax.jit(step, in_shardings=(state_in, data, frozen_in),
+                     out_shardings=(state_in, repl), donate_argnums=(0,) if donate else (),
+                     compiler_options=compiler_options)
+
+    def step_with_frozen(state: TrainState, batch: Dict[str, jax.Array]):
+        return jitted(state, batch, frozen)
+
+    step_with_frozen.jitted = jitted   # ``jitted(state, batch, frozen)``, e.g. to ``.lower``
+    return step_with_frozen

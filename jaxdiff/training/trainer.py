@@ -45,7 +45,7 @@ from jaxdiff.sharding import check_batch_divisible, make_mesh
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import StopOnSignal, train_loop
 from jaxdiff.training.placement import (abstract_train_state, gather_replicated,
-                                        new_train_state, restore_or_init)
+                                        new_train_state, place_frozen, restore_or_init)
 from jaxdiff.training.run_log import METRICS_FILE, RunLog, truncate_jsonl
 from jaxdiff.training.state import OptimizerConfig, TrainState, make_optimizer
 from jaxdiff.training.step import LossFn, make_train_step
@@ -76,6 +76,12 @@ class TrainerSettings:
       prefetch: batches the data thread prepares ahead.
       tensorboard: also write TensorBoard events to ``WORKDIR/tb`` (needs ``tensorboardX``).
       progress: show a progress bar (stderr).
+      accumulate_steps: ``k >= 1`` micro-batches per optimizer step (gradient accumulation,
+        :func:`~jaxdiff.training.make_train_step`): ``batch_size`` stays the batch of one
+        optimizer step (the effective batch), each device holds ``1 / k`` of its share at a
+        time; ``batch_size`` must be a multiple of ``k`` times the data-parallel size.
+        ``num_steps`` and every interval count optimizer steps, so a resume is exact as
+        without accumulation.
 
     Raises:
       ValueError: a field out of range, naming it.
@@ -93,12 +99,13 @@ class TrainerSettings:
     prefetch: int = 2
     tensorboard: bool = False
     progress: bool = True
+    accumulate_steps: int = 1
 
     def __post_init__(self):
         if not isinstance(self.workdir, (str, os.PathLike)) or not str(self.workdir):
             raise ValueError(f"workdir must be a non-empty path, got {self.workdir!r}")
         for name in ("num_steps", "batch_size", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "fsdp", "prefetch"):
+                     "keep_checkpoints", "fsdp", "prefetch", "accumulate_steps"):
             check_int(name, getattr(self, name), 1)
         check_float("ema_decay", self.ema_decay, minimum=0.0, maximum=1.0,
                     exclusive_maximum=True)
@@ -140,10 +147,11 @@ class TrainTask:
     Attributes:
       init_params: ``init_params(abstract)``: the fresh trainable params (the same on every
         process: seeded), or with ``abstract=True`` their ``jax.ShapeDtypeStruct`` pytree
-        (nothing computed; a restore target). Frozen parts (a VAE, a text encoder) belong in the
-        loss's closure, not here.
+        (nothing computed; a restore target). Frozen parts (a VAE, a text encoder, a LoRA's base
+        model) belong in ``frozen``, not here.
       key: the train state's base key (typed or raw); each step folds in its number.
-      loss_fn: ``(params, batch, key) -> (loss [], aux dict)``, the batch mean.
+      loss_fn: ``(params, batch, key) -> (loss [], aux dict)``, the batch mean; with ``frozen``
+        set, ``(params, batch, key, frozen) -> ...``.
       data: ``from_state(state)``: the data at ``state`` (None: the beginning), an iterator of
         host batches with a ``state`` (:class:`jaxdiff.data.ResumableIterator`), e.g.
         :meth:`jaxdiff.data.BatchIterator.source`.
@@ -154,6 +162,12 @@ class TrainTask:
         config, for the tools that read the run back).
       finish: ``finish(state, summary) -> extra summary fields``, after the loop and the final
         periodic jobs, on every process (``state.ema_params`` whole; e.g. an export).
+      frozen: None, or a pytree of arrays (host or device, the same on every process) that the
+        loss reads but does not train. :func:`fit` places it once (replicated, or split over the
+        ``fsdp`` axis like the state when ``settings.fsdp > 1``) and passes it to the compiled
+        step as an argument (never a constant of the program: a large base model baked into the
+        program would be copied into it); it is neither checkpointed nor EMA-averaged, so a
+        resume needs the same ``frozen`` (put its identity into ``compat``).
     """
 
     init_params: Callable[[bool], Any]
@@ -165,6 +179,7 @@ class TrainTask:
     periodic: Sequence[Periodic] = ()
     config_json: Optional[str] = None
     finish: Optional[Callable[[TrainState, Dict[str, Any]], Mapping[str, Any]]] = None
+    frozen: Any = None
 
 
 def _initial_state(task: TrainTask, tx, mesh, abstract: bool) -> TrainState:
@@ -199,6 +214,11 @@ def fit(settings: TrainerSettings, task: TrainTask, *,
     """
     mesh = make_mesh(fsdp=settings.fsdp) if mesh is None else mesh
     check_batch_divisible(settings.batch_size, mesh)
+    if settings.accumulate_steps > 1:
+        if settings.batch_size % settings.accumulate_steps:
+            raise ValueError(f"batch_size {settings.batch_size} must be a multiple of "
+                             f"accumulate_steps {settings.accumulate_steps}")
+        check_batch_divisible(settings.batch_size // settings.accumulate_steps, mesh)
     workdir = os.path.abspath(settings.workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -226,7 +246,9 @@ def fit(settings: TrainerSettings, task: TrainTask, *,
                 print(f"{name}: dropped {dropped} rows after step {start} (written after the "
                       "checkpoint resumed from)", flush=True)
     step_fn = make_train_step(task.loss_fn, tx, mesh, ema_decay=settings.ema_decay,
-                              lr_schedule=lr_fn, state_sharding=begin.sharding)
+                              lr_schedule=lr_fn, state_sharding=begin.sharding,
+                              frozen=place_frozen(task.frozen, mesh),
+                              accumulate_steps=settings.accumulate_steps)
     log = RunLog(workdir, every=settings.log_every, batch_size=settings.batch_size, start=start,
                  total=settings.num_steps, enabled=is_main, tensorboard=settings.tensorboard,
                  progress=settings.progress)
