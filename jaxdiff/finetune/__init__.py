@@ -1,0 +1,25 @@
+"""Fine-tuning a Stable Diffusion folder on your own images: full fine-tuning, LoRA and
+DreamBooth, on the one training loop (:func:`jaxdiff.training.fit`)."""
+
+from jaxdiff.finetune.cache import cache_examples
+from jaxdiff.finetune.dreambooth import (PairedIterator, class_image_paths,
+                                         generate_class_images, with_prior_flag)
+from jaxdiff.finetune.export import DIFFUSERS_DIR, LORA_FILE, export_finetuned, save_lora_file
+from jaxdiff.finetune.loss import flip_images, make_finetune_loss, posterior_moments
+from jaxdiff.finetune.modes import (COMPUTE_DTYPES, MODES, FinetuneConfig, compute_configs,
+                                    finetuned_pipeline, frozen_params, init_trainable,
+                                    lora_patterns, model_params)
+from jaxdiff.finetune.objective import (PREDICTION_TYPES, Objective, check_prediction_type,
+                                        denoising_terms, objective_weights, reduce_loss)
+from jaxdiff.finetune.task import (build_finetune_task, finetune_compat, model_identity,
+                                   sample_finetuned, step_batch_size)
+
+__all__ = [
+    "COMPUTE_DTYPES", "DIFFUSERS_DIR", "LORA_FILE", "MODES", "PREDICTION_TYPES",
+    "FinetuneConfig", "Objective", "PairedIterator", "build_finetune_task", "cache_examples",
+    "check_prediction_type", "class_image_paths", "compute_configs", "denoising_terms",
+    "export_finetuned", "finetune_compat", "finetuned_pipeline", "flip_images", "frozen_params",
+    "generate_class_images", "init_trainable", "lora_patterns", "make_finetune_loss",
+    "model_identity", "model_params", "objective_weights", "posterior_moments", "reduce_loss",
+    "sample_finetuned", "save_lora_file", "step_batch_size", "with_prior_flag",
+]

@@ -1,0 +1,93 @@
+"""The fine-tuning loss as the training loop takes it: ``loss_fn(params, batch, key, frozen)``.
+
+A batch holds either images and token ids (``pixel_values [B, R, R, 3]`` float32 in ``[-1, 1]``,
+``input_ids [B, L]`` int32: the frozen VAE and the text encoder run in the step) or their cached
+encodings (``latent_mean`` / ``latent_std [B, h, w, C]``, ``context [B, L, D]``:
+:mod:`jaxdiff.finetune.cache`), and for DreamBooth ``prior [B]`` (1 for a class example).
+
+The step's key is split into ``(k_z, k_flip, k_loss)``: ``z = mean + std * N(0, I)`` from
+``k_z`` (the VAE posterior sample, as diffusers' ``latent_dist.sample()``; the same draw whether
+the posterior is computed in the step or cached), the flips from ``k_flip``, and ``t`` / the noise
+from ``k_loss`` (:func:`~jaxdiff.finetune.objective.denoising_terms`). The latents are
+``scale_latents(z)`` (the VAE config's ``scaling_factor`` / shift), in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.finetune.modes import FinetuneConfig, compute_configs, model_params
+from jaxdiff.finetune.objective import denoising_terms, reduce_loss
+from jaxdiff.models.autoencoder import AutoencoderKL
+from jaxdiff.models.autoencoder_latents import scale_latents
+from jaxdiff.models.unet import UNet
+from jaxdiff.pipelines.loading import StableDiffusion
+from jaxdiff.pipelines.sd_program import embed_tokens
+
+__all__ = ["make_finetune_loss", "posterior_moments", "flip_images"]
+
+
+def posterior_moments(vae_config, vae_params, pixel_values: jax.Array):
+    """``(mean, std)`` ``[B, h, w, C]`` float32 of the VAE posterior of ``pixel_values [B, R, R,
+    3]`` in ``[-1, 1]``. Jittable."""
+    post = AutoencoderKL(vae_config).apply({"params": vae_params},
+                                           jnp.asarray(pixel_values, vae_config.dtype),
+                                           method="encode")
+    return post.mean.astype(jnp.float32), post.std.astype(jnp.float32)
+
+
+def flip_images(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Each image of ``[B, H, W, C]`` flipped left-right with probability 1/2 (from ``key``)."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig):
+    """``loss_fn(params, batch, key, frozen) -> (loss, aux)`` for :func:`jaxdiff.training.fit`
+    (module docstring): ``params`` the trainable tree, ``frozen`` the frozen one
+    (:mod:`jaxdiff.finetune.modes`). Only ``sd``'s configs and schedule are kept (not its
+    params). ``aux``: ``instance_loss`` / ``prior_loss`` for DreamBooth batches.
+
+    Raises (at trace time):
+      ValueError: a batch with neither ``pixel_values`` nor ``latent_mean``, or neither
+        ``input_ids`` nor ``context``.
+    """
+    unet_cfg, vae_cfg, text_cfg = compute_configs(sd, cfg)
+    schedule, objective = sd.schedule, cfg.objective
+    unet = UNet(unet_cfg)
+
+    def loss_fn(params: Any, batch: Dict[str, jax.Array], key: jax.Array, frozen: Any):
+        models = model_params(params, frozen, cfg)
+        k_z, k_flip, k_loss = jax.random.split(key, 3)
+        if "pixel_values" in batch:
+            images = batch["pixel_values"]
+            if cfg.random_flip:
+                images = flip_images(k_flip, images)
+            mean, std = posterior_moments(vae_cfg, models["vae"], images)
+        elif "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            raise ValueError(f"the batch needs 'pixel_values' or cached 'latent_mean' / "
+                             f"'latent_std', got keys {sorted(batch)}")
+        z = mean + std * jax.random.normal(k_z, mean.shape, jnp.float32)
+        latents = scale_latents(sd.vae_config, z).astype(jnp.float32)
+        if "input_ids" in batch:
+            context = embed_tokens(text_cfg, unet_cfg.dtype, models["text_encoder"],
+                                   batch["input_ids"])
+        elif "context" in batch:
+            context = batch["context"]
+        else:
+            raise ValueError(f"the batch needs 'input_ids' or cached 'context', got keys "
+                             f"{sorted(batch)}")
+
+        def apply_fn(x_t, t):
+            return unet.apply({"params": models["unet"]}, x_t, t, context=context)
+
+        losses, aux = denoising_terms(apply_fn, schedule, latents, k_loss, objective)
+        loss, parts = reduce_loss(losses, batch.get("prior"), objective.prior_loss_weight)
+        return loss, dict(aux, **parts)
+
+    return loss_fn
