@@ -1,0 +1,230 @@
+"""Fine-tuning a diffusers Stable Diffusion folder (``experiments/configs/finetune_sd.py``) on the
+one training loop: the config mapped onto :mod:`jaxdiff.finetune` and
+:class:`jaxdiff.training.TrainerSettings`, the image folder read with :mod:`jaxdiff.data`, the
+sample grids of the validation prompts, and the export at the end.
+
+Order of work, so that a refused run writes nothing: the config is checked, the model loaded, the
+images read and checked, and a workdir's checkpoint compared with this run (another model, mode,
+rank or targets is refused) before anything is written; then DreamBooth's class images are
+generated (``WORKDIR/class_images`` unless ``dreambooth.class_data_dir`` names a folder), the
+examples cached (``memory.cache``), and :func:`jaxdiff.training.fit` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import train_lib
+from experiments.cli import ConfigError, config_check
+from experiments.images import save_grid
+from jaxdiff.finetune import (FinetuneConfig, Objective, build_finetune_task, export_finetuned,
+                              finetune_compat, generate_class_images, init_trainable,
+                              sample_finetuned, step_batch_size)
+from jaxdiff.training import (Checkpointer, Periodic, TrainerSettings, abstract_train_state,
+                              make_optimizer)
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = ["finetune_config", "validate_config", "train", "CLASS_DIR"]
+
+CLASS_DIR = "class_images"
+
+
+def finetune_config(config: ml_collections.ConfigDict, prediction_type: str) -> FinetuneConfig:
+    """The library's :class:`~jaxdiff.finetune.FinetuneConfig` of ``config`` (ConfigError naming
+    the field)."""
+    c = config
+    objective = config_check(
+        "", Objective, prediction_type=prediction_type, snr_gamma=c.objective.snr_gamma,
+        noise_offset=c.objective.noise_offset,
+        prior_loss_weight=c.dreambooth.prior_loss_weight if c.dreambooth.enabled else 1.0)
+    try:
+        return FinetuneConfig(
+            mode=c.mode, train_text_encoder=c.train_text_encoder, rank=c.lora.rank,
+            alpha=c.lora.alpha, lora_feed_forward=c.lora.feed_forward,
+            compute_dtype=c.memory.compute_dtype, remat=c.memory.remat, cache=c.memory.cache,
+            random_flip=c.data.random_flip, objective=objective)
+    except ValueError as e:
+        msg = str(e)
+        field = re.match(r"\w*", msg).group(0)
+        raise ConfigError(_SECTIONS.get(field, "") + msg) from None
+
+
+_SECTIONS = {"rank": "lora.", "alpha": "lora.", "compute_dtype": "memory.", "cache": "memory.",
+             "remat": "memory.", "random_flip": "data."}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field that needs no model or data (ConfigError naming the field)."""
+    c = config
+    train_lib.validate_training(config)
+    config_check("", check_int, "seed", c.seed, 0)
+    config_check("", check_int, "training.accumulate_steps", c.training.accumulate_steps, 1)
+    config_check("", check_bool, "training.use_ema", c.training.use_ema)
+    config_check("", check_int, "data.resolution", c.data.resolution, 0)
+    config_check("", check_bool, "data.center_crop", c.data.center_crop)
+    config_check("", check_choice, "data.caption_source", c.data.caption_source,
+                 ("auto", "metadata", "txt"))
+    config_check("", check_choice, "data.on_bad_image", c.data.on_bad_image, ("warn", "error"))
+    config_check("", check_int, "data.prefetch", c.data.prefetch, 1)
+    d = c.dreambooth
+    config_check("", check_bool, "dreambooth.enabled", d.enabled)
+    if d.enabled:
+        for name in ("instance_prompt", "class_prompt"):
+            if not isinstance(d[name], str) or not d[name].strip():
+                raise ConfigError(f"dreambooth.{name} must be a non-empty prompt (DreamBooth "
+                                  "with prior preservation needs both)")
+        config_check("", check_int, "dreambooth.num_class_images", d.num_class_images, 1)
+        config_check("", check_float, "dreambooth.prior_loss_weight", d.prior_loss_weight,
+                     minimum=0.0)
+        config_check("", check_int, "dreambooth.sample_batch_size", d.sample_batch_size, 1)
+        config_check("", check_int, "dreambooth.num_inference_steps", d.num_inference_steps, 1)
+    v = c.validation
+    if not all(isinstance(p, str) for p in v.prompts):
+        raise ConfigError(f"validation.prompts must be strings, got {v.prompts!r}")
+    for name, low in (("per_prompt", 1), ("every", 0), ("num_steps", 1)):
+        config_check("", check_int, f"validation.{name}", v[name], low)
+    config_check("", check_float, "validation.guidance_scale", v.guidance_scale)
+    config_check("", check_bool, "export", c.export)
+    config_check("", check_bool, "lora.feed_forward", c.lora.feed_forward)
+    finetune_config(config, "epsilon")
+
+
+def _load_model(model: str):
+    from jaxdiff.pipelines import load_stable_diffusion
+
+    try:
+        return load_stable_diffusion(model)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+
+
+def _read_examples(config, sd, folder_path: str, caption: Optional[str], what: str):
+    """``(examples, captions)`` of an image folder: ``pixel_values`` and ``input_ids``."""
+    from jaxdiff.data import load_images, read_image_folder, tokenize_captions
+
+    c = config.data
+    resolution = c.resolution or sd.sample_size * sd.vae_scale_factor
+    try:
+        folder = read_image_folder(folder_path, caption_source=c.caption_source, caption=caption,
+                                   on_bad_image=c.on_bad_image)
+        ids = tokenize_captions(sd.tokenizer, folder.captions, folder.files)
+        images = load_images(folder, resolution, c.center_crop, seed=config.seed)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    if resolution % sd.vae_scale_factor:
+        raise ConfigError(f"data.resolution {resolution} must be a multiple of the VAE's factor "
+                          f"{sd.vae_scale_factor}")
+    return {"pixel_values": images, "input_ids": ids}, list(folder.captions)
+
+
+def _refuse_other_runs(workdir: str, compat: Dict[str, Any], param_shapes: Any, tx) -> None:
+    """IncompatibleCheckpointError now, before anything is written, if ``workdir`` holds a
+    checkpoint of another run (``fit`` checks again, but DreamBooth writes its class images
+    before ``fit`` runs)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    ckpt = Checkpointer(directory, dict(compat), read_only=True)
+    try:
+        step = ckpt.latest_step()
+        if step is not None:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+            ckpt.check_compatible(step, abstract_train_state(param_shapes, tx,
+                                                             jax.random.key(0), mesh))
+    finally:
+        ckpt.close()
+
+
+def train(config: ml_collections.ConfigDict, model: str, data: str,
+          workdir: str) -> Dict[str, Any]:
+    """Fine-tunes (or resumes) the Stable Diffusion folder ``model`` on the image folder ``data``
+    in ``workdir`` (module docstring). Returns :func:`jaxdiff.training.fit`'s summary with
+    ``lora_file`` / ``diffusers`` / ``export_bytes`` (None until the run finishes) and, with
+    DreamBooth, ``class_images`` (generated, kept).
+
+    Raises:
+      ConfigError: an invalid field, model folder, image folder or path (nothing written).
+      jaxdiff.training.IncompatibleCheckpointError: ``workdir`` holds a run of another model or
+        setting (nothing written).
+    """
+    validate_config(config)
+    c, t, v, d = config, config.training, config.validation, config.dreambooth
+    if not os.path.isdir(data):
+        raise ConfigError(f"--data: {data!r} is not a folder")
+    train_lib.check_paths(ml_collections.ConfigDict({"data": {"data_dir": ""}}), workdir)
+    train_lib.check_tensorboard_available(config)
+    mesh = train_lib.make_train_mesh(config)
+    sd = _load_model(model)
+    cfg = finetune_config(config, sd.prediction_type)
+    examples, captions = _read_examples(config, sd, data,
+                                        d.instance_prompt if d.enabled else None, "--data")
+    workdir = os.path.abspath(workdir)
+    class_dir = os.path.abspath(d.class_data_dir or os.path.join(workdir, CLASS_DIR))
+    prompts = list(v.prompts) or list(dict.fromkeys(captions))[:4]
+    grid_prompts = [p for p in prompts for _ in range(v.per_prompt)]
+    batch = step_batch_size(t.batch_size, d.enabled)
+    if batch % t.accumulate_steps:
+        raise ConfigError(f"training.accumulate_steps {t.accumulate_steps} must divide the "
+                          f"step's batch {batch}")
+    settings = config_check(
+        "training.", TrainerSettings, workdir=workdir, num_steps=t.num_steps, batch_size=batch,
+        optimizer=train_lib.optimizer_config(config), ema_decay=t.ema_decay,
+        log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, fsdp=t.fsdp, prefetch=c.data.prefetch,
+        tensorboard=t.tensorboard, accumulate_steps=t.accumulate_steps)
+
+    def trained(state):
+        return state.ema_params if t.use_ema else state.params
+
+    def write_grid(step, state):
+        images = sample_finetuned(sd, cfg, trained(state), grid_prompts, seed=c.seed,
+                                  num_steps=v.num_steps, guidance_scale=v.guidance_scale)
+        if jax.process_index() != 0:
+            return None
+        path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+        save_grid(images.astype(np.float32) / 127.5 - 1.0, path, ncols=v.per_prompt)
+        with open(os.path.join(workdir, "samples", f"step_{step:06d}.txt"), "w") as f:
+            f.write("\n".join(prompts) + "\n")
+        return path
+
+    extra: Dict[str, Any] = {}
+
+    def finish(state, summary):
+        done = not summary["stopped_by_signal"] and summary["end_step"] >= t.num_steps
+        out = dict(extra, lora_file=None, diffusers=None, export_bytes=None)
+        if done and c.export:
+            out.update(export_finetuned(workdir, sd, cfg, trained(state)))
+        return out
+
+    compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
+                             dreambooth=d.enabled,
+                             example_shape=np.shape(examples["pixel_values"])[1:])
+    _refuse_other_runs(workdir, compat, init_trainable(sd, cfg, jax.random.key(0), True),
+                       make_optimizer(settings.optimizer)[0])
+    class_examples = None
+    if d.enabled:
+        made = generate_class_images(sd, d.class_prompt, class_dir, d.num_class_images,
+                                     seed=c.seed, batch_size=d.sample_batch_size,
+                                     num_steps=d.num_inference_steps,
+                                     guidance_scale=d.guidance_scale)
+        extra["class_images"] = {"generated": made["generated"], "kept": made["kept"]}
+        class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt,
+                                           "dreambooth.class_data_dir")
+    task = build_finetune_task(
+        sd, cfg, examples, class_examples=class_examples, batch_size=t.batch_size, seed=c.seed,
+        periodic=[Periodic("grid", v.every if prompts else 0, write_grid)], finish=finish,
+        config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config))
+    from jaxdiff.training import fit
+
+    summary = fit(settings, task, mesh=mesh)
+    if jax.process_index() == 0 and summary.get("lora_file"):
+        with open(os.path.join(workdir, "export.json"), "w") as f:
+            json.dump({k: summary[k] for k in ("lora_file", "export_bytes")}, f)
+    return summary
