@@ -1,0 +1,335 @@
+"""Fine-tuning (jaxdiff.finetune, experiments.finetune_sd): the objective against hand formulas,
+the trainer's frozen argument and gradient accumulation, remat, and on a tiny random Stable
+Diffusion folder (written by diffusers) LoRA / full / bf16 / cached training, exact resume, the
+refusal of another model's workdir, DreamBooth's class images, and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdiff import make_schedule
+from jaxdiff.finetune import (FinetuneConfig, Objective, PairedIterator, build_finetune_task,
+                              denoising_terms, generate_class_images, init_trainable,
+                              make_finetune_loss, objective_weights, reduce_loss,
+                              with_prior_flag)
+from jaxdiff.data import BatchIterator
+from jaxdiff.sharding import make_mesh, replicate, shard_batch
+from jaxdiff.training import (IncompatibleCheckpointError, OptimizerConfig, TrainerSettings,
+                              create_train_state, fit, make_optimizer, make_train_step)
+
+SCHED = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+
+
+# -- the objective ---------------------------------------------------------------------------
+
+def _abar(t):
+    return np.asarray(SCHED.alphas_cumprod, np.float64)[np.asarray(t)]
+
+
+def test_min_snr_weights_match_diffusers_formula():
+    t = jnp.array([0, 10, 200, 500, 999])
+    snr = _abar(t) / (1 - _abar(t))
+    gamma = 5.0
+    eps = objective_weights(Objective("epsilon", snr_gamma=gamma), SCHED, t)
+    v = objective_weights(Objective("v_prediction", snr_gamma=gamma), SCHED, t)
+    # diffusers' train_text_to_image: min(snr, gamma) / snr, and / (snr + 1) for v
+    np.testing.assert_allclose(eps, np.minimum(snr, gamma) / snr, rtol=1e-5)
+    np.testing.assert_allclose(v, np.minimum(snr, gamma) / (snr + 1), rtol=1e-5)
+    hook = objective_weights(Objective("epsilon", weight_fn=lambda s: 1.0 / (1.0 + s)), SCHED, t)
+    np.testing.assert_allclose(hook, 1.0 / (1.0 + snr), rtol=1e-5)
+    np.testing.assert_array_equal(objective_weights(Objective(), SCHED, t), np.ones(5))
+
+
+def test_targets_follow_the_prediction_type_and_noise_offset():
+    key = jax.random.key(0)
+    x0 = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+    noise = jax.random.normal(jax.random.key(2), x0.shape)
+    t = jnp.array([5, 300, 900])
+    a = jnp.sqrt(jnp.asarray(_abar(t), jnp.float32))[:, None, None, None]
+    s = jnp.sqrt(1 - jnp.asarray(_abar(t), jnp.float32))[:, None, None, None]
+    v_true = a * noise - s * x0
+
+    def run(pred, obj):
+        return denoising_terms(lambda x_t, tt: pred, SCHED, x0, key, obj, t=t, noise=noise)[0]
+
+    np.testing.assert_allclose(run(v_true, Objective("v_prediction")), 0, atol=1e-10)
+    assert float(jnp.min(run(noise, Objective("v_prediction")))) > 1e-3
+    np.testing.assert_allclose(run(noise, Objective("epsilon")), 0, atol=1e-10)
+    # the offset adds offset * N(0, 1) of shape [B, 1, 1, C] to the noise (and so to the target)
+    with_offset = run(noise, Objective("epsilon", noise_offset=0.1))
+    _, _, k_off = jax.random.split(key, 3)
+    off = 0.1 * jax.random.normal(k_off, (3, 1, 1, 2))
+    np.testing.assert_allclose(with_offset, jnp.mean(jnp.broadcast_to(off, x0.shape) ** 2,
+                                                     axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_prior_term_and_refusals():
+    losses = jnp.array([1.0, 3.0, 10.0, 20.0])
+    loss, aux = reduce_loss(losses, jnp.array([0, 0, 1, 1]), 0.5)
+    assert float(loss) == pytest.approx(2.0 + 0.5 * 15.0)
+    assert float(aux["prior_loss"]) == pytest.approx(15.0)
+    assert float(reduce_loss(losses)[0]) == pytest.approx(8.5)
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        Objective("sample")
+    with pytest.raises(ValueError, match="cache=True needs a frozen text encoder"):
+        FinetuneConfig(cache=True, train_text_encoder=True)
+    with pytest.raises(ValueError, match="rank"):
+        FinetuneConfig(rank=0)
+
+
+# -- the trainer: frozen argument, accumulation ------------------------------------------------
+
+def _toy_step(accumulate, frozen=None):
+    tx, _ = make_optimizer(OptimizerConfig(learning_rate=0.1, warmup_steps=0))
+    mesh = make_mesh()
+
+    def loss_fn(params, batch, key, *fz):
+        w = params["w"] if not fz else params["w"] + fz[0]["b"][:3]
+        return jnp.mean(jnp.sum((batch["x"] * w - batch["y"]) ** 2, -1)), {}
+
+    frozen_placed = None if frozen is None else replicate(frozen, mesh)
+    step = make_train_step(loss_fn, tx, mesh, ema_decay=0.9, frozen=frozen_placed,
+                           accumulate_steps=accumulate)
+    state = replicate(create_train_state({"w": jnp.ones(3)}, tx, jax.random.key(0)), mesh)
+    return step, state, mesh
+
+
+def test_accumulation_equals_one_step_of_the_whole_batch():
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
+             "y": rng.normal(size=(8, 3)).astype(np.float32)}
+    out = {}
+    for k in (1, 4):
+        step, state, mesh = _toy_step(k)
+        for _ in range(2):
+            state, metrics = step(state, shard_batch(batch, mesh))
+        out[k] = (np.asarray(state.params["w"]), float(metrics["loss"]),
+                  float(metrics["grad_norm"]))
+    np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5, atol=1e-6)
+    assert out[4][1] == pytest.approx(out[1][1], rel=1e-5)
+    assert out[4][2] == pytest.approx(out[1][2], rel=1e-5)
+    with pytest.raises(ValueError, match="accumulate_steps"):
+        _toy_step(0)
+
+
+def test_frozen_weights_are_an_argument_not_a_constant():
+    big = {"b": np.full((512, 512), 0.5, np.float32).reshape(-1)}
+    step, state, mesh = _toy_step(1, frozen=big)
+    batch = shard_batch({"x": np.ones((4, 3), np.float32), "y": np.zeros((4, 3), np.float32)},
+                        mesh)
+    text = step.jitted.lower(state, batch, replicate(big, mesh)).as_text()
+    assert "262144" in text                       # the frozen array is a parameter...
+    assert len(text) < 200_000                    # ...and not printed as a 1 MB constant
+    state, metrics = step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(3 * 1.5 ** 2)   # (1 + 0.5)^2 per column
+
+
+def test_paired_iterator_resumes_exactly():
+    a = with_prior_flag({"v": np.arange(6.0)}, False)
+    b = with_prior_flag({"v": 100 + np.arange(4.0)}, True)
+    src = PairedIterator.source(BatchIterator.source(a, 2, 0), BatchIterator.source(b, 2, 1))
+    it = src(None)
+    first = [next(it) for _ in range(3)]
+    resumed = src(json.loads(json.dumps(it.state)))
+    rest, again = [next(resumed) for _ in range(2)], [next(it) for _ in range(2)]
+    for x, y in zip(rest, again):
+        np.testing.assert_array_equal(x["v"], y["v"])
+    np.testing.assert_array_equal(first[0]["prior"], [0, 0, 1, 1])
+
+
+# -- remat --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_remat_keeps_params_outputs_and_grads():
+    from jaxdiff.models import UNet, UNetConfig, init_unet
+
+    cfg = UNetConfig(in_channels=4, out_channels=4, block_channels=(16, 32), layers_per_block=1,
+                     attention=(None, "cross"), mid_attention="cross", num_heads=2,
+                     context_dim=8, norm_groups=8)
+    rc = dataclasses.replace(cfg, remat=True)
+    params = init_unet(cfg, jax.random.key(0))
+    shapes = UNet(rc).init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros(1),
+                           context=jnp.zeros((1, 3, 8)))["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    t = jnp.array([3, 500])
+
+    def run(c):
+        f = lambda p: jnp.sum(UNet(c).apply({"params": p}, x, t, context=ctx) ** 2)  # noqa
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (a, ga), (b, gb) = run(cfg), run(rc)
+    # the same float32 ops recomputed: equal up to reassociation, ~1e-6 relative
+    assert float(b) == pytest.approx(float(a), rel=1e-5)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(v, u, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(u)) + 1))
+
+
+# -- on a tiny Stable Diffusion ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from jaxdiff.pipelines import load_stable_diffusion
+    from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion
+
+    path = str(tmp_path_factory.mktemp("ft") / "tiny-sd")
+    write_tiny_stable_diffusion(path)
+    return path, load_stable_diffusion(path)
+
+
+def _examples(sd, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = sd.tokenizer(["a cat", "a dog", "the cat", "a dog of the cat"][:n] * (n // 4 + 1),
+                       padding="max_length", truncation=True).input_ids[:n]
+    return {"pixel_values": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
+            "input_ids": np.asarray(ids, np.int32)}
+
+
+def _settings(workdir, steps, batch, **kw):
+    return TrainerSettings(workdir=str(workdir), num_steps=steps, batch_size=batch, log_every=1,
+                           checkpoint_every=2, progress=False,
+                           optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0,
+                                                     schedule="constant"), **kw)
+
+
+def _restore_params(workdir, task):
+    from jaxdiff.training import Checkpointer, abstract_train_state
+
+    tx, _ = make_optimizer(OptimizerConfig(learning_rate=3e-3, warmup_steps=0,
+                                           schedule="constant"))
+    target = abstract_train_state(task.init_params(True), tx, task.key, make_mesh())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), None, read_only=True)
+    try:
+        return ckpt.restore_latest(target)[0]
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.slow
+def test_lora_trains_only_the_adapter(tiny, tmp_path):
+    _, sd = tiny
+    cfg = FinetuneConfig(mode="lora", rank=2, alpha=4.0)
+    ex = _examples(sd)
+    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0)
+    summary = fit(_settings(tmp_path, 6, 2), task)
+    assert summary["end_step"] == 6
+    state = _restore_params(str(tmp_path), task)
+    adapter = jax.tree.map(jnp.shape, task.init_params(True))
+    assert set(adapter) == {"unet"}
+    assert jax.tree.map(jnp.shape, state.params) == adapter
+    shapes = {tuple(s.shape) for s in jax.tree.leaves(state.opt_state) if np.ndim(s) > 0}
+    assert shapes <= {tuple(s) for s in jax.tree.leaves(adapter)}   # no base-sized moments
+    assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(state.params["unet"])
+               if u.shape[0] == 2)                                     # up moved from 0
+    # the frozen base is the loaded model's, untouched; the loss on a fixed draw went down
+    np.testing.assert_array_equal(task.frozen["unet"]["conv_in"]["kernel"],
+                                  sd.params["unet"]["conv_in"]["kernel"])
+    loss = jax.jit(make_finetune_loss(sd, cfg))
+    batch = {k: jnp.asarray(v) for k, v in ex.items()}
+    before = [float(loss(task.init_params(False), batch, jax.random.key(i), task.frozen)[0])
+              for i in range(4)]
+    after = [float(loss(state.params, batch, jax.random.key(i), task.frozen)[0])
+             for i in range(4)]
+    assert np.mean(after) < np.mean(before)
+
+
+@pytest.mark.slow
+def test_full_mode_bf16_remat_accumulated(tiny, tmp_path):
+    _, sd = tiny
+    cfg = FinetuneConfig(mode="full", compute_dtype="bfloat16", remat=True)
+    task = build_finetune_task(sd, cfg, _examples(sd, 4), batch_size=4, seed=0)
+    assert set(task.frozen) == {"vae", "text_encoder"}
+    summary = fit(_settings(tmp_path, 2, 4, accumulate_steps=2), task)
+    assert np.isfinite(summary["loss"])
+    state = _restore_params(str(tmp_path), task)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(state.params["unet"]), jax.tree.leaves(sd.params["unet"]))]
+    assert max(moved) > 1e-4
+
+
+@pytest.mark.slow
+def test_cached_and_uncached_losses_agree(tiny):
+    _, sd = tiny
+    from jaxdiff.finetune import cache_examples, frozen_params
+
+    ex = _examples(sd)
+    plain, cached = FinetuneConfig(mode="lora", rank=2), FinetuneConfig(mode="lora", rank=2,
+                                                                        cache=True)
+    params = init_trainable(sd, plain, jax.random.key(0))
+    params = jax.tree.map(lambda x: x + 0.01, params)       # a non-zero adapter
+    key = jax.random.key(3)
+    a = jax.jit(make_finetune_loss(sd, plain))(
+        params, {k: jnp.asarray(v) for k, v in ex.items()}, key, frozen_params(sd, plain))[0]
+    enc = cache_examples(sd, cached, ex)
+    assert set(enc) == {"latent_mean", "latent_std", "context"}
+    b = jax.jit(make_finetune_loss(sd, cached))(
+        params, {k: jnp.asarray(v) for k, v in enc.items()}, key, frozen_params(sd, cached))[0]
+    assert set(frozen_params(sd, cached)) == {"unet"}
+    assert float(b) == pytest.approx(float(a), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_and_other_runs_are_refused(tiny, tmp_path):
+    _, sd = tiny
+    cfg = FinetuneConfig(mode="lora", rank=2, cache=True)
+    ex = _examples(sd, 4)
+
+    def task_of(model=sd, c=cfg):
+        return build_finetune_task(model, c, ex, batch_size=2, seed=0)
+
+    fit(_settings(tmp_path / "whole", 4, 2), task_of())
+    fit(_settings(tmp_path / "cut", 2, 2), task_of())
+    summary = fit(_settings(tmp_path / "cut", 4, 2), task_of())
+    assert summary["start_step"] == 2
+    a = _restore_params(str(tmp_path / "whole"), task_of()).params
+    b = _restore_params(str(tmp_path / "cut"), task_of()).params
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+    # another model (same architecture, one weight changed), another rank: refused, unwritten
+    p = jax.tree.map(lambda x: x, sd.params)
+    p["unet"]["conv_in"]["bias"] = p["unet"]["conv_in"]["bias"] + 1.0
+    before = sorted(os.listdir(tmp_path / "cut"))
+    for other in (task_of(model=sd.replace(params=p)),
+                  task_of(c=dataclasses.replace(cfg, rank=3))):
+        with pytest.raises(IncompatibleCheckpointError, match="different config"):
+            fit(_settings(tmp_path / "cut", 6, 2), other)
+    assert sorted(os.listdir(tmp_path / "cut")) == before
+
+
+@pytest.mark.slow
+def test_dreambooth_class_images_and_batches(tiny, tmp_path):
+    _, sd = tiny
+    folder = str(tmp_path / "class")
+    made = generate_class_images(sd, "a dog", folder, 3, seed=0, batch_size=2, num_steps=2)
+    assert made["generated"] == 3 and len(made["paths"]) == 3
+    first = open(made["paths"][1], "rb").read()
+    assert open(os.path.join(folder, "class_00001.txt")).read().strip() == "a dog"
+    again = generate_class_images(sd, "a dog", folder, 3, seed=0, batch_size=2, num_steps=2)
+    assert again["generated"] == 0 and again["kept"] == 3
+    os.remove(made["paths"][1])                    # an interrupted run: the same image again
+    redo = generate_class_images(sd, "a dog", folder, 3, seed=0, batch_size=2, num_steps=2)
+    assert redo["generated"] == 1 and open(made["paths"][1], "rb").read() == first
+    cfg = FinetuneConfig(mode="lora", rank=2,
+                         objective=Objective(prior_loss_weight=0.5))
+    task = build_finetune_task(sd, cfg, _examples(sd, 2), class_examples=_examples(sd, 3, 1),
+                               batch_size=2, seed=0)
+    batch = next(task.data(None))
+    np.testing.assert_array_equal(batch["prior"], [0, 0, 1, 1])
+    assert task.compat["dreambooth"] is True
+    loss, aux = jax.jit(task.loss_fn)(task.init_params(False),
+                                      {k: jnp.asarray(v) for k, v in batch.items()},
+                                      jax.random.key(0), task.frozen)
+    assert float(loss) == pytest.approx(float(aux["instance_loss"] + 0.5 * aux["prior_loss"]),
+                                        rel=1e-6)
