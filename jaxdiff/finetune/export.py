@@ -1,5 +1,5 @@
 """What a finished fine-tuning run writes: a LoRA as diffusers' ``pytorch_lora_weights.safetensors``
-(which ``StableDiffusionPipeline.load_lora_weights`` and :func:`jaxdiff.convert.read_lora` read),
+(which ``StableDiffusionPipeline.load_lora_weights`` and ``jaxdiff.convert.read_lora`` read),
 or a fully fine-tuned model as a diffusers Stable Diffusion folder
 (:func:`jaxdiff.pipelines.export_stable_diffusion`)."""
 
