@@ -206,8 +206,15 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
     compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
                              dreambooth=d.enabled,
                              example_shape=np.shape(examples["pixel_values"])[1:])
-    _refuse_other_runs(workdir, compat, init_trainable(sd, cfg, jax.random.key(0), True),
-                       make_optimizer(settings.optimizer)[0])
+    n = len(examples["pixel_values"])
+    if t.batch_size > n:
+        raise ConfigError(f"training.batch_size {t.batch_size} is larger than the {n} image(s) "
+                          f"in --data {data!r} (each step takes batch_size distinct images)")
+    if d.enabled and d.num_class_images < t.batch_size:
+        raise ConfigError(f"dreambooth.num_class_images {d.num_class_images} must be at least "
+                          f"training.batch_size {t.batch_size}")
+    shapes = config_check("lora.", init_trainable, sd, cfg, jax.random.key(0), True)
+    _refuse_other_runs(workdir, compat, shapes, make_optimizer(settings.optimizer)[0])
     class_examples = None
     if d.enabled:
         made = generate_class_images(sd, d.class_prompt, class_dir, d.num_class_images,
@@ -217,8 +224,9 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         extra["class_images"] = {"generated": made["generated"], "kept": made["kept"]}
         class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt,
                                            "dreambooth.class_data_dir")
-    task = build_finetune_task(
-        sd, cfg, examples, class_examples=class_examples, batch_size=t.batch_size, seed=c.seed,
+    task = config_check(
+        "", build_finetune_task, sd, cfg, examples, class_examples=class_examples,
+        batch_size=t.batch_size, seed=c.seed,
         periodic=[Periodic("grid", v.every if prompts else 0, write_grid)], finish=finish,
         config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config))
     from jaxdiff.training import fit
