@@ -12,7 +12,6 @@ examples cached (``memory.cache``), and :func:`jaxdiff.training.fit` runs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Dict, Optional
@@ -231,8 +230,4 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config))
     from jaxdiff.training import fit
 
-    summary = fit(settings, task, mesh=mesh)
-    if jax.process_index() == 0 and summary.get("lora_file"):
-        with open(os.path.join(workdir, "export.json"), "w") as f:
-            json.dump({k: summary[k] for k in ("lora_file", "export_bytes")}, f)
-    return summary
+    return fit(settings, task, mesh=mesh)
