@@ -188,7 +188,7 @@ def init_state(config, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, mesh, *,
 
 def _compat(config, vae_dir: str, vae_step: int, stats: dict) -> Dict[str, Any]:
     return json.loads(json.dumps({
-        "model": config.model.to_dict(), "text": config.text.to_dict(),
+        "model": train_lib.model_compat(config.model), "text": config.text.to_dict(),
         "diffusion": config.diffusion.to_dict(), "batch_size": config.training.batch_size,
         "seed": config.seed, "pad_to": config.data.pad_to, "vae_step": vae_step,
         "scaling_factor": round(stats["scaling_factor"], 6)}))

@@ -75,7 +75,7 @@ def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     data). ``num_classes`` repeats ``model.num_classes`` so that runs written before it had one
     home still compare equal."""
     return json.loads(json.dumps({
-        "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+        "model": train_lib.model_compat(config.model), "diffusion": config.diffusion.to_dict(),
         "num_classes": config.model.num_classes, "batch_size": config.training.batch_size,
         "seed": config.seed}))
 

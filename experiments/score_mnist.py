@@ -169,7 +169,7 @@ def compat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     t = config.training
     loss = {k: t[k] for k in ("weighting", "importance_sampling", "eps", "reduce")}
     return json.loads(json.dumps({
-        "model": config.model.to_dict(), "sde": config.sde.to_dict(),
+        "model": train_lib.model_compat(config.model), "sde": config.sde.to_dict(),
         "model_time_scale": config.model_time_scale, "loss": loss,
         "batch_size": t.batch_size, "seed": config.seed}))
 

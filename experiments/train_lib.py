@@ -31,12 +31,25 @@ from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 __all__ = ["DATA_SOURCES", "RESUMABLE", "run_keys", "validate_seed_and_data",
            "validate_training", "check_paths", "check_tensorboard_available", "optimizer_config",
            "optimizer", "resume_hyperparams", "make_train_mesh", "trainer_settings",
-           "make_workdir", "load_split", "initial_state", "grid_job", "run_task"]
+           "make_workdir", "load_split", "initial_state", "grid_job", "run_task",
+           "COMPUTE_ONLY_MODEL_FIELDS", "model_compat"]
 
 DATA_SOURCES = ("auto", "local", "tfds")
 # training.* fields that may change on resume (e.g. extending a run); a change is logged.
 RESUMABLE = ("num_steps", "learning_rate", "warmup_steps", "lr_schedule", "end_lr_factor",
              "weight_decay", "grad_clip_norm", "ema_decay")
+
+
+# UNetConfig fields that change how a model computes, not what it is: left out of the
+# compatibility keys, so that a run can resume with them changed (and runs written before they
+# existed still resume).
+COMPUTE_ONLY_MODEL_FIELDS = ("remat",)
+
+
+def model_compat(model: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """``model.to_dict()`` without :data:`COMPUTE_ONLY_MODEL_FIELDS`: a UNet config's part of a
+    run's compatibility keys."""
+    return {k: v for k, v in model.to_dict().items() if k not in COMPUTE_ONLY_MODEL_FIELDS}
 
 
 def run_keys(seed: int) -> Dict[str, jax.Array]:
