@@ -129,6 +129,10 @@ def test_frozen_weights_are_an_argument_not_a_constant():
     assert len(text) < 200_000                    # ...and not printed as a 1 MB constant
     state, metrics = step(state, batch)
     assert float(metrics["loss"]) == pytest.approx(3 * 1.5 ** 2)   # (1 + 0.5)^2 per column
+    from jaxdiff.training import place_frozen
+
+    placed = jnp.ones(5)          # already on the (one-device) mesh: used as it is, not copied
+    assert place_frozen({"a": placed}, make_mesh())["a"] is placed
 
 
 _FSDP = """

@@ -75,12 +75,21 @@ def place_frozen(frozen: Any, mesh: jax.sharding.Mesh) -> Any:
     """A task's frozen arrays (:class:`~jaxdiff.training.TrainTask`'s ``frozen``) placed for
     ``mesh``: replicated, or on a mesh with an ``fsdp`` axis split like the state
     (:func:`~jaxdiff.sharding.fsdp_sharding`: each large leaf along its largest dimension
-    divisible by the axis). None stays None."""
+    divisible by the axis); a leaf already placed that way is used as it is (no copy). None stays
+    None."""
     if frozen is None:
         return None
-    if FSDP_AXIS not in mesh.axis_names:
-        return replicate(frozen, mesh)
-    return place(frozen, fsdp_sharding(frozen, mesh))
+    if FSDP_AXIS in mesh.axis_names:
+        shardings = fsdp_sharding(frozen, mesh)
+    else:
+        shardings = jax.tree.map(lambda _: replicated_sharding(mesh), frozen)
+
+    def put(x, sharding):  # an array already placed so is kept, not copied (a large base model)
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return place(x, sharding)
+
+    return jax.tree.map(put, frozen, shardings)
 
 
 class Start(NamedTuple):
