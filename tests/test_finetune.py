@@ -386,11 +386,9 @@ def test_dreambooth_class_images_and_batches(tiny, tmp_path):
 
 # -- the command line ---------------------------------------------------------------------------
 
-def _needs_data_and_lora_files():
-    """The command line reads image folders with jaxdiff.data.image_folder and writes LoRA files
-    with jaxdiff.convert.lora_files (issue 25's "data" and "lorafiles" branches): until those
-    are merged beside this one, its tests cannot run."""
-    pytest.importorskip("jaxdiff.data.image_folder", reason="needs the image-folder reader")
+def _needs_lora_files():
+    """The LoRA run ends by writing its file with jaxdiff.convert.lora_files (issue 25's
+    "lorafiles" branch): until that is merged beside this one, the test cannot run."""
     pytest.importorskip("jaxdiff.convert.lora_files", reason="needs the LoRA file writer")
 
 
@@ -409,7 +407,7 @@ def _image_folder(path, n=2, size=40):
 
 @pytest.mark.slow
 def test_cli_lora_end_to_end_and_errors(tiny, tmp_path, capsys):
-    _needs_data_and_lora_files()
+    _needs_lora_files()
     from experiments import finetune_sd
 
     model, _ = tiny
@@ -449,7 +447,6 @@ def test_cli_lora_end_to_end_and_errors(tiny, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_dreambooth_generates_class_images_then_trains(tiny, tmp_path):
-    _needs_data_and_lora_files()
     from experiments import finetune_sd
 
     model, _ = tiny

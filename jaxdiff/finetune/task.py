@@ -10,7 +10,8 @@ task and time its step).
     fit(TrainerSettings(workdir="runs/ft", num_steps=500, batch_size=4), task)
 
 ``examples`` is ``{"pixel_values": [N, R, R, 3] float32 in [-1, 1], "input_ids": [N, L]
-int32}`` (e.g. ``jaxdiff.data.load_images`` of an image folder and the tokenized captions).
+int32}`` (e.g. :func:`jaxdiff.data.image_transforms.load_images` of an image folder and its
+captions through :func:`jaxdiff.data.image_source.tokenize_captions`).
 """
 
 from __future__ import annotations
