@@ -386,12 +386,6 @@ def test_dreambooth_class_images_and_batches(tiny, tmp_path):
 
 # -- the command line ---------------------------------------------------------------------------
 
-def _needs_lora_files():
-    """The LoRA run ends by writing its file with jaxdiff.convert.lora_files (issue 25's
-    "lorafiles" branch): until that is merged beside this one, the test cannot run."""
-    pytest.importorskip("jaxdiff.convert.lora_files", reason="needs the LoRA file writer")
-
-
 def _image_folder(path, n=2, size=40):
     from PIL import Image
 
@@ -407,7 +401,6 @@ def _image_folder(path, n=2, size=40):
 
 @pytest.mark.slow
 def test_cli_lora_end_to_end_and_errors(tiny, tmp_path, capsys):
-    _needs_lora_files()
     from experiments import finetune_sd
 
     model, _ = tiny

@@ -1,5 +1,6 @@
 """What a finished fine-tuning run writes: a LoRA as diffusers' ``pytorch_lora_weights.safetensors``
-(which ``StableDiffusionPipeline.load_lora_weights`` and ``jaxdiff.convert.read_lora`` read),
+(which ``StableDiffusionPipeline.load_lora_weights`` and
+:func:`jaxdiff.convert.lora_files.read_lora` read),
 or a fully fine-tuned model as a diffusers Stable Diffusion folder
 (:func:`jaxdiff.pipelines.export_stable_diffusion`)."""
 
@@ -10,6 +11,7 @@ from typing import Any, Dict
 
 import jax
 
+from jaxdiff.convert.lora_files import save_lora
 from jaxdiff.finetune.modes import FinetuneConfig, finetuned_pipeline
 from jaxdiff.pipelines.export import export_stable_diffusion
 from jaxdiff.pipelines.loading import StableDiffusion
@@ -22,9 +24,8 @@ DIFFUSERS_DIR = "diffusers"
 
 def save_lora_file(path: str, lora: Dict[str, Any], scale: float) -> str:
     """Writes ``lora`` (``{"unet": ..., "text_encoder": ...}``) with its factor ``scale`` folded
-    in, as diffusers/peft-format safetensors at ``path``; returns the path."""
-    from jaxdiff.convert.lora_files import save_lora
-
+    in, as diffusers/peft-format safetensors at ``path``
+    (:func:`jaxdiff.convert.lora_files.save_lora`); returns the path."""
     return save_lora(path, lora, scale=scale)
 
 

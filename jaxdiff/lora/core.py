@@ -23,6 +23,8 @@ Two ways to use an adapter:
   argument (a JAX scalar): changing the scale then reuses the compiled program. Training is this
   form, with the adapter the differentiated argument.
 
+For example:
+
     >>> import jax, jax.numpy as jnp
     >>> params = {"attn": {"to_q": {"kernel": jnp.ones((4, 6))}}, "norm": {"scale": jnp.ones(4)}}
     >>> lora = init_lora(params, r"to_q$", rank=2, key=jax.random.key(0))
