@@ -122,6 +122,7 @@ def test_dataset_refuses_an_existing_folder_and_bad_digits(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow   # reads the 60k training images
 def test_dataset_command_on_real_mnist(tmp_path, capsys):
     recs = boxed_mnist.main(["--out", str(tmp_path / "boxed"), "--digits", "2,5", "--seed", "1"])
     assert len(recs) == 20 and {r["digit"] for r in recs} == {2, 5}
@@ -182,8 +183,6 @@ def test_draw_box_and_detector_errors():
 # --- scoring and the evaluation -----------------------------------------------------------------
 
 def test_score_images_counts_the_detector_and_ignores_the_box_for_the_classifier(mnist_test):
-    from jaxdiff.metrics import classify
-
     plain = latent_data.pad_images(mnist_test[0][:40], 32)
     labels = mnist_test[1][:40]
     images = plain.copy()
@@ -196,18 +195,26 @@ def test_score_images_counts_the_detector_and_ignores_the_box_for_the_classifier
     # the classifier sees the same pixels with or without the box
     np.testing.assert_array_equal(concept_eval.classifier_view(images),
                                   concept_eval.classifier_view(plain))
-    # its accuracy: a classifier that answers the label's digit for these images
-    from jaxdiff.metrics import init_classifier
+    with pytest.raises(ValueError, match="one digit per image"):
+        concept_eval.score_images(images, labels[:3])
+
+
+@pytest.mark.slow   # the classifier's compilation
+def test_score_images_accuracy_is_the_classifiers_on_the_intended_digit(mnist_test):
     import jax
+    from jaxdiff.metrics import classify, init_classifier
+
+    plain = latent_data.pad_images(mnist_test[0][:40], 32)
+    images = plain.copy()
+    images[::4] = boxed_mnist.draw_box(plain[::4])
+    # labels chosen as what a random classifier answers: accuracy 1; shifted by one: 0
     params = init_classifier(jax.random.key(0))
     _, logits = classify(params, concept_eval.classifier_view(images))
     guess = np.argmax(logits, -1)
     row = concept_eval.score_images(images, guess, params)
     assert row["accuracy"] == 1.0
     row = concept_eval.score_images(images, (guess + 1) % 10, params)
-    assert row["accuracy"] == 0.0
-    with pytest.raises(ValueError, match="one digit per image"):
-        concept_eval.score_images(images, labels[:3])
+    assert row["accuracy"] == 0.0 and row["box_rate"] == 0.25
 
 
 def test_prompt_sets_and_targets():
@@ -272,3 +279,32 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
     with Image.open(png) as im:
         assert im.size[1] == 2 * 32 * 2       # two prompt rows at 2x
     assert "base, lora" in (tmp_path / "grid.txt").read_text()
+
+
+def test_eval_concept_flag_errors_come_before_any_work(tmp_path, monkeypatch):
+    import jaxdiff.pipelines
+    from experiments import eval_concept
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+    monkeypatch.setattr(jaxdiff.pipelines, "load_stable_diffusion", refuse)
+    out = str(tmp_path / "r.json")
+    (tmp_path / "a_file").write_text("")
+    cases = {
+        "--model is required": ["--out_json", out],
+        "--out_json is required": ["--model", str(tmp_path)],
+        "--concept_digits must be distinct": ["--model", str(tmp_path), "--out_json", out,
+                                              "--concept_digits", "3,3"],
+        "leave a digit": ["--model", str(tmp_path), "--out_json", out,
+                          "--concept_digits", "0,1,2,3,4,5,6,7,8,9"],
+        "--num_samples": ["--model", str(tmp_path), "--out_json", out, "--num_samples", "0"],
+        "--out_md": ["--model", str(tmp_path), "--out_json", out,
+                     "--out_md", str(tmp_path / "a_file" / "x.md")],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            eval_concept.main(argv)
+    assert eval_concept.parse_lora_arg("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert eval_concept.parse_lora_arg("c:/x.safetensors") == ("c:/x.safetensors", 1.0)
+    with pytest.raises(ConfigError, match="--lora"):
+        eval_concept.parse_lora_arg(":0.5")
