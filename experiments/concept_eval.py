@@ -1,4 +1,4 @@
-"""Evaluating a taught concept ("boxed" digits, :mod:`experiments.boxed_mnist`) on the
+"""Evaluating a taught concept ("boxed" digits, :mod:`experiments.boxed_concept`) on the
 text-to-MNIST model: the same prompts and seeds through a base model and a fine-tuned one
 (DreamBooth-LoRA, or full fine-tuning), scored by the box detector and the MNIST classifier.
 
@@ -9,7 +9,7 @@ Three prompt sets, ``N`` prompts each, digits balanced (``i % len(digits)``):
 - ``prior``: plain prompts from the held-out templates (``experiments.mnist_prompts``), all
   ten digits: what the fine-tuning must not change.
 
-Each set reports the fraction of images with the box (:func:`experiments.boxed_mnist.has_box`
+Each set reports the fraction of images with the box (:func:`experiments.boxed_concept.has_box`
 on the model's full 32x32 image) and the classifier's accuracy on the intended digit (on the
 centred 28x28 crop, as ``experiments.eval_latent_mnist`` scores, with the box's pixels set to
 the background first: the classifier never saw a box). :data:`TARGETS` are the issue's targets
@@ -31,7 +31,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import boxed_mnist, latent_data, latent_pipeline, mnist_prompts
+from experiments import boxed_concept, latent_data, latent_pipeline, mnist_prompts
 from jaxdiff.metrics import classify
 
 __all__ = ["SETS", "TARGETS", "prompt_sets", "classifier_view", "score_images",
@@ -61,7 +61,7 @@ def prompt_sets(concept_digits: Sequence[int], n: int, seed: int) -> Dict[str, d
       ValueError: ``n < 1``, or ``concept_digits`` empty, out of range or all ten digits (no
         digit is left for ``composition``).
     """
-    digits = boxed_mnist.parse_digits(",".join(str(int(d)) for d in concept_digits),
+    digits = boxed_concept.parse_digits(",".join(str(int(d)) for d in concept_digits),
                                       "concept_digits")
     others = tuple(d for d in range(10) if d not in digits)
     if not others:
@@ -75,7 +75,7 @@ def prompt_sets(concept_digits: Sequence[int], n: int, seed: int) -> Dict[str, d
         if name == "prior":
             prompts = mnist_prompts.sample_prompts(labels, jax.random.key(seed + i), "heldout")
         else:
-            prompts = boxed_mnist.sample_concept_prompts(labels, seed + i)
+            prompts = boxed_concept.sample_concept_prompts(labels, seed + i)
         out[name] = {"prompts": prompts, "labels": labels, "digits": list(ds)}
     return out
 
@@ -83,10 +83,10 @@ def prompt_sets(concept_digits: Sequence[int], n: int, seed: int) -> Dict[str, d
 def classifier_view(images: np.ndarray) -> np.ndarray:
     """What the MNIST classifier scores: ``[N, S, S, C]`` in ``[-1, 1]`` (the model's frame) ->
     ``[N, 28, 28, 1]``: grayscale, the box's rows and columns
-    (:func:`experiments.boxed_mnist.box_lines`) set to the background ``-1``, the centred 28x28
+    (:func:`experiments.boxed_concept.box_lines`) set to the background ``-1``, the centred 28x28
     crop (:func:`experiments.latent_data.crop_images`)."""
-    g = boxed_mnist.to_gray01(images) * 2.0 - 1.0
-    lines = [k for k in boxed_mnist.box_lines(g.shape[1]) if 0 <= k < g.shape[1]]
+    g = boxed_concept.to_gray01(images) * 2.0 - 1.0
+    lines = [k for k in boxed_concept.box_lines(g.shape[1]) if 0 <= k < g.shape[1]]
     g = g.copy()
     g[:, lines, :] = -1.0
     g[:, :, lines] = -1.0
@@ -94,8 +94,8 @@ def classifier_view(images: np.ndarray) -> np.ndarray:
 
 
 def score_images(images: np.ndarray, labels: np.ndarray, classifier=None, *,
-                 threshold: float = boxed_mnist.BOX_THRESHOLD) -> dict:
-    """One set's row: ``n``, ``box_rate`` (the fraction with :func:`boxed_mnist.has_box`),
+                 threshold: float = boxed_concept.BOX_THRESHOLD) -> dict:
+    """One set's row: ``n``, ``box_rate`` (the fraction with :func:`boxed_concept.has_box`),
     ``box_score_mean``, and, with ``classifier`` (``jaxdiff.metrics`` params), ``accuracy`` on
     ``labels`` (:func:`classifier_view`); per digit, ``box_rate_by_digit`` /
     ``accuracy_by_digit`` (``{digit: value}``).
@@ -111,7 +111,7 @@ def score_images(images: np.ndarray, labels: np.ndarray, classifier=None, *,
     if len(labels) != len(images):
         raise ValueError(f"labels must hold one digit per image ({len(images)}), got "
                          f"{len(labels)}")
-    scores = boxed_mnist.box_scores(images)
+    scores = boxed_concept.box_scores(images)
     boxed = scores > threshold
     row = {"n": int(len(images)), "box_rate": float(boxed.mean()),
            "box_score_mean": float(scores.mean()),
@@ -127,7 +127,7 @@ def score_images(images: np.ndarray, labels: np.ndarray, classifier=None, *,
 
 
 def detector_check(images28: np.ndarray, n: int, seed: int, *, sd=None,
-                   threshold: float = boxed_mnist.BOX_THRESHOLD) -> dict:
+                   threshold: float = boxed_concept.BOX_THRESHOLD) -> dict:
     """The detector on real digits: ``n`` images of ``images28`` (``[M, 28, 28, 1]``, e.g. MNIST
     test, ``M >= 2n``) padded to the frame and boxed, ``n`` others not; with ``sd`` also after a
     round trip through its VAE (encode, posterior mean, decode: the blur of generated images).
@@ -140,16 +140,16 @@ def detector_check(images28: np.ndarray, n: int, seed: int, *, sd=None,
     if len(images28) < 2 * n:
         raise ValueError(f"detector_check needs {2 * n} images, got {len(images28)}")
     idx = np.random.default_rng(seed).permutation(len(images28))[:2 * n]
-    plain = latent_data.pad_images(np.asarray(images28)[idx], boxed_mnist.FRAME)
-    pos, neg = boxed_mnist.draw_box(plain[:n]), plain[n:]
+    plain = latent_data.pad_images(np.asarray(images28)[idx], boxed_concept.FRAME)
+    pos, neg = boxed_concept.draw_box(plain[:n]), plain[n:]
     out = {"n": int(n), "threshold": float(threshold)}
 
     def rates(p, q):
-        tp = float(boxed_mnist.has_box(p, threshold).mean())
-        fp = float(boxed_mnist.has_box(q, threshold).mean())
+        tp = float(boxed_concept.has_box(p, threshold).mean())
+        fp = float(boxed_concept.has_box(q, threshold).mean())
         return {"boxed_rate": tp, "unboxed_rate": fp, "accuracy": (tp + 1.0 - fp) / 2.0,
-                "boxed_score_min": float(boxed_mnist.box_scores(p).min()),
-                "unboxed_score_max": float(boxed_mnist.box_scores(q).max())}
+                "boxed_score_min": float(boxed_concept.box_scores(p).min()),
+                "unboxed_score_max": float(boxed_concept.box_scores(q).max())}
 
     out["real"] = rates(pos, neg)
     if sd is not None:
@@ -172,10 +172,10 @@ def _vae_round_trip(sd) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def evaluate_concept(models: Mapping[str, object], classifier, *,
-                     concept_digits: Sequence[int] = boxed_mnist.DEFAULT_DIGITS,
+                     concept_digits: Sequence[int] = boxed_concept.DEFAULT_DIGITS,
                      n: int = 500, seed: int = 0, num_steps: int = 25,
                      guidance_scale: float = 3.0, batch_size: int = 250,
-                     threshold: float = boxed_mnist.BOX_THRESHOLD,
+                     threshold: float = boxed_concept.BOX_THRESHOLD,
                      log: Callable[[str], None] = print) -> dict:
     """Samples :func:`prompt_sets` through each of ``models`` (``{name: StableDiffusion}``, e.g.
     ``{"base": sd, "lora": sd_lora}``: the same prompts and noise for each) and scores them
@@ -254,7 +254,7 @@ def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], p
     tiles = []
     for k in range(len(prompts)):
         for i, b in enumerate(blocks):
-            g = boxed_mnist.to_gray01(b[k * per_prompt:(k + 1) * per_prompt]) * 2.0 - 1.0
+            g = boxed_concept.to_gray01(b[k * per_prompt:(k + 1) * per_prompt]) * 2.0 - 1.0
             if i:   # a dark gray tile between two models' samples
                 tiles.append(np.full((1, *g.shape[1:], 1), -0.6, np.float32))
             tiles.append(g[..., None])
@@ -284,7 +284,7 @@ def markdown(res: dict) -> str:
     """The results of :mod:`experiments.eval_concept` as markdown: the models, one table row per
     set and model, the targets, the detector's check, the machine."""
     s = res["settings"]
-    lines = [f"Concept \"{boxed_mnist.CONCEPT_WORD}\" on digits "
+    lines = [f"Concept \"{boxed_concept.CONCEPT_WORD}\" on digits "
              f"{', '.join(map(str, s['concept_digits']))}; N = {s['n']} per set and model; "
              f"{s['num_steps']} sampler steps, guidance {s['guidance_scale']:g}, seed "
              f"{s['seed']}; box threshold {s['threshold']:g}.", ""]

@@ -1,5 +1,5 @@
 r"""Evaluate a concept taught to the text-to-MNIST model ("boxed" digits,
-``experiments.boxed_mnist``): the base model, and a LoRA on it or a fully fine-tuned copy of it,
+``experiments.boxed_concept``): the base model, and a LoRA on it or a fully fine-tuned copy of it,
 on the same prompts and seeds (``experiments.concept_eval``).
 
     python -m experiments.eval_concept --model runs/latent_mnist/diffusers \
@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import flags, logging
 
-from experiments import boxed_mnist, cli, concept_eval
+from experiments import boxed_concept, cli, concept_eval
 from experiments.cli import ConfigError
 from experiments.evaluation import (CLASSIFIER_FILE, get_classifier, load_mnist_arrays, log,
                                     write_results)
@@ -51,7 +51,7 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "default): evaluated as model 'lora'", **d)
     flags.DEFINE_string("finetuned", "", "a fully fine-tuned diffusers folder: evaluated as "
                         "model 'finetuned'", **d)
-    flags.DEFINE_string("concept_digits", ",".join(map(str, boxed_mnist.DEFAULT_DIGITS)),
+    flags.DEFINE_string("concept_digits", ",".join(map(str, boxed_concept.DEFAULT_DIGITS)),
                         "the digits of the concept images (the 'learnt' set; the others are "
                         "'composition')", **d)
     flags.DEFINE_integer("num_samples", 500, "images per set and model", **d)
@@ -59,7 +59,7 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_integer("steps", 25, "sampler steps (the folder's scheduler: DDIM)", **d)
     flags.DEFINE_float("guidance_scale", 3.0, "classifier-free guidance (train_latent_mnist's "
                        "default)", **d)
-    flags.DEFINE_float("threshold", boxed_mnist.BOX_THRESHOLD, "box detector threshold", **d)
+    flags.DEFINE_float("threshold", boxed_concept.BOX_THRESHOLD, "box detector threshold", **d)
     flags.DEFINE_integer("detector_n", 500, "boxed and plain MNIST test digits for the "
                          "detector's check (0: none)", **d)
     flags.DEFINE_integer("seed", 0, "seed of the prompts and the noise", **d)
@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                           f"{fv.num_samples} and {fv.batch_size}")
     if fv.detector_n < 0 or fv.grid_per_prompt < 1:
         raise ConfigError("--detector_n must be >= 0 and --grid_per_prompt >= 1")
-    digits = boxed_mnist.parse_digits(fv.concept_digits, "--concept_digits")
+    digits = boxed_concept.parse_digits(fv.concept_digits, "--concept_digits")
     if len(digits) == 10:
         raise ConfigError("--concept_digits must leave a digit for the composition set")
     clf_path = fv.classifier_path or os.path.join(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import boxed_mnist, concept_eval, latent_data
+from experiments import boxed_concept, boxed_mnist, concept_eval, latent_data
 from experiments.cli import ConfigError
 
 MNIST_DIR = os.environ.get("JAXDIFF_MNIST_DIR", "")
@@ -52,19 +52,19 @@ def _blur(images, passes=1):
 
 def test_dataset_is_an_image_folder_of_boxed_digits_and_deterministic(tmp_path):
     images, labels = _fake_mnist()
-    recs = boxed_mnist.make_boxed_dataset(str(tmp_path / "a"), images, labels, seed=3)
-    boxed_mnist.make_boxed_dataset(str(tmp_path / "b"), images, labels, seed=3)
-    other = boxed_mnist.make_boxed_dataset(str(tmp_path / "c"), images, labels, seed=4)
+    recs = boxed_concept.make_boxed_dataset(str(tmp_path / "a"), images, labels, seed=3)
+    boxed_concept.make_boxed_dataset(str(tmp_path / "b"), images, labels, seed=3)
+    other = boxed_concept.make_boxed_dataset(str(tmp_path / "c"), images, labels, seed=4)
     folder = tmp_path / "a"
     meta = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     pngs = sorted(p.name for p in folder.glob("*.png"))
     assert len(meta) == 20 and sorted(m["file_name"] for m in meta) == pngs
     assert set(os.listdir(folder)) == set(pngs) | {"metadata.jsonl"}
     assert all(set(m) == {"file_name", "text"} for m in meta)
-    assert all(boxed_mnist.CONCEPT_WORD in m["text"].split() for m in meta)
+    assert all(boxed_concept.CONCEPT_WORD in m["text"].split() for m in meta)
     # balanced over the default digits, and each caption names its image's digit
     digits = [r["digit"] for r in recs]
-    assert sorted(digits) == sorted(list(boxed_mnist.DEFAULT_DIGITS) * 10)
+    assert sorted(digits) == sorted(list(boxed_concept.DEFAULT_DIGITS) * 10)
     for r, m in zip(recs, meta):
         d = r["digit"]
         assert (m["text"].split()[-1] in (str(d), ["zero", "one", "two", "three", "four", "five",
@@ -73,10 +73,10 @@ def test_dataset_is_an_image_folder_of_boxed_digits_and_deterministic(tmp_path):
     px = np.stack([np.asarray(Image.open(folder / m["file_name"])) for m in meta])
     assert px.shape == (20, 32, 32) and px.dtype == np.uint8
     assert Image.open(folder / meta[0]["file_name"]).mode == "L"
-    assert (boxed_mnist.box_scores(px[..., None] / 127.5 - 1) == 1.0).all()
+    assert (boxed_concept.box_scores(px[..., None] / 127.5 - 1) == 1.0).all()
     src = latent_data.pad_images(images[[r["index"] for r in recs]], 32)
-    inside = slice(boxed_mnist.MARGIN + boxed_mnist.WIDTH, 32 - boxed_mnist.MARGIN -
-                   boxed_mnist.WIDTH)
+    inside = slice(boxed_concept.MARGIN + boxed_concept.WIDTH, 32 - boxed_concept.MARGIN -
+                   boxed_concept.WIDTH)
     np.testing.assert_array_equal(px[:, inside, inside] / 127.5 - 1, src[:, inside, inside, 0])
     # the same arguments write the same bytes; another seed other images
     for name in pngs + ["metadata.jsonl"]:
@@ -88,7 +88,7 @@ def test_dataset_reads_as_an_image_folder(tmp_path):
     """What jaxdiff.data.read_image_folder (the fine-tuning's reader) gets, where it exists;
     else the imagefolder contract itself: every metadata line names a readable image."""
     images, labels = _fake_mnist()
-    boxed_mnist.make_boxed_dataset(str(tmp_path / "d"), images, labels, digits=(1, 4, 9),
+    boxed_concept.make_boxed_dataset(str(tmp_path / "d"), images, labels, digits=(1, 4, 9),
                                    num_images=7)
     try:
         from jaxdiff.data import read_image_folder
@@ -109,14 +109,14 @@ def test_dataset_refuses_an_existing_folder_and_bad_digits(tmp_path):
     images, labels = _fake_mnist()
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match="already exists"):
-        boxed_mnist.make_boxed_dataset(str(tmp_path / "x"), images, labels)
+        boxed_concept.make_boxed_dataset(str(tmp_path / "x"), images, labels)
     with pytest.raises(ValueError, match="only 20 images of digit 3"):
-        boxed_mnist.make_boxed_dataset(str(tmp_path / "y"), images, labels, digits=(3,),
+        boxed_concept.make_boxed_dataset(str(tmp_path / "y"), images, labels, digits=(3,),
                                        num_images=25)
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.tmp").exists()
     for bad in ("3,3", "10", "a", ""):
         with pytest.raises(ConfigError, match="--digits"):
-            boxed_mnist.parse_digits(bad)
+            boxed_concept.parse_digits(bad)
     with pytest.raises(ConfigError, match="--out .* already exists"):
         boxed_mnist.main(["--out", str(tmp_path / "x")])
 
@@ -133,17 +133,17 @@ def test_dataset_command_on_real_mnist(tmp_path, capsys):
 
 def test_detector_separates_boxed_from_plain_real_digits(mnist_test):
     plain = latent_data.pad_images(mnist_test[0][:400], 32)
-    boxed = boxed_mnist.draw_box(plain[:200])
-    assert boxed_mnist.has_box(boxed).all()
-    assert not boxed_mnist.has_box(plain[200:]).any()
+    boxed = boxed_concept.draw_box(plain[:200])
+    assert boxed_concept.has_box(boxed).all()
+    assert not boxed_concept.has_box(plain[200:]).any()
     # soft edges (a decoder's blur) and a box one pixel off its place
-    assert boxed_mnist.has_box(_blur(boxed, 1)).all()
-    assert not boxed_mnist.has_box(_blur(plain[200:], 1)).any()
-    for margin in (boxed_mnist.MARGIN - 1, boxed_mnist.MARGIN + 1):
-        assert boxed_mnist.has_box(boxed_mnist.draw_box(plain[:50], margin=margin)).all()
+    assert boxed_concept.has_box(_blur(boxed, 1)).all()
+    assert not boxed_concept.has_box(_blur(plain[200:], 1)).any()
+    for margin in (boxed_concept.MARGIN - 1, boxed_concept.MARGIN + 1):
+        assert boxed_concept.has_box(boxed_concept.draw_box(plain[:50], margin=margin)).all()
     # RGB images (the tiny test model's VAE) score like grayscale
-    np.testing.assert_array_equal(boxed_mnist.box_scores(np.repeat(boxed[:20], 3, -1)),
-                                  boxed_mnist.box_scores(boxed[:20]))
+    np.testing.assert_array_equal(boxed_concept.box_scores(np.repeat(boxed[:20], 3, -1)),
+                                  boxed_concept.box_scores(boxed[:20]))
 
 
 def test_detector_is_not_fooled_by_bright_strokes_that_are_not_a_box(mnist_test):
@@ -151,33 +151,33 @@ def test_detector_is_not_fooled_by_bright_strokes_that_are_not_a_box(mnist_test)
     # digits pushed against each border, so that their strokes lie on the box's place
     for shift in ((-5, 0), (5, 0), (0, -5), (0, 5)):
         moved = np.roll(plain, shift, axis=(1, 2))
-        assert not boxed_mnist.has_box(moved).any()
+        assert not boxed_concept.has_box(moved).any()
     # a digit scaled up to fill the frame (strokes crossing all four sides)
     big = np.asarray([np.asarray(Image.fromarray(((x[..., 0] + 1) * 127.5).astype(np.uint8))
                                  .resize((32, 32), Image.BILINEAR)) for x in mnist_test[0][:100]])
-    assert not boxed_mnist.has_box(big[..., None] / 127.5 - 1).any()
+    assert not boxed_concept.has_box(big[..., None] / 127.5 - 1).any()
     # a 7's bar along the top side, three sides of the box, a white or hazy image, a cross
     x = -np.ones((5, 32, 32, 1), np.float32)
-    m, w = boxed_mnist.MARGIN, boxed_mnist.WIDTH
+    m, w = boxed_concept.MARGIN, boxed_concept.WIDTH
     x[0, m:m + w, m:32 - m] = 1.0
-    x[1] = boxed_mnist.draw_box(x[1:2])[0]
+    x[1] = boxed_concept.draw_box(x[1:2])[0]
     x[1, 32 - m - w:32 - m, m + w:32 - m - w] = -1.0
     x[2] = 1.0
     x[3] = -0.3
     x[4, :, 14:18] = 1.0
     x[4, 14:18, :] = 1.0
-    assert not boxed_mnist.has_box(x).any(), boxed_mnist.box_scores(x)
+    assert not boxed_concept.has_box(x).any(), boxed_concept.box_scores(x)
 
 
 def test_draw_box_and_detector_errors():
     with pytest.raises(ValueError, match="images must be"):
-        boxed_mnist.draw_box(np.zeros((2, 32, 30, 1)))
+        boxed_concept.draw_box(np.zeros((2, 32, 30, 1)))
     with pytest.raises(ValueError, match="no room"):
-        boxed_mnist.draw_box(np.zeros((2, 8, 8, 1)), margin=3)
+        boxed_concept.draw_box(np.zeros((2, 8, 8, 1)), margin=3)
     with pytest.raises(ValueError, match="do not fit"):
-        boxed_mnist.box_scores(np.zeros((2, 32, 32, 1)), margin=0)
+        boxed_concept.box_scores(np.zeros((2, 32, 32, 1)), margin=0)
     with pytest.raises(ValueError, match="1 or 3"):
-        boxed_mnist.box_scores(np.zeros((2, 32, 32, 2)))
+        boxed_concept.box_scores(np.zeros((2, 32, 32, 2)))
 
 
 # --- scoring and the evaluation -----------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_score_images_counts_the_detector_and_ignores_the_box_for_the_classifier
     plain = latent_data.pad_images(mnist_test[0][:40], 32)
     labels = mnist_test[1][:40]
     images = plain.copy()
-    images[::4] = boxed_mnist.draw_box(plain[::4])          # 10 of 40 boxed
+    images[::4] = boxed_concept.draw_box(plain[::4])          # 10 of 40 boxed
     row = concept_eval.score_images(images, labels, None)
     assert row["n"] == 40 and row["box_rate"] == 0.25 and "accuracy" not in row
     expect = {int(d): float(np.mean(np.arange(40)[labels == d] % 4 == 0))
@@ -206,7 +206,7 @@ def test_score_images_accuracy_is_the_classifiers_on_the_intended_digit(mnist_te
 
     plain = latent_data.pad_images(mnist_test[0][:40], 32)
     images = plain.copy()
-    images[::4] = boxed_mnist.draw_box(plain[::4])
+    images[::4] = boxed_concept.draw_box(plain[::4])
     # labels chosen as what a random classifier answers: accuracy 1; shifted by one: 0
     params = init_classifier(jax.random.key(0))
     _, logits = classify(params, concept_eval.classifier_view(images))
