@@ -94,14 +94,21 @@ def parse_lora_arg(text: str) -> tuple:
     return path, scale
 
 
+def _size(path: str) -> int:
+    """Bytes of a file, or of the files in a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
 def load_models(model: str, lora: str = "", finetuned: str = "") -> tuple:
     """``({name: StableDiffusion}, {name: description})``: ``"base"`` from ``model``, plus
-    ``"lora"`` (the base with ``lora``, ``FILE[:SCALE]``, through
-    ``jaxdiff.pipelines.load_lora``) and / or ``"finetuned"`` (the folder ``finetuned``).
+    ``"lora"`` (the base with ``lora``, ``FILE[:SCALE]``, merged by
+    ``jaxdiff.pipelines.fuse_lora``) and / or ``"finetuned"`` (the folder ``finetuned``).
 
     Raises:
       ConfigError: a folder or file that does not load (the loader's message), or ``--lora``
-        without ``jaxdiff.pipelines.load_lora``.
+        without ``jaxdiff.pipelines.fuse_lora``.
     """
     from jaxdiff.pipelines import load_stable_diffusion
 
@@ -116,18 +123,18 @@ def load_models(model: str, lora: str = "", finetuned: str = "") -> tuple:
     if lora:
         path, scale = parse_lora_arg(lora)
         try:
-            from jaxdiff.pipelines import load_lora
+            from jaxdiff.pipelines import fuse_lora
         except ImportError:
-            raise ConfigError("--lora needs jaxdiff.pipelines.load_lora, which this checkout "
+            raise ConfigError("--lora needs jaxdiff.pipelines.fuse_lora, which this checkout "
                               "does not have") from None
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"--lora {path}: no such file")
-        try:
-            models["lora"] = load_lora(models["base"], path, scale)
+        try:   # fused: the base model's program, at its speed
+            models["lora"] = fuse_lora(models["base"], path, scale)
         except ValueError as e:
             raise ConfigError(f"--lora {path}: {e}") from None
-        desc["lora"] = (f"{model} + LoRA {path} at scale {scale:g} "
-                        f"({os.path.getsize(path) / 1024:.1f} KiB)")
+        desc["lora"] = (f"{model} + LoRA {path} at scale {scale:g}, fused "
+                        f"({_size(path) / 1024:.1f} KiB)")
     if finetuned:
         models["finetuned"] = load("finetuned", finetuned)
         desc["finetuned"] = f"{finetuned} (fully fine-tuned)"
@@ -171,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         num_steps=fv.steps, guidance_scale=fv.guidance_scale, batch_size=fv.batch_size,
         threshold=fv.threshold, log=log)
     res["models"] = desc
+    if fv.lora:
+        res["lora_file_bytes"] = _size(parse_lora_arg(fv.lora)[0])
     res["classifier"] = clf_info
     tuned = next((m for m in models if m != "base"), None)
     if tuned:
