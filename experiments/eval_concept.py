@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.set_verbosity(logging.WARNING)
     t_start = time.time()
     models, desc = load_models(fv.model, fv.lora, fv.finetuned)
-    train = load_mnist_arrays("train", fv.data_dir)
+    train = None if os.path.isfile(clf_path) else load_mnist_arrays("train", fv.data_dir)
     test = load_mnist_arrays("test", fv.data_dir)
     clf, clf_info = get_classifier(clf_path, train, test, seed=fv.seed, epochs=3)
     res = concept_eval.evaluate_concept(

@@ -280,6 +280,31 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
         assert im.size[1] == 2 * 32 * 2       # two prompt rows at 2x
     assert "base, lora" in (tmp_path / "grid.txt").read_text()
 
+    # the command line on the same folder, a model against itself, a given classifier
+    if not os.path.isfile(os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
+        return
+    from experiments import eval_concept
+    from jaxdiff.metrics import save_classifier
+
+    save_classifier(str(tmp_path / "clf.msgpack"), clf)
+    out = tmp_path / "out"
+    res = eval_concept.main(["--model", path, "--finetuned", path, "--num_samples", "3",
+                             "--steps", "2", "--detector_n", "20", "--classifier_path",
+                             str(tmp_path / "clf.msgpack"), "--out_json", str(out) + ".json",
+                             "--out_md", str(out) + ".md", "--out_png", str(out) + ".png",
+                             "--grid_per_prompt", "1"])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["tuned"] == "finetuned" and len(saved["targets"]) == len(concept_eval.TARGETS)
+    # the same model, the same noise: the same images, so the same rates
+    for entry in saved["sets"].values():
+        assert entry["rows"]["base"]["box_rate"] == entry["rows"]["finetuned"]["box_rate"]
+    assert saved["detector"]["real"] == {**res["detector"]["real"]}
+    assert saved["detector"]["real"]["boxed_rate"] == 1.0
+    assert saved["detector"]["real"]["unboxed_rate"] == 0.0
+    assert saved["machine"]["jax"] == jax.__version__
+    assert "| prior | finetuned | 3 |" in (tmp_path / "out.md").read_text()
+    assert (tmp_path / "out.png").is_file()
+
 
 def test_eval_concept_flag_errors_come_before_any_work(tmp_path, monkeypatch):
     import jaxdiff.pipelines
