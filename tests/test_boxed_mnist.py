@@ -85,18 +85,22 @@ def test_dataset_is_an_image_folder_of_boxed_digits_and_deterministic(tmp_path):
 
 
 def test_dataset_reads_as_an_image_folder(tmp_path):
-    """What jaxdiff.data.read_image_folder (the fine-tuning's reader) gets, where it exists;
-    else the imagefolder contract itself: every metadata line names a readable image."""
+    """What jaxdiff.data.read_image_folder (the fine-tuning's reader) and load_images get: the
+    captions of metadata.jsonl, the pixels as written (gray in three equal channels)."""
+    from jaxdiff.data import load_images, read_image_folder
+
     images, labels = _fake_mnist()
-    boxed_concept.make_boxed_dataset(str(tmp_path / "d"), images, labels, digits=(1, 4, 9),
-                                   num_images=7)
-    try:
-        from jaxdiff.data import read_image_folder
-    except ImportError:
-        read_image_folder = None
-    if read_image_folder is not None:
-        folder = read_image_folder(str(tmp_path / "d"))
-        assert len(folder.records) == 7
+    recs = boxed_concept.make_boxed_dataset(str(tmp_path / "d"), images, labels,
+                                            digits=(1, 4, 9), num_images=7)
+    folder = read_image_folder(str(tmp_path / "d"), on_bad_image="error")
+    assert len(folder) == 7 and not folder.skipped
+    assert sorted(zip((os.path.basename(f) for f in folder.files), folder.captions)) == \
+        sorted((r["file_name"], r["text"]) for r in recs)
+    pixels = np.asarray(load_images(folder, 32))
+    assert pixels.shape == (7, 32, 32, 3)
+    expect = boxed_concept.draw_box(latent_data.pad_images(
+        images[[r["index"] for r in sorted(recs, key=lambda r: r["file_name"])]], 32))
+    np.testing.assert_allclose(pixels, np.repeat(expect, 3, -1), atol=1 / 127.5)
     for line in (tmp_path / "d" / "metadata.jsonl").read_text().splitlines():
         entry = json.loads(line)
         with Image.open(tmp_path / "d" / entry["file_name"]) as im:
@@ -286,18 +290,36 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
     from experiments import eval_concept
     from jaxdiff.metrics import save_classifier
 
+    from jaxdiff.convert import save_lora
+    from jaxdiff.lora import UNET_ATTENTION, init_lora
+
     save_classifier(str(tmp_path / "clf.msgpack"), clf)
+    zero = init_lora(sd.params["unet"], UNET_ATTENTION, rank=2, key=jax.random.key(1))
+    lora_file = save_lora(str(tmp_path / "zero.safetensors"), {"unet": zero})
+    # --lora merges the file into the base (a LoRA with non-zero up changes the kernels)
+    some = jax.tree.map(lambda x: x + 0.1, zero)
+    some_file = save_lora(str(tmp_path / "some.safetensors"), {"unet": some})
+    models, _ = eval_concept.load_models(path, f"{some_file}:0.5")
+    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                        models["lora"].params["unet"], sd.params["unet"])
+    assert max(jax.tree.leaves(diff)) > 0
+    # a LoRA with zero up, the base folder again: the same images, so the same rates
     out = tmp_path / "out"
-    res = eval_concept.main(["--model", path, "--finetuned", path, "--num_samples", "3",
+    res = eval_concept.main(["--model", path, "--lora", lora_file + ":0.7", "--finetuned", path,
+                             "--num_samples", "3",
                              "--steps", "2", "--detector_n", "20", "--classifier_path",
                              str(tmp_path / "clf.msgpack"), "--out_json", str(out) + ".json",
                              "--out_md", str(out) + ".md", "--out_png", str(out) + ".png",
                              "--grid_per_prompt", "1"])
     saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["tuned"] == "finetuned" and len(saved["targets"]) == len(concept_eval.TARGETS)
-    # the same model, the same noise: the same images, so the same rates
+    assert saved["tuned"] == "lora" and len(saved["targets"]) == len(concept_eval.TARGETS)
+    assert saved["lora_file_bytes"] == os.path.getsize(lora_file)
     for entry in saved["sets"].values():
-        assert entry["rows"]["base"]["box_rate"] == entry["rows"]["finetuned"]["box_rate"]
+        rows = entry["rows"]
+        assert set(rows) == {"base", "lora", "finetuned"}
+        assert rows["base"]["box_score_mean"] == pytest.approx(rows["lora"]["box_score_mean"],
+                                                               abs=1e-5)
+        assert rows["base"]["box_score_mean"] == rows["finetuned"]["box_score_mean"]
     assert saved["detector"]["real"] == {**res["detector"]["real"]}
     assert saved["detector"]["real"]["boxed_rate"] == 1.0
     assert saved["detector"]["real"]["unboxed_rate"] == 0.0
