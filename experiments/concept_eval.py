@@ -243,9 +243,9 @@ def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], p
                          guidance_scale: float = 3.0) -> str:
     """A PNG, one row per prompt: ``per_prompt`` samples of each model side by side (models in
     ``models``' order, the same noise for each: row ``r`` column ``j`` of every model starts
-    from the same latents), a dark gray tile between two models, each row's prompt
-    on its left; the model names in ``path``'s ``.txt`` twin (beside the prompts). Returns
-    ``path``."""
+    from the same latents), a dark gray tile between two models, each row's prompt on its
+    left, each model's name above its columns (and in ``path``'s ``.txt`` twin, beside the
+    prompts). Returns ``path``."""
     prompts = list(prompts)
     rep = [p for p in prompts for _ in range(per_prompt)]
     blocks = [latent_pipeline.sample(sd, rep, jax.random.key(seed + 999),
@@ -259,9 +259,29 @@ def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], p
                 tiles.append(np.full((1, *g.shape[1:], 1), -0.6, np.float32))
             tiles.append(g[..., None])
     latent_pipeline.save_prompt_grid(np.concatenate(tiles), prompts, path)
+    _add_header(path, list(models), prompts, per_prompt, tile=blocks[0].shape[2] * 2)
     with open(os.path.splitext(path)[0] + ".txt", "a") as f:
         f.write(f"columns: {per_prompt} samples each of " + ", ".join(models) + "\n")
     return path
+
+
+def _add_header(path: str, names: Sequence[str], prompts: Sequence[str], per_prompt: int,
+                tile: int) -> None:
+    """Writes each model's name above its block of columns in the grid at ``path`` (the layout
+    of :func:`experiments.latent_pipeline.save_prompt_grid`: a label column, then tiles)."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(path) as im:
+        grid = im.copy()
+    label_w = 6 * max(len(p) for p in prompts) + 16   # save_prompt_grid's label column
+    out = Image.new("L", (grid.width, grid.height + 16), 0)
+    out.paste(grid, (0, 16))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(names):
+        draw.text((label_w + i * (per_prompt + 1) * tile + 4, 2), name, fill=255)
+    tmp = path + ".tmp.png"
+    out.save(tmp)
+    os.replace(tmp, path)
 
 
 def machine_info() -> dict:

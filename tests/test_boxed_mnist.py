@@ -281,7 +281,7 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
                                             str(tmp_path / "grid.png"), per_prompt=2,
                                             num_steps=2)
     with Image.open(png) as im:
-        assert im.size[1] == 2 * 32 * 2       # two prompt rows at 2x
+        assert im.size[1] == 2 * 32 * 2 + 16   # two prompt rows at 2x, the names above
     assert "base, lora" in (tmp_path / "grid.txt").read_text()
 
     # the command line on the same folder, a model against itself, a given classifier
