@@ -75,10 +75,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     d = c.dreambooth
     config_check("", check_bool, "dreambooth.enabled", d.enabled)
     if d.enabled:
-        for name in ("instance_prompt", "class_prompt"):
-            if not isinstance(d[name], str) or not d[name].strip():
-                raise ConfigError(f"dreambooth.{name} must be a non-empty prompt (DreamBooth "
-                                  "with prior preservation needs both)")
+        if not isinstance(d.instance_prompt, str):
+            raise ConfigError(f"dreambooth.instance_prompt must be a string (\"\": the images' "
+                              f"own captions), got {d.instance_prompt!r}")
+        if not isinstance(d.class_prompt, str) or not all(
+                isinstance(p, str) and p.strip() for p in d.class_prompts):
+            raise ConfigError("dreambooth.class_prompt must be a string and "
+                              "dreambooth.class_prompts non-empty strings")
+        if bool(d.class_prompt.strip()) == bool(d.class_prompts):
+            raise ConfigError("DreamBooth with prior preservation needs exactly one of "
+                              "dreambooth.class_prompt (one prompt) and dreambooth.class_prompts "
+                              "(several, in turn)")
         config_check("", check_int, "dreambooth.num_class_images", d.num_class_images, 1)
         config_check("", check_float, "dreambooth.prior_loss_weight", d.prior_loss_weight,
                      minimum=0.0)
@@ -104,14 +111,17 @@ def _load_model(model: str):
         raise ConfigError(f"--model: {e}") from None
 
 
-def _read_examples(config, sd, folder_path: str, caption: Optional[str], what: str):
-    """``(examples, captions)`` of an image folder: ``pixel_values`` and ``input_ids``."""
+def _read_examples(config, sd, folder_path: str, caption: Optional[str], what: str,
+                   caption_source: Optional[str] = None):
+    """``(examples, captions)`` of an image folder: ``pixel_values`` and ``input_ids``; every
+    image captioned ``caption`` when it is given (a non-empty string), else its own caption."""
     from jaxdiff.data import load_images, read_image_folder, tokenize_captions
 
     c = config.data
     resolution = c.resolution or sd.sample_size * sd.vae_scale_factor
     try:
-        folder = read_image_folder(folder_path, caption_source=c.caption_source, caption=caption,
+        folder = read_image_folder(folder_path, caption_source=caption_source or c.caption_source,
+                                   caption=caption or None,
                                    on_bad_image=c.on_bad_image)
         ids = tokenize_captions(sd.tokenizer, folder.captions, folder.files)
         images = load_images(folder, resolution, c.center_crop, seed=config.seed)
@@ -216,13 +226,16 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
     _refuse_other_runs(workdir, compat, shapes, make_optimizer(settings.optimizer)[0])
     class_examples = None
     if d.enabled:
-        made = generate_class_images(sd, d.class_prompt, class_dir, d.num_class_images,
+        class_prompts = list(d.class_prompts) or d.class_prompt
+        made = generate_class_images(sd, class_prompts, class_dir, d.num_class_images,
                                      seed=c.seed, batch_size=d.sample_batch_size,
                                      num_steps=d.num_inference_steps,
                                      guidance_scale=d.guidance_scale)
         extra["class_images"] = {"generated": made["generated"], "kept": made["kept"]}
-        class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt,
-                                           "dreambooth.class_data_dir")
+        # several class prompts: each image's own caption (its .txt); one: that prompt
+        class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt or None,
+                                           "dreambooth.class_data_dir",
+                                           caption_source="txt" if d.class_prompts else None)
     task = config_check(
         "", build_finetune_task, sd, cfg, examples, class_examples=class_examples,
         batch_size=t.batch_size, seed=c.seed,

@@ -19,6 +19,7 @@ from jaxdiff.finetune import (FinetuneConfig, Objective, PairedIterator, build_f
                               denoising_terms, generate_class_images, init_trainable,
                               make_finetune_loss, objective_weights, reduce_loss,
                               with_prior_flag)
+from experiments.cli import ConfigError
 from jaxdiff.data import BatchIterator
 from jaxdiff.sharding import make_mesh, replicate, shard_batch
 from jaxdiff.training import (IncompatibleCheckpointError, OptimizerConfig, TrainerSettings,
@@ -370,6 +371,12 @@ def test_dreambooth_class_images_and_batches(tiny, tmp_path):
     os.remove(made["paths"][1])                    # an interrupted run: the same image again
     redo = generate_class_images(sd, "a dog", folder, 3, seed=0, batch_size=2, num_steps=2)
     assert redo["generated"] == 1 and open(made["paths"][1], "rb").read() == first
+    several = str(tmp_path / "several")              # several class prompts, in turn
+    generate_class_images(sd, ["a dog", "a cat"], several, 3, seed=0, batch_size=3, num_steps=2)
+    assert [open(os.path.join(several, f"class_0000{i}.txt")).read().strip()
+            for i in range(3)] == ["a dog", "a cat", "a dog"]
+    with pytest.raises(ValueError, match="non-empty sequence of strings"):
+        generate_class_images(sd, [], several, 4)
     cfg = FinetuneConfig(mode="lora", rank=2,
                          objective=Objective(prior_loss_weight=0.5))
     task = build_finetune_task(sd, cfg, _examples(sd, 2), class_examples=_examples(sd, 3, 1),
@@ -448,7 +455,7 @@ def test_cli_dreambooth_generates_class_images_then_trains(tiny, tmp_path):
     summary = finetune_sd.main([
         "--model", model, "--data", data, "--workdir", work,
         "--config=" + finetune_sd.DEFAULT_CONFIG + ":dreambooth_lora",
-        "--config.dreambooth.instance_prompt=a sks dog", "--config.dreambooth.class_prompt=a dog",
+        "--config.dreambooth.class_prompts=('a dog', 'a cat')",   # the images' own captions
         "--config.dreambooth.num_class_images=2", "--config.dreambooth.num_inference_steps=2",
         "--config.training.num_steps=1", "--config.training.batch_size=1",
         "--config.validation.every=0", "--config.lora.rank=2", "--config.memory.cache=True",
@@ -457,3 +464,23 @@ def test_cli_dreambooth_generates_class_images_then_trains(tiny, tmp_path):
     assert sorted(os.listdir(os.path.join(work, "class_images"))) == [
         "class_00000.png", "class_00000.txt", "class_00001.png", "class_00001.txt"]
     assert json.load(open(os.path.join(work, "config.json")))["dreambooth"]["enabled"] is True
+    assert open(os.path.join(work, "class_images", "class_00001.txt")).read().strip() == "a cat"
+    with pytest.raises(ConfigError, match="exactly one of dreambooth.class_prompt"):
+        finetune_sd.main([
+            "--model", model, "--data", data, "--workdir", str(tmp_path / "db2"),
+            "--config=" + finetune_sd.DEFAULT_CONFIG + ":dreambooth_lora",
+            "--config.dreambooth.class_prompt=a dog", "--config.dreambooth.class_prompts=('a',)"])
+
+
+def test_rgb_images_meet_a_one_channel_vae():
+    from types import SimpleNamespace
+
+    from jaxdiff.finetune.loss import to_vae_channels
+
+    rgb = jnp.stack([jnp.full((1, 2, 2), v) for v in (0.1, 0.2, 0.6)], axis=-1)
+    grey = to_vae_channels(SimpleNamespace(in_channels=1), rgb)
+    assert grey.shape == (1, 2, 2, 1)
+    np.testing.assert_allclose(grey, 0.3, rtol=1e-6)
+    assert to_vae_channels(SimpleNamespace(in_channels=3), rgb) is rgb
+    with pytest.raises(ValueError, match="pixel_values have 3 channels; the VAE takes 4"):
+        to_vae_channels(SimpleNamespace(in_channels=4), rgb)

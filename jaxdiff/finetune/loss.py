@@ -30,12 +30,27 @@ from jaxdiff.pipelines.sd_program import embed_tokens
 __all__ = ["make_finetune_loss", "posterior_moments", "flip_images"]
 
 
+def to_vae_channels(vae_config, pixel_values: jax.Array) -> jax.Array:
+    """``pixel_values [B, R, R, c]`` with the VAE's ``in_channels``: RGB images (what
+    :mod:`jaxdiff.data` reads) for a one-channel VAE (the text-to-MNIST model) are averaged over
+    their channels (exact for grey images stored as RGB); otherwise unchanged.
+
+    Raises:
+      ValueError: any other channel mismatch, naming both.
+    """
+    want, got = vae_config.in_channels, pixel_values.shape[-1]
+    if got == want:
+        return pixel_values
+    if want == 1 and got == 3:
+        return jnp.mean(pixel_values, axis=-1, keepdims=True)
+    raise ValueError(f"pixel_values have {got} channels; the VAE takes {want}")
+
+
 def posterior_moments(vae_config, vae_params, pixel_values: jax.Array):
     """``(mean, std)`` ``[B, h, w, C]`` float32 of the VAE posterior of ``pixel_values [B, R, R,
-    3]`` in ``[-1, 1]``. Jittable."""
-    post = AutoencoderKL(vae_config).apply({"params": vae_params},
-                                           jnp.asarray(pixel_values, vae_config.dtype),
-                                           method="encode")
+    3]`` (or the VAE's own channel count: :func:`to_vae_channels`) in ``[-1, 1]``. Jittable."""
+    x = to_vae_channels(vae_config, jnp.asarray(pixel_values, vae_config.dtype))
+    post = AutoencoderKL(vae_config).apply({"params": vae_params}, x, method="encode")
     return post.mean.astype(jnp.float32), post.std.astype(jnp.float32)
 
 
