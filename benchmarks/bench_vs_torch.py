@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import statistics
-import threading
 import time
 
 import jax
@@ -43,8 +41,8 @@ import optax
 
 from jaxdiff.compile_options import cpu_compiler_options
 
-from benchmarks.common import (alternate, diffusers_twin, machine, sync, timed,
-                               torch_forward)
+from benchmarks.common import (alternate, diffusers_twin, machine, peak_rss_growth, sync,
+                               timed, torch_forward, xla_bytes)
 
 
 # --------------------------------------------------------------------------- models
@@ -66,30 +64,6 @@ def jaxdiff_config(which: str):
 # --------------------------------------------------------------------------- measuring
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_growth(fn) -> int:
-    """Peak resident-set growth over ``fn()`` (sampled every 2 ms), in bytes."""
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    sync(fn())
-    done.set()
-    th.join()
-    return max(peak[0], _rss_bytes()) - base
-
-
 def peak_cuda_growth(fn) -> int:
     """Peak growth of torch's CUDA allocations over ``fn()``, in bytes."""
     import torch
@@ -99,14 +73,6 @@ def peak_cuda_growth(fn) -> int:
     base = torch.cuda.memory_allocated()
     sync(fn())
     return torch.cuda.max_memory_allocated() - base
-
-
-def xla_bytes(compiled) -> float:
-    """XLA's own figure for a compiled computation: temporaries plus outputs, in bytes."""
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return float("nan")
-    return float(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0))
 
 
 def matmul_peak(n: int, device: str, reps: int = 5) -> tuple[float, float]:

@@ -11,12 +11,13 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 
 import jax
 
-__all__ = ["cpu_name", "machine", "sync", "timed", "alternate", "diffusers_twin",
-           "torch_forward"]
+__all__ = ["cpu_name", "machine", "sync", "timed", "alternate", "rss_bytes", "peak_rss_growth",
+           "xla_bytes", "diffusers_twin", "torch_forward"]
 
 
 def cpu_name() -> str:
@@ -68,6 +69,39 @@ def alternate(fns: dict, reps: int, warmup: int) -> dict:
         for k, f in fns.items():
             times[k].append(timed(f))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_bytes() -> int:
+    """This process's resident-set size, in bytes (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(fn) -> int:
+    """Peak resident-set growth over ``fn()`` (sampled every 2 ms), in bytes."""
+    base = rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    sync(fn())
+    done.set()
+    th.join()
+    return max(peak[0], rss_bytes()) - base
+
+
+def xla_bytes(compiled) -> float:
+    """XLA's own figure for a compiled computation: temporaries plus outputs, in bytes."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return float("nan")
+    return float(getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "output_size_in_bytes", 0))
 
 
 def diffusers_twin(cfg, seed: int = 0, sample_size: int = 28):
