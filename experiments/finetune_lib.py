@@ -47,6 +47,7 @@ def finetune_config(config: ml_collections.ConfigDict, prediction_type: str) -> 
         return FinetuneConfig(
             mode=c.mode, train_text_encoder=c.train_text_encoder, rank=c.lora.rank,
             alpha=c.lora.alpha, lora_feed_forward=c.lora.feed_forward,
+            lora_unet_targets=c.lora.unet_targets or None,
             compute_dtype=c.memory.compute_dtype, remat=c.memory.remat, cache=c.memory.cache,
             random_flip=c.data.random_flip, objective=objective)
     except ValueError as e:

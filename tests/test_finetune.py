@@ -484,3 +484,15 @@ def test_rgb_images_meet_a_one_channel_vae():
     assert to_vae_channels(SimpleNamespace(in_channels=3), rgb) is rgb
     with pytest.raises(ValueError, match="pixel_values have 3 channels; the VAE takes 4"):
         to_vae_channels(SimpleNamespace(in_channels=4), rgb)
+
+
+def test_lora_unet_targets_replace_the_attention_projections():
+    from jaxdiff.finetune import lora_patterns
+    from jaxdiff.lora import TEXT_ATTENTION, UNET_ATTENTION, UNET_FEED_FORWARD
+
+    kv = r"/attn2/(to_k|to_v)$"
+    assert lora_patterns(FinetuneConfig(lora_unet_targets=kv)) == {"unet": [kv]}
+    assert lora_patterns(FinetuneConfig(lora_feed_forward=True, train_text_encoder=True)) == {
+        "unet": [UNET_ATTENTION, UNET_FEED_FORWARD], "text_encoder": [TEXT_ATTENTION]}
+    with pytest.raises(ValueError, match="lora_unet_targets must be a non-empty"):
+        FinetuneConfig(lora_unet_targets="")

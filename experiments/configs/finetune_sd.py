@@ -30,6 +30,8 @@ def get_config(preset: str = "lora") -> ml_collections.ConfigDict:
     c.lora.rank = 4
     c.lora.alpha = config_dict.placeholder(float)   # None: alpha = rank (factor 1)
     c.lora.feed_forward = False          # also adapt the UNet's feed-forward layers
+    c.lora.unet_targets = ""             # regex of UNet layers instead of the attention
+                                         # projections, e.g. "/attn2/(to_k|to_v)$"
 
     c.data = ml_collections.ConfigDict()
     c.data.resolution = 0                # image side; 0: the model's default size

@@ -50,6 +50,10 @@ class FinetuneConfig:
         update is ``(alpha / r) * down @ up``.
       lora_feed_forward: also adapt the UNet's feed-forward layers
         (:data:`jaxdiff.lora.UNET_FEED_FORWARD`), besides its attention projections.
+      lora_unet_targets: a regular expression over UNet layer paths that replaces the attention
+        projections (:data:`jaxdiff.lora.UNET_ATTENTION`) as the UNet's targets, e.g.
+        ``r"/attn2/(to_k|to_v)$"`` for the cross-attention keys and values only (Custom
+        Diffusion's choice); None: the attention projections.
       compute_dtype: ``"float32"`` or ``"bfloat16"``: the models compute in it, the parameters
         (master weights), the optimizer and the loss stay float32.
       remat: gradient checkpointing of the UNet's blocks (``UNetConfig.remat``).
@@ -68,6 +72,7 @@ class FinetuneConfig:
     rank: int = 4
     alpha: Optional[float] = None
     lora_feed_forward: bool = False
+    lora_unet_targets: Optional[str] = None
     compute_dtype: str = "float32"
     remat: bool = False
     cache: bool = False
@@ -79,6 +84,10 @@ class FinetuneConfig:
         for name in ("train_text_encoder", "lora_feed_forward", "remat", "cache", "random_flip"):
             check_bool(name, getattr(self, name))
         check_int("rank", self.rank, 1)
+        if self.lora_unet_targets is not None and (not isinstance(self.lora_unet_targets, str)
+                                                   or not self.lora_unet_targets):
+            raise ValueError(f"lora_unet_targets must be a non-empty regular expression or None, "
+                             f"got {self.lora_unet_targets!r}")
         if self.alpha is not None:
             check_float("alpha", self.alpha, minimum=0.0, exclusive_minimum=True)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -99,7 +108,8 @@ class FinetuneConfig:
 def lora_patterns(cfg: FinetuneConfig) -> Dict[str, list]:
     """The LoRA targets per model: ``{"unet": [...], "text_encoder": [...]}`` (the latter only
     with ``train_text_encoder``)."""
-    out = {"unet": [UNET_ATTENTION] + ([UNET_FEED_FORWARD] if cfg.lora_feed_forward else [])}
+    out = {"unet": [cfg.lora_unet_targets or UNET_ATTENTION]
+            + ([UNET_FEED_FORWARD] if cfg.lora_feed_forward else [])}
     if cfg.train_text_encoder:
         out["text_encoder"] = [TEXT_ATTENTION]
     return out
