@@ -66,8 +66,10 @@ def test_quickstart_names_what_a_new_user_needs():
     the tests (CI's exact command and the fast tier), and a picture."""
     text = quickstart()
     progs = [argv[0] for argv in commands(text)]
-    assert progs == ["experiments.text_to_image", "experiments.train_mnist",
+    assert progs == ["experiments.text_to_image", "experiments.finetune_sd",
+                     "experiments.text_to_image", "experiments.train_mnist",
                      "experiments.sample"], progs
+    assert "--lora" in text and "metadata.jsonl" in text
     assert "pip install -e ." in text
     assert len(blocks(text, "python")) == 1
     for needle in ("--config.training.num_steps=", "--config=experiments/configs/mnist_smoke.py",
@@ -99,15 +101,24 @@ def test_quickstart_commands_run(tiny_sd, tmp_path, monkeypatch):
     write_fake_mnist(str(tmp_path / "mnist"), n_train=32, n_test=8)
     monkeypatch.setenv("JAXDIFF_MNIST_DIR", str(tmp_path / "mnist"))
     work = tmp_path / "clone"
-    work.mkdir()
+    (work / "my_images").mkdir(parents=True)
+    from PIL import Image
+
+    for i, caption in enumerate(["a red square", "a blue square"]):   # the user's image folder
+        Image.fromarray(np.full((40, 40, 3), 60 * i + 40, np.uint8)).save(
+            work / "my_images" / f"{i}.png")
+        (work / "my_images" / f"{i}.txt").write_text(caption)
     monkeypatch.chdir(work)
     for argv in commands(quickstart()):
         module, args = argv[0], [a.replace(PLACEHOLDER, tiny_sd) for a in argv[1:]]
         if module == "experiments.train_mnist" and not any(a.startswith("--config=")
                                                            for a in args):
             args.append(f"--config={SMOKE}")
+        if module == "experiments.finetune_sd":   # a few steps of the default LoRA
+            args += ["--config.training.num_steps=2", "--config.validation.every=0"]
         importlib.import_module(module).cli_main(args)  # what `python -m` runs; exit 2 raises
-    assert (work / "cat.png").is_file()
+    assert (work / "cat.png").is_file() and (work / "out.png").is_file()
+    assert (work / "runs" / "my_lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (work / "runs" / "mnist" / "checkpoints").is_dir()
     samples = np.load(work / "samples.npz")
     assert samples["images"].shape == (64, 28, 28, 1) and (work / "samples.png").is_file()
