@@ -39,11 +39,15 @@ FRAME = 32            # train_latent_mnist's data.pad_to: the model's image side
 MARGIN = 4            # the box's outer edge: MARGIN pixels inside the frame's edge
 WIDTH = 2             # the box's thickness in pixels
 CONCEPT_WORD = "boxed"
+# The new word comes after the digit, each prefix a training template of the text-to-MNIST
+# model: its text encoder attends causally, so the digit's tokens encode exactly as in the base
+# model's prompts and only the word and what follows carry the box. (With the word before the
+# digit, "a boxed two", the digit's own hidden state changes, and digits absent from the 20
+# images lose their shape: measured, docs/results.md.)
 CONCEPT_TEMPLATES = (
-    "a boxed {d}",
-    "the boxed digit {d}",
-    "a boxed handwritten {d}",
-    "boxed number {d}",
+    "{d} boxed",
+    "a handwritten {d} boxed",
+    "the digit {d} boxed",
 )
 DEFAULT_DIGITS = (3, 7)
 METADATA_FILE = "metadata.jsonl"

@@ -1,6 +1,6 @@
 r"""Write the DreamBooth dataset of the "boxed" concept (``experiments.boxed_concept``): MNIST
 digits with a white square outline drawn around them, an attribute no MNIST image has,
-captioned with the new word ("a boxed seven").
+captioned with the new word after the digit ("a handwritten seven boxed").
 
     python -m experiments.boxed_mnist --out runs/boxed_mnist
     python -m experiments.boxed_mnist --out runs/boxed_mnist --digits 3,7 --num_images 20 --seed 0
@@ -13,8 +13,8 @@ The images are 32x32 grayscale PNGs, the model's frame, with the box of
 ``experiments.boxed_concept`` (its docstring says why the box has the size and place it has):
 the first ``num_images`` training digits of the chosen classes in a permutation of the training
 set drawn from ``seed`` (balanced over the digits, round-robin), captioned from its
-``CONCEPT_TEMPLATES`` with the digit as its name or numeral (``"a boxed seven"``, ``"the
-boxed digit 7"``), drawn from ``seed`` too: the same arguments write the same bytes.
+``CONCEPT_TEMPLATES`` with the digit as its name or numeral (``"a handwritten seven boxed"``,
+``"the digit 7 boxed"``), drawn from ``seed`` too: the same arguments write the same bytes.
 
 An invalid argument prints one ``error: ...`` line and exits with status 2, before anything is
 written; the folder is written beside its final name and renamed into place.

@@ -4,7 +4,7 @@ text-to-MNIST model: the same prompts and seeds through a base model and a fine-
 
 Three prompt sets, ``N`` prompts each, digits balanced (``i % len(digits)``):
 
-- ``learnt``: concept prompts (``"a boxed seven"``) on the digits of the concept images;
+- ``learnt``: concept prompts (``"the digit seven boxed"``) on the digits of the concept images;
 - ``composition``: concept prompts on every other digit (never seen boxed);
 - ``prior``: plain prompts from the held-out templates (``experiments.mnist_prompts``), all
   ten digits: what the fine-tuning must not change.

@@ -67,8 +67,10 @@ def test_dataset_is_an_image_folder_of_boxed_digits_and_deterministic(tmp_path):
     assert sorted(digits) == sorted(list(boxed_concept.DEFAULT_DIGITS) * 10)
     for r, m in zip(recs, meta):
         d = r["digit"]
-        assert (m["text"].split()[-1] in (str(d), ["zero", "one", "two", "three", "four", "five",
-                                                   "six", "seven", "eight", "nine"][d]))
+        words = m["text"].split()                  # the digit, then the new word (causal text)
+        assert words[-1] == boxed_concept.CONCEPT_WORD
+        assert words[-2] in (str(d), ["zero", "one", "two", "three", "four", "five", "six",
+                                      "seven", "eight", "nine"][d])
     # 32x32 grayscale, the box drawn, the digit's own pixels kept
     px = np.stack([np.asarray(Image.open(folder / m["file_name"])) for m in meta])
     assert px.shape == (20, 32, 32) and px.dtype == np.uint8
