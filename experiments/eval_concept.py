@@ -3,7 +3,7 @@ r"""Evaluate a concept taught to the text-to-MNIST model ("boxed" digits,
 on the same prompts and seeds (``experiments.concept_eval``).
 
     python -m experiments.eval_concept --model runs/latent_mnist/diffusers \
-        --out_json concept_base.json --out_md concept_base.md
+        --out_json concept.json --out_md concept.md
     python -m experiments.eval_concept --model runs/latent_mnist/diffusers \
         --lora runs/boxed_lora/pytorch_lora_weights.safetensors:1.0 \
         --out_json concept_lora.json --out_md concept_lora.md --out_png concept_lora.png
