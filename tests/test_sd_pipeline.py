@@ -110,6 +110,7 @@ def test_load_errors(folder, tmp_path):
 
 
 def test_compiles_once_per_setting(sd, caplog):
+    PROGRAM_CACHE.clear()   # another test in this process may have compiled these settings
     lat = np.zeros((2, 16, 16, 4), np.float32)
 
     def compiles(**kw):
@@ -222,7 +223,9 @@ def _compiles(caplog, fn, **kw):
 
 def test_a_new_guidance_scale_compiles_nothing(sd, caplog):
     """Every w != 1 runs one program with w traced; w == 1 (the conditional model) is the only
-    other program. num_steps=3 is this test's own setting (nothing else compiled it)."""
+    other program. The cache is cleared first: another test in this process (the LoRA parity
+    tests run 3 steps too) may have compiled these settings."""
+    PROGRAM_CACHE.clear()
     kw = dict(prompt=["a cat"], negative_prompt=["dog"], num_steps=3, seed=0)
     before = PROGRAM_CACHE.stats()
     outs, counts = {}, {}
