@@ -34,6 +34,7 @@ def test_targets_choose_attention_and_feed_forward_layers():
         lora_layers(params, "(")
 
 
+@pytest.mark.slow   # two UNet applies, ~20 s on 2 cores
 def test_fresh_adapter_is_identity_and_delta_is_low_rank():
     cfg, params = _unet()
     lora = init_lora(params, UNET_ATTENTION, rank=2, key=jax.random.key(1))
