@@ -31,6 +31,7 @@ from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.sharding import make_mesh
 from jaxdiff.text import CLIPTokenizer
 from jaxdiff.text.bpe import save_clip_tokenizer, train_clip_bpe
+from jaxdiff.text.truncation import warn_truncated
 from jaxdiff.training import Checkpointer
 
 __all__ = ["LATENTS_FILE", "STATS_FILE", "vae_config", "vae_run_config", "vae_stage",
@@ -210,9 +211,12 @@ def text_config(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) -> 
 
 def prompt_ids_table(tokenizer: CLIPTokenizer, split: str = "train"):
     """``(table [10, T, 2, A, L] int32, empty [L] int32)``: the token ids of
-    :func:`experiments.mnist_prompts.prompt_table` and of the empty prompt."""
+    :func:`experiments.mnist_prompts.prompt_table` and of the empty prompt; a ``logging``
+    warning names each prompt that the tokenizer's ``max_length`` cuts
+    (:func:`jaxdiff.text.warn_truncated`)."""
     table = mnist_prompts.prompt_table(split)
     flat = [p for d in table for t in d for f in t for p in f]
     ids = tokenizer(flat).input_ids
+    warn_truncated(tokenizer, flat, name=f"{split} prompt")
     shape = (10, len(table[0]), len(table[0][0]), len(table[0][0][0]), ids.shape[-1])
     return ids.reshape(shape).astype(np.int32), tokenizer([""]).input_ids[0].astype(np.int32)

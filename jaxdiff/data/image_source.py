@@ -48,6 +48,7 @@ import numpy as np
 from jaxdiff.data.image_folder import ImageFolder
 from jaxdiff.data.image_transforms import default_threads, load_image, map_threads
 from jaxdiff.data.iterator import DataSource
+from jaxdiff.text.truncation import warn_truncated
 from jaxdiff.validation import check_bool, check_int
 
 __all__ = ["ImageFolderIterator", "image_folder_source", "tokenize_captions", "check_state"]
@@ -77,18 +78,11 @@ def tokenize_captions(tokenize: Callable, captions: Sequence[str],
                          f"captions, got {ids.dtype} {ids.shape}")
     tok = tokenize if hasattr(tokenize, "truncated_text") else getattr(tokenize, "__self__", None)
     if tok is not None and hasattr(tok, "truncated_text"):
-        seen = set()
-        for i, caption in enumerate(captions):
-            if caption in seen:
-                continue
-            seen.add(caption)
-            cut = tok.truncated_text(caption)
-            if cut:
-                shown = cut if len(cut) <= 300 else f"{cut[:300]} ... ({len(cut) - 300} more)"
-                name = files[i] if files is not None else f"captions[{i}]"
-                log.warning("the caption of %s is longer than the %d tokens the text encoder "
-                            "reads; this part was truncated: %r", name,
-                            tok.max_length - 2, shown)
+        def label(rows):
+            first = files[rows[0]] if files is not None else f"captions[{rows[0]}]"
+            more = f" (and {len(rows) - 1} more with the same ending)" if len(rows) > 1 else ""
+            return f"the caption of {first}{more}"
+        warn_truncated(tok, captions, label=label, logger=log)
     return ids.astype(np.int32)
 
 

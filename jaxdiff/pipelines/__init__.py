@@ -1,6 +1,8 @@
 """Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
 (text-to-image and image-to-image) as one jitted program per setting, cached by its static
-settings; write one back (``save_stable_diffusion``); LoRAs fused or unfused (``load_lora``)."""
+settings; write one back (``save_stable_diffusion``); LoRAs fused or unfused (``load_lora``);
+the settings a folder was measured with (``jaxdiff_generation.json``: ``GenerationDefaults``,
+``crop_images``)."""
 
 from jaxdiff.pipelines.export import (
     export_stable_diffusion,
@@ -8,6 +10,13 @@ from jaxdiff.pipelines.export import (
     save_tokenizer,
 )
 from jaxdiff.pipelines.checkpoint_files import LoadOptionError
+from jaxdiff.pipelines.generation_defaults import (
+    GENERATION_DEFAULTS_FILE,
+    GenerationDefaults,
+    crop_images,
+    read_generation_defaults,
+    write_generation_defaults,
+)
 from jaxdiff.pipelines.images import (
     check_output_path,
     load_image,
@@ -34,6 +43,8 @@ from jaxdiff.pipelines.stable_diffusion import (
 )
 
 __all__ = [
+    "GENERATION_DEFAULTS_FILE",
+    "GenerationDefaults",
     "MAX_IMAGE_SIDE",
     "PROGRAM_CACHE",
     "SUPPORTED_PIPELINES",
@@ -45,6 +56,7 @@ __all__ = [
     "check_output_path",
     "check_tokenizer",
     "choose_sampler",
+    "crop_images",
     "encode_prompt",
     "export_stable_diffusion",
     "fuse_lora",
@@ -53,6 +65,7 @@ __all__ = [
     "load_lora",
     "load_stable_diffusion",
     "prepare_image",
+    "read_generation_defaults",
     "save_images",
     "save_stable_diffusion",
     "save_tokenizer",
@@ -60,4 +73,5 @@ __all__ = [
     "to_uint8",
     "unload_loras",
     "with_sampler",
+    "write_generation_defaults",
 ]

@@ -15,6 +15,8 @@ or feature extractor (``requires_safety_checker: false``)::
     text_encoder/config.json  text_encoder/model.safetensors
     tokenizer/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     scheduler/scheduler_config.json
+    jaxdiff_generation.json   (with generation_defaults: the settings to generate with;
+                               diffusers ignores it; jaxdiff.pipelines.generation_defaults)
 
 Weights and configs come from :mod:`jaxdiff.convert.export_diffusers`, the scheduler from
 :func:`~jaxdiff.convert.export_scheduler.scheduler_to_diffusers`; nothing imports torch.
@@ -44,6 +46,11 @@ from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.pipelines.generation_defaults import (
+    GENERATION_DEFAULTS_FILE,
+    GenerationDefaults,
+    write_generation_defaults,
+)
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import Schedule
@@ -132,6 +139,7 @@ def save_stable_diffusion(
     schedule_kwargs: Mapping[str, Any] | None = None,
     scheduler_config: Mapping[str, Any] | None = None,
     image_size: int | None = None,
+    generation_defaults: GenerationDefaults | None = None,
     dtype: Any = np.float32,
 ) -> str:
     """Write a diffusers-format Stable Diffusion folder that
@@ -164,6 +172,10 @@ def save_stable_diffusion(
       image_size: the default image side in pixels (the UNet's ``sample_size`` times the VAE's
         downscale); default ``vae_config.sample_size``. diffusers' pipeline needs a multiple of
         8 (and of the downscale).
+      generation_defaults: the settings the model is meant to be sampled with (sampler, steps,
+        guidance, size, crop), written as ``jaxdiff_generation.json``
+        (:mod:`jaxdiff.pipelines.generation_defaults`); ``None`` writes none (and removes one
+        left in ``path`` by an earlier export).
       dtype: the weights' dtype on disk, ``float32`` (default) or ``float16``.
 
     Returns:
@@ -174,7 +186,9 @@ def save_stable_diffusion(
         vs ``hidden_size``, UNet channels vs ``latent_channels``, ``num_classes`` set, a
         tokenizer larger than the text model's vocabulary or context), an ``image_size`` that
         is not a multiple of 8 and of the VAE's downscale, ``clip_x0`` / ``steps_offset`` that
-        the pipeline would rewrite, and as the exporters (a config field or sampler option
+        the pipeline would rewrite, ``generation_defaults`` that are not a
+        :class:`~jaxdiff.pipelines.GenerationDefaults` or whose size is not a multiple of the
+        VAE's downscale, and as the exporters (a config field or sampler option
         diffusers cannot express, params that do not match their config).
     """
     if not isinstance(unet_config, UNetConfig):
@@ -218,6 +232,14 @@ def save_stable_diffusion(
                          f"StableDiffusionPipeline requires it) and of the VAE's downscale {f}"
                          + ("; it defaults to vae_config.sample_size" if image_size is None
                             else ""))
+    if generation_defaults is not None:
+        if not isinstance(generation_defaults, GenerationDefaults):
+            raise ValueError(f"generation_defaults must be a GenerationDefaults or None, got "
+                             f"{type(generation_defaults).__name__}")
+        g = generation_defaults
+        if g.height is not None and (g.height % f or g.width % f):
+            raise ValueError(f"generation_defaults: height x width = {g.height}x{g.width} must "
+                             f"be multiples of the VAE's downscale {f}")
     if scheduler_config is not None:
         scheduler_config = dict(scheduler_config)
         sampler_from_diffusers_config(scheduler_config)  # raises naming what jaxdiff lacks
@@ -258,6 +280,10 @@ def save_stable_diffusion(
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     })
+    if generation_defaults is not None:
+        write_generation_defaults(root, generation_defaults)
+    elif os.path.isfile(os.path.join(root, GENERATION_DEFAULTS_FILE)):
+        os.remove(os.path.join(root, GENERATION_DEFAULTS_FILE))
     return root
 
 
@@ -267,8 +293,9 @@ def export_stable_diffusion(
     """:func:`save_stable_diffusion` of an in-memory (or loaded)
     :class:`~jaxdiff.pipelines.StableDiffusion`: its params, configs and tokenizer, its
     ``scheduler_config`` as the folder's scheduler (``sd.sampler`` is not written: diffusers
-    samples with the scheduler config's class), and ``sd.sample_size * sd.vae_scale_factor`` as
-    the image size. Returns ``path``.
+    samples with the scheduler config's class), ``sd.sample_size * sd.vae_scale_factor`` as
+    the image size, and ``sd.generation_defaults`` (if any) as ``jaxdiff_generation.json``: a
+    loaded folder exported again keeps its defaults. Returns ``path``.
 
     Raises:
       ValueError: as :func:`save_stable_diffusion`; naming ``sd.scheduler_config`` when it
@@ -291,4 +318,5 @@ def export_stable_diffusion(
         vae_params=sd.params["vae"], vae_config=sd.vae_config,
         text_params=sd.params["text_encoder"], text_config=sd.text_config,
         tokenizer=sd.tokenizer, scheduler_config=sd.scheduler_config,
-        image_size=sd.sample_size * sd.vae_scale_factor, dtype=dtype)
+        image_size=sd.sample_size * sd.vae_scale_factor,
+        generation_defaults=sd.generation_defaults, dtype=dtype)

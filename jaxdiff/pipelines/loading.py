@@ -8,6 +8,7 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes (and what 
     text_encoder/config.json  text_encoder/model[.fp16].safetensors (or pytorch_model[.fp16].bin)
     tokenizer/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     scheduler/scheduler_config.json
+    jaxdiff_generation.json   (optional: the settings it was measured with; diffusers ignores it)
 
 Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load; SDXL (a
 ``text_encoder_2`` in ``model_index.json``, or a UNet with ``addition_embed_type="text_time"``) is
@@ -50,6 +51,7 @@ from jaxdiff.pipelines.checkpoint_files import (
     read_config,
     read_weights,
 )
+from jaxdiff.pipelines.generation_defaults import GenerationDefaults, read_generation_defaults
 from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
 from jaxdiff.samplers.registry import Sampler, get_sampler, sampler_spec
 from jaxdiff.schedules import Schedule
@@ -89,6 +91,11 @@ class StableDiffusion:
         ``{"unet": .., "text_encoder": ..}`` (:mod:`jaxdiff.lora`) with its float32 scale, merged
         into the parameters inside the generation program (:func:`jaxdiff.pipelines.load_lora`);
         empty by default.
+      generation_defaults: the settings the folder was measured with (its
+        ``jaxdiff_generation.json``: sampler, steps, guidance, size, crop;
+        :mod:`jaxdiff.pipelines.generation_defaults`), or ``None``. Informative:
+        :func:`~jaxdiff.pipelines.generate` does not read them (pass them as its arguments);
+        :func:`~jaxdiff.pipelines.export_stable_diffusion` writes them back.
 
     Only ``params`` and ``loras`` are pytree nodes: ``jax.tree.map(f, sd)`` maps the parameters
     (and the unfused LoRAs) and keeps the rest. The compiled generation programs are not part of
@@ -106,6 +113,8 @@ class StableDiffusion:
     scheduler_config: Mapping[str, Any] = struct.field(pytree_node=False)
     sample_size: int = struct.field(pytree_node=False, default=64)
     loras: tuple = ()
+    generation_defaults: GenerationDefaults | None = struct.field(pytree_node=False,
+                                                                  default=None)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -153,7 +162,9 @@ def load_stable_diffusion(
       sampler_options: options for ``sampler`` (see :func:`jaxdiff.samplers.sampler_options`).
 
     Returns:
-      A :class:`StableDiffusion`.
+      A :class:`StableDiffusion`; its ``generation_defaults`` are the folder's
+      ``jaxdiff_generation.json`` (:func:`~jaxdiff.pipelines.read_generation_defaults`), or
+      ``None``. They choose nothing here: ``sampler`` is the folder's scheduler unless given.
 
     Raises:
       LoadOptionError: (a ``ValueError``) a folder that needs ``sampler`` (its scheduler has no
@@ -161,8 +172,9 @@ def load_stable_diffusion(
       ValueError: naming the file or option: a missing ``model_index.json`` / part folder /
         config / weights file, a sharded index naming a file outside its folder, an unsupported
         class (SDXL, a non-CLIP text encoder, ...), an unsupported config option, weights that
-        do not match their config, or a tokenizer that does not fit the text encoder
-        (:func:`check_tokenizer`).
+        do not match their config, a tokenizer that does not fit the text encoder
+        (:func:`check_tokenizer`), or a ``jaxdiff_generation.json`` with an unknown key or a
+        bad value.
     """
     root = os.fspath(path)
     if not os.path.isdir(root):
@@ -176,6 +188,7 @@ def load_stable_diffusion(
         raise ValueError(f"variant must be None or a name of letters, digits and _ (e.g. 'fp16'), "
                          f"got {variant!r}")
     index = read_config(os.path.join(root, "model_index.json"), "model_index.json")
+    generation_defaults = read_generation_defaults(root)
     cls = index.get("_class_name")
     if "text_encoder_2" in index or "XL" in str(cls):
         raise ValueError(f"model_index.json: {_SDXL} (it names {cls!r} / text_encoder_2)")
@@ -261,6 +274,7 @@ def load_stable_diffusion(
         params=params, unet_config=unet_config, vae_config=vae_config, text_config=text_config,
         tokenizer=tokenizer, schedule=schedule, sampler=chosen, scheduler_config=sched_raw,
         sample_size=int(unet_raw.get("sample_size", 64)),
+        generation_defaults=generation_defaults,
     )
 
 

@@ -51,6 +51,7 @@ from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_progra
 from jaxdiff.samplers.img2img import check_strength, img2img_key
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
+from jaxdiff.text.truncation import warn_truncated
 from jaxdiff.validation import check_float, check_int
 
 __all__ = ["MAX_IMAGE_SIDE", "StableDiffusionOutput", "encode_prompt", "generate"]
@@ -121,18 +122,7 @@ def _tokens(sd: StableDiffusion, prompts: Sequence[str], name: str) -> np.ndarra
         if not isinstance(p, str):
             raise ValueError(f"{name}[{i}] must be a str, got {type(p).__name__}")
     tok = sd.tokenizer(list(prompts), padding="max_length", truncation=True)
-    cut: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        dropped = sd.tokenizer.truncated_text(p)
-        if dropped:
-            cut.setdefault(dropped, []).append(i)
-    for dropped, rows in cut.items():
-        which = name if len(prompts) == 1 else f"{name}{rows}"
-        shown = dropped if len(dropped) <= 300 else f"{dropped[:300]} ... ({len(dropped) - 300} " \
-            "more characters)"
-        log.warning("%s is longer than the %d tokens the text encoder reads (%d with BOS and "
-                    "EOS); this part was truncated: %r", which, sd.tokenizer.max_length - 2,
-                    sd.tokenizer.max_length, shown)
+    warn_truncated(sd.tokenizer, prompts, name=name, logger=log)
     ids = tok.input_ids
     if ids.size and int(ids.max()) >= sd.text_config.vocab_size:
         raise ValueError(f"{name}: token id {int(ids.max())} is beyond the text encoder's "
