@@ -1,7 +1,8 @@
 """The latent model as a Stable Diffusion pipeline: its diffusers scheduler config and sampler,
 the in-memory :class:`~jaxdiff.pipelines.StableDiffusion` of a run (sampled by
 :func:`jaxdiff.pipelines.generate`: the same program that runs an exported diffusers folder),
-prompt grids, and the export as a diffusers folder.
+prompt grids, and the export as a diffusers folder with the run's generation settings
+(``jaxdiff_generation.json``: :func:`generation_defaults`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from jaxdiff.convert.diffusers_scheduler import (sampler_from_diffusers_config,
                                                  schedule_from_diffusers_config)
 from jaxdiff.models import UNetConfig
 from jaxdiff.models.clip_text_config import CLIPTextConfig
-from jaxdiff.pipelines import StableDiffusion, choose_sampler, generate
+from jaxdiff.pipelines import GenerationDefaults, StableDiffusion, choose_sampler, generate
 from jaxdiff.text import CLIPTokenizer
 
-__all__ = ["DIFFUSERS_DIR", "scheduler_config", "make_sampler", "make_pipeline", "sample",
-           "save_prompt_grid", "export"]
+__all__ = ["DIFFUSERS_DIR", "MNIST_SIDE", "scheduler_config", "make_sampler",
+           "generation_defaults", "make_pipeline", "sample", "save_prompt_grid", "export"]
 
 DIFFUSERS_DIR = "diffusers"
+MNIST_SIDE = 28   # the images' side before padding to data.pad_to
 
 
 def scheduler_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -44,11 +46,24 @@ def make_sampler(config: ml_collections.ConfigDict):
     return config_check("", choose_sampler, config.sampling.sampler, None, sched)
 
 
+def generation_defaults(config: ml_collections.ConfigDict) -> GenerationDefaults:
+    """The settings the run samples and is evaluated with, for its exported folder's
+    ``jaxdiff_generation.json``: ``sampling.sampler`` (:func:`make_sampler`), ``sampling.
+    num_steps``, ``sampling.guidance_scale``, the generated size ``data.pad_to`` squared, and the
+    crop that undoes the padding (the centred ``28 x 28``, as
+    :func:`experiments.latent_data.crop_images`)."""
+    s, size = config.sampling, int(config.data.pad_to)
+    lo = (size - MNIST_SIDE) // 2
+    return GenerationDefaults.from_sampler(
+        make_sampler(config), num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale),
+        height=size, width=size, crop=(lo, lo, MNIST_SIDE, MNIST_SIDE))
+
+
 def make_pipeline(config, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg,
                   tokenizer: CLIPTokenizer, params: dict, vae_params) -> StableDiffusion:
     """An in-memory :class:`~jaxdiff.pipelines.StableDiffusion` of the run: ``params`` (``{"unet",
     "text_encoder"}``) with the frozen VAE's, the run's scheduler config, its sampler
-    (``sampling.sampler``) and latent size ``data.pad_to / f``."""
+    (``sampling.sampler``), latent size ``data.pad_to / f`` and :func:`generation_defaults`."""
     sched = scheduler_config(config)
     f = 2 ** (len(vae_cfg.block_channels) - 1)
     return StableDiffusion(
@@ -56,7 +71,8 @@ def make_pipeline(config, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cf
                 "vae": vae_params},
         unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg, tokenizer=tokenizer,
         schedule=schedule_from_diffusers_config(sched), sampler=make_sampler(config),
-        scheduler_config=sched, sample_size=int(config.data.pad_to) // f)
+        scheduler_config=sched, sample_size=int(config.data.pad_to) // f,
+        generation_defaults=generation_defaults(config))
 
 
 def sample(sd: StableDiffusion, prompts: Sequence[str], key: jax.Array, *, num_steps: int,
@@ -108,7 +124,9 @@ def export(sd: StableDiffusion, path: str) -> str:
     """Writes the run (``sd``: :func:`make_pipeline` with the EMA params) as a diffusers Stable
     Diffusion folder (:func:`jaxdiff.pipelines.export_stable_diffusion`) that
     ``python -m experiments.text_to_image --model PATH`` and diffusers'
-    ``StableDiffusionPipeline.from_pretrained`` load. Returns ``path``."""
+    ``StableDiffusionPipeline.from_pretrained`` load, with ``sd.generation_defaults`` (the run's
+    sampler, steps, guidance, size and 28x28 crop) as its ``jaxdiff_generation.json``, which
+    ``text_to_image`` uses. Returns ``path``."""
     from jaxdiff.pipelines.export import export_stable_diffusion
 
     export_stable_diffusion(sd, path)

@@ -12,7 +12,15 @@ jitted program.
         --lora subject.safetensors --out out.png
 
 Writes ``out`` (one image, or ``<stem>_<i>.<ext>`` for several; the format follows the
-extension). Logs a line before the compile and one after the generation. Every user error (a
+extension).
+
+A folder that jaxdiff exported may carry the settings it was measured with, in
+``jaxdiff_generation.json`` (:mod:`jaxdiff.pipelines.generation_defaults`): its sampler (with
+options), steps, guidance scale, image size and crop. Each of ``--sampler``, ``--steps``,
+``--guidance_scale``, ``--height`` and ``--width`` that is not given takes the folder's value
+(over the flag's default), and one log line names those that came from the file. A recorded
+``crop`` (the text-to-MNIST folder's 28x28 centre of its 32x32 images) is applied to the images
+written when they have the recorded size (``--nocrop``: write the whole image). Logs a line before the compile and one after the generation. Every user error (a
 flag, the model folder, the init image, the output path, a size that does not fit in memory)
 is one ``error: ...`` line naming the flag or file, exit status 2, and everything that can be
 checked before the work starts is checked first.
@@ -48,8 +56,9 @@ from jaxdiff.pipelines.stable_diffusion import MAX_IMAGE_SIDE
 from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.text_to_image"
+log = logging.getLogger(__name__)
 
-__all__ = ["main", "cli_main", "parse_lora_flag"]
+__all__ = ["main", "cli_main", "parse_lora_flag", "folder_settings"]
 
 
 def _define(fv: flags.FlagValues, argv: list) -> None:
@@ -60,10 +69,12 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("negative_prompt", None, "the negative prompt, the unconditional branch "
                         "of guidance (default: \"\")", flag_values=fv)
     flags.DEFINE_integer("num_images", 1, "images for the prompt", flag_values=fv)
-    flags.DEFINE_integer("steps", 30, "sampling steps", flag_values=fv)
+    flags.DEFINE_integer("steps", 30, "sampling steps (default: the folder's "
+                         "jaxdiff_generation.json, else 30)", flag_values=fv)
     flags.DEFINE_float("guidance_scale", 7.5, "guidance w: the UNet predicts uncond + w * (cond "
                        "- uncond); 1: the prompt alone, 0: the negative prompt alone, > 1: "
-                       "classifier-free guidance (any finite w)", flag_values=fv)
+                       "classifier-free guidance (any finite w; default: the folder's "
+                       "jaxdiff_generation.json, else 7.5)", flag_values=fv)
     flags.DEFINE_float("guidance_rescale", 0.0, "guidance rescale phi in [0, 1]", flag_values=fv)
     flags.DEFINE_integer("height", None, "image height (multiple of 8; default: the model's, or "
                          "--init_image's rounded down to a multiple of 8)", flag_values=fv)
@@ -73,7 +84,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                          "(a bound against typos)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed", flag_values=fv)
     flags.DEFINE_enum("sampler", None, list(sampler_names()),
-                      "sampler (default: the folder's scheduler)", flag_values=fv)
+                      "sampler (default: the folder's jaxdiff_generation.json, else its "
+                      "scheduler)", flag_values=fv)
     flags.DEFINE_multi_string("option", [], "a sampler option as key=value (with --sampler)",
                               flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (the VAE "
@@ -90,6 +102,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                               "peft or kohya format; SCALE default 1)", flag_values=fv)
     flags.DEFINE_bool("fuse_lora", False, "merge the --lora files into the weights once "
                       "instead of inside the generation program", flag_values=fv)
+    flags.DEFINE_bool("crop", True, "apply the folder's recorded crop (jaxdiff_generation.json) "
+                      "to the images written, when they have the recorded size; --nocrop "
+                      "writes the whole image", flag_values=fv)
     flags.DEFINE_string("out", "out.png", "output image (.png, .jpg, .webp, ...; several "
                         "images: <stem>_<i>.<ext>)", flag_values=fv)
 
@@ -120,6 +135,39 @@ def parse_lora_flag(value: str) -> tuple[str, float]:
     return path, scale
 
 
+def _check_negative_prompt(fv: flags.FlagValues, guidance_scale: float) -> None:
+    if fv.negative_prompt is not None and guidance_scale == 1.0:
+        raise ConfigError("--negative_prompt has no effect with --guidance_scale 1 (the prompt "
+                          "alone); use another scale, e.g. 7.5")
+
+
+def folder_settings(fv: flags.FlagValues, defaults) -> tuple[dict, str]:
+    """The generation settings: each flag's value where the user gave it (``fv[name].present``),
+    else the folder's :class:`~jaxdiff.pipelines.GenerationDefaults` (``None``: none), else the
+    flag's default. Returns ``({"sampler", "sampler_options", "steps", "guidance_scale",
+    "height", "width"}, log line)``; the log line names the settings taken from the folder
+    (``""`` when none were)."""
+    out = dict(sampler=fv.sampler, sampler_options=cli.parse_sampler_options(fv.option),
+               steps=fv.steps, guidance_scale=fv.guidance_scale, height=fv.height,
+               width=fv.width)
+    if defaults is None:
+        return out, ""
+    used = []
+    if defaults.sampler is not None and not fv["sampler"].present:
+        out.update(sampler=defaults.sampler, sampler_options=dict(defaults.sampler_options))
+        used.append(f"--sampler {defaults.sampler}")
+    for flag, value in (("steps", defaults.num_steps), ("guidance_scale", defaults.guidance_scale)):
+        if value is not None and not fv[flag].present:
+            out[flag] = value
+            used.append(f"--{flag} {value:g}")
+    if defaults.height is not None and not fv.init_image:
+        for flag in ("height", "width"):
+            if not fv[flag].present:
+                out[flag] = getattr(defaults, flag)
+                used.append(f"--{flag} {out[flag]}")
+    return out, ", ".join(used)
+
+
 def _check_flags(fv: flags.FlagValues) -> None:
     """The checks that need no model: every one raises :class:`ConfigError` naming the flag."""
     if not fv.model:
@@ -136,9 +184,7 @@ def _check_flags(fv: flags.FlagValues) -> None:
         raise ConfigError("--strength needs --init_image (it is the image-to-image strength)")
     if not math.isfinite(fv.guidance_scale):
         raise ConfigError(f"--guidance_scale must be a finite number, got {fv.guidance_scale}")
-    if fv.negative_prompt is not None and fv.guidance_scale == 1.0:
-        raise ConfigError("--negative_prompt has no effect with --guidance_scale 1 (the prompt "
-                          "alone); use another scale, e.g. 7.5")
+    _check_negative_prompt(fv, fv.guidance_scale)
     if fv.max_image_side < 8:
         raise ConfigError(f"--max_image_side must be >= 8, got {fv.max_image_side}")
     for name in ("height", "width"):
@@ -163,7 +209,7 @@ def _check_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     """Parses ``argv`` (without the program name), generates, writes the image(s); returns the
-    uint8 images ``[N, H, W, 3]``. Everything that can be checked before the work (flags, the
+    uint8 images written ``[N, H, W, 3]`` (cropped when the folder records a crop). Everything that can be checked before the work (flags, the
     output path, the init image) is checked first.
 
     Raises:
@@ -171,12 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         generation setting, or a generation that does not fit in memory.
     """
     from jaxdiff.pipelines import (
+        GENERATION_DEFAULTS_FILE,
         LoadOptionError,
+        crop_images,
         fuse_lora,
         generate,
         load_image,
         load_lora,
         load_stable_diffusion,
+        read_generation_defaults,
         save_images,
     )
 
@@ -186,13 +235,22 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     logging.getLogger("jaxdiff.pipelines.stable_diffusion").setLevel(logging.INFO)
     dtype = jnp.bfloat16 if fv.dtype == "bfloat16" else jnp.float32
     try:
+        defaults = read_generation_defaults(fv.model) if os.path.isdir(fv.model) else None
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    settings, from_folder = folder_settings(fv, defaults)
+    _check_negative_prompt(fv, settings["guidance_scale"])
+    if from_folder:
+        log.info("from %s: %s (flags given override them)",
+                 os.path.join(fv.model, GENERATION_DEFAULTS_FILE), from_folder)
+    try:
         image = None
         if fv.init_image:
             image = load_image(fv.init_image, height=fv.height, width=fv.width,
                                name="--init_image")
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
-                                   sampler=fv.sampler,
-                                   sampler_options=cli.parse_sampler_options(fv.option))
+                                   sampler=settings["sampler"],
+                                   sampler_options=settings["sampler_options"] or None)
         for value in fv.lora:
             path, scale = parse_lora_flag(value)
             try:
@@ -201,15 +259,16 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
                 raise ConfigError(f"--lora {value!r}: {e}") from None
         if fv.fuse_lora:
             sd = fuse_lora(sd)
-        if fv.steps > sd.schedule.num_timesteps:
+        steps, w = settings["steps"], settings["guidance_scale"]
+        if steps > sd.schedule.num_timesteps:
             raise ConfigError(f"--steps must be <= {sd.schedule.num_timesteps} (the scheduler's "
-                              f"num_train_timesteps), got {fv.steps}")
+                              f"num_train_timesteps), got {steps}")
         prompts = [fv.prompt] * fv.num_images
         negatives = None if fv.negative_prompt is None else [fv.negative_prompt] * fv.num_images
-        out = generate(sd, prompts, negatives, num_steps=fv.steps,
-                       guidance_scale=fv.guidance_scale, guidance_rescale=fv.guidance_rescale,
-                       height=None if image is not None else fv.height,
-                       width=None if image is not None else fv.width, seed=fv.seed,
+        out = generate(sd, prompts, negatives, num_steps=steps,
+                       guidance_scale=w, guidance_rescale=fv.guidance_rescale,
+                       height=None if image is not None else settings["height"],
+                       width=None if image is not None else settings["width"], seed=fv.seed,
                        image=image, strength=fv.strength, clip_skip=fv.clip_skip,
                        max_image_side=fv.max_image_side)
     except LoadOptionError as e:
@@ -224,13 +283,23 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         raise ConfigError(f"out of memory generating {fv.num_images} image(s) of this size on "
                           f"{jax.devices()[0].platform}: lower --height / --width / --num_images"
                           f" or use --dtype bfloat16 ({str(e).splitlines()[0]})") from None
+    images, cropped = out.images, ""
+    crop = defaults.crop if defaults is not None else None
+    if crop is not None and fv.crop:
+        if images.shape[1:3] == (defaults.height, defaults.width):
+            images = crop_images(images, crop)
+            cropped = f", cropped to {crop[2]}x{crop[3]} at ({crop[0]}, {crop[1]}) as " \
+                f"{GENERATION_DEFAULTS_FILE} says (--nocrop: the whole image)"
+        else:
+            log.info("the folder's crop is for %dx%d images, not applied to %dx%d",
+                     defaults.height, defaults.width, *images.shape[1:3])
     try:
-        paths = save_images(out.images, fv.out)
+        paths = save_images(images, fv.out)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--out {fv.out!r}: cannot write the image ({e})") from None
     print(f"wrote {', '.join(paths)} ({len(paths)} image(s), {sd.sampler.name}, "
-          f"{fv.steps} steps, guidance {fv.guidance_scale:g})")
-    return out.images
+          f"{steps} steps, guidance {w:g}{cropped})")
+    return images
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> None:
