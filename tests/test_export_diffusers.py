@@ -34,10 +34,14 @@ from jaxdiff.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig  # no
 from jaxdiff.models.autoencoder import autoencoder_param_shapes  # noqa: E402
 from jaxdiff.models.clip_text import clip_text_param_shapes  # noqa: E402
 from jaxdiff.models.unet import unet_param_shapes  # noqa: E402
+from jaxdiff.finetune import FinetuneConfig, export_finetuned  # noqa: E402
 from jaxdiff.pipelines import (  # noqa: E402
+    GENERATION_DEFAULTS_FILE,
+    GenerationDefaults,
     StableDiffusion,
     export_stable_diffusion,
     load_stable_diffusion,
+    read_generation_defaults,
     save_stable_diffusion,
 )
 from jaxdiff.pipelines.tiny import write_tiny_tokenizer  # noqa: E402
@@ -163,6 +167,33 @@ def test_export_an_in_memory_stable_diffusion(parts, tmp_path):
     assert _equal_trees(back.params, sd.params)
     assert back.scheduler_config == config  # written as it is
     assert back.sample_size == 8 and back.sampler == sd.sampler
+
+
+@pytest.mark.slow
+def test_generation_defaults_travel_with_the_folder(parts, tmp_path):
+    """Written by save_stable_diffusion, read into sd.generation_defaults, written back by
+    export_stable_diffusion and by a full fine-tune's export; an export without them leaves no
+    stale file behind."""
+    d = GenerationDefaults.from_sampler(get_sampler("ddim", steps_offset=1), num_steps=25,
+                                        guidance_scale=3.0, height=32, width=32,
+                                        crop=(2, 2, 28, 28))
+    path = save_stable_diffusion(str(tmp_path / "a"), **parts, generation_defaults=d)
+    sd = load_stable_diffusion(path)
+    assert sd.generation_defaults == d
+    again = export_stable_diffusion(sd, str(tmp_path / "b"))
+    assert read_generation_defaults(again) == d
+    out = export_finetuned(str(tmp_path / "run"), sd, FinetuneConfig(mode="full"),
+                           {"unet": sd.params["unet"]})
+    assert read_generation_defaults(out["diffusers"]) == d
+    save_stable_diffusion(again, **parts)
+    assert not os.path.exists(os.path.join(again, GENERATION_DEFAULTS_FILE))
+    assert load_stable_diffusion(again).generation_defaults is None
+    with pytest.raises(ValueError, match="generation_defaults must be a GenerationDefaults"):
+        save_stable_diffusion(str(tmp_path / "c"), **parts, generation_defaults={"num_steps": 3})
+    with open(os.path.join(path, GENERATION_DEFAULTS_FILE), "w") as f:
+        json.dump({"num_steps": 25, "guidance": 3}, f)
+    with pytest.raises(ValueError, match="jaxdiff_generation.json: unknown key 'guidance'"):
+        load_stable_diffusion(path)
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ tests/test_export_diffusers.py's ``tiny_parts``) is written with ``save_stable_d
 by ``diffusers.StableDiffusionPipeline.from_pretrained`` and run in torch from the same initial
 latents, 3 DDIM steps (cosine schedule) with classifier-free guidance; its images are compared
 with jaxdiff's own ``generate`` on the in-memory params (a :class:`StableDiffusion` built by
-hand, not loaded from the folder), float32.
+hand, not loaded from the folder), float32. The folder carries a ``jaxdiff_generation.json``
+(jaxdiff's generation defaults), which diffusers must ignore.
 
 Tolerance: images (in [0, 1]) within ``tolerances.image_atol`` of the latents' bound
 ``tolerances.pipeline_rtol`` (float32 networks per UNet call, weighted by the guidance).
@@ -19,7 +20,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from jaxdiff.pipelines import StableDiffusion, generate, save_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines import (  # noqa: E402
+    GENERATION_DEFAULTS_FILE,
+    GenerationDefaults,
+    StableDiffusion,
+    generate,
+    save_stable_diffusion,
+)
 from jaxdiff.samplers import get_sampler  # noqa: E402
 from jaxdiff.schedules import make_schedule  # noqa: E402
 from tests.parity.tolerances import (  # noqa: E402
@@ -51,9 +58,13 @@ def parts(tmp_path_factory):
 
 
 def test_exported_folder_runs_in_diffusers_as_in_jaxdiff(parts, tmp_path):
+    defaults = GenerationDefaults.from_sampler(SAMPLER, num_steps=3, guidance_scale=5.0,
+                                               height=32, width=32, crop=(2, 2, 28, 28))
     path = save_stable_diffusion(str(tmp_path / "sd"), **parts, sampler=SAMPLER,
-                                 schedule=SCHEDULE, num_timesteps=1000)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
+                                 schedule=SCHEDULE, num_timesteps=1000,
+                                 generation_defaults=defaults)
+    assert (tmp_path / "sd" / GENERATION_DEFAULTS_FILE).is_file()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)   # ignores the file
     pipe.set_progress_bar_config(disable=True)
     assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DDIMScheduler"
     ids = pipe.tokenizer(PROMPTS + NEGATIVES, padding="max_length",
