@@ -6,6 +6,7 @@ written by diffusers (``jaxdiff.pipelines.tiny``)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -120,3 +121,54 @@ def test_empty_prompt_and_an_init_image_of_any_size(folder, tmp_path):
                                  "--init_image", src, "--strength", "0.5", "--out", out])
     assert images.shape == (1, 32, 96, 3)   # 37x100 rounded down to multiples of 8, as diffusers
     assert Image.open(out).size == (96, 32) and Image.open(out).format == "WEBP"
+
+
+@pytest.fixture(scope="module")
+def with_defaults(folder, tmp_path_factory):
+    """The tiny folder with a jaxdiff_generation.json: euler, 2 steps, guidance 1.5, 32x32, the
+    crop (4, 0, 16, 32)."""
+    path = str(tmp_path_factory.mktemp("with_defaults") / "sd")
+    shutil.copytree(folder, path)
+    jaxdiff.pipelines.write_generation_defaults(path, jaxdiff.pipelines.GenerationDefaults(
+        sampler="euler", num_steps=2, guidance_scale=1.5, height=32, width=32,
+        crop=(4, 0, 16, 32)))
+    return path
+
+
+def test_the_folder_defaults_fill_the_flags_not_given_and_crop(with_defaults, tmp_path, capsys,
+                                                               caplog):
+    out = str(tmp_path / "o.png")
+    base = ["--model", with_defaults, "--prompt", "a cat", "--out", out]
+    with caplog.at_level(logging.INFO, logger="experiments.text_to_image"):
+        images = text_to_image.main(base)
+    said = [r.getMessage() for r in caplog.records if "jaxdiff_generation.json" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(
+        "jaxdiff_generation.json: --sampler euler, --steps 2, --guidance_scale 1.5, --height 32, "
+        "--width 32 (flags given override them)"), said
+    printed = capsys.readouterr().out
+    assert "euler, 2 steps, guidance 1.5, cropped to 16x32 at (4, 0)" in printed, printed
+    assert images.shape == (1, 16, 32, 3) and Image.open(out).size == (32, 16)
+    whole = text_to_image.main(base + ["--nocrop"])
+    np.testing.assert_array_equal(whole[:, 4:20], images)     # the same image, cropped
+    # flags given win, and only the others come from the folder
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="experiments.text_to_image"):
+        other = text_to_image.main(base + ["--sampler", "ddim", "--steps", "3", "--height", "40"])
+    said = [r.getMessage() for r in caplog.records if "jaxdiff_generation.json" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith(": --guidance_scale 1.5, --width 32 (flags given "
+                                               "override them)"), said
+    assert "ddim, 3 steps, guidance 1.5)" in capsys.readouterr().out
+    assert other.shape == (1, 40, 32, 3)                 # not the recorded size: not cropped
+    assert any("crop is for 32x32 images, not applied to 40x32" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_bad_defaults_file_is_one_line_before_loading(with_defaults, tmp_path, capsys,
+                                                        no_loading):
+    copy = str(tmp_path / "bad")
+    shutil.copytree(with_defaults, copy)
+    with open(os.path.join(copy, "jaxdiff_generation.json"), "w") as f:
+        json.dump({"num_steps": 2, "sampler": "fancy"}, f)
+    msg = _error(capsys, ["--model", copy, "--prompt", "a cat", "--out", str(tmp_path / "o.png")])
+    assert msg.startswith(f"error: --model: {copy}/jaxdiff_generation.json: sampler: expected "
+                          "one of"), msg
