@@ -288,13 +288,16 @@ def test_program_cache_reuses_and_tells_settings_apart(sd, caplog):
 
 def test_long_prompt_warns_with_the_dropped_text(sd, caplog):
     words = "first " + "a cat " * 20 + "last"    # the tiny tokenizer keeps 14 tokens
+    negative = "blurry " + "a dog " * 20 + "grainy"
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jaxdiff.pipelines.stable_diffusion"):
-        generate(sd, ["a cat", words], num_steps=2, seed=0, guidance_scale=1.0)
+        generate(sd, ["a cat", words], [negative, ""], num_steps=2, seed=0, guidance_scale=2.0)
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(msgs) == 1, msgs
+    assert len(msgs) == 2, msgs
     assert msgs[0].startswith("prompt[1] is longer than the 14 tokens"), msgs[0]
     assert msgs[0].endswith(" last'") and "first" not in msgs[0], msgs[0]
+    assert msgs[1].startswith("negative_prompt[0] is longer than the 14 tokens"), msgs[1]
+    assert msgs[1].endswith(" grainy'") and "blurry" not in msgs[1], msgs[1]
 
 
 def test_tokens_beyond_the_text_encoder_are_refused(sd):
