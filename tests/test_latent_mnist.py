@@ -195,12 +195,22 @@ def test_text_to_image_samples_the_exported_folder(trained, tmp_path):
 
     from experiments import text_to_image
 
+    from experiments import latent_lib, latent_pipeline
+    from jaxdiff.pipelines import read_generation_defaults
+
     workdir, _ = trained
+    folder = os.path.join(workdir, "diffusers")
+    # the folder records the run's sampling settings (sampling.num_steps=2 here) and the crop
+    recorded = read_generation_defaults(folder)
+    run_config = latent_lib.load_latent_run(workdir).config
+    assert recorded == latent_pipeline.generation_defaults(run_config)
+    assert (recorded.sampler, recorded.num_steps, recorded.guidance_scale) == ("ddim", 2, 3.0)
+    assert recorded.crop == (2, 2, 28, 28) and recorded.height == 32
     out = str(tmp_path / "seven.png")
-    images = text_to_image.main([f"--model={os.path.join(workdir, 'diffusers')}",
-                                 "--prompt=a handwritten seven", "--steps=2", f"--out={out}"])
-    assert images.shape == (1, 32, 32, 1)
-    assert Image.open(out).mode == "L" and Image.open(out).size == (32, 32)
+    images = text_to_image.main([f"--model={folder}", "--prompt=a handwritten seven",
+                                 f"--out={out}"])
+    assert images.shape == (1, 28, 28, 1)                   # MNIST's size: the padding cropped
+    assert Image.open(out).mode == "L" and Image.open(out).size == (28, 28)
 
 
 @pytest.mark.slow
@@ -263,3 +273,21 @@ def test_default_config_is_valid():
 
     unet = latent_lib.validate_config(latent_mnist.get_config())
     assert unet.config.in_channels == 4 and unet.config.context_dim == 64
+
+
+def test_the_exported_defaults_are_the_runs_sampling_settings():
+    """jaxdiff_generation.json of the export: config.sampling's sampler, steps and guidance (not
+    fixed numbers), the padded size and the crop back to 28x28."""
+    from experiments import latent_pipeline
+    from experiments.configs import latent_mnist
+    from jaxdiff.samplers import get_sampler
+
+    c = latent_mnist.get_config()
+    c.sampling.num_steps, c.sampling.guidance_scale, c.data.pad_to = 7, 1.5, 40
+    d = latent_pipeline.generation_defaults(c)
+    assert (d.num_steps, d.guidance_scale, d.height, d.width) == (7, 1.5, 40, 40)
+    assert d.crop == (6, 6, 28, 28)
+    assert get_sampler(d.sampler, **d.sampler_options).options == \
+        latent_pipeline.make_sampler(c).options
+    c.sampling.sampler = "dpmpp_2m"
+    assert latent_pipeline.generation_defaults(c).sampler == "dpmpp_2m"
