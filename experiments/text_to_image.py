@@ -20,8 +20,10 @@ options), steps, guidance scale, image size and crop. Each of ``--sampler``, ``-
 ``--guidance_scale``, ``--height`` and ``--width`` that is not given takes the folder's value
 (over the flag's default), and one log line names those that came from the file. A recorded
 ``crop`` (the text-to-MNIST folder's 28x28 centre of its 32x32 images) is applied to the images
-written when they have the recorded size (``--nocrop``: write the whole image). Logs a line before the compile and one after the generation. Every user error (a
-flag, the model folder, the init image, the output path, a size that does not fit in memory)
+written when they have the recorded size (``--nocrop``: write the whole image).
+
+Logs a line before the compile and one after the generation. Every user error (a flag, the
+model folder, the init image, the output path, a size that does not fit in memory)
 is one ``error: ...`` line naming the flag or file, exit status 2, and everything that can be
 checked before the work starts is checked first.
 
@@ -209,8 +211,9 @@ def _check_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     """Parses ``argv`` (without the program name), generates, writes the image(s); returns the
-    uint8 images written ``[N, H, W, 3]`` (cropped when the folder records a crop). Everything that can be checked before the work (flags, the
-    output path, the init image) is checked first.
+    uint8 images written ``[N, H, W, 3]`` (cropped when the folder records a crop). Everything
+    that can be checked before the work (flags, the output path, the init image) is checked
+    first.
 
     Raises:
       ConfigError: an invalid flag, a bad model folder, init image or output path, an invalid

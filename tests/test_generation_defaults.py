@@ -69,7 +69,8 @@ def test_from_sampler_gives_back_the_same_sampler(tmp_path, name, options):
     ({"height": 32}, "height, width: give both or neither"),
     ({"crop": [2, 2, 28, 28]}, "crop: needs height and width"),
     ({"height": 32, "width": 32, "crop": [2, 2, 28]}, "crop: expected [top, left, height, width]"),
-    ({"height": 32, "width": 32, "crop": [8, 2, 28, 28]}, "crop: expected a box inside height x width = 32x32"),
+    ({"height": 32, "width": 32, "crop": [8, 2, 28, 28]},
+     "crop: expected a box inside height x width = 32x32"),
     ({"height": 32, "width": 32, "crop": [2, 2, 28.0, 28]}, "crop: expected [top, left"),
 ])
 def test_bad_files_are_one_line_naming_the_file_and_the_key(tmp_path, data, needle):

@@ -35,8 +35,9 @@ def export_finetuned(workdir: str, sd: StableDiffusion, cfg: FinetuneConfig,
     safetensors`` (scale ``alpha / rank`` folded in), full mode ``WORKDIR/diffusers/`` (the whole
     pipeline, the base model's VAE / tokenizer / scheduler with the trained UNet and text
     encoder, and the base folder's ``jaxdiff_generation.json`` when it has one:
-    ``sd.generation_defaults``, :mod:`jaxdiff.pipelines.generation_defaults`). Call it on every process; process 0 writes. Returns ``{"lora_file": path or None,
-    "diffusers": path or None, "export_bytes": size on disk}``.
+    ``sd.generation_defaults``, :mod:`jaxdiff.pipelines.generation_defaults`). Call it on every
+    process; process 0 writes. Returns ``{"lora_file": path or None, "diffusers": path or None,
+    "export_bytes": size on disk}``.
 
     Raises:
       ValueError: from the writers (params that do not fit the configs).
