@@ -66,7 +66,8 @@ def tokenize_captions(tokenize: Callable, captions: Sequence[str],
     :class:`jaxdiff.text.CLIPTokenizer`, called with its defaults: padded to ``max_length``,
     truncated). When ``tokenize`` is such a tokenizer (or its bound ``__call__``), each caption
     that truncation cuts is named in one ``logging`` warning (by its file, once: the captions are
-    tokenized once), as diffusers warns about long prompts.
+    tokenized once) that quotes what was dropped, as diffusers warns about long prompts
+    (:func:`jaxdiff.text.warn_truncated`; captions that lose the same text share one warning).
 
     Raises:
       ValueError: naming ``tokenize``, for a result that is not ``[N, L]`` integers.
