@@ -74,7 +74,7 @@ def test_training_sampler_never_produces_a_heldout_prompt_and_is_deterministic()
     # The jitted draw (what the loss uses) gives the same indices as the host one.
     idx = jax.jit(lambda k: mp.prompt_indices(k, 50, "heldout"))(jax.random.key(1))
     t, f, a = (np.asarray(v) for v in idx)
-    assert t.max() < len(mp.HELDOUT_TEMPLATES) and f.max() < 2 and a.max() < len(mp.ADJECTIVES)
+    assert t.max() < len(mp.HELDOUT_TEMPLATES) and f.max() < 2 and a.max() < len(mp.COMBOS)
     table = mp.prompt_table("heldout")
     got = mp.sample_prompts(np.arange(50) % 10, jax.random.key(1), "heldout")
     assert got == [table[i % 10][t[i]][f[i]][a[i]] for i in range(50)]
