@@ -304,3 +304,30 @@ def test_the_exported_defaults_are_the_runs_sampling_settings():
         latent_pipeline.make_sampler(c).options
     c.sampling.sampler = "dpmpp_2m"
     assert latent_pipeline.generation_defaults(c).sampler == "dpmpp_2m"
+
+
+@pytest.mark.slow
+def test_a_run_of_the_old_captions_is_refused_with_one_line(trained, data_dir, tmp_path, capsys):
+    """A workdir trained before the adjectives were measured (no caption_scheme) is not resumed
+    with the new captions; its checkpoints and tokenizer stay as they were."""
+    import shutil
+
+    from experiments import train_latent_mnist
+
+    ref_dir, _ = trained
+    workdir = str(tmp_path / "old")
+    shutil.copytree(ref_dir, workdir)
+    path = os.path.join(workdir, "latent_stats.json")
+    stats = json.load(open(path))
+    assert stats["caption_scheme"] == mp.CAPTION_SCHEME and "thickness" in stats[
+        "attribute_thresholds"]
+    del stats["caption_scheme"]
+    json.dump(stats, open(path, "w"))
+    vocab = open(os.path.join(workdir, "tokenizer", "vocab.json")).read()
+    with pytest.raises(SystemExit) as e:
+        train_latent_mnist.cli_main(_args(workdir, data_dir, 6))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "other captions" in err
+    assert f"--config.vae_workdir={os.path.join(workdir, 'vae')}" in err
+    assert open(os.path.join(workdir, "tokenizer", "vocab.json")).read() == vocab
