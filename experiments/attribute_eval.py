@@ -18,6 +18,11 @@ slant word never share a training caption, ``experiments.mnist_prompts.UNSEEN_PA
 generated likewise and measured on both attributes: its separation from "thin" on thickness and
 from "upright" on ``|slant|``, beside those of "thick" and "slanted" alone.
 
+The means and deviations pool the ten digits (the same balanced mix for every adjective, and for
+the real images), so a separation includes the spread between digits in its deviation; the
+table's "slant" is the magnitude ``|slant|`` in degrees, thickness is in pixels and size in
+pixels^2.
+
 Images come from :func:`experiments.latent_pipeline.sample`, the prompt set ``i`` from
 ``fold_in(key(seed), 1000 + i)``.
 """
@@ -38,7 +43,7 @@ __all__ = ["PAIRS", "COMPOSITION", "TEMPLATE", "attribute_prompts", "separation"
 
 # (attribute, the column of jaxdiff.metrics.binning_values, low word, high word)
 PAIRS = (("thickness", 0, "thin", "thick"), ("size", 1, "small", "large"),
-         ("|slant|", 2, "upright", "slanted"))
+         ("slant", 2, "upright", "slanted"))   # slant: its magnitude |slant|, degrees
 COMPOSITION = ("thick", "slanted")
 TEMPLATE = "a {adj} digit {d}"   # a held-out template (experiments.mnist_prompts)
 

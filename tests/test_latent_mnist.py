@@ -249,14 +249,14 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     assert lines[-2].startswith("Latent statistics: {") and lines[-1] == ""
     # the attribute table: three pairs, generated and real, and the unseen composition
     att = res["attributes"]
-    assert list(att["pairs"]) == ["thickness", "size", "|slant|"]
+    assert list(att["pairs"]) == ["thickness", "size", "slant"]
     for p in att["pairs"].values():
         assert p["generated"]["low"]["n"] == p["generated"]["high"]["n"] == 4
         assert p["real"]["low"]["n"] + p["real"]["high"]["n"] <= 10
     assert att["composition"]["prompt_example"] in ("a thick slanted digit zero",
                                                     "a thick slanted digit 0")
     assert set(att["composition"]["thickness"]["vs"]) == {"thin", "thick"}
-    assert set(att["composition"]["|slant|"]["vs"]) == {"upright", "slanted"}
+    assert set(att["composition"]["slant"]["vs"]) == {"upright", "slanted"}
     table = [ln for ln in lines if ln.startswith("| thickness | thin / thick |")]
     assert len(table) == 1 and len(table[0].split(" | ")) == 10
     assert Image.open(png).size[1] > 10 * 32   # ten prompt rows (upscaled), prompts on the left
