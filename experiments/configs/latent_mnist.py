@@ -20,9 +20,10 @@ each training digit's stroke thickness, size and slant are measured when the lat
 ``latents.npz``, the thresholds in ``latent_stats.json``), and a caption only uses the words of
 its image's bins ("thin" / "thick" / "bold", "small" / "large", "upright" / "slanted"; never a
 thickness word with a slant word). ``training.cond_drop_prob`` of the prompts become the empty
-prompt, for classifier-free guidance. ``text.max_length`` must hold the longest prompt (checked). ``config.diffusion`` is a diffusers
-scheduler config (the training noise schedule; Stable Diffusion's ``scaled_linear`` by default),
-``config.sampling`` the sampler of the sample grids and of the evaluation.
+prompt, for classifier-free guidance. ``text.max_length`` must hold the longest prompt (checked).
+``config.diffusion`` is a diffusers scheduler config (the training noise schedule; Stable
+Diffusion's ``scaled_linear`` by default), ``config.sampling`` the sampler of the sample grids and
+of the evaluation.
 """
 
 import ml_collections
