@@ -14,6 +14,12 @@ prompt is drawn for its label (``experiments.mnist_prompts.sample_prompts``). FD
 ``N = --num_samples`` with the real-vs-real floor at that ``N`` (N training vs N test images),
 and at ``N = 300`` on the first 300 samples with the floor of ``experiments.eval_sweep`` (same
 seed, same test and training draws), the ``N`` of the pixel-space model's stored sweep.
+
+The attribute-separation table (:mod:`experiments.attribute_eval`): ``--attr_samples`` images
+per adjective ("a thin digit seven", "a thick digit seven", ...; 0 skips the table) and for the
+unseen composition "a thick slanted digit seven", with each attribute measured on them, against
+the same measure on MNIST test images binned by the run's thresholds (``latent_stats.json``; a run
+trained before the adjectives were measured gets the tertiles of the training set, computed here).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from experiments import cli, latent_data, latent_lib, latent_pipeline, mnist_prompts
+from experiments import (attribute_eval, cli, latent_data, latent_lib, latent_pipeline,
+                         mnist_prompts)
 from experiments.cli import ConfigError
 from experiments.evaluation import (check_outputs, evaluate_samples, load_mnist_arrays, log,
                                     references, workdir_classifier, write_results)
@@ -44,6 +51,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("workdir", None, "a train_latent_mnist workdir", **d)
     flags.DEFINE_integer("num_samples", 1000, "samples per prompt split (>= 300)", **d)
     flags.DEFINE_integer("batch_size", 250, "sampling batch", **d)
+    flags.DEFINE_integer("attr_samples", 300, "samples per adjective of the attribute table "
+                         "(0: no table)", **d)
     flags.DEFINE_integer("steps", None, "sampler steps (default: the run's sampling.num_steps)",
                          **d)
     flags.DEFINE_float("guidance_scale", None, "guidance (default: the run's)", **d)
@@ -80,6 +89,8 @@ def markdown(res: dict) -> str:
     if hist:
         lines += ["", "Empty prompt (unconditional, no guidance): class histogram "
                   + ", ".join(f"{d}: {h:.2f}" for d, h in enumerate(hist)) + "."]
+    if res.get("attributes"):
+        lines += ["", attribute_eval.markdown(res["attributes"]).rstrip("\n")]
     lines += ["", f"Latent statistics: {json.dumps(res['latent_stats'])}"]
     return "\n".join(lines) + "\n"
 
@@ -96,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ConfigError("--workdir is required")
     if fv.num_samples < FD_N:
         raise ConfigError(f"--num_samples must be >= {FD_N}, got {fv.num_samples}")
+    if fv.attr_samples < 0 or fv.attr_samples == 1:
+        raise ConfigError(f"--attr_samples must be 0 (no table) or >= 2, got {fv.attr_samples}")
     if fv.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     logging.set_verbosity(logging.WARNING)
@@ -145,12 +158,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             grid = latent_pipeline.sample(run.sd, [p for p in grid_prompts for _ in range(8)],
                                      jax.random.fold_in(k_sample, 99), num_steps=steps,
                                      guidance_scale=w, batch_size=80)
+    attributes = None
+    if fv.attr_samples:
+        if "attribute_thresholds" in run.stats:
+            thresholds = latent_data.thresholds_from_json(run.stats["attribute_thresholds"])
+        else:
+            log("the run records no attribute thresholds: the training set's tertiles")
+            thresholds = latent_data.attribute_bins(*train)[2]
+        attributes = attribute_eval.evaluate_attributes(
+            run.sd, thresholds, test[0], test[1], n=fv.attr_samples, seed=fv.seed,
+            num_steps=steps, guidance_scale=w, batch_size=fv.batch_size, classifier=clf, log=log)
+        for name, p in attributes["pairs"].items():
+            log(f"{name}: {p['low_word']} vs {p['high_word']}: separation "
+                f"{p['generated']['separation']:.2f} (real {p['real']['separation']:.2f})")
     out_png = fv.out_png or os.path.join(fv.workdir, "eval_grid.png")
     latent_pipeline.save_prompt_grid(latent_data.crop_images(grid), grid_prompts, out_png)
     log(f"wrote {out_png}")
     res = {"workdir": fv.workdir, "step": run.stats["step"], "sampler": run.sd.sampler.name,
            "steps": steps, "guidance_scale": w, "classifier": clf_info, "floors": floors,
-           "rows": rows, "latent_stats": {k: run.stats[k] for k in
+           "rows": rows, "attributes": attributes, "latent_stats": {k: run.stats[k] for k in
                                           ("scaling_factor", "latent_std", "latent_mean")},
            "args": fv.flag_values_dict()}
     write_results(res, markdown(res), json_path=os.path.join(fv.workdir, f"{fv.name}.json"),

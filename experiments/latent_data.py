@@ -9,7 +9,11 @@ The training images, padded to ``data.pad_to`` (32: latents 8x8x4, an image side
 pipeline accepts), are encoded by the frozen autoencoder: the posterior's mean and standard
 deviation are kept (``WORKDIR/latents.npz``; every training step draws a new ``z ~ q(z | x)``), and
 ``scaling_factor = 1 / std(z)`` with ``Var(z) = Var(mean) + E[std^2]`` over the whole training set
-(``WORKDIR/latent_stats.json``).
+(``WORKDIR/latent_stats.json``). Each training image's attributes (stroke thickness, size,
+slant: :mod:`jaxdiff.metrics.digit_attributes`) are measured at the same time and binned by
+per-class tertiles into the bins that decide which adjectives its captions may use
+(:mod:`experiments.mnist_prompts`); the bins are kept beside the latents, the thresholds in
+``latent_stats.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from experiments import mnist_prompts, train_lib, vae_lib
 from experiments.cli import ConfigError
 from jaxdiff.compile_options import cpu_compiler_options
+from jaxdiff.metrics import bin_values, binning_values, fit_thresholds, measure_attributes
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.sharding import make_mesh
@@ -36,7 +41,8 @@ from jaxdiff.training import Checkpointer
 
 __all__ = ["LATENTS_FILE", "STATS_FILE", "vae_config", "vae_run_config", "vae_stage",
            "load_vae", "pad_images", "crop_images", "encode_dataset", "latent_statistics",
-           "encoded_latents", "TOKENIZER_DIR", "build_tokenizer", "text_config",
+           "attribute_bins", "thresholds_json", "thresholds_from_json", "encoded_latents",
+           "TOKENIZER_DIR", "build_tokenizer", "text_config",
            "prompt_ids_table"]
 
 LATENTS_FILE, STATS_FILE, TOKENIZER_DIR = "latents.npz", "latent_stats.json", "tokenizer"
@@ -163,26 +169,68 @@ def latent_statistics(mean: np.ndarray, std: np.ndarray) -> Dict[str, float]:
 
 
 
+def attribute_bins(images: np.ndarray, labels: np.ndarray, thresholds=None):
+    """``(values [N, 3] float64, bins [N, 3] int8, thresholds [10, 3, 2])``: each image's
+    measured attributes (:func:`jaxdiff.metrics.binning_values`: thickness, size, ``|slant|``),
+    binned by ``thresholds`` (default: the per-class tertiles of these images,
+    :func:`jaxdiff.metrics.fit_thresholds`). ``images``: ``[N, 28, 28(, 1)]`` in ``[-1, 1]``."""
+    values = binning_values(measure_attributes(images))
+    if thresholds is None:
+        thresholds = fit_thresholds(values, labels)
+    thresholds = np.asarray(thresholds, np.float64)
+    return values, bin_values(values, labels, thresholds), thresholds
+
+
+def thresholds_json(thresholds: np.ndarray) -> Dict[str, list]:
+    """``{attribute: [[lo, hi] per digit]}`` (what ``latent_stats.json`` records)."""
+    return {name: np.asarray(thresholds)[:, a].tolist()
+            for a, name in enumerate(mnist_prompts.ATTRIBUTES)}
+
+
+def thresholds_from_json(record: Dict[str, list]) -> np.ndarray:
+    """The inverse of :func:`thresholds_json`: ``[10, 3, 2]`` float64."""
+    return np.stack([np.asarray(record[name], np.float64)
+                     for name in mnist_prompts.ATTRIBUTES], 1)
+
+
 def encoded_latents(config, workdir: str, vae: AutoencoderKL, vae_params, vae_dir: str,
-                    vae_step: int):
-    """``(mean, std, labels)`` of the training set: the posterior of every padded training image
-    (:func:`encode_dataset`), cached in ``WORKDIR/latents.npz`` and recomputed when the
-    autoencoder (``vae_dir`` at ``vae_step``) or the padding changed."""
+                    vae_step: int) -> Dict[str, np.ndarray]:
+    """The training set, ready for the loss: ``{"mean", "std"}`` (``[N, h, w, C]`` float32: the
+    posterior of every padded training image, :func:`encode_dataset`), ``"label"`` (``[N]``
+    int32), ``"bins"`` (``[N, 3]`` int8: the image's attribute bins, :func:`attribute_bins`, 28x28
+    images) and ``"thresholds"`` (``[10, 3, 2]``: the per-class tertiles that made them).
+
+    Cached in ``WORKDIR/latents.npz``, recomputed when the autoencoder (``vae_dir`` at
+    ``vae_step``) or the padding changed. A cache written before the attributes were measured
+    keeps its latents and gains the bins (measured on the training images: about a second).
+    """
     path = os.path.join(workdir, LATENTS_FILE)
     ident = f"{os.path.abspath(vae_dir)}@{vae_step}/pad{config.data.pad_to}"
+    keys = ("mean", "std", "label", "bins", "thresholds")
+    cached = None
     if os.path.isfile(path):
         with np.load(path) as f:
             if str(f["ident"]) == ident:
-                return f["mean"], f["std"], f["label"]
+                cached = {k: f[k] for k in f.files if k != "ident"}
+    if cached is not None and all(k in cached for k in keys):
+        return {k: cached[k] for k in keys}
     images, labels = train_lib.load_split(config, "train")
-    t0 = time.perf_counter()
-    mean, std = encode_dataset(vae, vae_params, pad_images(images, config.data.pad_to))
-    print(f"encoded {len(images)} training images to latents {mean.shape[1:]} in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    labels = labels.astype(np.int32)
+    _, bins, thresholds = attribute_bins(images, labels)
+    if cached is not None and len(cached["label"]) == len(labels):
+        mean, std = cached["mean"], cached["std"]
+        print(f"measured the attributes of {len(images)} training images (latents kept)",
+              flush=True)
+    else:
+        t0 = time.perf_counter()
+        mean, std = encode_dataset(vae, vae_params, pad_images(images, config.data.pad_to))
+        print(f"encoded {len(images)} training images to latents {mean.shape[1:]} in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    out = {"mean": mean, "std": std, "label": labels, "bins": bins, "thresholds": thresholds}
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mean=mean, std=std, label=labels.astype(np.int32), ident=np.asarray(ident))
+    np.savez(tmp, ident=np.asarray(ident), **out)
     os.replace(tmp, path)
-    return mean, std, labels.astype(np.int32)
+    return out
 
 
 def build_tokenizer(folder: str, max_length: int) -> CLIPTokenizer:
@@ -210,7 +258,7 @@ def text_config(config: ml_collections.ConfigDict, tokenizer: CLIPTokenizer) -> 
 
 
 def prompt_ids_table(tokenizer: CLIPTokenizer, split: str = "train"):
-    """``(table [10, T, 2, A, L] int32, empty [L] int32)``: the token ids of
+    """``(table [10, T, 2, len(COMBOS), L] int32, empty [L] int32)``: the token ids of
     :func:`experiments.mnist_prompts.prompt_table` and of the empty prompt; a ``logging``
     warning names each prompt that the tokenizer's ``max_length`` cuts
     (:func:`jaxdiff.text.warn_truncated`)."""

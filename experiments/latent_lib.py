@@ -21,9 +21,13 @@ Stage 1 is the KL autoencoder of ``experiments.vae_lib`` (trained into ``WORKDIR
   prompt names, is exactly what the denoising loss rewards; the latent diffusion paper (Rombach
   et al. 2022) trains its text transformer jointly with the UNet in the same way. Contrastive
   pre-training would need an image tower and a second training run for no benefit here;
-- every step draws one training-template prompt per example from the step's key
-  (``experiments.mnist_prompts.prompt_indices`` inside the jitted loss: a resumed run draws the
-  same prompts), and replaces ``training.cond_drop_prob`` of them by ``""``.
+- each training image's stroke thickness, size and slant are measured once
+  (:mod:`jaxdiff.metrics.digit_attributes`) and binned by per-class tertiles (kept in
+  ``latents.npz``; the thresholds in ``latent_stats.json``);
+- every step draws one training-template prompt per example from the step's key, with
+  adjectives that are true of that image (``experiments.mnist_prompts.prompt_indices`` with the
+  image's bins, inside the jitted loss: a resumed run draws the same prompts), and replaces
+  ``training.cond_drop_prob`` of them by ``""``.
 
 Sampling goes through ``jaxdiff.pipelines.generate`` on an in-memory
 :class:`~jaxdiff.pipelines.StableDiffusion` (:mod:`experiments.latent_pipeline`): the same program
@@ -57,11 +61,12 @@ from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.pipelines import StableDiffusion
 from jaxdiff.samplers import sampler_names
 from jaxdiff.sharding import make_mesh
+from jaxdiff.text import CLIPTokenizer
 from jaxdiff.training import Checkpointer, Periodic
 from jaxdiff.validation import check_choice, check_float, check_int
 
 __all__ = ["build_unet", "validate_config", "make_loss_fn", "init_params", "init_state", "train",
-           "load_latent_run", "LatentRun"]
+           "caption_ids", "check_caption_scheme", "load_latent_run", "LatentRun"]
 
 
 def build_unet(config: ml_collections.ConfigDict) -> UNet:
@@ -106,6 +111,10 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         config_check("", check_int, f"text.{name}", x[name], 1)
     config_check("", check_int, "text.max_length", x.max_length, 8)
+    longest = max(mnist_prompts.longest_prompts(), key=lambda p: len(p.split()))
+    if len(longest.split()) + 2 > x.max_length:
+        raise ConfigError(f"text.max_length ({x.max_length}) must hold the longest prompt with "
+                          f"its start and end tokens ({len(longest.split()) + 2}: {longest!r})")
     config_check("", check_choice, "text.hidden_act", x.hidden_act, ("quick_gelu", "gelu"))
     if x.hidden_size % x.num_attention_heads:
         raise ConfigError(f"text.num_attention_heads ({x.num_attention_heads}) must divide "
@@ -130,13 +139,29 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
     return unet
 
 
+def caption_ids(k_prompt: jax.Array, k_drop: jax.Array, table, empty, labels, bins,
+                p_drop: float) -> jax.Array:
+    """``[B, L]`` int32: one training caption per image, its adjectives true of the image
+    (:func:`experiments.mnist_prompts.prompt_indices` from ``k_prompt`` with ``bins [B, 3]``,
+    looked up in ``table [10, T, 2, len(COMBOS), L]`` at ``labels [B]``), each replaced by
+    ``empty [L]`` with probability ``p_drop`` (from ``k_drop``). Jittable."""
+    n = labels.shape[0]
+    ti, fi, ci = mnist_prompts.prompt_indices(k_prompt, n, "train", bins)
+    ids = jnp.asarray(table)[labels, ti, fi, ci]
+    drop = jax.random.bernoulli(k_drop, p_drop, (n,))
+    return jnp.where(drop[:, None], jnp.asarray(empty)[None], ids)
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, unet: UNet, text_cfg: CLIPTextConfig,
                  vae_cfg, schedule, table: np.ndarray, empty: np.ndarray):
     """``(params, batch, key) -> (loss, aux)`` with ``params = {"unet", "text_encoder"}`` (the
-    modules' ``"params"``) and ``batch = {"mean", "std": [B, h, w, C], "label": [B] int32}``.
+    modules' ``"params"``) and ``batch = {"mean", "std": [B, h, w, C], "label": [B] int32,
+    "bins": [B, 3] int}`` (the image's attribute bins,
+    :func:`experiments.latent_data.encoded_latents`).
 
-    The step's key draws ``z = mean + std * eps``, each example's training prompt
-    (:func:`experiments.mnist_prompts.prompt_indices` into ``table``), the prompt dropout to
+    The step's key draws ``z = mean + std * eps``, each example's training prompt with
+    adjectives true of its image (:func:`experiments.mnist_prompts.prompt_indices` with
+    ``batch["bins"]``, into ``table [10, T, 2, len(COMBOS), L]``), the prompt dropout to
     ``empty`` (probability ``training.cond_drop_prob``), then ``t`` and the noise of
     :func:`jaxdiff.losses.diffusion_loss` on ``scale_latents(vae_cfg, z)``."""
     from jaxdiff.models.autoencoder_latents import scale_latents
@@ -150,11 +175,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, unet: UNet, text_cfg: CLIPTe
         k_z, k_prompt, k_drop, k_loss = jax.random.split(key, 4)
         z = batch["mean"] + batch["std"] * jax.random.normal(k_z, batch["mean"].shape)
         x0 = scale_latents(vae_cfg, z)
-        n = x0.shape[0]
-        ti, fi, ai = mnist_prompts.prompt_indices(k_prompt, n, "train")
-        ids = table[batch["label"], ti, fi, ai]
-        drop = jax.random.bernoulli(k_drop, p_drop, (n,))
-        ids = jnp.where(drop[:, None], empty[None], ids)
+        ids = caption_ids(k_prompt, k_drop, table, empty, batch["label"], batch["bins"], p_drop)
 
         def apply_fn(p, x, t, c):
             ctx = text_model.apply({"params": p["text_encoder"]}, c).last_hidden_state
@@ -191,7 +212,8 @@ def _compat(config, vae_dir: str, vae_step: int, stats: dict) -> Dict[str, Any]:
         "model": train_lib.model_compat(config.model), "text": config.text.to_dict(),
         "diffusion": config.diffusion.to_dict(), "batch_size": config.training.batch_size,
         "seed": config.seed, "pad_to": config.data.pad_to, "vae_step": vae_step,
-        "scaling_factor": round(stats["scaling_factor"], 6)}))
+        "scaling_factor": round(stats["scaling_factor"], 6),
+        "captions": mnist_prompts.CAPTION_SCHEME}))
 
 
 class LatentRun(NamedTuple):
@@ -201,13 +223,37 @@ class LatentRun(NamedTuple):
     stats: Dict[str, Any]      # latent_stats.json, with the checkpoint's "step"
 
 
-def _setup(config, workdir, vae_dir):
-    """The pieces both :func:`train` and :func:`load_latent_run` need."""
+def _setup(config, workdir, vae_dir, build: bool = True):
+    """The pieces both :func:`train` and :func:`load_latent_run` need (``build=False``: the
+    workdir's tokenizer as it is, so that a run of an older grammar still loads)."""
     vae, vae_params, vae_step = latent_data.load_vae(vae_dir)
-    tokenizer = latent_data.build_tokenizer(os.path.join(workdir, TOKENIZER_DIR),
-                                            config.text.max_length)
+    folder = os.path.join(workdir, TOKENIZER_DIR)
+    if build or not os.path.isfile(os.path.join(folder, "vocab.json")):
+        tokenizer = latent_data.build_tokenizer(folder, config.text.max_length)
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
     tcfg = latent_data.text_config(config, tokenizer)
     return vae, vae_params, vae_step, tokenizer, tcfg
+
+
+def check_caption_scheme(workdir: str) -> None:
+    """Refuses a workdir that holds a run trained with another captioning scheme (before the
+    adjectives were measured, ``latent_stats.json`` had no ``caption_scheme``): resuming it with
+    these captions would not be the same run, and its tokenizer would be rebuilt.
+
+    Raises:
+      ConfigError: naming the workdir and how to reuse its autoencoder.
+    """
+    path = os.path.join(workdir, STATS_FILE)
+    if latent_data.latest_step(workdir) is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        scheme = json.load(f).get("caption_scheme", "adjectives drawn independently of the image")
+    if scheme != mnist_prompts.CAPTION_SCHEME:
+        raise ConfigError(
+            f"workdir {workdir!r} holds a run trained with other captions ({scheme}); train in a "
+            f"new workdir (--config.vae_workdir={os.path.join(workdir, 'vae')} reuses its "
+            "autoencoder)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -235,12 +281,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     train_lib.check_tensorboard_available(config)
     mesh = train_lib.make_train_mesh(config)
     workdir = train_lib.make_workdir(workdir)
+    check_caption_scheme(workdir)
     vae_dir = latent_data.vae_stage(config, workdir)
     vae, vae_params, vae_step, tokenizer, tcfg = _setup(config, workdir, vae_dir)
-    mean, std, labels = latent_data.encoded_latents(config, workdir, vae, vae_params, vae_dir,
-                                                    vae_step)
+    data = latent_data.encoded_latents(config, workdir, vae, vae_params, vae_dir, vae_step)
+    mean, std = data["mean"], data["std"]
     stats = dict(latent_data.latent_statistics(mean, std), vae_dir=vae_dir, vae_step=vae_step,
-                 pad_to=int(config.data.pad_to), latent_shape=list(mean.shape[1:]))
+                 pad_to=int(config.data.pad_to), latent_shape=list(mean.shape[1:]),
+                 caption_scheme=mnist_prompts.CAPTION_SCHEME,
+                 attribute_thresholds=latent_data.thresholds_json(data["thresholds"]))
     with open(os.path.join(workdir, STATS_FILE), "w") as f:
         json.dump(stats, f, indent=2)
     vae_cfg = dataclasses.replace(vae.config, scaling_factor=stats["scaling_factor"])
@@ -288,8 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         loss_fn=make_loss_fn(config, unet, tcfg, vae_cfg, schedule, table, empty),
         compat=_compat(config, vae_dir, vae_step, stats),
         hyperparams=mnist_lib.resume_hyperparams(config),
-        data=BatchIterator.source({"mean": mean, "std": std, "label": labels}, t.batch_size,
-                                  config.seed),
+        data=BatchIterator.source({k: data[k] for k in ("mean", "std", "label", "bins")},
+                                  t.batch_size, config.seed),
         periodic=[Periodic("grid", s.every, write_grid)], finish=finish)
 
 
@@ -310,7 +359,7 @@ def load_latent_run(workdir: str) -> LatentRun:
     with open(os.path.join(workdir, STATS_FILE)) as f:
         stats = json.load(f)
     unet = build_unet(config)
-    vae, vae_params, _, tokenizer, tcfg = _setup(config, workdir, stats["vae_dir"])
+    vae, vae_params, _, tokenizer, tcfg = _setup(config, workdir, stats["vae_dir"], build=False)
     vae_cfg = dataclasses.replace(vae.config, scaling_factor=stats["scaling_factor"])
     mesh = make_mesh()
     target, _, _ = init_state(config, unet.config, tcfg, mesh, abstract=True)

@@ -1,9 +1,12 @@
-"""A small grammar of English prompts for MNIST digits, split into training and held-out templates.
+"""A small grammar of English prompts for MNIST digits, split into training and held-out templates,
+whose adjectives are measured on the image.
 
 A prompt is a template filled with a digit, written as its name or its numeral (``"seven"`` /
-``"7"``), and, for the templates with an ``{adj}`` slot, an adjective::
+``"7"``), and, for the templates with an ``{adj}`` slot, an adjective combination (none, one word
+or two)::
 
     a handwritten seven      the digit 7      number seven written by hand      a thin 7
+    a large slanted seven    a seven (the slot left empty)
 
 :data:`TRAIN_TEMPLATES` are the only templates the text-to-MNIST model sees in training;
 :data:`HELDOUT_TEMPLATES` are never produced by the training sampler (a test checks that no
@@ -11,28 +14,61 @@ held-out prompt equals a training prompt) and use only words of the training pro
 they test new phrasings, not new words. The empty prompt :data:`EMPTY_PROMPT` is the
 unconditional prompt of classifier-free guidance.
 
-A prompt is drawn by three indices, ``(template, form, adjective)``, each uniform:
-:func:`prompt_indices` draws them from a JAX key (also inside ``jit``: the training loss draws
-the prompts of a batch from the step's key), :func:`prompt_table` lists every ``(template, form,
-adjective)`` combination per digit (templates without an adjective repeat over that axis, so the
-three draws stay uniform), and :func:`sample_prompts` is the host-side equivalent that returns
-strings.
+**The adjectives are true of the image.** Each word of :data:`ADJECTIVES` names one bin of one
+measured attribute (:data:`WORDS`; :mod:`jaxdiff.metrics.digit_attributes`): "thin" is the
+lowest third of stroke thickness *for that digit* (per-class tertiles of the training set),
+"thick" and its synonym "bold" the highest third; "small" / "large" the lowest / highest third
+of bounding-box area; "upright" / "slanted" the lowest / highest third of ``|slant|``. An image
+in the middle third of an attribute gets no word of it. An image's bins (``[3]`` int, 0 / 1 / 2
+per attribute in :data:`ATTRIBUTES` order) decide which adjective combinations of :data:`COMBOS`
+are true of it (:func:`allowed_combos`); the empty combination always is.
+
+Two adjectives go together only as a size word and a thickness word ("a small thick seven") or a
+size word and a slant word ("a large slanted seven"). :data:`UNSEEN_PAIRS`: **a thickness word
+and a slant word never occur in the same training caption** ("a thick slanted seven" is a
+composition the model never saw), so an evaluation can test composition.
+
+A prompt is drawn by three indices, ``(template, form, combo)``: the template and form uniform,
+the combination uniform over those allowed for the image (:func:`prompt_indices`, with the
+images' bins) or over all of :data:`COMBOS` (without). :func:`prompt_indices` runs inside ``jit``
+(the training loss draws the prompts of a batch from the step's key); :func:`prompt_table` lists
+every ``(template, form, combo)`` prompt per digit (templates without a slot repeat over that
+axis), and :func:`sample_prompts` is the host-side equivalent that returns strings.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DIGIT_NAMES", "ADJECTIVES", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "SPLITS",
-           "EMPTY_PROMPT", "templates", "fill", "all_prompts", "prompt_table", "prompt_indices",
-           "sample_prompts", "training_words"]
+__all__ = ["DIGIT_NAMES", "ATTRIBUTES", "ADJECTIVES", "WORDS", "COMBOS", "UNSEEN_PAIRS",
+           "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "SPLITS", "EMPTY_PROMPT", "NUM_FORMS",
+           "CAPTION_SCHEME", "templates", "caption", "fill", "all_prompts", "prompt_table",
+           "longest_prompts",
+           "combo_requirements", "allowed_combos", "prompt_indices", "sample_prompts",
+           "training_words"]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-ADJECTIVES = ("thin", "thick", "bold", "small", "large", "neat", "messy", "slanted")
+# The measured attributes, in the order of an image's bins (jaxdiff.metrics.digit_attributes).
+ATTRIBUTES = ("thickness", "size", "slant")
+# word -> (attribute index, bin): bin 0 = the lowest third of the digit's class, 2 = the highest.
+WORDS = {"thin": (0, 0), "thick": (0, 2), "bold": (0, 2), "small": (1, 0), "large": (1, 2),
+         "upright": (2, 0), "slanted": (2, 2)}
+ADJECTIVES = tuple(WORDS)
+_THICK, _SIZE, _SLANT = (tuple(w for w, (a, _) in WORDS.items() if a == k) for k in range(3))
+# Every adjective combination of the training captions: none, one word, or a size word followed
+# by a thickness or a slant word. Never a thickness word with a slant word (UNSEEN_PAIRS).
+COMBOS = (((),) + tuple((w,) for w in ADJECTIVES)
+          + tuple((s, t) for s in _SIZE for t in _THICK)
+          + tuple((s, t) for s in _SIZE for t in _SLANT))
+UNSEEN_PAIRS = (("thickness", "slant"),)
+_AN = ("upright", "eight", "8")   # words that take "an"
+# Names the captioning scheme in a run's compatibility record (a run trained with another
+# scheme is not resumed with this one).
+CAPTION_SCHEME = "measured-adjectives-v1"
 TRAIN_TEMPLATES = (
     "{d}",
     "a handwritten {d}",
@@ -72,48 +108,97 @@ def _check_digit(digit) -> int:
     return int(digit)
 
 
-def fill(template: str, digit: int, form: int, adjective: int = 0) -> str:
+def caption(template: str, digit: int, form: int, words: Sequence[str] = ()) -> str:
     """``template`` with ``{d}`` = the digit's name (``form == 0``) or numeral (``form == 1``)
-    and ``{adj}`` = ``ADJECTIVES[adjective]``.
+    and ``{adj}`` = ``words`` joined by spaces (any words of :data:`ADJECTIVES`, also
+    combinations that are not in :data:`COMBOS`, e.g. ``("thick", "slanted")`` for an
+    evaluation); an empty ``words`` leaves the slot out (``"a {adj} {d}"`` -> ``"a seven"``).
+    The article agrees with the next word (``"an upright seven"``, ``"an eight"``).
 
     Raises:
-      ValueError: naming ``digit``, ``form`` or ``adjective`` when out of range.
+      ValueError: naming ``digit``, ``form`` or ``words`` when out of range.
     """
     digit = _check_digit(digit)
     if form not in (0, 1):
         raise ValueError(f"form must be 0 (name) or 1 (numeral), got {form!r}")
-    if not 0 <= adjective < len(ADJECTIVES):
-        raise ValueError(f"adjective must be in [0, {len(ADJECTIVES)}), got {adjective!r}")
+    bad = [w for w in words if w not in WORDS]
+    if bad or isinstance(words, str):
+        raise ValueError(f"words must be a sequence of {ADJECTIVES}, got {words!r}")
     word = DIGIT_NAMES[digit] if form == 0 else str(digit)
-    return template.format(d=word, adj=ADJECTIVES[adjective])
+    out = template.format(d=word, adj=" ".join(words)).split()
+    return " ".join("an" if w == "a" and i + 1 < len(out) and out[i + 1] in _AN else w
+                    for i, w in enumerate(out))
+
+
+def fill(template: str, digit: int, form: int, combo: int = 0) -> str:
+    """``template`` filled with the digit and the adjective combination ``COMBOS[combo]``
+    (:func:`caption`; combo 0 is the empty one).
+
+    Raises:
+      ValueError: naming ``digit``, ``form`` or ``combo`` when out of range.
+    """
+    if isinstance(combo, bool) or not isinstance(combo, (int, np.integer)) or not (
+            0 <= combo < len(COMBOS)):
+        raise ValueError(f"combo must be an int in [0, {len(COMBOS)}), got {combo!r}")
+    return caption(template, digit, form, COMBOS[combo])
 
 
 def all_prompts(split: str, digit: int) -> list:
     """Every distinct prompt of ``split`` for ``digit``, in a fixed order."""
-    out = dict.fromkeys(fill(t, digit, f, a) for t in templates(split) for f in range(NUM_FORMS)
-                        for a in range(len(ADJECTIVES)))
+    out = dict.fromkeys(fill(t, digit, f, c) for t in templates(split) for f in range(NUM_FORMS)
+                        for c in range(len(COMBOS)))
     return list(out)
 
 
 def prompt_table(split: str) -> list:
-    """``table[digit][template][form][adjective]``: the prompt strings, nested lists of shape
-    ``[10, len(templates(split)), 2, len(ADJECTIVES)]`` (templates without ``{adj}`` repeat)."""
-    return [[[[fill(t, d, f, a) for a in range(len(ADJECTIVES))] for f in range(NUM_FORMS)]
+    """``table[digit][template][form][combo]``: the prompt strings, nested lists of shape
+    ``[10, len(templates(split)), 2, len(COMBOS)]`` (templates without ``{adj}`` repeat)."""
+    return [[[[fill(t, d, f, c) for c in range(len(COMBOS))] for f in range(NUM_FORMS)]
              for t in templates(split)] for d in range(10)]
 
 
-def prompt_indices(key: jax.Array, n: int, split: str):
-    """``(template [n], form [n], adjective [n])`` int32 indices, each uniform, drawn from
-    ``key`` (one ``split`` into three). Jittable (``n`` and ``split`` static)."""
-    k_t, k_f, k_a = jax.random.split(key, 3)
+def combo_requirements() -> np.ndarray:
+    """``[len(COMBOS), 3]`` int32: the bin that each combination needs of each attribute
+    (:data:`ATTRIBUTES` order), ``-1`` where it says nothing of that attribute."""
+    req = -np.ones((len(COMBOS), len(ATTRIBUTES)), np.int32)
+    for c, words in enumerate(COMBOS):
+        for w in words:
+            a, b = WORDS[w]
+            req[c, a] = b
+    return req
+
+
+def allowed_combos(bins) -> jax.Array:
+    """``[N, len(COMBOS)]`` bool: which combinations are true of each image, from its ``bins``
+    (``[N, 3]`` ints in ``{0, 1, 2}``, :func:`jaxdiff.metrics.bin_values`). Column 0 (no
+    adjective) is always true. Jittable."""
+    req = jnp.asarray(combo_requirements())
+    bins = jnp.asarray(bins).astype(jnp.int32)
+    return jnp.all((req[None] < 0) | (req[None] == bins[:, None, :]), axis=-1)
+
+
+def prompt_indices(key: jax.Array, n: int, split: str, bins: Optional[jax.Array] = None):
+    """``(template [n], form [n], combo [n])`` int32 indices drawn from ``key`` (one ``split``
+    into three): the template and form uniform; the combination uniform over
+    :func:`allowed_combos` of ``bins`` (``[n, 3]``: each image's attribute bins, so that the
+    adjectives are true of it) or, with ``bins=None``, over all of :data:`COMBOS`. Jittable
+    (``n`` and ``split`` static)."""
+    k_t, k_f, k_c = jax.random.split(key, 3)
+    if bins is None:
+        combo = jax.random.randint(k_c, (n,), 0, len(COMBOS), jnp.int32)
+    else:
+        allowed = allowed_combos(bins)
+        if allowed.shape[0] != n:
+            raise ValueError(f"bins must be [n={n}, {len(ATTRIBUTES)}], got {bins.shape}")
+        combo = jax.random.categorical(k_c, jnp.where(allowed, 0.0, -jnp.inf)).astype(jnp.int32)
     return (jax.random.randint(k_t, (n,), 0, len(templates(split)), jnp.int32),
-            jax.random.randint(k_f, (n,), 0, NUM_FORMS, jnp.int32),
-            jax.random.randint(k_a, (n,), 0, len(ADJECTIVES), jnp.int32))
+            jax.random.randint(k_f, (n,), 0, NUM_FORMS, jnp.int32), combo)
 
 
-def sample_prompts(labels: Sequence[int], key: jax.Array, split: str) -> list:
-    """One prompt of ``split`` per label, drawn by :func:`prompt_indices` from ``key``: the same
-    key and labels always give the same prompts.
+def sample_prompts(labels: Sequence[int], key: jax.Array, split: str, bins=None) -> list:
+    """One prompt of ``split`` per label, drawn by :func:`prompt_indices` from ``key`` (with
+    ``bins``, ``[n, 3]``, true of each image): the same key and labels always give the same
+    prompts.
 
     Raises:
       ValueError: naming ``split`` or ``labels`` (a label outside ``[0, 9]``).
@@ -123,8 +208,21 @@ def sample_prompts(labels: Sequence[int], key: jax.Array, split: str) -> list:
     for x in labels:
         if not 0 <= x <= 9:
             raise ValueError(f"labels must lie in [0, 9], got {x}")
-    t, f, a = (np.asarray(v) for v in prompt_indices(key, len(labels), split))
-    return [table[d][t[i]][f[i]][a[i]] for i, d in enumerate(labels)]
+    t, f, c = (np.asarray(v) for v in prompt_indices(key, len(labels), split, bins))
+    return [table[d][t[i]][f[i]][c[i]] for i, d in enumerate(labels)]
+
+
+def longest_prompts() -> list:
+    """Every distinct prompt of both splits, and every held-out prompt with an unseen pair of
+    :data:`UNSEEN_PAIRS` (what an evaluation asks for), for length checks: one token per word
+    (the tokenizer learns every training word as one token), plus the start and end tokens."""
+    words = {a: [w for w, (k, _) in WORDS.items() if k == ATTRIBUTES.index(a)]
+             for a in ATTRIBUTES}
+    unseen = [(x, y) for a, b in UNSEEN_PAIRS for x in words[a] for y in words[b]]
+    out = [p for s in SPLITS for d in range(10) for p in all_prompts(s, d)]
+    out += [caption(t, d, f, pair) for t in HELDOUT_TEMPLATES if "{adj}" in t for d in range(10)
+            for f in range(NUM_FORMS) for pair in unseen]
+    return out
 
 
 def training_words() -> list:

@@ -74,7 +74,7 @@ def test_training_sampler_never_produces_a_heldout_prompt_and_is_deterministic()
     # The jitted draw (what the loss uses) gives the same indices as the host one.
     idx = jax.jit(lambda k: mp.prompt_indices(k, 50, "heldout"))(jax.random.key(1))
     t, f, a = (np.asarray(v) for v in idx)
-    assert t.max() < len(mp.HELDOUT_TEMPLATES) and f.max() < 2 and a.max() < len(mp.ADJECTIVES)
+    assert t.max() < len(mp.HELDOUT_TEMPLATES) and f.max() < 2 and a.max() < len(mp.COMBOS)
     table = mp.prompt_table("heldout")
     got = mp.sample_prompts(np.arange(50) % 10, jax.random.key(1), "heldout")
     assert got == [table[i % 10][t[i]][f[i]][a[i]] for i in range(50)]
@@ -230,6 +230,7 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     res = eval_latent_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                                   f"--classifier_path={clf}", "--num_samples=300",
                                   "--batch_size=150", "--steps=1", f"--out_md={md}",
+                                  "--attr_samples=4",
                                   f"--out_png={png}", "--name=eval_test"])
     assert list(res["rows"]) == ["held-out templates", "training templates", "empty prompt"]
     assert list(res["floors"]) == ["300"] and res["steps"] == 1 and not res["classifier"][
@@ -246,6 +247,18 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     assert [ln.split(" | ")[0] for ln in lines[4:7]] == [
         "| held-out templates", "| training templates", "| empty prompt"]
     assert lines[-2].startswith("Latent statistics: {") and lines[-1] == ""
+    # the attribute table: three pairs, generated and real, and the unseen composition
+    att = res["attributes"]
+    assert list(att["pairs"]) == ["thickness", "size", "slant"]
+    for p in att["pairs"].values():
+        assert p["generated"]["low"]["n"] == p["generated"]["high"]["n"] == 4
+        assert p["real"]["low"]["n"] + p["real"]["high"]["n"] <= 10
+    assert att["composition"]["prompt_example"] in ("a thick slanted digit zero",
+                                                    "a thick slanted digit 0")
+    assert set(att["composition"]["thickness"]["vs"]) == {"thin", "thick"}
+    assert set(att["composition"]["slant"]["vs"]) == {"upright", "slanted"}
+    table = [ln for ln in lines if ln.startswith("| thickness | thin / thick |")]
+    assert len(table) == 1 and len(table[0].split(" | ")) == 10
     assert Image.open(png).size[1] > 10 * 32   # ten prompt rows (upscaled), prompts on the left
 
 
@@ -291,3 +304,30 @@ def test_the_exported_defaults_are_the_runs_sampling_settings():
         latent_pipeline.make_sampler(c).options
     c.sampling.sampler = "dpmpp_2m"
     assert latent_pipeline.generation_defaults(c).sampler == "dpmpp_2m"
+
+
+@pytest.mark.slow
+def test_a_run_of_the_old_captions_is_refused_with_one_line(trained, data_dir, tmp_path, capsys):
+    """A workdir trained before the adjectives were measured (no caption_scheme) is not resumed
+    with the new captions; its checkpoints and tokenizer stay as they were."""
+    import shutil
+
+    from experiments import train_latent_mnist
+
+    ref_dir, _ = trained
+    workdir = str(tmp_path / "old")
+    shutil.copytree(ref_dir, workdir)
+    path = os.path.join(workdir, "latent_stats.json")
+    stats = json.load(open(path))
+    assert stats["caption_scheme"] == mp.CAPTION_SCHEME and "thickness" in stats[
+        "attribute_thresholds"]
+    del stats["caption_scheme"]
+    json.dump(stats, open(path, "w"))
+    vocab = open(os.path.join(workdir, "tokenizer", "vocab.json")).read()
+    with pytest.raises(SystemExit) as e:
+        train_latent_mnist.cli_main(_args(workdir, data_dir, 6))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "other captions" in err
+    assert f"--config.vae_workdir={os.path.join(workdir, 'vae')}" in err
+    assert open(os.path.join(workdir, "tokenizer", "vocab.json")).read() == vocab

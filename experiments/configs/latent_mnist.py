@@ -14,10 +14,16 @@ mean and standard deviation, kept in ``WORKDIR/latents.npz``; every step draws a
 ``z ~ q(z | x)``), scales the latents by ``1 / std`` measured on them, and trains, jointly and
 from scratch, a small CLIP text encoder (``config.text``) and a UNet (``config.model``, every
 field of ``UNetConfig``) that cross-attends to the encoder's last hidden states. The prompts come
-from ``experiments/mnist_prompts.py``'s training templates; ``training.cond_drop_prob`` of them
-become the empty prompt, for classifier-free guidance. ``config.diffusion`` is a diffusers
-scheduler config (the training noise schedule; Stable Diffusion's ``scaled_linear`` by default),
-``config.sampling`` the sampler of the sample grids and of the evaluation.
+from ``experiments/mnist_prompts.py``'s training templates, with adjectives true of the image:
+each training digit's stroke thickness, size and slant are measured when the latents are built
+(``jaxdiff.metrics.digit_attributes``) and binned by per-class tertiles (the bins in
+``latents.npz``, the thresholds in ``latent_stats.json``), and a caption only uses the words of
+its image's bins ("thin" / "thick" / "bold", "small" / "large", "upright" / "slanted"; never a
+thickness word with a slant word). ``training.cond_drop_prob`` of the prompts become the empty
+prompt, for classifier-free guidance. ``text.max_length`` must hold the longest prompt (checked).
+``config.diffusion`` is a diffusers scheduler config (the training noise schedule; Stable
+Diffusion's ``scaled_linear`` by default), ``config.sampling`` the sampler of the sample grids and
+of the evaluation.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@ negative prompts, fine-tuning captions, the text-to-MNIST training prompts).
 A prompt longer than the tokenizer's ``max_length - 2`` tokens (BOS and EOS take two) is
 truncated by :class:`~jaxdiff.text.CLIPTokenizer`; :func:`warn_truncated` says so with a
 ``logging`` warning that quotes the part that was dropped (here the second of two prompts,
-"an image of a neat and bold handwritten digit that is a seven", with the text-to-MNIST
+"an image of a thick and slanted handwritten digit that is a seven", with the text-to-MNIST
 tokenizer's 12 positions)::
 
     prompt[1] is longer than the 10 tokens the text encoder reads (12 with BOS and EOS); this
