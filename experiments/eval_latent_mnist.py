@@ -8,12 +8,12 @@ accuracy, FD in its feature space against test images, precision / recall, pixel
         --out_png docs/assets/latent_mnist.png
 
 Samples go through ``jaxdiff.pipelines.generate`` with the run's sampler, steps and guidance
-(``config.sampling``, overridable with ``--steps`` / ``--guidance_scale``), are decoded at the
-padded size and cropped back to 28x28. The labels are balanced (``i % 10``) and each sample's
-prompt is drawn for its label (``experiments.mnist_prompts.sample_prompts``). FD is given at
-``N = --num_samples`` with the real-vs-real floor at that ``N`` (N training vs N test images),
-and at ``N = 300`` on the first 300 samples with the floor of ``experiments.eval_sweep`` (same
-seed, same test and training draws), the ``N`` of the pixel-space model's stored sweep.
+(``config.sampling``, overridable with ``--sampler`` / ``--steps`` / ``--guidance_scale``), are
+decoded at the padded size and cropped back to 28x28. The labels are balanced (``i % 10``) and
+each sample's prompt is drawn for its label (``experiments.mnist_prompts.sample_prompts``). FD is
+given at ``N = --num_samples`` with the real-vs-real floor at that ``N`` (N training vs N test
+images), and at ``N = 300`` on the first 300 samples with the floor of ``experiments.eval_sweep``
+(same seed, same test and training draws), the ``N`` of the pixel-space model's stored sweep.
 
 The attribute-separation table (:mod:`experiments.attribute_eval`): ``--attr_samples`` images
 per adjective ("a thin digit seven", "a thick digit seven", ...; 0 skips the table) and for the
@@ -35,7 +35,8 @@ from absl import flags, logging
 
 from experiments import (attribute_eval, cli, latent_data, latent_lib, latent_pipeline,
                          mnist_prompts)
-from experiments.cli import ConfigError
+from experiments.cli import ConfigError, config_check
+from jaxdiff.pipelines import choose_sampler
 from experiments.evaluation import (check_outputs, evaluate_samples, load_mnist_arrays, log,
                                     references, workdir_classifier, write_results)
 
@@ -56,6 +57,8 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_integer("steps", None, "sampler steps (default: the run's sampling.num_steps)",
                          **d)
     flags.DEFINE_float("guidance_scale", None, "guidance (default: the run's)", **d)
+    flags.DEFINE_string("sampler", None, "a registered sampler name, with its default options "
+                        "on the run's schedule (default: the run's sampling.sampler)", **d)
     flags.DEFINE_string("classifier_path", "", "classifier msgpack (default "
                         "WORKDIR/mnist_classifier.msgpack, trained there if absent)", **d)
     flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: the run's data.data_dir, "
@@ -113,6 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     logging.set_verbosity(logging.WARNING)
     run = latent_lib.load_latent_run(fv.workdir)
+    if fv.sampler:
+        sampler = config_check("--sampler: ", choose_sampler, fv.sampler, None,
+                               latent_pipeline.scheduler_config(run.config))
+        run = run._replace(sd=run.sd.replace(sampler=sampler))
     check_outputs(fv.workdir, fv.classifier_path, out_md=fv.out_md, out_png=fv.out_png)
     s = run.config.sampling
     steps = int(fv.steps or s.num_steps)

@@ -230,7 +230,7 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     res = eval_latent_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
                                   f"--classifier_path={clf}", "--num_samples=300",
                                   "--batch_size=150", "--steps=1", f"--out_md={md}",
-                                  "--attr_samples=4",
+                                  "--attr_samples=4", "--sampler=euler",
                                   f"--out_png={png}", "--name=eval_test"])
     assert list(res["rows"]) == ["held-out templates", "training templates", "empty prompt"]
     assert list(res["floors"]) == ["300"] and res["steps"] == 1 and not res["classifier"][
@@ -242,7 +242,8 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     assert json.load(open(os.path.join(workdir, "eval_test.json")))["rows"].keys() == res[
         "rows"].keys()
     lines = open(md).read().split("\n")
-    assert lines[0].startswith(f"Run {workdir} at step 4; sampler ") and lines[1] == ""
+    assert lines[0].startswith(f"Run {workdir} at step 4; sampler euler, 1 steps")
+    assert lines[1] == ""
     assert lines[2].startswith("| prompts | N | conditional accuracy | FD (floor at N) |")
     assert [ln.split(" | ")[0] for ln in lines[4:7]] == [
         "| held-out templates", "| training templates", "| empty prompt"]
