@@ -32,6 +32,7 @@ def main() -> None:
 
     from benchmarks.common import machine
     from experiments import mnist_prompts
+    from experiments.latent_data import crop_images
     from jaxdiff.pipelines import generate, load_stable_diffusion
 
     torch.set_num_threads(2)
@@ -55,7 +56,7 @@ def main() -> None:
 
         clf = load_classifier(args.classifier_path)
         for name, imgs in (("jaxdiff", ours), ("diffusers", theirs)):
-            crop = np.asarray(imgs)[:, 2:30, 2:30] * 2 - 1
+            crop = crop_images(np.asarray(imgs)) * 2 - 1
             pred = np.asarray(classify(clf, crop)[1]).argmax(-1)
             print(f"{name}: classifier reads {pred.tolist()} for prompts of digits "
                   f"{labels.tolist()}")

@@ -33,6 +33,7 @@ from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.metrics import bin_values, binning_values, fit_thresholds, measure_attributes
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.pipelines import crop_images as pipeline_crop
 from jaxdiff.sharding import make_mesh
 from jaxdiff.text import CLIPTokenizer
 from jaxdiff.text.bpe import save_clip_tokenizer, train_clip_bpe
@@ -134,10 +135,16 @@ def pad_images(images: np.ndarray, size: int) -> np.ndarray:
     return np.pad(images, ((0, 0), (lo, hi), (lo, hi), (0, 0)), constant_values=-1.0)
 
 
+def centre_crop(side: int, size: int = 28) -> tuple:
+    """``(top, left, size, size)``: the centred ``size x size`` box of a ``side x side`` image
+    (the box :func:`pad_images` padded around; a ``jaxdiff.pipelines.crop_images`` crop)."""
+    lo = (side - size) // 2
+    return (lo, lo, size, size)
+
+
 def crop_images(images: np.ndarray, size: int = 28) -> np.ndarray:
     """The centred ``size x size`` crop of ``[N, H, W, C]`` images (undoes :func:`pad_images`)."""
-    lo = (images.shape[1] - size) // 2
-    return images[:, lo:lo + size, lo:lo + size]
+    return pipeline_crop(images, centre_crop(images.shape[1], size))
 
 
 def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, batch_size: int = 500):

@@ -52,11 +52,12 @@ def generation_defaults(config: ml_collections.ConfigDict) -> GenerationDefaults
     num_steps``, ``sampling.guidance_scale``, the generated size ``data.pad_to`` squared, and the
     crop that undoes the padding (the centred ``28 x 28``, as
     :func:`experiments.latent_data.crop_images`)."""
+    from experiments.latent_data import centre_crop
+
     s, size = config.sampling, int(config.data.pad_to)
-    lo = (size - MNIST_SIDE) // 2
     return GenerationDefaults.from_sampler(
         make_sampler(config), num_steps=int(s.num_steps), guidance_scale=float(s.guidance_scale),
-        height=size, width=size, crop=(lo, lo, MNIST_SIDE, MNIST_SIDE))
+        height=size, width=size, crop=centre_crop(size, MNIST_SIDE))
 
 
 def make_pipeline(config, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg,
