@@ -111,6 +111,11 @@ def validate_config(config: ml_collections.ConfigDict) -> UNet:
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         config_check("", check_int, f"text.{name}", x[name], 1)
     config_check("", check_int, "text.max_length", x.max_length, 8)
+    scale = c.get("latent_scaling", 0.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+            np.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"latent_scaling must be 0 (1 / std, measured) or a positive finite "
+                          f"number, got {scale!r}")
     longest = max(mnist_prompts.longest_prompts(), key=lambda p: len(p.split()))
     if len(longest.split()) + 2 > x.max_length:
         raise ConfigError(f"text.max_length ({x.max_length}) must hold the longest prompt with "
@@ -185,6 +190,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, unet: UNet, text_cfg: CLIPTe
                               prediction_type=pred)
 
     return loss_fn
+
+
+def with_latent_scaling(stats: Dict[str, Any], latent_scaling: float) -> Dict[str, Any]:
+    """``stats`` (:func:`experiments.latent_data.latent_statistics`) with the run's scaling
+    factor: unchanged for ``latent_scaling == 0`` (1 / std, measured); else ``scaling_factor =
+    latent_scaling`` and the measured one kept as ``measured_scaling_factor``."""
+    if not latent_scaling:
+        return dict(stats)
+    return dict(stats, measured_scaling_factor=stats["scaling_factor"],
+                scaling_factor=float(latent_scaling))
 
 
 def init_params(config: ml_collections.ConfigDict, unet_cfg: UNetConfig,
@@ -290,6 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                  pad_to=int(config.data.pad_to), latent_shape=list(mean.shape[1:]),
                  caption_scheme=mnist_prompts.CAPTION_SCHEME,
                  attribute_thresholds=latent_data.thresholds_json(data["thresholds"]))
+    stats = with_latent_scaling(stats, config.get("latent_scaling", 0.0))
     with open(os.path.join(workdir, STATS_FILE), "w") as f:
         json.dump(stats, f, indent=2)
     vae_cfg = dataclasses.replace(vae.config, scaling_factor=stats["scaling_factor"])

@@ -28,9 +28,14 @@ size word and a slant word ("a large slanted seven"). :data:`UNSEEN_PAIRS`: **a 
 and a slant word never occur in the same training caption** ("a thick slanted seven" is a
 composition the model never saw), so an evaluation can test composition.
 
-A prompt is drawn by three indices, ``(template, form, combo)``: the template and form uniform,
-the combination uniform over those allowed for the image (:func:`prompt_indices`, with the
-images' bins) or over all of :data:`COMBOS` (without). :func:`prompt_indices` runs inside ``jit``
+A prompt is drawn by three indices, ``(template, form, combo)`` (:func:`prompt_indices`). For a
+training caption of an image (with its bins), the templates with an ``{adj}`` slot get
+:data:`ADJ_TEMPLATE_SHARE` of the mass between them and the combinations allowed for the image are
+weighted by :data:`COMBO_WORD_WEIGHT` to the power of their word count, so that a word true of the
+image is said often enough to be learnt (an image of the slanted third gets "slanted" in about a
+third of its captions, not in one in twelve as with uniform draws); without bins (prompts for an
+evaluation) the template and combination are uniform over all of :data:`COMBOS`. The form is
+uniform in both. :func:`prompt_indices` runs inside ``jit``
 (the training loss draws the prompts of a batch from the step's key); :func:`prompt_table` lists
 every ``(template, form, combo)`` prompt per digit (templates without a slot repeat over that
 axis), and :func:`sample_prompts` is the host-side equivalent that returns strings.
@@ -45,10 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["DIGIT_NAMES", "ATTRIBUTES", "ADJECTIVES", "WORDS", "COMBOS", "UNSEEN_PAIRS",
+           "CAPTION_SCHEME", "ADJ_TEMPLATE_SHARE", "COMBO_WORD_WEIGHT",
            "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "SPLITS", "EMPTY_PROMPT", "NUM_FORMS",
            "CAPTION_SCHEME", "templates", "caption", "fill", "all_prompts", "prompt_table",
            "longest_prompts",
-           "combo_requirements", "allowed_combos", "prompt_indices", "sample_prompts",
+           "combo_requirements", "allowed_combos", "prompt_indices", "template_logits",
+           "combo_logits", "sample_prompts",
            "training_words"]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -68,7 +75,11 @@ UNSEEN_PAIRS = (("thickness", "slant"),)
 _AN = ("upright", "eight", "8")   # words that take "an"
 # Names the captioning scheme in a run's compatibility record (a run trained with another
 # scheme is not resumed with this one).
-CAPTION_SCHEME = "measured-adjectives-v1"
+CAPTION_SCHEME = "measured-adjectives-v2"
+# The training draw (prompt_indices with bins): the {adj} templates' total share of the captions,
+# and the weight of a combination per word it has (1: uniform over the allowed combinations).
+ADJ_TEMPLATE_SHARE = 0.5
+COMBO_WORD_WEIGHT = 2.0
 TRAIN_TEMPLATES = (
     "{d}",
     "a handwritten {d}",
@@ -179,20 +190,50 @@ def allowed_combos(bins) -> jax.Array:
 
 def prompt_indices(key: jax.Array, n: int, split: str, bins: Optional[jax.Array] = None):
     """``(template [n], form [n], combo [n])`` int32 indices drawn from ``key`` (one ``split``
-    into three): the template and form uniform; the combination uniform over
-    :func:`allowed_combos` of ``bins`` (``[n, 3]``: each image's attribute bins, so that the
-    adjectives are true of it) or, with ``bins=None``, over all of :data:`COMBOS`. Jittable
-    (``n`` and ``split`` static)."""
+    into three). With ``bins`` (``[n, 3]``: each image's attribute bins), a training caption:
+    the ``{adj}`` templates of ``split`` share :data:`ADJ_TEMPLATE_SHARE` of the mass (each
+    group uniform within), and the combination is drawn over :func:`allowed_combos` of ``bins``
+    (adjectives true of the image) with weight ``COMBO_WORD_WEIGHT ** len(words)``. With
+    ``bins=None``: template and combination uniform (over all of :data:`COMBOS`). The form is
+    uniform. Jittable (``n`` and ``split`` static).
+
+    Raises:
+      ValueError: ``bins`` not of ``n`` rows; ``split`` unknown.
+    """
     k_t, k_f, k_c = jax.random.split(key, 3)
+    temps = templates(split)
+    form = jax.random.randint(k_f, (n,), 0, NUM_FORMS, jnp.int32)
     if bins is None:
-        combo = jax.random.randint(k_c, (n,), 0, len(COMBOS), jnp.int32)
-    else:
-        allowed = allowed_combos(bins)
-        if allowed.shape[0] != n:
-            raise ValueError(f"bins must be [n={n}, {len(ATTRIBUTES)}], got {bins.shape}")
-        combo = jax.random.categorical(k_c, jnp.where(allowed, 0.0, -jnp.inf)).astype(jnp.int32)
-    return (jax.random.randint(k_t, (n,), 0, len(templates(split)), jnp.int32),
-            jax.random.randint(k_f, (n,), 0, NUM_FORMS, jnp.int32), combo)
+        return (jax.random.randint(k_t, (n,), 0, len(temps), jnp.int32), form,
+                jax.random.randint(k_c, (n,), 0, len(COMBOS), jnp.int32))
+    allowed = allowed_combos(bins)
+    if allowed.shape[0] != n:
+        raise ValueError(f"bins must be [n={n}, {len(ATTRIBUTES)}], got {bins.shape}")
+    return (jax.random.categorical(k_t, template_logits(split), shape=(n,)).astype(jnp.int32),
+            form, jax.random.categorical(k_c, jnp.where(allowed, combo_logits(), -jnp.inf))
+            .astype(jnp.int32))
+
+
+def template_logits(split: str) -> np.ndarray:
+    """``[len(templates(split))]`` float32 log-weights of the training draw: the ``{adj}``
+    templates share :data:`ADJ_TEMPLATE_SHARE` of the mass, the others the rest (all of it to
+    one group when the other is empty).
+
+    Raises:
+      ValueError: naming ``split``.
+    """
+    slot = np.array(["{adj}" in t for t in templates(split)])
+    share = ADJ_TEMPLATE_SHARE if slot.any() and (~slot).any() else float(slot.all())
+    w = np.where(slot, share / max(slot.sum(), 1), (1.0 - share) / max((~slot).sum(), 1))
+    return np.log(w).astype(np.float32)
+
+
+def combo_logits() -> np.ndarray:
+    """``[len(COMBOS)]`` float32 log-weights of the training draw's combinations:
+    ``len(words) * log(COMBO_WORD_WEIGHT)`` (masked to the allowed ones by
+    :func:`prompt_indices`)."""
+    return (np.array([len(c) for c in COMBOS], np.float32)
+            * np.float32(np.log(COMBO_WORD_WEIGHT)))
 
 
 def sample_prompts(labels: Sequence[int], key: jax.Array, split: str, bins=None) -> list:

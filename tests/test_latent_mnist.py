@@ -271,6 +271,7 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
     (["--config.data.pad_to=30"], "data.pad_to must be a multiple of 8"),
     (["--config.vae_workdir=/nonexistent/vae"], "vae_workdir '/nonexistent/vae' holds no"),
     (["--config.sampling.sampler=nope"], "sampling.sampler"),
+    (["--config.latent_scaling=-1.0"], "latent_scaling must be 0 (1 / std, measured) or a pos"),
 ])
 def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path, capsys, extra, needle):
     from experiments import train_latent_mnist
@@ -290,6 +291,18 @@ def test_default_config_is_valid():
 
     unet = latent_lib.validate_config(latent_mnist.get_config())
     assert unet.config.in_channels == 4 and unet.config.context_dim == 64
+
+
+def test_latent_scaling_replaces_the_measured_factor_and_keeps_it():
+    from experiments import latent_data, latent_lib
+
+    rng = np.random.default_rng(0)
+    mean, std = rng.normal(0.5, 2.0, (50, 2, 2, 4)), np.full((50, 2, 2, 4), 0.5)
+    stats = latent_data.latent_statistics(mean, std)
+    assert latent_lib.with_latent_scaling(stats, 0.0) == stats
+    fixed = latent_lib.with_latent_scaling(stats, 1.0)
+    assert fixed["scaling_factor"] == 1.0 and stats["scaling_factor"] < 0.6
+    assert fixed["measured_scaling_factor"] == stats["scaling_factor"]
 
 
 def test_the_exported_defaults_are_the_runs_sampling_settings():

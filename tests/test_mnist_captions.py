@@ -63,6 +63,28 @@ def test_a_thickness_word_and_a_slant_word_never_share_a_training_caption():
         mp.fill("a {adj} {d}", 1, 0, len(mp.COMBOS))
 
 
+def test_training_draw_weights_the_adjective_templates_and_the_words_of_the_image():
+    # an image in the slanted third and the middle of the others: () or ("slanted",) are true
+    n = 20000
+    bins = np.tile(np.array([[1, 1, 2]], np.int8), (n, 1))
+    t, f, c = (np.asarray(v) for v in jax.jit(
+        lambda k: mp.prompt_indices(k, n, "train", bins))(jax.random.key(0)))
+    slot = np.array(["{adj}" in x for x in mp.TRAIN_TEMPLATES])
+    share = slot[t].mean()
+    assert abs(share - mp.ADJ_TEMPLATE_SHARE) < 0.02          # sd of the share: 0.0035
+    assert set(np.unique(c)) == {0, mp.COMBOS.index(("slanted",))}
+    w = mp.COMBO_WORD_WEIGHT
+    assert abs((c > 0).mean() - w / (1 + w)) < 0.02            # 2/3 say "slanted"
+    assert abs(f.mean() - 0.5) < 0.02
+    # every training template still occurs; without bins the draw stays uniform (evaluation)
+    assert set(np.unique(t)) == set(range(len(mp.TRAIN_TEMPLATES)))
+    tu, _, cu = (np.asarray(v) for v in mp.prompt_indices(jax.random.key(1), n, "heldout"))
+    slot_h = np.array(["{adj}" in x for x in mp.HELDOUT_TEMPLATES])
+    assert abs(slot_h[tu].mean() - slot_h.mean()) < 0.02
+    assert abs(np.bincount(cu, minlength=len(mp.COMBOS)).max() / n - 1 / len(mp.COMBOS)) < 0.01
+    np.testing.assert_allclose(np.exp(mp.template_logits("train")).sum(), 1.0, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_jitted_captions_are_true_of_each_image_and_cover_the_allowed_ones(tmp_path):
     from experiments import latent_data, latent_lib

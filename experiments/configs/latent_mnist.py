@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = unet_fields()       # context_dim must equal text.hidden_size
 
+    # The latents' scaling factor: 0 = 1 / std of z ~ q(z | x), measured on the training set
+    # (the default); > 0 = this factor instead (1.0: unscaled), for the scaling lever.
+    c.latent_scaling = 0.0
+
     c.diffusion = ml_collections.ConfigDict(SCHEDULER)
 
     # vae_mnist.py's training fields (batch 64, cosine to 0.05, clipping 1.0, intervals) with the
