@@ -242,6 +242,15 @@ def test_eval_latent_mnist_writes_its_json_table_and_grid(trained, data_dir, tmp
         assert r["n"] == 300 and len(r["example_prompts"]) == 10
         assert ("conditional_accuracy" in r) == (name != "empty prompt")
     assert len(res["rows"]["empty prompt"]["class_histogram"]) == 10
+    # --rows: one row alone, drawn as in the full table (the same prompts, noise and scores)
+    one = eval_latent_mnist.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                                  f"--classifier_path={clf}", "--num_samples=300",
+                                  "--batch_size=150", "--steps=1", "--attr_samples=0",
+                                  "--sampler=euler", "--rows=train", "--name=eval_one"])
+    assert list(one["rows"]) == ["training templates"] and one["attributes"] is None
+    full_row, one_row = res["rows"]["training templates"], one["rows"]["training templates"]
+    assert one_row["example_prompts"] == full_row["example_prompts"]
+    np.testing.assert_allclose(one_row["fid"], full_row["fid"], rtol=1e-4)
     assert json.load(open(os.path.join(workdir, "eval_test.json")))["rows"].keys() == res[
         "rows"].keys()
     lines = open(md).read().split("\n")
@@ -283,6 +292,15 @@ def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err
     assert not os.path.exists(workdir)
+
+
+def test_eval_rows_flag_names_the_bad_row():
+    from experiments import eval_latent_mnist
+    from experiments.cli import ConfigError
+
+    with pytest.raises(ConfigError, match="--rows must be a non-empty list of heldout, train, "
+                       "empty, got 'heldout,nope'"):
+        eval_latent_mnist.main(["--workdir=/nonexistent", "--rows=heldout,nope"])
 
 
 def test_default_config_is_valid():
