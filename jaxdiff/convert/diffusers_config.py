@@ -54,7 +54,7 @@ UNET2D_CONDITION_DEFAULTS: dict[str, Any] = dict(
 # diffusers' default attention processor (upcast_attention under AttnProcessor2_0).
 _NO_EFFECT = {
     "sample_size", "num_train_timesteps", "upcast_attention", "resnet_skip_time_act",
-    "resnet_out_scale_factor", "addition_embed_type_num_heads", "addition_time_embed_dim",
+    "resnet_out_scale_factor", "addition_embed_type_num_heads",
 }  # fmt: skip
 # Options that must keep their default: anything else is unsupported.
 _MUST_BE = {
@@ -62,10 +62,9 @@ _MUST_BE = {
     "downsample_type": ("conv",), "upsample_type": ("conv",), "act_fn": ("silu", "swish"),
     "resnet_time_scale_shift": ("default",), "class_embed_type": (None,),
     "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
-    "dual_cross_attention": (False,), "addition_embed_type": (None,),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "dual_cross_attention": (False,), "addition_embed_type": (None, "text_time"),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
     "conv_in_kernel": (3,), "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",), "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
@@ -130,11 +129,18 @@ def unet_config_from_diffusers(
 
     ``num_class_embeds=N`` maps to ``num_classes=N - 1``: diffusers' labels ``0..N-1`` are
     jaxdiff's ``0..num_classes``, the last one being jaxdiff's null label.
+    ``addition_embed_type="text_time"`` (SDXL) maps to ``added_cond="text_time"`` with
+    ``added_time_dim = addition_time_embed_dim`` and ``added_cond_input_dim =
+    projection_class_embeddings_input_dim``; ``time_cond_proj_dim`` (LCM) to ``time_cond_dim``.
+    ``attention_head_dim`` and ``transformer_layers_per_block`` may be per level (SDXL's
+    ``[5, 10, 20]`` and ``[1, 2, 10]``); the nested per-block form of
+    ``transformer_layers_per_block`` and ``reverse_transformer_layers_per_block`` are rejected.
 
     Raises:
       ValueError: naming every unknown or unsupported option (block types other than
         Down/AttnDown/CrossAttnDown/Up/AttnUp/CrossAttnUp, scale-shift resnets, Fourier time
-        embeddings, other class / addition embeddings, ...).
+        embeddings, class embeddings other than ``num_class_embeds``, addition embeddings other
+        than ``"text_time"``, ...).
     """
     kind = _model_class(config, model_class)
     defaults = UNET2D_DEFAULTS if kind == "UNet2DModel" else UNET2D_CONDITION_DEFAULTS
@@ -155,6 +161,12 @@ def unet_config_from_diffusers(
         _uniform_bool(c["only_cross_attention"])
     ):
         bad.append(f"only_cross_attention={c['only_cross_attention']!r} (supported: False)")
+    if kind == "UNet2DConditionModel" and c["addition_embed_type"] is None:
+        # read only by the "text_time" embedding and the (rejected) projection class embeddings
+        for name in ("projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+            if c[name] is not None:
+                bad.append(f"{name}={c[name]!r} without addition_embed_type='text_time' "
+                           "(supported: None)")
     if bad:
         raise ValueError(f"unsupported {kind} config options: " + "; ".join(bad))
 
@@ -198,6 +210,13 @@ def unet_config_from_diffusers(
         if mid not in table:
             raise ValueError(f"unsupported mid_block_type={mid!r}")
         out.update(mid_block=mid is not None, mid_attention=table[mid][0], mid_layers=table[mid][1])
+        if c["addition_embed_type"] == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if c[name] is None:
+                    raise ValueError(f"addition_embed_type='text_time' needs {name}")
+            out.update(added_cond="text_time", added_time_dim=c["addition_time_embed_dim"],
+                       added_cond_input_dim=c["projection_class_embeddings_input_dim"])
+        out["time_cond_dim"] = c["time_cond_proj_dim"]
         uses_cross = "cross" in (*attention, *up, out["mid_attention"])
         if uses_cross:
             out["context_dim"] = _uniform("cross_attention_dim", c["cross_attention_dim"])

@@ -130,7 +130,9 @@ def _unet_meaning(cfg: UNetConfig) -> dict[str, Any]:
         class_conditioning=cfg.class_conditioning if conditioned else None,
         num_class_tokens=(cfg.num_class_tokens if conditioned
                           and cfg.class_conditioning == "cross_attention" else None),
-        center_input_sample=cfg.center_input_sample,
+        center_input_sample=cfg.center_input_sample, added_cond=cfg.added_cond,
+        added_time_dim=cfg.added_time_dim, added_cond_input_dim=cfg.added_cond_input_dim,
+        time_cond_dim=cfg.time_cond_dim,
     )  # fmt: skip
 
 
@@ -145,7 +147,9 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int | None = No
       config: the UNet's config. Attention must be ``None`` or ``"cross"`` per level, the mid
         block a cross-attention block with one layer (``mid_layers=1``) or a single resnet
         (``mid_attention=None, mid_layers=0``); class labels only as ``"embedding"``
-        (diffusers' ``num_class_embeds = num_classes + 1``).
+        (diffusers' ``num_class_embeds = num_classes + 1``). ``added_cond="text_time"`` is
+        written as ``addition_embed_type`` with ``addition_time_embed_dim`` and
+        ``projection_class_embeddings_input_dim``; ``time_cond_dim`` as ``time_cond_proj_dim``.
       sample_size: the latent side the model was trained at (diffusers' ``sample_size``,
         informational there; it sets the pipeline's default image size); ``None``: omitted.
 
@@ -199,6 +203,9 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int | None = No
         freq_shift=int(freq) if float(freq).is_integer() else freq,
         center_input_sample=config.center_input_sample,
         num_class_embeds=None if config.num_classes is None else config.num_classes + 1,
+        addition_embed_type=config.added_cond, addition_time_embed_dim=config.added_time_dim,
+        projection_class_embeddings_input_dim=config.added_cond_input_dim,
+        time_cond_proj_dim=config.time_cond_dim,
     )  # fmt: skip
     out = {k: _plain(v) for k, v in out.items()}
     back = unet_config_from_diffusers(out, model_class=cls)

@@ -31,7 +31,12 @@ from jaxdiff.models.clip_text import (
     init_clip_text,
 )
 from jaxdiff.models.clip_text_config import CLIPTextConfig
-from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
+from jaxdiff.models.embeddings import (
+    ClassTokens,
+    TimestepEmbedding,
+    guidance_scale_embedding,
+    timestep_embedding,
+)
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
 from jaxdiff.models.unet import (
     DownBlock,
@@ -69,6 +74,7 @@ __all__ = [
     "Upsample",
     "autoencoder_param_shapes",
     "clip_text_param_shapes",
+    "guidance_scale_embedding",
     "init_autoencoder",
     "init_clip_text",
     "init_unet",

@@ -4,8 +4,10 @@ The hyper-parameters are a :class:`UNetConfig` (:mod:`jaxdiff.models.unet_config
 
 One architecture covers diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D``,
 ``UNetMidBlock2D``, class embeddings) and ``UNet2DConditionModel`` (``CrossAttnDownBlock2D``,
-``UNetMidBlock2DCrossAttn``, cross-attention to a ``[B, L, D]`` context); the parameter tree uses
-diffusers' module names, so :mod:`jaxdiff.convert` maps a PyTorch state dict by name.
+``UNetMidBlock2DCrossAttn``, cross-attention to a ``[B, L, D]`` context), SDXL's included (its
+``"text_time"`` added embedding: ``added_cond``) and the LCM-distilled UNets (the guidance-scale
+embedding: ``timestep_cond``); the parameter tree uses diffusers' module names, so
+:mod:`jaxdiff.convert` maps a PyTorch state dict by name.
 
     >>> import jax, jax.numpy as jnp
     >>> cfg = mnist_unet_config()
@@ -24,7 +26,7 @@ upsample resizes back to the skip connection's size (``28 -> 14 -> 7 -> 4 -> 7 -
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,7 +36,8 @@ import numpy as np
 from jaxdiff.models.attention import SpatialSelfAttention, Transformer2D
 from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, conv3x3, group_norm
-from jaxdiff.models.unet_config import UNetConfig, check_inputs
+from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.models.unet_inputs import check_inputs
 
 __all__ = [
     "UNetConfig",
@@ -155,7 +158,8 @@ REMAT_STATIC = {DownBlock: (4,), MidBlock: (4,), UpBlock: (5, 6)}
 
 
 class UNet(nn.Module):
-    """The diffusion UNet. ``UNet(config).apply({"params": p}, x, t, labels=, context=)``.
+    """The diffusion UNet. ``UNet(config).apply({"params": p}, x, t, labels=, context=,
+    added_cond=, timestep_cond=)``.
 
     Attributes:
       config: a :class:`UNetConfig`.
@@ -171,6 +175,8 @@ class UNet(nn.Module):
         *,
         labels: jax.Array | None = None,
         context: jax.Array | None = None,
+        added_cond: Mapping[str, jax.Array] | None = None,
+        timestep_cond: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         """Predict from a noisy image.
@@ -184,6 +190,13 @@ class UNet(nn.Module):
           context: ``[B, L, context_dim]`` cross-attention context; required when the config has
             cross-attention layers and no class tokens. With ``class_conditioning=
             "cross_attention"`` the class tokens are prepended to it.
+          added_cond: ``{"text_embeds": [B, P], "time_ids": [B, K]}`` (diffusers'
+            ``added_cond_kwargs``; SDXL: the pooled text embedding and the 6 micro-conditioning
+            ids, 5 for the refiner), int or float; required iff ``config.added_cond`` is set,
+            with ``P + K * added_time_dim == added_cond_input_dim``.
+          timestep_cond: ``[B, time_cond_dim]`` float, the guidance-scale embedding of an
+            LCM-distilled UNet (:func:`jaxdiff.models.guidance_scale_embedding`); required iff
+            ``config.time_cond_dim`` is set.
           train: enables dropout (then pass ``rngs={"dropout": key}``).
 
         Returns:
@@ -191,11 +204,13 @@ class UNet(nn.Module):
 
         Raises:
           ValueError at trace time, naming the argument, for a wrong rank / channel count / batch
-          / width, a missing or unexpected ``labels`` / ``context``, or concrete out-of-range
-          labels.
+          / width, a missing or unexpected ``labels`` / ``context`` / ``added_cond`` (or a key of
+          it) / ``timestep_cond``, or concrete out-of-range labels.
         """
         cfg = self.config
-        x, t, labels, context = check_inputs(cfg, x, t, labels, context)
+        x, t, labels, context, added_cond, timestep_cond = check_inputs(
+            cfg, x, t, labels, context, added_cond=added_cond, timestep_cond=timestep_cond
+        )
         out_dtype = x.dtype
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         c0, n_levels = cfg.block_channels[0], len(cfg.block_channels)
@@ -205,7 +220,17 @@ class UNet(nn.Module):
         temb = timestep_embedding(
             t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         ).astype(cfg.dtype)
-        temb = TimestepEmbedding(cfg.time_dim, name="time_embedding", **kw)(temb)
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.astype(cfg.dtype)
+        temb = TimestepEmbedding(cfg.time_dim, name="time_embedding", **kw)(temb, timestep_cond)
+        if added_cond is not None:  # "text_time": SDXL's pooled text + micro-conditioning
+            ids = added_cond["time_ids"]
+            ids = timestep_embedding(
+                ids.reshape(-1), cfg.added_time_dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                freq_shift=cfg.freq_shift,
+            ).reshape(ids.shape[0], -1)  # fmt: skip
+            add = jnp.concatenate([added_cond["text_embeds"], ids], axis=-1).astype(cfg.dtype)
+            temb = temb + TimestepEmbedding(cfg.time_dim, name="add_embedding", **kw)(add)
         if cfg.num_classes is not None:
             # A traced label outside [0, num_classes] reads NaN (the lookup's fill value) instead
             # of a clamped or wrapped-around row (-1 would silently be the null label).
@@ -267,13 +292,26 @@ class UNet(nn.Module):
 def unet_dummy_inputs(
     config: UNetConfig, *, batch: int = 1, image_size: Sequence[int] = (8, 8)
 ) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of zeros for ``UNet(config).init(key, *args, **kwargs)``."""
+    """``(args, kwargs)`` of zeros for ``UNet(config).init(key, *args, **kwargs)``: ``x``,
+    ``t`` and whichever of ``labels``, ``context``, ``added_cond`` (one time id, the rest of
+    ``added_cond_input_dim`` as ``text_embeds``: the parameters do not depend on the split) and
+    ``timestep_cond`` the config requires."""
     x = jnp.zeros((batch, *image_size, config.in_channels), jnp.float32)
     kwargs = {}
     if config.num_classes is not None:
         kwargs["labels"] = jnp.zeros((batch,), jnp.int32)
     if config.needs_context:
         kwargs["context"] = jnp.zeros((batch, 1, config.context_dim), jnp.float32)
+    if config.added_cond is not None:
+        # the smallest split of added_cond_input_dim: one time id, the rest text_embeds
+        kwargs["added_cond"] = {
+            "text_embeds": jnp.zeros(
+                (batch, config.added_cond_input_dim - config.added_time_dim), jnp.float32
+            ),
+            "time_ids": jnp.zeros((batch, 1), jnp.float32),
+        }
+    if config.time_cond_dim is not None:
+        kwargs["timestep_cond"] = jnp.zeros((batch, config.time_cond_dim), jnp.float32)
     return (x, jnp.zeros((batch,), jnp.int32)), kwargs
 
 

@@ -1,9 +1,8 @@
-"""``UNetConfig``: the UNet's hyper-parameters as a small frozen dataclass, and input checks.
+"""``UNetConfig``: the UNet's hyper-parameters as a small frozen dataclass.
 
 Every field is validated when the config is built (a ``ValueError`` naming the field: bools must be
-bools, not strings such as ``"False"``; numbers must be numbers in range), and every
-model input when the model is traced (a ``ValueError`` naming the argument): a wrong shape never
-reaches XLA, where it would surface as an unreadable shape error or, for indices, a silent clamp.
+bools, not strings such as ``"False"``; numbers must be numbers in range); every model input is
+checked when the model is traced, by :mod:`jaxdiff.models.unet_inputs`.
 """
 
 from __future__ import annotations
@@ -14,16 +13,18 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.validation import check_bool, check_choice, check_float, check_int, concrete
+from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = [
-    "UNetConfig", "check_inputs", "ATTENTION_KINDS", "ATTENTION_IMPLEMENTATIONS",
-    "CLASS_CONDITIONING",
+    "UNetConfig", "ATTENTION_KINDS", "ATTENTION_IMPLEMENTATIONS",
+    "CLASS_CONDITIONING", "ADDED_CONDITIONING", "ADDED_COND_KEYS",
 ]  # fmt: skip
 
 ATTENTION_KINDS = (None, "self", "cross")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 CLASS_CONDITIONING = ("embedding", "cross_attention")
+ADDED_CONDITIONING = (None, "text_time")
+ADDED_COND_KEYS = ("text_embeds", "time_ids")  # the keys of ``added_cond`` (diffusers' names)
 
 
 def _per_level(name: str, value, n: int, *, allow_none: bool = False) -> tuple:
@@ -87,6 +88,23 @@ class UNetConfig:
       class_conditioning: ``"embedding"`` (added to the time embedding, as diffusers'
         ``num_class_embeds``) or ``"cross_attention"`` (``num_class_tokens`` learned tokens of
         width ``context_dim`` fed to the cross-attention layers as context).
+      added_cond: an extra embedding added to the time embedding: ``None``, or ``"text_time"``
+        (diffusers' ``addition_embed_type="text_time"``, SDXL's micro-conditioning): the call's
+        ``added_cond={"text_embeds": [B, P], "time_ids": [B, K]}`` becomes ``[text_embeds,
+        sinusoid(time_ids)]`` (each time id embedded with ``added_time_dim`` features, laid out as
+        the time embedding: ``flip_sin_to_cos``, ``freq_shift``), through a two-layer MLP
+        (``add_embedding``) of input width ``added_cond_input_dim = P + K * added_time_dim``.
+      added_time_dim: features per time id (diffusers' ``addition_time_embed_dim``); set iff
+        ``added_cond`` is.
+      added_cond_input_dim: the MLP's input width (diffusers'
+        ``projection_class_embeddings_input_dim``: 2816 = 1280 + 6 x 256 for SDXL base, 2560 =
+        1280 + 5 x 256 for the refiner); set iff ``added_cond`` is, and larger than
+        ``added_time_dim``.
+      time_cond_dim: the width of the call's ``timestep_cond: [B, time_cond_dim]`` (diffusers'
+        ``time_cond_proj_dim``: an LCM-distilled UNet's guidance-scale embedding, see
+        :func:`jaxdiff.models.guidance_scale_embedding`), projected without bias
+        (``time_embedding/cond_proj``) and added to the sinusoidal time features before the time
+        MLP; ``None``: no such input.
       center_input_sample: feed ``2 x - 1`` instead of ``x``.
       dtype: computation dtype (``bfloat16`` works); param_dtype: parameter dtype. Both must be
         floating dtypes.
@@ -132,6 +150,10 @@ class UNetConfig:
     num_classes: int | None = None
     class_conditioning: str = "embedding"
     num_class_tokens: int = 1
+    added_cond: str | None = None
+    added_time_dim: int | None = None
+    added_cond_input_dim: int | None = None
+    time_cond_dim: int | None = None
     center_input_sample: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -155,7 +177,8 @@ class UNetConfig:
         n = len(chans)
         for name in ("in_channels", "out_channels", "norm_groups", "num_class_tokens"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
-        for name in ("attention_head_dim", "context_dim", "num_classes", "time_embed_dim"):
+        for name in ("attention_head_dim", "context_dim", "num_classes", "time_embed_dim",
+                     "added_time_dim", "added_cond_input_dim", "time_cond_dim"):  # fmt: skip
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         object.__setattr__(self, "mid_layers", check_int("mid_layers", self.mid_layers, minimum=0))
@@ -172,6 +195,8 @@ class UNetConfig:
             object.__setattr__(self, name, check_float(name, getattr(self, name), **bounds))
         check_choice("mid_attention", self.mid_attention, ATTENTION_KINDS)
         check_choice("class_conditioning", self.class_conditioning, CLASS_CONDITIONING)
+        check_choice("added_cond", self.added_cond, ADDED_CONDITIONING)
+        self._check_added_cond()
         check_choice("attention_implementation", self.attention_implementation,
                      ATTENTION_IMPLEMENTATIONS)
         _per_level("layers_per_block", self.layers_per_block, n)
@@ -222,6 +247,27 @@ class UNetConfig:
         object.__setattr__(self, "dtype", _float_dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
 
+    def _check_added_cond(self):
+        dims = {"added_time_dim": self.added_time_dim,
+                "added_cond_input_dim": self.added_cond_input_dim}  # fmt: skip
+        if self.added_cond is None:
+            given = [k for k, v in dims.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set but added_cond=None (they size the "
+                                 "'text_time' embedding: set added_cond='text_time')")
+            return
+        missing = [k for k, v in dims.items() if v is None]
+        if missing:
+            raise ValueError(f"added_cond={self.added_cond!r} needs {' and '.join(missing)}")
+        if self.added_time_dim // 2 - self.freq_shift == 0:
+            raise ValueError(f"added_time_dim={self.added_time_dim} with freq_shift="
+                             f"{self.freq_shift} divides by zero in the time ids' sinusoids")
+        if self.added_cond_input_dim <= self.added_time_dim:
+            raise ValueError(
+                f"added_cond_input_dim={self.added_cond_input_dim} must exceed added_time_dim="
+                f"{self.added_time_dim} (it is text_embeds' width + n_time_ids * added_time_dim)"
+            )
+
     # Derived quantities ---------------------------------------------------------------------
 
     @property
@@ -265,66 +311,3 @@ class UNetConfig:
 
 def _at(value, level: int) -> int:
     return value[level] if isinstance(value, tuple) else value
-
-
-def check_inputs(cfg: UNetConfig, x, t, labels, context):
-    """Validate and normalise the UNet's inputs at trace time.
-
-    Returns ``(x, t, labels, context)`` with ``t`` broadcast to ``[B]``. Raises ``ValueError``
-    naming the offending argument.
-    """
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"x must be [B, H, W, C] (NHWC, rank 4), got shape {x.shape}")
-    if x.shape[-1] != cfg.in_channels:
-        raise ValueError(
-            f"x must have in_channels={cfg.in_channels} channels (last axis, NHWC), "
-            f"got shape {x.shape}"
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a float array, got dtype {x.dtype}")
-    b = x.shape[0]
-    t = jnp.asarray(t)
-    if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
-        raise ValueError(f"t must hold int or float timesteps, got dtype {t.dtype}")
-    if t.ndim == 0:
-        t = jnp.broadcast_to(t, (b,))
-    if t.shape != (b,):
-        raise ValueError(f"t must have shape [B] = ({b},) or be a scalar, got shape {t.shape}")
-
-    if cfg.num_classes is None:
-        if labels is not None:
-            raise ValueError("labels were given but the config has no classes (num_classes=None)")
-    else:
-        if labels is None:
-            raise ValueError(
-                f"labels are required ([B] ints in [0, {cfg.num_classes}]; "
-                f"{cfg.num_classes} is the null label)"
-            )
-        labels = jnp.asarray(labels)
-        if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(
-                f"labels must be [B] = ({b},) ints, got shape {labels.shape} dtype {labels.dtype}"
-            )
-        value = concrete(labels)
-        if value is not None and value.size and (value.min() < 0 or value.max() > cfg.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null label), "
-                f"got values in [{value.min()}, {value.max()}]"
-            )
-
-    if context is None:
-        if cfg.needs_context:
-            raise ValueError(
-                f"context ([B, L, {cfg.context_dim}]) is required by the cross-attention layers"
-            )
-    else:
-        if not cfg.has_cross_attention:
-            raise ValueError("context was given but the config has no cross-attention layers")
-        context = jnp.asarray(context)
-        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
-            raise ValueError(
-                f"context must be [B, L, context_dim] = [{b}, L, {cfg.context_dim}], "
-                f"got shape {context.shape}"
-            )
-    return x, t, labels, context
