@@ -88,6 +88,11 @@ def test_load_errors(folder, tmp_path):
         load_stable_diffusion(copy, variant="fp16")
     shutil.rmtree(copy)
     copy = _copy(folder, tmp_path)
+    _edit_json(os.path.join(copy, "unet", "config.json"), time_cond_proj_dim=8)
+    with pytest.raises(ValueError, match="unet/config.json: time_cond_proj_dim=8: an LCM"):
+        load_stable_diffusion(copy, variant="fp16")
+    shutil.rmtree(copy)
+    copy = _copy(folder, tmp_path)
     shutil.rmtree(os.path.join(copy, "vae"))
     with pytest.raises(ValueError, match="no vae/ folder"):
         load_stable_diffusion(copy, variant="fp16")

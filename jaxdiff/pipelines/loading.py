@@ -208,6 +208,12 @@ def load_stable_diffusion(
     _check_class("unet", {}, unet_raw)
     if unet_raw.get("addition_embed_type") == "text_time":
         raise ValueError(f"unet/config.json: addition_embed_type='text_time': {_SDXL}")
+    if unet_raw.get("time_cond_proj_dim") is not None:
+        raise ValueError(
+            f"unet/config.json: time_cond_proj_dim={unet_raw['time_cond_proj_dim']!r}: an "
+            "LCM-distilled UNet's guidance embedding is not supported by jaxdiff's Stable "
+            "Diffusion pipeline yet (the UNet itself loads: jaxdiff.convert.from_diffusers)"
+        )
     with _errors_in("unet/config.json"):
         unet_config = unet_config_from_diffusers(unet_raw, model_class="UNet2DConditionModel",
                                                  **overrides)
