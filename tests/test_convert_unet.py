@@ -292,7 +292,7 @@ def test_unsupported_unet2d_options(model, options, match):
         (dict(only_cross_attention=True), "only_cross_attention"),
         (dict(addition_embed_type="text"), "addition_embed_type"),
         (dict(encoder_hid_dim=16), "encoder_hid_dim"),
-        (dict(time_cond_proj_dim=8), "time_cond_proj_dim"),
+        (dict(projection_class_embeddings_input_dim=8), "projection_class_embeddings_input_dim"),
         (dict(conv_in_kernel=1), "conv_in_kernel"),
         (dict(class_embeddings_concat=True), "class_embeddings_concat"),
         (dict(cross_attention_dim=(24, 32)), "cross_attention_dim"),
