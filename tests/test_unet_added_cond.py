@@ -180,7 +180,8 @@ SDXL_BASE = dict(
     transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, upcast_attention=None,
 )  # fmt: skip
 SDXL_REFINER = dict(
-    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[6, 12, 24, 24],
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    attention_head_dim=[6, 12, 24, 24],
     block_out_channels=[384, 768, 1536, 1536], cross_attention_dim=1280,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                       "DownBlock2D"],
@@ -229,3 +230,20 @@ def test_real_sdxl_configs_map_and_export_back():
 def test_unsupported_sdxl_options(options, match):
     with pytest.raises(ValueError, match=match):
         unet_config_from_diffusers({**SDXL_BASE, **options}, model_class="UNet2DConditionModel")
+
+
+def test_lora_names_cover_deeper_transformers_and_the_new_layers():
+    """LoRA layer names are read off the params, so a level with 2 transformer blocks and the new
+    embedding layers are targets under their diffusers names, and kohya's names (diffusers
+    module names with ``_``) resolve to them."""
+    from jaxdiff.convert.lora_kohya import kohya_names
+    from jaxdiff.convert.lora_names import lora_targets
+
+    targets = lora_targets({"unet": init_unet(XL, jax.random.key(0))})
+    deep = "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"
+    for name in (deep, "unet.up_blocks.0.attentions.1.transformer_blocks.1.ff.net.2",
+                 "unet.add_embedding.linear_1", "unet.time_embedding.cond_proj"):
+        assert name in targets, name
+    assert targets[deep].shape == (8, 32)
+    names = kohya_names(targets)
+    assert names["lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k"] == deep
