@@ -68,9 +68,13 @@ def test_params_of_the_extra_embeddings():
 
 @pytest.mark.slow
 def test_each_embedding_changes_the_output():
-    """Real inputs reach the output: other time ids, pooled embeddings or guidance scales give
-    other predictions, and one jit serves them all (int and float time ids alike)."""
-    params = init_unet(XL, jax.random.key(1))
+    """``init_unet`` initialises the new layers, and real inputs reach the output: other time
+    ids, pooled embeddings or guidance scales give other predictions (int and float time ids
+    alike give the same)."""
+    params = init_unet(XL, jax.random.key(1))  # the host init covers the new layers too
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(
+        lambda s: s.shape, unet_param_shapes(XL))
+    assert np.all(np.asarray(params["time_embedding"]["cond_proj"]["kernel"]) != 0)
     apply = jax.jit(lambda p, x, t, kw: UNet(XL).apply({"params": p}, x, t, **kw))
     x, t, kw = inputs()
     base = np.asarray(apply(params, x, t, kw))
