@@ -286,6 +286,13 @@ def test_save_checks_that_the_parts_fit(parts, tmp_path):
     with pytest.raises(ValueError, match="unet_config.in_channels=3 must equal "
                                          "vae_config.latent_channels=4"):
         save_stable_diffusion(str(tmp_path / "b"), **{**parts, "vae_config": vae})
+    xl = dataclasses.replace(parts["unet_config"], added_cond="text_time", added_time_dim=4,
+                             added_cond_input_dim=40)
+    with pytest.raises(ValueError, match="unet_config.added_cond='text_time': an SDXL UNet"):
+        save_stable_diffusion(str(tmp_path / "c"), **{**parts, "unet_config": xl})
+    lcm = dataclasses.replace(parts["unet_config"], time_cond_dim=8)
+    with pytest.raises(ValueError, match="unet_config.time_cond_dim=8: an LCM UNet"):
+        save_stable_diffusion(str(tmp_path / "d"), **{**parts, "unet_config": lcm})
 
 
 @pytest.mark.parametrize("name,options,schedule", [

@@ -209,6 +209,13 @@ def save_stable_diffusion(
     if unet_config.num_classes is not None:
         raise ValueError(f"unet_config.num_classes={unet_config.num_classes}: "
                          "StableDiffusionPipeline passes no class labels")
+    if unet_config.added_cond is not None:
+        raise ValueError(f"unet_config.added_cond={unet_config.added_cond!r}: an SDXL UNet; "
+                         "StableDiffusionPipeline passes no added_cond_kwargs")
+    if unet_config.time_cond_dim is not None:
+        raise ValueError(f"unet_config.time_cond_dim={unet_config.time_cond_dim}: an LCM UNet's "
+                         "guidance embedding, which jaxdiff's Stable Diffusion pipeline does not "
+                         "pass yet")
     z = vae_config.latent_channels
     for name in ("in_channels", "out_channels"):
         if getattr(unet_config, name) != z:
