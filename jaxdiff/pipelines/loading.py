@@ -13,9 +13,9 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes (and what 
 Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load; SDXL (a
 ``text_encoder_2`` in ``model_index.json``, or a UNet with ``addition_embed_type="text_time"``) is
 rejected, and so is an LCM-distilled UNet (``time_cond_proj_dim``: the pipeline does not pass its
-guidance embedding yet). The ``safety_checker`` and ``feature_extractor`` entries are ignored. The tokenizer is
-checked against the text encoder (:func:`check_tokenizer`), and a sharded checkpoint's index
-may name only files inside its folder (:mod:`jaxdiff.pipelines.checkpoint_files`).
+guidance embedding yet). The ``safety_checker`` and ``feature_extractor`` entries are ignored.
+The tokenizer is checked against the text encoder (:func:`check_tokenizer`), and a sharded
+checkpoint's index may name only files inside its folder (:mod:`jaxdiff.pipelines.checkpoint_files`).
 """
 
 from __future__ import annotations
