@@ -15,7 +15,8 @@ Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load; SDX
 rejected, and so is an LCM-distilled UNet (``time_cond_proj_dim``: the pipeline does not pass its
 guidance embedding yet). The ``safety_checker`` and ``feature_extractor`` entries are ignored.
 The tokenizer is checked against the text encoder (:func:`check_tokenizer`), and a sharded
-checkpoint's index may name only files inside its folder (:mod:`jaxdiff.pipelines.checkpoint_files`).
+checkpoint's index may name only files inside its folder
+(:mod:`jaxdiff.pipelines.checkpoint_files`).
 """
 
 from __future__ import annotations
