@@ -35,9 +35,10 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tiny_tokenizer(path: str, max_length: int = 16) -> str:
+def write_tiny_tokenizer(path: str, max_length: int = 16, pad_token: str = "<|endoftext|>") -> str:
     """A CLIP-layout tokenizer folder (bytes, bytes + ``</w>``, :data:`TINY_VOCAB_MERGES`, BOS,
-    EOS; ``model_max_length = max_length``). Returns ``path``."""
+    EOS; ``model_max_length = max_length``), padding with ``pad_token`` (SDXL's ``tokenizer_2``:
+    ``"!"``, id 0). Returns ``path``."""
     chars = _byte_alphabet()
     tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in TINY_VOCAB_MERGES),
               "<|startoftext|>", "<|endoftext|>"]
@@ -47,7 +48,7 @@ def write_tiny_tokenizer(path: str, max_length: int = 16) -> str:
     with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(["#version: 0.2", *(" ".join(m) for m in TINY_VOCAB_MERGES)]) + "\n")
     config = {"model_max_length": max_length, "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": pad_token,
               "unk_token": "<|endoftext|>", "do_lower_case": True,
               "tokenizer_class": "CLIPTokenizer"}
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
