@@ -74,8 +74,9 @@ def check_add_embedding_dim(addition_time_embed_dim: int, num_time_ids: int, poo
 
     Raises:
       ValueError: the two widths differ, naming both; when they differ by exactly one time id,
-        saying to switch ``requires_aesthetics_score`` on (one id short) or off (one too many), as
-        diffusers does.
+        saying to switch ``requires_aesthetics_score`` off (the UNet wants one id more: a base
+        model's 6) or on (one id fewer: a refiner's 5). diffusers raises for the same widths but
+        its hint has the two the other way round.
     """
     d = check_int("addition_time_embed_dim", addition_time_embed_dim, 1)
     n = check_int("num_time_ids", num_time_ids, 1)
@@ -87,12 +88,12 @@ def check_add_embedding_dim(addition_time_embed_dim: int, num_time_ids: int, poo
     msg = (f"the UNet's add_embedding reads {want} features (projection_class_embeddings_"
            f"input_dim), the conditioning gives {got} = {n} time ids x addition_time_embed_dim "
            f"{d} + pooled {p}")
-    if want - got == d:
-        msg += ("; the UNet expects one more time id: set requires_aesthetics_score = true (a "
-                "refiner)")
-    elif got - want == d:
-        msg += ("; the UNet expects one time id fewer: set requires_aesthetics_score = false "
-                "(a base model)")
+    if want - got == d:  # a base UNet (6 ids) given a refiner's row (5)
+        msg += ("; the UNet expects one time id more: set requires_aesthetics_score = false "
+                "(a base model's 6 ids)")
+    elif got - want == d:  # a refiner's UNet (5 ids) given a base row (6)
+        msg += ("; the UNet expects one time id fewer: set requires_aesthetics_score = true "
+                "(a refiner's 5 ids)")
     else:
         msg += "; check the UNet's addition_time_embed_dim and text_encoder_2's projection_dim"
     raise ValueError(msg)

@@ -7,10 +7,10 @@ SDXL base holds ``text_encoder`` (CLIP ViT-L, transformers' ``CLIPTextModel``) w
 (``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``) holds only the second
 pair. Per prompt:
 
-- ``prompt_embeds [B, L, D1 + D2]``: each encoder's *penultimate* hidden state (``hidden_states[-2]``
-  of transformers' ``output_hidden_states``, before the final LayerNorm; with ``clip_skip = k``
-  ``hidden_states[-(k + 2)]``), concatenated on the feature axis, encoder 1 first. A refiner's is
-  encoder 2's alone, ``[B, L, D2]``.
+- ``prompt_embeds [B, L, D1 + D2]``: each encoder's *penultimate* hidden state
+  (``hidden_states[-2]`` of transformers' ``output_hidden_states``, before the final LayerNorm;
+  with ``clip_skip = k`` ``hidden_states[-(k + 2)]``), concatenated on the feature axis,
+  encoder 1 first. A refiner's is encoder 2's alone, ``[B, L, D2]``.
 - ``pooled [B, P]``: encoder 2's ``text_embeds``, the final-normed state at the EOS position
   projected by ``text_projection`` (:func:`jaxdiff.models.clip_text.pooled_positions`: with
   ``eos_token_id == 2``, as SDXL's configs have it, ``argmax(input_ids)``, where EOS is the
@@ -132,9 +132,30 @@ def check_sdxl_clip_skip(text_config: CLIPTextConfig | None, text_config_2: CLIP
     return check_int("clip_skip", clip_skip, 0, min(layers) - 1)
 
 
-def _penultimate(config: CLIPTextConfig, params: Any, input_ids: jax.Array, clip_skip: int):
+def _hidden(config: CLIPTextConfig, params: Any, input_ids: jax.Array, skips: tuple[int, ...]):
+    """One forward pass of ``input_ids [n B, L]`` (``n = len(skips)`` stacked groups of ``B``
+    rows): group ``g``'s ``hidden_states[-(skips[g] + 2)]`` and every row's ``text_embeds``."""
     out = CLIPTextModel(config).apply({"params": params}, input_ids)
-    return out.hidden_states[-(clip_skip + 2)], out.text_embeds
+    groups = [jnp.split(out.hidden_states[-(k + 2)], len(skips))[g] for g, k in enumerate(skips)]
+    return jnp.concatenate(groups), out.text_embeds
+
+
+def _encode(text_config, text_config_2, params, tokens: SDXLTokens, skips, dtype):
+    """:func:`encode_sdxl_prompt` for ``len(skips)`` groups of rows stacked in ``tokens``."""
+    if (text_config is None) != (tokens.input_ids is None):
+        raise ValueError("tokens.input_ids must be None exactly when text_config is None (a "
+                         f"refiner), got text_config={'None' if text_config is None else 'set'} "
+                         f"and input_ids={'None' if tokens.input_ids is None else 'set'}")
+    if text_config is not None and jnp.shape(tokens.input_ids) != jnp.shape(tokens.input_ids_2):
+        raise ValueError(f"tokens.input_ids {jnp.shape(tokens.input_ids)} and input_ids_2 "
+                         f"{jnp.shape(tokens.input_ids_2)} must have the same shape [B, L]")
+    hidden_2, pooled = _hidden(text_config_2, params["text_encoder_2"], tokens.input_ids_2, skips)
+    if text_config is None:
+        embeds = hidden_2
+    else:
+        hidden_1, _ = _hidden(text_config, params["text_encoder"], tokens.input_ids, skips)
+        embeds = jnp.concatenate([hidden_1, hidden_2], axis=-1)
+    return SDXLEmbeddings(embeds.astype(dtype), pooled.astype(dtype))
 
 
 def encode_sdxl_prompt(text_config: CLIPTextConfig | None, text_config_2: CLIPTextConfig,
@@ -163,22 +184,7 @@ def encode_sdxl_prompt(text_config: CLIPTextConfig | None, text_config_2: CLIPTe
       ValueError: ``tokens.input_ids`` given for a refiner or missing for a base model, or the two
         id arrays of different shapes.
     """
-    if (text_config is None) != (tokens.input_ids is None):
-        raise ValueError("tokens.input_ids must be None exactly when text_config is None (a "
-                         f"refiner), got text_config={'None' if text_config is None else 'set'} "
-                         f"and input_ids={'None' if tokens.input_ids is None else 'set'}")
-    hidden_2, pooled = _penultimate(text_config_2, params["text_encoder_2"], tokens.input_ids_2,
-                                    clip_skip)
-    if text_config is None:
-        embeds = hidden_2
-    else:
-        if jnp.shape(tokens.input_ids) != jnp.shape(tokens.input_ids_2):
-            raise ValueError(f"tokens.input_ids {jnp.shape(tokens.input_ids)} and input_ids_2 "
-                             f"{jnp.shape(tokens.input_ids_2)} must have the same shape [B, L]")
-        hidden_1, _ = _penultimate(text_config, params["text_encoder"], tokens.input_ids,
-                                   clip_skip)
-        embeds = jnp.concatenate([hidden_1, hidden_2], axis=-1)
-    return SDXLEmbeddings(embeds.astype(dtype), pooled.astype(dtype))
+    return _encode(text_config, text_config_2, params, tokens, (clip_skip,), dtype)
 
 
 def encode_sdxl_prompts(text_config: CLIPTextConfig | None, text_config_2: CLIPTextConfig,
@@ -187,20 +193,29 @@ def encode_sdxl_prompts(text_config: CLIPTextConfig | None, text_config_2: CLIPT
                         dtype: Any = jnp.float32) -> tuple[SDXLEmbeddings, SDXLEmbeddings]:
     """The prompt and the negative prompt for classifier-free guidance: ``(cond, uncond)``, each
     an :class:`SDXLEmbeddings` of the same shapes. Pure and jittable (inside the pipeline's
-    ``jit``; whether ``negative_tokens`` is ``None`` is static).
+    ``jit``; whether ``negative_tokens`` is ``None`` is static). Both go through each encoder as
+    one batch of ``2B`` rows.
 
     ``negative_tokens=None`` is SDXL's ``force_zeros_for_empty_prompt`` rule (decided on the host
     by :func:`negative_is_zeros`): ``uncond`` is all zeros, embeddings and pooled alike, not the
     encoding of ``""``. Otherwise the negative prompt is encoded as the prompt, without
     ``clip_skip`` (as diffusers).
+
+    Raises:
+      ValueError: as :func:`encode_sdxl_prompt`, or ``negative_tokens`` of other shapes than
+        ``tokens``.
     """
-    cond = encode_sdxl_prompt(text_config, text_config_2, params, tokens, clip_skip=clip_skip,
-                              dtype=dtype)
     if negative_tokens is None:
+        cond = encode_sdxl_prompt(text_config, text_config_2, params, tokens,
+                                  clip_skip=clip_skip, dtype=dtype)
         return cond, jax.tree.map(jnp.zeros_like, cond)
-    uncond = encode_sdxl_prompt(text_config, text_config_2, params, negative_tokens, clip_skip=0,
-                                dtype=dtype)
-    return cond, uncond
+    shapes = [jax.tree.map(jnp.shape, t) for t in (tokens, negative_tokens)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"negative_tokens' shapes {shapes[1]} must be tokens' {shapes[0]}")
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), tokens, negative_tokens)
+    out = _encode(text_config, text_config_2, params, both, (clip_skip, 0), dtype)
+    cond, uncond = zip(*(jnp.split(x, 2) for x in out))
+    return SDXLEmbeddings(*cond), SDXLEmbeddings(*uncond)
 
 
 def negative_is_zeros(negative_prompt: Any, negative_prompt_2: Any,

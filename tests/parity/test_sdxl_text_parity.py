@@ -6,10 +6,11 @@ The torch pipeline: two random transformers encoders (``CLIPTextModel`` and
 ``CLIPTextModelWithProjection``, biases and LayerNorm affine randomised, ``gelu``, SDXL's
 ``eos_token_id = 2`` legacy rule, or the first-EOS rule), tokenizers written by
 :func:`jaxdiff.pipelines.tiny.write_tiny_tokenizer` (the second pads with ``"!"``, id 0, as
-SDXL's ``tokenizer_2``), and a tiny ``UNet2DConditionModel`` with ``addition_embed_type="text_time"``
-only because the pipeline needs one (jaxdiff's UNet is not involved). jaxdiff tokenizes the same
-strings with its own tokenizers (loaded from the same folders) and encodes with the weights
-converted by :func:`jaxdiff.convert.clip_text_from_transformers`, inside one ``jit``.
+SDXL's ``tokenizer_2``), and a tiny ``UNet2DConditionModel`` with
+``addition_embed_type="text_time"`` only because the pipeline needs one (jaxdiff's UNet is not
+involved). jaxdiff tokenizes the same strings with its own tokenizers (loaded from the same
+folders) and encodes with the weights converted by
+:func:`jaxdiff.convert.clip_text_from_transformers`, inside one ``jit``.
 
 Tolerance: each encoder's part of ``prompt_embeds`` (and the pooled embedding) within
 ``network_rtol`` of that encoder (``tolerances.network_rtol(*torch_layers(encoder))``, relative
@@ -18,6 +19,8 @@ prefix of the network) too. Zeros (``force_zeros_for_empty_prompt``) are compare
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -30,6 +33,7 @@ from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithPr
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from jaxdiff.convert import clip_text_from_transformers
+from jaxdiff.models import CLIPTextConfig
 from jaxdiff.pipelines.loading import load_tokenizer
 from jaxdiff.pipelines.sdxl_text import (
     SDXLTokens,
@@ -74,18 +78,20 @@ def torch_encoder(with_projection: bool, seed: int, eos_token_id: int, vocab: in
     return model
 
 
-def torch_pipeline(tokenizer_dirs, *, refiner=False, force_zeros=True, eos_token_id=2):
-    """A tiny diffusers SDXL pipeline (``StableDiffusionXLImg2ImgPipeline`` without the first
-    encoder for ``refiner``)."""
+def torch_pipeline(tokenizer_dirs, *, refiner=False, img2img=False, force_zeros=True,
+                   eos_token_id=2):
+    """A tiny diffusers SDXL pipeline: ``StableDiffusionXLPipeline``;
+    ``StableDiffusionXLImg2ImgPipeline`` for ``img2img``; for ``refiner`` the latter without the
+    first encoder and with ``requires_aesthetics_score``."""
     import diffusers
 
     tok1, tok2 = (HFCLIPTokenizer.from_pretrained(d) for d in tokenizer_dirs)
     vocab = len(tok2.get_vocab())
     eos = eos_token_id if eos_token_id == 2 else vocab - 1
     te1 = torch_encoder(False, 0, eos, vocab, hidden_size=32, intermediate_size=40,
-                        num_hidden_layers=3, num_attention_heads=4)
+                        num_hidden_layers=2, num_attention_heads=4)
     te2 = torch_encoder(True, 1, eos, vocab, hidden_size=48, intermediate_size=56,
-                        num_hidden_layers=4, num_attention_heads=4, projection_dim=24)
+                        num_hidden_layers=3, num_attention_heads=4, projection_dim=24)
     cross = 48 if refiner else 80
     n_ids = 5 if refiner else 6
     torch.manual_seed(2)
@@ -102,10 +108,11 @@ def torch_pipeline(tokenizer_dirs, *, refiner=False, force_zeros=True, eos_token
     scheduler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear",
                                                  beta_start=0.00085, beta_end=0.012,
                                                  steps_offset=1)
-    if refiner:
+    if refiner or img2img:
         return diffusers.StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+            vae=vae, text_encoder=None if refiner else te1, text_encoder_2=te2,
+            tokenizer=None if refiner else tok1, tokenizer_2=tok2, unet=unet,
+            scheduler=scheduler, requires_aesthetics_score=refiner,
             force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
     return diffusers.StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
@@ -203,9 +210,12 @@ def test_both_tokenizers_give_transformers_ids(tokenizer_dirs, which):
 
 
 def test_bad_inputs_name_the_problem(tokenizer_dirs):
-    pipe = torch_pipeline(tokenizer_dirs)
-    config, config_2, params, tok, tok_2 = jax_side(pipe, tokenizer_dirs)
-    import dataclasses
+    tok, tok_2 = (load_tokenizer(d) for d in tokenizer_dirs)
+    small = dict(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=8,
+                 num_attention_heads=2, max_position_embeddings=MAX_LEN)
+    config = CLIPTextConfig(num_hidden_layers=3, **small)
+    config_2 = CLIPTextConfig(num_hidden_layers=4, projection_dim=4, **small)
+    params = {}  # every error below is raised before the encoders run
 
     with pytest.raises(ValueError, match="text_encoder_2 is required"):
         check_sdxl_text_encoders(config, None)
@@ -232,3 +242,6 @@ def test_bad_inputs_name_the_problem(tokenizer_dirs):
     with pytest.raises(ValueError, match="same shape"):
         encode_sdxl_prompts(config, config_2, params,
                             SDXLTokens(tokens.input_ids[:, :8], tokens.input_ids_2), None)
+    with pytest.raises(ValueError, match="negative_tokens' shapes"):
+        encode_sdxl_prompts(config, config_2, params, tokens,
+                            SDXLTokens(tokens.input_ids[:, :8], tokens.input_ids_2[:, :8]))
