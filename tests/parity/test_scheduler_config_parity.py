@@ -87,6 +87,14 @@ def _trajectory_atol(ref, acp, two_stage, *arrays):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["_class_name"])
 def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
+    compare_config_trajectory(config, 12, monkeypatch)
+
+
+def compare_config_trajectory(config, n, monkeypatch):
+    """Build diffusers' scheduler and jaxdiff's sampler from ``config``, run ``n`` steps of the
+    analytic stand-in model on the same start and noise, assert the final samples agree within
+    :func:`_trajectory_atol`. Returns ``(diffusers scheduler after set_timesteps, sampler,
+    schedule)``."""
     cls = getattr(diffusers, config["_class_name"])
     ref = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     schedule = schedule_from_diffusers_config(config)
@@ -107,7 +115,6 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
         ref.lambda_t = torch.log(ref.alpha_t) - torch.log(ref.sigma_t)
         ref.sigmas = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
     pred = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[ref.config.prediction_type]
-    n = 12
     ref.set_timesteps(n)
     rng = np.random.default_rng(0)
     x_T = rng.standard_normal(SHAPE).astype(np.float32)
@@ -138,6 +145,7 @@ def test_config_gives_the_diffusers_trajectory(config, monkeypatch):
     two_stage = config["_class_name"] in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler")
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=_trajectory_atol(
         ref, acp, two_stage, x_T, noise, want))
+    return ref, sampler, schedule
 
 
 def test_kdpm2_ancestral_config_maps_its_options():
