@@ -23,6 +23,14 @@ argument that the chosen rule would ignore):
 
 Everything here runs on the host on Python numbers (static per call); the arrays go into the
 pipeline's ``jit`` as ``added_cond["time_ids"]``.
+
+    >>> ids = sdxl_time_ids((1024, 768), crops_coords_top_left=(0, 32), target_size=(512, 384))
+    >>> ids.time_ids
+    array([[1024.,  768.,    0.,   32.,  512.,  384.]], dtype=float32)
+    >>> sdxl_time_ids((1024, 1024), pipeline="img2img", requires_aesthetics_score=True,
+    ...               batch_size=2).negative_time_ids
+    array([[1024. , 1024. ,    0. ,    0. ,    2.5],
+           [1024. , 1024. ,    0. ,    0. ,    2.5]], dtype=float32)
 """
 
 from __future__ import annotations

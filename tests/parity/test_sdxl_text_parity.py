@@ -209,6 +209,21 @@ def test_both_tokenizers_give_transformers_ids(tokenizer_dirs, which):
     assert got[0, -1] == pad
 
 
+def test_tokenizer_2_saved_by_transformers_keeps_its_pad_token(tokenizer_dirs, tmp_path):
+    """transformers 5's ``save_pretrained`` writes ``tokenizer.json`` (no vocab.json): jaxdiff's
+    ``load_tokenizer`` reads the BPE model from it and the ``"!"`` padding from
+    ``tokenizer_config.json``."""
+    hf = HFCLIPTokenizer.from_pretrained(tokenizer_dirs[1])
+    hf.save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() or (tmp_path / "tokenizer.json").exists()
+    ours = load_tokenizer(str(tmp_path))
+    texts = [*PROMPTS, LONG]
+    want = hf(texts, padding="max_length", max_length=MAX_LEN, truncation=True).input_ids
+    got = ours(texts, padding="max_length", truncation=True).input_ids
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert ours.pad_token == "!" and ours.pad_token_id == 0 and got[0, -1] == 0
+
+
 def test_bad_inputs_name_the_problem(tokenizer_dirs):
     tok, tok_2 = (load_tokenizer(d) for d in tokenizer_dirs)
     small = dict(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=8,
