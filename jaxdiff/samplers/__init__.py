@@ -119,6 +119,7 @@ from jaxdiff.samplers.lcm import (
     lcm_step,
     lcm_timesteps,
 )
+from jaxdiff.samplers.tcd import tcd_sample, tcd_step, tcd_timesteps
 from jaxdiff.samplers.lms import (
     LMSState,
     lms_coefficients,
@@ -236,6 +237,9 @@ __all__ = [
     "lcm_scalings",
     "lcm_step",
     "lcm_timesteps",
+    "tcd_sample",
+    "tcd_step",
+    "tcd_timesteps",
     "LMSState",
     "lms_coefficients",
     "lms_init",

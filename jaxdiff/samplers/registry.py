@@ -82,6 +82,7 @@ SAMPLER_MODULES = (
     "dpm_solver",
     "dpm_solver_singlestep",
     "lcm",
+    "tcd",
     "euler",
     "heun",
     "kdpm2",
