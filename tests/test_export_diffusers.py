@@ -306,6 +306,7 @@ def test_save_checks_that_the_parts_fit(parts, tmp_path):
     ("heun", {}, "cosine"),
     ("ddpm", {}, "sigmoid"),  # the one class with sigmoid betas
     ("lcm", dict(original_inference_steps=20), "scaled_linear"),
+    ("tcd", dict(original_inference_steps=20, prediction_type="v"), "scaled_linear"),
     ("plms", dict(steps_offset=1), "scaled_linear"),
 ])
 def test_scheduler_round_trip(name, options, schedule):

@@ -10,8 +10,8 @@ with ``Scheduler.from_config(pipe.scheduler.config, **overrides)``, and a folder
 holds that scheduler's ``config`` (:func:`converted`): SDXL-Lightning's
 ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"`` (its 1-step UNet also with
 ``prediction_type="sample"``), Hyper-SD's ``DDIMScheduler`` with ``"trailing"`` (its N-step
-LoRAs) and ``TCDScheduler`` (its 1-step UNet: not supported, a clear error), the LCM LoRA's
-``LCMScheduler``; ``LCM_SDXL`` is latent-consistency/lcm-sdxl's own file. The Karras variants
+LoRAs) and ``TCDScheduler`` (its 1-step UNet and the TCD LoRAs; the sampler's default ``eta``
+0.3 on both sides, diffusers' ``step`` default), the LCM LoRA's ``LCMScheduler``; ``LCM_SDXL`` is latent-consistency/lcm-sdxl's own file. The Karras variants
 are the "DPM++ 2M Karras" and "Euler Karras" settings people run SDXL with.
 
 Checked: the grid jaxdiff's sampler runs (``sampler.spec.grid``) has diffusers' timesteps
@@ -73,6 +73,7 @@ CONFIGS = {
                                         prediction_type="sample"),
     "hyper_sd_ddim_trailing": converted("DDIMScheduler", timestep_spacing="trailing"),
     "lcm_lora": converted("LCMScheduler"),
+    "hyper_sd_tcd": converted("TCDScheduler"),
     "lcm_sdxl": LCM_SDXL,
     "euler_karras": converted("EulerDiscreteScheduler", use_karras_sigmas=True),
     "dpmpp_2m_karras": converted("DPMSolverMultistepScheduler", use_karras_sigmas=True),
@@ -111,7 +112,6 @@ def test_fast_config_grid_and_trajectory_match_diffusers(name, n, monkeypatch):
         within(np.abs(got - sig), sigma_rtol * sig, f"{name} sigmas")
 
 
-def test_tcd_is_a_clear_error():
-    """Hyper-SD's 1-step UNet runs with TCDScheduler, which jaxdiff does not implement."""
-    with pytest.raises(ValueError, match=r"config\['_class_name'\].*'TCDScheduler'"):
-        sampler_from_diffusers_config(converted("TCDScheduler"))
+def test_tcd_config_maps_to_the_tcd_sampler():
+    sampler = sampler_from_diffusers_config(CONFIGS["hyper_sd_tcd"])
+    assert sampler.name == "tcd" and sampler.effective_options["eta"] == 0.3

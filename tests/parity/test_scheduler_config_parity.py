@@ -159,7 +159,7 @@ def test_kdpm2_ancestral_config_maps_its_options():
 
 
 @pytest.mark.parametrize("config, match", [
-    (dict(_class_name="TCDScheduler"), "_class_name"),
+    (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "_class_name"),
     (dict(beta_start=0.1), "_class_name"),
     (dict(_class_name="DDIMScheduler", thresholding=True), "thresholding"),
     (dict(_class_name="DDIMScheduler", some_new_option=1), "some_new_option"),
