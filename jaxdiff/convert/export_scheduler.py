@@ -43,7 +43,7 @@ from jaxdiff.schedules import BETA_SCHEDULES, Schedule, make_schedule, schedule_
 __all__ = ["scheduler_to_diffusers"]
 
 _HINTS = {
-    "eta": "diffusers takes DDIM's eta at call time: pipe(..., eta=...)",
+    "eta": "diffusers takes DDIM's and TCD's eta at call time: pipe(..., eta=...)",
     "order": "diffusers takes LMS's order at call time: scheduler.step(..., order=...), which "
              "its pipelines leave at 4",
     "round_timesteps": "diffusers' DPMSolverMultistepScheduler rounds its timesteps unless "
