@@ -11,8 +11,10 @@ holds that scheduler's ``config`` (:func:`converted`): SDXL-Lightning's
 ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"`` (its 1-step UNet also with
 ``prediction_type="sample"``), Hyper-SD's ``DDIMScheduler`` with ``"trailing"`` (its N-step
 LoRAs) and ``TCDScheduler`` (its 1-step UNet and the TCD LoRAs; the sampler's default ``eta``
-0.3 on both sides, diffusers' ``step`` default), the LCM LoRA's ``LCMScheduler``; ``LCM_SDXL`` is latent-consistency/lcm-sdxl's own file. The Karras variants
-are the "DPM++ 2M Karras" and "Euler Karras" settings people run SDXL with.
+0.3 on both sides, diffusers' ``step`` default; Hyper-SD's ``timesteps=[800]`` custom grid is
+not supported), the LCM LoRA's ``LCMScheduler``; ``LCM_SDXL`` is latent-consistency/lcm-sdxl's
+own file. The Karras variants are the "DPM++ 2M Karras" and "Euler Karras" settings people run
+SDXL with.
 
 Checked: the grid jaxdiff's sampler runs (``sampler.spec.grid``) has diffusers' timesteps
 exactly and its sigmas (for the sigma-space samplers) within float32 rounding; and the final
