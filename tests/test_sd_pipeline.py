@@ -79,12 +79,12 @@ def test_load_errors(folder, tmp_path):
     copy = _copy(folder, tmp_path)
     _edit_json(os.path.join(copy, "model_index.json"),
                text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
-    with pytest.raises(ValueError, match="SDXL"):
+    with pytest.raises(ValueError, match="StableDiffusionPipeline has no text_encoder_2.*SDXL"):
         load_stable_diffusion(copy, variant="fp16")
     shutil.rmtree(copy)
     copy = _copy(folder, tmp_path)
     _edit_json(os.path.join(copy, "unet", "config.json"), addition_embed_type="text_time")
-    with pytest.raises(ValueError, match="unet/config.json.*SDXL"):
+    with pytest.raises(ValueError, match="unet/config.json.*'text_time' UNet is SDXL's"):
         load_stable_diffusion(copy, variant="fp16")
     shutil.rmtree(copy)
     copy = _copy(folder, tmp_path)

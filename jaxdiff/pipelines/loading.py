@@ -10,12 +10,16 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes (and what 
     scheduler/scheduler_config.json
     jaxdiff_generation.json   (optional: the settings it was measured with; diffusers ignores it)
 
-Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load; SDXL (a
-``text_encoder_2`` in ``model_index.json``, or a UNet with ``addition_embed_type="text_time"``) is
-rejected, and so is an LCM-distilled UNet (``time_cond_proj_dim``: the pipeline does not pass its
-guidance embedding yet). The ``safety_checker`` and ``feature_extractor`` entries are ignored.
-The tokenizer is checked against the text encoder (:func:`check_tokenizer`), and a sharded
-checkpoint's index may name only files inside its folder
+Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load, and SDXL
+(``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``: ``text_encoder_2`` +
+``tokenizer_2`` besides, ``text_encoder`` + ``tokenizer`` optional for a refiner whose
+``model_index.json`` names them ``[null, null]``, a ``text_time`` UNet; the pipeline flags
+``force_zeros_for_empty_prompt`` and ``requires_aesthetics_score``) into the same
+:class:`StableDiffusion`, so that one :func:`~jaxdiff.pipelines.generate` serves both. An
+LCM-distilled UNet (``time_cond_proj_dim``) is refused (the pipeline does not pass its guidance
+embedding yet). The ``safety_checker``, ``feature_extractor`` and ``image_encoder`` entries are
+ignored. The tokenizers are checked against their text encoders (:func:`check_tokenizer`), and
+a sharded checkpoint's index may name only files inside its folder
 (:mod:`jaxdiff.pipelines.checkpoint_files`).
 """
 
@@ -53,6 +57,7 @@ from jaxdiff.pipelines.checkpoint_files import (
     read_config,
     read_weights,
 )
+from jaxdiff.pipelines.sdxl_conditioning import check_add_embedding_dim
 from jaxdiff.pipelines.generation_defaults import GenerationDefaults, read_generation_defaults
 from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
 from jaxdiff.samplers.registry import Sampler, get_sampler, sampler_spec
@@ -62,15 +67,19 @@ from jaxdiff.text.tokenizer import CLIPTokenizer
 __all__ = ["StableDiffusion", "SUPPORTED_PIPELINES", "check_tokenizer", "choose_sampler",
            "load_stable_diffusion", "load_tokenizer", "with_sampler"]
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SUPPORTED_PIPELINES = SD_PIPELINES + SDXL_PIPELINES
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_PARTS = ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
 _CLASSES = {
     "unet": ("UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
-_SDXL = "SDXL (Stable Diffusion XL) is not supported by jaxdiff's Stable Diffusion pipeline"
 
 
 @struct.dataclass
@@ -79,10 +88,12 @@ class StableDiffusion:
 
     Attributes:
       params: ``{"unet": ..., "vae": ..., "text_encoder": ...}``, the three models' Flax
-        ``"params"`` trees.
+        ``"params"`` trees; SDXL adds ``"text_encoder_2"`` (and a refiner may lack
+        ``"text_encoder"``).
       unet_config, vae_config, text_config: the models' frozen configs (their ``dtype`` is the
-        compute dtype).
-      tokenizer: the prompt tokenizer (host side).
+        compute dtype); ``text_config`` is ``None`` for an SDXL refiner without
+        ``text_encoder``.
+      tokenizer: the prompt tokenizer (host side); ``None`` with ``text_config``.
       schedule: the training noise schedule (from ``scheduler_config.json``).
       sampler: the default sampler (``scheduler_config.json``'s scheduler, or the one chosen at
         load time).
@@ -98,6 +109,11 @@ class StableDiffusion:
         :mod:`jaxdiff.pipelines.generation_defaults`), or ``None``. Informative:
         :func:`~jaxdiff.pipelines.generate` does not read them (pass them as its arguments);
         :func:`~jaxdiff.pipelines.export_stable_diffusion` writes them back.
+      text_config_2, tokenizer_2: SDXL's second text encoder (``CLIPTextModelWithProjection``)
+        and its tokenizer; ``None`` for SD 1.x / 2.x.
+      force_zeros_for_empty_prompt, requires_aesthetics_score: SDXL's pipeline flags (its
+        ``model_index.json``; diffusers' defaults True / False); False for SD.
+      pipeline_class: the folder's ``model_index.json`` ``_class_name``.
 
     Only ``params`` and ``loras`` are pytree nodes: ``jax.tree.map(f, sd)`` maps the parameters
     (and the unfused LoRAs) and keeps the rest. The compiled generation programs are not part of
@@ -108,8 +124,8 @@ class StableDiffusion:
     params: dict
     unet_config: UNetConfig = struct.field(pytree_node=False)
     vae_config: AutoencoderKLConfig = struct.field(pytree_node=False)
-    text_config: CLIPTextConfig = struct.field(pytree_node=False)
-    tokenizer: CLIPTokenizer = struct.field(pytree_node=False)
+    text_config: CLIPTextConfig | None = struct.field(pytree_node=False)
+    tokenizer: CLIPTokenizer | None = struct.field(pytree_node=False)
     schedule: Schedule = struct.field(pytree_node=False)
     sampler: Sampler = struct.field(pytree_node=False)
     scheduler_config: Mapping[str, Any] = struct.field(pytree_node=False)
@@ -117,6 +133,16 @@ class StableDiffusion:
     loras: tuple = ()
     generation_defaults: GenerationDefaults | None = struct.field(pytree_node=False,
                                                                   default=None)
+    text_config_2: CLIPTextConfig | None = struct.field(pytree_node=False, default=None)
+    tokenizer_2: CLIPTokenizer | None = struct.field(pytree_node=False, default=None)
+    force_zeros_for_empty_prompt: bool = struct.field(pytree_node=False, default=False)
+    requires_aesthetics_score: bool = struct.field(pytree_node=False, default=False)
+    pipeline_class: str = struct.field(pytree_node=False, default="StableDiffusionPipeline")
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL model: ``text_encoder_2`` (and a ``text_time`` UNet)."""
+        return self.text_config_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -192,14 +218,30 @@ def load_stable_diffusion(
     index = read_config(os.path.join(root, "model_index.json"), "model_index.json")
     generation_defaults = read_generation_defaults(root)
     cls = index.get("_class_name")
-    if "text_encoder_2" in index or "XL" in str(cls):
-        raise ValueError(f"model_index.json: {_SDXL} (it names {cls!r} / text_encoder_2)")
     if cls not in SUPPORTED_PIPELINES:
         raise ValueError(f"model_index.json: _class_name {cls!r} is not supported (supported: "
                          f"{SUPPORTED_PIPELINES})")
-    for part in _PARTS:
+    sdxl = cls in SDXL_PIPELINES
+    if not sdxl and "text_encoder_2" in index:
+        raise ValueError(f"model_index.json: a {cls} has no text_encoder_2 (an SDXL folder's "
+                         f"_class_name is one of {SDXL_PIPELINES})")
+    parts = list(_SDXL_PARTS if sdxl else _PARTS)
+    if sdxl:  # text_encoder + tokenizer: present unless model_index says [null, null] (refiner)
+        for part in ("text_encoder_2", "tokenizer_2"):
+            if not _named(index, part):
+                raise ValueError(f"model_index.json: {part} is missing or null: an SDXL folder "
+                                 f"needs {part}/ (SDXL's pooled prompt embedding comes from "
+                                 "text_encoder_2)")
+        firsts = [p for p in ("text_encoder", "tokenizer") if _named(index, p)]
+        if len(firsts) == 1:
+            other = ({"text_encoder", "tokenizer"} - set(firsts)).pop()
+            raise ValueError(f"model_index.json: {firsts[0]} is named but {other} is null: "
+                             "SDXL's first text encoder needs both")
+        parts += firsts
+    for part in parts:
         if not os.path.isdir(os.path.join(root, part)):
-            raise ValueError(f"{root!r} has no {part}/ folder (needed by {cls})")
+            raise ValueError(f"{root!r} has no {part}/ folder (model_index.json of {cls} "
+                             "names it)")
         _check_class(part, index, None)
     if dtype is not None and jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -208,8 +250,13 @@ def load_stable_diffusion(
     unet_dir = os.path.join(root, "unet")
     unet_raw = read_config(os.path.join(unet_dir, "config.json"), "unet")
     _check_class("unet", {}, unet_raw)
-    if unet_raw.get("addition_embed_type") == "text_time":
-        raise ValueError(f"unet/config.json: addition_embed_type='text_time': {_SDXL}")
+    text_time = unet_raw.get("addition_embed_type") == "text_time"
+    if text_time != sdxl:
+        raise ValueError(
+            f"unet/config.json: addition_embed_type={unet_raw.get('addition_embed_type')!r} "
+            f"in a {cls} folder: " + ("an SDXL UNet needs 'text_time'" if sdxl else
+                                      "a 'text_time' UNet is SDXL's (model_index.json "
+                                      f"_class_name one of {SDXL_PIPELINES})"))
     if unet_raw.get("time_cond_proj_dim") is not None:
         raise ValueError(
             f"unet/config.json: time_cond_proj_dim={unet_raw['time_cond_proj_dim']!r}: an "
@@ -234,22 +281,28 @@ def load_stable_diffusion(
         vae_params = convert_vae_state_dict(vae_state, vae_config)
     del vae_state
 
-    te_dir = os.path.join(root, "text_encoder")
-    te_raw = read_config(os.path.join(te_dir, "config.json"), "text_encoder")
-    archs = te_raw.get("architectures") or ["CLIPTextModel"]
-    if not isinstance(archs, list) or archs[0] != "CLIPTextModel":
-        raise ValueError(f"text_encoder/config.json: architectures {archs} is not supported "
-                         "(supported: CLIPTextModel)")
-    with _errors_in("text_encoder/config.json"):
-        text_config = clip_text_config_from_transformers(te_raw, with_projection=False,
-                                                         **overrides)
-    te_state = read_weights(te_dir, ("model", "pytorch_model"), variant)
-    with _errors_in(f"{te_dir}: weights"):
-        text_params = convert_clip_text_state_dict(te_state, text_config)
-    del te_state
+    params = {"unet": unet_params, "vae": vae_params}
+    text_config = tokenizer = text_config_2 = tokenizer_2 = None
+    if "text_encoder" in parts:
+        text_config, params["text_encoder"] = _load_text_encoder(root, "text_encoder", variant,
+                                                                 overrides)
+        tokenizer = load_tokenizer(os.path.join(root, "tokenizer"))
+        check_tokenizer(tokenizer, text_config, os.path.join(root, "tokenizer"),
+                        os.path.join(root, "text_encoder"))
+    flags = {}
+    if sdxl:
+        text_config_2, params["text_encoder_2"] = _load_text_encoder(
+            root, "text_encoder_2", variant, overrides)
+        tokenizer_2 = load_tokenizer(os.path.join(root, "tokenizer_2"))
+        from jaxdiff.pipelines.sdxl_text import check_sdxl_text_encoders  # imports this module
 
-    tokenizer = load_tokenizer(os.path.join(root, "tokenizer"))
-    check_tokenizer(tokenizer, text_config, os.path.join(root, "tokenizer"), te_dir)
+        check_sdxl_text_encoders(text_config, text_config_2, tokenizer, tokenizer_2)
+        flags = _sdxl_flags(index, cls)
+        with _errors_in("unet/config.json"):
+            check_add_embedding_dim(unet_config.added_time_dim,
+                                    5 if flags["requires_aesthetics_score"] else 6,
+                                    text_config_2.projection_dim,
+                                    unet_config.added_cond_input_dim)
     sched_raw = read_config(os.path.join(root, "scheduler", "scheduler_config.json"),
                            "scheduler")
     sched_cls = sched_raw.get("_class_name")
@@ -274,16 +327,59 @@ def load_stable_diffusion(
         with _errors_in("scheduler/scheduler_config.json"):
             chosen = sampler_from_diffusers_config(sched_raw)
     cross = unet_config.context_dim
-    if cross is not None and cross != text_config.hidden_size:
-        raise ValueError(f"unet/config.json: cross_attention_dim={cross} differs from "
-                         f"text_encoder/config.json hidden_size={text_config.hidden_size}")
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
+    widths = [(n, c.hidden_size) for n, c in (("text_encoder", text_config),
+                                               ("text_encoder_2", text_config_2)) if c]
+    if cross is not None and cross != sum(w for _, w in widths):
+        named = " + ".join(f"{n}/config.json hidden_size={w}" for n, w in widths)
+        raise ValueError(f"unet/config.json: cross_attention_dim={cross} differs from {named}")
     return StableDiffusion(
         params=params, unet_config=unet_config, vae_config=vae_config, text_config=text_config,
         tokenizer=tokenizer, schedule=schedule, sampler=chosen, scheduler_config=sched_raw,
         sample_size=int(unet_raw.get("sample_size", 64)),
-        generation_defaults=generation_defaults,
+        generation_defaults=generation_defaults, text_config_2=text_config_2,
+        tokenizer_2=tokenizer_2, pipeline_class=cls, **flags,
     )
+
+
+def _named(index: Mapping[str, Any], part: str) -> bool:
+    """Whether ``model_index.json`` names ``part`` (an entry other than ``[null, null]``)."""
+    entry = index.get(part)
+    if isinstance(entry, (list, tuple)):
+        return any(e is not None for e in entry)
+    return entry is not None
+
+
+def _sdxl_flags(index: Mapping[str, Any], cls: str) -> dict[str, bool]:
+    """SDXL's pipeline flags from ``model_index.json``, with diffusers' defaults."""
+    flags = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+             "requires_aesthetics_score": index.get("requires_aesthetics_score", False)}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"model_index.json: {name} must be true or false, got {value!r}")
+    if flags["requires_aesthetics_score"] and cls != "StableDiffusionXLImg2ImgPipeline":
+        raise ValueError("model_index.json: requires_aesthetics_score is a refiner's flag "
+                         f"(StableDiffusionXLImg2ImgPipeline), not a {cls}'s")
+    return flags
+
+
+def _load_text_encoder(root: str, part: str, variant: str | None,
+                       overrides: Mapping[str, Any]) -> tuple[CLIPTextConfig, dict]:
+    """``(config, params)`` of ``root/part``: a ``CLIPTextModel`` (``text_encoder``) or a
+    ``CLIPTextModelWithProjection`` (``text_encoder_2``)."""
+    folder = os.path.join(root, part)
+    raw = read_config(os.path.join(folder, "config.json"), part)
+    want = _CLASSES[part][0]
+    archs = raw.get("architectures") or [want]
+    if not isinstance(archs, list) or archs[0] != want:
+        raise ValueError(f"{part}/config.json: architectures {archs} is not supported "
+                         f"(supported: {want})")
+    with _errors_in(f"{part}/config.json"):
+        config = clip_text_config_from_transformers(
+            raw, with_projection=want == "CLIPTextModelWithProjection", **overrides)
+    state = read_weights(folder, ("model", "pytorch_model"), variant)
+    with _errors_in(f"{folder}: weights"):
+        params = convert_clip_text_state_dict(state, config)
+    return config, params
 
 
 @contextlib.contextmanager

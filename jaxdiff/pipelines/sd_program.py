@@ -32,6 +32,7 @@ from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.lora import apply_loras
 from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
+from jaxdiff.pipelines.sdxl_text import encode_sdxl_prompts
 from jaxdiff.samplers.guidance import classifier_free_guidance
 from jaxdiff.samplers.img2img import noise_to_img2img
 from jaxdiff.samplers.registry import Sampler
@@ -68,6 +69,7 @@ class ProgramKey:
       mesh: the device mesh (a ``jax.sharding.Mesh`` compares by its devices and axis names,
         so an equal mesh made again finds the same program).
       clip_skip: CLIP layers skipped for the prompt (0: none).
+      text_config_2: SDXL's second text encoder's config (``None`` for SD 1.x / 2.x).
     """
 
     unet_config: UNetConfig
@@ -85,6 +87,7 @@ class ProgramKey:
     latent_shape: tuple[int, ...]
     mesh: jax.sharding.Mesh
     clip_skip: int
+    text_config_2: CLIPTextConfig | None = None
 
     @classmethod
     def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
@@ -101,7 +104,7 @@ class ProgramKey:
             img2img=None if img2img is None else freeze(img2img),  # img2img_key
             sample_posterior=bool(sample_posterior and img2img is not None),
             latent_shape=tuple(int(n) for n in latent_shape), mesh=mesh,
-            clip_skip=int(clip_skip),
+            clip_skip=int(clip_skip), text_config_2=sd.text_config_2,
         )
 
 
@@ -125,7 +128,9 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
     """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi) -> (images,
     latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras`` are
     ``StableDiffusion.loras`` (merged into ``params`` first), ``cond`` / ``uncond`` are
-    token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; ``x_init``
+    token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; for SDXL
+    (``key.text_config_2``) each is ``{"tokens": SDXLTokens, "time_ids": [B, K]}``, the negative
+    tokens ``None`` for zeros (``force_zeros_for_empty_prompt``); ``x_init``
     ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars.
 
     Only the configs and the schedule are taken from ``sd`` (the program must not keep the
@@ -143,11 +148,25 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             return embed_tokens(text_config, dtype, params["text_encoder"], x, skip)
         return x.astype(dtype)
 
+    def contexts(params, cond, uncond):
+        """The UNet's conditions ``(cond, uncond)`` (pytrees; ``uncond`` None when unguided)."""
+        if key.text_config_2 is None:  # the negative prompt without clip skip, as diffusers
+            return (text(params, cond, key.clip_skip),
+                    None if uncond is None else text(params, uncond))
+        emb, neg = encode_sdxl_prompts(
+            text_config, key.text_config_2, params, cond["tokens"],
+            None if uncond is None else uncond["tokens"], clip_skip=key.clip_skip, dtype=dtype)
+        return ({"context": emb.prompt_embeds,
+                 "added": {"text_embeds": emb.pooled, "time_ids": cond["time_ids"]}},
+                None if uncond is None else
+                {"context": neg.prompt_embeds,
+                 "added": {"text_embeds": neg.pooled, "time_ids": uncond["time_ids"]}})
+
     def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi):
         params = apply_loras(params, loras)
         k_init, k_post, k_sample = jax.random.split(rng, 3)
-        cond = text(params, cond, key.clip_skip)  # the negative prompt without it, as diffusers
-        batch = cond.shape[0]
+        cond, uncond = contexts(params, cond, uncond if key.guided else None)
+        batch = jax.tree.leaves(cond)[0].shape[0]
         if x_init is None:
             x_init = jax.random.normal(k_init, (batch, *latent_shape), jnp.float32)
         if image is not None:
@@ -158,11 +177,14 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             x_T = x_init
         x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
 
-        def model_fn(x, t, context):
-            return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=context)
+        def model_fn(x, t, c):
+            if key.text_config_2 is None:
+                return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=c)
+            return unet.apply({"params": params["unet"]}, x.astype(dtype), t,
+                              context=c["context"], added_cond=c["added"])
 
         if key.guided:  # uncond + w (cond - uncond), w traced: every w != 1 runs here
-            guided = classifier_free_guidance(model_fn, cond, text(params, uncond), w,
+            guided = classifier_free_guidance(model_fn, cond, uncond, w,
                                               phi if key.rescale else 0.0)
         else:  # w == 1: the conditional model alone
             def guided(x, t):

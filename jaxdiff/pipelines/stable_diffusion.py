@@ -48,6 +48,8 @@ import numpy as np
 from jaxdiff.pipelines.images import prepare_image, to_uint8
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_program, embed_tokens
+from jaxdiff.pipelines.sdxl_text import check_sdxl_clip_skip
+from jaxdiff.pipelines.sdxl_inputs import check_sdxl_arguments, sdxl_conditions, sdxl_tokens
 from jaxdiff.samplers.img2img import check_strength, img2img_key
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
@@ -95,6 +97,8 @@ def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array,
 
 
 def _check_clip_skip(sd: StableDiffusion, clip_skip: int | None) -> int:
+    if sd.is_sdxl:
+        return check_sdxl_clip_skip(sd.text_config, sd.text_config_2, clip_skip)
     if clip_skip is None:
         return 0
     return check_int("clip_skip", clip_skip, 0, sd.text_config.num_hidden_layers - 1)
@@ -186,6 +190,16 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     clip_skip: int | None = None,
     max_image_side: int = MAX_IMAGE_SIDE,
+    prompt_2: str | Sequence[str] | None = None,
+    negative_prompt_2: str | Sequence[str] | None = None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] | None = None,
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
@@ -239,6 +253,20 @@ def generate(
         are used as given. ``None``/0: no skip.
       max_image_side: the largest ``height`` / ``width`` accepted (default
         :data:`MAX_IMAGE_SIDE`), checked before anything is allocated.
+      prompt_2, negative_prompt_2: SDXL only: the prompts for ``tokenizer_2`` /
+        ``text_encoder_2`` (default: ``prompt`` / ``negative_prompt``;
+        :func:`~jaxdiff.pipelines.tokenize_sdxl_prompts`). With the folder's
+        ``force_zeros_for_empty_prompt`` and no ``negative_prompt``, the negative embeddings are
+        zeros (SDXL base), else the encoding of ``negative_prompt`` (``""`` by default).
+      original_size, crops_coords_top_left, target_size, negative_original_size,
+        negative_crops_coords_top_left, negative_target_size: SDXL only: the
+        micro-conditioning pairs (:func:`~jaxdiff.pipelines.sdxl_time_ids`; sizes
+        ``(height, width)``, crops ``(top, left)``); the sizes default to the image's
+        ``(height, width)``, the crop to ``(0, 0)``, the negative ones by diffusers' rules
+        (``StableDiffusionXLImg2ImgPipeline``'s with ``image`` or a refiner,
+        ``StableDiffusionXLPipeline``'s otherwise).
+      aesthetic_score, negative_aesthetic_score: an SDXL refiner's
+        (``requires_aesthetics_score``) only; defaults 6.0 and 2.5.
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
@@ -277,19 +305,32 @@ def generate(
         width = _check_side("width", width, unit, max_side)
 
     # -- the text: token ids (encoded inside the program) or embeddings
+    micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                 target_size=target_size, negative_original_size=negative_original_size,
+                 negative_crops_coords_top_left=negative_crops_coords_top_left,
+                 negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                 negative_aesthetic_score=negative_aesthetic_score)
+    check_sdxl_arguments(sd, dict(micro, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2))
     prompts = _as_list(prompt, "prompt")
     if (prompts is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds")
-    if prompts is not None:
+    uncond = sdxl_negative = None
+    if sd.is_sdxl:
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise ValueError("prompt_embeds / negative_prompt_embeds are not supported for SDXL "
+                             "models yet: give prompt (and negative_prompt)")
+        cond, sdxl_negative, batch = sdxl_tokens(sd, prompt, prompt_2, negative_prompt,
+                                                 negative_prompt_2, guided=guided, logger=log)
+    elif prompts is not None:
         cond = _tokens(sd, prompts, "prompt")
     else:
         cond = jnp.asarray(prompt_embeds)
         if cond.ndim != 3 or cond.shape[-1] != sd.text_config.hidden_size:
             raise ValueError(f"prompt_embeds must be [B, L, {sd.text_config.hidden_size}], got "
                              f"{cond.shape}")
-    batch = cond.shape[0]
-    uncond = None
-    if guided:
+    if not sd.is_sdxl:
+        batch = cond.shape[0]
+    if guided and not sd.is_sdxl:
         negs = _as_list(negative_prompt, "negative_prompt")
         if negative_prompt_embeds is not None:
             if negs is not None:
@@ -323,6 +364,9 @@ def generate(
     width = _check_side("width", default, unit, max_side) if width is None else width
     latent_shape = (height // sd.vae_scale_factor, width // sd.vae_scale_factor,
                     sd.unet_config.in_channels)
+    if sd.is_sdxl:
+        cond, uncond = sdxl_conditions(sd, cond, sdxl_negative, guided=guided, height=height,
+                                       width=width, img2img=image is not None, micro=micro)
 
     # -- randomness
     if latents is not None:
@@ -347,8 +391,9 @@ def generate(
     data = jax.sharding.NamedSharding(mesh, _P(DATA_AXIS))
     repl = jax.sharding.NamedSharding(mesh, _P())
     put = lambda x, s: None if x is None else jax.device_put(x, s)  # noqa: E731
+    pad_tree = lambda x: jax.tree.map(lambda a: _pad(a, pad), x)  # noqa: E731
     args = (
-        put(_pad(cond, pad), data), put(_pad(uncond, pad), data), put(_pad(latents, pad), data),
+        put(pad_tree(cond), data), put(pad_tree(uncond), data), put(_pad(latents, pad), data),
         put(_pad(noise, pad, axis=1), jax.sharding.NamedSharding(mesh, _P(None, DATA_AXIS))),
         put(_pad(image, pad), data), put(key, repl),
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),

@@ -15,7 +15,8 @@ import os
 import tempfile
 from typing import Any, Sequence
 
-__all__ = ["TINY_VOCAB_MERGES", "write_tiny_tokenizer", "write_tiny_stable_diffusion"]
+__all__ = ["TINY_VOCAB_MERGES", "write_tiny_tokenizer", "write_tiny_stable_diffusion",
+           "write_tiny_stable_diffusion_xl"]
 
 # A few BPE merges over the byte alphabet (so that common words are single tokens).
 TINY_VOCAB_MERGES = (("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("a", "n"),
@@ -139,4 +140,109 @@ def write_tiny_stable_diffusion(
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(path, variant=variant)
+    return pipe
+
+
+def write_tiny_stable_diffusion_xl(
+    path: str,
+    *,
+    refiner: bool = False,
+    img2img: bool = False,
+    force_zeros_for_empty_prompt: bool | None = None,
+    unet_channels: Sequence[int] = (32, 64),
+    vae_channels: Sequence[int] = (8, 16),
+    text_widths: tuple[int, int] = (32, 32),
+    projection_dim: int = 16,
+    max_length: int = 16,
+    image_size: int = 32,
+    seed: int = 0,
+    scheduler_options: dict[str, Any] | None = None,
+):
+    """Build a random tiny SDXL pipeline (float32) and ``save_pretrained`` it: SDXL's layout
+    (``text_encoder`` CLIPTextModel + ``text_encoder_2`` CLIPTextModelWithProjection, ``gelu``,
+    ``eos_token_id=2``; ``tokenizer_2`` padding with ``"!"``; a ``text_time`` UNet without
+    attention in its first level and 1, 2 transformer layers per level; the VAE's scaling 0.13025;
+    SDXL base's ``EulerDiscreteScheduler`` config).
+
+    Args:
+      path: the folder to write.
+      refiner: a refiner (``StableDiffusionXLImg2ImgPipeline`` without ``text_encoder`` /
+        ``tokenizer``, ``requires_aesthetics_score``, 5 time ids, cross-attention of
+        ``text_encoder_2``'s width).
+      img2img: a ``StableDiffusionXLImg2ImgPipeline`` with both encoders (no aesthetics).
+      force_zeros_for_empty_prompt: the pipeline flag; default True, False for a refiner (as the
+        published folders).
+      unet_channels, vae_channels: the widths per level.
+      text_widths: the two encoders' hidden sizes; ``projection_dim`` the pooled width.
+      max_length, image_size, seed, scheduler_options: as :func:`write_tiny_stable_diffusion`.
+
+    Returns:
+      The diffusers pipeline, for comparisons.
+    """
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    force = (not refiner) if force_zeros_for_empty_prompt is None else force_zeros_for_empty_prompt
+    n_ids = 5 if refiner else 6
+    time_dim = 8
+    cross = text_widths[1] + (0 if refiner else text_widths[0])
+    vae_factor = 2 ** (len(vae_channels) - 1)
+    levels = len(unet_channels)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=tuple(unet_channels), layers_per_block=1,
+        sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross, attention_head_dim=tuple(max(1, c // 16)
+                                                            for c in unet_channels),
+        transformer_layers_per_block=tuple(min(i + 1, 2) for i in range(levels)),
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * n_ids + projection_dim,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), latent_channels=4,
+        norm_num_groups=8, sample_size=image_size, scaling_factor=0.13025,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_1 = transformers.CLIPTokenizer.from_pretrained(
+            write_tiny_tokenizer(os.path.join(tmp, "t1"), max_length),
+            model_max_length=max_length)
+        tok_2 = transformers.CLIPTokenizer.from_pretrained(
+            write_tiny_tokenizer(os.path.join(tmp, "t2"), max_length, pad_token="!"),
+            model_max_length=max_length)
+    vocab = tok_2.get_vocab()
+
+    def encoder(width: int, projection: bool):
+        config = transformers.CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=2, pad_token_id=1,
+            hidden_act="gelu", layer_norm_eps=1e-5,
+            projection_dim=projection_dim if projection else 512)
+        cls = (transformers.CLIPTextModelWithProjection if projection
+               else transformers.CLIPTextModel)
+        return cls(config)
+
+    text_encoder = None if refiner else encoder(text_widths[0], False)
+    text_encoder_2 = encoder(text_widths[1], True)
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                  interpolation_type="linear", prediction_type="epsilon")
+    config.update(scheduler_options or {})
+    parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                 tokenizer=None if refiner else tok_1, tokenizer_2=tok_2, unet=unet,
+                 scheduler=diffusers.EulerDiscreteScheduler(**config),
+                 force_zeros_for_empty_prompt=force, add_watermarker=False)
+    if refiner or img2img:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts,
+                                                          requires_aesthetics_score=refiner)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(path)
     return pipe

@@ -1,0 +1,110 @@
+"""Loading SDXL folders into :class:`~jaxdiff.pipelines.StableDiffusion` (base and refiner), and
+the one-line errors for bad folders and bad SDXL arguments. The images themselves are checked
+against diffusers in tests/parity/test_sdxl_pipeline_parity.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from jaxdiff.pipelines import generate, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion_xl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl_load")
+    base, refiner = str(root / "base"), str(root / "refiner")
+    write_tiny_stable_diffusion_xl(base, unet_channels=(16, 32))
+    write_tiny_stable_diffusion_xl(refiner, refiner=True, unet_channels=(16, 32))
+    return base, refiner
+
+
+def _edit(path, remove=(), **changes):
+    with open(path) as f:
+        d = json.load(f)
+    d.update(changes)
+    for k in remove:
+        d.pop(k)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def _copy(folder, tmp_path, name="copy"):
+    dst = str(tmp_path / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_loads_base_and_refiner(folders):
+    base, refiner = (load_stable_diffusion(f) for f in folders)
+    assert base.is_sdxl and refiner.is_sdxl
+    assert base.pipeline_class == "StableDiffusionXLPipeline"
+    assert (base.force_zeros_for_empty_prompt, base.requires_aesthetics_score) == (True, False)
+    assert (refiner.force_zeros_for_empty_prompt, refiner.requires_aesthetics_score) == (False,
+                                                                                       True)
+    assert set(base.params) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert set(refiner.params) == {"unet", "vae", "text_encoder_2"}
+    assert refiner.text_config is None and refiner.tokenizer is None
+    assert base.text_config_2.projection_dim == 16
+    assert base.unet_config.context_dim == (base.text_config.hidden_size
+                                            + base.text_config_2.hidden_size)
+    assert refiner.unet_config.context_dim == refiner.text_config_2.hidden_size
+    assert base.tokenizer_2.pad_token_id == 0  # "!"
+    assert base.sampler.name == "euler"
+
+
+def test_bad_folders(folders, tmp_path):
+    base, refiner = folders
+    copy = _copy(base, tmp_path)
+    _edit(os.path.join(copy, "model_index.json"), remove=("text_encoder_2",))
+    with pytest.raises(ValueError, match="text_encoder_2 is missing or null: an SDXL folder"):
+        load_stable_diffusion(copy)
+    copy = _copy(refiner, tmp_path)
+    _edit(os.path.join(copy, "model_index.json"),
+          text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers",
+                                                                      "CLIPTokenizer"])
+    with pytest.raises(ValueError, match="has no text_encoder/ folder"):
+        load_stable_diffusion(copy)
+    copy = _copy(refiner, tmp_path)
+    _edit(os.path.join(copy, "model_index.json"),
+          text_encoder=["transformers", "CLIPTextModel"])
+    with pytest.raises(ValueError, match="text_encoder is named but tokenizer is null"):
+        load_stable_diffusion(copy)
+    copy = _copy(refiner, tmp_path)  # a refiner's UNet (5 time ids) read as a base model's
+    _edit(os.path.join(copy, "model_index.json"), requires_aesthetics_score=False)
+    with pytest.raises(ValueError, match="set requires_aesthetics_score = true"):
+        load_stable_diffusion(copy)
+    copy = _copy(base, tmp_path)
+    _edit(os.path.join(copy, "unet", "config.json"), addition_embed_type=None)
+    with pytest.raises(ValueError, match="an SDXL UNet needs 'text_time'"):
+        load_stable_diffusion(copy)
+    copy = _copy(base, tmp_path)
+    _edit(os.path.join(copy, "model_index.json"), force_zeros_for_empty_prompt="yes")
+    with pytest.raises(ValueError, match="force_zeros_for_empty_prompt must be true or false"):
+        load_stable_diffusion(copy)
+
+
+def test_bad_arguments(folders):
+    base, refiner = (load_stable_diffusion(f) for f in folders)
+    kw = dict(num_steps=1, seed=0)
+    cases = [
+        (base, dict(original_size=(32, 32, 1)), "original_size must be a pair"),
+        (base, dict(crops_coords_top_left=5), "crops_coords_top_left must be a pair"),
+        (base, dict(aesthetic_score=6.0), "aesthetic_score is used only by a refiner"),
+        (base, dict(height=36), "height must be a multiple of 8"),
+        (base, dict(prompt_embeds=None, negative_prompt_embeds=[[[0.0]]]),
+         "not supported for SDXL"),
+        (refiner, dict(prompt_2="a dog"), "prompt_2 is for a second tokenizer"),
+        (refiner, dict(target_size=(32, 32)), "target_size / negative_target_size are not used"),
+    ]
+    for sd, extra, match in cases:
+        with pytest.raises(ValueError, match=match):
+            generate(sd, "a cat", **{**kw, **extra})
