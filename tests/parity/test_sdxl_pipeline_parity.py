@@ -114,3 +114,55 @@ def test_text_to_image(base, scheduler, scale, prompts, options):
     img_err, _ = check_latents(pipe, ref, out, scale)
     assert img_err <= 1e-5  # the issue's bar (also well inside the derived bound)
     assert out.images.shape == (len(prompts), 32, 32, 3) and out.images.dtype == np.uint8
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sdxl_refiner"))
+    pipe = write_tiny_stable_diffusion_xl(path, refiner=True, seed=1)
+    return pipe, load_stable_diffusion(path)
+
+
+def patched_randn(module_name, draws):
+    """``<module>.randn_tensor`` returns ``draws`` (NHWC numpy arrays) in order, as NCHW."""
+    import sys
+    from unittest import mock
+
+    it = iter(draws)
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        out = nchw(next(it))
+        assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+        return out.to(dtype or torch.float32)
+
+    return mock.patch.object(sys.modules[module_name], "randn_tensor", fake)
+
+
+IMG2IMG = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
+
+
+@pytest.mark.parametrize("which,options", [
+    ("base", {"negative_prompt": ["", "a dog"], "crops_coords_top_left": (0, 8)}),
+    ("refiner", {}),                                         # aesthetic scores 6.0 / 2.5
+    ("refiner", {"aesthetic_score": 7.0, "negative_aesthetic_score": 1.0,
+                 "negative_original_size": (16, 24)}),
+])
+def test_image_to_image(base, refiner, which, options):
+    """``StableDiffusionXLImg2ImgPipeline`` with ``strength``: the base folder's components
+    (both encoders, the image-to-image rule for the negative row) and the refiner folder
+    (``requires_aesthetics_score``, ``text_encoder_2`` only); the VAE encodes the posterior mean
+    on both sides."""
+    pipe, sd = base if which == "base" else refiner
+    if which == "base":
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    noise = latents(2, seed=7)
+    with patched_randn(IMG2IMG, [noise]), \
+            patched_randn("diffusers.models.autoencoders.vae", [np.zeros((2, 16, 16, 4))]):
+        ref = pipe(PROMPTS, image=image, strength=0.6, num_inference_steps=5,
+                   guidance_scale=5.0, output_type="latent", **options).images
+    out = generate(sd, PROMPTS, image=image, strength=0.6, num_steps=5, guidance_scale=5.0,
+                   latents=noise, sample_posterior=False, seed=0, **options)
+    img_err, _ = check_latents(pipe, ref, out, 5.0, encode=True)
+    assert img_err <= 1e-5
