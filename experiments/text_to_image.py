@@ -1,6 +1,6 @@
-r"""Stable Diffusion text-to-image (and image-to-image) from a diffusers-format folder, with no
-network: the whole generation (text encoder, denoising scan with guidance, VAE decode) is one
-jitted program.
+r"""Stable Diffusion (1.x, 2.x, SDXL) text-to-image (and image-to-image) from a diffusers-format
+folder, with no network: the whole generation (text encoders, denoising scan with guidance, VAE
+decode) is one jitted program.
 
     python -m experiments.text_to_image --model DIR --prompt "a photo of a cat" \
         --negative_prompt "blurry" --steps 30 --guidance_scale 7.5 --seed 0 --out out.png
@@ -37,6 +37,16 @@ format; a folder holding ``pytorch_lora_weights.safetensors``) with their weight
 ``PATH:SCALE`` is split at the last ``:`` only when what follows is a number, so paths with
 ``:`` in them work. The LoRAs are merged inside the generation program (their scales traced),
 or once before it with ``--fuse_lora`` (:mod:`jaxdiff.pipelines.lora`).
+
+An SDXL folder (``StableDiffusionXLPipeline``, or a refiner's ``StableDiffusionXLImg2ImgPipeline``
+with ``--init_image``) loads with the same flags; SDXL adds ``--prompt_2``,
+``--negative_prompt_2``, the micro-conditioning pairs ``--original_size H,W``,
+``--crops_coords_top_left TOP,LEFT``, ``--target_size H,W`` (and their ``--negative_*``), and a
+refiner's ``--aesthetic_score`` / ``--negative_aesthetic_score``; given to an SD 1.x / 2.x folder
+they are an error.
+
+    python -m experiments.text_to_image --model SDXL_DIR --prompt "a cat" --steps 30 \
+        --guidance_scale 5 --original_size 1024,1024 --out cat.png
 """
 
 from __future__ import annotations
@@ -58,9 +68,18 @@ from jaxdiff.pipelines.stable_diffusion import MAX_IMAGE_SIDE
 from jaxdiff.samplers import sampler_names
 
 PROG = "python -m experiments.text_to_image"
+SDXL_PAIRS = {
+    "original_size": "H,W (default: the image size)",
+    "crops_coords_top_left": "TOP,LEFT (default 0,0)",
+    "target_size": "H,W (default: the image size)",
+    "negative_original_size": "H,W for the negative branch (with --negative_target_size)",
+    "negative_crops_coords_top_left": "TOP,LEFT for the negative branch",
+    "negative_target_size": "H,W for the negative branch (with --negative_original_size)",
+}
+"""SDXL's micro-conditioning flags (pairs of ints ``A,B``) and their help."""
 log = logging.getLogger(__name__)
 
-__all__ = ["main", "cli_main", "parse_lora_flag", "folder_settings"]
+__all__ = ["main", "cli_main", "parse_lora_flag", "parse_pair_flag", "folder_settings"]
 
 
 def _define(fv: flags.FlagValues, argv: list) -> None:
@@ -98,6 +117,16 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "multiple of 8, with Lanczos as diffusers)", flag_values=fv)
     flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1] (with --init_image)",
                        flag_values=fv)
+    flags.DEFINE_string("prompt_2", None, "SDXL: the prompt for tokenizer_2 / text_encoder_2 "
+                        "(default: --prompt)", flag_values=fv)
+    flags.DEFINE_string("negative_prompt_2", None, "SDXL: the negative prompt for "
+                        "text_encoder_2 (default: --negative_prompt)", flag_values=fv)
+    for name, what in SDXL_PAIRS.items():
+        flags.DEFINE_string(name, None, f"SDXL micro-conditioning: {what}", flag_values=fv)
+    flags.DEFINE_float("aesthetic_score", None, "SDXL refiner (requires_aesthetics_score): the "
+                       "aesthetic score (default 6.0)", flag_values=fv)
+    flags.DEFINE_float("negative_aesthetic_score", None, "SDXL refiner: the negative aesthetic "
+                       "score (default 2.5)", flag_values=fv)
     flags.DEFINE_integer("clip_skip", None, "skip the last k CLIP layers for the prompt "
                          "(diffusers' clip_skip)", flag_values=fv)
     flags.DEFINE_multi_string("lora", [], "a LoRA file as PATH[:SCALE] (repeatable; diffusers / "
@@ -135,6 +164,25 @@ def parse_lora_flag(value: str) -> tuple[str, float]:
     if not path:
         raise ConfigError(f"--lora {value!r}: expected PATH or PATH:SCALE")
     return path, scale
+
+
+def parse_pair_flag(name: str, value: str | None) -> tuple[int, int] | None:
+    """``"A,B"`` -> ``(A, B)`` ints >= 0 for the flag ``--name``; ``None`` stays ``None``.
+
+    Raises:
+      ConfigError: naming the flag, for anything but two comma-separated ints >= 0.
+    """
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        pair = tuple(int(p) for p in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise ConfigError(f"--{name} must be two ints >= 0 as A,B (e.g. 1024,1024), got "
+                          f"{value!r}")
+    return pair
 
 
 def _check_negative_prompt(fv: flags.FlagValues, guidance_scale: float) -> None:
@@ -194,6 +242,10 @@ def _check_flags(fv: flags.FlagValues) -> None:
         if v is not None and not 8 <= v <= fv.max_image_side:
             raise ConfigError(f"--{name} must lie in [8, --max_image_side={fv.max_image_side}], "
                               f"got {v} (raise --max_image_side to allow more)")
+        if v is not None and v % 8:
+            raise ConfigError(f"--{name} must be a multiple of 8, got {v}")
+    for name in SDXL_PAIRS:
+        parse_pair_flag(name, fv[name].value)
     if fv.init_image and (fv.height is None) != (fv.width is None):
         raise ConfigError("--init_image: give both --height and --width (the size to resize "
                           "it to) or neither")
@@ -268,12 +320,17 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
                               f"num_train_timesteps), got {steps}")
         prompts = [fv.prompt] * fv.num_images
         negatives = None if fv.negative_prompt is None else [fv.negative_prompt] * fv.num_images
+        sdxl = {name: parse_pair_flag(name, fv[name].value) for name in SDXL_PAIRS}
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            sdxl[name] = fv[name].value
+        sdxl["prompt_2"] = fv.prompt_2
+        sdxl["negative_prompt_2"] = fv.negative_prompt_2
         out = generate(sd, prompts, negatives, num_steps=steps,
                        guidance_scale=w, guidance_rescale=fv.guidance_rescale,
                        height=None if image is not None else settings["height"],
                        width=None if image is not None else settings["width"], seed=fv.seed,
                        image=image, strength=fv.strength, clip_skip=fv.clip_skip,
-                       max_image_side=fv.max_image_side)
+                       max_image_side=fv.max_image_side, **sdxl)
     except LoadOptionError as e:
         raise ConfigError(e.message(_flag_remedy)) from None
     except ConfigError:

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from experiments import text_to_image  # noqa: E402
 from jaxdiff.pipelines import generate, load_stable_diffusion  # noqa: E402
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion_xl  # noqa: E402
 
@@ -108,3 +109,23 @@ def test_bad_arguments(folders):
     for sd, extra, match in cases:
         with pytest.raises(ValueError, match=match):
             generate(sd, "a cat", **{**kw, **extra})
+
+
+@pytest.mark.slow  # a generation through the command line (compiles the SDXL program)
+def test_command_line(folders, tmp_path, capsys):
+    """text_to_image loads an SDXL folder with the same flags, plus SDXL's; SDXL's flags for an SD
+    folder, and bad pairs, are one ``error:`` line (exit 2)."""
+    base, refiner = folders
+    out = tmp_path / "cat.png"
+    images = text_to_image.main(["--model", base, "--prompt", "a cat", "--steps", "2",
+                                 "--guidance_scale", "5", "--original_size", "64,64",
+                                 "--crops_coords_top_left", "0,8", "--negative_prompt", "dog",
+                                 "--prompt_2", "the cat", "--out", str(out)])
+    assert images.shape == (1, 32, 32, 3) and out.is_file()
+    with pytest.raises(SystemExit) as e:
+        text_to_image.cli_main(["--model", base, "--prompt", "a cat", "--steps", "2",
+                                "--aesthetic_score", "6", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: aesthetic_score is used only by a refiner (model_index.json "
+                   "requires_aesthetics_score: true); this model's is false"]

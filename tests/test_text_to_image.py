@@ -71,6 +71,10 @@ def test_flag_errors_come_before_any_work(folder, tmp_path, capsys, no_loading):
         "--steps must be >= 1": ["--steps", "0"],
         "--guidance_scale must be a finite number, got nan": ["--guidance_scale", "nan"],
         "--option needs --sampler": ["--option", "eta=0.5"],
+        "--height must be a multiple of 8, got 36": ["--height", "36"],
+        "--original_size must be two ints >= 0 as A,B": ["--original_size", "1024"],
+        "--negative_target_size must be two ints >= 0 as A,B": [
+            "--negative_target_size", "a,b"],
     }
     for expected, extra in cases.items():
         assert expected in _error(capsys, base + extra), expected
@@ -97,6 +101,9 @@ def test_folder_errors_spell_the_flags(folder, tmp_path, capsys):
     assert "--steps must be <= 1000" in msg, msg
     msg = _error(capsys, ["--model", os.path.join(folder, "unet")] + base)
     assert "has no model_index.json" in msg
+    msg = _error(capsys, ["--model", folder, "--original_size", "64,64"] + base)
+    assert msg.startswith("error: original_size is an SDXL argument: this model has no "
+                          "text_encoder_2"), msg
 
 
 def test_out_of_memory_is_one_line(folder, tmp_path, capsys, monkeypatch):
