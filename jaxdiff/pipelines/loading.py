@@ -16,10 +16,11 @@ Nothing touches the network. SD 1.x and 2.x (epsilon and v-prediction) load, and
 ``model_index.json`` names them ``[null, null]``, a ``text_time`` UNet; the pipeline flags
 ``force_zeros_for_empty_prompt`` and ``requires_aesthetics_score``) into the same
 :class:`StableDiffusion`, so that one :func:`~jaxdiff.pipelines.generate` serves both. An
-LCM-distilled UNet (``time_cond_proj_dim``) is refused (the pipeline does not pass its guidance
-embedding yet). The ``safety_checker``, ``feature_extractor`` and ``image_encoder`` entries are
-ignored. The tokenizers are checked against their text encoders (:func:`check_tokenizer`), and
-a sharded checkpoint's index may name only files inside its folder
+LCM-distilled UNet (``time_cond_proj_dim``: LCM_Dreamshaper_v7, LCM-SDXL) loads too:
+:func:`~jaxdiff.pipelines.generate` passes it the guidance-scale embedding. The
+``safety_checker``, ``feature_extractor`` and ``image_encoder`` entries are ignored. The
+tokenizers are checked against their text encoders (:func:`check_tokenizer`), and a sharded
+checkpoint's index may name only files inside its folder
 (:mod:`jaxdiff.pipelines.checkpoint_files`).
 """
 
@@ -257,12 +258,6 @@ def load_stable_diffusion(
             f"in a {cls} folder: " + ("an SDXL UNet needs 'text_time'" if sdxl else
                                       "a 'text_time' UNet is SDXL's (model_index.json "
                                       f"_class_name one of {SDXL_PIPELINES})"))
-    if unet_raw.get("time_cond_proj_dim") is not None:
-        raise ValueError(
-            f"unet/config.json: time_cond_proj_dim={unet_raw['time_cond_proj_dim']!r}: an "
-            "LCM-distilled UNet's guidance embedding is not supported by jaxdiff's Stable "
-            "Diffusion pipeline yet (the UNet itself loads: jaxdiff.convert.from_diffusers)"
-        )
     with _errors_in("unet/config.json"):
         unet_config = unet_config_from_diffusers(unet_raw, model_class="UNet2DConditionModel",
                                                  **overrides)

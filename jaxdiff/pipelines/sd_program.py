@@ -27,6 +27,7 @@ from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.autoencoder_latents import vae_decode_latents, vae_encode_latents
 from jaxdiff.models.clip_text import CLIPTextModel
 from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.models.embeddings import guidance_scale_embedding
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.pipelines.loading import StableDiffusion
@@ -131,7 +132,9 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
     token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; for SDXL
     (``key.text_config_2``) each is ``{"tokens": SDXLTokens, "time_ids": [B, K]}``, the negative
     tokens ``None`` for zeros (``force_zeros_for_empty_prompt``); ``x_init``
-    ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars.
+    ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars. An
+    LCM-distilled UNet (``unet_config.time_cond_dim``) takes ``w`` as its guidance-scale embedding
+    (``timestep_cond``, as ``LatentConsistencyModelPipeline``), in an unguided program.
 
     Only the configs and the schedule are taken from ``sd`` (the program must not keep the
     model, or its parameters, alive)."""
@@ -177,11 +180,17 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             x_T = x_init
         x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
 
+        extra = {}
+        if unet_config.time_cond_dim is not None:  # LCM: w as the UNet's guidance embedding
+            extra["timestep_cond"] = guidance_scale_embedding(
+                jnp.full((batch,), w, jnp.float32), unet_config.time_cond_dim)
+
         def model_fn(x, t, c):
             if key.text_config_2 is None:
-                return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=c)
+                return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=c,
+                                  **extra)
             return unet.apply({"params": params["unet"]}, x.astype(dtype), t,
-                              context=c["context"], added_cond=c["added"])
+                              context=c["context"], added_cond=c["added"], **extra)
 
         if key.guided:  # uncond + w (cond - uncond), w traced: every w != 1 runs here
             guided = classifier_free_guidance(model_fn, cond, uncond, w,

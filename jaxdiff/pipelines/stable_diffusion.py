@@ -29,9 +29,22 @@ they give the conditional model, jaxdiff the formula (``w = 0``: the uncondition
 1)``; an image-to-image source is resized as their ``VaeImageProcessor`` does:
 :mod:`jaxdiff.pipelines.images`). Image-to-image with the LCM sampler follows
 ``LatentConsistencyModelImg2ImgPipeline`` instead (its grid depends on ``strength``, all steps
-run: :mod:`jaxdiff.samplers.img2img`); that pipeline's guidance-scale embedding
-(``time_cond_proj_dim``) is not supported, so guidance is classifier-free as above (LCM-LoRA
-style): with ``guidance_scale = 1`` the two match on a UNet without that embedding.
+run: :mod:`jaxdiff.samplers.img2img`). On a UNet without a guidance-scale embedding guidance
+is classifier-free as above (LCM-LoRA style). An LCM-distilled UNet (``time_cond_proj_dim``:
+LCM_Dreamshaper_v7, LCM-SDXL) takes ``w`` as that embedding instead
+(:func:`~jaxdiff.models.guidance_scale_embedding`, ``timestep_cond``), as
+``LatentConsistencyModelPipeline`` does: the UNet runs on the batch ``B`` once per step, there
+is no unconditional branch (a negative prompt or ``guidance_rescale`` is an error), and every
+``w`` runs the same program.
+
+SDXL folders (``text_encoder_2``) use the same :func:`generate`: both prompts are encoded inside
+the program (:mod:`jaxdiff.pipelines.sdxl_text`) with the micro-conditioning rows
+(:mod:`jaxdiff.pipelines.sdxl_conditioning`; the SDXL arguments of :func:`generate`), and the
+images match ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline`` (the refiner
+too) given the same latents and noise. One difference: for a batch ``B > 1`` with negative
+micro-conditioning sizes, diffusers' ``StableDiffusionXLPipeline`` stacks the ``[negative;
+positive]`` rows and repeats the pair ``B`` times, so its rows alternate between the two
+branches; jaxdiff gives each branch its own rows (equal for ``B = 1``).
 """
 
 from __future__ import annotations
@@ -287,7 +300,19 @@ def generate(
                          f"({sd.schedule.num_timesteps}), got {steps}")
     w = _check_guidance_scale(guidance_scale)
     phi = check_float("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
-    guided = w != 1.0
+    lcm = sd.unet_config.time_cond_dim is not None
+    guided = w != 1.0 and not lcm  # an LCM UNet takes w as an embedding, with no second branch
+    if lcm:
+        for name, value in (("negative_prompt", negative_prompt),
+                            ("negative_prompt_embeds", negative_prompt_embeds),
+                            ("negative_prompt_2", negative_prompt_2)):
+            if value is not None:
+                raise ValueError(f"{name} is not used by an LCM-distilled UNet (unet "
+                                 "time_cond_proj_dim): it takes guidance_scale as an embedding, "
+                                 "with no unconditional branch")
+        if phi:
+            raise ValueError("guidance_rescale needs classifier-free guidance, which an "
+                             "LCM-distilled UNet (time_cond_proj_dim) does not run")
     skip = _check_clip_skip(sd, clip_skip)
     if sampler is None:
         if sampler_options:

@@ -72,6 +72,7 @@ def write_tiny_stable_diffusion(
     seed: int = 0,
     variant: str | None = None,
     scheduler_options: dict[str, Any] | None = None,
+    unet_options: dict[str, Any] | None = None,
 ):
     """Build a random tiny ``StableDiffusionPipeline`` (float32) and ``save_pretrained`` it.
 
@@ -88,6 +89,8 @@ def write_tiny_stable_diffusion(
       seed: ``torch.manual_seed`` for the weights.
       variant: save ``*.<variant>.*`` weight files (e.g. ``"fp16"``; the tensors stay float32).
       scheduler_options: more scheduler config entries.
+      unet_options: more ``UNet2DConditionModel`` arguments (e.g. ``time_cond_proj_dim`` for
+        an LCM-distilled UNet's guidance embedding).
 
     Returns:
       The diffusers pipeline (with ``safety_checker=None``), for comparisons.
@@ -107,7 +110,7 @@ def write_tiny_stable_diffusion(
         sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
         down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
         attention_head_dim=heads, norm_num_groups=8, use_linear_projection=sd2,
-        upcast_attention=sd2,
+        upcast_attention=sd2, **(unet_options or {}),
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,

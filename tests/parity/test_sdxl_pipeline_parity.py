@@ -53,7 +53,8 @@ def latents(batch, side=16, seed=0):
 def bound_pipe(pipe):
     """A stand-in for :func:`pipeline_rtol` / :func:`image_atol`: both text encoders as the
     text network."""
-    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    encoders = [m for m in encoders if m is not None]
     return types.SimpleNamespace(scheduler=pipe.scheduler, unet=pipe.unet, vae=pipe.vae,
                                  text_encoder=torch.nn.ModuleList(encoders))
 

@@ -1,0 +1,71 @@
+"""An LCM-distilled UNet (``time_cond_proj_dim``, as LCM_Dreamshaper_v7) through jaxdiff's one
+:func:`~jaxdiff.pipelines.generate` against diffusers' ``LatentConsistencyModelPipeline`` on a
+tiny random SD 1.x folder written by ``save_pretrained``: the guidance scale goes in as the
+UNet's guidance-scale embedding (``w_embedding``), with no classifier-free guidance.
+
+Both sides get the same initial latents and the same re-noising draws between LCM steps
+(``scheduling_lcm.randn_tensor`` patched). Tolerances as the SD pipeline's parity tests
+(``pipeline_rtol`` with guidance weight 1: one UNet branch), and the issue's 1e-5 on images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from jaxdiff.convert.diffusers_scheduler import sampler_from_diffusers_config  # noqa: E402
+from jaxdiff.pipelines import generate, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
+from tests.parity.test_sdxl_pipeline_parity import (  # noqa: E402
+    check_latents,
+    latents,
+    nchw,
+    patched_randn,
+)
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["a cat", "the dog of a cat"]
+
+
+@pytest.fixture(scope="module")
+def lcm(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("lcm"))
+    pipe = write_tiny_stable_diffusion(path, seed=3, unet_options={"time_cond_proj_dim": 16})
+    config = {**dict(pipe.scheduler.config), "_class_name": "LCMScheduler"}
+    ref = diffusers.LatentConsistencyModelPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref, load_stable_diffusion(path), sampler_from_diffusers_config(config)
+
+
+@pytest.mark.parametrize("scale", [8.5, 1.0])
+def test_lcm_unet_takes_the_guidance_embedding(lcm, scale):
+    pipe, sd, sampler = lcm
+    steps = 3
+    lat = latents(2)
+    step_noise = np.random.default_rng(9).standard_normal((steps, 2, 16, 16, 4)).astype(
+        np.float32)  # the re-noising between steps (the last row is unused)
+    with patched_randn("diffusers.schedulers.scheduling_lcm", list(step_noise[:-1])):
+        ref = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=nchw(lat),
+                   height=32, width=32, output_type="latent").images
+    out = generate(sd, PROMPTS, num_steps=steps, guidance_scale=scale, latents=lat,
+                   noise=step_noise, sampler=sampler, seed=0)
+    img_err, _ = check_latents(pipe, ref, out, 1.0)
+    assert img_err <= 1e-5
+
+
+def test_lcm_errors(lcm):
+    _, sd, sampler = lcm
+    kw = dict(num_steps=2, latents=latents(1), sampler=sampler, seed=0)
+    a, b = (generate(sd, "a cat", guidance_scale=w, **kw).latents for w in (1.0, 8.5))
+    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()  # the embedding reaches the UNet
+    with pytest.raises(ValueError, match="negative_prompt is not used by an LCM-distilled UNet"):
+        generate(sd, "a cat", "a dog", num_steps=1, seed=0)
+    with pytest.raises(ValueError, match="guidance_rescale needs classifier-free guidance"):
+        generate(sd, "a cat", num_steps=1, guidance_rescale=0.5, seed=0)
