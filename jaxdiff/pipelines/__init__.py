@@ -1,15 +1,17 @@
 """Pipelines: load a diffusers-format Stable Diffusion folder and generate images with it
 (text-to-image and image-to-image) as one jitted program per setting, cached by its static
-settings; write one back (``save_stable_diffusion``); LoRAs fused or unfused (``load_lora``);
-the settings a folder was measured with (``jaxdiff_generation.json``: ``GenerationDefaults``,
-``crop_images``); SDXL's pieces so far: its two-encoder prompt encoding (``encode_sdxl_prompts``)
-and micro-conditioning (``sdxl_time_ids``)."""
+settings; write one back (``save_stable_diffusion``); LoRAs fused or unfused (``load_lora``); the
+settings a folder was measured with (``jaxdiff_generation.json``: ``GenerationDefaults``,
+``crop_images``); SDXL folders load into the same ``StableDiffusion`` and run through the same
+``generate`` (its two-encoder prompt encoding ``encode_sdxl_prompts`` and micro-conditioning
+``sdxl_time_ids``), and export back (``export_stable_diffusion_xl``)."""
 
 from jaxdiff.pipelines.export import (
     export_stable_diffusion,
     save_stable_diffusion,
     save_tokenizer,
 )
+from jaxdiff.pipelines.export_sdxl import export_stable_diffusion_xl
 from jaxdiff.pipelines.checkpoint_files import LoadOptionError
 from jaxdiff.pipelines.generation_defaults import (
     GENERATION_DEFAULTS_FILE,
@@ -73,6 +75,7 @@ __all__ = [
     "StableDiffusionOutput",
     "TimeIds",
     "check_add_embedding_dim",
+    "export_stable_diffusion_xl",
     "check_output_path",
     "check_sdxl_clip_skip",
     "check_sdxl_text_encoders",

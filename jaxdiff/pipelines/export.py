@@ -51,6 +51,7 @@ from jaxdiff.pipelines.generation_defaults import (
     GenerationDefaults,
     write_generation_defaults,
 )
+from jaxdiff.pipelines.export_sdxl import export_stable_diffusion_xl
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.samplers.registry import Sampler, get_sampler
 from jaxdiff.schedules import Schedule
@@ -302,7 +303,9 @@ def export_stable_diffusion(
     ``scheduler_config`` as the folder's scheduler (``sd.sampler`` is not written: diffusers
     samples with the scheduler config's class), ``sd.sample_size * sd.vae_scale_factor`` as
     the image size, and ``sd.generation_defaults`` (if any) as ``jaxdiff_generation.json``: a
-    loaded folder exported again keeps its defaults. Returns ``path``.
+    loaded folder exported again keeps its defaults. Returns ``path``. An SDXL model
+    (``sd.is_sdxl``) is written as an SDXL folder by
+    :func:`~jaxdiff.pipelines.export_sdxl.export_stable_diffusion_xl`.
 
     Raises:
       ValueError: as :func:`save_stable_diffusion`; naming ``sd.scheduler_config`` when it
@@ -312,6 +315,8 @@ def export_stable_diffusion(
     """
     if not isinstance(sd, StableDiffusion):
         raise ValueError(f"sd must be a StableDiffusion, got {type(sd).__name__}")
+    if sd.is_sdxl:
+        return export_stable_diffusion_xl(sd, path, dtype=dtype)
     if sd.loras:
         raise ValueError(f"sd has {len(sd.loras)} unfused LoRA(s) (sd.loras), which a diffusers "
                          "folder cannot hold: export fuse_lora(sd) to write the adapted model, "

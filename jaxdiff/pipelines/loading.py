@@ -68,7 +68,8 @@ from jaxdiff.text.tokenizer import CLIPTokenizer
 __all__ = ["StableDiffusion", "SUPPORTED_PIPELINES", "check_tokenizer", "choose_sampler",
            "load_stable_diffusion", "load_tokenizer", "with_sampler"]
 
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 SUPPORTED_PIPELINES = SD_PIPELINES + SDXL_PIPELINES
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

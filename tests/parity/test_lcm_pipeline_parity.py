@@ -41,7 +41,11 @@ def lcm(tmp_path_factory):
         scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    return ref, load_stable_diffusion(path), sampler_from_diffusers_config(config)
+    lcm_path = str(tmp_path_factory.mktemp("lcm_folder"))
+    ref.save_pretrained(lcm_path)  # laid out as LCM_Dreamshaper_v7: LCMScheduler, LCM pipeline
+    sd = load_stable_diffusion(lcm_path)
+    assert sd.pipeline_class == "LatentConsistencyModelPipeline" and sd.sampler.name == "lcm"
+    return ref, sd, sampler_from_diffusers_config(config)
 
 
 @pytest.mark.parametrize("scale", [8.5, 1.0])
