@@ -211,7 +211,7 @@ def test_command_line(folder, tmp_path, capsys):
         text_to_image.cli_main(["--model", folder, "--variant", "fp16", "--prompt", "x",
                                 "--height", "20"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().startswith("error: height must be a multiple")
+    assert capsys.readouterr().err.strip().startswith("error: --height must be a multiple")
     with pytest.raises(ConfigError, match="clip_skip"):
         text_to_image.main(["--model", folder, "--variant", "fp16", "--prompt", "x",
                             "--clip_skip", "99"])

@@ -71,6 +71,11 @@ class ProgramKey:
         so an equal mesh made again finds the same program).
       clip_skip: CLIP layers skipped for the prompt (0: none).
       text_config_2: SDXL's second text encoder's config (``None`` for SD 1.x / 2.x).
+      from_latents: ``image`` holds the latents to start from (``denoising_start``: no encoding,
+        no noise).
+      end_step, end_t: ``denoising_end``: return the carry after ``end_step`` of the steps that
+        run (read from the sampler's trajectory); the UNet runs only at timesteps ``>= end_t``
+        (the later steps' outputs are discarded), ``None``: everywhere.
     """
 
     unet_config: UNetConfig
@@ -89,12 +94,16 @@ class ProgramKey:
     mesh: jax.sharding.Mesh
     clip_skip: int
     text_config_2: CLIPTextConfig | None = None
+    from_latents: bool = False
+    end_step: int | None = None
+    end_t: float | None = None
 
     @classmethod
     def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
              rescale: bool, img2img: Hashable, sample_posterior: bool,
              latent_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
-             clip_skip: int) -> "ProgramKey":
+             clip_skip: int, from_latents: bool = False, end_step: int | None = None,
+             end_t: float | None = None) -> "ProgramKey":
         """The key of one setting (settings that cannot change the program are normalised:
         ``rescale`` without guidance, ``sample_posterior`` without an image)."""
         return cls(
@@ -106,6 +115,9 @@ class ProgramKey:
             sample_posterior=bool(sample_posterior and img2img is not None),
             latent_shape=tuple(int(n) for n in latent_shape), mesh=mesh,
             clip_skip=int(clip_skip), text_config_2=sd.text_config_2,
+            from_latents=bool(from_latents),
+            end_step=None if end_step is None else int(end_step),
+            end_t=None if end_t is None else float(end_t),
         )
 
 
@@ -170,9 +182,11 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
         k_init, k_post, k_sample = jax.random.split(rng, 3)
         cond, uncond = contexts(params, cond, uncond if key.guided else None)
         batch = jax.tree.leaves(cond)[0].shape[0]
-        if x_init is None:
+        if x_init is None and not key.from_latents:
             x_init = jax.random.normal(k_init, (batch, *latent_shape), jnp.float32)
-        if image is not None:
+        if key.from_latents:  # denoising_start: the sample at the first step that runs
+            x_T = image.astype(jnp.float32)
+        elif image is not None:
             lat0 = vae_encode_latents(vae, params["vae"], image.astype(vae_config.dtype) * 2 - 1,
                                       k_post if key.sample_posterior else None)
             x_T = noise_to_img2img(sampler, schedule, steps, lat0, x_init, **img2img)
@@ -198,8 +212,22 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
         else:  # w == 1: the conditional model alone
             def guided(x, t):
                 return model_fn(x, t, cond)
-        latents = sampler(guided, schedule, x_T, k_sample, num_steps=steps, noise=noise,
-                          **(img2img or {}))
+        if key.end_t is not None:  # denoising_end: the steps after end_step skip the UNet
+            def gated(x, t, inner=guided):
+                out = jax.eval_shape(inner, x, t)
+                run = jnp.reshape(jnp.asarray(t), (-1,))[0] >= key.end_t
+                return jax.lax.cond(run, inner, lambda x, t: jnp.zeros(out.shape, out.dtype),
+                                    x, t)
+            model = gated
+        else:
+            model = guided
+        if key.end_step is None:
+            latents = sampler(model, schedule, x_T, k_sample, num_steps=steps, noise=noise,
+                              **(img2img or {}))
+        else:
+            _, path, _ = sampler(model, schedule, x_T, k_sample, num_steps=steps, noise=noise,
+                                 return_trajectory=True, **(img2img or {}))
+            latents = path[key.end_step]
         decoded = vae_decode_latents(vae, params["vae"], latents.astype(vae_config.dtype))
         images = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return images, latents.astype(jnp.float32)

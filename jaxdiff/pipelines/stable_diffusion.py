@@ -58,12 +58,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.pipelines.denoising_split import denoising_split
 from jaxdiff.pipelines.images import prepare_image, to_uint8
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_program, embed_tokens
 from jaxdiff.pipelines.sdxl_text import check_sdxl_clip_skip
 from jaxdiff.pipelines.sdxl_inputs import check_sdxl_arguments, sdxl_conditions, sdxl_tokens
-from jaxdiff.samplers.img2img import check_strength, img2img_key
+from jaxdiff.samplers.img2img import check_strength, img2img_key, img2img_start_step
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
 from jaxdiff.text.truncation import warn_truncated
@@ -213,6 +214,8 @@ def generate(
     negative_target_size: tuple[int, int] | None = None,
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
+    denoising_end: float | None = None,
+    denoising_start: float | None = None,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
@@ -280,6 +283,15 @@ def generate(
         ``StableDiffusionXLPipeline``'s otherwise).
       aesthetic_score, negative_aesthetic_score: an SDXL refiner's
         (``requires_aesthetics_score``) only; defaults 6.0 and 2.5.
+      denoising_end: a fraction in ``(0, 1)``: run only the first part of the schedule (the
+        steps at timesteps ``>= round(T - denoising_end T)``) and return its latents, still
+        noisy, for a refiner (:mod:`jaxdiff.pipelines.denoising_split`; the images are those
+        latents decoded). As diffusers' ``denoising_end``.
+      denoising_start: a fraction in ``(0, 1)``: ``image`` is then LATENTS ``[B, H/f, W/f, C]``
+        (a base model's ``denoising_end`` output), and only the rest of the schedule runs from
+        them (no encoding, no noise added; ``strength`` is not read). As diffusers'
+        ``denoising_start``. Not for samplers whose steps diffusers counts otherwise (Heun,
+        KDPM2, PNDM, LCM, TCD).
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
@@ -372,9 +384,33 @@ def generate(
                 raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
             uncond = _tokens(sd, negs, "negative_prompt")
 
-    # -- image-to-image source and the image size
+    # -- image-to-image source (or the latents to start from) and the image size
     img2img = None
-    if image is not None:
+    split = denoising_split(sampler, sd.schedule, steps, denoising_start, denoising_end)
+    from_latents = denoising_start is not None
+    if from_latents:
+        if image is None:
+            raise ValueError("denoising_start needs image: the latents to start from [B, H/f, "
+                             "W/f, C] (the base model's output latents with denoising_end)")
+        image = np.asarray(image, np.float32)
+        c = sd.unet_config.in_channels
+        if image.ndim != 4 or image.shape[-1] != c:
+            raise ValueError(f"with denoising_start, image must be latents [B, H/f, W/f, {c}], "
+                             f"got shape {image.shape}")
+        if image.shape[0] == 1 and batch > 1:
+            image = np.repeat(image, batch, axis=0)
+        if image.shape[0] != batch:
+            raise ValueError(f"image has batch {image.shape[0]} for {batch} prompts")
+        sizes = [v * sd.vae_scale_factor for v in image.shape[1:3]]
+        for n, given, v in zip(("height", "width"), (height, width), sizes):
+            if given is not None and given != v:
+                raise ValueError(f"{n}={given} differs from the latents' {v} (denoising_start "
+                                 "starts from image's latents)")
+        height, width = (_check_side(n, v, unit, max_side)
+                         for n, v in zip(("height", "width"), sizes))
+        strength = split.strength
+        img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
+    elif image is not None:
         image = prepare_image(image, channels=sd.vae_config.in_channels, multiple=unit,
                               height=height, width=width)
         if image.shape[0] == 1 and batch > 1:
@@ -404,8 +440,9 @@ def generate(
     if key is not None and seed is not None:
         raise ValueError("give at most one of seed and key")
     if key is None:
-        needs_key = (latents is None or (sampler.stochastic and noise is None)
-                     or (image is not None and sample_posterior))
+        needs_key = ((latents is None and not from_latents)
+                     or (sampler.stochastic and noise is None)
+                     or (image is not None and sample_posterior and not from_latents))
         if seed is None and needs_key:
             raise ValueError("seed or key is required (the latents or noise are not all given)")
         key = jax.random.key(0 if seed is None else check_int("seed", seed, 0))
@@ -426,8 +463,11 @@ def generate(
     start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
     program_key = ProgramKey.make(
         sd, sampler, num_steps=steps, guided=guided, rescale=phi > 0, img2img=start,
-        sample_posterior=bool(sample_posterior), latent_shape=latent_shape, mesh=mesh,
-        clip_skip=skip)
+        sample_posterior=bool(sample_posterior and not from_latents),
+        latent_shape=latent_shape, mesh=mesh, clip_skip=skip, from_latents=from_latents,
+        end_step=None if split.end is None else split.end - (
+            0 if img2img is None else img2img_start_step(sampler, sd.schedule, steps, strength)),
+        end_t=split.end_t)
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
     leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on
