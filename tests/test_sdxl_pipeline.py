@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -27,6 +28,11 @@ def folders(tmp_path_factory):
     return base, refiner
 
 
+@pytest.fixture(scope="module")
+def loaded(folders):
+    return tuple(load_stable_diffusion(f) for f in folders)
+
+
 def _edit(path, remove=(), **changes):
     with open(path) as f:
         d = json.load(f)
@@ -44,8 +50,8 @@ def _copy(folder, tmp_path, name="copy"):
     return dst
 
 
-def test_loads_base_and_refiner(folders):
-    base, refiner = (load_stable_diffusion(f) for f in folders)
+def test_loads_base_and_refiner(loaded):
+    base, refiner = loaded
     assert base.is_sdxl and refiner.is_sdxl
     assert base.pipeline_class == "StableDiffusionXLPipeline"
     assert (base.force_zeros_for_empty_prompt, base.requires_aesthetics_score) == (True, False)
@@ -93,8 +99,8 @@ def test_bad_folders(folders, tmp_path):
         load_stable_diffusion(copy)
 
 
-def test_bad_arguments(folders):
-    base, refiner = (load_stable_diffusion(f) for f in folders)
+def test_bad_arguments(loaded):
+    base, refiner = loaded
     kw = dict(num_steps=1, seed=0)
     cases = [
         (base, dict(original_size=(32, 32, 1)), "original_size must be a pair"),
@@ -139,7 +145,6 @@ def test_export_round_trip(folders, tmp_path, which):
     bit, and the same flags."""
     import diffusers
     import jax
-    import numpy as np
     import torch
 
     from jaxdiff.pipelines import export_stable_diffusion
@@ -172,3 +177,35 @@ def test_export_round_trip(folders, tmp_path, which):
             kw["generator"] = torch.Generator().manual_seed(0)
         images.append(pipe("a cat", **kw).images)
     np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_denoising_split_steps_and_errors(loaded):
+    """The steps each side of the hand-off runs (Euler's leading grid, 5 steps: 801, 601, 401,
+    201, 1; cutoff round(1000 - 0.7 * 1000) = 300), and the one-line errors."""
+    from jaxdiff.pipelines.denoising_split import denoising_split
+    from jaxdiff.samplers import get_sampler
+    from jaxdiff.samplers.img2img import img2img_start_step
+
+    sd = loaded[0]
+    s = denoising_split(sd.sampler, sd.schedule, 5, denoising_end=0.7)
+    assert (s.strength, s.start, s.end, s.end_t) == (None, 0, 3, 201.0)  # 801, 601, 401 run
+    s = denoising_split(sd.sampler, sd.schedule, 5, denoising_start=0.7)
+    assert (s.start, s.end) == (3, None)  # 201, 1 run
+    assert img2img_start_step(sd.sampler, sd.schedule, 5, s.strength) == 3
+    s = denoising_split(sd.sampler, sd.schedule, 5, denoising_start=0.3, denoising_end=0.7)
+    assert (s.start, s.end) == (1, 3)  # cutoffs 700 and 300: 601, 401 run
+    cases = [
+        (dict(denoising_end=1.0), "denoising_end must lie strictly between 0 and 1"),
+        (dict(denoising_start=0.9999), "denoising_start=0.9999 keeps no step"),
+        (dict(denoising_start=0.7, denoising_end=0.5), "must be larger than denoising_start"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            denoising_split(sd.sampler, sd.schedule, 5, **kw)
+    with pytest.raises(ValueError, match="denoising_end is not supported with sampler 'heun'"):
+        denoising_split(get_sampler("heun"), sd.schedule, 5, denoising_end=0.7)
+    with pytest.raises(ValueError, match="denoising_start needs image: the latents"):
+        generate(sd, "a cat", num_steps=5, denoising_start=0.7, seed=0)
+    with pytest.raises(ValueError, match=r"image must be latents \[B, H/f, W/f, 4\]"):
+        generate(sd, "a cat", num_steps=5, denoising_start=0.7, seed=0,
+                 image=np.zeros((1, 32, 32, 3), np.float32))
