@@ -104,8 +104,12 @@ def encode_prompt(sd: StableDiffusion, params: dict, input_ids: jax.Array,
         ``clip_skip``: ``hidden_states[-(k + 1)]``); ``k`` at most ``num_hidden_layers - 1``.
 
     Raises:
-      ValueError: naming ``clip_skip`` for a value outside ``[0, num_hidden_layers - 1]``.
+      ValueError: naming ``clip_skip`` for a value outside ``[0, num_hidden_layers - 1]``; for an
+        SDXL model (:func:`~jaxdiff.pipelines.encode_sdxl_prompts` encodes its prompts).
     """
+    if sd.is_sdxl:
+        raise ValueError("encode_prompt is for SD 1.x / 2.x: an SDXL model's prompts go through "
+                         "two encoders (jaxdiff.pipelines.encode_sdxl_prompts)")
     k = _check_clip_skip(sd, clip_skip)
     return embed_tokens(sd.text_config, sd.unet_config.dtype, params["text_encoder"], input_ids, k)
 
