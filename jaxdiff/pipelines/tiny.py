@@ -160,6 +160,8 @@ def write_tiny_stable_diffusion_xl(
     image_size: int = 32,
     seed: int = 0,
     scheduler_options: dict[str, Any] | None = None,
+    unet_options: dict[str, Any] | None = None,
+    scheduler: str = "EulerDiscreteScheduler",
 ):
     """Build a random tiny SDXL pipeline (float32) and ``save_pretrained`` it: SDXL's layout
     (``text_encoder`` CLIPTextModel + ``text_encoder_2`` CLIPTextModelWithProjection, ``gelu``,
@@ -177,7 +179,10 @@ def write_tiny_stable_diffusion_xl(
         published folders).
       unet_channels, vae_channels: the widths per level.
       text_widths: the two encoders' hidden sizes; ``projection_dim`` the pooled width.
-      max_length, image_size, seed, scheduler_options: as :func:`write_tiny_stable_diffusion`.
+      max_length, image_size, seed, scheduler_options, unet_options: as
+        :func:`write_tiny_stable_diffusion` (``unet_options={"time_cond_proj_dim": 16}``: an
+        LCM-SDXL UNet).
+      scheduler: the diffusers scheduler class, built from SDXL base's config.
 
     Returns:
       The diffusers pipeline, for comparisons.
@@ -204,6 +209,7 @@ def write_tiny_stable_diffusion_xl(
         norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=time_dim * n_ids + projection_dim,
+        **(unet_options or {}),
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,
@@ -239,7 +245,7 @@ def write_tiny_stable_diffusion_xl(
     config.update(scheduler_options or {})
     parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                  tokenizer=None if refiner else tok_1, tokenizer_2=tok_2, unet=unet,
-                 scheduler=diffusers.EulerDiscreteScheduler(**config),
+                 scheduler=getattr(diffusers, scheduler).from_config(config),
                  force_zeros_for_empty_prompt=force, add_watermarker=False)
     if refiner or img2img:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts,
