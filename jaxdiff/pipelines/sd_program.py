@@ -194,12 +194,11 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             x_T = x_init
         x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
 
-        extra = {}
-        if unet_config.time_cond_dim is not None:  # LCM: w as the UNet's guidance embedding
-            extra["timestep_cond"] = guidance_scale_embedding(
-                jnp.full((batch,), w, jnp.float32), unet_config.time_cond_dim)
-
         def model_fn(x, t, c):
+            extra = {}
+            if unet_config.time_cond_dim is not None:  # LCM: w as the guidance embedding
+                extra["timestep_cond"] = guidance_scale_embedding(
+                    jnp.full((x.shape[0],), w, jnp.float32), unet_config.time_cond_dim)
             if key.text_config_2 is None:
                 return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=c,
                                   **extra)
