@@ -32,7 +32,7 @@ from jaxdiff.samplers.registry import Sampler
 from jaxdiff.schedules import Schedule
 from jaxdiff.validation import check_float
 
-__all__ = ["DenoisingSplit", "denoising_split"]
+__all__ = ["DenoisingSplit", "denoising_split", "start_latents"]
 
 _COUNTED_OTHERWISE = ("heun", "kdpm2", "kdpm2_ancestral", "pndm", "plms")
 
@@ -103,3 +103,31 @@ def denoising_split(sampler: Sampler, schedule: Schedule, num_steps: int,
                              f"{num_steps}-step grid: use a larger value or more steps")
         end_t = float(ts[end]) if end < num_steps else None
     return DenoisingSplit(strength, start, end, end_t)
+
+
+def start_latents(image, channels: int, scale_factor: int, batch: int, height: int | None,
+                  width: int | None) -> tuple[np.ndarray, list[int]]:
+    """``denoising_start``'s ``image``: latents ``[B, H/f, W/f, channels]`` float32 (a batch of
+    one repeated to ``batch``), and the image size ``[H, W]`` they stand for.
+
+    Raises:
+      ValueError: naming ``image`` (missing, another shape or batch) or ``height`` / ``width``
+        (given, and not the latents' size times ``scale_factor``).
+    """
+    if image is None:
+        raise ValueError("denoising_start needs image: the latents to start from [B, H/f, "
+                         "W/f, C] (the base model's output latents with denoising_end)")
+    image = np.asarray(image, np.float32)
+    if image.ndim != 4 or image.shape[-1] != channels:
+        raise ValueError(f"with denoising_start, image must be latents [B, H/f, W/f, {channels}]"
+                         f", got shape {image.shape}")
+    if image.shape[0] == 1 and batch > 1:
+        image = np.repeat(image, batch, axis=0)
+    if image.shape[0] != batch:
+        raise ValueError(f"image has batch {image.shape[0]} for {batch} prompts")
+    sizes = [int(v) * scale_factor for v in image.shape[1:3]]
+    for name, given, v in zip(("height", "width"), (height, width), sizes):
+        if given is not None and given != v:
+            raise ValueError(f"{name}={given} differs from the latents' {v} (denoising_start "
+                             "starts from image's latents)")
+    return image, sizes

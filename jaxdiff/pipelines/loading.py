@@ -59,6 +59,7 @@ from jaxdiff.pipelines.checkpoint_files import (
     read_weights,
 )
 from jaxdiff.pipelines.sdxl_conditioning import check_add_embedding_dim
+from jaxdiff.pipelines.sdxl_index import named_in_index, sdxl_flags
 from jaxdiff.pipelines.generation_defaults import GenerationDefaults, read_generation_defaults
 from jaxdiff.samplers.diffusers_names import PREDICTION_FROM_DIFFUSERS
 from jaxdiff.samplers.registry import Sampler, get_sampler, sampler_spec
@@ -230,11 +231,11 @@ def load_stable_diffusion(
     parts = list(_SDXL_PARTS if sdxl else _PARTS)
     if sdxl:  # text_encoder + tokenizer: present unless model_index says [null, null] (refiner)
         for part in ("text_encoder_2", "tokenizer_2"):
-            if not _named(index, part):
+            if not named_in_index(index, part):
                 raise ValueError(f"model_index.json: {part} is missing or null: an SDXL folder "
                                  f"needs {part}/ (SDXL's pooled prompt embedding comes from "
                                  "text_encoder_2)")
-        firsts = [p for p in ("text_encoder", "tokenizer") if _named(index, p)]
+        firsts = [p for p in ("text_encoder", "tokenizer") if named_in_index(index, p)]
         if len(firsts) == 1:
             other = ({"text_encoder", "tokenizer"} - set(firsts)).pop()
             raise ValueError(f"model_index.json: {firsts[0]} is named but {other} is null: "
@@ -293,7 +294,7 @@ def load_stable_diffusion(
         from jaxdiff.pipelines.sdxl_text import check_sdxl_text_encoders  # imports this module
 
         check_sdxl_text_encoders(text_config, text_config_2, tokenizer, tokenizer_2)
-        flags = _sdxl_flags(index, cls)
+        flags = sdxl_flags(index, cls)
         with _errors_in("unet/config.json"):
             check_add_embedding_dim(unet_config.added_time_dim,
                                     5 if flags["requires_aesthetics_score"] else 6,
@@ -335,27 +336,6 @@ def load_stable_diffusion(
         generation_defaults=generation_defaults, text_config_2=text_config_2,
         tokenizer_2=tokenizer_2, pipeline_class=cls, **flags,
     )
-
-
-def _named(index: Mapping[str, Any], part: str) -> bool:
-    """Whether ``model_index.json`` names ``part`` (an entry other than ``[null, null]``)."""
-    entry = index.get(part)
-    if isinstance(entry, (list, tuple)):
-        return any(e is not None for e in entry)
-    return entry is not None
-
-
-def _sdxl_flags(index: Mapping[str, Any], cls: str) -> dict[str, bool]:
-    """SDXL's pipeline flags from ``model_index.json``, with diffusers' defaults."""
-    flags = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
-             "requires_aesthetics_score": index.get("requires_aesthetics_score", False)}
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"model_index.json: {name} must be true or false, got {value!r}")
-    if flags["requires_aesthetics_score"] and cls != "StableDiffusionXLImg2ImgPipeline":
-        raise ValueError("model_index.json: requires_aesthetics_score is a refiner's flag "
-                         f"(StableDiffusionXLImg2ImgPipeline), not a {cls}'s")
-    return flags
 
 
 def _load_text_encoder(root: str, part: str, variant: str | None,

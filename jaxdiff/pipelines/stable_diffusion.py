@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.pipelines.denoising_split import denoising_split
+from jaxdiff.pipelines.denoising_split import denoising_split, start_latents
 from jaxdiff.pipelines.images import prepare_image, to_uint8
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_program, embed_tokens
@@ -393,23 +393,8 @@ def generate(
     split = denoising_split(sampler, sd.schedule, steps, denoising_start, denoising_end)
     from_latents = denoising_start is not None
     if from_latents:
-        if image is None:
-            raise ValueError("denoising_start needs image: the latents to start from [B, H/f, "
-                             "W/f, C] (the base model's output latents with denoising_end)")
-        image = np.asarray(image, np.float32)
-        c = sd.unet_config.in_channels
-        if image.ndim != 4 or image.shape[-1] != c:
-            raise ValueError(f"with denoising_start, image must be latents [B, H/f, W/f, {c}], "
-                             f"got shape {image.shape}")
-        if image.shape[0] == 1 and batch > 1:
-            image = np.repeat(image, batch, axis=0)
-        if image.shape[0] != batch:
-            raise ValueError(f"image has batch {image.shape[0]} for {batch} prompts")
-        sizes = [v * sd.vae_scale_factor for v in image.shape[1:3]]
-        for n, given, v in zip(("height", "width"), (height, width), sizes):
-            if given is not None and given != v:
-                raise ValueError(f"{n}={given} differs from the latents' {v} (denoising_start "
-                                 "starts from image's latents)")
+        image, sizes = start_latents(image, sd.unet_config.in_channels, sd.vae_scale_factor,
+                                     batch, height, width)
         height, width = (_check_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), sizes))
         strength = split.strength
