@@ -39,15 +39,13 @@ from jaxdiff.models.embeddings import (
 )
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
 from jaxdiff.models.unet import (
-    DownBlock,
-    MidBlock,
     UNet,
-    UpBlock,
     init_unet,
     mnist_unet_config,
     unet_dummy_inputs,
     unet_param_shapes,
 )
+from jaxdiff.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
