@@ -1,5 +1,5 @@
-"""Flax linen modules: embeddings, resnet blocks, attention, the UNet, the KL autoencoder and the
-CLIP text encoder."""
+"""Flax linen modules: embeddings, resnet blocks, attention, the UNet, the ControlNet, the KL
+autoencoder and the CLIP text encoder."""
 
 from jaxdiff.models.attention import (
     BasicTransformerBlock,
@@ -31,6 +31,19 @@ from jaxdiff.models.clip_text import (
     init_clip_text,
 )
 from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.models.controlnet import (
+    ConditioningEmbedding,
+    ControlNet,
+    controlnet_dummy_inputs,
+    controlnet_param_shapes,
+    guess_mode_scales,
+)
+from jaxdiff.models.controlnet_config import ControlNetConfig, controlnet_config_from_unet
+from jaxdiff.models.controlnet_unet import (
+    check_controlnet_matches_unet,
+    controlnet_from_unet,
+    multi_controlnet_residuals,
+)
 from jaxdiff.models.embeddings import (
     ClassTokens,
     TimestepEmbedding,
@@ -56,6 +69,9 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextOutput",
     "ClassTokens",
+    "ConditioningEmbedding",
+    "ControlNet",
+    "ControlNetConfig",
     "DiagonalGaussian",
     "DownBlock",
     "Downsample",
@@ -71,12 +87,19 @@ __all__ = [
     "UpBlock",
     "Upsample",
     "autoencoder_param_shapes",
+    "check_controlnet_matches_unet",
     "clip_text_param_shapes",
+    "controlnet_config_from_unet",
+    "controlnet_dummy_inputs",
+    "controlnet_from_unet",
+    "controlnet_param_shapes",
+    "guess_mode_scales",
     "guidance_scale_embedding",
     "init_autoencoder",
     "init_clip_text",
     "init_unet",
     "mnist_unet_config",
+    "multi_controlnet_residuals",
     "nearest_resize",
     "scale_latents",
     "sliced_decode",
