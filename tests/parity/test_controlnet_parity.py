@@ -59,7 +59,8 @@ SDXL = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(1, 2),
     transformer_layers_per_block=(1, 2), use_linear_projection=True,
     cross_attention_dim=CONTEXT_DIM, addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_DIM,
+    addition_time_embed_dim=TIME_DIM,
+    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_DIM,
 )  # fmt: skip
 SHAPES = {"sd": (SD, (8, 16, 16, 32), 4), "sdxl": (SDXL, (8, 16, 32), 8)}
 
