@@ -136,15 +136,18 @@ def check_residuals(model, out, ref, magnitudes, args_max):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, scale, guess_mode, extra", [
     ("sd", 1.3, True, {}),
-    ("sd", 0.8, True, dict(global_pool_conditions=True,
+    ("sd", 0.8, True, dict(global_pool_conditions=True, num_class_embeds=3,
                            controlnet_conditioning_channel_order="bgr")),
     ("sdxl", 0.6, False, {}),
 ])  # fmt: skip
 def test_controlnet_residuals(kind, scale, guess_mode, extra):
     """Every residual (conditioning_scale != 1, guess mode's logspace scales, global pooling
-    (where guess mode's scales are not applied), BGR control images)."""
+    (where guess mode's scales are not applied), BGR control images, class labels)."""
     model = tiny_controlnet(kind, **extra)
     (x, image, kw_t), (xj, imj, kw_j), args_max = inputs(kind)
+    if "num_class_embeds" in extra:
+        labels = np.array([2, 0])
+        kw_t["class_labels"], kw_j["labels"] = torch.from_numpy(labels), jnp.asarray(labels)
     ref, magnitudes = torch_residuals(model, x, image, kw_t, scale, guess_mode)
     config, params = controlnet_from_diffusers(model)
     apply = jax.jit(lambda p, x, t, im, s, kw: ControlNet(config).apply(
@@ -153,6 +156,7 @@ def test_controlnet_residuals(kind, scale, guess_mode, extra):
     check_residuals(model, [nchw(r) for r in (*down, mid)], ref, magnitudes, args_max)
     if extra:
         assert config.global_pool_conditions and config.conditioning_channel_order == "bgr"
+        assert config.unet.num_classes == 2
         assert all(r.shape[1:3] == (1, 1) for r in (*down, mid))
 
 
