@@ -13,7 +13,8 @@ eager mode under ``torch.no_grad``. The models: a diffusers ``UNet2DConditionMod
 (none zero), converted to jaxdiff with :func:`jaxdiff.convert.from_diffusers` and
 :func:`jaxdiff.convert.controlnet_from_diffusers`; the two sides' outputs are compared once.
 The control image is 8x the latent side (the default 4-width conditioning network). Medians of
-``--reps`` calls after ``--warmup``, the sides alternating. Measures, never asserts.
+``--reps`` calls after ``--warmup``, the sides alternating. Both on the CPU (torch on its CPU
+device even where JAX has a GPU). Measures, never asserts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=32, help="first level's channels")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--torch_threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's own choice); 1 is robust on a "
+                        "shared machine")
     args = p.parse_args(argv)
 
     import diffusers
@@ -56,6 +60,8 @@ def main(argv=None):
     from jaxdiff.convert import controlnet_from_diffusers, from_diffusers
     from jaxdiff.models import ControlNet, UNet
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     w = args.width
     shape = dict(
         in_channels=4, block_out_channels=(w, 2 * w, 2 * w), layers_per_block=2,
@@ -113,8 +119,6 @@ def main(argv=None):
     }, args.reps, args.warmup)  # fmt: skip
 
     n = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
-    print(f"$ python -m benchmarks.bench_controlnet_step --batch {b} --latent {s} --width {w} "
-          f"--reps {args.reps} --warmup {args.warmup}\n")
     print(f"Machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"Versions: jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}, "
           f"diffusers {diffusers.__version__}")
