@@ -1,4 +1,4 @@
-"""The diffusion UNet (NHWC, Flax linen): its blocks, fast init, and the MNIST preset.
+"""The diffusion UNet (NHWC, Flax linen), its fast init, and the MNIST preset.
 
 The hyper-parameters are a :class:`UNetConfig` (:mod:`jaxdiff.models.unet_config`).
 
@@ -6,7 +6,9 @@ One architecture covers diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDown
 ``UNetMidBlock2D``, class embeddings) and ``UNet2DConditionModel`` (``CrossAttnDownBlock2D``,
 ``UNetMidBlock2DCrossAttn``, cross-attention to a ``[B, L, D]`` context), SDXL's included (its
 ``"text_time"`` added embedding: ``added_cond``) and the LCM-distilled UNets (the guidance-scale
-embedding: ``timestep_cond``); the parameter tree uses diffusers' module names, so
+embedding: ``timestep_cond``); it adds a ControlNet's residuals to its skip connections and mid
+block (``down_residuals``, ``mid_residual``: :class:`~jaxdiff.models.ControlNet`). The blocks
+live in :mod:`jaxdiff.models.unet_blocks`; the parameter tree uses diffusers' module names, so
 :mod:`jaxdiff.convert` maps a PyTorch state dict by name.
 
     >>> import jax, jax.numpy as jnp
