@@ -28,7 +28,9 @@ from jaxdiff.models import (
     controlnet_from_unet,
     controlnet_param_shapes,
     guess_mode_scales,
+    init_controlnet,
     init_unet,
+    is_zero_conv,
     multi_controlnet_residuals,
 )
 
@@ -99,6 +101,23 @@ def test_new_controlnet_has_zero_residuals_one_compile_per_scale():
         down, mid = step(params, jnp.float32(scale), x, image)
         assert len(down) == 4 and all(not np.asarray(r).any() for r in (*down, mid))
     assert len(traces) == 1
+
+
+def test_init_controlnet_zero_convs_on_the_host():
+    params = init_controlnet(CN, jax.random.key(3))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes = jax.tree_util.tree_flatten_with_path(controlnet_param_shapes(CN))[0]
+    assert [(p, v.shape) for p, v in flat] == [(p, s.shape) for p, s in shapes]
+    zero = {jax.tree_util.keystr(p) for p, _ in flat if is_zero_conv(tuple(k.key for k in p))}
+    assert len(zero) == 2 * (CN.num_down_residuals + 2)  # kernel and bias of each
+    for path, value in flat:
+        name = jax.tree_util.keystr(path)
+        if name in zero:
+            assert not np.asarray(value).any(), name
+        elif path[-1].key == "kernel":
+            assert np.asarray(value).std() > 0, name
+    with pytest.raises(ValueError, match="init_controlnet needs a concrete key"):
+        jax.jit(lambda k: init_controlnet(CN, k))(jax.random.key(0))
 
 
 def _unet_residual_inputs(case):

@@ -37,6 +37,8 @@ from jaxdiff.models.controlnet import (
     controlnet_dummy_inputs,
     controlnet_param_shapes,
     guess_mode_scales,
+    init_controlnet,
+    is_zero_conv,
 )
 from jaxdiff.models.controlnet_config import ControlNetConfig, controlnet_config_from_unet
 from jaxdiff.models.controlnet_unet import (
@@ -50,6 +52,7 @@ from jaxdiff.models.embeddings import (
     guidance_scale_embedding,
     timestep_embedding,
 )
+from jaxdiff.models.host_init import host_init
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
 from jaxdiff.models.unet import (
     UNet,
@@ -96,8 +99,11 @@ __all__ = [
     "guess_mode_scales",
     "guidance_scale_embedding",
     "init_autoencoder",
+    "host_init",
     "init_clip_text",
+    "init_controlnet",
     "init_unet",
+    "is_zero_conv",
     "mnist_unet_config",
     "multi_controlnet_residuals",
     "nearest_resize",

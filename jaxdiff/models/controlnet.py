@@ -16,9 +16,11 @@ through 1x1 convolutions initialised to zero (``controlnet_down_blocks_<i>``,
     >>> cfg = controlnet_config_from_unet(unet, conditioning_embedding_channels=(8, 16, 16, 32))
     >>> x, t = jnp.zeros((1, 4, 4, 4)), jnp.array([500])
     >>> image, ctx = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 7, 24))  # 8x the latent grid
-    >>> params = ControlNet(cfg).init(jax.random.key(0), x, t, image, context=ctx)["params"]
-    >>> down, mid = ControlNet(cfg).apply({"params": params}, x, t, image, context=ctx,
-    ...                                   conditioning_scale=0.5)
+    >>> net = ControlNet(cfg)
+    >>> init = lambda key: net.init(key, x, t, image, context=ctx)["params"]
+    >>> params = jax.eval_shape(init, jax.random.key(0))    # traced only; jax.jit(init) runs it
+    >>> down, mid = jax.eval_shape(lambda p: net.apply(
+    ...     {"params": p}, x, t, image, context=ctx, conditioning_scale=0.5), params)
     >>> [r.shape[1:] for r in down], mid.shape
     ([(4, 4, 32), (4, 4, 32), (2, 2, 32), (2, 2, 64)], (1, 2, 2, 64))
 """
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.controlnet_config import ControlNetConfig
+from jaxdiff.models.host_init import host_init
 from jaxdiff.models.resnet import conv3x3
 from jaxdiff.models.unet_blocks import down_and_mid, embed_conditions
 from jaxdiff.models.unet_inputs import check_inputs
@@ -44,6 +47,8 @@ __all__ = [
     "controlnet_dummy_inputs",
     "controlnet_param_shapes",
     "guess_mode_scales",
+    "init_controlnet",
+    "is_zero_conv",
 ]
 
 
@@ -238,3 +243,28 @@ def controlnet_param_shapes(config: ControlNetConfig) -> dict:
     args, kwargs = controlnet_dummy_inputs(config)
     init = lambda key: ControlNet(config).init(key, *args, **kwargs)["params"]  # noqa: E731
     return jax.eval_shape(init, jax.random.key(0))
+
+
+def is_zero_conv(path: tuple[str, ...]) -> bool:
+    """Whether the param at ``path`` belongs to a zero-initialised convolution (a
+    ``controlnet_down_blocks_<i>``, ``controlnet_mid_block`` or the conditioning network's
+    ``conv_out``)."""
+    top = path[0]
+    return (top.startswith("controlnet_down_blocks_") or top == "controlnet_mid_block"
+            or (top == "controlnet_cond_embedding" and path[1] == "conv_out"))
+
+
+def init_controlnet(config: ControlNetConfig, key: jax.Array) -> dict:
+    """Initialise the ``"params"`` of a new ``ControlNet(config)``, fast, on the host (as
+    :func:`~jaxdiff.models.init_unet`: flax's default distributions drawn with numpy,
+    nothing compiled), the zero convolutions (:func:`is_zero_conv`) zero. To start from a
+    UNet's weights, :func:`~jaxdiff.models.controlnet_from_unet`.
+
+    Raises:
+      ValueError: ``key`` is a tracer (use ``ControlNet(config).init`` under ``jit``).
+    """
+    params = host_init(controlnet_param_shapes(config), key, config.unet.param_dtype,
+                       what="init_controlnet")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if is_zero_conv(tuple(p.key for p in path)) else v,
+        params)

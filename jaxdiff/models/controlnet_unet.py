@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdiff.models.controlnet import ConditioningEmbedding, ControlNet, controlnet_param_shapes
+from jaxdiff.models.controlnet import ControlNet, controlnet_param_shapes, is_zero_conv
 from jaxdiff.models.controlnet_config import (
     DEFAULT_CONDITIONING_CHANNELS,
     ControlNetConfig,
     controlnet_config_from_unet,
 )
+from jaxdiff.models.host_init import host_init
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
@@ -44,8 +45,9 @@ def controlnet_from_unet(
 ) -> tuple[ControlNetConfig, dict]:
     """A new ControlNet for a UNet, as diffusers' ``ControlNetModel.from_unet`` (with
     ``load_weights_from_unet=True``): the encoder's weights copied from the UNet's, the
-    conditioning network drawn from ``key`` (flax's default initialisers) but its last conv,
-    and the zero convolutions zero, so that the new ControlNet's residuals are all zero.
+    conditioning network drawn from ``key`` on the host (flax's default initialisers, as
+    :func:`~jaxdiff.models.init_controlnet`) but its last conv, and the zero convolutions zero,
+    so that the new ControlNet's residuals are all zero. Nothing is compiled.
 
     Args:
       unet_config: the UNet's config (see :func:`~jaxdiff.models.controlnet_config_from_unet`
@@ -61,7 +63,7 @@ def controlnet_from_unet(
 
     Raises:
       ValueError: as :func:`~jaxdiff.models.controlnet_config_from_unet`; ``unet_params``
-        missing a copied weight or of another shape (naming the paths).
+        missing a copied weight or of another shape (naming the paths); ``key`` a tracer.
     """
     config = controlnet_config_from_unet(
         unet_config, conditioning_channels=conditioning_channels,
@@ -72,20 +74,17 @@ def controlnet_from_unet(
     if not isinstance(unet_params, Mapping):
         raise ValueError(f"unet_params must be a Flax params tree (nested dict), got "
                          f"{type(unet_params).__name__}")
-    shapes = flatten_dict(controlnet_param_shapes(config))
-    given = flatten_dict(dict(unet_params))
-    u = config.unet
-    image = jnp.zeros((1, config.downscale, config.downscale, config.conditioning_channels))
-    embed = ConditioningEmbedding(config.conditioning_embedding_channels, u.block_channels[0],
-                                  dtype=u.dtype, param_dtype=u.param_dtype)
-    fresh = flatten_dict(jax.jit(embed.init)(key, image)["params"])
+    tree = controlnet_param_shapes(config)
+    shapes, given = flatten_dict(tree), flatten_dict(dict(unet_params))
+    fresh = flatten_dict(host_init(tree["controlnet_cond_embedding"], key,
+                                   config.unet.param_dtype, what="controlnet_from_unet"))
     out, bad = {}, []
     for path, spec in shapes.items():
         top = path[0]
-        if top == "controlnet_cond_embedding":
-            out[path] = fresh[path[1:]]
-        elif top.startswith("controlnet_"):
+        if is_zero_conv(path):
             out[path] = jnp.zeros(spec.shape, spec.dtype)
+        elif top == "controlnet_cond_embedding":
+            out[path] = fresh[path[1:]]
         elif top in _COPIED or top.startswith("down_blocks_"):
             value = given.get(path)
             if value is None or tuple(np.shape(value)) != tuple(spec.shape):

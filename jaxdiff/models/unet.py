@@ -33,8 +33,8 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxdiff.models.host_init import host_init
 from jaxdiff.models.resnet import conv3x3, group_norm
 from jaxdiff.models.unet_blocks import (  # noqa: F401 (DownBlock, MidBlock: re-exported)
     DownBlock,
@@ -182,16 +182,6 @@ def unet_param_shapes(config: UNetConfig) -> dict:
     return jax.eval_shape(init, jax.random.key(0))
 
 
-_TRUNC = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
-
-
-def _truncated_normal(rng: np.random.Generator, n: int) -> np.ndarray:
-    z = rng.standard_normal(n)
-    while (bad := np.abs(z) > 2).any():
-        z[bad] = rng.standard_normal(int(bad.sum()))
-    return z
-
-
 def init_unet(config: UNetConfig, key: jax.Array) -> dict:
     """Initialise the ``"params"`` of ``UNet(config)``, fast, on the host.
 
@@ -213,28 +203,7 @@ def init_unet(config: UNetConfig, key: jax.Array) -> dict:
     Raises:
       ValueError: ``key`` is a tracer (inside ``jit`` / ``vmap``).
     """
-    if isinstance(key, jax.core.Tracer):
-        raise ValueError("init_unet needs a concrete key; under jit/vmap use UNet(config).init")
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
-    flat, treedef = jax.tree_util.tree_flatten_with_path(unet_param_shapes(config))
-    leaves = []
-    for path, spec in flat:
-        name, shape = path[-1].key, spec.shape
-        n = int(np.prod(shape))
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            value = _truncated_normal(rng, n) * (np.sqrt(1.0 / fan_in) / _TRUNC)
-        elif name == "embedding":
-            value = rng.standard_normal(n)
-        elif name == "scale":
-            value = np.ones(n)
-        elif name == "bias":
-            value = np.zeros(n)
-        else:  # pragma: no cover - a new parameter kind must be added here
-            raise NotImplementedError(f"no initializer for parameter {jax.tree_util.keystr(path)}")
-        leaves.append(jnp.asarray(value.reshape(shape), config.param_dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return host_init(unet_param_shapes(config), key, config.param_dtype, what="init_unet")
 
 
 def mnist_unet_config(num_classes: int | None = 10, **overrides) -> UNetConfig:
