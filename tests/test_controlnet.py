@@ -6,6 +6,7 @@ trace time). Parity with diffusers is in tests/parity/test_controlnet_parity.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from jaxdiff.convert import (
     controlnet_config_to_diffusers,
     controlnet_to_diffusers,
     convert_controlnet_state_dict,
+    load_torch_state_dict,
+    save_controlnet,
 )
 from jaxdiff.models import (
     ControlNet,
@@ -272,3 +275,24 @@ def test_state_dict_errors_name_the_keys():
         convert_controlnet_state_dict(state, CN)
     with pytest.raises(ValueError, match="the ControlNet params do not match"):
         controlnet_to_diffusers({"conv_in": CN_PARAMS["conv_in"]}, CN)
+
+
+def test_saved_folder_reads_back_without_torch(tmp_path):
+    """``save_controlnet`` -> ``config.json`` + safetensors -> the converters: the same config
+    and the same weights, bit for bit (float32), or rounded once (float16)."""
+    params = init_controlnet(CN, jax.random.key(4))
+    params["controlnet_mid_block"]["bias"] = jnp.full((16,), 0.1)  # not all zero convs zero
+    for dtype, folder in (("float32", tmp_path / "f32"), ("float16", tmp_path / "f16")):
+        save_controlnet(params, CN, folder, dtype=dtype)
+        with open(folder / "config.json") as f:
+            config = controlnet_config_from_diffusers(json.load(f))
+        assert config == CN
+        state = load_torch_state_dict(str(folder / "diffusion_pytorch_model.safetensors"))
+        back = convert_controlnet_state_dict(state, config)
+        cast = (lambda a: a) if dtype == "float32" else (
+            lambda a: np.asarray(a).astype(np.float16).astype(np.float32))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), cast(b)),
+                     back, params)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        save_controlnet(params, CN, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
