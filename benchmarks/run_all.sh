@@ -44,6 +44,8 @@ else
     [bench_vs_torch_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
     # not in the default list: the 2.6B-parameter SDXL UNet, ~11 GB of RAM; run on an idle machine
     [bench_sdxl_unet]="$PY -m benchmarks.bench_sdxl_unet --reps 3"
+    # not in the default list: a ControlNet + UNet step against a UNet step, jaxdiff vs diffusers
+    [bench_controlnet_step]="$PY -m benchmarks.bench_controlnet_step --reps 10 --torch_threads 1"
   )
   default=(bench_samplers bench_unet bench_train bench_vs_torch bench_cpu_options profile_step
            profile_step_xla_defaults bench_compile_cache bench_finetune)

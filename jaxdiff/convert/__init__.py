@@ -1,6 +1,11 @@
 """PyTorch (diffusers, transformers) checkpoints -> jaxdiff configs and Flax params, and back."""
 
 from jaxdiff.convert.diffusers_config import unet_config_from_diffusers
+from jaxdiff.convert.diffusers_controlnet import (
+    controlnet_config_from_diffusers,
+    controlnet_from_diffusers,
+    convert_controlnet_state_dict,
+)
 from jaxdiff.convert.diffusers_scheduler import (
     ignored_config_keys,
     sampler_from_diffusers_config,
@@ -17,11 +22,17 @@ from jaxdiff.convert.diffusers_vae import (
 from jaxdiff.convert.export_diffusers import (
     clip_text_config_to_transformers,
     clip_text_to_transformers,
+    params_to_state_dict,
     save_safetensors,
     unet_config_to_diffusers,
     unet_to_diffusers,
     vae_config_to_diffusers,
     vae_to_diffusers,
+)
+from jaxdiff.convert.export_controlnet import (
+    controlnet_config_to_diffusers,
+    controlnet_to_diffusers,
+    save_controlnet,
 )
 from jaxdiff.convert.export_scheduler import scheduler_to_diffusers
 from jaxdiff.convert.lora_files import (
@@ -55,6 +66,11 @@ __all__ = [
     "clip_text_config_to_transformers",
     "clip_text_to_transformers",
     "clip_text_from_transformers",
+    "controlnet_config_from_diffusers",
+    "controlnet_config_to_diffusers",
+    "controlnet_from_diffusers",
+    "controlnet_to_diffusers",
+    "convert_controlnet_state_dict",
     "convert_clip_text_state_dict",
     "convert_unet_state_dict",
     "convert_vae_state_dict",
@@ -66,12 +82,14 @@ __all__ = [
     "lora_format",
     "lora_state_dict",
     "lora_targets",
+    "params_to_state_dict",
     "read_lora",
     "read_lora_state_dict",
     "rename_legacy_attention_keys",
     "sampler_from_diffusers_config",
     "sampler_options_from_diffusers_config",
     "ignored_config_keys",
+    "save_controlnet",
     "save_lora",
     "save_safetensors",
     "scheduler_to_diffusers",

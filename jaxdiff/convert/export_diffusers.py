@@ -42,6 +42,7 @@ __all__ = [
     "DIFFUSERS_VERSION",
     "EXPORT_DTYPES",
     "clip_text_to_transformers",
+    "params_to_state_dict",
     "save_safetensors",
     "unet_to_diffusers",
     "vae_to_diffusers",
@@ -60,8 +61,17 @@ def _dtype(dtype) -> np.dtype:
     return np.dtype(name)
 
 
-def _state_dict(params: Mapping, shapes: Mapping, key_fn, dtype, what: str) -> dict:
-    """``{torch key: numpy array}`` of a params tree that must match ``shapes`` exactly."""
+def params_to_state_dict(params: Mapping, shapes: Mapping, key_fn, dtype, what: str) -> dict:
+    """``{torch key: numpy array}`` of a params tree that must match ``shapes`` (a tree of
+    ``jax.ShapeDtypeStruct``, the model's ``*_param_shapes``) exactly: each weight through
+    :func:`flax_to_torch` under ``key_fn(path)`` (:func:`torch_key` for diffusers models), cast
+    to ``dtype`` (one of :data:`EXPORT_DTYPES`); ``what`` names the model in the errors.
+
+    Raises:
+      ValueError: ``params`` not a nested dict; listing every missing, unexpected or
+        mis-shaped param; ``dtype`` not an export dtype.
+    """
+    dtype = _dtype(dtype)
     if not isinstance(params, Mapping):
         raise ValueError(f"{what} params must be a nested dict (a Flax 'params' tree), got "
                          f"{type(params).__name__}")
@@ -235,7 +245,7 @@ def unet_to_diffusers(
         :func:`unet_config_to_diffusers`.
     """
     diffusers_config = unet_config_to_diffusers(config, sample_size=sample_size)
-    state = _state_dict(params, unet_param_shapes(config), torch_key, _dtype(dtype), "the UNet")
+    state = params_to_state_dict(params, unet_param_shapes(config), torch_key, dtype, "the UNet")
     return state, diffusers_config
 
 
@@ -287,8 +297,8 @@ def vae_to_diffusers(
         :func:`vae_config_to_diffusers`.
     """
     diffusers_config = vae_config_to_diffusers(config)
-    state = _state_dict(params, autoencoder_param_shapes(config), torch_key, _dtype(dtype),
-                        "the AutoencoderKL")
+    state = params_to_state_dict(params, autoencoder_param_shapes(config), torch_key, dtype,
+                                 "the AutoencoderKL")
     return state, diffusers_config
 
 
@@ -353,8 +363,8 @@ def clip_text_to_transformers(
     """
     hf_config = clip_text_config_to_transformers(config, bos_token_id=bos_token_id,
                                                  pad_token_id=pad_token_id)
-    state = _state_dict(params, clip_text_param_shapes(config), clip_torch_key, _dtype(dtype),
-                        "the CLIP text model")
+    state = params_to_state_dict(params, clip_text_param_shapes(config), clip_torch_key, dtype,
+                                 "the CLIP text model")
     return state, hf_config
 
 

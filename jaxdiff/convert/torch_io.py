@@ -33,7 +33,7 @@ __all__ = [
 # diffusers' ``nn.ModuleList`` attributes: their index is a path component of its own in torch.
 _LISTS = (
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "to_out", "net",
+    "transformer_blocks", "to_out", "net", "controlnet_down_blocks", "blocks",
 )  # fmt: skip
 _LIST_RE = re.compile(rf"^({'|'.join(_LISTS)})_(\d+)$")
 _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

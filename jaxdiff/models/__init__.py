@@ -1,5 +1,5 @@
-"""Flax linen modules: embeddings, resnet blocks, attention, the UNet, the KL autoencoder and the
-CLIP text encoder."""
+"""Flax linen modules: embeddings, resnet blocks, attention, the UNet, the ControlNet, the KL
+autoencoder and the CLIP text encoder."""
 
 from jaxdiff.models.attention import (
     BasicTransformerBlock,
@@ -31,23 +31,37 @@ from jaxdiff.models.clip_text import (
     init_clip_text,
 )
 from jaxdiff.models.clip_text_config import CLIPTextConfig
+from jaxdiff.models.controlnet import (
+    ConditioningEmbedding,
+    ControlNet,
+    controlnet_dummy_inputs,
+    controlnet_param_shapes,
+    guess_mode_scales,
+    init_controlnet,
+    is_zero_conv,
+)
+from jaxdiff.models.controlnet_config import ControlNetConfig, controlnet_config_from_unet
+from jaxdiff.models.controlnet_unet import (
+    check_controlnet_matches_unet,
+    controlnet_from_unet,
+    multi_controlnet_residuals,
+)
 from jaxdiff.models.embeddings import (
     ClassTokens,
     TimestepEmbedding,
     guidance_scale_embedding,
     timestep_embedding,
 )
+from jaxdiff.models.host_init import host_init
 from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, nearest_resize
 from jaxdiff.models.unet import (
-    DownBlock,
-    MidBlock,
     UNet,
-    UpBlock,
     init_unet,
     mnist_unet_config,
     unet_dummy_inputs,
     unet_param_shapes,
 )
+from jaxdiff.models.unet_blocks import DownBlock, MidBlock, UpBlock
 from jaxdiff.models.unet_config import UNetConfig
 
 __all__ = [
@@ -58,6 +72,9 @@ __all__ = [
     "CLIPTextModel",
     "CLIPTextOutput",
     "ClassTokens",
+    "ConditioningEmbedding",
+    "ControlNet",
+    "ControlNetConfig",
     "DiagonalGaussian",
     "DownBlock",
     "Downsample",
@@ -73,12 +90,22 @@ __all__ = [
     "UpBlock",
     "Upsample",
     "autoencoder_param_shapes",
+    "check_controlnet_matches_unet",
     "clip_text_param_shapes",
+    "controlnet_config_from_unet",
+    "controlnet_dummy_inputs",
+    "controlnet_from_unet",
+    "controlnet_param_shapes",
+    "guess_mode_scales",
     "guidance_scale_embedding",
     "init_autoencoder",
+    "host_init",
     "init_clip_text",
+    "init_controlnet",
     "init_unet",
+    "is_zero_conv",
     "mnist_unet_config",
+    "multi_controlnet_residuals",
     "nearest_resize",
     "scale_latents",
     "sliced_decode",

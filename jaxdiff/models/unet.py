@@ -1,4 +1,4 @@
-"""The diffusion UNet (NHWC, Flax linen): its blocks, fast init, and the MNIST preset.
+"""The diffusion UNet (NHWC, Flax linen), its fast init, and the MNIST preset.
 
 The hyper-parameters are a :class:`UNetConfig` (:mod:`jaxdiff.models.unet_config`).
 
@@ -6,7 +6,9 @@ One architecture covers diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDown
 ``UNetMidBlock2D``, class embeddings) and ``UNet2DConditionModel`` (``CrossAttnDownBlock2D``,
 ``UNetMidBlock2DCrossAttn``, cross-attention to a ``[B, L, D]`` context), SDXL's included (its
 ``"text_time"`` added embedding: ``added_cond``) and the LCM-distilled UNets (the guidance-scale
-embedding: ``timestep_cond``); the parameter tree uses diffusers' module names, so
+embedding: ``timestep_cond``); it adds a ControlNet's residuals to its skip connections and mid
+block (``down_residuals``, ``mid_residual``: :class:`~jaxdiff.models.ControlNet`). The blocks
+live in :mod:`jaxdiff.models.unet_blocks`; the parameter tree uses diffusers' module names, so
 :mod:`jaxdiff.convert` maps a PyTorch state dict by name.
 
     >>> import jax, jax.numpy as jnp
@@ -31,13 +33,19 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdiff.models.attention import SpatialSelfAttention, Transformer2D
-from jaxdiff.models.embeddings import ClassTokens, TimestepEmbedding, timestep_embedding
-from jaxdiff.models.resnet import Downsample, ResnetBlock, Upsample, conv3x3, group_norm
+from jaxdiff.models.host_init import host_init
+from jaxdiff.models.resnet import conv3x3, group_norm
+from jaxdiff.models.unet_blocks import (  # noqa: F401 (DownBlock, MidBlock: re-exported)
+    DownBlock,
+    MidBlock,
+    UpBlock,
+    down_and_mid,
+    embed_conditions,
+    level_block,
+)
 from jaxdiff.models.unet_config import UNetConfig
-from jaxdiff.models.unet_inputs import check_inputs
+from jaxdiff.models.unet_inputs import check_inputs, check_residuals
 
 __all__ = [
     "UNetConfig",
@@ -49,117 +57,9 @@ __all__ = [
 ]
 
 
-class _Level(nn.Module):
-    """Shared fields of the down/mid/up blocks of one resolution level."""
-
-    features: int
-    num_layers: int
-    attention: str | None
-    heads: int
-    depth: int
-    groups: int
-    eps: float
-    dropout: float
-    use_linear_projection: bool
-    dtype: jnp.dtype | None
-    param_dtype: jnp.dtype
-    attention_implementation: str | None = None
-
-    def _resnet(self, i: int, scale: float = 1.0) -> ResnetBlock:
-        return ResnetBlock(
-            self.features, self.groups, self.eps, self.dropout, scale,
-            dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}",
-        )  # fmt: skip
-
-    def _attend(self, i: int, h: jax.Array, context: jax.Array | None, scale: float = 1.0):
-        kw = dict(
-            dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}",
-            implementation=self.attention_implementation,
-        )  # fmt: skip
-        if self.attention == "self":
-            return SpatialSelfAttention(self.heads, self.groups, self.eps, scale, **kw)(h)
-        if self.attention == "cross":
-            return Transformer2D(
-                self.heads, self.depth, self.groups, self.use_linear_projection, **kw
-            )(h, context)
-        return h
-
-
-class DownBlock(_Level):
-    """``num_layers`` x (resnet [+ attention]), then an optional stride-2 downsample.
-
-    diffusers ``DownBlock2D`` / ``AttnDownBlock2D`` / ``CrossAttnDownBlock2D``. Returns the output
-    and the skip connections (every layer's output, then the downsampled one).
-    """
-
-    add_downsample: bool = True
-
-    @nn.compact
-    def __call__(self, h, temb, context, train: bool = False):
-        """``h: [B, H, W, C_in]`` -> ``([B, H', W', features], skips)``."""
-        skips = []
-        for i in range(self.num_layers):
-            h = self._resnet(i)(h, temb, train=train)
-            h = self._attend(i, h, context)
-            skips.append(h)
-        if self.add_downsample:
-            h = Downsample(
-                self.features, self.dtype, self.param_dtype, name="downsamplers_0"
-            )(h)
-            skips.append(h)
-        return h, skips
-
-
-class MidBlock(_Level):
-    """resnet, then ``num_layers`` x ([attention +] resnet), all scaled by ``scale_factor``.
-
-    diffusers ``UNetMidBlock2D`` (self-attention; ``num_layers=0`` is the attention-free mid block
-    of ``UNet2DConditionModel``) and ``UNetMidBlock2DCrossAttn`` (the transformer is not rescaled).
-    """
-
-    scale_factor: float = 1.0
-
-    @nn.compact
-    def __call__(self, h, temb, context, train: bool = False):
-        """``h: [B, H, W, C]`` -> ``[B, H, W, C]``."""
-        h = self._resnet(0, self.scale_factor)(h, temb, train=train)
-        for i in range(self.num_layers):
-            h = self._attend(i, h, context, self.scale_factor)
-            h = self._resnet(i + 1, self.scale_factor)(h, temb, train=train)
-        return h
-
-
-class UpBlock(_Level):
-    """``num_layers`` x (concat skip, resnet [+ attention]), then an optional upsample.
-
-    diffusers ``UpBlock2D`` / ``AttnUpBlock2D`` / ``CrossAttnUpBlock2D``: the skips are consumed
-    last-first and concatenated after ``h`` on the channel axis.
-    """
-
-    add_upsample: bool = True
-
-    @nn.compact
-    def __call__(self, h, skips, temb, context, upsample_size=None, train: bool = False):
-        """``h: [B, H, W, C]``, ``skips``: ``num_layers`` arrays -> ``[B, H', W', features]``."""
-        skips = list(skips)
-        for i in range(self.num_layers):
-            h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-            h = self._resnet(i)(h, temb, train=train)
-            h = self._attend(i, h, context)
-        if self.add_upsample:
-            h = Upsample(self.features, self.dtype, self.param_dtype, name="upsamplers_0")(
-                h, upsample_size
-            )
-        return h
-
-
-# The static (non-array) arguments of each block's ``__call__`` for ``nn.remat`` (``self`` is 0).
-REMAT_STATIC = {DownBlock: (4,), MidBlock: (4,), UpBlock: (5, 6)}
-
-
 class UNet(nn.Module):
     """The diffusion UNet. ``UNet(config).apply({"params": p}, x, t, labels=, context=,
-    added_cond=, timestep_cond=)``.
+    added_cond=, timestep_cond=, down_residuals=, mid_residual=)``.
 
     Attributes:
       config: a :class:`UNetConfig`.
@@ -177,6 +77,8 @@ class UNet(nn.Module):
         context: jax.Array | None = None,
         added_cond: Mapping[str, jax.Array] | None = None,
         timestep_cond: jax.Array | None = None,
+        down_residuals: Sequence[jax.Array] | None = None,
+        mid_residual: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         """Predict from a noisy image.
@@ -197,6 +99,15 @@ class UNet(nn.Module):
           timestep_cond: ``[B, time_cond_dim]`` float, the guidance-scale embedding of an
             LCM-distilled UNet (:func:`jaxdiff.models.guidance_scale_embedding`); required iff
             ``config.time_cond_dim`` is set.
+          down_residuals: a ControlNet's residuals for the skip connections (diffusers'
+            ``down_block_additional_residuals``; :class:`~jaxdiff.models.ControlNet` returns
+            them): one array per skip, in diffusers' order (``conv_in``'s output, then each down
+            block's layer outputs and its downsampled output), each ``[B, h, w, C]`` with the
+            skip's shape, or ``[B, 1, 1, C]`` (a globally pooled ControlNet's, broadcast); added
+            to the skips (the down path itself is unchanged). Given together with
+            ``mid_residual``.
+          mid_residual: ``[B, h, w, C]`` (or ``[B, 1, 1, C]``), added to the mid block's output
+            (diffusers' ``mid_block_additional_residual``). Neither given: no extra operation.
           train: enables dropout (then pass ``rngs={"dropout": key}``).
 
         Returns:
@@ -205,7 +116,8 @@ class UNet(nn.Module):
         Raises:
           ValueError at trace time, naming the argument, for a wrong rank / channel count / batch
           / width, a missing or unexpected ``labels`` / ``context`` / ``added_cond`` (or a key of
-          it) / ``timestep_cond``, or concrete out-of-range labels.
+          it) / ``timestep_cond``, concrete out-of-range labels, or ``down_residuals`` /
+          ``mid_residual`` given alone, of the wrong count, shape or dtype.
         """
         cfg = self.config
         x, t, labels, context, added_cond, timestep_cond = check_inputs(
@@ -213,74 +125,22 @@ class UNet(nn.Module):
         )
         out_dtype = x.dtype
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        c0, n_levels = cfg.block_channels[0], len(cfg.block_channels)
+        n_levels = len(cfg.block_channels)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-
-        temb = timestep_embedding(
-            t, c0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
-        ).astype(cfg.dtype)
-        if timestep_cond is not None:
-            timestep_cond = timestep_cond.astype(cfg.dtype)
-        temb = TimestepEmbedding(cfg.time_dim, name="time_embedding", **kw)(temb, timestep_cond)
-        if added_cond is not None:  # "text_time": SDXL's pooled text + micro-conditioning
-            ids = added_cond["time_ids"]
-            ids = timestep_embedding(
-                ids.reshape(-1), cfg.added_time_dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
-                freq_shift=cfg.freq_shift,
-            ).reshape(ids.shape[0], -1)  # fmt: skip
-            add = jnp.concatenate([added_cond["text_embeds"], ids], axis=-1).astype(cfg.dtype)
-            temb = temb + TimestepEmbedding(cfg.time_dim, name="add_embedding", **kw)(add)
-        if cfg.num_classes is not None:
-            # A traced label outside [0, num_classes] reads NaN (the lookup's fill value) instead
-            # of a clamped or wrapped-around row (-1 would silently be the null label).
-            valid = (labels >= 0) & (labels <= cfg.num_classes)
-            labels = jnp.where(valid, labels, cfg.num_classes + 1)
-        if cfg.num_classes is not None and cfg.class_conditioning == "embedding":
-            emb = nn.Embed(
-                cfg.num_classes + 1, cfg.time_dim, embedding_init=nn.initializers.normal(1.0),
-                name="class_embedding", **kw,
-            )  # fmt: skip
-            temb = temb + emb(labels)
-        elif cfg.num_classes is not None:
-            tokens = ClassTokens(
-                cfg.num_classes + 1, cfg.num_class_tokens, cfg.context_dim,
-                name="class_tokens", **kw,
-            )(labels)  # fmt: skip
-            context = tokens if context is None else jnp.concatenate(
-                [tokens, context.astype(tokens.dtype)], axis=1
-            )  # fmt: skip
-
-        def level(cls, l, attention, num_layers, **extra):
-            if cfg.remat:  # recompute the block's activations in the backward pass
-                cls = nn.remat(cls, static_argnums=REMAT_STATIC[cls])
-            return cls(
-                cfg.block_channels[l], num_layers, attention, cfg.heads(l), cfg.depth(l),
-                cfg.norm_groups, cfg.norm_eps, cfg.dropout, cfg.use_linear_projection, **kw,
-                attention_implementation=cfg.attention_implementation, **extra,
-            )  # fmt: skip
-
-        h = conv3x3(c0, name="conv_in", **kw)(x)
-        skips = [h]
-        for l in range(n_levels):
-            block = level(
-                DownBlock, l, cfg.attention[l], cfg.layers(l),
-                add_downsample=l < n_levels - 1, name=f"down_blocks_{l}",
-            )  # fmt: skip
-            h, s = block(h, temb, context, train)
-            skips += s
-        if cfg.mid_block:
-            mid = level(
-                MidBlock, n_levels - 1, cfg.mid_attention, cfg.mid_layers,
-                scale_factor=cfg.mid_block_scale_factor, name="mid_block",
-            )  # fmt: skip
-            h = mid(h, temb, context, train)
-        for i, l in enumerate(reversed(range(n_levels))):
-            n = cfg.layers(l) + 1
+        temb, context = embed_conditions(cfg, t, labels, context, added_cond, timestep_cond)
+        h = conv3x3(cfg.block_channels[0], name="conv_in", **kw)(x)
+        h, skips = down_and_mid(cfg, h, temb, context, train)
+        if down_residuals is not None or mid_residual is not None:
+            down_residuals, mid_residual = check_residuals(skips, h, down_residuals, mid_residual)
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+            h = h + mid_residual.astype(h.dtype)
+        for i, lv in enumerate(reversed(range(n_levels))):
+            n = cfg.layers(lv) + 1
             res, skips = skips[-n:], skips[:-n]
-            size = tuple(skips[-1].shape[1:3]) if l > 0 else None
-            block = level(
-                UpBlock, l, cfg.up_kinds[l], n, add_upsample=l > 0, name=f"up_blocks_{i}"
+            size = tuple(skips[-1].shape[1:3]) if lv > 0 else None
+            block = level_block(
+                cfg, UpBlock, lv, cfg.up_kinds[lv], n, add_upsample=lv > 0, name=f"up_blocks_{i}"
             )
             h = block(h, res, temb, context, size, train)
 
@@ -322,16 +182,6 @@ def unet_param_shapes(config: UNetConfig) -> dict:
     return jax.eval_shape(init, jax.random.key(0))
 
 
-_TRUNC = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
-
-
-def _truncated_normal(rng: np.random.Generator, n: int) -> np.ndarray:
-    z = rng.standard_normal(n)
-    while (bad := np.abs(z) > 2).any():
-        z[bad] = rng.standard_normal(int(bad.sum()))
-    return z
-
-
 def init_unet(config: UNetConfig, key: jax.Array) -> dict:
     """Initialise the ``"params"`` of ``UNet(config)``, fast, on the host.
 
@@ -353,28 +203,7 @@ def init_unet(config: UNetConfig, key: jax.Array) -> dict:
     Raises:
       ValueError: ``key`` is a tracer (inside ``jit`` / ``vmap``).
     """
-    if isinstance(key, jax.core.Tracer):
-        raise ValueError("init_unet needs a concrete key; under jit/vmap use UNet(config).init")
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
-    flat, treedef = jax.tree_util.tree_flatten_with_path(unet_param_shapes(config))
-    leaves = []
-    for path, spec in flat:
-        name, shape = path[-1].key, spec.shape
-        n = int(np.prod(shape))
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            value = _truncated_normal(rng, n) * (np.sqrt(1.0 / fan_in) / _TRUNC)
-        elif name == "embedding":
-            value = rng.standard_normal(n)
-        elif name == "scale":
-            value = np.ones(n)
-        elif name == "bias":
-            value = np.zeros(n)
-        else:  # pragma: no cover - a new parameter kind must be added here
-            raise NotImplementedError(f"no initializer for parameter {jax.tree_util.keystr(path)}")
-        leaves.append(jnp.asarray(value.reshape(shape), config.param_dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return host_init(unet_param_shapes(config), key, config.param_dtype, what="init_unet")
 
 
 def mnist_unet_config(num_classes: int | None = 10, **overrides) -> UNetConfig:

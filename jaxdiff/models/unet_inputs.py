@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxdiff.models.unet_config import ADDED_COND_KEYS, UNetConfig
 from jaxdiff.validation import concrete
 
-__all__ = ["check_inputs", "check_added_inputs"]
+__all__ = ["check_inputs", "check_added_inputs", "check_residuals"]
 
 
 def check_inputs(cfg: UNetConfig, x, t, labels, context, *, added_cond=None,
@@ -155,3 +155,57 @@ def check_added_inputs(cfg: UNetConfig, batch: int, added_cond, timestep_cond):
                 f"got shape {timestep_cond.shape} dtype {timestep_cond.dtype}"
             )
     return added_cond, timestep_cond
+
+
+def _residual_shape_ok(shape: tuple, target: tuple) -> bool:
+    """``shape`` is ``target`` or ``target`` with the spatial axes 1 (a pooled residual)."""
+    return len(shape) == 4 and (shape == target or shape == (target[0], 1, 1, target[3]))
+
+
+def check_residuals(skips, h, down_residuals, mid_residual):
+    """Validate a ControlNet's residuals against the UNet's skips and mid output at trace time.
+
+    Args:
+      skips: the UNet's skip connections (arrays, or anything with ``.shape``), in diffusers'
+        order.
+      h: the mid block's output.
+      down_residuals: a sequence of one array per skip, each of the skip's shape or
+        ``[B, 1, 1, C]``, float.
+      mid_residual: an array of ``h``'s shape or ``[B, 1, 1, C]``, float.
+
+    Returns:
+      ``(down_residuals, mid_residual)``: a list of arrays and an array.
+
+    Raises:
+      ValueError: naming ``down_residuals`` (with the index) or ``mid_residual``: one given
+        without the other, not a sequence, the wrong count, shape or a non-float dtype.
+    """
+    if down_residuals is None or mid_residual is None:
+        given, missing = (("down_residuals", "mid_residual") if mid_residual is None
+                          else ("mid_residual", "down_residuals"))
+        raise ValueError(f"{given} was given without {missing}: a ControlNet's residuals come "
+                         "in pairs (both, or neither)")
+    if isinstance(down_residuals, (str, bytes)) or not hasattr(down_residuals, "__len__") \
+            or hasattr(down_residuals, "shape"):
+        raise ValueError(f"down_residuals must be a sequence of arrays, one per skip connection "
+                         f"({len(skips)}), got {type(down_residuals).__name__}")
+    if len(down_residuals) != len(skips):
+        raise ValueError(f"down_residuals must hold {len(skips)} arrays (one per skip connection "
+                         f"of this UNet), got {len(down_residuals)}")
+    out = []
+    for i, (r, s) in enumerate(zip(down_residuals, skips)):
+        r = jnp.asarray(r)
+        target = tuple(s.shape)
+        if not _residual_shape_ok(tuple(r.shape), target) or not jnp.issubdtype(
+                r.dtype, jnp.floating):
+            raise ValueError(f"down_residuals[{i}] must be float {list(target)} (or [{target[0]}, "
+                             f"1, 1, {target[3]}]), got shape {tuple(r.shape)} dtype {r.dtype}")
+        out.append(r)
+    mid_residual = jnp.asarray(mid_residual)
+    target = tuple(h.shape)
+    if not _residual_shape_ok(tuple(mid_residual.shape), target) or not jnp.issubdtype(
+            mid_residual.dtype, jnp.floating):
+        raise ValueError(f"mid_residual must be float {list(target)} (or [{target[0]}, 1, 1, "
+                         f"{target[3]}]), got shape {tuple(mid_residual.shape)} dtype "
+                         f"{mid_residual.dtype}")
+    return out, mid_residual
