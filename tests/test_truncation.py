@@ -41,6 +41,15 @@ def test_rows_that_lose_the_same_text_are_one_message(tok):
     assert msgs[0].startswith("the caption of file0 is longer than")
 
 
+def test_runs_of_rows_are_written_as_ranges(tok):
+    from jaxdiff.text.truncation import rows_text
+
+    assert rows_text([2, 0]) == "0, 2" and rows_text([5]) == "5"
+    assert rows_text([1, 2, 3, 7, 8, 10, 11, 12, 13]) == "1..3, 7, 8, 10..13"
+    [msg] = truncation_messages(tok, ["a neat and bold seven"] * 100)
+    assert msg.startswith("prompt[0..99] is longer than"), msg
+
+
 def test_a_very_long_cut_is_shown_in_part(tok):
     dropped = " ".join(["seven"] * 100)                       # 599 characters
     [msg] = truncation_messages(tok, ["a a a a " + dropped])

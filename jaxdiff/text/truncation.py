@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Sequence
 
-__all__ = ["MAX_SHOWN", "truncation_messages", "warn_truncated"]
+__all__ = ["MAX_SHOWN", "truncation_messages", "warn_truncated", "rows_text"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def truncation_messages(tokenizer, texts: Sequence[str], *, name: str = "prompt"
         ``truncated_text(text) -> str``).
       texts: the prompts (or captions), as tokenized in one call.
       name: what they are, for the default label: ``name`` for a single text, else
-        ``name[rows]`` (``"prompt[1, 3]"``: the rows that lose the same text).
+        ``name[rows]`` (``"prompt[1, 3]"``, ``"prompt[0..99]"``: the rows that lose the same
+        text, :func:`rows_text`).
       label: ``label(rows) -> str`` instead of the default (e.g. naming the caption's file).
 
     Returns:
@@ -56,11 +57,25 @@ def truncation_messages(tokenizer, texts: Sequence[str], *, name: str = "prompt"
             cut.setdefault(dropped, []).append(i)
     if label is None:
         def label(rows):
-            return name if len(texts) == 1 else f"{name}{rows}"
+            return name if len(texts) == 1 else f"{name}[{rows_text(rows)}]"
     n = tokenizer.max_length
     return [f"{label(rows)} is longer than the {n - 2} tokens the text encoder reads ({n} with "
             f"BOS and EOS); this part was truncated: {_shown(dropped)!r}"
             for dropped, rows in cut.items()]
+
+
+def rows_text(rows: Sequence[int]) -> str:
+    """Sorted row indices, with runs of three or more written as ``first..last``:
+    ``[0, 2]`` -> ``"0, 2"``, ``[0, 1, ..., 99]`` -> ``"0..99"``, ``[1, 2, 3, 7]`` ->
+    ``"1..3, 7"``."""
+    rows, parts, i = sorted(rows), [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        parts += [f"{rows[i]}..{rows[j]}"] if j - i >= 2 else [str(r) for r in rows[i:j + 1]]
+        i = j + 1
+    return ", ".join(parts)
 
 
 def warn_truncated(tokenizer, texts: Sequence[str], *, name: str = "prompt",
