@@ -54,8 +54,10 @@ def controlnet_from_unet(
         for what the encoder does not copy).
       unet_params: its ``"params"`` tree.
       key: the PRNG key of the conditioning network's initial weights.
-      conditioning_channels, conditioning_embedding_channels, global_pool_conditions,
-        conditioning_channel_order: :class:`~jaxdiff.models.ControlNetConfig`'s fields.
+      conditioning_channels, conditioning_embedding_channels: as in
+        :class:`~jaxdiff.models.ControlNetConfig`.
+      global_pool_conditions, conditioning_channel_order: as in
+        :class:`~jaxdiff.models.ControlNetConfig`.
 
     Returns:
       ``(config, params)``: the ControlNet's config and its ``"params"`` tree (the copied

@@ -278,11 +278,12 @@ def generate(
         :func:`~jaxdiff.pipelines.tokenize_sdxl_prompts`). With the folder's
         ``force_zeros_for_empty_prompt`` and no ``negative_prompt``, the negative embeddings are
         zeros (SDXL base), else the encoding of ``negative_prompt`` (``""`` by default).
-      original_size, crops_coords_top_left, target_size, negative_original_size,
-        negative_crops_coords_top_left, negative_target_size: SDXL only: the
-        micro-conditioning pairs (:func:`~jaxdiff.pipelines.sdxl_time_ids`; sizes
-        ``(height, width)``, crops ``(top, left)``); the sizes default to the image's
-        ``(height, width)``, the crop to ``(0, 0)``, the negative ones by diffusers' rules
+      original_size, crops_coords_top_left, target_size: SDXL only: the micro-conditioning
+        pairs (:func:`~jaxdiff.pipelines.sdxl_time_ids`; sizes ``(height, width)``, crops
+        ``(top, left)``); the sizes default to the image's ``(height, width)``, the crop to
+        ``(0, 0)``.
+      negative_original_size, negative_crops_coords_top_left, negative_target_size: SDXL
+        only: the unconditional branch's pairs, by default from the others by diffusers' rules
         (``StableDiffusionXLImg2ImgPipeline``'s with ``image`` or a refiner,
         ``StableDiffusionXLPipeline``'s otherwise).
       aesthetic_score, negative_aesthetic_score: an SDXL refiner's
