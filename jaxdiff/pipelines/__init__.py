@@ -6,6 +6,7 @@ settings a folder was measured with (``jaxdiff_generation.json``: ``GenerationDe
 ``generate`` (its two-encoder prompt encoding ``encode_sdxl_prompts`` and micro-conditioning
 ``sdxl_time_ids``), and export back (``export_stable_diffusion_xl``)."""
 
+from jaxdiff.pipelines.controlnet import load_controlnet
 from jaxdiff.pipelines.export import (
     export_stable_diffusion,
     save_stable_diffusion,
@@ -88,6 +89,7 @@ __all__ = [
     "export_stable_diffusion",
     "fuse_lora",
     "generate",
+    "load_controlnet",
     "load_image",
     "load_lora",
     "load_stable_diffusion",

@@ -20,6 +20,7 @@ from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.compile_options import cpu_compiler_options
 from jaxdiff.models.autoencoder import AutoencoderKL
@@ -30,12 +31,13 @@ from jaxdiff.models.clip_text_config import CLIPTextConfig
 from jaxdiff.models.embeddings import guidance_scale_embedding
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.unet_config import UNetConfig
+from jaxdiff.pipelines.controlnet import controlnet_residuals
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.lora import apply_loras
 from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
 from jaxdiff.pipelines.sdxl_text import encode_sdxl_prompts
 from jaxdiff.samplers.guidance import classifier_free_guidance
-from jaxdiff.samplers.img2img import noise_to_img2img
+from jaxdiff.samplers.img2img import noise_to_img2img, sampler_grid
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.schedules import Schedule
 from jaxdiff.sharding import DATA_AXIS
@@ -76,6 +78,9 @@ class ProgramKey:
       end_step, end_t: ``denoising_end``: return the carry after ``end_step`` of the steps that
         run (read from the sampler's trajectory); the UNet runs only at timesteps ``>= end_t``
         (the later steps' outputs are discarded), ``None``: everywhere.
+      controlnets: the ControlNets' configs (:mod:`jaxdiff.pipelines.controlnet`), ``None``
+        without; their parameters, images, scales and windows are arguments.
+      guess_mode: the ControlNets in guess mode (the conditional half only when guided).
     """
 
     unet_config: UNetConfig
@@ -97,13 +102,16 @@ class ProgramKey:
     from_latents: bool = False
     end_step: int | None = None
     end_t: float | None = None
+    controlnets: tuple | None = None
+    guess_mode: bool = False
 
     @classmethod
     def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
              rescale: bool, img2img: Hashable, sample_posterior: bool,
              latent_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
              clip_skip: int, from_latents: bool = False, end_step: int | None = None,
-             end_t: float | None = None) -> "ProgramKey":
+             end_t: float | None = None, controlnets: tuple | None = None,
+             guess_mode: bool = False) -> "ProgramKey":
         """The key of one setting (settings that cannot change the program are normalised:
         ``rescale`` without guidance, ``sample_posterior`` without an image)."""
         return cls(
@@ -118,6 +126,8 @@ class ProgramKey:
             from_latents=bool(from_latents),
             end_step=None if end_step is None else int(end_step),
             end_t=None if end_t is None else float(end_t),
+            controlnets=None if not controlnets else tuple(controlnets),
+            guess_mode=bool(guess_mode and controlnets),
         )
 
 
@@ -138,8 +148,8 @@ def embed_tokens(text_config: CLIPTextConfig, dtype: Any, text_params: Any, inpu
 
 def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
                   img2img: dict | None) -> Callable:
-    """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi) -> (images,
-    latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras`` are
+    """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control) ->
+    (images, latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras`` are
     ``StableDiffusion.loras`` (merged into ``params`` first), ``cond`` / ``uncond`` are
     token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; for SDXL
     (``key.text_config_2``) each is ``{"tokens": SDXLTokens, "time_ids": [B, K]}``, the negative
@@ -147,6 +157,8 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
     ``None`` draws the initial latents from ``rng``; ``w`` and ``phi`` are traced scalars. An
     LCM-distilled UNet (``unet_config.time_cond_dim``) takes ``w`` as its guidance-scale embedding
     (``timestep_cond``, as ``LatentConsistencyModelPipeline``), in an unguided program.
+    ``control``: the ControlNets' arguments (``key.controlnets``;
+    :func:`~jaxdiff.pipelines.controlnet.controlnet_residuals`), ``None`` without.
 
     Only the configs and the schedule are taken from ``sd`` (the program must not keep the
     model, or its parameters, alive)."""
@@ -177,7 +189,10 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
                 {"context": neg.prompt_embeds,
                  "added": {"text_embeds": neg.pooled, "time_ids": uncond["time_ids"]}})
 
-    def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi):
+    grid = None if key.controlnets is None else np.asarray(
+        sampler_grid(sampler, schedule, steps).timesteps)
+
+    def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control):
         params = apply_loras(params, loras)
         k_init, k_post, k_sample = jax.random.split(rng, 3)
         cond, uncond = contexts(params, cond, uncond if key.guided else None)
@@ -199,6 +214,12 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             if unet_config.time_cond_dim is not None:  # LCM: w as the guidance embedding
                 extra["timestep_cond"] = guidance_scale_embedding(
                     jnp.full((x.shape[0],), w, jnp.float32), unet_config.time_cond_dim)
+            if key.controlnets is not None:
+                inputs = ({"context": c} if key.text_config_2 is None else
+                          {"context": c["context"], "added_cond": c["added"]})
+                extra["down_residuals"], extra["mid_residual"] = controlnet_residuals(
+                    key.controlnets, key.guess_mode, key.guided, grid, control, x, t,
+                    dict(inputs, **{k: v for k, v in extra.items() if k == "timestep_cond"}))
             if key.text_config_2 is None:
                 return unet.apply({"params": params["unet"]}, x.astype(dtype), t, context=c,
                                   **extra)

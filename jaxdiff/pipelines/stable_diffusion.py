@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.pipelines.controlnet import prepare_controlnets
 from jaxdiff.pipelines.denoising_split import denoising_split, start_latents
 from jaxdiff.pipelines.images import prepare_image, to_uint8
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
@@ -220,6 +221,12 @@ def generate(
     negative_aesthetic_score: float | None = None,
     denoising_end: float | None = None,
     denoising_start: float | None = None,
+    controlnet: Any = None,
+    control_image: Any = None,
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
@@ -297,6 +304,26 @@ def generate(
         them (no encoding, no noise added; ``strength`` is not read). As diffusers'
         ``denoising_start``. Not for samplers whose steps diffusers counts otherwise (Heun,
         KDPM2, PNDM, LCM, TCD).
+      controlnet: a ControlNet ``(config, params)``
+        (:func:`~jaxdiff.pipelines.load_controlnet`) or a list of them (diffusers'
+        ``MultiControlNetModel``: residuals summed), text-to-image only; checked against the
+        UNet (:func:`~jaxdiff.models.check_controlnet_matches_unet`). Its parameters are program
+        arguments (another ControlNet of the same config compiles nothing).
+      control_image: one image (one ControlNet) or a list of one per ControlNet:
+        ``[B, H, W, C]`` / ``[H, W, C]`` uint8 or float in ``[0, 1]``, RESIZED (nearest) to
+        ``height`` x ``width`` (default: the first control image's size rounded down to a
+        multiple of 8); a batch of one is repeated over the prompts
+        (:mod:`jaxdiff.pipelines.controlnet`).
+      controlnet_conditioning_scale: the residuals' scale, one for all or one per ControlNet
+        (traced: a new scale compiles nothing).
+      guess_mode: diffusers' guess mode: the residuals scaled from 0.1 (shallowest) to 1.0
+        (mid); with guidance the ControlNets see the conditional half only, the unconditional
+        half's residuals are zero. On whenever the (first) ControlNet has
+        ``global_pool_conditions``.
+      control_guidance_start, control_guidance_end: the fractions of the steps in which each
+        ControlNet acts (diffusers' ``controlnet_keep``: step ``i`` of ``N`` is kept unless
+        ``i / N < start`` or ``(i + 1) / N > end``; scale 0 outside); one for all or one per
+        ControlNet.
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
@@ -410,6 +437,19 @@ def generate(
         height, width = (_check_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), image.shape[1:3]))
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
+    control = None
+    if controlnet is not None:
+        if image is not None:
+            raise ValueError("controlnet with image (ControlNet image-to-image) is not supported "
+                             "yet: give control_image without image")
+        control = prepare_controlnets(
+            sd.unet_config, controlnet, control_image, scale=controlnet_conditioning_scale,
+            guess_mode=guess_mode, start=control_guidance_start, end=control_guidance_end,
+            batch=batch, num_steps=steps, multiple=unit, height=height, width=width)
+        height, width = (_check_side(n, v, unit, max_side)
+                         for n, v in zip(("height", "width"), (control.height, control.width)))
+    elif control_image is not None:
+        raise ValueError("control_image given without controlnet")
     default = sd.sample_size * sd.vae_scale_factor
     height = _check_side("height", default, unit, max_side) if height is None else height
     width = _check_side("width", default, unit, max_side) if width is None else width
@@ -449,6 +489,10 @@ def generate(
         put(_pad(noise, pad, axis=1), jax.sharding.NamedSharding(mesh, _P(None, DATA_AXIS))),
         put(_pad(image, pad), data), put(key, repl),
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
+        None if control is None else {
+            "params": control.args["params"], "scales": put(control.args["scales"], repl),
+            "keep": put(control.args["keep"], repl),
+            "images": [put(_pad(a, pad), data) for a in control.args["images"]]},
     )
     start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
     program_key = ProgramKey.make(
@@ -457,7 +501,8 @@ def generate(
         latent_shape=latent_shape, mesh=mesh, clip_skip=skip, from_latents=from_latents,
         end_step=None if split.end is None else split.end - (
             0 if img2img is None else img2img_start_step(sampler, sd.schedule, steps, strength)),
-        end_t=split.end_t)
+        end_t=split.end_t, controlnets=None if control is None else control.configs,
+        guess_mode=control is not None and control.guess_mode)
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
     leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on
