@@ -16,7 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxdiff.pipelines import generate, load_controlnet, load_stable_diffusion  # noqa: E402
+from jaxdiff.pipelines import (  # noqa: E402
+    PROGRAM_CACHE,
+    generate,
+    load_controlnet,
+    load_stable_diffusion,
+)
 from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion  # noqa: E402
 from tests.parity.test_sd_pipeline_parity import _check_against_pipeline, _latents, _nchw  # noqa
 from tests.parity.test_unet_parity import randomize  # noqa: E402
@@ -87,3 +92,10 @@ def test_controlnet_pipeline_parity(tiny, case):
     plain = generate(sd, PROMPTS, NEGATIVES, num_steps=3, guidance_scale=7.5, latents=lat,
                      seed=0)
     assert np.abs(out.latents - plain.latents).max() > 1e-3  # the ControlNets steer
+    if case == "plain":  # another ControlNet of the same config, another scale: no new program
+        misses = PROGRAM_CACHE.stats()["misses"]
+        other = generate(sd, PROMPTS, NEGATIVES, num_steps=3, guidance_scale=7.5, latents=lat,
+                         seed=0, controlnet=load_controlnet(folders[1]), control_image=img,
+                         controlnet_conditioning_scale=0.3)
+        assert PROGRAM_CACHE.stats()["misses"] == misses
+        assert np.abs(other.latents - out.latents).max() > 1e-3
