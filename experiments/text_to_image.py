@@ -47,6 +47,17 @@ they are an error.
 
     python -m experiments.text_to_image --model SDXL_DIR --prompt "a cat" --steps 30 \
         --guidance_scale 5 --original_size 1024,1024 --out cat.png
+
+``--controlnet FOLDER --control_image PATH`` (both repeatable, one image per ControlNet, in
+order; several ControlNets sum their residuals) steers text-to-image with diffusers
+``ControlNetModel`` folders (:func:`~jaxdiff.pipelines.load_controlnet`); ``--control_scale S``
+is given once for all or once per ControlNet (default 1), ``--guess_mode`` and
+``--control_guidance_start`` / ``--control_guidance_end`` as diffusers'. The control images are
+read as RGB and resized to ``--height`` x ``--width`` (default: the first control image's size
+rounded down to a multiple of 8).
+
+    python -m experiments.text_to_image --model DIR --prompt "a house" \
+        --controlnet canny_controlnet/ --control_image edges.png --control_scale 0.8 --out h.png
 """
 
 from __future__ import annotations
@@ -133,6 +144,17 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                               "peft or kohya format; SCALE default 1)", flag_values=fv)
     flags.DEFINE_bool("fuse_lora", False, "merge the --lora files into the weights once "
                       "instead of inside the generation program", flag_values=fv)
+    flags.DEFINE_multi_string("controlnet", [], "a diffusers ControlNetModel folder "
+                              "(repeatable: several ControlNets)", flag_values=fv)
+    flags.DEFINE_multi_string("control_image", [], "the control image of each --controlnet, in "
+                              "order (resized to --height x --width)", flag_values=fv)
+    flags.DEFINE_multi_float("control_scale", [], "the ControlNets' conditioning scale: once "
+                             "for all or once per --controlnet (default 1)", flag_values=fv)
+    flags.DEFINE_bool("guess_mode", False, "ControlNet guess mode (diffusers')", flag_values=fv)
+    flags.DEFINE_float("control_guidance_start", 0.0, "the fraction of the steps where the "
+                       "ControlNets start acting", flag_values=fv)
+    flags.DEFINE_float("control_guidance_end", 1.0, "the fraction of the steps where the "
+                       "ControlNets stop acting", flag_values=fv)
     flags.DEFINE_bool("crop", True, "apply the folder's recorded crop (jaxdiff_generation.json) "
                       "to the images written, when they have the recorded size; --nocrop "
                       "writes the whole image", flag_values=fv)
@@ -255,10 +277,65 @@ def _check_flags(fv: flags.FlagValues) -> None:
         path, _ = parse_lora_flag(value)
         if not os.path.exists(path):
             raise ConfigError(f"--lora {value!r}: no such file or folder {path!r}")
+    _check_controlnet_flags(fv)
     try:
         check_output_path(fv.out, "--out")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_controlnet_flags(fv: flags.FlagValues) -> None:
+    """``--controlnet`` / ``--control_image`` / ``--control_scale`` counts and paths."""
+    n = len(fv.controlnet)
+    used = [name for name in ("control_image", "control_scale", "guess_mode",
+                              "control_guidance_start", "control_guidance_end")
+            if fv[name].present]
+    if not n:
+        if used:
+            raise ConfigError(f"--{used[0]} needs --controlnet")
+        return
+    if fv.init_image:
+        raise ConfigError("--controlnet with --init_image (ControlNet image-to-image) is not "
+                          "supported yet")
+    if len(fv.control_image) != n:
+        raise ConfigError(f"--control_image given {len(fv.control_image)} times for {n} "
+                          "--controlnet (one image each, in order)")
+    if len(fv.control_scale) not in (0, 1, n):
+        raise ConfigError(f"--control_scale given {len(fv.control_scale)} times for {n} "
+                          "--controlnet (once for all or once each)")
+    for folder in fv.controlnet:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--controlnet {folder!r}: no such folder")
+    for path in fv.control_image:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--control_image {path!r}: no such file")
+    if (fv.height is None) != (fv.width is None):
+        raise ConfigError("--controlnet: give both --height and --width or neither")
+
+
+def _controlnet_kwargs(fv: flags.FlagValues, dtype) -> dict:
+    """:func:`~jaxdiff.pipelines.generate`'s ControlNet arguments from the flags (loads the
+    ControlNets and reads the control images); ``{}`` without ``--controlnet``."""
+    from jaxdiff.pipelines import load_controlnet, load_image
+
+    if not fv.controlnet:
+        return {}
+    nets, images = [], []
+    for folder, path in zip(fv.controlnet, fv.control_image):
+        try:
+            nets.append(load_controlnet(folder, dtype=dtype, variant=fv.variant))
+        except ValueError as e:
+            raise ConfigError(f"--controlnet {folder!r}: "
+                              f"{str(e).removeprefix('controlnet: ')}") from None
+        images.append(load_image(path, height=fv.height, width=fv.width,
+                                 name="--control_image"))
+    scales = fv.control_scale or [1.0]
+    single = len(nets) == 1
+    return dict(controlnet=nets[0] if single else nets,
+                control_image=images[0] if single else images,
+                controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
+                guess_mode=fv.guess_mode, control_guidance_start=fv.control_guidance_start,
+                control_guidance_end=fv.control_guidance_end)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
@@ -306,6 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
                                    sampler=settings["sampler"],
                                    sampler_options=settings["sampler_options"] or None)
+        control = _controlnet_kwargs(fv, dtype)
         for value in fv.lora:
             path, scale = parse_lora_flag(value)
             try:
@@ -330,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
                        height=None if image is not None else settings["height"],
                        width=None if image is not None else settings["width"], seed=fv.seed,
                        image=image, strength=fv.strength, clip_skip=fv.clip_skip,
-                       max_image_side=fv.max_image_side, **sdxl)
+                       max_image_side=fv.max_image_side, **sdxl, **control)
     except LoadOptionError as e:
         raise ConfigError(e.message(_flag_remedy)) from None
     except ConfigError:

@@ -6,6 +6,7 @@ written by diffusers (``jaxdiff.pipelines.tiny``)."""
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import shutil
@@ -179,3 +180,45 @@ def test_a_bad_defaults_file_is_one_line_before_loading(with_defaults, tmp_path,
     msg = _error(capsys, ["--model", copy, "--prompt", "a cat", "--out", str(tmp_path / "o.png")])
     assert msg.startswith(f"error: --model: {copy}/jaxdiff_generation.json: sampler: expected "
                           "one of"), msg
+
+
+def test_controlnet_flags(folder, tmp_path, capsys):
+    """``--controlnet`` / ``--control_image`` / ``--control_scale``: the image written is
+    :func:`~jaxdiff.pipelines.generate`'s with the loaded ControlNet at that scale (a random
+    ControlNet: scale 0 gives another image), and count / path mistakes are one line before any
+    loading."""
+    import diffusers
+
+    from tests.parity.test_unet_parity import randomize
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
+    cn = str(tmp_path / "cn")
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    randomize(net, seed=3).save_pretrained(cn)
+    control = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(control).save(tmp_path / "edges.png")
+    edges, out = str(tmp_path / "edges.png"), str(tmp_path / "img.png")
+    base = ["--model", folder, "--prompt", "a cat", "--steps", "2", "--seed", "1", "--out", out]
+    images = text_to_image.main(base + ["--controlnet", cn, "--control_image", edges,
+                                        "--control_scale", "0.5"])
+    sd = jaxdiff.pipelines.load_stable_diffusion(folder)
+    kw = dict(num_steps=2, guidance_scale=7.5, seed=1, control_image=control,
+              controlnet=jaxdiff.pipelines.load_controlnet(cn))
+    ref = jaxdiff.pipelines.generate(sd, ["a cat"], controlnet_conditioning_scale=0.5, **kw)
+    np.testing.assert_array_equal(images, ref.images)
+    off = jaxdiff.pipelines.generate(sd, ["a cat"], controlnet_conditioning_scale=0.0, **kw)
+    assert np.abs(images.astype(int) - off.images).max() > 0  # the same program, scale traced
+    for extra, match in [
+        (["--controlnet", cn], "--control_image given 0 times for 1 --controlnet"),
+        (["--controlnet", cn, "--controlnet", cn, "--control_image", edges],
+         "--control_image given 1 times for 2"),
+        (["--controlnet", cn, "--control_image", edges, "--control_scale", "1",
+          "--control_scale", "2"], "--control_scale given 2 times for 1"),
+        (["--controlnet", cn, "--control_image", str(tmp_path / "no.png")],
+         "--control_image .*no such file"),
+        (["--controlnet", str(tmp_path / "none"), "--control_image", edges],
+         "--controlnet .*no such folder"),
+        (["--control_image", edges], "--control_image needs --controlnet"),
+    ]:
+        line = _error(capsys, base + extra)
+        assert re.search(match, line), (line, match)
