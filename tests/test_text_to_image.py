@@ -187,14 +187,10 @@ def test_controlnet_flags(folder, tmp_path, capsys):
     :func:`~jaxdiff.pipelines.generate`'s with the loaded ControlNet at that scale (a random
     ControlNet: scale 0 gives another image), and count / path mistakes are one line before any
     loading."""
-    import diffusers
+    from jaxdiff.pipelines.tiny import write_tiny_controlnet
 
-    from tests.parity.test_unet_parity import randomize
-
-    unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
     cn = str(tmp_path / "cn")
-    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-    randomize(net, seed=3).save_pretrained(cn)
+    write_tiny_controlnet(cn, folder, seed=3)
     control = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(control).save(tmp_path / "edges.png")
     edges, out = str(tmp_path / "edges.png"), str(tmp_path / "img.png")

@@ -15,7 +15,8 @@ import os
 import tempfile
 from typing import Any, Sequence
 
-__all__ = ["TINY_VOCAB_MERGES", "write_tiny_tokenizer", "write_tiny_stable_diffusion",
+__all__ = ["TINY_VOCAB_MERGES", "write_tiny_controlnet", "write_tiny_tokenizer",
+           "write_tiny_stable_diffusion",
            "write_tiny_stable_diffusion_xl"]
 
 # A few BPE merges over the byte alphabet (so that common words are single tokens).
@@ -255,3 +256,34 @@ def write_tiny_stable_diffusion_xl(
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(path)
     return pipe
+
+
+def write_tiny_controlnet(path: str, sd_path: str, *, seed: int = 0, steer: bool = True) -> Any:
+    """A tiny random ``ControlNetModel`` for the Stable Diffusion folder ``sd_path`` (SD or
+    SDXL), ``save_pretrained`` into ``path``; returns the diffusers model (float32).
+
+    Built as diffusers' ``ControlNetModel.from_unet(unet)`` (the encoder copied from the
+    folder's UNet), with a conditioning network that takes control images of the folder's image
+    size to its latent grid (``vae_scale_factor`` = 2 ** (stride-2 convs)). diffusers initialises
+    the zero convolutions (and the conditioning network's last conv) to zero, so a new
+    ControlNet does nothing; ``steer=True`` draws them from ``N(0, 0.1^2)`` (``seed``) so that
+    the ControlNet changes the images, as a trained one does.
+    """
+    import diffusers
+    import torch
+
+    with open(os.path.join(sd_path, "vae", "config.json")) as f:
+        levels = len(json.load(f)["block_out_channels"])
+    unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(sd_path, "unet"))
+    torch.manual_seed(seed)
+    widths = tuple(8 * 2 ** i for i in range(levels))  # levels - 1 stride-2 convs
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+    if steer:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                    "controlnet_cond_embedding.conv_out")):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    net.eval().save_pretrained(path)
+    return net
