@@ -11,7 +11,8 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
+BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings",
+                 "xdist_group"}  # the last is pytest-xdist's, set by tests/conftest.py
 
 
 def _ini() -> dict:
@@ -76,3 +77,18 @@ def test_every_collected_parity_test_has_the_marker():
     assert "no tests collected" in out and "deselected" in out, out[-2000:]
     out = _collect("-m", "parity", "tests/test_tiers.py")
     assert "no tests collected" in out, out[-2000:]
+
+
+@pytest.fixture(scope="module")
+def _built_once():
+    return object()
+
+
+def test_a_test_using_a_module_fixture_is_grouped_by_its_module(request, _built_once):
+    mark = request.node.get_closest_marker("xdist_group")
+    assert mark is not None and mark.args[0] == "tests/test_tiers.py"
+    assert "--dist" in _ini()["addopts"].split() and "loadgroup" in _ini()["addopts"].split()
+
+
+def test_a_test_without_module_fixtures_is_not_grouped(request):
+    assert request.node.get_closest_marker("xdist_group") is None
