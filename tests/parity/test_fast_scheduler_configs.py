@@ -1,6 +1,6 @@
 """The scheduler configs that SDXL and its distilled fast models (Turbo, Lightning, Hyper-SD, LCM)
 ship or are run with, through ``sampler_from_diffusers_config``, against the diffusers scheduler
-built from the same dict, for 1, 2, 4 and 8 steps (issue 27, part 5).
+built from the same dict, for 1, 2 and 8 steps (issue 27, part 5).
 
 The configs. ``SDXL_BASE`` is stabilityai/stable-diffusion-xl-base-1.0's
 ``scheduler/scheduler_config.json`` and ``SDXL_TURBO`` stabilityai/sdxl-turbo's, as those folders
@@ -82,7 +82,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 8])  # 4 adds nothing 2 and 8 do not check
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_config_grid_and_trajectory_match_diffusers(name, n, monkeypatch):
     config = CONFIGS[name]
