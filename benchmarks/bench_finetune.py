@@ -87,9 +87,11 @@ def _count(tree) -> int:
 # --------------------------------------------------------------------------- jaxdiff
 
 
-def jaxdiff_side(sd, examples, row: str, batch: int, rank: int):
+def jaxdiff_side(sd, examples, row: str, batch: int, rank: int,
+                 compute_dtype: str = "float32"):
     """``(run, info)``: ``run()`` one train step (the state kept across calls); ``info``:
-    compile seconds, XLA temp / output bytes, trainable parameter count."""
+    compile seconds, XLA temp / output bytes, trainable parameter count. ``compute_dtype``:
+    ``FinetuneConfig.compute_dtype`` (this script's table: float32)."""
     from jaxdiff.finetune import FinetuneConfig, build_finetune_task
     from jaxdiff.sharding import make_mesh, shard_batch
     from jaxdiff.training import (OptimizerConfig, make_optimizer, make_train_step,
@@ -97,7 +99,7 @@ def jaxdiff_side(sd, examples, row: str, batch: int, rank: int):
 
     mode = row.split("_")[0]
     cfg = FinetuneConfig(mode=mode, rank=rank, alpha=float(rank), remat=row.endswith("_remat"),
-                         cache=row.endswith("_cache"))
+                         cache=row.endswith("_cache"), compute_dtype=compute_dtype)
     task = build_finetune_task(sd, cfg, examples, batch_size=batch, seed=0)
     mesh = make_mesh()
     tx, _ = make_optimizer(OptimizerConfig(learning_rate=LR, warmup_steps=0, schedule="constant",
