@@ -70,9 +70,9 @@ _JAX = ("jax", "flax", "numpy", "safetensors", "tokenizers")
 _SD = _JAX + ("torch", "diffusers", "transformers")
 _TRAIN = _JAX + ("optax", "orbax.checkpoint", "chex", "ml_collections")
 PARTS = (
-    Part("sd_pipeline", "benchmarks.gpu_suite_sd", 240, 300, _SD),
+    Part("sd_pipeline", "benchmarks.gpu_suite_sd", 270, 300, _SD),
     Part("train_mfu", "benchmarks.gpu_suite_train", 90, 240, _TRAIN),
-    Part("compile_cache", "benchmarks.gpu_suite_compile", 75, 300, _SD + _TRAIN),
+    Part("compile_cache", "benchmarks.gpu_suite_compile", 60, 300, _SD + _TRAIN),
     Part("cudnn_attention", "benchmarks.gpu_suite_attention", 60, 120, _SD),
     Part("finetune", "benchmarks.gpu_suite_finetune", 150, 300, _SD + _TRAIN),
 )

@@ -15,8 +15,8 @@ directory. Then one warm process per program, with the same cache.
 - ``sd_program``: the first ``generate`` call minus the median of the next calls (trace, lowering
   and compile, or the cache read), same folder, dtype, size, steps, guidance and batch as part 1.
 - Also reported: the process's wall seconds (imports and loading included, cold rows measured
-  here only), and the cache's files and MB after the run (files added by a warm run mean it
-  compiled something that the cold run did not write).
+  here only), and the cache's files and MB after the run; ``(+N)``: files a warm run added,
+  which means it compiled a program that the cold run did not write (a cache miss).
 """
 
 from __future__ import annotations
@@ -113,12 +113,13 @@ def main(argv=None):
         runs.append(("warm", spawn(program, args.workdir, cache, args.smoke), "-"))
         for mode, r, source in runs:
             files, mb = files_cold if mode == "cold" else cache_size(cache)
+            added = files - files_cold[0] if mode == "warm" else None
             rec.row(program=program, mode=mode, trace_lower_s=r.get("trace_lower_s"),
                     compile_s=r["compile_s"], wall_s=r.get("wall_s"), cold_source=source,
-                    cache_files=files, cache_mb=mb)
+                    cache_files=files, cache_mb=mb, cache_files_added=added)
             print(f"| {program} | {mode} | {fmt(r.get('trace_lower_s'), '.1f')} | "
-                  f"{r['compile_s']:.1f} | {fmt(r.get('wall_s'), '.1f')} | {source} | {files} | "
-                  f"{mb:.1f} |", flush=True)
+                  f"{r['compile_s']:.1f} | {fmt(r.get('wall_s'), '.1f')} | {source} | {files}"
+                  f"{'' if added is None else f' (+{added})'} | {mb:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

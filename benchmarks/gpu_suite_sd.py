@@ -10,7 +10,8 @@ weights and the same initial latents.
   download); a tiny CLIP-layout tokenizer (``jaxdiff.pipelines.tiny``), DDIM with SD's schedule.
   ``--smoke``: the tiny folder of ``write_tiny_stable_diffusion`` (32x32, 2 levels).
 - **Work**: 512x512, 30 DDIM steps, guidance 7.5, batch 1 then 8 (``--smoke``: 32x32, 2 steps,
-  batch 1 and 2). s/image is the median call time over the batch; jaxdiff's and torch.compile's
+  batch 1 and 2). s/image is the median call time (3 calls at batch 1, 2 at batch 8, after
+  the first) over the batch; jaxdiff's and torch.compile's
   "compile s" is the first call minus the median call (trace + compile; for torch.compile also
   CUDA-graph capture). "vs diffusers eager" = diffusers eager s / this row's s (> 1: faster).
 - **Same image**: from the same latents (rounded to fp16 first), the max and mean absolute
@@ -42,10 +43,11 @@ GUIDANCE = 7.5
 
 
 def settings(smoke: bool) -> dict:
-    """Image side, steps and batches of the part (and of part 3's SD program)."""
+    """Image side, steps, batches and timed calls per batch of the part (and of part 3's SD
+    program, its first batch)."""
     if smoke:
-        return dict(size=32, steps=2, batches=(1, 2), repeats=1)
-    return dict(size=512, steps=30, batches=(1, 8), repeats=3)
+        return dict(size=32, steps=2, batches=(1, 2), repeats=(1, 1))
+    return dict(size=512, steps=30, batches=(1, 8), repeats=(3, 2))
 
 
 def write_sd_folder(path: str, smoke: bool) -> str:
@@ -168,15 +170,17 @@ def main(argv=None):
     print(f"model: SD 1.5 architecture{' (smoke: tiny)' if args.smoke else ''}, random weights, "
           f"{n_params / 1e6:.1f}M params; {cfg['size']}x{cfg['size']}, DDIM {cfg['steps']} "
           f"steps, guidance {GUIDANCE}; folder written in {write_s:.1f} s; "
-          f"median of {cfg['repeats']} calls after the first", flush=True)
-    header = "\n| batch | side | s/image | compile s | vs diffusers eager |\n|---|---|---:|---:|---:|"
+          f"median of {' / '.join(map(str, cfg['repeats']))} calls after the first (batch "
+          f"{' / '.join(map(str, cfg['batches']))})", flush=True)
+    header = ("\n| batch | side | s/image | compile s | vs diffusers eager |\n"
+              "|---|---|---:|---:|---:|")
     print(header, flush=True)
     pipe = load_diffusers(folder, half, device)
     eager_unet = pipe.unet
     images = {}
 
     def timed_row(batch, side, fn, compiled_first: bool, eager_s=None):
-        first, med = median_time(fn, cfg["repeats"])
+        first, med = median_time(fn, cfg["repeats"][cfg["batches"].index(batch)])
         compile_s = first - med if compiled_first else None
         ratio = (eager_s / med) if eager_s else 1.0
         print(f"| {batch} | {side} | {med / batch:.4f} | {fmt(compile_s, '.1f')} | "

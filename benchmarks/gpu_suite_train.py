@@ -37,8 +37,6 @@ SMOKE_MODEL_OVERRIDES = dict(block_channels=(8, 16), attention=(None, "cross"),
 
 def build_step(smoke: bool):
     """``(config, state, step_fn, batches)`` of the config the part measures."""
-    import jax
-
     from experiments.configs import mnist, mnist_accel
     from experiments.mnist_lib import build_model, build_schedule, init_state, make_loss_fn
     from jaxdiff.sharding import make_mesh, shard_batch

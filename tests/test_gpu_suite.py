@@ -78,6 +78,8 @@ def test_smoke_train_compile_attention_finetune_rows(smoke):
     for (program, mode), r in compile_rows.items():
         assert r["compile_s"] >= 0 and r["cache_files"] > 0
         assert (r["cold_source"] != "-") == (mode == "cold")
+    for program in ("train_step", "sd_program"):  # the warm process found the cold program
+        assert compile_rows[(program, "warm")]["cache_files_added"] == 0
     xla, cudnn = parts["cudnn_attention"]["rows"]
     assert xla["implementation"] == "xla" and xla["forward_ms"] > 0
     assert cudnn["skipped"] is True and "CUDA GPU" in cudnn["reason"]
