@@ -72,9 +72,9 @@ _TRAIN = _JAX + ("optax", "orbax.checkpoint", "chex", "ml_collections")
 PARTS = (
     Part("sd_pipeline", "benchmarks.gpu_suite_sd", 270, 300, _SD),
     Part("train_mfu", "benchmarks.gpu_suite_train", 90, 240, _TRAIN),
-    Part("compile_cache", "benchmarks.gpu_suite_compile", 60, 300, _SD + _TRAIN),
+    Part("compile_cache", "benchmarks.gpu_suite_compile", 60, 300, _SD + _TRAIN[len(_JAX):]),
     Part("cudnn_attention", "benchmarks.gpu_suite_attention", 60, 120, _SD),
-    Part("finetune", "benchmarks.gpu_suite_finetune", 150, 300, _SD + _TRAIN),
+    Part("finetune", "benchmarks.gpu_suite_finetune", 150, 300, _SD + _TRAIN[len(_JAX):]),
 )
 NAMES = tuple(p.name for p in PARTS)
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         print(f"\n== {part.name} (cap {cap:.0f} s)", flush=True)
         if missing:
             rec.update(status="skipped", reason=f"missing packages: {', '.join(missing)} "
-                       "(carry them as wheels: BENCHMARKS.md, 'GPU suite')")
+                       "(the carried wheels: BENCHMARKS.md, 'GPU suite')")
         for extra in ([] if missing else part.splits(args.smoke)):
             left = min(cap - rec["seconds"], budget - (time.perf_counter() - start))
             if left < MIN_PART_S:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite on a machine without a package index (BENCHMARKS.md, "GPU suite"): installs the
 # carried wheels (.whl/, from benchmarks/gpu_wheels.sh) whose module python3 cannot find, into
-# /tmp/site (--no-index --no-deps), then runs benchmarks/gpu_suite.py with the given arguments,
+# $SITE (default /tmp/site; --no-index --no-deps), then runs benchmarks/gpu_suite.py with the given arguments,
 # its log kept next to its stored outputs ($OUT when set, else benchmarks/results/gpu/).
 #   bash benchmarks/gpu_suite.sh                      # everything, on the GPU machine
 #   bash benchmarks/gpu_suite.sh --parts finetune     # one part again
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}   # where the missing carried wheels go (first on PYTHONPATH)
 # module:wheel-name prefix of each carried wheel
 MODS="diffusers:diffusers ml_collections:ml_collections importlib_metadata:importlib_metadata
 flax:flax optax:optax orbax.checkpoint:orbax_checkpoint chex:chex"
@@ -29,9 +30,9 @@ if [ -n "$missing" ]; then
   done
   if [ ${#wheels[@]} -gt 0 ]; then
     echo "installing carried wheels: ${wheels[*]}"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
       "${wheels[@]}" || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
 out=${OUT:-benchmarks/results/gpu}
