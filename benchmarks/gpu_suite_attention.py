@@ -61,8 +61,8 @@ def main(argv=None):
         return lambda: fwd(params, x, t, ctx)
 
     xla = forward_fn("xla")
-    first, med = median_time(xla, reps)
-    ref = np.asarray(xla(), np.float32)
+    first, med, ref = median_time(xla, reps)
+    ref = np.asarray(ref, np.float32)
     rec.row(implementation="xla", forward_ms=med * 1e3, compile_s=first - med, speedup=1.0)
     print(f"| xla | {med * 1e3:.2f} | {first - med:.1f} | 1.00x | - | - |", flush=True)
     if jax.default_backend() != "gpu":
@@ -72,8 +72,8 @@ def main(argv=None):
         return
     try:
         cudnn = forward_fn("cudnn")
-        first_c, med_c = median_time(cudnn, reps)
-        out = np.asarray(cudnn(), np.float32)
+        first_c, med_c, out = median_time(cudnn, reps)
+        out = np.asarray(out, np.float32)
     except Exception as e:  # noqa: BLE001 - recorded: an unsupported configuration is a result
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rec.row(implementation="cudnn", error=msg)

@@ -15,12 +15,11 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import statistics
 import time
 
 __all__ = ["PACKAGES", "PEAK_BF16_FLOPS", "package_versions", "missing_modules", "peak_flops",
-           "Recorder", "part_parser", "median_time", "fmt", "ensure_dir"]
+           "Recorder", "part_parser", "median_time", "fmt"]
 
 # (import name, distribution name) of everything a part may import.
 PACKAGES = (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"), ("optax", "optax"),
@@ -102,19 +101,19 @@ def part_parser(description: str) -> argparse.ArgumentParser:
 
 
 def median_time(fn, repeats: int, sync=None) -> tuple:
-    """``(seconds of the first call, median seconds of the next repeats)``; ``sync(out)`` waits
-    for the device (default: ``benchmarks.common.sync``)."""
+    """``(seconds of the first call, median seconds of the next repeats, the last output)``;
+    ``sync(out)`` waits for the device (default: ``benchmarks.common.sync``)."""
     if sync is None:
         from benchmarks.common import sync
     t0 = time.perf_counter()
-    sync(fn())
+    out = sync(fn())
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sync(fn())
+        out = sync(fn())
         times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    return first, statistics.median(times), out
 
 
 def fmt(v, spec: str = ".3g") -> str:
@@ -124,6 +123,3 @@ def fmt(v, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def ensure_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path

@@ -70,7 +70,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     for row in rows:
         run, info = jaxdiff_side(sd, examples, row, batch, 4, compute_dtype=dtype)
-        _, med = median_time(run, reps)
+        _, med, _ = median_time(run, reps)
         stats = dev.memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
         gib = (lambda b: None if b is None or b != b else b / 2**30)  # noqa: E731

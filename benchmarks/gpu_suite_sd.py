@@ -41,6 +41,7 @@ import numpy as np
 
 from benchmarks.gpu_suite_env import Recorder, fmt, median_time, part_parser
 
+EAGER, JAX = "diffusers fp16 eager (SDPA)", "jaxdiff bf16 (one jit)"  # the rows' sides
 PROMPT = "a photo of a cat"  # short: the smoke tokenizer reads 14 tokens
 GUIDANCE = 7.5
 
@@ -183,7 +184,8 @@ def main(argv=None):
     images = {}
 
     def timed_row(batch, side, fn, compiled_first: bool, eager_s=None):
-        first, med = median_time(fn, cfg["repeats"][cfg["batches"].index(batch)])
+        first, med, out = median_time(fn, cfg["repeats"][cfg["batches"].index(batch)])
+        images[(side, batch)] = out
         compile_s = first - med if compiled_first else None
         ratio = (eager_s / med) if eager_s else 1.0
         print(f"| {batch} | {side} | {med / batch:.4f} | {cfg['steps'] / med:.1f} | "
@@ -196,17 +198,15 @@ def main(argv=None):
         lat = latents_for(batch, cfg["size"], sd.vae_scale_factor)
         jfn, tfn = jaxdiff_call(sd, batch, cfg, lat), diffusers_call(pipe, batch, cfg, lat)
         pipe.unet = eager_unet
-        eager_s = timed_row(batch, "diffusers fp16 eager (SDPA)", tfn, False)["call_s"]
-        images[("fp16", batch)] = tfn()
-        jrow = timed_row(batch, "jaxdiff bf16 (one jit)", jfn, True, eager_s)
-        images[("jax", batch)] = jfn()
+        eager_s = timed_row(batch, EAGER, tfn, False)["call_s"]
+        jrow = timed_row(batch, JAX, jfn, True, eager_s)
         if batch == cfg["batches"][0]:
             if cache_was_empty:  # the cold figure of part 3 (gpu_suite_compile)
                 with open(os.path.join(args.workdir, "cold_sd_program.json"), "w") as f:
                     json.dump({"compile_s": jrow["compile_s"], "cache": cache, "batch": batch}, f)
             same_image_check(rec, folder, batch, cfg, lat, images, device)
         else:
-            mx, mean = diff(images[("jax", batch)], images[("fp16", batch)])
+            mx, mean = diff(images[(JAX, batch)], images[(EAGER, batch)])
             rec.row(kind="image_diff", batch=batch, pair="jaxdiff bf16 vs diffusers fp16",
                     max_abs=mx, mean_abs=mean)
             print(f"\nBatch {batch}: jaxdiff bf16 vs diffusers fp16: max |diff| {mx:.3g}, "
@@ -241,9 +241,9 @@ def same_image_check(rec, folder, batch, cfg, lat, images, device):
         del pipe
         if device == "cuda":
             torch.cuda.empty_cache()
-    spread = [diff(images[("fp16", batch)], ref["fp32"]), diff(ref["bf16"], ref["fp32"])]
-    jax_ref = diff(images[("jax", batch)], ref["fp32"])
-    jax_fp16 = diff(images[("jax", batch)], images[("fp16", batch)])
+    spread = [diff(images[(EAGER, batch)], ref["fp32"]), diff(ref["bf16"], ref["fp32"])]
+    jax_ref = diff(images[(JAX, batch)], ref["fp32"])
+    jax_fp16 = diff(images[(JAX, batch)], images[(EAGER, batch)])
     tol = [3 * max(s[i] for s in spread) for i in (0, 1)]
     ok = jax_ref[0] <= tol[0] and jax_ref[1] <= tol[1]
     rec.row(kind="image_diff", batch=batch, pair="jaxdiff bf16 vs diffusers fp16",

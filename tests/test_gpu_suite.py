@@ -95,12 +95,15 @@ def test_peak_flops_table():
     assert peak_flops("cpu") == (None, None)
 
 
-def test_bad_parts_is_one_error_line():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--parts", "nope"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "error: --parts: unknown ['nope']; choose from " + ", ".join(PARTS)]
+def test_bad_arguments_are_one_error_line(capsys):
+    for argv, message in ((["--parts", "nope"], "error: --parts: unknown ['nope']; choose from "
+                           + ", ".join(PARTS)),
+                          (["--budget", "0"], "error: --budget must be a positive number of "
+                           "seconds, got 0.0")):
+        with pytest.raises(SystemExit) as e:
+            gpu_suite.main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [message]
 
 
 def test_missing_package_skips_the_part(tmp_path, monkeypatch):
