@@ -5,8 +5,8 @@ kohya / A1111 format as an adapter.
     lora = read_lora("my_lora.safetensors", sd.params)   # {"unet": .., "text_encoder": ..}
     save_lora("out/pytorch_lora_weights.safetensors", lora, scale=alpha / rank)
 
-The adapter mirrors ``StableDiffusion.params`` (``{"unet": .., "text_encoder": ..}``, either
-optional) down to each layer's ``{"down": [..., d_in, r], "up": [r, d_out]}``; its update is
+The adapter mirrors ``StableDiffusion.params`` (``{"unet": .., "text_encoder": ..}``, SDXL's
+``"text_encoder_2"`` too, each optional) down to each layer's ``{"down": [..., d_in, r], "up": [r, d_out]}``; its update is
 ``scale * down @ up``. Files carry their own factor (``alpha / r``: kohya's ``.alpha`` keys,
 peft's ``lora_alpha`` metadata); :func:`read_lora` folds it into ``up``, :func:`save_lora` folds
 ``scale`` into ``lora_B``, so a file round-trips to an adapter used with scale 1. Formats:
@@ -26,12 +26,13 @@ from typing import Any, Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdiff.convert.lora_kohya import is_kohya_key, kohya_names, parse_kohya
+from jaxdiff.convert.lora_kohya import has_ldm_unet_keys, is_kohya_key, kohya_names, parse_kohya
 from jaxdiff.convert.lora_names import (LORA_PARTS, lora_from_torch, lora_targets, lora_to_torch,
                                         module_name)
 from jaxdiff.convert.lora_peft import parse_peft, peft_factor
 from jaxdiff.convert.torch_io import load_torch_state_dict, to_numpy
 from jaxdiff.lora import check_lora
+from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.validation import InvalidFileError
 
 __all__ = ["LORA_WEIGHT_NAME", "LORA_FORMATS", "lora_format", "read_lora",
@@ -97,8 +98,9 @@ def _alpha(value: Any, name: str) -> float | None:
     return float(a.reshape(-1)[0])
 
 
-def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any]) -> dict:
-    """A LoRA file (or state dict) as a Stable Diffusion adapter for ``params``.
+def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any], *,
+              unet_config: UNetConfig | None = None) -> dict:
+    """A LoRA file (or state dict) as a Stable Diffusion (XL) adapter for ``params``.
 
     Args:
       source: a LoRA file (``.safetensors``; ``.bin`` / ``.pt`` / ``.ckpt`` need torch), a folder
@@ -106,10 +108,16 @@ def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str
         The format is detected from the keys (:func:`lora_format`): diffusers / peft
         (:mod:`jaxdiff.convert.lora_peft`) or kohya / A1111 (:mod:`jaxdiff.convert.lora_kohya`).
       params: the model's params, ``StableDiffusion.params`` (``{"unet": .., "text_encoder":
-        ..}``; other entries are ignored). Layer names are resolved against it.
+        ..}``, SDXL's ``"text_encoder_2"``; other entries are ignored). Layer names are resolved
+        against it.
+      unet_config: the model's UNet config (``StableDiffusion.unet_config``): needed for kohya
+        files on the original LDM / SGM UNet's names (``lora_unet_input_blocks_...``, as
+        sd-scripts' SDXL trainer writes them), whose block numbers depend on it
+        (:mod:`jaxdiff.convert.lora_ldm`); ``None``: such keys are unknown.
 
     Returns:
-      ``{"unet": .., "text_encoder": ..}`` (only the parts the file adapts): float32
+      ``{"unet": .., "text_encoder": .., "text_encoder_2": ..}`` (only the parts the file
+      adapts): float32
       ``{"down", "up"}`` per layer, each layer's ``alpha / rank`` folded into ``up``, to be used
       with scale 1 (:func:`jaxdiff.lora.merge_lora`, :func:`jaxdiff.pipelines.load_lora`).
 
@@ -131,15 +139,18 @@ def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str
     targets = lora_targets(params)
     fmt = lora_format(state)
     if fmt == "kohya":
-        layers, unknown = parse_kohya(state, kohya_names(targets))
+        layers, unknown = parse_kohya(state, kohya_names(targets, unet_config))
     else:
         layers, unknown = parse_peft(state)
         for name in [n for n in layers if n not in targets]:
             unknown += [f"{name} ({', '.join(sorted(layers.pop(name)))})"]
     if unknown:
+        parts = ", ".join(p for p in LORA_PARTS if p in params)
+        hint = ("; LDM-named UNet keys (input_blocks / middle_block / output_blocks) need "
+                "unet_config" if unet_config is None and has_ldm_unet_keys(unknown) else "")
         raise ValueError(f"{where}: {len(unknown)} keys name no LoRA layer of this model or "
-                         f"are of no known form ({fmt} format; the layers are the Stable "
-                         f"Diffusion UNet's and CLIP text encoder's): {_listed(unknown)}")
+                         f"are of no known form ({fmt} format; the model's parts: {parts}"
+                         f"{hint}): {_listed(unknown)}")
     incomplete = [f"{n} (has {', '.join(sorted(e))})" for n, e in layers.items()
                   if "down" not in e or "up" not in e]
     if incomplete:
@@ -171,12 +182,12 @@ def read_lora(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str
 
 def lora_state_dict(lora: Mapping[str, Any], *, scale: float = 1.0) -> dict[str, np.ndarray]:
     """An adapter as diffusers' LoRA state dict (peft keys ``unet.<module>.lora_A.weight`` /
-    ``.lora_B.weight``, ``text_encoder.text_model.<module>...``), ``scale`` folded into
-    ``lora_B``, float32.
+    ``.lora_B.weight``, ``text_encoder.text_model.<module>...``, SDXL's
+    ``text_encoder_2.text_model.<module>...``), ``scale`` folded into ``lora_B``, float32.
 
     Raises:
-      ValueError: a part other than ``"unet"`` / ``"text_encoder"``, a leaf other than
-        ``down`` / ``up``, a layer without both, an empty adapter, or a ``scale`` that is not a
+      ValueError: a part other than ``"unet"`` / ``"text_encoder"`` / ``"text_encoder_2"``, a
+        leaf other than ``down`` / ``up``, a layer without both, an empty adapter, or a ``scale`` that is not a
         finite number.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
@@ -185,7 +196,7 @@ def lora_state_dict(lora: Mapping[str, Any], *, scale: float = 1.0) -> dict[str,
     if not isinstance(lora, Mapping) or not lora or set(lora) - set(LORA_PARTS):
         got = sorted(lora) if isinstance(lora, Mapping) else type(lora).__name__
         raise ValueError(f"lora must be a Stable Diffusion adapter {{'unet': .., "
-                         f"'text_encoder': ..}} (at least one), got {got}")
+                         f"'text_encoder': .., 'text_encoder_2': ..}} (at least one), got {got}")
     out: dict[str, np.ndarray] = {}
     for part in LORA_PARTS:
         layers: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -208,13 +219,14 @@ def save_lora(path: str | os.PathLike, lora: Mapping[str, Any], *, scale: float 
     """Write ``lora`` as diffusers' ``pytorch_lora_weights.safetensors``
     (:func:`lora_state_dict`; metadata ``{"format": "pt"}`` and no ``lora_adapter_metadata``,
     so diffusers takes ``lora_alpha = r`` and the folded ``scale`` is the whole factor).
-    ``StableDiffusionPipeline.load_lora_weights`` reads it and makes the model jaxdiff makes with
+    ``StableDiffusionPipeline.load_lora_weights`` (``StableDiffusionXLPipeline``'s for an SDXL
+    adapter) reads it and makes the model jaxdiff makes with
     ``merge_lora(params, lora, scale)``.
 
     Args:
       path: a ``.safetensors`` file, or a folder (created if missing) to hold
         :data:`LORA_WEIGHT_NAME`.
-      lora: ``{"unet": .., "text_encoder": ..}`` (either optional).
+      lora: ``{"unet": .., "text_encoder": .., "text_encoder_2": ..}`` (each optional).
       scale: the adapter's factor (``alpha / rank``), folded into ``lora_B``.
 
     Returns:

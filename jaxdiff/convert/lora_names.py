@@ -1,11 +1,11 @@
 """LoRA layers by their torch module names, and one layer's weights between torch and jaxdiff.
 
-A Stable Diffusion adapter (:mod:`jaxdiff.lora`) is ``{"unet": ..., "text_encoder": ...}``,
-mirroring ``StableDiffusion.params`` down to each adapted layer's ``{"down", "up"}``. LoRA files
+A Stable Diffusion adapter (:mod:`jaxdiff.lora`) is ``{"unet": ..., "text_encoder": ...}`` (SDXL:
+and ``"text_encoder_2"``), mirroring ``StableDiffusion.params`` down to each adapted layer's ``{"down", "up"}``. LoRA files
 name the same layers by their PyTorch module names: ``down_blocks.0.attentions.0.
 transformer_blocks.0.attn1.to_q`` in the UNet (:func:`jaxdiff.convert.torch_io.torch_key`),
-``text_model.encoder.layers.0.self_attn.q_proj`` in the CLIP text encoder
-(:func:`jaxdiff.convert.transformers_clip.clip_torch_key`). :func:`lora_targets` lists every layer
+``text_model.encoder.layers.0.self_attn.q_proj`` in the CLIP text encoders (SDXL's second one
+also has ``text_projection``; :func:`jaxdiff.convert.transformers_clip.clip_torch_key`). :func:`lora_targets` lists every layer
 a LoRA can adapt (every ``kernel`` of rank 2 or 4) under those names, so that file readers resolve
 names against the model instead of guessing.
 
@@ -27,12 +27,13 @@ from jaxdiff.convert.transformers_clip import clip_torch_key
 __all__ = ["LORA_PARTS", "LoraTarget", "lora_targets", "module_name", "lora_from_torch",
            "lora_to_torch"]
 
-LORA_PARTS = ("unet", "text_encoder")
-"""The parts of a Stable Diffusion a LoRA file may adapt, as diffusers prefixes their keys."""
+LORA_PARTS = ("unet", "text_encoder", "text_encoder_2")
+"""The parts of a Stable Diffusion (XL) a LoRA file may adapt, as diffusers prefixes their
+keys."""
 
 
 class LoraTarget(NamedTuple):
-    """One layer a LoRA can adapt: its part (``"unet"`` / ``"text_encoder"``), Flax layer path
+    """One layer a LoRA can adapt: its part (one of :data:`LORA_PARTS`), Flax layer path
     (without ``"kernel"``) and kernel shape."""
 
     part: str
@@ -44,14 +45,14 @@ def module_name(part: str, path: tuple[str, ...]) -> str:
     """The torch module name of the Flax layer ``path`` of ``part``:
     ``("down_blocks_0", "attentions_0", "proj_in")`` -> ``"down_blocks.0.attentions.0.proj_in"``
     (UNet), ``("text_model", "encoder", "layers_0", "mlp", "fc1")`` ->
-    ``"text_model.encoder.layers.0.mlp.fc1"`` (text encoder).
+    ``"text_model.encoder.layers.0.mlp.fc1"`` (text encoders).
 
     Raises:
       ValueError: ``part`` is not one of :data:`LORA_PARTS`.
     """
     if part == "unet":
         return torch_key(tuple(path) + ("kernel",))[: -len(".weight")]
-    if part == "text_encoder":
+    if part in ("text_encoder", "text_encoder_2"):
         return clip_torch_key(tuple(path) + ("kernel",))[: -len(".weight")]
     raise ValueError(f"a Stable Diffusion LoRA adapts {' / '.join(LORA_PARTS)}, got part "
                      f"{part!r}")
@@ -63,8 +64,8 @@ def lora_targets(params: Mapping[str, Any]) -> dict[str, LoraTarget]:
     ``"unet.mid_block.attentions.0.proj_in"`` or
     ``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``.
 
-    ``params`` is ``StableDiffusion.params`` (or any mapping holding ``"unet"`` and / or
-    ``"text_encoder"`` params trees); other parts are ignored.
+    ``params`` is ``StableDiffusion.params`` (or any mapping holding some of the
+    :data:`LORA_PARTS`' params trees); other parts (the VAE) are ignored.
     """
     out: dict[str, LoraTarget] = {}
     for part in LORA_PARTS:

@@ -7,13 +7,14 @@ Current layout (peft, diffusers >= 0.24)::
     unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight   [d_out, r]
     unet.down_blocks.1.attentions.0.proj_in.lora_A.weight                           [r, d_in, 1, 1]
     text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight         [r, d_in]
+    text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight       [r, d_in]
 
 (conv layers: ``lora_A`` a conv ``[r, d_in, kh, kw]``, ``lora_B`` a 1x1 conv
 ``[d_out, r, 1, 1]``). The update is ``lora_B @ lora_A`` times ``lora_alpha / r``, where
 ``lora_alpha`` comes from the file's ``lora_adapter_metadata`` (safetensors metadata, a JSON
-``{"unet.r": .., "unet.lora_alpha": .., "unet.alpha_pattern": {..}, "unet.use_rslora": ..}``)
-and is ``r`` (factor 1) when the file has none. jaxdiff writes no metadata and folds its factor
-into ``lora_B``.
+``{"unet.r": .., "unet.lora_alpha": .., "unet.alpha_pattern": {..}, "unet.use_rslora": ..}``,
+the same under ``text_encoder.`` and SDXL's ``text_encoder_2.``) and is ``r`` (factor 1) when
+the file has none. jaxdiff writes no metadata and folds its factor into ``lora_B``.
 
 Also read: the older diffusers layouts ``<module>.lora.down.weight`` / ``.lora.up.weight``
 (``LoRACompatibleLinear``), ``<module>.lora_linear_layer.down.weight`` / ``.up.weight`` (text
@@ -36,7 +37,8 @@ _DOWN = ("lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
 _UP = ("lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight")
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>" + "|".join(
     re.escape(k) for k in (*_DOWN, *_UP, "alpha")) + r")$")
-_OTHER_MODELS = ("text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_OTHER_MODELS = ("text_encoder_3", "transformer", "prior", "decoder")
 _PROCESSOR_RE = re.compile(
     r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
 
@@ -51,12 +53,13 @@ def _canonical(module: str) -> str:
     names layers."""
     if module.startswith("unet."):
         return module
-    if module.startswith("text_encoder."):
-        rest = module[len("text_encoder."):]
-        return "text_encoder." + (rest if rest.startswith("text_model.") else f"text_model.{rest}")
+    part, _, rest = module.partition(".")
+    if part in _TEXT_ENCODERS:  # SDXL's second has a text_projection beside its text_model
+        keep = rest.startswith("text_model.") or rest == "text_projection"
+        return f"{part}." + (rest if keep else f"text_model.{rest}")
     if module.startswith("text_model."):
         return f"text_encoder.{module}"
-    if module.split(".", 1)[0] in _OTHER_MODELS:  # SDXL's second text encoder, a DiT, ...
+    if part in _OTHER_MODELS:  # SD 3's third text encoder, a DiT, ...
         return module
     return f"unet.{module}"
 
@@ -66,8 +69,10 @@ def parse_peft(state_dict: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]]
 
     Returns:
       ``({"<part>.<module>": {"down": .., "up": .., "alpha": ..}}, unknown keys)``: the layer
-      names are canonical (``unet.`` / ``text_encoder.text_model.`` prefixed); a layer may lack
-      ``down`` or ``up`` (the caller reports it); ``unknown`` lists keys of no known form.
+      names are canonical (``unet.`` / ``text_encoder.text_model.`` /
+      ``text_encoder_2.text_model.`` prefixed, or ``text_encoder_2.text_projection``); a layer
+      may lack ``down`` or ``up`` (the caller reports it); ``unknown`` lists keys of no known
+      form.
     """
     layers: dict[str, dict[str, Any]] = {}
     unknown = []

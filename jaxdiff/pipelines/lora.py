@@ -34,12 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert.lora_files import read_lora
+from jaxdiff.convert.lora_names import LORA_PARTS
 from jaxdiff.lora import check_lora, merge_loras
 from jaxdiff.pipelines.loading import StableDiffusion
 
 __all__ = ["load_lora", "fuse_lora", "unload_loras", "set_lora_scales", "apply_loras"]
-
-_PARTS = ("unet", "text_encoder")
 
 
 def _check_scale(scale: Any, name: str = "scale") -> float:
@@ -57,12 +56,14 @@ def _check_scale(scale: Any, name: str = "scale") -> float:
 def _adapter(sd: StableDiffusion, lora: Any) -> dict:
     """An adapter for ``sd`` from a file / folder path or an adapter dict (checked)."""
     if isinstance(lora, (str, os.PathLike)):
-        return read_lora(lora, sd.params)
-    if not isinstance(lora, Mapping) or not lora or set(lora) - set(_PARTS):
+        return read_lora(lora, sd.params, unet_config=sd.unet_config)
+    if not isinstance(lora, Mapping) or not lora or set(lora) - set(LORA_PARTS):
         got = sorted(lora) if isinstance(lora, Mapping) else type(lora).__name__
         raise ValueError("lora must be a LoRA file path or an adapter {'unet': .., "
-                         f"'text_encoder': ..}} (at least one), got {got}")
+                         f"'text_encoder': .., 'text_encoder_2': ..}} (at least one), got {got}")
     for part, tree in lora.items():
+        if part not in sd.params:
+            raise ValueError(f"lora[{part!r}]: the model has no {part}")
         try:
             check_lora(sd.params[part], tree)
         except ValueError as e:
@@ -72,12 +73,12 @@ def _adapter(sd: StableDiffusion, lora: Any) -> dict:
 
 def apply_loras(params: Mapping[str, Any], loras: Sequence[tuple[Mapping, Any]]) -> dict:
     """``params`` (``StableDiffusion.params``) with every ``(adapter, scale)`` merged into its
-    UNet and text encoder (:func:`jaxdiff.lora.merge_loras`); ``params`` itself when ``loras``
+    UNet and text encoders (:func:`jaxdiff.lora.merge_loras`); ``params`` itself when ``loras``
     is empty. Jittable, the scales may be traced."""
     if not loras:
         return params
     out = dict(params)
-    for part in _PARTS:
+    for part in LORA_PARTS:
         pairs = [(lora[part], scale) for lora, scale in loras if part in lora]
         if pairs:
             out[part] = merge_loras(params[part], pairs)
@@ -90,9 +91,10 @@ def load_lora(sd: StableDiffusion, lora: Any, scale: float = 1.0) -> StableDiffu
 
     Args:
       sd: the model (it is not changed; the result shares its parameters).
-      lora: a LoRA file (diffusers / peft or kohya format, :func:`jaxdiff.convert.read_lora`), a
-        folder holding ``pytorch_lora_weights.safetensors``, or an adapter
-        ``{"unet": .., "text_encoder": ..}`` (used with factor 1 times ``scale``).
+      lora: a LoRA file (diffusers / peft or kohya format, :func:`jaxdiff.convert.read_lora`;
+        for SD 1.x / 2.x and SDXL, kohya's LDM-named UNet layers included), a folder holding
+        ``pytorch_lora_weights.safetensors``, or an adapter ``{"unet": .., "text_encoder": ..,
+        "text_encoder_2": ..}`` (each optional; used with factor 1 times ``scale``).
       scale: the LoRA's weight (any finite number; 0 disables it).
 
     Returns:
