@@ -47,6 +47,8 @@ def kohya_names(targets: Iterable[str],
     """``{kohya layer name: "<part>.<module>"}`` for the canonical layer names ``targets``
     (:func:`jaxdiff.convert.lora_names.lora_targets`' keys).
 
+    Text encoder layers are named with and without ``text_model.`` (``lora_te_text_model_encoder_
+    ...``, as sd-scripts writes them, and ``lora_te_encoder_...``, transformers 5's module names).
     With ``unet_config`` (the model's UNet config) the UNet's layers are also named by their
     LDM / SGM modules (``lora_unet_input_blocks_4_1_...``; :mod:`jaxdiff.convert.lora_ldm`).
     """
@@ -56,6 +58,8 @@ def kohya_names(targets: Iterable[str],
         part, module = target.split(".", 1)
         for prefix in KOHYA_PREFIXES.get(part, ()):
             out[prefix + module.replace(".", "_")] = target
+            if part != "unet" and module.startswith("text_model."):  # transformers 5's names
+                out[prefix + module[len("text_model."):].replace(".", "_")] = target
         if part == "unet":
             unet.append(module)
     if unet_config is not None:
