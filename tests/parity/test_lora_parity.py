@@ -10,7 +10,10 @@ encoder (attention, ``mlp.fc1``):
 - diffusers / peft: ``unet.<module>.lora_A.weight`` / ``lora_B``, text encoder keys without
   ``text_model.`` (transformers 5's module names), alpha in the ``lora_adapter_metadata``;
 - kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up`` / ``.alpha``,
-  ``lora_te_text_model_...``;
+  ``lora_te_text_model_...``; and the same on the original LDM UNet's names
+  (``lora_unet_input_blocks_3_1_...``, as some A1111 LoRAs for SD 1.x name them; the names from
+  tests/parity/test_sdxl_lora_parity.py's hand-written table of the tiny UNet), with the
+  resnets' convs and time projection and the down- and upsampler convs adapted too;
 - and jaxdiff's own ``save_lora`` of an adapter, read by diffusers.
 
 jaxdiff runs them unfused (scale traced) and fused; diffusers applies a scale through
@@ -46,6 +49,12 @@ from tests.parity.test_sd_pipeline_parity import (  # noqa: E402
     _check_against_pipeline,
     _latents,
     _nchw,
+)
+from tests.parity.test_sdxl_lora_parity import (  # noqa: E402
+    UNET_TARGETS as LDM_TEST_TARGETS,
+    random_torch_lora,
+    tiny_ldm_name,
+    write_kohya,
 )
 
 pytestmark = pytest.mark.slow  # every test here takes > 1.5 s on 2 cores
@@ -124,9 +133,11 @@ def _write_kohya(pairs, path):
     return path
 
 
-def _diffusers(folder, file, scale):
+def _diffusers(folder, file, scale, ldm=False):
     pipe = _pipe(folder)
-    pipe.load_lora_weights(file)
+    # StableDiffusionPipeline maps LDM UNet names only when given the UNet's config (the SDXL
+    # pipeline passes its own)
+    pipe.load_lora_weights(file, **({"unet_config": pipe.unet.config} if ldm else {}))
     lat = _latents(len(PROMPTS))
     ref = pipe(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=STEPS, guidance_scale=W,
                latents=_nchw(lat), height=32, width=32, output_type="latent",
@@ -158,6 +169,17 @@ def test_kohya_file_fused(folder, sd, tmp_path):
     file = _write_kohya(_random_torch_lora(pipe, seed=1), str(tmp_path / "kohya.safetensors"))
     pipe, ref = _diffusers(folder, file, 1.0)
     _compare(pipe, ref, _jaxdiff(fuse_lora(sd, file)), _jaxdiff(sd), "kohya, fused")
+
+
+def test_kohya_file_on_ldm_unet_names(folder, sd, tmp_path):
+    pipe = _pipe(folder)
+    pairs = random_torch_lora({"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                              LDM_TEST_TARGETS, TEXT_TARGETS, seed=5)
+    assert ("unet", "up_blocks.0.upsamplers.0.conv") in pairs
+    file = write_kohya(pairs, str(tmp_path / "ldm.safetensors"), unet_name=tiny_ldm_name,
+                       te_prefixes={"text_encoder": "lora_te_"})
+    pipe, ref = _diffusers(folder, file, 0.9, ldm=True)
+    _compare(pipe, ref, _jaxdiff(load_lora(sd, file, 0.9)), _jaxdiff(sd), "kohya LDM names")
 
 
 def test_save_lora_file_in_diffusers(folder, sd, tmp_path):
