@@ -6,13 +6,14 @@ kohya / A1111 format as an adapter.
     save_lora("out/pytorch_lora_weights.safetensors", lora, scale=alpha / rank)
 
 The adapter mirrors ``StableDiffusion.params`` (``{"unet": .., "text_encoder": ..}``, SDXL's
-``"text_encoder_2"`` too, each optional) down to each layer's ``{"down": [..., d_in, r], "up": [r, d_out]}``; its update is
-``scale * down @ up``. Files carry their own factor (``alpha / r``: kohya's ``.alpha`` keys,
-peft's ``lora_alpha`` metadata); :func:`read_lora` folds it into ``up``, :func:`save_lora` folds
-``scale`` into ``lora_B``, so a file round-trips to an adapter used with scale 1. Formats:
-:mod:`jaxdiff.convert.lora_peft` and :mod:`jaxdiff.convert.lora_kohya`; layer names:
-:mod:`jaxdiff.convert.lora_names`. safetensors (and torch, for ``.bin`` files) are imported only
-when used.
+``"text_encoder_2"`` too, each optional) down to each layer's
+``{"down": [..., d_in, r], "up": [r, d_out]}``; its update is ``scale * down @ up``. Files carry
+their own factor (``alpha / r``: kohya's ``.alpha`` keys, peft's ``lora_alpha`` metadata);
+:func:`read_lora` folds it into ``up``, :func:`save_lora` folds ``scale`` into ``lora_B``, so a
+file round-trips to an adapter used with scale 1. Formats: :mod:`jaxdiff.convert.lora_peft` and
+:mod:`jaxdiff.convert.lora_kohya` (with :mod:`jaxdiff.convert.lora_ldm` for LDM-named UNet
+layers); layer names: :mod:`jaxdiff.convert.lora_names`. safetensors (and torch, for ``.bin``
+files) are imported only when used.
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ def lora_state_dict(lora: Mapping[str, Any], *, scale: float = 1.0) -> dict[str,
 
     Raises:
       ValueError: a part other than ``"unet"`` / ``"text_encoder"`` / ``"text_encoder_2"``, a
-        leaf other than ``down`` / ``up``, a layer without both, an empty adapter, or a ``scale`` that is not a
-        finite number.
+        leaf other than ``down`` / ``up``, a layer without both, an empty adapter, or a
+        ``scale`` that is not a finite number.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) \
             or not math.isfinite(float(scale)):

@@ -6,15 +6,15 @@
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                 [r, d_in]
 
 A layer's name is ``lora_unet_`` / ``lora_te_`` (or ``lora_te1_``; SDXL's second text encoder
-``lora_te2_``) followed by its torch module name with every ``.`` replaced by ``_``. UNet layers
-are named either by diffusers' modules (``down_blocks_1_attentions_0_...``, as sd-scripts trains
+``lora_te2_``) followed by its torch module name with every ``.`` replaced by ``_``. UNet layers are
+named either by diffusers' modules (``down_blocks_1_attentions_0_...``, as sd-scripts trains
 SD 1.x / 2.x) or by the original LDM / SGM UNet's (``input_blocks_4_1_...``, ``middle_block_1_...``,
 ``output_blocks_...``: sd-scripts' SDXL trainer, some A1111 LoRAs), which
-:mod:`jaxdiff.convert.lora_ldm` maps from the model's UNet config. Module names hold ``_`` too (``transformer_blocks``,
-``to_q``), so the replacement cannot be undone by rule: names are resolved against the model's
-own layers (:func:`kohya_names`). The update is ``lora_up @ lora_down`` times ``alpha / r``
-(``r`` the layer's rank; factor 1 without an ``.alpha``). Conv layers (LoCon) have ``lora_down``
-``[r, d_in, kh, kw]`` and ``lora_up`` ``[d_out, r, 1, 1]``.
+:mod:`jaxdiff.convert.lora_ldm` maps from the model's UNet config. Module names hold ``_`` too
+(``transformer_blocks``, ``to_q``), so the replacement cannot be undone by rule: names are resolved
+against the model's own layers (:func:`kohya_names`). The update is ``lora_up @ lora_down`` times
+``alpha / r`` (``r`` the layer's rank; factor 1 without an ``.alpha``). Conv layers (LoCon) have
+``lora_down`` ``[r, d_in, kh, kw]`` and ``lora_up`` ``[d_out, r, 1, 1]``.
 
 Not read (they give the unknown-keys error): LyCORIS' other adapters (``hada_``, ``lokr_``),
 DoRA's ``dora_scale``, and LDM-named UNet keys when no UNet config is given.

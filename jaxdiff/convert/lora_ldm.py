@@ -115,7 +115,7 @@ def ldm_module_name(name: str, blocks: dict[str, str]) -> str | None:
             rest = LDM_RESNET_NAMES.get(rest)
             if rest is None:
                 return None
-        elif not (".attentions." in prefix):
+        elif ".attentions." not in prefix:
             return None  # a leaf block (conv_in, a sampler's conv) has no inner layers
         return f"{inverse[prefix]}.{rest}"
     return None

@@ -1,12 +1,13 @@
 """LoRA layers by their torch module names, and one layer's weights between torch and jaxdiff.
 
 A Stable Diffusion adapter (:mod:`jaxdiff.lora`) is ``{"unet": ..., "text_encoder": ...}`` (SDXL:
-and ``"text_encoder_2"``), mirroring ``StableDiffusion.params`` down to each adapted layer's ``{"down", "up"}``. LoRA files
-name the same layers by their PyTorch module names: ``down_blocks.0.attentions.0.
-transformer_blocks.0.attn1.to_q`` in the UNet (:func:`jaxdiff.convert.torch_io.torch_key`),
-``text_model.encoder.layers.0.self_attn.q_proj`` in the CLIP text encoders (SDXL's second one
-also has ``text_projection``; :func:`jaxdiff.convert.transformers_clip.clip_torch_key`). :func:`lora_targets` lists every layer
-a LoRA can adapt (every ``kernel`` of rank 2 or 4) under those names, so that file readers resolve
+and ``"text_encoder_2"``), mirroring ``StableDiffusion.params`` down to each adapted layer's
+``{"down", "up"}``. LoRA files name the same layers by their PyTorch module names:
+``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` in the UNet
+(:func:`jaxdiff.convert.torch_io.torch_key`), ``text_model.encoder.layers.0.self_attn.q_proj`` in
+the CLIP text encoders (SDXL's second one also has ``text_projection``;
+:func:`jaxdiff.convert.transformers_clip.clip_torch_key`). :func:`lora_targets` lists every layer a
+LoRA can adapt (every ``kernel`` of rank 2 or 4) under those names, so that file readers resolve
 names against the model instead of guessing.
 
 Weights: torch's ``lora_A`` / ``lora_down`` is ``[r, d_in]`` (linear) or ``[r, d_in, kh, kw]``
