@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdiff.convert import lora_state_dict, lora_targets, read_lora
 from jaxdiff.convert.lora_kohya import kohya_names
@@ -149,7 +149,6 @@ def _random_lora(params, part, rank=2, seed=0):
             shape = leaf.shape
             flat[path[:-1] + ("down",)] = rng.normal(size=(*shape[:-1], rank)).astype(np.float32)
             flat[path[:-1] + ("up",)] = rng.normal(size=(rank, shape[-1])).astype(np.float32)
-    from flax.traverse_util import unflatten_dict
     return {part: unflatten_dict(flat)}
 
 
@@ -198,7 +197,6 @@ def sdxl_text():
         flat = {q: rng.normal(size=(8, 8)).astype(np.float32)}
         if projection:
             flat[("text_projection", "kernel")] = rng.normal(size=(8, 4)).astype(np.float32)
-        from flax.traverse_util import unflatten_dict
         return unflatten_dict(flat)
 
     return {"text_encoder": tree(False), "text_encoder_2": tree(True), "vae": {}}
