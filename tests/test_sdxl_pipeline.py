@@ -149,10 +149,16 @@ def test_export_round_trip(folders, tmp_path, which):
 
     from jaxdiff.pipelines import export_stable_diffusion
 
+    from jaxdiff.pipelines import GenerationDefaults
+
     folder = folders[0] if which == "base" else folders[1]
     sd = load_stable_diffusion(folder)
+    if which == "base":  # a Turbo-like folder says how it wants to be sampled
+        sd = sd.replace(generation_defaults=GenerationDefaults(num_steps=1, guidance_scale=0.0))
     out = export_stable_diffusion(sd, str(tmp_path / "exported"))
     back = load_stable_diffusion(out)
+    assert back.generation_defaults == sd.generation_defaults   # None for the refiner
+    assert os.path.isfile(os.path.join(out, "jaxdiff_generation.json")) == (which == "base")
     assert jax.tree.structure(back.params) == jax.tree.structure(sd.params)
     for a, b in zip(jax.tree.leaves(sd.params), jax.tree.leaves(back.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

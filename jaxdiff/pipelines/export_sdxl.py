@@ -10,6 +10,7 @@ for bit in float32)::
     text_encoder_2/           CLIPTextModelWithProjection
     tokenizer/  tokenizer_2/  (tokenizer_2 pads with its own pad token, "!" for SDXL)
     scheduler/scheduler_config.json
+    jaxdiff_generation.json   (sd.generation_defaults, if any; diffusers ignores it)
 
 :func:`~jaxdiff.pipelines.export_stable_diffusion` calls :func:`export_stable_diffusion_xl` for
 an SDXL model. Nothing imports torch.
@@ -31,6 +32,10 @@ from jaxdiff.convert.export_diffusers import (
     unet_to_diffusers,
     vae_to_diffusers,
 )
+from jaxdiff.pipelines.generation_defaults import (
+    GENERATION_DEFAULTS_FILE,
+    write_generation_defaults,
+)
 from jaxdiff.pipelines.loading import SDXL_PIPELINES, StableDiffusion
 
 __all__ = ["export_stable_diffusion_xl"]
@@ -48,7 +53,8 @@ def export_stable_diffusion_xl(sd: StableDiffusion, path: str | os.PathLike, *,
     """Write ``sd`` (an SDXL model: ``sd.is_sdxl``) as a diffusers SDXL folder (module
     docstring): its params and configs, both tokenizers, ``sd.scheduler_config`` as the
     scheduler, ``sd.sample_size`` as the UNet's, ``sd.pipeline_class`` and its flags in
-    ``model_index.json``. ``dtype``: the weights on disk, ``float32`` or ``float16``. Returns
+    ``model_index.json``, ``sd.generation_defaults`` as ``jaxdiff_generation.json`` (``None``
+    writes none and removes one left in ``path`` by an earlier export). ``dtype``: the weights on disk, ``float32`` or ``float16``. Returns
     ``path``.
 
     Raises:
@@ -117,4 +123,8 @@ def export_stable_diffusion_xl(sd: StableDiffusion, path: str | os.PathLike, *,
     if cls == "StableDiffusionXLImg2ImgPipeline":
         index["requires_aesthetics_score"] = bool(sd.requires_aesthetics_score)
     _write_json(os.path.join(root, "model_index.json"), index)
+    if sd.generation_defaults is not None:
+        write_generation_defaults(root, sd.generation_defaults)
+    elif os.path.isfile(os.path.join(root, GENERATION_DEFAULTS_FILE)):
+        os.remove(os.path.join(root, GENERATION_DEFAULTS_FILE))
     return root
