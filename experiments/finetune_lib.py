@@ -30,7 +30,7 @@ from jaxdiff.training import (Checkpointer, Periodic, TrainerSettings, abstract_
                               make_optimizer)
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["finetune_config", "validate_config", "train", "CLASS_DIR"]
+__all__ = ["finetune_config", "validate_config", "train", "refuse_other_runs", "CLASS_DIR"]
 
 CLASS_DIR = "class_images"
 
@@ -99,6 +99,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config_check("", check_int, f"validation.{name}", v[name], low)
     config_check("", check_float, "validation.guidance_scale", v.guidance_scale)
     config_check("", check_bool, "export", c.export)
+    if c.mode == "controlnet":
+        raise ConfigError("mode 'controlnet' is trained by python -m experiments.train_controlnet "
+                          "(it needs control images); finetune_sd takes 'full' or 'lora'")
     config_check("", check_bool, "lora.feed_forward", c.lora.feed_forward)
     finetune_config(config, "epsilon")
 
@@ -134,7 +137,7 @@ def _read_examples(config, sd, folder_path: str, caption: Optional[str], what: s
     return {"pixel_values": images, "input_ids": ids}, list(folder.captions)
 
 
-def _refuse_other_runs(workdir: str, compat: Dict[str, Any], param_shapes: Any, tx) -> None:
+def refuse_other_runs(workdir: str, compat: Dict[str, Any], param_shapes: Any, tx) -> None:
     """IncompatibleCheckpointError now, before anything is written, if ``workdir`` holds a
     checkpoint of another run (``fit`` checks again, but DreamBooth writes its class images
     before ``fit`` runs)."""
@@ -224,7 +227,7 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         raise ConfigError(f"dreambooth.num_class_images {d.num_class_images} must be at least "
                           f"training.batch_size {t.batch_size}")
     shapes = config_check("lora.", init_trainable, sd, cfg, jax.random.key(0), True)
-    _refuse_other_runs(workdir, compat, shapes, make_optimizer(settings.optimizer)[0])
+    refuse_other_runs(workdir, compat, shapes, make_optimizer(settings.optimizer)[0])
     class_examples = None
     if d.enabled:
         class_prompts = list(d.class_prompts) or d.class_prompt

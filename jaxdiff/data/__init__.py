@@ -1,6 +1,8 @@
 """Dataset loaders (local IDX files, tfds, image folders with captions) and resumable batch
 iterators."""
 
+from jaxdiff.data.controlnet_folder import (CONDITIONING_COLUMN, ControlNetFolder,
+                                            load_conditioning_images, read_controlnet_folder)
 from jaxdiff.data.idx import read_idx, write_idx
 from jaxdiff.data.image_buckets import (BucketIterator, assign_buckets, bucket_sizes,
                                         bucketed_image_folder_source, image_size)
@@ -20,4 +22,5 @@ __all__ = ["read_idx", "write_idx", "BatchIterator", "Prefetcher", "ResumableIte
            "CAPTION_SOURCES", "image_folder_source", "ImageFolderIterator", "tokenize_captions",
            "load_image", "load_images", "transform_image", "resized_size",
            "bucket_sizes", "assign_buckets", "image_size", "bucketed_image_folder_source",
-           "BucketIterator"]
+           "BucketIterator", "CONDITIONING_COLUMN", "ControlNetFolder", "read_controlnet_folder",
+           "load_conditioning_images"]

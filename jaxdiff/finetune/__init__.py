@@ -1,11 +1,17 @@
-"""Fine-tuning a Stable Diffusion folder on your own images: full fine-tuning, LoRA and
-DreamBooth, on the one training loop (:func:`jaxdiff.training.fit`)."""
+"""Fine-tuning a Stable Diffusion folder on your own images: full fine-tuning, LoRA,
+DreamBooth and ControlNet training, on the one training loop (:func:`jaxdiff.training.fit`)."""
 
 from jaxdiff.finetune.cache import cache_examples
+from jaxdiff.finetune.controlnet import (CONTROLNET_DIR, build_controlnet_task,
+                                         check_controlnet_for, conditioning_widths,
+                                         controlnet_compat, export_trained_controlnet,
+                                         make_controlnet_loss, new_controlnet, params_fingerprint,
+                                         sample_controlnet)
 from jaxdiff.finetune.dreambooth import (PairedIterator, class_image_paths,
                                          generate_class_images, with_prior_flag)
 from jaxdiff.finetune.export import DIFFUSERS_DIR, LORA_FILE, export_finetuned, save_lora_file
-from jaxdiff.finetune.loss import flip_images, make_finetune_loss, posterior_moments
+from jaxdiff.finetune.loss import (encode_batch, flip_images, make_finetune_loss,
+                                   posterior_moments)
 from jaxdiff.finetune.modes import (COMPUTE_DTYPES, MODES, FinetuneConfig, compute_configs,
                                     finetuned_pipeline, frozen_params, init_trainable,
                                     lora_patterns, model_params)
@@ -22,4 +28,7 @@ __all__ = [
     "generate_class_images", "init_trainable", "lora_patterns", "make_finetune_loss",
     "model_identity", "model_params", "objective_weights", "posterior_moments", "reduce_loss",
     "sample_finetuned", "save_lora_file", "step_batch_size", "with_prior_flag",
+    "CONTROLNET_DIR", "build_controlnet_task", "check_controlnet_for", "conditioning_widths",
+    "controlnet_compat", "encode_batch", "export_trained_controlnet", "make_controlnet_loss",
+    "new_controlnet", "params_fingerprint", "sample_controlnet",
 ]

@@ -27,7 +27,7 @@ from jaxdiff.models.unet import UNet
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.sd_program import embed_tokens
 
-__all__ = ["make_finetune_loss", "posterior_moments", "flip_images"]
+__all__ = ["make_finetune_loss", "posterior_moments", "flip_images", "encode_batch"]
 
 
 def to_vae_channels(vae_config, pixel_values: jax.Array) -> jax.Array:
@@ -60,6 +60,39 @@ def flip_images(key: jax.Array, images: jax.Array) -> jax.Array:
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
+def encode_batch(sd: StableDiffusion, cfg: FinetuneConfig, models: Dict[str, Any],
+                 batch: Dict[str, jax.Array], key: jax.Array):
+    """``(latents [B, h, w, C] float32, context [B, L, D])`` of a training batch (module
+    docstring): the VAE posterior of ``pixel_values`` (or the cached ``latent_mean`` /
+    ``latent_std``) sampled with ``key`` and scaled, and the text embedding of ``input_ids`` (or
+    the cached ``context``), with ``cfg``'s compute dtype. ``models`` holds the ``"vae"`` /
+    ``"text_encoder"`` params the batch needs. Jittable.
+
+    Raises (at trace time):
+      ValueError: a batch with neither ``pixel_values`` nor ``latent_mean``, or neither
+        ``input_ids`` nor ``context``.
+    """
+    unet_cfg, vae_cfg, text_cfg = compute_configs(sd, cfg)
+    if "pixel_values" in batch:
+        mean, std = posterior_moments(vae_cfg, models["vae"], batch["pixel_values"])
+    elif "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        raise ValueError(f"the batch needs 'pixel_values' or cached 'latent_mean' / "
+                         f"'latent_std', got keys {sorted(batch)}")
+    z = mean + std * jax.random.normal(key, mean.shape, jnp.float32)
+    latents = scale_latents(sd.vae_config, z).astype(jnp.float32)
+    if "input_ids" in batch:
+        context = embed_tokens(text_cfg, unet_cfg.dtype, models["text_encoder"],
+                               batch["input_ids"])
+    elif "context" in batch:
+        context = batch["context"]
+    else:
+        raise ValueError(f"the batch needs 'input_ids' or cached 'context', got keys "
+                         f"{sorted(batch)}")
+    return latents, context
+
+
 def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig):
     """``loss_fn(params, batch, key, frozen) -> (loss, aux)`` for :func:`jaxdiff.training.fit`
     (module docstring): ``params`` the trainable tree, ``frozen`` the frozen one
@@ -70,33 +103,15 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig):
       ValueError: a batch with neither ``pixel_values`` nor ``latent_mean``, or neither
         ``input_ids`` nor ``context``.
     """
-    unet_cfg, vae_cfg, text_cfg = compute_configs(sd, cfg)
+    unet = UNet(compute_configs(sd, cfg)[0])
     schedule, objective = sd.schedule, cfg.objective
-    unet = UNet(unet_cfg)
 
     def loss_fn(params: Any, batch: Dict[str, jax.Array], key: jax.Array, frozen: Any):
         models = model_params(params, frozen, cfg)
         k_z, k_flip, k_loss = jax.random.split(key, 3)
-        if "pixel_values" in batch:
-            images = batch["pixel_values"]
-            if cfg.random_flip:
-                images = flip_images(k_flip, images)
-            mean, std = posterior_moments(vae_cfg, models["vae"], images)
-        elif "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        else:
-            raise ValueError(f"the batch needs 'pixel_values' or cached 'latent_mean' / "
-                             f"'latent_std', got keys {sorted(batch)}")
-        z = mean + std * jax.random.normal(k_z, mean.shape, jnp.float32)
-        latents = scale_latents(sd.vae_config, z).astype(jnp.float32)
-        if "input_ids" in batch:
-            context = embed_tokens(text_cfg, unet_cfg.dtype, models["text_encoder"],
-                                   batch["input_ids"])
-        elif "context" in batch:
-            context = batch["context"]
-        else:
-            raise ValueError(f"the batch needs 'input_ids' or cached 'context', got keys "
-                             f"{sorted(batch)}")
+        if "pixel_values" in batch and cfg.random_flip:
+            batch = dict(batch, pixel_values=flip_images(k_flip, batch["pixel_values"]))
+        latents, context = encode_batch(sd, cfg, models, batch, k_z)
 
         def apply_fn(x_t, t):
             return unet.apply({"params": models["unet"]}, x_t, t, context=context)

@@ -7,6 +7,10 @@ an argument: :class:`jaxdiff.training.TrainTask`'s ``frozen``):
 
 - ``mode="full"``: trainable ``{"unet"}`` (plus ``"text_encoder"`` with
   ``train_text_encoder``), frozen the rest;
+- ``mode="controlnet"``: trainable ``{"controlnet"}``, a ControlNet's params
+  (:mod:`jaxdiff.finetune.controlnet` builds them and its task), frozen the whole Stable
+  Diffusion (UNet, text encoder, VAE); the loss adds the ControlNet's residuals to the frozen
+  UNet, so gradients and optimizer state exist only for the ControlNet;
 - ``mode="lora"``: trainable the adapter ``{"unet": ..., "text_encoder": ...}`` of
   :func:`jaxdiff.lora.init_lora` (UNet attention, optionally its feed-forward layers, and with
   ``train_text_encoder`` the text encoder's attention), frozen every base model; inside the loss
@@ -34,7 +38,7 @@ from jaxdiff.validation import check_bool, check_choice, check_float, check_int
 __all__ = ["MODES", "COMPUTE_DTYPES", "FinetuneConfig", "lora_patterns", "init_trainable",
            "frozen_params", "model_params", "finetuned_pipeline", "compute_configs"]
 
-MODES = ("full", "lora")
+MODES = ("full", "lora", "controlnet")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -43,9 +47,9 @@ class FinetuneConfig:
     """How a Stable Diffusion is fine-tuned (the library side of ``experiments.finetune_sd``).
 
     Attributes:
-      mode: ``"full"`` or ``"lora"``.
+      mode: ``"full"``, ``"lora"`` or ``"controlnet"`` (module docstring).
       train_text_encoder: also train the text encoder (full: all of it; LoRA: an adapter on its
-        attention, :data:`jaxdiff.lora.TEXT_ATTENTION`).
+        attention, :data:`jaxdiff.lora.TEXT_ATTENTION`; not with ``"controlnet"``).
       rank, alpha: the LoRA's rank ``r >= 1`` and ``alpha`` (None: ``alpha = rank``); the
         update is ``(alpha / r) * down @ up``.
       lora_feed_forward: also adapt the UNet's feed-forward layers
@@ -93,6 +97,9 @@ class FinetuneConfig:
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not isinstance(self.objective, Objective):
             raise ValueError(f"objective must be an Objective, got {type(self.objective)}")
+        if self.mode == "controlnet" and self.train_text_encoder:
+            raise ValueError("train_text_encoder=True does not go with mode='controlnet' (a "
+                             "ControlNet trains against a frozen Stable Diffusion)")
         if self.cache and self.train_text_encoder:
             raise ValueError("cache=True needs a frozen text encoder (train_text_encoder=False): "
                              "the cached embeddings would go stale")
@@ -129,8 +136,12 @@ def init_trainable(sd: StableDiffusion, cfg: FinetuneConfig, key: jax.Array,
 
     Raises:
       ValueError: a rank larger than a target layer (naming it), from
-        :func:`jaxdiff.lora.init_lora`.
+        :func:`jaxdiff.lora.init_lora`; ``mode="controlnet"`` (its trainable tree is a
+        ControlNet: :func:`jaxdiff.finetune.controlnet.build_controlnet_task`).
     """
+    if cfg.mode == "controlnet":
+        raise ValueError("init_trainable: mode='controlnet' trains a ControlNet; build its task "
+                         "with jaxdiff.finetune.build_controlnet_task")
     if cfg.mode == "full":
         out = {"unet": sd.params["unet"]}
         if cfg.train_text_encoder:
@@ -149,10 +160,10 @@ def init_trainable(sd: StableDiffusion, cfg: FinetuneConfig, key: jax.Array,
 
 
 def frozen_params(sd: StableDiffusion, cfg: FinetuneConfig) -> Dict[str, Any]:
-    """The frozen tree the step reads: the base UNet (LoRA), the text encoder (unless trained in
-    full mode, or cached), the VAE (unless cached)."""
+    """The frozen tree the step reads: the base UNet (LoRA, ControlNet), the text encoder (unless
+    trained in full mode, or cached), the VAE (unless cached)."""
     out = {}
-    if cfg.mode == "lora":
+    if cfg.mode in ("lora", "controlnet"):
         out["unet"] = sd.params["unet"]
     if not cfg.cache and not (cfg.mode == "full" and cfg.train_text_encoder):
         out["text_encoder"] = sd.params["text_encoder"]
@@ -164,8 +175,10 @@ def frozen_params(sd: StableDiffusion, cfg: FinetuneConfig) -> Dict[str, Any]:
 def model_params(params: Dict[str, Any], frozen: Dict[str, Any],
                  cfg: FinetuneConfig) -> Dict[str, Any]:
     """The models' params the loss runs: ``{"unet", ["text_encoder"], ["vae"]}`` from the
-    trainable and the frozen trees (LoRA: merged with ``alpha / rank``; jittable and
-    differentiable in ``params``)."""
+    trainable and the frozen trees (LoRA: merged with ``alpha / rank``; ControlNet: the frozen
+    models, and ``"controlnet"`` from ``params``; jittable and differentiable in ``params``)."""
+    if cfg.mode == "controlnet":
+        return dict(frozen, controlnet=params["controlnet"])
     out = {k: v for k, v in frozen.items() if k == "vae"}
     if cfg.mode == "full":
         out.update(params)
@@ -194,7 +207,15 @@ def compute_configs(sd: StableDiffusion, cfg: FinetuneConfig):
 def finetuned_pipeline(sd: StableDiffusion, cfg: FinetuneConfig,
                        params: Dict[str, Any]) -> StableDiffusion:
     """``sd`` with the trained ``params`` in place (LoRA: fused into the base, on the host side
-    of ``jit``), for sampling and export; the configs are ``sd``'s."""
+    of ``jit``), for sampling and export; the configs are ``sd``'s.
+
+    Raises:
+      ValueError: ``mode="controlnet"`` (a ControlNet steers ``sd``, it does not change it: pass
+        it to :func:`jaxdiff.pipelines.generate`'s ``controlnet=``).
+    """
+    if cfg.mode == "controlnet":
+        raise ValueError("finetuned_pipeline: a trained ControlNet is not fused into the model; "
+                         "pass (config, params) to generate(controlnet=...)")
     new = dict(sd.params)
     if cfg.mode == "full":
         new.update(params)

@@ -72,7 +72,7 @@ def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int
     return {
         "model": model_identity(sd), "mode": cfg.mode,
         "train_text_encoder": cfg.train_text_encoder,
-        "lora": None if cfg.mode == "full" else {
+        "lora": None if cfg.mode != "lora" else {
             "rank": cfg.rank, "alpha": cfg.alpha, "targets": lora_patterns(cfg)},
         "cache": cfg.cache, "dreambooth": dreambooth, "batch_size": int(batch_size),
         "seed": int(seed), "example_shape": [int(s) for s in example_shape],
