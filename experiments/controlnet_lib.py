@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, Tuple
 
 import jax
@@ -74,9 +75,12 @@ def finetune_config(config: ml_collections.ConfigDict, prediction_type: str) -> 
                               random_flip=c.data.random_flip, objective=objective)
     except ValueError as e:
         msg = str(e)
-        prefix = "data." if msg.startswith("cache=True needs deterministic") or msg.startswith(
-            "random_flip") else "memory."
-        raise ConfigError(prefix + msg) from None
+        field = re.match(r"\w*", msg).group(0)
+        raise ConfigError(_SECTIONS.get(field, "") + msg) from None
+
+
+_SECTIONS = {"compute_dtype": "memory.", "cache": "memory.", "remat": "memory.",
+             "random_flip": "data."}
 
 
 def load_start(config: ml_collections.ConfigDict, sd, controlnet: str):
