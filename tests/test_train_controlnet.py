@@ -211,5 +211,5 @@ def test_cli_trains_exports_and_refuses(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert sorted(os.listdir(work)) == before and not os.path.exists(tmp_path / "fresh")
-    with pytest.raises(ConfigError, match="no controlnet_config.json"):
+    with pytest.raises(ConfigError, match="not a train_controlnet run"):
         controlnet_lib.export_from_workdir(str(tmp_path))
