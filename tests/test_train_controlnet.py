@@ -187,6 +187,13 @@ def test_cli_trains_exports_and_refuses(tiny, tmp_path, capsys):
     state = _restore(work, task)
     for u, v in zip(jax.tree.leaves(state.params["controlnet"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    import diffusers
+
+    torch_net = diffusers.ControlNetModel.from_pretrained(summary["controlnet_dir"])
+    mid = torch_net.controlnet_mid_block.weight.detach().numpy()     # [O, I, 1, 1] (OIHW)
+    np.testing.assert_array_equal(mid.transpose(2, 3, 1, 0),
+                                  np.asarray(params["controlnet_mid_block"]["kernel"]))
+    assert np.any(mid != 0)
     out = controlnet_lib.export_from_workdir(work, str(tmp_path / "again"))
     assert out["step"] == 2
     with open(os.path.join(str(tmp_path / "again"), "diffusion_pytorch_model.safetensors"),
