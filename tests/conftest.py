@@ -69,10 +69,12 @@ def module_fixture_group(item) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its hook is registered later)
+# tryfirst: before pytest-xdist reads the groups (its hook is registered after this conftest)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/parity/ gets the ``parity`` marker; every test that uses a module-scoped
-    fixture of its own module gets ``xdist_group`` = that module (:func:`module_fixture_group`)."""
+    """Every test under tests/parity/ gets the ``parity`` marker; every test that uses a
+    module-scoped fixture of its own module gets ``xdist_group`` = that module
+    (:func:`module_fixture_group`)."""
     for item in items:
         if _PARITY_DIR in pathlib.Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.parity)

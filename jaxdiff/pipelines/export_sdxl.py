@@ -54,7 +54,8 @@ def export_stable_diffusion_xl(sd: StableDiffusion, path: str | os.PathLike, *,
     docstring): its params and configs, both tokenizers, ``sd.scheduler_config`` as the
     scheduler, ``sd.sample_size`` as the UNet's, ``sd.pipeline_class`` and its flags in
     ``model_index.json``, ``sd.generation_defaults`` as ``jaxdiff_generation.json`` (``None``
-    writes none and removes one left in ``path`` by an earlier export). ``dtype``: the weights on disk, ``float32`` or ``float16``. Returns
+    writes none and removes one left in ``path`` by an earlier export). ``dtype``: the weights
+    on disk, ``float32`` or ``float16``. Returns
     ``path``.
 
     Raises:
