@@ -1,8 +1,9 @@
 """jaxdiff's :func:`~jaxdiff.pipelines.generate` with ControlNets against diffusers'
 ``StableDiffusionControlNetPipeline`` (and ``StableDiffusionXLControlNetPipeline``, last test)
 on the SD parity tests' tiny random folder plus tiny random ``ControlNetModel`` folders
-(``from_unet``, then every weight random so that the zero convolutions are not zero; written with ``save_pretrained``, loaded by :func:`~jaxdiff.pipelines.load_controlnet`
-from disk), float32, 32x32, 3 DDIM steps, the same initial latents.
+(``from_unet``, then every weight random so that the zero convolutions are not zero; written
+with ``save_pretrained``, loaded by :func:`~jaxdiff.pipelines.load_controlnet` from disk),
+float32, 32x32, 3 DDIM steps, the same initial latents.
 
 Tolerances as the SD pipeline parity tests (tests/parity/tolerances.py): latents relative to
 ``max(1, max |latents|)`` within ``pipeline_rtol``, images within ``image_atol``.
