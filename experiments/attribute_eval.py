@@ -43,7 +43,7 @@ __all__ = ["PAIRS", "COMPOSITION", "TEMPLATE", "attribute_prompts", "separation"
 
 # (attribute, the column of jaxdiff.metrics.binning_values, low word, high word)
 PAIRS = (("thickness", 0, "thin", "thick"), ("size", 1, "small", "large"),
-         ("slant", 2, "upright", "slanted"))   # slant: its magnitude |slant|, degrees
+         ("slant", 2, "upright", "slanted"))   # slant, degrees: signed or |slant| (the run's)
 COMPOSITION = ("thick", "slanted")
 TEMPLATE = "a {adj} digit {d}"   # a held-out template (experiments.mnist_prompts)
 
@@ -77,11 +77,12 @@ def separation(low: np.ndarray, high: np.ndarray) -> dict:
     return {"low": a, "high": b, "separation": float(d), "auc": auc}
 
 
-def real_separation(images: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> dict:
+def real_separation(images: np.ndarray, labels: np.ndarray, thresholds: np.ndarray,
+                    slant: str = "magnitude") -> dict:
     """``{attribute: separation(...)}`` of real images (``[N, 28, 28(, 1)]`` in ``[-1, 1]``):
-    each :data:`PAIRS` attribute's lowest bin against its highest (``thresholds [10, 3, 2]``, the
-    run's)."""
-    values = binning_values(measure_attributes(images))
+    each :data:`PAIRS` attribute's lowest bin against its highest (``thresholds [10, 3, 2]`` and
+    ``slant``, the run's binning: :func:`jaxdiff.metrics.binning_values`)."""
+    values = binning_values(measure_attributes(images), slant)
     bins = bin_values(values, labels, thresholds)
     return {name: separation(values[bins[:, col] == 0, col], values[bins[:, col] == 2, col])
             for name, col, _, _ in PAIRS}
@@ -90,12 +91,14 @@ def real_separation(images: np.ndarray, labels: np.ndarray, thresholds: np.ndarr
 def evaluate_attributes(sd, thresholds: np.ndarray, real_images: np.ndarray,
                         real_labels: np.ndarray, *, n: int = 300, seed: int = 0,
                         num_steps: int = 25, guidance_scale: float = 3.0, batch_size: int = 250,
-                        classifier=None, log: Callable[[str], None] = print) -> dict:
+                        classifier=None, log: Callable[[str], None] = print,
+                        slant: str = "magnitude") -> dict:
     """The table's numbers: ``{"pairs": {attribute: {"low_word", "high_word",
     "generated": separation(...), "real": separation(...)}}, "composition": {"words",
     "prompt_example", "n", attribute: {"mean", "sd", "vs": {word: separation(...)}}},
     "accuracy": {words: accuracy} (with ``classifier``), "settings": {...}}``; ``sd`` a
-    :class:`jaxdiff.pipelines.StableDiffusion`.
+    :class:`jaxdiff.pipelines.StableDiffusion`; ``slant`` the run's slant binning
+    (:func:`experiments.mnist_prompts.slant_binning`).
 
     Raises:
       ValueError: ``n < 2``.
@@ -111,13 +114,13 @@ def evaluate_attributes(sd, thresholds: np.ndarray, real_images: np.ndarray,
         imgs = latent_data.crop_images(latent_pipeline.sample(
             sd, prompts, jax.random.fold_in(key, 1000 + i), num_steps=num_steps,
             guidance_scale=guidance_scale, batch_size=min(batch_size, n)))
-        values[words] = binning_values(measure_attributes(imgs[..., :1]))
+        values[words] = binning_values(measure_attributes(imgs[..., :1]), slant)
         examples[words] = prompts[0]
         if classifier is not None:
             _, logits = classify(classifier, imgs[..., :1])
             accuracy[" ".join(words)] = float((np.argmax(logits, -1) == labels).mean())
         log(f"attributes: {' '.join(words)!r}: {n} samples in {time.time() - t0:.0f} s")
-    real = real_separation(real_images, real_labels, thresholds)
+    real = real_separation(real_images, real_labels, thresholds, slant)
     pairs = {name: {"low_word": lo, "high_word": hi, "example_prompts": [examples[(lo,)],
                                                                        examples[(hi,)]],
                     "generated": separation(values[(lo,)][:, col], values[(hi,)][:, col]),
@@ -137,7 +140,7 @@ def evaluate_attributes(sd, thresholds: np.ndarray, real_images: np.ndarray,
     return {"pairs": pairs, "composition": comp, "accuracy": accuracy,
             "settings": {"n": int(n), "seed": int(seed), "template": TEMPLATE,
                          "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-                         "real_n": int(len(real_images))}}
+                         "real_n": int(len(real_images)), "slant": slant}}
 
 
 def _ms(s: dict) -> str:
@@ -150,7 +153,8 @@ def markdown(res: dict) -> str:
     lines = [f"Attribute separation: N = {s['n']} samples per adjective ('{s['template']}', "
              f"digits balanced), measured on the 28x28 crop; real: MNIST test images "
              f"(N = {s['real_n']}), lowest vs highest third of their digit by the run's "
-             "thresholds. Separation: difference of means in pooled standard deviations.", "",
+             "thresholds. Separation: difference of means in pooled standard deviations. "
+             f"Slant: {'signed (degrees, positive leaning right)' if s.get('slant') == 'signed' else '|slant| (degrees)'}.", "",
              "| attribute | adjectives | low: mean ± sd | high: mean ± sd | separation | AUC "
              "| real low | real high | real separation | real AUC |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -178,14 +178,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                      guidance_scale=w, batch_size=80)
     attributes = None
     if fv.attr_samples:
+        slant = mnist_prompts.slant_binning(run.stats.get("caption_scheme"))
         if "attribute_thresholds" in run.stats:
             thresholds = latent_data.thresholds_from_json(run.stats["attribute_thresholds"])
         else:
             log("the run records no attribute thresholds: the training set's tertiles")
-            thresholds = latent_data.attribute_bins(*train)[2]
+            thresholds = latent_data.attribute_bins(*train, slant=slant)[2]
         attributes = attribute_eval.evaluate_attributes(
             run.sd, thresholds, test[0], test[1], n=fv.attr_samples, seed=fv.seed,
-            num_steps=steps, guidance_scale=w, batch_size=fv.batch_size, classifier=clf, log=log)
+            num_steps=steps, guidance_scale=w, batch_size=fv.batch_size, classifier=clf, log=log,
+            slant=slant)
         for name, p in attributes["pairs"].items():
             log(f"{name}: {p['low_word']} vs {p['high_word']}: separation "
                 f"{p['generated']['separation']:.2f} (real {p['real']['separation']:.2f})")

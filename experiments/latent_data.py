@@ -176,12 +176,14 @@ def latent_statistics(mean: np.ndarray, std: np.ndarray) -> Dict[str, float]:
 
 
 
-def attribute_bins(images: np.ndarray, labels: np.ndarray, thresholds=None):
+def attribute_bins(images: np.ndarray, labels: np.ndarray, thresholds=None,
+                   slant: str = mnist_prompts.SLANT_BINNING):
     """``(values [N, 3] float64, bins [N, 3] int8, thresholds [10, 3, 2])``: each image's
-    measured attributes (:func:`jaxdiff.metrics.binning_values`: thickness, size, ``|slant|``),
-    binned by ``thresholds`` (default: the per-class tertiles of these images,
-    :func:`jaxdiff.metrics.fit_thresholds`). ``images``: ``[N, 28, 28(, 1)]`` in ``[-1, 1]``."""
-    values = binning_values(measure_attributes(images))
+    measured attributes (:func:`jaxdiff.metrics.binning_values`: thickness, size, the slant
+    binned as ``slant``, by default the caption scheme's), binned by ``thresholds`` (default:
+    the per-class tertiles of these images, :func:`jaxdiff.metrics.fit_thresholds`).
+    ``images``: ``[N, 28, 28(, 1)]`` in ``[-1, 1]``."""
+    values = binning_values(measure_attributes(images), slant)
     if thresholds is None:
         thresholds = fit_thresholds(values, labels)
     thresholds = np.asarray(thresholds, np.float64)
@@ -208,8 +210,9 @@ def encoded_latents(config, workdir: str, vae: AutoencoderKL, vae_params, vae_di
     images) and ``"thresholds"`` (``[10, 3, 2]``: the per-class tertiles that made them).
 
     Cached in ``WORKDIR/latents.npz``, recomputed when the autoencoder (``vae_dir`` at
-    ``vae_step``) or the padding changed. A cache written before the attributes were measured
-    keeps its latents and gains the bins (measured on the training images: about a second).
+    ``vae_step``) or the padding changed. A cache written before the attributes were measured,
+    or with another slant binning (:data:`experiments.mnist_prompts.SLANT_BINNING`), keeps its
+    latents and gains new bins (measured on the training images: about a second).
     """
     path = os.path.join(workdir, LATENTS_FILE)
     ident = f"{os.path.abspath(vae_dir)}@{vae_step}/pad{config.data.pad_to}"
@@ -219,7 +222,9 @@ def encoded_latents(config, workdir: str, vae: AutoencoderKL, vae_params, vae_di
         with np.load(path) as f:
             if str(f["ident"]) == ident:
                 cached = {k: f[k] for k in f.files if k != "ident"}
-    if cached is not None and all(k in cached for k in keys):
+    binning = mnist_prompts.SLANT_BINNING
+    if cached is not None and all(k in cached for k in keys) and \
+            str(cached.get("slant_binning", "magnitude")) == binning:
         return {k: cached[k] for k in keys}
     images, labels = train_lib.load_split(config, "train")
     labels = labels.astype(np.int32)
@@ -235,7 +240,7 @@ def encoded_latents(config, workdir: str, vae: AutoencoderKL, vae_params, vae_di
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     out = {"mean": mean, "std": std, "label": labels, "bins": bins, "thresholds": thresholds}
     tmp = path + ".tmp.npz"
-    np.savez(tmp, ident=np.asarray(ident), **out)
+    np.savez(tmp, ident=np.asarray(ident), slant_binning=np.asarray(binning), **out)
     os.replace(tmp, path)
     return out
 

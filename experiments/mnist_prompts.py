@@ -18,7 +18,9 @@ unconditional prompt of classifier-free guidance.
 measured attribute (:data:`WORDS`; :mod:`jaxdiff.metrics.digit_attributes`): "thin" is the
 lowest third of stroke thickness *for that digit* (per-class tertiles of the training set),
 "thick" and its synonym "bold" the highest third; "small" / "large" the lowest / highest third
-of bounding-box area; "upright" / "slanted" the lowest / highest third of ``|slant|``. An image
+of bounding-box area; "upright" / "slanted" the least / most right-leaning third of the signed
+slant (:data:`SLANT_BINNING`; the scheme v2 binned ``|slant|``, whose highest third put digits
+leaning left and right under one word, whose mean shape is upright). An image
 in the middle third of an attribute gets no word of it. An image's bins (``[3]`` int, 0 / 1 / 2
 per attribute in :data:`ATTRIBUTES` order) decide which adjective combinations of :data:`COMBOS`
 are true of it (:func:`allowed_combos`); the empty combination always is.
@@ -50,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["DIGIT_NAMES", "ATTRIBUTES", "ADJECTIVES", "WORDS", "COMBOS", "UNSEEN_PAIRS",
-           "CAPTION_SCHEME", "ADJ_TEMPLATE_SHARE", "COMBO_WORD_WEIGHT",
-           "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "SPLITS", "EMPTY_PROMPT", "NUM_FORMS",
-           "CAPTION_SCHEME", "templates", "caption", "fill", "all_prompts", "prompt_table",
+           "CAPTION_SCHEME", "SLANT_BINNING", "slant_binning", "ADJ_TEMPLATE_SHARE",
+           "COMBO_WORD_WEIGHT", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "SPLITS", "EMPTY_PROMPT",
+           "NUM_FORMS", "templates", "caption", "fill", "all_prompts", "prompt_table",
            "longest_prompts",
            "combo_requirements", "allowed_combos", "prompt_indices", "template_logits",
            "combo_logits", "sample_prompts",
@@ -75,7 +77,18 @@ UNSEEN_PAIRS = (("thickness", "slant"),)
 _AN = ("upright", "eight", "8")   # words that take "an"
 # Names the captioning scheme in a run's compatibility record (a run trained with another
 # scheme is not resumed with this one).
-CAPTION_SCHEME = "measured-adjectives-v2"
+CAPTION_SCHEME = "measured-adjectives-v3"
+# How the slant is binned (jaxdiff.metrics.binning_values' ``slant``), per scheme: v3 bins the
+# signed slant; v2 (and runs before it) its magnitude.
+_SLANT_BY_SCHEME = {"measured-adjectives-v3": "signed"}
+SLANT_BINNING = _SLANT_BY_SCHEME[CAPTION_SCHEME]
+
+
+def slant_binning(scheme: Optional[str]) -> str:
+    """The slant binning of a run trained with captioning ``scheme`` (its ``latent_stats.json``'s
+    ``caption_scheme``): ``"signed"`` from v3 on, ``"magnitude"`` before (or ``None``)."""
+    return _SLANT_BY_SCHEME.get(scheme, "magnitude")
+
 # The training draw (prompt_indices with bins): the {adj} templates' total share of the captions,
 # and the weight of a combination per word it has (1: uniform over the allowed combinations).
 ADJ_TEMPLATE_SHARE = 0.5

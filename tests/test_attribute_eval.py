@@ -47,3 +47,22 @@ def test_attribute_prompts_are_heldout_style_and_balanced():
     assert set(single) <= held
     train = {p for d in range(10) for p in mp.all_prompts("train", d)}
     assert not set(prompts) & (held | train)   # the composition is in no grammar's split
+
+
+def test_real_separation_bins_the_signed_slant_or_its_magnitude():
+    """Bars leaning left and right: with the signed slant the low third is the left-leaning ones
+    and the high third the right-leaning ones; with |slant| both ways land in the high third."""
+    x = -np.ones((4, 28, 28), np.float32)
+    for i, shear in enumerate((-0.4, -0.2, 0.2, 0.4)):
+        for r in range(4, 24):
+            c = int(round(12.5 + shear * (13.5 - r)))
+            x[i, r, c:c + 3] = 1.0
+    labels = np.zeros(4, np.int64)
+    th = np.zeros((10, 3, 2))
+    th[0, :2] = (-1.0, 1e9)          # thickness and size: the middle bin
+    th[0, 2] = (-5.0, 5.0)
+    signed = ae.real_separation(x, labels, th, slant="signed")["slant"]
+    assert signed["low"]["n"] == 2 and signed["high"]["n"] == 2 and signed["auc"] == 1.0
+    assert signed["low"]["mean"] < -5 < 5 < signed["high"]["mean"]
+    magnitude = ae.real_separation(x, labels, th, slant="magnitude")["slant"]
+    assert magnitude["low"]["n"] == 0 and magnitude["high"]["n"] == 4

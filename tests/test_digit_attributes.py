@@ -91,6 +91,12 @@ def test_tertile_bins_are_per_class():
     bv = binning_values({"thickness": np.ones(2), "size": np.ones(2) * 3,
                          "slant": np.array([-5.0, 4.0])})
     np.testing.assert_array_equal(bv, [[1, 3, 5], [1, 3, 4]])
+    # ... or the signed slant: the least / most right-leaning thirds, not one word for both ways
+    bv = binning_values({"thickness": np.ones(2), "size": np.ones(2) * 3,
+                         "slant": np.array([-5.0, 4.0])}, slant="signed")
+    np.testing.assert_array_equal(bv, [[1, 3, -5], [1, 3, 4]])
+    with pytest.raises(ValueError, match="slant must be one of"):
+        binning_values({"thickness": np.ones(2), "size": np.ones(2), "slant": np.ones(2)}, "abs")
     with pytest.raises(ValueError, match="class 1"):
         fit_thresholds(values[:30], labels[:30], num_classes=2)
     with pytest.raises(ValueError, match="labels must lie"):

@@ -165,3 +165,22 @@ def test_latents_cache_gains_the_bins_and_keeps_its_latents(tmp_path):
     record = latent_data.thresholds_json(out["thresholds"])
     assert list(record) == list(mp.ATTRIBUTES)
     np.testing.assert_array_equal(latent_data.thresholds_from_json(record), out["thresholds"])
+    # a cache binned by |slant| (scheme v2) keeps its latents and is binned again by the signed slant
+    with np.load(os.path.join(workdir, "latents.npz")) as f:
+        old = {k: f[k] for k in f.files}
+    assert str(old["slant_binning"]) == mp.SLANT_BINNING == "signed"
+    old["slant_binning"] = np.asarray("magnitude")
+    old["bins"] = np.full_like(old["bins"], 7)
+    np.savez(os.path.join(workdir, "latents.npz"), **old)
+    again = latent_data.encoded_latents(config, workdir, None, None, "/vae", 3)
+    np.testing.assert_array_equal(again["mean"], mean)
+    np.testing.assert_array_equal(again["bins"], out["bins"])
+
+
+def test_the_scheme_names_its_slant_binning():
+    """v3 bins the signed slant (a word for the right-leaning third); runs of v2 and before keep
+    binning |slant| when evaluated, so that their thresholds mean what they meant."""
+    assert mp.CAPTION_SCHEME == "measured-adjectives-v3" and mp.SLANT_BINNING == "signed"
+    assert mp.slant_binning(mp.CAPTION_SCHEME) == "signed"
+    assert mp.slant_binning("measured-adjectives-v2") == "magnitude"
+    assert mp.slant_binning(None) == "magnitude"

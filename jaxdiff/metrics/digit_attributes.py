@@ -26,7 +26,9 @@ An empty image (no ink) gets thickness 0, size 0 and slant 0.
 :func:`fit_thresholds` takes per-class tertiles of these values over a training set and
 :func:`bin_values` puts each image in bin 0 (the lowest third of its class), 1 (the middle) or 2
 (the highest third), so that a word such as "thick" means thick *for that digit*. The value binned
-for slant is its magnitude :func:`binning_values` (``|slant|``: "upright" vs "slanted").
+for slant (:func:`binning_values`) is either the signed slant (``slant="signed"``: the least and the
+most right-leaning thirds) or its magnitude (``slant="magnitude"``: ``|slant|``, where the highest
+third holds digits leaning either way).
 
     >>> import numpy as np
     >>> x = -np.ones((2, 28, 28), np.float32)
@@ -43,11 +45,13 @@ from typing import Any, Dict
 
 import numpy as np
 
-__all__ = ["ATTRIBUTES", "INK_THRESHOLD", "ink", "measure_attributes", "binning_values",
+__all__ = ["ATTRIBUTES", "INK_THRESHOLD", "SLANT_BINNINGS", "ink", "measure_attributes",
+           "binning_values",
            "fit_thresholds", "bin_values"]
 
 ATTRIBUTES = ("thickness", "size", "slant")
 INK_THRESHOLD = 0.5   # ink level (in [0, 1]) above which a pixel counts for the bounding box
+SLANT_BINNINGS = ("signed", "magnitude")   # binning_values' ``slant``
 
 
 def ink(images: Any) -> np.ndarray:
@@ -114,11 +118,19 @@ def _measure(i: np.ndarray) -> Dict[str, np.ndarray]:
             "width": width.astype(np.float64), "ink": total}
 
 
-def binning_values(attributes: Dict[str, np.ndarray]) -> np.ndarray:
+def binning_values(attributes: Dict[str, np.ndarray], slant: str = "magnitude") -> np.ndarray:
     """``[N, 3]`` float64: the values that :func:`fit_thresholds` / :func:`bin_values` bin, in
-    :data:`ATTRIBUTES` order: thickness, size, and the slant's magnitude ``|slant|``."""
+    :data:`ATTRIBUTES` order: thickness, size, and the slant: ``"signed"`` (degrees, positive
+    leaning right) or ``"magnitude"`` (``|slant|``).
+
+    Raises:
+      ValueError: naming ``slant`` when it is not one of :data:`SLANT_BINNINGS`.
+    """
+    if slant not in SLANT_BINNINGS:
+        raise ValueError(f"slant must be one of {SLANT_BINNINGS}, got {slant!r}")
+    s = np.asarray(attributes["slant"], np.float64)
     return np.stack([attributes["thickness"], attributes["size"],
-                     np.abs(attributes["slant"])], 1)
+                     s if slant == "signed" else np.abs(s)], 1)
 
 
 def _check(values, labels, num_classes):
