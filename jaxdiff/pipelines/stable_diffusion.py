@@ -60,6 +60,7 @@ import numpy as np
 from jaxdiff.pipelines.controlnet import prepare_controlnets
 from jaxdiff.pipelines.denoising_split import denoising_split, start_latents
 from jaxdiff.pipelines.images import prepare_image, to_uint8
+from jaxdiff.pipelines.inpaint import inpaint_mode, prepare_mask
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
 from jaxdiff.pipelines.pipeline_args import (as_prompt_list, check_guidance_scale, check_image_side,
                                              pad_batch, prompt_tokens)
@@ -140,6 +141,7 @@ def generate(
     prompt_embeds: Any = None,
     negative_prompt_embeds: Any = None,
     image: Any = None,
+    mask_image: Any = None,
     strength: float = 0.8,
     sample_posterior: bool = True,
     sampler: Sampler | str | None = None,
@@ -205,7 +207,11 @@ def generate(
         :func:`~jaxdiff.pipelines.images.prepare_image`); a batch of one is repeated over the
         prompts. A size that is not a multiple of 8 is rounded down and the image resized
         (nearest neighbour, as diffusers' ``VaeImageProcessor`` resizes arrays).
-      strength: image-to-image strength in ``(0, 1]``
+      mask_image: inpainting (:mod:`jaxdiff.pipelines.inpaint`): repaint where the mask is white
+        (``>= 0.5``), keep ``image`` elsewhere; ``[H, W]``, ``[H, W, 1]`` or ``[B, H, W, 1]``
+        (single-channel), the image's size; required by an inpainting (9-channel) UNet, blended
+        each step with a 4-channel one (DDIM, PNDM, Euler). A traced argument.
+      strength: image-to-image strength in ``(0, 1]`` (inpainting: exactly 1 starts from noise)
         (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
         for LCM ``int(original_inference_steps * strength) >= N``).
       sample_posterior: image-to-image encodes with a sample of the VAE posterior (as diffusers
@@ -355,7 +361,9 @@ def generate(
             uncond = prompt_tokens(sd, negs, "negative_prompt")
 
     # -- image-to-image source (or the latents to start from) and the image size
-    img2img = None
+    img2img = mask = None
+    inpaint = inpaint_mode(sd.unet_config, sd.vae_config, mask=mask_image, image=image,
+                           sampler=sampler, split=(denoising_start, denoising_end))
     split = denoising_split(sampler, sd.schedule, steps, denoising_start, denoising_end)
     from_latents = denoising_start is not None
     if from_latents:
@@ -366,6 +374,7 @@ def generate(
         strength = split.strength
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
     elif image is not None:
+        source = np.shape(image)[-3:-1]
         image = prepare_image(image, channels=sd.vae_config.in_channels, multiple=unit,
                               height=height, width=width)
         if image.shape[0] == 1 and batch > 1:
@@ -375,11 +384,12 @@ def generate(
         height, width = (check_image_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), image.shape[1:3]))
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
+        mask = inpaint and prepare_mask(mask_image, source, height, width, batch)
     control = None
     if controlnet is not None:
         if image is not None:
-            raise ValueError("controlnet with image (ControlNet image-to-image) is not supported "
-                             "yet: give control_image without image")
+            raise ValueError("controlnet with image (ControlNet image-to-image, inpainting) is not "
+                             "supported yet: give control_image without image")
         control = prepare_controlnets(
             sd.unet_config, controlnet, control_image, scale=controlnet_conditioning_scale,
             guess_mode=guess_mode, start=control_guidance_start, end=control_guidance_end,
@@ -392,7 +402,7 @@ def generate(
     height = check_image_side("height", default, unit, max_side) if height is None else height
     width = check_image_side("width", default, unit, max_side) if width is None else width
     latent_shape = (height // sd.vae_scale_factor, width // sd.vae_scale_factor,
-                    sd.unet_config.in_channels)
+                    sd.vae_config.latent_channels if inpaint else sd.unet_config.in_channels)
     if sd.is_sdxl:
         cond, uncond = sdxl_conditions(sd, cond, sdxl_negative, guided=guided, height=height,
                                        width=width, img2img=image is not None, micro=micro)
@@ -431,6 +441,7 @@ def generate(
             "params": control.args["params"], "scales": put(control.args["scales"], repl),
             "keep": put(control.args["keep"], repl),
             "images": [put(pad_batch(a, pad), data) for a in control.args["images"]]},
+        put(pad_batch(mask, pad), data),
     )
     start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
     program_key = ProgramKey.make(
@@ -440,7 +451,8 @@ def generate(
         end_step=None if split.end is None else split.end - (
             0 if img2img is None else img2img_start_step(sampler, sd.schedule, steps, strength)),
         end_t=split.end_t, controlnets=None if control is None else control.configs,
-        guess_mode=control is not None and control.guess_mode)
+        guess_mode=control is not None and control.guess_mode,
+        inpaint=inpaint and (inpaint, float(strength) == 1.0))
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
     leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on
