@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -139,6 +140,74 @@ def test_blend_levels_are_add_noise_at_the_next_timestep(name, extra):
         ref = float(sched.add_noise(x0, noise, ts[i + 1:i + 2]))
         np.testing.assert_allclose(a[i] + 2 * b[i], ref, rtol=1e-6, err_msg=f"{name} step {i}")
     assert (a[-1], b[-1]) == (1.0, 0.0)
+
+
+BLEND_CASES = [
+    ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
+    ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1)),    # PLMS
+    ("PNDMScheduler", dict(steps_offset=1)),                         # F-PNDM (Runge-Kutta)
+    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+    ("DPMSolverMultistepScheduler", dict()),
+    ("UniPCMultistepScheduler", dict()),
+    ("LMSDiscreteScheduler", dict()),
+    ("DEISMultistepScheduler", dict()),
+]
+
+
+@pytest.mark.parametrize("cls,extra,strength", [  # strength 1 (from noise) where the start
+    *[(c, e, 1.0) for c, e in BLEND_CASES[:4] + BLEND_CASES[6:7]],  # scaling differs
+    *[(c, e, 0.6) for c, e in BLEND_CASES]])
+def test_after_step_blending_matches_diffusers_inpainting_loop(cls, extra, strength):
+    """Every sampler that declares ``after_step``, blended as diffusers' inpainting pipelines do
+    (their loop written out with the scheduler: ``get_timesteps``, ``set_begin_index``, the
+    start from noise at strength 1 or ``add_noise`` below, then after each ``step`` the known
+    region ``add_noise(x0, noise, timesteps[i + 1])``, ``x0`` after the last), on the linear toy
+    model of tests/parity/test_img2img_sampler_parity.py plus a spatial mean (so that the
+    repainted region sees the known one, as a UNet does), with that file's tolerance."""
+    from jaxdiff.pipelines.inpaint import InpaintInputs, blend_after_step
+    from jaxdiff.samplers import noise_to_img2img
+    from tests.parity.test_img2img_sampler_parity import _result_atol, _toy
+
+    def toy(x, t):  # NHWC
+        return _toy(x, t) + 0.2 * x.mean((1, 2), keepdims=True)
+
+    n = 6
+    sched_t = getattr(diffusers, cls)(**SD_BETAS, **extra)
+    config = {**dict(sched_t.config), "_class_name": cls}
+    sampler = sampler_from_diffusers_config(config)
+    assert sampler.spec.after_step, cls
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    mask = (rng.uniform(size=(2, 4, 4, 1)) > 0.5).astype(np.float32)
+    sched_t.set_timesteps(n)
+    t_start = n - min(int(n * strength), n)
+    timesteps = sched_t.timesteps[t_start * sched_t.order:]
+    if hasattr(sched_t, "set_begin_index"):
+        sched_t.set_begin_index(t_start * sched_t.order)
+    x0_t, noise_t, mask_t = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+                             for a in (x0, noise, mask))
+    lat = (noise_t * sched_t.init_noise_sigma if strength == 1.0
+           else sched_t.add_noise(x0_t, noise_t, timesteps[:1].repeat(2)))
+    for i, t in enumerate(timesteps):
+        inp = sched_t.scale_model_input(lat, t)
+        out = 0.3 * inp + 0.001 * float(t) + 0.2 * inp.mean((2, 3), keepdim=True)  # NCHW
+        lat = sched_t.step(out, t, lat).prev_sample
+        known = x0_t if i == len(timesteps) - 1 else sched_t.add_noise(
+            x0_t, noise_t, timesteps[i + 1:i + 2])
+        lat = (1 - mask_t) * known + mask_t * lat
+    ref = lat.numpy().transpose(0, 2, 3, 1)
+
+    schedule = schedule_from_diffusers_config(config)
+    x_T = noise if strength == 1.0 else noise_to_img2img(sampler, schedule, n, x0, noise,
+                                                         strength)
+    inputs = InpaintInputs(jnp.asarray(mask), None, jnp.asarray(x0), jnp.asarray(noise))
+    got = sampler(toy, schedule, jnp.asarray(x_T), None, num_steps=n, strength=strength,
+                  after_step=blend_after_step(*blend_levels(sampler, schedule, n), inputs))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=_result_atol(
+        timesteps.numpy(), len(timesteps), x0, noise, ref))
+    known = np.broadcast_to(mask == 0, ref.shape)
+    np.testing.assert_allclose(np.asarray(got)[known], x0[known], rtol=0, atol=1e-6)
 
 
 # -- through generate, on tiny folders (slow: writing and compiling them)

@@ -466,6 +466,7 @@ def dpm_solver_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """DPM-Solver(++) sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
@@ -505,6 +506,8 @@ def dpm_solver_sample(
     ending at ``sigma_0``, e.g. every ``sigma_schedule`` but ``"discrete"``): it returns ``x``
     where diffusers' heun and third-order updates give NaN.
 
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
       B, ...], pred_x0s [N, B, ...])`` (``xs[0]`` is ``x_T``), as the other samplers return.
@@ -556,7 +559,8 @@ def dpm_solver_sample(
     if solver_order < 3:  # no third-order history to carry
         init = DPMSolverState(init.prev_x0, init.prev_sigma)
     return run_scan(body, init, x_T, key, n, stochastic=stochastic, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start)
+                    return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
@@ -571,6 +575,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 DPM_SOLVER = SamplerSpec(
     name="dpm_solver",
+    after_step=True,
     sample=dpm_solver_sample,
     grid=_grid,
     options=dict(solver_order=2, solver_type="midpoint", algorithm_type="dpmsolver++",
