@@ -32,8 +32,9 @@ checked before the work starts is checked first.
 ``--mask PATH`` (with ``--init_image``) inpaints: white (``>= 0.5`` after conversion to
 grayscale) is repainted, the rest of the init image kept (:mod:`jaxdiff.pipelines.inpaint`), with
 an inpainting (9-channel) UNet or by diffusers' mask blending with an ordinary one (samplers
-``ddim``, ``pndm`` / ``plms``, ``euler``). The mask file must have the init image's size; it is
-converted to grayscale and resized with it (Lanczos). An inpainting folder needs ``--mask``.
+``ddim``, ``pndm`` / ``plms``, ``euler``, ``dpm_solver``, ``unipc``, ``lms``, ``deis``). The
+mask file must have the init image's size; it is converted to grayscale and resized with it
+(Lanczos). An inpainting folder needs ``--mask``.
 
 ``--guidance_scale w`` means diffusers' formula ``uncond + w * (cond - uncond)`` for every ``w``
 (``1``: the prompt alone; ``0``: the negative prompt alone); diffusers' pipelines switch guidance

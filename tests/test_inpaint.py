@@ -95,11 +95,11 @@ def test_bad_masks_are_refused(mask, match):
 def test_inpaint_mode_and_its_errors():
     vae = types.SimpleNamespace(latent_channels=4)
     unet4, unet9, unet5 = (types.SimpleNamespace(in_channels=c) for c in (4, 9, 5))
-    ddim, dpm = get_sampler("ddim"), get_sampler("dpm_solver")
+    ddim, heun = get_sampler("ddim"), get_sampler("heun")
     img, m = np.zeros((8, 8, 3)), np.zeros((8, 8))
-    assert inpaint_mode(unet4, vae, mask=None, image=img, sampler=dpm) is None  # img2img
+    assert inpaint_mode(unet4, vae, mask=None, image=img, sampler=heun) is None  # img2img
     assert inpaint_mode(unet4, vae, mask=m, image=img, sampler=ddim) == "blend"
-    assert inpaint_mode(unet9, vae, mask=m, image=img, sampler=dpm) == "concat"
+    assert inpaint_mode(unet9, vae, mask=m, image=img, sampler=heun) == "concat"
     with pytest.raises(ValueError, match="inpainting UNet \\(in_channels 9.*give image and "
                        "mask_image"):
         inpaint_mode(unet9, vae, mask=None, image=img, sampler=ddim)
@@ -107,12 +107,12 @@ def test_inpaint_mode_and_its_errors():
         inpaint_mode(unet4, vae, mask=m, image=None, sampler=ddim)
     with pytest.raises(ValueError, match="UNet has 5 input channels; inpainting needs 4"):
         inpaint_mode(unet5, vae, mask=m, image=img, sampler=ddim)
-    with pytest.raises(ValueError, match="sampler 'dpm_solver' cannot run 4-channel inpainting"):
-        inpaint_mode(unet4, vae, mask=m, image=img, sampler=dpm)
+    with pytest.raises(ValueError, match="sampler 'heun' cannot run 4-channel inpainting"):
+        inpaint_mode(unet4, vae, mask=m, image=img, sampler=heun)
     with pytest.raises(ValueError, match="denoising_start / denoising_end with mask_image"):
         inpaint_mode(unet9, vae, mask=m, image=img, sampler=ddim, split=(0.5, None))
     with pytest.raises(ValueError, match="does not take after_step"):
-        dpm(lambda x, t: x, make_schedule("linear", 10), np.zeros((1, 2)), num_steps=2,
+        heun(lambda x, t: x, make_schedule("linear", 10), np.zeros((1, 2)), num_steps=2,
             after_step=lambda x, i: x)
 
 
@@ -244,9 +244,9 @@ def test_generate_a_new_mask_compiles_nothing_and_the_errors(folders, caplog):
     assert not np.array_equal(outs[0], outs[1])  # the mask is an input
     with pytest.raises(ValueError, match="inpainting UNet .* give image and mask_image"):
         generate(sd9, "a cat", num_steps=2, seed=0)
-    with pytest.raises(ValueError, match="sampler 'dpm_solver' cannot run 4-channel"):
+    with pytest.raises(ValueError, match="sampler 'heun' cannot run 4-channel"):
         generate(sd4, "a cat", image=image, mask_image=m1, num_steps=2, seed=0,
-                 sampler="dpm_solver")
+                 sampler="heun")
     with pytest.raises(ValueError, match="mask_image is 16x16 .* but image is 32x32"):
         generate(sd4, "a cat", image=image, mask_image=m1[:16, :16], num_steps=2, seed=0)
     with pytest.raises(ValueError, match="controlnet with image .*inpainting.* not supported"):

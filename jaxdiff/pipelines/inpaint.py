@@ -12,7 +12,8 @@ Two kinds of UNet (chosen by the UNet's ``in_channels``, :func:`inpaint_mode`):
   (mask 0) is replaced by the image latents noised to the NEXT grid entry with the initial noise,
   unnoised after the last step (diffusers' ``init_latents_proper``; :func:`blend_after_step`).
   The sampler must forward ``after_step``
-  (:attr:`~jaxdiff.samplers.spec.SamplerSpec.after_step`: DDIM, PNDM / PLMS, Euler).
+  (:attr:`~jaxdiff.samplers.spec.SamplerSpec.after_step`: DDIM, PNDM / PLMS, Euler,
+  DPM-Solver (multistep), UniPC, LMS, DEIS; :func:`blend_samplers`).
 
 ``strength`` as diffusers: exactly 1 starts from pure noise (``latents``, scaled by the sampler's
 initial sigma), below 1 from the image latents noised to the first step that runs
@@ -39,13 +40,19 @@ from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
 from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.pipelines.images import prepare_image, resize_nearest
 from jaxdiff.samplers.img2img import sampler_grid
-from jaxdiff.samplers.registry import Sampler
+from jaxdiff.samplers.registry import Sampler, sampler_specs
 from jaxdiff.schedules import Schedule
 
 __all__ = ["INPAINT_MODES", "InpaintInputs", "blend_after_step", "blend_levels",
-           "concat_inputs", "inpaint_mode", "prepare_mask", "mask_to_latent_grid"]
+           "blend_samplers", "concat_inputs", "inpaint_mode", "prepare_mask", "mask_to_latent_grid"]
 
 INPAINT_MODES = ("concat", "blend")
+
+
+def blend_samplers() -> tuple[str, ...]:
+    """The registered samplers that can run 4-channel inpainting (their spec declares
+    ``after_step``)."""
+    return tuple(s.name for s in sampler_specs() if s.after_step)
 
 
 def inpaint_mode(unet_config: UNetConfig, vae_config: AutoencoderKLConfig, *, mask: Any,
@@ -82,7 +89,7 @@ def inpaint_mode(unet_config: UNetConfig, vae_config: AutoencoderKLConfig, *, ma
     if not sampler.spec.after_step:
         raise ValueError(f"sampler {sampler.name!r} cannot run 4-channel inpainting: its steps "
                          "cannot be blended with the known region as diffusers does (samplers "
-                         "that can: ddim, pndm / plms, euler); or use an inpainting UNet")
+                         f"that can: {', '.join(blend_samplers())}); or use an inpainting UNet")
     return "blend"
 
 

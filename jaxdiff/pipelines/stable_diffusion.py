@@ -210,7 +210,8 @@ def generate(
       mask_image: inpainting (:mod:`jaxdiff.pipelines.inpaint`): repaint where the mask is white
         (``>= 0.5``), keep ``image`` elsewhere; ``[H, W]``, ``[H, W, 1]`` or ``[B, H, W, 1]``
         (single-channel), the image's size; required by an inpainting (9-channel) UNet, blended
-        each step with a 4-channel one (DDIM, PNDM, Euler). A traced argument.
+        each step with a 4-channel one (:func:`~jaxdiff.pipelines.inpaint.blend_samplers`).
+        A traced argument.
       strength: image-to-image strength in ``(0, 1]`` (inpainting: exactly 1 starts from noise)
         (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
         for LCM ``int(original_inference_steps * strength) >= N``).

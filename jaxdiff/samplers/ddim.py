@@ -168,9 +168,9 @@ def ddim_sample(
       strength: image-to-image strength in ``(0, 1]``: run the last ``int(num_steps *
         strength)`` steps of the grid only, from ``x_T`` noised to the first of them
         (:func:`jaxdiff.samplers.noise_to_img2img`); 1 (the default) is text-to-image.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
       where ``xs: [M + 1, B, ...]`` holds ``x_T`` then every step's output and ``pred_x0s:

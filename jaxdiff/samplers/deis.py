@@ -320,9 +320,9 @@ def deis_sample(
         (:func:`jaxdiff.samplers.noise_to_img2img`). The history starts empty there, so the
         tail warms up at lower order, as diffusers' scheduler does after ``set_begin_index``;
         ``lower_order_final`` still counts the whole grid. 1 (the default) is text-to-image.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [M + 1,
       B, ...], pred_x0s [M, B, ...])`` (``xs[0]`` is ``x_T``).

@@ -500,14 +500,14 @@ def dpm_solver_sample(
         there, so the first steps of the tail warm up at lower order, as diffusers' scheduler
         does after ``set_begin_index``; ``lower_order_final`` still counts the whole grid.
         1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     The last step is first order also with ``final_sigmas_type="zero"`` (it returns the predicted
     x0), and so is a step between equal sigmas (the last one with ``"sigma_min"`` after a grid
     ending at ``sigma_0``, e.g. every ``sigma_schedule`` but ``"discrete"``): it returns ``x``
     where diffusers' heun and third-order updates give NaN.
 
-      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
-        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
       B, ...], pred_x0s [N, B, ...])`` (``xs[0]`` is ``x_T``), as the other samplers return.

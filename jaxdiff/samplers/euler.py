@@ -249,9 +249,9 @@ def euler_sample(
         strength)`` (:func:`jaxdiff.samplers.noise_to_img2img`). With ``strength < 1``, ``x_T``
         is the SIGMA-SPACE sample at ``sigmas[s]`` (``x0 + sigma noise``), not scaled by
         ``init_noise_sigma``; the noise and trajectory cover the steps that run.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
 

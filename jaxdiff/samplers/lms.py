@@ -246,9 +246,9 @@ def lms_sample(
         empty history (module docstring). With ``strength < 1``, ``x_T`` is the SIGMA-SPACE
         sample at ``sigmas[s]`` (``x0 + sigma noise``: :func:`jaxdiff.samplers.noise_to_img2img`),
         not scaled by ``init_noise_sigma``.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
 

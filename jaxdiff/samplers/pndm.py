@@ -415,9 +415,9 @@ def pndm_sample(
         evaluations from ``s = N - int(N * strength)`` with the history restarted there, from
         ``x_T`` noised to ``timesteps[s]`` (:func:`jaxdiff.samplers.noise_to_img2img`; module
         docstring); 1 (the default) is text-to-image.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory`` ``(x_0, xs [M + 1, B,
       ...], pred_x0s [M, B, ...])``, ``xs[0] = x_T``.

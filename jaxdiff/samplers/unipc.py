@@ -395,9 +395,9 @@ def unipc_sample(
         there: the tail warms up at lower order and its first step has nothing to correct, as
         diffusers' scheduler after ``set_begin_index``; ``lower_order_final`` still counts the
         whole grid. 1 (the default) is text-to-image.
-
       after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
         (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
+
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
       B, ...], pred_x0s [N, B, ...])`` (``xs[0]`` is ``x_T``; ``xs[i + 1]`` is step ``i``'s
