@@ -5,7 +5,8 @@ random folders written by diffusers (``save_pretrained``, read from disk), float
 At both UNet widths: a 4-channel UNet (diffusers' mask blending after every step, inside
 jaxdiff's scan through the sampler's ``after_step``) and a 9-channel inpainting UNet (latents,
 mask and masked-image latents concatenated), with DDIM, PLMS (PNDM) and Euler, ``strength`` 1
-(pure noise) and 0.6 (the noised image). Both sides get the same noise (the pipeline module's
+(pure noise) and below (the noised image); SDXL's base and refiner (aesthetic scores). Both
+sides get the same noise (the pipeline module's
 ``randn_tensor`` patched to return jaxdiff's ``latents``: diffusers' ``latents=`` would skip the
 image noising below strength 1) and encode with the VAE posterior's mean (its ``randn_tensor``
 patched to zeros, jaxdiff's ``sample_posterior=False``). The mask is a float array with values on
@@ -95,13 +96,14 @@ def _inputs(seed=3):
     return image, mask, noise
 
 
-def _inpaint_pipe(pipe, cls, scheduler=None):
+def _inpaint_pipe(pipe, cls, scheduler=None, **extra):
     """``cls`` (an inpainting pipeline) from ``pipe``'s components, with ``scheduler`` (a
-    diffusers class name built from the same config) and jaxdiff's sampler for it."""
+    diffusers class name built from the same config and ``extra``) and jaxdiff's sampler for
+    it."""
     sched, sampler = pipe.scheduler, None
     if scheduler is not None:
         config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-        sched = getattr(diffusers, scheduler).from_config(config)
+        sched = getattr(diffusers, scheduler).from_config({**config, **extra})
         sampler = sampler_from_diffusers_config({**dict(sched.config), "_class_name": scheduler})
     out = cls(**{**pipe.components, "scheduler": sched})
     out.set_progress_bar_config(disable=True)
@@ -155,19 +157,29 @@ def test_inpaint_4_channel_unet_blends(sd4, scheduler, strength):
 def test_inpaint_9_channel_unet(sd9, scheduler, strength, scale):
     pipe, sd = sd9
     assert sd.unet_config.in_channels == 9
-    pipe, sampler = _inpaint_pipe(pipe, diffusers.StableDiffusionInpaintPipeline, scheduler)
-    if scheduler == "PNDMScheduler":
-        pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config,
-                                                             skip_prk_steps=True)
-        sampler = sampler_from_diffusers_config({**dict(pipe.scheduler.config),
-                                                 "_class_name": "PNDMScheduler"})
+    extra = dict(skip_prk_steps=True) if scheduler == "PNDMScheduler" else {}
+    pipe, sampler = _inpaint_pipe(pipe, diffusers.StableDiffusionInpaintPipeline, scheduler,
+                                  **extra)
+    assert scheduler is None or sampler.name == "pndm" and sampler.options["skip_prk_steps"]
     _compare(pipe, sd, SD_MODULE, sampler, strength=strength, steps=4, scale=scale,
              label=f"9ch {scheduler or 'DDIM'} strength {strength}")
 
 
-def test_inpaint_sdxl_4_channel_unet(xl4):
-    """SDXL's inpainting (the base folder's Euler, image-to-image micro-conditioning rules)."""
-    pipe, sd = xl4
-    pipe, sampler = _inpaint_pipe(pipe, diffusers.StableDiffusionXLInpaintPipeline)
-    _compare(pipe, sd, XL_MODULE, sampler, strength=0.8, steps=4, scale=5.0,
-             label="SDXL 4ch Euler strength 0.8")
+@pytest.fixture(scope="module")
+def xl_refiner(tmp_path_factory):
+    return _write(tmp_path_factory, "xlr", write_tiny_stable_diffusion_xl, seed=1, refiner=True)
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_inpaint_sdxl_4_channel_unet(which, request):
+    """SDXL's inpainting with the folders' Euler: the base (both text encoders, image-to-image
+    micro-conditioning rules) and a refiner (``requires_aesthetics_score``, ``text_encoder_2``
+    only) with its aesthetic scores."""
+    pipe, sd = request.getfixturevalue("xl4" if which == "base" else "xl_refiner")
+    flags = {k: pipe.config[k] for k in ("force_zeros_for_empty_prompt",
+                                         "requires_aesthetics_score") if k in pipe.config}
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(**pipe.components, **flags)
+    pipe.set_progress_bar_config(disable=True)
+    kw = {} if which == "base" else dict(aesthetic_score=7.0, negative_aesthetic_score=1.0)
+    _compare(pipe, sd, XL_MODULE, None, strength=0.8, steps=4, scale=5.0,
+             label=f"SDXL {which} 4ch Euler strength 0.8", **kw)
