@@ -170,16 +170,22 @@ def xl_refiner(tmp_path_factory):
     return _write(tmp_path_factory, "xlr", write_tiny_stable_diffusion_xl, seed=1, refiner=True)
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
-def test_inpaint_sdxl_4_channel_unet(which, request):
-    """SDXL's inpainting with the folders' Euler: the base (both text encoders, image-to-image
-    micro-conditioning rules) and a refiner (``requires_aesthetics_score``, ``text_encoder_2``
-    only) with its aesthetic scores."""
-    pipe, sd = request.getfixturevalue("xl4" if which == "base" else "xl_refiner")
+def _sdxl(pipe, sd, which, **kw):
+    """SDXL's inpainting with the folder's Euler, strength 0.8."""
     flags = {k: pipe.config[k] for k in ("force_zeros_for_empty_prompt",
                                          "requires_aesthetics_score") if k in pipe.config}
     pipe = diffusers.StableDiffusionXLInpaintPipeline(**pipe.components, **flags)
     pipe.set_progress_bar_config(disable=True)
-    kw = {} if which == "base" else dict(aesthetic_score=7.0, negative_aesthetic_score=1.0)
     _compare(pipe, sd, XL_MODULE, None, strength=0.8, steps=4, scale=5.0,
              label=f"SDXL {which} 4ch Euler strength 0.8", **kw)
+
+
+def test_inpaint_sdxl_base(xl4):
+    """The base folder: both text encoders, image-to-image micro-conditioning rules."""
+    _sdxl(*xl4, "base")
+
+
+def test_inpaint_sdxl_refiner(xl_refiner):
+    """A refiner folder (``requires_aesthetics_score``, ``text_encoder_2`` only) with its
+    aesthetic scores."""
+    _sdxl(*xl_refiner, "refiner", aesthetic_score=7.0, negative_aesthetic_score=1.0)
