@@ -212,9 +212,10 @@ def generate(
         (single-channel), the image's size; required by an inpainting (9-channel) UNet, blended
         each step with a 4-channel one (:func:`~jaxdiff.pipelines.inpaint.blend_samplers`).
         A traced argument.
-      strength: image-to-image strength in ``(0, 1]`` (inpainting: exactly 1 starts from noise)
+      strength: image-to-image (and inpainting) strength in ``(0, 1]``
         (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
-        for LCM ``int(original_inference_steps * strength) >= N``).
+        for LCM ``int(original_inference_steps * strength) >= N``). Inpainting at exactly 1
+        starts from pure noise, as diffusers' inpainting pipelines (whose default it is).
       sample_posterior: image-to-image encodes with a sample of the VAE posterior (as diffusers
         does) or, if False, with its mean.
       sampler, sampler_options: a :class:`~jaxdiff.samplers.Sampler`, or a registered name plus
@@ -278,7 +279,10 @@ def generate(
         noise / image, an image of another dtype or range, a size not a multiple of 8 or
         beyond ``max_image_side``, a ``guidance_scale`` that is not a finite number,
         ``num_steps`` beyond the schedule, ``strength`` keeping no step (too few distillation
-        timesteps for LCM), a sampler without image-to-image support, a missing key.
+        timesteps for LCM), a sampler without image-to-image support, a missing key; a mask
+        that is not single-channel or not the image's size, an inpainting UNet without
+        ``mask_image``, a sampler that cannot blend
+        (:func:`~jaxdiff.pipelines.inpaint.inpaint_mode`).
 
     The programs are cached (:data:`~jaxdiff.pipelines.sd_program.PROGRAM_CACHE`): the first
     call of a setting logs ``compiling Stable Diffusion ...`` at INFO and compiles.
