@@ -8,6 +8,8 @@ decode) is one jitted program.
         --option sigma_schedule=karras --num_images 4 --out grid.png
     python -m experiments.text_to_image --model DIR --prompt "..." --init_image in.png \
         --strength 0.6 --out out.png
+    python -m experiments.text_to_image --model DIR --prompt "..." --init_image in.png \
+        --mask mask.png --strength 1 --out out.png
     python -m experiments.text_to_image --model DIR --prompt "..." --lora style.safetensors:0.8 \
         --lora subject.safetensors --out out.png
 
@@ -26,6 +28,13 @@ Logs a line before the compile and one after the generation. Every user error (a
 model folder, the init image, the output path, a size that does not fit in memory)
 is one ``error: ...`` line naming the flag or file, exit status 2, and everything that can be
 checked before the work starts is checked first.
+
+``--mask PATH`` (with ``--init_image``) inpaints: white (``>= 0.5`` after conversion to
+grayscale) is repainted, the rest of the init image kept (:mod:`jaxdiff.pipelines.inpaint`), with
+an inpainting (9-channel) UNet or by diffusers' mask blending with an ordinary one (samplers
+``ddim``, ``pndm`` / ``plms``, ``euler``, ``dpm_solver``, ``unipc``, ``lms``, ``deis``). The
+mask file must have the init image's size; it is converted to grayscale and resized with it
+(Lanczos). An inpainting folder needs ``--mask``.
 
 ``--guidance_scale w`` means diffusers' formula ``uncond + w * (cond - uncond)`` for every ``w``
 (``1``: the prompt alone; ``0``: the negative prompt alone); diffusers' pipelines switch guidance
@@ -126,8 +135,10 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("init_image", None, "image-to-image: the source image (resized to "
                         "--height x --width if given, else to its size rounded down to a "
                         "multiple of 8, with Lanczos as diffusers)", flag_values=fv)
-    flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1] (with --init_image)",
-                       flag_values=fv)
+    flags.DEFINE_float("strength", 0.8, "image-to-image strength in (0, 1] (with --init_image; "
+                       "inpainting: 1 starts from noise)", flag_values=fv)
+    flags.DEFINE_string("mask", None, "inpainting: a mask file of --init_image's size, white = "
+                        "repaint (converted to grayscale, binarised at 0.5)", flag_values=fv)
     flags.DEFINE_string("prompt_2", None, "SDXL: the prompt for tokenizer_2 / text_encoder_2 "
                         "(default: --prompt)", flag_values=fv)
     flags.DEFINE_string("negative_prompt_2", None, "SDXL: the negative prompt for "
@@ -254,6 +265,8 @@ def _check_flags(fv: flags.FlagValues) -> None:
         raise ConfigError("--option needs --sampler")
     if fv["strength"].present and not fv.init_image:
         raise ConfigError("--strength needs --init_image (it is the image-to-image strength)")
+    if fv.mask and not fv.init_image:
+        raise ConfigError("--mask needs --init_image (the image to inpaint)")
     if not math.isfinite(fv.guidance_scale):
         raise ConfigError(f"--guidance_scale must be a finite number, got {fv.guidance_scale}")
     _check_negative_prompt(fv, fv.guidance_scale)
@@ -338,6 +351,19 @@ def _controlnet_kwargs(fv: flags.FlagValues, dtype) -> dict:
                 control_guidance_end=fv.control_guidance_end)
 
 
+def _load_mask(fv: flags.FlagValues, image: np.ndarray, load_image) -> np.ndarray:
+    """``--mask`` as uint8 ``[H, W, 1]`` at the loaded init image's size; ``ConfigError`` unless
+    the files have the same size."""
+    mask = load_image(fv.mask, multiple=1, mode="L", name="--mask")
+    source = load_image(fv.init_image, multiple=1, name="--init_image")
+    if mask.shape[:2] != source.shape[:2]:
+        raise ConfigError(f"--mask {fv.mask!r} is {mask.shape[0]}x{mask.shape[1]} (height x "
+                          f"width) but --init_image is {source.shape[0]}x{source.shape[1]}: give "
+                          "a mask of the image's size")
+    return load_image(fv.mask, height=image.shape[0], width=image.shape[1], mode="L",
+                      name="--mask")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
     """Parses ``argv`` (without the program name), generates, writes the image(s); returns the
     uint8 images written ``[N, H, W, 3]`` (cropped when the folder records a crop). Everything
@@ -380,6 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
         if fv.init_image:
             image = load_image(fv.init_image, height=fv.height, width=fv.width,
                                name="--init_image")
+        mask = _load_mask(fv, image, load_image) if fv.mask else None
         sd = load_stable_diffusion(fv.model, variant=fv.variant, dtype=dtype,
                                    sampler=settings["sampler"],
                                    sampler_options=settings["sampler_options"] or None)
@@ -407,7 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> np.ndarray:
                        guidance_scale=w, guidance_rescale=fv.guidance_rescale,
                        height=None if image is not None else settings["height"],
                        width=None if image is not None else settings["width"], seed=fv.seed,
-                       image=image, strength=fv.strength, clip_skip=fv.clip_skip,
+                       image=image, mask_image=mask, strength=fv.strength,
+                       clip_skip=fv.clip_skip,
                        max_image_side=fv.max_image_side, **sdxl, **control)
     except LoadOptionError as e:
         raise ConfigError(e.message(_flag_remedy)) from None

@@ -207,6 +207,9 @@ def test_declared_options_are_the_sample_functions_keywords():
         assert params["num_steps"].kind is inspect.Parameter.KEYWORD_ONLY, spec.name
         assert params["num_steps"].default is inspect.Parameter.empty, spec.name
         calls = dict(noise=None, return_trajectory=False, strength=1.0)
+        assert ("after_step" in params) == spec.after_step, spec.name  # declared iff taken
+        if spec.after_step:
+            calls["after_step"] = None
         for arg, default in calls.items():
             assert params[arg].default == default, (spec.name, arg)
         keyword = {k: p.default for k, p in params.items()

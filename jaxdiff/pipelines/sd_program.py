@@ -32,6 +32,8 @@ from jaxdiff.models.embeddings import guidance_scale_embedding
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.unet_config import UNetConfig
 from jaxdiff.pipelines.controlnet import controlnet_residuals
+from jaxdiff.pipelines.inpaint import (InpaintInputs, blend_after_step, blend_levels,
+                                       concat_inputs, mask_to_latent_grid)
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.lora import apply_loras
 from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
@@ -81,6 +83,8 @@ class ProgramKey:
       controlnets: the ControlNets' configs (:mod:`jaxdiff.pipelines.controlnet`), ``None``
         without; their parameters, images, scales and windows are arguments.
       guess_mode: the ControlNets in guess mode (the conditional half only when guided).
+      inpaint: ``(mode, strength == 1)`` for inpainting (:mod:`jaxdiff.pipelines.inpaint`:
+        ``"concat"`` or ``"blend"``; exactly 1 starts from pure noise), ``None`` without.
     """
 
     unet_config: UNetConfig
@@ -104,6 +108,7 @@ class ProgramKey:
     end_t: float | None = None
     controlnets: tuple | None = None
     guess_mode: bool = False
+    inpaint: tuple | None = None
 
     @classmethod
     def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
@@ -111,7 +116,7 @@ class ProgramKey:
              latent_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
              clip_skip: int, from_latents: bool = False, end_step: int | None = None,
              end_t: float | None = None, controlnets: tuple | None = None,
-             guess_mode: bool = False) -> "ProgramKey":
+             guess_mode: bool = False, inpaint: tuple | None = None) -> "ProgramKey":
         """The key of one setting (settings that cannot change the program are normalised:
         ``rescale`` without guidance, ``sample_posterior`` without an image)."""
         return cls(
@@ -128,6 +133,7 @@ class ProgramKey:
             end_t=None if end_t is None else float(end_t),
             controlnets=None if not controlnets else tuple(controlnets),
             guess_mode=bool(guess_mode and controlnets),
+            inpaint=None if inpaint is None else (str(inpaint[0]), bool(inpaint[1])),
         )
 
 
@@ -148,9 +154,9 @@ def embed_tokens(text_config: CLIPTextConfig, dtype: Any, text_params: Any, inpu
 
 def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
                   img2img: dict | None) -> Callable:
-    """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control) ->
-    (images, latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras`` are
-    ``StableDiffusion.loras`` (merged into ``params`` first), ``cond`` / ``uncond`` are
+    """The jitted ``(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control,
+    mask) -> (images, latents)`` for ``key`` (see :func:`~jaxdiff.pipelines.generate`): ``loras``
+    are ``StableDiffusion.loras`` (merged into ``params`` first), ``cond`` / ``uncond`` are
     token ids (encoded inside) or embeddings, ``uncond`` ``None`` when unguided; for SDXL
     (``key.text_config_2``) each is ``{"tokens": SDXLTokens, "time_ids": [B, K]}``, the negative
     tokens ``None`` for zeros (``force_zeros_for_empty_prompt``); ``x_init``
@@ -158,7 +164,8 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
     LCM-distilled UNet (``unet_config.time_cond_dim``) takes ``w`` as its guidance-scale embedding
     (``timestep_cond``, as ``LatentConsistencyModelPipeline``), in an unguided program.
     ``control``: the ControlNets' arguments (``key.controlnets``;
-    :func:`~jaxdiff.pipelines.controlnet.controlnet_residuals`), ``None`` without.
+    :func:`~jaxdiff.pipelines.controlnet.controlnet_residuals`), ``None`` without. ``mask``:
+    ``[B, H, W, 1]`` the inpainting mask at the image's size (``key.inpaint``), else ``None``.
 
     Only the configs and the schedule are taken from ``sd`` (the program must not keep the
     model, or its parameters, alive)."""
@@ -192,7 +199,12 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
     grid = None if key.controlnets is None else np.asarray(
         sampler_grid(sampler, schedule, steps).timesteps)
 
-    def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control):
+    def encode(params, image, k):  # [-1, 1] images -> (scaled) latents
+        return vae_encode_latents(vae, params["vae"], image.astype(vae_config.dtype),
+                                  k if key.sample_posterior else None)
+
+    def _sd_program(params, loras, cond, uncond, x_init, noise, image, rng, w, phi, control,
+                    mask=None):
         params = apply_loras(params, loras)
         k_init, k_post, k_sample = jax.random.split(rng, 3)
         cond, uncond = contexts(params, cond, uncond if key.guided else None)
@@ -202,15 +214,25 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
         if key.from_latents:  # denoising_start: the sample at the first step that runs
             x_T = image.astype(jnp.float32)
         elif image is not None:
-            lat0 = vae_encode_latents(vae, params["vae"], image.astype(vae_config.dtype) * 2 - 1,
-                                      k_post if key.sample_posterior else None)
+            lat0 = encode(params, image * 2 - 1, k_post)
             x_T = noise_to_img2img(sampler, schedule, steps, lat0, x_init, **img2img)
         else:
             x_T = x_init
+        inpaint = None
+        if key.inpaint is not None:  # diffusers' inpainting (jaxdiff.pipelines.inpaint)
+            mode, from_noise = key.inpaint
+            x_T = x_init if from_noise else x_T
+            masked = (image * 2 - 1) * (mask < 0.5)
+            inpaint = InpaintInputs(
+                mask_to_latent_grid(mask, *latent_shape[:2]).astype(jnp.float32),
+                encode(params, masked, jax.random.fold_in(k_post, 1)) if mode == "concat"
+                else None, lat0, x_init)
         x_T = jax.lax.with_sharding_constraint(x_T.astype(jnp.float32), data)
 
         def model_fn(x, t, c):
             extra = {}
+            if inpaint is not None and inpaint.masked_latents is not None:
+                x = concat_inputs(x, inpaint)
             if unet_config.time_cond_dim is not None:  # LCM: w as the guidance embedding
                 extra["timestep_cond"] = guidance_scale_embedding(
                     jnp.full((x.shape[0],), w, jnp.float32), unet_config.time_cond_dim)
@@ -241,9 +263,12 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             model = gated
         else:
             model = guided
+        call = dict(img2img or {})
+        if inpaint is not None and inpaint.masked_latents is None:
+            call["after_step"] = blend_after_step(*blend_levels(sampler, schedule, steps), inpaint)
         if key.end_step is None:
             latents = sampler(model, schedule, x_T, k_sample, num_steps=steps, noise=noise,
-                              **(img2img or {}))
+                              **call)
         else:
             _, path, _ = sampler(model, schedule, x_T, k_sample, num_steps=steps, noise=noise,
                                  return_trajectory=True, **(img2img or {}))

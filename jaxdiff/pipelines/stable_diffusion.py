@@ -50,7 +50,6 @@ branches; jaxdiff gives each branch its own rows (equal for ``B = 1``).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -61,14 +60,16 @@ import numpy as np
 from jaxdiff.pipelines.controlnet import prepare_controlnets
 from jaxdiff.pipelines.denoising_split import denoising_split, start_latents
 from jaxdiff.pipelines.images import prepare_image, to_uint8
+from jaxdiff.pipelines.inpaint import inpaint_mode, prepare_mask
 from jaxdiff.pipelines.loading import StableDiffusion, choose_sampler
+from jaxdiff.pipelines.pipeline_args import (as_prompt_list, check_guidance_scale, check_image_side,
+                                             pad_batch, prompt_tokens)
 from jaxdiff.pipelines.sd_program import PROGRAM_CACHE, ProgramKey, build_program, embed_tokens
 from jaxdiff.pipelines.sdxl_text import check_sdxl_clip_skip
 from jaxdiff.pipelines.sdxl_inputs import check_sdxl_arguments, sdxl_conditions, sdxl_tokens
 from jaxdiff.samplers.img2img import check_strength, img2img_key, img2img_start_step
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.sharding import DATA_AXIS, make_mesh
-from jaxdiff.text.truncation import warn_truncated
 from jaxdiff.validation import check_float, check_int
 
 __all__ = ["MAX_IMAGE_SIDE", "StableDiffusionOutput", "encode_prompt", "generate"]
@@ -123,68 +124,6 @@ def _check_clip_skip(sd: StableDiffusion, clip_skip: int | None) -> int:
     return check_int("clip_skip", clip_skip, 0, sd.text_config.num_hidden_layers - 1)
 
 
-def _check_guidance_scale(value: Any) -> float:
-    """``float(value)`` for a finite real number (any sign: the formula holds for every ``w``)."""
-    if isinstance(value, (str, bytes, bool, np.bool_)):
-        raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
-    try:
-        w = float(np.asarray(value).item()) if np.ndim(value) == 0 else None
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError,
-            jax.errors.TracerArrayConversionError):
-        w = None
-    if w is None or not math.isfinite(w):
-        raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
-    return w
-
-
-def _tokens(sd: StableDiffusion, prompts: Sequence[str], name: str) -> np.ndarray:
-    """Token ids ``[B, L]`` of ``prompts``; warns (``logging``) about text cut off by the
-    tokenizer's length, as diffusers does, and refuses ids beyond the text encoder's
-    vocabulary (which the embedding lookup would clamp)."""
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"{name}[{i}] must be a str, got {type(p).__name__}")
-    tok = sd.tokenizer(list(prompts), padding="max_length", truncation=True)
-    warn_truncated(sd.tokenizer, prompts, name=name, logger=log)
-    ids = tok.input_ids
-    if ids.size and int(ids.max()) >= sd.text_config.vocab_size:
-        raise ValueError(f"{name}: token id {int(ids.max())} is beyond the text encoder's "
-                         f"vocab_size {sd.text_config.vocab_size} (the tokenizer does not "
-                         "belong to this text encoder)")
-    return ids
-
-
-def _pad(x: Any, n: int, axis: int = 0) -> Any:
-    if x is None or n == 0:
-        return x
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    tail = jnp.take(x, jnp.array([x.shape[axis] - 1] * n), axis=axis)
-    return jnp.concatenate([jnp.asarray(x), tail], axis=axis)
-
-
-def _as_list(p: str | Sequence[str] | None, name: str) -> list[str] | None:
-    if p is None:
-        return None
-    if isinstance(p, str):
-        return [p]
-    if not isinstance(p, Sequence) or not p:
-        raise ValueError(f"{name} must be a str or a non-empty sequence of str")
-    return list(p)
-
-
-def _check_side(name: str, value: Any, unit: int, max_side: int) -> int:
-    v = check_int(name, value, 8)
-    if v > max_side:
-        raise ValueError(
-            f"{name}={v} is larger than max_image_side={max_side} pixels (a bound against "
-            "typos: the UNet's activations grow with height x width and its attention with the "
-            "square of that, so such a size cannot fit in memory; raise max_image_side to "
-            "allow it)")
-    if v % unit:
-        raise ValueError(f"{name} must be a multiple of {unit}, got {v}")
-    return v
-
-
 def generate(
     sd: StableDiffusion,
     prompt: str | Sequence[str] | None = None,
@@ -202,6 +141,7 @@ def generate(
     prompt_embeds: Any = None,
     negative_prompt_embeds: Any = None,
     image: Any = None,
+    mask_image: Any = None,
     strength: float = 0.8,
     sample_posterior: bool = True,
     sampler: Sampler | str | None = None,
@@ -267,9 +207,15 @@ def generate(
         :func:`~jaxdiff.pipelines.images.prepare_image`); a batch of one is repeated over the
         prompts. A size that is not a multiple of 8 is rounded down and the image resized
         (nearest neighbour, as diffusers' ``VaeImageProcessor`` resizes arrays).
-      strength: image-to-image strength in ``(0, 1]``
+      mask_image: inpainting (:mod:`jaxdiff.pipelines.inpaint`): repaint where the mask is white
+        (``>= 0.5``), keep ``image`` elsewhere; ``[H, W]``, ``[H, W, 1]`` or ``[B, H, W, 1]``
+        (single-channel), the image's size; required by an inpainting (9-channel) UNet, blended
+        each step with a 4-channel one (:func:`~jaxdiff.pipelines.inpaint.blend_samplers`).
+        A traced argument.
+      strength: image-to-image (and inpainting) strength in ``(0, 1]``
         (:func:`~jaxdiff.samplers.check_strength`: :func:`~jaxdiff.samplers.strength_start_step`;
-        for LCM ``int(original_inference_steps * strength) >= N``).
+        for LCM ``int(original_inference_steps * strength) >= N``). Inpainting at exactly 1
+        starts from pure noise, as diffusers' inpainting pipelines (whose default it is).
       sample_posterior: image-to-image encodes with a sample of the VAE posterior (as diffusers
         does) or, if False, with its mean.
       sampler, sampler_options: a :class:`~jaxdiff.samplers.Sampler`, or a registered name plus
@@ -333,7 +279,10 @@ def generate(
         noise / image, an image of another dtype or range, a size not a multiple of 8 or
         beyond ``max_image_side``, a ``guidance_scale`` that is not a finite number,
         ``num_steps`` beyond the schedule, ``strength`` keeping no step (too few distillation
-        timesteps for LCM), a sampler without image-to-image support, a missing key.
+        timesteps for LCM), a sampler without image-to-image support, a missing key; a mask
+        that is not single-channel or not the image's size, an inpainting UNet without
+        ``mask_image``, a sampler that cannot blend
+        (:func:`~jaxdiff.pipelines.inpaint.inpaint_mode`).
 
     The programs are cached (:data:`~jaxdiff.pipelines.sd_program.PROGRAM_CACHE`): the first
     call of a setting logs ``compiling Stable Diffusion ...`` at INFO and compiles.
@@ -342,7 +291,7 @@ def generate(
     if steps > sd.schedule.num_timesteps:
         raise ValueError(f"num_steps must be <= the schedule's num_timesteps "
                          f"({sd.schedule.num_timesteps}), got {steps}")
-    w = _check_guidance_scale(guidance_scale)
+    w = check_guidance_scale(guidance_scale)
     phi = check_float("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
     lcm = sd.unet_config.time_cond_dim is not None
     guided = w != 1.0 and not lcm  # an LCM UNet takes w as an embedding, with no second branch
@@ -369,9 +318,9 @@ def generate(
     unit = max(8, sd.vae_scale_factor)
     max_side = check_int("max_image_side", max_image_side, unit)
     if height is not None:
-        height = _check_side("height", height, unit, max_side)
+        height = check_image_side("height", height, unit, max_side)
     if width is not None:
-        width = _check_side("width", width, unit, max_side)
+        width = check_image_side("width", width, unit, max_side)
 
     # -- the text: token ids (encoded inside the program) or embeddings
     micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
@@ -380,7 +329,7 @@ def generate(
                  negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
                  negative_aesthetic_score=negative_aesthetic_score)
     check_sdxl_arguments(sd, dict(micro, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2))
-    prompts = _as_list(prompt, "prompt")
+    prompts = as_prompt_list(prompt, "prompt")
     if (prompts is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds")
     uncond = sdxl_negative = None
@@ -391,7 +340,7 @@ def generate(
         cond, sdxl_negative, batch = sdxl_tokens(sd, prompt, prompt_2, negative_prompt,
                                                  negative_prompt_2, guided=guided, logger=log)
     elif prompts is not None:
-        cond = _tokens(sd, prompts, "prompt")
+        cond = prompt_tokens(sd, prompts, "prompt")
     else:
         cond = jnp.asarray(prompt_embeds)
         if cond.ndim != 3 or cond.shape[-1] != sd.text_config.hidden_size:
@@ -400,7 +349,7 @@ def generate(
     if not sd.is_sdxl:
         batch = cond.shape[0]
     if guided and not sd.is_sdxl:
-        negs = _as_list(negative_prompt, "negative_prompt")
+        negs = as_prompt_list(negative_prompt, "negative_prompt")
         if negative_prompt_embeds is not None:
             if negs is not None:
                 raise ValueError("give at most one of negative_prompt and negative_prompt_embeds")
@@ -414,47 +363,51 @@ def generate(
                 negs = negs * batch
             if len(negs) != batch:
                 raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
-            uncond = _tokens(sd, negs, "negative_prompt")
+            uncond = prompt_tokens(sd, negs, "negative_prompt")
 
     # -- image-to-image source (or the latents to start from) and the image size
-    img2img = None
+    img2img = mask = None
+    inpaint = inpaint_mode(sd.unet_config, sd.vae_config, mask=mask_image, image=image,
+                           sampler=sampler, split=(denoising_start, denoising_end))
     split = denoising_split(sampler, sd.schedule, steps, denoising_start, denoising_end)
     from_latents = denoising_start is not None
     if from_latents:
         image, sizes = start_latents(image, sd.unet_config.in_channels, sd.vae_scale_factor,
                                      batch, height, width)
-        height, width = (_check_side(n, v, unit, max_side)
+        height, width = (check_image_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), sizes))
         strength = split.strength
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
     elif image is not None:
+        source = np.shape(image)[-3:-1]
         image = prepare_image(image, channels=sd.vae_config.in_channels, multiple=unit,
                               height=height, width=width)
         if image.shape[0] == 1 and batch > 1:
             image = np.repeat(image, batch, axis=0)
         if image.shape[0] != batch:
             raise ValueError(f"image has batch {image.shape[0]} for {batch} prompts")
-        height, width = (_check_side(n, v, unit, max_side)
+        height, width = (check_image_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), image.shape[1:3]))
         img2img = {"strength": check_strength(sampler, sd.schedule, steps, strength)}
+        mask = inpaint and prepare_mask(mask_image, source, height, width, batch)
     control = None
     if controlnet is not None:
         if image is not None:
-            raise ValueError("controlnet with image (ControlNet image-to-image) is not supported "
-                             "yet: give control_image without image")
+            raise ValueError("controlnet with image (ControlNet image-to-image, inpainting) is not "
+                             "supported yet: give control_image without image")
         control = prepare_controlnets(
             sd.unet_config, controlnet, control_image, scale=controlnet_conditioning_scale,
             guess_mode=guess_mode, start=control_guidance_start, end=control_guidance_end,
             batch=batch, num_steps=steps, multiple=unit, height=height, width=width)
-        height, width = (_check_side(n, v, unit, max_side)
+        height, width = (check_image_side(n, v, unit, max_side)
                          for n, v in zip(("height", "width"), (control.height, control.width)))
     elif control_image is not None:
         raise ValueError("control_image given without controlnet")
     default = sd.sample_size * sd.vae_scale_factor
-    height = _check_side("height", default, unit, max_side) if height is None else height
-    width = _check_side("width", default, unit, max_side) if width is None else width
+    height = check_image_side("height", default, unit, max_side) if height is None else height
+    width = check_image_side("width", default, unit, max_side) if width is None else width
     latent_shape = (height // sd.vae_scale_factor, width // sd.vae_scale_factor,
-                    sd.unet_config.in_channels)
+                    sd.vae_config.latent_channels if inpaint else sd.unet_config.in_channels)
     if sd.is_sdxl:
         cond, uncond = sdxl_conditions(sd, cond, sdxl_negative, guided=guided, height=height,
                                        width=width, img2img=image is not None, micro=micro)
@@ -483,16 +436,17 @@ def generate(
     data = jax.sharding.NamedSharding(mesh, _P(DATA_AXIS))
     repl = jax.sharding.NamedSharding(mesh, _P())
     put = lambda x, s: None if x is None else jax.device_put(x, s)  # noqa: E731
-    pad_tree = lambda x: jax.tree.map(lambda a: _pad(a, pad), x)  # noqa: E731
+    pad_tree = lambda x: jax.tree.map(lambda a: pad_batch(a, pad), x)  # noqa: E731
     args = (
-        put(pad_tree(cond), data), put(pad_tree(uncond), data), put(_pad(latents, pad), data),
-        put(_pad(noise, pad, axis=1), jax.sharding.NamedSharding(mesh, _P(None, DATA_AXIS))),
-        put(_pad(image, pad), data), put(key, repl),
+        put(pad_tree(cond), data), put(pad_tree(uncond), data), put(pad_batch(latents, pad), data),
+        put(pad_batch(noise, pad, axis=1), jax.sharding.NamedSharding(mesh, _P(None, DATA_AXIS))),
+        put(pad_batch(image, pad), data), put(key, repl),
         put(jnp.float32(w), repl), put(jnp.float32(phi), repl),
         None if control is None else {
             "params": control.args["params"], "scales": put(control.args["scales"], repl),
             "keep": put(control.args["keep"], repl),
-            "images": [put(_pad(a, pad), data) for a in control.args["images"]]},
+            "images": [put(pad_batch(a, pad), data) for a in control.args["images"]]},
+        put(pad_batch(mask, pad), data),
     )
     start = None if img2img is None else img2img_key(sampler, sd.schedule, steps, strength)
     program_key = ProgramKey.make(
@@ -502,7 +456,8 @@ def generate(
         end_step=None if split.end is None else split.end - (
             0 if img2img is None else img2img_start_step(sampler, sd.schedule, steps, strength)),
         end_t=split.end_t, controlnets=None if control is None else control.configs,
-        guess_mode=control is not None and control.guess_mode)
+        guess_mode=control is not None and control.guess_mode,
+        inpaint=inpaint and (inpaint, float(strength) == 1.0))
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
     leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on

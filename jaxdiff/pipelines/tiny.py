@@ -90,7 +90,8 @@ def write_tiny_stable_diffusion(
       seed: ``torch.manual_seed`` for the weights.
       variant: save ``*.<variant>.*`` weight files (e.g. ``"fp16"``; the tensors stay float32).
       scheduler_options: more scheduler config entries.
-      unet_options: more ``UNet2DConditionModel`` arguments (e.g. ``time_cond_proj_dim`` for
+      unet_options: more (or other) ``UNet2DConditionModel`` arguments (e.g. ``in_channels=9``
+        for an inpainting UNet, ``time_cond_proj_dim`` for
         an LCM-distilled UNet's guidance embedding).
 
     Returns:
@@ -108,10 +109,10 @@ def write_tiny_stable_diffusion(
     vae_factor = 2 ** (len(vae_channels) - 1)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=tuple(unet_channels), layers_per_block=1,
-        sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
+        sample_size=image_size // vae_factor,
         down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
         attention_head_dim=heads, norm_num_groups=8, use_linear_projection=sd2,
-        upcast_attention=sd2, **(unet_options or {}),
+        upcast_attention=sd2, **{"in_channels": 4, "out_channels": 4, **(unet_options or {})},
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,
@@ -201,7 +202,7 @@ def write_tiny_stable_diffusion_xl(
     levels = len(unet_channels)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=tuple(unet_channels), layers_per_block=1,
-        sample_size=image_size // vae_factor, in_channels=4, out_channels=4,
+        sample_size=image_size // vae_factor,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         cross_attention_dim=cross, attention_head_dim=tuple(max(1, c // 16)
@@ -210,7 +211,7 @@ def write_tiny_stable_diffusion_xl(
         norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=time_dim * n_ids + projection_dim,
-        **(unet_options or {}),
+        **{"in_channels": 4, "out_channels": 4, **(unet_options or {})},
     )
     vae = diffusers.AutoencoderKL(
         block_out_channels=tuple(vae_channels), in_channels=3, out_channels=3,

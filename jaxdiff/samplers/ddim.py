@@ -147,6 +147,7 @@ def ddim_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """Sample with DDIM in one ``lax.scan`` over ``num_steps`` timesteps.
 
@@ -167,6 +168,8 @@ def ddim_sample(
       strength: image-to-image strength in ``(0, 1]``: run the last ``int(num_steps *
         strength)`` steps of the grid only, from ``x_T`` noised to the first of them
         (:func:`jaxdiff.samplers.noise_to_img2img`); 1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory``, ``(x_0, xs, pred_x0s)``
@@ -198,7 +201,8 @@ def ddim_sample(
         return state, x_prev, pred_x0
 
     return run_scan(body, None, x_T, key, len(ts), stochastic=eta > 0, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start)
+                    return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "leading",
@@ -208,6 +212,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 DDIM = SamplerSpec(
     name="ddim",
+    after_step=True,
     sample=ddim_sample,
     grid=_grid,
     options=dict(eta=0.0, spacing="leading", steps_offset=0, set_alpha_to_one=True,

@@ -296,6 +296,7 @@ def deis_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """DEIS sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
@@ -319,6 +320,8 @@ def deis_sample(
         (:func:`jaxdiff.samplers.noise_to_img2img`). The history starts empty there, so the
         tail warms up at lower order, as diffusers' scheduler does after ``set_begin_index``;
         ``lower_order_final`` still counts the whole grid. 1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [M + 1,
@@ -348,7 +351,8 @@ def deis_sample(
 
     init = deis_init(x_T, sigmas[start], solver_order)
     return run_scan(body, init, x_T, key, n, stochastic=False, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start)
+                    return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
@@ -359,6 +363,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 DEIS = SamplerSpec(
     name="deis",
+    after_step=True,
     sample=deis_sample,
     grid=_grid,
     options=dict(solver_order=2, prediction_type="eps", spacing="linspace", steps_offset=0,

@@ -466,6 +466,7 @@ def dpm_solver_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """DPM-Solver(++) sampling from ``x_T: [B, ...]`` in one ``lax.scan``.
 
@@ -499,6 +500,8 @@ def dpm_solver_sample(
         there, so the first steps of the tail warm up at lower order, as diffusers' scheduler
         does after ``set_begin_index``; ``lower_order_final`` still counts the whole grid.
         1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     The last step is first order also with ``final_sigmas_type="zero"`` (it returns the predicted
     x0), and so is a step between equal sigmas (the last one with ``"sigma_min"`` after a grid
@@ -556,7 +559,8 @@ def dpm_solver_sample(
     if solver_order < 3:  # no third-order history to carry
         init = DPMSolverState(init.prev_x0, init.prev_sigma)
     return run_scan(body, init, x_T, key, n, stochastic=stochastic, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start)
+                    return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
@@ -571,6 +575,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 DPM_SOLVER = SamplerSpec(
     name="dpm_solver",
+    after_step=True,
     sample=dpm_solver_sample,
     grid=_grid,
     options=dict(solver_order=2, solver_type="midpoint", algorithm_type="dpmsolver++",

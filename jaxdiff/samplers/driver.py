@@ -19,7 +19,11 @@ for every sampler:
   ``fold_in(key, i)`` with ``i`` its index in the whole grid. ``start_step`` is internal: the
   samplers take ``strength`` and compute it with :func:`strength_start_step`;
 - a deterministic sampler accepts ``noise`` too: it is shape-checked and unused, so that callers
-  serving every sampler pass it uniformly.
+  serving every sampler pass it uniformly;
+- ``after_step(x_next, i) -> x_next``, when given, rewrites each step's output before it becomes
+  the next step's input (and the trajectory's entry): 4-channel inpainting blends the known
+  region back in there (:mod:`jaxdiff.pipelines.inpaint`). Samplers that forward it declare
+  :attr:`~jaxdiff.samplers.spec.SamplerSpec.after_step`.
 
 The whole trajectory is one ``lax.scan``: one XLA computation, no host round-trip per step.
 """
@@ -127,6 +131,7 @@ def run_scan(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     start_step: int = 0,
+    after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ):
     """Run ``body`` over ``num_steps`` steps in one ``lax.scan``.
 
@@ -144,6 +149,8 @@ def run_scan(
       return_trajectory: also return the path.
       start_step: ``0 <= s < N``: run steps ``s .. N - 1`` only (``x_T`` is the sample at step
         ``s``).
+      after_step: optional ``after_step(x_next, i) -> x_next`` (same shape) applied to each
+        step's output, ``i`` the step's index in the whole grid; ``None``: the identity.
 
     Returns:
       ``x_0 [B, ...]`` in ``x_T``'s dtype; with ``return_trajectory`` ``(x_0, xs [M + 1, B, ...],
@@ -162,6 +169,8 @@ def run_scan(
             )
         state, x_next, pred_x0 = body(state, x, i, z)
         x_next = x_next.astype(x.dtype)
+        if after_step is not None:
+            x_next = after_step(x_next, i).astype(x.dtype)
         return (state, x_next), ((x_next, pred_x0) if return_trajectory else None)
 
     xs = (jnp.arange(start, num_steps, dtype=jnp.int32),)

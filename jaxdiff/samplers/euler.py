@@ -224,6 +224,7 @@ def euler_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """Sample with Euler (``EulerDiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` model
     calls.
@@ -248,6 +249,8 @@ def euler_sample(
         strength)`` (:func:`jaxdiff.samplers.noise_to_img2img`). With ``strength < 1``, ``x_T``
         is the SIGMA-SPACE sample at ``sigmas[s]`` (``x0 + sigma noise``), not scaled by
         ``init_noise_sigma``; the noise and trajectory cover the steps that run.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -277,7 +280,8 @@ def euler_sample(
         return state, x_next, x0
 
     return run_scan(body, None, x_T, key, num_steps, stochastic=stochastic, noise=noise,
-                    return_trajectory=return_trajectory, start_step=start)
+                    return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def euler_ancestral_step(
@@ -375,6 +379,7 @@ def _ancestral_grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0
 
 EULER = SamplerSpec(
     name="euler",
+    after_step=True,
     sample=euler_sample,
     grid=_grid,
     options=dict(prediction_type="eps", spacing="linspace", steps_offset=0,

@@ -225,6 +225,7 @@ def lms_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """Sample with LMS (``LMSDiscreteScheduler``) in one ``lax.scan`` of ``num_steps`` model calls.
 
@@ -245,6 +246,8 @@ def lms_sample(
         empty history (module docstring). With ``strength < 1``, ``x_T`` is the SIGMA-SPACE
         sample at ``sigmas[s]`` (``x0 + sigma noise``: :func:`jaxdiff.samplers.noise_to_img2img`),
         not scaled by ``init_noise_sigma``.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0 [B, ...]`` float32 (or wider), or ``(x_0, xs, pred_x0s)``.
@@ -269,7 +272,8 @@ def lms_sample(
         return lms_step(out, x, state, sig[i], coefficients[i], prediction_type=kind)
 
     return run_scan(body, lms_init(x_T, order), x_T, key, num_steps, stochastic=False,
-                    noise=noise, return_trajectory=return_trajectory, start_step=start)
+                    noise=noise, return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
@@ -280,6 +284,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 LMS = SamplerSpec(
     name="lms",
+    after_step=True,
     sample=lms_sample,
     grid=_grid,
     options=dict(prediction_type="eps", spacing="linspace", steps_offset=0,

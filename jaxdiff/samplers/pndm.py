@@ -390,6 +390,7 @@ def pndm_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """Deterministic PNDM sampling from ``x_T: [B, ...]`` in one ``lax.scan`` over the model
     evaluations (``PNDMScheduler``; the defaults are the class's: F-PNDM, leading spacing).
@@ -414,6 +415,8 @@ def pndm_sample(
         evaluations from ``s = N - int(N * strength)`` with the history restarted there, from
         ``x_T`` noised to ``timesteps[s]`` (:func:`jaxdiff.samplers.noise_to_img2img`; module
         docstring); 1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0: [B, ...]`` float32 (or wider); with ``return_trajectory`` ``(x_0, xs [M + 1, B,
@@ -440,7 +443,8 @@ def pndm_sample(
                          set_alpha_to_one=set_alpha_to_one)
 
     out = run_scan(body, pndm_init(x_T), x_T, key, len(grid.model_timesteps), stochastic=False,
-                   return_trajectory=return_trajectory, start_step=start)
+                   return_trajectory=return_trajectory, start_step=start,
+                   after_step=after_step)
     if not return_trajectory:
         return out
     x_0, xs, pred_x0s = out
@@ -457,6 +461,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0,
 
 PNDM = SamplerSpec(
     name="pndm",
+    after_step=True,
     sample=pndm_sample,
     grid=_grid,
     options=dict(skip_prk_steps=False, spacing="leading", steps_offset=0, set_alpha_to_one=False,

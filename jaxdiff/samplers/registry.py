@@ -177,7 +177,7 @@ def sampler_options(name: str) -> tuple[str, ...]:
 
 
 # The arguments of every *_sample besides the options, and those given at call time.
-_CALL_ARGS = ("noise", "return_trajectory", "strength")
+_CALL_ARGS = ("noise", "return_trajectory", "strength", "after_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +221,12 @@ class Sampler:
         ``kwargs`` are the call arguments every sampler takes: ``noise`` (``[M, B, ...]``, ``M``
         the steps that run; shape-checked and unused by a deterministic sampler),
         ``return_trajectory`` and ``strength`` (image-to-image in ``(0, 1]``; 1:
-        text-to-image; :mod:`jaxdiff.samplers.img2img`)."""
+        text-to-image; :mod:`jaxdiff.samplers.img2img`); and ``after_step`` where the spec
+        declares it (:attr:`~jaxdiff.samplers.spec.SamplerSpec.after_step`)."""
+        if kwargs.get("after_step") is not None and not self.spec.after_step:
+            raise ValueError(f"sampler {self.name!r} does not take after_step (its spec does not "
+                             "declare after_step)")
+        kwargs = {k: v for k, v in kwargs.items() if k != "after_step" or v is not None}
         extra = set(kwargs) - set(_CALL_ARGS)
         if "start_step" in extra:
             raise ValueError("start_step is not a call argument: image-to-image is strength= "

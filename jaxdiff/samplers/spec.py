@@ -20,7 +20,9 @@ function's keyword options).
 The sample function's contract (:mod:`jaxdiff.samplers`): ``sample(model_fn, schedule, x_T, key,
 *, num_steps, **options, noise=None, return_trajectory=False, strength=1.0)``. ``noise`` is
 accepted by every sampler (a deterministic one shape-checks and ignores it); ``strength`` in
-``(0, 1]`` is image-to-image (1: text-to-image), run as :attr:`SamplerSpec.img2img` says.
+``(0, 1]`` is image-to-image (1: text-to-image), run as :attr:`SamplerSpec.img2img` says. A
+sampler whose spec sets :attr:`SamplerSpec.after_step` also takes ``after_step=None``, a function
+``(x_next, i) -> x_next`` applied to each step's output in the scan (the driver's ``run_scan``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ class SamplerSpec:
       presets: preset name -> the options it fixes (``get_sampler(preset, **more)`` is
         ``get_sampler(name, **fixed, **more)``; ``more`` may not override a fixed option).
       diffusers: the diffusers scheduler class this sampler reproduces, or ``None``.
+      after_step: the sample function takes the call argument ``after_step`` (module
+        docstring): one model evaluation per scan step, each step's output the sample at the
+        next entry of the grid's ``model_timesteps`` (if it has them) or ``timesteps``, so that
+        4-channel inpainting can blend after each step as diffusers' inpainting pipelines do.
 
     Raises:
       ValueError: naming the field, for an invalid declaration (unknown noise space or mode,
@@ -159,6 +165,7 @@ class SamplerSpec:
     img2img: str = "tail"
     presets: Mapping[str, Mapping[str, Any]] = None
     diffusers: DiffusersTwin | None = None
+    after_step: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -167,7 +174,7 @@ class SamplerSpec:
             if not callable(getattr(self, field)):
                 raise ValueError(f"sampler {self.name!r}: {field} must be callable")
         object.__setattr__(self, "options", _frozen(self.options, f"{self.name}: options"))
-        calls = {"num_steps", "noise", "return_trajectory", "strength", "key"}
+        calls = {"num_steps", "noise", "return_trajectory", "strength", "key", "after_step"}
         if calls & set(self.options):
             raise ValueError(f"sampler {self.name!r}: {sorted(calls & set(self.options))} are "
                              "call arguments, not options")

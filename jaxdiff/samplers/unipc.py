@@ -361,6 +361,7 @@ def unipc_sample(
     noise: jax.Array | None = None,
     return_trajectory: bool = False,
     strength: float = 1.0,
+    after_step=None,
 ):
     """Deterministic UniPC sampling from ``x_T: [B, ...]`` in one ``lax.scan``
     (``UniPCMultistepScheduler``; one model evaluation per step).
@@ -394,6 +395,8 @@ def unipc_sample(
         there: the tail warms up at lower order and its first step has nothing to correct, as
         diffusers' scheduler after ``set_begin_index``; ``lower_order_final`` still counts the
         whole grid. 1 (the default) is text-to-image.
+      after_step: optional ``(x_next, i) -> x_next`` applied to each step's output
+        (:func:`jaxdiff.samplers.driver.run_scan`; 4-channel inpainting's blending).
 
     Returns:
       ``x_0`` ``[B, ...]`` float32 (or wider), or with ``return_trajectory`` ``(x_0, xs [N + 1,
@@ -438,7 +441,8 @@ def unipc_sample(
         )
 
     return run_scan(body, unipc_init(x_T, solver_order), x_T, key, len(ts), stochastic=False,
-                    noise=noise, return_trajectory=return_trajectory, start_step=start)
+                    noise=noise, return_trajectory=return_trajectory, start_step=start,
+                    after_step=after_step)
 
 
 def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing: str = "linspace",
@@ -450,6 +454,7 @@ def _grid(schedule: Schedule, num_steps: int, *, strength: float = 1.0, spacing:
 
 UNIPC = SamplerSpec(
     name="unipc",
+    after_step=True,
     sample=unipc_sample,
     grid=_grid,
     options=dict(solver_order=2, solver_type="bh2", predict_x0=True, prediction_type="eps",
