@@ -45,6 +45,8 @@ __all__ = ["PAIRS", "COMPOSITION", "TEMPLATE", "attribute_prompts", "separation"
 PAIRS = (("thickness", 0, "thin", "thick"), ("size", 1, "small", "large"),
          ("slant", 2, "upright", "slanted"))   # slant, degrees: signed or |slant| (the run's)
 COMPOSITION = ("thick", "slanted")
+_SLANT_NAMES = {"signed": "signed (degrees, positive leaning right)",
+                "magnitude": "|slant| (degrees)"}
 TEMPLATE = "a {adj} digit {d}"   # a held-out template (experiments.mnist_prompts)
 
 
@@ -154,7 +156,7 @@ def markdown(res: dict) -> str:
              f"digits balanced), measured on the 28x28 crop; real: MNIST test images "
              f"(N = {s['real_n']}), lowest vs highest third of their digit by the run's "
              "thresholds. Separation: difference of means in pooled standard deviations. "
-             f"Slant: {'signed (degrees, positive leaning right)' if s.get('slant') == 'signed' else '|slant| (degrees)'}.", "",
+             f"Slant: {_SLANT_NAMES[s.get('slant', 'magnitude')]}.", "",
              "| attribute | adjectives | low: mean ± sd | high: mean ± sd | separation | AUC "
              "| real low | real high | real separation | real AUC |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -165,7 +165,7 @@ def test_latents_cache_gains_the_bins_and_keeps_its_latents(tmp_path):
     record = latent_data.thresholds_json(out["thresholds"])
     assert list(record) == list(mp.ATTRIBUTES)
     np.testing.assert_array_equal(latent_data.thresholds_from_json(record), out["thresholds"])
-    # a cache binned by |slant| (scheme v2) keeps its latents and is binned again by the signed slant
+    # a cache binned by |slant| (scheme v2) keeps its latents and is binned again (signed slant)
     with np.load(os.path.join(workdir, "latents.npz")) as f:
         old = {k: f[k] for k in f.files}
     assert str(old["slant_binning"]) == mp.SLANT_BINNING == "signed"

@@ -4,9 +4,9 @@
 sampler takes. Both branches run in ONE batched model call of batch ``2B``; the outputs combine as
 ``uncond + w * (cond - uncond)`` (the diffusers convention: ``w = 1`` is the conditional model,
 ``w = 0`` the unconditional one), optionally rescaled (Lin et al. 2023, ``guidance_rescale``),
-optionally only inside an interval of noise levels (Kynkaanniemi et al. 2024, ``guidance_interval``: the conditional model elsewhere, so
-guidance does not collapse the samples' diversity at high noise nor cost an extra branch where it
-does nothing).
+optionally only inside an interval of noise levels (Kynkaanniemi et al. 2024,
+``guidance_interval``: the conditional model elsewhere, so guidance does not collapse the
+samples' diversity at high noise nor cost an extra branch where it does nothing).
 
 Learned-variance models (``2C`` output channels: mean prediction, then variance): pass
 ``guide_channels=C`` so that only the first ``C`` channels are guided and the variance channels
