@@ -1,4 +1,4 @@
-r"""Evaluate a ControlNet trained on the text-to-MNIST model (``experiments.controlnet_mnist``'s
+r"""Evaluate a ControlNet trained on the text-to-MNIST model (``experiments.controlnet_mnist_lib``'s
 silhouette controls): does the generated digit follow the control, and is it still the digit?
 
     python -m experiments.eval_controlnet_mnist --model runs/lm/diffusers \
@@ -6,13 +6,13 @@ silhouette controls): does the generated digit follow the control, and is it sti
         --out_md results.md --out_json results.json --picture picture.png
 
 ``N`` MNIST *test* digits (a permutation drawn from ``--seed``) give the controls (their
-:func:`~experiments.controlnet_mnist.silhouette`) and the prompts (the digit's caption,
-:func:`~experiments.controlnet_mnist.mnist_captions`). Each prompt is generated twice from the
+:func:`~experiments.controlnet_mnist_lib.silhouette`) and the prompts (the digit's caption,
+:func:`~experiments.controlnet_mnist_lib.mnist_captions`). Each prompt is generated twice from the
 same initial noise (chunk ``i`` of ``--batch`` from ``fold_in(key(seed), i)``): by the model alone
 and steered by the ControlNet, with the model folder's recorded settings
 (``jaxdiff_generation.json``: sampler, steps, guidance) unless ``--steps`` / ``--guidance`` say
 otherwise. Reported for each: the agreement with the control (mean IoU of the silhouettes, mean
-correlation of the block means: :func:`~experiments.controlnet_mnist.agreement`) and the MNIST
+correlation of the block means: :func:`~experiments.controlnet_mnist_lib.agreement`) and the MNIST
 classifier's accuracy on the intended digit (the centred 28x28 crop). The reference row is a
 real test digit of the same class (another one than the control's source, chosen by
 permutation): the agreement a correct digit of that class has with the control by chance.
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments import cli, controlnet_mnist, latent_data
+from experiments import cli, controlnet_mnist_lib, latent_data
 from experiments.cli import ConfigError
 
 __all__ = ["TARGET_ACCURACY", "evaluate", "markdown", "save_picture", "main", "cli_main"]
@@ -78,7 +78,7 @@ def _generate(sd, prompts, controls, key, batch, controlnet, **kw):
 def _row(masks, images, labels, classifier) -> dict:
     from jaxdiff.metrics import classify
 
-    agree = controlnet_mnist.agreement(masks, images)
+    agree = controlnet_mnist_lib.agreement(masks, images)
     _, logits = classify(classifier, latent_data.crop_images(images.mean(-1, keepdims=True)))
     right = np.argmax(logits, -1) == labels
     return {"iou": float(agree["iou"].mean()), "corr": float(agree["corr"].mean()),
@@ -96,9 +96,9 @@ def evaluate(sd, controlnet, classifier, test_images, test_labels, *, n: int, se
     labels_all = np.asarray(test_labels)
     idx = np.random.default_rng(seed).permutation(len(test_images))[:n]
     images, labels = test_images[idx], labels_all[idx]
-    masks = controlnet_mnist.silhouette(images)
-    controls = controlnet_mnist.control_images(masks).astype(np.float32) / 255.0
-    prompts = controlnet_mnist.mnist_captions(labels, seed + 1)
+    masks = controlnet_mnist_lib.silhouette(images)
+    controls = controlnet_mnist_lib.control_images(masks).astype(np.float32) / 255.0
+    prompts = controlnet_mnist_lib.mnist_captions(labels, seed + 1)
     kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
               sampler_options=sampler_options)
     key = jax.random.key(seed)
@@ -112,7 +112,7 @@ def evaluate(sd, controlnet, classifier, test_images, test_labels, *, n: int, se
     rng = np.random.default_rng(seed + 2)
     others = np.array([rng.choice(np.setdiff1d(np.flatnonzero(labels_all == d), [i]))
                        for i, d in zip(idx, labels)])
-    real = latent_data.pad_images(test_images[others], controlnet_mnist.FRAME)
+    real = latent_data.pad_images(test_images[others], controlnet_mnist_lib.FRAME)
     rows = {"without": _row(masks, without, labels, classifier),
             "with": _row(masks, steered, labels, classifier),
             "reference": _row(masks, real, labels, classifier)}
@@ -120,7 +120,7 @@ def evaluate(sd, controlnet, classifier, test_images, test_labels, *, n: int, se
                 "guidance_scale": float(guidance_scale), "controlnet_scale": float(scale),
                 "sampler": getattr(sampler, "name", sampler) or "the folder's scheduler",
                 "seconds_without": round(t1 - t0, 1), "seconds_with": round(t2 - t1, 1),
-                "threshold": controlnet_mnist.THRESHOLD}
+                "threshold": controlnet_mnist_lib.THRESHOLD}
     return {"rows": rows, "settings": settings, "labels": labels, "prompts": prompts,
             "images": {"control": controls * 2.0 - 1.0, "without": without, "with": steered}}
 

@@ -50,37 +50,11 @@ def pytest_addoption(parser):
     )
 
 
-def module_fixture_group(item) -> str | None:
-    """The module's path when ``item`` uses a fixture of module scope defined in that module (or a
-    class-scoped one), else ``None``.
-
-    With ``--dist loadgroup`` (pyproject's addopts) pytest-xdist sends the tests of one group to
-    one worker, so such a fixture (a training run, a written diffusers folder) is built once, not
-    once per worker; every other test is still balanced one by one."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return None
-    module = str(pathlib.Path(item.path).resolve())
-    for defs in info.name2fixturedefs.values():
-        for d in defs:
-            if d.scope in ("module", "class") and str(d.baseid).split("::")[0] and \
-                    module.endswith(str(d.baseid).split("::")[0]):
-                return str(d.baseid).split("::")[0]
-    return None
-
-
-# tryfirst: before pytest-xdist reads the groups (its hook is registered after this conftest)
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/parity/ gets the ``parity`` marker; every test that uses a
-    module-scoped fixture of its own module gets ``xdist_group`` = that module
-    (:func:`module_fixture_group`)."""
+    """Every test under tests/parity/ gets the ``parity`` marker."""
     for item in items:
         if _PARITY_DIR in pathlib.Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.parity)
-        group = module_fixture_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 _RATIOS: dict[str, tuple[float, str]] = {}  # nodeid -> (largest ratio, its comparison)

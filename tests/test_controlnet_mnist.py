@@ -1,4 +1,4 @@
-"""The ControlNet demo's transform and agreement (experiments.controlnet_mnist): a digit agrees
+"""The ControlNet demo's transform and agreement (experiments.controlnet_mnist_lib): a digit agrees
 fully with its own control, the control image is the mask drawn in the model's frame, and the
 pairs folder reads back with jaxdiff.data.read_controlnet_folder."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import controlnet_mnist as cm
+from experiments import controlnet_mnist_lib as cm
 from jaxdiff.data import load_conditioning_images, read_controlnet_folder
 
 

@@ -6,13 +6,13 @@ import ast
 import pathlib
 import subprocess
 import sys
+import textwrap
 import tomllib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings",
-                 "xdist_group"}  # the last is pytest-xdist's, set by tests/conftest.py
+BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 
 
 def _ini() -> dict:
@@ -80,16 +80,26 @@ def test_every_collected_parity_test_has_the_marker():
     assert "no tests collected" in out, out[-2000:]
 
 
-@pytest.fixture(scope="module")
-def _built_once():
-    return object()
+def test_a_module_runs_on_one_worker(tmp_path):
+    """pyproject's ``--dist loadfile``: under ``-n 2`` a module-scoped fixture is built once,
+    however its module's tests are spread (pytest-xdist's ``loadgroup`` would not do: its groups
+    rewrite ``item._nodeid``, which pytest 9.2 no longer reads)."""
+    log = tmp_path / "built.txt"
+    (tmp_path / "test_one_module.py").write_text(textwrap.dedent(f"""
+        import os, time, pytest
 
+        @pytest.fixture(scope="module")
+        def built():
+            with open({str(log)!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
 
-def test_a_test_using_a_module_fixture_is_grouped_by_its_module(request, _built_once):
-    mark = request.node.get_closest_marker("xdist_group")
-    assert mark is not None and mark.args[0] == "tests/test_tiers.py"
-    assert "--dist" in _ini()["addopts"].split() and "loadgroup" in _ini()["addopts"].split()
-
-
-def test_a_test_without_module_fixtures_is_not_grouped(request):
-    assert request.node.get_closest_marker("xdist_group") is None
+        @pytest.mark.parametrize("i", range(8))
+        def test_uses_it(built, i):
+            time.sleep(0.05)
+    """))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n",
+                           "2", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_one_module.py")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(log.read_text().split()) == 1, log.read_text()
