@@ -84,8 +84,8 @@ def test_smoke_train_compile_attention_finetune_rows(smoke):
     assert xla["implementation"] == "xla" and xla["forward_ms"] > 0
     assert cudnn["skipped"] is True and "CUDA GPU" in cudnn["reason"]
     ft = {r["row"]: r for r in parts["finetune"]["rows"]}
-    assert set(ft) == {"lora", "lora_remat"}
-    assert ft["lora"]["trainable"] == ft["lora_remat"]["trainable"] > 0
+    assert set(ft) == {"lora_remat"}   # smoke: one row
+    assert ft["lora_remat"]["trainable"] > 0
     assert all(r["images_per_s"] > 0 and r["xla_temp_bytes"] > 0 for r in ft.values())
 
 
