@@ -18,14 +18,13 @@ files. The pixels: :func:`jaxdiff.data.load_images` for the targets (``[-1, 1]``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Tuple
 
 import numpy as np
 
-from jaxdiff.data.image_folder import METADATA_FILE, ImageFolder, check_image
+from jaxdiff.data.image_folder import METADATA_FILE, ImageFolder, check_image, metadata_rows
 from jaxdiff.data.image_transforms import load_images
 from jaxdiff.validation import InvalidFileError, check_int
 
@@ -110,38 +109,29 @@ def read_controlnet_folder(path: str | os.PathLike, *,
         raise ValueError(f"ControlNet folder {root}: no {METADATA_FILE} (one line per example: "
                          f"file_name, {caption_column}, {conditioning_column})")
     files, captions, conds, seen = [], [], [], set()
-    with open(meta, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidFileError(f"{meta}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InvalidFileError(f"{meta}: line {n} is not a JSON object")
-            image = _path(root, meta, n, "file_name", row.get("file_name"))
-            if not isinstance(row.get(caption_column), str):
-                raise InvalidFileError(f"{meta}: line {n} has no caption string {caption_column!r}"
-                                       f" (its keys: {sorted(row)})")
-            if conditioning_column not in row:
-                raise InvalidFileError(f"{meta}: line {n} has no control image column "
-                                       f"{conditioning_column!r} (its keys: {sorted(row)})")
-            cond = _path(root, meta, n, conditioning_column, row[conditioning_column])
-            if image in seen:
-                raise InvalidFileError(f"{meta}: line {n} names {row['file_name']!r} a second "
-                                       "time")
-            seen.add(image)
-            for p in (image, cond):
-                check_image(str(p))
-            if _size(image) != _size(cond):
-                raise InvalidFileError(
-                    f"{meta}: line {n}: the control image {cond.relative_to(root)} is "
-                    f"{'x'.join(map(str, _size(cond)))} but its image {image.relative_to(root)} "
-                    f"is {'x'.join(map(str, _size(image)))} (they must be the same size)")
-            files.append(str(image))
-            captions.append(row[caption_column])
-            conds.append(str(cond))
+    for n, row in metadata_rows(meta):
+        image = _path(root, meta, n, "file_name", row.get("file_name"))
+        if not isinstance(row.get(caption_column), str):
+            raise InvalidFileError(f"{meta}: line {n} has no caption string {caption_column!r}"
+                                   f" (its keys: {sorted(row)})")
+        if conditioning_column not in row:
+            raise InvalidFileError(f"{meta}: line {n} has no control image column "
+                                   f"{conditioning_column!r} (its keys: {sorted(row)})")
+        cond = _path(root, meta, n, conditioning_column, row[conditioning_column])
+        if image in seen:
+            raise InvalidFileError(f"{meta}: line {n} names {row['file_name']!r} a second "
+                                   "time")
+        seen.add(image)
+        for p in (image, cond):
+            check_image(str(p))
+        if _size(image) != _size(cond):
+            raise InvalidFileError(
+                f"{meta}: line {n}: the control image {cond.relative_to(root)} is "
+                f"{'x'.join(map(str, _size(cond)))} but its image {image.relative_to(root)} "
+                f"is {'x'.join(map(str, _size(image)))} (they must be the same size)")
+        files.append(str(image))
+        captions.append(row[caption_column])
+        conds.append(str(cond))
     if not files:
         raise ValueError(f"ControlNet folder {root}: {METADATA_FILE} lists no examples")
     return ControlNetFolder(ImageFolder(str(root), tuple(files), tuple(captions)), tuple(conds))

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple
 from jaxdiff.validation import InvalidFileError, check_choice
 
 __all__ = ["IMAGE_EXTENSIONS", "CAPTION_SOURCES", "ImageFolder", "read_image_folder",
-           "check_image"]
+           "check_image", "metadata_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,12 @@ def _list_images(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _metadata_captions(root: pathlib.Path, column: str) -> dict[str, str]:
-    """``{relative posix path: caption}`` from ``root/metadata.jsonl``."""
-    meta = root / METADATA_FILE
-    captions: dict[str, str] = {}
+def metadata_rows(meta: pathlib.Path):
+    """``(line number, row dict)`` for each non-blank line of a ``metadata.jsonl`` file.
+
+    Raises:
+      InvalidFileError: naming the file and line, for a line that is not a JSON object.
+    """
     with open(meta, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -115,25 +117,33 @@ def _metadata_captions(root: pathlib.Path, column: str) -> dict[str, str]:
                 raise InvalidFileError(f"{meta}: line {n} is not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise InvalidFileError(f"{meta}: line {n} is not a JSON object")
-            name, text = row.get("file_name"), row.get(column)
-            if not isinstance(name, str) or not name:
-                raise InvalidFileError(f"{meta}: line {n} has no 'file_name' string")
-            if column not in row:
-                raise InvalidFileError(
-                    f"{meta}: line {n} ({name}) has no caption column {column!r} (its keys: "
-                    f"{sorted(row)}; choose the column with caption_column=)")
-            if not isinstance(text, str):
-                raise InvalidFileError(f"{meta}: line {n} ({name}): the caption {column!r} must "
-                                       f"be a string, got {type(text).__name__}")
-            rel = pathlib.PurePosixPath(name.replace("\\", "/"))
-            path = root / rel
-            if rel.is_absolute() or ".." in rel.parts or not path.is_file():
-                raise InvalidFileError(f"{meta}: line {n} names {name!r}, which is not a file "
-                                       f"in {root}")
-            key = path.relative_to(root).as_posix()
-            if key in captions:
-                raise InvalidFileError(f"{meta}: line {n} names {name!r} a second time")
-            captions[key] = text
+            yield n, row
+
+
+def _metadata_captions(root: pathlib.Path, column: str) -> dict[str, str]:
+    """``{relative posix path: caption}`` from ``root/metadata.jsonl``."""
+    meta = root / METADATA_FILE
+    captions: dict[str, str] = {}
+    for n, row in metadata_rows(meta):
+        name, text = row.get("file_name"), row.get(column)
+        if not isinstance(name, str) or not name:
+            raise InvalidFileError(f"{meta}: line {n} has no 'file_name' string")
+        if column not in row:
+            raise InvalidFileError(
+                f"{meta}: line {n} ({name}) has no caption column {column!r} (its keys: "
+                f"{sorted(row)}; choose the column with caption_column=)")
+        if not isinstance(text, str):
+            raise InvalidFileError(f"{meta}: line {n} ({name}): the caption {column!r} must "
+                                   f"be a string, got {type(text).__name__}")
+        rel = pathlib.PurePosixPath(name.replace("\\", "/"))
+        path = root / rel
+        if rel.is_absolute() or ".." in rel.parts or not path.is_file():
+            raise InvalidFileError(f"{meta}: line {n} names {name!r}, which is not a file "
+                                   f"in {root}")
+        key = path.relative_to(root).as_posix()
+        if key in captions:
+            raise InvalidFileError(f"{meta}: line {n} names {name!r} a second time")
+        captions[key] = text
     return captions
 
 
