@@ -111,10 +111,11 @@ def model_convs(name: str) -> tuple[collections.Counter, str]:
             return vae.apply(p, z[..., : vae.config.latent_channels], method=vae.decode)
 
         params = jax.eval_shape(lambda images: vae.init(jax.random.key(0), images), x)
-        return conv_calls(run, params, x), f"experiments/configs/vae_mnist.py autoencoder, batch {b}"
+        return (conv_calls(run, params, x),
+                f"experiments/configs/vae_mnist.py autoencoder, batch {b}")
     if name == "sd15":
-        from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
         from jaxdiff.convert import unet_config_from_diffusers
+        from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
 
         cfg = unet_config_from_diffusers(
             {**UNET2D_CONDITION_DEFAULTS, "cross_attention_dim": 768, "attention_head_dim": 8,
@@ -213,7 +214,7 @@ def time_torch(conv: Conv, reps: int) -> tuple[float, float, float]:
         x = F.pad(x, (pad[1][0], pad[1][1], pad[0][0], pad[0][1]))
         pad = ((0, 0), (0, 0))
     wt = torch.randn(f, c, kh, kw) * 0.1
-    kw_args = dict(stride=conv.strides, padding=(pad[0][0], pad[1][0]))
+    kw_args = {"stride": conv.strides, "padding": (pad[0][0], pad[1][0])}
     y = F.conv2d(x, wt, **kw_args)
     g = torch.randn_like(y)
 
