@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.common import machine
 from jaxdiff.compile_options import cpu_compiler_options
-from jaxdiff.models.resnet import IM2COL_MAX_PIXELS
+from jaxdiff.models.resnet import uses_im2col
 
 DN = ("NHWC", "HWIO", "NHWC")
 MODELS = ("mnist", "latent_mnist", "vae", "sd15")
@@ -169,11 +169,12 @@ FORMS = {"native": native, "im2col": im2col, "taps": taps}
 
 
 def picked(conv: Conv) -> str:
-    """The form jaxdiff runs on the CPU today for this convolution."""
-    _, h, w, _ = conv.x
-    kh = conv.kernel[0]
-    return ("im2col" if kh == 3 and conv.strides == (1, 1) and h * w <= IM2COL_MAX_PIXELS
-            else "native")
+    """The form jaxdiff runs on the CPU today for this convolution: :class:`Conv3x3`'s rule
+    (:func:`jaxdiff.models.resnet.uses_im2col`) for its 3x3 convs with torch's ``padding=1``;
+    the native convolution for the rest (1x1, the VAE's padding-0 downsampler)."""
+    if conv.kernel[:2] == (3, 3) and conv.padding == ((1, 1), (1, 1)):
+        return "im2col" if uses_im2col(conv.x, conv.strides[0]) else "native"
+    return "native"
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -283,13 +284,68 @@ def step_share(batch: int, reps: int, opts: dict) -> tuple[float, float]:
         return optax.apply_updates(p, updates), o, value
 
     state = (params, opt.init(params))
-    full = jax.jit(step, compiler_options=opts).lower(*state).compile()
+    # A new function object per program: jit's trace cache would otherwise hand the second one
+    # the first one's trace.
+    full = jax.jit(lambda *a: step(*a), compiler_options=opts).lower(*state).compile()
     jax.lax.conv_general_dilated = patched  # only while tracing the second program
     try:
-        ablated = jax.jit(step, compiler_options=opts).lower(*state).compile()
+        ablated = jax.jit(lambda *a: step(*a), compiler_options=opts).lower(*state).compile()
     finally:
         jax.lax.conv_general_dilated = conv
-    return (_median_ms(lambda: full(*state), reps), _median_ms(lambda: ablated(*state), reps))
+    if full.as_text() == ablated.as_text():
+        raise RuntimeError("the ablation compiled to the same program")
+    from benchmarks.common import alternate
+
+    med = alternate({"full": lambda: full(*state), "ablated": lambda: ablated(*state)}, reps, 1)
+    return 1e3 * med["full"], 1e3 * med["ablated"]
+
+
+def unet_rule_ab(name: str, batch: int, reps: int, opts: dict) -> tuple[float, float, float]:
+    """ms per forward+backward (gradient of a mean-square loss w.r.t. the parameters) of the
+    ``sd15`` UNet at ``batch``, 64x64x4 latents: with :class:`Conv3x3`'s per-shape rule, and with
+    im2col limited to the old rule (stride 1, at most ``IM2COL_MAX_PIXELS`` pixels); and the
+    largest relative difference of the two gradients."""
+    from jaxdiff.models import UNet, init_unet
+    from jaxdiff.models import resnet
+
+    if name != "sd15":
+        raise ValueError(f"--unet_ab: only sd15 is wired, got {name!r}")
+    from jaxdiff.convert import unet_config_from_diffusers
+    from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
+
+    cfg = unet_config_from_diffusers(
+        {**UNET2D_CONDITION_DEFAULTS, "cross_attention_dim": 768, "attention_head_dim": 8,
+         "sample_size": 64}, model_class="UNet2DConditionModel")
+    unet, params = UNet(cfg), init_unet(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, 64, 64, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((batch, 77, 768)), jnp.float32)
+    t = jnp.full((batch,), 500, jnp.int32)
+
+    def grad(p):
+        return jax.grad(lambda q: jnp.mean(unet.apply({"params": q}, x, t, context=ctx) ** 2))(p)
+
+    # A new function object per program: jit's trace cache would otherwise hand the second one
+    # the first one's trace.
+    rule = jax.jit(lambda p: grad(p), compiler_options=opts).lower(params).compile()
+    new_rule = resnet.uses_im2col
+    resnet.uses_im2col = lambda shape, strides=1: (  # the rule before bench_conv_shapes
+        strides == 1 and len(shape) == 4 and shape[1] * shape[2] <= resnet.IM2COL_MAX_PIXELS
+        and jax.default_backend() == "cpu")
+    try:
+        old = jax.jit(lambda p: grad(p), compiler_options=opts).lower(params).compile()
+    finally:
+        resnet.uses_im2col = new_rule
+    if rule.as_text() == old.as_text():
+        raise RuntimeError("the two rules compiled to the same program")
+    a, b = rule(params), old(params)
+    diff = max(float(jnp.abs(u - v).max() / (jnp.abs(v).max() + 1e-30))
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    del a, b
+    from benchmarks.common import alternate
+
+    med = alternate({"rule": lambda: rule(params), "old": lambda: old(params)}, reps, 0)
+    return 1e3 * med["rule"], 1e3 * med["old"], diff
 
 
 # --------------------------------------------------------------------------- main
@@ -310,6 +366,8 @@ def main(argv=None) -> None:
     p.add_argument("--step_batches", default="32,128",
                    help="batches at which to time the mnist train step with and without the "
                         "3x3 weight gradients ('' to skip)")
+    p.add_argument("--unet_ab", default="", help="sd15: time the SD 1.5 UNet's forward+backward "
+                   "at batch 1 with the per-shape rule and with the old one ('' to skip)")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     for m in names:
@@ -363,6 +421,21 @@ def main(argv=None) -> None:
             full, ablated = step_share(b, args.reps, opts)
             print(f"| {b} | {full:.1f} | {ablated:.1f} | {100 * (full - ablated) / full:.0f}% |",
                   flush=True)
+
+    if args.unet_ab:
+        rule, old, diff = unet_rule_ab(args.unet_ab, 1, args.reps, opts)
+        print(f"\n### The whole {args.unet_ab} UNet, forward + backward, batch 1\n")
+        print("| im2col where | ms | speed-up | max rel. grad diff |")
+        print("|---|---:|---:|---:|")
+        print(f"| at most {resnet_rule()} pixels, stride 1 (the old rule) | {old:.0f} | 1.00x | |")
+        print(f"| uses_im2col (the per-shape rule) | {rule:.0f} | {old / rule:.2f}x | "
+              f"{diff:.1e} |")
+
+
+def resnet_rule() -> int:
+    from jaxdiff.models.resnet import IM2COL_MAX_PIXELS
+
+    return IM2COL_MAX_PIXELS
 
 
 def _threads() -> int:

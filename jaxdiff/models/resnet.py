@@ -16,25 +16,60 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["ResnetBlock", "Downsample", "Upsample", "nearest_resize", "conv3x3", "Conv3x3",
-           "group_norm"]
+           "uses_im2col", "im2col_conv3x3", "group_norm"]
 
 PAD1 = ((1, 1), (1, 1))
 
 
-# XLA:CPU (jaxlib 0.10) runs a 3x3 convolution over a 2x2 (or 1x1) image far slower per pixel
-# than over a 3x3 one: the innermost level of a UNet on 8x8 latents (SD at 64x64 pixels). There,
-# im2col + one matmul is the same arithmetic and much faster (BENCHMARKS.md, "Stable Diffusion
-# pipeline": benchmarks/results/cpu/bench_sd_pipeline.md). Up to this many pixels per image, on
-# the CPU backend only (elsewhere the convolution is kept).
+# Where XLA:CPU's own convolution loses to im2col + one matmul (the same arithmetic): measured
+# per shape, forward and both gradients, by ``python -m benchmarks.bench_conv_shapes``
+# (BENCHMARKS.md, "Convolutions per shape"; benchmarks/results/cpu/bench_conv_shapes.md).
+# (1) a stride-1 conv over at most IM2COL_MAX_PIXELS pixels per image, any width: the innermost
+# level of a UNet on 8x8 latents (SD at 64x64 pixels) runs 2x2 or 1x1 images;
+# (2) a wide conv (at least IM2COL_WIDE_MIN_CHANNELS input channels) over at most
+# IM2COL_WIDE_MAX_PIXELS pixels per image, stride 1 or 2: SD 1.5's 16x16 and 8x8 levels, where
+# im2col ran 1.3-4x faster than the native conv in every direction. Elsewhere (wide images, the
+# narrow MNIST-sized models) the native convolution was as fast or faster. CPU backend only: on a
+# GPU or TPU the convolution is kept.
 IM2COL_MAX_PIXELS = 4
+IM2COL_WIDE_MAX_PIXELS = 256
+IM2COL_WIDE_MIN_CHANNELS = 512
+
+
+def uses_im2col(x_shape: tuple, strides: int = 1) -> bool:
+    """Whether :class:`Conv3x3` runs a 3x3 conv (torch ``padding=1``) on an NHWC input of
+    ``x_shape`` as im2col + one matmul (on the CPU backend; the rule above, from the per-shape
+    table). ``strides``: 1 or 2."""
+    if len(x_shape) != 4 or strides not in (1, 2) or jax.default_backend() != "cpu":
+        return False
+    pixels, channels = x_shape[1] * x_shape[2], x_shape[3]
+    if strides == 1 and pixels <= IM2COL_MAX_PIXELS:
+        return True
+    return pixels <= IM2COL_WIDE_MAX_PIXELS and channels >= IM2COL_WIDE_MIN_CHANNELS
+
+
+def im2col_conv3x3(x: jax.Array, kernel: jax.Array, strides: int = 1) -> jax.Array:
+    """``conv(x, kernel)`` with torch's ``padding=1`` as the 9 shifted (strided) slices of the
+    padded input, concatenated on the channel axis, times ``kernel`` as a ``[9 C_in, C_out]``
+    matrix. ``x: [B, H, W, C_in]``, ``kernel: [3, 3, C_in, C_out]`` ->
+    ``[B, (H - 1) // strides + 1, (W - 1) // strides + 1, C_out]``, equal to
+    ``lax.conv_general_dilated`` to float32 rounding."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = (h - 1) // strides + 1, (w - 1) // strides + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + strides * (ho - 1) + 1:strides,
+                               j:j + strides * (wo - 1) + 1:strides, :]
+                            for i in range(3) for j in range(3)], axis=-1)
+    return cols @ kernel.reshape(9 * x.shape[-1], kernel.shape[-1])
 
 
 class Conv3x3(nn.Module):
     """A 3x3 conv with torch's ``padding=1``: ``nn.Conv(features, (3, 3), strides, padding=1)``
     with the same parameters (``kernel [3, 3, C_in, features]``, ``bias [features]``, the same
-    initialisers and names, so checkpoints and converters see no difference). On the CPU, a
-    stride-1 conv over at most :data:`IM2COL_MAX_PIXELS` pixels per image runs as im2col plus one
-    matmul (same result to float32 rounding), a shape where XLA:CPU's convolution is slow."""
+    initialisers and names, so checkpoints and converters see no difference). On the CPU, the
+    shapes :func:`uses_im2col` names (tiny images; wide convs on small images) run as
+    :func:`im2col_conv3x3` (same result to float32 rounding), where XLA:CPU's convolution is
+    slow."""
 
     features: int
     strides: int = 1
@@ -49,13 +84,8 @@ class Conv3x3(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        h, w = x.shape[-3], x.shape[-2]
-        if (self.strides == 1 and x.ndim == 4 and h * w <= IM2COL_MAX_PIXELS
-                and jax.default_backend() == "cpu"):
-            xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3)
-                                    for j in range(3)], axis=-1)
-            y = cols @ kernel.reshape(9 * x.shape[-1], self.features)
+        if uses_im2col(x.shape, self.strides):
+            y = im2col_conv3x3(x, kernel, self.strides)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), PAD1,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
