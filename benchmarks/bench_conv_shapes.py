@@ -66,9 +66,17 @@ def _walk(jaxpr, out: list) -> None:
 
 
 def conv_calls(fn, *args) -> collections.Counter:
-    """The convolutions ``fn(*args)`` runs (abstract arguments are fine), with their counts."""
-    out: list = []
-    _walk(jax.make_jaxpr(fn)(*args).jaxpr, out)
+    """The convolutions ``fn(*args)`` has (abstract arguments are fine), with their counts.
+    Traced with :class:`Conv3x3`'s im2col switched off, so that the 3x3 convolutions it runs as
+    matmuls are listed too (the ``pick`` column says which form each one gets)."""
+    from jaxdiff.models import resnet
+
+    rule, out = resnet.uses_im2col, []
+    resnet.uses_im2col = lambda shape, strides=1: False
+    try:
+        _walk(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr, out)
+    finally:
+        resnet.uses_im2col = rule
     return collections.Counter(out)
 
 
