@@ -81,6 +81,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
     p.add_argument("--forward_only", action="store_true", help="profile one forward pass")
+    p.add_argument("--top", type=int, default=0,
+                   help="also list the N slowest ops with their kind and output shape")
     args = p.parse_args(argv)
 
     from jaxdiff.models import UNet, init_unet
@@ -110,7 +112,8 @@ def main(argv=None):
 
         fn = jax.jit(train_step, compiler_options=opts)
     state = (params, opt.init(params))
-    kinds = hlo_kinds(fn.lower(*state).compile().as_text())
+    hlo = fn.lower(*state).compile().as_text()
+    kinds = hlo_kinds(hlo)
     for _ in range(2):
         state = fn(*state)[:2]
         jax.block_until_ready(state)
@@ -126,7 +129,8 @@ def main(argv=None):
         jax.profiler.stop_trace()
         trace = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0]
         data = jax.profiler.ProfileData.from_file(trace)
-        per_kind, count = collections.Counter(), collections.Counter()
+        per_kind, count, per_op = (collections.Counter(), collections.Counter(),
+                                   collections.Counter())
         for plane in data.planes:
             for line in plane.lines:
                 if line.name.startswith("python") or "PjRt" in line.name:
@@ -136,6 +140,7 @@ def main(argv=None):
                         continue
                     kind = kinds.get(ev.name, "other (unfused ops)")
                     per_kind[kind] += ev.duration_ns / 1e6 / args.steps
+                    per_op[ev.name] += ev.duration_ns / 1e6 / args.steps
                     count[kind] += 1
     wall = float(np.median(walls)) * 1e3
     busy = sum(per_kind.values())
@@ -153,6 +158,14 @@ def main(argv=None):
     print("|---|---:|---:|---:|")
     for kind, ms in per_kind.most_common():
         print(f"| {kind} | {ms:.0f} | {100 * ms / busy:.0f}% | {count[kind] // args.steps} |")
+    if args.top:
+        shapes = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", hlo, re.M))
+        print(f"\nThe {args.top} slowest ops (summed over threads):\n")
+        print("| ms / step | kind | op | output shape |")
+        print("|---:|---|---|---|")
+        for name, ms in per_op.most_common(args.top):
+            print(f"| {ms:.1f} | {kinds.get(name, 'other (unfused ops)')} | `{name}` | "
+                  f"`{shapes.get(name, '?')}` |")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ else
     # one core and one torch thread: robust on a shared machine (see the script's docstring)
     [bench_finetune]="$PY -m benchmarks.bench_finetune --cpus 1"
     [bench_finetune_all_cpus]="$PY -m benchmarks.bench_finetune"
-    [profile_step]="$PY -m benchmarks.profile_step"
+    [profile_step]="$PY -m benchmarks.profile_step --top 20"
     [profile_step_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.profile_step"
     # not in the default list: today's counterpart of results/cpu/history/bench_vs_torch_ae40e27.md
     [bench_vs_torch_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
