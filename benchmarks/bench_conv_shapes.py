@@ -17,13 +17,14 @@ gradient, at the batch each model trains with. Measures, never asserts.
   shifted (strided) slices of the padded input into ``[B, H', W', k*k*C]`` and does one matmul,
   its gradients by autodiff (what :class:`jaxdiff.models.resnet.Conv3x3` runs on small images);
   ``taps`` sums one matmul per kernel tap over shifted slices, so that its weight gradient is k*k
-  matmuls (the custom-VJP formulation);
+  matmuls (the custom-VJP formulation); ``nchw`` is the native convolution with NCHW / OIHW
+  operands (XLA's other layout; timed without the transposes a model would need);
   ``torch`` is ``torch.nn.functional.conv2d`` and ``torch.nn.grad.conv2d_{input,weight}`` on
   NCHW tensors, in this process, at the same thread count.
 - **Columns**: ``n`` the number of calls per forward pass; times in ms per call (median of
   ``--reps`` after one warm-up); ``pick`` the form :class:`~jaxdiff.models.resnet.Conv3x3` (or
   ``nn.Conv`` for 1x1 and stride-2 layers) runs today on the CPU. Totals weight each row by ``n``;
-  ``best`` takes the faster jaxdiff form per row and direction.
+  ``best`` takes the fastest NHWC form per row and direction.
 """
 
 from __future__ import annotations
@@ -173,7 +174,16 @@ def taps(x, w, conv: Conv):
                for i in range(kh) for j in range(kw))
 
 
-FORMS = {"native": native, "im2col": im2col, "taps": taps}
+def native_nchw(x, w, conv: Conv):
+    """The native convolution in the other layout XLA accepts: ``x: [B, C, H, W]``,
+    ``w: [F, C, kh, kw]`` (timed on inputs already in that layout, so no transposes are counted:
+    the best case for a model kept in NCHW)."""
+    return jax.lax.conv_general_dilated(x, w, conv.strides, conv.padding,
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+FORMS = {"native": native, "im2col": im2col, "taps": taps}  # NHWC x, HWIO kernel
+NCHW_FORMS = {"nchw": native_nchw}
 
 
 def picked(conv: Conv) -> str:
@@ -195,13 +205,17 @@ def _median_ms(fn, reps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def time_jax(form, conv: Conv, reps: int, opts: dict) -> tuple[float, float, float]:
-    """(forward, input gradient, weight gradient) ms of ``form`` on ``conv``."""
+def time_jax(form, conv: Conv, reps: int, opts: dict,
+             nchw: bool = False) -> tuple[float, float, float]:
+    """(forward, input gradient, weight gradient) ms of ``form`` on ``conv`` (``nchw``: the
+    inputs are made in NCHW / OIHW before timing)."""
     key = jax.random.key(0)
     x = jax.random.normal(key, conv.x)
     w = jax.random.normal(jax.random.fold_in(key, 1), conv.kernel) * 0.1
+    if nchw:
+        x, w = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)
     g = jax.random.normal(jax.random.fold_in(key, 2),
-                          jax.eval_shape(lambda a, b: native(a, b, conv), x, w).shape)
+                          jax.eval_shape(lambda a, b: form(a, b, conv), x, w).shape)
     fwd = jax.jit(lambda a, b: form(a, b, conv), compiler_options=opts)
     dx = jax.jit(lambda a, b, c: jax.vjp(lambda q: form(q, b, conv), a)[1](c)[0],
                  compiler_options=opts)
@@ -395,25 +409,28 @@ def main(argv=None) -> None:
         convs, what = model_convs(name)
         print(f"\n### {name}: {what}\n")
         print("| conv (B x H x W x C -> F, k/stride) | n | pick | native fwd / dx / dW | "
-              "im2col fwd / dx / dW | taps fwd / dx / dW | torch fwd / dx / dW |")
-        print("|---|---:|---|---|---|---|---|")
+              "im2col fwd / dx / dW | taps fwd / dx / dW | nchw fwd / dx / dW | "
+              "torch fwd / dx / dW |")
+        print("|---|---:|---|---|---|---|---|---|")
         totals = collections.defaultdict(lambda: np.zeros(3))
         for conv, n in sorted(convs.items(), key=lambda kv: (-kv[0].x[1], kv[0].x[3])):
             row = {k: np.array(time_jax(form, conv, args.reps, opts))
                    for k, form in FORMS.items()}
+            row.update({k: np.array(time_jax(form, conv, args.reps, opts, nchw=True))
+                        for k, form in NCHW_FORMS.items()})
             if not args.no_torch:
                 row["torch"] = np.array(time_torch(conv, args.reps))
             for k, v in row.items():
                 totals[k] += n * v
-            totals["best"] += n * np.minimum.reduce([row[k] for k in FORMS])
+            totals["best"] += n * np.minimum.reduce([row[k] for k in FORMS])  # NHWC forms
             totals["pick"] += n * row[picked(conv)]
             cells = [" / ".join(f"{t:.2f}" for t in row.get(k, [np.nan] * 3))
-                     for k in (*FORMS, "torch")]
+                     for k in (*FORMS, *NCHW_FORMS, "torch")]
             print(f"| {_fmt(conv)} | {n} | {picked(conv)} | " + " | ".join(cells) + " |",
                   flush=True)
         print("\n| total over the forward pass's convolutions | fwd | dx | dW | sum |")
         print("|---|---:|---:|---:|---:|")
-        for k in (*FORMS, "best", "pick", "torch"):
+        for k in (*FORMS, *NCHW_FORMS, "best", "pick", "torch"):
             if k in totals:
                 t = totals[k]
                 print(f"| {k} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t.sum():.1f} |")

@@ -44,9 +44,10 @@ else
     [bench_vs_torch_xla_defaults]="env JAXDIFF_CPU_COMPILER_OPTIONS=0 $PY -m benchmarks.bench_vs_torch --reps 3 --sample_reps 3 --torch_compile"
     # not in the default list: the 2.6B-parameter SDXL UNet, ~11 GB of RAM; run on an idle machine
     [bench_sdxl_unet]="$PY -m benchmarks.bench_sdxl_unet --reps 3"
-    # not in the default list: every convolution of four models per shape, and the SD 1.5 UNet's
-    # forward+backward under two im2col rules (~20 GB of RAM at its peak); run on an idle machine
-    [bench_conv_shapes]="$PY -m benchmarks.bench_conv_shapes --unet_ab sd15"
+    # not in the default list: every convolution of four models per shape (run on an idle machine),
+    # and the SD 1.5 UNet's forward+backward under two im2col rules (~20 GB of RAM at its peak)
+    [bench_conv_shapes]="$PY -m benchmarks.bench_conv_shapes"
+    [bench_conv_shapes_unet_ab]="$PY -m benchmarks.bench_conv_shapes --models= --step_batches= --unet_ab sd15 --reps 5 --no_torch"
     # not in the default list: a ControlNet + UNet step against a UNet step, jaxdiff vs diffusers
     [bench_controlnet_step]="$PY -m benchmarks.bench_controlnet_step --reps 10 --torch_threads 1"
   )

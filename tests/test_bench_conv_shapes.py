@@ -69,3 +69,20 @@ def test_model_shapes_are_collected():
     assert all(c.x[0] == next(iter(convs)).x[0] for c in convs)  # one batch size throughout
     with pytest.raises(ValueError, match="unknown model"):
         bcs.model_convs("nope")
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c.kernel[0]}x{c.kernel[1]}/{c.strides[0]}"
+                         f"/{c.padding[0]}")
+def test_nchw_form_is_the_same_convolution(conv):
+    x = jax.random.normal(jax.random.key(0), conv.x)
+    w = jax.random.normal(jax.random.key(1), conv.kernel)
+    to_nchw, to_oihw = (0, 3, 1, 2), (3, 2, 0, 1)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: bcs.native(a, b, conv), x, w)
+    y, vjp = jax.vjp(lambda a, b: bcs.native_nchw(a, b, conv), x.transpose(to_nchw),
+                     w.transpose(to_oihw))
+    np.testing.assert_allclose(y, y_ref.transpose(to_nchw), atol=1e-5, rtol=1e-5)
+    g = jax.random.normal(jax.random.key(2), y_ref.shape)
+    dx, dw = vjp(g.transpose(to_nchw))
+    dx_ref, dw_ref = vjp_ref(g)
+    np.testing.assert_allclose(dx, dx_ref.transpose(to_nchw), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref.transpose(to_oihw), atol=1e-4, rtol=1e-5)
