@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine
+from benchmarks.common import alternate, machine, timed
 from jaxdiff.compile_options import cpu_compiler_options
-from jaxdiff.models.resnet import uses_im2col
+from jaxdiff.models.resnet import IM2COL_MAX_PIXELS, uses_im2col
 
 DN = ("NHWC", "HWIO", "NHWC")
 MODELS = ("mnist", "latent_mnist", "vae", "sd15")
@@ -123,18 +122,23 @@ def model_convs(name: str) -> tuple[collections.Counter, str]:
         return (conv_calls(run, params, x),
                 f"experiments/configs/vae_mnist.py autoencoder, batch {b}")
     if name == "sd15":
-        from jaxdiff.convert import unet_config_from_diffusers
-        from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
-
-        cfg = unet_config_from_diffusers(
-            {**UNET2D_CONDITION_DEFAULTS, "cross_attention_dim": 768, "attention_head_dim": 8,
-             "sample_size": 64}, model_class="UNet2DConditionModel")
-        unet, b = UNet(cfg), 1
+        unet, b = UNet(sd15_config()), 1
         x, t = sds((b, 64, 64, 4), jnp.float32), sds((b,), jnp.int32)
         ctx = sds((b, 77, 768), jnp.float32)
         return (_unet_convs(unet, x, t, ctx),
                 "Stable Diffusion 1.5 UNet (860M), batch 1, 64x64x4 latents (512 px)")
     raise ValueError(f"--models: unknown model {name!r}, expected one of {MODELS}")
+
+
+def sd15_config():
+    """The Stable Diffusion 1.5 UNet: diffusers' ``UNet2DConditionModel`` defaults with SD 1.5's
+    768-wide text states, 8 attention heads and 64x64 latents."""
+    from jaxdiff.convert import unet_config_from_diffusers
+    from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
+
+    return unet_config_from_diffusers(
+        {**UNET2D_CONDITION_DEFAULTS, "cross_attention_dim": 768, "attention_head_dim": 8,
+         "sample_size": 64}, model_class="UNet2DConditionModel")
 
 
 def _unet_convs(unet, x, t, ctx) -> collections.Counter:
@@ -150,14 +154,20 @@ def native(x, w, conv: Conv):
     return jax.lax.conv_general_dilated(x, w, conv.strides, conv.padding, dimension_numbers=DN)
 
 
-def im2col(x, w, conv: Conv):
-    """The same convolution as shifted slices + one matmul (1x1 stride-1: the matmul alone)."""
-    kh, kw, c, f = w.shape
+def _windows(x, kh: int, kw: int, conv: Conv) -> list:
+    """The ``kh * kw`` shifted (strided) slices of the padded input, one per kernel tap,
+    row-major, each ``[B, H', W', C]``."""
     (sh, sw), ((pt, pb), (pl, pr)) = conv.strides, conv.padding
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     h, wd = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    cols = [xp[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (wd - 1) + 1:sw, :]
+    return [xp[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (wd - 1) + 1:sw, :]
             for i in range(kh) for j in range(kw)]
+
+
+def im2col(x, w, conv: Conv):
+    """The same convolution as shifted slices + one matmul (1x1 stride-1: the matmul alone)."""
+    kh, kw, c, f = w.shape
+    cols = _windows(x, kh, kw, conv)
     cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
     return cols @ w.reshape(kh * kw * c, f)
 
@@ -167,11 +177,8 @@ def taps(x, w, conv: Conv):
     [C, F] matrix). Its autodiff weight gradient is k*k matmuls ``slice^T @ grad``: the
     "weight gradient as matrix multiplies" formulation a custom VJP would use."""
     kh, kw, _, _ = w.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = conv.strides, conv.padding
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    h, wd = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    return sum(xp[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (wd - 1) + 1:sw, :] @ w[i, j]
-               for i in range(kh) for j in range(kw))
+    return sum(win @ w.reshape(kh * kw, *w.shape[2:])[k]
+               for k, win in enumerate(_windows(x, kh, kw, conv)))
 
 
 def native_nchw(x, w, conv: Conv):
@@ -196,13 +203,9 @@ def picked(conv: Conv) -> str:
 
 
 def _median_ms(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    """Median ms of ``fn()`` over ``reps`` calls after one warm-up (jax or torch work)."""
+    timed(fn)
+    return 1e3 * statistics.median(timed(fn) for _ in range(reps))
 
 
 def time_jax(form, conv: Conv, reps: int, opts: dict,
@@ -241,19 +244,10 @@ def time_torch(conv: Conv, reps: int) -> tuple[float, float, float]:
     y = F.conv2d(x, wt, **kw_args)
     g = torch.randn_like(y)
 
-    def median(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-
     with torch.no_grad():
-        return (median(lambda: F.conv2d(x, wt, **kw_args)),
-                median(lambda: torch.nn.grad.conv2d_input(x.shape, wt, g, **kw_args)),
-                median(lambda: torch.nn.grad.conv2d_weight(x, wt.shape, g, **kw_args)))
+        return (_median_ms(lambda: F.conv2d(x, wt, **kw_args), reps),
+                _median_ms(lambda: torch.nn.grad.conv2d_input(x.shape, wt, g, **kw_args), reps),
+                _median_ms(lambda: torch.nn.grad.conv2d_weight(x, wt.shape, g, **kw_args), reps))
 
 
 # --------------------------------------------------------------------------- in situ
@@ -316,28 +310,19 @@ def step_share(batch: int, reps: int, opts: dict) -> tuple[float, float]:
         jax.lax.conv_general_dilated = conv
     if full.as_text() == ablated.as_text():
         raise RuntimeError("the ablation compiled to the same program")
-    from benchmarks.common import alternate
-
     med = alternate({"full": lambda: full(*state), "ablated": lambda: ablated(*state)}, reps, 1)
     return 1e3 * med["full"], 1e3 * med["ablated"]
 
 
-def unet_rule_ab(name: str, batch: int, reps: int, opts: dict) -> tuple[float, float, float]:
+def unet_rule_ab(batch: int, reps: int, opts: dict) -> tuple[float, float, float]:
     """ms per forward+backward (gradient of a mean-square loss w.r.t. the parameters) of the
-    ``sd15`` UNet at ``batch``, 64x64x4 latents: with :class:`Conv3x3`'s per-shape rule, and with
-    im2col limited to the old rule (stride 1, at most ``IM2COL_MAX_PIXELS`` pixels); and the
-    largest relative difference of the two gradients."""
+    SD 1.5 UNet at ``batch``, 64x64x4 latents: with :class:`Conv3x3`'s per-shape rule, and with
+    its wide-conv branch off (``IM2COL_WIDE_MAX_PIXELS = 0``: the old rule, stride 1 and at most
+    ``IM2COL_MAX_PIXELS`` pixels); and the largest relative difference of the two gradients."""
     from jaxdiff.models import UNet, init_unet
     from jaxdiff.models import resnet
 
-    if name != "sd15":
-        raise ValueError(f"--unet_ab: only sd15 is wired, got {name!r}")
-    from jaxdiff.convert import unet_config_from_diffusers
-    from jaxdiff.convert.diffusers_config import UNET2D_CONDITION_DEFAULTS
-
-    cfg = unet_config_from_diffusers(
-        {**UNET2D_CONDITION_DEFAULTS, "cross_attention_dim": 768, "attention_head_dim": 8,
-         "sample_size": 64}, model_class="UNet2DConditionModel")
+    cfg = sd15_config()
     unet, params = UNet(cfg), init_unet(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, 64, 64, 4)), jnp.float32)
@@ -350,22 +335,18 @@ def unet_rule_ab(name: str, batch: int, reps: int, opts: dict) -> tuple[float, f
     # A new function object per program: jit's trace cache would otherwise hand the second one
     # the first one's trace.
     rule = jax.jit(lambda p: grad(p), compiler_options=opts).lower(params).compile()
-    new_rule = resnet.uses_im2col
-    resnet.uses_im2col = lambda shape, strides=1: (  # the rule before bench_conv_shapes
-        strides == 1 and len(shape) == 4 and shape[1] * shape[2] <= resnet.IM2COL_MAX_PIXELS
-        and jax.default_backend() == "cpu")
+    wide = resnet.IM2COL_WIDE_MAX_PIXELS
+    resnet.IM2COL_WIDE_MAX_PIXELS = 0  # no image is that small: the old rule
     try:
         old = jax.jit(lambda p: grad(p), compiler_options=opts).lower(params).compile()
     finally:
-        resnet.uses_im2col = new_rule
+        resnet.IM2COL_WIDE_MAX_PIXELS = wide
     if rule.as_text() == old.as_text():
         raise RuntimeError("the two rules compiled to the same program")
     a, b = rule(params), old(params)
     diff = max(float(jnp.abs(u - v).max() / (jnp.abs(v).max() + 1e-30))
                for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     del a, b
-    from benchmarks.common import alternate
-
     med = alternate({"rule": lambda: rule(params), "old": lambda: old(params)}, reps, 0)
     return 1e3 * med["rule"], 1e3 * med["old"], diff
 
@@ -388,8 +369,9 @@ def main(argv=None) -> None:
     p.add_argument("--step_batches", default="32,128",
                    help="batches at which to time the mnist train step with and without the "
                         "3x3 weight gradients ('' to skip)")
-    p.add_argument("--unet_ab", default="", help="sd15: time the SD 1.5 UNet's forward+backward "
-                   "at batch 1 with the per-shape rule and with the old one ('' to skip)")
+    p.add_argument("--unet_ab", default="", choices=["", "sd15"],
+                   help="sd15: time the SD 1.5 UNet's forward+backward at batch 1 with the "
+                        "per-shape rule and with the old one ('' to skip)")
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     for m in names:
@@ -448,19 +430,14 @@ def main(argv=None) -> None:
                   flush=True)
 
     if args.unet_ab:
-        rule, old, diff = unet_rule_ab(args.unet_ab, 1, args.reps, opts)
+        rule, old, diff = unet_rule_ab(1, args.reps, opts)
         print(f"\n### The whole {args.unet_ab} UNet, forward + backward, batch 1\n")
         print("| im2col where | ms | speed-up | max rel. grad diff |")
         print("|---|---:|---:|---:|")
-        print(f"| at most {resnet_rule()} pixels, stride 1 (the old rule) | {old:.0f} | 1.00x | |")
+        print(f"| at most {IM2COL_MAX_PIXELS} pixels, stride 1 (the old rule) | {old:.0f} | 1.00x "
+              "| |")
         print(f"| uses_im2col (the per-shape rule) | {rule:.0f} | {old / rule:.2f}x | "
               f"{diff:.1e} |")
-
-
-def resnet_rule() -> int:
-    from jaxdiff.models.resnet import IM2COL_MAX_PIXELS
-
-    return IM2COL_MAX_PIXELS
 
 
 def _threads() -> int:
