@@ -92,6 +92,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      minimum=0.0)
         config_check("", check_int, "dreambooth.sample_batch_size", d.sample_batch_size, 1)
         config_check("", check_int, "dreambooth.num_inference_steps", d.num_inference_steps, 1)
+    tp = c.text_prior
+    if not isinstance(tp.word, str):
+        raise ConfigError(f"text_prior.word must be a string (\"\": off), got {tp.word!r}")
+    if tp.word.strip():
+        if not c.train_text_encoder:
+            raise ConfigError("text_prior.word trains the text encoder: it needs "
+                              "train_text_encoder=True")
+        if not all(isinstance(p, str) and p.strip() for p in tp.prompts):
+            raise ConfigError(f"text_prior.prompts must be non-empty strings, got {tp.prompts!r}")
+        if not tp.prompts and not d.enabled:
+            raise ConfigError("text_prior.prompts is empty and there are no DreamBooth class "
+                              "prompts to use instead")
+        config_check("", check_float, "text_prior.weight", tp.weight, minimum=0.0,
+                     exclusive_minimum=True)
+        config_check("", check_int, "text_prior.batch", tp.batch, 1)
     v = c.validation
     if not all(isinstance(p, str) for p in v.prompts):
         raise ConfigError(f"validation.prompts must be strings, got {v.prompts!r}")
@@ -216,9 +231,19 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
             out.update(export_finetuned(workdir, sd, cfg, trained(state)))
         return out
 
+    text_prior = None
+    if c.text_prior.word.strip():
+        from jaxdiff.finetune import make_text_prior
+
+        tp_prompts = (list(c.text_prior.prompts) or list(d.class_prompts)
+                      or [d.class_prompt])
+        text_prior = config_check("text_prior.", make_text_prior, sd, c.text_prior.word,
+                                  tp_prompts, weight=c.text_prior.weight,
+                                  batch=c.text_prior.batch)
     compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
                              dreambooth=d.enabled,
-                             example_shape=np.shape(examples["pixel_values"])[1:])
+                             example_shape=np.shape(examples["pixel_values"])[1:],
+                             text_prior=text_prior)
     n = len(examples["pixel_values"])
     if t.batch_size > n:
         raise ConfigError(f"training.batch_size {t.batch_size} is larger than the {n} image(s) "
@@ -244,7 +269,8 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         "", build_finetune_task, sd, cfg, examples, class_examples=class_examples,
         batch_size=t.batch_size, seed=c.seed,
         periodic=[Periodic("grid", v.every if prompts else 0, write_grid)], finish=finish,
-        config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config))
+        config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config),
+        text_prior=text_prior)
     from jaxdiff.training import fit
 
     return fit(settings, task, mesh=mesh)

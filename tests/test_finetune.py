@@ -496,3 +496,93 @@ def test_lora_unet_targets_replace_the_attention_projections():
         "unet": [UNET_ATTENTION, UNET_FEED_FORWARD], "text_encoder": [TEXT_ATTENTION]}
     with pytest.raises(ValueError, match="lora_unet_targets must be a non-empty"):
         FinetuneConfig(lora_unet_targets="")
+
+
+# -- the text prior of a word in front of the prompt --------------------------------------------
+
+def test_text_prior_aligns_the_prompt_after_the_word(tiny):
+    from jaxdiff.finetune import make_text_prior, text_prior_loss
+    from jaxdiff.pipelines.sd_program import embed_tokens
+
+    _, sd = tiny
+    prompts = ["a cat", "a dog", "the cat", "a dog of the cat"]
+    tp = make_text_prior(sd, "boxed", prompts, weight=2.0, batch=4)
+    plain = np.asarray(sd.tokenizer(prompts, padding="max_length", truncation=True).input_ids)
+    alone = sd.tokenizer(["boxed"], padding="max_length", truncation=True).input_ids[0]
+    k = tp.offset
+    assert k == list(alone).index(sd.tokenizer.eos_token_id) - 1 >= 1
+    length = plain.shape[1]
+    # the word's tokens, then each prompt's tokens shifted by k; the target: the base states
+    np.testing.assert_array_equal(tp.input_ids[:, 1:1 + k], np.tile(alone[1:1 + k], (4, 1)))
+    np.testing.assert_array_equal(tp.input_ids[:, 1 + k:], plain[:, 1:length - k])
+    base = np.asarray(embed_tokens(sd.text_config, jnp.float32, sd.params["text_encoder"],
+                                   jnp.asarray(plain)))
+    np.testing.assert_allclose(tp.target, base[:, 1:length - k], rtol=1e-6, atol=1e-6)
+    # the loss at the base encoder, by hand: each prompt's states after the word vs without it
+    withw = np.asarray(embed_tokens(sd.text_config, jnp.float32, sd.params["text_encoder"],
+                                    jnp.asarray(tp.input_ids)))[:, 1 + k:]
+    by_hand = np.mean((withw - tp.target) ** 2) / np.mean(tp.target ** 2)
+    got = float(text_prior_loss(sd.text_config, sd.params["text_encoder"], tp, jax.random.key(0)))
+    assert got == pytest.approx(by_hand, rel=1e-5) and got > 1e-3
+    # a batch of 2 of the 4 prompts: the same formula on the two drawn
+    tp2 = tp._replace(batch=2)
+    per = [np.mean((withw[i] - tp.target[i]) ** 2) for i in range(4)]
+    got2 = float(text_prior_loss(sd.text_config, sd.params["text_encoder"], tp2,
+                                 jax.random.key(1)))
+    pairs = [(i, j) for i in range(4) for j in range(4) if i < j]
+    assert min(abs(got2 - (per[i] + per[j]) / 2 / np.mean(tp.target[[i, j]] ** 2))
+               for i, j in pairs) < 1e-5 * max(per)
+    # bad input names the argument
+    for kw, name in ((dict(word=" "), "word"), (dict(prompts=[]), "prompts"),
+                     (dict(prompts=["a cat " * 40]), r"prompts\[0\]"),
+                     (dict(weight=0.0), "weight"), (dict(batch=0), "batch")):
+        args = dict(word="boxed", prompts=prompts)
+        args.update(kw)
+        with pytest.raises(ValueError, match=name):
+            make_text_prior(sd, args.pop("word"), args.pop("prompts"), **args)
+
+
+@pytest.mark.slow
+def test_text_prior_joins_the_loss_and_its_adapter_learns_it(tiny):
+    import optax
+
+    from jaxdiff.finetune import (finetune_compat, frozen_params, make_text_prior,
+                                  model_params, text_prior_loss)
+
+    _, sd = tiny
+    cfg = FinetuneConfig(mode="lora", rank=2, train_text_encoder=True)
+    tp = make_text_prior(sd, "boxed", ["a cat", "a dog", "the cat"], weight=3.0, batch=8)
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        make_finetune_loss(sd, FinetuneConfig(mode="lora", rank=2), tp)
+    ex = _examples(sd)
+    batch = {k: jnp.asarray(v) for k, v in ex.items()}
+    params = jax.tree.map(lambda x: x + 0.01, init_trainable(sd, cfg, jax.random.key(0)))
+    frozen, key = frozen_params(sd, cfg), jax.random.key(5)
+    plain_loss, _ = make_finetune_loss(sd, cfg)(params, batch, key, frozen)
+    loss, aux = make_finetune_loss(sd, cfg, tp)(params, batch, key, frozen)
+    assert float(loss) == pytest.approx(float(plain_loss) + 3.0 * float(aux["text_prior_loss"]),
+                                        rel=1e-5)
+    # the adapter alone can learn it: gradient steps on the text encoder's LoRA lower it
+    text_cfg = sd.text_config
+
+    def tp_loss(p):
+        te = model_params(p, frozen, cfg)["text_encoder"]
+        return text_prior_loss(text_cfg, te, tp, key)
+
+    opt = optax.adam(1e-2)
+    p, state = params, opt.init(params)
+    step = jax.jit(lambda p, s: (lambda g: (lambda u: (optax.apply_updates(p, u[0]), u[1]))(
+        opt.update(g, s, p)))(jax.grad(tp_loss)(p)))
+    start = float(tp_loss(p))
+    for _ in range(40):
+        p, state = step(p, state)
+    assert float(tp_loss(p)) < 0.5 * start
+    # the UNet's adapter gets no gradient from it
+    g = jax.grad(tp_loss)(params)
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(g["unet"]))
+    # a run with a text prior is another run than one without
+    shape = (32, 32, 3)
+    a = finetune_compat(sd, cfg, batch_size=2, seed=0, dreambooth=False, example_shape=shape)
+    b = finetune_compat(sd, cfg, batch_size=2, seed=0, dreambooth=False, example_shape=shape,
+                        text_prior=tp)
+    assert "text_prior" not in a and b["text_prior"]["weight"] == 3.0 and a != b

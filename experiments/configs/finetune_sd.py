@@ -53,6 +53,15 @@ def get_config(preset: str = "lora") -> ml_collections.ConfigDict:
     c.dreambooth.num_inference_steps = 30
     c.dreambooth.guidance_scale = 7.5
 
+    # the text prior of a word written in front of the prompt ("boxed a handwritten three"):
+    # the text encoder's adapter keeps what follows the word encoded as without it
+    # (jaxdiff.finetune.text_prior); needs train_text_encoder
+    c.text_prior = ml_collections.ConfigDict()
+    c.text_prior.word = ""               # "": off
+    c.text_prior.prompts = ()            # the prompts it goes in front of; (): the class prompts
+    c.text_prior.weight = 1.0
+    c.text_prior.batch = 16              # prompts per step
+
     c.objective = ml_collections.ConfigDict()
     c.objective.snr_gamma = config_dict.placeholder(float)   # min-SNR gamma (5.0 is usual)
     c.objective.noise_offset = 0.0

@@ -17,6 +17,7 @@ from jaxdiff.finetune.modes import (COMPUTE_DTYPES, MODES, FinetuneConfig, compu
                                     lora_patterns, model_params)
 from jaxdiff.finetune.objective import (PREDICTION_TYPES, Objective, check_prediction_type,
                                         denoising_terms, objective_weights, reduce_loss)
+from jaxdiff.finetune.text_prior import TextPrior, make_text_prior, text_prior_loss
 from jaxdiff.finetune.task import (build_finetune_task, finetune_compat, model_identity,
                                    sample_finetuned, step_batch_size)
 
@@ -31,4 +32,5 @@ __all__ = [
     "CONTROLNET_DIR", "build_controlnet_task", "check_controlnet_for", "conditioning_widths",
     "controlnet_compat", "encode_batch", "export_trained_controlnet", "make_controlnet_loss",
     "new_controlnet", "params_fingerprint", "sample_controlnet",
+    "TextPrior", "make_text_prior", "text_prior_loss",
 ]

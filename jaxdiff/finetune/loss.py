@@ -14,13 +14,14 @@ from ``k_loss`` (:func:`~jaxdiff.finetune.objective.denoising_terms`). The laten
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff.finetune.modes import FinetuneConfig, compute_configs, model_params
 from jaxdiff.finetune.objective import denoising_terms, reduce_loss
+from jaxdiff.finetune.text_prior import TextPrior, text_prior_loss
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.autoencoder_latents import scale_latents
 from jaxdiff.models.unet import UNet
@@ -93,17 +94,27 @@ def encode_batch(sd: StableDiffusion, cfg: FinetuneConfig, models: Dict[str, Any
     return latents, context
 
 
-def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig):
+def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
+                       text_prior: Optional[TextPrior] = None):
     """``loss_fn(params, batch, key, frozen) -> (loss, aux)`` for :func:`jaxdiff.training.fit`
     (module docstring): ``params`` the trainable tree, ``frozen`` the frozen one
     (:mod:`jaxdiff.finetune.modes`). Only ``sd``'s configs and schedule are kept (not its
-    params). ``aux``: ``instance_loss`` / ``prior_loss`` for DreamBooth batches.
+    params). ``aux``: ``instance_loss`` / ``prior_loss`` for DreamBooth batches,
+    ``text_prior_loss`` with ``text_prior``.
 
-    Raises (at trace time):
-      ValueError: a batch with neither ``pixel_values`` nor ``latent_mean``, or neither
-        ``input_ids`` nor ``context``.
+    Args:
+      text_prior: adds ``text_prior.weight`` times :func:`~jaxdiff.finetune.text_prior_loss`
+        (needs ``cfg.train_text_encoder``); its prompts are drawn from ``fold_in(key, 1)``.
+
+    Raises:
+      ValueError: ``text_prior`` with a frozen text encoder. At trace time: a batch with
+        neither ``pixel_values`` nor ``latent_mean``, or neither ``input_ids`` nor ``context``.
     """
-    unet = UNet(compute_configs(sd, cfg)[0])
+    if text_prior is not None and not cfg.train_text_encoder:
+        raise ValueError("text_prior trains the text encoder: it needs "
+                         "cfg.train_text_encoder=True")
+    unet_cfg, _, text_cfg = compute_configs(sd, cfg)
+    unet = UNet(unet_cfg)
     schedule, objective = sd.schedule, cfg.objective
 
     def loss_fn(params: Any, batch: Dict[str, jax.Array], key: jax.Array, frozen: Any):
@@ -118,6 +129,11 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig):
 
         losses, aux = denoising_terms(apply_fn, schedule, latents, k_loss, objective)
         loss, parts = reduce_loss(losses, batch.get("prior"), objective.prior_loss_weight)
+        if text_prior is not None:
+            tp = text_prior_loss(text_cfg, models["text_encoder"], text_prior,
+                                 jax.random.fold_in(key, 1))
+            loss = loss + text_prior.weight * tp
+            parts = dict(parts, text_prior_loss=tp)
         return loss, dict(aux, **parts)
 
     return loss_fn

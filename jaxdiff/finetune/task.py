@@ -31,6 +31,7 @@ from jaxdiff.finetune.dreambooth import PairedIterator, with_prior_flag
 from jaxdiff.finetune.loss import make_finetune_loss
 from jaxdiff.finetune.modes import (FinetuneConfig, finetuned_pipeline, frozen_params,
                                     init_trainable, lora_patterns)
+from jaxdiff.finetune.text_prior import TextPrior
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.stable_diffusion import generate
 from jaxdiff.training.trainer import TrainTask
@@ -65,11 +66,17 @@ def model_identity(sd: StableDiffusion, values_per_leaf: int = 16) -> str:
 
 
 def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int, seed: int,
-                    dreambooth: bool, example_shape: Sequence[int]) -> Dict[str, Any]:
+                    dreambooth: bool, example_shape: Sequence[int],
+                    text_prior: Optional[TextPrior] = None) -> Dict[str, Any]:
     """What a checkpoint of the run must match to be resumed (JSON-able): the model's
     :func:`model_identity`, the mode, the LoRA's rank / alpha / targets, whether the text encoder
-    trains, caching, DreamBooth, the batch, the seed and the examples' shape."""
-    return {
+    trains, caching, DreamBooth, the batch, the seed, the examples' shape, and the text prior
+    (its prompts' tokens, weight and batch; the key is absent without one)."""
+    extra = {} if text_prior is None else {"text_prior": {
+        "tokens": hashlib.sha256(np.asarray(text_prior.input_ids, np.int32).tobytes()).hexdigest(),
+        "offset": int(text_prior.offset), "weight": float(text_prior.weight),
+        "batch": int(text_prior.batch)}}
+    return {**extra,
         "model": model_identity(sd), "mode": cfg.mode,
         "train_text_encoder": cfg.train_text_encoder,
         "lora": None if cfg.mode != "lora" else {
@@ -97,6 +104,7 @@ def build_finetune_task(
     finish: Any = None,
     config_json: Optional[str] = None,
     hyperparams: Optional[Mapping[str, Any]] = None,
+    text_prior: Optional[TextPrior] = None,
 ) -> TrainTask:
     """The :class:`~jaxdiff.training.TrainTask` of a fine-tuning run.
 
@@ -111,6 +119,8 @@ def build_finetune_task(
       class_examples: DreamBooth's class examples (the same keys), or None; each step then
         holds ``batch_size`` of each (:func:`step_batch_size`) and the loss has the prior term.
       periodic, finish, config_json, hyperparams: passed to the task as they are.
+      text_prior: a :class:`~jaxdiff.finetune.TextPrior` added to the loss (needs
+        ``cfg.train_text_encoder``), or None.
 
     Returns:
       The task: ``init_params`` the trainable tree, ``frozen`` the frozen one, ``loss_fn`` of
@@ -149,10 +159,12 @@ def build_finetune_task(
     init_key = jax.random.fold_in(root, 0)
     return TrainTask(
         init_params=lambda abstract: init_trainable(sd, cfg, init_key, abstract),
-        key=jax.random.fold_in(root, 1), loss_fn=make_finetune_loss(sd, cfg), data=data,
+        key=jax.random.fold_in(root, 1), loss_fn=make_finetune_loss(sd, cfg, text_prior),
+        data=data,
         compat=finetune_compat(sd, cfg, batch_size=batch_size, seed=seed,
                                dreambooth=class_examples is not None,
-                               example_shape=np.shape(examples["pixel_values"])[1:]),
+                               example_shape=np.shape(examples["pixel_values"])[1:],
+                               text_prior=text_prior),
         hyperparams=dict(hyperparams or {}), periodic=tuple(periodic), config_json=config_json,
         finish=finish, frozen=frozen_params(sd, cfg))
 
