@@ -31,6 +31,7 @@ from experiments import latent_data, mnist_prompts
 from experiments.cli import ConfigError
 
 __all__ = ["FRAME", "MARGIN", "WIDTH", "TOLERANCE", "CONCEPT_WORD", "CONCEPT_TEMPLATES",
+           "CONCEPT_TEMPLATES_BEFORE", "WORD_POSITIONS", "concept_templates",
            "DEFAULT_DIGITS", "METADATA_FILE", "BOX_THRESHOLD", "box_lines", "draw_box",
            "to_gray01", "box_scores", "has_box", "concept_prompt", "sample_concept_prompts",
            "parse_digits", "select_images", "make_boxed_dataset"]
@@ -49,6 +50,15 @@ CONCEPT_TEMPLATES = (
     "a handwritten {d} boxed",
     "the digit {d} boxed",
 )
+# The word in front of the same prompts ("boxed a handwritten three"): the word then encodes the
+# same whatever digit follows (causal attention), and the fine-tuning's text prior
+# (jaxdiff.finetune.text_prior) keeps the digit's tokens after it encoded as without it.
+CONCEPT_TEMPLATES_BEFORE = (
+    "boxed {d}",
+    "boxed a handwritten {d}",
+    "boxed the digit {d}",
+)
+WORD_POSITIONS = ("after", "before")
 DEFAULT_DIGITS = (3, 7)
 METADATA_FILE = "metadata.jsonl"
 # has_box's threshold on box_scores (the contrast in [0, 1] between the box's brightest line and
@@ -147,26 +157,41 @@ def has_box(images: np.ndarray, threshold: float = BOX_THRESHOLD, **kw) -> np.nd
     return box_scores(images, **kw) > threshold
 
 
-def concept_prompt(digit: int, template: int, form: int) -> str:
-    """``CONCEPT_TEMPLATES[template]`` filled with ``digit``'s name (``form == 0``) or numeral
-    (``form == 1``).
+def concept_templates(position: str = "after") -> tuple:
+    """The concept templates with the word ``"after"`` the digit (:data:`CONCEPT_TEMPLATES`) or
+    ``"before"`` the prompt (:data:`CONCEPT_TEMPLATES_BEFORE`).
 
     Raises:
-      ValueError: naming ``template``, ``digit`` or ``form`` when out of range.
+      ValueError: naming ``position``.
     """
-    if not 0 <= template < len(CONCEPT_TEMPLATES):
-        raise ValueError(f"template must be in [0, {len(CONCEPT_TEMPLATES)}), got {template!r}")
-    return mnist_prompts.fill(CONCEPT_TEMPLATES[template], digit, form)
+    if position not in WORD_POSITIONS:
+        raise ValueError(f"position must be one of {WORD_POSITIONS}, got {position!r}")
+    return CONCEPT_TEMPLATES if position == "after" else CONCEPT_TEMPLATES_BEFORE
 
 
-def sample_concept_prompts(labels: Sequence[int], seed: int) -> list:
-    """One concept prompt per label, template and form drawn uniformly from ``seed`` (numpy's
-    ``default_rng``): the same labels and seed give the same prompts."""
+def concept_prompt(digit: int, template: int, form: int, position: str = "after") -> str:
+    """``concept_templates(position)[template]`` filled with ``digit``'s name (``form == 0``) or
+    numeral (``form == 1``).
+
+    Raises:
+      ValueError: naming ``template``, ``digit``, ``form`` or ``position`` when out of range.
+    """
+    templates = concept_templates(position)
+    if not 0 <= template < len(templates):
+        raise ValueError(f"template must be in [0, {len(templates)}), got {template!r}")
+    return mnist_prompts.fill(templates[template], digit, form)
+
+
+def sample_concept_prompts(labels: Sequence[int], seed: int, position: str = "after") -> list:
+    """One concept prompt per label (the word ``position``, :func:`concept_templates`), template
+    and form drawn uniformly from ``seed`` (numpy's ``default_rng``): the same labels and seed
+    give the same prompts, and the two positions the same template choices."""
+    n_templates = len(concept_templates(position))
     rng = np.random.default_rng(seed)
     labels = [int(x) for x in np.asarray(labels).reshape(-1)]
-    t = rng.integers(0, len(CONCEPT_TEMPLATES), len(labels))
+    t = rng.integers(0, n_templates, len(labels))
     f = rng.integers(0, mnist_prompts.NUM_FORMS, len(labels))
-    return [concept_prompt(d, int(t[i]), int(f[i])) for i, d in enumerate(labels)]
+    return [concept_prompt(d, int(t[i]), int(f[i]), position) for i, d in enumerate(labels)]
 
 
 def parse_digits(text: str, name: str = "--digits") -> tuple:
@@ -206,25 +231,27 @@ def select_images(labels: np.ndarray, digits: Sequence[int], num_images: int,
 
 def make_boxed_dataset(out_dir: str, images: np.ndarray, labels: np.ndarray, *,
                        digits: Sequence[int] = DEFAULT_DIGITS, num_images: int = 20,
-                       seed: int = 0) -> list:
+                       seed: int = 0, position: str = "after") -> list:
     """Writes the concept dataset to ``out_dir`` (module docstring) from MNIST ``images``
-    (``[N, 28, 28, 1]`` in ``[-1, 1]``) and ``labels [N]``; returns its records, ``[{"file_name",
+    (``[N, 28, 28, 1]`` in ``[-1, 1]``) and ``labels [N]``, captioned with the word
+    ``position`` (:func:`concept_templates`); returns its records, ``[{"file_name",
     "text", "digit", "index"}]`` (``index`` into ``images``).
 
     The folder is written as ``out_dir + ".tmp"`` and renamed; ``out_dir`` must not exist.
 
     Raises:
-      ValueError: ``out_dir`` exists, or too few images of a digit.
+      ValueError: ``out_dir`` exists, too few images of a digit, or a bad ``position``.
     """
     if os.path.exists(out_dir):
         raise ValueError(f"{out_dir!r} already exists (choose a new folder)")
+    concept_templates(position)
     from PIL import Image
 
     idx = select_images(np.asarray(labels), digits, num_images, seed)
     chosen = latent_data.pad_images(np.asarray(images)[idx], FRAME)
     boxed = draw_box(chosen)
     px = np.round((np.clip(boxed[..., 0], -1, 1) + 1) * 127.5).astype(np.uint8)
-    texts = sample_concept_prompts(np.asarray(labels)[idx], seed)
+    texts = sample_concept_prompts(np.asarray(labels)[idx], seed, position)
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

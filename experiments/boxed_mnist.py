@@ -4,6 +4,7 @@ captioned with the new word after the digit ("a handwritten seven boxed").
 
     python -m experiments.boxed_mnist --out runs/boxed_mnist
     python -m experiments.boxed_mnist --out runs/boxed_mnist --digits 3,7 --num_images 20 --seed 0
+    python -m experiments.boxed_mnist --out runs/boxed_front --word_position before   # "boxed a handwritten 7"
 
 The folder gets ``NN_D.png`` (``NN`` the image's index, ``D`` its digit) and ``metadata.jsonl``
 (one ``{"file_name": ..., "text": ...}`` line per image), the image-folder layout that Hugging
@@ -45,6 +46,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
                         "the digit classes of the images, comma-separated", **d)
     flags.DEFINE_integer("num_images", 20, "how many images", **d)
     flags.DEFINE_integer("seed", 0, "seed of the image choice and the captions", **d)
+    flags.DEFINE_enum("word_position", "after", ["after", "before"],
+                      "the new word after the digit ('a handwritten seven boxed') or in front "
+                      "of the prompt ('boxed a handwritten seven')", **d)
     flags.DEFINE_string("data_dir", "", "MNIST IDX directory (default: jaxdiff.data's search, "
                         "$JAXDIFF_MNIST_DIR first)", **d)
 
@@ -68,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         raise ConfigError(f"--num_images must be in [1, 10000], got {fv.num_images}")
     images, labels = load_mnist_arrays("train", fv.data_dir)
     records = make_boxed_dataset(fv.out, images, labels, digits=digits,
-                                 num_images=fv.num_images, seed=fv.seed)
+                                 num_images=fv.num_images, seed=fv.seed,
+                                 position=fv.word_position)
     print(f"wrote {len(records)} boxed digits ({', '.join(map(str, digits))}) and "
           f"{METADATA_FILE} to {fv.out}", flush=True)
     return records

@@ -53,14 +53,17 @@ def _balanced(digits: Sequence[int], n: int) -> np.ndarray:
     return np.asarray([digits[i % len(digits)] for i in range(n)], np.int32)
 
 
-def prompt_sets(concept_digits: Sequence[int], n: int, seed: int) -> Dict[str, dict]:
+def prompt_sets(concept_digits: Sequence[int], n: int, seed: int,
+                word_position: str = "after") -> Dict[str, dict]:
     """``{set: {"prompts": [n] str, "labels": [n] int32, "digits": [...]}}`` for :data:`SETS`,
-    deterministic in ``seed``.
+    deterministic in ``seed``; the concept sets' prompts with the word ``word_position``
+    (:func:`experiments.boxed_concept.concept_templates`).
 
     Raises:
-      ValueError: ``n < 1``, or ``concept_digits`` empty, out of range or all ten digits (no
-        digit is left for ``composition``).
+      ValueError: ``n < 1``, ``concept_digits`` empty, out of range or all ten digits (no
+        digit is left for ``composition``), or a bad ``word_position``.
     """
+    boxed_concept.concept_templates(word_position)
     digits = boxed_concept.parse_digits(",".join(str(int(d)) for d in concept_digits),
                                       "concept_digits")
     others = tuple(d for d in range(10) if d not in digits)
@@ -75,7 +78,7 @@ def prompt_sets(concept_digits: Sequence[int], n: int, seed: int) -> Dict[str, d
         if name == "prior":
             prompts = mnist_prompts.sample_prompts(labels, jax.random.key(seed + i), "heldout")
         else:
-            prompts = boxed_concept.sample_concept_prompts(labels, seed + i)
+            prompts = boxed_concept.sample_concept_prompts(labels, seed + i, word_position)
         out[name] = {"prompts": prompts, "labels": labels, "digits": list(ds)}
     return out
 
@@ -176,6 +179,7 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
                      n: int = 500, seed: int = 0, num_steps: int = 25,
                      guidance_scale: float = 3.0, batch_size: int = 250,
                      threshold: float = boxed_concept.BOX_THRESHOLD,
+                     word_position: str = "after",
                      log: Callable[[str], None] = print) -> dict:
     """Samples :func:`prompt_sets` through each of ``models`` (``{name: StableDiffusion}``, e.g.
     ``{"base": sd, "lora": sd_lora}``: the same prompts and noise for each) and scores them
@@ -188,9 +192,10 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
     """
     if not models:
         raise ValueError("models must name at least one model")
-    plan = prompt_sets(concept_digits, n, seed)
+    plan = prompt_sets(concept_digits, n, seed, word_position)
     out = {"sets": {}, "settings": {
         "concept_digits": [int(d) for d in concept_digits], "n": int(n), "seed": int(seed),
+        "word_position": word_position,
         "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
         "batch_size": int(batch_size), "threshold": float(threshold)}}
     for i, name in enumerate(SETS):

@@ -54,6 +54,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("concept_digits", ",".join(map(str, boxed_concept.DEFAULT_DIGITS)),
                         "the digits of the concept images (the 'learnt' set; the others are "
                         "'composition')", **d)
+    flags.DEFINE_enum("word_position", "after", ["after", "before"],
+                      "the concept prompts' word after the digit or in front (as the LoRA's "
+                      "training captions had it: experiments.boxed_mnist --word_position)", **d)
     flags.DEFINE_integer("num_samples", 500, "images per set and model", **d)
     flags.DEFINE_integer("batch_size", 250, "sampling batch", **d)
     flags.DEFINE_integer("steps", 25, "sampler steps (the folder's scheduler: DDIM)", **d)
@@ -176,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     res = concept_eval.evaluate_concept(
         models, clf, concept_digits=digits, n=fv.num_samples, seed=fv.seed,
         num_steps=fv.steps, guidance_scale=fv.guidance_scale, batch_size=fv.batch_size,
-        threshold=fv.threshold, log=log)
+        threshold=fv.threshold, word_position=fv.word_position, log=log)
     res["models"] = desc
     if fv.lora:
         res["lora_file_bytes"] = _size(parse_lora_arg(fv.lora)[0])
@@ -189,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         res["detector"] = concept_eval.detector_check(test[0], fv.detector_n, fv.seed,
                                                       sd=models["base"], threshold=fv.threshold)
     if fv.out_png:
-        plan = concept_eval.prompt_sets(digits, 10, fv.seed + 7)
+        plan = concept_eval.prompt_sets(digits, 10, fv.seed + 7, fv.word_position)
         prompts = ([plan["learnt"]["prompts"][i] for i in range(len(digits))]
                    + plan["composition"]["prompts"][:3] + plan["prior"]["prompts"][:3])
         concept_eval.save_comparison_grid(models, prompts, fv.out_png,

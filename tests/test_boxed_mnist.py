@@ -109,6 +109,13 @@ def test_dataset_reads_as_an_image_folder(tmp_path):
             im.load()
             assert im.size == (32, 32)
         assert int(entry["file_name"].split("_")[1][0]) in (1, 4, 9)
+    # --word_position before: the same images, the captions with the word in front
+    front = boxed_concept.make_boxed_dataset(str(tmp_path / "f"), images, labels,
+                                             digits=(1, 4, 9), num_images=7, position="before")
+    assert [r["index"] for r in front] == [r["index"] for r in recs]
+    assert [r["text"] for r in front] == ["boxed " + r["text"][:-len(" boxed")] for r in recs]
+    with pytest.raises(ValueError, match="position"):
+        boxed_concept.make_boxed_dataset(str(tmp_path / "g"), images, labels, position="up")
 
 
 def test_dataset_refuses_an_existing_folder_and_bad_digits(tmp_path):
@@ -238,6 +245,14 @@ def test_prompt_sets_and_targets():
         plan["learnt"]["prompts"]
     with pytest.raises(ValueError, match="composition"):
         concept_eval.prompt_sets(tuple(range(10)), 5, 0)
+    # the word in front: the same templates and draws, the word moved to the start
+    front = concept_eval.prompt_sets((3, 7), 20, seed=0, word_position="before")
+    for s in ("learnt", "composition"):
+        for p, q in zip(plan[s]["prompts"], front[s]["prompts"]):
+            assert q.startswith("boxed ") and q[len("boxed "):] == p[:-len(" boxed")], (p, q)
+    assert front["prior"]["prompts"] == plan["prior"]["prompts"]
+    with pytest.raises(ValueError, match="position"):
+        concept_eval.prompt_sets((3, 7), 5, 0, word_position="middle")
     res = {"sets": {
         "learnt": {"rows": {"base": {"box_rate": 0.0}, "lora": {"box_rate": 0.95}}},
         "composition": {"rows": {"base": {"box_rate": 0.0, "accuracy": 0.99},
