@@ -92,6 +92,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      minimum=0.0)
         config_check("", check_int, "dreambooth.sample_batch_size", d.sample_batch_size, 1)
         config_check("", check_int, "dreambooth.num_inference_steps", d.num_inference_steps, 1)
+        if not isinstance(d.word_prior, str) or not isinstance(d.word_prior_mask, str):
+            raise ConfigError("dreambooth.word_prior and dreambooth.word_prior_mask must be "
+                              "strings")
+        if bool(d.word_prior.strip()) != bool(d.word_prior_mask):
+            raise ConfigError("dreambooth.word_prior (the word) and dreambooth.word_prior_mask "
+                              "(an image file) go together")
+        if d.word_prior_mask and not os.path.isfile(d.word_prior_mask):
+            raise ConfigError(f"dreambooth.word_prior_mask {d.word_prior_mask!r} is not a file")
     tp = c.text_prior
     if not isinstance(tp.word, str):
         raise ConfigError(f"text_prior.word must be a string (\"\": off), got {tp.word!r}")
@@ -119,6 +127,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           "(it needs control images); finetune_sd takes 'full' or 'lora'")
     config_check("", check_bool, "lora.feed_forward", c.lora.feed_forward)
     finetune_config(config, "epsilon")
+
+
+def _with_word_prior(sd, class_examples: dict, word: str, mask_path: str) -> dict:
+    """The class examples with their word-prior copies (``dreambooth.word_prior``): the mask
+    image read as grayscale in [0, 1], at the images' size, averaged to the latent grid."""
+    from PIL import Image
+
+    from jaxdiff.finetune import resize_mask, with_word_prior
+
+    size = np.shape(class_examples["pixel_values"])[1:3]
+    try:
+        with Image.open(mask_path) as im:
+            mask = np.asarray(im.convert("L"), np.float32) / 255.0
+    except OSError as e:
+        raise ConfigError(f"dreambooth.word_prior_mask {mask_path!r}: not an image ({e})") from None
+    if mask.shape != tuple(size):
+        raise ConfigError(f"dreambooth.word_prior_mask {mask_path!r} is {mask.shape[1]}x"
+                          f"{mask.shape[0]}; the training images are {size[1]}x{size[0]}")
+    f = sd.vae_scale_factor
+    latent = config_check("dreambooth.word_prior_mask: ", resize_mask, mask,
+                          (size[0] // f, size[1] // f))
+    return config_check("dreambooth.word_prior: ", with_word_prior, sd, class_examples, word,
+                        latent)
 
 
 def _load_model(model: str):
@@ -265,6 +296,9 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt or None,
                                            "dreambooth.class_data_dir",
                                            caption_source="txt" if d.class_prompts else None)
+        if d.word_prior.strip():
+            class_examples = _with_word_prior(sd, class_examples, d.word_prior,
+                                              d.word_prior_mask)
     task = config_check(
         "", build_finetune_task, sd, cfg, examples, class_examples=class_examples,
         batch_size=t.batch_size, seed=c.seed,

@@ -71,6 +71,28 @@ def test_targets_follow_the_prediction_type_and_noise_offset():
                                                      axis=(1, 2, 3)), rtol=1e-5)
 
 
+def test_a_loss_mask_weighs_the_latent_positions():
+    key = jax.random.key(0)
+    x0 = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    pred = jax.random.normal(jax.random.key(2), x0.shape)
+    t = jnp.array([10, 700])
+    obj = Objective("v_prediction")
+
+    def run(mask):
+        return denoising_terms(lambda x_t, tt: pred, SCHED, x0, key, obj, t=t, mask=mask)[0]
+
+    np.testing.assert_allclose(run(jnp.ones((2, 4, 4, 1))), run(None), rtol=1e-6)
+    mask = np.zeros((2, 4, 4, 1), np.float32)
+    mask[0, 1:3, 1:3] = 1.0          # example 0: the 2x2 centre; example 1: a half-weighted row
+    mask[1, 0] = 0.5
+    noise = jax.random.normal(jax.random.split(key, 3)[1], x0.shape)
+    a = jnp.sqrt(jnp.asarray(_abar(t), jnp.float32))[:, None, None, None]
+    s = jnp.sqrt(1 - jnp.asarray(_abar(t), jnp.float32))[:, None, None, None]
+    err = np.asarray((pred - (a * noise - s * x0)) ** 2)
+    want = [err[0, 1:3, 1:3].mean(), err[1, 0].mean()]
+    np.testing.assert_allclose(run(jnp.asarray(mask)), want, rtol=1e-5)
+
+
 def test_prior_term_and_refusals():
     losses = jnp.array([1.0, 3.0, 10.0, 20.0])
     loss, aux = reduce_loss(losses, jnp.array([0, 0, 1, 1]), 0.5)
@@ -586,3 +608,58 @@ def test_text_prior_joins_the_loss_and_its_adapter_learns_it(tiny):
     b = finetune_compat(sd, cfg, batch_size=2, seed=0, dreambooth=False, example_shape=shape,
                         text_prior=tp)
     assert "text_prior" not in a and b["text_prior"]["weight"] == 3.0 and a != b
+
+
+# -- the word prior: the class images with the word, outside the attribute's place ----------------
+
+def test_word_prior_examples_and_their_masked_loss(tiny, tmp_path):
+    from jaxdiff.finetune import resize_mask, with_word_prior
+
+    _, sd = tiny
+    ex = _examples(sd, 4)
+    f = sd.vae_scale_factor
+    h = 32 // f
+    big = np.zeros((32, 32), np.float32)
+    big[f:, :] = 1.0                               # all but the top row of latent cells
+    mask = resize_mask(big, (h, h))
+    assert mask.shape == (h, h) and mask[0].max() == 0 and mask[1:].min() == 1
+    out = with_word_prior(sd, ex, "boxed", mask)
+    ids = np.asarray(ex["input_ids"])
+    word = sd.tokenizer(["boxed"], padding="max_length", truncation=True).input_ids[0]
+    k = list(word).index(sd.tokenizer.eos_token_id) - 1
+    assert out["input_ids"].shape == (8, ids.shape[1])
+    np.testing.assert_array_equal(out["input_ids"][:4], ids)
+    # BOS, the word, then the prompt moved right by the word's length
+    np.testing.assert_array_equal(out["input_ids"][4:, 1:1 + k], np.tile(word[1:1 + k], (4, 1)))
+    np.testing.assert_array_equal(out["input_ids"][4:, 1 + k:], ids[:, 1:ids.shape[1] - k])
+    want = sd.tokenizer(["boxed a cat"], padding="max_length", truncation=True).input_ids[0]
+    np.testing.assert_array_equal(out["input_ids"][4], want)
+    np.testing.assert_array_equal(out["pixel_values"][4:], ex["pixel_values"])
+    assert out["loss_mask"].shape == (8, h, h, 1)
+    assert out["loss_mask"][:4].min() == 1 and np.array_equal(out["loss_mask"][5, ..., 0], mask)
+    for args, name in ((("", mask), "word"), (("boxed", mask[:-1]), "mask"),
+                       (("boxed", mask * 2), "mask")):
+        with pytest.raises(ValueError, match=name):
+            with_word_prior(sd, ex, *args)
+    long = dict(ex, input_ids=np.asarray(sd.tokenizer(["a cat " * 40] * 4, padding="max_length",
+                                                      truncation=True).input_ids))
+    with pytest.raises(ValueError, match="padding"):
+        with_word_prior(sd, long, "boxed", mask)
+    with pytest.raises(ValueError, match="mask"):
+        resize_mask(np.ones((30, 32)), (h, h))
+    # in a DreamBooth task: the instances get all-ones masks, the masked copies count only
+    # where their mask is on
+    cfg = FinetuneConfig(mode="lora", rank=2)
+    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, class_examples=out)
+    batch = next(task.data(None))
+    assert batch["loss_mask"].shape == (4, h, h, 1) and batch["loss_mask"][:2].min() == 1
+    assert "loss_mask" in task.compat
+    params = jax.tree.map(lambda x: x + 0.01, task.init_params(False))
+    loss_fn = jax.jit(make_finetune_loss(sd, cfg))
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    full = loss_fn(params, dict(jb, loss_mask=jnp.ones_like(jb["loss_mask"])), jax.random.key(1),
+                   task.frozen)[0]
+    zero = dict(jb, loss_mask=jb["loss_mask"].at[2:].set(0.0))
+    got, aux = loss_fn(params, zero, jax.random.key(1), task.frozen)
+    assert np.isfinite(float(full)) and float(aux["prior_loss"]) == 0.0
+    assert float(got) == pytest.approx(float(aux["instance_loss"]), rel=1e-6)

@@ -52,6 +52,11 @@ def get_config(preset: str = "lora") -> ml_collections.ConfigDict:
     c.dreambooth.sample_batch_size = 4
     c.dreambooth.num_inference_steps = 30
     c.dreambooth.guidance_scale = 7.5
+    # the class images once more with this word in front of their prompt, their loss only where
+    # the mask image is white (where the word's attribute must not change them): a prior on
+    # the word for every class (jaxdiff.finetune.with_word_prior)
+    c.dreambooth.word_prior = ""         # "": off
+    c.dreambooth.word_prior_mask = ""    # a grayscale image at the training resolution
 
     # the text prior of a word written in front of the prompt ("boxed a handwritten three"):
     # the text encoder's adapter keeps what follows the word encoded as without it

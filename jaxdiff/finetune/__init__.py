@@ -8,7 +8,8 @@ from jaxdiff.finetune.controlnet import (CONTROLNET_DIR, build_controlnet_task,
                                          make_controlnet_loss, new_controlnet, params_fingerprint,
                                          sample_controlnet)
 from jaxdiff.finetune.dreambooth import (PairedIterator, class_image_paths,
-                                         generate_class_images, with_prior_flag)
+                                         generate_class_images, resize_mask, with_prior_flag,
+                                         with_word_prior)
 from jaxdiff.finetune.export import DIFFUSERS_DIR, LORA_FILE, export_finetuned, save_lora_file
 from jaxdiff.finetune.loss import (encode_batch, flip_images, make_finetune_loss,
                                    posterior_moments)
@@ -32,5 +33,5 @@ __all__ = [
     "CONTROLNET_DIR", "build_controlnet_task", "check_controlnet_for", "conditioning_widths",
     "controlnet_compat", "encode_batch", "export_trained_controlnet", "make_controlnet_loss",
     "new_controlnet", "params_fingerprint", "sample_controlnet",
-    "TextPrior", "make_text_prior", "text_prior_loss",
+    "TextPrior", "make_text_prior", "text_prior_loss", "resize_mask", "with_word_prior",
 ]

@@ -9,6 +9,11 @@ examples.
   from ``fold_in(key(seed), i)`` (its initial latents; and its sampler noise when it is generated
   alone), so a rerun, or a run that was interrupted, keeps the images there and adds the missing
   ones: the images a user put there count.
+- :func:`with_word_prior`: the class examples once more with the new word in front of their
+  prompt and a loss mask: the class images must stay as the base model made them where the mask
+  is on, with the word too (the attribute the word brings may appear where it is off: a box
+  around the digit, the mask the digit's area). A prior on the word itself, for every class,
+  without images of the attribute on them.
 - :class:`PairedIterator`: each step's batch is ``b`` instance examples followed by ``b`` class
   examples (with ``prior`` 0 / 1), from two :class:`~jaxdiff.data.BatchIterator` of their own;
   its position is both positions, so a resume is exact.
@@ -28,7 +33,7 @@ from jaxdiff.pipelines.stable_diffusion import generate
 from jaxdiff.validation import check_int
 
 __all__ = ["IMAGE_SUFFIXES", "class_image_paths", "generate_class_images", "PairedIterator",
-           "with_prior_flag"]
+           "with_prior_flag", "with_word_prior", "resize_mask"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -112,6 +117,78 @@ def with_prior_flag(examples: Dict[str, np.ndarray], prior: bool) -> Dict[str, n
     """``examples`` plus ``prior [N]`` float32, all 1 (class examples) or 0 (instances)."""
     n = len(next(iter(examples.values())))
     return dict(examples, prior=np.full((n,), 1.0 if prior else 0.0, np.float32))
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A ``[H, W]`` mask (values in ``[0, 1]``) averaged down to ``size = (h, w)`` (each an exact
+    divisor of ``H``, ``W``): ``[h, w]`` float32, each cell the mean of its block.
+
+    Raises:
+      ValueError: naming ``mask`` (not 2-D, values outside ``[0, 1]``, or a size that ``size``
+        does not divide).
+    """
+    mask = np.asarray(mask, np.float32)
+    h, w = (int(x) for x in size)
+    if mask.ndim != 2 or h < 1 or w < 1 or mask.shape[0] % h or mask.shape[1] % w:
+        raise ValueError(f"mask must be [H, W] with H, W multiples of {h}, {w}, got shape "
+                         f"{mask.shape}")
+    if not np.all((mask >= 0) & (mask <= 1)):
+        raise ValueError("mask values must lie in [0, 1]")
+    fh, fw = mask.shape[0] // h, mask.shape[1] // w
+    return mask.reshape(h, fh, w, fw).mean(axis=(1, 3)).astype(np.float32)
+
+
+def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: str,
+                    mask: np.ndarray) -> Dict[str, np.ndarray]:
+    """DreamBooth's class ``examples`` (``pixel_values``, ``input_ids [N, L]``, optional
+    ``prior``) followed by the same images with ``word`` in front of their prompt, each with
+    ``loss_mask [2N, h, w, 1]``: all ones for the first ``N``, ``mask`` for the second (module
+    docstring). The word's tokens go after the start token and the prompt's tokens move right
+    by as many, so the prompt must leave that much padding.
+
+    Args:
+      sd: the model (its tokenizer).
+      examples: host numpy arrays, ``input_ids`` as the tokenizer pads them.
+      word: the new word ("boxed").
+      mask: ``[h, w]`` in ``[0, 1]`` at the latent grid (:func:`resize_mask` from the image's):
+        1 where the image must stay as it is with the word.
+
+    Raises:
+      ValueError: naming ``word`` (empty or not one word's worth of tokens), ``mask`` (another
+        shape than the latent grid, values outside ``[0, 1]``) or ``examples`` (a prompt that
+        leaves too little padding, missing keys).
+    """
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"word must be a non-empty string, got {word!r}")
+    missing = {"pixel_values", "input_ids"} - set(examples)
+    if missing:
+        raise ValueError(f"examples need {sorted(missing)}, got {sorted(examples)}")
+    ids = np.asarray(examples["input_ids"])
+    n, length = ids.shape
+    tok = sd.tokenizer([word.strip()], padding="max_length", truncation=True).input_ids[0]
+    eos = int(sd.tokenizer.eos_token_id)
+    k = int(np.argmax(np.asarray(tok[1:]) == eos))
+    if k < 1 or k >= length - 2:
+        raise ValueError(f"word {word!r} must take 1 to {length - 3} tokens, got {k}")
+    factor = sd.vae_scale_factor
+    h, w = (int(x) // factor for x in np.shape(examples["pixel_values"])[1:3])
+    mask = np.asarray(mask, np.float32)
+    if mask.shape != (h, w):
+        raise ValueError(f"mask must be the latent grid's shape {(h, w)}, got {mask.shape}")
+    if not np.all((mask >= 0) & (mask <= 1)):
+        raise ValueError("mask values must lie in [0, 1]")
+    # the prompt's last k positions must be padding (after its end token)
+    ends = np.argmax(ids[:, 1:] == eos, axis=1) + 1
+    if np.any(ends + k >= length):
+        raise ValueError(f"examples: a prompt leaves fewer than {k} padding tokens for the "
+                         f"word {word!r} (shorten the class prompts)")
+    shifted = np.concatenate([ids[:, :1], np.tile(np.asarray(tok[1:1 + k]), (n, 1)),
+                              ids[:, 1:length - k]], axis=1).astype(ids.dtype)
+    out = {key: np.concatenate([v, v]) for key, v in examples.items() if key != "input_ids"}
+    out["input_ids"] = np.concatenate([ids, shifted])
+    out["loss_mask"] = np.concatenate([np.ones((n, h, w, 1), np.float32),
+                                       np.broadcast_to(mask[None, :, :, None], (n, h, w, 1))])
+    return out
 
 
 class PairedIterator:

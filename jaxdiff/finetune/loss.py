@@ -3,7 +3,9 @@
 A batch holds either images and token ids (``pixel_values [B, R, R, 3]`` float32 in ``[-1, 1]``,
 ``input_ids [B, L]`` int32: the frozen VAE and the text encoder run in the step) or their cached
 encodings (``latent_mean`` / ``latent_std [B, h, w, C]``, ``context [B, L, D]``:
-:mod:`jaxdiff.finetune.cache`), and for DreamBooth ``prior [B]`` (1 for a class example).
+:mod:`jaxdiff.finetune.cache`), for DreamBooth ``prior [B]`` (1 for a class example), and
+optionally ``loss_mask [B, h, w, 1]``, the weight of each latent position in the example's loss
+(:func:`~jaxdiff.finetune.with_word_prior`).
 
 The step's key is split into ``(k_z, k_flip, k_loss)``: ``z = mean + std * N(0, I)`` from
 ``k_z`` (the VAE posterior sample, as diffusers' ``latent_dist.sample()``; the same draw whether
@@ -127,7 +129,8 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
         def apply_fn(x_t, t):
             return unet.apply({"params": models["unet"]}, x_t, t, context=context)
 
-        losses, aux = denoising_terms(apply_fn, schedule, latents, k_loss, objective)
+        losses, aux = denoising_terms(apply_fn, schedule, latents, k_loss, objective,
+                                      mask=batch.get("loss_mask"))
         loss, parts = reduce_loss(losses, batch.get("prior"), objective.prior_loss_weight)
         if text_prior is not None:
             tp = text_prior_loss(text_cfg, models["text_encoder"], text_prior,

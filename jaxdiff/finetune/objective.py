@@ -109,6 +109,7 @@ def denoising_terms(
     *,
     t: Optional[jax.Array] = None,
     noise: Optional[jax.Array] = None,
+    mask: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The weighted per-example losses of one batch.
 
@@ -121,6 +122,9 @@ def denoising_terms(
       objective: the options.
       t, noise: fixed timesteps ``[B]`` / noise (the shape of ``latents``) instead of draws
         (the noise offset is still added when set).
+      mask: ``[B, h, w, 1]`` (or ``[B, h, w, C]``) weights in ``[0, 1]`` of each latent
+        position, or None (all 1): an example's loss is the mean squared error over its
+        weighted positions (``sum(mask * err^2) / sum(mask)``; an all-zero mask gives 0).
 
     Returns:
       ``(losses [B] float32, {"t": [B], "weight": [B]})``.
@@ -142,7 +146,13 @@ def denoising_terms(
         raise ValueError(f"apply_fn must return a prediction shaped like the latents "
                          f"{latents.shape}, got {pred.shape}")
     w = objective_weights(objective, schedule, t)
-    losses = w * jnp.mean(jnp.square(pred - target), axis=tuple(range(1, latents.ndim)))
+    axes = tuple(range(1, latents.ndim))
+    if mask is None:
+        losses = w * jnp.mean(jnp.square(pred - target), axis=axes)
+    else:
+        m = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), latents.shape)
+        losses = w * (jnp.sum(m * jnp.square(pred - target), axis=axes)
+                      / jnp.maximum(jnp.sum(m, axis=axes), 1e-6))
     return losses, {"t": t, "weight": w}
 
 

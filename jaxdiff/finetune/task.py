@@ -118,6 +118,8 @@ def build_finetune_task(
         LoRA's initialisation ``fold_in(key(seed), 0)``.
       class_examples: DreamBooth's class examples (the same keys), or None; each step then
         holds ``batch_size`` of each (:func:`step_batch_size`) and the loss has the prior term.
+        Either set may hold ``loss_mask [N, h, w, 1]`` (:func:`~jaxdiff.finetune.with_word_prior`);
+        the other then gets all ones.
       periodic, finish, config_json, hyperparams: passed to the task as they are.
       text_prior: a :class:`~jaxdiff.finetune.TextPrior` added to the loss (needs
         ``cfg.train_text_encoder``), or None.
@@ -144,10 +146,17 @@ def build_finetune_task(
         raise ValueError(f"class_examples' images {np.shape(class_examples['pixel_values'])} "
                          f"differ in size from the examples' "
                          f"{np.shape(examples['pixel_values'])}")
+    masked = any("loss_mask" in ex for ex in sets.values())
     prepared = {}
     for name, ex in sets.items():
-        ex = {"pixel_values": np.asarray(ex["pixel_values"], np.float32),
-              "input_ids": np.asarray(ex["input_ids"], np.int32)}
+        pixels = np.asarray(ex["pixel_values"], np.float32)
+        mask = ex.get("loss_mask")
+        if masked and mask is None:     # the other set's examples: every position counts
+            f = sd.vae_scale_factor
+            mask = np.ones((len(pixels), pixels.shape[1] // f, pixels.shape[2] // f, 1),
+                           np.float32)
+        ex = {"pixel_values": pixels, "input_ids": np.asarray(ex["input_ids"], np.int32),
+              **({} if mask is None else {"loss_mask": np.asarray(mask, np.float32)})}
         if class_examples is not None:
             ex = with_prior_flag(ex, prior=name == "class_examples")
         prepared[name] = cache_examples(sd, cfg, ex) if cfg.cache else ex
@@ -161,12 +170,20 @@ def build_finetune_task(
         init_params=lambda abstract: init_trainable(sd, cfg, init_key, abstract),
         key=jax.random.fold_in(root, 1), loss_fn=make_finetune_loss(sd, cfg, text_prior),
         data=data,
-        compat=finetune_compat(sd, cfg, batch_size=batch_size, seed=seed,
-                               dreambooth=class_examples is not None,
-                               example_shape=np.shape(examples["pixel_values"])[1:],
-                               text_prior=text_prior),
+        compat=dict(finetune_compat(sd, cfg, batch_size=batch_size, seed=seed,
+                                    dreambooth=class_examples is not None,
+                                    example_shape=np.shape(examples["pixel_values"])[1:],
+                                    text_prior=text_prior),
+                    **({} if not masked else {"loss_mask": _masks_digest(prepared)})),
         hyperparams=dict(hyperparams or {}), periodic=tuple(periodic), config_json=config_json,
         finish=finish, frozen=frozen_params(sd, cfg))
+
+
+def _masks_digest(prepared: Mapping[str, Mapping[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(prepared):
+        h.update(np.ascontiguousarray(prepared[name]["loss_mask"], np.float32).tobytes())
+    return h.hexdigest()
 
 
 def _check_examples(sd: StableDiffusion, name: str, ex: Mapping[str, Any],
