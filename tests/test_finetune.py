@@ -663,3 +663,41 @@ def test_word_prior_examples_and_their_masked_loss(tiny, tmp_path):
     got, aux = loss_fn(params, zero, jax.random.key(1), task.frozen)
     assert np.isfinite(float(full)) and float(aux["prior_loss"]) == 0.0
     assert float(got) == pytest.approx(float(aux["instance_loss"]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_text_prior_and_word_prior(tiny, tmp_path):
+    from PIL import Image
+
+    from experiments import finetune_sd
+
+    model, sd = tiny
+    data = _image_folder(tmp_path / "dog", n=2)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 255
+    Image.fromarray(m).save(mask)
+    args = ["--model", model, "--data", data,
+            "--config=" + finetune_sd.DEFAULT_CONFIG + ":dreambooth_lora",
+            "--config.dreambooth.class_prompts=('a dog', 'a cat')",
+            "--config.dreambooth.num_class_images=2", "--config.dreambooth.num_inference_steps=2",
+            "--config.training.num_steps=2", "--config.training.batch_size=1",
+            "--config.validation.every=0", "--config.lora.rank=2", "--config.export=False"]
+    work = str(tmp_path / "db")
+    summary = finetune_sd.main(args + [
+        "--workdir", work, "--config.train_text_encoder=True", "--config.text_prior.word=boxed",
+        "--config.dreambooth.word_prior=boxed", f"--config.dreambooth.word_prior_mask={mask}"])
+    assert summary["end_step"] == 2 and np.isfinite(summary["loss"])
+    # the run is bound to its text prior: without it, the workdir is another run's
+    with pytest.raises(IncompatibleCheckpointError, match="text_prior.*missing"):
+        finetune_sd.main(args + ["--workdir", work, "--config.train_text_encoder=True"])
+    for bad, message in (
+            (["--config.text_prior.word=boxed"], "train_text_encoder=True"),
+            (["--config.dreambooth.word_prior=boxed"], "go together"),
+            (["--config.dreambooth.word_prior=boxed",
+              f"--config.dreambooth.word_prior_mask={tmp_path / 'none.png'}"], "not a file"),
+            (["--config.train_text_encoder=True", "--config.text_prior.word=boxed",
+              "--config.text_prior.weight=0"], "text_prior.weight")):
+        with pytest.raises(ConfigError, match=message):
+            finetune_sd.main(args + ["--workdir", str(tmp_path / "bad")] + bad)
+    assert not (tmp_path / "bad").exists()
