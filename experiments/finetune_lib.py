@@ -100,6 +100,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                               "(an image file) go together")
         if d.word_prior_mask and not os.path.isfile(d.word_prior_mask):
             raise ConfigError(f"dreambooth.word_prior_mask {d.word_prior_mask!r} is not a file")
+    if not d.enabled and (d.word_prior or d.word_prior_mask):
+        raise ConfigError("dreambooth.word_prior trains on DreamBooth's class images: it needs "
+                          "dreambooth.enabled (a dreambooth_* preset)")
     tp = c.text_prior
     if not isinstance(tp.word, str):
         raise ConfigError(f"text_prior.word must be a string (\"\": off), got {tp.word!r}")
@@ -129,14 +132,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     finetune_config(config, "epsilon")
 
 
-def _with_word_prior(sd, class_examples: dict, word: str, mask_path: str) -> dict:
-    """The class examples with their word-prior copies (``dreambooth.word_prior``): the mask
-    image read as grayscale in [0, 1], at the images' size, averaged to the latent grid."""
+def _word_prior_mask(sd, mask_path: str, size) -> np.ndarray:
+    """``dreambooth.word_prior_mask`` read as grayscale in [0, 1], checked against the images'
+    ``size`` (H, W) and averaged to the latent grid."""
     from PIL import Image
 
-    from jaxdiff.finetune import resize_mask, with_word_prior
+    from jaxdiff.finetune import resize_mask
 
-    size = np.shape(class_examples["pixel_values"])[1:3]
     try:
         with Image.open(mask_path) as im:
             mask = np.asarray(im.convert("L"), np.float32) / 255.0
@@ -146,10 +148,8 @@ def _with_word_prior(sd, class_examples: dict, word: str, mask_path: str) -> dic
         raise ConfigError(f"dreambooth.word_prior_mask {mask_path!r} is {mask.shape[1]}x"
                           f"{mask.shape[0]}; the training images are {size[1]}x{size[0]}")
     f = sd.vae_scale_factor
-    latent = config_check("dreambooth.word_prior_mask: ", resize_mask, mask,
-                          (size[0] // f, size[1] // f))
-    return config_check("dreambooth.word_prior: ", with_word_prior, sd, class_examples, word,
-                        latent)
+    return config_check("dreambooth.word_prior_mask: ", resize_mask, mask,
+                        (size[0] // f, size[1] // f))
 
 
 def _load_model(model: str):
@@ -271,10 +271,14 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         text_prior = config_check("text_prior.", make_text_prior, sd, c.text_prior.word,
                                   tp_prompts, weight=c.text_prior.weight,
                                   batch=c.text_prior.batch)
+    word_prior = None
+    if d.enabled and d.word_prior.strip():
+        word_prior = (d.word_prior, _word_prior_mask(sd, d.word_prior_mask,
+                                                     np.shape(examples["pixel_values"])[1:3]))
     compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
                              dreambooth=d.enabled,
                              example_shape=np.shape(examples["pixel_values"])[1:],
-                             text_prior=text_prior)
+                             text_prior=text_prior, word_prior=word_prior)
     n = len(examples["pixel_values"])
     if t.batch_size > n:
         raise ConfigError(f"training.batch_size {t.batch_size} is larger than the {n} image(s) "
@@ -296,15 +300,12 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         class_examples, _ = _read_examples(config, sd, class_dir, d.class_prompt or None,
                                            "dreambooth.class_data_dir",
                                            caption_source="txt" if d.class_prompts else None)
-        if d.word_prior.strip():
-            class_examples = _with_word_prior(sd, class_examples, d.word_prior,
-                                              d.word_prior_mask)
     task = config_check(
         "", build_finetune_task, sd, cfg, examples, class_examples=class_examples,
         batch_size=t.batch_size, seed=c.seed,
         periodic=[Periodic("grid", v.every if prompts else 0, write_grid)], finish=finish,
         config_json=config.to_json(indent=2), hyperparams=train_lib.resume_hyperparams(config),
-        text_prior=text_prior)
+        text_prior=text_prior, word_prior=word_prior)
     from jaxdiff.training import fit
 
     return fit(settings, task, mesh=mesh)

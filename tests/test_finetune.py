@@ -650,10 +650,13 @@ def test_word_prior_examples_and_their_masked_loss(tiny, tmp_path):
     # in a DreamBooth task: the instances get all-ones masks, the masked copies count only
     # where their mask is on
     cfg = FinetuneConfig(mode="lora", rank=2)
-    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, class_examples=out)
+    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, class_examples=ex,
+                               word_prior=("boxed", mask))
     batch = next(task.data(None))
     assert batch["loss_mask"].shape == (4, h, h, 1) and batch["loss_mask"][:2].min() == 1
-    assert "loss_mask" in task.compat
+    assert task.compat["word_prior"]["word"] == "boxed"
+    with pytest.raises(ValueError, match="class_examples"):
+        build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, word_prior=("boxed", mask))
     params = jax.tree.map(lambda x: x + 0.01, task.init_params(False))
     loss_fn = jax.jit(make_finetune_loss(sd, cfg))
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -688,6 +691,12 @@ def test_cli_text_prior_and_word_prior(tiny, tmp_path):
         "--workdir", work, "--config.train_text_encoder=True", "--config.text_prior.word=boxed",
         "--config.dreambooth.word_prior=boxed", f"--config.dreambooth.word_prior_mask={mask}"])
     assert summary["end_step"] == 2 and np.isfinite(summary["loss"])
+    # the same settings resume it
+    resumed = finetune_sd.main([a for a in args if "num_steps" not in a] + [
+        "--config.training.num_steps=3", "--workdir", work, "--config.train_text_encoder=True",
+        "--config.text_prior.word=boxed", "--config.dreambooth.word_prior=boxed",
+        f"--config.dreambooth.word_prior_mask={mask}"])
+    assert resumed["start_step"] == 2 and resumed["end_step"] == 3
     # the run is bound to its text prior: without it, the workdir is another run's
     with pytest.raises(IncompatibleCheckpointError, match="text_prior.*missing"):
         finetune_sd.main(args + ["--workdir", work, "--config.train_text_encoder=True"])
@@ -697,7 +706,9 @@ def test_cli_text_prior_and_word_prior(tiny, tmp_path):
             (["--config.dreambooth.word_prior=boxed",
               f"--config.dreambooth.word_prior_mask={tmp_path / 'none.png'}"], "not a file"),
             (["--config.train_text_encoder=True", "--config.text_prior.word=boxed",
-              "--config.text_prior.weight=0"], "text_prior.weight")):
+              "--config.text_prior.weight=0"], "text_prior.weight"),
+            (["--config.dreambooth.enabled=False", "--config.dreambooth.word_prior=boxed",
+              f"--config.dreambooth.word_prior_mask={mask}"], "needs dreambooth.enabled")):
         with pytest.raises(ConfigError, match=message):
             finetune_sd.main(args + ["--workdir", str(tmp_path / "bad")] + bad)
     assert not (tmp_path / "bad").exists()

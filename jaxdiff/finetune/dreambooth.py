@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxdiff.data.iterator import DataSource
+from jaxdiff.finetune.text_prior import prepend_word
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.stable_diffusion import generate
 from jaxdiff.validation import check_int
@@ -158,18 +159,12 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
         shape than the latent grid, values outside ``[0, 1]``) or ``examples`` (a prompt that
         leaves too little padding, missing keys).
     """
-    if not isinstance(word, str) or not word.strip():
-        raise ValueError(f"word must be a non-empty string, got {word!r}")
     missing = {"pixel_values", "input_ids"} - set(examples)
     if missing:
         raise ValueError(f"examples need {sorted(missing)}, got {sorted(examples)}")
     ids = np.asarray(examples["input_ids"])
-    n, length = ids.shape
-    tok = sd.tokenizer([word.strip()], padding="max_length", truncation=True).input_ids[0]
-    eos = int(sd.tokenizer.eos_token_id)
-    k = int(np.argmax(np.asarray(tok[1:]) == eos))
-    if k < 1 or k >= length - 2:
-        raise ValueError(f"word {word!r} must take 1 to {length - 3} tokens, got {k}")
+    shifted, _ = prepend_word(sd, ids, word, "examples['input_ids']")
+    n = len(ids)
     factor = sd.vae_scale_factor
     h, w = (int(x) // factor for x in np.shape(examples["pixel_values"])[1:3])
     mask = np.asarray(mask, np.float32)
@@ -177,13 +172,6 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
         raise ValueError(f"mask must be the latent grid's shape {(h, w)}, got {mask.shape}")
     if not np.all((mask >= 0) & (mask <= 1)):
         raise ValueError("mask values must lie in [0, 1]")
-    # the prompt's last k positions must be padding (after its end token)
-    ends = np.argmax(ids[:, 1:] == eos, axis=1) + 1
-    if np.any(ends + k >= length):
-        raise ValueError(f"examples: a prompt leaves fewer than {k} padding tokens for the "
-                         f"word {word!r} (shorten the class prompts)")
-    shifted = np.concatenate([ids[:, :1], np.tile(np.asarray(tok[1:1 + k]), (n, 1)),
-                              ids[:, 1:length - k]], axis=1).astype(ids.dtype)
     out = {key: np.concatenate([v, v]) for key, v in examples.items() if key != "input_ids"}
     out["input_ids"] = np.concatenate([ids, shifted])
     out["loss_mask"] = np.concatenate([np.ones((n, h, w, 1), np.float32),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -27,7 +27,7 @@ from flax.traverse_util import flatten_dict
 
 from jaxdiff.data.iterator import BatchIterator
 from jaxdiff.finetune.cache import cache_examples
-from jaxdiff.finetune.dreambooth import PairedIterator, with_prior_flag
+from jaxdiff.finetune.dreambooth import PairedIterator, with_prior_flag, with_word_prior
 from jaxdiff.finetune.loss import make_finetune_loss
 from jaxdiff.finetune.modes import (FinetuneConfig, finetuned_pipeline, frozen_params,
                                     init_trainable, lora_patterns)
@@ -67,15 +67,25 @@ def model_identity(sd: StableDiffusion, values_per_leaf: int = 16) -> str:
 
 def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int, seed: int,
                     dreambooth: bool, example_shape: Sequence[int],
-                    text_prior: Optional[TextPrior] = None) -> Dict[str, Any]:
+                    text_prior: Optional[TextPrior] = None,
+                    word_prior: Optional[Tuple[str, np.ndarray]] = None) -> Dict[str, Any]:
     """What a checkpoint of the run must match to be resumed (JSON-able): the model's
     :func:`model_identity`, the mode, the LoRA's rank / alpha / targets, whether the text encoder
-    trains, caching, DreamBooth, the batch, the seed, the examples' shape, and the text prior
-    (its prompts' tokens, weight and batch; the key is absent without one)."""
-    extra = {} if text_prior is None else {"text_prior": {
-        "tokens": hashlib.sha256(np.asarray(text_prior.input_ids, np.int32).tobytes()).hexdigest(),
-        "offset": int(text_prior.offset), "weight": float(text_prior.weight),
-        "batch": int(text_prior.batch)}}
+    trains, caching, DreamBooth, the batch, the seed, the examples' shape, the text prior (its
+    prompts' tokens, weight and batch) and the word prior (its word and mask); each prior's key
+    is absent without it."""
+    def digest(a):
+        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+    extra = {}
+    if text_prior is not None:
+        extra["text_prior"] = {
+            "tokens": digest(np.asarray(text_prior.input_ids, np.int32)),
+            "offset": int(text_prior.offset), "weight": float(text_prior.weight),
+            "batch": int(text_prior.batch)}
+    if word_prior is not None:
+        extra["word_prior"] = {"word": str(word_prior[0]).strip(),
+                               "mask": digest(np.asarray(word_prior[1], np.float32))}
     return {**extra,
         "model": model_identity(sd), "mode": cfg.mode,
         "train_text_encoder": cfg.train_text_encoder,
@@ -105,6 +115,7 @@ def build_finetune_task(
     config_json: Optional[str] = None,
     hyperparams: Optional[Mapping[str, Any]] = None,
     text_prior: Optional[TextPrior] = None,
+    word_prior: Optional[Tuple[str, np.ndarray]] = None,
 ) -> TrainTask:
     """The :class:`~jaxdiff.training.TrainTask` of a fine-tuning run.
 
@@ -123,6 +134,8 @@ def build_finetune_task(
       periodic, finish, config_json, hyperparams: passed to the task as they are.
       text_prior: a :class:`~jaxdiff.finetune.TextPrior` added to the loss (needs
         ``cfg.train_text_encoder``), or None.
+      word_prior: ``(word, mask [h, w])``: the class examples get their
+        :func:`~jaxdiff.finetune.with_word_prior` copies (needs ``class_examples``), or None.
 
     Returns:
       The task: ``init_params`` the trainable tree, ``frozen`` the frozen one, ``loss_fn`` of
@@ -136,6 +149,10 @@ def build_finetune_task(
     """
     batch_size = check_int("batch_size", batch_size, 1)
     seed = check_int("seed", seed, 0)
+    if word_prior is not None:
+        if class_examples is None:
+            raise ValueError("word_prior needs class_examples (DreamBooth's class images)")
+        class_examples = with_word_prior(sd, dict(class_examples), *word_prior)
     sets = {"examples": examples}
     if class_examples is not None:
         sets["class_examples"] = class_examples
@@ -170,20 +187,12 @@ def build_finetune_task(
         init_params=lambda abstract: init_trainable(sd, cfg, init_key, abstract),
         key=jax.random.fold_in(root, 1), loss_fn=make_finetune_loss(sd, cfg, text_prior),
         data=data,
-        compat=dict(finetune_compat(sd, cfg, batch_size=batch_size, seed=seed,
-                                    dreambooth=class_examples is not None,
-                                    example_shape=np.shape(examples["pixel_values"])[1:],
-                                    text_prior=text_prior),
-                    **({} if not masked else {"loss_mask": _masks_digest(prepared)})),
+        compat=finetune_compat(sd, cfg, batch_size=batch_size, seed=seed,
+                               dreambooth=class_examples is not None,
+                               example_shape=np.shape(examples["pixel_values"])[1:],
+                               text_prior=text_prior, word_prior=word_prior),
         hyperparams=dict(hyperparams or {}), periodic=tuple(periodic), config_json=config_json,
         finish=finish, frozen=frozen_params(sd, cfg))
-
-
-def _masks_digest(prepared: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(prepared):
-        h.update(np.ascontiguousarray(prepared[name]["loss_mask"], np.float32).tobytes())
-    return h.hexdigest()
 
 
 def _check_examples(sd: StableDiffusion, name: str, ex: Mapping[str, Any],

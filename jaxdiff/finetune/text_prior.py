@@ -21,7 +21,7 @@ the base one (its states precomputed once). Added to the denoising loss with a w
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ from jaxdiff.pipelines.pipeline_args import prompt_tokens
 from jaxdiff.pipelines.sd_program import embed_tokens
 from jaxdiff.validation import check_float, check_int
 
-__all__ = ["TextPrior", "make_text_prior", "text_prior_loss"]
+__all__ = ["TextPrior", "make_text_prior", "text_prior_loss", "prepend_word"]
 
 
 class TextPrior(NamedTuple):
@@ -61,36 +61,53 @@ def make_text_prior(sd: StableDiffusion, word: str, prompts: Sequence[str], *,
 
     Raises:
       ValueError: naming ``word`` (empty, or as long as the tokenizer's length), ``prompts``
-        (empty, not strings, or one whose tokens change when the word is put in front),
+        (empty, not strings, or one that leaves too little padding for the word),
         ``weight`` (not > 0), ``batch`` (< 1), or ``sd`` (an SDXL model).
     """
     if sd.is_sdxl:
         raise ValueError("sd: the text prior is for SD 1.x / 2.x models (one text encoder)")
-    if not isinstance(word, str) or not word.strip():
-        raise ValueError(f"word must be a non-empty string, got {word!r}")
     prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompts must be non-empty strings, got {prompts!r}")
     weight = check_float("weight", weight, minimum=0.0, exclusive_minimum=True)
     batch = check_int("batch", batch, 1)
-    word = word.strip()
     plain = prompt_tokens(sd, prompts, "prompts")
-    withw = prompt_tokens(sd, [f"{word} {p}" for p in prompts], "prompts")
-    alone = prompt_tokens(sd, [word], "word")[0]
+    withw, k = prepend_word(sd, plain, word, "prompts")
     length = plain.shape[1]
-    eos = int(sd.tokenizer.eos_token_id)
-    k = int(np.argmax(alone[1:] == eos))            # the word's tokens between BOS and EOS
-    if k < 1 or k >= length - 2:
-        raise ValueError(f"word {word!r} must take 1 to {length - 3} tokens, got {k}")
-    for i, p in enumerate(prompts):
-        if not np.array_equal(withw[i, 1:1 + k], alone[1:1 + k]) or not np.array_equal(
-                withw[i, 1 + k:], plain[i, 1:length - k]):
-            raise ValueError(f"prompts[{i}] {p!r}: its tokens change when {word!r} is put in "
-                             "front (or it fills the tokenizer's length); shorten it")
     base = embed_tokens(sd.text_config, jnp.float32, sd.params["text_encoder"],
                         jnp.asarray(plain, jnp.int32))
     target = np.asarray(base[:, 1:length - k], np.float32)
     return TextPrior(np.asarray(withw, np.int32), target, k, float(weight), batch)
+
+
+def prepend_word(sd: StableDiffusion, input_ids: np.ndarray, word: str,
+                 name: str = "input_ids") -> Tuple[np.ndarray, int]:
+    """``(ids [N, L], k)``: ``input_ids [N, L]`` (as the tokenizer pads them) with ``word``'s
+    ``k`` tokens after the start token and each prompt's tokens moved right by ``k`` (the
+    tokens of ``word + " " + prompt``: CLIP's BPE splits at spaces).
+
+    Raises:
+      ValueError: naming ``word`` (empty, or too long for the tokenizer's length) or
+        ``name[i]`` (a prompt with fewer than ``k`` padding tokens after its end token).
+    """
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"word must be a non-empty string, got {word!r}")
+    ids = np.asarray(input_ids)
+    n, length = ids.shape
+    eos = int(sd.tokenizer.eos_token_id)
+    alone = np.asarray(sd.tokenizer([word.strip()], padding="max_length",
+                                    truncation=True).input_ids[0])
+    k = int(np.argmax(alone[1:] == eos))            # the word's tokens between BOS and EOS
+    if k < 1 or k >= length - 2:
+        raise ValueError(f"word {word!r} must take 1 to {length - 3} tokens, got {k}")
+    ends = np.argmax(ids[:, 1:] == eos, axis=1) + 1  # each prompt's end token
+    short = np.flatnonzero(ends + k >= length)
+    if short.size:
+        raise ValueError(f"{name}[{int(short[0])}] leaves fewer than {k} padding tokens for "
+                         f"the word {word!r} in front; shorten it")
+    out = np.concatenate([ids[:, :1], np.tile(alone[1:1 + k], (n, 1)), ids[:, 1:length - k]],
+                         axis=1)
+    return out.astype(ids.dtype), k
 
 
 def text_prior_loss(text_config, text_params, prior: TextPrior, key: jax.Array) -> jax.Array:
