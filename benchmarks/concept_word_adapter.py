@@ -1,0 +1,252 @@
+"""A probe for issue 25's composition target: an adapter of the UNet's cross-attention that only a
+DreamBooth word written in front of the prompt switches on ("boxed a handwritten seven").
+
+Why. CLIP attends causally, so the word's hidden states at positions ``1 .. k`` are the same in
+every prompt (``benchmarks/concept_word_encoding.py``). A LoRA on the UNet's projections changes
+how *every* token is read; this adapter adds a path that only the word's presence opens, so what
+it carries cannot depend on the digit. Two forms, per cross-attention layer (``attn2``):
+
+- ``decoupled`` (IP-Adapter's decoupled cross-attention): learnt keys ``K [k + 1, C]`` and values
+  ``V [k, C]`` (plus a null value of zero), attended by the layer's own queries in a softmax of
+  their own and added to the layer's output through its output projection (no bias)::
+
+      attn2'(x, c) = attn2(x, c) + g(c) * to_out(softmax(q K^T / sqrt(d)) [V; 0])   (per head)
+
+- ``bias``: learnt biases ``[k, C]`` added to the layer's keys and values at positions
+  ``1 .. k`` (the word's own keys and values, freely; they compete with the prompt's tokens in
+  one softmax).
+
+``g(c)`` is 1 for an example whose context holds the word's states at positions ``1 .. k`` (relative
+squared distance below 1e-3: the same encoder gives the same states), 0 otherwise: plain prompts
+and the unconditional branch are untouched. The values (biases) start at zero: the adapter
+starts as the identity.
+
+The adapter joins a run of ``experiments.finetune_sd`` (its trainable tree gets
+``"word_adapter"``; the loss runs under ``flax.linen.intercept_methods``; ``--unet_lora`` also
+trains the run's UNet LoRA, otherwise that LoRA is held at zero) and is written to
+``WORKDIR/word_adapter.npz`` with the word's states from the trained text encoder; ``eval`` runs
+``experiments.eval_concept`` with it::
+
+    python -m benchmarks.concept_word_adapter train --word boxed --mode decoupled --unet_lora \\
+        -- --model runs/lm_vpred/diffusers --data runs/boxed_prefix_0357 --workdir runs/wa \\
+        --config=experiments/configs/finetune_sd.py:dreambooth_lora ...
+    python -m benchmarks.concept_word_adapter eval --adapter runs/wa/word_adapter.npz \\
+        -- --model runs/lm_vpred/diffusers --lora runs/wa/pytorch_lora_weights.safetensors \\
+        --concept_digits 0,3,5,7 --word_position before ...
+
+A probe, not a library feature: the adapter is not a diffusers format, and the gate reads the
+context instead of the token ids. Results: ``benchmarks/results/cpu/concept_word_adapter.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from typing import Any, Callable, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("decoupled", "bias")
+GATE_TOLERANCE = 1e-3
+
+
+def word_states(sd, text_params, word: str) -> jax.Array:
+    """``[k, D]`` float32: the text encoder's states of ``word``'s ``k`` tokens after the start
+    token (the same in front of any prompt: causal attention)."""
+    from jaxdiff.pipelines.sd_program import embed_tokens
+
+    ids = np.asarray(sd.tokenizer([word], padding="max_length", truncation=True).input_ids)
+    k = int(np.argmax(ids[0, 1:] == sd.tokenizer.eos_token_id))
+    if k < 1:
+        raise ValueError(f"word {word!r} has no tokens")
+    states = embed_tokens(sd.text_config, jnp.float32, text_params, jnp.asarray(ids, jnp.int32))
+    return states[0, 1:1 + k]
+
+
+def word_gate(context: jax.Array, states: jax.Array) -> jax.Array:
+    """``[B]`` float32: 1 where ``context [B, S, D]`` holds ``states [k, D]`` at positions
+    ``1 .. k`` (relative squared distance < :data:`GATE_TOLERANCE`), else 0."""
+    k = states.shape[0]
+    seg = context[:, 1:1 + k].astype(jnp.float32)
+    dist = jnp.sum(jnp.square(seg - states[None]), axis=(1, 2)) / jnp.sum(jnp.square(states))
+    return (dist < GATE_TOLERANCE).astype(jnp.float32)
+
+
+def cross_attention_widths(unet_params) -> Dict[str, int]:
+    """``{path of an attn2 module: its width}`` ("/"-joined module names, as
+    ``module.scope.path``)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(unet_params)[0]:
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[-3:-1] == ["attn2", "to_q"] and names[-1] == "kernel":
+            out["/".join(names[:-2])] = int(leaf.shape[1])
+    return out
+
+
+def init_adapter(unet_params, k: int, mode: str, abstract: bool = False) -> Dict[str, Any]:
+    """The adapter at its start (zeros: the identity), per attn2 path: ``decoupled``
+    ``{"keys": [k + 1, C], "values": [k, C]}``, ``bias`` ``{"to_k": [k, C], "to_v": [k, C]}``;
+    ``abstract``: ``jax.ShapeDtypeStruct`` leaves."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    make = ((lambda s: jax.ShapeDtypeStruct(s, jnp.float32)) if abstract
+            else (lambda s: jnp.zeros(s, jnp.float32)))
+    names = (("keys", k + 1), ("values", k)) if mode == "decoupled" else (("to_k", k), ("to_v", k))
+    return {path: {n: make((rows, width)) for n, rows in names}
+            for path, width in cross_attention_widths(unet_params).items()}
+
+
+def _context_of(args, kwargs):
+    return args[1] if len(args) > 1 else kwargs.get("context")
+
+
+def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
+                     scale: float = 1.0) -> Callable:
+    """A ``flax.linen.intercept_methods`` interceptor that applies ``adapter`` (module
+    docstring) to every cross-attention layer it names, gated by :func:`word_gate` against
+    ``states``; ``scale`` multiplies the decoupled term (the bias form ignores it)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    states = jnp.asarray(states, jnp.float32)
+    k = states.shape[0]
+
+    def decoupled(next_fun, args, kwargs, context):
+        m = context.module
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or m.name != "attn2":
+            return out
+        x, c = args[0], _context_of(args, kwargs)
+        path = "/".join(m.scope.path)
+        if c is None or c.shape[1] < 1 + k or path not in adapter:
+            return out
+        p, a = m.variables["params"], adapter[path]
+        heads, width = m.heads, x.shape[-1]
+        hd = width // heads
+        q = x.astype(jnp.float32) @ p["to_q"]["kernel"].astype(jnp.float32)
+        if "bias" in p["to_q"]:
+            q = q + p["to_q"]["bias"].astype(jnp.float32)
+        q = q.reshape(*q.shape[:2], heads, hd)
+        keys = a["keys"].reshape(-1, heads, hd)
+        values = jnp.concatenate([a["values"], jnp.zeros((1, width), jnp.float32)])
+        values = values.reshape(-1, heads, hd)
+        weights = jax.nn.softmax(jnp.einsum("bthd,shd->bhts", q, keys) / jnp.sqrt(hd), axis=-1)
+        e = jnp.einsum("bhts,shd->bthd", weights, values).reshape(*q.shape[:2], width)
+        e = e @ p["to_out_0"]["kernel"].astype(jnp.float32)
+        gate = word_gate(c, states)
+        return out + (scale * gate[:, None, None] * e).astype(out.dtype)
+
+    def bias(next_fun, args, kwargs, context):
+        m = context.module
+        out = next_fun(*args, **kwargs)
+        parent = m.parent
+        if (context.method_name != "__call__" or m.name not in ("to_k", "to_v")
+                or getattr(parent, "name", None) != "attn2"):
+            return out
+        c = args[0]
+        path = "/".join(parent.scope.path)
+        if c.shape[1] < 1 + k or path not in adapter:
+            return out
+        gate = word_gate(c, states)
+        add = gate[:, None, None] * adapter[path][m.name][None]
+        return out.at[:, 1:1 + k].add(add.astype(out.dtype))
+
+    return decoupled if mode == "decoupled" else bias
+
+
+def save_adapter(path: str, adapter: Dict[str, Any], states, mode: str) -> None:
+    """``adapter``, the word's ``states`` and ``mode`` in one ``.npz``."""
+    flat = {f"adapter:{p}|{n}": np.asarray(v) for p, d in adapter.items() for n, v in d.items()}
+    np.savez(path, states=np.asarray(states), mode=np.asarray(mode), **flat)
+
+
+def load_adapter(path: str) -> Tuple[Dict[str, Any], jax.Array, str]:
+    """``(adapter, states, mode)`` from :func:`save_adapter`'s file."""
+    z = np.load(path)
+    adapter: Dict[str, Any] = {}
+    for key in z.files:
+        if key.startswith("adapter:"):
+            p, n = key[len("adapter:"):].split("|")
+            adapter.setdefault(p, {})[n] = jnp.asarray(z[key])
+    return adapter, jnp.asarray(z["states"]), str(z["mode"])
+
+
+def train(word: str, mode: str, unet_lora: bool, argv) -> None:
+    """``experiments.finetune_sd`` with the adapter in its trainable tree (module docstring)."""
+    from experiments import finetune_lib
+    from jaxdiff.finetune import task as task_mod
+    from jaxdiff.finetune.modes import model_params
+
+    init_trainable, make_loss = task_mod.init_trainable, task_mod.make_finetune_loss
+
+    def with_adapter(sd, cfg, key, abstract=False):
+        if cfg.mode != "lora" or not cfg.train_text_encoder:
+            raise SystemExit("the probe runs LoRA mode with train_text_encoder=True")
+        k = int(word_states(sd, sd.params["text_encoder"], word).shape[0])
+        return dict(init_trainable(sd, cfg, key, abstract),
+                    word_adapter=init_adapter(sd.params["unet"], k, mode, abstract))
+
+    def adapted_loss(sd, cfg, text_prior=None):
+        base = make_loss(sd, cfg, text_prior)
+
+        def loss_fn(params, batch, key, frozen):
+            p = {n: v for n, v in params.items() if n != "word_adapter"}
+            if not unet_lora:   # held at its start (up = 0): no change to the UNet
+                p["unet"] = jax.lax.stop_gradient(p["unet"])
+            states = word_states(sd, model_params(p, frozen, cfg)["text_encoder"], word)
+            with nn.intercept_methods(make_interceptor(params["word_adapter"], states, mode)):
+                return base(p, batch, key, frozen)
+        return loss_fn
+
+    export = finetune_lib.export_finetuned
+
+    def export_with_adapter(workdir, sd, cfg, params):
+        p = {n: v for n, v in params.items() if n != "word_adapter"}
+        te = model_params(p, {"text_encoder": sd.params["text_encoder"],
+                              "unet": sd.params["unet"]}, cfg)["text_encoder"]
+        if jax.process_index() == 0:
+            save_adapter(os.path.join(workdir, "word_adapter.npz"), params["word_adapter"],
+                         word_states(sd, te, word), mode)
+        return export(workdir, sd, cfg, p)
+
+    task_mod.init_trainable, task_mod.make_finetune_loss = with_adapter, adapted_loss
+    finetune_lib.export_finetuned = export_with_adapter
+    sys.argv = ["experiments.finetune_sd", *argv]
+    runpy.run_module("experiments.finetune_sd", run_name="__main__")
+
+
+def evaluate(adapter_path: str, scale: float, argv) -> None:
+    """``experiments.eval_concept`` with the adapter applied to every model it runs (the base
+    model's text encoder gives other states for the word: its gate stays shut)."""
+    adapter, states, mode = load_adapter(adapter_path)
+    sys.argv = ["experiments.eval_concept", *argv]
+    with nn.intercept_methods(make_interceptor(adapter, states, mode, scale)):
+        runpy.run_module("experiments.eval_concept", run_name="__main__")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--word", required=True)
+    t.add_argument("--mode", choices=MODES, default="decoupled")
+    t.add_argument("--unet_lora", action="store_true", help="also train the run's UNet LoRA")
+    e = sub.add_parser("eval")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--scale", type=float, default=1.0)
+    a = ap.parse_args(own)
+    if a.cmd == "train":
+        train(a.word, a.mode, a.unet_lora, rest)
+    else:
+        evaluate(a.adapter, a.scale, rest)
+
+
+if __name__ == "__main__":
+    main()

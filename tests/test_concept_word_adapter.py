@@ -1,0 +1,138 @@
+"""benchmarks/concept_word_adapter.py: the word-gated cross-attention adapter is the identity at
+its start, touches only examples whose context holds the word's states, computes the decoupled
+attention of its docstring, and in its bias form equals moving the word's states."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import concept_word_adapter as wa
+from jaxdiff.models import UNet, UNetConfig, init_unet
+from jaxdiff.models.attention import MultiHeadAttention
+
+K = 2   # the word's tokens
+
+
+@pytest.fixture(scope="module")
+def unet():
+    cfg = UNetConfig(in_channels=4, out_channels=4, block_channels=(8, 16), layers_per_block=1,
+                     attention=(None, "cross"), mid_attention="cross", num_heads=2,
+                     context_dim=8, norm_groups=4)
+    params = init_unet(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(2), (2, 5, 8))
+    states = ctx[0, 1:1 + K]         # example 0 holds the word, example 1 does not
+
+    def run(p, c, adapter=None, mode="decoupled"):
+        def f():
+            return UNet(cfg).apply({"params": p}, x, jnp.array([3, 500]), context=c)
+        if adapter is None:
+            return f()
+        with nn.intercept_methods(wa.make_interceptor(adapter, states, mode)):
+            return f()
+
+    return params, ctx, states, run
+
+
+def _random(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.slow
+def test_gate_paths_and_shapes(unet):
+    params, ctx, states, _ = unet
+    np.testing.assert_array_equal(wa.word_gate(ctx, states), [1.0, 0.0])
+    np.testing.assert_array_equal(wa.word_gate(ctx.at[0, 2].add(0.5), states), [0.0, 0.0])
+    paths = wa.cross_attention_widths(params)
+    assert len(paths) == 4 and all(p.endswith("/attn2") for p in paths)   # down, mid, up x2
+    dec, bias = wa.init_adapter(params, K, "decoupled"), wa.init_adapter(params, K, "bias")
+    for p, width in paths.items():
+        assert dec[p]["keys"].shape == (K + 1, width) and dec[p]["values"].shape == (K, width)
+        assert bias[p]["to_k"].shape == bias[p]["to_v"].shape == (K, width)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        wa.init_adapter(params, K, "lora")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", wa.MODES)
+def test_identity_at_start_and_only_the_gated_example_moves(unet, mode):
+    params, ctx, _, run = unet
+    plain = run(params, ctx)
+    start = wa.init_adapter(params, K, mode)
+    np.testing.assert_array_equal(run(params, ctx, start, mode), plain)
+    moved = run(params, ctx, _random(start, 3), mode)
+    np.testing.assert_array_equal(moved[1], plain[1])
+    assert float(jnp.max(jnp.abs(moved[0] - plain[0]))) > 1e-3
+
+
+@pytest.mark.slow
+def test_bias_form_equals_moving_the_word_states(unet):
+    # to_k / to_v have no bias in the transformer blocks: a bias W d on the word's keys and
+    # values is the context moved by d at the word's positions
+    params, ctx, _, run = unet
+    d = 0.3 * jax.random.normal(jax.random.key(4), (K, ctx.shape[-1]))
+    adapter = {}
+    flat = {"/".join(getattr(p, "key", str(p)) for p in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path in wa.cross_attention_widths(params):
+        assert f"{path}/to_k/bias" not in flat
+        adapter[path] = {n: d @ flat[f"{path}/{n}/kernel"] for n in ("to_k", "to_v")}
+    moved_ctx = ctx.at[0, 1:1 + K].add(d)
+    np.testing.assert_allclose(run(params, ctx, adapter, "bias"), run(params, moved_ctx),
+                               rtol=1e-4, atol=1e-5)
+
+
+class _Holder(nn.Module):
+    """One cross-attention layer named ``attn2`` (the adapter's target)."""
+
+    @nn.compact
+    def __call__(self, x, c):
+        return MultiHeadAttention(heads=2, qkv_bias=False, name="attn2")(x, c)
+
+
+@pytest.mark.slow
+def test_decoupled_term_by_hand():
+    Holder = _Holder
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    c = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    params = Holder().init(jax.random.key(2), x, c)["params"]
+    states = c[0, 1:1 + K]
+    adapter = {"attn2": {"keys": jax.random.normal(jax.random.key(3), (K + 1, 8)),
+                         "values": jax.random.normal(jax.random.key(4), (K, 8))}}
+    with nn.intercept_methods(wa.make_interceptor(adapter, states, "decoupled", scale=0.5)):
+        got = Holder().apply({"params": params}, x, c)
+    plain = Holder().apply({"params": params}, x, c)
+    p = params["attn2"]
+    q = (x[0] @ p["to_q"]["kernel"]).reshape(6, 2, 4)
+    keys = adapter["attn2"]["keys"].reshape(K + 1, 2, 4)
+    values = jnp.concatenate([adapter["attn2"]["values"], jnp.zeros((1, 8))]).reshape(K + 1, 2, 4)
+    term = np.zeros((6, 8), np.float32)
+    for h in range(2):
+        logits = np.asarray(q[:, h] @ keys[:, h].T) / 2.0          # sqrt(head_dim = 4)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        term[:, 4 * h:4 * h + 4] = w @ np.asarray(values[:, h])
+    want = plain[0] + 0.5 * term @ np.asarray(p["to_out_0"]["kernel"])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], plain[1])
+
+
+@pytest.mark.slow
+def test_adapter_gets_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+    c = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    holder = _Holder()
+    params = holder.init(jax.random.key(2), x, c)["params"]
+    start = _random({"attn2": {"keys": jnp.zeros((K + 1, 8)), "values": jnp.zeros((K, 8))}}, 5)
+
+    def loss(adapter):
+        with nn.intercept_methods(wa.make_interceptor(adapter, c[0, 1:1 + K], "decoupled")):
+            return jnp.sum(jnp.square(holder.apply({"params": params}, x, c)))
+
+    g = jax.grad(loss)(start)["attn2"]
+    assert float(jnp.max(jnp.abs(g["values"]))) > 0
+    assert float(jnp.max(jnp.abs(g["keys"]))) > 0
