@@ -175,11 +175,67 @@ def load_adapter(path: str) -> Tuple[Dict[str, Any], jax.Array, str]:
     return adapter, jnp.asarray(z["states"]), str(z["mode"])
 
 
-def train(word: str, mode: str, unet_lora: bool, argv) -> None:
-    """``experiments.finetune_sd`` with the adapter in its trainable tree (module docstring)."""
+def pixel_masked_terms(original: Callable, context: Dict[str, Any], weight: float) -> Callable:
+    """``denoising_terms`` whose masked examples (the word prior's, a partial ``mask``) are
+    scored in pixel space: the predicted ``x0`` decoded by the frozen VAE against the example's
+    image, over the mask upsampled to the image (nearest), times ``weight``. A box drawn outside
+    the digit's area then costs nothing; in latent space it does (the VAE's latents each see the
+    whole 32x32 image). ``context`` holds the step's ``sd``, ``vae`` params and
+    ``pixel_values``."""
+    from jaxdiff.finetune.loss import to_vae_channels
+    from jaxdiff.models.autoencoder import AutoencoderKL
+    from jaxdiff.models.autoencoder_latents import unscale_latents
+
+    def terms(apply_fn, schedule, latents, key, objective, *, t=None, noise=None, mask=None):
+        if mask is None:
+            return original(apply_fn, schedule, latents, key, objective, t=t, noise=noise)
+        sd, vae, images = context["sd"], context["vae"], context["pixel_values"]
+        b = latents.shape[0]
+        k_t, k_noise, _ = jax.random.split(key, 3)
+        if t is None:
+            t = jax.random.randint(k_t, (b,), 0, schedule.num_timesteps, dtype=jnp.int32)
+        if noise is None:
+            noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        seen = {}
+
+        def spy(x_t, tt):
+            seen["x_t"] = x_t
+            out = apply_fn(x_t, tt)
+            seen["pred"] = out
+            return out
+
+        losses, aux = original(spy, schedule, latents, key, objective, t=t, noise=noise)
+        abar = schedule.alphas_cumprod[t][:, None, None, None]
+        a, sig = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        x_t, pred = seen["x_t"], jnp.asarray(seen["pred"], jnp.float32)
+        x0 = a * x_t - sig * pred if objective.kind == "v" else (x_t - sig * pred) / a
+        z = unscale_latents(sd.vae_config, x0)
+        pix = AutoencoderKL(sd.vae_config).apply({"params": vae}, z, method="decode")
+        want = to_vae_channels(sd.vae_config, images)
+        m = jnp.asarray(mask, jnp.float32)[..., :1]
+        f = want.shape[1] // m.shape[1]
+        m = jnp.repeat(jnp.repeat(m, f, axis=1), f, axis=2)
+        pixel = jnp.sum(m * jnp.square(pix.astype(jnp.float32) - want), axis=(1, 2, 3)) / \
+            jnp.maximum(jnp.sum(m, axis=(1, 2, 3)) * want.shape[-1], 1e-6)
+        partial = jnp.mean(jnp.asarray(mask, jnp.float32), axis=(1, 2, 3)) < 1.0
+        return jnp.where(partial, weight * aux["weight"] * pixel, losses), aux
+
+    return terms
+
+
+def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0) -> None:
+    """``experiments.finetune_sd`` with the adapter in its trainable tree (module docstring);
+    ``pixel_prior > 0``: the word prior's examples scored in pixel space with that weight
+    (:func:`pixel_masked_terms`)."""
     from experiments import finetune_lib
+    from jaxdiff.finetune import loss as loss_mod
     from jaxdiff.finetune import task as task_mod
     from jaxdiff.finetune.modes import model_params
+
+    step_context: Dict[str, Any] = {}
+    if pixel_prior > 0:
+        loss_mod.denoising_terms = pixel_masked_terms(loss_mod.denoising_terms, step_context,
+                                                      pixel_prior)
 
     init_trainable, make_loss = task_mod.init_trainable, task_mod.make_finetune_loss
 
@@ -198,6 +254,10 @@ def train(word: str, mode: str, unet_lora: bool, argv) -> None:
             if not unet_lora:   # held at its start (up = 0): no change to the UNet
                 p["unet"] = jax.lax.stop_gradient(p["unet"])
             states = word_states(sd, model_params(p, frozen, cfg)["text_encoder"], word)
+            if pixel_prior > 0:
+                if "pixel_values" not in batch or "vae" not in frozen:
+                    raise SystemExit("--pixel_prior needs images in the step (no cache)")
+                step_context.update(sd=sd, vae=frozen["vae"], pixel_values=batch["pixel_values"])
             with nn.intercept_methods(make_interceptor(params["word_adapter"], states, mode)):
                 return base(p, batch, key, frozen)
         return loss_fn
@@ -238,12 +298,14 @@ def main(argv=None) -> None:
     t.add_argument("--word", required=True)
     t.add_argument("--mode", choices=MODES, default="decoupled")
     t.add_argument("--unet_lora", action="store_true", help="also train the run's UNet LoRA")
+    t.add_argument("--pixel_prior", type=float, default=0.0,
+                   help="> 0: score the word prior's examples in pixel space with this weight")
     e = sub.add_parser("eval")
     e.add_argument("--adapter", required=True)
     e.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args(own)
     if a.cmd == "train":
-        train(a.word, a.mode, a.unet_lora, rest)
+        train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior)
     else:
         evaluate(a.adapter, a.scale, rest)
 

@@ -136,3 +136,40 @@ def test_adapter_gets_gradients():
     g = jax.grad(loss)(start)["attn2"]
     assert float(jnp.max(jnp.abs(g["values"]))) > 0
     assert float(jnp.max(jnp.abs(g["keys"]))) > 0
+
+
+@pytest.mark.slow
+def test_pixel_prior_scores_only_partial_masks_in_pixel_space():
+    import types
+
+    from jaxdiff.finetune.objective import Objective, denoising_terms
+    from jaxdiff.models.autoencoder import AutoencoderKL, init_autoencoder
+    from jaxdiff.models.autoencoder_config import AutoencoderKLConfig
+    from jaxdiff.schedules import make_schedule
+
+    vae_cfg = AutoencoderKLConfig(in_channels=1, out_channels=1, block_channels=(8, 8),
+                                  latent_channels=2, norm_groups=4, mid_attention=False)
+    vae = init_autoencoder(vae_cfg, jax.random.key(0))
+    schedule = make_schedule("linear", 100)
+    latents = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+    images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 3), minval=-1, maxval=1)
+    apply_fn = lambda x, t: 0.5 * x   # noqa: E731
+    obj = Objective(prediction_type="v_prediction")
+    ctx = {"sd": types.SimpleNamespace(vae_config=vae_cfg), "vae": vae, "pixel_values": images}
+    terms = wa.pixel_masked_terms(denoising_terms, ctx, weight=2.0)
+    key = jax.random.key(3)
+    plain, _ = denoising_terms(apply_fn, schedule, latents, key, obj)
+    np.testing.assert_array_equal(terms(apply_fn, schedule, latents, key, obj)[0], plain)
+    mask = jnp.ones((3, 4, 4, 1)).at[1, :2].set(0.0)     # example 1: its top half free
+    got, aux = terms(apply_fn, schedule, latents, key, obj, mask=mask)
+    np.testing.assert_array_equal(np.asarray(got)[[0, 2]], np.asarray(plain)[[0, 2]])
+    t = aux["t"]
+    noise = jax.random.normal(jax.random.split(key, 3)[1], latents.shape)
+    abar = schedule.alphas_cumprod[t[1]]
+    x_t = jnp.sqrt(abar) * latents[1] + jnp.sqrt(1 - abar) * noise[1]
+    x0 = jnp.sqrt(abar) * x_t - jnp.sqrt(1 - abar) * apply_fn(x_t, None)
+    z = x0 / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
+    pix = AutoencoderKL(vae_cfg).apply({"params": vae}, z[None], method="decode")[0]
+    want = jnp.mean(images[1], axis=-1, keepdims=True)
+    err = np.asarray(jnp.square(pix - want))[4:]        # the bottom half: mask rows 2, 3 x 2
+    np.testing.assert_allclose(got[1], 2.0 * err.mean(), rtol=1e-4)
