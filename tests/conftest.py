@@ -42,6 +42,26 @@ import pytest  # noqa: E402
 _PARITY_DIR = pathlib.Path(__file__).resolve().parent / "parity"
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for one test module (a fresh directory, every compilation written):
+    a module whose tests compile the same programs again (a resumed run, the reference run, a
+    second command line on the same model) reads them back instead. Yields the directory; JAX's
+    settings are restored after the module. Use it with
+    ``pytestmark = pytest.mark.usefixtures("compilation_cache")``."""
+    import jax
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield jax.config.jax_compilation_cache_dir
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--parity-ratios", metavar="FILE", default=None,

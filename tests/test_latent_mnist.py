@@ -30,18 +30,7 @@ TINY = ["--config.vae.model.block_channels=(8,8,8)", "--config.vae.model.norm_gr
         "--config.sampling.per_prompt=1", "--config.sampling.num_steps=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module: the resumed runs reuse the first run's programs."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compilation_cache")   # tests/conftest.py
 
 
 # -- the prompt grammar ---------------------------------------------------------------------------

@@ -18,20 +18,7 @@ TINY = ["--config.model.block_channels=(8,8,8)", "--config.model.norm_groups=4",
         "--config.eval.batch_size=8", "--config.eval.grid=4", "--config.eval.num_examples=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module: the resumed and the reference runs reuse it."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compilation_cache")   # tests/conftest.py
 
 
 def _args(workdir, data_dir, num_steps):
