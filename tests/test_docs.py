@@ -27,9 +27,6 @@ import pytest
 
 import jaxdiff
 
-# the same programs compiled again (a resumed run, a second command) are read back: tests/conftest.py
-pytestmark = pytest.mark.usefixtures("compilation_cache")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))

@@ -25,9 +25,6 @@ from jaxdiff.sharding import make_mesh, replicate, shard_batch
 from jaxdiff.training import (IncompatibleCheckpointError, OptimizerConfig, TrainerSettings,
                               create_train_state, fit, make_optimizer, make_train_step)
 
-# the same programs compiled again (a resumed run, a second command) are read back: tests/conftest.py
-pytestmark = pytest.mark.usefixtures("compilation_cache")
-
 SCHED = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
 
 

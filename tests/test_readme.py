@@ -16,9 +16,6 @@ import shlex
 import numpy as np
 import pytest
 
-# the same programs compiled again (a resumed run, a second command) are read back: tests/conftest.py
-pytestmark = pytest.mark.usefixtures("compilation_cache")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 # The checkpoint folder of the quickstart; the tests put the tiny folder in its place.

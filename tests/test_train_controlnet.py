@@ -22,9 +22,6 @@ from jaxdiff.training import (Checkpointer, IncompatibleCheckpointError, Optimiz
                               TrainerSettings, abstract_train_state, fit, make_optimizer)
 from jaxdiff.validation import InvalidFileError
 
-# the same programs compiled again (a resumed run, a second command) are read back: tests/conftest.py
-pytestmark = pytest.mark.usefixtures("compilation_cache")
-
 OPT = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant")
 
 
