@@ -23,7 +23,8 @@ starts as the identity.
 
 The adapter joins a run of ``experiments.finetune_sd`` (its trainable tree gets
 ``"word_adapter"``; the loss runs under ``flax.linen.intercept_methods``; ``--unet_lora`` also
-trains the run's UNet LoRA, otherwise that LoRA is held at zero) and is written to
+trains the run's UNet LoRA, otherwise that LoRA is held at zero; ``--pixel_prior W`` scores the
+word prior's examples in pixel space, :func:`pixel_masked_terms`) and is written to
 ``WORKDIR/word_adapter.npz`` with the word's states from the trained text encoder; ``eval`` runs
 ``experiments.eval_concept`` with it::
 
@@ -57,13 +58,17 @@ GATE_TOLERANCE = 1e-3
 
 def word_states(sd, text_params, word: str) -> jax.Array:
     """``[k, D]`` float32: the text encoder's states of ``word``'s ``k`` tokens after the start
-    token (the same in front of any prompt: causal attention)."""
+    token (the same in front of any prompt: causal attention).
+
+    Raises:
+      ValueError: from :func:`jaxdiff.finetune.text_prior.prepend_word` (an empty or too long
+        ``word``).
+    """
+    from jaxdiff.finetune.text_prior import prepend_word
     from jaxdiff.pipelines.sd_program import embed_tokens
 
-    ids = np.asarray(sd.tokenizer([word], padding="max_length", truncation=True).input_ids)
-    k = int(np.argmax(ids[0, 1:] == sd.tokenizer.eos_token_id))
-    if k < 1:
-        raise ValueError(f"word {word!r} has no tokens")
+    empty = np.asarray(sd.tokenizer([""], padding="max_length", truncation=True).input_ids)
+    ids, k = prepend_word(sd, empty, word, "word")
     states = embed_tokens(sd.text_config, jnp.float32, text_params, jnp.asarray(ids, jnp.int32))
     return states[0, 1:1 + k]
 
@@ -182,6 +187,7 @@ def pixel_masked_terms(original: Callable, context: Dict[str, Any], weight: floa
     the digit's area then costs nothing; in latent space it does (the VAE's latents each see the
     whole 32x32 image). ``context`` holds the step's ``sd``, ``vae`` params and
     ``pixel_values``."""
+    from jaxdiff.diffusion import model_output_to_x0_eps
     from jaxdiff.finetune.loss import to_vae_channels
     from jaxdiff.models.autoencoder import AutoencoderKL
     from jaxdiff.models.autoencoder_latents import unscale_latents
@@ -190,25 +196,15 @@ def pixel_masked_terms(original: Callable, context: Dict[str, Any], weight: floa
         if mask is None:
             return original(apply_fn, schedule, latents, key, objective, t=t, noise=noise)
         sd, vae, images = context["sd"], context["vae"], context["pixel_values"]
-        b = latents.shape[0]
-        k_t, k_noise, _ = jax.random.split(key, 3)
-        if t is None:
-            t = jax.random.randint(k_t, (b,), 0, schedule.num_timesteps, dtype=jnp.int32)
-        if noise is None:
-            noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         seen = {}
 
-        def spy(x_t, tt):
-            seen["x_t"] = x_t
-            out = apply_fn(x_t, tt)
-            seen["pred"] = out
-            return out
+        def spy(x_t, tt):      # the step's own noisy latents and prediction
+            seen["x_t"], seen["pred"] = x_t, apply_fn(x_t, tt)
+            return seen["pred"]
 
         losses, aux = original(spy, schedule, latents, key, objective, t=t, noise=noise)
-        abar = schedule.alphas_cumprod[t][:, None, None, None]
-        a, sig = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-        x_t, pred = seen["x_t"], jnp.asarray(seen["pred"], jnp.float32)
-        x0 = a * x_t - sig * pred if objective.kind == "v" else (x_t - sig * pred) / a
+        x0, _ = model_output_to_x0_eps(schedule, seen["x_t"], aux["t"],
+                                       jnp.asarray(seen["pred"], jnp.float32), objective.kind)
         z = unscale_latents(sd.vae_config, x0)
         pix = AutoencoderKL(sd.vae_config).apply({"params": vae}, z, method="decode")
         want = to_vae_channels(sd.vae_config, images)
