@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("decoupled", "bias")
+MODES = ("decoupled", "bias", "shift")
 GATE_TOLERANCE = 1e-3
 
 
@@ -93,14 +93,20 @@ def cross_attention_widths(unet_params) -> Dict[str, int]:
     return out
 
 
-def init_adapter(unet_params, k: int, mode: str, abstract: bool = False) -> Dict[str, Any]:
+def init_adapter(unet_params, k: int, mode: str, abstract: bool = False,
+                 latent_shape=None) -> Dict[str, Any]:
     """The adapter at its start (zeros: the identity), per attn2 path: ``decoupled``
     ``{"keys": [k + 1, C], "values": [k, C]}``, ``bias`` ``{"to_k": [k, C], "to_v": [k, C]}``;
+    ``shift``: ``{"latent": {"offset": latent_shape}}`` (:func:`shifted_prediction`);
     ``abstract``: ``jax.ShapeDtypeStruct`` leaves."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     make = ((lambda s: jax.ShapeDtypeStruct(s, jnp.float32)) if abstract
             else (lambda s: jnp.zeros(s, jnp.float32)))
+    if mode == "shift":
+        if latent_shape is None:
+            raise ValueError("mode 'shift' needs latent_shape (h, w, C)")
+        return {"latent": {"offset": make(tuple(latent_shape))}}
     names = (("keys", k + 1), ("values", k)) if mode == "decoupled" else (("to_k", k), ("to_v", k))
     return {path: {n: make((rows, width)) for n, rows in names}
             for path, width in cross_attention_widths(unet_params).items()}
@@ -110,15 +116,83 @@ def _context_of(args, kwargs):
     return args[1] if len(args) > 1 else kwargs.get("context")
 
 
+def shifted_prediction(pred_fn: Callable, x_t, t, offset, gate, alphas_cumprod, kind: str):
+    """The prediction of the base distribution moved by ``offset`` in latent space, for the
+    examples where ``gate [B]`` is 1: if ``x0 ~ p`` then ``x0 + offset`` is denoised by the base
+    model at ``x_t - sqrt(abar_t) offset`` (the same noise), so ``eps`` is the base's there and
+    ``v = v_base - sqrt(1 - abar_t) offset`` (``kind`` ``"eps"`` / ``"v"``). ``pred_fn(x, t)``
+    is the base model; ``t`` ``[B]`` or a scalar (integer timesteps)."""
+    b = x_t.shape[0]
+    tt = jnp.broadcast_to(jnp.reshape(jnp.asarray(t), (-1,)), (b,)) if jnp.size(t) == 1 \
+        else jnp.reshape(jnp.asarray(t), (b,))
+    ab = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.clip(jnp.round(tt).astype(jnp.int32), 0,
+                                                            len(alphas_cumprod) - 1)]
+    g = gate.astype(jnp.float32)[:, None, None, None]
+    d = g * offset[None].astype(jnp.float32)
+    out = pred_fn((x_t.astype(jnp.float32) - jnp.sqrt(ab)[:, None, None, None] * d)
+                  .astype(x_t.dtype), t)
+    if kind == "v":
+        out = out - (jnp.sqrt(1.0 - ab)[:, None, None, None] * d).astype(out.dtype)
+    return out
+
+
 def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
-                     scale: float = 1.0) -> Callable:
+                     scale: float = 1.0, t_max: int = 0, alphas_cumprod=None,
+                     kind: str = "v", cfg_pairs: bool = False) -> Callable:
     """A ``flax.linen.intercept_methods`` interceptor that applies ``adapter`` (module
     docstring) to every cross-attention layer it names, gated by :func:`word_gate` against
-    ``states``; ``scale`` multiplies the decoupled term (the bias form ignores it)."""
+    ``states``; ``scale`` multiplies the decoupled term (the bias form ignores it).
+    ``t_max > 0``: the gate is also shut for examples whose UNet timestep is ``>= t_max`` (read
+    from the enclosing ``UNet.__call__``): the base model alone draws the noisiest steps."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from jaxdiff.models.unet import UNet
+
     states = jnp.asarray(states, jnp.float32)
     k = states.shape[0]
+    step: Dict[str, Any] = {}
+
+    def gate_of(c):
+        g = word_gate(c, states)
+        if t_max > 0:
+            if "t" not in step:
+                raise ValueError("t_max needs the adapter inside a UNet call")
+            t = jnp.reshape(jnp.asarray(step["t"]), (-1,))
+            t = jnp.broadcast_to(t, g.shape) if t.shape[0] == 1 else t
+            g = g * (t < t_max).astype(jnp.float32)
+        return g
+
+    def shift(next_fun, args, kwargs, context):
+        if not (isinstance(context.module, UNet) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        x, t = args[0], (args[1] if len(args) > 1 else kwargs["t"])
+        c = kwargs.get("context")
+        if c is None or c.shape[1] < 1 + k:
+            return next_fun(*args, **kwargs)
+        rest = {n: v for n, v in kwargs.items() if n != "t"}
+        gate = word_gate(c, states)
+        if cfg_pairs and gate.shape[0] % 2 == 0:   # [cond; null] (classifier_free_guidance)
+            h = gate.shape[0] // 2
+            gate = jnp.concatenate([gate[:h], gate[:h]])
+        return shifted_prediction(lambda xx, tt: next_fun(xx, tt, *args[2:], **rest), x, t,
+                                  scale * adapter["latent"]["offset"], gate,
+                                  alphas_cumprod, kind)
+
+    if mode == "shift":
+        if alphas_cumprod is None:
+            raise ValueError("mode 'shift' needs the schedule's alphas_cumprod")
+        return shift
+
+    def with_step(inner):
+        def intercept(next_fun, args, kwargs, context):
+            if isinstance(context.module, UNet) and context.method_name == "__call__":
+                step["t"] = args[1] if len(args) > 1 else kwargs["t"]
+                try:
+                    return next_fun(*args, **kwargs)
+                finally:
+                    step.pop("t", None)
+            return inner(next_fun, args, kwargs, context)
+        return intercept
 
     def decoupled(next_fun, args, kwargs, context):
         m = context.module
@@ -142,7 +216,7 @@ def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
         weights = jax.nn.softmax(jnp.einsum("bthd,shd->bhts", q, keys) / jnp.sqrt(hd), axis=-1)
         e = jnp.einsum("bhts,shd->bthd", weights, values).reshape(*q.shape[:2], width)
         e = e @ p["to_out_0"]["kernel"].astype(jnp.float32)
-        gate = word_gate(c, states)
+        gate = gate_of(c)
         return out + (scale * gate[:, None, None] * e).astype(out.dtype)
 
     def bias(next_fun, args, kwargs, context):
@@ -156,28 +230,37 @@ def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
         path = "/".join(parent.scope.path)
         if c.shape[1] < 1 + k or path not in adapter:
             return out
-        gate = word_gate(c, states)
+        gate = gate_of(c)
         add = gate[:, None, None] * adapter[path][m.name][None]
         return out.at[:, 1:1 + k].add(add.astype(out.dtype))
 
-    return decoupled if mode == "decoupled" else bias
+    return with_step(decoupled if mode == "decoupled" else bias)
 
 
-def save_adapter(path: str, adapter: Dict[str, Any], states, mode: str) -> None:
-    """``adapter``, the word's ``states`` and ``mode`` in one ``.npz``."""
+def save_adapter(path: str, adapter: Dict[str, Any], states, mode: str, t_max: int = 0,
+                 alphas_cumprod=None, kind: str = "v") -> None:
+    """``adapter``, the word's ``states``, ``mode``, ``t_max`` (and for ``shift`` the schedule's
+    ``alphas_cumprod`` and the prediction ``kind``) in one ``.npz``."""
     flat = {f"adapter:{p}|{n}": np.asarray(v) for p, d in adapter.items() for n, v in d.items()}
-    np.savez(path, states=np.asarray(states), mode=np.asarray(mode), **flat)
+    extra = {} if alphas_cumprod is None else {"alphas_cumprod": np.asarray(alphas_cumprod)}
+    np.savez(path, states=np.asarray(states), mode=np.asarray(mode), t_max=np.asarray(t_max),
+             kind=np.asarray(kind), **extra, **flat)
 
 
-def load_adapter(path: str) -> Tuple[Dict[str, Any], jax.Array, str]:
-    """``(adapter, states, mode)`` from :func:`save_adapter`'s file."""
+def load_adapter(path: str) -> Tuple[Dict[str, Any], jax.Array, str, int, Dict[str, Any]]:
+    """``(adapter, states, mode, t_max, shift_options)`` from :func:`save_adapter`'s file
+    (``t_max`` 0 when the file has none; ``shift_options`` ``alphas_cumprod`` / ``kind`` when
+    it has them)."""
     z = np.load(path)
     adapter: Dict[str, Any] = {}
     for key in z.files:
         if key.startswith("adapter:"):
             p, n = key[len("adapter:"):].split("|")
             adapter.setdefault(p, {})[n] = jnp.asarray(z[key])
-    return adapter, jnp.asarray(z["states"]), str(z["mode"])
+    t_max = int(z["t_max"]) if "t_max" in z.files else 0
+    opts = {n: (np.asarray(z[n]) if n == "alphas_cumprod" else str(z[n]))
+            for n in ("alphas_cumprod", "kind") if n in z.files}
+    return adapter, jnp.asarray(z["states"]), str(z["mode"]), t_max, opts
 
 
 def pixel_masked_terms(original: Callable, context: Dict[str, Any], weight: float) -> Callable:
@@ -219,10 +302,24 @@ def pixel_masked_terms(original: Callable, context: Dict[str, Any], weight: floa
     return terms
 
 
-def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0) -> None:
+def low_noise_terms(original: Callable, t_max: int) -> Callable:
+    """``denoising_terms`` whose drawn timesteps are uniform in ``[0, t_max)`` (from the key's
+    own ``t`` draw) instead of the whole schedule: the adapter gated by ``t_max`` is trained where
+    it acts."""
+    def terms(apply_fn, schedule, latents, key, objective, *, t=None, noise=None, mask=None):
+        if t is None:
+            k_t = jax.random.split(key, 3)[0]
+            t = jax.random.randint(k_t, (latents.shape[0],), 0, t_max, dtype=jnp.int32)
+        return original(apply_fn, schedule, latents, key, objective, t=t, noise=noise, mask=mask)
+    return terms
+
+
+def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0,
+          t_max: int = 0) -> None:
     """``experiments.finetune_sd`` with the adapter in its trainable tree (module docstring);
     ``pixel_prior > 0``: the word prior's examples scored in pixel space with that weight
-    (:func:`pixel_masked_terms`)."""
+    (:func:`pixel_masked_terms`); ``t_max > 0``: the adapter acts, and the steps are drawn,
+    below timestep ``t_max`` only (:func:`low_noise_terms`)."""
     from experiments import finetune_lib
     from jaxdiff.finetune import loss as loss_mod
     from jaxdiff.finetune import task as task_mod
@@ -232,6 +329,8 @@ def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0)
     if pixel_prior > 0:
         loss_mod.denoising_terms = pixel_masked_terms(loss_mod.denoising_terms, step_context,
                                                       pixel_prior)
+    if t_max > 0:
+        loss_mod.denoising_terms = low_noise_terms(loss_mod.denoising_terms, t_max)
 
     init_trainable, make_loss = task_mod.init_trainable, task_mod.make_finetune_loss
 
@@ -239,8 +338,9 @@ def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0)
         if cfg.mode != "lora" or not cfg.train_text_encoder:
             raise SystemExit("the probe runs LoRA mode with train_text_encoder=True")
         k = int(word_states(sd, sd.params["text_encoder"], word).shape[0])
+        latent = (int(sd.sample_size), int(sd.sample_size), int(sd.unet_config.in_channels))
         return dict(init_trainable(sd, cfg, key, abstract),
-                    word_adapter=init_adapter(sd.params["unet"], k, mode, abstract))
+                    word_adapter=init_adapter(sd.params["unet"], k, mode, abstract, latent))
 
     def adapted_loss(sd, cfg, text_prior=None):
         base = make_loss(sd, cfg, text_prior)
@@ -254,7 +354,9 @@ def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0)
                 if "pixel_values" not in batch or "vae" not in frozen:
                     raise SystemExit("--pixel_prior needs images in the step (no cache)")
                 step_context.update(sd=sd, vae=frozen["vae"], pixel_values=batch["pixel_values"])
-            with nn.intercept_methods(make_interceptor(params["word_adapter"], states, mode)):
+            with nn.intercept_methods(make_interceptor(
+                    params["word_adapter"], states, mode, t_max=t_max,
+                    alphas_cumprod=sd.schedule.alphas_cumprod, kind=cfg.objective.kind)):
                 return base(p, batch, key, frozen)
         return loss_fn
 
@@ -266,7 +368,8 @@ def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0)
                               "unet": sd.params["unet"]}, cfg)["text_encoder"]
         if jax.process_index() == 0:
             save_adapter(os.path.join(workdir, "word_adapter.npz"), params["word_adapter"],
-                         word_states(sd, te, word), mode)
+                         word_states(sd, te, word), mode, t_max, sd.schedule.alphas_cumprod,
+                         cfg.objective.kind)
         return export(workdir, sd, cfg, p)
 
     task_mod.init_trainable, task_mod.make_finetune_loss = with_adapter, adapted_loss
@@ -275,12 +378,47 @@ def train(word: str, mode: str, unet_lora: bool, argv, pixel_prior: float = 0.0)
     runpy.run_module("experiments.finetune_sd", run_name="__main__")
 
 
-def evaluate(adapter_path: str, scale: float, argv) -> None:
+def offset_prior_terms(original: Callable, offset) -> Callable:
+    """``denoising_terms`` whose masked examples (the word prior's: a ``mask`` below 1 on
+    average) are the class image's latents moved by ``offset`` (a ``shift`` adapter's, learnt
+    from the instance images), scored everywhere: "the word on any class prompt" is taught as
+    the class image with the learnt offset. The other examples are unchanged."""
+    offset = jnp.asarray(offset, jnp.float32)
+
+    def terms(apply_fn, schedule, latents, key, objective, *, t=None, noise=None, mask=None):
+        if mask is None:
+            return original(apply_fn, schedule, latents, key, objective, t=t, noise=noise)
+        m = jnp.asarray(mask, jnp.float32)
+        moved = (jnp.mean(m, axis=tuple(range(1, m.ndim))) < 1.0).astype(jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32) + moved[:, None, None, None] * offset[None]
+        return original(apply_fn, schedule, latents, key, objective, t=t, noise=noise)
+
+    return terms
+
+
+def distill(offset_path: str, argv) -> None:
+    """``experiments.finetune_sd`` (a plain LoRA run: no adapter) whose word prior's examples
+    are the class images moved by the ``shift`` adapter's offset in ``offset_path``
+    (:func:`offset_prior_terms`); the run needs ``dreambooth.word_prior`` with a mask below 1
+    (only its examples are moved)."""
+    from jaxdiff.finetune import loss as loss_mod
+
+    adapter, _, mode, _, _ = load_adapter(offset_path)
+    if mode != "shift":
+        raise SystemExit(f"{offset_path} is a {mode!r} adapter, not a 'shift' one")
+    loss_mod.denoising_terms = offset_prior_terms(loss_mod.denoising_terms,
+                                                  adapter["latent"]["offset"])
+    sys.argv = ["experiments.finetune_sd", *argv]
+    runpy.run_module("experiments.finetune_sd", run_name="__main__")
+
+
+def evaluate(adapter_path: str, scale: float, argv, cfg_pairs: bool = False) -> None:
     """``experiments.eval_concept`` with the adapter applied to every model it runs (the base
     model's text encoder gives other states for the word: its gate stays shut)."""
-    adapter, states, mode = load_adapter(adapter_path)
+    adapter, states, mode, t_max, opts = load_adapter(adapter_path)
     sys.argv = ["experiments.eval_concept", *argv]
-    with nn.intercept_methods(make_interceptor(adapter, states, mode, scale)):
+    with nn.intercept_methods(make_interceptor(adapter, states, mode, scale, t_max,
+                                               cfg_pairs=cfg_pairs, **opts)):
         runpy.run_module("experiments.eval_concept", run_name="__main__")
 
 
@@ -296,14 +434,23 @@ def main(argv=None) -> None:
     t.add_argument("--unet_lora", action="store_true", help="also train the run's UNet LoRA")
     t.add_argument("--pixel_prior", type=float, default=0.0,
                    help="> 0: score the word prior's examples in pixel space with this weight")
+    t.add_argument("--t_max", type=int, default=0,
+                   help="> 0: the adapter acts (and is trained) below this timestep only")
     e = sub.add_parser("eval")
     e.add_argument("--adapter", required=True)
     e.add_argument("--scale", type=float, default=1.0)
+    e.add_argument("--cfg_pairs", action="store_true",
+                   help="shift mode: the guided batch's null half moves with its prompt "
+                        "(guidance of the moved model; the UNet batch is [cond; null])")
+    d = sub.add_parser("distill")
+    d.add_argument("--offset", required=True, help="a shift adapter's word_adapter.npz")
     a = ap.parse_args(own)
-    if a.cmd == "train":
-        train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior)
+    if a.cmd == "distill":
+        distill(a.offset, rest)
+    elif a.cmd == "train":
+        train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior, a.t_max)
     else:
-        evaluate(a.adapter, a.scale, rest)
+        evaluate(a.adapter, a.scale, rest, a.cfg_pairs)
 
 
 if __name__ == "__main__":

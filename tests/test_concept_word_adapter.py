@@ -25,12 +25,12 @@ def unet():
     ctx = jax.random.normal(jax.random.key(2), (2, 5, 8))
     states = ctx[0, 1:1 + K]         # example 0 holds the word, example 1 does not
 
-    def run(p, c, adapter=None, mode="decoupled"):
+    def run(p, c, adapter=None, mode="decoupled", **kw):
         def f():
             return UNet(cfg).apply({"params": p}, x, jnp.array([3, 500]), context=c)
         if adapter is None:
             return f()
-        with nn.intercept_methods(wa.make_interceptor(adapter, states, mode)):
+        with nn.intercept_methods(wa.make_interceptor(adapter, states, mode, **kw)):
             return f()
 
     return params, ctx, states, run
@@ -57,16 +57,58 @@ def test_gate_paths_and_shapes(unet):
         wa.init_adapter(params, K, "lora")
 
 
+def _schedule():
+    from jaxdiff.schedules import make_schedule
+    return make_schedule("scaled_linear", 1000)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", wa.MODES)
 def test_identity_at_start_and_only_the_gated_example_moves(unet, mode):
     params, ctx, _, run = unet
+    kw = {"alphas_cumprod": _schedule().alphas_cumprod} if mode == "shift" else {}
     plain = run(params, ctx)
-    start = wa.init_adapter(params, K, mode)
-    np.testing.assert_array_equal(run(params, ctx, start, mode), plain)
-    moved = run(params, ctx, _random(start, 3), mode)
+    start = wa.init_adapter(params, K, mode, latent_shape=(8, 8, 4))
+    np.testing.assert_array_equal(run(params, ctx, start, mode, **kw), plain)
+    moved = run(params, ctx, _random(start, 3), mode, **kw)
     np.testing.assert_array_equal(moved[1], plain[1])
     assert float(jnp.max(jnp.abs(moved[0] - plain[0]))) > 1e-3
+
+
+@pytest.mark.slow
+def test_t_max_shuts_the_gate_at_noisier_steps(unet):
+    # the fixture's timesteps are [3, 500]; only example 0 holds the word
+    params, ctx, _, run = unet
+    plain = run(params, ctx)
+    adapter = _random(wa.init_adapter(params, K, "decoupled"), 3)
+    assert float(jnp.max(jnp.abs(run(params, ctx, adapter, t_max=4)[0] - plain[0]))) > 1e-3
+    np.testing.assert_array_equal(run(params, ctx, adapter, t_max=3), plain)
+
+
+@pytest.mark.parametrize("kind", ["v", "eps"])
+def test_shift_is_the_exact_denoiser_of_the_moved_data(kind):
+    # the ideal denoiser of a point mass at x0, moved by B, is the ideal denoiser of x0 + B
+    from jaxdiff.diffusion import q_sample, target_for
+
+    sch = _schedule()
+    x0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    b = jax.random.normal(jax.random.key(1), (4, 4, 2))
+    noise = jax.random.normal(jax.random.key(2), x0.shape)
+    t = jnp.array([10, 400, 900])
+
+    def ideal(center):
+        def pred(x_t, tt):
+            ab = sch.alphas_cumprod[tt][:, None, None, None]
+            eps = (x_t - jnp.sqrt(ab) * center) / jnp.sqrt(1 - ab)
+            return eps if kind == "eps" else jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * center
+        return pred
+
+    x_t = q_sample(sch, x0 + b, t, noise)
+    got = wa.shifted_prediction(ideal(x0), x_t, t, b, jnp.ones(3), sch.alphas_cumprod, kind)
+    want = target_for(sch, x0 + b, t, noise, kind)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    same = wa.shifted_prediction(ideal(x0), x_t, t, b, jnp.zeros(3), sch.alphas_cumprod, kind)
+    np.testing.assert_allclose(same, ideal(x0)(x_t, t), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -173,3 +215,28 @@ def test_pixel_prior_scores_only_partial_masks_in_pixel_space():
     want = jnp.mean(images[1], axis=-1, keepdims=True)
     err = np.asarray(jnp.square(pix - want))[4:]        # the bottom half: mask rows 2, 3 x 2
     np.testing.assert_allclose(got[1], 2.0 * err.mean(), rtol=1e-4)
+
+
+def test_offset_prior_moves_only_the_word_prior_examples():
+    # the word prior's examples (a mask below 1) are scored as their latents + offset,
+    # everywhere; the others as they were
+    from jaxdiff.finetune.objective import Objective, denoising_terms
+
+    sch = _schedule()
+    lat = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    off = jax.random.normal(jax.random.key(1), (4, 4, 2))
+    mask = jnp.ones((3, 4, 4, 1)).at[2].set(0.99)
+    obj = Objective(prediction_type="v_prediction")
+
+    def apply_fn(x, t):
+        return 0.5 * x
+
+    terms = wa.offset_prior_terms(denoising_terms, off)
+    key = jax.random.key(5)
+    got, aux = terms(apply_fn, sch, lat, key, obj, mask=mask)
+    want, _ = denoising_terms(apply_fn, sch, lat.at[2].add(off), key, obj)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain, _ = denoising_terms(apply_fn, sch, lat, key, obj)
+    np.testing.assert_allclose(got[:2], plain[:2], rtol=1e-6)
+    assert abs(float(got[2] - plain[2])) > 1e-3
+    np.testing.assert_allclose(terms(apply_fn, sch, lat, key, obj)[0], plain, rtol=1e-6)
