@@ -396,12 +396,62 @@ def offset_prior_terms(original: Callable, offset) -> Callable:
     return terms
 
 
-def distill(offset_path: str, argv) -> None:
+def word_only_ids(sd, word: str) -> Tuple[np.ndarray, int]:
+    """``(ids [1, L], k)``: the token ids of ``word`` alone (start token, the word's ``k``
+    tokens, end, padding)."""
+    from jaxdiff.finetune.text_prior import prepend_word
+
+    empty = np.asarray(sd.tokenizer([""], padding="max_length", truncation=True).input_ids)
+    ids, k = prepend_word(sd, empty, word, "word")
+    return np.asarray(ids), int(k)
+
+
+def with_word_only_prompts(batch: Dict[str, Any], ids) -> Dict[str, Any]:
+    """``batch`` whose word-prior examples (``loss_mask`` below 1 on average) at odd positions
+    take the prompt ``ids [1, L]`` (the word alone) instead of their own."""
+    m = batch.get("loss_mask")
+    if m is None or "input_ids" not in batch:
+        return batch
+    m = jnp.asarray(m, jnp.float32)
+    moved = jnp.mean(m, axis=tuple(range(1, m.ndim))) < 1.0
+    sel = moved & (jnp.arange(m.shape[0]) % 2 == 1)
+    return dict(batch, input_ids=jnp.where(sel[:, None], jnp.asarray(ids, jnp.int32),
+                                           batch["input_ids"]))
+
+
+def with_null_word(generate: Callable, word: str) -> Callable:
+    """``jaxdiff.pipelines.generate`` whose prompts that start with ``word`` get ``word`` alone
+    as their negative (null) prompt, the others the empty one: guidance then scales the digit
+    against "the word on anything", not the word's attribute against nothing."""
+    def wrapped(sd, prompt=None, negative_prompt=None, **kw):
+        if negative_prompt is None and prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negative_prompt = [word if p.startswith(word + " ") else "" for p in prompts]
+        return generate(sd, prompt, negative_prompt, **kw)
+    return wrapped
+
+
+def distill(offset_path: str, argv, null_word: str = "") -> None:
     """``experiments.finetune_sd`` (a plain LoRA run: no adapter) whose word prior's examples
     are the class images moved by the ``shift`` adapter's offset in ``offset_path``
     (:func:`offset_prior_terms`); the run needs ``dreambooth.word_prior`` with a mask below 1
-    (only its examples are moved)."""
+    (only its examples are moved). ``null_word``: half of those examples take ``null_word``
+    alone as their prompt (:func:`with_word_only_prompts`; for :func:`with_null_word` at
+    sampling)."""
     from jaxdiff.finetune import loss as loss_mod
+    from jaxdiff.finetune import task as task_mod
+
+    if null_word:
+        make_loss = task_mod.make_finetune_loss
+
+        def word_only_loss(sd, cfg, text_prior=None):
+            base, ids = make_loss(sd, cfg, text_prior), word_only_ids(sd, null_word)[0]
+
+            def loss_fn(params, batch, key, frozen):
+                return base(params, with_word_only_prompts(batch, ids), key, frozen)
+            return loss_fn
+
+        task_mod.make_finetune_loss = word_only_loss
 
     adapter, _, mode, _, _ = load_adapter(offset_path)
     if mode != "shift":
@@ -412,13 +462,25 @@ def distill(offset_path: str, argv) -> None:
     runpy.run_module("experiments.finetune_sd", run_name="__main__")
 
 
-def evaluate(adapter_path: str, scale: float, argv, cfg_pairs: bool = False) -> None:
-    """``experiments.eval_concept`` with the adapter applied to every model it runs (the base
-    model's text encoder gives other states for the word: its gate stays shut)."""
-    adapter, states, mode, t_max, opts = load_adapter(adapter_path)
+def evaluate(adapter_path: str, scale: float, argv, cfg_pairs: bool = False,
+             null_word: str = "") -> None:
+    """``experiments.eval_concept`` with the adapter (``adapter_path``, or none when empty)
+    applied to every model it runs (the base model's text encoder gives other states for the
+    word: its gate stays shut); ``null_word``: guided with the word alone as the null prompt
+    of the prompts that start with it (:func:`with_null_word`)."""
+    import contextlib
+
     sys.argv = ["experiments.eval_concept", *argv]
-    with nn.intercept_methods(make_interceptor(adapter, states, mode, scale, t_max,
-                                               cfg_pairs=cfg_pairs, **opts)):
+    with contextlib.ExitStack() as stack:
+        if adapter_path:
+            adapter, states, mode, t_max, opts = load_adapter(adapter_path)
+            stack.enter_context(nn.intercept_methods(make_interceptor(
+                adapter, states, mode, scale, t_max, cfg_pairs=cfg_pairs, **opts)))
+        if null_word:
+            from experiments import latent_pipeline
+            real = latent_pipeline.generate
+            latent_pipeline.generate = with_null_word(real, null_word)
+            stack.callback(setattr, latent_pipeline, "generate", real)
         runpy.run_module("experiments.eval_concept", run_name="__main__")
 
 
@@ -437,20 +499,24 @@ def main(argv=None) -> None:
     t.add_argument("--t_max", type=int, default=0,
                    help="> 0: the adapter acts (and is trained) below this timestep only")
     e = sub.add_parser("eval")
-    e.add_argument("--adapter", required=True)
+    e.add_argument("--adapter", default="", help="an adapter file (none: the LoRA alone)")
     e.add_argument("--scale", type=float, default=1.0)
     e.add_argument("--cfg_pairs", action="store_true",
                    help="shift mode: the guided batch's null half moves with its prompt "
                         "(guidance of the moved model; the UNet batch is [cond; null])")
     d = sub.add_parser("distill")
     d.add_argument("--offset", required=True, help="a shift adapter's word_adapter.npz")
+    d.add_argument("--null_word", default="",
+                   help="half of the moved examples take this word alone as their prompt")
+    e.add_argument("--null_word", default="",
+                   help="guide prompts that start with this word against the word alone")
     a = ap.parse_args(own)
     if a.cmd == "distill":
-        distill(a.offset, rest)
+        distill(a.offset, rest, a.null_word)
     elif a.cmd == "train":
         train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior, a.t_max)
     else:
-        evaluate(a.adapter, a.scale, rest, a.cfg_pairs)
+        evaluate(a.adapter, a.scale, rest, a.cfg_pairs, a.null_word)
 
 
 if __name__ == "__main__":

@@ -240,3 +240,30 @@ def test_offset_prior_moves_only_the_word_prior_examples():
     np.testing.assert_allclose(got[:2], plain[:2], rtol=1e-6)
     assert abs(float(got[2] - plain[2])) > 1e-3
     np.testing.assert_allclose(terms(apply_fn, sch, lat, key, obj)[0], plain, rtol=1e-6)
+
+
+def test_word_only_prompts_replace_every_other_word_prior_example():
+    ids = jnp.arange(5 * 4, dtype=jnp.int32).reshape(5, 4)
+    mask = jnp.ones((5, 2, 2, 1)).at[2:].set(0.99)        # examples 2, 3, 4: the word prior's
+    alone = jnp.full((1, 4), -7, jnp.int32)
+    out = wa.with_word_only_prompts({"input_ids": ids, "loss_mask": mask}, alone)["input_ids"]
+    np.testing.assert_array_equal(out[3], alone[0])           # odd and moved
+    keep = np.array([0, 1, 2, 4])
+    np.testing.assert_array_equal(out[keep], ids[keep])
+    same = {"input_ids": ids}
+    assert wa.with_word_only_prompts(same, alone) is same
+
+
+def test_null_word_goes_to_the_prompts_that_start_with_it():
+    seen = {}
+
+    def generate(sd, prompt=None, negative_prompt=None, **kw):
+        seen.update(prompt=prompt, negative=negative_prompt, kw=kw)
+
+    gen = wa.with_null_word(generate, "boxed")
+    gen(None, ["boxed a 3", "a boxed 3", "boxedx 3"], num_steps=2)
+    assert seen["negative"] == ["boxed", "", ""] and seen["kw"] == {"num_steps": 2}
+    gen(None, "boxed 7")
+    assert seen["negative"] == ["boxed"]
+    gen(None, ["boxed 1"], negative_prompt=["blurry"])
+    assert seen["negative"] == ["blurry"]
