@@ -85,6 +85,7 @@ def test_t_max_shuts_the_gate_at_noisier_steps(unet):
     np.testing.assert_array_equal(run(params, ctx, adapter, t_max=3), plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["v", "eps"])
 def test_shift_is_the_exact_denoiser_of_the_moved_data(kind):
     # the ideal denoiser of a point mass at x0, moved by B, is the ideal denoiser of x0 + B
@@ -217,6 +218,7 @@ def test_pixel_prior_scores_only_partial_masks_in_pixel_space():
     np.testing.assert_allclose(got[1], 2.0 * err.mean(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_offset_prior_moves_only_the_word_prior_examples():
     # the word prior's examples (a mask below 1) are scored as their latents + offset,
     # everywhere; the others as they were
