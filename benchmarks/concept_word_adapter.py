@@ -35,8 +35,25 @@ word prior's examples in pixel space, :func:`pixel_masked_terms`) and is written
         -- --model runs/lm_vpred/diffusers --lora runs/wa/pytorch_lora_weights.safetensors \\
         --concept_digits 0,3,5,7 --word_position before ...
 
-A probe, not a library feature: the adapter is not a diffusers format, and the gate reads the
-context instead of the token ids. Results: ``benchmarks/results/cpu/concept_word_adapter.md``.
+More modes (``benchmarks/results/cpu/concept_latent_offset.md``):
+
+- ``train --t_max T``: the adapter acts, and is trained, below timestep ``T`` only (the UNet's
+  timestep is read from its ``__call__``).
+- ``train --mode shift``: the word moves the base distribution by one learnt latent offset ``B``
+  (:func:`shifted_prediction`: the base model's prediction at ``x_t - sqrt(abar_t) B``, minus
+  ``sqrt(1 - abar_t) B`` for v-prediction; the exact denoiser of the moved data); ``eval
+  --cfg_pairs`` moves the guided batch's null half with its prompt.
+- ``distill --offset FILE [--null_word WORD]``: a plain LoRA run (no adapter) whose word prior's
+  examples are the class images moved by a ``shift`` file's ``B`` (:func:`offset_prior_terms`;
+  the run sets ``dreambooth.word_prior`` with a mask just below 1, which marks those examples);
+  with ``--null_word`` half of them take the word alone as their prompt
+  (:func:`with_word_only_prompts`), and ``eval --null_word WORD`` guides the prompts that start
+  with the word against the word alone (:func:`with_null_word`: generate's negative prompt).
+
+A probe, not a library feature: the adapter is not a diffusers format, the gate reads the
+context instead of the token ids, and ``distill`` patches the fine-tuning loss from outside.
+Results: ``benchmarks/results/cpu/concept_word_adapter.md``,
+``benchmarks/results/cpu/concept_latent_offset.md``.
 """
 
 from __future__ import annotations
