@@ -425,10 +425,17 @@ def word_only_ids(sd, word: str) -> Tuple[np.ndarray, int]:
 
 def with_word_only_prompts(batch: Dict[str, Any], ids) -> Dict[str, Any]:
     """``batch`` whose word-prior examples (``loss_mask`` below 1 on average) at odd positions
-    take the prompt ``ids [1, L]`` (the word alone) instead of their own."""
+    take the prompt ``ids [1, L]`` (the word alone) instead of their own.
+
+    Raises:
+      ValueError: a batch with a ``loss_mask`` but no ``input_ids`` (cached text embeddings).
+    """
     m = batch.get("loss_mask")
-    if m is None or "input_ids" not in batch:
+    if m is None:
         return batch
+    if "input_ids" not in batch:
+        raise ValueError("the word-only prompts need the batch's input_ids (a run with "
+                         "memory.cache off), got keys " + str(sorted(batch)))
     m = jnp.asarray(m, jnp.float32)
     moved = jnp.mean(m, axis=tuple(range(1, m.ndim))) < 1.0
     sel = moved & (jnp.arange(m.shape[0]) % 2 == 1)
@@ -470,6 +477,9 @@ def distill(offset_path: str, argv, null_word: str = "") -> None:
 
         task_mod.make_finetune_loss = word_only_loss
 
+    if not any(a.startswith("--config.dreambooth.word_prior=") for a in argv):
+        raise SystemExit("distill needs --config.dreambooth.word_prior=WORD (and a "
+                         "word_prior_mask just below 1): its examples are the ones moved")
     adapter, _, mode, _, _ = load_adapter(offset_path)
     if mode != "shift":
         raise SystemExit(f"{offset_path} is a {mode!r} adapter, not a 'shift' one")

@@ -269,3 +269,14 @@ def test_null_word_goes_to_the_prompts_that_start_with_it():
     assert seen["negative"] == ["boxed"]
     gen(None, ["boxed 1"], negative_prompt=["blurry"])
     assert seen["negative"] == ["blurry"]
+
+
+def test_word_only_prompts_refuse_cached_text():
+    with pytest.raises(ValueError, match="input_ids"):
+        wa.with_word_only_prompts({"context": jnp.zeros((2, 4, 8)),
+                                   "loss_mask": jnp.ones((2, 2, 2, 1))}, jnp.zeros((1, 4)))
+
+
+def test_distill_needs_the_word_prior(tmp_path):
+    with pytest.raises(SystemExit, match="word_prior"):
+        wa.distill(str(tmp_path / "none.npz"), ["--model", "x"])
