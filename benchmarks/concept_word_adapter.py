@@ -489,6 +489,57 @@ def distill(offset_path: str, argv, null_word: str = "") -> None:
     runpy.run_module("experiments.finetune_sd", run_name="__main__")
 
 
+def check_additive(model: str, classifier_path: str, digits=(0, 3, 5, 7), n_offset: int = 20,
+                   n_test: int = 500, adapter_path: str = "") -> Dict[str, Any]:
+    """Is the box one additive pattern in ``model``'s VAE latents? ``B`` = the mean of
+    ``encode(boxed) - encode(plain)`` (posterior means) over the first ``n_offset`` MNIST test
+    digits of ``digits``; then ``decode(encode(x) + B)`` for ``n_test`` test digits of the other
+    classes and of ``digits`` (after those ``n_offset``): box rate and classifier accuracy
+    (``experiments.concept_eval.score_images``), beside the true boxed images through the VAE.
+    With ``adapter_path`` (a ``shift`` file) also the cosine between its offset (scaled latents)
+    and ``B`` times the VAE's scaling factor. Prints and returns the numbers."""
+    from experiments import boxed_concept, concept_eval, latent_data
+    from experiments.evaluation import get_classifier, load_mnist_arrays
+    from jaxdiff.models import AutoencoderKL
+    from jaxdiff.pipelines.loading import load_stable_diffusion
+
+    sd = load_stable_diffusion(model)
+    vae, params = AutoencoderKL(sd.vae_config), sd.params["vae"]
+    c = sd.vae_config.in_channels
+
+    def enc(x):   # grayscale [N, S, S, 1] -> the VAE's channels (as eval_concept's round trip)
+        x = np.repeat(x, c, axis=-1) if x.shape[-1] != c else x
+        return _enc(x)
+
+    _enc = jax.jit(lambda x: vae.apply({"params": params}, x, method="encode").mean)
+    dec = jax.jit(lambda z: vae.apply({"params": params}, z, method="decode"))
+    train, test = load_mnist_arrays("train"), load_mnist_arrays("test")
+    x28, y = test
+    plain = latent_data.pad_images(np.asarray(x28), boxed_concept.FRAME)
+    boxed = boxed_concept.draw_box(plain)
+    learnt = np.isin(y, list(digits))
+    first = np.flatnonzero(learnt)[:n_offset]
+    offset = jnp.mean(enc(boxed[first]) - enc(plain[first]), axis=0)
+    clf, _ = get_classifier(classifier_path, train, test, seed=0, epochs=3)
+    out: Dict[str, Any] = {"offset_norm": float(jnp.linalg.norm(offset))}
+    for name, sel in (("other digits", np.flatnonzero(~learnt)[:n_test]),
+                      ("offset's digits", np.flatnonzero(learnt)[n_offset:n_offset + n_test])):
+        moved = concept_eval.score_images(np.asarray(dec(enc(plain[sel]) + offset)), y[sel], clf)
+        true = concept_eval.score_images(np.asarray(dec(enc(boxed[sel]))), y[sel], clf)
+        out[name] = {"moved": {k: moved[k] for k in ("n", "box_rate", "accuracy")},
+                     "boxed through the VAE": {k: true[k] for k in ("box_rate", "accuracy")}}
+    if adapter_path:
+        learnt_b = np.asarray(load_adapter(adapter_path)[0]["latent"]["offset"]).ravel()
+        ref = np.asarray(offset).ravel() * float(sd.vae_config.scaling_factor)
+        out["adapter"] = {"norm": float(np.linalg.norm(learnt_b)),
+                          "reference_norm": float(np.linalg.norm(ref)),
+                          "cosine": float(learnt_b @ ref / np.linalg.norm(learnt_b)
+                                          / np.linalg.norm(ref))}
+    import json
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def evaluate(adapter_path: str, scale: float, argv, cfg_pairs: bool = False,
              null_word: str = "") -> None:
     """``experiments.eval_concept`` with the adapter (``adapter_path``, or none when empty)
@@ -531,6 +582,10 @@ def main(argv=None) -> None:
     e.add_argument("--cfg_pairs", action="store_true",
                    help="shift mode: the guided batch's null half moves with its prompt "
                         "(guidance of the moved model; the UNet batch is [cond; null])")
+    c = sub.add_parser("additive")
+    c.add_argument("--model", required=True)
+    c.add_argument("--classifier_path", required=True)
+    c.add_argument("--adapter", default="", help="a shift file to compare with")
     d = sub.add_parser("distill")
     d.add_argument("--offset", required=True, help="a shift adapter's word_adapter.npz")
     d.add_argument("--null_word", default="",
@@ -538,7 +593,9 @@ def main(argv=None) -> None:
     e.add_argument("--null_word", default="",
                    help="guide prompts that start with this word against the word alone")
     a = ap.parse_args(own)
-    if a.cmd == "distill":
+    if a.cmd == "additive":
+        check_additive(a.model, a.classifier_path, adapter_path=a.adapter)
+    elif a.cmd == "distill":
         distill(a.offset, rest, a.null_word)
     elif a.cmd == "train":
         train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior, a.t_max)

@@ -280,3 +280,31 @@ def test_word_only_prompts_refuse_cached_text():
 def test_distill_needs_the_word_prior(tmp_path):
     with pytest.raises(SystemExit, match="word_prior"):
         wa.distill(str(tmp_path / "none.npz"), ["--model", "x"])
+
+
+@pytest.mark.slow
+def test_additive_check_on_a_tiny_folder(tmp_path, monkeypatch):
+    # a tiny diffusers folder's VAE and a small fake MNIST: the moved images and the boxed ones
+    # through the VAE are scored, and the adapter's cosine with the offset is computed
+    from jaxdiff.pipelines import load_stable_diffusion
+    from jaxdiff.pipelines.tiny import write_tiny_stable_diffusion
+    from tests.test_data import write_fake_mnist
+
+    from jaxdiff.metrics import init_classifier, save_classifier
+
+    write_fake_mnist(str(tmp_path / "mnist"), n_train=8, n_test=60)
+    save_classifier(str(tmp_path / "clf.msgpack"), init_classifier(jax.random.key(0)), {})
+    monkeypatch.setenv("JAXDIFF_MNIST_DIR", str(tmp_path / "mnist"))
+    folder = str(tmp_path / "sd")
+    write_tiny_stable_diffusion(folder)
+    sd = load_stable_diffusion(folder)
+    shape = (sd.sample_size, sd.sample_size, sd.vae_config.latent_channels)
+    wa.save_adapter(str(tmp_path / "a.npz"), {"latent": {"offset": np.ones(shape, np.float32)}},
+                    np.zeros((1, 8)), "shift")
+    out = wa.check_additive(folder, str(tmp_path / "clf.msgpack"), n_offset=6, n_test=6,
+                            adapter_path=str(tmp_path / "a.npz"))
+    for name in ("other digits", "offset's digits"):
+        assert out[name]["moved"]["n"] == 6
+        assert 0.0 <= out[name]["moved"]["accuracy"] <= 1.0
+    assert out["offset_norm"] > 0 and -1.0 <= out["adapter"]["cosine"] <= 1.0
+    assert out["adapter"]["norm"] == pytest.approx(np.sqrt(np.prod(shape)))
