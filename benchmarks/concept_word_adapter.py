@@ -81,11 +81,9 @@ def word_states(sd, text_params, word: str) -> jax.Array:
       ValueError: from :func:`jaxdiff.finetune.text_prior.prepend_word` (an empty or too long
         ``word``).
     """
-    from jaxdiff.finetune.text_prior import prepend_word
     from jaxdiff.pipelines.sd_program import embed_tokens
 
-    empty = np.asarray(sd.tokenizer([""], padding="max_length", truncation=True).input_ids)
-    ids, k = prepend_word(sd, empty, word, "word")
+    ids, k = word_only_ids(sd, word)
     states = embed_tokens(sd.text_config, jnp.float32, text_params, jnp.asarray(ids, jnp.int32))
     return states[0, 1:1 + k]
 
@@ -133,15 +131,19 @@ def _context_of(args, kwargs):
     return args[1] if len(args) > 1 else kwargs.get("context")
 
 
+def per_example(t, b: int) -> jax.Array:
+    """The UNet's timestep ``t`` (a scalar, ``[1]`` or ``[b]``) as ``[b]``."""
+    t = jnp.reshape(jnp.asarray(t), (-1,))
+    return jnp.broadcast_to(t, (b,)) if t.shape[0] == 1 else t
+
+
 def shifted_prediction(pred_fn: Callable, x_t, t, offset, gate, alphas_cumprod, kind: str):
     """The prediction of the base distribution moved by ``offset`` in latent space, for the
     examples where ``gate [B]`` is 1: if ``x0 ~ p`` then ``x0 + offset`` is denoised by the base
     model at ``x_t - sqrt(abar_t) offset`` (the same noise), so ``eps`` is the base's there and
     ``v = v_base - sqrt(1 - abar_t) offset`` (``kind`` ``"eps"`` / ``"v"``). ``pred_fn(x, t)``
     is the base model; ``t`` ``[B]`` or a scalar (integer timesteps)."""
-    b = x_t.shape[0]
-    tt = jnp.broadcast_to(jnp.reshape(jnp.asarray(t), (-1,)), (b,)) if jnp.size(t) == 1 \
-        else jnp.reshape(jnp.asarray(t), (b,))
+    tt = per_example(t, x_t.shape[0])
     ab = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.clip(jnp.round(tt).astype(jnp.int32), 0,
                                                             len(alphas_cumprod) - 1)]
     g = gate.astype(jnp.float32)[:, None, None, None]
@@ -174,9 +176,7 @@ def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
         if t_max > 0:
             if "t" not in step:
                 raise ValueError("t_max needs the adapter inside a UNet call")
-            t = jnp.reshape(jnp.asarray(step["t"]), (-1,))
-            t = jnp.broadcast_to(t, g.shape) if t.shape[0] == 1 else t
-            g = g * (t < t_max).astype(jnp.float32)
+            g = g * (per_example(step["t"], g.shape[0]) < t_max).astype(jnp.float32)
         return g
 
     def shift(next_fun, args, kwargs, context):
