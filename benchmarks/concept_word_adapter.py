@@ -52,6 +52,10 @@ More modes (``benchmarks/results/cpu/concept_latent_offset.md``):
 
 A probe, not a library feature: the adapter is not a diffusers format, the gate reads the
 context instead of the token ids, and ``distill`` patches the fine-tuning loss from outside.
+``distill`` became a library feature: ``dreambooth.word_prior_offset`` (``"learn"`` fits the
+offset with :func:`jaxdiff.finetune.learn_word_offset`, through the frozen base model, before
+the run) and ``dreambooth.word_alone`` of ``experiments.finetune_sd``; the probe keeps it for the
+stored rows.
 Results: ``benchmarks/results/cpu/concept_word_adapter.md``,
 ``benchmarks/results/cpu/concept_latent_offset.md``.
 """
@@ -68,6 +72,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.finetune.offset import shifted_prediction
 
 MODES = ("decoupled", "bias", "shift")
 GATE_TOLERANCE = 1e-3
@@ -137,24 +143,6 @@ def per_example(t, b: int) -> jax.Array:
     return jnp.broadcast_to(t, (b,)) if t.shape[0] == 1 else t
 
 
-def shifted_prediction(pred_fn: Callable, x_t, t, offset, gate, alphas_cumprod, kind: str):
-    """The prediction of the base distribution moved by ``offset`` in latent space, for the
-    examples where ``gate [B]`` is 1: if ``x0 ~ p`` then ``x0 + offset`` is denoised by the base
-    model at ``x_t - sqrt(abar_t) offset`` (the same noise), so ``eps`` is the base's there and
-    ``v = v_base - sqrt(1 - abar_t) offset`` (``kind`` ``"eps"`` / ``"v"``). ``pred_fn(x, t)``
-    is the base model; ``t`` ``[B]`` or a scalar (integer timesteps)."""
-    tt = per_example(t, x_t.shape[0])
-    ab = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.clip(jnp.round(tt).astype(jnp.int32), 0,
-                                                            len(alphas_cumprod) - 1)]
-    g = gate.astype(jnp.float32)[:, None, None, None]
-    d = g * offset[None].astype(jnp.float32)
-    out = pred_fn((x_t.astype(jnp.float32) - jnp.sqrt(ab)[:, None, None, None] * d)
-                  .astype(x_t.dtype), t)
-    if kind == "v":
-        out = out - (jnp.sqrt(1.0 - ab)[:, None, None, None] * d).astype(out.dtype)
-    return out
-
-
 def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
                      scale: float = 1.0, t_max: int = 0, alphas_cumprod=None,
                      kind: str = "v", cfg_pairs: bool = False) -> Callable:
@@ -192,8 +180,8 @@ def make_interceptor(adapter: Dict[str, Any], states: jax.Array, mode: str,
             h = gate.shape[0] // 2
             gate = jnp.concatenate([gate[:h], gate[:h]])
         return shifted_prediction(lambda xx, tt: next_fun(xx, tt, *args[2:], **rest), x, t,
-                                  scale * adapter["latent"]["offset"], gate,
-                                  alphas_cumprod, kind)
+                                  scale * adapter["latent"]["offset"], alphas_cumprod, kind,
+                                  gate=gate)
 
     if mode == "shift":
         if alphas_cumprod is None:
@@ -423,9 +411,10 @@ def word_only_ids(sd, word: str) -> Tuple[np.ndarray, int]:
     return np.asarray(ids), int(k)
 
 
-def with_word_only_prompts(batch: Dict[str, Any], ids) -> Dict[str, Any]:
-    """``batch`` whose word-prior examples (``loss_mask`` below 1 on average) at odd positions
-    take the prompt ``ids [1, L]`` (the word alone) instead of their own.
+def with_word_only_prompts(batch: Dict[str, Any], ids, every: int = 2) -> Dict[str, Any]:
+    """``batch`` whose word-prior examples (``loss_mask`` below 1 on average) at positions
+    ``every - 1, 2 * every - 1, ...`` (the odd ones for 2) take the prompt ``ids [1, L]`` (the
+    word alone) instead of their own.
 
     Raises:
       ValueError: a batch with a ``loss_mask`` but no ``input_ids`` (cached text embeddings).
@@ -438,7 +427,7 @@ def with_word_only_prompts(batch: Dict[str, Any], ids) -> Dict[str, Any]:
                          "memory.cache off), got keys " + str(sorted(batch)))
     m = jnp.asarray(m, jnp.float32)
     moved = jnp.mean(m, axis=tuple(range(1, m.ndim))) < 1.0
-    sel = moved & (jnp.arange(m.shape[0]) % 2 == 1)
+    sel = moved & (jnp.arange(m.shape[0]) % every == every - 1)
     return dict(batch, input_ids=jnp.where(sel[:, None], jnp.asarray(ids, jnp.int32),
                                            batch["input_ids"]))
 
@@ -455,13 +444,13 @@ def with_null_word(generate: Callable, word: str) -> Callable:
     return wrapped
 
 
-def distill(offset_path: str, argv, null_word: str = "") -> None:
+def distill(offset_path: str, argv, null_word: str = "", word_only_every: int = 2) -> None:
     """``experiments.finetune_sd`` (a plain LoRA run: no adapter) whose word prior's examples
     are the class images moved by the ``shift`` adapter's offset in ``offset_path``
     (:func:`offset_prior_terms`); the run needs ``dreambooth.word_prior`` with a mask below 1
-    (only its examples are moved). ``null_word``: half of those examples take ``null_word``
-    alone as their prompt (:func:`with_word_only_prompts`; for :func:`with_null_word` at
-    sampling)."""
+    (only its examples are moved). ``null_word``: one in ``word_only_every`` of those examples
+    takes ``null_word`` alone as its prompt (:func:`with_word_only_prompts`; for
+    :func:`with_null_word` at sampling)."""
     from jaxdiff.finetune import loss as loss_mod
     from jaxdiff.finetune import task as task_mod
 
@@ -472,7 +461,8 @@ def distill(offset_path: str, argv, null_word: str = "") -> None:
             base, ids = make_loss(sd, cfg, text_prior), word_only_ids(sd, null_word)[0]
 
             def loss_fn(params, batch, key, frozen):
-                return base(params, with_word_only_prompts(batch, ids), key, frozen)
+                return base(params, with_word_only_prompts(batch, ids, word_only_every), key,
+                            frozen)
             return loss_fn
 
         task_mod.make_finetune_loss = word_only_loss
@@ -589,14 +579,16 @@ def main(argv=None) -> None:
     d = sub.add_parser("distill")
     d.add_argument("--offset", required=True, help="a shift adapter's word_adapter.npz")
     d.add_argument("--null_word", default="",
-                   help="half of the moved examples take this word alone as their prompt")
+                   help="some of the moved examples take this word alone as their prompt")
+    d.add_argument("--word_only_every", type=int, default=2,
+                   help="with --null_word: one moved example in this many takes the word alone")
     e.add_argument("--null_word", default="",
                    help="guide prompts that start with this word against the word alone")
     a = ap.parse_args(own)
     if a.cmd == "additive":
         check_additive(a.model, a.classifier_path, adapter_path=a.adapter)
     elif a.cmd == "distill":
-        distill(a.offset, rest, a.null_word)
+        distill(a.offset, rest, a.null_word, a.word_only_every)
     elif a.cmd == "train":
         train(a.word, a.mode, a.unet_lora, rest, a.pixel_prior, a.t_max)
     else:

@@ -23,9 +23,9 @@ import numpy as np
 from experiments import train_lib
 from experiments.cli import ConfigError, config_check
 from experiments.images import save_grid
-from jaxdiff.finetune import (FinetuneConfig, Objective, build_finetune_task, export_finetuned,
-                              finetune_compat, generate_class_images, init_trainable,
-                              sample_finetuned, step_batch_size)
+from jaxdiff.finetune import (FinetuneConfig, Objective, WordPrior, build_finetune_task,
+                              export_finetuned, finetune_compat, generate_class_images,
+                              init_trainable, sample_finetuned, step_batch_size)
 from jaxdiff.training import (Checkpointer, Periodic, TrainerSettings, abstract_train_state,
                               make_optimizer)
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int
@@ -95,12 +95,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(d.word_prior, str) or not isinstance(d.word_prior_mask, str):
             raise ConfigError("dreambooth.word_prior and dreambooth.word_prior_mask must be "
                               "strings")
-        if bool(d.word_prior.strip()) != bool(d.word_prior_mask):
-            raise ConfigError("dreambooth.word_prior (the word) and dreambooth.word_prior_mask "
-                              "(an image file) go together")
+        if not isinstance(d.word_prior_offset, str):
+            raise ConfigError(f"dreambooth.word_prior_offset must be a string (\"\": off, "
+                              f"\"learn\" or a .npy file), got {d.word_prior_offset!r}")
+        if bool(d.word_prior.strip()) != bool(d.word_prior_mask or d.word_prior_offset):
+            raise ConfigError("dreambooth.word_prior (the word) goes with "
+                              "dreambooth.word_prior_mask (an image file), "
+                              "dreambooth.word_prior_offset, or both")
         if d.word_prior_mask and not os.path.isfile(d.word_prior_mask):
             raise ConfigError(f"dreambooth.word_prior_mask {d.word_prior_mask!r} is not a file")
-    if not d.enabled and (d.word_prior or d.word_prior_mask):
+        if d.word_prior_offset not in ("", "learn") and not os.path.isfile(d.word_prior_offset):
+            raise ConfigError(f"dreambooth.word_prior_offset {d.word_prior_offset!r} is neither "
+                              "'learn' nor a file")
+        config_check("", check_int, "dreambooth.word_prior_offset_steps",
+                     d.word_prior_offset_steps, 1)
+        config_check("", check_float, "dreambooth.word_prior_offset_lr", d.word_prior_offset_lr,
+                     minimum=0.0, exclusive_minimum=True)
+        config_check("", check_float, "dreambooth.word_alone", d.word_alone, minimum=0.0,
+                     maximum=1.0)
+        if d.word_alone >= 1.0:
+            raise ConfigError(f"dreambooth.word_alone must lie in [0, 1), got {d.word_alone}")
+        if d.word_alone and not d.word_prior_offset:
+            raise ConfigError("dreambooth.word_alone needs dreambooth.word_prior_offset (the "
+                              "word alone on unmoved class images would teach it as the class)")
+    if not d.enabled and (d.word_prior or d.word_prior_mask or d.word_prior_offset):
         raise ConfigError("dreambooth.word_prior trains on DreamBooth's class images: it needs "
                           "dreambooth.enabled (a dreambooth_* preset)")
     tp = c.text_prior
@@ -150,6 +168,57 @@ def _word_prior_mask(sd, mask_path: str, size) -> np.ndarray:
     f = sd.vae_scale_factor
     return config_check("dreambooth.word_prior_mask: ", resize_mask, mask,
                         (size[0] // f, size[1] // f))
+
+
+OFFSET_FILE = "word_prior_offset.npy"
+
+
+def _word_prior_offset(config, sd, examples, captions, workdir: str) -> Optional[np.ndarray]:
+    """``dreambooth.word_prior_offset``: None (off), a file's array, or with "learn" the offset
+    of ``WORKDIR/word_prior_offset.npy`` (a resume's), else fitted to the instance images
+    (:func:`jaxdiff.finetune.learn_word_offset`) and written there whole before training."""
+    d = config.dreambooth
+    if not d.word_prior_offset:
+        return None
+    path = d.word_prior_offset
+    if d.word_prior_offset == "learn":
+        path = os.path.join(workdir, OFFSET_FILE)
+        if not os.path.isfile(path):
+            if os.path.isdir(os.path.join(workdir, "checkpoints")):
+                raise ConfigError(f"--workdir {workdir!r} holds checkpoints but no {OFFSET_FILE}"
+                                  ": not a run of dreambooth.word_prior_offset='learn'")
+            return _learn_offset(config, sd, examples, captions, path)
+    try:
+        offset = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dreambooth.word_prior_offset {path!r}: not a .npy array ({e})"
+                          ) from None
+    return np.asarray(offset, np.float32)
+
+
+def _learn_offset(config, sd, examples, captions, path: str) -> np.ndarray:
+    import time
+
+    from jaxdiff.finetune import learn_word_offset
+
+    d = config.dreambooth
+    start = time.perf_counter()
+    print(f"learning the latent offset of {d.word_prior.strip()!r} from "
+          f"{len(captions)} images ({d.word_prior_offset_steps} steps)...", flush=True)
+    out = config_check("dreambooth.word_prior_offset: ", learn_word_offset, sd,
+                       examples["pixel_values"], captions, d.word_prior,
+                       jax.random.fold_in(jax.random.key(config.seed), 2),
+                       objective=finetune_config(config, sd.prediction_type).objective,
+                       num_steps=d.word_prior_offset_steps,
+                       learning_rate=d.word_prior_offset_lr,
+                       batch_size=config.training.batch_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, out["offset"])
+    os.replace(tmp, path)
+    print(f"learnt it in {time.perf_counter() - start:.1f} s (norm {out['norm']:.3f}, last "
+          f"loss {float(np.mean(out['losses'][-100:])):.4f}): {path}", flush=True)
+    return out["offset"]
 
 
 def _load_model(model: str):
@@ -271,14 +340,6 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         text_prior = config_check("text_prior.", make_text_prior, sd, c.text_prior.word,
                                   tp_prompts, weight=c.text_prior.weight,
                                   batch=c.text_prior.batch)
-    word_prior = None
-    if d.enabled and d.word_prior.strip():
-        word_prior = (d.word_prior, _word_prior_mask(sd, d.word_prior_mask,
-                                                     np.shape(examples["pixel_values"])[1:3]))
-    compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
-                             dreambooth=d.enabled,
-                             example_shape=np.shape(examples["pixel_values"])[1:],
-                             text_prior=text_prior, word_prior=word_prior)
     n = len(examples["pixel_values"])
     if t.batch_size > n:
         raise ConfigError(f"training.batch_size {t.batch_size} is larger than the {n} image(s) "
@@ -287,6 +348,16 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         raise ConfigError(f"dreambooth.num_class_images {d.num_class_images} must be at least "
                           f"training.batch_size {t.batch_size}")
     shapes = config_check("lora.", init_trainable, sd, cfg, jax.random.key(0), True)
+    word_prior = None
+    if d.enabled and d.word_prior.strip():
+        mask = None if not d.word_prior_mask else _word_prior_mask(
+            sd, d.word_prior_mask, np.shape(examples["pixel_values"])[1:3])
+        offset = _word_prior_offset(config, sd, examples, captions, workdir)
+        word_prior = WordPrior(d.word_prior, mask, offset, float(d.word_alone))
+    compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
+                             dreambooth=d.enabled,
+                             example_shape=np.shape(examples["pixel_values"])[1:],
+                             text_prior=text_prior, word_prior=word_prior)
     refuse_other_runs(workdir, compat, shapes, make_optimizer(settings.optimizer)[0])
     class_examples = None
     if d.enabled:

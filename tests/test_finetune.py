@@ -702,7 +702,7 @@ def test_cli_text_prior_and_word_prior(tiny, tmp_path):
         finetune_sd.main(args + ["--workdir", work, "--config.train_text_encoder=True"])
     for bad, message in (
             (["--config.text_prior.word=boxed"], "train_text_encoder=True"),
-            (["--config.dreambooth.word_prior=boxed"], "go together"),
+            (["--config.dreambooth.word_prior=boxed"], "goes with"),
             (["--config.dreambooth.word_prior=boxed",
               f"--config.dreambooth.word_prior_mask={tmp_path / 'none.png'}"], "not a file"),
             (["--config.train_text_encoder=True", "--config.text_prior.word=boxed",
@@ -711,4 +711,220 @@ def test_cli_text_prior_and_word_prior(tiny, tmp_path):
               f"--config.dreambooth.word_prior_mask={mask}"], "needs dreambooth.enabled")):
         with pytest.raises(ConfigError, match=message):
             finetune_sd.main(args + ["--workdir", str(tmp_path / "bad")] + bad)
+    assert not (tmp_path / "bad").exists()
+
+
+# -- the word's latent offset: the class images moved by it ------------------------------------
+
+@pytest.mark.parametrize("kind", ["v", "eps"])
+def test_shifted_prediction_is_the_exact_denoiser_of_the_moved_data(kind):
+    # the ideal denoiser of a point mass at x0, moved by B, is the ideal denoiser of x0 + B
+    from jaxdiff.diffusion import q_sample, target_for
+    from jaxdiff.finetune import shifted_prediction
+
+    x0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    b = jax.random.normal(jax.random.key(1), (4, 4, 2))
+    noise = jax.random.normal(jax.random.key(2), x0.shape)
+    t = jnp.array([10, 400, 900])
+    acp = SCHED.alphas_cumprod
+
+    def ideal(center):
+        def pred(x_t, tt):
+            ab = acp[tt][:, None, None, None]
+            eps = (x_t - jnp.sqrt(ab) * center) / jnp.sqrt(1 - ab)
+            return eps if kind == "eps" else jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * center
+        return pred
+
+    x_t = q_sample(SCHED, x0 + b, t, noise)
+    got = shifted_prediction(ideal(x0), x_t, t, b, acp, kind)
+    np.testing.assert_allclose(got, target_for(SCHED, x0 + b, t, noise, kind), rtol=1e-4,
+                               atol=1e-4)
+    # the gate leaves its closed examples to the base model
+    gated = shifted_prediction(ideal(x0), x_t, t, b, acp, kind, gate=jnp.array([1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(gated[1], ideal(x0)(x_t, t)[1], rtol=1e-6)
+    np.testing.assert_allclose(gated[0], got[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        shifted_prediction(ideal(x0), x_t, t, b, acp, "x0")
+    with pytest.raises(ValueError, match="offset"):
+        shifted_prediction(ideal(x0), x_t, t, b[:2], acp, kind)
+
+
+def test_fit_latent_offset_recovers_the_offset_of_moved_data():
+    # the base model is the ideal denoiser of two points; the examples are those points moved
+    # by B: the fitted offset is B (and 0 for unmoved examples)
+    from jaxdiff.finetune import fit_latent_offset
+
+    # (a schedule whose first step is not tiny: its loss weight 1 / (1 - abar) stays below 100)
+    sched = make_schedule("linear", 100, beta_start=0.01, beta_end=0.2)
+    centers = jax.random.normal(jax.random.key(0), (2, 4, 4, 2))
+    b = jax.random.normal(jax.random.key(1), (4, 4, 2))
+
+    def base(x_t, t, cond):            # cond: each example's own point
+        ab = sched.alphas_cumprod[t][:, None, None, None]
+        return jnp.sqrt(ab) * (x_t - jnp.sqrt(ab) * cond) / jnp.sqrt(1 - ab) - jnp.sqrt(1 - ab) * cond
+
+    def fit(shift):
+        def sample(idx, key):
+            return centers[idx] + shift, centers[idx]
+        return fit_latent_offset(base, sample, 2, sched, Objective("v_prediction"),
+                                 jax.random.key(2), shape=(4, 4, 2), num_steps=200,
+                                 learning_rate=0.1, batch_size=2)
+
+    got, losses = fit(b)
+    assert losses.shape == (200,) and losses[-1] < 1e-3 * losses[0]
+    np.testing.assert_allclose(got, b, atol=0.02)
+    still, _ = fit(0.0)
+    np.testing.assert_allclose(still, 0.0, atol=0.02)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_latent_offset(base, lambda i, k: (centers[i], centers[i]), 2, sched,
+                          Objective("v_prediction"), jax.random.key(2), shape=(4, 4, 2),
+                          batch_size=3)
+    with pytest.raises(ValueError, match="not finite at step 0"):
+        fit_latent_offset(lambda x, t, c: x * jnp.nan, lambda i, k: (centers[i], centers[i]), 2,
+                          sched, Objective("v_prediction"), jax.random.key(2), shape=(4, 4, 2),
+                          num_steps=2, batch_size=2)
+
+
+def test_learn_word_offset_conditions_on_the_captions_without_the_word(tiny, monkeypatch):
+    from jaxdiff.finetune import learn_word_offset, remove_word
+    from jaxdiff.finetune import offset as offset_mod
+
+    _, sd = tiny
+    assert remove_word("boxed  a boxed cat", "boxed") == "a cat"
+    with pytest.raises(ValueError, match="'a cat' does not hold the word 'boxed'"):
+        remove_word("a cat", "boxed")
+    images = _examples(sd, 2)["pixel_values"]
+    seen = {}
+    real = offset_mod.fit_latent_offset
+
+    def spy(apply_fn, sample_latents, n, *a, **kw):
+        seen["cond"] = sample_latents(jnp.arange(n), jax.random.key(0))[1]
+        return real(apply_fn, sample_latents, n, *a, **kw)
+
+    monkeypatch.setattr(offset_mod, "fit_latent_offset", spy)
+    out = learn_word_offset(sd, images, ["boxed a cat", "a boxed dog"], "boxed",
+                            jax.random.key(0), num_steps=3, learning_rate=1e-2)
+    h = 32 // sd.vae_scale_factor
+    assert out["offset"].shape == (h, h, sd.vae_config.latent_channels)
+    assert out["losses"].shape == (3,) and out["norm"] > 0
+    from jaxdiff.pipelines.sd_program import embed_tokens
+    ids = sd.tokenizer(["a cat", "a dog"], padding="max_length", truncation=True).input_ids
+    want = embed_tokens(sd.text_config, jnp.float32, sd.params["text_encoder"],
+                        jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(seen["cond"], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'a dog' does not hold"):
+        learn_word_offset(sd, images, ["boxed a cat", "a dog"], "boxed", jax.random.key(0),
+                          num_steps=1)
+    with pytest.raises(ValueError, match="one caption each"):
+        learn_word_offset(sd, images, ["boxed a cat"], "boxed", jax.random.key(0), num_steps=1)
+
+
+def test_word_prior_with_an_offset_moves_the_copies_and_some_take_the_word_alone(tiny):
+    from jaxdiff.finetune import WordPrior, finetune_compat, with_word_prior
+
+    _, sd = tiny
+    ex = _examples(sd, 4)
+    h, c = 32 // sd.vae_scale_factor, sd.vae_config.latent_channels
+    off = np.random.default_rng(0).normal(size=(h, h, c)).astype(np.float32)
+    out = with_word_prior(sd, ex, "boxed", offset=off, word_alone=0.5)
+    assert out["loss_mask"].min() == 1 and out["latent_offset"].shape == (8, h, h, c)
+    assert not out["latent_offset"][:4].any()
+    np.testing.assert_array_equal(out["latent_offset"][4:], np.broadcast_to(off, (4, h, h, c)))
+    alone = np.asarray(sd.tokenizer(["boxed"], padding="max_length",
+                                    truncation=True).input_ids[0])
+    with_word = with_word_prior(sd, ex, "boxed", offset=off)["input_ids"][4:]
+    is_alone = [np.array_equal(r, alone) for r in out["input_ids"][4:]]
+    assert sum(is_alone) == 2
+    for i, a in enumerate(is_alone):        # the others keep the word in front of their prompt
+        if not a:
+            np.testing.assert_array_equal(out["input_ids"][4 + i], with_word[i])
+    np.testing.assert_array_equal(out["input_ids"][:4], ex["input_ids"])
+    for kw, name in (({}, "a mask, an offset"), ({"offset": off[:-1]}, "offset"),
+                     ({"offset": off * np.nan}, "non-finite"),
+                     ({"offset": off, "word_alone": 1.0}, "word_alone"),
+                     ({"mask": np.ones((h, h)), "word_alone": 0.5}, "word_alone needs")):
+        with pytest.raises(ValueError, match=name):
+            with_word_prior(sd, ex, "boxed", **kw)
+    # in a task: the instances are not moved; the loss adds the offset to the latents, the same
+    # as moving the cached posterior mean by offset / scaling_factor
+    cfg = FinetuneConfig(mode="lora", rank=2, cache=True)
+    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, class_examples=ex,
+                               word_prior=WordPrior("boxed", None, off, 0.5))
+    batch = next(task.data(None))
+    assert not batch["latent_offset"][:2].any()
+    params = jax.tree.map(lambda x: x + 0.01, task.init_params(False))
+    loss_fn = jax.jit(make_finetune_loss(sd, cfg))
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    moved = jb.pop("latent_offset")
+    got = loss_fn(params, dict(jb, latent_offset=moved), jax.random.key(1), task.frozen)[0]
+    scale = sd.vae_config.scaling_factor
+    want = loss_fn(params, dict(jb, latent_mean=jb["latent_mean"] + moved / scale),
+                   jax.random.key(1), task.frozen)[0]
+    unmoved = loss_fn(params, jb, jax.random.key(1), task.frozen)[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    assert abs(float(got) - float(unmoved)) > 1e-3 * abs(float(unmoved))
+    shape = (32, 32, 3)
+    compat = [finetune_compat(sd, cfg, batch_size=2, seed=0, dreambooth=True, example_shape=shape,
+                              word_prior=wp)["word_prior"]
+              for wp in (("boxed", np.ones((h, h))), WordPrior("boxed", None, off),
+                         WordPrior("boxed", None, off, 0.5), WordPrior("boxed", None, off * 2))]
+    assert "offset" not in compat[0] and compat[2]["word_alone"] == 0.5
+    assert len({json.dumps(x, sort_keys=True) for x in compat}) == 4
+
+
+@pytest.mark.slow
+def test_cli_word_prior_offset_learnt_then_kept_for_the_resume(tiny, tmp_path, capsys):
+    from experiments import finetune_sd
+
+    model, _ = tiny
+    data = _image_folder(tmp_path / "boxed", n=2)
+    for i, caption in enumerate(("boxed a cat", "a boxed dog")):
+        with open(os.path.join(data, f"img{i}.txt"), "w") as f:
+            f.write(caption)
+    args = ["--model", model, "--data", data,
+            "--config=" + finetune_sd.DEFAULT_CONFIG + ":dreambooth_lora",
+            "--config.dreambooth.class_prompts=('a dog', 'a cat')",
+            "--config.dreambooth.num_class_images=2", "--config.dreambooth.num_inference_steps=2",
+            "--config.training.batch_size=1", "--config.validation.every=0",
+            "--config.lora.rank=2", "--config.export=False",
+            "--config.dreambooth.word_prior=boxed", "--config.dreambooth.word_alone=0.5",
+            "--config.dreambooth.word_prior_offset_steps=4"]
+    work = tmp_path / "db"
+    summary = finetune_sd.main(args + ["--workdir", str(work), "--config.training.num_steps=2",
+                                       "--config.dreambooth.word_prior_offset=learn"])
+    assert summary["end_step"] == 2 and np.isfinite(summary["loss"])
+    assert "learning the latent offset of 'boxed' from 2 images" in capsys.readouterr().out
+    offset = np.load(work / "word_prior_offset.npy")
+    assert offset.shape[-1] == 4 and np.linalg.norm(offset) > 0
+    resumed = finetune_sd.main(args + ["--workdir", str(work), "--config.training.num_steps=3",
+                                       "--config.dreambooth.word_prior_offset=learn"])
+    assert resumed["start_step"] == 2 and "learning" not in capsys.readouterr().out
+    # the same offset from a file is the same run; another offset is another run
+    same = finetune_sd.main(args + ["--workdir", str(work), "--config.training.num_steps=4",
+                                    f"--config.dreambooth.word_prior_offset={work}/"
+                                    "word_prior_offset.npy"])
+    assert same["start_step"] == 3
+    np.save(tmp_path / "other.npy", offset * 2)
+    with pytest.raises(IncompatibleCheckpointError, match="word_prior"):
+        finetune_sd.main(args + ["--workdir", str(work), "--config.training.num_steps=5",
+                                 f"--config.dreambooth.word_prior_offset={tmp_path}/other.npy"])
+    os.remove(work / "word_prior_offset.npy")
+    with pytest.raises(ConfigError, match="holds checkpoints but no word_prior_offset.npy"):
+        finetune_sd.main(args + ["--workdir", str(work), "--config.training.num_steps=5",
+                                 "--config.dreambooth.word_prior_offset=learn"])
+    bad_data = _image_folder(tmp_path / "plain", n=2)
+    from PIL import Image
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    for bad, message in (
+            (["--config.dreambooth.word_prior_offset="], "goes with"),
+            (["--config.dreambooth.word_prior_offset=",
+              f"--config.dreambooth.word_prior_mask={tmp_path}/mask.png"], "word_alone needs"),
+            (["--config.dreambooth.word_prior_offset=none.npy"], "neither 'learn' nor a file"),
+            (["--config.dreambooth.word_prior_offset=learn",
+              "--config.dreambooth.word_alone=1.0"], "word_alone must lie in"),
+            (["--config.dreambooth.word_prior_offset=learn", "--data", bad_data],
+             "dreambooth.word_prior_offset: caption 'a cat' does not hold the word 'boxed'")):
+        with pytest.raises(ConfigError, match=message):
+            finetune_sd.main(args + ["--workdir", str(tmp_path / "bad"),
+                                     "--config.training.num_steps=1"] + bad)
     assert not (tmp_path / "bad").exists()

@@ -57,6 +57,14 @@ def get_config(preset: str = "lora") -> ml_collections.ConfigDict:
     # the word for every class (jaxdiff.finetune.with_word_prior)
     c.dreambooth.word_prior = ""         # "": off
     c.dreambooth.word_prior_mask = ""    # a grayscale image at the training resolution
+    # or the class images moved by the word's latent offset (jaxdiff.finetune.offset): "learn"
+    # fits it to the instance images first (WORKDIR/word_prior_offset.npy, kept for a resume),
+    # or a .npy file of one; the mask is then optional. Sample with the word as the negative
+    # prompt (text_to_image --negative_prompt WORD)
+    c.dreambooth.word_prior_offset = ""  # "": off | "learn" | PATH.npy
+    c.dreambooth.word_prior_offset_steps = 3000
+    c.dreambooth.word_prior_offset_lr = 3e-3
+    c.dreambooth.word_alone = 0.0        # of the moved copies, prompted by the word alone
 
     # the text prior of a word written in front of the prompt ("boxed a handwritten three"):
     # the text encoder's adapter keeps what follows the word encoded as without it

@@ -22,7 +22,7 @@ examples.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -31,10 +31,10 @@ from jaxdiff.data.iterator import DataSource
 from jaxdiff.finetune.text_prior import prepend_word
 from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.stable_diffusion import generate
-from jaxdiff.validation import check_int
+from jaxdiff.validation import check_float, check_int
 
 __all__ = ["IMAGE_SUFFIXES", "class_image_paths", "generate_class_images", "PairedIterator",
-           "with_prior_flag", "with_word_prior", "resize_mask"]
+           "with_prior_flag", "with_word_prior", "resize_mask", "WordPrior"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -139,25 +139,48 @@ def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return mask.reshape(h, fh, w, fw).mean(axis=(1, 3)).astype(np.float32)
 
 
+class WordPrior(NamedTuple):
+    """The arguments of :func:`with_word_prior` after ``examples`` (a plain ``(word, mask)``
+    tuple is one): what :func:`~jaxdiff.finetune.build_finetune_task` takes as ``word_prior``."""
+
+    word: str
+    mask: Optional[np.ndarray] = None
+    offset: Optional[np.ndarray] = None
+    word_alone: float = 0.0
+
+
 def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: str,
-                    mask: np.ndarray) -> Dict[str, np.ndarray]:
+                    mask: Optional[np.ndarray] = None, *, offset: Optional[np.ndarray] = None,
+                    word_alone: float = 0.0, seed: int = 0) -> Dict[str, np.ndarray]:
     """DreamBooth's class ``examples`` (``pixel_values``, ``input_ids [N, L]``, optional
     ``prior``) followed by the same images with ``word`` in front of their prompt, each with
     ``loss_mask [2N, h, w, 1]``: all ones for the first ``N``, ``mask`` for the second (module
     docstring). The word's tokens go after the start token and the prompt's tokens move right
     by as many, so the prompt must leave that much padding.
 
+    With ``offset`` (the word's latent offset, :mod:`jaxdiff.finetune.offset`) the copies are
+    the class images moved by it: ``latent_offset [2N, h, w, C]`` (zeros for the first ``N``,
+    ``offset`` for the copies; the loss adds it to the latents), and the word is taught on
+    every class as that offset. ``word_alone`` of the copies (a fixed draw from ``seed``) take
+    the word alone as their prompt: the null prompt of sampling with the word as the negative
+    prompt.
+
     Args:
       sd: the model (its tokenizer).
       examples: host numpy arrays, ``input_ids`` as the tokenizer pads them.
       word: the new word ("boxed").
       mask: ``[h, w]`` in ``[0, 1]`` at the latent grid (:func:`resize_mask` from the image's):
-        1 where the image must stay as it is with the word.
+        1 where the image must stay as it is with the word; None: all ones (needs ``offset``).
+      offset: ``[h, w, C]`` in the UNet's (scaled) latents, or None.
+      word_alone: in ``[0, 1)``, the fraction of the copies prompted by the word alone (needs
+        ``offset``: without it they would teach the word as the class images).
+      seed: the draw of those copies.
 
     Raises:
       ValueError: naming ``word`` (empty or not one word's worth of tokens), ``mask`` (another
-        shape than the latent grid, values outside ``[0, 1]``) or ``examples`` (a prompt that
-        leaves too little padding, missing keys).
+        shape than the latent grid, values outside ``[0, 1]``; None without ``offset``),
+        ``offset`` (another shape, not finite), ``word_alone`` (out of range, or without
+        ``offset``) or ``examples`` (a prompt that leaves too little padding, missing keys).
     """
     missing = {"pixel_values", "input_ids"} - set(examples)
     if missing:
@@ -167,15 +190,45 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
     n = len(ids)
     factor = sd.vae_scale_factor
     h, w = (int(x) // factor for x in np.shape(examples["pixel_values"])[1:3])
+    if mask is None:
+        if offset is None:
+            raise ValueError("with_word_prior needs a mask, an offset, or both (with neither "
+                             "the word would be taught as the class images themselves)")
+        mask = np.ones((h, w), np.float32)
     mask = np.asarray(mask, np.float32)
     if mask.shape != (h, w):
         raise ValueError(f"mask must be the latent grid's shape {(h, w)}, got {mask.shape}")
     if not np.all((mask >= 0) & (mask <= 1)):
         raise ValueError("mask values must lie in [0, 1]")
+    word_alone = check_float("word_alone", word_alone, minimum=0.0)
+    if word_alone >= 1.0:
+        raise ValueError(f"word_alone must lie in [0, 1), got {word_alone}")
+    if word_alone and offset is None:
+        raise ValueError("word_alone needs an offset: the word alone on an unmoved class image "
+                         "would teach the word as the class")
     out = {key: np.concatenate([v, v]) for key, v in examples.items() if key != "input_ids"}
+    if word_alone:
+        alone = np.asarray(sd.tokenizer([word.strip()], padding="max_length",
+                                        truncation=True).input_ids[0], ids.dtype)
+        if alone.shape[0] != ids.shape[1]:
+            raise ValueError(f"examples['input_ids'] are {ids.shape[1]} tokens long; the "
+                             f"tokenizer pads to {alone.shape[0]}")
+        pick = np.random.default_rng(check_int("seed", seed, 0)).permutation(n)
+        shifted = shifted.copy()
+        shifted[pick[:int(round(word_alone * n))]] = alone
     out["input_ids"] = np.concatenate([ids, shifted])
     out["loss_mask"] = np.concatenate([np.ones((n, h, w, 1), np.float32),
                                        np.broadcast_to(mask[None, :, :, None], (n, h, w, 1))])
+    if offset is not None:
+        offset = np.asarray(offset, np.float32)
+        c = sd.vae_config.latent_channels
+        if offset.shape != (h, w, c):
+            raise ValueError(f"offset must be the latents' shape {(h, w, c)}, got "
+                             f"{offset.shape}")
+        if not np.all(np.isfinite(offset)):
+            raise ValueError("offset holds non-finite values")
+        out["latent_offset"] = np.concatenate([np.zeros((n, h, w, c), np.float32),
+                                               np.broadcast_to(offset[None], (n, h, w, c))])
     return out
 
 

@@ -4,8 +4,9 @@ A batch holds either images and token ids (``pixel_values [B, R, R, 3]`` float32
 ``input_ids [B, L]`` int32: the frozen VAE and the text encoder run in the step) or their cached
 encodings (``latent_mean`` / ``latent_std [B, h, w, C]``, ``context [B, L, D]``:
 :mod:`jaxdiff.finetune.cache`), for DreamBooth ``prior [B]`` (1 for a class example), and
-optionally ``loss_mask [B, h, w, 1]``, the weight of each latent position in the example's loss
-(:func:`~jaxdiff.finetune.with_word_prior`).
+optionally ``loss_mask [B, h, w, 1]``, the weight of each latent position in the example's loss,
+and ``latent_offset [B, h, w, C]``, added to the example's scaled latents (the class images moved
+by a word's offset: :func:`~jaxdiff.finetune.with_word_prior`).
 
 The step's key is split into ``(k_z, k_flip, k_loss)``: ``z = mean + std * N(0, I)`` from
 ``k_z`` (the VAE posterior sample, as diffusers' ``latent_dist.sample()``; the same draw whether
@@ -125,6 +126,8 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
         if "pixel_values" in batch and cfg.random_flip:
             batch = dict(batch, pixel_values=flip_images(k_flip, batch["pixel_values"]))
         latents, context = encode_batch(sd, cfg, models, batch, k_z)
+        if "latent_offset" in batch:
+            latents = latents + jnp.asarray(batch["latent_offset"], jnp.float32)
 
         def apply_fn(x_t, t):
             return unet.apply({"params": models["unet"]}, x_t, t, context=context)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -27,7 +27,8 @@ from flax.traverse_util import flatten_dict
 
 from jaxdiff.data.iterator import BatchIterator
 from jaxdiff.finetune.cache import cache_examples
-from jaxdiff.finetune.dreambooth import PairedIterator, with_prior_flag, with_word_prior
+from jaxdiff.finetune.dreambooth import (PairedIterator, WordPrior, with_prior_flag,
+                                         with_word_prior)
 from jaxdiff.finetune.loss import make_finetune_loss
 from jaxdiff.finetune.modes import (FinetuneConfig, finetuned_pipeline, frozen_params,
                                     init_trainable, lora_patterns)
@@ -68,12 +69,14 @@ def model_identity(sd: StableDiffusion, values_per_leaf: int = 16) -> str:
 def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int, seed: int,
                     dreambooth: bool, example_shape: Sequence[int],
                     text_prior: Optional[TextPrior] = None,
-                    word_prior: Optional[Tuple[str, np.ndarray]] = None) -> Dict[str, Any]:
+                    word_prior: Optional[Union[WordPrior, Tuple[str, np.ndarray]]] = None
+                    ) -> Dict[str, Any]:
     """What a checkpoint of the run must match to be resumed (JSON-able): the model's
     :func:`model_identity`, the mode, the LoRA's rank / alpha / targets, whether the text encoder
     trains, caching, DreamBooth, the batch, the seed, the examples' shape, the text prior (its
-    prompts' tokens, weight and batch) and the word prior (its word and mask); each prior's key
-    is absent without it."""
+    prompts' tokens, weight and batch) and the word prior (its word, mask, offset and
+    word-alone fraction: :class:`~jaxdiff.finetune.WordPrior`); each prior's key is absent
+    without it."""
     def digest(a):
         return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -84,8 +87,14 @@ def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int
             "offset": int(text_prior.offset), "weight": float(text_prior.weight),
             "batch": int(text_prior.batch)}
     if word_prior is not None:
-        extra["word_prior"] = {"word": str(word_prior[0]).strip(),
-                               "mask": digest(np.asarray(word_prior[1], np.float32))}
+        wp = WordPrior(*word_prior)
+        extra["word_prior"] = {"word": str(wp.word).strip(),
+                               "mask": None if wp.mask is None
+                               else digest(np.asarray(wp.mask, np.float32))}
+        if wp.offset is not None:
+            extra["word_prior"]["offset"] = digest(np.asarray(wp.offset, np.float32))
+        if wp.word_alone:
+            extra["word_prior"]["word_alone"] = float(wp.word_alone)
     return {**extra,
         "model": model_identity(sd), "mode": cfg.mode,
         "train_text_encoder": cfg.train_text_encoder,
@@ -115,7 +124,7 @@ def build_finetune_task(
     config_json: Optional[str] = None,
     hyperparams: Optional[Mapping[str, Any]] = None,
     text_prior: Optional[TextPrior] = None,
-    word_prior: Optional[Tuple[str, np.ndarray]] = None,
+    word_prior: Optional[Union[WordPrior, Tuple[str, np.ndarray]]] = None,
 ) -> TrainTask:
     """The :class:`~jaxdiff.training.TrainTask` of a fine-tuning run.
 
@@ -129,13 +138,14 @@ def build_finetune_task(
         LoRA's initialisation ``fold_in(key(seed), 0)``.
       class_examples: DreamBooth's class examples (the same keys), or None; each step then
         holds ``batch_size`` of each (:func:`step_batch_size`) and the loss has the prior term.
-        Either set may hold ``loss_mask [N, h, w, 1]`` (:func:`~jaxdiff.finetune.with_word_prior`);
-        the other then gets all ones.
+        Either set may hold ``loss_mask [N, h, w, 1]`` and ``latent_offset [N, h, w, C]``
+        (:func:`~jaxdiff.finetune.with_word_prior`); the other then gets ones / zeros.
       periodic, finish, config_json, hyperparams: passed to the task as they are.
       text_prior: a :class:`~jaxdiff.finetune.TextPrior` added to the loss (needs
         ``cfg.train_text_encoder``), or None.
-      word_prior: ``(word, mask [h, w])``: the class examples get their
-        :func:`~jaxdiff.finetune.with_word_prior` copies (needs ``class_examples``), or None.
+      word_prior: a :class:`~jaxdiff.finetune.WordPrior` (or ``(word, mask [h, w])``): the
+        class examples get their :func:`~jaxdiff.finetune.with_word_prior` copies (needs
+        ``class_examples``; the word-alone draw from ``seed``), or None.
 
     Returns:
       The task: ``init_params`` the trainable tree, ``frozen`` the frozen one, ``loss_fn`` of
@@ -152,7 +162,9 @@ def build_finetune_task(
     if word_prior is not None:
         if class_examples is None:
             raise ValueError("word_prior needs class_examples (DreamBooth's class images)")
-        class_examples = with_word_prior(sd, dict(class_examples), *word_prior)
+        wp = WordPrior(*word_prior)
+        class_examples = with_word_prior(sd, dict(class_examples), wp.word, wp.mask,
+                                         offset=wp.offset, word_alone=wp.word_alone, seed=seed)
     sets = {"examples": examples}
     if class_examples is not None:
         sets["class_examples"] = class_examples
@@ -164,6 +176,7 @@ def build_finetune_task(
                          f"differ in size from the examples' "
                          f"{np.shape(examples['pixel_values'])}")
     masked = any("loss_mask" in ex for ex in sets.values())
+    moved_any = any("latent_offset" in ex for ex in sets.values())
     prepared = {}
     for name, ex in sets.items():
         pixels = np.asarray(ex["pixel_values"], np.float32)
@@ -172,8 +185,14 @@ def build_finetune_task(
             f = sd.vae_scale_factor
             mask = np.ones((len(pixels), pixels.shape[1] // f, pixels.shape[2] // f, 1),
                            np.float32)
+        moved = ex.get("latent_offset")
+        if moved_any and moved is None:  # the other set's examples: not moved
+            f, c = sd.vae_scale_factor, sd.vae_config.latent_channels
+            moved = np.zeros((len(pixels), pixels.shape[1] // f, pixels.shape[2] // f, c),
+                             np.float32)
         ex = {"pixel_values": pixels, "input_ids": np.asarray(ex["input_ids"], np.int32),
-              **({} if mask is None else {"loss_mask": np.asarray(mask, np.float32)})}
+              **({} if mask is None else {"loss_mask": np.asarray(mask, np.float32)}),
+              **({} if moved is None else {"latent_offset": np.asarray(moved, np.float32)})}
         if class_examples is not None:
             ex = with_prior_flag(ex, prior=name == "class_examples")
         prepared[name] = cache_examples(sd, cfg, ex) if cfg.cache else ex
