@@ -174,16 +174,27 @@ def _vae_round_trip(sd) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def negative_prompts(prompts: Sequence[str], word: str) -> Optional[list]:
+    """``word`` as the negative prompt of each prompt that holds it (a whole word), the empty
+    prompt for the others; None when ``word`` is empty. Guidance then scales what the prompt
+    adds to the word (the digit), not the word's attribute (whose offset guidance against the
+    empty prompt multiplies: :mod:`jaxdiff.finetune.offset`)."""
+    if not word:
+        return None
+    return [word if word in p.split() else "" for p in prompts]
+
+
 def evaluate_concept(models: Mapping[str, object], classifier, *,
                      concept_digits: Sequence[int] = boxed_concept.DEFAULT_DIGITS,
                      n: int = 500, seed: int = 0, num_steps: int = 25,
                      guidance_scale: float = 3.0, batch_size: int = 250,
                      threshold: float = boxed_concept.BOX_THRESHOLD,
-                     word_position: str = "after",
+                     word_position: str = "after", negative_word: str = "",
                      log: Callable[[str], None] = print) -> dict:
     """Samples :func:`prompt_sets` through each of ``models`` (``{name: StableDiffusion}``, e.g.
     ``{"base": sd, "lora": sd_lora}``: the same prompts and noise for each) and scores them
-    (:func:`score_images`). Returns ``{"sets": {set: {"prompts_example": [...], "digits":
+    (:func:`score_images`); with ``negative_word`` the prompts that hold it are guided against
+    it alone (:func:`negative_prompts`). Returns ``{"sets": {set: {"prompts_example": [...], "digits":
     [...], "rows": {model: row}}}, "settings": {...}}``; each row also has ``time_s`` (the
     sampling's wall time, with the first batch's compilation).
 
@@ -195,7 +206,7 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
     plan = prompt_sets(concept_digits, n, seed, word_position)
     out = {"sets": {}, "settings": {
         "concept_digits": [int(d) for d in concept_digits], "n": int(n), "seed": int(seed),
-        "word_position": word_position,
+        "word_position": word_position, "negative_word": negative_word,
         "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
         "batch_size": int(batch_size), "threshold": float(threshold)}}
     for i, name in enumerate(SETS):
@@ -205,7 +216,9 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
             t0 = time.time()
             imgs = latent_pipeline.sample(sd, p["prompts"], jax.random.key(seed + 100 + i),
                                           num_steps=num_steps, guidance_scale=guidance_scale,
-                                          batch_size=min(batch_size, n))
+                                          batch_size=min(batch_size, n),
+                                          negative_prompts=negative_prompts(p["prompts"],
+                                                                            negative_word))
             elapsed = time.time() - t0
             row = score_images(imgs, p["labels"], classifier, threshold=threshold)
             row["time_s"] = round(elapsed, 1)
@@ -245,7 +258,7 @@ def check_targets(res: dict, tuned: str, base: Optional[str] = "base") -> list:
 
 def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], path: str, *,
                          per_prompt: int = 4, seed: int = 0, num_steps: int = 25,
-                         guidance_scale: float = 3.0) -> str:
+                         guidance_scale: float = 3.0, negative_word: str = "") -> str:
     """A PNG, one row per prompt: ``per_prompt`` samples of each model side by side (models in
     ``models``' order, the same noise for each: row ``r`` column ``j`` of every model starts
     from the same latents), a dark gray tile between two models, each row's prompt on its
@@ -255,7 +268,9 @@ def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], p
     rep = [p for p in prompts for _ in range(per_prompt)]
     blocks = [latent_pipeline.sample(sd, rep, jax.random.key(seed + 999),
                                      num_steps=num_steps, guidance_scale=guidance_scale,
-                                     batch_size=len(rep)) for sd in models.values()]
+                                     batch_size=len(rep),
+                                     negative_prompts=negative_prompts(rep, negative_word))
+              for sd in models.values()]
     tiles = []
     for k in range(len(prompts)):
         for i, b in enumerate(blocks):
@@ -312,7 +327,9 @@ def markdown(res: dict) -> str:
     lines = [f"Concept \"{boxed_concept.CONCEPT_WORD}\" on digits "
              f"{', '.join(map(str, s['concept_digits']))}; N = {s['n']} per set and model; "
              f"{s['num_steps']} sampler steps, guidance {s['guidance_scale']:g}, seed "
-             f"{s['seed']}; box threshold {s['threshold']:g}.", ""]
+             f"{s['seed']}; box threshold {s['threshold']:g}"
+             + (f"; prompts with \"{s['negative_word']}\" guided against it alone"
+                if s.get("negative_word") else "") + ".", ""]
     for name, desc in res.get("models", {}).items():
         lines.append(f"- `{name}`: {desc}")
     lines += ["", "| set | model | N | box rate | accuracy | time (s) |",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import boxed_concept, boxed_mnist, concept_eval, latent_data
+from experiments import boxed_concept, boxed_mnist, concept_eval, latent_data, latent_pipeline
 from experiments.cli import ConfigError
 
 MNIST_DIR = os.environ.get("JAXDIFF_MNIST_DIR", "")
@@ -294,6 +294,21 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
     md = concept_eval.markdown(res)
     assert md.count("| learnt |") == 3 and "Targets" in md   # two models, one target row
     json.dumps(res)   # JSON-ready
+    # --negative_word: the prompts that hold the word are guided against it alone, the others
+    # against the empty prompt as before
+    assert concept_eval.negative_prompts(["boxed a 3", "a 3", "a boxed 3", "unboxed 3"],
+                                         "boxed") == ["boxed", "", "boxed", ""]
+    assert concept_eval.negative_prompts(["a 3"], "") is None
+    neg = concept_eval.evaluate_concept({"base": sd}, clf, n=4, num_steps=2, batch_size=4,
+                                        negative_word="boxed", log=lambda m: None)
+    assert neg["settings"]["negative_word"] == "boxed"
+    for name, entry in neg["sets"].items():
+        a = entry["rows"]["base"]["box_score_mean"]
+        b = res["sets"][name]["rows"]["base"]["box_score_mean"]
+        assert (a == b) == (name == "prior"), name    # only the prior set has no "boxed"
+    with pytest.raises(ValueError, match="one per prompt"):
+        latent_pipeline.sample(sd, ["a 3", "a 4"], jax.random.key(0), num_steps=1,
+                               guidance_scale=3.0, negative_prompts=["boxed"])
     png = concept_eval.save_comparison_grid({"base": sd, "lora": other}, ["a boxed 3", "7"],
                                             str(tmp_path / "grid.png"), per_prompt=2,
                                             num_steps=2)
