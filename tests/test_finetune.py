@@ -749,6 +749,7 @@ def test_shifted_prediction_is_the_exact_denoiser_of_the_moved_data(kind):
         shifted_prediction(ideal(x0), x_t, t, b[:2], acp, kind)
 
 
+@pytest.mark.slow
 def test_fit_latent_offset_recovers_the_offset_of_moved_data():
     # the base model is the ideal denoiser of two points; the examples are those points moved
     # by B: the fitted offset is B (and 0 for unmoved examples)
@@ -785,6 +786,7 @@ def test_fit_latent_offset_recovers_the_offset_of_moved_data():
                           num_steps=2, batch_size=2)
 
 
+@pytest.mark.slow
 def test_learn_word_offset_conditions_on_the_captions_without_the_word(tiny, monkeypatch):
     from jaxdiff.finetune import learn_word_offset, remove_word
     from jaxdiff.finetune import offset as offset_mod
@@ -819,6 +821,7 @@ def test_learn_word_offset_conditions_on_the_captions_without_the_word(tiny, mon
         learn_word_offset(sd, images, ["boxed a cat"], "boxed", jax.random.key(0), num_steps=1)
 
 
+@pytest.mark.slow
 def test_word_prior_with_an_offset_moves_the_copies_and_some_take_the_word_alone(tiny):
     from jaxdiff.finetune import WordPrior, finetune_compat, with_word_prior
 
