@@ -184,17 +184,31 @@ def negative_prompts(prompts: Sequence[str], word: str) -> Optional[list]:
     return [word if word in p.split() else "" for p in prompts]
 
 
+def guidance_prompts(prompts: Sequence[str], word: str) -> Optional[list]:
+    """Each prompt without ``word`` (a whole word: :func:`jaxdiff.finetune.remove_word`) as its
+    guidance prompt when it holds it, else the prompt itself; None when ``word`` is empty.
+    Guidance then adds what the rest of the prompt adds, and the word's attribute is drawn once,
+    as the conditional model draws it (``generate``'s ``guidance_prompt``)."""
+    from jaxdiff.finetune import remove_word
+
+    if not word:
+        return None
+    return [remove_word(p, word) if word in p.split() else p for p in prompts]
+
+
 def evaluate_concept(models: Mapping[str, object], classifier, *,
                      concept_digits: Sequence[int] = boxed_concept.DEFAULT_DIGITS,
                      n: int = 500, seed: int = 0, num_steps: int = 25,
                      guidance_scale: float = 3.0, batch_size: int = 250,
                      threshold: float = boxed_concept.BOX_THRESHOLD,
                      word_position: str = "after", negative_word: str = "",
+                     guide_without_word: str = "",
                      log: Callable[[str], None] = print) -> dict:
     """Samples :func:`prompt_sets` through each of ``models`` (``{name: StableDiffusion}``, e.g.
     ``{"base": sd, "lora": sd_lora}``: the same prompts and noise for each) and scores them
     (:func:`score_images`); with ``negative_word`` the prompts that hold it are guided against
-    it alone (:func:`negative_prompts`). Returns ``{"sets": {set: {"prompts_example": [...], "digits":
+    it alone (:func:`negative_prompts`); with ``guide_without_word`` they are guided along the
+    prompt without it (:func:`guidance_prompts`). Returns ``{"sets": {set: {"prompts_example": [...], "digits":
     [...], "rows": {model: row}}}, "settings": {...}}``; each row also has ``time_s`` (the
     sampling's wall time, with the first batch's compilation).
 
@@ -207,6 +221,7 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
     out = {"sets": {}, "settings": {
         "concept_digits": [int(d) for d in concept_digits], "n": int(n), "seed": int(seed),
         "word_position": word_position, "negative_word": negative_word,
+        "guide_without_word": guide_without_word,
         "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
         "batch_size": int(batch_size), "threshold": float(threshold)}}
     for i, name in enumerate(SETS):
@@ -218,7 +233,9 @@ def evaluate_concept(models: Mapping[str, object], classifier, *,
                                           num_steps=num_steps, guidance_scale=guidance_scale,
                                           batch_size=min(batch_size, n),
                                           negative_prompts=negative_prompts(p["prompts"],
-                                                                            negative_word))
+                                                                            negative_word),
+                                          guidance_prompts=guidance_prompts(
+                                              p["prompts"], guide_without_word))
             elapsed = time.time() - t0
             row = score_images(imgs, p["labels"], classifier, threshold=threshold)
             row["time_s"] = round(elapsed, 1)
@@ -258,7 +275,8 @@ def check_targets(res: dict, tuned: str, base: Optional[str] = "base") -> list:
 
 def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], path: str, *,
                          per_prompt: int = 4, seed: int = 0, num_steps: int = 25,
-                         guidance_scale: float = 3.0, negative_word: str = "") -> str:
+                         guidance_scale: float = 3.0, negative_word: str = "",
+                         guide_without_word: str = "") -> str:
     """A PNG, one row per prompt: ``per_prompt`` samples of each model side by side (models in
     ``models``' order, the same noise for each: row ``r`` column ``j`` of every model starts
     from the same latents), a dark gray tile between two models, each row's prompt on its
@@ -269,7 +287,8 @@ def save_comparison_grid(models: Mapping[str, object], prompts: Sequence[str], p
     blocks = [latent_pipeline.sample(sd, rep, jax.random.key(seed + 999),
                                      num_steps=num_steps, guidance_scale=guidance_scale,
                                      batch_size=len(rep),
-                                     negative_prompts=negative_prompts(rep, negative_word))
+                                     negative_prompts=negative_prompts(rep, negative_word),
+                                     guidance_prompts=guidance_prompts(rep, guide_without_word))
               for sd in models.values()]
     tiles = []
     for k in range(len(prompts)):
@@ -329,7 +348,9 @@ def markdown(res: dict) -> str:
              f"{s['num_steps']} sampler steps, guidance {s['guidance_scale']:g}, seed "
              f"{s['seed']}; box threshold {s['threshold']:g}"
              + (f"; prompts with \"{s['negative_word']}\" guided against it alone"
-                if s.get("negative_word") else "") + ".", ""]
+                if s.get("negative_word") else "")
+             + (f"; prompts with \"{s['guide_without_word']}\" guided along the prompt "
+                "without it" if s.get("guide_without_word") else "") + ".", ""]
     for name, desc in res.get("models", {}).items():
         lines.append(f"- `{name}`: {desc}")
     lines += ["", "| set | model | N | box rate | accuracy | time (s) |",

@@ -60,6 +60,9 @@ def _define(fv: flags.FlagValues, argv: list) -> None:
     flags.DEFINE_string("negative_word", "", "guide the prompts that hold this word against "
                         "the word alone (its negative prompt; dreambooth.word_prior_offset's "
                         "sampling), the others against the empty prompt", **d)
+    flags.DEFINE_string("guide_without_word", "", "guide the prompts that hold this word along "
+                        "the prompt without it (generate's guidance_prompt: the word's "
+                        "attribute drawn once, the rest guided)", **d)
     flags.DEFINE_integer("num_samples", 500, "images per set and model", **d)
     flags.DEFINE_integer("batch_size", 250, "sampling batch", **d)
     flags.DEFINE_integer("steps", 25, "sampler steps (the folder's scheduler: DDIM)", **d)
@@ -183,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         models, clf, concept_digits=digits, n=fv.num_samples, seed=fv.seed,
         num_steps=fv.steps, guidance_scale=fv.guidance_scale, batch_size=fv.batch_size,
         threshold=fv.threshold, word_position=fv.word_position,
-        negative_word=fv.negative_word.strip(), log=log)
+        negative_word=fv.negative_word.strip(),
+        guide_without_word=fv.guide_without_word.strip(), log=log)
     res["models"] = desc
     if fv.lora:
         res["lora_file_bytes"] = _size(parse_lora_arg(fv.lora)[0])
@@ -202,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         concept_eval.save_comparison_grid(models, prompts, fv.out_png,
                                           per_prompt=fv.grid_per_prompt, seed=fv.seed,
                                           num_steps=fv.steps, guidance_scale=fv.guidance_scale,
-                                          negative_word=fv.negative_word.strip())
+                                          negative_word=fv.negative_word.strip(),
+                                          guide_without_word=fv.guide_without_word.strip())
         log(f"wrote {fv.out_png}")
     res["machine"] = concept_eval.machine_info()
     res["total_time_s"] = round(time.time() - t_start, 1)

@@ -78,30 +78,37 @@ def make_pipeline(config, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cf
 
 def sample(sd: StableDiffusion, prompts: Sequence[str], key: jax.Array, *, num_steps: int,
            guidance_scale: float, batch_size: int = 250,
-           negative_prompts: Optional[Sequence[str]] = None) -> np.ndarray:
+           negative_prompts: Optional[Sequence[str]] = None,
+           guidance_prompts: Optional[Sequence[str]] = None) -> np.ndarray:
     """Images for ``prompts`` through :func:`jaxdiff.pipelines.generate`, in chunks of
     ``batch_size`` (the last padded; chunk ``i`` uses ``fold_in(key, i)``): ``[N, H, W, 1]``
     float32 in ``[-1, 1]`` at the pipeline's size (``data.pad_to``). ``negative_prompts``: one
-    per prompt (guidance's null prompts), or None (the empty prompt for all).
+    per prompt (guidance's null prompts), or None (the empty prompt for all);
+    ``guidance_prompts``: one per prompt (generate's ``guidance_prompt``), or None.
 
     Raises:
-      ValueError: ``negative_prompts`` not one per prompt.
+      ValueError: ``negative_prompts`` or ``guidance_prompts`` not one per prompt.
     """
     out = []
     prompts = list(prompts)
     negs = None if negative_prompts is None else list(negative_prompts)
-    if negs is not None and len(negs) != len(prompts):
-        raise ValueError(f"negative_prompts must be one per prompt ({len(prompts)}), got "
-                         f"{len(negs)}")
+    guides = None if guidance_prompts is None else list(guidance_prompts)
+    for name, given in (("negative_prompts", negs), ("guidance_prompts", guides)):
+        if given is not None and len(given) != len(prompts):
+            raise ValueError(f"{name} must be one per prompt ({len(prompts)}), got "
+                             f"{len(given)}")
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start:start + batch_size]
         neg = None if negs is None else negs[start:start + batch_size]
+        guide = None if guides is None else guides[start:start + batch_size]
         n = len(chunk)
         if len(prompts) > batch_size:
             chunk = chunk + [chunk[0]] * (batch_size - n)
             neg = None if neg is None else neg + [neg[0]] * (batch_size - n)
+            guide = None if guide is None else guide + [guide[0]] * (batch_size - n)
         res = generate(sd, chunk, negative_prompt=neg, num_steps=num_steps,
-                       guidance_scale=guidance_scale, key=jax.random.fold_in(key, i))
+                       guidance_scale=guidance_scale, key=jax.random.fold_in(key, i),
+                       guidance_prompt=guide)
         out.append(res.float_images[:n] * 2.0 - 1.0)
     return np.concatenate(out)
 

@@ -299,6 +299,9 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
     assert concept_eval.negative_prompts(["boxed a 3", "a 3", "a boxed 3", "unboxed 3"],
                                          "boxed") == ["boxed", "", "boxed", ""]
     assert concept_eval.negative_prompts(["a 3"], "") is None
+    assert concept_eval.guidance_prompts(["boxed a 3", "a 3", "a boxed 3"],
+                                         "boxed") == ["a 3", "a 3", "a 3"]
+    assert concept_eval.guidance_prompts(["a 3"], "") is None
     neg = concept_eval.evaluate_concept({"base": sd}, clf, n=4, num_steps=2, batch_size=4,
                                         negative_word="boxed", log=lambda m: None)
     assert neg["settings"]["negative_word"] == "boxed"
@@ -306,9 +309,10 @@ def test_evaluate_concept_end_to_end_on_a_tiny_folder(tmp_path):
         a = entry["rows"]["base"]["box_score_mean"]
         b = res["sets"][name]["rows"]["base"]["box_score_mean"]
         assert (a == b) == (name == "prior"), name    # only the prior set has no "boxed"
-    with pytest.raises(ValueError, match="one per prompt"):
-        latent_pipeline.sample(sd, ["a 3", "a 4"], jax.random.key(0), num_steps=1,
-                               guidance_scale=3.0, negative_prompts=["boxed"])
+    for bad in ({"negative_prompts": ["boxed"]}, {"guidance_prompts": ["a 3"]}):
+        with pytest.raises(ValueError, match="one per prompt"):
+            latent_pipeline.sample(sd, ["a 3", "a 4"], jax.random.key(0), num_steps=1,
+                                   guidance_scale=3.0, **bad)
     png = concept_eval.save_comparison_grid({"base": sd, "lora": other}, ["a boxed 3", "7"],
                                             str(tmp_path / "grid.png"), per_prompt=2,
                                             num_steps=2)

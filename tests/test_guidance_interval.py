@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff.samplers import classifier_free_guidance, get_sampler
+from jaxdiff.samplers import classifier_free_guidance, get_sampler, prompt_guidance
 from jaxdiff.schedules import make_schedule
 
 
@@ -152,3 +152,26 @@ def test_default_config_field_parses_from_the_command_line():
     config_flags.DEFINE_config_file("config", "experiments/configs/mnist.py", flag_values=fv2)
     fv2(["prog"])
     assert fv2.config.sampling.guidance_interval is None
+
+
+def test_prompt_guidance_is_the_formula_and_cfg_along_the_prompt_itself():
+    # a model whose output depends on x, t and the condition, per example
+    def model_fn(x, t, c):
+        return x * c[:, None] + t[:, None].astype(jnp.float32) * 0.01 + c[:, None] ** 2
+
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    t = jnp.array([5, 50, 500])
+    cond, guide = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.5, -1.0, 4.0])
+    null = jnp.asarray(0.25)
+    w = 2.5
+    got = prompt_guidance(model_fn, cond, guide, null, w)(x, t)
+    n = jnp.full((3,), 0.25)
+    want = model_fn(x, t, cond) + (w - 1) * (model_fn(x, t, guide) - model_fn(x, t, n))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    cfg = classifier_free_guidance(model_fn, cond, null, w)(x, t)
+    np.testing.assert_allclose(prompt_guidance(model_fn, cond, cond, null, w)(x, t), cfg,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="guide_cond"):
+        prompt_guidance(model_fn, cond, guide[:2], null, w)
+    with pytest.raises(ValueError, match="finite"):
+        prompt_guidance(model_fn, cond, guide, null, float("nan"))

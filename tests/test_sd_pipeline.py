@@ -265,6 +265,28 @@ def test_guidance_scale_is_one_formula(sd):
             generate(sd, ["a cat"], guidance_scale=bad, **kw)
 
 
+def test_guidance_prompt_is_guidance_along_another_prompt(sd):
+    """cond + (w - 1) (guide - uncond): the prompt as its own guidance prompt is classifier-free
+    guidance, the negative prompt as the guidance prompt is the prompt alone (w = 1), another
+    prompt changes the image; the settings it cannot run with are refused."""
+    lat = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    kw = dict(num_steps=2, latents=lat, guidance_scale=3.0)
+    prompts = ["a cat", "a dog"]
+    cfg = generate(sd, prompts, **kw)
+    same = generate(sd, prompts, guidance_prompt=prompts, **kw)
+    np.testing.assert_allclose(same.float_images, cfg.float_images, atol=1e-5)
+    alone = generate(sd, prompts, guidance_prompt="", **kw)     # guide == uncond: no guidance
+    cond = generate(sd, prompts, **dict(kw, guidance_scale=1.0))
+    np.testing.assert_allclose(alone.float_images, cond.float_images, atol=1e-5)
+    other = generate(sd, prompts, guidance_prompt=["a dog", "a cat"], **kw)
+    assert np.abs(other.float_images - cfg.float_images).max() > 1e-2
+    for extra, message in ((dict(guidance_scale=1.0), "unguided"),
+                           (dict(guidance_rescale=0.5), "guidance_rescale"),
+                           (dict(guidance_prompt=["a", "b", "c"]), "3 entries for 2 prompts")):
+        with pytest.raises(ValueError, match=message):
+            generate(sd, prompts, **{**kw, "guidance_prompt": "x", **extra})
+
+
 def test_program_cache_reuses_and_tells_settings_apart(sd, caplog):
     kw = dict(prompt=["a cat"], num_steps=2, seed=0, guidance_scale=7.5)
     generate(sd, **kw)                                   # compiled here or by an earlier test

@@ -38,7 +38,7 @@ from jaxdiff.pipelines.loading import StableDiffusion
 from jaxdiff.pipelines.lora import apply_loras
 from jaxdiff.pipelines.program_cache import ProgramCache, fingerprint, freeze
 from jaxdiff.pipelines.sdxl_text import encode_sdxl_prompts
-from jaxdiff.samplers.guidance import classifier_free_guidance
+from jaxdiff.samplers.guidance import classifier_free_guidance, prompt_guidance
 from jaxdiff.samplers.img2img import noise_to_img2img, sampler_grid
 from jaxdiff.samplers.registry import Sampler
 from jaxdiff.schedules import Schedule
@@ -85,6 +85,9 @@ class ProgramKey:
       guess_mode: the ControlNets in guess mode (the conditional half only when guided).
       inpaint: ``(mode, strength == 1)`` for inpainting (:mod:`jaxdiff.pipelines.inpaint`:
         ``"concat"`` or ``"blend"``; exactly 1 starts from pure noise), ``None`` without.
+      guide_prompt: guidance along a guidance prompt's direction
+        (:func:`~jaxdiff.samplers.prompt_guidance`, batch ``3B``; ``uncond`` is then
+        ``{"null": ..., "guide": ...}``), guided programs only.
     """
 
     unet_config: UNetConfig
@@ -109,6 +112,7 @@ class ProgramKey:
     controlnets: tuple | None = None
     guess_mode: bool = False
     inpaint: tuple | None = None
+    guide_prompt: bool = False
 
     @classmethod
     def make(cls, sd: StableDiffusion, sampler: Sampler, *, num_steps: int, guided: bool,
@@ -116,7 +120,8 @@ class ProgramKey:
              latent_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
              clip_skip: int, from_latents: bool = False, end_step: int | None = None,
              end_t: float | None = None, controlnets: tuple | None = None,
-             guess_mode: bool = False, inpaint: tuple | None = None) -> "ProgramKey":
+             guess_mode: bool = False, inpaint: tuple | None = None,
+             guide_prompt: bool = False) -> "ProgramKey":
         """The key of one setting (settings that cannot change the program are normalised:
         ``rescale`` without guidance, ``sample_posterior`` without an image)."""
         return cls(
@@ -134,6 +139,7 @@ class ProgramKey:
             controlnets=None if not controlnets else tuple(controlnets),
             guess_mode=bool(guess_mode and controlnets),
             inpaint=None if inpaint is None else (str(inpaint[0]), bool(inpaint[1])),
+            guide_prompt=bool(guided and guide_prompt),
         )
 
 
@@ -184,6 +190,10 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
 
     def contexts(params, cond, uncond):
         """The UNet's conditions ``(cond, uncond)`` (pytrees; ``uncond`` None when unguided)."""
+        if key.guide_prompt:  # the guidance prompt with the prompt's clip skip
+            return (text(params, cond, key.clip_skip),
+                    {"null": text(params, uncond["null"]),
+                     "guide": text(params, uncond["guide"], key.clip_skip)})
         if key.text_config_2 is None:  # the negative prompt without clip skip, as diffusers
             return (text(params, cond, key.clip_skip),
                     None if uncond is None else text(params, uncond))
@@ -248,7 +258,9 @@ def build_program(sd: StableDiffusion, sampler: Sampler, key: ProgramKey,
             return unet.apply({"params": params["unet"]}, x.astype(dtype), t,
                               context=c["context"], added_cond=c["added"], **extra)
 
-        if key.guided:  # uncond + w (cond - uncond), w traced: every w != 1 runs here
+        if key.guide_prompt:  # cond + (w - 1) (guide - uncond), one call on 3B
+            guided = prompt_guidance(model_fn, cond, uncond["guide"], uncond["null"], w)
+        elif key.guided:  # uncond + w (cond - uncond), w traced: every w != 1 runs here
             guided = classifier_free_guidance(model_fn, cond, uncond, w,
                                               phi if key.rescale else 0.0)
         else:  # w == 1: the conditional model alone

@@ -167,6 +167,7 @@ def generate(
     guess_mode: bool = False,
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
+    guidance_prompt: str | Sequence[str] | None = None,
 ) -> StableDiffusionOutput:
     """Text-to-image (or, with ``image``, image-to-image) with a loaded Stable Diffusion.
 
@@ -270,6 +271,14 @@ def generate(
         ControlNet acts (diffusers' ``controlnet_keep``: step ``i`` of ``N`` is kept unless
         ``i / N < start`` or ``(i + 1) / N > end``; scale 0 outside); one for all or one per
         ControlNet.
+      guidance_prompt: ``None`` (classifier-free guidance), one string for all, or ``B``
+        strings: guidance along this prompt's direction instead of the prompt's, ``cond + (w -
+        1) * (guide - uncond)`` (:func:`~jaxdiff.samplers.prompt_guidance`; the UNet runs on
+        ``3B`` per step). The prompt itself as its guidance prompt is classifier-free guidance.
+        For a word taught as a latent offset (``dreambooth.word_prior_offset``,
+        :mod:`jaxdiff.finetune.offset`), the prompt without the word: the word's attribute is
+        drawn once, the rest guided. SD 1.x / 2.x text prompts only (no SDXL, ControlNet,
+        ``prompt_embeds``, ``guidance_rescale``), and ``guidance_scale != 1``.
 
     Returns:
       :class:`StableDiffusionOutput` (uint8 images, float images, final latents), ``B`` rows.
@@ -364,6 +373,18 @@ def generate(
             if len(negs) != batch:
                 raise ValueError(f"negative_prompt has {len(negs)} entries for {batch} prompts")
             uncond = prompt_tokens(sd, negs, "negative_prompt")
+    if guidance_prompt is not None:
+        why = ("an SDXL model" if sd.is_sdxl else "prompt_embeds" if prompts is None
+               else "an unguided program (guidance_scale 1, or an LCM UNet)" if not guided
+               else "guidance_rescale" if phi else "controlnet" if controlnet is not None
+               else None)
+        if why:
+            raise ValueError(f"guidance_prompt is not supported with {why}")
+        guides = as_prompt_list(guidance_prompt, "guidance_prompt")
+        guides = guides * batch if len(guides) == 1 else guides
+        if len(guides) != batch:
+            raise ValueError(f"guidance_prompt has {len(guides)} entries for {batch} prompts")
+        uncond = {"null": uncond, "guide": prompt_tokens(sd, guides, "guidance_prompt")}
 
     # -- image-to-image source (or the latents to start from) and the image size
     img2img = mask = None
@@ -457,7 +478,8 @@ def generate(
             0 if img2img is None else img2img_start_step(sampler, sd.schedule, steps, strength)),
         end_t=split.end_t, controlnets=None if control is None else control.configs,
         guess_mode=control is not None and control.guess_mode,
-        inpaint=inpaint and (inpaint, float(strength) == 1.0))
+        inpaint=inpaint and (inpaint, float(strength) == 1.0),
+        guide_prompt=guidance_prompt is not None)
     program = PROGRAM_CACHE.get(program_key,
                                 lambda: build_program(sd, sampler, program_key, img2img))
     leaves, treedef = jax.tree.flatten((sd.params, sd.loras, args))  # what jit keys on

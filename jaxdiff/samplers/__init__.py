@@ -96,7 +96,7 @@ from jaxdiff.samplers.euler import (
     euler_timesteps,
     sigma_x0,
 )
-from jaxdiff.samplers.guidance import classifier_free_guidance, rescale_guidance
+from jaxdiff.samplers.guidance import classifier_free_guidance, prompt_guidance, rescale_guidance
 from jaxdiff.samplers.heun import heun_sample, heun_step, heun_timesteps
 from jaxdiff.samplers.img2img import (
     check_strength,
@@ -200,6 +200,7 @@ __all__ = [
     "VARIANCE_TYPES",
     "check_eta",
     "classifier_free_guidance",
+    "prompt_guidance",
     "ddim_sample",
     "ddim_step",
     "ddim_timesteps",

@@ -35,7 +35,7 @@ import numpy as np
 from jaxdiff.types import CondModelFn, ModelFn
 from jaxdiff.validation import concrete
 
-__all__ = ["classifier_free_guidance", "rescale_guidance"]
+__all__ = ["classifier_free_guidance", "prompt_guidance", "rescale_guidance"]
 
 
 
@@ -203,5 +203,65 @@ def classifier_free_guidance(
 
         return jax.lax.cond(jnp.any(inside), with_guidance,
                             lambda x, t: run(x, t, cond, batch), x, t)
+
+    return guided
+
+
+def prompt_guidance(
+    model_fn: CondModelFn,
+    cond: Any,
+    guide_cond: Any,
+    null_cond: Any,
+    guidance_scale: float | jax.Array,
+) -> ModelFn:
+    """Guidance along another condition's direction: ``cond_out + (w - 1) * (guide_out -
+    uncond_out)``, from ONE call of ``model_fn`` on ``[x, x, x]`` / ``[cond, guide_cond,
+    null_cond]`` (batch ``3B``).
+
+    With ``guide_cond = cond`` this is :func:`classifier_free_guidance` (``uncond + w (cond -
+    uncond)``). With ``guide_cond`` the condition without one of its parts (the prompt without a
+    word whose attribute is an offset the model adds: :mod:`jaxdiff.finetune.offset`), the part
+    is drawn once, as the conditional model draws it, and only the rest is guided; classifier-
+    free guidance would multiply the part's contribution by ``w``.
+
+    Args:
+      model_fn: ``model_fn(x: [N, ...], t: [N] int32, cond) -> [N, ...]``.
+      cond, guide_cond: pytrees whose leaves have batch axis ``B`` (the same structure).
+      null_cond: the "no condition" pytree, broadcast to ``cond``'s leaves as in
+        :func:`classifier_free_guidance`.
+      guidance_scale: ``w``; may be traced. A concrete NaN or infinite ``w`` raises.
+
+    Returns:
+      ``fn(x: [B, ...], t: [B] or scalar int) -> [B, ...]``.
+
+    Raises:
+      ValueError: a concrete non-finite ``guidance_scale``, ``guide_cond`` of another structure
+        or batch than ``cond``, a ``null_cond`` that does not broadcast to ``cond``.
+    """
+    scale_value = concrete(guidance_scale)
+    if scale_value is not None and not np.all(np.isfinite(np.asarray(scale_value, np.float64))):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if jax.tree.structure(guide_cond) != jax.tree.structure(cond) or any(
+            jnp.shape(g) != jnp.shape(c)
+            for g, c in zip(jax.tree.leaves(guide_cond), jax.tree.leaves(cond))):
+        raise ValueError("guide_cond must have cond's structure and shapes")
+    null_full = _broadcast_null(cond, null_cond)
+    three = jax.tree.map(lambda c, g, n: jnp.concatenate([c, g, n], axis=0), cond, guide_cond,
+                         null_full)
+
+    def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+        batch = x.shape[0]
+        for leaf in jax.tree.leaves(cond):
+            if jnp.shape(leaf)[0] != batch:
+                raise ValueError(
+                    f"cond's batch axis ({jnp.shape(leaf)[0]}) must match x's ({batch})"
+                )
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        out = model_fn(jnp.concatenate([x, x, x], axis=0), jnp.concatenate([t, t, t], axis=0),
+                       three)
+        if out.shape[0] != 3 * batch:
+            raise ValueError(f"model_fn's output must have batch {3 * batch}, got {out.shape}")
+        c, g, n = out[:batch], out[batch:2 * batch], out[2 * batch:]
+        return c + (guidance_scale - 1.0) * (g - n)
 
     return guided
