@@ -89,6 +89,18 @@ def _broadcast_null(cond, null_cond):
     return jax.tree.unflatten(treedef, out)
 
 
+def _per_example_t(cond: Any, t: Any, batch: int) -> jax.Array:
+    """``t`` broadcast to ``[batch]``, after checking that every leaf of ``cond`` has that batch.
+
+    Raises:
+      ValueError: a ``cond`` leaf whose batch axis is not ``batch``.
+    """
+    for leaf in jax.tree.leaves(cond):
+        if jnp.shape(leaf)[0] != batch:
+            raise ValueError(f"cond's batch axis ({jnp.shape(leaf)[0]}) must match x's ({batch})")
+    return jnp.broadcast_to(jnp.asarray(t), (batch,))
+
+
 def classifier_free_guidance(
     model_fn: CondModelFn,
     cond: Any,
@@ -184,12 +196,7 @@ def classifier_free_guidance(
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         batch = x.shape[0]
-        for leaf in jax.tree.leaves(cond):
-            if jnp.shape(leaf)[0] != batch:
-                raise ValueError(
-                    f"cond's batch axis ({jnp.shape(leaf)[0]}) must match x's ({batch})"
-                )
-        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        t = _per_example_t(cond, t, batch)
         if single is not None:
             return run(x, t, single, batch)
         if interval is None:
@@ -251,12 +258,7 @@ def prompt_guidance(
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         batch = x.shape[0]
-        for leaf in jax.tree.leaves(cond):
-            if jnp.shape(leaf)[0] != batch:
-                raise ValueError(
-                    f"cond's batch axis ({jnp.shape(leaf)[0]}) must match x's ({batch})"
-                )
-        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+        t = _per_example_t(cond, t, batch)
         out = model_fn(jnp.concatenate([x, x, x], axis=0), jnp.concatenate([t, t, t], axis=0),
                        three)
         if out.shape[0] != 3 * batch:
