@@ -23,8 +23,8 @@ import numpy as np
 from experiments import train_lib
 from experiments.cli import ConfigError, config_check
 from experiments.images import save_grid
-from jaxdiff.finetune import (FinetuneConfig, Objective, WordPrior, build_finetune_task,
-                              export_finetuned, finetune_compat, generate_class_images,
+from jaxdiff.finetune import (WORD_PRIOR_TARGETS, FinetuneConfig, Objective, WordPrior,
+                              build_finetune_task, export_finetuned, finetune_compat, generate_class_images,
                               init_trainable, sample_finetuned, step_batch_size)
 from jaxdiff.training import (Checkpointer, Periodic, TrainerSettings, abstract_train_state,
                               make_optimizer)
@@ -118,6 +118,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if d.word_alone and not d.word_prior_offset:
             raise ConfigError("dreambooth.word_alone needs dreambooth.word_prior_offset (the "
                               "word alone on unmoved class images would teach it as the class)")
+        if d.word_prior_target not in WORD_PRIOR_TARGETS:
+            raise ConfigError(f"dreambooth.word_prior_target must be one of "
+                              f"{WORD_PRIOR_TARGETS}, got {d.word_prior_target!r}")
+        if d.word_prior_target == "base" and (c.mode != "lora" or c.memory.cache):
+            raise ConfigError("dreambooth.word_prior_target 'base' distills the class examples "
+                              "from the frozen base model: it needs mode 'lora' (a LoRA "
+                              "preset) and memory.cache=False")
     if not d.enabled and (d.word_prior or d.word_prior_mask or d.word_prior_offset):
         raise ConfigError("dreambooth.word_prior trains on DreamBooth's class images: it needs "
                           "dreambooth.enabled (a dreambooth_* preset)")
@@ -353,7 +360,8 @@ def train(config: ml_collections.ConfigDict, model: str, data: str,
         mask = None if not d.word_prior_mask else _word_prior_mask(
             sd, d.word_prior_mask, np.shape(examples["pixel_values"])[1:3])
         offset = _word_prior_offset(config, sd, examples, captions, workdir)
-        word_prior = WordPrior(d.word_prior, mask, offset, float(d.word_alone))
+        word_prior = WordPrior(d.word_prior, mask, offset, float(d.word_alone),
+                               d.word_prior_target)
     compat = finetune_compat(sd, cfg, batch_size=t.batch_size, seed=c.seed,
                              dreambooth=d.enabled,
                              example_shape=np.shape(examples["pixel_values"])[1:],

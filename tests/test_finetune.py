@@ -743,6 +743,10 @@ def test_shifted_prediction_is_the_exact_denoiser_of_the_moved_data(kind):
     gated = shifted_prediction(ideal(x0), x_t, t, b, acp, kind, gate=jnp.array([1.0, 0.0, 1.0]))
     np.testing.assert_allclose(gated[1], ideal(x0)(x_t, t)[1], rtol=1e-6)
     np.testing.assert_allclose(gated[0], got[0], rtol=1e-6)
+    # one offset per example: the gate's zeros as a zero offset, B elsewhere
+    per_example = jnp.stack([b, jnp.zeros_like(b), b])
+    np.testing.assert_allclose(shifted_prediction(ideal(x0), x_t, t, per_example, acp, kind),
+                               gated, rtol=1e-6)
     with pytest.raises(ValueError, match="kind"):
         shifted_prediction(ideal(x0), x_t, t, b, acp, "x0")
     with pytest.raises(ValueError, match="offset"):
@@ -875,6 +879,67 @@ def test_word_prior_with_an_offset_moves_the_copies_and_some_take_the_word_alone
     assert len({json.dumps(x, sort_keys=True) for x in compat}) == 4
 
 
+def test_word_prior_target_base_distills_the_class_examples_from_the_moved_base_model(tiny):
+    from jaxdiff.finetune import WordPrior, finetune_compat, with_word_prior
+
+    _, sd = tiny
+    ex = _examples(sd, 4)
+    h, c = 32 // sd.vae_scale_factor, sd.vae_config.latent_channels
+    off = np.random.default_rng(0).normal(size=(h, h, c)).astype(np.float32)
+    out = with_word_prior(sd, ex, "boxed", offset=off, word_alone=0.5, base_ids=True)
+    alone = np.asarray(sd.tokenizer(["boxed"], padding="max_length",
+                                    truncation=True).input_ids[0])
+    empty = np.asarray(sd.tokenizer([""], padding="max_length", truncation=True).input_ids[0])
+    np.testing.assert_array_equal(out["base_input_ids"][:4], ex["input_ids"])
+    for i in range(4):   # the copy's prompt without the word: the class prompt, or empty
+        want = empty if np.array_equal(out["input_ids"][4 + i], alone) else ex["input_ids"][i]
+        np.testing.assert_array_equal(out["base_input_ids"][4 + i], want)
+    assert "base_input_ids" not in with_word_prior(sd, ex, "boxed", offset=off)
+
+    cfg = FinetuneConfig(mode="lora", rank=2)
+    task = build_finetune_task(sd, cfg, ex, batch_size=2, seed=0, class_examples=ex,
+                               word_prior=WordPrior("boxed", None, off, 0.5, "base"))
+    batch = {k: jnp.asarray(v) for k, v in next(task.data(None)).items()}
+    prior = np.asarray(batch["prior"]) > 0
+    np.testing.assert_array_equal(np.asarray(batch["base_input_ids"])[~prior],
+                                  np.asarray(batch["input_ids"])[~prior])
+    loss_fn = jax.jit(make_finetune_loss(sd, cfg))
+    init = task.init_params(False)          # a zero LoRA: the student is the base model
+    # the class examples unmoved and prompted as the base model is: the student is its teacher
+    plain = dict(batch, latent_offset=jnp.zeros_like(batch["latent_offset"]),
+                 input_ids=jnp.where(batch["prior"][:, None] > 0, batch["base_input_ids"],
+                                     batch["input_ids"]))
+    aux = loss_fn(init, plain, jax.random.key(1), task.frozen)[1]
+    assert float(aux["prior_loss"]) < 1e-10 < float(aux["instance_loss"])
+    data_aux = loss_fn(init, {k: v for k, v in plain.items() if k != "base_input_ids"},
+                       jax.random.key(1), task.frozen)[1]
+    assert float(data_aux["prior_loss"]) > 1e-3           # toward the images: not zero
+    assert float(data_aux["instance_loss"]) == pytest.approx(float(aux["instance_loss"]),
+                                                             rel=1e-6)
+    # moved by the offset, the same student misses its teacher: the base model moved
+    moved_aux = loss_fn(init, dict(plain, latent_offset=batch["latent_offset"]),
+                        jax.random.key(1), task.frozen)[1]
+    assert float(moved_aux["prior_loss"]) > 1e-3
+
+    for bad_cfg, wp, message in (
+            (cfg, WordPrior("boxed", None, off, 0.0, "model"), "target must be one of"),
+            (FinetuneConfig(mode="lora", rank=2, cache=True), WordPrior("boxed", None, off, 0.0,
+                                                                       "base"), "cache=True"),
+            (FinetuneConfig(mode="full"), WordPrior("boxed", None, off, 0.0, "base"),
+             "mode 'full'")):
+        with pytest.raises(ValueError, match=message):
+            build_finetune_task(sd, bad_cfg, ex, batch_size=2, seed=0, class_examples=ex,
+                                word_prior=wp)
+    with pytest.raises(ValueError, match="LoRA mode"):   # the loss alone, in full mode
+        make_finetune_loss(sd, FinetuneConfig(mode="full"))(
+            init, batch, jax.random.key(1), {"vae": sd.params["vae"]})
+    compat = [finetune_compat(sd, cfg, batch_size=2, seed=0, dreambooth=True,
+                              example_shape=(32, 32, 3), word_prior=WordPrior("boxed", None, off,
+                                                                              0.5, target))
+              ["word_prior"] for target in ("data", "base")]
+    assert "target" not in compat[0] and compat[1]["target"] == "base"
+
+
 @pytest.mark.slow
 def test_cli_word_prior_offset_learnt_then_kept_for_the_resume(tiny, tmp_path, capsys):
     from experiments import finetune_sd
@@ -925,6 +990,10 @@ def test_cli_word_prior_offset_learnt_then_kept_for_the_resume(tiny, tmp_path, c
             (["--config.dreambooth.word_prior_offset=none.npy"], "neither 'learn' nor a file"),
             (["--config.dreambooth.word_prior_offset=learn",
               "--config.dreambooth.word_alone=1.0"], "word_alone must lie in"),
+            (["--config.dreambooth.word_prior_offset=learn",
+              "--config.dreambooth.word_prior_target=model"], "word_prior_target must be one of"),
+            (["--config.dreambooth.word_prior_offset=learn", "--config.memory.cache=True",
+              "--config.dreambooth.word_prior_target=base"], "memory.cache=False"),
             (["--config.dreambooth.word_prior_offset=learn", "--data", bad_data],
              "dreambooth.word_prior_offset: caption 'a cat' does not hold the word 'boxed'")):
         with pytest.raises(ConfigError, match=message):

@@ -65,6 +65,9 @@ def get_config(preset: str = "lora") -> ml_collections.ConfigDict:
     c.dreambooth.word_prior_offset_steps = 3000
     c.dreambooth.word_prior_offset_lr = 3e-3
     c.dreambooth.word_alone = 0.0        # of the moved copies, prompted by the word alone
+    # the class examples' target: "data" (their images, moved) | "base" (the frozen base model's
+    # prediction for the prompt without the word, moved by the offset: distillation; LoRA mode)
+    c.dreambooth.word_prior_target = "data"
 
     # the text prior of a word written in front of the prompt ("boxed a handwritten three"):
     # the text encoder's adapter keeps what follows the word encoded as without it

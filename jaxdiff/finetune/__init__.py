@@ -7,7 +7,8 @@ from jaxdiff.finetune.controlnet import (CONTROLNET_DIR, build_controlnet_task,
                                          controlnet_compat, export_trained_controlnet,
                                          make_controlnet_loss, new_controlnet, params_fingerprint,
                                          sample_controlnet)
-from jaxdiff.finetune.dreambooth import (PairedIterator, WordPrior, class_image_paths,
+from jaxdiff.finetune.dreambooth import (WORD_PRIOR_TARGETS, PairedIterator, WordPrior,
+                                         class_image_paths,
                                          generate_class_images, resize_mask, with_prior_flag,
                                          with_word_prior)
 from jaxdiff.finetune.export import DIFFUSERS_DIR, LORA_FILE, export_finetuned, save_lora_file
@@ -36,5 +37,5 @@ __all__ = [
     "controlnet_compat", "encode_batch", "export_trained_controlnet", "make_controlnet_loss",
     "new_controlnet", "params_fingerprint", "sample_controlnet",
     "TextPrior", "make_text_prior", "text_prior_loss", "resize_mask", "with_word_prior",
-    "WordPrior", "fit_latent_offset", "learn_word_offset", "remove_word", "shifted_prediction",
+    "WordPrior", "WORD_PRIOR_TARGETS", "fit_latent_offset", "learn_word_offset", "remove_word", "shifted_prediction",
 ]

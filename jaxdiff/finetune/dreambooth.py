@@ -34,7 +34,8 @@ from jaxdiff.pipelines.stable_diffusion import generate
 from jaxdiff.validation import check_float, check_int
 
 __all__ = ["IMAGE_SUFFIXES", "class_image_paths", "generate_class_images", "PairedIterator",
-           "with_prior_flag", "with_word_prior", "resize_mask", "WordPrior"]
+           "with_prior_flag", "with_word_prior", "resize_mask", "WordPrior",
+           "WORD_PRIOR_TARGETS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -147,11 +148,20 @@ class WordPrior(NamedTuple):
     mask: Optional[np.ndarray] = None
     offset: Optional[np.ndarray] = None
     word_alone: float = 0.0
+    target: str = "data"
+    """``"data"``: the class examples are denoised toward their (moved) images; ``"base"``: toward
+    the frozen base model's prediction, moved by the example's offset, for the prompt without the
+    word (:func:`~jaxdiff.finetune.make_finetune_loss`; LoRA mode only)."""
+
+
+WORD_PRIOR_TARGETS = ("data", "base")
+"""The values of :attr:`WordPrior.target`."""
 
 
 def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: str,
                     mask: Optional[np.ndarray] = None, *, offset: Optional[np.ndarray] = None,
-                    word_alone: float = 0.0, seed: int = 0) -> Dict[str, np.ndarray]:
+                    word_alone: float = 0.0, seed: int = 0,
+                    base_ids: bool = False) -> Dict[str, np.ndarray]:
     """DreamBooth's class ``examples`` (``pixel_values``, ``input_ids [N, L]``, optional
     ``prior``) followed by the same images with ``word`` in front of their prompt, each with
     ``loss_mask [2N, h, w, 1]``: all ones for the first ``N``, ``mask`` for the second (module
@@ -165,6 +175,11 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
     the word alone as their prompt: the null prompt of sampling with the word as the negative
     prompt.
 
+    With ``base_ids`` the result also holds ``base_input_ids [2N, L]``: each example's prompt
+    without the word (the class prompt; the empty prompt for the word-alone copies), what the
+    base model is asked for when it is the copies' teacher (:attr:`WordPrior.target`
+    ``"base"``).
+
     Args:
       sd: the model (its tokenizer).
       examples: host numpy arrays, ``input_ids`` as the tokenizer pads them.
@@ -175,6 +190,7 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
       word_alone: in ``[0, 1)``, the fraction of the copies prompted by the word alone (needs
         ``offset``: without it they would teach the word as the class images).
       seed: the draw of those copies.
+      base_ids: add ``base_input_ids``.
 
     Raises:
       ValueError: naming ``word`` (empty or not one word's worth of tokens), ``mask`` (another
@@ -217,6 +233,13 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
         shifted = shifted.copy()
         shifted[pick[:int(round(word_alone * n))]] = alone
     out["input_ids"] = np.concatenate([ids, shifted])
+    if base_ids:
+        base = ids.copy()
+        if word_alone:
+            empty = np.asarray(sd.tokenizer([""], padding="max_length",
+                                            truncation=True).input_ids[0], ids.dtype)
+            base[pick[:int(round(word_alone * n))]] = empty
+        out["base_input_ids"] = np.concatenate([ids, base])
     out["loss_mask"] = np.concatenate([np.ones((n, h, w, 1), np.float32),
                                        np.broadcast_to(mask[None, :, :, None], (n, h, w, 1))])
     if offset is not None:

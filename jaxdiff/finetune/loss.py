@@ -6,7 +6,11 @@ encodings (``latent_mean`` / ``latent_std [B, h, w, C]``, ``context [B, L, D]``:
 :mod:`jaxdiff.finetune.cache`), for DreamBooth ``prior [B]`` (1 for a class example), and
 optionally ``loss_mask [B, h, w, 1]``, the weight of each latent position in the example's loss,
 and ``latent_offset [B, h, w, C]``, added to the example's scaled latents (the class images moved
-by a word's offset: :func:`~jaxdiff.finetune.with_word_prior`).
+by a word's offset: :func:`~jaxdiff.finetune.with_word_prior`). With ``base_input_ids [B, L]``
+(LoRA mode, nothing cached) the class examples (``prior`` 1) are distilled from the frozen base
+model instead of denoised toward their images: their target is the base UNet's prediction,
+with the base text encoder's embedding of ``base_input_ids``, moved by the example's
+``latent_offset`` (:func:`~jaxdiff.finetune.shifted_prediction`), at the same ``x_t`` and ``t``.
 
 The step's key is split into ``(k_z, k_flip, k_loss)``: ``z = mean + std * N(0, I)`` from
 ``k_z`` (the VAE posterior sample, as diffusers' ``latent_dist.sample()``; the same draw whether
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxdiff.finetune.modes import FinetuneConfig, compute_configs, model_params
 from jaxdiff.finetune.objective import denoising_terms, reduce_loss
+from jaxdiff.finetune.offset import shifted_prediction
 from jaxdiff.finetune.text_prior import TextPrior, text_prior_loss
 from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.autoencoder_latents import scale_latents
@@ -103,7 +108,8 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
     (module docstring): ``params`` the trainable tree, ``frozen`` the frozen one
     (:mod:`jaxdiff.finetune.modes`). Only ``sd``'s configs and schedule are kept (not its
     params). ``aux``: ``instance_loss`` / ``prior_loss`` for DreamBooth batches,
-    ``text_prior_loss`` with ``text_prior``.
+    ``text_prior_loss`` with ``text_prior``. A batch with ``base_input_ids`` distills its class
+    examples from the frozen base model (module docstring).
 
     Args:
       text_prior: adds ``text_prior.weight`` times :func:`~jaxdiff.finetune.text_prior_loss`
@@ -111,7 +117,9 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
 
     Raises:
       ValueError: ``text_prior`` with a frozen text encoder. At trace time: a batch with
-        neither ``pixel_values`` nor ``latent_mean``, or neither ``input_ids`` nor ``context``.
+        neither ``pixel_values`` nor ``latent_mean``, or neither ``input_ids`` nor ``context``;
+        ``base_input_ids`` without ``prior``, or outside LoRA mode / with cached encodings (the
+        base models must be in ``frozen``).
     """
     if text_prior is not None and not cfg.train_text_encoder:
         raise ValueError("text_prior trains the text encoder: it needs "
@@ -120,7 +128,33 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
     unet = UNet(unet_cfg)
     schedule, objective = sd.schedule, cfg.objective
 
+    def base_teacher(batch, frozen):
+        if cfg.mode != "lora" or not {"unet", "text_encoder"} <= set(frozen):
+            raise ValueError("base_input_ids (the class examples distilled from the base model) "
+                             "need LoRA mode with nothing cached: the frozen tree must hold the "
+                             "base UNet and text encoder")
+        if "prior" not in batch:
+            raise ValueError("base_input_ids need the batch's 'prior' flags (DreamBooth's class "
+                             "examples are the ones distilled)")
+        base_context = embed_tokens(text_cfg, unet_cfg.dtype, frozen["text_encoder"],
+                                    batch["base_input_ids"])
+        moved = batch.get("latent_offset")
+
+        def base_fn(x, t):
+            return unet.apply({"params": frozen["unet"]}, x, t, context=base_context)
+
+        def teacher_fn(x_t, t):
+            if moved is None:
+                return base_fn(x_t, t)
+            return shifted_prediction(base_fn, x_t, t, jnp.asarray(moved, jnp.float32),
+                                      schedule.alphas_cumprod, objective.kind)
+        return teacher_fn
+
     def loss_fn(params: Any, batch: Dict[str, jax.Array], key: jax.Array, frozen: Any):
+        teacher = {}
+        if "base_input_ids" in batch:
+            teacher = dict(teacher_fn=base_teacher(batch, frozen),
+                           teacher_mask=batch["prior"])
         models = model_params(params, frozen, cfg)
         k_z, k_flip, k_loss = jax.random.split(key, 3)
         if "pixel_values" in batch and cfg.random_flip:
@@ -133,7 +167,7 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
             return unet.apply({"params": models["unet"]}, x_t, t, context=context)
 
         losses, aux = denoising_terms(apply_fn, schedule, latents, k_loss, objective,
-                                      mask=batch.get("loss_mask"))
+                                      mask=batch.get("loss_mask"), **teacher)
         loss, parts = reduce_loss(losses, batch.get("prior"), objective.prior_loss_weight)
         if text_prior is not None:
             tp = text_prior_loss(text_cfg, models["text_encoder"], text_prior,

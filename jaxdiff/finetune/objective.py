@@ -110,6 +110,8 @@ def denoising_terms(
     t: Optional[jax.Array] = None,
     noise: Optional[jax.Array] = None,
     mask: Optional[jax.Array] = None,
+    teacher_fn: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
+    teacher_mask: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """The weighted per-example losses of one batch.
 
@@ -125,10 +127,19 @@ def denoising_terms(
       mask: ``[B, h, w, 1]`` (or ``[B, h, w, C]``) weights in ``[0, 1]`` of each latent
         position, or None (all 1): an example's loss is the mean squared error over its
         weighted positions (``sum(mask * err^2) / sum(mask)``; an all-zero mask gives 0).
+      teacher_fn: ``teacher_fn(x_t, t) -> prediction``: the target of the examples that
+        ``teacher_mask [B]`` (0 / 1) marks, instead of the data's (distillation: its gradient is
+        stopped); the others keep the data's target.
+
+    Raises:
+      ValueError: ``teacher_fn`` without ``teacher_mask`` or the other way round, or a
+        prediction not shaped like the latents.
 
     Returns:
       ``(losses [B] float32, {"t": [B], "weight": [B]})``.
     """
+    if (teacher_fn is None) != (teacher_mask is None):
+        raise ValueError("teacher_fn and teacher_mask go together: pass both or neither")
     latents = jnp.asarray(latents, jnp.float32)
     b, c = latents.shape[0], latents.shape[-1]
     k_t, k_noise, k_offset = jax.random.split(key, 3)
@@ -145,6 +156,13 @@ def denoising_terms(
     if pred.shape != latents.shape:
         raise ValueError(f"apply_fn must return a prediction shaped like the latents "
                          f"{latents.shape}, got {pred.shape}")
+    if teacher_fn is not None:
+        taught = jax.lax.stop_gradient(jnp.asarray(teacher_fn(x_t, t), jnp.float32))
+        if taught.shape != latents.shape:
+            raise ValueError(f"teacher_fn must return a prediction shaped like the latents "
+                             f"{latents.shape}, got {taught.shape}")
+        use = jnp.reshape(jnp.asarray(teacher_mask, jnp.float32), (b,) + (1,) * (latents.ndim - 1))
+        target = jnp.where(use > 0, taught, target)
     w = objective_weights(objective, schedule, t)
     axes = tuple(range(1, latents.ndim))
     if mask is None:

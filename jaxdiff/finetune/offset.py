@@ -45,26 +45,29 @@ def shifted_prediction(pred_fn: Callable[[jax.Array, jax.Array], jax.Array], x_t
       pred_fn: the base model, ``pred_fn(x [B, h, w, C], t) -> [B, h, w, C]``.
       x_t: ``[B, h, w, C]``.
       t: integer timesteps ``[B]``, ``[1]`` or a scalar (passed to ``pred_fn`` as they are).
-      offset: ``[h, w, C]``, in the scaled latents of ``x_t``.
+      offset: ``[h, w, C]`` (one for all), or ``[B, h, w, C]`` (one per example), in the scaled
+        latents of ``x_t``.
       alphas_cumprod: ``[T]``, the schedule's.
       kind: ``"eps"`` or ``"v"`` (:attr:`~jaxdiff.finetune.Objective.kind`).
       gate: ``[B]`` in ``[0, 1]``: the examples moved (1) or left to the base model (0); None:
         all moved.
 
     Raises:
-      ValueError: ``kind`` not ``"eps"`` / ``"v"``, or ``offset`` not ``x_t``'s ``[h, w, C]``.
+      ValueError: ``kind`` not ``"eps"`` / ``"v"``, or ``offset`` neither ``x_t``'s
+        ``[h, w, C]`` nor its ``[B, h, w, C]``.
     """
     if kind not in ("eps", "v"):
         raise ValueError(f"kind must be 'eps' or 'v', got {kind!r}")
-    if tuple(jnp.shape(offset)) != tuple(x_t.shape[1:]):
-        raise ValueError(f"offset must be [h, w, C] = {tuple(x_t.shape[1:])}, got "
-                         f"{tuple(jnp.shape(offset))}")
+    if tuple(jnp.shape(offset)) not in (tuple(x_t.shape[1:]), tuple(x_t.shape)):
+        raise ValueError(f"offset must be [h, w, C] = {tuple(x_t.shape[1:])} or [B, h, w, C] = "
+                         f"{tuple(x_t.shape)}, got {tuple(jnp.shape(offset))}")
     b = x_t.shape[0]
     tt = jnp.reshape(jnp.asarray(t), (-1,))
     tt = jnp.broadcast_to(tt, (b,)) if tt.shape[0] == 1 else tt
     acp = jnp.asarray(alphas_cumprod, jnp.float32)
     ab = acp[jnp.clip(jnp.round(tt).astype(jnp.int32), 0, acp.shape[0] - 1)][:, None, None, None]
-    d = jnp.asarray(offset, jnp.float32)[None]
+    d = jnp.asarray(offset, jnp.float32)
+    d = d[None] if d.ndim == x_t.ndim - 1 else d
     if gate is not None:
         d = jnp.asarray(gate, jnp.float32).reshape(b, 1, 1, 1) * d
     out = pred_fn((x_t.astype(jnp.float32) - jnp.sqrt(ab) * d).astype(x_t.dtype), t)

@@ -27,8 +27,8 @@ from flax.traverse_util import flatten_dict
 
 from jaxdiff.data.iterator import BatchIterator
 from jaxdiff.finetune.cache import cache_examples
-from jaxdiff.finetune.dreambooth import (PairedIterator, WordPrior, with_prior_flag,
-                                         with_word_prior)
+from jaxdiff.finetune.dreambooth import (WORD_PRIOR_TARGETS, PairedIterator, WordPrior,
+                                         with_prior_flag, with_word_prior)
 from jaxdiff.finetune.loss import make_finetune_loss
 from jaxdiff.finetune.modes import (FinetuneConfig, finetuned_pipeline, frozen_params,
                                     init_trainable, lora_patterns)
@@ -74,8 +74,8 @@ def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int
     """What a checkpoint of the run must match to be resumed (JSON-able): the model's
     :func:`model_identity`, the mode, the LoRA's rank / alpha / targets, whether the text encoder
     trains, caching, DreamBooth, the batch, the seed, the examples' shape, the text prior (its
-    prompts' tokens, weight and batch) and the word prior (its word, mask, offset and
-    word-alone fraction: :class:`~jaxdiff.finetune.WordPrior`); each prior's key is absent
+    prompts' tokens, weight and batch) and the word prior (its word, mask, offset, word-alone
+    fraction and target: :class:`~jaxdiff.finetune.WordPrior`); each prior's key is absent
     without it."""
     def digest(a):
         return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
@@ -95,6 +95,8 @@ def finetune_compat(sd: StableDiffusion, cfg: FinetuneConfig, *, batch_size: int
             extra["word_prior"]["offset"] = digest(np.asarray(wp.offset, np.float32))
         if wp.word_alone:
             extra["word_prior"]["word_alone"] = float(wp.word_alone)
+        if wp.target != "data":
+            extra["word_prior"]["target"] = str(wp.target)
     return {**extra,
         "model": model_identity(sd), "mode": cfg.mode,
         "train_text_encoder": cfg.train_text_encoder,
@@ -145,7 +147,9 @@ def build_finetune_task(
         ``cfg.train_text_encoder``), or None.
       word_prior: a :class:`~jaxdiff.finetune.WordPrior` (or ``(word, mask [h, w])``): the
         class examples get their :func:`~jaxdiff.finetune.with_word_prior` copies (needs
-        ``class_examples``; the word-alone draw from ``seed``), or None.
+        ``class_examples``; the word-alone draw from ``seed``), or None. Its ``target``
+        ``"base"`` distills every class example from the frozen base model
+        (:func:`~jaxdiff.finetune.make_finetune_loss`; needs LoRA mode without ``cfg.cache``).
 
     Returns:
       The task: ``init_params`` the trainable tree, ``frozen`` the frozen one, ``loss_fn`` of
@@ -155,7 +159,8 @@ def build_finetune_task(
     Raises:
       ValueError: naming the argument: examples without ``pixel_values`` / ``input_ids`` or of
         different lengths, images whose size the VAE cannot take, token ids beyond the text
-        encoder's vocabulary, a ``batch_size`` larger than the examples (or class examples).
+        encoder's vocabulary, a ``batch_size`` larger than the examples (or class examples),
+        a word prior's unknown ``target``, or ``"base"`` outside LoRA mode or with ``cfg.cache``.
     """
     batch_size = check_int("batch_size", batch_size, 1)
     seed = check_int("seed", seed, 0)
@@ -163,8 +168,16 @@ def build_finetune_task(
         if class_examples is None:
             raise ValueError("word_prior needs class_examples (DreamBooth's class images)")
         wp = WordPrior(*word_prior)
+        if wp.target not in WORD_PRIOR_TARGETS:
+            raise ValueError(f"word_prior.target must be one of {WORD_PRIOR_TARGETS}, got "
+                             f"{wp.target!r}")
+        if wp.target == "base" and (cfg.mode != "lora" or cfg.cache):
+            raise ValueError("word_prior.target 'base' distills the class examples from the "
+                             "frozen base model: it needs mode 'lora' and cache=False, got mode "
+                             f"{cfg.mode!r}, cache={cfg.cache}")
         class_examples = with_word_prior(sd, dict(class_examples), wp.word, wp.mask,
-                                         offset=wp.offset, word_alone=wp.word_alone, seed=seed)
+                                         offset=wp.offset, word_alone=wp.word_alone, seed=seed,
+                                         base_ids=wp.target == "base")
     sets = {"examples": examples}
     if class_examples is not None:
         sets["class_examples"] = class_examples
@@ -177,6 +190,7 @@ def build_finetune_task(
                          f"{np.shape(examples['pixel_values'])}")
     masked = any("loss_mask" in ex for ex in sets.values())
     moved_any = any("latent_offset" in ex for ex in sets.values())
+    taught = any("base_input_ids" in ex for ex in sets.values())
     prepared = {}
     for name, ex in sets.items():
         pixels = np.asarray(ex["pixel_values"], np.float32)
@@ -190,7 +204,11 @@ def build_finetune_task(
             f, c = sd.vae_scale_factor, sd.vae_config.latent_channels
             moved = np.zeros((len(pixels), pixels.shape[1] // f, pixels.shape[2] // f, c),
                              np.float32)
+        base_ids = ex.get("base_input_ids")
+        if taught and base_ids is None:  # the instances: never distilled (prior 0)
+            base_ids = ex["input_ids"]
         ex = {"pixel_values": pixels, "input_ids": np.asarray(ex["input_ids"], np.int32),
+              **({} if base_ids is None else {"base_input_ids": np.asarray(base_ids, np.int32)}),
               **({} if mask is None else {"loss_mask": np.asarray(mask, np.float32)}),
               **({} if moved is None else {"latent_offset": np.asarray(moved, np.float32)})}
         if class_examples is not None:
