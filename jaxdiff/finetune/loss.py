@@ -11,6 +11,9 @@ by a word's offset: :func:`~jaxdiff.finetune.with_word_prior`). With ``base_inpu
 model instead of denoised toward their images: their target is the base UNet's prediction,
 with the base text encoder's embedding of ``base_input_ids``, moved by the example's
 ``latent_offset`` (:func:`~jaxdiff.finetune.shifted_prediction`), at the same ``x_t`` and ``t``.
+The base model runs only on the second half of an even batch (a DreamBooth batch is its
+instances, then as many class examples: :class:`~jaxdiff.finetune.PairedIterator`); a class
+example in the first half keeps its image's target.
 
 The step's key is split into ``(k_z, k_flip, k_loss)``: ``z = mean + std * N(0, I)`` from
 ``k_z`` (the VAE posterior sample, as diffusers' ``latent_dist.sample()``; the same draw whether
@@ -136,25 +139,30 @@ def make_finetune_loss(sd: StableDiffusion, cfg: FinetuneConfig,
         if "prior" not in batch:
             raise ValueError("base_input_ids need the batch's 'prior' flags (DreamBooth's class "
                              "examples are the ones distilled)")
+        b = batch["base_input_ids"].shape[0]
+        half = b // 2 if b % 2 == 0 else 0  # DreamBooth's batch: the class examples' half
         base_context = embed_tokens(text_cfg, unet_cfg.dtype, frozen["text_encoder"],
-                                    batch["base_input_ids"])
+                                    batch["base_input_ids"][half:])
         moved = batch.get("latent_offset")
 
         def base_fn(x, t):
             return unet.apply({"params": frozen["unet"]}, x, t, context=base_context)
 
         def teacher_fn(x_t, t):
-            if moved is None:
-                return base_fn(x_t, t)
-            return shifted_prediction(base_fn, x_t, t, jnp.asarray(moved, jnp.float32),
-                                      schedule.alphas_cumprod, objective.kind)
-        return teacher_fn
+            x, tt = x_t[half:], t[half:]
+            out = base_fn(x, tt) if moved is None else shifted_prediction(
+                base_fn, x, tt, jnp.asarray(moved[half:], jnp.float32),
+                schedule.alphas_cumprod, objective.kind)
+            return jnp.concatenate([jnp.zeros_like(x_t[:half], out.dtype), out])
+
+        rows = (jnp.arange(b) >= half).astype(jnp.float32)
+        return teacher_fn, jnp.asarray(batch["prior"], jnp.float32) * rows
 
     def loss_fn(params: Any, batch: Dict[str, jax.Array], key: jax.Array, frozen: Any):
         teacher = {}
         if "base_input_ids" in batch:
-            teacher = dict(teacher_fn=base_teacher(batch, frozen),
-                           teacher_mask=batch["prior"])
+            fn, rows = base_teacher(batch, frozen)
+            teacher = dict(teacher_fn=fn, teacher_mask=rows)
         models = model_params(params, frozen, cfg)
         k_z, k_flip, k_loss = jax.random.split(key, 3)
         if "pixel_values" in batch and cfg.random_flip:
