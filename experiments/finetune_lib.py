@@ -24,8 +24,9 @@ from experiments import train_lib
 from experiments.cli import ConfigError, config_check
 from experiments.images import save_grid
 from jaxdiff.finetune import (WORD_PRIOR_TARGETS, FinetuneConfig, Objective, WordPrior,
-                              build_finetune_task, export_finetuned, finetune_compat, generate_class_images,
-                              init_trainable, sample_finetuned, step_batch_size)
+                              build_finetune_task, export_finetuned, finetune_compat,
+                              generate_class_images, init_trainable, sample_finetuned,
+                              step_batch_size)
 from jaxdiff.training import (Checkpointer, Periodic, TrainerSettings, abstract_train_state,
                               make_optimizer)
 from jaxdiff.validation import check_bool, check_choice, check_float, check_int

@@ -8,9 +8,8 @@ from jaxdiff.finetune.controlnet import (CONTROLNET_DIR, build_controlnet_task,
                                          make_controlnet_loss, new_controlnet, params_fingerprint,
                                          sample_controlnet)
 from jaxdiff.finetune.dreambooth import (WORD_PRIOR_TARGETS, PairedIterator, WordPrior,
-                                         class_image_paths,
-                                         generate_class_images, resize_mask, with_prior_flag,
-                                         with_word_prior)
+                                         class_image_paths, generate_class_images, resize_mask,
+                                         with_prior_flag, with_word_prior)
 from jaxdiff.finetune.export import DIFFUSERS_DIR, LORA_FILE, export_finetuned, save_lora_file
 from jaxdiff.finetune.loss import (encode_batch, flip_images, make_finetune_loss,
                                    posterior_moments)
@@ -37,5 +36,6 @@ __all__ = [
     "controlnet_compat", "encode_batch", "export_trained_controlnet", "make_controlnet_loss",
     "new_controlnet", "params_fingerprint", "sample_controlnet",
     "TextPrior", "make_text_prior", "text_prior_loss", "resize_mask", "with_word_prior",
-    "WordPrior", "WORD_PRIOR_TARGETS", "fit_latent_offset", "learn_word_offset", "remove_word", "shifted_prediction",
+    "WordPrior", "WORD_PRIOR_TARGETS", "fit_latent_offset", "learn_word_offset", "remove_word",
+    "shifted_prediction",
 ]

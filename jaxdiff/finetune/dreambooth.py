@@ -231,14 +231,15 @@ def with_word_prior(sd: StableDiffusion, examples: Dict[str, np.ndarray], word: 
                              f"tokenizer pads to {alone.shape[0]}")
         pick = np.random.default_rng(check_int("seed", seed, 0)).permutation(n)
         shifted = shifted.copy()
-        shifted[pick[:int(round(word_alone * n))]] = alone
+        alone_rows = pick[:int(round(word_alone * n))]
+        shifted[alone_rows] = alone
     out["input_ids"] = np.concatenate([ids, shifted])
     if base_ids:
         base = ids.copy()
         if word_alone:
             empty = np.asarray(sd.tokenizer([""], padding="max_length",
                                             truncation=True).input_ids[0], ids.dtype)
-            base[pick[:int(round(word_alone * n))]] = empty
+            base[alone_rows] = empty
         out["base_input_ids"] = np.concatenate([ids, base])
     out["loss_mask"] = np.concatenate([np.ones((n, h, w, 1), np.float32),
                                        np.broadcast_to(mask[None, :, :, None], (n, h, w, 1))])

@@ -161,7 +161,8 @@ def denoising_terms(
         if taught.shape != latents.shape:
             raise ValueError(f"teacher_fn must return a prediction shaped like the latents "
                              f"{latents.shape}, got {taught.shape}")
-        use = jnp.reshape(jnp.asarray(teacher_mask, jnp.float32), (b,) + (1,) * (latents.ndim - 1))
+        use = jnp.reshape(jnp.asarray(teacher_mask, jnp.float32),
+                          (b,) + (1,) * (latents.ndim - 1))
         target = jnp.where(use > 0, taught, target)
     w = objective_weights(objective, schedule, t)
     axes = tuple(range(1, latents.ndim))
